@@ -1,0 +1,36 @@
+"""lightning-drift: train one model across unlike machines, averaging weights at barriers."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from lightning_drift.errors import (  # noqa: E402
+    AuthError,
+    ConfigError,
+    ConnectTimeout,
+    DriftError,
+    PeerLost,
+    ProtocolError,
+    SessionError,
+)
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "ConnectTimeout",
+    "DriftError",
+    "DriftStrategy",
+    "PeerLost",
+    "ProtocolError",
+    "SessionError",
+    "__version__",
+]
+
+
+def __getattr__(name: str):  # pragma: no cover - thin lazy import
+    # Importing Lightning costs seconds; the coordinator and the CLI must not pay for it.
+    if name == "DriftStrategy":
+        from lightning_drift.strategy import DriftStrategy
+
+        return DriftStrategy
+    raise AttributeError(name)

@@ -1,0 +1,57 @@
+"""The project's exceptions: one small hierarchy, each message says what happened and what to do.
+
+``DriftError`` is the root. Catch a subclass when you can act on it:
+
+- ``ProtocolError``: the peer sent bytes that are not a valid ``drift/0`` frame or message.
+- ``AuthError``: a token or a peer identity was refused (the reason is in the message).
+- ``PeerLost``: the peer went away (closed, reset, timed out) while we were talking to it.
+- ``ConnectTimeout``: no connection could be made within the allowed time.
+- ``SessionError``: the coordinator refused a request that is well-formed but not allowed now
+  (dataset size mismatch, too little VRAM, session finished, ...).
+- ``ConfigError``: a local setting is wrong (bad flag, bad combination of Trainer options).
+"""
+
+from __future__ import annotations
+
+
+class DriftError(Exception):
+    """Root of every error raised by lightning_drift."""
+
+
+class ProtocolError(DriftError):
+    """The peer broke the wire protocol: truncated, oversized or malformed frame, unknown type."""
+
+
+class AuthError(DriftError):
+    """A token or a peer was refused. The message names the reason (expired, forged, ...)."""
+
+
+class PeerLost(DriftError):
+    """The peer closed, reset or stopped answering the connection; the work in flight is lost."""
+
+
+class ConnectTimeout(DriftError):
+    """Dialing the coordinator did not succeed within the connect timeout."""
+
+
+class SessionError(DriftError):
+    """The session refused a well-formed request (bad dataset size, too little VRAM, finished)."""
+
+    def __init__(self, message: str, code: str = "session") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConfigError(DriftError):
+    """A local setting is wrong; the message says which and how to fix it."""
+
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "ConnectTimeout",
+    "DriftError",
+    "PeerLost",
+    "ProtocolError",
+    "SessionError",
+]

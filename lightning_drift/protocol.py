@@ -1,0 +1,330 @@
+"""The ``drift/0`` wire protocol: every message, the frame format and its limits. Pure: no I/O.
+
+A control frame is a 4-byte big-endian unsigned length followed by that many bytes of msgspec
+JSON encoding exactly one message of the tagged union :data:`Message` (tag field ``type``).
+Frames longer than :data:`MAX_FRAME` are refused from the length prefix alone, before any of
+the body is read. Weights never travel inside JSON: a :class:`BlobHeader` frame is followed by
+exactly ``size`` raw bytes whose sha256 the receiver checks.
+
+Schema evolution: new fields always get defaults; a field's type never changes; a message is
+never renamed. A peer that needs an incompatible change speaks a new ALPN (``drift/1``).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Literal
+
+import msgspec
+
+from lightning_drift.errors import ProtocolError
+
+ALPN = b"drift/0"
+PROTOCOL_VERSION = 0
+MAX_FRAME = 1 << 20  # 1 MiB: control messages only; weights go as blobs
+HEADER = struct.Struct(">I")
+
+Aggregation = Literal["mean", "diloco"]
+TransferDType = Literal["float32", "bfloat16"]
+
+
+class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, kw_only=True):
+    """Base of every message. Unknown fields are ignored so that peers can add fields."""
+
+
+class Join(_Msg, tag="join"):
+    """Node → coordinator, first frame on the control stream."""
+
+    token: str
+    node_key: str  # hex Ed25519 public key of the node's endpoint; must equal the QUIC peer id
+    drift_version: str
+    name: str = ""  # a human label (hostname by default)
+    resume_round: int = -1  # the last round whose weights the node holds, -1 if none
+
+
+class Ping(_Msg, tag="ping"):
+    """Coordinator → node after a good Join; also used as a heartbeat by either side."""
+
+    session_id: str
+    nonce: str
+
+
+class DeviceInfo(msgspec.Struct, kw_only=True):
+    name: str
+    kind: str  # "cuda" | "rocm" | "mps" | "cpu" | "vulkan"
+    vram_total: int = 0  # bytes; 0 when unknown or shared with the host
+    vram_free: int = 0
+    compute_capability: str | None = None
+    index: int = 0
+    usable: bool = True  # False for devices reported but not trainable (e.g. Vulkan only)
+
+
+class NodeInfo(_Msg, tag="node_info"):
+    """Node → coordinator, the answer to the handshake Ping."""
+
+    nonce: str
+    devices: list[DeviceInfo]
+    train_device: str  # the torch device the node trains on, e.g. "cuda:0", "cpu"
+    cpu: str
+    cpu_count: int
+    memory: int  # bytes of host RAM
+    calibration: float  # measured GFLOP/s of the calibration matmul on the train device
+    torch_version: str
+    dataset_size: int
+    model_fingerprint: str = ""  # sha256 over parameter names, shapes and dtypes
+    hostname: str = ""
+
+
+class TrainConfig(_Msg, tag="train_config"):
+    """Coordinator → node: how this session trains. Sent once after NodeInfo is accepted."""
+
+    session_id: str
+    epochs: int
+    batch_size: int
+    sync_every: int  # optimizer steps per round for a node of average capability
+    aggregation: Aggregation = "mean"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    transfer_dtype: TransferDType = "float32"
+    seed: int = 0
+    dataset_size: int = 0
+    round: int = 0  # the last completed round; the node's next barrier is round + 1
+    epoch: int = 0
+    heartbeat_s: float = 5.0
+    progress_every_s: float = 5.0
+    has_weights: bool = False  # True when the coordinator already holds global weights
+
+
+class ShardAssignment(_Msg, tag="shard_assignment"):
+    """Coordinator → node: which part of the epoch's permutation the node trains on.
+
+    ``start``/``stop`` index the seeded permutation of the dataset for ``epoch`` (see
+    ``scheduler.epoch_permutation``). The node spreads the shard over ``rounds`` barriers:
+    barrier k of the epoch (1-based) falls after ``ceil(k * steps / rounds)`` optimizer steps,
+    where ``steps`` is the number of optimizer steps the shard gives.
+    """
+
+    epoch: int
+    start: int
+    stop: int
+    rounds: int
+    first_round: int  # the global round number of the epoch's first barrier for this node
+    seed: int = 0
+    share: float = 0.0
+    steps_per_round: int = 0  # for display; the node derives its barrier points as above
+    final: bool = False  # True for the last epoch of the session
+
+
+class ShardRequest(_Msg, tag="shard_request"):
+    """Node → coordinator: ask for the assignment of ``epoch``."""
+
+    epoch: int
+
+
+class TrainProgress(_Msg, tag="train_progress"):
+    """Node → coordinator every few seconds while training."""
+
+    round: int
+    epoch: int
+    step: int
+    samples: int  # samples processed since the last barrier
+    loss: float | None = None
+    samples_per_s: float = 0.0
+    vram_used: int = 0
+    vram_peak: int = 0
+
+
+class BarrierSync(_Msg, tag="barrier_sync"):
+    """Node → coordinator, first frame of a barrier stream; a weights blob follows.
+
+    ``round`` 0 is the start-up sync: the coordinator adopts the uploaded weights as the
+    initial global weights if it has none, and answers at once with the global weights.
+    An upload for a round that has already completed is discarded and answered at once.
+    """
+
+    round: int
+    epoch: int = 0
+    samples: int = 0  # samples processed since the last barrier (the aggregation weight)
+    steps: int = 0
+    loss: float | None = None
+    delta: bool = False  # True when the blob is (local - global) rather than the weights
+    train_seconds: float = 0.0
+
+
+class BlobHeader(_Msg, tag="blob"):
+    """Precedes exactly ``size`` raw bytes on the same stream."""
+
+    size: int
+    sha256: str  # hex
+    kind: str = "weights"  # "weights" | "delta" | "checkpoint"
+    format: str = "safetensors"
+    dtype: str = ""
+    meta: dict[str, str] = {}
+
+
+class BarrierReady(_Msg, tag="barrier_ready"):
+    """Coordinator → node on the barrier stream: the round is done; the global weights follow."""
+
+    round: int
+    sha256: str  # of the global weights blob that follows
+    contributed: bool = True  # False when this node's upload was not part of the round
+    reason: str = ""
+    epoch: int = 0
+    finished: bool = False  # True when this was the session's final round
+
+
+class StatusRequest(_Msg, tag="status_request"):
+    pass
+
+
+class NodeStatus(msgspec.Struct, kw_only=True):
+    node_id: str
+    name: str = ""
+    device: str = ""
+    vram_total: int = 0
+    share: float = 0.0
+    samples_per_s: float = 0.0
+    round: int = 0
+    state: str = ""
+    barrier_wait_s: float = 0.0
+    loss: float | None = None
+    samples: int = 0
+
+
+class SessionStatus(_Msg, tag="session_status"):
+    session_id: str
+    state: str
+    round: int
+    epoch: int
+    epochs: int
+    aggregation: str = "mean"
+    nodes: list[NodeStatus] = []
+    checkpoint: str = ""
+    started_at: float = 0.0
+
+
+class Finish(_Msg, tag="finish"):
+    """Coordinator → node: the session is over; ``sha256`` names the final checkpoint."""
+
+    round: int
+    sha256: str = ""
+    checkpoint: str = ""
+
+
+class Error(_Msg, tag="error"):
+    """Either direction, then the sender closes: ``code`` is machine-readable."""
+
+    code: str
+    message: str
+
+
+class Bye(_Msg, tag="bye"):
+    """Either direction: a clean goodbye."""
+
+    reason: str = ""
+
+
+Message = (
+    Join
+    | Ping
+    | NodeInfo
+    | TrainConfig
+    | ShardAssignment
+    | ShardRequest
+    | TrainProgress
+    | BarrierSync
+    | BlobHeader
+    | BarrierReady
+    | StatusRequest
+    | SessionStatus
+    | Finish
+    | Error
+    | Bye
+)
+
+MESSAGE_TYPES: tuple[type[_Msg], ...] = (
+    Join,
+    Ping,
+    NodeInfo,
+    TrainConfig,
+    ShardAssignment,
+    ShardRequest,
+    TrainProgress,
+    BarrierSync,
+    BlobHeader,
+    BarrierReady,
+    StatusRequest,
+    SessionStatus,
+    Finish,
+    Error,
+    Bye,
+)
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
+
+
+def encode(msg: _Msg) -> bytes:
+    """The JSON body of one message (no length prefix)."""
+    return _encoder.encode(msg)
+
+
+def encode_frame(msg: _Msg) -> bytes:
+    """One whole frame: the 4-byte big-endian length, then the body. Refuses oversized bodies."""
+    body = _encoder.encode(msg)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(
+            f"{type(msg).__name__} encodes to {len(body)} bytes, over the {MAX_FRAME}-byte frame "
+            "limit; send large data as a blob"
+        )
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(prefix: bytes) -> int:
+    """Parse a 4-byte length prefix; refuse it before the body is read if it is too large."""
+    if len(prefix) != HEADER.size:
+        raise ProtocolError(
+            f"truncated frame: expected a {HEADER.size}-byte length prefix, got {len(prefix)} bytes"
+        )
+    (n,) = HEADER.unpack(prefix)
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+    if n == 0:
+        raise ProtocolError("empty frame: a frame body must hold one message")
+    return n
+
+
+def decode(body: bytes | memoryview) -> Message:
+    """Decode one frame body into its message, or raise ``ProtocolError`` saying what was wrong."""
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
+    try:
+        return _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed frame body: {exc}") from None
+
+
+def decode_frame(frame: bytes | memoryview) -> Message:
+    """Decode one whole frame (prefix and body); the frame must hold exactly one message."""
+    view = memoryview(frame)
+    n = frame_length(bytes(view[: HEADER.size]))
+    body = view[HEADER.size :]
+    if len(body) < n:
+        raise ProtocolError(f"truncated frame: length says {n} bytes, only {len(body)} present")
+    if len(body) > n:
+        raise ProtocolError(f"trailing junk: {len(body) - n} bytes after a {n}-byte frame")
+    return decode(body)
+
+
+def expect(msg: Message, kind: type[_Msg]) -> _Msg:
+    """Return ``msg`` if it is a ``kind``; raise ``ProtocolError`` naming both otherwise.
+
+    An ``Error`` from the peer is turned into ``ProtocolError`` carrying its code and message.
+    """
+    if isinstance(msg, kind):
+        return msg
+    if isinstance(msg, Error):
+        raise ProtocolError(f"peer refused: {msg.code}: {msg.message}")
+    raise ProtocolError(f"expected {kind.__name__}, got {type(msg).__name__}")
