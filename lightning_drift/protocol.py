@@ -93,6 +93,8 @@ class TrainConfig(_Msg, tag="train_config"):
     heartbeat_s: float = 5.0
     progress_every_s: float = 5.0
     has_weights: bool = False  # True when the coordinator already holds global weights
+    min_nodes: int = 1
+    lightning_config: str = ""  # LightningCLI YAML the coordinator hands to `drift join`
 
 
 class ShardAssignment(_Msg, tag="shard_assignment"):
