@@ -1,0 +1,510 @@
+"""Capability scores → data shards and work per round. Pure: no I/O, no clock.
+
+Every epoch the dataset is visited in a seeded permutation (:func:`epoch_permutation`), the
+same on every node. The scheduler cuts the *positions* ``range(dataset_size)`` of that
+permutation into one contiguous shard per node, sized in proportion to the node's score, so
+that a node three times as fast gets three times the samples and all nodes reach each
+barrier at about the same time.
+
+Scores, and why their units are coherent
+----------------------------------------
+A node's score is its expected training throughput in **samples per second**:
+
+- Once the node has reported a measured rate (:meth:`Scheduler.observe`, from
+  ``TrainProgress.samples_per_s``), its score is the exponential moving average of those
+  measurements. Calibration no longer matters for it.
+- Before that, its score is its calibration (:func:`calibration_score`, GFLOP/s of a matmul
+  benchmark) times a conversion factor ``k`` in samples per GFLOP, estimated from the nodes
+  that have both: ``k = sum(measured) / sum(calibration)`` over those nodes. While no node is
+  measured yet, ``k = 1``: every score is then in calibration units, which is fine because
+  only the ratios between scores are used.
+
+So a fresh node joining a running session is placed on the same scale as the measured ones
+instead of its raw GFLOP/s being compared with other nodes' samples/s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+from lightning_drift.errors import ConfigError, SessionError
+from lightning_drift.protocol import DeviceInfo, NodeInfo
+
+log = logging.getLogger(__name__)
+
+# Fallback calibration, GFLOP/s, when a node reports 0 (benchmark skipped or failed). Rough
+# fp32 matmul throughput of a mid-range device of each kind; only the ratios matter.
+FALLBACK_GFLOPS: dict[str, float] = {
+    "cuda": 10_000.0,
+    "rocm": 8_000.0,
+    "mps": 2_000.0,
+    "vulkan": 1_000.0,
+}
+FALLBACK_CPU_GFLOPS_PER_CORE = 20.0
+
+_STATE_VERSION = 1
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The order in which epoch ``epoch`` visits a dataset of ``n`` samples (int64, length n).
+
+    Every node and the coordinator call this with the same arguments and get the same tensor,
+    on any machine: it uses a CPU ``torch.Generator`` seeded from ``(seed, epoch)``.
+    """
+    if n < 0:
+        raise ConfigError(f"dataset size must be >= 0, got {n}")
+    # Mix seed and epoch through sha256 so that (seed, epoch) pairs never collide the way
+    # seed + epoch would, and the result fits the generator's 64-bit seed.
+    digest = hashlib.sha256(f"drift-perm:{int(seed)}:{int(epoch)}".encode()).digest()
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int.from_bytes(digest[:8], "big") & ((1 << 63) - 1))
+    return torch.randperm(n, generator=gen, dtype=torch.int64, device="cpu")
+
+
+def train_device_info(info: NodeInfo) -> DeviceInfo | None:
+    """The :class:`DeviceInfo` of the device ``info.train_device`` names, or None (e.g. CPU).
+
+    ``"cuda:1"`` matches a device of kind ``cuda`` or ``rocm`` (ROCm builds of torch also say
+    ``cuda``) with index 1; ``"mps"`` matches kind ``mps``.
+    """
+    kind, _, index_s = info.train_device.partition(":")
+    index = int(index_s) if index_s.isdigit() else 0
+    kinds = {"cuda": ("cuda", "rocm"), "mps": ("mps",), "xpu": ("xpu",)}.get(kind, ())
+    for dev in info.devices:
+        if dev.kind in kinds and dev.index == index:
+            return dev
+    return None
+
+
+def calibration_score(info: NodeInfo) -> float:
+    """The node's capability before anything was measured, in GFLOP/s (always > 0).
+
+    Formula: ``info.calibration`` (the measured GFLOP/s of the calibration matmul on the train
+    device) when it is a positive finite number; otherwise a fallback by device kind:
+    :data:`FALLBACK_GFLOPS` for a GPU kind, ``FALLBACK_CPU_GFLOPS_PER_CORE * cpu_count`` for
+    a CPU. The scheduler converts it to samples/s (see the module docstring).
+    """
+    if math.isfinite(info.calibration) and info.calibration > 0:
+        return float(info.calibration)
+    dev = train_device_info(info)
+    if dev is not None and dev.kind in FALLBACK_GFLOPS:
+        return FALLBACK_GFLOPS[dev.kind]
+    kind = info.train_device.partition(":")[0]
+    if kind == "cuda":
+        return FALLBACK_GFLOPS["cuda"]
+    if kind in FALLBACK_GFLOPS:
+        return FALLBACK_GFLOPS[kind]
+    return FALLBACK_CPU_GFLOPS_PER_CORE * max(1, info.cpu_count)
+
+
+@dataclass
+class Shard:
+    """One node's part of an epoch: positions ``[start, stop)`` of the epoch's permutation.
+
+    ``share`` is the node's fraction of the total score when the epoch was planned.
+    """
+
+    node: str
+    start: int
+    stop: int
+    share: float
+    steps_per_round: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Shard:
+        return cls(
+            node=str(d["node"]),
+            start=int(d["start"]),
+            stop=int(d["stop"]),
+            share=float(d["share"]),
+            steps_per_round=int(d["steps_per_round"]),
+        )
+
+
+@dataclass
+class EpochPlan:
+    """The shards of one epoch; its barriers are rounds ``first_round .. first_round+rounds-1``.
+
+    ``batch_size``, ``dataset_size`` and ``total_score`` (the sum of the planned nodes'
+    scores) are recorded so that :func:`plan_late` can place a late joiner.
+    """
+
+    epoch: int
+    rounds: int
+    first_round: int
+    shards: dict[str, Shard]
+    batch_size: int = 0
+    dataset_size: int = 0
+    total_score: float = 0.0
+
+    @property
+    def last_round(self) -> int:
+        return self.first_round + self.rounds - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "rounds": self.rounds,
+            "first_round": self.first_round,
+            "shards": {k: s.to_dict() for k, s in self.shards.items()},
+            "batch_size": self.batch_size,
+            "dataset_size": self.dataset_size,
+            "total_score": self.total_score,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochPlan:
+        return cls(
+            epoch=int(d["epoch"]),
+            rounds=int(d["rounds"]),
+            first_round=int(d["first_round"]),
+            shards={str(k): Shard.from_dict(v) for k, v in d["shards"].items()},
+            batch_size=int(d.get("batch_size", 0)),
+            dataset_size=int(d.get("dataset_size", 0)),
+            total_score=float(d.get("total_score", 0.0)),
+        )
+
+
+def steps_for(size: int, batch_size: int, rounds: int) -> int:
+    """Optimizer steps per round for a shard of ``size`` samples spread over ``rounds``."""
+    if batch_size <= 0 or rounds <= 0:
+        return 0
+    return math.ceil(math.ceil(size / batch_size) / rounds)
+
+
+def consumed_after(size: int, batch_size: int, rounds: int, done: int) -> int:
+    """Samples of a shard of ``size`` a node has trained on after ``done`` of ``rounds`` barriers.
+
+    Mirrors the node's barrier points: barrier k falls after ``ceil(k * steps / rounds)``
+    steps, where ``steps = ceil(size / batch_size)``. With ``batch_size`` 0 (unknown), the
+    shard is taken to be consumed evenly by samples.
+    """
+    done = max(0, min(done, rounds))
+    if rounds <= 0:
+        return size
+    if batch_size <= 0:
+        return math.ceil(done * size / rounds)
+    steps = math.ceil(size / batch_size)
+    return min(size, math.ceil(done * steps / rounds) * batch_size)
+
+
+def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
+    """Split ``total`` into integers proportional to ``weights`` that sum to exactly ``total``.
+
+    Each part is the floor of its exact quota, plus one for the parts with the largest
+    fractional remainders (ties go to the earlier part), so every part is within one of its
+    quota. Quotas are computed with exact rationals: no float rounding decides a tie.
+    """
+    fw = [Fraction(w) for w in weights]
+    denom = sum(fw)
+    if not fw or denom <= 0:
+        raise ValueError("weights must be non-empty with a positive sum")
+    quotas = [total * w / denom for w in fw]
+    parts = [math.floor(q) for q in quotas]
+    left = total - sum(parts)
+    order = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - parts[i]), i))
+    for i in order[:left]:
+        parts[i] += 1
+    return parts
+
+
+def plan_late(
+    plan: EpochPlan,
+    node: str,
+    score: float,
+    rounds_done: int,
+    orphan: Shard | None,
+    *,
+    orphan_done: int | None = None,
+) -> Shard:
+    """The shard for ``node`` joining epoch ``plan.epoch`` after ``rounds_done`` of its barriers.
+
+    With an ``orphan`` (the shard of a node that was lost), the late node gets the part of it
+    the lost node had not yet trained on: the lost node is taken to have consumed what it
+    would have by its ``orphan_done``-th barrier of the epoch (default ``rounds_done``).
+
+    Without one, every position of the permutation already belongs to a planned node, so the
+    late node gets a contiguous slice sized for the rounds remaining at its score (the rate
+    per unit of score that the plan gives everyone), placed at a deterministic offset derived
+    from the epoch and node id. The compromise: those samples are seen twice this epoch.
+    Exact coverage (every sample once per epoch) is promised only for the nodes present when
+    the epoch was planned, and for orphans handed on.
+    """
+    remaining = max(1, plan.rounds - max(0, rounds_done))
+    n = plan.dataset_size or max((s.stop for s in plan.shards.values()), default=0)
+    if orphan is not None:
+        done = rounds_done if orphan_done is None else orphan_done
+        used = consumed_after(orphan.size, plan.batch_size, plan.rounds, done)
+        start = orphan.start + used
+        return Shard(
+            node=node,
+            start=start,
+            stop=orphan.stop,
+            share=orphan.share,
+            steps_per_round=steps_for(orphan.stop - start, plan.batch_size, remaining),
+        )
+    if plan.total_score > 0 and plan.rounds > 0:
+        per_round = n * score / (plan.total_score * plan.rounds)
+        share = score / (plan.total_score + score)
+    else:
+        sizes = [s.size for s in plan.shards.values()] or [n]
+        per_round = sum(sizes) / len(sizes) / max(1, plan.rounds)
+        share = 1.0 / (len(plan.shards) + 1)
+    size = max(0, min(n, round(per_round * remaining)))
+    span = n - size + 1
+    digest = hashlib.sha256(f"drift-late:{plan.epoch}:{node}".encode()).digest()
+    start = int.from_bytes(digest[:8], "big") % span if span > 0 else 0
+    return Shard(
+        node=node,
+        start=start,
+        stop=start + size,
+        share=share,
+        steps_per_round=steps_for(size, plan.batch_size, remaining),
+    )
+
+
+@dataclass
+class _NodeScore:
+    calibration: float  # GFLOP/s from calibration_score
+    measured: float | None = None  # EMA of reported samples/s
+
+
+class Scheduler:
+    """Per-session scheduling state: node scores and the plan of each epoch.
+
+    Call :meth:`admit` on a node's ``NodeInfo`` before :meth:`add`; feed every reported
+    throughput to :meth:`observe`; call :meth:`plan_epoch` at each epoch start with the live
+    nodes. Persist it with :meth:`to_dict` / :meth:`from_dict`.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset_size: int,
+        batch_size: int,
+        sync_every: int,
+        seed: int,
+        min_vram: int = 0,
+        ema: float = 0.3,
+    ) -> None:
+        if dataset_size < 0:
+            raise ConfigError(f"dataset_size must be >= 0, got {dataset_size}")
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if sync_every <= 0:
+            raise ConfigError(f"sync_every must be >= 1, got {sync_every}")
+        if not 0.0 < ema <= 1.0:
+            raise ConfigError(f"ema must be in (0, 1], got {ema}")
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.sync_every = sync_every
+        self.seed = seed
+        self.min_vram = min_vram
+        self.ema = ema  # weight of a new measurement in the moving average
+        self._nodes: dict[str, _NodeScore] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"Scheduler(dataset_size={self.dataset_size}, batch_size={self.batch_size}, "
+            f"sync_every={self.sync_every}, seed={self.seed}, nodes={len(self._nodes)})"
+        )
+
+    # -- admission and scores ---------------------------------------------------------------
+
+    def admit(self, info: NodeInfo) -> str | None:
+        """Why this node cannot join the session, or None when it can.
+
+        Refused: a dataset size other than the session's, and a CUDA/ROCm train device with
+        less total VRAM than ``min_vram`` (a device reporting 0, i.e. unknown, is admitted).
+        """
+        if info.dataset_size != self.dataset_size:
+            return (
+                f"node reports a dataset of {info.dataset_size} samples, the session's has "
+                f"{self.dataset_size}: every node must load the same dataset"
+            )
+        if self.min_vram > 0:
+            dev = train_device_info(info)
+            if (
+                dev is not None
+                and dev.kind in ("cuda", "rocm")
+                and 0 < dev.vram_total < self.min_vram
+            ):
+                return (
+                    f"train device {info.train_device} ({dev.name}) has "
+                    f"{_gib(dev.vram_total)} of VRAM, the session requires at least "
+                    f"{_gib(self.min_vram)}: train on a larger GPU or lower the session's "
+                    "min_vram"
+                )
+        return None
+
+    def add(self, node: str, info: NodeInfo) -> None:
+        """Register ``node`` (or refresh a returning one) with its calibration score.
+
+        A returning node keeps its measured rate; new measurements move it if it changed.
+        """
+        calib = calibration_score(info)
+        prev = self._nodes.get(node)
+        self._nodes[node] = _NodeScore(calib, prev.measured if prev else None)
+        log.debug("scheduler.add node=%s calibration=%.1f", node[:12], calib)
+
+    def observe(self, node: str, samples_per_s: float) -> None:
+        """Fold a measured throughput into the node's score (exponential moving average).
+
+        Non-positive or non-finite rates (a node that just started) are ignored.
+        """
+        ns = self._get(node)
+        if not (math.isfinite(samples_per_s) and samples_per_s > 0):
+            return
+        if ns.measured is None:
+            ns.measured = float(samples_per_s)
+        else:
+            ns.measured = (1.0 - self.ema) * ns.measured + self.ema * float(samples_per_s)
+
+    def score(self, node: str) -> float:
+        """The node's expected samples/s (see the module docstring for the units)."""
+        ns = self._get(node)
+        if ns.measured is not None:
+            return ns.measured
+        return ns.calibration * self._samples_per_gflop()
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._nodes
+
+    @property
+    def nodes(self) -> list[str]:
+        """Every node ever added, sorted by id."""
+        return sorted(self._nodes)
+
+    def _samples_per_gflop(self) -> float:
+        measured = [ns for ns in self._nodes.values() if ns.measured is not None]
+        if not measured:
+            return 1.0
+        return sum(ns.measured for ns in measured if ns.measured) / sum(
+            ns.calibration for ns in measured
+        )
+
+    def _get(self, node: str) -> _NodeScore:
+        try:
+            return self._nodes[node]
+        except KeyError:
+            raise SessionError(
+                f"unknown node {node!r}: the scheduler has no score for it; add() it first",
+                code="unknown_node",
+            ) from None
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def rounds_for(self, n_nodes: int) -> int:
+        """Barriers per epoch: ``max(1, round(dataset / (batch * sync_every * nodes)))``."""
+        return max(
+            1, round(self.dataset_size / (self.batch_size * self.sync_every * max(1, n_nodes)))
+        )
+
+    def plan_epoch(self, epoch: int, nodes: Sequence[str], first_round: int) -> EpochPlan:
+        """Cut epoch ``epoch`` into one contiguous shard per node, proportional to scores.
+
+        Nodes are ordered by id; shard sizes come from largest-remainder rounding, so they
+        partition ``range(dataset_size)`` exactly and each is within one sample of its
+        proportional share. Deterministic for the same scores.
+        """
+        order = sorted(set(nodes))
+        if not order:
+            raise SessionError("cannot plan an epoch with no nodes", code="no_nodes")
+        scores = [self.score(n) for n in order]
+        total = math.fsum(scores)
+        sizes = largest_remainder(self.dataset_size, scores)
+        rounds = self.rounds_for(len(order))
+        shards: dict[str, Shard] = {}
+        start = 0
+        for node, score, size in zip(order, scores, sizes, strict=True):
+            shards[node] = Shard(
+                node=node,
+                start=start,
+                stop=start + size,
+                share=score / total,
+                steps_per_round=steps_for(size, self.batch_size, rounds),
+            )
+            start += size
+        log.info(
+            "scheduler.plan epoch=%d nodes=%d rounds=%d first_round=%d sizes=%s",
+            epoch,
+            len(order),
+            rounds,
+            first_round,
+            sizes,
+        )
+        return EpochPlan(
+            epoch=epoch,
+            rounds=rounds,
+            first_round=first_round,
+            shards=shards,
+            batch_size=self.batch_size,
+            dataset_size=self.dataset_size,
+            total_score=total,
+        )
+
+    def plan_late(
+        self, plan: EpochPlan, node: str, rounds_done: int, orphan: Shard | None
+    ) -> Shard:
+        """:func:`plan_late` with this node's current score."""
+        return plan_late(plan, node, self.score(node), rounds_done, orphan)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe state for the session's state directory."""
+        return {
+            "version": _STATE_VERSION,
+            "dataset_size": self.dataset_size,
+            "batch_size": self.batch_size,
+            "sync_every": self.sync_every,
+            "seed": self.seed,
+            "min_vram": self.min_vram,
+            "ema": self.ema,
+            "nodes": {
+                k: {"calibration": v.calibration, "measured": v.measured}
+                for k, v in sorted(self._nodes.items())
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Scheduler:
+        """Rebuild a scheduler saved by :meth:`to_dict`."""
+        if d.get("version") != _STATE_VERSION:
+            raise ConfigError(
+                f"scheduler state version {d.get('version')!r} is not {_STATE_VERSION}: "
+                "it was written by another lightning-drift version"
+            )
+        s = cls(
+            dataset_size=int(d["dataset_size"]),
+            batch_size=int(d["batch_size"]),
+            sync_every=int(d["sync_every"]),
+            seed=int(d["seed"]),
+            min_vram=int(d.get("min_vram", 0)),
+            ema=float(d.get("ema", 0.3)),
+        )
+        for node, v in d.get("nodes", {}).items():
+            m = v.get("measured")
+            s._nodes[str(node)] = _NodeScore(
+                float(v["calibration"]), None if m is None else float(m)
+            )
+        return s
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
