@@ -203,6 +203,7 @@ class SessionStatus(_Msg, tag="session_status"):
     nodes: list[NodeStatus] = []
     checkpoint: str = ""
     started_at: float = 0.0
+    lightning_config: str = ""  # the coordinator's LightningCLI YAML, for `drift join`
 
 
 class Finish(_Msg, tag="finish"):
