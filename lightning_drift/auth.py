@@ -1,0 +1,425 @@
+"""Coordinator identity and invitation tokens. Pure, except for the key and token files on disk.
+
+The coordinator's Ed25519 key is both its iroh endpoint key and the key that signs invitation
+tokens, so a node that checks the QUIC peer it reached against the ``coordinator`` ticket in its
+token knows it talks to the coordinator that invited it.
+
+Token format (``docs/protocol.md`` has the details)::
+
+    token  = base64url(outer)                      # unpadded; starts with "eyJ"
+    outer  = {"claims": "<claims JSON text>", "sig": "<base64url Ed25519 signature>"}
+    claims = {"coordinator", "exp", "iat", "jti", "role", "session", "v"}   # sorted, compact
+
+The signature covers the exact UTF-8 bytes of the claims text, so a verifier never
+re-serialises anything. Decoding is strict: a token that is not canonical base64url, or whose
+JSON does not have exactly the shape above, is malformed. Nothing here reads the clock: every
+check takes ``now`` (seconds since the epoch) from the caller.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cachetools
+import nacl.exceptions
+import nacl.signing
+
+from lightning_drift.errors import AuthError
+
+log = logging.getLogger(__name__)
+
+TOKEN_VERSION = 1
+ROLES = ("node", "observer")
+CLOCK_SKEW_S = 300.0  # a token issued up to this far in the verifier's future is accepted
+CACHE_TTL_S = 600.0  # a cached verification is redone at least this often
+_KEY_FILE = "identity.key"
+_TOKENS_FILE = "tokens.json"
+
+
+def _b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64d(text: str, what: str) -> bytes:
+    """Strict base64url: alphabet checked, padding optional, and canonical.
+
+    Canonical matters: in the last character of an unpadded string some bits are unused, and
+    a lenient decoder maps several spellings to the same bytes. Requiring the re-encoding to
+    equal the input means every changed character changes the decoded bytes or is refused.
+    """
+    bare = text.rstrip("=")
+    try:
+        data = base64.b64decode(bare + "=" * (-len(bare) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise AuthError(f"malformed token: {what} is not base64url ({exc})") from None
+    if _b64e(data) != bare:
+        raise AuthError(f"malformed token: {what} is not canonical base64url")
+    return data
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _short(key: bytes) -> str:
+    return key.hex()[:8] + "…"
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename (never half a file)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+class Identity:
+    """The coordinator's Ed25519 key. ``seed`` is also its iroh ``SecretKey`` bytes."""
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise ValueError(f"an Ed25519 seed is 32 bytes, got {len(seed)}")
+        self.seed = bytes(seed)
+        self._signing = nacl.signing.SigningKey(self.seed)
+        self.public_key: bytes = bytes(self._signing.verify_key)
+        self.public_hex = self.public_key.hex()
+
+    def __repr__(self) -> str:  # never show the seed
+        return f"Identity(public={self.public_hex[:16]}…)"
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(secrets.token_bytes(32))
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path) -> Identity:
+        """Load ``state_dir/identity.key``, creating it (mode 0600) on first use.
+
+        Creation is atomic and never overwrites: two processes racing here end up with the
+        same key. The file holds the 64-character hex seed and a newline.
+        """
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = state_dir / _KEY_FILE
+        if not path.exists():
+            ident = cls.generate()
+            tmp = path.with_name(f".{_KEY_FILE}.{secrets.token_hex(4)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(ident.seed.hex().encode() + b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, path)  # fails if another process created it meanwhile
+                    log.info("identity created path=%s public=%s", path, ident.public_hex)
+                except FileExistsError:
+                    pass
+            finally:
+                tmp.unlink()
+        return cls._load(path)
+
+    @classmethod
+    def _load(cls, path: Path) -> Identity:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning(
+                "identity key readable by others path=%s mode=%o fix='chmod 600 %s'",
+                path,
+                mode,
+                path,
+            )
+        raw = path.read_bytes()
+        text = raw.strip()
+        try:
+            seed = bytes.fromhex(text.decode("ascii")) if len(text) == 64 else raw
+        except (UnicodeDecodeError, ValueError):
+            seed = raw
+        if len(seed) != 32:
+            raise AuthError(
+                f"{path} is not an identity key (expected 64 hex characters); "
+                "move it away to create a new identity (tokens issued with it stop working)"
+            )
+        return cls(seed)
+
+    def sign(self, data: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of ``data``."""
+        return self._signing.sign(data).signature
+
+
+@dataclass(frozen=True)
+class Claims:
+    v: int
+    session: str
+    coordinator: str  # the coordinator's EndpointTicket string
+    role: str  # "node" | "observer"
+    iat: float
+    exp: float
+    jti: str
+
+
+def _claims_bytes(claims: Claims) -> bytes:
+    return json.dumps(asdict(claims), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _parse_claims(raw: bytes) -> Claims:
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AuthError(f"malformed token: claims are not JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise AuthError("malformed token: claims are not a JSON object")
+    missing = [
+        k for k in ("v", "session", "coordinator", "role", "iat", "exp", "jti") if k not in d
+    ]
+    if missing:
+        raise AuthError(f"malformed token: claims lack {', '.join(missing)}")
+    if not isinstance(d["v"], int) or isinstance(d["v"], bool) or d["v"] != TOKEN_VERSION:
+        raise AuthError(
+            f"malformed token: version {d['v']!r} is not supported (this build reads "
+            f"v{TOKEN_VERSION}); upgrade lightning-drift"
+        )
+    for k in ("session", "coordinator", "role", "jti"):
+        if not isinstance(d[k], str) or not d[k]:
+            raise AuthError(f"malformed token: claim {k!r} must be a non-empty string")
+    for k in ("iat", "exp"):
+        if not _num(d[k]):
+            raise AuthError(f"malformed token: claim {k!r} must be a number")
+    return Claims(
+        v=d["v"],
+        session=d["session"],
+        coordinator=d["coordinator"],
+        role=d["role"],
+        iat=float(d["iat"]),
+        exp=float(d["exp"]),
+        jti=d["jti"],
+    )
+
+
+def issue_token(
+    identity: Identity,
+    *,
+    session: str,
+    coordinator: str,
+    role: str = "node",
+    ttl_s: float = 86400,
+    now: float,
+    jti: str | None = None,
+) -> str:
+    """Sign an invitation for ``session`` at ``coordinator`` (a ticket), valid ``ttl_s`` from now."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if ttl_s <= 0:
+        raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+    claims = Claims(
+        v=TOKEN_VERSION,
+        session=session,
+        coordinator=coordinator,
+        role=role,
+        iat=float(now),
+        exp=float(now + ttl_s),
+        jti=jti or secrets.token_hex(8),
+    )
+    raw = _claims_bytes(claims)
+    outer = {"claims": raw.decode(), "sig": _b64e(identity.sign(raw))}
+    return _b64e(json.dumps(outer, separators=(",", ":")).encode())
+
+
+def decode_token(token: str) -> tuple[Claims, bytes, bytes]:
+    """Split a token into (claims, the exact signed claims bytes, signature). Checks nothing else.
+
+    Raises ``AuthError("malformed token: ...")`` when it is not a token at all.
+    """
+    if not isinstance(token, str):
+        raise AuthError(f"malformed token: expected a string, got {type(token).__name__}")
+    token = token.strip()
+    if not token:
+        raise AuthError("malformed token: empty")
+    outer_raw = _b64d(token, "the token")
+    try:
+        outer = json.loads(outer_raw)
+    except (ValueError, UnicodeDecodeError):
+        raise AuthError("malformed token: not a drift token (bad JSON inside)") from None
+    if not isinstance(outer, dict) or set(outer) != {"claims", "sig"}:
+        raise AuthError("malformed token: expected exactly the fields 'claims' and 'sig'")
+    if not isinstance(outer["claims"], str) or not isinstance(outer["sig"], str):
+        raise AuthError("malformed token: 'claims' and 'sig' must be strings")
+    raw = outer["claims"].encode()
+    sig = _b64d(outer["sig"], "the signature")
+    if len(sig) != 64:
+        raise AuthError(f"malformed token: signature is {len(sig)} bytes, expected 64")
+    return _parse_claims(raw), raw, sig
+
+
+def _check_signature(raw: bytes, sig: bytes, public_key: bytes) -> None:
+    try:
+        nacl.signing.VerifyKey(public_key).verify(raw, sig)
+    except nacl.exceptions.BadSignatureError:
+        raise AuthError(
+            f"token signed by another key (expected {_short(public_key)}, the signature does not "
+            "match: the token was altered or issued by another coordinator); ask this "
+            "coordinator for a new token"
+        ) from None
+
+
+def _check_claims(claims: Claims, *, now: float, session: str | None, roles: Iterable[str]) -> None:
+    if session is not None and claims.session != session:
+        raise AuthError(
+            f"token is for session {claims.session}, this coordinator runs {session}; "
+            "use a token issued for this session"
+        )
+    roles = tuple(roles)
+    if claims.role not in roles:
+        raise AuthError(
+            f"token is for role {claims.role}, this connection needs {' or '.join(roles)}"
+        )
+    if now >= claims.exp:
+        raise AuthError(f"token expired at {_iso(claims.exp)}; ask the coordinator for a new one")
+    if claims.iat > now + CLOCK_SKEW_S:
+        raise AuthError(
+            f"token issued in the future ({_iso(claims.iat)}, now {_iso(now)}); check the clocks"
+        )
+
+
+def verify_token(
+    token: str,
+    public_key: bytes,
+    *,
+    now: float,
+    session: str | None = None,
+    roles: Iterable[str] = ROLES,
+) -> Claims:
+    """Return the claims of a token signed by ``public_key``, valid at ``now``; else ``AuthError``.
+
+    Checks, in order: structure, signature, session, role, expiry, issue time. Revocation is
+    the coordinator's business: see :class:`TokenVerifier`.
+    """
+    claims, raw, sig = decode_token(token)
+    _check_signature(raw, sig, public_key)
+    _check_claims(claims, now=now, session=session, roles=roles)
+    return claims
+
+
+class TokenVerifier:
+    """The coordinator's gate: signature, expiry, session, role and revocation, with a cache.
+
+    A verified token is remembered (bounded LRU-with-TTL) so that reconnecting nodes do not
+    cost a signature check each time. The cache's clock is the ``now`` passed in, so this stays
+    pure; expiry and revocation are rechecked on every call, so a cached entry never outlives
+    its token's ``exp`` or its revocation.
+    """
+
+    def __init__(
+        self,
+        public_key: bytes,
+        session: str,
+        revoked: Iterable[str] = (),
+        maxsize: int = 1024,
+        ttl_s: float = CACHE_TTL_S,
+    ) -> None:
+        self.public_key = bytes(public_key)
+        self.session = session
+        self._revoked: set[str] = set(revoked)
+        self._now = 0.0
+        self._cache: cachetools.TTLCache[str, Claims] = cachetools.TTLCache(
+            maxsize=maxsize, ttl=ttl_s, timer=lambda: self._now
+        )
+
+    def verify(self, token: str, *, now: float, role: str | None = None) -> Claims:
+        """The token's claims if it admits ``role`` (any role when None) now; else ``AuthError``."""
+        self._now = max(self._now, now)
+        roles = ROLES if role is None else (role,)
+        key = token.strip() if isinstance(token, str) else token
+        claims = self._cache.get(key)
+        if claims is None:
+            claims = verify_token(key, self.public_key, now=now, session=self.session, roles=roles)
+            self._cache[key] = claims
+        else:
+            _check_claims(claims, now=now, session=self.session, roles=roles)
+        if claims.jti in self._revoked:
+            raise AuthError(f"token revoked (jti {claims.jti}); ask the coordinator for a new one")
+        return claims
+
+    def revoke(self, jti: str) -> None:
+        self._revoked.add(jti)
+
+    def cached(self) -> int:
+        """How many verified tokens are cached (for tests and the monitor)."""
+        return len(self._cache)
+
+
+class TokenStore:
+    """The coordinator's record of issued and revoked tokens: ``state_dir/tokens.json``.
+
+    Only claims are stored, never the tokens themselves. Every change rewrites the file
+    atomically, so a crash leaves the old or the new record, never half of one.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / _TOKENS_FILE
+        self._issued: list[Claims] = []
+        self._revoked: set[str] = set()
+        if self.path.exists():
+            try:
+                d = json.loads(self.path.read_text())
+                self._issued = [Claims(**c) for c in d.get("issued", [])]
+                self._revoked = set(d.get("revoked", []))
+            except (ValueError, TypeError) as exc:
+                raise AuthError(
+                    f"{self.path} is corrupt ({exc}); restore it from a backup or remove it "
+                    "(revocations in it are then forgotten)"
+                ) from None
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        d = {"issued": [asdict(c) for c in self._issued], "revoked": sorted(self._revoked)}
+        _atomic_write(self.path, json.dumps(d, indent=1, sort_keys=True).encode())
+
+    def record(self, claims: Claims) -> None:
+        self._issued.append(claims)
+        self._save()
+
+    def revoke(self, jti: str) -> None:
+        self._revoked.add(jti)
+        self._save()
+
+    def revoked(self) -> set[str]:
+        return set(self._revoked)
+
+    def issued(self) -> list[Claims]:
+        return list(self._issued)
+
+
+__all__ = [
+    "Claims",
+    "Identity",
+    "TokenStore",
+    "TokenVerifier",
+    "decode_token",
+    "issue_token",
+    "verify_token",
+]
