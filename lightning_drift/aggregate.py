@@ -1,0 +1,300 @@
+"""Aggregation of node weights at a barrier. Pure torch: no I/O, no clock.
+
+- :func:`validate_upload` refuses an upload that does not fit the global model.
+- :class:`Accumulator` folds uploads in one at a time (memory O(model), not O(nodes × model))
+  into a weighted mean that is bit-for-bit reproducible from the uploads and their order.
+- :class:`DiLoCo` turns that mean into an outer Nesterov step on the pseudo-gradient.
+- :func:`to_bytes` / :func:`from_bytes` are the safetensors wire and disk format.
+
+Floating tensors are averaged; integer and bool buffers (``num_batches_tracked``, masks) are
+not averageable, so they take the elementwise maximum over contributors.
+
+Delta uploads (``delta=True``) carry ``local - global`` for floating tensors, in any floating
+dtype (bfloat16 halves the transfer). Integer and bool buffers are always sent as their
+local values, never as deltas (a bool cannot be subtracted).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import safetensors.torch
+import torch
+
+from lightning_drift.errors import ConfigError, SessionError
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+_SAME_MODEL = "every node must train the same model"
+
+
+def _is_float(t: torch.Tensor) -> bool:
+    return t.is_floating_point()
+
+
+def validate_upload(
+    global_sd: Mapping[str, torch.Tensor],
+    upload: Mapping[str, torch.Tensor],
+    *,
+    any_float: bool = False,
+) -> None:
+    """Raise ``SessionError(code="bad_upload")`` naming the first reason ``upload`` is unusable.
+
+    Checked: the same keys as ``global_sd`` (missing or extra keys are named), then per tensor
+    in the global model's order: a tensor, the same dtype (with ``any_float``, any floating
+    dtype for a floating tensor, as delta and reduced-precision transfers need), the same
+    shape, and only finite values in floating tensors.
+    """
+    missing = [k for k in global_sd if k not in upload]
+    extra = [k for k in upload if k not in global_sd]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) of the global model: {_names(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} tensor(s) not in the global model: {_names(extra)}")
+        raise SessionError(f"upload has {'; '.join(parts)}; {_SAME_MODEL}", code="bad_upload")
+    for name, ref in global_sd.items():
+        t = upload[name]
+        if not isinstance(t, torch.Tensor):
+            raise SessionError(
+                f"upload entry {name!r} is a {type(t).__name__}, not a tensor", code="bad_upload"
+            )
+        dtype_ok = t.dtype == ref.dtype or (any_float and _is_float(ref) and _is_float(t))
+        if not dtype_ok:
+            raise SessionError(
+                f"upload tensor {name!r} has dtype {_dt(t.dtype)}, the global model has "
+                f"{_dt(ref.dtype)}; {_SAME_MODEL} (same precision)",
+                code="bad_upload",
+            )
+        if t.shape != ref.shape:
+            raise SessionError(
+                f"upload tensor {name!r} has shape {tuple(t.shape)}, the global model has "
+                f"{tuple(ref.shape)}; {_SAME_MODEL}",
+                code="bad_upload",
+            )
+        if _is_float(t):
+            bad = int((~torch.isfinite(t)).sum().item())
+            if bad:
+                raise SessionError(
+                    f"upload tensor {name!r} holds {bad} non-finite value(s) (NaN or inf): the "
+                    "node's training diverged; lower its learning rate or check its data",
+                    code="bad_upload",
+                )
+
+
+def _names(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class Accumulator:
+    """The weighted mean of one round's uploads, built as they arrive.
+
+    Floating tensors: ``sum_i w_i * x_i`` is accumulated in float64 in arrival order
+    (``acc = acc + (x_i.double() * w_i)``), and :meth:`mean` returns ``acc / sum_i w_i`` cast
+    to the global tensor's dtype. Integer and bool buffers: the elementwise maximum. Memory is
+    one float64 copy of the floating tensors plus one copy of the others, however many
+    nodes contribute; uploads are not kept.
+    """
+
+    def __init__(self, global_sd: Mapping[str, torch.Tensor]) -> None:
+        self._global: StateDict = dict(global_sd)
+        self._acc: StateDict = {}
+        for k, t in self._global.items():
+            if _is_float(t):
+                self._acc[k] = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        self._max: StateDict = {}  # integer/bool buffers, created by the first add
+        self.contributors: list[tuple[str, float]] = []
+        self.total_weight = 0.0
+
+    def add(
+        self,
+        node: str,
+        upload: Mapping[str, torch.Tensor],
+        weight: float,
+        *,
+        delta: bool = False,
+    ) -> None:
+        """Fold in ``node``'s upload with ``weight`` (its samples since the last barrier).
+
+        The upload is validated completely before anything changes: a bad one raises
+        ``SessionError(code="bad_upload")`` and leaves the accumulator as it was. With
+        ``delta``, floating tensors are ``local - global`` in any floating dtype and the
+        contribution is ``global + delta`` (in float64).
+        """
+        if any(n == node for n, _ in self.contributors):
+            raise SessionError(
+                f"node {node[:16]} already contributed to this round; an upload counts once",
+                code="duplicate_upload",
+            )
+        w = float(weight)
+        if not (math.isfinite(w) and w >= 0):
+            raise SessionError(
+                f"aggregation weight {weight!r} of node {node[:16]} is not a finite number >= 0",
+                code="bad_upload",
+            )
+        validate_upload(self._global, upload, any_float=delta)
+        for k, acc in self._acc.items():
+            # Fresh float64 copies: never write into the caller's upload or the global weights.
+            if delta:
+                x = self._global[k].to(device=acc.device, dtype=torch.float64, copy=True)
+                x.add_(upload[k].to(device=acc.device, dtype=torch.float64))
+            else:
+                x = upload[k].to(device=acc.device, dtype=torch.float64, copy=True)
+            acc.add_(x.mul_(w))
+        for k, ref in self._global.items():
+            if _is_float(ref):
+                continue
+            x = upload[k].to(ref.device)
+            cur = self._max.get(k)
+            if cur is None:
+                self._max[k] = x.clone()
+            elif x.dtype == torch.bool:
+                cur.logical_or_(x)
+            else:
+                torch.maximum(cur, x, out=cur)
+        self.contributors.append((node, w))
+        self.total_weight += w
+        log.debug("aggregate.add node=%s weight=%s n=%d", node[:12], w, len(self.contributors))
+
+    def __len__(self) -> int:
+        return len(self.contributors)
+
+    def mean(self) -> StateDict:
+        """The aggregate, in the global model's key order and dtypes.
+
+        Raises ``SessionError`` when nothing was added or every weight is 0.
+        """
+        if not self.contributors:
+            raise SessionError("no uploads to aggregate in this round", code="empty_round")
+        if self.total_weight <= 0:
+            raise SessionError(
+                "every upload of this round has weight 0 (no samples trained); nothing to average",
+                code="empty_round",
+            )
+        out: StateDict = {}
+        for k, ref in self._global.items():
+            if k in self._acc:
+                out[k] = (self._acc[k] / self.total_weight).to(ref.dtype)
+            else:
+                out[k] = self._max[k].clone()
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of tensors the accumulator owns (excludes the global weights it refers to)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors the accumulator owns: float64 sums and integer/bool maxima."""
+        return [*self._acc.values(), *self._max.values()]
+
+
+class DiLoCo:
+    """The DiLoCo outer optimizer: SGD with (Nesterov) momentum on the pseudo-gradient.
+
+    At each barrier, ``g = global - mean`` is the pseudo-gradient and the new global weights
+    are exactly what ``torch.optim.SGD(lr=lr, momentum=momentum, nesterov=nesterov,
+    dampening=0)`` produces from ``param = global, param.grad = g`` (single-tensor kernel,
+    same op order): ``b = momentum * b + g`` (``b = g`` on the first step),
+    ``u = g + momentum * b`` (Nesterov) or ``u = b``, ``new = global - lr * u``.
+    Parameters in float32/float64 are stepped in their own dtype; float16/bfloat16 ones in
+    float32 and cast back (momentum buffers stay float32). Integer and bool buffers take the
+    mean's value.
+    """
+
+    def __init__(self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> None:
+        if nesterov and momentum <= 0:
+            raise ConfigError(
+                f"Nesterov momentum needs outer momentum > 0, got {momentum}: set a momentum "
+                "or turn nesterov off"
+            )
+        self.lr = lr
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self._buf: StateDict = {}
+
+    def step(
+        self, global_sd: Mapping[str, torch.Tensor], mean_sd: Mapping[str, torch.Tensor]
+    ) -> StateDict:
+        """The new global weights from the current ones and the round's mean."""
+        if set(global_sd) != set(mean_sd):
+            diff = sorted(set(global_sd) ^ set(mean_sd))
+            raise SessionError(
+                f"mean and global weights have different tensors: {_names(diff)}",
+                code="bad_upload",
+            )
+        out: StateDict = {}
+        for k, p in global_sd.items():
+            m = mean_sd[k]
+            if not _is_float(p):
+                out[k] = m.clone()
+                continue
+            cdt = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+            param = p.detach().to(cdt, copy=True)
+            grad = param - m.detach().to(device=param.device, dtype=cdt)
+            if self.momentum != 0:
+                buf = self._buf.get(k)
+                if buf is None:
+                    buf = grad.detach().clone()
+                    self._buf[k] = buf
+                else:
+                    buf.mul_(self.momentum).add_(grad, alpha=1)
+                grad = grad.add(buf, alpha=self.momentum) if self.nesterov else buf
+            param.add_(grad, alpha=-self.lr)
+            out[k] = param.to(p.dtype)
+        return out
+
+    def state_dict(self) -> StateDict:
+        """Momentum buffers by parameter name (save them with the checkpoint)."""
+        return {k: v.clone() for k, v in self._buf.items()}
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Restore momentum buffers saved by :meth:`state_dict`."""
+        self._buf = {k: v.detach().clone() for k, v in sd.items()}
+
+
+def to_bytes(sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> bytes:
+    """Serialize a state dict as safetensors; ``dtype`` casts floating tensors only.
+
+    Tensors may share storage or be non-contiguous views (tied weights): each is written as
+    its own contiguous copy where needed. The output is deterministic for equal inputs.
+    """
+    if dtype is not None and not dtype.is_floating_point:
+        raise ConfigError(
+            f"transfer dtype {_dt(dtype)} is not a floating dtype: use float32 or bfloat16"
+        )
+    seen: set[int] = set()
+    flat: StateDict = {}
+    for k, t in sd.items():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if dtype is not None and _is_float(t) and t.dtype != dtype:
+            t = t.to(dtype)
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        if not t.is_contiguous() or (ptr and ptr in seen):
+            t = t.contiguous().clone()
+            ptr = t.untyped_storage().data_ptr()
+        if ptr:
+            seen.add(ptr)
+        flat[k] = t
+    return safetensors.torch.save(flat)
+
+
+def from_bytes(b: bytes | bytearray | memoryview) -> StateDict:
+    """Parse safetensors bytes; ``SessionError(code="bad_upload")`` if they are not valid."""
+    try:
+        return safetensors.torch.load(bytes(b))
+    except Exception as exc:  # the binding raises its own SafetensorError or others
+        raise SessionError(
+            f"not a valid safetensors state dict ({len(b)} bytes): {exc}", code="bad_upload"
+        ) from None
