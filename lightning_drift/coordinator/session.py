@@ -1,0 +1,773 @@
+"""The session state machine: events in, decisions out. Pure: no I/O, no clock of its own.
+
+The server (``server.py``) turns frames into calls on :class:`Session` and turns the returned
+decisions into frames; every time-dependent call takes ``now`` (float seconds). Tests drive it
+with a fake clock.
+
+Node lifecycle::
+
+    joined ──NodeInfo accepted──▶ ready ──shard/progress──▶ training ──upload──▶ barrier
+       │                                                                          │
+       └──────────── heartbeat timeout / connection gone ──▶ lost ◀───────────────┘
+                     Bye ──▶ left          (a lost or left node may join again with its key)
+
+Rounds. ``completed`` is the last completed round; the open round is ``completed + 1``.
+Round 0 is the start-up sync: the first upload becomes the global weights. Every round of an
+epoch has one barrier. The *expected* contributors of round r are the live nodes of the epoch
+plan plus late joiners (and rejoiners) from their second round on; a late joiner's upload in its
+first round counts only if it arrives before the round completes.
+
+A round completes when every expected node has arrived, or when the straggler deadline has
+passed and a quorum has arrived. The deadline adapts to measured pace::
+
+    deadline = round start + max(floor, margin × max over missing nodes of (work / rate))
+
+Before a rate is known for every missing node there is no deadline: only the heartbeat timeout
+can drop a node then. Every decision carries a readable ``reason``; tests assert on them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import msgspec
+
+from lightning_drift.protocol import (
+    NodeInfo,
+    NodeStatus,
+    SessionStatus,
+    ShardAssignment,
+    TrainConfig,
+    TrainProgress,
+)
+from lightning_drift.scheduler import (
+    EpochPlan,
+    Scheduler,
+    Shard,
+    consumed_after,
+    plan_late,
+    train_device_info,
+)
+
+LIVE = ("joined", "ready", "training", "barrier")
+GONE = ("lost", "left")
+
+
+@dataclass
+class SessionConfig:
+    """Everything ``drift-coord serve`` configures about a session (persisted in state.json)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    sync_every: int = 100
+    min_nodes: int = 1
+    aggregation: str = "mean"  # "mean" | "diloco"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    quorum: float = 0.5  # fraction of the expected nodes needed once the deadline has passed
+    heartbeat_timeout: float = 15.0  # seconds without any message before a node is lost
+    heartbeat_s: float = 5.0  # how often nodes ping
+    progress_every_s: float = 5.0
+    deadline_margin: float = 1.5
+    deadline_floor: float = 10.0
+    dataset_size: int = 0  # 0: adopt from the first admitted node
+    seed: int = 0
+    transfer_dtype: str = "float32"
+    min_vram: int = 0
+    lightning_config: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SessionConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to one event: ``ok`` or not, a machine code when refused, and why."""
+
+    ok: bool
+    reason: str
+    code: str = ""
+
+
+@dataclass(frozen=True)
+class UploadVerdict:
+    """What the server does with a barrier upload for ``round``.
+
+    kind: ``initial`` (adopt as round-0 global weights), ``current`` (answer at once with the
+    current global weights, not contributed), ``open`` (accumulate into the open round),
+    ``again`` (already counted: wait for the round, contributed), ``closing`` (the round is being
+    aggregated or the node is excluded: wait for it, not contributed), ``refuse`` (Error).
+    """
+
+    kind: str
+    reason: str
+    code: str = ""
+
+
+@dataclass(frozen=True)
+class RoundDecision:
+    round: int
+    complete: bool
+    reason: str
+    contributors: tuple[tuple[str, int], ...] = ()  # (node, samples) in arrival order
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardReply:
+    """``assignment`` or, when None, ``wait`` (answer later) or a refusal (``code``)."""
+
+    assignment: ShardAssignment | None
+    reason: str
+    code: str = ""
+
+    @property
+    def wait(self) -> bool:
+        return self.assignment is None and not self.code
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round: int
+    epoch: int  # the epoch the round belonged to
+    finished: bool
+    planned_epoch: int | None  # a new epoch plan was made
+    reason: str
+
+
+@dataclass
+class Member:
+    node: str
+    name: str = ""
+    state: str = "joined"
+    joined_at: float = 0.0
+    last_seen: float = 0.0
+    device: str = ""
+    vram_total: int = 0
+    rate: float = 0.0  # last measured samples/s
+    round: int = 0  # last round this node arrived at
+    barrier_since: float | None = None
+    barrier_wait: float = 0.0  # how long it waited at its last completed barrier
+    loss: float | None = None
+    samples: int = 0
+    reason: str = ""  # why it is lost/left
+
+    def live(self) -> bool:
+        return self.state in LIVE
+
+
+class Session:
+    """One training session's membership, rounds, epochs and their decisions.
+
+    ``scheduler`` is None until the dataset size is known (``--dataset-size`` or the first
+    admitted node's ``NodeInfo.dataset_size``).
+    """
+
+    def __init__(self, config: SessionConfig, *, session_id: str, now: float) -> None:
+        self.config = config
+        self.session_id = session_id
+        self.started_at = now
+        self.scheduler: Scheduler | None = None
+        self.dataset_size = config.dataset_size
+        if self.dataset_size:
+            self.scheduler = self._make_scheduler(self.dataset_size)
+        self.members: dict[str, Member] = {}
+        self.has_weights = False
+        self.completed = 0
+        self.epoch = 0
+        self.plan: EpochPlan | None = None
+        self.assignments: dict[str, ShardAssignment] = {}
+        self.late: set[str] = set()  # nodes assigned after the plan was made (this epoch)
+        self.orphans: dict[str, Shard] = {}  # lost node -> unconsumed rest of its shard
+        self.finished = False
+        self.closing: int | None = None  # round being aggregated
+        self.arrivals: dict[str, int] = {}  # node -> samples, open round, in arrival order
+        self.excluded: dict[str, str] = {}  # node -> reason, open round
+        self.round_started = now
+        self.last_decision = ""
+        self.admitted: set[str] = set()  # nodes the scheduler knows
+
+    # ---- derived state -------------------------------------------------------------------
+    @property
+    def open_round(self) -> int:
+        return self.completed + 1
+
+    @property
+    def last_round(self) -> int | None:
+        """The session's final round, once the last epoch is planned."""
+        if self.plan is not None and self.plan.epoch == self.config.epochs - 1:
+            return self.plan.last_round
+        return None
+
+    def live(self) -> list[str]:
+        return [n for n, m in self.members.items() if m.live()]
+
+    def expected(self, rnd: int | None = None) -> list[str]:
+        """Nodes whose upload round ``rnd`` (default: open) waits for, in join order."""
+        rnd = self.open_round if rnd is None else rnd
+        if self.plan is None or not (self.plan.first_round <= rnd <= self.plan.last_round):
+            return []
+        out = []
+        for node, a in self.assignments.items():
+            m = self.members.get(node)
+            if m is None or not m.live() or node in self.excluded:
+                continue
+            if node in self.late and a.first_round >= rnd:
+                continue  # a late joiner's first round: counts only if it comes in time
+            if a.first_round + a.rounds - 1 < rnd:
+                continue
+            out.append(node)
+        return out
+
+    def deadline(self) -> float | None:
+        """When stragglers of the open round may be left behind (None: no rate known yet)."""
+        missing = [n for n in self.expected() if n not in self.arrivals]
+        if not missing:
+            return None
+        longest = 0.0
+        for node in missing:
+            rate = self.members[node].rate
+            if rate <= 0:
+                return None
+            a = self.assignments[node]
+            work = (a.stop - a.start) / max(1, a.rounds)
+            longest = max(longest, work / rate)
+        c = self.config
+        return self.round_started + max(c.deadline_floor, c.deadline_margin * longest)
+
+    # ---- membership events ---------------------------------------------------------------
+    def join(self, node: str, name: str, now: float) -> Decision:
+        """A Join with a valid token whose QUIC peer key is ``node``."""
+        if self.finished:
+            return Decision(False, "the session has finished; nothing left to train", "finished")
+        m = self.members.get(node)
+        if m is None:
+            self.members[node] = Member(node=node, name=name, joined_at=now, last_seen=now)
+            return Decision(True, f"node {_short(node)} joined")
+        was = m.state
+        m.name = name or m.name
+        m.last_seen = now
+        m.state = "joined"
+        m.reason = ""
+        if was in GONE:
+            return Decision(True, f"node {_short(node)} rejoined (was {was})")
+        return Decision(True, f"node {_short(node)} reconnected (was {was})")
+
+    def admit(self, node: str, info: NodeInfo, now: float) -> Decision:
+        """NodeInfo arrived: check it against the session; the node becomes ready."""
+        m = self.members.get(node)
+        if m is None:
+            return Decision(False, "NodeInfo before Join", "protocol")
+        m.last_seen = now
+        if self.dataset_size and info.dataset_size != self.dataset_size:
+            return Decision(
+                False,
+                f"dataset has {info.dataset_size} samples but this session trains on "
+                f"{self.dataset_size}; use the same dataset as the other nodes",
+                "dataset_mismatch",
+            )
+        if info.dataset_size <= 0:
+            return Decision(False, "NodeInfo.dataset_size must be > 0", "dataset_mismatch")
+        if self.scheduler is None:
+            self.dataset_size = info.dataset_size
+            self.scheduler = self._make_scheduler(self.dataset_size)
+        refusal = self.scheduler.admit(info)
+        if refusal:
+            code = "dataset_mismatch" if "dataset" in refusal else "refused"
+            return Decision(False, refusal, code)
+        if node not in self.admitted:
+            self.scheduler.add(node, info)
+            self.admitted.add(node)
+        dev = train_device_info(info)
+        m.device = info.train_device if dev is None else f"{info.train_device} {dev.name}"
+        m.vram_total = dev.vram_total if dev is not None else 0
+        m.state = "ready"
+        return Decision(True, f"node {_short(node)} ready on {m.device}")
+
+    def seen(self, node: str, now: float) -> None:
+        """Any message from ``node`` (heartbeat)."""
+        m = self.members.get(node)
+        if m is not None and m.live():
+            m.last_seen = now
+
+    def progress(self, node: str, msg: TrainProgress, now: float) -> None:
+        m = self.members.get(node)
+        if m is None or not m.live():
+            return
+        m.last_seen = now
+        if m.state == "ready":
+            m.state = "training"
+        m.loss = msg.loss
+        m.samples = msg.samples
+        if msg.samples_per_s > 0:
+            self._observe(m, msg.samples_per_s)
+
+    def lost(self, node: str, reason: str, now: float, *, left: bool = False) -> Decision:
+        """The node's connection is gone (or it said Bye): exclude it from the rounds."""
+        m = self.members.get(node)
+        if m is None or not m.live():
+            return Decision(False, f"node {_short(node)} was not live")
+        m.state = "left" if left else "lost"
+        m.reason = reason
+        m.barrier_since = None
+        a = self.assignments.get(node)
+        if a is not None and self.plan is not None and a.epoch == self.plan.epoch:
+            done = max(0, self.open_round - a.first_round)
+            if node in self.arrivals:
+                done += 1
+            start = a.start + consumed_after(
+                a.stop - a.start, self.config.batch_size, a.rounds, done
+            )
+            if done < a.rounds and start < a.stop:
+                self.orphans[node] = Shard(node, start, a.stop, a.share, 0)
+            # It gets a fresh assignment (its own rest if still free) when it comes back.
+            del self.assignments[node]
+            self.late.discard(node)
+        return Decision(True, f"node {_short(node)} {m.state}: {reason}")
+
+    def tick(self, now: float) -> tuple[list[tuple[str, str]], RoundDecision]:
+        """Periodic check: heartbeat losses, then whether the open round can complete."""
+        gone = []
+        for node, m in self.members.items():
+            if m.live() and now - m.last_seen > self.config.heartbeat_timeout:
+                reason = (
+                    f"no message for {now - m.last_seen:.1f}s "
+                    f"(heartbeat timeout {self.config.heartbeat_timeout:g}s)"
+                )
+                gone.append((node, reason))
+        for node, reason in gone:
+            self.lost(node, reason, now)
+        return gone, self.check(now)
+
+    # ---- shards and epochs ---------------------------------------------------------------
+    def maybe_plan(self, now: float) -> int | None:
+        """Make the next epoch plan when its gate is open; returns the planned epoch or None."""
+        if self.finished or self.scheduler is None:
+            return None
+        if self.plan is not None and self.completed < self.plan.last_round:
+            return None
+        epoch = 0 if self.plan is None else self.plan.epoch + 1
+        if epoch >= self.config.epochs:
+            return None
+        ready = [n for n in self.live() if self.members[n].state != "joined"]
+        need = self.config.min_nodes if epoch == 0 else 1
+        if len(ready) < need:
+            return None
+        self.plan = self.scheduler.plan_epoch(epoch, ready, self.open_round)
+        self.epoch = epoch
+        self.late.clear()
+        self.orphans.clear()
+        self.assignments = {
+            n: self._assignment(n, sh, self.plan.first_round, self.plan.rounds)
+            for n, sh in self.plan.shards.items()
+        }
+        self.round_started = max(self.round_started, now)
+        return epoch
+
+    def shard(self, node: str, epoch: int, now: float) -> ShardReply:
+        """A ShardRequest: the node's assignment for ``epoch``, or wait, or a refusal."""
+        m = self.members.get(node)
+        if m is None or not m.live():
+            return ShardReply(None, "not joined", "not_joined")
+        m.last_seen = now
+        if self.finished or epoch >= self.config.epochs:
+            return ShardReply(None, f"no epoch {epoch}: the session has finished", "finished")
+        self.maybe_plan(now)
+        if self.plan is None or epoch > self.plan.epoch:
+            return ShardReply(None, f"epoch {epoch} is not planned yet; waiting")
+        a = self.assignments.get(node)
+        if a is None:
+            a = self._late_assignment(node)
+            if a is None:
+                return ShardReply(None, "no rounds left in this epoch; waiting for the next")
+        if m.state == "ready":
+            m.state = "training"
+        how = "late joiner " if node in self.late else ""
+        return ShardReply(
+            a,
+            f"{how}{_short(node)}: epoch {a.epoch} [{a.start}, {a.stop}) from round "
+            f"{a.first_round} for {a.rounds} round(s)",
+        )
+
+    def _assignment(self, node: str, sh: Shard, first_round: int, rounds: int):
+        assert self.plan is not None
+        return ShardAssignment(
+            epoch=self.plan.epoch,
+            start=sh.start,
+            stop=sh.stop,
+            rounds=rounds,
+            first_round=first_round,
+            seed=self.config.seed,
+            share=sh.share,
+            steps_per_round=sh.steps_per_round,
+            final=self.plan.epoch == self.config.epochs - 1,
+        )
+
+    def _late_assignment(self, node: str) -> ShardAssignment | None:
+        """A shard for a node arriving inside an epoch (late joiner or rejoin).
+
+        It takes the unconsumed rest of an orphaned shard (a lost node's; its own first) when
+        there is one, else a slice proportional to its score for the rounds remaining
+        (``scheduler.plan_late``). Exact coverage of the epoch holds only for the nodes of the
+        plan and orphans handed on.
+        """
+        assert self.plan is not None and self.scheduler is not None
+        r = self.open_round
+        rounds = self.plan.last_round - r + 1
+        if rounds <= 0:
+            return None
+        orphan = None
+        if node in self.orphans:
+            orphan = self.orphans.pop(node)
+        elif self.orphans:
+            orphan = self.orphans.pop(next(iter(self.orphans)))
+        sh = plan_late(
+            self.plan,
+            node,
+            self.scheduler.score(node),
+            r - self.plan.first_round,
+            orphan,
+            orphan_done=0,
+        )
+        a = self._assignment(node, sh, r, rounds)
+        self.assignments[node] = a
+        self.late.add(node)
+        return a
+
+    # ---- barriers ------------------------------------------------------------------------
+    def upload(self, node: str, rnd: int, now: float) -> UploadVerdict:
+        """A BarrierSync for ``rnd`` arrived (before its blob is accumulated)."""
+        m = self.members.get(node)
+        if m is None or not m.live():
+            return UploadVerdict("refuse", "join first", "not_joined")
+        m.last_seen = now
+        if rnd == 0:
+            if not self.has_weights:
+                return UploadVerdict("initial", "first start-up sync: adopted as round 0")
+            return UploadVerdict("current", "start-up sync: here are the global weights")
+        if rnd < 0:
+            return UploadVerdict("refuse", f"round {rnd} is negative", "bad_round")
+        if rnd <= self.completed:
+            return UploadVerdict(
+                "current", f"round {rnd} already completed; discarded (latest {self.completed})"
+            )
+        if self.finished:
+            return UploadVerdict("current", "the session has finished")
+        if rnd > self.open_round:
+            return UploadVerdict(
+                "refuse",
+                f"round {rnd} is not open; the open round is {self.open_round}",
+                "bad_round",
+            )
+        if self.closing == rnd:
+            return UploadVerdict("closing", f"round {rnd} is being aggregated; not counted")
+        if node in self.excluded:
+            return UploadVerdict("closing", f"excluded from round {rnd}: {self.excluded[node]}")
+        if node in self.arrivals:
+            return UploadVerdict("again", f"upload for round {rnd} already counted")
+        a = self.assignments.get(node)
+        if a is None or self.plan is None:
+            return UploadVerdict(
+                "refuse", "no shard assigned in this epoch; send ShardRequest first", "no_shard"
+            )
+        return UploadVerdict("open", f"round {rnd} upload accepted")
+
+    def arrived(self, node: str, rnd: int, samples: int, now: float, train_s: float = 0.0):
+        """The node's upload for the open round was accumulated. Returns the round decision."""
+        m = self.members[node]
+        m.last_seen = now
+        if rnd == self.open_round and self.closing is None:
+            self.arrivals[node] = samples
+            m.state = "barrier"
+            m.round = rnd
+            m.barrier_since = now
+            m.samples = samples
+            if train_s > 0 and samples > 0:
+                self._observe(m, samples / train_s)
+        return self.check(now)
+
+    def reject(self, node: str, rnd: int, reason: str, now: float) -> RoundDecision:
+        """A bad upload: the node is excluded from round ``rnd``; the round does not wait."""
+        if rnd == self.open_round and node not in self.arrivals:
+            self.excluded[node] = reason
+        return self.check(now)
+
+    def initial(self, now: float) -> None:
+        """The round-0 weights are durable: the session has global weights."""
+        self.has_weights = True
+        self.completed = 0
+        self.round_started = now
+
+    def check(self, now: float) -> RoundDecision:
+        """Can the open round complete now? Pure function of the state and ``now``."""
+        r = self.open_round
+        if self.closing is not None:
+            return RoundDecision(r, False, f"round {r} is being aggregated")
+        if self.finished:
+            return RoundDecision(r, False, "the session has finished")
+        if self.plan is None or r > self.plan.last_round:
+            return RoundDecision(r, False, f"round {r}: waiting for the epoch plan (start gate)")
+        expected = self.expected(r)
+        arrived = list(self.arrivals.items())
+        got = [n for n, _ in arrived]
+        missing = tuple(n for n in expected if n not in self.arrivals)
+        if not arrived:
+            d = RoundDecision(r, False, f"round {r}: waiting, 0/{len(expected)} arrived")
+        elif not missing:
+            d = RoundDecision(
+                r,
+                True,
+                f"round {r} complete: all {len(expected)} live node(s) arrived "
+                f"({', '.join(_short(n) for n in got)})",
+                tuple(arrived),
+            )
+        else:
+            need = max(1, math.ceil(self.config.quorum * len(expected)))
+            have = sum(1 for n in expected if n in self.arrivals)
+            dl = self.deadline()
+            names = ", ".join(_short(n) for n in missing)
+            if dl is None:
+                d = RoundDecision(
+                    r,
+                    False,
+                    f"round {r}: waiting, {have}/{len(expected)} arrived, no deadline yet "
+                    f"(pace of {names} unknown); missing {names}",
+                    missing=missing,
+                )
+            elif now < dl:
+                d = RoundDecision(
+                    r,
+                    False,
+                    f"round {r}: waiting, {have}/{len(expected)} arrived, deadline in "
+                    f"{dl - now:.1f}s; missing {names}",
+                    missing=missing,
+                )
+            elif have >= need:
+                d = RoundDecision(
+                    r,
+                    True,
+                    f"round {r} complete: deadline passed {now - dl:.1f}s ago with quorum "
+                    f"{have}/{len(expected)} (needed {need}); left behind {names}",
+                    tuple(arrived),
+                    missing,
+                )
+            else:
+                d = RoundDecision(
+                    r,
+                    False,
+                    f"round {r}: deadline passed but only {have}/{len(expected)} arrived, quorum "
+                    f"needs {need}; waiting; missing {names}",
+                    missing=missing,
+                )
+        self.last_decision = d.reason
+        return d
+
+    def close(self, rnd: int) -> tuple[tuple[str, int], ...]:
+        """The server starts aggregating ``rnd``: no more uploads count for it."""
+        assert rnd == self.open_round and self.closing is None
+        self.closing = rnd
+        return tuple(self.arrivals.items())
+
+    def completed_round(self, rnd: int, now: float) -> RoundOutcome:
+        """The checkpoint of ``rnd`` is durable: advance, maybe plan the next epoch or finish."""
+        assert rnd == self.open_round
+        self.completed = rnd
+        self.closing = None
+        for node in self.arrivals:
+            m = self.members[node]
+            if m.barrier_since is not None:
+                m.barrier_wait = now - m.barrier_since
+            m.barrier_since = None
+            if m.state == "barrier":
+                m.state = "training"
+        self.arrivals = {}
+        self.excluded = {}
+        self.round_started = now
+        epoch = self.plan.epoch if self.plan else 0
+        planned = None
+        finished = False
+        reason = f"round {rnd} done"
+        if self.plan is not None and rnd >= self.plan.last_round:
+            if self.plan.epoch + 1 >= self.config.epochs:
+                self.finished = True
+                finished = True
+                reason = f"round {rnd} was the last of epoch {epoch}, the final epoch: finished"
+            else:
+                planned = self.maybe_plan(now)
+                reason = f"round {rnd} ended epoch {epoch}; " + (
+                    f"planned epoch {planned}"
+                    if planned is not None
+                    else "next epoch waits for a live node"
+                )
+        return RoundOutcome(rnd, epoch, finished, planned, reason)
+
+    # ---- views ---------------------------------------------------------------------------
+    def train_config(self) -> TrainConfig:
+        c = self.config
+        return TrainConfig(
+            session_id=self.session_id,
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            sync_every=c.sync_every,
+            aggregation=c.aggregation,  # type: ignore[arg-type]
+            outer_lr=c.outer_lr,
+            outer_momentum=c.outer_momentum,
+            transfer_dtype=c.transfer_dtype,  # type: ignore[arg-type]
+            seed=c.seed,
+            dataset_size=self.dataset_size,
+            round=self.completed,
+            epoch=self.epoch,
+            heartbeat_s=c.heartbeat_s,
+            progress_every_s=c.progress_every_s,
+            has_weights=self.has_weights,
+            min_nodes=c.min_nodes,
+            lightning_config=c.lightning_config,
+        )
+
+    def status(self, now: float, checkpoint: str = "") -> SessionStatus:
+        if self.finished:
+            state = "finished"
+        elif self.plan is None:
+            state = "waiting"
+        elif self.closing is not None:
+            state = "aggregating"
+        else:
+            state = "training"
+        nodes = []
+        for node, m in self.members.items():
+            a = self.assignments.get(node)
+            wait = m.barrier_wait if m.barrier_since is None else now - m.barrier_since
+            nodes.append(
+                NodeStatus(
+                    node_id=node,
+                    name=m.name,
+                    device=m.device,
+                    vram_total=m.vram_total,
+                    share=a.share if a is not None else 0.0,
+                    samples_per_s=m.rate,
+                    round=m.round,
+                    state=m.state,
+                    barrier_wait_s=wait,
+                    loss=m.loss,
+                    samples=m.samples,
+                )
+            )
+        return SessionStatus(
+            session_id=self.session_id,
+            state=state,
+            round=self.completed,
+            epoch=self.epoch,
+            epochs=self.config.epochs,
+            aggregation=self.config.aggregation,
+            nodes=nodes,
+            checkpoint=checkpoint,
+            started_at=self.started_at,
+        )
+
+    # ---- persistence (state.json) -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The durable part of the session: written after each completed round."""
+        return {
+            "config": asdict(self.config),
+            "session_id": self.session_id,
+            "started_at": self.started_at,
+            "dataset_size": self.dataset_size,
+            "has_weights": self.has_weights,
+            "completed": self.completed,
+            "epoch": self.epoch,
+            "finished": self.finished,
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "assignments": {n: msgspec.to_builtins(a) for n, a in self.assignments.items()},
+            "late": sorted(self.late),
+            "orphans": {n: v.to_dict() for n, v in self.orphans.items()},
+            "members": {
+                n: {
+                    "name": m.name,
+                    "state": m.state,
+                    "device": m.device,
+                    "vram_total": m.vram_total,
+                    "rate": m.rate,
+                    "round": m.round,
+                    "joined_at": m.joined_at,
+                    "reason": m.reason,
+                }
+                for n, m in self.members.items()
+            },
+            "admitted": sorted(self.admitted),
+            "scheduler": None if self.scheduler is None else self.scheduler.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, now: float) -> Session:
+        """Restore after a restart. Members that were live get ``heartbeat_timeout`` seconds
+        (from ``now``) to reconnect before they are lost; the open round starts afresh."""
+        config = SessionConfig.from_dict(d["config"])
+        s = cls(config, session_id=d["session_id"], now=now)
+        s.started_at = d.get("started_at", now)
+        s.dataset_size = d.get("dataset_size", 0)
+        if d.get("scheduler") is not None:
+            s.scheduler = Scheduler.from_dict(d["scheduler"])
+        s.has_weights = d["has_weights"]
+        s.completed = d["completed"]
+        s.epoch = d["epoch"]
+        s.finished = d["finished"]
+        if d.get("plan"):
+            s.plan = EpochPlan.from_dict(d["plan"])
+        s.assignments = {
+            n: msgspec.convert(a, ShardAssignment) for n, a in d.get("assignments", {}).items()
+        }
+        s.late = set(d.get("late", ()))
+        s.orphans = {n: Shard.from_dict(v) for n, v in d.get("orphans", {}).items()}
+        s.admitted = set(d.get("admitted", ()))
+        for n, md in d.get("members", {}).items():
+            state = md["state"] if md["state"] in GONE else "training"
+            s.members[n] = Member(
+                node=n,
+                name=md.get("name", ""),
+                state=state,
+                joined_at=md.get("joined_at", now),
+                last_seen=now,
+                device=md.get("device", ""),
+                vram_total=md.get("vram_total", 0),
+                rate=md.get("rate", 0.0),
+                round=md.get("round", 0),
+                reason=md.get("reason", ""),
+            )
+        s.round_started = now
+        return s
+
+    # ---- internals -----------------------------------------------------------------------
+    def _make_scheduler(self, dataset_size: int) -> Scheduler:
+        c = self.config
+        return Scheduler(
+            dataset_size=dataset_size,
+            batch_size=c.batch_size,
+            sync_every=c.sync_every,
+            seed=c.seed,
+            min_vram=c.min_vram,
+        )
+
+    def _observe(self, m: Member, rate: float) -> None:
+        m.rate = rate
+        if self.scheduler is not None and m.node in self.admitted:
+            self.scheduler.observe(m.node, rate)
+
+
+def _short(node: str) -> str:
+    return node[:8]
+
+
+__all__ = [
+    "Decision",
+    "Member",
+    "RoundDecision",
+    "RoundOutcome",
+    "Session",
+    "SessionConfig",
+    "ShardReply",
+    "UploadVerdict",
+]

@@ -1,0 +1,313 @@
+"""The session state machine, driven with a fake clock: decisions and their reasons."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightning_drift.coordinator.session import Session, SessionConfig
+from lightning_drift.protocol import NodeInfo, TrainProgress
+
+A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
+
+
+def info(dataset_size: int = 1000, calibration: float = 100.0) -> NodeInfo:
+    return NodeInfo(
+        nonce="n",
+        devices=[],
+        train_device="cpu",
+        cpu="test",
+        cpu_count=1,
+        memory=1 << 30,
+        calibration=calibration,
+        torch_version="2",
+        dataset_size=dataset_size,
+    )
+
+
+def session(**kw) -> Session:
+    cfg = dict(epochs=2, batch_size=10, sync_every=10, min_nodes=2, dataset_size=1000, quorum=0.5)
+    cfg.update(kw)
+    return Session(SessionConfig(**cfg), session_id="s1", now=0.0)
+
+
+def ready(s: Session, node: str, now: float = 0.0, **kw) -> None:
+    assert s.join(node, node[:1], now).ok
+    d = s.admit(node, info(**kw), now)
+    assert d.ok, d.reason
+
+
+def start(s: Session, *nodes: str, now: float = 0.0) -> None:
+    """Nodes join, round 0 is synced, every node gets its epoch-0 shard."""
+    for n in nodes:
+        ready(s, n, now, dataset_size=s.config.dataset_size)
+    v = s.upload(nodes[0], 0, now)
+    assert v.kind == "initial"
+    s.initial(now)
+    for n in nodes:
+        assert s.upload(n, 0, now).kind == "current"
+        r = s.shard(n, 0, now)
+        assert r.assignment is not None, r.reason
+
+
+def arrive(s: Session, node: str, now: float, samples: int = 100):
+    rnd = s.open_round
+    v = s.upload(node, rnd, now)
+    assert v.kind == "open", v.reason
+    return s.arrived(node, rnd, samples, now)
+
+
+def finish_round(s: Session, now: float):
+    r = s.open_round
+    s.close(r)
+    return s.completed_round(r, now)
+
+
+def test_join_admit_and_dataset_mismatch():
+    s = session()
+    assert s.join(A, "a", 0.0).reason == f"node {A[:8]} joined"
+    d = s.admit(A, info(dataset_size=999), 0.0)
+    assert not d.ok and d.code == "dataset_mismatch"
+    assert "999" in d.reason and "1000" in d.reason
+    assert s.admit(A, info(), 0.0).ok
+    assert s.members[A].state == "ready"
+
+
+def test_dataset_size_adopted_from_first_node():
+    s = session(dataset_size=0)
+    ready(s, A, dataset_size=640)
+    assert s.dataset_size == 640 and s.train_config().dataset_size == 640
+    s.join(B, "b", 0.0)
+    assert s.admit(B, info(dataset_size=641), 0.0).code == "dataset_mismatch"
+
+
+def test_start_gate_waits_for_min_nodes():
+    s = session(min_nodes=2)
+    ready(s, A)
+    s.upload(A, 0, 0.0)
+    s.initial(0.0)
+    r = s.shard(A, 0, 1.0)
+    assert r.wait and "not planned yet" in r.reason
+    assert "start gate" in s.check(1.0).reason
+    ready(s, B, 2.0)
+    r = s.shard(A, 0, 2.0)
+    assert r.assignment is not None
+    a, b = s.assignments[A], s.assignments[B]
+    assert (a.start, a.stop, b.start, b.stop) == (0, 500, 500, 1000)
+    assert a.first_round == 1 and a.rounds == 5  # 1000 / (10 * 10 * 2)
+
+
+def test_round_zero_then_stale_uploads_answered_at_once():
+    s = session(min_nodes=1)
+    start(s, A)
+    assert s.completed == 0 and s.has_weights
+    v = s.upload(A, 0, 1.0)
+    assert v.kind == "current" and "global weights" in v.reason
+    arrive(s, A, 1.0)
+    finish_round(s, 2.0)
+    v = s.upload(A, 1, 3.0)
+    assert v.kind == "current" and "round 1 already completed" in v.reason
+    v = s.upload(A, 5, 3.0)
+    assert v.kind == "refuse" and v.code == "bad_round" and "open round is 2" in v.reason
+
+
+def test_round_completes_when_all_live_nodes_arrive():
+    s = session()
+    start(s, A, B)
+    d = arrive(s, A, 1.0)
+    assert not d.complete
+    assert "1/2 arrived" in d.reason and "no deadline yet" in d.reason
+    d = arrive(s, B, 2.0)
+    assert d.complete
+    assert d.reason == f"round 1 complete: all 2 live node(s) arrived ({A[:8]}, {B[:8]})"
+    assert d.contributors == ((A, 100), (B, 100))
+    assert s.upload(A, 1, 2.0).kind == "again"
+    assert s.close(1) == ((A, 100), (B, 100))
+    assert s.upload(C, 1, 2.0).kind == "refuse"  # never joined
+    assert s.upload(A, 1, 2.1).kind == "closing"
+    out = s.completed_round(1, 3.0)
+    assert out.round == 1 and not out.finished and s.open_round == 2
+    assert s.members[A].barrier_wait == pytest.approx(2.0)
+
+
+def test_heartbeat_loss_mid_round_excludes_the_node():
+    s = session(heartbeat_timeout=15.0)
+    start(s, A, B, C, now=0.0)
+    arrive(s, A, 5.0)
+    arrive(s, B, 6.0)
+    s.seen(A, 10.0)
+    s.seen(B, 10.0)
+    gone, d = s.tick(14.0)
+    assert gone == [] and not d.complete
+    gone, d = s.tick(15.5)
+    assert [n for n, _ in gone] == [C]
+    assert "no message for 15.5s (heartbeat timeout 15s)" in gone[0][1]
+    assert s.members[C].state == "lost"
+    assert d.complete and "all 2 live node(s) arrived" in d.reason
+    assert C in s.orphans  # its shard's rest is handed to the next late joiner
+
+
+def test_quorum_after_adaptive_deadline():
+    s = session(min_nodes=3, quorum=0.5, deadline_floor=10.0, deadline_margin=1.5)
+    start(s, A, B, C, now=0.0)
+    for n in (A, B, C):
+        s.progress(n, TrainProgress(round=1, epoch=0, step=1, samples=10, samples_per_s=5.0), 1.0)
+    # Each shard is 333-334 samples over 3 rounds (1000/(10*10*3) -> 3), ~111 per round at
+    # 5 samples/s = ~22.3 s; deadline = 0 + 1.5 * 22.3 = 33.4 s (over the 10 s floor).
+    arrive(s, A, 20.0)
+    arrive(s, B, 21.0)
+    dl = s.deadline()
+    c = s.assignments[C]
+    assert dl == pytest.approx(1.5 * ((c.stop - c.start) / 3) / 5.0)
+    s.seen(C, 30.0)  # alive but slow
+    d = s.check(30.0)
+    assert not d.complete and "deadline in" in d.reason and f"missing {C[:8]}" in d.reason
+    d = s.check(34.0)
+    assert d.complete
+    assert "deadline passed" in d.reason and "quorum 2/3 (needed 2)" in d.reason
+    assert d.missing == (C,) and [n for n, _ in d.contributors] == [A, B]
+
+
+def test_deadline_has_a_floor():
+    s = session(min_nodes=2, deadline_floor=10.0)
+    start(s, A, B)
+    for n in (A, B):
+        s.progress(n, TrainProgress(round=1, epoch=0, step=1, samples=1, samples_per_s=1e6), 0.0)
+    arrive(s, A, 1.0)
+    assert s.deadline() == pytest.approx(10.0)
+    s.seen(B, 9.0)
+    assert not s.check(9.0).complete
+    assert s.check(10.5).complete
+
+
+def test_below_quorum_keeps_waiting_with_reason():
+    s = session(min_nodes=4, quorum=0.75, deadline_floor=1.0)
+    start(s, A, B, C, D)
+    for n in (A, B, C, D):
+        s.progress(n, TrainProgress(round=1, epoch=0, step=1, samples=1, samples_per_s=1e6), 0.0)
+    arrive(s, A, 1.0)
+    arrive(s, B, 1.0)
+    for n in (C, D):
+        s.seen(n, 5.0)
+    d = s.check(5.0)
+    assert not d.complete
+    assert "deadline passed but only 2/4 arrived, quorum needs 3; waiting" in d.reason
+
+
+def test_bad_upload_excluded_round_does_not_wait():
+    s = session()
+    start(s, A, B)
+    arrive(s, A, 1.0)
+    assert s.upload(B, 1, 2.0).kind == "open"
+    d = s.reject(B, 1, "tensor w has NaN", 2.0)
+    assert d.complete and d.contributors == ((A, 100),)
+    assert "all 1 live node(s) arrived" in d.reason
+    v = s.upload(B, 1, 2.5)
+    assert v.kind == "closing" and "excluded from round 1: tensor w has NaN" in v.reason
+    finish_round(s, 3.0)
+    assert s.expected() == [A, B]  # excluded for that round only
+
+
+def test_late_joiner_counts_only_if_in_time_and_is_expected_from_its_second_round():
+    s = session(min_nodes=2, epochs=1)
+    start(s, A, B)
+    ready(s, C, 1.0)
+    assert s.upload(C, 0, 1.0).kind == "current"  # gets the current global weights
+    r = s.shard(C, 0, 1.0)
+    assert r.assignment is not None and "late joiner" in r.reason
+    assert r.assignment.first_round == 1 and r.assignment.rounds == 5
+    assert s.expected() == [A, B]
+    arrive(s, A, 2.0)
+    arrive(s, C, 2.5)  # in time: counts
+    d = arrive(s, B, 3.0)
+    assert d.complete and [n for n, _ in d.contributors] == [A, C, B]
+    finish_round(s, 4.0)
+    assert s.expected() == [A, B, C]
+
+
+def test_late_joiner_too_late_is_not_counted():
+    s = session(min_nodes=2, epochs=1)
+    start(s, A, B)
+    ready(s, C, 1.0)
+    s.shard(C, 0, 1.0)
+    arrive(s, A, 2.0)
+    d = arrive(s, B, 2.0)
+    assert d.complete
+    s.close(1)
+    assert s.upload(C, 1, 2.5).kind == "closing"
+    s.completed_round(1, 3.0)
+    assert s.upload(C, 1, 3.5).kind == "current"
+
+
+def test_rejoin_same_key_gets_rest_of_its_shard():
+    s = session(min_nodes=2, epochs=1, heartbeat_timeout=5.0)
+    start(s, A, B)
+    for _ in range(2):
+        arrive(s, A, 1.0)
+        arrive(s, B, 1.0)
+        finish_round(s, 1.0)
+    a_b = s.assignments[B]
+    s.lost(B, "connection closed", 2.0)
+    assert s.members[B].state == "lost"
+    # B had done 2 of 5 rounds of a 500-sample shard: 50 steps → barrier 2 after 20 steps.
+    assert s.orphans[B].start == a_b.start + 200
+    arrive(s, A, 3.0)
+    assert s.check(3.0).complete  # B is not waited for
+    finish_round(s, 3.0)
+    d = s.join(B, "b", 4.0)
+    assert d.ok and d.reason == f"node {B[:8]} rejoined (was lost)"
+    assert s.admit(B, info(), 4.0).ok
+    r = s.shard(B, 0, 4.0)
+    a = r.assignment
+    assert a is not None and "late joiner" in r.reason
+    assert (a.start, a.stop, a.first_round, a.rounds) == (700, 1000, 4, 2)
+    assert s.expected() == [A]  # its first round after rejoining does not wait for it
+
+
+def test_epoch_rollover_and_finish():
+    s = session(min_nodes=1, epochs=2, dataset_size=200)
+    start(s, A)
+    plan = s.plan
+    assert plan is not None and plan.rounds == 2
+    arrive(s, A, 1.0)
+    out = finish_round(s, 1.0)
+    assert not out.finished and out.planned_epoch is None
+    arrive(s, A, 2.0)
+    out = finish_round(s, 2.0)
+    assert out.planned_epoch == 1 and "planned epoch 1" in out.reason
+    assert s.shard(A, 1, 2.0).assignment.first_round == 3
+    arrive(s, A, 3.0)
+    finish_round(s, 3.0)
+    arrive(s, A, 4.0)
+    out = finish_round(s, 4.0)
+    assert out.finished and "finished" in out.reason
+    assert s.upload(A, 5, 5.0).kind == "current"
+    assert s.join(B, "b", 5.0).code == "finished"
+    assert s.status(5.0).state == "finished"
+
+
+def test_persistence_round_trip_keeps_members_expected():
+    s = session(heartbeat_timeout=15.0)
+    start(s, A, B)
+    arrive(s, A, 1.0)
+    arrive(s, B, 1.0)
+    finish_round(s, 1.0)
+    d = json.loads(json.dumps(s.to_dict()))
+    r = Session.from_dict(d, now=100.0)
+    assert r.completed == 1 and r.open_round == 2 and r.has_weights
+    assert r.expected() == [A, B]  # restored members get a grace period to reconnect
+    assert r.assignments == s.assignments
+    assert r.scheduler.to_dict() == s.scheduler.to_dict()
+    gone, _ = r.tick(116.0)
+    assert {n for n, _ in gone} == {A, B}
+
+
+def test_status_view():
+    s = session()
+    start(s, A, B)
+    s.progress(A, TrainProgress(round=1, epoch=0, step=3, samples=30, samples_per_s=12.5), 1.0)
+    st = s.status(1.0)
+    assert st.state == "training" and st.round == 0 and len(st.nodes) == 2
+    na = next(n for n in st.nodes if n.node_id == A)
+    assert na.samples_per_s == 12.5 and na.share == pytest.approx(0.5) and na.state == "training"
