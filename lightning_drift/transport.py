@@ -1,0 +1,664 @@
+"""QUIC over iroh: endpoints, connections and framed streams. The only module that imports iroh.
+
+- :class:`Endpoint` binds in ``local`` mode (no relays, explicit bind address: tests, LANs,
+  network namespaces) or ``internet`` mode (n0 preset: relays, hole punching; optional own
+  relay URLs). It dials a ticket and accepts ``drift/0`` connections.
+- :class:`Connection` opens and accepts bidirectional streams.
+- :class:`Stream` carries ``drift/0`` frames (4-byte length + msgspec JSON, see
+  ``protocol.py``) and raw blobs (a ``BlobHeader`` frame, then ``size`` bytes, sha256 checked).
+
+iroh errors are mapped by ``IrohError.kind()`` (never by their text, which holds build paths)
+onto ``PeerLost``, ``ConnectTimeout``, ``ProtocolError`` and ``AuthError``.
+
+Importing this module also fixes the binding's write path (see :func:`_patch_write_path`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import importlib.metadata
+import inspect
+import logging
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import iroh
+
+from lightning_drift import protocol
+from lightning_drift.errors import (
+    AuthError,
+    ConfigError,
+    ConnectTimeout,
+    DriftError,
+    PeerLost,
+    ProtocolError,
+)
+from lightning_drift.protocol import ALPN, BlobHeader, Message
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # blob bytes per write_all / read_exact: keeps memory flat, < 2 GiB FFI limit
+READ_AHEAD = 64 << 10  # bytes asked for per read when filling the frame buffer
+_HASH_IN_THREAD = 8 << 20  # hash blobs larger than this off the event loop
+TESTED_IROH = ("1.2.0",)
+
+# --------------------------------------------------------------------------------------------
+# The write-path fix.
+#
+# The generated `_UniffiRustBufferBuilder.write` copies every outgoing byte in a Python loop
+# (~10 MB/s). We replace it with one memmove from the argument's buffer. Private ctypes function
+# pointers are used (not attributes of ctypes.pythonapi, whose argtypes other code may set).
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),  # borrowed by us; PyBuffer_Release drops the reference
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_PyObject_GetBuffer = ctypes.PYFUNCTYPE(
+    ctypes.c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int
+)(("PyObject_GetBuffer", ctypes.pythonapi))
+_PyBuffer_Release = ctypes.PYFUNCTYPE(None, ctypes.POINTER(_PyBuffer))(
+    ("PyBuffer_Release", ctypes.pythonapi)
+)
+_PyBytes_FromStringAndSize = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
+    ("PyBytes_FromStringAndSize", ctypes.pythonapi)
+)
+_PyBUF_SIMPLE = 0
+
+
+@contextlib.contextmanager
+def _raw_buffer(obj: Any) -> Iterator[tuple[int, int]]:
+    """(address, byte length) of a C-contiguous buffer, held for the duration of the block."""
+    view = _PyBuffer()
+    _PyObject_GetBuffer(obj, ctypes.byref(view), _PyBUF_SIMPLE)  # raises BufferError if not
+    try:
+        yield (view.buf or 0), view.len
+    finally:
+        _PyBuffer_Release(ctypes.byref(view))
+
+
+def _fast_write(self: Any, value: Any) -> None:
+    """Drop-in for ``_UniffiRustBufferBuilder.write``: one memmove instead of a byte loop."""
+    try:
+        cm = _raw_buffer(value)
+        addr, n = cm.__enter__()
+    except (BufferError, TypeError):
+        value = bytes(value)  # non-contiguous views: one copy, then the fast path
+        cm = _raw_buffer(value)
+        addr, n = cm.__enter__()
+    try:
+        with self._reserve(n):
+            if n:
+                dst = ctypes.cast(self.rbuf.data, ctypes.c_void_p).value + self.rbuf.len
+                ctypes.memmove(dst, addr, n)
+    finally:
+        cm.__exit__(None, None, None)
+
+
+_PROBES: tuple[Any, ...] = (
+    b"",
+    b"\x00",
+    bytes(range(256)),
+    bytearray(b"drift" * 1000),
+    memoryview(bytes(range(256)) * 5000)[3:-7],
+    secrets.token_bytes(3 << 20),
+)
+
+
+def _round_trip_ok(converter: Any) -> bool:
+    for probe in _PROBES:
+        expected = bytes(probe)
+        if converter.lift(converter.lower(probe)) != expected:
+            return False
+    return True
+
+
+def _patch_write_path(builder: Any = None, converter: Any = None) -> str:
+    """Replace the per-byte write loop of the iroh binding with one memmove, if it is safe.
+
+    Applied only when the generated method still has the loop (inspected in its source), and
+    kept only when probes of every buffer kind round-trip through ``lower``/``lift`` unchanged;
+    otherwise the original is restored and a warning logged. Returns "patched", "already" or
+    "refused: <reason>".
+    """
+    ffi = iroh.iroh_ffi
+    builder = builder or getattr(ffi, "_UniffiRustBufferBuilder", None)
+    converter = converter or getattr(ffi, "_UniffiFfiConverterBytes", None)
+    version = _iroh_version()
+    if builder is None or converter is None:
+        return _refuse(f"binding internals not found (iroh {version})")
+    original = builder.__dict__.get("write")
+    if original is _fast_write:
+        return "already"
+    try:
+        source = inspect.getsource(original)
+    except (OSError, TypeError):
+        return _refuse(f"source of the write method unavailable (iroh {version})")
+    if "for i, byte in enumerate(value)" not in source:
+        return _refuse(f"write method has no per-byte loop any more (iroh {version})")
+    if version not in TESTED_IROH:
+        log.warning("write_path untested_iroh_version=%s tested=%s", version, ",".join(TESTED_IROH))
+    builder.write = _fast_write
+    try:
+        ok = _round_trip_ok(converter)
+    except Exception as exc:  # any failure of the probe means: do not keep the patch
+        ok = False
+        log.warning("write_path probe_error=%r", exc)
+    if not ok:
+        builder.write = original
+        return _refuse(f"probe round trip failed (iroh {version}); stock write path kept")
+    return "patched"
+
+
+def _refuse(reason: str) -> str:
+    log.warning("write_path not_patched reason=%r throughput='~10 MB/s per stream'", reason)
+    return f"refused: {reason}"
+
+
+def _iroh_version() -> str:
+    try:
+        return importlib.metadata.version("iroh")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# "patched", "already" or "refused: <reason>": what import did to the binding's write path
+WRITE_PATH = _patch_write_path()
+log.debug("write_path status=%s iroh=%s", WRITE_PATH, _iroh_version())
+
+
+def _new_bytes(n: int) -> tuple[bytes, int]:
+    """A fresh, uninitialised ``bytes`` of length ``n`` and the address of its storage.
+
+    This is how C code builds a bytes object it fills itself (PyBytes_FromStringAndSize with
+    NULL); it lets a received blob land in its final ``bytes`` without a second full copy.
+    The object must be filled before it is shared.
+    """
+    obj = _PyBytes_FromStringAndSize(None, n)
+    with _raw_buffer(obj) as (addr, _):
+        return obj, addr
+
+
+# --------------------------------------------------------------------------------------------
+# Error mapping
+
+
+_K = iroh.IrohErrorKind
+
+
+def _map(exc: BaseException, doing: str, *, dialing: bool = False) -> DriftError:
+    """Turn an IrohError into one of ours, by kind. ``doing`` says what we were doing."""
+    if not isinstance(exc, iroh.IrohError):
+        return PeerLost(f"{doing}: {exc!r}")
+    kind = exc.kind()
+    name = getattr(kind, "name", str(kind))
+    if kind in (_K.KEY_PARSING, _K.TICKET_PARSING):
+        return AuthError(f"{doing}: the ticket or key is not valid ({name}); check the token")
+    if kind == _K.ALPN:
+        return ProtocolError(f"{doing}: the peer does not speak {ALPN.decode()} ({name})")
+    if kind in (_K.BIND, _K.RELAY) and not dialing:
+        return ConfigError(f"{doing} failed ({name}); check the bind address and relay URLs")
+    if dialing and kind in (_K.CONNECT, _K.TIMEOUT, _K.RELAY, _K.INTERNAL, _K.BIND):
+        return ConnectTimeout(
+            f"{doing}: no connection ({name}): the peer is unreachable, refused the handshake "
+            f"(wrong key or not a {ALPN.decode()} peer) or is not accepting; check the ticket"
+        )
+    if kind == _K.INVALID_INPUT:
+        return ProtocolError(f"{doing}: invalid input ({name})")
+    # CONNECTION, CLOSED, STREAM, TIMEOUT, INTERNAL, ...: the peer or the path is gone
+    return PeerLost(f"{doing}: the connection or stream ended ({name})")
+
+
+def ticket_key(ticket: str) -> bytes:
+    """The 32-byte endpoint key named in an EndpointTicket string; AuthError if unparsable."""
+    return _parse_ticket(ticket).endpoint_addr().id().to_bytes()
+
+
+def _parse_ticket(ticket: str) -> iroh.EndpointTicket:
+    if not isinstance(ticket, str) or not ticket.strip():
+        raise AuthError("malformed ticket: empty")
+    try:
+        return iroh.EndpointTicket.from_string(ticket.strip())
+    except iroh.IrohError as exc:
+        raise AuthError(
+            f"malformed ticket {ticket[:24]!r}… ({exc.kind().name}); copy the whole ticket"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoint, Connection, Stream
+
+
+class Endpoint:
+    """This process's iroh endpoint. Close it (``await close()``) before the process exits."""
+
+    def __init__(self, ep: iroh.Endpoint, mode: str) -> None:
+        self._ep = ep
+        self.mode = mode
+        self.key: bytes = ep.id().to_bytes()
+        self.key_hex = self.key.hex()
+        self._incoming: asyncio.Queue[Connection | None] = asyncio.Queue()
+        self._accept_task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @classmethod
+    async def bind(
+        cls,
+        *,
+        mode: str = "local",
+        secret: bytes | None = None,
+        bind_addr: str | None = "127.0.0.1:0",
+        relay_urls: Sequence[str] = (),
+    ) -> Endpoint:
+        """Bind an endpoint. ``secret`` is the 32-byte key seed (random when None).
+
+        ``local``: no relays, no discovery, bound to ``bind_addr`` (loopback by default).
+        ``internet``: relays and hole punching (n0 preset); ``relay_urls`` to use your own.
+        """
+        if mode == "local":
+            preset, relay = iroh.preset_minimal(), iroh.RelayMode.disabled()
+            bind_addr = bind_addr or "127.0.0.1:0"
+        elif mode == "internet":
+            preset = iroh.preset_n0()
+            relay = iroh.RelayMode.custom_from_urls(list(relay_urls)) if relay_urls else None
+        else:
+            raise ConfigError(f"transport mode must be 'local' or 'internet', got {mode!r}")
+        if secret is not None and len(secret) != 32:
+            raise ConfigError(f"an endpoint secret is 32 bytes, got {len(secret)}")
+        opts = iroh.EndpointOptions(
+            preset=preset,
+            bind_addr=bind_addr,
+            secret_key=bytes(secret) if secret is not None else None,
+            alpns=[ALPN],
+            relay_mode=relay,
+        )
+        try:
+            ep = await iroh.Endpoint.bind(opts)
+        except iroh.IrohError as exc:
+            raise _map(exc, f"binding a {mode} endpoint at {bind_addr}") from None
+        self = cls(ep, mode)
+        log.info("endpoint bound mode=%s key=%s addrs=%s", mode, self.key_hex[:16], self.addrs())
+        return self
+
+    def addrs(self) -> list[str]:
+        return list(self._ep.addr().direct_addresses())
+
+    def ticket(self) -> str:
+        """An EndpointTicket with this endpoint's current addresses (and relay, if any)."""
+        return str(iroh.EndpointTicket.from_addr(self._ep.addr()))
+
+    async def dial(
+        self,
+        ticket: str,
+        *,
+        timeout: float = 15.0,
+        expect_key: bytes | None = None,
+        alpn: bytes = ALPN,
+    ) -> Connection:
+        """Connect to the endpoint a ticket names, within ``timeout`` seconds.
+
+        ``ConnectTimeout`` when no connection is made in time (or the handshake is refused);
+        ``AuthError`` when the peer reached is not ``expect_key`` (default: the ticket's key).
+        ``alpn`` exists for tests of refusal; peers speak ``drift/0``.
+        """
+        addr = _parse_ticket(ticket).endpoint_addr()
+        want = bytes(expect_key) if expect_key is not None else addr.id().to_bytes()
+        who = want.hex()[:16]
+        try:
+            raw = await asyncio.wait_for(self._ep.connect(addr, alpn), timeout)
+        except asyncio.TimeoutError:
+            raise ConnectTimeout(
+                f"no connection to {who}… at {list(addr.direct_addresses())} within {timeout:g} s; "
+                "check that the coordinator runs and the address in the token is reachable"
+            ) from None
+        except iroh.IrohError as exc:
+            raise _map(exc, f"dialing {who}…", dialing=True) from None
+        conn = Connection(raw)
+        if conn.remote_key != want:
+            conn.close(1, "unexpected key")
+            raise AuthError(
+                f"reached {conn.remote_hex[:16]}…, expected {who}…: the ticket does not belong "
+                "to the coordinator that signed the token"
+            )
+        log.debug("dialed remote=%s", conn.remote_hex[:16])
+        return conn
+
+    async def accept(self) -> Connection | None:
+        """The next incoming ``drift/0`` connection; None once the endpoint is closed.
+
+        The first call starts accepting. Handshakes run concurrently, so a slow or hostile
+        dialer does not hold up the others; other ALPNs are refused in the TLS handshake.
+        """
+        if self._closed:
+            return None
+        if self._accept_task is None:
+            self._accept_task = asyncio.create_task(self._accept_loop())
+        conn = await self._incoming.get()
+        if conn is None:
+            self._incoming.put_nowait(None)  # wake any other waiter too
+        return conn
+
+    async def _accept_loop(self) -> None:
+        try:
+            while not self._closed:
+                try:
+                    incoming = await self._ep.accept_next()
+                except iroh.IrohError as exc:
+                    log.warning("accept_next failed kind=%s", exc.kind().name)
+                    break
+                if incoming is None:
+                    break
+                task = asyncio.create_task(self._handshake(incoming))
+                self._handshakes.add(task)
+                task.add_done_callback(self._handshakes.discard)
+        finally:
+            self._incoming.put_nowait(None)
+
+    async def _handshake(self, incoming: Any) -> None:
+        try:
+            accepting = await incoming.accept()
+            alpn = await accepting.alpn()
+            raw = await accepting.connect()
+        except iroh.IrohError as exc:
+            log.info("incoming refused kind=%s", exc.kind().name)
+            return
+        if alpn != ALPN:  # the endpoint only offers drift/0; this is a second line
+            raw.close(1, b"unsupported protocol")
+            log.info("incoming refused alpn=%r", alpn)
+            return
+        conn = Connection(raw)
+        log.debug("accepted remote=%s", conn.remote_hex[:16])
+        await self._incoming.put(conn)
+
+    async def close(self) -> None:
+        """Stop accepting and close every connection of this endpoint. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._handshakes):
+            task.cancel()
+        try:
+            await asyncio.wait_for(self._ep.close(), 10)
+        except (iroh.IrohError, asyncio.TimeoutError) as exc:
+            log.warning("endpoint close incomplete error=%r", exc)
+        if self._accept_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._accept_task, 5)
+        self._incoming.put_nowait(None)
+        log.debug("endpoint closed key=%s", self.key_hex[:16])
+
+
+class Connection:
+    """One QUIC connection to an authenticated peer (``remote_key`` is its Ed25519 key)."""
+
+    def __init__(self, raw: iroh.Connection) -> None:
+        self._raw = raw
+        self.remote_key: bytes = raw.remote_id().to_bytes()
+        self.remote_hex = self.remote_key.hex()
+
+    async def open_stream(self) -> Stream:
+        """A new bidirectional stream. The peer sees it once we send on it."""
+        try:
+            bi = await self._raw.open_bi()
+        except iroh.IrohError as exc:
+            raise _map(exc, "opening a stream") from None
+        return Stream(bi.send(), bi.recv())
+
+    async def accept_stream(self) -> Stream:
+        """The next stream the peer opens; ``PeerLost`` when the connection is gone."""
+        try:
+            bi = await self._raw.accept_bi()
+        except iroh.IrohError as exc:
+            raise _map(exc, "accepting a stream") from None
+        return Stream(bi.send(), bi.recv())
+
+    def close(self, code: int = 0, reason: str = "") -> None:
+        """Close now; the peer sees ``code`` and ``reason`` within a round trip."""
+        with contextlib.suppress(iroh.IrohError):
+            self._raw.close(code, reason.encode()[:512])
+
+    async def closed(self) -> str:
+        """Wait until the connection ends; returns the cause as text (for logs)."""
+        return await self._raw.closed()
+
+    def close_reason(self) -> str | None:
+        return self._raw.close_reason()
+
+    def rtt(self) -> float | None:
+        """Round-trip time in seconds, when known."""
+        ms = self._raw.rtt()
+        return None if ms is None else ms / 1000.0
+
+
+class Stream:
+    """``drift/0`` frames and blobs on one bidirectional stream.
+
+    Reads go through a buffer: one FFI read usually brings a whole small frame. Reading is
+    not cancel-safe (a cancelled FFI read loses what it had read), so a cancelled ``recv``
+    or ``recv_blob`` poisons the stream: later reads raise ``PeerLost``. Put timeouts around
+    a whole exchange and abandon the stream on timeout; never around a single read.
+    """
+
+    def __init__(self, send: iroh.SendStream, recv: iroh.RecvStream) -> None:
+        self._send = send
+        self._recv = recv
+        self._buf = bytearray()
+        self._send_lock = asyncio.Lock()
+        self._broken: str | None = None
+
+    # ---- sending
+
+    async def _write(self, data: bytes | memoryview) -> None:
+        try:
+            await self._send.write_all(data)
+        except iroh.IrohError as exc:
+            raise _map(exc, "sending") from None
+
+    async def send(self, msg: protocol._Msg) -> None:
+        """Send one frame. Concurrent senders are serialised (frames never interleave)."""
+        frame = protocol.encode_frame(msg)
+        async with self._send_lock:
+            await self._write(frame)
+
+    async def send_blob(
+        self,
+        data: bytes | bytearray | memoryview | Path,
+        *,
+        kind: str = "weights",
+        dtype: str = "",
+        meta: dict[str, str] | None = None,
+    ) -> BlobHeader:
+        """Send a ``BlobHeader`` frame (size, sha256), then the bytes in 1 MiB writes.
+
+        ``data`` may be a file path: it is read twice (hash, then send) in chunks, never whole.
+        """
+        if isinstance(data, (str, Path)):
+            path = Path(data)
+            size = path.stat().st_size
+            digest = await asyncio.to_thread(_hash_file, path)
+            header = BlobHeader(
+                size=size, sha256=digest, kind=kind, dtype=dtype, meta=dict(meta or {})
+            )
+            async with self._send_lock:
+                await self._write(protocol.encode_frame(header))
+                with path.open("rb") as f:
+                    sent = 0
+                    while chunk := f.read(CHUNK):
+                        await self._write(chunk)
+                        sent += len(chunk)
+                if sent != size:
+                    raise DriftError(f"{path} changed while it was sent ({sent} of {size} bytes)")
+            return header
+        view = memoryview(data).cast("B")
+        if view.nbytes > _HASH_IN_THREAD:
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(view).hexdigest())
+        else:
+            digest = hashlib.sha256(view).hexdigest()
+        header = BlobHeader(
+            size=view.nbytes, sha256=digest, kind=kind, dtype=dtype, meta=dict(meta or {})
+        )
+        async with self._send_lock:
+            await self._write(protocol.encode_frame(header))
+            for off in range(0, view.nbytes, CHUNK):
+                await self._write(view[off : off + CHUNK])
+        return header
+
+    async def finish(self) -> None:
+        """End our sending side; the peer reads EOF after the last byte."""
+        try:
+            await self._send.finish()
+        except iroh.IrohError as exc:
+            raise _map(exc, "finishing the stream") from None
+
+    # ---- receiving
+
+    async def _fill(self, n: int) -> None:
+        """Make the buffer hold at least ``n`` bytes."""
+        while len(self._buf) < n:
+            try:
+                chunk = await self._recv.read(max(READ_AHEAD, n - len(self._buf)))
+            except iroh.IrohError as exc:
+                raise _map(exc, "receiving") from None
+            if not chunk:
+                if self._buf:
+                    raise PeerLost(
+                        f"the peer ended the stream inside a frame ({len(self._buf)} bytes "
+                        "of an unfinished frame)"
+                    )
+                raise PeerLost("the peer ended the stream")
+            self._buf += chunk
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        if self._broken:
+            raise PeerLost(f"stream unusable: {self._broken}; open a new stream")
+        try:
+            yield
+        except asyncio.CancelledError:
+            self._broken = "a read on it was cancelled"
+            raise
+        except ProtocolError as exc:
+            self._broken = f"protocol error ({exc})"
+            raise
+
+    async def recv(self) -> Message:
+        """The next message. ``ProtocolError`` for a bad frame (the length is checked before
+        the body is read); ``PeerLost`` when the peer is gone or ended the stream."""
+        with self._reading():
+            return await self._recv_frame()
+
+    async def _recv_frame(self) -> Message:
+        await self._fill(protocol.HEADER.size)
+        n = protocol.frame_length(bytes(self._buf[: protocol.HEADER.size]))
+        await self._fill(protocol.HEADER.size + n)
+        del self._buf[: protocol.HEADER.size]
+        return protocol.decode(self._take(n))
+
+    async def recv_blob(
+        self, *, into: Path | None = None, max_size: int = 1 << 40
+    ) -> tuple[BlobHeader, bytes | Path]:
+        """Read a ``BlobHeader`` frame and its bytes: into memory, or into the file ``into``.
+
+        The file appears only complete and verified (written to a temporary name, fsynced,
+        renamed). ``ProtocolError`` when the next frame is not a blob header, the size exceeds
+        ``max_size`` (refused before any byte is read), or the sha256 does not match.
+        """
+        with self._reading():
+            header = protocol.expect(await self._recv_frame(), BlobHeader)
+            assert isinstance(header, BlobHeader)
+            if header.size < 0 or header.size > max_size:
+                raise ProtocolError(
+                    f"blob of {header.size} bytes refused: the limit is {max_size} bytes"
+                )
+            if len(header.sha256) != 64:
+                raise ProtocolError(f"blob header sha256 {header.sha256[:80]!r} is not 64 hex")
+            if into is None:
+                return header, await self._recv_into_bytes(header)
+            return header, await self._recv_into_file(header, Path(into))
+
+    async def _chunks(self, size: int) -> Any:
+        """Yield the next ``size`` bytes of the stream in pieces of at most CHUNK bytes."""
+        left = size
+        if self._buf:
+            first = self._take(min(left, len(self._buf)))
+            left -= len(first)
+            yield first
+        while left:
+            try:
+                chunk = await self._recv.read_exact(min(left, CHUNK))
+            except iroh.IrohError as exc:
+                raise _map(exc, f"receiving a blob ({size - left} of {size} bytes read)") from None
+            left -= len(chunk)
+            yield chunk
+
+    async def _recv_into_bytes(self, header: BlobHeader) -> bytes:
+        h = hashlib.sha256()
+        out, addr = _new_bytes(header.size)
+        off = 0
+        async for chunk in self._chunks(header.size):
+            h.update(chunk)
+            ctypes.memmove(addr + off, chunk, len(chunk))
+            off += len(chunk)
+        _check_digest(h.hexdigest(), header)
+        return out
+
+    async def _recv_into_file(self, header: BlobHeader, path: Path) -> Path:
+        h = hashlib.sha256()
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+        try:
+            with tmp.open("wb") as f:
+                async for chunk in self._chunks(header.size):
+                    h.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            _check_digest(h.hexdigest(), header)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return path
+
+
+def _check_digest(got: str, header: BlobHeader) -> None:
+    if got != header.sha256.lower():
+        raise ProtocolError(
+            f"blob checksum mismatch: header says {header.sha256[:16]}…, the {header.size} "
+            f"bytes received hash to {got[:16]}…; the transfer was corrupted, send it again"
+        )
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+__all__ = ["CHUNK", "Connection", "Endpoint", "Stream", "WRITE_PATH", "ticket_key"]
