@@ -1,0 +1,335 @@
+"""``drift-coord``: run a coordinator (serve), issue and revoke tokens, show the session.
+
+Every ``serve`` flag can also come from ``--config train.yaml``: its ``coordinator:`` mapping
+holds serve options (flag names with underscores); the rest of the YAML (model, data,
+trainer) is a LightningCLI config handed to nodes for ``drift join``. A flag given on the
+command line wins over the file, the file over the built-in default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="Coordinator of a lightning-drift session.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_STATE_DIR = Path("drift-state")
+
+# name → (built-in default, type) for every serve option that the config file may also set
+SERVE_DEFAULTS: dict[str, tuple[Any, type]] = {
+    "port": (7842, int),
+    "bind": (None, str),
+    "mode": ("local", str),
+    "relay": ([], list),
+    "state_dir": (str(DEFAULT_STATE_DIR), str),
+    "checkpoint_dir": (None, str),
+    "min_nodes": (1, int),
+    "epochs": (1, int),
+    "batch_size": (32, int),
+    "sync_every": (100, int),
+    "aggregation": ("mean", str),
+    "outer_lr": (0.7, float),
+    "outer_momentum": (0.9, float),
+    "quorum": (0.5, float),
+    "heartbeat_timeout": (15.0, float),
+    "deadline_margin": (1.5, float),
+    "deadline_floor": (10.0, float),
+    "dataset_size": (0, int),
+    "seed": (0, int),
+    "transfer_dtype": ("float32", str),
+    "min_vram": (0, int),
+    "exit_when_done": (True, bool),
+    "keep": (5, int),
+}
+
+
+def resolve_serve_options(flags: dict[str, Any], config: Path | None) -> tuple[dict, str]:
+    """Merge flags (None = not given) over the config file's ``coordinator:`` mapping over the
+    defaults. Returns (options, LightningCLI YAML of the rest of the file)."""
+    import yaml
+
+    from lightning_drift.errors import ConfigError
+
+    file_opts: dict[str, Any] = {}
+    lightning_yaml = ""
+    if config is not None:
+        try:
+            doc = yaml.safe_load(Path(config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read --config {config}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"--config {config} must be a YAML mapping")
+        file_opts = dict(doc.pop("coordinator", None) or {})
+        unknown = sorted(k for k in file_opts if k.replace("-", "_") not in SERVE_DEFAULTS)
+        if unknown:
+            raise ConfigError(
+                f"unknown coordinator option(s) in {config}: {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(SERVE_DEFAULTS))}"
+            )
+        file_opts = {k.replace("-", "_"): v for k, v in file_opts.items()}
+        if doc:
+            lightning_yaml = yaml.safe_dump(doc, sort_keys=False)
+    out: dict[str, Any] = {}
+    for name, (default, kind) in SERVE_DEFAULTS.items():
+        v = flags.get(name)
+        if v is None or (kind is list and not v):
+            v = file_opts.get(name, default)
+        if v is not None and kind is not list:
+            try:
+                v = kind(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"option {name}={v!r} is not a {kind.__name__}") from None
+        if kind is list and isinstance(v, str):
+            v = [v]
+        out[name] = v
+    if out["mode"] not in ("local", "internet"):
+        raise ConfigError(f"--mode must be local or internet, got {out['mode']!r}")
+    if out["aggregation"] not in ("mean", "diloco"):
+        raise ConfigError(f"--aggregation must be mean or diloco, got {out['aggregation']!r}")
+    if out["transfer_dtype"] not in ("float32", "bfloat16"):
+        raise ConfigError("--transfer-dtype must be float32 or bfloat16")
+    if not 0 < out["quorum"] <= 1:
+        raise ConfigError(f"--quorum must be in (0, 1], got {out['quorum']}")
+    return out, lightning_yaml
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def serve(
+    port: Annotated[int | None, typer.Option(help="UDP port (fixed: keeps the address).")] = None,
+    bind: Annotated[
+        str | None, typer.Option(help="Bind address; local mode default 127.0.0.1.")
+    ] = None,
+    mode: Annotated[str | None, typer.Option(help="local (relays off) or internet.")] = None,
+    relay: Annotated[list[str] | None, typer.Option(help="Relay URL (repeatable).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Identity, tokens, session.")] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Checkpoints; default STATE_DIR/checkpoints.")
+    ] = None,
+    min_nodes: Annotated[int | None, typer.Option(help="Nodes needed to start.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs to train.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Per-node batch size.")] = None,
+    sync_every: Annotated[int | None, typer.Option(help="Steps per round (avg node).")] = None,
+    aggregation: Annotated[str | None, typer.Option(help="mean or diloco.")] = None,
+    quorum: Annotated[float | None, typer.Option(help="Fraction needed at deadline.")] = None,
+    heartbeat_timeout: Annotated[
+        float | None, typer.Option(help="Seconds of silence before a node is lost.")
+    ] = None,
+    dataset_size: Annotated[
+        int | None, typer.Option(help="Samples; default: the first node's.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the epoch permutations.")] = None,
+    transfer_dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML: `coordinator:` options + LightningCLI config.")
+    ] = None,
+    exit_when_done: Annotated[
+        bool | None, typer.Option("--exit-when-done/--stay", help="Exit after the last round.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the coordinator: print the node token, serve rounds, show the live view."""
+    from lightning_drift.coordinator.server import Coordinator, ServeOptions
+    from lightning_drift.coordinator.session import SessionConfig
+    from lightning_drift.errors import DriftError
+
+    _setup_logging(verbose)
+    flags = dict(locals())
+    try:
+        o, lightning_yaml = resolve_serve_options(flags, config)
+    except DriftError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    sc = SessionConfig.from_dict({**o, "lightning_config": lightning_yaml})
+    opts = ServeOptions(
+        state_dir=Path(o["state_dir"]),
+        checkpoint_dir=Path(o["checkpoint_dir"]) if o["checkpoint_dir"] else None,
+        port=o["port"],
+        bind=o["bind"],
+        mode=o["mode"],
+        relay=list(o["relay"] or []),
+        exit_when_done=o["exit_when_done"],
+        keep=o["keep"],
+    )
+    coord = Coordinator(sc, opts)
+    try:
+        asyncio.run(_serve(coord))
+    except DriftError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+async def _serve(coord: Any) -> None:
+    loop = asyncio.get_running_loop()
+    await coord.start()
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, coord.stop)
+        state = coord.state.path
+        print(f"coordinator key {coord.endpoint.key_hex}", flush=True)
+        print(f"session {coord.session.session_id} round {coord.session.completed}", flush=True)
+        print(f"node token (also in {state / 'node.token'}):", flush=True)
+        print(coord.node_token, flush=True)
+        print(f"observer token in {state / 'observer.token'}", flush=True)
+        view = asyncio.create_task(_view(coord))
+        try:
+            await coord.run()
+        finally:
+            view.cancel()
+    finally:
+        await coord.close()
+
+
+async def _view(coord: Any) -> None:
+    from lightning_drift.coordinator.monitor import render_lines, render_table
+
+    if sys.stdout.isatty():
+        from rich.live import Live
+
+        with Live(render_table(coord.status()), refresh_per_second=2, transient=False) as live:
+            while True:
+                await asyncio.sleep(1.0)
+                live.update(render_table(coord.status()))
+    else:
+        last = None
+        last_t = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            st = coord.status()
+            key = (st.round, st.state, tuple((n.node_id, n.state) for n in st.nodes))
+            if key != last or time.monotonic() - last_t > 30:
+                last, last_t = key, time.monotonic()
+                for line in render_lines(st):
+                    print(line, flush=True)
+
+
+StateDirOpt = Annotated[
+    Path, typer.Option("--state-dir", help="The coordinator's state directory.")
+]
+
+
+@app.command()
+def token(
+    role: Annotated[str, typer.Option(help="node or observer.")] = "node",
+    expires: Annotated[str, typer.Option(help="Lifetime: 90m, 24h, 7d...")] = "24h",
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+) -> None:
+    """Issue another token from the state dir's identity (the server need not run)."""
+    from lightning_drift.coordinator.state import StateDir, parse_duration
+    from lightning_drift.errors import DriftError
+
+    try:
+        if role not in ("node", "observer"):
+            raise typer.BadParameter("role must be node or observer")
+        sd = StateDir(state_dir)
+        if not (sd.path / "identity.key").exists():
+            typer.echo(f"error: no identity in {sd.path}; run `drift-coord serve` once", err=True)
+            raise typer.Exit(2)
+        coord = sd.coordinator()
+        tok, claims = sd.issue(
+            sd.identity(),
+            session=coord["session"],
+            ticket=coord["ticket"],
+            role=role,
+            ttl_s=parse_duration(expires),
+        )
+    except DriftError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(tok)
+    typer.echo(f"role={claims.role} jti={claims.jti} expires={time.ctime(claims.exp)}", err=True)
+
+
+@app.command()
+def revoke(jti: str, state_dir: StateDirOpt = DEFAULT_STATE_DIR) -> None:
+    """Revoke a token by its jti; a running server refuses it from the next Join on."""
+    from lightning_drift.coordinator.state import StateDir
+
+    sd = StateDir(state_dir)
+    if not (sd.path / "identity.key").exists():
+        typer.echo(f"error: no identity in {sd.path}", err=True)
+        raise typer.Exit(2)
+    known = {c.jti for c in sd.tokens().issued()}
+    sd.tokens().revoke(jti)
+    note = "" if jti in known else " (not a jti this state dir issued)"
+    typer.echo(f"revoked {jti}{note}")
+
+
+@app.command()
+def status(
+    token: Annotated[
+        str | None, typer.Option(help="Observer (or node) token; default STATE_DIR/observer.token.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    mode: Annotated[str, typer.Option(help="local or internet.")] = "local",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 15.0,
+) -> None:
+    """Show the session as a table (or JSON) via an observer connection."""
+    from lightning_drift.coordinator.monitor import render_json, render_table
+    from lightning_drift.errors import DriftError
+
+    tok = token or os.environ.get("DRIFT_TOKEN")
+    if not tok:
+        path = Path(state_dir) / "observer.token"
+        if not path.exists():
+            typer.echo("error: pass --token (an observer token from `drift-coord token`)", err=True)
+            raise typer.Exit(2)
+        tok = path.read_text().strip()
+    try:
+        st = asyncio.run(fetch_status(tok.strip(), mode=mode, timeout=timeout))
+    except DriftError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(render_json(st))
+    else:
+        from rich.console import Console
+
+        Console().print(render_table(st))
+
+
+async def fetch_status(token: str, *, mode: str = "local", timeout: float = 15.0):
+    """One SessionStatus over an observer connection (used by ``drift-coord status``)."""
+    from lightning_drift.auth import decode_token
+    from lightning_drift.client import CoordinatorClient
+    from lightning_drift.errors import AuthError
+
+    if decode_token(token)[0].role != "observer":
+        raise AuthError("status needs an observer token: `drift-coord token --role observer`")
+    client = await CoordinatorClient.connect(token, timeout=timeout, mode=mode, name="status")
+    try:
+        return await asyncio.wait_for(client.status(), timeout)
+    finally:
+        await client.close("status done")
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

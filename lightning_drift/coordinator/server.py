@@ -1,0 +1,689 @@
+"""The coordinator's I/O shell: the iroh accept loop that feeds the session state machine.
+
+One task per connection reads the control stream (Join → Ping → NodeInfo → TrainConfig, then
+progress, heartbeats, shard and status requests); every barrier is a new bi stream with its
+own task. Frames become calls on :class:`~lightning_drift.coordinator.session.Session`; its
+decisions become frames. Heavy CPU work (deserializing, accumulating, serializing, disk) runs
+in ``asyncio.to_thread`` so the loop keeps answering heartbeats while a round aggregates.
+
+A misbehaving peer costs only its own connection: garbage gets an ``Error`` frame and the
+connection is dropped; a bad upload gets an ``Error`` on its barrier stream and is excluded
+from the round, never touching the global weights.
+
+Entry points: :class:`Coordinator` (``start`` / ``run`` / ``stop`` / ``close``) and
+:func:`serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_drift.aggregate import Accumulator, DiLoCo, from_bytes, to_bytes, validate_upload
+from lightning_drift.auth import TokenVerifier
+from lightning_drift.checkpoint import CheckpointStore
+from lightning_drift.coordinator.session import RoundDecision, Session, SessionConfig
+from lightning_drift.coordinator.state import StateDir
+from lightning_drift.errors import (
+    AuthError,
+    ConfigError,
+    DriftError,
+    PeerLost,
+    ProtocolError,
+    SessionError,
+)
+from lightning_drift.protocol import (
+    BarrierReady,
+    BarrierSync,
+    Bye,
+    Error,
+    Finish,
+    Join,
+    NodeInfo,
+    Ping,
+    SessionStatus,
+    ShardRequest,
+    StatusRequest,
+    TrainProgress,
+)
+from lightning_drift.transport import Connection, Endpoint, Stream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7842
+
+
+@dataclass
+class ServeOptions:
+    """How the coordinator runs (as opposed to what the session trains: SessionConfig)."""
+
+    state_dir: Path
+    checkpoint_dir: Path | None = None  # default: STATE_DIR/checkpoints
+    port: int = DEFAULT_PORT  # fixed, so a restart keeps its address and old tokens work
+    bind: str | None = None  # default 127.0.0.1 in local mode, 0.0.0.0 in internet mode
+    mode: str = "local"
+    relay: list[str] = field(default_factory=list)
+    exit_when_done: bool = True
+    finish_grace_s: float = 2.0
+    max_uploads: int = 4  # uploads received and accumulated at once (memory bound)
+    tick_s: float = 0.5
+    keep: int = 5
+    token_ttl_s: float = 7 * 86400.0
+    handshake_timeout_s: float = 30.0
+
+
+@dataclass
+class Weights:
+    """Global weights of one completed round, as sent to nodes."""
+
+    round: int
+    epoch: int
+    sha256: str
+    blob: bytes  # exactly the bytes of checkpoint round-NNNNNN.safetensors
+    path: str
+    finished: bool = False
+
+
+class NodeConn:
+    """One node's connection and its control stream (sends serialized by a lock)."""
+
+    def __init__(self, node: str, conn: Connection, control: Stream) -> None:
+        self.node = node
+        self.conn = conn
+        self.control = control
+        self.lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def send(self, msg: Any) -> bool:
+        try:
+            async with self.lock:
+                await self.control.send(msg)
+            return True
+        except DriftError as exc:
+            log.debug("send failed node=%s msg=%s error=%r", self.node[:8], type(msg).__name__, exc)
+            return False
+
+
+class Coordinator:
+    """The long-running coordinator of one session.
+
+    ``await start()`` loads (or creates) the state dir, binds the endpoint and issues the
+    standing tokens; ``await run()`` serves until the session has finished (plus a grace)
+    or :meth:`stop` is called; ``await close()`` closes the endpoint (always call it).
+    """
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        options: ServeOptions,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.options = options
+        self.clock = clock
+        self.state = StateDir(options.state_dir)
+        ckpt = options.checkpoint_dir or Path(options.state_dir) / "checkpoints"
+        self.store = CheckpointStore(Path(ckpt), keep=options.keep)
+        self.session: Session = None  # type: ignore[assignment]
+        self.endpoint: Endpoint | None = None
+        self.ticket = ""
+        self.node_token = ""
+        self.observer_token = ""
+        self.global_sd: dict[str, Any] | None = None
+        self.current: Weights | None = None
+        self.acc: Accumulator | None = None
+        self.diloco: DiLoCo | None = None
+        self.conns: dict[str, NodeConn] = {}
+        self.pending_shards: dict[str, int] = {}
+        self.round_futs: dict[int, asyncio.Future[Weights]] = {}
+        self.events: list[str] = []  # recent decisions and membership changes, for the view
+        self._acc_lock = asyncio.Lock()
+        self._upload_sem = asyncio.Semaphore(options.max_uploads)
+        self._completing = False
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_ping = 0.0
+        self._last_reason = ""
+        self.finished_at: float | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        now = self.clock()
+        self.state.ensure()
+        identity = self.state.identity()
+        saved = self.state.load_session()
+        if saved is not None:
+            self.session = Session.from_dict(saved, now=now)
+            self.config = self.session.config
+            log.info(
+                "session.restored id=%s completed=%d epoch=%d members=%d",
+                self.session.session_id,
+                self.session.completed,
+                self.session.epoch,
+                len(self.session.members),
+            )
+        else:
+            self.session = Session(self.config, session_id=secrets.token_hex(8), now=now)
+            self.state.save_session(self.session.to_dict())
+            log.info("session.new id=%s", self.session.session_id)
+        if self.config.aggregation == "diloco":
+            self.diloco = DiLoCo(lr=self.config.outer_lr, momentum=self.config.outer_momentum)
+        elif self.config.aggregation != "mean":
+            raise ConfigError(f"aggregation must be mean or diloco, got {self.config.aggregation}")
+        if self.session.has_weights:
+            await asyncio.to_thread(self._load_checkpoint)
+        self.verifier = TokenVerifier(
+            identity.public_key, self.session.session_id, self.state.tokens().revoked()
+        )
+        o = self.options
+        host = o.bind or ("127.0.0.1" if o.mode == "local" else "0.0.0.0")
+        self.endpoint = await Endpoint.bind(
+            mode=o.mode, secret=identity.seed, bind_addr=f"{host}:{o.port}", relay_urls=o.relay
+        )
+        self.ticket = self.endpoint.ticket()
+        self.state.save_coordinator(
+            {
+                "ticket": self.ticket,
+                "port": o.port,
+                "bind": host,
+                "mode": o.mode,
+                "session": self.session.session_id,
+                "key": identity.public_hex,
+            }
+        )
+        common = dict(session=self.session.session_id, ticket=self.ticket, now=now)
+        self.node_token = self.state.standing_token(
+            identity, role="node", ttl_s=o.token_ttl_s, **common
+        )
+        self.observer_token = self.state.standing_token(
+            identity, role="observer", ttl_s=o.token_ttl_s, **common
+        )
+        log.info(
+            "coordinator.listening key=%s addrs=%s round=%d",
+            identity.public_hex[:16],
+            self.endpoint.addrs(),
+            self.session.completed,
+        )
+
+    def _load_checkpoint(self) -> None:
+        rnd = self.session.completed
+        info, blob, outer = self.store.load(rnd)
+        sd = from_bytes(blob)
+        if self.diloco is not None and outer is not None:
+            self.diloco.load_state_dict(from_bytes(outer))
+        self._set_global(sd, blob, info.sha256, rnd, info.epoch, str(info.path))
+        log.info("checkpoint.loaded round=%d sha256=%s", rnd, info.sha256[:16])
+
+    def _set_global(self, sd, blob: bytes, sha: str, rnd: int, epoch: int, path: str) -> None:
+        self.global_sd = sd
+        self.current = Weights(rnd, epoch, sha, blob, path, finished=self.session.finished)
+        self.acc = Accumulator(sd)
+
+    async def run(self) -> None:
+        """Serve until the session finishes (then a grace period) or :meth:`stop`."""
+        assert self.endpoint is not None, "call start() first"
+        self._spawn(self._accept_loop())
+        self._spawn(self._ticker())
+        await self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def close(self) -> None:
+        self._stop.set()
+        for nc in list(self.conns.values()):
+            nc.conn.close(0, "coordinator shutting down")
+        for t in list(self._tasks):
+            t.cancel()
+        if self.endpoint is not None:
+            await self.endpoint.close()
+
+    def _spawn(self, coro) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task.failed error=%r", task.exception(), exc_info=task.exception())
+
+    def _event(self, text: str) -> None:
+        log.info("%s", text)
+        self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+        del self.events[:-50]
+
+    def status(self) -> SessionStatus:
+        st = self.session.status(self.clock(), self.current.path if self.current else "")
+        st.lightning_config = self.config.lightning_config
+        return st
+
+    # ---- connections ---------------------------------------------------------------------
+    async def _accept_loop(self) -> None:
+        assert self.endpoint is not None
+        while True:
+            conn = await self.endpoint.accept()
+            if conn is None:
+                return
+            self._spawn(self._connection(conn))
+
+    async def _connection(self, conn: Connection) -> None:
+        t = self.options.handshake_timeout_s
+        try:
+            stream = await asyncio.wait_for(conn.accept_stream(), t)
+            join = await asyncio.wait_for(stream.recv(), t)
+        except (asyncio.TimeoutError, DriftError) as exc:
+            log.info("handshake.dropped peer=%s error=%r", conn.remote_hex[:8], exc)
+            conn.close(1, "no Join")
+            return
+        try:
+            await self._serve_peer(conn, stream, join)
+        except ProtocolError as exc:
+            await _refuse(conn, stream, "protocol", str(exc))
+        except (PeerLost, asyncio.TimeoutError):
+            pass
+        except Exception as exc:  # a bug on one connection must not stop the session
+            log.exception("connection.failed peer=%s", conn.remote_hex[:8])
+            await _refuse(conn, stream, "internal", f"coordinator error: {exc!r}")
+
+    async def _serve_peer(self, conn: Connection, stream: Stream, join: Any) -> None:
+        if not isinstance(join, Join):
+            await _refuse(conn, stream, "protocol", f"expected Join, got {type(join).__name__}")
+            return
+        now = self.clock()
+        for jti in self.state.tokens().revoked():  # `drift-coord revoke` writes the file
+            self.verifier.revoke(jti)
+        try:
+            claims = self.verifier.verify(join.token, now=now)
+        except AuthError as exc:
+            log.info("join.refused peer=%s reason=%s", conn.remote_hex[:8], exc)
+            await _refuse(conn, stream, "auth", str(exc))
+            return
+        if join.node_key.lower() != conn.remote_hex:
+            await _refuse(
+                conn,
+                stream,
+                "auth",
+                f"Join.node_key {join.node_key[:16]}… is not the connection's key "
+                f"{conn.remote_hex[:16]}…",
+            )
+            return
+        if claims.role == "observer":
+            await self._observer(conn, stream)
+            return
+        node = conn.remote_hex
+        d = self.session.join(node, join.name, now)
+        if not d.ok:
+            await _refuse(conn, stream, d.code, d.reason)
+            return
+        self._event(d.reason)
+        nonce = secrets.token_hex(8)
+        await stream.send(Ping(session_id=self.session.session_id, nonce=nonce))
+        info = await asyncio.wait_for(stream.recv(), self.options.handshake_timeout_s)
+        if isinstance(info, Error):
+            self.session.lost(node, f"refused handshake: {info.code}", self.clock(), left=True)
+            conn.close(0, "")
+            return
+        if not isinstance(info, NodeInfo) or info.nonce != nonce:
+            self.session.lost(node, "bad handshake", self.clock(), left=True)
+            what = "NodeInfo with the Ping's nonce"
+            await _refuse(conn, stream, "protocol", f"expected {what}, got {type(info).__name__}")
+            return
+        d = self.session.admit(node, info, self.clock())
+        if not d.ok:
+            self.session.lost(node, d.reason, self.clock(), left=True)
+            self._event(f"node {node[:8]} refused: {d.reason}")
+            await _refuse(conn, stream, d.code, d.reason)
+            return
+        old = self.conns.get(node)
+        if old is not None:
+            old.conn.close(0, "replaced by a newer connection of the same node")
+        nc = NodeConn(node, conn, stream)
+        self.conns[node] = nc
+        reason = "connection closed"
+        try:
+            await stream.send(self.session.train_config())
+            self._event(d.reason)
+            self._serve_pending_shards()
+            acceptor = asyncio.create_task(self._barrier_streams(nc))
+            nc.tasks.add(acceptor)
+            reason = await self._control(nc)
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            await _refuse(conn, stream, "protocol", str(exc))
+        except PeerLost as exc:
+            reason = f"connection lost: {exc}"
+        finally:
+            for t in nc.tasks:
+                t.cancel()
+            if self.conns.get(node) is nc:
+                del self.conns[node]
+                self.pending_shards.pop(node, None)
+                left = reason.startswith("bye")
+                lost = self.session.lost(node, reason, self.clock(), left=left)
+                if lost.ok:
+                    self._event(lost.reason)
+                self._maybe_complete(self.session.check(self.clock()))
+            conn.close(0, "")
+
+    async def _control(self, nc: NodeConn) -> str:
+        """Read the node's control stream until it ends; returns why it ended."""
+        s = self.session
+        while True:
+            msg = await nc.control.recv()
+            now = self.clock()
+            s.seen(nc.node, now)
+            if isinstance(msg, Ping):
+                continue
+            if isinstance(msg, TrainProgress):
+                s.progress(nc.node, msg, now)
+            elif isinstance(msg, ShardRequest):
+                await self._shard(nc, msg.epoch)
+            elif isinstance(msg, StatusRequest):
+                await nc.send(self.status())
+            elif isinstance(msg, Bye):
+                return f"bye: {msg.reason}" if msg.reason else "bye"
+            elif isinstance(msg, Error):
+                return f"node error {msg.code}: {msg.message}"
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} on the control stream")
+
+    async def _observer(self, conn: Connection, stream: Stream) -> None:
+        while True:
+            msg = await stream.recv()
+            if isinstance(msg, StatusRequest):
+                await stream.send(self.status())
+            elif isinstance(msg, Ping):
+                continue
+            elif isinstance(msg, Bye):
+                conn.close(0, "")
+                return
+            else:
+                raise ProtocolError(f"observers may send StatusRequest, not {type(msg).__name__}")
+
+    async def _shard(self, nc: NodeConn, epoch: int) -> None:
+        r = self.session.shard(nc.node, epoch, self.clock())
+        if r.assignment is not None:
+            self.pending_shards.pop(nc.node, None)
+            await nc.send(r.assignment)
+        elif r.wait:
+            self.pending_shards[nc.node] = epoch
+            log.debug("shard.wait node=%s reason=%s", nc.node[:8], r.reason)
+        elif r.code == "finished" and self.current is not None:
+            await nc.send(self._finish_msg())
+        else:
+            await nc.send(Error(code=r.code, message=r.reason))
+
+    def _serve_pending_shards(self) -> None:
+        for node, epoch in list(self.pending_shards.items()):
+            nc = self.conns.get(node)
+            if nc is not None:
+                self._spawn(self._shard(nc, epoch))
+
+    # ---- barriers ------------------------------------------------------------------------
+    async def _barrier_streams(self, nc: NodeConn) -> None:
+        while True:
+            try:
+                stream = await nc.conn.accept_stream()
+            except DriftError:
+                return
+            task = asyncio.create_task(self._barrier(nc, stream))
+            nc.tasks.add(task)
+            task.add_done_callback(nc.tasks.discard)
+
+    async def _barrier(self, nc: NodeConn, stream: Stream) -> None:
+        node = nc.node
+        try:
+            sync = await stream.recv()
+            if not isinstance(sync, BarrierSync):
+                raise ProtocolError(f"a barrier stream starts with BarrierSync, not {sync}")
+            async with self._upload_sem:
+                _, blob = await stream.recv_blob(max_size=self._max_upload())
+                assert isinstance(blob, bytes)
+                verdict = await self._take_upload(node, sync, blob)
+                del blob
+            if verdict is None:
+                return
+            kind, reason = verdict
+            if kind in ("current", "initial"):
+                assert self.current is not None
+                w = self.current
+            else:
+                w = await self._wait_round(sync.round)
+            contributed = kind in ("open", "again", "initial")
+            await stream.send(
+                BarrierReady(
+                    round=w.round,
+                    sha256=w.sha256,
+                    contributed=contributed,
+                    reason=reason,
+                    epoch=w.epoch,
+                    finished=w.finished,
+                )
+            )
+            await stream.send_blob(w.blob, kind="weights")
+            await stream.finish()
+        except SessionError as exc:
+            with contextlib.suppress(DriftError):
+                await stream.send(Error(code=exc.code, message=str(exc)))
+                await stream.finish()
+        except ProtocolError as exc:
+            with contextlib.suppress(DriftError):
+                await stream.send(Error(code="protocol", message=str(exc)))
+            nc.conn.close(1, "protocol error")
+        except PeerLost:
+            pass
+
+    def _max_upload(self) -> int:
+        if self.current is None:
+            return 1 << 36
+        return 4 * len(self.current.blob) + (1 << 20)
+
+    async def _take_upload(
+        self, node: str, sync: BarrierSync, blob: bytes
+    ) -> tuple[str, str] | None:
+        """Act on one upload; returns (verdict kind, reason) for the answer, or raises."""
+        s = self.session
+        v = s.upload(node, sync.round, self.clock())
+        if v.kind == "refuse":
+            raise SessionError(v.reason, v.code)
+        if v.kind == "initial":
+            adopted = await self._adopt_initial(node, blob)
+            return (
+                ("initial", v.reason) if adopted else ("current", "start-up sync: global weights")
+            )
+        if v.kind != "open":
+            return (v.kind, v.reason)
+        try:
+            sd = await asyncio.to_thread(from_bytes, blob)
+        except SessionError as exc:
+            self._reject(node, sync.round, str(exc))
+            raise
+        async with self._acc_lock:
+            v = s.upload(node, sync.round, self.clock())  # the round may have closed meanwhile
+            if v.kind != "open":
+                return (v.kind, v.reason)
+            assert self.acc is not None
+            weight = float(sync.samples) if sync.samples > 0 else 1.0
+            try:
+                await asyncio.to_thread(self.acc.add, node, sd, weight, delta=sync.delta)
+            except SessionError as exc:
+                self._reject(node, sync.round, str(exc))
+                raise
+            d = s.arrived(node, sync.round, sync.samples, self.clock(), sync.train_seconds)
+        log.info("barrier.arrived node=%s round=%d samples=%d", node[:8], sync.round, sync.samples)
+        self._maybe_complete(d)
+        return ("open", v.reason)
+
+    def _reject(self, node: str, rnd: int, reason: str) -> None:
+        self._event(f"node {node[:8]} upload for round {rnd} refused: {reason}")
+        self._maybe_complete(self.session.reject(node, rnd, reason, self.clock()))
+
+    async def _adopt_initial(self, node: str, blob: bytes) -> bool:
+        async with self._acc_lock:
+            if self.session.has_weights:
+                return False
+            sd = await asyncio.to_thread(from_bytes, blob)
+            await asyncio.to_thread(validate_upload, sd, sd)
+            canon = await asyncio.to_thread(to_bytes, sd)
+            outer = None
+            if self.diloco is not None:
+                outer = await asyncio.to_thread(to_bytes, self.diloco.state_dict())
+            now = self.clock()
+            info = await asyncio.to_thread(
+                self.store.write,
+                0,
+                canon,
+                outer=outer,
+                epoch=0,
+                contributors=[(node, 1.0)],
+                now=now,
+                extra={"session": self.session.session_id},
+            )
+            self.session.initial(now)
+            await asyncio.to_thread(self.state.save_session, self.session.to_dict())
+            self._set_global(sd, canon, info.sha256, 0, 0, str(info.path))
+        self._event(f"round 0: start-up weights from node {node[:8]} ({len(canon)} bytes)")
+        return True
+
+    async def _wait_round(self, rnd: int) -> Weights:
+        if rnd <= self.session.completed:
+            assert self.current is not None
+            return self.current
+        fut = self.round_futs.get(rnd)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self.round_futs[rnd] = fut
+        return await asyncio.shield(fut)
+
+    def _maybe_complete(self, d: RoundDecision) -> None:
+        if d.reason != self._last_reason:
+            self._last_reason = d.reason
+            log.debug("round.decision %s", d.reason)
+        if d.complete and not self._completing:
+            self._completing = True
+            self._spawn(self._complete(d))
+
+    async def _complete(self, d: RoundDecision) -> None:
+        s = self.session
+        rnd = d.round
+        try:
+            async with self._acc_lock:
+                s.close(rnd)
+                acc, self.acc = self.acc, None
+            assert acc is not None and self.global_sd is not None
+            self._event(d.reason)
+            epoch = s.epoch
+            t0 = time.perf_counter()
+            new_sd, blob, info = await asyncio.to_thread(self._aggregate, rnd, epoch, acc)
+            now = self.clock()
+            out = s.completed_round(rnd, now)
+            await asyncio.to_thread(self.state.save_session, s.to_dict())
+            self._set_global(new_sd, blob, info.sha256, rnd, epoch, str(info.path))
+            assert self.current is not None
+            self.current.finished = out.finished
+            log.info(
+                "round.completed round=%d contributors=%d seconds=%.3f sha256=%s",
+                rnd,
+                len(acc.contributors),
+                time.perf_counter() - t0,
+                info.sha256[:16],
+            )
+            if out.planned_epoch is not None or out.finished:
+                self._event(out.reason)
+            fut = self.round_futs.pop(rnd, None)
+            if fut is not None and not fut.done():
+                fut.set_result(self.current)
+            self._serve_pending_shards()
+            if out.finished:
+                self._finish()
+        finally:
+            self._completing = False
+        self._maybe_complete(s.check(self.clock()))
+
+    def _aggregate(self, rnd: int, epoch: int, acc: Accumulator):
+        assert self.global_sd is not None
+        mean = acc.mean()
+        outer = None
+        if self.diloco is not None:
+            new_sd = self.diloco.step(self.global_sd, mean)
+            outer = to_bytes(self.diloco.state_dict())
+        else:
+            new_sd = mean
+        blob = to_bytes(new_sd)
+        info = self.store.write(
+            rnd,
+            blob,
+            outer=outer,
+            epoch=epoch,
+            contributors=list(acc.contributors),
+            now=self.clock(),
+            extra={"session": self.session.session_id, "aggregation": self.config.aggregation},
+        )
+        return new_sd, blob, info
+
+    def _finish_msg(self) -> Finish:
+        assert self.current is not None
+        return Finish(
+            round=self.current.round, sha256=self.current.sha256, checkpoint=self.current.path
+        )
+
+    def _finish(self) -> None:
+        self.finished_at = self.clock()
+        msg = self._finish_msg()
+        for nc in list(self.conns.values()):
+            self._spawn(nc.send(msg))
+        if self.options.exit_when_done:
+            asyncio.get_running_loop().call_later(self.options.finish_grace_s, self._stop.set)
+
+    # ---- periodic ------------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.tick_s)
+            now = self.clock()
+            gone, d = self.session.tick(now)
+            for node, reason in gone:
+                self._event(f"node {node[:8]} lost: {reason}")
+                nc = self.conns.pop(node, None)
+                if nc is not None:
+                    nc.conn.close(2, "heartbeat timeout")
+            self._maybe_complete(d)
+            if now - self._last_ping >= self.config.heartbeat_s:
+                self._last_ping = now
+                ping = Ping(session_id=self.session.session_id, nonce=f"hb{int(now)}")
+                for nc in list(self.conns.values()):
+                    self._spawn(nc.send(ping))
+
+
+async def _refuse(conn: Connection, stream: Stream, code: str, message: str) -> None:
+    """Send an Error frame, then drop the connection (a short wait lets the frame leave)."""
+    with contextlib.suppress(DriftError, asyncio.TimeoutError):
+        await asyncio.wait_for(stream.send(Error(code=code, message=message)), 2)
+        await asyncio.wait_for(stream.finish(), 2)
+    await asyncio.sleep(0.05)
+    conn.close(1, code)
+
+
+async def serve(config: SessionConfig, options: ServeOptions, on_start=None) -> Coordinator:
+    """Run a coordinator until its session finishes; ``on_start(coordinator)`` after binding."""
+    coord = Coordinator(config, options)
+    await coord.start()
+    try:
+        if on_start is not None:
+            on_start(coord)
+        await coord.run()
+    finally:
+        await coord.close()
+    return coord
+
+
+__all__ = ["DEFAULT_PORT", "Coordinator", "ServeOptions", "Weights", "serve"]

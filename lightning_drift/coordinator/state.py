@@ -1,0 +1,167 @@
+"""The coordinator's state directory: everything a restart needs, written atomically.
+
+Layout of ``--state-dir``::
+
+    identity.key      the coordinator's Ed25519 seed (auth.Identity; also its iroh key), 0600
+    tokens.json       issued token claims and revoked jtis (auth.TokenStore)
+    coordinator.json  the address the server advertises: ticket, port, mode, session id
+    state.json        the session (config, members, completed round, epoch, plan, scheduler),
+                      rewritten after each completed round once its checkpoint is durable
+    node.token        the node invitation token printed by ``serve`` (0600)
+    observer.token    an observer token for ``drift-coord status`` (0600)
+
+Every write goes to a temporary file that is fsynced and renamed over the old one, so a
+SIGKILL at any moment leaves the old content or the new, never half of either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning_drift.auth import Claims, Identity, TokenStore, issue_token, verify_token
+from lightning_drift.checkpoint import atomic_write
+from lightning_drift.errors import AuthError, ConfigError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+COORDINATOR_FILE = "coordinator.json"
+NODE_TOKEN_FILE = "node.token"
+OBSERVER_TOKEN_FILE = "observer.token"
+STATE_VERSION = 1
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Atomic write, then mode 0600 (tokens and keys are secrets)."""
+    atomic_write(path, data)
+    path.chmod(0o600)
+
+
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"30m"``, ``"24h"``, ``"7d"`` or plain seconds → seconds."""
+    t = text.strip().lower()
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise ConfigError(f"duration {text!r} is not like 90s, 30m, 24h or 7d") from None
+    if value <= 0:
+        raise ConfigError(f"duration {text!r} must be positive")
+    return value
+
+
+class StateDir:
+    """One coordinator's state directory (see the module docstring for the files)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def ensure(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.chmod(0o700)
+
+    def identity(self) -> Identity:
+        self.ensure()
+        return Identity.load_or_create(self.path)
+
+    def tokens(self) -> TokenStore:
+        return TokenStore(self.path)
+
+    # -- the session ----------------------------------------------------------------------
+    def load_session(self) -> dict[str, Any] | None:
+        """The saved session, or None on a first start."""
+        p = self.path / STATE_FILE
+        try:
+            doc = json.loads(p.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise ConfigError(
+                f"{p} is damaged ({exc}); restore it from a backup or move it aside to "
+                "start a new session with the same identity"
+            ) from None
+        if doc.get("version") != STATE_VERSION:
+            raise ConfigError(f"{p} has version {doc.get('version')!r}, expected {STATE_VERSION}")
+        return doc["session"]
+
+    def save_session(self, session: dict[str, Any]) -> None:
+        doc = {"version": STATE_VERSION, "saved_at": time.time(), "session": session}
+        atomic_write(self.path / STATE_FILE, json.dumps(doc, sort_keys=True).encode())
+
+    # -- the advertised address -----------------------------------------------------------
+    def save_coordinator(self, info: dict[str, Any]) -> None:
+        atomic_write(self.path / COORDINATOR_FILE, json.dumps(info, indent=1).encode())
+
+    def coordinator(self) -> dict[str, Any]:
+        p = self.path / COORDINATOR_FILE
+        try:
+            return json.loads(p.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{p} does not exist: start `drift-coord serve --state-dir {self.path}` once "
+                "so that the address it advertises is known"
+            ) from None
+
+    # -- tokens ---------------------------------------------------------------------------
+    def issue(
+        self,
+        identity: Identity,
+        *,
+        session: str,
+        ticket: str,
+        role: str = "node",
+        ttl_s: float = 86400.0,
+        now: float | None = None,
+    ) -> tuple[str, Claims]:
+        """Issue a token and record its claims in tokens.json."""
+        now = time.time() if now is None else now
+        token = issue_token(
+            identity,
+            session=session,
+            coordinator=ticket,
+            role=role,
+            ttl_s=ttl_s,
+            now=now,
+            jti=secrets.token_hex(8),
+        )
+        claims = verify_token(token, identity.public_key, now=now, session=session)
+        self.tokens().record(claims)
+        return token, claims
+
+    def standing_token(
+        self,
+        identity: Identity,
+        *,
+        session: str,
+        ticket: str,
+        role: str,
+        ttl_s: float,
+        now: float,
+        min_left_s: float = 3600.0,
+    ) -> str:
+        """The token in ``<role>.token`` if it is still good (same ticket, not revoked, not
+        expiring within ``min_left_s``), else a fresh one written there. Reusing it is what
+        keeps the token printed before a restart working after it."""
+        path = self.path / (NODE_TOKEN_FILE if role == "node" else OBSERVER_TOKEN_FILE)
+        try:
+            old = path.read_text().strip()
+            claims = verify_token(
+                old, identity.public_key, now=now + min_left_s, session=session, roles=(role,)
+            )
+            if claims.coordinator == ticket and claims.jti not in self.tokens().revoked():
+                return old
+        except (FileNotFoundError, AuthError):
+            pass
+        token, _ = self.issue(
+            identity, session=session, ticket=ticket, role=role, ttl_s=ttl_s, now=now
+        )
+        write_private(path, (token + "\n").encode())
+        return token
+
+
+__all__ = ["StateDir", "parse_duration", "write_private"]
