@@ -252,8 +252,8 @@ def probe_devices() -> list[DeviceInfo]:
     NVIDIA cards that NVML sees but torch cannot use (a CPU-only torch build, or hidden by
     ``CUDA_VISIBLE_DEVICES``) are listed with ``usable=False``; so are Vulkan-only GPUs.
     """
-    nvml = _safe("nvml", probe_nvml, [])
-    gpus = _safe("torch_cuda", probe_torch_gpus, [])
+    nvml: list[tuple[DeviceInfo, str, Clocks]] = _safe("nvml", probe_nvml, [])
+    gpus: list[tuple[DeviceInfo, str]] = _safe("torch_cuda", probe_torch_gpus, [])
     for _, _, clocks in nvml:
         log.info(
             "nvml_clocks index=%d sm_mhz=%d mem_mhz=%d", clocks.index, clocks.sm_mhz, clocks.mem_mhz
@@ -273,7 +273,8 @@ def probe_devices() -> list[DeviceInfo]:
         devices.append(info)
     devices += _safe("mps", probe_apple, [])
     names = [d.name.lower() for d in devices]
-    for v in _safe("vulkan", probe_vulkan, []):
+    vulkan: list[DeviceInfo] = _safe("vulkan", probe_vulkan, [])
+    for v in vulkan:
         # The same card seen through Vulkan ("AMD Radeon RX 7900 XTX (RADV NAVI31)") is not new.
         if not any(v.name.lower().startswith(n) or n.startswith(v.name.lower()) for n in names):
             devices.append(v)
