@@ -1,0 +1,335 @@
+"""Convergence for the same number of samples: one process, torch DDP (gloo), drift mean, drift
+DiLoCo.
+
+Every method trains the example char-LM from the same seeded initial weights on the same data
+(``benchmarks/_common.py``) for ``--epochs`` passes over the training set, so every method sees
+the same total number of samples; each process uses ``--batch-size`` per step:
+
+- ``single``: one process, plain Lightning (``epochs * N / B`` optimizer steps);
+- ``ddp``: ``--nodes`` processes, Lightning ``strategy=DDPStrategy(process_group_backend="gloo")``
+  on CPU (the DistributedSampler gives each process 1/n of every epoch; gradients are
+  all-reduced every step, so the global batch is ``n * B``);
+- ``mean`` / ``diloco``: ``--nodes`` node processes with ``DriftStrategy`` and a
+  ``LocalCoordinator`` (``--aggregation mean|diloco --sync-every H``): every node trains its
+  own shard with its own optimizer and the weights are averaged at the barriers.
+
+Each run saves its final weights; this process then evaluates all of them with one function on
+one validation set (``_common.evaluate``). Every training process gets ``--threads`` torch
+threads, so the distributed methods use ``--nodes`` times the cores of ``single``.
+
+    python benchmarks/convergence.py                          # the default small run (minutes)
+    python benchmarks/convergence.py --epochs 4 --max-chars 400000 --sync-every 20
+    python benchmarks/convergence.py --methods single,mean --update-docs
+
+Prints the table, then the line ``convergence: ...`` with the losses relative to ``single``.
+``--update-docs`` also writes the table and the command into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+METHODS = ("single", "ddp", "mean", "diloco")
+
+
+# ---------------------------------------------------------------------------- worker processes
+
+
+def _worker(args: argparse.Namespace, setup: c.Setup) -> None:
+    """One training process (its kind is ``--worker``); writes final weights and a report."""
+    c.configure_torch(setup)
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class Counter(Callback):
+        def __init__(self) -> None:
+            self.samples = 0
+            self.backend = ""
+            self.world_size = 1
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                self.backend = str(torch.distributed.get_backend())
+                self.world_size = torch.distributed.get_world_size()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *a: Any, **kw: Any) -> None:
+            self.samples += len(a[1][0])  # batch = (x, y)
+
+    data = c.make_data(setup)
+    model = c.make_model(setup)
+    counter = Counter()
+    kw: dict[str, Any] = {"accelerator": "cpu", "devices": 1}
+    strategy: Any = "auto"
+    if args.worker == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+        kw["devices"] = args.nodes
+    elif args.worker == "drift":
+        from lightning_drift import DriftStrategy
+
+        strategy = DriftStrategy(token=args.token, name=args.name, calibration_seconds=0.2)
+        kw = {}
+    trainer = L.Trainer(
+        strategy=strategy,
+        max_epochs=args.epochs,
+        callbacks=[counter],
+        **kw,
+        **c.trainer_kwargs(),
+    )
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    fit_s = time.perf_counter() - t0
+    rank = trainer.global_rank
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        c.save_weights(model, out / "final.safetensors")
+    report = {
+        "rank": rank,
+        "fit_s": fit_s,
+        "steps": trainer.global_step,
+        "samples": counter.samples,
+        "backend": counter.backend,
+        "world_size": counter.world_size,
+        "param_bytes": c.param_bytes(model),
+        "history": getattr(trainer.strategy, "history", []),
+    }
+    c.write_json(out / f"report-{rank}.json", report)
+
+
+# ---------------------------------------------------------------------------- the methods
+
+
+def _worker_cmd(args: argparse.Namespace, setup: c.Setup, kind: str, out: Path) -> list[str]:
+    return [
+        sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--out", str(out),
+        "--epochs", str(args.epochs), "--nodes", str(args.nodes), *setup.argv(),
+    ]  # fmt: skip
+
+
+def _launch(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=c.child_env(), cwd=c.ROOT
+    )
+
+
+def run_plain(args: argparse.Namespace, setup: c.Setup, kind: str, work: Path) -> dict[str, Any]:
+    """``single`` or ``ddp``: one launched process (Lightning starts the other DDP ranks)."""
+    out = work / kind
+    out.mkdir(parents=True, exist_ok=True)
+    log = work / f"{kind}.log"
+    t0 = time.perf_counter()
+    proc = _launch(_worker_cmd(args, setup, kind, out), log)
+    c.wait_all([(kind, proc, log)], args.timeout)
+    wall = time.perf_counter() - t0
+    reports = [c.read_json(p) for p in sorted(out.glob("report-*.json"))]
+    n = 1 if kind == "single" else args.nodes
+    if len(reports) != n:
+        raise RuntimeError(f"{kind}: expected {n} reports, found {len(reports)}:\n{c.tail(log)}")
+    res: dict[str, Any] = {
+        "method": kind,
+        "processes": n,
+        "weights": out / "final.safetensors",
+        "wall_s": wall,
+        "fit_s": max(r["fit_s"] for r in reports),
+        "samples": sum(r["samples"] for r in reports),
+        "steps": reports[0]["steps"],
+        "bytes": 0.0,
+        "rounds": "",
+    }
+    if kind == "ddp":
+        backends = {r["backend"] for r in reports}
+        if backends != {"gloo"} or {r["world_size"] for r in reports} != {n}:
+            raise RuntimeError(f"ddp ran with backends {backends}, not gloo on {n} processes")
+        # Ring all-reduce: each process sends 2(n-1)/n of the gradient bytes per step; every
+        # byte sent is received once, so the network carries the sum over the n processes.
+        per_process = reports[0]["param_bytes"] * res["steps"] * 2 * (n - 1) / n
+        res["bytes"] = per_process * n
+    return res
+
+
+def run_drift(args: argparse.Namespace, setup: c.Setup, agg: str, work: Path) -> dict[str, Any]:
+    """``mean`` or ``diloco``: a LocalCoordinator and ``--nodes`` node processes."""
+    from lightning_drift.coordinator.local import LocalCoordinator
+
+    base = work / agg
+    base.mkdir(parents=True, exist_ok=True)
+    coord = LocalCoordinator(
+        base / "coord",
+        min_nodes=args.nodes,
+        epochs=args.epochs,
+        batch_size=setup.batch_size,
+        sync_every=args.sync_every,
+        aggregation=agg,
+        seed=setup.seed,
+    )
+    t0 = time.perf_counter()
+    coord.start(timeout=120)
+    try:
+        procs = []
+        for i in range(args.nodes):
+            out = base / f"node-{i}"
+            log = base / f"node-{i}.log"
+            cmd = _worker_cmd(args, setup, "drift", out)
+            cmd += ["--token", coord.token, "--name", f"node-{i}"]
+            procs.append((f"{agg} node-{i}", _launch(cmd, log), log))
+        try:
+            c.wait_all(procs, args.timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n\ncoordinator log {coord.log_path}:\n{coord.log_tail()}")
+        wall = time.perf_counter() - t0
+        try:
+            coord.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        final_ckpt = coord.latest_checkpoint()
+    finally:
+        coord.stop()
+    reports = [c.read_json(base / f"node-{i}" / "report-0.json") for i in range(args.nodes)]
+    histories = [r["history"] for r in reports]
+    # Every node must end on the coordinator's final checkpoint; evaluate that one weight set.
+    final = c.load_weights(final_ckpt)
+    for i in range(args.nodes):
+        mine = c.load_weights(base / f"node-{i}" / "final.safetensors")
+        if mine.keys() != final.keys() or any(not mine[k].equal(final[k]) for k in final):
+            raise RuntimeError(f"{agg}: node-{i}'s final weights differ from {final_ckpt}")
+    return {
+        "method": f"drift {agg}",
+        "processes": args.nodes,
+        "weights": final_ckpt,
+        "wall_s": wall,
+        "fit_s": max(r["fit_s"] for r in reports),
+        "samples": sum(r["samples"] for r in reports),
+        "steps": max(r["steps"] for r in reports),
+        "bytes": float(
+            sum(e["bytes_sent"] + e["bytes_received"] for h in histories for e in h)
+        ),
+        "rounds": str(max((e["round"] for h in histories for e in h), default=0)),
+    }
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def report(args: argparse.Namespace, setup: c.Setup, results: list[dict], init_loss: float) -> str:
+    base = next((r for r in results if r["method"] == "single"), None)
+    ddp = next((r for r in results if r["method"] == "ddp"), None)
+
+    def ratio(x: float, ref: dict | None, key: str) -> str:
+        return f"{x / ref[key]:.3f}" if ref and ref[key] else "-"
+
+    rows = [
+        [
+            r["method"],
+            str(r["processes"]),
+            str(r["samples"]),
+            str(r["steps"]),
+            r["rounds"] or "-",
+            f"{r['loss']:.4f}",
+            ratio(r["loss"], base, "loss"),
+            f"{r['wall_s']:.1f}",
+            ratio(r["wall_s"], base, "wall_s"),
+            f"{r['fit_s']:.1f}",
+            c.fmt_bytes(r["bytes"]) + (" (est.)" if r["method"] == "ddp" else ""),
+            ratio(r["bytes"], ddp, "bytes") if r["bytes"] else "-",
+        ]
+        for r in results
+    ]
+    headers = [
+        "method", "procs", "samples", "steps/proc", "rounds", "val loss", "loss/single",
+        "wall s", "wall/single", "fit s", "network bytes", "bytes/ddp",
+    ]  # fmt: skip
+    notes = [
+        f"Setup: {setup.describe()}; {args.epochs} epochs; drift --sync-every {args.sync_every}, "
+        f"{args.nodes} nodes.",
+        f"Initial weights: val loss {init_loss:.4f}. Val loss: mean next-byte cross-entropy over "
+        "every validation window, computed by the benchmark from each method's saved final "
+        "weights (drift: the coordinator's final checkpoint, which every node holds).",
+        "samples: training samples over all processes (the same total for every method, up to "
+        "DistributedSampler padding); steps/proc: optimizer steps of one process; rounds: the "
+        "last drift round (round 0 is the start-up sync).",
+        "wall: from launching the first process (drift: the coordinator) to the last training "
+        "process exiting, Python and Lightning start-up included; fit: the longest trainer.fit.",
+        "network bytes, drift: measured payload, the sum over nodes of the safetensors bytes "
+        "uploaded and downloaded at every barrier (strategy.history), QUIC framing and control "
+        "messages not counted.",
+        "network bytes, ddp: an estimate, not a measurement: trainable parameter bytes x "
+        "optimizer steps x 2(n-1)/n sent per process for a ring all-reduce of float32 "
+        "gradients, summed over the n processes; the start-up parameter broadcast and gloo "
+        "framing are not counted.",
+    ]
+    return c.table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    c.Setup.add_args(ap)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--nodes", type=int, default=2, help="processes for ddp and drift")
+    ap.add_argument("--sync-every", type=int, default=10, help="drift steps per round")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per method")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the runs' files here")
+    ap.add_argument("--update-docs", action="store_true", help="write the table into docs")
+    # internal: run one training process
+    ap.add_argument("--worker", choices=("single", "ddp", "drift"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--token", help=argparse.SUPPRESS)
+    ap.add_argument("--name", default="node", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    setup = c.Setup.from_args(args)
+    if args.worker:
+        _worker(args, setup)
+        return
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="drift-convergence-"))
+    work.mkdir(parents=True, exist_ok=True)
+    c.configure_torch(setup)
+    data = c.make_data(setup)
+    init_loss = c.evaluate(setup, c.make_model(setup).state_dict(), data)
+    results = []
+    for m in methods:
+        print(f"running {m} ...", flush=True)
+        if m in ("single", "ddp"):
+            res = run_plain(args, setup, m, work / "runs")
+        else:
+            res = run_drift(args, setup, m, work / "runs")
+        res["loss"] = c.evaluate(setup, c.load_weights(res["weights"]), data)
+        print(
+            f"  {m}: val loss {res['loss']:.4f}, wall {res['wall_s']:.1f} s, "
+            f"samples {res['samples']}",
+            flush=True,
+        )
+        results.append(res)
+    text = report(args, setup, results, init_loss)
+    print()
+    print(text)
+    base = next((r for r in results if r["method"] == "single"), None)
+    if base:
+        rel = ", ".join(f"{r['method']} {r['loss'] / base['loss']:.3f}" for r in results)
+        print(f"\nconvergence: final val loss relative to single: {rel}")
+    if args.update_docs:
+        c.update_docs("convergence", f"```\n{c.command_line()}\n```\n\n{text}")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
