@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -126,6 +126,14 @@ def _run(*argv: str) -> str:
     return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout
 
 
+def _max_clock(pynvml: Any, handle: Any, clock: int) -> int:
+    # Clocks are a nicety: some boards (vGPU, laptops) answer NOT_SUPPORTED; keep the card.
+    try:
+        return int(pynvml.nvmlDeviceGetMaxClockInfo(handle, clock))
+    except pynvml.NVMLError:
+        return 0
+
+
 def probe_nvml() -> list[tuple[DeviceInfo, str, Clocks]]:
     """NVIDIA cards seen by the driver: ``(info, uuid, clocks)`` each; [] without NVML."""
     try:
@@ -147,8 +155,8 @@ def probe_nvml() -> list[tuple[DeviceInfo, str, Clocks]]:
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
             clocks = Clocks(
                 index=i,
-                sm_mhz=pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
-                mem_mhz=pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM),
+                sm_mhz=_max_clock(pynvml, h, pynvml.NVML_CLOCK_SM),
+                mem_mhz=_max_clock(pynvml, h, pynvml.NVML_CLOCK_MEM),
             )
             info = DeviceInfo(
                 name=name.decode() if isinstance(name, bytes) else name,

@@ -122,6 +122,18 @@ def test_nvml_missing_library_or_failing_call_is_skipped(monkeypatch):
     assert hardware.probe_nvml() == []
 
 
+def test_nvml_card_without_clock_readings_is_still_listed(monkeypatch):
+    fake_nvml(monkeypatch, "nvml_rtx4090.json")
+
+    def unsupported(h, t):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMaxClockInfo", unsupported)
+    ((info, _, clocks),) = hardware.probe_nvml()
+    assert info.name == "NVIDIA GeForce RTX 4090" and info.compute_capability == "8.9"
+    assert (clocks.sm_mhz, clocks.mem_mhz) == (0, 0)
+
+
 def test_this_machine_probe_never_raises_and_ends_with_the_cpu():
     devices = hardware.probe_devices()
     assert devices[-1].kind == "cpu" and devices[-1].usable
