@@ -28,6 +28,7 @@ Prints the table, then the line ``convergence: ...`` with the losses relative to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -189,12 +190,12 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, agg: str, work: Path) ->
         try:
             c.wait_all(procs, args.timeout)
         except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n\ncoordinator log {coord.log_path}:\n{coord.log_tail()}")
+            raise RuntimeError(
+                f"{exc}\n\ncoordinator log {coord.log_path}:\n{coord.log_tail()}"
+            ) from None
         wall = time.perf_counter() - t0
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             coord.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
         final_ckpt = coord.latest_checkpoint()
     finally:
         coord.stop()
@@ -214,9 +215,7 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, agg: str, work: Path) ->
         "fit_s": max(r["fit_s"] for r in reports),
         "samples": sum(r["samples"] for r in reports),
         "steps": max(r["steps"] for r in reports),
-        "bytes": float(
-            sum(e["bytes_sent"] + e["bytes_received"] for h in histories for e in h)
-        ),
+        "bytes": float(sum(e["bytes_sent"] + e["bytes_received"] for h in histories for e in h)),
         "rounds": str(max((e["round"] for h in histories for e in h), default=0)),
     }
 
