@@ -45,6 +45,8 @@ SERVE_DEFAULTS: dict[str, tuple[Any, type]] = {
     "outer_momentum": (0.9, float),
     "quorum": (0.5, float),
     "heartbeat_timeout": (15.0, float),
+    "heartbeat_s": (5.0, float),
+    "progress_every_s": (5.0, float),
     "deadline_margin": (1.5, float),
     "deadline_floor": (10.0, float),
     "dataset_size": (0, int),

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
 from lightning_drift import __version__
 from lightning_drift import protocol as p
 from lightning_drift.auth import decode_token, verify_token
@@ -58,6 +60,7 @@ class CoordinatorClient:
         self._statuses: list[asyncio.Future[p.SessionStatus]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._closed = False
+        self._last_rx = 0.0
 
     @property
     def node_key(self) -> str:
@@ -151,8 +154,8 @@ class CoordinatorClient:
                     raise refusal(ping)
                 ping = p.expect(ping, p.Ping)
                 info = node_info() if callable(node_info) else node_info
-                info.nonce = ping.nonce  # type: ignore[attr-defined]
-                await control.send(info)
+                assert isinstance(ping, p.Ping)
+                await control.send(msgspec.structs.replace(info, nonce=ping.nonce))
                 cfg = await control.recv()
                 if isinstance(cfg, p.Error):
                     raise refusal(cfg)
@@ -175,6 +178,7 @@ class CoordinatorClient:
         try:
             while True:
                 msg = await self.control.recv()
+                self._last_rx = asyncio.get_running_loop().time()
                 if isinstance(msg, p.Ping):
                     # Answering lets the coordinator see us alive even if our own pings lag.
                     with contextlib.suppress(DriftError):
@@ -221,11 +225,21 @@ class CoordinatorClient:
         self._statuses.clear()
 
     async def _heartbeat(self) -> None:
+        """Ping every ``heartbeat_s``; declare the coordinator lost after ``silence_s`` of
+        silence (it pings every ``heartbeat_s`` too). QUIC alone would take ~35 s."""
         assert self.config is not None
         every = max(0.2, self.config.heartbeat_s)
+        silence = max(3.0 * every, 3.0)
         sid = self.config.session_id
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
         while True:
             await asyncio.sleep(every)
+            quiet = loop.time() - self._last_rx
+            if quiet > silence:
+                self._fail(PeerLost(f"no message from the coordinator for {quiet:.1f}s"))
+                self.conn.close(2, "coordinator silent")
+                return
             try:
                 await self._send(p.Ping(session_id=sid, nonce=secrets.token_hex(4)))
             except DriftError:

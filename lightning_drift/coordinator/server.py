@@ -281,6 +281,10 @@ class Coordinator:
         try:
             stream = await asyncio.wait_for(conn.accept_stream(), t)
             join = await asyncio.wait_for(stream.recv(), t)
+        except ProtocolError as exc:
+            log.info("handshake.garbage peer=%s error=%s", conn.remote_hex[:8], exc)
+            await _refuse(conn, stream, "protocol", str(exc))
+            return
         except (asyncio.TimeoutError, DriftError) as exc:
             log.info("handshake.dropped peer=%s error=%r", conn.remote_hex[:8], exc)
             conn.close(1, "no Join")

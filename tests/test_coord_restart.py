@@ -1,0 +1,184 @@
+"""SIGKILL the coordinator process mid-round and restart it with the same state dir.
+
+The round counter and global weights continue from the last completed round, the node
+token printed before the kill still works, and nodes (same keys) reconnect and carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from lightning_drift.aggregate import from_bytes, to_bytes
+from lightning_drift.client import CoordinatorClient
+from lightning_drift.errors import ConnectTimeout, DriftError, PeerLost
+from lightning_drift.protocol import BarrierSync, NodeInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def info() -> NodeInfo:
+    return NodeInfo(
+        nonce="",
+        devices=[],
+        train_device="cpu",
+        cpu="test",
+        cpu_count=1,
+        memory=1 << 30,
+        calibration=10.0,
+        torch_version="2",
+        dataset_size=1000,
+    )
+
+
+def upload(rnd: int, i: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rnd + i)
+    return {"w": torch.randn(8, 4, generator=g), "b": torch.randn(4, generator=g)}
+
+
+async def start_coordinator(state: Path, port: int, config: Path):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lightning_drift_cli.coord", "serve",
+        "--state-dir", str(state), "--port", str(port), "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=str(ROOT),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    lines = []
+    while True:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
+        assert line, f"coordinator exited early: {lines}"
+        lines.append(line)
+        if line.startswith("node token"):
+            token = (await proc.stdout.readline()).decode().strip()
+            return proc, token, lines
+
+
+async def connect(token: str, secret: bytes, deadline_s: float = 30.0) -> CoordinatorClient:
+    """What a node does after losing the coordinator: retry with backoff, same key."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    delay = 0.1
+    while True:
+        try:
+            return await CoordinatorClient.connect(token, node_info=info, secret=secret, timeout=3)
+        except (ConnectTimeout, PeerLost):
+            if loop.time() > end:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+async def wait_barrier_state(observer_token: str, node: str) -> None:
+    obs = await CoordinatorClient.connect(observer_token, timeout=5)
+    try:
+        for _ in range(200):
+            st = await obs.status()
+            if any(n.node_id == node and n.state == "barrier" for n in st.nodes):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the coordinator never recorded the upload")
+    finally:
+        await obs.close()
+
+
+def test_sigkill_and_restart_continues_from_last_completed_round(tmp_path):
+    state = tmp_path / "state"
+    port = free_port()
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "coordinator:\n  min_nodes: 2\n  epochs: 1\n  dataset_size: 1000\n  batch_size: 10\n"
+        "  sync_every: 10\n  heartbeat_s: 0.5\n  heartbeat_timeout: 10\n"
+        "model:\n  hidden: 8\n"
+    )
+    secrets_ = [os.urandom(32), os.urandom(32)]
+
+    async def main():
+        proc, token, _ = await start_coordinator(state, port, config)
+        try:
+            a, b = [await connect(token, s) for s in secrets_]
+            assert "hidden: 8" in a.config.lightning_config
+            await a.barrier(BarrierSync(round=0), to_bytes(upload(0, 0)))
+            await b.barrier(BarrierSync(round=0), to_bytes(upload(0, 0)))
+            sa = await a.shard(0)
+            await b.shard(0)
+            assert sa.rounds == 5
+            for rnd in (1, 2):
+                res = await asyncio.gather(
+                    a.barrier(BarrierSync(round=rnd, samples=10), to_bytes(upload(rnd, 0))),
+                    b.barrier(BarrierSync(round=rnd, samples=20), to_bytes(upload(rnd, 1))),
+                )
+                assert res[0][0].round == rnd
+            blob2 = res[0][1]
+            # Round 3: A's upload is in, B's is not; then the coordinator dies.
+            pending = asyncio.create_task(
+                a.barrier(BarrierSync(round=3, samples=10), to_bytes(upload(3, 0)))
+            )
+            observer = (state / "observer.token").read_text().strip()
+            await wait_barrier_state(observer, a.node_key)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            try:  # the client notices the silence (no coordinator Ping), not QUIC's 35 s
+                await asyncio.wait_for(pending, 20)
+                raise AssertionError("a barrier answered by a dead coordinator")
+            except DriftError:
+                pass
+            await a.close()
+            await b.close()
+
+            proc, token2, _ = await start_coordinator(state, port, config)
+            assert token2 == token  # the same standing token, still valid
+            a, b = [await connect(token, s) for s in secrets_]
+            assert a.config.round == 2 and a.config.has_weights  # continues from round 2
+            # Nodes re-send their round-3 uploads; the round completes from those.
+            res = await asyncio.gather(
+                a.barrier(BarrierSync(round=3, samples=10), to_bytes(upload(3, 0))),
+                b.barrier(BarrierSync(round=3, samples=20), to_bytes(upload(3, 1))),
+            )
+            ready, blob3 = res[0]
+            assert ready.round == 3 and ready.contributed
+            for rnd in (4, 5):
+                res = await asyncio.gather(
+                    a.barrier(BarrierSync(round=rnd, samples=10), to_bytes(upload(rnd, 0))),
+                    b.barrier(BarrierSync(round=rnd, samples=20), to_bytes(upload(rnd, 1))),
+                )
+            assert res[0][0].finished
+            await a.close()
+            await b.close()
+            assert await asyncio.wait_for(proc.wait(), 20) == 0  # exits when done
+            return blob2, blob3, a.node_key, b.node_key
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    blob2, blob3, ka, kb = asyncio.run(asyncio.wait_for(main(), 150))
+    ckpt = state / "checkpoints"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    rounds = {e["round"]: e for e in manifest["checkpoints"]}
+    assert sorted(rounds) == [1, 2, 3, 4, 5]
+    assert (ckpt / "round-000002.safetensors").read_bytes() == blob2
+    assert (ckpt / "round-000003.safetensors").read_bytes() == blob3
+    # Round 3 is the weighted mean of exactly the re-sent uploads, in manifest order.
+    order = [c[0] for c in rounds[3]["contributors"]]
+    ups = {ka: (upload(3, 0), 10.0), kb: (upload(3, 1), 20.0)}
+    got = from_bytes(blob3)
+    for k in got:
+        acc = torch.zeros(got[k].shape, dtype=torch.float64)
+        for n in order:
+            acc = acc + ups[n][0][k].double() * ups[n][1]
+        assert torch.equal(got[k], (acc / 30.0).to(torch.float32))
+    st = json.loads((state / "state.json").read_text())["session"]
+    assert st["completed"] == 5 and st["finished"]

@@ -1,0 +1,389 @@
+"""The coordinator server with real iroh endpoints on loopback.
+
+In-process tests run the coordinator and async clients on one event loop; the fault test
+runs three node processes and SIGKILLs one mid-round. Run as a script, this file is that
+node process: ``python tests/test_server.py node TOKEN INDEX [STALL_ROUND]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_drift.aggregate import from_bytes, to_bytes
+from lightning_drift.auth import Identity, TokenStore, issue_token
+from lightning_drift.client import CoordinatorClient
+from lightning_drift.coordinator.server import Coordinator, ServeOptions
+from lightning_drift.coordinator.session import SessionConfig
+from lightning_drift.errors import AuthError, SessionError
+from lightning_drift.protocol import BarrierSync, Error, NodeInfo, TrainProgress
+from lightning_drift.transport import Endpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 60
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_info(dataset_size: int) -> NodeInfo:
+    return NodeInfo(
+        nonce="",
+        devices=[],
+        train_device="cpu",
+        cpu="test",
+        cpu_count=1,
+        memory=1 << 30,
+        calibration=10.0,
+        torch_version=str(torch.__version__),
+        dataset_size=dataset_size,
+    )
+
+
+def model(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(4, 3, generator=g),
+        "b": torch.randn(3, generator=g),
+        "steps": torch.tensor([seed], dtype=torch.int64),
+    }
+
+
+def coordinator(tmp_path: Path, **cfg) -> Coordinator:
+    base = dict(
+        epochs=1,
+        batch_size=10,
+        sync_every=10,
+        min_nodes=1,
+        dataset_size=300,
+        heartbeat_timeout=5.0,
+        heartbeat_s=0.5,
+    )
+    base.update(cfg)
+    opts = ServeOptions(
+        state_dir=tmp_path / "state", port=free_port(), tick_s=0.1, finish_grace_s=0.3
+    )
+    return Coordinator(SessionConfig(**base), opts)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
+
+
+async def join(coord: Coordinator, n: int, name: str = "") -> CoordinatorClient:
+    return await CoordinatorClient.connect(
+        coord.node_token, node_info=node_info(coord.config.dataset_size), name=name, timeout=10
+    )
+
+
+async def start_sync(clients, init: dict[str, torch.Tensor]) -> bytes:
+    """Round 0: the first client's weights become global; everyone gets them; shards."""
+    ready, blob = await clients[0].barrier(BarrierSync(round=0), to_bytes(init))
+    assert ready.round == 0 and ready.contributed
+    for c in clients[1:]:
+        r, b = await c.barrier(BarrierSync(round=0), to_bytes(model(99)))
+        assert b == blob and not r.contributed
+    for c in clients:
+        await c.shard(0)
+    return blob
+
+
+def hand_mean(uploads: dict[str, dict], weights: dict[str, float], order: list[str]):
+    """sum_i w_i x_i in float64 in arrival order, / sum w, cast back; ints: elementwise max."""
+    out = {}
+    ref = uploads[order[0]]
+    for k, t in ref.items():
+        if t.is_floating_point():
+            acc = torch.zeros(t.shape, dtype=torch.float64)
+            total = 0.0
+            for n in order:
+                acc = acc + uploads[n][k].double() * weights[n]
+                total += weights[n]
+            out[k] = (acc / total).to(t.dtype)
+        else:
+            out[k] = torch.stack([uploads[n][k] for n in order]).amax(0)
+    return out
+
+
+def manifest(coord: Coordinator) -> dict:
+    return json.loads((coord.store.directory / "manifest.json").read_text())
+
+
+def entry(coord: Coordinator, rnd: int) -> dict:
+    return next(e for e in manifest(coord)["checkpoints"] if e["round"] == rnd)
+
+
+def contributors(e: dict) -> list:
+    return [c[0] for c in e["contributors"]]
+
+
+def test_mean_is_exact_in_manifest_order(tmp_path):
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=3)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        clients = [await join(coord, i, f"n{i}") for i in range(3)]
+        await start_sync(clients, model(0))
+        uploads = {c.node_key: model(10 + i) for i, c in enumerate(clients)}
+        samples = {c.node_key: 10 * (i + 1) for i, c in enumerate(clients)}
+        results = await asyncio.gather(
+            *(
+                c.barrier(
+                    BarrierSync(round=1, samples=samples[c.node_key]),
+                    to_bytes(uploads[c.node_key]),
+                )
+                for c in clients
+            )
+        )
+        blobs = {b for _, b in results}
+        assert len(blobs) == 1 and all(r.contributed and r.finished for r, _ in results)
+        e = entry(coord, 1)
+        order = contributors(e)
+        assert sorted(order) == sorted(uploads)
+        expect = hand_mean(uploads, {k: float(v) for k, v in samples.items()}, order)
+        ckpt = (coord.store.directory / "round-000001.safetensors").read_bytes()
+        assert ckpt == blobs.pop()
+        got = from_bytes(ckpt)
+        for k in expect:
+            assert torch.equal(got[k], expect[k]), k
+        await asyncio.wait_for(runner, 10)  # the session finished: run() returns
+        for c in clients:
+            assert c.finish is not None and c.finish.round == 1
+            await c.close()
+        await coord.close()
+
+    run(main())
+
+
+def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
+    lr, mom = 0.7, 0.9
+
+    async def main():
+        coord = coordinator(
+            tmp_path,
+            aggregation="diloco",
+            outer_lr=lr,
+            outer_momentum=mom,
+            dataset_size=400,
+            min_nodes=2,
+        )
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        clients = [await join(coord, i) for i in range(2)]
+        init = model(0)
+        await start_sync(clients, init)
+        param = {k: v.clone() for k, v in init.items() if v.is_floating_point()}
+        opt = torch.optim.SGD(
+            list(param.values()), lr=lr, momentum=mom, nesterov=True, foreach=False
+        )
+        for rnd in (1, 2):
+            uploads = {c.node_key: model(100 * rnd + i) for i, c in enumerate(clients)}
+            results = await asyncio.gather(
+                *(
+                    c.barrier(BarrierSync(round=rnd, samples=7 + i), to_bytes(uploads[c.node_key]))
+                    for i, c in enumerate(clients)
+                )
+            )
+            order = contributors(entry(coord, rnd))
+            w = {c.node_key: float(7 + i) for i, c in enumerate(clients)}
+            mean = hand_mean(uploads, w, order)
+            for k, p in param.items():
+                p.grad = p.detach() - mean[k]
+            opt.step()
+            got = from_bytes(results[0][1])
+            for k, p in param.items():
+                assert torch.equal(got[k], p.detach()), (rnd, k)
+            assert torch.equal(got["steps"], mean["steps"])
+            outer = from_bytes(
+                (coord.store.directory / f"round-{rnd:06d}.outer.safetensors").read_bytes()
+            )
+            for k, p in param.items():
+                assert torch.equal(outer[k], opt.state[p]["momentum_buffer"]), (rnd, k)
+        await asyncio.wait_for(runner, 10)
+        for c in clients:
+            await c.close()
+        await coord.close()
+
+    run(main())
+
+
+def test_bad_upload_garbage_and_bad_tokens_do_not_stop_the_session(tmp_path):
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=2, dataset_size=200, epochs=2)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        a, b = [await join(coord, i) for i in range(2)]
+        await start_sync([a, b], model(0))
+
+        # Garbage on a fresh connection: an Error frame, then the connection is dropped.
+        ep = await Endpoint.bind()
+        conn = await ep.dial(coord.ticket, timeout=10)
+        s = await conn.open_stream()
+        await s._write(b"\x00\x00\x00\x05hello")
+        err = await asyncio.wait_for(s.recv(), 10)
+        assert isinstance(err, Error) and err.code == "protocol"
+        # A token signed by another key, and a Join whose key is not the peer's.
+        other = Identity.generate()
+        forged = issue_token(
+            other,
+            session=coord.session.session_id,
+            coordinator=coord.ticket,
+            now=0.0,
+            ttl_s=1e12,
+        )
+        with pytest.raises(AuthError):  # refused locally: not signed by the ticket's key
+            await CoordinatorClient.connect(forged, node_info=node_info(200), timeout=10)
+        conn2 = await ep.dial(coord.ticket, timeout=10)
+        s2 = await conn2.open_stream()
+        from lightning_drift.protocol import Join
+
+        await s2.send(Join(token=coord.node_token, node_key="ab" * 32, drift_version="0"))
+        err = await asyncio.wait_for(s2.recv(), 10)
+        assert (
+            isinstance(err, Error)
+            and err.code == "auth"
+            and "not the connection's key" in (err.message)
+        )
+        await ep.close()
+
+        # A NaN upload: Error on its barrier stream, excluded, the round completes without it.
+        good = model(5)
+        bad = model(6)
+        bad["w"][0, 0] = float("nan")
+        task = asyncio.create_task(a.barrier(BarrierSync(round=1, samples=10), to_bytes(good)))
+        with pytest.raises(SessionError) as info:
+            await b.barrier(BarrierSync(round=1, samples=10), to_bytes(bad))
+        assert info.value.code == "bad_upload"
+        ready, blob = await task
+        assert ready.contributed and contributors(entry(coord, 1)) == [a.node_key]
+        got = from_bytes(blob)
+        for k in good:
+            assert torch.equal(got[k], good[k])
+        # The bad node is still a member: it gets the round's weights on a re-send.
+        r, blob2 = await b.barrier(BarrierSync(round=1, samples=10), to_bytes(model(7)))
+        assert blob2 == blob and not r.contributed
+        await a.close()
+        await b.close()
+        runner.cancel()
+        await coord.close()
+
+    run(main())
+
+
+def test_revoked_token_is_refused_by_a_running_server_and_observer_status(tmp_path):
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=5)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        a = await join(coord, 0, "alpha")
+        obs = await CoordinatorClient.connect(coord.observer_token, timeout=10)
+        st = await obs.status()
+        assert st.session_id == coord.session.session_id and st.state == "waiting"
+        assert [n.name for n in st.nodes] == ["alpha"] and st.nodes[0].state == "ready"
+        await obs.close()
+        jti = next(c.jti for c in coord.state.tokens().issued() if c.role == "node")
+        TokenStore(coord.state.path).revoke(jti)  # what `drift-coord revoke` does
+        with pytest.raises(AuthError, match="revoked"):
+            await join(coord, 1)
+        await a.close()
+        runner.cancel()
+        await coord.close()
+
+    run(main())
+
+
+def test_three_rounds_three_node_processes_one_killed_mid_round(tmp_path):
+    """Node 2 stops inside round 2 and is SIGKILLed; the survivors finish rounds 2 and 3."""
+
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=3, dataset_size=900, heartbeat_timeout=2.0)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        procs = []
+        for i in range(3):
+            args = [sys.executable, __file__, "node", coord.node_token, str(i)]
+            if i == 2:
+                args.append("2")
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    *args, stdout=asyncio.subprocess.PIPE, cwd=str(ROOT)
+                )
+            )
+        victim = procs[2]
+        while True:
+            line = (await victim.stdout.readline()).decode()
+            assert line, "node 2 exited before its stall point"
+            if line.startswith("stalled"):
+                break
+        victim.send_signal(signal.SIGKILL)
+        await victim.wait()
+        await asyncio.wait_for(runner, 30)  # the session finished its rounds
+        outs = []
+        for p in procs[:2]:
+            out, _ = await asyncio.wait_for(p.communicate(), 20)
+            assert p.returncode == 0
+            outs.append(out.decode().split())
+        await coord.close()
+        return outs
+
+    outs = run(main())
+    st = json.loads((tmp_path / "state" / "state.json").read_text())["session"]
+    assert st["completed"] == 3 and st["finished"]
+    m = json.loads((tmp_path / "state" / "checkpoints" / "manifest.json").read_text())
+    rounds = {e["round"]: e for e in m["checkpoints"]}
+    assert len(rounds[1]["contributors"]) == 3
+    assert len(rounds[2]["contributors"]) == 2 and len(rounds[3]["contributors"]) == 2
+    final = rounds[3]["sha256"]
+    assert all(o[-1] == final for o in outs)  # survivors hold exactly the final checkpoint
+    lost = [m for m in st["members"].values() if m["state"] == "lost"]
+    assert len(lost) == 1 and "heartbeat timeout" in lost[0]["reason"]
+
+
+# ---- the node process ---------------------------------------------------------------------
+
+
+async def node_main(token: str, index: int, stall: int | None) -> None:
+    client = await CoordinatorClient.connect(
+        token, node_info=lambda: node_info(900), name=f"n{index}", timeout=10
+    )
+    try:
+        ready, blob = await client.barrier(BarrierSync(round=0), to_bytes(model(0)))
+        a = await client.shard(0)
+        sha = ready.sha256
+        for k in range(a.rounds):
+            rnd = a.first_round + k
+            if rnd == stall:
+                print("stalled", flush=True)
+                await asyncio.sleep(3600)
+            sd = from_bytes(blob)
+            sd["w"] = sd["w"] + 0.01 * (index + 1)
+            await client.progress(
+                TrainProgress(round=rnd, epoch=0, step=k, samples=10, samples_per_s=100.0)
+            )
+            ready, blob = await client.barrier(
+                BarrierSync(round=rnd, samples=10 * (index + 1), train_seconds=0.1), to_bytes(sd)
+            )
+            sha = ready.sha256
+            print(f"round {ready.round} {sha}", flush=True)
+            if ready.finished:
+                break
+        print(sha, flush=True)
+    finally:
+        await client.close()
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "node":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    stall_round = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    asyncio.run(node_main(sys.argv[2], int(sys.argv[3]), stall_round))
