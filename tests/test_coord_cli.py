@@ -1,0 +1,120 @@
+"""drift-coord: option resolution (flags > config file > defaults), token, revoke, status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from lightning_drift_cli.coord import app, resolve_serve_options
+from typer.testing import CliRunner
+
+from lightning_drift.auth import Identity, verify_token
+from lightning_drift.coordinator.monitor import render_lines, render_table
+from lightning_drift.coordinator.server import Coordinator, ServeOptions
+from lightning_drift.coordinator.session import SessionConfig
+from lightning_drift.coordinator.state import StateDir, parse_duration
+from lightning_drift.errors import ConfigError
+from lightning_drift.protocol import NodeStatus, SessionStatus
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_flags_win_over_config_file_over_defaults(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        "coordinator:\n  epochs: 3\n  min_nodes: 2\n  heartbeat-timeout: 7\n"
+        "model:\n  class_path: m.Net\ntrainer:\n  max_epochs: 3\n"
+    )
+    o, lightning = resolve_serve_options({"epochs": 5, "port": None}, cfg)
+    assert o["epochs"] == 5 and o["min_nodes"] == 2 and o["heartbeat_timeout"] == 7.0
+    assert o["port"] == 7842 and o["mode"] == "local" and o["aggregation"] == "mean"
+    assert "class_path: m.Net" in lightning and "coordinator" not in lightning
+    cfg.write_text("coordinator:\n  epoks: 3\n")
+    with pytest.raises(ConfigError, match="unknown coordinator option"):
+        resolve_serve_options({}, cfg)
+    with pytest.raises(ConfigError, match="quorum"):
+        resolve_serve_options({"quorum": 1.5}, None)
+
+
+def test_parse_duration():
+    assert parse_duration("24h") == 86400 and parse_duration("90") == 90
+    with pytest.raises(ConfigError):
+        parse_duration("soon")
+
+
+def test_token_and_revoke_commands(tmp_path):
+    sd = StateDir(tmp_path)
+    ident = sd.identity()
+    sd.save_coordinator({"ticket": "t", "session": "s1"})
+    r = runner.invoke(app, ["token", "--state-dir", str(tmp_path), "--role", "observer"])
+    assert r.exit_code == 0, r.output
+    tok = r.stdout.strip().splitlines()[0]
+    claims = verify_token(tok, ident.public_key, now=claims_now(), session="s1")
+    assert claims.role == "observer" and claims.coordinator == "t"
+    r = runner.invoke(app, ["revoke", claims.jti, "--state-dir", str(tmp_path)])
+    assert r.exit_code == 0 and claims.jti in sd.tokens().revoked()
+    r = runner.invoke(app, ["token", "--state-dir", str(tmp_path / "none")])
+    assert r.exit_code == 2
+
+
+def claims_now() -> float:
+    import time
+
+    return time.time()
+
+
+def test_renderers():
+    st = SessionStatus(
+        session_id="s",
+        state="training",
+        round=3,
+        epoch=0,
+        epochs=2,
+        nodes=[NodeStatus(node_id="a" * 64, name="gpu box", device="cuda:0 RTX", share=0.75,
+                          samples_per_s=123.4, round=3, state="barrier", barrier_wait_s=1.5,
+                          vram_total=8 << 30)],
+    )  # fmt: skip
+    t = render_table(st)
+    assert [c.header for c in t.columns][:3] == ["node", "device", "VRAM"]
+    lines = render_lines(st, now=0)
+    assert "round=3" in lines[0] and "share=75.0%" in lines[1] and "vram=8.0GiB" in lines[1]
+
+
+def test_status_command_against_a_running_coordinator(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def main():
+        coord = Coordinator(
+            SessionConfig(dataset_size=10), ServeOptions(state_dir=tmp_path / "st", port=port)
+        )
+        await coord.start()
+        serving = asyncio.create_task(coord.run())
+        try:
+            p = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lightning_drift_cli.coord", "status", "--json",
+                "--state-dir", str(tmp_path / "st"),
+                stdout=asyncio.subprocess.PIPE, cwd=str(ROOT),
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(p.communicate(), 60)
+            assert p.returncode == 0
+            return json.loads(out), coord.session.session_id, coord.ticket
+        finally:
+            serving.cancel()
+            await coord.close()
+
+    doc, sid, ticket = asyncio.run(asyncio.wait_for(main(), 90))
+    assert doc["session_id"] == sid and doc["state"] == "waiting" and doc["nodes"] == []
+    # serve wrote the standing tokens (0600) and the advertised address.
+    st = tmp_path / "st"
+    assert (st / "node.token").stat().st_mode & 0o777 == 0o600
+    assert json.loads((st / "coordinator.json").read_text())["ticket"] == ticket
+    ident = Identity.load_or_create(st)
+    c = verify_token((st / "node.token").read_text().strip(), ident.public_key, now=claims_now())
+    assert c.role == "node" and c.session == sid
