@@ -147,7 +147,7 @@ def run_plain(args: argparse.Namespace, setup: c.Setup, kind: str, work: Path) -
         "wall_s": wall,
         "fit_s": max(r["fit_s"] for r in reports),
         "samples": sum(r["samples"] for r in reports),
-        "steps": reports[0]["steps"],
+        "steps": str(reports[0]["steps"]),
         "bytes": 0.0,
         "rounds": "",
     }
@@ -157,7 +157,7 @@ def run_plain(args: argparse.Namespace, setup: c.Setup, kind: str, work: Path) -
             raise RuntimeError(f"ddp ran with backends {backends}, not gloo on {n} processes")
         # Ring all-reduce: each process sends 2(n-1)/n of the gradient bytes per step; every
         # byte sent is received once, so the network carries the sum over the n processes.
-        per_process = reports[0]["param_bytes"] * res["steps"] * 2 * (n - 1) / n
+        per_process = reports[0]["param_bytes"] * reports[0]["steps"] * 2 * (n - 1) / n
         res["bytes"] = per_process * n
     return res
 
@@ -214,7 +214,7 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, agg: str, work: Path) ->
         "wall_s": wall,
         "fit_s": max(r["fit_s"] for r in reports),
         "samples": sum(r["samples"] for r in reports),
-        "steps": max(r["steps"] for r in reports),
+        "steps": "/".join(str(r["steps"]) for r in reports),  # shards follow capability
         "bytes": float(sum(e["bytes_sent"] + e["bytes_received"] for h in histories for e in h)),
         "rounds": str(max((e["round"] for h in histories for e in h), default=0)),
     }
@@ -235,7 +235,7 @@ def report(args: argparse.Namespace, setup: c.Setup, results: list[dict], init_l
             r["method"],
             str(r["processes"]),
             str(r["samples"]),
-            str(r["steps"]),
+            r["steps"],
             r["rounds"] or "-",
             f"{r['loss']:.4f}",
             ratio(r["loss"], base, "loss"),
@@ -258,8 +258,9 @@ def report(args: argparse.Namespace, setup: c.Setup, results: list[dict], init_l
         "every validation window, computed by the benchmark from each method's saved final "
         "weights (drift: the coordinator's final checkpoint, which every node holds).",
         "samples: training samples over all processes (the same total for every method, up to "
-        "DistributedSampler padding); steps/proc: optimizer steps of one process; rounds: the "
-        "last drift round (round 0 is the start-up sync).",
+        "DistributedSampler padding); steps/proc: optimizer steps of each process (drift shard "
+        "sizes follow each node's measured capability); rounds: the last drift round (round 0 "
+        "is the start-up sync).",
         "wall: from launching the first process (drift: the coordinator) to the last training "
         "process exiting, Python and Lightning start-up included; fit: the longest trainer.fit.",
         "network bytes, drift: measured payload, the sum over nodes of the safetensors bytes "
