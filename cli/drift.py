@@ -1,0 +1,197 @@
+"""``drift``: the node side. ``join`` and ``train`` run a node, ``status`` shows the session,
+``coord`` runs a coordinator (same as ``drift-coord serve``), ``demo`` runs a whole session on
+loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train one model across unlike machines: run a node, check a session, try a demo.",
+)
+
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", "-t", envvar="DRIFT_TOKEN", help="Invitation token (or DRIFT_TOKEN)."),
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def _need_token(token: str | None) -> str:
+    if token:
+        return token.strip()
+    raise typer.BadParameter(
+        "no token: pass --token or set DRIFT_TOKEN (`drift-coord serve` prints one and writes "
+        "it to STATE_DIR/node.token)",
+        param_hint="--token",
+    )
+
+
+def _read_token(token: str) -> str:
+    """Accept the token itself or a path to a file holding it."""
+    if not token.startswith("eyJ") and Path(token).is_file():
+        return Path(token).read_text().strip()
+    return token
+
+
+@app.command()
+def join(
+    token: TokenOpt = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="LightningCLI YAML; default: the coordinator's --config."
+        ),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="local (relays off) or internet.")] = "local",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a LightningCLI config as a node of the session, with DriftStrategy set."""
+    _setup_logging(verbose)
+    tok = _read_token(_need_token(token))
+    from lightning_drift_cli import nodecmds
+
+    raise typer.Exit(nodecmds.join(tok, config, mode=mode))
+
+
+@app.command()
+def train(
+    token: TokenOpt = None,
+    model_path: Annotated[
+        Path | None, typer.Option(help="Initial weights (.pt or .safetensors).")
+    ] = None,
+    dataset_path: Annotated[
+        Path | None,
+        typer.Option(
+            help="A text file or a folder of text files; default: Python's stdlib source."
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs (the session's setting wins).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    resume: Annotated[
+        Path | None, typer.Option(help="A node .ckpt to resume from (rejoins the session).")
+    ] = None,
+    checkpoint_dir: Annotated[
+        Path, typer.Option(help="Where this node keeps its Lightning checkpoints.")
+    ] = Path("drift-node-checkpoints"),
+    peer: Annotated[
+        str | None,
+        typer.Option(help="Only connect if the coordinator's endpoint id is this (hex)."),
+    ] = None,
+    max_chars: Annotated[int, typer.Option(help="Characters of text to train on.")] = 400_000,
+    d_model: Annotated[int, typer.Option(help="Model width.")] = 128,
+    n_layers: Annotated[int, typer.Option(help="Transformer layers.")] = 2,
+    block_size: Annotated[int, typer.Option(help="Context length.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    mode: Annotated[str, typer.Option(help="local (relays off) or internet.")] = "local",
+    name: Annotated[str | None, typer.Option(help="Label in the coordinator's view.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show Lightning's progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train the example char-level transformer as a node of the session."""
+    _setup_logging(verbose)
+    tok = _read_token(_need_token(token))
+    from lightning_drift_cli import nodecmds
+
+    nodecmds.train(
+        tok,
+        model_path=model_path,
+        dataset_path=dataset_path,
+        epochs=epochs,
+        batch_size=batch_size,
+        resume=resume,
+        checkpoint_dir=checkpoint_dir,
+        peer=peer,
+        max_chars=max_chars,
+        d_model=d_model,
+        n_layers=n_layers,
+        block_size=block_size,
+        device=device,
+        mode=mode,
+        name=name,
+        progress=progress,
+    )
+
+
+@app.command()
+def status(
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    mode: Annotated[str, typer.Option(help="local (relays off) or internet.")] = "local",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 15.0,
+) -> None:
+    """Show the session: nodes, devices, shares, rounds (needs a node or observer token)."""
+    tok = _read_token(_need_token(token))
+    from lightning_drift_cli import nodecmds
+
+    st = nodecmds.fetch_status(tok, mode=mode, timeout=timeout)
+    if as_json:
+        import msgspec
+
+        typer.echo(json.dumps(msgspec.to_builtins(st), indent=2))
+        return
+    from lightning_drift.coordinator.monitor import render_table
+    from rich.console import Console
+
+    Console().print(render_table(st))
+
+
+@app.command()
+def demo(
+    nodes: Annotated[int, typer.Option(help="How many nodes to start.")] = 2,
+    epochs: Annotated[int, typer.Option(help="Epochs to train.")] = 2,
+    workdir: Annotated[Path, typer.Option(help="Where state and checkpoints go.")] = Path(
+        "demo-run"
+    ),
+    max_chars: Annotated[
+        int, typer.Option(help="Characters of stdlib source to train on.")
+    ] = 120_000,
+    sync_every: Annotated[int, typer.Option(help="Steps per round for an average node.")] = 20,
+) -> None:
+    """Start a coordinator and N nodes on loopback, train the example model, show the session."""
+    from lightning_drift_cli import demo as demo_mod
+
+    raise typer.Exit(
+        demo_mod.run(
+            nodes=nodes, epochs=epochs, workdir=workdir, max_chars=max_chars, sync_every=sync_every
+        )
+    )
+
+
+def _add_coord() -> None:
+    from lightning_drift_cli.coord import serve
+
+    app.command(
+        "coord",
+        help="Run a coordinator: the same as `drift-coord serve` (see `drift-coord serve --help`).",
+    )(serve)
+
+
+_add_coord()
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

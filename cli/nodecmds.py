@@ -1,0 +1,125 @@
+"""What ``drift join``, ``drift train`` and ``drift status`` do, apart from parsing flags."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from lightning_drift import protocol as p
+from lightning_drift.errors import AuthError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def fetch_status(token: str, *, mode: str = "local", timeout: float = 15.0) -> p.SessionStatus:
+    """One status round trip with a node or observer token."""
+    from lightning_drift_cli.coord import fetch_status as _fetch
+
+    return asyncio.run(_fetch(token, mode=mode, timeout=timeout))
+
+
+def join(token: str, config: Path | None, *, mode: str = "local") -> int:
+    """Run LightningCLI on ``config`` (or the coordinator's config) with DriftStrategy set."""
+    os.environ["DRIFT_TOKEN"] = token
+    # Like `python -m`, let the config name modules next to where the user runs us.
+    sys.path.insert(0, os.getcwd())
+    if config is None:
+        status = fetch_status(token, mode=mode)
+        if not status.lightning_config:
+            raise ConfigError(
+                "the coordinator was started without --config, so it has no LightningCLI config "
+                "to hand out: pass `drift join --config train.yaml`"
+            )
+        tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="drift-join-", delete=False)
+        tmp.write(status.lightning_config)
+        tmp.close()
+        config = Path(tmp.name)
+    if not config.is_file():
+        raise ConfigError(f"config file {config} does not exist")
+    from lightning.pytorch.cli import LightningCLI
+
+    import lightning_drift  # noqa: F401  (registers the strategy)
+
+    args = ["fit", "--config", str(config), "--trainer.strategy", "lightning_drift.DriftStrategy"]
+    if mode != "local":
+        args += ["--trainer.strategy.mode", mode]
+    LightningCLI(args=args, save_config_callback=None)
+    return 0
+
+
+def _load_weights(path: Path) -> dict:
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def train(
+    token: str,
+    *,
+    model_path: Path | None,
+    dataset_path: Path | None,
+    epochs: int,
+    batch_size: int,
+    resume: Path | None,
+    checkpoint_dir: Path,
+    peer: str | None,
+    max_chars: int,
+    d_model: int,
+    n_layers: int,
+    block_size: int,
+    device: str,
+    mode: str,
+    name: str | None,
+    progress: bool,
+) -> None:
+    """Train the char-level transformer of ``examples/charlm`` as a node."""
+    if peer:
+        from lightning_drift.auth import decode_token
+        from lightning_drift.transport import ticket_key
+
+        claims, _, _ = decode_token(token)
+        if ticket_key(claims.coordinator).hex() != peer.lower():
+            raise AuthError(
+                f"the token names coordinator {ticket_key(claims.coordinator).hex()[:16]}…, "
+                f"not the peer {peer[:16]}… asked for with --peer"
+            )
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning_drift_examples.charlm import CharDataModule, CharLM
+
+    from lightning_drift import DriftStrategy
+
+    data = CharDataModule(
+        batch_size=batch_size, block_size=block_size, max_chars=max_chars, path=dataset_path
+    )
+    model = CharLM(d_model=d_model, n_layers=n_layers, block_size=block_size)
+    if model_path is not None:
+        missing, unexpected = model.load_state_dict(_load_weights(model_path), strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"{model_path} does not fit the model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}; pass weights saved from the same --d-model/--n-layers"
+            )
+    strategy = DriftStrategy(token=token, device=device, mode=mode, name=name)
+    trainer = L.Trainer(
+        strategy=strategy,
+        max_epochs=epochs,
+        default_root_dir=str(checkpoint_dir),
+        callbacks=[ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True)],
+        enable_progress_bar=progress,
+        log_every_n_steps=10,
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=str(resume) if resume else None)

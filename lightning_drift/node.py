@@ -1,0 +1,247 @@
+"""The node runtime: the training process's side of a drift session.
+
+It owns the iroh endpoint and one asyncio loop running in a background thread, and offers
+blocking calls to the training thread: ``start`` (join and handshake), ``shard``, ``barrier``,
+``report`` and ``status``. When the coordinator goes away (restart, network drop) a call
+reconnects with exponential backoff and is retried, so the training thread keeps its place:
+a barrier upload is kept until its ``BarrierReady`` arrives and is sent again after a
+reconnect. ``close`` shuts the endpoint down before the process exits (iroh can abort a
+process that exits with live endpoints).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import nacl.signing
+
+from lightning_drift import protocol as p
+from lightning_drift.errors import (
+    AuthError,
+    ConnectTimeout,
+    DriftError,
+    PeerLost,
+    ProtocolError,
+    SessionError,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Refusals that a retry cannot cure: the token, the session or the data are wrong.
+_FATAL = (AuthError, SessionError)
+
+
+class SessionFinished(DriftError):
+    """The coordinator says the session is over; ``finish`` holds its last word."""
+
+    def __init__(self, finish: p.Finish) -> None:
+        super().__init__(f"session finished at round {finish.round}")
+        self.finish = finish
+
+
+class NodeRuntime:
+    """Blocking façade over an async :class:`~lightning_drift.client.CoordinatorClient`.
+
+    Create it in the training process, call :meth:`start` once (typically from the strategy's
+    setup), then :meth:`shard` each epoch and :meth:`barrier` at each barrier point. Every
+    call is safe to make from any one thread at a time.
+    """
+
+    def __init__(
+        self,
+        token: str,
+        node_info: Callable[[], p.NodeInfo],
+        *,
+        name: str = "",
+        mode: str = "local",
+        relay_urls: tuple[str, ...] = (),
+        connect_timeout: float = 30.0,
+        reconnect_timeout: float = 300.0,
+        backoff_max: float = 8.0,
+    ) -> None:
+        self.token = token
+        self._node_info = node_info
+        self.name = name
+        self.mode = mode
+        self.relay_urls = relay_urls
+        self.connect_timeout = connect_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.backoff_max = backoff_max
+        # One key for the node's whole life: a reconnect comes back as the same member.
+        self.secret = os.urandom(32)
+        self.node_key = bytes(nacl.signing.SigningKey(self.secret).verify_key).hex()
+        self.config: p.TrainConfig | None = None
+        self.round = -1  # the last round whose global weights we hold
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.reconnects = 0
+        self._client: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> p.TrainConfig:
+        """Start the loop thread, join the session and return its ``TrainConfig``."""
+        if self._thread is None:
+            ready = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run_loop, args=(ready,), name="drift-node", daemon=True
+            )
+            self._thread.start()
+            ready.wait()
+        self._call(self._connect(first=True), timeout=self.connect_timeout + 30)
+        assert self.config is not None
+        return self.config
+
+    def close(self, reason: str = "done") -> None:
+        """Say goodbye, close the endpoint and stop the loop thread. Idempotent."""
+        if self._closed or self._loop is None:
+            return
+        self._closed = True
+        try:
+            self._call(self._close_client(reason), timeout=10)
+        except Exception as exc:  # closing must never raise into teardown
+            log.debug("close error=%r", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> NodeRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- blocking calls for the training thread ------------------------------------------------
+
+    def shard(self, epoch: int) -> p.ShardAssignment:
+        """The shard of ``epoch``; blocks until the coordinator has planned it."""
+        return self._call(self._retrying(lambda c: c.shard(epoch), what=f"shard epoch={epoch}"))
+
+    def barrier(self, sync: p.BarrierSync, weights: bytes) -> tuple[p.BarrierReady, bytes]:
+        """Upload ``weights`` for ``sync.round`` and block until the round's global weights come.
+
+        Survives a coordinator restart: the same upload is sent again after reconnecting.
+        """
+        ready, blob = self._call(
+            self._retrying(lambda c: c.barrier(sync, weights), what=f"barrier round={sync.round}")
+        )
+        self.bytes_sent += len(weights)
+        self.bytes_received += len(blob)
+        self.round = ready.round
+        return ready, blob
+
+    def report(self, progress: p.TrainProgress) -> None:
+        """Send ``TrainProgress`` without waiting; dropped silently while reconnecting."""
+        if self._loop is None or self._client is None:
+            return
+
+        async def send() -> None:
+            try:
+                await self._client.progress(progress)
+            except DriftError as exc:
+                log.debug("progress dropped error=%r", exc)
+
+        asyncio.run_coroutine_threadsafe(send(), self._loop)
+
+    def status(self) -> p.SessionStatus:
+        """The coordinator's current view of the session."""
+        return self._call(self._retrying(lambda c: c.status(), what="status"))
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _run_loop(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def _call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        assert self._loop is not None, "NodeRuntime.start() must be called first"
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        return fut.result(timeout)
+
+    async def _connect(self, first: bool) -> None:
+        from lightning_drift.client import CoordinatorClient
+
+        client = await CoordinatorClient.connect(
+            self.token,
+            node_info=self._node_info(),
+            name=self.name,
+            timeout=self.connect_timeout,
+            mode=self.mode,
+            relay_urls=self.relay_urls,
+            resume_round=self.round,
+            secret=self.secret,
+        )
+        self._client = client
+        self.config = client.config
+        if not first:
+            self.reconnects += 1
+        log.info(
+            "joined session=%s round=%s reconnect=%s",
+            client.config.session_id,
+            client.config.round,
+            not first,
+        )
+
+    async def _reconnect(self, what: str, cause: Exception) -> None:
+        """Reconnect with exponential backoff until ``reconnect_timeout`` has passed."""
+        old, self._client = self._client, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.25
+        log.warning("connection lost during=%s error=%s reconnecting", what, cause)
+        while True:
+            try:
+                await self._connect(first=False)
+                return
+            except _FATAL:
+                raise
+            except (PeerLost, ConnectTimeout, ProtocolError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise PeerLost(
+                        f"could not reach the coordinator again within {self.reconnect_timeout:.0f} s "
+                        f"(last error: {exc}); check that it is running, then restart this node "
+                        "with its checkpoint to rejoin"
+                    ) from exc
+                log.info("reconnect failed error=%s retry_in=%.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+
+    async def _retrying(self, op: Callable[[Any], Awaitable[T]], what: str) -> T:
+        while True:
+            if self._client is None:
+                await self._reconnect(what, PeerLost("not connected"))
+            try:
+                return await op(self._client)
+            except _FATAL:
+                raise
+            except SessionFinished:
+                raise
+            except (PeerLost, ConnectTimeout) as exc:
+                if self._closed:
+                    raise
+                await self._reconnect(what, exc)
+
+    async def _close_client(self, reason: str) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close(reason)

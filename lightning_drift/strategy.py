@@ -1,0 +1,507 @@
+"""``DriftStrategy``: train one model across unlike machines from a Lightning ``Trainer``.
+
+Each machine runs one node: a single-device strategy with no torch.distributed process group.
+The strategy only connects Lightning to the node runtime:
+
+- when the train dataloader is set up (first in ``fit``), the node joins the session, syncs
+  to the coordinator's global weights (round 0 or the current round) and, every epoch, swaps
+  the dataloader's sampler for the shard the coordinator assigned;
+- after each optimizer step it counts towards its barrier points (the coordinator fixes how
+  many rounds an epoch has; the node spreads its shard's steps evenly over them); at a
+  barrier it uploads its weights, waits for the round's global weights and copies them into
+  the existing parameters, so parameter identity and the local optimizer state are kept
+  (as DiLoCo does);
+- the last barrier of the last epoch is the final one: every node ends holding the
+  coordinator's final checkpoint.
+
+No network is touched in ``__init__``; the runtime connects in ``process_dataloader`` and
+closes in ``teardown``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator, Sized
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import RunningStage
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from lightning_drift import __version__
+from lightning_drift import protocol as p
+from lightning_drift.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "DRIFT_TOKEN"
+
+
+class ShardSampler(Sampler[int]):
+    """Yields this node's shard of one epoch: positions ``start:stop`` of the epoch's permutation."""
+
+    def __init__(self, indices: torch.Tensor) -> None:
+        self.indices = indices
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices.tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over the state dict's names, shapes and dtypes: equal models, equal fingerprints."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()
+
+
+class DriftStrategy(SingleDeviceStrategy):
+    """Lightning strategy for one node of a drift session (one device per machine).
+
+    Args:
+        token: the invitation token printed by ``drift-coord serve``; when ``None`` it is read
+            from the ``DRIFT_TOKEN`` environment variable.
+        device: ``"auto"`` (let Lightning's accelerator pick: CUDA/ROCm, then MPS, then CPU),
+            or an explicit torch device such as ``"cuda:1"``, ``"mps"`` or ``"cpu"``.
+        sync_every: ignored unless set: asks for barriers every this many optimizer steps
+            instead of the coordinator's schedule (only useful alone, e.g. for benchmarks;
+            every node of a session must follow the coordinator's rounds).
+        connect_timeout: seconds to wait for the coordinator when joining.
+        reconnect_timeout: seconds to keep retrying when the coordinator goes away.
+        mode: ``"local"`` (relays off; loopback and LANs) or ``"internet"`` (relays and hole
+            punching).
+        relay_urls: custom iroh relay URLs for internet mode.
+        checkpoint_dir: where the node keeps a copy of each global round's weights
+            (``round-NNNNNN.safetensors``); ``None`` keeps none.
+        name: a label shown in the coordinator's view (the hostname by default).
+        progress_every: seconds between progress reports to the coordinator.
+        calibration_seconds: how long the start-up calibration benchmark runs.
+    """
+
+    strategy_name = "drift"
+
+    def __init__(
+        self,
+        token: str | None = None,
+        device: str = "auto",
+        sync_every: int | None = None,
+        connect_timeout: float = 30.0,
+        reconnect_timeout: float = 300.0,
+        mode: str = "local",
+        relay_urls: list[str] | None = None,
+        checkpoint_dir: str | None = None,
+        name: str | None = None,
+        progress_every: float = 5.0,
+        calibration_seconds: float = 0.5,
+    ) -> None:
+        token = token or os.environ.get(TOKEN_ENV)
+        if not token:
+            raise ConfigError(
+                "DriftStrategy needs an invitation token: pass DriftStrategy(token=...) or set "
+                f"{TOKEN_ENV}; `drift-coord serve` prints one and writes it to STATE_DIR/node.token"
+            )
+        if mode not in ("local", "internet"):
+            raise ConfigError(f"mode must be 'local' or 'internet', not {mode!r}")
+        accelerator: Accelerator | None = None
+        root = torch.device("cpu")
+        if device != "auto":
+            from lightning_drift.hardware import choose_device
+
+            root = choose_device(device)
+            accelerator = _accelerator_for(root)
+        super().__init__(device=root, accelerator=accelerator)
+        self.token = token.strip()
+        self.device_preference = device
+        self.sync_every = sync_every
+        self.connect_timeout = connect_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.mode = mode
+        self.relay_urls = list(relay_urls or [])
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.node_name = name or socket.gethostname()
+        self.progress_every = progress_every
+        self.calibration_seconds = calibration_seconds
+
+        self.runtime: Any = None
+        self.config: p.TrainConfig | None = None
+        self.assignment: p.ShardAssignment | None = None
+        self.history: list[dict[str, Any]] = []  # one entry per barrier, for tests and logs
+        self._parallel: list[torch.device] = []
+        self._global: dict[str, torch.Tensor] | None = None  # for delta uploads
+        self._epoch_steps = 0
+        self._epoch_total_steps: int | None = None
+        self._barriers_done = 0
+        self._samples = 0
+        self._steps = 0
+        self._train_t0 = time.monotonic()
+        self._last_loss: torch.Tensor | float | None = None
+        self._last_report = 0.0
+        self._rate_t0 = time.monotonic()
+        self._rate_samples = 0
+        self.finished = False
+        self.node_key = ""
+
+    # -- registration and device checks -----------------------------------------------------------
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "drift",
+            cls,
+            description="Train across machines by averaging weights at barriers (token from DRIFT_TOKEN)",
+            override=True,
+        )
+
+    # Lightning's accelerator connector hands every strategy the devices it resolved from
+    # `Trainer(devices=..., accelerator=...)`. A drift node owns exactly one device.
+    @property
+    def parallel_devices(self) -> list[torch.device]:
+        return self._parallel
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        devices = list(devices or [])
+        if len(devices) > 1:
+            raise ConfigError(
+                f"DriftStrategy trains on one device per machine, but the Trainer resolved "
+                f"{len(devices)} devices ({', '.join(map(str, devices))}). Pass devices=1; to use "
+                "another GPU, start another node (`drift join`) with device='cuda:N'."
+            )
+        if devices and self.device_preference == "auto":
+            self._root_device = torch.device(devices[0])
+        self._parallel = devices[:1]
+
+    @property
+    def num_nodes(self) -> int:
+        return 1
+
+    @num_nodes.setter
+    def num_nodes(self, n: int) -> None:
+        if n != 1:
+            raise ConfigError(
+                f"Trainer(num_nodes={n}) does not apply to DriftStrategy: each machine runs its own "
+                "node and joins the session with its token; leave num_nodes=1."
+            )
+
+    # -- joining and sharding ----------------------------------------------------------------------
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        # Every epoch needs a fresh dataloader over the epoch's shard.
+        trainer.reload_dataloaders_every_n_epochs = 1
+
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer
+        if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
+            return dataloader
+        dataset = dataloader.dataset
+        if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+            raise ConfigError(
+                "DriftStrategy shards a map-style dataset (one with __len__ and __getitem__); the "
+                f"train dataset is a {type(dataset).__name__}. Wrap your data in a map-style "
+                "Dataset so the coordinator can give each node its own indices."
+            )
+        if self.runtime is None:
+            self._join(len(dataset))
+        assert self.runtime is not None
+        a = self.runtime.shard(trainer.current_epoch)
+        if a.epoch != trainer.current_epoch:
+            self._jump_to_epoch(a.epoch)
+        self.assignment = a
+        from lightning.pytorch.utilities.data import _update_dataloader
+
+        from lightning_drift.scheduler import epoch_permutation
+
+        perm = epoch_permutation(a.seed, a.epoch, len(dataset))
+        sampler = ShardSampler(perm[a.start : a.stop])
+        self._epoch_steps = 0
+        self._epoch_total_steps = None
+        self._barriers_done = 0
+        log.info(
+            "shard epoch=%d start=%d stop=%d rounds=%d first_round=%d",
+            a.epoch,
+            a.start,
+            a.stop,
+            a.rounds,
+            a.first_round,
+        )
+        self._log_metrics({"drift/shard_size": float(a.stop - a.start), "drift/epoch": a.epoch})
+        return _update_dataloader(dataloader, sampler, mode=RunningStage.TRAINING)
+
+    def _join(self, dataset_size: int) -> None:
+        from lightning_drift.hardware import node_info_fields
+        from lightning_drift.node import NodeRuntime
+
+        module = self.lightning_module
+        fingerprint = model_fingerprint(module)
+        hw = node_info_fields(self.root_device, seconds=self.calibration_seconds)
+
+        def info() -> p.NodeInfo:
+            return p.NodeInfo(
+                nonce="",
+                dataset_size=dataset_size,
+                model_fingerprint=fingerprint,
+                **hw,
+            )
+
+        self.runtime = NodeRuntime(
+            self.token,
+            info,
+            name=self.node_name,
+            mode=self.mode,
+            relay_urls=tuple(self.relay_urls),
+            connect_timeout=self.connect_timeout,
+            reconnect_timeout=self.reconnect_timeout,
+        )
+        self.node_key = self.runtime.node_key
+        config = self.runtime.start()
+        self.config = config
+        trainer = module.trainer
+        if trainer.fit_loop.max_epochs != config.epochs:
+            log.warning(
+                "epochs: the session trains %d epochs; Trainer(max_epochs=%s) is overridden",
+                config.epochs,
+                trainer.fit_loop.max_epochs,
+            )
+            trainer.fit_loop.max_epochs = config.epochs
+        # Start-up sync: offer our weights as round 0; everyone starts from the same ones.
+        self._sync(p.BarrierSync(round=0, epoch=trainer.current_epoch))
+
+    def _jump_to_epoch(self, epoch: int) -> None:
+        """A node rejoining a session that moved on continues at the coordinator's epoch."""
+        progress = self.lightning_module.trainer.fit_loop.epoch_progress.current
+        log.info(
+            "rejoin: jumping from epoch %d to the session's epoch %d", progress.completed, epoch
+        )
+        progress.ready = progress.started = progress.processed = progress.completed = epoch
+
+    # -- training hooks ----------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        from lightning.pytorch.utilities.data import extract_batch_size
+
+        try:
+            n = extract_batch_size(batch)
+        except Exception:
+            n = 1
+        self._samples += n
+        self._rate_samples += n
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().training_step(*args, **kwargs)
+        loss = out.get("loss") if isinstance(out, dict) else out
+        if isinstance(loss, torch.Tensor):
+            self._last_loss = loss.detach()
+        return out
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if optimizer is self.optimizers[0] if self.optimizers else True:
+            self._after_step()
+        return out
+
+    def _after_step(self) -> None:
+        if self.runtime is None or self.assignment is None:
+            return
+        self._steps += 1
+        self._epoch_steps += 1
+        total = self._steps_this_epoch()
+        rounds = self.assignment.rounds
+        # Barrier k (1-based) of the epoch falls after ceil(k * total / rounds) steps; when a
+        # shard gives fewer steps than rounds, several barriers fall on one step.
+        while self._barriers_done < rounds:
+            due = math.ceil((self._barriers_done + 1) * total / rounds)
+            if self.sync_every:
+                due = min(due, (self._barriers_done + 1) * self.sync_every)
+            if self._epoch_steps < due:
+                break
+            self._barrier()
+        now = time.monotonic()
+        if now - self._last_report >= self.progress_every:
+            self._report(now)
+
+    def _steps_this_epoch(self) -> int:
+        if self._epoch_total_steps is None:
+            trainer = self.lightning_module.trainer
+            batches = trainer.num_training_batches
+            if not math.isfinite(batches):
+                batches = len(
+                    self.assignment and range(self.assignment.start, self.assignment.stop)
+                )
+            if self.lightning_module.automatic_optimization:
+                steps = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+            else:
+                steps = int(batches)
+            self._epoch_total_steps = max(1, int(steps))
+        return self._epoch_total_steps
+
+    def _loss(self) -> float | None:
+        if self._last_loss is None:
+            return None
+        return float(self._last_loss)
+
+    def _report(self, now: float) -> None:
+        from lightning_drift.hardware import memory_now
+
+        elapsed = max(1e-6, now - self._rate_t0)
+        used, peak = memory_now(self.root_device)
+        self.runtime.report(
+            p.TrainProgress(
+                round=self.runtime.round + 1,
+                epoch=self.lightning_module.trainer.current_epoch,
+                step=self._steps,
+                samples=self._samples,
+                loss=self._loss(),
+                samples_per_s=self._rate_samples / elapsed,
+                vram_used=used,
+                vram_peak=peak,
+            )
+        )
+        self._last_report = now
+        self._rate_t0 = now
+        self._rate_samples = 0
+
+    # -- barriers ----------------------------------------------------------------------------------
+
+    def _barrier(self) -> None:
+        trainer = self.lightning_module.trainer
+        sync = p.BarrierSync(
+            round=self.runtime.round + 1,
+            epoch=trainer.current_epoch,
+            samples=self._samples,
+            steps=self._epoch_steps,
+            loss=self._loss(),
+            train_seconds=time.monotonic() - self._train_t0,
+        )
+        self._sync(sync)
+        self._barriers_done += 1
+
+    def _sync(self, sync: p.BarrierSync) -> None:
+        """Upload our weights for ``sync.round``, wait for the global ones, load them in place."""
+        from lightning_drift.aggregate import from_bytes, to_bytes
+
+        module = self.lightning_module
+        assert self.config is not None
+        local = {k: v.detach() for k, v in module.state_dict().items()}
+        if sync.round > 0 and self.config.transfer_dtype == "bfloat16" and self._global is not None:
+            delta = {
+                k: (v.float() - self._global[k].float()).to(torch.bfloat16)
+                if v.is_floating_point()
+                else v
+                for k, v in local.items()
+            }
+            payload = to_bytes(delta)
+            sync.delta = True
+        else:
+            payload = to_bytes(local)
+        t0 = time.monotonic()
+        ready, blob = self.runtime.barrier(sync, payload)
+        wait = time.monotonic() - t0
+        if hashlib.sha256(blob).hexdigest() != ready.sha256:
+            raise ConfigError(f"global weights of round {ready.round} do not match their checksum")
+        weights = from_bytes(blob)
+        with torch.no_grad():
+            # load_state_dict copies into the existing tensors: parameters keep their identity
+            # and the optimizer's state keeps pointing at them.
+            module.load_state_dict(weights, strict=True)
+        if self.config.transfer_dtype == "bfloat16":
+            self._global = {k: v.clone() for k, v in weights.items()}
+        if self.checkpoint_dir is not None:
+            self._keep_copy(ready.round, blob)
+        self.finished = ready.finished
+        entry = {
+            "round": ready.round,
+            "contributed": ready.contributed,
+            "samples": sync.samples,
+            "wait_s": wait,
+            "bytes_sent": len(payload),
+            "bytes_received": len(blob),
+            "sha256": ready.sha256,
+        }
+        self.history.append(entry)
+        log.info(
+            "barrier round=%d contributed=%s wait_s=%.3f samples=%d",
+            ready.round,
+            ready.contributed,
+            wait,
+            sync.samples,
+        )
+        self._log_metrics(
+            {
+                "drift/round": float(ready.round),
+                "drift/barrier_wait_s": wait,
+                "drift/bytes_sent": float(self.runtime.bytes_sent),
+                "drift/bytes_received": float(self.runtime.bytes_received),
+                "drift/samples_per_round": float(sync.samples),
+            }
+        )
+        self._samples = 0
+
+    def _keep_copy(self, round_: int, blob: bytes) -> None:
+        assert self.checkpoint_dir is not None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"round-{round_:06d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        try:
+            trainer = self.lightning_module.trainer
+        except Exception:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- checkpoints and teardown ------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
+    ) -> None:
+        # The canonical checkpoint is the coordinator's; this file records which round it holds.
+        checkpoint["drift"] = {
+            "round": self.runtime.round if self.runtime else -1,
+            "session": self.config.session_id if self.config else "",
+            "version": __version__,
+        }
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def teardown(self) -> None:
+        self._close("teardown")
+        super().teardown()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._close(f"error: {type(exception).__name__}")
+
+    def _close(self, reason: str) -> None:
+        if self.runtime is not None:
+            self.runtime.close(reason)
+            self.runtime = None
+
+
+def _accelerator_for(device: torch.device) -> Accelerator:
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
+
+    if device.type == "cuda":
+        return CUDAAccelerator()
+    if device.type == "mps":
+        return MPSAccelerator()
+    return CPUAccelerator()
+
+
+DriftStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,112 @@
+"""One node of an end-to-end test: trains the tiny char-LM with DriftStrategy and records what
+the test checks (shards per epoch, uploads of the last round, final weights, val losses)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning_drift_examples.charlm import CharDataModule, CharLM
+from safetensors.torch import save_file
+
+from lightning_drift import DriftStrategy
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.val_losses: list[float] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        v = trainer.callback_metrics.get("val_loss")
+        if v is not None:
+            self.val_losses.append(float(v))
+
+
+class RecordingStrategy(DriftStrategy):
+    """Keeps every shard assignment and every upload, for the test to check."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.shards: list[dict] = []
+        self.uploads: dict[int, tuple[bytes, int]] = {}
+
+    def process_dataloader(self, dataloader):
+        out = super().process_dataloader(dataloader)
+        a = self.assignment
+        if a is not None and (not self.shards or self.shards[-1]["epoch"] != a.epoch):
+            self.shards.append(
+                {
+                    "epoch": a.epoch,
+                    "start": a.start,
+                    "stop": a.stop,
+                    "seed": a.seed,
+                    "rounds": a.rounds,
+                }
+            )
+        return out
+
+    def _join(self, dataset_size: int) -> None:
+        super()._join(dataset_size)
+        inner = self.runtime.barrier
+
+        def barrier(sync, payload):
+            ready, blob = inner(sync, payload)
+            if ready.contributed:
+                self.uploads[sync.round] = (payload, sync.samples)
+            return ready, blob
+
+        self.runtime.barrier = barrier
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--token", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--max-chars", type=int, default=30_000)
+    ap.add_argument("--name", default="node")
+    args = ap.parse_args()
+    torch.manual_seed(hash(args.name) % 1000)  # different local inits: round 0 must unify them
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = CharDataModule(batch_size=16, block_size=32, max_chars=args.max_chars)
+    model = CharLM(d_model=32, n_layers=1, n_heads=2, block_size=32, lr=3e-3)
+    strategy = RecordingStrategy(token=args.token, name=args.name, calibration_seconds=0.1)
+    rec = Recorder()
+    trainer = L.Trainer(
+        strategy=strategy,
+        max_epochs=args.epochs,
+        callbacks=[rec],
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(args.out / "final.safetensors"),
+    )
+    last = max(strategy.uploads) if strategy.uploads else -1
+    if last >= 0:
+        (args.out / f"upload-{last:06d}.safetensors").write_bytes(strategy.uploads[last][0])
+    report = {
+        "shards": strategy.shards,
+        "val_losses": rec.val_losses,
+        "history": strategy.history,
+        "last_upload_round": last,
+        "last_upload_samples": strategy.uploads[last][1] if last >= 0 else 0,
+        "node_key": strategy.node_key,
+        "dataset_size": len(data.train_dataset) if hasattr(data, "train_dataset") else None,
+    }
+    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""End to end: a real coordinator process and three real node processes train the char-LM on
+loopback through DriftStrategy and a real Lightning Trainer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load, load_file
+
+from lightning_drift.coordinator.local import LocalCoordinator
+from lightning_drift.scheduler import epoch_permutation
+
+NODE = Path(__file__).parent / "e2e" / "charlm_node.py"
+pytestmark = pytest.mark.timeout(420)
+
+
+def _run_nodes(coord: LocalCoordinator, tmp: Path, n: int, epochs: int) -> list[Path]:
+    outs = [tmp / f"node-{i}" for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(NODE),
+                "--token",
+                coord.token,
+                "--out",
+                str(out),
+                "--epochs",
+                str(epochs),
+                "--name",
+                f"node-{i}",
+            ],
+            stdout=open(tmp / f"node-{i}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for i, out in enumerate(outs)
+    ]
+    codes = []
+    for i, p in enumerate(procs):
+        try:
+            codes.append(p.wait(timeout=360))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(
+                f"node {i} did not finish; its log:\n{(tmp / f'node-{i}.log').read_text()[-3000:]}"
+                f"\ncoordinator:\n{coord.log_tail()}"
+            ) from None
+    for i, code in enumerate(codes):
+        assert code == 0, (
+            f"node {i} exited {code}:\n{(tmp / f'node-{i}.log').read_text()[-4000:]}\n"
+            f"coordinator:\n{coord.log_tail()}"
+        )
+    return outs
+
+
+def test_three_nodes_train_charlm_to_one_checkpoint(tmp_path: Path) -> None:
+    epochs = 2
+    with LocalCoordinator(
+        tmp_path / "coord", min_nodes=3, epochs=epochs, batch_size=16, sync_every=8
+    ) as coord:
+        outs = _run_nodes(coord, tmp_path, 3, epochs)
+        assert coord.wait(timeout=60) == 0, coord.log_tail()
+    reports = [json.loads((o / "report.json").read_text()) for o in outs]
+
+    # Validation loss of the global model falls from epoch to epoch on every node.
+    for r in reports:
+        assert len(r["val_losses"]) == epochs, r
+        assert r["val_losses"][-1] < r["val_losses"][0], r["val_losses"]
+
+    # Within each epoch the three shards cover the dataset exactly once.
+    n = reports[0]["dataset_size"]
+    for epoch in range(epochs):
+        shards = [s for r in reports for s in r["shards"] if s["epoch"] == epoch]
+        assert len(shards) == 3
+        perm = epoch_permutation(shards[0]["seed"], epoch, n)
+        covered = torch.cat([perm[s["start"] : s["stop"]] for s in shards])
+        assert len(covered) == n
+        assert torch.equal(torch.sort(covered).values, torch.arange(n))
+
+    # Every node ends with exactly the coordinator's final checkpoint.
+    manifest = coord.manifest()
+    final_path = coord.latest_checkpoint()
+    final = load_file(str(final_path))
+    for o in outs:
+        node_final = load_file(str(o / "final.safetensors"))
+        assert node_final.keys() == final.keys()
+        for k in final:
+            assert torch.equal(node_final[k], final[k]), k
+
+    # The final checkpoint is the samples-weighted mean of the last round's uploads, computed
+    # here by hand in the arrival order the manifest records.
+    last = max(c["round"] for c in manifest["checkpoints"])
+    entry = next(c for c in manifest["checkpoints"] if c["round"] == last)
+    uploads = {}
+    for o, r in zip(outs, reports, strict=True):
+        assert r["last_upload_round"] == last
+        uploads[r["node_key"]] = (load((o / f"upload-{last:06d}.safetensors").read_bytes()), r)
+    contributors = entry["contributors"]
+    assert len(contributors) == 3
+    for k, ref in final.items():
+        if not ref.is_floating_point():
+            continue
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        total = 0.0
+        for node, samples in contributors:
+            sd, _ = uploads[node]
+            acc += float(samples) * sd[k].to(torch.float64)
+            total += float(samples)
+        assert torch.equal((acc / total).to(ref.dtype), ref), k
