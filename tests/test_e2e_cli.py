@@ -1,0 +1,171 @@
+"""End to end through the command lines: a real coordinator process and two real node
+processes on loopback, one started as a plain LightningCLI program with a YAML config
+(``python examples/cli.py fit --config tests/e2e/tiny.yaml``, token in ``DRIFT_TOKEN``), the
+other with ``drift join``. Both must finish on exactly the coordinator's final checkpoint.
+
+Each node runs in its own folder: the YAML's ModelCheckpoint writes ``checkpoints/last.ckpt``
+relative to it, and the test compares that file's state dict with the coordinator's last
+``round-NNNNNN.safetensors`` tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lightning_drift.coordinator.local import LocalCoordinator
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "e2e" / "tiny.yaml"
+CLI = REPO / "examples" / "cli.py"
+NODE_TIMEOUT = 240.0
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(360)]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The test's environment without any DRIFT_TOKEN of the caller's, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "DRIFT_TOKEN"}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Nodes:
+    """Node processes started in their own folders, each logging to ``<folder>.log``."""
+
+    def __init__(self, tmp: Path, coord: LocalCoordinator) -> None:
+        self.tmp = tmp
+        self.coord = coord
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> Path:
+        folder = self.tmp / name
+        folder.mkdir()
+        log = open(self.tmp / f"{name}.log", "wb")
+        self.procs[name] = subprocess.Popen(
+            cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        return folder
+
+    def log(self, name: str, chars: int = 4000) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")[-chars:]
+
+    def wait_all(self) -> None:
+        """Every node exits 0 within NODE_TIMEOUT, or the test fails with the logs."""
+        deadline = time.monotonic() + NODE_TIMEOUT
+        try:
+            for name, proc in self.procs.items():
+                try:
+                    code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise AssertionError(
+                        f"node {name} did not finish within {NODE_TIMEOUT:.0f} s; its log:\n"
+                        f"{self.log(name)}\ncoordinator:\n{self.coord.log_tail()}"
+                    ) from None
+                assert code == 0, (
+                    f"node {name} exited {code}; its log:\n{self.log(name)}\n"
+                    f"coordinator:\n{self.coord.log_tail()}"
+                )
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def _drift(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lightning_drift_cli.drift", *args]
+
+
+def _final_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict and the ``drift`` record of the node's ``checkpoints/last.ckpt``."""
+    path = folder / "checkpoints" / "last.ckpt"
+    assert path.is_file(), f"no {path}; the folder holds {sorted(map(str, folder.rglob('*')))}"
+    # Our own file, written by Lightning: it holds more than tensors (loops, callbacks).
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    return ckpt["state_dict"], ckpt.get("drift", {})
+
+
+def _assert_all_hold_final(coord: LocalCoordinator, folders: dict[str, Path]) -> dict:
+    """Every node's last checkpoint is the coordinator's final one, bit for bit."""
+    assert coord.wait(timeout=60) == 0, coord.log_tail()
+    final_path = coord.latest_checkpoint()
+    final = load_file(str(final_path))
+    final_round = int(final_path.name.split("-")[1].split(".")[0])
+    manifest = coord.manifest()
+    entry = next(c for c in manifest["checkpoints"] if c["round"] == final_round)
+    assert final_round == max(c["round"] for c in manifest["checkpoints"])
+    sessions = set()
+    for name, folder in folders.items():
+        state, drift = _final_state(folder)
+        assert state.keys() == final.keys(), (name, sorted(state), sorted(final))
+        for k, ref in final.items():
+            assert state[k].dtype == ref.dtype, (name, k)
+            assert torch.equal(state[k], ref), f"node {name}: {k} differs from {final_path.name}"
+        assert drift.get("round") == final_round, (name, drift)
+        sessions.add(drift.get("session"))
+    assert len(sessions) == 1 and "" not in sessions, sessions
+    # Both nodes contributed to the last round.
+    assert len(entry["contributors"]) == len(folders), entry
+    return entry
+
+
+def test_lightning_cli_and_drift_join_end_on_the_final_checkpoint(tmp_path: Path) -> None:
+    """Node A: a plain LightningCLI program; node B: ``drift join --config``; same YAML."""
+    with LocalCoordinator(
+        tmp_path / "coord", min_nodes=2, epochs=2, batch_size=16, sync_every=4
+    ) as coord:
+        nodes = Nodes(tmp_path, coord)
+        lightning_cli = [sys.executable, str(CLI), "fit", "--config", str(TINY)]
+        try:
+            a = nodes.start(
+                "a",
+                [*lightning_cli, "--trainer.strategy.init_args.name", "cli-node"],
+                _env(DRIFT_TOKEN=coord.token),
+            )
+            b = nodes.start(
+                "b", _drift("join", "--token", coord.token, "--config", str(TINY)), _env()
+            )
+            nodes.wait_all()
+        finally:
+            nodes.kill()
+        entry = _assert_all_hold_final(coord, {"a": a, "b": b})
+    assert entry["epoch"] == 1  # the second (last) epoch of the session
+
+
+def test_drift_join_without_config_takes_the_coordinators(tmp_path: Path) -> None:
+    """``drift-coord serve --config`` with a ``coordinator:`` mapping plus a LightningCLI part:
+    ``drift join --token T`` alone trains that config, and the session's epochs win over the
+    trainer's ``max_epochs``."""
+    config = yaml.safe_load(TINY.read_text())
+    config["trainer"]["max_epochs"] = 1  # the coordinator's epochs: 2 must win
+    config = {
+        "coordinator": {"min_nodes": 2, "epochs": 2, "batch_size": 16, "sync_every": 4},
+        **config,
+    }
+    path = tmp_path / "session.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    with LocalCoordinator(tmp_path / "coord", config=path) as coord:
+        nodes = Nodes(tmp_path, coord)
+        try:
+            folders = {
+                name: nodes.start(name, _drift("join", "--token", coord.token), _env())
+                for name in ("a", "b")
+            }
+            nodes.wait_all()
+        finally:
+            nodes.kill()
+        entry = _assert_all_hold_final(coord, folders)
+    assert entry["epoch"] == 1  # two epochs were trained, as the coordinator's config says
