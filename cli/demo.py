@@ -12,16 +12,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
+from lightning_drift.coordinator.local import LocalCoordinator
+
 
 def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: int) -> int:
-    from lightning_drift.coordinator.local import LocalCoordinator
 
     console = Console()
     if workdir.exists():
         shutil.rmtree(workdir)
     logs = workdir / "logs"
     logs.mkdir(parents=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Nodes share this machine's cores: one torch thread each keeps them from fighting.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     coord = LocalCoordinator(
         workdir,
         min_nodes=nodes,
@@ -48,7 +50,7 @@ def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: i
             log = open(logs / f"node-{i}.log", "w")
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         console.print(f"started {nodes} nodes; logs in {logs}")
-        _watch(console, coord.observer_token, procs)
+        _watch(console, coord.observer_token, procs, coord)
         codes = [p.wait(timeout=900) for p in procs]
         coord.wait(timeout=60)
     finally:
@@ -70,15 +72,16 @@ def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: i
     return 0
 
 
-def _watch(console: Console, observer: str, procs: list) -> None:
+def _watch(console: Console, observer: str, procs: list, coord: LocalCoordinator) -> None:
     """Show the session live until every node has exited."""
-    from lightning_drift.coordinator.monitor import render_table
     from lightning_drift_cli.nodecmds import fetch_status
+
+    from lightning_drift.coordinator.monitor import render_table
 
     live = console.is_terminal
     last_line = ""
     with Live(console=console, auto_refresh=False, transient=False) if live else _Null() as view:
-        while any(p.poll() is None for p in procs):
+        while any(p.poll() is None for p in procs) and coord.proc.poll() is None:
             try:
                 st = fetch_status(observer, timeout=5)
             except Exception as exc:  # the coordinator may be busy or restarting

@@ -62,7 +62,7 @@ def _run_nodes(coord: LocalCoordinator, tmp: Path, n: int, epochs: int) -> list[
 def test_three_nodes_train_charlm_to_one_checkpoint(tmp_path: Path) -> None:
     epochs = 2
     with LocalCoordinator(
-        tmp_path / "coord", min_nodes=3, epochs=epochs, batch_size=16, sync_every=8
+        tmp_path / "coord", min_nodes=3, epochs=epochs, batch_size=16, sync_every=8, quorum=1.0
     ) as coord:
         outs = _run_nodes(coord, tmp_path, 3, epochs)
         assert coord.wait(timeout=60) == 0, coord.log_tail()

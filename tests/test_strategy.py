@@ -1,0 +1,149 @@
+"""DriftStrategy's contract with Lightning that needs no coordinator: construction, registration,
+device and dataset checks. Training across processes is tested in test_e2e*.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_drift import ConfigError, DriftStrategy
+from lightning_drift.strategy import ShardSampler, model_fingerprint
+
+TOKEN = "eyJ-not-checked-until-the-node-joins"
+
+
+class Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.lin(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter(torch.randn(8, 2))
+
+
+def test_without_token_the_error_says_where_to_get_one(monkeypatch):
+    monkeypatch.delenv("DRIFT_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="DRIFT_TOKEN"):
+        DriftStrategy()
+
+
+def test_strategy_by_name_takes_the_token_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DRIFT_TOKEN", TOKEN)
+    trainer = L.Trainer(strategy="drift", accelerator="cpu", logger=False)
+    assert isinstance(trainer.strategy, DriftStrategy)
+    assert trainer.strategy.token == TOKEN
+    assert trainer.strategy.root_device == torch.device("cpu")
+
+
+def test_more_than_one_device_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="one device per machine.*devices=1"):
+        L.Trainer(strategy=DriftStrategy(token=TOKEN), accelerator="cpu", devices=2)
+
+
+def test_num_nodes_is_refused():
+    with pytest.raises(ConfigError, match="num_nodes"):
+        L.Trainer(strategy=DriftStrategy(token=TOKEN), accelerator="cpu", num_nodes=2)
+
+
+def test_explicit_device_that_does_not_exist_is_refused():
+    with pytest.raises(ConfigError, match="available"):
+        DriftStrategy(token=TOKEN, device="cuda:7")
+
+
+def test_bad_mode_is_refused():
+    with pytest.raises(ConfigError, match="local.*internet"):
+        DriftStrategy(token=TOKEN, mode="lan")
+
+
+def test_iterable_dataset_is_refused_before_any_network(tmp_path):
+    trainer = L.Trainer(
+        strategy=DriftStrategy(token=TOKEN),
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
+    with pytest.raises(ConfigError, match="map-style"):
+        trainer.fit(Tiny(), DataLoader(Stream(), batch_size=2))
+
+
+def test_lightning_cli_builds_the_strategy_from_yaml(tmp_path, monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""
+            trainer:
+              accelerator: cpu
+              logger: false
+              strategy:
+                class_path: lightning_drift.DriftStrategy
+                init_args:
+                  token: {TOKEN}
+                  connect_timeout: 7.5
+                  mode: internet
+            """
+        )
+    )
+    cli = LightningCLI(Tiny, run=False, args=["--config", str(cfg)], save_config_callback=None)
+    s = cli.trainer.strategy
+    assert isinstance(s, DriftStrategy)
+    assert (s.token, s.connect_timeout, s.mode) == (TOKEN, 7.5, "internet")
+
+
+def test_shard_sampler_yields_exactly_its_indices():
+    idx = torch.tensor([5, 3, 9])
+    s = ShardSampler(idx)
+    assert list(s) == [5, 3, 9] and len(s) == 3
+
+
+def test_fingerprint_changes_with_shape_not_with_values():
+    a, b = torch.nn.Linear(2, 3), torch.nn.Linear(2, 3)
+    assert model_fingerprint(a) == model_fingerprint(b)
+    assert model_fingerprint(a) != model_fingerprint(torch.nn.Linear(2, 4))
+
+
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import lightning_drift\nfrom lightning.pytorch import Trainer",
+        "from lightning.pytorch import Trainer\nimport lightning_drift",
+    ],
+)
+def test_strategy_name_registers_in_either_import_order(imports, tmp_path):
+    code = imports + textwrap.dedent(
+        f"""
+        import os
+        os.environ["DRIFT_TOKEN"] = "{TOKEN}"
+        t = Trainer(strategy="drift", accelerator="cpu", logger=False)
+        print(type(t.strategy).__name__)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("DriftStrategy")
+
+
+def test_examples_yaml_names_the_strategy():
+    text = (Path(__file__).parents[1] / "examples" / "train.yaml").read_text()
+    assert "lightning_drift.DriftStrategy" in text
