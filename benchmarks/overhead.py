@@ -43,13 +43,17 @@ def _timer(warmup: int) -> Any:
     from lightning.pytorch.callbacks import Callback
 
     class StepTimer(Callback):
-        """Seconds between consecutive batch ends of an epoch, barrier steps left out."""
+        """Seconds between consecutive batch ends of an epoch, barrier steps left out: wall
+        time, and this process's CPU time (all its threads, the node's network thread
+        included), which other programs on the machine disturb much less."""
 
         def __init__(self) -> None:
             self.dts: list[float] = []
+            self.cpu: list[float] = []
             self.seen = 0
             self.barrier_steps = 0
             self._last: float | None = None
+            self._last_cpu = 0.0
             self._n = 0
 
         def _barriers(self, trainer: Any) -> int:
@@ -61,19 +65,24 @@ def _timer(warmup: int) -> Any:
             self._n = self._barriers(trainer)
 
         def on_train_batch_end(self, trainer: Any, *args: Any, **kw: Any) -> None:
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             n = self._barriers(trainer)
             if self._last is not None and self.seen >= warmup:
                 if n == self._n:
                     self.dts.append(now - self._last)
+                    self.cpu.append(cpu - self._last_cpu)
                 else:
                     self.barrier_steps += 1
-            self._last, self._n = now, n
+            self._last, self._last_cpu, self._n = now, cpu, n
             self.seen += 1
 
         @property
         def steps_per_s(self) -> float:
             return len(self.dts) / sum(self.dts) if self.dts else float("nan")
+
+        @property
+        def cpu_ms_per_step(self) -> float:
+            return 1000 * sum(self.cpu) / len(self.cpu) if self.cpu else float("nan")
 
     return StepTimer()
 
@@ -101,6 +110,7 @@ def fit_once(setup: c.Setup, epochs: int, warmup: int, token: str | None) -> dic
     history = list(getattr(trainer.strategy, "history", []))
     return {
         "steps_per_s": timer.steps_per_s,
+        "cpu_ms": timer.cpu_ms_per_step,
         "timed_steps": len(timer.dts),
         "barrier_steps": timer.barrier_steps,
         "steps": trainer.global_step,
@@ -161,6 +171,7 @@ def main() -> None:
         return statistics.median(r[key] for r in runs)
 
     base_sps, base_fit = med(plain, "steps_per_s"), med(plain, "fit_s")
+    base_cpu = med(plain, "cpu_ms")
     ratio = med(quiet, "steps_per_s") / base_sps
     fraction = synced["wait_s"] / synced["fit_s"]
     rows = []
@@ -170,6 +181,7 @@ def main() -> None:
         (f"drift (sync-every {args.sync_every})", [synced]),
     ):
         sps, fit, wait = med(runs, "steps_per_s"), med(runs, "fit_s"), med(runs, "wait_s")
+        cpu = med(runs, "cpu_ms")
         rows.append(
             [
                 name,
@@ -179,6 +191,8 @@ def main() -> None:
                 str(runs[0]["barriers"]),
                 f"{sps:.2f}",
                 f"{sps / base_sps:.3f}",
+                f"{cpu:.1f}",
+                f"{cpu / base_cpu:.3f}",
                 f"{fit:.1f}",
                 f"{fit / base_fit:.3f}",
                 f"{wait:.2f}",
@@ -186,14 +200,17 @@ def main() -> None:
             ]
         )
     headers = [
-        "run", "runs", "steps", "timed", "barriers", "steps/s", "vs plain", "fit s",
+        "run", "runs", "steps", "timed", "barriers", "steps/s", "vs plain", "CPU ms/step",
+        "vs plain", "fit s",
         "fit vs plain", "barrier wait s", "wait/fit",
     ]  # fmt: skip
     notes = [
         f"Setup: {setup.describe()}; {args.epochs} epoch(s), one process, coordinator on "
         "loopback (a child process on the same cores).",
         f"steps/s: timed steps (all but the first {args.warmup} and the barrier steps) over "
-        "their summed batch-end to batch-end seconds; medians over runs.",
+        "their summed batch-end to batch-end seconds; medians over runs. CPU ms/step: this "
+        "process's CPU time (every thread, the node's network thread included; the coordinator "
+        "process not) per timed step: less disturbed by other programs on a shared machine.",
         "fit s: the whole trainer.fit, drift's join, calibration and barriers included.",
         "barriers: entries of strategy.history (round 0, the start-up sync, included); barrier "
         "wait s: their summed wait_s; wait/fit: that over fit s.",
