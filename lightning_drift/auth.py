@@ -353,7 +353,9 @@ class TokenVerifier:
         """The token's claims if it admits ``role`` (any role when None) now; else ``AuthError``."""
         self._now = max(self._now, now)
         roles = ROLES if role is None else (role,)
-        key = token.strip() if isinstance(token, str) else token
+        if not isinstance(token, str):
+            decode_token(token)  # raises the malformed-token AuthError
+        key = token.strip()
         claims = self._cache.get(key)
         if claims is None:
             claims = verify_token(key, self.public_key, now=now, session=self.session, roles=roles)

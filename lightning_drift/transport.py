@@ -274,6 +274,7 @@ class Endpoint:
         ``local``: no relays, no discovery, bound to ``bind_addr`` (loopback by default).
         ``internet``: relays and hole punching (n0 preset); ``relay_urls`` to use your own.
         """
+        relay: iroh.RelayMode | None
         if mode == "local":
             preset, relay = iroh.preset_minimal(), iroh.RelayMode.disabled()
             bind_addr = bind_addr or "127.0.0.1:0"
@@ -469,7 +470,8 @@ class Stream:
 
     async def _write(self, data: bytes | memoryview) -> None:
         try:
-            await self._send.write_all(data)
+            # memoryviews are fine: the binding only needs the buffer protocol
+            await self._send.write_all(data)  # type: ignore[arg-type]
         except iroh.IrohError as exc:
             raise _map(exc, "sending") from None
 
