@@ -81,7 +81,7 @@ def _worker(args: argparse.Namespace, setup: c.Setup) -> None:
     elif args.worker == "drift":
         from lightning_drift import DriftStrategy
 
-        strategy = DriftStrategy(token=args.token, name=args.name, calibration_seconds=0.2)
+        strategy = DriftStrategy(token=args.token, name=args.name)
         kw = {}
     trainer = L.Trainer(
         strategy=strategy,

@@ -201,7 +201,7 @@ def main() -> None:
         )
     headers = [
         "run", "runs", "steps", "timed", "barriers", "steps/s", "vs plain", "CPU ms/step",
-        "vs plain", "fit s",
+        "CPU vs plain", "fit s",
         "fit vs plain", "barrier wait s", "wait/fit",
     ]  # fmt: skip
     notes = [
