@@ -189,15 +189,14 @@ class NodeRuntime:
             resume_round=self.round,
             secret=self.secret,
         )
+        config = client.config
+        assert config is not None, "a node token's handshake ends with TrainConfig"
         self._client = client
-        self.config = client.config
+        self.config = config
         if not first:
             self.reconnects += 1
         log.info(
-            "joined session=%s round=%s reconnect=%s",
-            client.config.session_id,
-            client.config.round,
-            not first,
+            "joined session=%s round=%s reconnect=%s", config.session_id, config.round, not first
         )
 
     async def _reconnect(self, what: str, cause: Exception) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage
@@ -152,6 +153,12 @@ class DriftStrategy(SingleDeviceStrategy):
         self.finished = False
         self.node_key = ""
 
+    @property
+    def _pl(self) -> LightningModule:
+        module = self.lightning_module
+        assert module is not None, "DriftStrategy used before Lightning attached a module"
+        return module
+
     # -- registration and device checks -----------------------------------------------------------
 
     @classmethod
@@ -202,7 +209,7 @@ class DriftStrategy(SingleDeviceStrategy):
         trainer.reload_dataloaders_every_n_epochs = 1
 
     def process_dataloader(self, dataloader: object) -> object:
-        trainer = self.lightning_module.trainer
+        trainer = self._pl.trainer
         if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
             return dataloader
         dataset = dataloader.dataset
@@ -243,7 +250,7 @@ class DriftStrategy(SingleDeviceStrategy):
         from lightning_drift.hardware import node_info_fields
         from lightning_drift.node import NodeRuntime
 
-        module = self.lightning_module
+        module = self._pl
         fingerprint = model_fingerprint(module)
         hw = node_info_fields(self.root_device, seconds=self.calibration_seconds)
 
@@ -280,7 +287,7 @@ class DriftStrategy(SingleDeviceStrategy):
 
     def _jump_to_epoch(self, epoch: int) -> None:
         """A node rejoining a session that moved on continues at the coordinator's epoch."""
-        progress = self.lightning_module.trainer.fit_loop.epoch_progress.current
+        progress: Any = self._pl.trainer.fit_loop.epoch_progress.current
         log.info(
             "rejoin: jumping from epoch %d to the session's epoch %d", progress.completed, epoch
         )
@@ -334,13 +341,12 @@ class DriftStrategy(SingleDeviceStrategy):
 
     def _steps_this_epoch(self) -> int:
         if self._epoch_total_steps is None:
-            trainer = self.lightning_module.trainer
+            trainer = self._pl.trainer
             batches = trainer.num_training_batches
-            if not math.isfinite(batches):
-                batches = len(
-                    self.assignment and range(self.assignment.start, self.assignment.stop)
-                )
-            if self.lightning_module.automatic_optimization:
+            if not math.isfinite(batches):  # a loader without __len__: one step per sample
+                assert self.assignment is not None
+                batches = self.assignment.stop - self.assignment.start
+            if self._pl.automatic_optimization:
                 steps = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
             else:
                 steps = int(batches)
@@ -360,7 +366,7 @@ class DriftStrategy(SingleDeviceStrategy):
         self.runtime.report(
             p.TrainProgress(
                 round=self.runtime.round + 1,
-                epoch=self.lightning_module.trainer.current_epoch,
+                epoch=self._pl.trainer.current_epoch,
                 step=self._steps,
                 samples=self._samples,
                 loss=self._loss(),
@@ -376,7 +382,7 @@ class DriftStrategy(SingleDeviceStrategy):
     # -- barriers ----------------------------------------------------------------------------------
 
     def _barrier(self) -> None:
-        trainer = self.lightning_module.trainer
+        trainer = self._pl.trainer
         sync = p.BarrierSync(
             round=self.runtime.round + 1,
             epoch=trainer.current_epoch,
@@ -392,7 +398,7 @@ class DriftStrategy(SingleDeviceStrategy):
         """Upload our weights for ``sync.round``, wait for the global ones, load them in place."""
         from lightning_drift.aggregate import from_bytes, to_bytes
 
-        module = self.lightning_module
+        module = self._pl
         assert self.config is not None
         local = {k: v.detach() for k, v in module.state_dict().items()}
         if sync.round > 0 and self.config.transfer_dtype == "bfloat16" and self._global is not None:
@@ -462,7 +468,7 @@ class DriftStrategy(SingleDeviceStrategy):
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         try:
-            trainer = self.lightning_module.trainer
+            trainer = self._pl.trainer
         except Exception:
             return
         for logger in trainer.loggers:

@@ -60,7 +60,10 @@ class LocalCoordinator:
         """Start (or start again) and wait until the tokens are written."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         token_file = self.state_dir / "node.token"
-        before = token_file.stat().st_mtime_ns if token_file.exists() else None
+        # The server rewrites coordinator.json (its advertised address) on every start, once
+        # it is bound; the tokens are written on first start and kept across restarts.
+        ready_file = self.state_dir / "coordinator.json"
+        before = ready_file.stat().st_mtime_ns if ready_file.exists() else None
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
@@ -72,7 +75,11 @@ class LocalCoordinator:
                 raise RuntimeError(
                     f"coordinator exited with {self.proc.returncode}; log:\n{self.log_tail()}"
                 )
-            if token_file.exists() and token_file.stat().st_mtime_ns != before:
+            if (
+                ready_file.exists()
+                and ready_file.stat().st_mtime_ns != before
+                and token_file.exists()
+            ):
                 text = token_file.read_text().strip()
                 obs = self.state_dir / "observer.token"
                 if text and obs.exists() and obs.read_text().strip():
