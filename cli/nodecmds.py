@@ -44,9 +44,11 @@ def join(token: str, config: Path | None, *, mode: str = "local") -> int:
 
     import lightning_drift  # noqa: F401  (registers the strategy)
 
-    args = ["fit", "--config", str(config), "--trainer.strategy", "lightning_drift.DriftStrategy"]
+    # Naming the class path (not the bare value) keeps the config's own init_args.
+    args = ["fit", "--config", str(config)]
+    args += ["--trainer.strategy.class_path", "lightning_drift.DriftStrategy"]
     if mode != "local":
-        args += ["--trainer.strategy.mode", mode]
+        args += ["--trainer.strategy.init_args.mode", mode]
     LightningCLI(args=args, save_config_callback=None)
     return 0
 

@@ -40,6 +40,7 @@ class Join(_Msg, tag="join"):
     drift_version: str
     name: str = ""  # a human label (hostname by default)
     resume_round: int = -1  # the last round whose weights the node holds, -1 if none
+    observe: bool = False  # status only (any valid token): no membership, no NodeInfo
 
 
 class Ping(_Msg, tag="ping"):

@@ -28,10 +28,9 @@ import socket
 import time
 from collections.abc import Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage
@@ -40,6 +39,9 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from lightning_drift import __version__
 from lightning_drift import protocol as p
 from lightning_drift.errors import ConfigError
+
+if TYPE_CHECKING:  # a real import here would run inside Lightning's own package import
+    from lightning.pytorch import LightningModule
 
 log = logging.getLogger(__name__)
 
