@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,17 +56,17 @@ async def clients_main(token: str, count: int, index: int, dataset: int, params:
 
     # Before connecting: importing torch blocks the loop for seconds (no heartbeats then).
     blob = model_bytes(params, 0)
-    sem = asyncio.Semaphore(16)  # do not start hundreds of handshakes at once
+    sem = asyncio.Semaphore(8)  # do not start hundreds of handshakes at once
 
     async def connect(i: int):
         async with sem:
-            for attempt in range(5):
+            for attempt in range(10):
                 try:
                     return await CoordinatorClient.connect(
-                        token, node_info=info, name=f"p{index}-{i}", timeout=30
+                        token, node_info=info, name=f"p{index}-{i}", timeout=30, silence_s=300
                     )
                 except Exception:
-                    if attempt == 4:
+                    if attempt == 9:
                         raise
                     await asyncio.sleep(0.5)
 
@@ -126,6 +127,8 @@ def run_one(n: int, rounds: int, procs: int, params: int) -> dict:
             while not coord.stdout.readline().startswith("node token"):
                 pass
             token = coord.stdout.readline().strip()
+            # Keep draining the status lines: a full pipe would block the coordinator.
+            threading.Thread(target=coord.stdout.read, daemon=True).start()
             procs = max(1, min(procs, n))
             sizes = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
             workers = [

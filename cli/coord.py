@@ -9,10 +9,13 @@ command line wins over the file, the file over the built-in default.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -215,6 +218,16 @@ async def _view(coord: Any) -> None:
                 await asyncio.sleep(1.0)
                 live.update(render_table(coord.status()))
     else:
+        # A printer thread: a stdout pipe nobody reads must not block the event loop
+        # (heartbeats, barriers). When it is full, status lines are dropped.
+        out: queue.Queue[list[str]] = queue.Queue(maxsize=10)
+
+        def printer() -> None:
+            while True:
+                for line in out.get():
+                    print(line, flush=True)
+
+        threading.Thread(target=printer, name="drift-view", daemon=True).start()
         last = None
         last_t = 0.0
         while True:
@@ -223,8 +236,8 @@ async def _view(coord: Any) -> None:
             key = (st.round, st.state, tuple((n.node_id, n.state) for n in st.nodes))
             if key != last or time.monotonic() - last_t > 30:
                 last, last_t = key, time.monotonic()
-                for line in render_lines(st):
-                    print(line, flush=True)
+                with contextlib.suppress(queue.Full):
+                    out.put_nowait(render_lines(st))
 
 
 StateDirOpt = Annotated[

@@ -61,6 +61,7 @@ class CoordinatorClient:
         self._tasks: list[asyncio.Task[Any]] = []
         self._closed = False
         self._last_rx = 0.0
+        self.silence_s: float | None = None
 
     @property
     def node_key(self) -> str:
@@ -80,6 +81,7 @@ class CoordinatorClient:
         endpoint: Endpoint | None = None,
         secret: bytes | None = None,
         resume_round: int = -1,
+        silence_s: float | None = None,
     ) -> CoordinatorClient:
         """Dial the coordinator named in ``token``, join, and finish the handshake.
 
@@ -88,7 +90,9 @@ class CoordinatorClient:
         needs ``node_info`` (a NodeInfo or a function making one; its nonce is filled in);
         an observer token needs nothing more. ``endpoint`` lets many clients share one
         process's endpoints; otherwise one is bound (``secret``: the node's 32-byte key seed,
-        random when None) and closed by :meth:`close`.
+        random when None) and closed by :meth:`close`. ``silence_s``: how long without any
+        message from the coordinator before the connection counts as lost (default
+        ``3 × TrainConfig.heartbeat_s``, at least 3 s).
         """
         claims, _, _ = decode_token(token)
         key = ticket_key(claims.coordinator)
@@ -114,6 +118,7 @@ class CoordinatorClient:
                     name,
                     timeout,
                     resume_round,
+                    silence_s,
                 ),
                 timeout * 2,
             )
@@ -130,7 +135,18 @@ class CoordinatorClient:
 
     @classmethod
     async def _handshake(
-        cls, endpoint, own, token, role, key, ticket, node_info, name, timeout, resume_round
+        cls,
+        endpoint,
+        own,
+        token,
+        role,
+        key,
+        ticket,
+        node_info,
+        name,
+        timeout,
+        resume_round,
+        silence_s=None,
     ) -> CoordinatorClient:
         conn = await endpoint.dial(ticket, timeout=timeout, expect_key=key)
         try:
@@ -146,6 +162,7 @@ class CoordinatorClient:
             )
             self = cls(endpoint, own, conn, control)
             self.role = role
+            self.silence_s = silence_s
             if role == "node":
                 if node_info is None:
                     raise ValueError("a node token needs node_info (NodeInfo or a factory)")
@@ -218,7 +235,8 @@ class CoordinatorClient:
     def _fail(self, exc: DriftError) -> None:
         if self.error is None or isinstance(self.error, PeerLost):
             self.error = exc
-        for fut in [*self._shards.values(), *self._statuses]:
+        futs: list[asyncio.Future[Any]] = [*self._shards.values(), *self._statuses]
+        for fut in futs:
             if not fut.done():
                 fut.set_exception(exc)
         self._shards.clear()
@@ -229,12 +247,17 @@ class CoordinatorClient:
         silence (it pings every ``heartbeat_s`` too). QUIC alone would take ~35 s."""
         assert self.config is not None
         every = max(0.2, self.config.heartbeat_s)
-        silence = max(3.0 * every, 3.0)
+        silence = self.silence_s or max(3.0 * every, 3.0)
         sid = self.config.session_id
         loop = asyncio.get_running_loop()
         self._last_rx = loop.time()
         while True:
+            woke_due = loop.time() + every
             await asyncio.sleep(every)
+            if loop.time() - woke_due > every:
+                # Our own loop was stalled (a long import, a busy CPU): the silence may be
+                # ours, not the coordinator's. Give it a fresh window.
+                self._last_rx = loop.time()
             quiet = loop.time() - self._last_rx
             if quiet > silence:
                 self._fail(PeerLost(f"no message from the coordinator for {quiet:.1f}s"))

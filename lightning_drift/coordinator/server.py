@@ -199,12 +199,12 @@ class Coordinator:
                 "key": identity.public_hex,
             }
         )
-        common = dict(session=self.session.session_id, ticket=self.ticket, now=now)
-        self.node_token = self.state.standing_token(
-            identity, role="node", ttl_s=o.token_ttl_s, **common
-        )
-        self.observer_token = self.state.standing_token(
-            identity, role="observer", ttl_s=o.token_ttl_s, **common
+        sid = self.session.session_id
+        self.node_token, self.observer_token = (
+            self.state.standing_token(
+                identity, session=sid, ticket=self.ticket, role=role, ttl_s=o.token_ttl_s, now=now
+            )
+            for role in ("node", "observer")
         )
         log.info(
             "coordinator.listening key=%s addrs=%s round=%d",
