@@ -295,7 +295,7 @@ def revoke(jti: str, state_dir: StateDirOpt = DEFAULT_STATE_DIR) -> None:
 @app.command()
 def status(
     token: Annotated[
-        str | None, typer.Option(help="Observer (or node) token; default STATE_DIR/observer.token.")
+        str | None, typer.Option(help="Observer or node token; default STATE_DIR/observer.token.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
@@ -327,14 +327,14 @@ def status(
 
 
 async def fetch_status(token: str, *, mode: str = "local", timeout: float = 15.0):
-    """One SessionStatus over an observer connection (used by ``drift-coord status``)."""
-    from lightning_drift.auth import decode_token
-    from lightning_drift.client import CoordinatorClient
-    from lightning_drift.errors import AuthError
+    """One SessionStatus with a node or observer token (``Join.observe``: no membership).
 
-    if decode_token(token)[0].role != "observer":
-        raise AuthError("status needs an observer token: `drift-coord token --role observer`")
-    client = await CoordinatorClient.connect(token, timeout=timeout, mode=mode, name="status")
+    Used by ``drift-coord status``, ``drift status`` and ``drift join``."""
+    from lightning_drift.client import CoordinatorClient
+
+    client = await CoordinatorClient.connect(
+        token, timeout=timeout, mode=mode, name="status", observe=True
+    )
     try:
         return await asyncio.wait_for(client.status(), timeout)
     finally:

@@ -82,6 +82,7 @@ class CoordinatorClient:
         secret: bytes | None = None,
         resume_round: int = -1,
         silence_s: float | None = None,
+        observe: bool = False,
     ) -> CoordinatorClient:
         """Dial the coordinator named in ``token``, join, and finish the handshake.
 
@@ -92,7 +93,8 @@ class CoordinatorClient:
         process's endpoints; otherwise one is bound (``secret``: the node's 32-byte key seed,
         random when None) and closed by :meth:`close`. ``silence_s``: how long without any
         message from the coordinator before the connection counts as lost (default
-        ``3 × TrainConfig.heartbeat_s``, at least 3 s).
+        ``3 × TrainConfig.heartbeat_s``, at least 3 s). ``observe``: status only, with any
+        valid token (no membership, no NodeInfo); observer tokens always connect this way.
         """
         claims, _, _ = decode_token(token)
         key = ticket_key(claims.coordinator)
@@ -119,6 +121,7 @@ class CoordinatorClient:
                     timeout,
                     resume_round,
                     silence_s,
+                    observe,
                 ),
                 timeout * 2,
             )
@@ -147,6 +150,7 @@ class CoordinatorClient:
         timeout,
         resume_round,
         silence_s=None,
+        observe=False,
     ) -> CoordinatorClient:
         conn = await endpoint.dial(ticket, timeout=timeout, expect_key=key)
         try:
@@ -158,12 +162,13 @@ class CoordinatorClient:
                     drift_version=__version__,
                     name=name,
                     resume_round=resume_round,
+                    observe=observe,
                 )
             )
             self = cls(endpoint, own, conn, control)
-            self.role = role
+            self.role = "observer" if observe else role
             self.silence_s = silence_s
-            if role == "node":
+            if self.role == "node":
                 if node_info is None:
                     raise ValueError("a node token needs node_info (NodeInfo or a factory)")
                 ping = await control.recv()

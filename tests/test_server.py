@@ -292,6 +292,11 @@ def test_revoked_token_is_refused_by_a_running_server_and_observer_status(tmp_pa
         assert st.session_id == coord.session.session_id and st.state == "waiting"
         assert [n.name for n in st.nodes] == ["alpha"] and st.nodes[0].state == "ready"
         await obs.close()
+        # Join.observe: status with a node token, without becoming a member.
+        peek = await CoordinatorClient.connect(coord.node_token, observe=True, timeout=10)
+        assert len((await peek.status()).nodes) == 1 and peek.config is None
+        await peek.close()
+        assert len(coord.session.members) == 1
         jti = next(c.jti for c in coord.state.tokens().issued() if c.role == "node")
         TokenStore(coord.state.path).revoke(jti)  # what `drift-coord revoke` does
         with pytest.raises(AuthError, match="revoked"):

@@ -321,7 +321,7 @@ class Coordinator:
                 f"{conn.remote_hex[:16]}…",
             )
             return
-        if claims.role == "observer":
+        if claims.role == "observer" or join.observe:
             await self._observer(conn, stream)
             return
         node = conn.remote_hex
