@@ -313,6 +313,17 @@ class DriftStrategy(SingleDeviceStrategy):
         loss = out.get("loss") if isinstance(out, dict) else out
         if isinstance(loss, torch.Tensor):
             self._last_loss = loss.detach()
+        if self.runtime is not None:
+            # Lightning's progress bar shows which round this node is working towards.
+            self._pl.log(
+                "round",
+                float(self.runtime.round + 1),
+                prog_bar=True,
+                logger=False,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
         return out
 
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
