@@ -300,7 +300,20 @@ def test_persistence_round_trip_keeps_members_expected():
     assert r.assignments == s.assignments
     assert r.scheduler.to_dict() == s.scheduler.to_dict()
     gone, _ = r.tick(116.0)
+    assert gone == []  # grace: 2 x heartbeat timeout from the restart
+    gone, _ = r.tick(131.0)
     assert {n for n, _ in gone} == {A, B}
+
+
+def test_returning_node_resending_its_upload_gets_a_late_shard():
+    s = session(min_nodes=2, epochs=1)
+    start(s, A, B)
+    s.lost(B, "connection closed", 1.0)
+    assert s.join(B, "b", 2.0).ok and s.admit(B, info(), 2.0).ok
+    v = s.upload(B, 1, 2.0)  # no ShardRequest first: it re-sends what it held
+    assert v.kind == "open" and "returning node" in v.reason
+    a = s.assignments[B]
+    assert a.first_round == 1 and B in s.late and (a.start, a.stop) == (500, 1000)
 
 
 def test_status_view():

@@ -469,11 +469,16 @@ class Session:
             return UploadVerdict("closing", f"excluded from round {rnd}: {self.excluded[node]}")
         if node in self.arrivals:
             return UploadVerdict("again", f"upload for round {rnd} already counted")
-        a = self.assignments.get(node)
-        if a is None or self.plan is None:
+        if self.plan is None:
             return UploadVerdict(
-                "refuse", "no shard assigned in this epoch; send ShardRequest first", "no_shard"
+                "refuse", "no epoch is planned yet; send ShardRequest first", "no_shard"
             )
+        if node not in self.assignments:
+            # A node back after being lost re-sends the upload it was holding: take it as a
+            # late joiner's first round (counts if in time) and give it a shard for the rest.
+            if self._late_assignment(node) is None:
+                return UploadVerdict("refuse", "no rounds left in this epoch", "no_shard")
+            return UploadVerdict("open", f"round {rnd} upload accepted from a returning node")
         return UploadVerdict("open", f"round {rnd} upload accepted")
 
     def arrived(self, node: str, rnd: int, samples: int, now: float, train_s: float = 0.0):
@@ -703,8 +708,10 @@ class Session:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, now: float) -> Session:
-        """Restore after a restart. Members that were live get ``heartbeat_timeout`` seconds
-        (from ``now``) to reconnect before they are lost; the open round starts afresh."""
+        """Restore after a restart. Members that were live get twice ``heartbeat_timeout``
+        (from ``now``) to reconnect before they are lost: they first have to notice the old
+        coordinator is gone (about ``heartbeat_timeout``), then reconnect with backoff. The
+        open round starts afresh."""
         config = SessionConfig.from_dict(d["config"])
         s = cls(config, session_id=d["session_id"], now=now)
         s.started_at = d.get("started_at", now)
@@ -730,7 +737,7 @@ class Session:
                 name=md.get("name", ""),
                 state=state,
                 joined_at=md.get("joined_at", now),
-                last_seen=now,
+                last_seen=now + config.heartbeat_timeout,
                 device=md.get("device", ""),
                 vram_total=md.get("vram_total", 0),
                 rate=md.get("rate", 0.0),
