@@ -221,8 +221,16 @@ class CoordinatorClient:
                 elif isinstance(msg, p.Finish):
                     from lightning_drift.node import SessionFinished
 
+                    # The session is over, but this node may still owe its last barrier (a
+                    # straggler left behind at the final deadline): that goes on its own
+                    # stream and is answered with the final weights, so barriers and
+                    # heartbeats go on. Only a wait for another epoch's shard ends here.
                     self.finish = msg
-                    self._fail(SessionFinished(msg))
+                    done = SessionFinished(msg)
+                    for fut in self._shards.values():
+                        if not fut.done():
+                            fut.set_exception(done)
+                    self._shards.clear()
                 elif isinstance(msg, p.Error):
                     self._fail(refusal(msg))
                     return
@@ -276,6 +284,10 @@ class CoordinatorClient:
     # ---- requests -----------------------------------------------------------------------
     async def shard(self, epoch: int) -> p.ShardAssignment:
         """The assignment for ``epoch``; waits while the coordinator has not planned it."""
+        if self.finish is not None:
+            from lightning_drift.node import SessionFinished
+
+            raise SessionFinished(self.finish)
         fut = self._shards.get(epoch)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()

@@ -71,7 +71,9 @@ class ServeOptions:
     mode: str = "local"
     relay: list[str] = field(default_factory=list)
     exit_when_done: bool = True
-    finish_grace_s: float = 2.0
+    # After the last round: wait until every connected node has said goodbye (a straggler
+    # left behind at the final deadline still fetches the final weights), at most this long.
+    finish_grace_s: float = 120.0
     max_uploads: int = 4  # uploads received and accumulated at once (memory bound)
     tick_s: float = 0.5
     keep: int = 5
@@ -232,6 +234,11 @@ class Coordinator:
         assert self.endpoint is not None, "call start() first"
         self._spawn(self._accept_loop())
         self._spawn(self._ticker())
+        if self.session.finished and self.options.exit_when_done:
+            # Restarted on a finished session: nodes that lost us at the very end may still
+            # come back for the final weights; give them a while, then exit.
+            self.finished_at = self.clock()
+            self._spawn(self._stop_when_all_gone(at_least_s=min(30.0, self.options.finish_grace_s)))
         await self._stop.wait()
 
     def stop(self) -> None:
@@ -647,7 +654,18 @@ class Coordinator:
         for nc in list(self.conns.values()):
             self._spawn(nc.send(msg))
         if self.options.exit_when_done:
-            asyncio.get_running_loop().call_later(self.options.finish_grace_s, self._stop.set)
+            self._spawn(self._stop_when_all_gone())
+
+    async def _stop_when_all_gone(self, at_least_s: float = 0.0) -> None:
+        assert self.finished_at is not None
+        while self.clock() - self.finished_at < self.options.finish_grace_s and (
+            self.conns or self.clock() - self.finished_at < at_least_s
+        ):
+            await asyncio.sleep(self.options.tick_s)
+        if self.conns:
+            log.warning("finish.grace_over still_connected=%s", ",".join(n[:8] for n in self.conns))
+        await asyncio.sleep(0.2)  # let the last frames leave
+        self._stop.set()
 
     # ---- periodic ------------------------------------------------------------------------
     async def _ticker(self) -> None:
