@@ -145,6 +145,20 @@ def serve(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the epoch permutations.")] = None,
     transfer_dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
+    outer_lr: Annotated[float | None, typer.Option(help="DiLoCo outer learning rate.")] = None,
+    outer_momentum: Annotated[
+        float | None, typer.Option(help="DiLoCo outer Nesterov momentum.")
+    ] = None,
+    deadline_margin: Annotated[
+        float | None, typer.Option(help="Straggler deadline: expected round time × this.")
+    ] = None,
+    deadline_floor: Annotated[
+        float | None, typer.Option(help="Straggler deadline never shorter than this (s).")
+    ] = None,
+    min_vram: Annotated[
+        int | None, typer.Option(help="Refuse GPU nodes with less VRAM (bytes).")
+    ] = None,
+    keep: Annotated[int | None, typer.Option(help="Checkpoints kept.")] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML: `coordinator:` options + LightningCLI config.")
     ] = None,
