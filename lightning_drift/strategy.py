@@ -147,7 +147,7 @@ class DriftStrategy(SingleDeviceStrategy):
         self._barriers_done = 0
         self._samples = 0
         self._steps = 0
-        self._train_t0 = time.monotonic()
+        self._train_t0 = time.monotonic()  # start of this round's training (after a barrier)
         self._last_loss: torch.Tensor | float | None = None
         self._last_report = 0.0
         self._rate_t0 = time.monotonic()
@@ -402,6 +402,7 @@ class DriftStrategy(SingleDeviceStrategy):
             samples=self._samples,
             steps=self._epoch_steps,
             loss=self._loss(),
+            # Training time of this round only: the coordinator measures pace from it.
             train_seconds=time.monotonic() - self._train_t0,
         )
         self._sync(sync)
@@ -467,6 +468,7 @@ class DriftStrategy(SingleDeviceStrategy):
             }
         )
         self._samples = 0
+        self._train_t0 = time.monotonic()
 
     def _keep_copy(self, round_: int, blob: bytes) -> None:
         assert self.checkpoint_dir is not None

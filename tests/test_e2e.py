@@ -19,7 +19,13 @@ NODE = Path(__file__).parent / "e2e" / "charlm_node.py"
 pytestmark = pytest.mark.timeout(420)
 
 
-def _run_nodes(coord: LocalCoordinator, tmp: Path, n: int, epochs: int) -> list[Path]:
+def _run_nodes(
+    coord: LocalCoordinator,
+    tmp: Path,
+    n: int,
+    epochs: int,
+    extra: dict[int, list[str]] | None = None,
+) -> list[Path]:
     outs = [tmp / f"node-{i}" for i in range(n)]
     procs = [
         subprocess.Popen(
@@ -34,6 +40,7 @@ def _run_nodes(coord: LocalCoordinator, tmp: Path, n: int, epochs: int) -> list[
                 str(epochs),
                 "--name",
                 f"node-{i}",
+                *(extra or {}).get(i, []),
             ],
             stdout=open(tmp / f"node-{i}.log", "w"),
             stderr=subprocess.STDOUT,
@@ -113,3 +120,33 @@ def test_three_nodes_train_charlm_to_one_checkpoint(tmp_path: Path) -> None:
             acc += float(samples) * sd[k].to(torch.float64)
             total += float(samples)
         assert torch.equal((acc / total).to(ref.dtype), ref), k
+
+
+def test_a_straggler_is_left_behind_but_ends_on_the_final_weights(tmp_path: Path) -> None:
+    # Quorum 1/2 and a short deadline: the fast node does not wait for the slow one. The slow
+    # node's late uploads are answered with the newest global weights; at the end it still
+    # fetches the final checkpoint although the session finished without it.
+    epochs = 1
+    with LocalCoordinator(
+        tmp_path / "coord",
+        min_nodes=2,
+        epochs=epochs,
+        batch_size=16,
+        sync_every=6,
+        quorum=0.5,
+        deadline_floor=1.0,
+        deadline_margin=1.0,
+    ) as coord:
+        outs = _run_nodes(coord, tmp_path, 2, epochs, extra={1: ["--slow", "0.4"]})
+        assert coord.wait(timeout=120) == 0, coord.log_tail()
+    manifest = coord.manifest()
+    rounds = {c["round"]: c for c in manifest["checkpoints"]}
+    slow = json.loads((outs[1] / "report.json").read_text())
+    # Some training round went ahead without the slow node, and it was told so.
+    assert any(len(c["contributors"]) == 1 for r, c in rounds.items() if r > 0), manifest
+    assert any(not h["contributed"] for h in slow["history"][1:]), slow["history"]
+    final = load_file(str(coord.latest_checkpoint()))
+    for o in outs:
+        node_final = load_file(str(o / "final.safetensors"))
+        for k in final:
+            assert torch.equal(node_final[k], final[k]), k

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +27,18 @@ class Recorder(Callback):
         v = trainer.callback_metrics.get("val_loss")
         if v is not None:
             self.val_losses.append(float(v))
+
+
+class Slow(Callback):
+    """Makes this node a straggler after its first round: it sleeps after every batch from
+    then on, so the pace the coordinator measured in round 1 no longer holds."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if len(trainer.strategy.history) > 1:  # round 0 and round 1 are behind us
+            time.sleep(self.seconds)
 
 
 class RecordingStrategy(DriftStrategy):
@@ -71,6 +84,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-chars", type=int, default=30_000)
     ap.add_argument("--name", default="node")
+    ap.add_argument("--slow", type=float, default=0.0, help="seconds to sleep after each batch")
     args = ap.parse_args()
     torch.manual_seed(hash(args.name) % 1000)  # different local inits: round 0 must unify them
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +95,7 @@ def main() -> None:
     trainer = L.Trainer(
         strategy=strategy,
         max_epochs=args.epochs,
-        callbacks=[rec],
+        callbacks=[rec, Slow(args.slow)] if args.slow else [rec],
         enable_checkpointing=False,
         logger=False,
         enable_progress_bar=False,
