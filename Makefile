@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/transfer.py
 	$(BIN)/python benchmarks/barrier.py
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/convergence.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
