@@ -108,6 +108,11 @@ def resolve_serve_options(flags: dict[str, Any], config: Path | None) -> tuple[d
         raise ConfigError("--transfer-dtype must be float32 or bfloat16")
     if not 0 < out["quorum"] <= 1:
         raise ConfigError(f"--quorum must be in (0, 1], got {out['quorum']}")
+    if out["heartbeat_timeout"] <= 0:
+        raise ConfigError("--heartbeat-timeout must be positive")
+    # Nodes ping every heartbeat_s; several pings must fit in the timeout or a healthy node
+    # is declared lost between two of them.
+    out["heartbeat_s"] = min(out["heartbeat_s"], out["heartbeat_timeout"] / 3)
     return out, lightning_yaml
 
 

@@ -90,3 +90,63 @@ def test_nodes_ride_through_a_coordinator_kill(tmp_path: Path) -> None:
     from lightning_drift_cli.coord import fetch_status  # noqa: F401  (import check only)
 
     assert (coord.state_dir / "node.token").read_text().strip() == token_before
+
+
+def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -> None:
+    # Node b is SIGKILLed after its first epoch's checkpoint; node a trains on alone (quorum
+    # 1/2 once b is lost). b restarts from last.ckpt with ckpt_path and rejoins the session at
+    # the coordinator's current round and epoch, then both end on the final checkpoint.
+    epochs = 3
+    coord = LocalCoordinator(
+        tmp_path / "coord",
+        min_nodes=2,
+        epochs=epochs,
+        batch_size=16,
+        sync_every=6,
+        quorum=0.5,
+        heartbeat_timeout=3.0,
+        deadline_floor=1.0,
+    )
+    coord.start()
+    ckpt = tmp_path / "b-ckpt"
+
+    def node(name: str, out: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(NODE), "--token", coord.token, "--out", str(tmp_path / out),
+             "--epochs", str(epochs), "--name", name, "--max-chars", "40000", *extra],
+            stdout=open(tmp_path / f"{out}.log", "w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    a = node("a", "a")
+    b = node("b", "b1", "--ckpt-dir", str(ckpt))
+    procs = [a, b]
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (ckpt / "last.ckpt").exists():
+            assert b.poll() is None, (tmp_path / "b1.log").read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(0.5)  # let the checkpoint file be complete
+        b.kill()
+        b.wait(timeout=30)
+        round_at_kill = max(_completed_rounds(coord))
+        b2 = node("b", "b2", "--ckpt-dir", str(ckpt), "--resume", str(ckpt / "last.ckpt"))
+        procs.append(b2)
+        for p, log in ((a, "a"), (b2, "b2")):
+            assert p.wait(timeout=360) == 0, (tmp_path / f"{log}.log").read_text()[-4000:]
+        assert coord.wait(timeout=60) == 0, coord.log_tail()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        coord.stop()
+
+    report = json.loads((tmp_path / "b2" / "report.json").read_text())
+    # The resumed node's first sync brought it the coordinator's weights of a round at least
+    # as late as the one completed when it was killed (it rejoined, it did not start over).
+    assert report["history"][0]["round"] >= round_at_kill
+    assert report["epochs_run"] == epochs
+    final = load_file(str(coord.latest_checkpoint()))
+    for out in ("a", "b2"):
+        node_final = load_file(str(tmp_path / out / "final.safetensors"))
+        for k in final:
+            assert torch.equal(node_final[k], final[k]), k

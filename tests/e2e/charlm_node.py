@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_drift_examples.charlm import CharDataModule, CharLM
 from safetensors.torch import save_file
 
@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--max-chars", type=int, default=30_000)
     ap.add_argument("--name", default="node")
     ap.add_argument("--slow", type=float, default=0.0, help="seconds to sleep after each batch")
+    ap.add_argument("--ckpt-dir", type=Path, help="keep Lightning checkpoints (last.ckpt) here")
+    ap.add_argument("--resume", type=Path, help="a .ckpt to resume from")
     args = ap.parse_args()
     torch.manual_seed(hash(args.name) % 1000)  # different local inits: round 0 must unify them
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,17 +94,22 @@ def main() -> None:
     model = CharLM(d_model=32, n_layers=1, n_heads=2, block_size=32, lr=3e-3)
     strategy = RecordingStrategy(token=args.token, name=args.name, calibration_seconds=0.1)
     rec = Recorder()
+    callbacks: list[Callback] = [rec]
+    if args.slow:
+        callbacks.append(Slow(args.slow))
+    if args.ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=str(args.ckpt_dir), save_last=True))
     trainer = L.Trainer(
         strategy=strategy,
         max_epochs=args.epochs,
-        callbacks=[rec, Slow(args.slow)] if args.slow else [rec],
-        enable_checkpointing=False,
+        callbacks=callbacks,
+        enable_checkpointing=bool(args.ckpt_dir),
         logger=False,
         enable_progress_bar=False,
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data, ckpt_path=str(args.resume) if args.resume else None)
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()},
         str(args.out / "final.safetensors"),
@@ -118,6 +125,7 @@ def main() -> None:
         "last_upload_samples": strategy.uploads[last][1] if last >= 0 else 0,
         "node_key": strategy.node_key,
         "dataset_size": len(data.train_dataset) if hasattr(data, "train_dataset") else None,
+        "epochs_run": trainer.current_epoch,
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
 
