@@ -86,14 +86,14 @@ def _watch(console: Console, observer: str, procs: list, coord: LocalCoordinator
                 st = fetch_status(observer, timeout=5)
             except Exception as exc:  # the coordinator may be busy or restarting
                 st = None
-                if not live:
+                if not live and coord.proc is not None and coord.proc.poll() is None:
                     console.print(f"status unavailable: {exc}")
             if st is not None:
                 if live:
                     view.update(render_table(st), refresh=True)
                 else:
                     line = (
-                        f"round {st.round} epoch {st.epoch}/{st.epochs} state {st.state} "
+                        f"round {st.round} epoch {min(st.epoch + 1, st.epochs)}/{st.epochs} state {st.state} "
                         + " ".join(
                             f"{n.name or n.node_id[:8]}:{n.state}:{n.samples_per_s:.0f}/s"
                             for n in st.nodes

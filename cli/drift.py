@@ -161,7 +161,7 @@ def demo(
     max_chars: Annotated[
         int, typer.Option(help="Characters of stdlib source to train on.")
     ] = 120_000,
-    sync_every: Annotated[int, typer.Option(help="Steps per round for an average node.")] = 20,
+    sync_every: Annotated[int, typer.Option(help="Steps per round for an average node.")] = 8,
 ) -> None:
     """Start a coordinator and N nodes on loopback, train the example model, show the session."""
     from lightning_drift_cli import demo as demo_mod

@@ -150,3 +150,30 @@ def test_a_straggler_is_left_behind_but_ends_on_the_final_weights(tmp_path: Path
         node_final = load_file(str(o / "final.safetensors"))
         for k in final:
             assert torch.equal(node_final[k], final[k]), k
+
+
+def test_bfloat16_deltas_halve_the_upload_and_keep_nodes_exact(tmp_path: Path) -> None:
+    # --transfer-dtype bfloat16: nodes upload (local - global) in bfloat16; the coordinator
+    # adds it back onto its float32 global weights. Downloads stay exact float32.
+    with LocalCoordinator(
+        tmp_path / "coord",
+        min_nodes=2,
+        epochs=1,
+        batch_size=16,
+        sync_every=8,
+        quorum=1.0,
+        transfer_dtype="bfloat16",
+    ) as coord:
+        outs = _run_nodes(coord, tmp_path, 2, 1)
+        assert coord.wait(timeout=60) == 0, coord.log_tail()
+    final = load_file(str(coord.latest_checkpoint()))
+    assert all(t.dtype == torch.float32 for t in final.values())
+    for o in outs:
+        report = json.loads((o / "report.json").read_text())
+        training = [h for h in report["history"] if h["round"] > 0]
+        assert training, report["history"]
+        for h in training:
+            assert h["bytes_sent"] < 0.6 * h["bytes_received"], h
+        node_final = load_file(str(o / "final.safetensors"))
+        for k in final:
+            assert torch.equal(node_final[k], final[k]), k
