@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import nacl.exceptions
 import nacl.signing
 
 from lightning_drift.errors import AuthError
+from lightning_drift.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +75,6 @@ def _iso(t: float) -> str:
 
 def _short(key: bytes) -> str:
     return key.hex()[:8] + "…"
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (never half a file)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 class Identity:
@@ -399,7 +383,7 @@ class TokenStore:
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         d = {"issued": [asdict(c) for c in self._issued], "revoked": sorted(self._revoked)}
-        _atomic_write(self.path, json.dumps(d, indent=1, sort_keys=True).encode())
+        atomic_write(self.path, json.dumps(d, indent=1, sort_keys=True).encode(), mode=0o600)
 
     def record(self, claims: Claims) -> None:
         self._issued.append(claims)

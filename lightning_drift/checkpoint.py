@@ -21,14 +21,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning_drift.errors import ConfigError, DriftError
+from lightning_drift.fsutil import _TMP_SUFFIX, atomic_write, fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,6 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 _MANIFEST_VERSION = 1
 _FILE_RE = re.compile(r"^round-(\d+)(\.outer)?\.safetensors$")
-_TMP_SUFFIX = ".tmp"
 
 
 def weights_name(round: int) -> str:
@@ -96,48 +94,6 @@ class CheckpointInfo:
 
 def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` durable (no-op where directories can't be
-    opened, e.g. Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or all of the new.
-
-    Temporary file in the same directory, fsync it, rename over ``path``, fsync the directory.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 class CheckpointStore:

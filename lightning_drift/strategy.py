@@ -473,13 +473,9 @@ class DriftStrategy(SingleDeviceStrategy):
     def _keep_copy(self, round_: int, blob: bytes) -> None:
         assert self.checkpoint_dir is not None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_dir / f"round-{round_:06d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from lightning_drift.fsutil import atomic_write
+
+        atomic_write(self.checkpoint_dir / f"round-{round_:06d}.safetensors", blob)
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         try:

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from lightning_drift import checkpoint as ckpt
+from lightning_drift import fsutil
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.checkpoint import CheckpointStore, atomic_write
 from lightning_drift.errors import ConfigError, DriftError
@@ -190,7 +190,7 @@ def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_tmp(tmp_path, mon
     def fail(*_a):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.os, "replace", fail)
+    monkeypatch.setattr(fsutil.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, b"new")
 
@@ -210,8 +210,8 @@ def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_dir_after(tmp_pa
         events.append("rename")
         real_replace(a, b)
 
-    monkeypatch.setattr(ckpt.os, "fsync", fsync)
-    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(fsutil.os, "fsync", fsync)
+    monkeypatch.setattr(fsutil.os, "replace", replace)
 
     atomic_write(tmp_path / "x", b"data")
 
@@ -300,3 +300,11 @@ def test_unreadable_manifest_is_a_clear_error_and_blocks_writes(tmp_path):
     with pytest.raises(DriftError, match="unreadable"):
         write(store, 2)
     assert not (tmp_path / "round-000002.safetensors").exists()
+
+
+def test_atomic_write_sets_the_mode_before_the_file_has_its_name(tmp_path):
+    secret = tmp_path / "node.token"
+    atomic_write(secret, b"eyJ", mode=0o600)
+    public = tmp_path / "round.safetensors"
+    atomic_write(public, b"w")
+    assert (secret.stat().st_mode & 0o777, public.stat().st_mode & 0o777) == (0o600, 0o644)

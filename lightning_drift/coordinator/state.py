@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_drift.auth import Claims, Identity, TokenStore, issue_token, verify_token
-from lightning_drift.checkpoint import atomic_write
 from lightning_drift.errors import AuthError, ConfigError
+from lightning_drift.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ STATE_VERSION = 1
 
 def write_private(path: Path, data: bytes) -> None:
     """Atomic write, then mode 0600 (tokens and keys are secrets)."""
-    atomic_write(path, data)
-    path.chmod(0o600)
+    atomic_write(path, data, mode=0o600)
 
 
 def parse_duration(text: str) -> float:
