@@ -224,12 +224,26 @@ class DriftStrategy(SingleDeviceStrategy):
         if self.runtime is None:
             self._join(len(dataset))
         assert self.runtime is not None
-        a = self.runtime.shard(trainer.current_epoch)
+        from lightning.pytorch.utilities.data import _update_dataloader
+
+        from lightning_drift.node import SessionFinished
+
+        try:
+            a = self.runtime.shard(trainer.current_epoch)
+        except SessionFinished as done:
+            # We came back after the last round: the start-up sync already loaded the final
+            # weights. Train nothing more and let the fit end normally.
+            log.warning(
+                "the session finished at round %d; this node holds its final weights",
+                done.finish.round,
+            )
+            self.finished = True
+            trainer.should_stop = True
+            empty = ShardSampler(torch.empty(0, dtype=torch.long))
+            return _update_dataloader(dataloader, empty, mode=RunningStage.TRAINING)
         if a.epoch != trainer.current_epoch:
             self._jump_to_epoch(a.epoch)
         self.assignment = a
-        from lightning.pytorch.utilities.data import _update_dataloader
-
         from lightning_drift.scheduler import epoch_permutation
 
         perm = epoch_permutation(a.seed, a.epoch, len(dataset))
@@ -396,8 +410,13 @@ class DriftStrategy(SingleDeviceStrategy):
 
     def _barrier(self) -> None:
         trainer = self._pl.trainer
+        assert self.assignment is not None
+        # Barrier k of the epoch belongs to global round first_round + k - 1. A node that
+        # joined late holds older weights than that, and a straggler that was answered with
+        # newer ones is past it: rounds only ever move forward.
+        target = self.assignment.first_round + self._barriers_done
         sync = p.BarrierSync(
-            round=self.runtime.round + 1,
+            round=max(self.runtime.round + 1, target),
             epoch=trainer.current_epoch,
             samples=self._samples,
             steps=self._epoch_steps,

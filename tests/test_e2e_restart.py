@@ -117,7 +117,7 @@ def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -
             stdout=open(tmp_path / f"{out}.log", "w"), stderr=subprocess.STDOUT,
         )  # fmt: skip
 
-    a = node("a", "a")
+    a = node("a", "a", "--slow", "0.1")  # keeps the session going while b restarts
     b = node("b", "b1", "--ckpt-dir", str(ckpt))
     procs = [a, b]
     try:
@@ -147,6 +147,31 @@ def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -
     assert report["epochs_run"] == epochs
     final = load_file(str(coord.latest_checkpoint()))
     for out in ("a", "b2"):
+        node_final = load_file(str(tmp_path / out / "final.safetensors"))
+        for k in final:
+            assert torch.equal(node_final[k], final[k]), k
+
+
+def test_a_node_coming_back_after_the_end_gets_the_final_weights(tmp_path: Path) -> None:
+    with LocalCoordinator(
+        tmp_path / "coord", min_nodes=1, epochs=1, sync_every=6, stay=True
+    ) as coord:
+
+        def node(out: str) -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, str(NODE), "--token", coord.token, "--out", str(tmp_path / out),
+                 "--epochs", "1", "--name", out],
+                stdout=open(tmp_path / f"{out}.log", "w"), stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+        first = node("first")
+        assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
+        late = node("late")
+        assert late.wait(timeout=240) == 0, (tmp_path / "late.log").read_text()[-3000:]
+        final = load_file(str(coord.latest_checkpoint()))
+    report = json.loads((tmp_path / "late" / "report.json").read_text())
+    assert report["shards"] == []  # nothing left to train
+    for out in ("first", "late"):
         node_final = load_file(str(tmp_path / out / "final.safetensors"))
         for k in final:
             assert torch.equal(node_final[k], final[k]), k

@@ -283,7 +283,8 @@ def test_epoch_rollover_and_finish():
     out = finish_round(s, 4.0)
     assert out.finished and "finished" in out.reason
     assert s.upload(A, 5, 5.0).kind == "current"
-    assert s.join(B, "b", 5.0).code == "finished"
+    late = s.join(B, "b", 5.0)
+    assert late.ok and "final weights" in late.reason
     assert s.status(5.0).state == "finished"
 
 

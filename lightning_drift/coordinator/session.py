@@ -242,9 +242,16 @@ class Session:
     # ---- membership events ---------------------------------------------------------------
     def join(self, node: str, name: str, now: float) -> Decision:
         """A Join with a valid token whose QUIC peer key is ``node``."""
-        if self.finished:
-            return Decision(False, "the session has finished; nothing left to train", "finished")
         m = self.members.get(node)
+        if self.finished:
+            # Nothing left to train, but a node that comes back late (resumed from its own
+            # checkpoint, or cut off at the very end) may still fetch the final weights with a
+            # start-up sync; its shard request is then answered with Finish.
+            if m is None:
+                self.members[node] = Member(node=node, name=name, joined_at=now, last_seen=now)
+                m = self.members[node]
+            m.state, m.last_seen = "left", now
+            return Decision(True, "the session has finished: the node may fetch the final weights")
         if m is None:
             self.members[node] = Member(node=node, name=name, joined_at=now, last_seen=now)
             return Decision(True, f"node {_short(node)} joined")
