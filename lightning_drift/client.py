@@ -29,7 +29,7 @@ from lightning_drift import __version__
 from lightning_drift import protocol as p
 from lightning_drift.auth import decode_token, verify_token
 from lightning_drift.errors import AuthError, DriftError, PeerLost, ProtocolError, SessionError
-from lightning_drift.transport import Endpoint, Stream, ticket_key
+from lightning_drift.transport import Endpoint, Stream, local_bind_for, ticket_addrs, ticket_key
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class CoordinatorClient:
         resume_round: int = -1,
         silence_s: float | None = None,
         observe: bool = False,
+        via: Sequence[str] = (),
     ) -> CoordinatorClient:
         """Dial the coordinator named in ``token``, join, and finish the handshake.
 
@@ -95,6 +96,8 @@ class CoordinatorClient:
         message from the coordinator before the connection counts as lost (default
         ``3 × TrainConfig.heartbeat_s``, at least 3 s). ``observe``: status only, with any
         valid token (no membership, no NodeInfo); observer tokens always connect this way.
+        ``via``: dial these ``host:port`` addresses instead of the ticket's (a forwarded
+        port, a proxy); the coordinator must still hold the key the token names.
         """
         claims, _, _ = decode_token(token)
         key = ticket_key(claims.coordinator)
@@ -104,7 +107,9 @@ class CoordinatorClient:
             endpoint = await Endpoint.bind(
                 mode=mode,
                 secret=secret if secret is not None else os.urandom(32),
-                bind_addr="127.0.0.1:0" if mode == "local" else None,
+                bind_addr=local_bind_for(list(via) or ticket_addrs(claims.coordinator))
+                if mode == "local"
+                else None,
                 relay_urls=relay_urls,
             )
         try:
@@ -122,6 +127,7 @@ class CoordinatorClient:
                     resume_round,
                     silence_s,
                     observe,
+                    tuple(via),
                 ),
                 timeout * 2,
             )
@@ -151,8 +157,9 @@ class CoordinatorClient:
         resume_round,
         silence_s=None,
         observe=False,
+        via=(),
     ) -> CoordinatorClient:
-        conn = await endpoint.dial(ticket, timeout=timeout, expect_key=key)
+        conn = await endpoint.dial(ticket, timeout=timeout, expect_key=key, via=via)
         try:
             control = await conn.open_stream()
             await control.send(

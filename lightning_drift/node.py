@@ -64,6 +64,7 @@ class NodeRuntime:
         name: str = "",
         mode: str = "local",
         relay_urls: tuple[str, ...] = (),
+        via: tuple[str, ...] = (),
         connect_timeout: float = 30.0,
         reconnect_timeout: float = 300.0,
         backoff_max: float = 8.0,
@@ -73,6 +74,7 @@ class NodeRuntime:
         self.name = name
         self.mode = mode
         self.relay_urls = relay_urls
+        self.via = via
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
         self.backoff_max = backoff_max
@@ -188,6 +190,7 @@ class NodeRuntime:
             relay_urls=self.relay_urls,
             resume_round=self.round,
             secret=self.secret,
+            via=self.via,
         )
         config = client.config
         assert config is not None, "a node token's handshake ends with TrainConfig"

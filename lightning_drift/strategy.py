@@ -85,6 +85,8 @@ class DriftStrategy(SingleDeviceStrategy):
         mode: ``"local"`` (relays off; loopback and LANs) or ``"internet"`` (relays and hole
             punching).
         relay_urls: custom iroh relay URLs for internet mode.
+        coordinator_addr: dial the coordinator at this ``host:port`` instead of the address
+            in the token (a forwarded port, a proxy, a new IP); its key is still checked.
         checkpoint_dir: where the node keeps a copy of each global round's weights
             (``round-NNNNNN.safetensors``); ``None`` keeps none.
         name: a label shown in the coordinator's view (the hostname by default).
@@ -103,6 +105,7 @@ class DriftStrategy(SingleDeviceStrategy):
         reconnect_timeout: float = 300.0,
         mode: str = "local",
         relay_urls: list[str] | None = None,
+        coordinator_addr: str | None = None,
         checkpoint_dir: str | None = None,
         name: str | None = None,
         progress_every: float = 5.0,
@@ -131,6 +134,7 @@ class DriftStrategy(SingleDeviceStrategy):
         self.reconnect_timeout = reconnect_timeout
         self.mode = mode
         self.relay_urls = list(relay_urls or [])
+        self.coordinator_addr = coordinator_addr
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.node_name = name or socket.gethostname()
         self.progress_every = progress_every
@@ -284,6 +288,7 @@ class DriftStrategy(SingleDeviceStrategy):
             name=self.node_name,
             mode=self.mode,
             relay_urls=tuple(self.relay_urls),
+            via=(self.coordinator_addr,) if self.coordinator_addr else (),
             connect_timeout=self.connect_timeout,
             reconnect_timeout=self.reconnect_timeout,
         )

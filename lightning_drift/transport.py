@@ -237,6 +237,20 @@ def ticket_key(ticket: str) -> bytes:
     return _parse_ticket(ticket).endpoint_addr().id().to_bytes()
 
 
+def ticket_addrs(ticket: str) -> list[str]:
+    """The direct ``host:port`` addresses an EndpointTicket string names."""
+    return [str(a) for a in _parse_ticket(ticket).endpoint_addr().direct_addresses()]
+
+
+def local_bind_for(addrs: Sequence[str]) -> str:
+    """Where a local-mode dialer binds: loopback when every target is on loopback (tests, one
+    machine), else all interfaces (a LAN peer is not reachable from a loopback socket)."""
+    hosts = [a.rsplit(":", 1)[0].strip("[]") for a in addrs]
+    if hosts and all(h.startswith("127.") or h in ("::1", "localhost") for h in hosts):
+        return "127.0.0.1:0"
+    return "0.0.0.0:0"
+
+
 def _parse_ticket(ticket: str) -> iroh.EndpointTicket:
     if not isinstance(ticket, str) or not ticket.strip():
         raise AuthError("malformed ticket: empty")
@@ -319,14 +333,19 @@ class Endpoint:
         timeout: float = 15.0,
         expect_key: bytes | None = None,
         alpn: bytes = ALPN,
+        via: Sequence[str] = (),
     ) -> Connection:
         """Connect to the endpoint a ticket names, within ``timeout`` seconds.
 
         ``ConnectTimeout`` when no connection is made in time (or the handshake is refused);
         ``AuthError`` when the peer reached is not ``expect_key`` (default: the ticket's key).
-        ``alpn`` exists for tests of refusal; peers speak ``drift/0``.
+        ``alpn`` exists for tests of refusal; peers speak ``drift/0``. ``via`` replaces the
+        ticket's addresses (``host:port``: a forwarded port, a proxy, a changed IP); the peer
+        must still hold the ticket's key.
         """
         addr = _parse_ticket(ticket).endpoint_addr()
+        if via:
+            addr = iroh.EndpointAddr(addr.id(), None, [str(a) for a in via])
         want = bytes(expect_key) if expect_key is not None else addr.id().to_bytes()
         who = want.hex()[:16]
         try:
@@ -668,4 +687,13 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["CHUNK", "Connection", "Endpoint", "Stream", "WRITE_PATH", "ticket_key"]
+__all__ = [
+    "CHUNK",
+    "WRITE_PATH",
+    "Connection",
+    "Endpoint",
+    "Stream",
+    "local_bind_for",
+    "ticket_addrs",
+    "ticket_key",
+]
