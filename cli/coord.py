@@ -345,14 +345,16 @@ def status(
         Console().print(render_table(st))
 
 
-async def fetch_status(token: str, *, mode: str = "local", timeout: float = 15.0):
+async def fetch_status(
+    token: str, *, mode: str = "local", timeout: float = 15.0, via: tuple[str, ...] = ()
+):
     """One SessionStatus with a node or observer token (``Join.observe``: no membership).
 
     Used by ``drift-coord status``, ``drift status`` and ``drift join``."""
     from lightning_drift.client import CoordinatorClient
 
     client = await CoordinatorClient.connect(
-        token, timeout=timeout, mode=mode, name="status", observe=True
+        token, timeout=timeout, mode=mode, name="status", observe=True, via=via
     )
     try:
         return await asyncio.wait_for(client.status(), timeout)

@@ -59,6 +59,10 @@ def join(
         ),
     ] = None,
     mode: Annotated[str, typer.Option(help="local (relays off) or internet.")] = "local",
+    coordinator_addr: Annotated[
+        str | None,
+        typer.Option(help="Dial the coordinator at HOST:PORT instead of the token's address."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a LightningCLI config as a node of the session, with DriftStrategy set."""
@@ -66,7 +70,7 @@ def join(
     tok = _read_token(_need_token(token))
     from lightning_drift_cli import nodecmds
 
-    raise typer.Exit(nodecmds.join(tok, config, mode=mode))
+    raise typer.Exit(nodecmds.join(tok, config, mode=mode, coordinator_addr=coordinator_addr))
 
 
 @app.command()
@@ -100,6 +104,10 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     mode: Annotated[str, typer.Option(help="local (relays off) or internet.")] = "local",
     name: Annotated[str | None, typer.Option(help="Label in the coordinator's view.")] = None,
+    coordinator_addr: Annotated[
+        str | None,
+        typer.Option(help="Dial the coordinator at HOST:PORT instead of the token's address."),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show Lightning's progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -125,6 +133,7 @@ def train(
         mode=mode,
         name=name,
         progress=progress,
+        coordinator_addr=coordinator_addr,
     )
 
 
@@ -145,8 +154,9 @@ def status(
 
         typer.echo(json.dumps(msgspec.to_builtins(st), indent=2))
         return
-    from lightning_drift.coordinator.monitor import render_table
     from rich.console import Console
+
+    from lightning_drift.coordinator.monitor import render_table
 
     Console().print(render_table(st))
 

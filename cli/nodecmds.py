@@ -15,20 +15,25 @@ from lightning_drift.errors import AuthError, ConfigError
 log = logging.getLogger(__name__)
 
 
-def fetch_status(token: str, *, mode: str = "local", timeout: float = 15.0) -> p.SessionStatus:
+def fetch_status(
+    token: str, *, mode: str = "local", timeout: float = 15.0, coordinator_addr: str | None = None
+) -> p.SessionStatus:
     """One status round trip with a node or observer token."""
     from lightning_drift_cli.coord import fetch_status as _fetch
 
-    return asyncio.run(_fetch(token, mode=mode, timeout=timeout))
+    via = (coordinator_addr,) if coordinator_addr else ()
+    return asyncio.run(_fetch(token, mode=mode, timeout=timeout, via=via))
 
 
-def join(token: str, config: Path | None, *, mode: str = "local") -> int:
+def join(
+    token: str, config: Path | None, *, mode: str = "local", coordinator_addr: str | None = None
+) -> int:
     """Run LightningCLI on ``config`` (or the coordinator's config) with DriftStrategy set."""
     os.environ["DRIFT_TOKEN"] = token
     # Like `python -m`, let the config name modules next to where the user runs us.
     sys.path.insert(0, os.getcwd())
     if config is None:
-        status = fetch_status(token, mode=mode)
+        status = fetch_status(token, mode=mode, coordinator_addr=coordinator_addr)
         if not status.lightning_config:
             raise ConfigError(
                 "the coordinator was started without --config, so it has no LightningCLI config "
@@ -49,6 +54,8 @@ def join(token: str, config: Path | None, *, mode: str = "local") -> int:
     args += ["--trainer.strategy.class_path", "lightning_drift.DriftStrategy"]
     if mode != "local":
         args += ["--trainer.strategy.init_args.mode", mode]
+    if coordinator_addr:
+        args += ["--trainer.strategy.init_args.coordinator_addr", coordinator_addr]
     LightningCLI(args=args, save_config_callback=None)
     return 0
 
@@ -86,6 +93,7 @@ def train(
     mode: str,
     name: str | None,
     progress: bool,
+    coordinator_addr: str | None = None,
 ) -> None:
     """Train the char-level transformer of ``examples/charlm`` as a node."""
     if peer:
@@ -115,7 +123,9 @@ def train(
                 f"{model_path} does not fit the model: missing {missing[:5]}, unexpected "
                 f"{unexpected[:5]}; pass weights saved from the same --d-model/--n-layers"
             )
-    strategy = DriftStrategy(token=token, device=device, mode=mode, name=name)
+    strategy = DriftStrategy(
+        token=token, device=device, mode=mode, name=name, coordinator_addr=coordinator_addr
+    )
     trainer = L.Trainer(
         strategy=strategy,
         max_epochs=epochs,
