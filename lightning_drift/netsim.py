@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Callable
@@ -125,7 +126,7 @@ class WanProxy:
         back = self._backs.get(client)
         if back is None:
             assert self._loop is not None
-            back = _Side(lambda d, _a, c=client: self._from_target(d, c))
+            back = _Side(functools.partial(self._from_target, client=client))
             self._backs[client] = back
             task = self._loop.create_datagram_endpoint(lambda: back, remote_addr=self.target)
             pending = asyncio.ensure_future(task)
@@ -133,7 +134,7 @@ class WanProxy:
             return
         self._send(self.up, back, data, None)
 
-    def _from_target(self, data: bytes, client: Addr) -> None:
+    def _from_target(self, data: bytes, _source: Addr, *, client: Addr) -> None:
         assert self._front is not None
         self._send(self.down, self._front, data, client)
 
