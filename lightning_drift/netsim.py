@@ -7,10 +7,12 @@ by address, so a node can dial the proxy's address with the coordinator's key::
     python -m lightning_drift.netsim --listen 127.0.0.1:9000 --target 127.0.0.1:7842 \\
         --delay-ms 25 --rate-mbit 50 --loss 0.01
 
-Each direction of each client gets its own queue: a datagram leaves ``delay`` after it
-arrived, no earlier than the link's rate allows after the previous one, and is dropped with
-probability ``loss`` (and when more than ``queue_s`` of data is already waiting, as a full
-router buffer would).
+The proxy is one access link shared by all its clients, with one queue per direction: a
+datagram leaves ``delay`` after it arrived, no earlier than the link's rate allows after the
+previous one, and is dropped with probability ``loss`` (and when more than ``queue_s`` of
+data is already waiting, as a full router buffer would). Its sockets ask for large receive
+buffers so that the proxy itself, one Python process, loses as little as it can beyond what
+it is told to.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import functools
 import logging
 import random
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,6 +76,9 @@ class _Pipe:
         return self.free_at + self.spec.delay_s
 
 
+RCVBUF = 8 << 20
+
+
 class _Side(asyncio.DatagramProtocol):
     def __init__(self, on_datagram: Callable[[bytes, Addr], None]) -> None:
         self.on_datagram = on_datagram
@@ -80,6 +86,10 @@ class _Side(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
 
     def datagram_received(self, data: bytes, addr: Addr) -> None:
         self.on_datagram(data, addr)
@@ -160,12 +170,15 @@ async def _main(args: argparse.Namespace) -> None:
     try:
         while True:
             await asyncio.sleep(5)
+            up, down = proxy.up.stats, proxy.down.stats
             log.info(
-                "up forwarded=%d dropped=%d down forwarded=%d dropped=%d",
-                proxy.up.stats.forwarded,
-                proxy.up.stats.dropped,
-                proxy.down.stats.forwarded,
-                proxy.down.stats.dropped,
+                "up forwarded=%d dropped=%d bytes=%d down forwarded=%d dropped=%d bytes=%d",
+                up.forwarded,
+                up.dropped,
+                up.bytes,
+                down.forwarded,
+                down.dropped,
+                down.bytes,
             )
     finally:
         proxy.close()
