@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from e2e.launch import log_tail, start_node
 from safetensors.torch import load_file
 
 from lightning_drift.coordinator.local import LocalCoordinator, free_udp_port
 
-NODE = Path(__file__).parent / "e2e" / "charlm_node.py"
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -37,28 +37,11 @@ def test_nodes_dial_through_a_proxy_address_and_train_exactly(tmp_path: Path) ->
         )  # fmt: skip
         try:
             nodes = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(NODE),
-                        "--token",
-                        coord.token,
-                        "--out",
-                        str(tmp_path / f"n{i}"),
-                        "--epochs",
-                        "1",
-                        "--name",
-                        f"n{i}",
-                        "--via",
-                        f"127.0.0.1:{port}",
-                    ],
-                    stdout=open(tmp_path / f"n{i}.log", "w"),
-                    stderr=subprocess.STDOUT,
-                )  # fmt: skip
+                start_node(coord.token, tmp_path, f"n{i}", "--via", f"127.0.0.1:{port}")
                 for i in range(2)
             ]
             for i, p in enumerate(nodes):
-                assert p.wait(timeout=240) == 0, (tmp_path / f"n{i}.log").read_text()[-3000:]
+                assert p.wait(timeout=240) == 0, log_tail(tmp_path, f"n{i}")
             assert coord.wait(timeout=60) == 0, coord.log_tail()
             time.sleep(5.5)  # the proxy logs its counters every 5 s
         finally:
