@@ -108,6 +108,11 @@ def resolve_serve_options(flags: dict[str, Any], config: Path | None) -> tuple[d
         raise ConfigError("--transfer-dtype must be float32 or bfloat16")
     if not 0 < out["quorum"] <= 1:
         raise ConfigError(f"--quorum must be in (0, 1], got {out['quorum']}")
+    if out["keep"] < 2:
+        raise ConfigError(
+            "--keep must be at least 2: after a crash between a checkpoint and the state file "
+            "the previous checkpoint is the one a restart resumes from"
+        )
     if out["heartbeat_timeout"] <= 0:
         raise ConfigError("--heartbeat-timeout must be positive")
     # Nodes ping every heartbeat_s; several pings must fit in the timeout or a healthy node
@@ -203,6 +208,13 @@ def serve(
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    if coord.fatal:
+        typer.echo(
+            f"error: {coord.fatal}; start `drift-coord serve` again with the same --state-dir "
+            "to resume from the last saved round (nodes reconnect on their own)",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 async def _serve(coord: Any) -> None:

@@ -212,6 +212,8 @@ class NodeRuntime:
         delay = 0.25
         log.warning("connection lost during=%s error=%s reconnecting", what, cause)
         while True:
+            if self._closed:
+                raise PeerLost("the node runtime was closed while reconnecting")
             try:
                 await self._connect(first=False)
                 return
@@ -241,6 +243,11 @@ class NodeRuntime:
             except (PeerLost, ConnectTimeout) as exc:
                 if self._closed:
                     raise
+                finish = getattr(self._client, "finish", None)
+                if finish is not None:
+                    # The coordinator said the session is over, then went away: there is
+                    # nothing to reconnect to.
+                    raise SessionFinished(finish) from exc
                 await self._reconnect(what, exc)
 
     async def _close_client(self, reason: str) -> None:

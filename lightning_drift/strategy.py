@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from lightning_drift import __version__
 from lightning_drift import protocol as p
-from lightning_drift.errors import ConfigError
+from lightning_drift.errors import ConfigError, SessionError
 
 if TYPE_CHECKING:  # a real import here would run inside Lightning's own package import
     from lightning.pytorch import LightningModule
@@ -213,6 +214,18 @@ class DriftStrategy(SingleDeviceStrategy):
         super().setup(trainer)
         # Every epoch needs a fresh dataloader over the epoch's shard.
         trainer.reload_dataloaders_every_n_epochs = 1
+        if not any(isinstance(c, _EpochEndBarriers) for c in trainer.callbacks):
+            trainer.callbacks.append(_EpochEndBarriers(self))
+
+    def _finish_epoch(self) -> None:
+        """Hold the epoch's remaining barriers now if fewer optimizer steps ran than the
+        loader promised (manual optimization, skipped steps): the coordinator's rounds must
+        not wait for a barrier this node would never reach."""
+        if self.runtime is None or self.assignment is None or self.finished:
+            return
+        while self._barriers_done < self.assignment.rounds and not self.finished:
+            log.info("epoch ended before barrier %d; holding it now", self._barriers_done + 1)
+            self._barrier()
 
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self._pl.trainer
@@ -429,8 +442,25 @@ class DriftStrategy(SingleDeviceStrategy):
             # Training time of this round only: the coordinator measures pace from it.
             train_seconds=time.monotonic() - self._train_t0,
         )
-        self._sync(sync)
+        from lightning_drift.node import SessionFinished
+
+        try:
+            self._sync(sync)
+        except SessionFinished as done:
+            raise SessionError(
+                f"the session finished at round {done.finish.round} while this node was still "
+                f"training (it was left behind); the final weights are the coordinator's "
+                f"checkpoint {done.finish.checkpoint or 'of that round'}",
+                code="finished",
+            ) from None
         self._barriers_done += 1
+        if self.finished and (
+            self._barriers_done < self.assignment.rounds
+            or trainer.current_epoch + 1 < (trainer.max_epochs or 0)
+        ):
+            # A straggler answered with the session's final weights: nothing left to train.
+            log.warning("the session finished at round %d; stopping", self.runtime.round)
+            trainer.should_stop = True
 
     def _sync(self, sync: p.BarrierSync) -> None:
         """Upload our weights for ``sync.round``, wait for the global ones, load them in place."""
@@ -441,7 +471,8 @@ class DriftStrategy(SingleDeviceStrategy):
         local = {k: v.detach() for k, v in module.state_dict().items()}
         if sync.round > 0 and self.config.transfer_dtype == "bfloat16" and self._global is not None:
             delta = {
-                k: (v.float() - self._global[k].float()).to(torch.bfloat16)
+                # The global copy lives on the CPU, where the blob is decoded.
+                k: (v.float().cpu() - self._global[k].float()).to(torch.bfloat16)
                 if v.is_floating_point()
                 else v
                 for k, v in local.items()
@@ -492,7 +523,9 @@ class DriftStrategy(SingleDeviceStrategy):
             }
         )
         self._samples = 0
-        self._train_t0 = time.monotonic()
+        # Pace is measured over training only: waiting at the barrier does not count.
+        self._train_t0 = self._rate_t0 = time.monotonic()
+        self._rate_samples = 0
 
     def _keep_copy(self, round_: int, blob: bytes) -> None:
         assert self.checkpoint_dir is not None
@@ -533,6 +566,16 @@ class DriftStrategy(SingleDeviceStrategy):
         if self.runtime is not None:
             self.runtime.close(reason)
             self.runtime = None
+
+
+class _EpochEndBarriers(Callback):
+    """Calls the strategy at each training epoch's end (strategies get no such hook)."""
+
+    def __init__(self, strategy: DriftStrategy) -> None:
+        self.strategy = strategy
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.strategy._finish_epoch()
 
 
 def _accelerator_for(device: torch.device) -> Accelerator:

@@ -79,6 +79,7 @@ class ServeOptions:
     keep: int = 5
     token_ttl_s: float = 7 * 86400.0
     handshake_timeout_s: float = 30.0
+    upload_timeout_s: float = 900.0  # one weights upload, start to end
 
 
 @dataclass
@@ -102,6 +103,7 @@ class NodeConn:
         self.control = control
         self.lock = asyncio.Lock()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.uploading = False
 
     async def send(self, msg: Any) -> bool:
         try:
@@ -150,6 +152,8 @@ class Coordinator:
         self._acc_lock = asyncio.Lock()
         self._upload_sem = asyncio.Semaphore(options.max_uploads)
         self._completing = False
+        self.fatal: str | None = None  # why the coordinator stopped on its own, if it did
+        self._save_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_ping = 0.0
@@ -421,10 +425,18 @@ class Coordinator:
             else:
                 raise ProtocolError(f"observers may send StatusRequest, not {type(msg).__name__}")
 
+    async def _save(self) -> None:
+        """Write state.json; the snapshot is taken inside the lock, so saves never go back."""
+        async with self._save_lock:
+            await asyncio.to_thread(self.state.save_session, self.session.to_dict())
+
     async def _shard(self, nc: NodeConn, epoch: int) -> None:
         r = self.session.shard(nc.node, epoch, self.clock())
         if r.assignment is not None:
             self.pending_shards.pop(nc.node, None)
+            # An epoch's plan and late assignments must survive a restart: nodes train on
+            # them and re-send their uploads against them.
+            await self._save()
             await nc.send(r.assignment)
         elif r.wait:
             self.pending_shards[nc.node] = epoch
@@ -457,15 +469,36 @@ class Coordinator:
             sync = await stream.recv()
             if not isinstance(sync, BarrierSync):
                 raise ProtocolError(f"a barrier stream starts with BarrierSync, not {sync}")
-            async with self._upload_sem:
-                _, blob = await stream.recv_blob(max_size=self._max_upload())
-                assert isinstance(blob, bytes)
-                verdict = await self._take_upload(node, sync, blob)
-                del blob
+            if nc.uploading:
+                raise ProtocolError("one barrier upload at a time per node")
+            nc.uploading = True
+            try:
+                async with self._upload_sem:
+                    # A peer that stops sending mid-blob must not hold an upload slot
+                    # forever: past the limit the stream is abandoned (not resumed).
+                    _, blob = await asyncio.wait_for(
+                        stream.recv_blob(max_size=self._max_upload()),
+                        self.options.upload_timeout_s,
+                    )
+                    assert isinstance(blob, bytes)
+                    verdict = await self._take_upload(node, sync, blob)
+                    del blob
+            except asyncio.TimeoutError:
+                raise ProtocolError(
+                    f"upload not received within {self.options.upload_timeout_s:g} s"
+                ) from None
+            finally:
+                nc.uploading = False
             if verdict is None:
                 return
             kind, reason = verdict
-            if kind in ("current", "initial"):
+            if kind == "current" and (
+                self.current is None or self.current.round < self.session.completed
+            ):
+                # The round has just completed but its weights are not published yet (the
+                # state file is being written): wait for them rather than hand out older ones.
+                w = await self._wait_round(self.session.completed)
+            elif kind in ("current", "initial"):
                 assert self.current is not None
                 w = self.current
             else:
@@ -519,6 +552,13 @@ class Coordinator:
         except SessionError as exc:
             self._reject(node, sync.round, str(exc))
             raise
+        # Adding into the shared sums must run to its end even if this node's connection
+        # drops meanwhile (which cancels its tasks): a half-added upload would corrupt the
+        # round, and the accumulator and the session must agree on who arrived.
+        return await asyncio.shield(asyncio.ensure_future(self._accumulate(node, sync, sd)))
+
+    async def _accumulate(self, node: str, sync: BarrierSync, sd: Any) -> tuple[str, str]:
+        s = self.session
         async with self._acc_lock:
             v = s.upload(node, sync.round, self.clock())  # the round may have closed meanwhile
             if v.kind != "open":
@@ -561,7 +601,7 @@ class Coordinator:
                 extra={"session": self.session.session_id},
             )
             self.session.initial(now)
-            await asyncio.to_thread(self.state.save_session, self.session.to_dict())
+            await self._save()
             self._set_global(sd, canon, info.sha256, 0, 0, str(info.path))
         self._event(f"round 0: start-up weights from node {node[:8]} ({len(canon)} bytes)")
         return True
@@ -598,7 +638,7 @@ class Coordinator:
             new_sd, blob, info = await asyncio.to_thread(self._aggregate, rnd, epoch, acc)
             now = self.clock()
             out = s.completed_round(rnd, now)
-            await asyncio.to_thread(self.state.save_session, s.to_dict())
+            await self._save()
             self._set_global(new_sd, blob, info.sha256, rnd, epoch, str(info.path))
             assert self.current is not None
             self.current.finished = out.finished
@@ -617,6 +657,17 @@ class Coordinator:
             self._serve_pending_shards()
             if out.finished:
                 self._finish()
+        except Exception as exc:
+            # Disk full, out of memory, ...: the round's state is now uncertain. Stop rather
+            # than hang every node at this barrier; a restart on the same state dir resumes
+            # from the last round whose state was saved, and nodes re-send their uploads.
+            self.fatal = f"round {rnd} could not be completed: {type(exc).__name__}: {exc}"
+            log.critical("round.failed round=%d error=%r", rnd, exc)
+            self._event(self.fatal)
+            for nc in list(self.conns.values()):
+                nc.conn.close(2, "coordinator failed; it will be restarted")
+            self._stop.set()
+            return
         finally:
             self._completing = False
         self._maybe_complete(s.check(self.clock()))
