@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from lightning_drift.coordinator.session import Session, SessionConfig
@@ -80,6 +81,17 @@ def test_dataset_size_adopted_from_first_node():
     assert s.dataset_size == 640 and s.train_config().dataset_size == 640
     s.join(B, "b", 0.0)
     assert s.admit(B, info(dataset_size=641), 0.0).code == "dataset_mismatch"
+
+
+def test_a_different_model_is_refused_with_both_fingerprints():
+    s = session()
+    s.join(A, "a", 0.0)
+    assert s.admit(A, msgspec.structs.replace(info(), model_fingerprint="f" * 64), 0.0).ok
+    s.join(B, "b", 0.0)
+    d = s.admit(B, msgspec.structs.replace(info(), model_fingerprint="e" * 64), 0.0)
+    assert not d.ok and d.code == "model_mismatch"
+    assert "eeeeeeeeeeee" in d.reason and "ffffffffffff" in d.reason
+    assert Session.from_dict(s.to_dict(), now=1.0).model_fingerprint == "f" * 64
 
 
 def test_start_gate_waits_for_min_nodes():

@@ -173,6 +173,7 @@ class Session:
         self.started_at = now
         self.scheduler: Scheduler | None = None
         self.dataset_size = config.dataset_size
+        self.model_fingerprint = ""  # adopted from the first admitted node
         if self.dataset_size:
             self.scheduler = self._make_scheduler(self.dataset_size)
         self.members: dict[str, Member] = {}
@@ -279,6 +280,16 @@ class Session:
             )
         if info.dataset_size <= 0:
             return Decision(False, "NodeInfo.dataset_size must be > 0", "dataset_mismatch")
+        if self.model_fingerprint and info.model_fingerprint not in ("", self.model_fingerprint):
+            return Decision(
+                False,
+                "the model's parameter names, shapes or dtypes differ from the session's "
+                f"(fingerprint {info.model_fingerprint[:12]}…, session "
+                f"{self.model_fingerprint[:12]}…); every node must build the same model",
+                "model_mismatch",
+            )
+        if not self.model_fingerprint:
+            self.model_fingerprint = info.model_fingerprint
         if self.scheduler is None:
             self.dataset_size = info.dataset_size
             self.scheduler = self._make_scheduler(self.dataset_size)
@@ -688,6 +699,7 @@ class Session:
             "session_id": self.session_id,
             "started_at": self.started_at,
             "dataset_size": self.dataset_size,
+            "model_fingerprint": self.model_fingerprint,
             "has_weights": self.has_weights,
             "completed": self.completed,
             "epoch": self.epoch,
@@ -723,6 +735,7 @@ class Session:
         s = cls(config, session_id=d["session_id"], now=now)
         s.started_at = d.get("started_at", now)
         s.dataset_size = d.get("dataset_size", 0)
+        s.model_fingerprint = d.get("model_fingerprint", "")
         if d.get("scheduler") is not None:
             s.scheduler = Scheduler.from_dict(d["scheduler"])
         s.has_weights = d["has_weights"]
