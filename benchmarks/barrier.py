@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from lightning_drift.coordinator.local import free_udp_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,12 +103,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pct(values: list[float], q: float) -> float:
     v = sorted(values)
     return v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))]
@@ -118,7 +113,7 @@ def run_one(n: int, rounds: int, procs: int, params: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         coord = subprocess.Popen(
             [sys.executable, "-m", "lightning_drift_cli.coord", "serve",
-             "--state-dir", tmp, "--port", str(free_port()), "--min-nodes", str(n),
+             "--state-dir", tmp, "--port", str(free_udp_port()), "--min-nodes", str(n),
              "--dataset-size", str(dataset), "--batch-size", "10", "--sync-every", "10",
              "--heartbeat-timeout", "120", "--epochs", "1", *(["-v"] if os.environ.get("DRIFT_BENCH_LOG") else [])],
             stdout=subprocess.PIPE, stderr=open(os.environ.get("DRIFT_BENCH_LOG", os.devnull), "w"), text=True, cwd=ROOT,

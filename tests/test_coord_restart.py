@@ -10,38 +10,19 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import torch
+from support import node_info
 
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.client import CoordinatorClient
+from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.errors import ConnectTimeout, DriftError, PeerLost
-from lightning_drift.protocol import BarrierSync, NodeInfo
+from lightning_drift.protocol import BarrierSync
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def info() -> NodeInfo:
-    return NodeInfo(
-        nonce="",
-        devices=[],
-        train_device="cpu",
-        cpu="test",
-        cpu_count=1,
-        memory=1 << 30,
-        calibration=10.0,
-        torch_version="2",
-        dataset_size=1000,
-    )
 
 
 def upload(rnd: int, i: int) -> dict[str, torch.Tensor]:
@@ -73,7 +54,9 @@ async def connect(token: str, secret: bytes, deadline_s: float = 30.0) -> Coordi
     delay = 0.1
     while True:
         try:
-            return await CoordinatorClient.connect(token, node_info=info, secret=secret, timeout=3)
+            return await CoordinatorClient.connect(
+                token, node_info=node_info, secret=secret, timeout=3
+            )
         except (ConnectTimeout, PeerLost):
             if loop.time() > end:
                 raise
@@ -96,7 +79,7 @@ async def wait_barrier_state(observer_token: str, node: str) -> None:
 
 def test_sigkill_and_restart_continues_from_last_completed_round(tmp_path):
     state = tmp_path / "state"
-    port = free_port()
+    port = free_udp_port()
     config = tmp_path / "train.yaml"
     config.write_text(
         "coordinator:\n  min_nodes: 2\n  epochs: 1\n  dataset_size: 1000\n  batch_size: 10\n"

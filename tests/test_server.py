@@ -11,44 +11,25 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support import node_info
 
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.auth import Identity, TokenStore, issue_token
 from lightning_drift.client import CoordinatorClient
+from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.server import Coordinator, ServeOptions
 from lightning_drift.coordinator.session import SessionConfig
 from lightning_drift.errors import AuthError, SessionError
-from lightning_drift.protocol import BarrierSync, Error, NodeInfo, TrainProgress
+from lightning_drift.protocol import BarrierSync, Error, TrainProgress
 from lightning_drift.transport import Endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 60
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def node_info(dataset_size: int) -> NodeInfo:
-    return NodeInfo(
-        nonce="",
-        devices=[],
-        train_device="cpu",
-        cpu="test",
-        cpu_count=1,
-        memory=1 << 30,
-        calibration=10.0,
-        torch_version=str(torch.__version__),
-        dataset_size=dataset_size,
-    )
 
 
 def model(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -72,7 +53,7 @@ def coordinator(tmp_path: Path, **cfg) -> Coordinator:
     )
     base.update(cfg)
     opts = ServeOptions(
-        state_dir=tmp_path / "state", port=free_port(), tick_s=0.1, finish_grace_s=0.3
+        state_dir=tmp_path / "state", port=free_udp_port(), tick_s=0.1, finish_grace_s=0.3
     )
     return Coordinator(SessionConfig(**base), opts)
 
