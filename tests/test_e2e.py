@@ -119,10 +119,12 @@ def test_a_straggler_is_left_behind_but_ends_on_the_final_weights(tmp_path: Path
         quorum=0.5,
         deadline_floor=0.5,
         deadline_margin=1.0,
+        keep=1000,  # every round stays in the manifest
     ) as coord:
-        # Calibration on two busy cores may give either node the bigger shard; a second per
-        # batch makes node 1 miss a half-second deadline whatever its share.
-        outs = _run_nodes(coord, tmp_path, 2, epochs, extra={1: ["--slow", "1.0"]})
+        # Node 1 pauses 10 s once after round 1; its deadline for round 2 comes from the pace
+        # it showed in round 1 (about a round's work, at least 0.5 s), so the other node's
+        # arrival completes round 2 without it, however fast or slow this machine is.
+        outs = _run_nodes(coord, tmp_path, 2, epochs, extra={1: ["--stall", "10"]})
         assert coord.wait(timeout=120) == 0, coord.log_tail()
     manifest = coord.manifest()
     rounds = {c["round"]: c for c in manifest["checkpoints"]}

@@ -30,14 +30,31 @@ class Recorder(Callback):
 
 
 class Slow(Callback):
-    """Makes this node a straggler after its first round: it sleeps after every batch from
-    then on, so the pace the coordinator measured in round 1 no longer holds."""
+    """Sleeps after every batch once round 1 is behind this node (keeps a session going)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if len(trainer.strategy.history) > 1:  # round 0 and round 1 are behind us
+            time.sleep(self.seconds)
+
+
+class Stall(Callback):
+    """Makes this node a straggler once: one long pause in its first batch after round 1.
+
+    The coordinator measured this node's pace in round 1, so its deadline for round 2 is about
+    one round's work; the node sends no progress while it is paused, so nothing tells the
+    coordinator to wait longer. A pause far longer than a round leaves it behind on any machine.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.done = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.done and len(trainer.strategy.history) > 1:
+            self.done = True
             time.sleep(self.seconds)
 
 
@@ -85,6 +102,7 @@ def main() -> None:
     ap.add_argument("--max-chars", type=int, default=30_000)
     ap.add_argument("--name", default="node")
     ap.add_argument("--slow", type=float, default=0.0, help="seconds to sleep after each batch")
+    ap.add_argument("--stall", type=float, default=0.0, help="pause once after round 1 (seconds)")
     ap.add_argument("--ckpt-dir", type=Path, help="keep Lightning checkpoints (last.ckpt) here")
     ap.add_argument("--resume", type=Path, help="a .ckpt to resume from")
     ap.add_argument("--via", help="dial the coordinator at this host:port (e.g. a WAN proxy)")
@@ -100,6 +118,8 @@ def main() -> None:
     callbacks: list[Callback] = [rec]
     if args.slow:
         callbacks.append(Slow(args.slow))
+    if args.stall:
+        callbacks.append(Stall(args.stall))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=str(args.ckpt_dir), save_last=True))
     trainer = L.Trainer(
