@@ -2,6 +2,7 @@
 
 The round counter and global weights continue from the last completed round, the node
 token printed before the kill still works, and nodes (same keys) reconnect and carry on.
+A kill before any round has completed keeps the epoch plan: it is saved when it is made.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.client import CoordinatorClient
 from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.errors import ConnectTimeout, DriftError, PeerLost
-from lightning_drift.protocol import BarrierSync
+from lightning_drift.protocol import BarrierSync, TrainProgress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,3 +166,87 @@ def test_sigkill_and_restart_continues_from_last_completed_round(tmp_path):
         assert torch.equal(got[k], (acc / 30.0).to(torch.float32))
     st = json.loads((state / "state.json").read_text())["session"]
     assert st["completed"] == 5 and st["finished"]
+
+
+def test_epoch_plan_survives_a_kill_before_round_one_completes(tmp_path):
+    """The epoch plan is saved when it is made: a coordinator killed during round 1 (after
+    the start-up sync, before any round has completed) hands out the same shards again."""
+    state = tmp_path / "state"
+    port = free_udp_port()
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "coordinator:\n  min_nodes: 2\n  epochs: 1\n  dataset_size: 1000\n  batch_size: 10\n"
+        "  sync_every: 10\n  heartbeat_s: 0.5\n  heartbeat_timeout: 10\n"
+    )
+    secrets_ = [os.urandom(32), os.urandom(32)]
+    fields = ("epoch", "start", "stop", "rounds", "first_round", "seed", "share")
+
+    def shard_of(a) -> dict:
+        return {f: getattr(a, f) for f in fields}
+
+    async def main():
+        proc, token, _ = await start_coordinator(state, port, config)
+        try:
+            a, b = [await connect(token, s) for s in secrets_]
+            await a.barrier(BarrierSync(round=0), to_bytes(upload(0, 0)))
+            await b.barrier(BarrierSync(round=0), to_bytes(upload(0, 0)))
+            # Measured rates (3:1) reach the scheduler after the round-0 state was written, so
+            # a plan made again from that state would split the data evenly instead.
+            for c, rate in ((a, 300.0), (b, 100.0)):
+                await c.progress(
+                    TrainProgress(round=0, epoch=0, step=0, samples=0, samples_per_s=rate)
+                )
+                await c.status()  # the control stream is ordered: the rate has been taken
+            before = {c.node_key: shard_of(await c.shard(0)) for c in (a, b)}
+            assert before[a.node_key]["stop"] - before[a.node_key]["start"] == 750
+            assert before[b.node_key]["stop"] - before[b.node_key]["start"] == 250
+            assert {s["rounds"] for s in before.values()} == {5}
+            assert {s["first_round"] for s in before.values()} == {1}
+            # Round 1: A's upload is in, B's is not; then the coordinator dies.
+            pending = asyncio.create_task(
+                a.barrier(BarrierSync(round=1, samples=10), to_bytes(upload(1, 0)))
+            )
+            observer = (state / "observer.token").read_text().strip()
+            await wait_barrier_state(observer, a.node_key)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            try:
+                await asyncio.wait_for(pending, 20)
+                raise AssertionError("a barrier answered by a dead coordinator")
+            except DriftError:
+                pass
+            await a.close()
+            await b.close()
+            saved = json.loads((state / "state.json").read_text())["session"]
+            assert saved["completed"] == 0 and saved["has_weights"]
+            assert saved["plan"] is not None
+            assert {n: {f: v[f] for f in fields} for n, v in saved["assignments"].items()} == before
+
+            proc, token2, _ = await start_coordinator(state, port, config)
+            assert token2 == token
+            a, b = [await connect(token, s) for s in secrets_]
+            assert a.config.round == 0 and a.config.has_weights
+            after = {c.node_key: shard_of(await c.shard(0)) for c in (a, b)}
+            assert after == before  # the plan made before the kill, not a new one
+            res = await asyncio.gather(
+                a.barrier(BarrierSync(round=1, samples=10), to_bytes(upload(1, 0))),
+                b.barrier(BarrierSync(round=1, samples=20), to_bytes(upload(1, 1))),
+            )
+            for ready, _ in res:
+                assert ready.round == 1 and ready.contributed and not ready.finished
+            await a.close()
+            await b.close()
+            return before, a.node_key, b.node_key
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    before, ka, kb = asyncio.run(asyncio.wait_for(main(), 90))
+    manifest = json.loads((state / "checkpoints" / "manifest.json").read_text())
+    rounds = {e["round"]: e for e in manifest["checkpoints"]}
+    assert sorted(rounds) == [0, 1]
+    assert {c[0] for c in rounds[1]["contributors"]} == {ka, kb}
+    st = json.loads((state / "state.json").read_text())["session"]
+    assert st["completed"] == 1
+    assert {n: {f: v[f] for f in fields} for n, v in st["assignments"].items()} == before
