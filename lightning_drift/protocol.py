@@ -152,6 +152,7 @@ class BarrierSync(_Msg, tag="barrier_sync"):
     loss: float | None = None
     delta: bool = False  # True when the blob is (local - global) rather than the weights
     train_seconds: float = 0.0
+    base_round: int = -1  # with delta: the round whose global weights were subtracted
 
 
 class BlobHeader(_Msg, tag="blob"):

@@ -147,6 +147,7 @@ class DriftStrategy(SingleDeviceStrategy):
         self.history: list[dict[str, Any]] = []  # one entry per barrier, for tests and logs
         self._parallel: list[torch.device] = []
         self._global: dict[str, torch.Tensor] | None = None  # for delta uploads
+        self._global_round = -1  # the round of self._global
         self._epoch_steps = 0
         self._epoch_total_steps: int | None = None
         self._barriers_done = 0
@@ -479,6 +480,7 @@ class DriftStrategy(SingleDeviceStrategy):
             }
             payload = to_bytes(delta)
             sync.delta = True
+            sync.base_round = self._global_round
         else:
             payload = to_bytes(local)
         t0 = time.monotonic()
@@ -493,6 +495,7 @@ class DriftStrategy(SingleDeviceStrategy):
             module.load_state_dict(weights, strict=True)
         if self.config.transfer_dtype == "bfloat16":
             self._global = {k: v.clone() for k, v in weights.items()}
+            self._global_round = ready.round
         if self.checkpoint_dir is not None:
             self._keep_copy(ready.round, blob)
         self.finished = ready.finished

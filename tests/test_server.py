@@ -199,6 +199,73 @@ def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
     run(main())
 
 
+def test_an_upload_with_no_samples_adds_nothing_to_the_mean(tmp_path):
+    # A node with nothing left in its shard still meets the barrier; its weights (the last
+    # global ones) must not pull the mean back. Round 2: nobody trained, weights carry over.
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=2, dataset_size=400)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        clients = [await join(coord, i) for i in range(2)]
+        await start_sync(clients, model(0))
+        a, b = clients
+        ups = {a.node_key: model(10), b.node_key: model(11)}
+        r1 = await asyncio.gather(
+            a.barrier(BarrierSync(round=1, samples=20), to_bytes(ups[a.node_key])),
+            b.barrier(BarrierSync(round=1, samples=0), to_bytes(ups[b.node_key])),
+        )
+        assert all(r.contributed for r, _ in r1)
+        got = from_bytes(r1[0][1])
+        for k in ("w", "b"):
+            assert torch.equal(got[k], ups[a.node_key][k]), k  # exactly a's weights
+        weights = dict(entry(coord, 1)["contributors"])
+        assert weights == {a.node_key: 20.0, b.node_key: 0.0}
+        r2 = await asyncio.gather(
+            *(c.barrier(BarrierSync(round=2, samples=0), to_bytes(model(20))) for c in clients)
+        )
+        assert r2[0][1] == r1[0][1]  # the round-1 weights, byte for byte
+        assert "unchanged" in entry(coord, 2)["extra"]
+        await asyncio.wait_for(runner, 10)
+        for c in clients:
+            await c.close()
+        await coord.close()
+
+    run(main())
+
+
+def test_a_delta_against_other_weights_is_left_out(tmp_path):
+    # A delta is (local - global) for the global weights the node holds; one taken against
+    # some other round's weights cannot be added back and must not reach the mean.
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=2, dataset_size=200)  # one round
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        clients = [await join(coord, i) for i in range(2)]
+        init = model(0)
+        await start_sync(clients, init)
+        a, b = clients
+        step = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v
+                for k, v in init.items()}  # fmt: skip
+        r1 = await asyncio.gather(
+            a.barrier(BarrierSync(round=1, samples=5, delta=True, base_round=0), to_bytes(step)),
+            b.barrier(BarrierSync(round=1, samples=5, delta=True, base_round=7), to_bytes(step)),
+        )
+        (ra, ba), (rb, bb) = r1
+        assert ra.contributed and not rb.contributed
+        assert "round 7" in rb.reason and "round 0" in rb.reason, rb.reason
+        assert ba == bb and ra.round == rb.round == 1  # b still gets the round's result
+        assert contributors(entry(coord, 1)) == [a.node_key]
+        got = from_bytes(ba)
+        for k in ("w", "b"):
+            assert torch.equal(got[k], (init[k].double() + 0.25).float()), k
+        await asyncio.wait_for(runner, 10)
+        for c in clients:
+            await c.close()
+        await coord.close()
+
+    run(main())
+
+
 def test_bad_upload_garbage_and_bad_tokens_do_not_stop_the_session(tmp_path):
     async def main():
         coord = coordinator(tmp_path, min_nodes=2, dataset_size=200, epochs=2)

@@ -563,8 +563,18 @@ class Coordinator:
             v = s.upload(node, sync.round, self.clock())  # the round may have closed meanwhile
             if v.kind != "open":
                 return (v.kind, v.reason)
-            assert self.acc is not None
-            weight = float(sync.samples) if sync.samples > 0 else 1.0
+            assert self.acc is not None and self.current is not None
+            if sync.delta and sync.base_round >= 0 and sync.base_round != self.current.round:
+                # (local - global) is only meaningful against the weights it was taken from.
+                reason = (
+                    f"delta against round {sync.base_round}'s weights, but the global weights "
+                    f"are round {self.current.round}'s: left out of round {sync.round}"
+                )
+                self._event(f"node {node[:8]} upload for round {sync.round} refused: {reason}")
+                self._maybe_complete(s.reject(node, sync.round, reason, self.clock()))
+                return ("excluded", reason)  # answered with the round's result, not counted
+            # Samples trained since the last barrier; 0 (nothing left in its shard) adds nothing.
+            weight = float(max(0, sync.samples))
             try:
                 await asyncio.to_thread(self.acc.add, node, sd, weight, delta=sync.delta)
             except SessionError as exc:
@@ -674,6 +684,25 @@ class Coordinator:
 
     def _aggregate(self, rnd: int, epoch: int, acc: Accumulator):
         assert self.global_sd is not None
+        if acc.total_weight <= 0:
+            # Every contributor trained nothing this round: the weights carry over unchanged
+            # (and DiLoCo takes no outer step, so its momentum does not move them either).
+            blob = to_bytes(self.global_sd)
+            outer = to_bytes(self.diloco.state_dict()) if self.diloco is not None else None
+            info = self.store.write(
+                rnd,
+                blob,
+                outer=outer,
+                epoch=epoch,
+                contributors=list(acc.contributors),
+                now=self.clock(),
+                extra={
+                    "session": self.session.session_id,
+                    "aggregation": self.config.aggregation,
+                    "unchanged": "no samples trained this round",
+                },
+            )
+            return self.global_sd, blob, info
         mean = acc.mean()
         outer = None
         if self.diloco is not None:
