@@ -58,6 +58,7 @@ SERVE_DEFAULTS: dict[str, tuple[Any, type]] = {
     "min_vram": (0, int),
     "exit_when_done": (True, bool),
     "keep": (5, int),
+    "max_model_mb": (0, int),
 }
 
 
@@ -113,6 +114,8 @@ def resolve_serve_options(flags: dict[str, Any], config: Path | None) -> tuple[d
             "--keep must be at least 2: after a crash between a checkpoint and the state file "
             "the previous checkpoint is the one a restart resumes from"
         )
+    if out["max_model_mb"] < 0:
+        raise ConfigError("--max-model-mb must be 0 (half of the RAM) or a size in MiB")
     if out["heartbeat_timeout"] <= 0:
         raise ConfigError("--heartbeat-timeout must be positive")
     # Nodes ping every heartbeat_s; several pings must fit in the timeout or a healthy node
@@ -169,6 +172,10 @@ def serve(
         int | None, typer.Option(help="Refuse GPU nodes with less VRAM (bytes).")
     ] = None,
     keep: Annotated[int | None, typer.Option(help="Checkpoints kept.")] = None,
+    max_model_mb: Annotated[
+        int | None,
+        typer.Option(help="Largest start-up weights accepted (MiB; 0 = half of the RAM)."),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML: `coordinator:` options + LightningCLI config.")
     ] = None,
@@ -199,6 +206,7 @@ def serve(
         relay=list(o["relay"] or []),
         exit_when_done=o["exit_when_done"],
         keep=o["keep"],
+        max_model_bytes=o["max_model_mb"] << 20,
     )
     coord = Coordinator(sc, opts)
     try:

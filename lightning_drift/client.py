@@ -323,7 +323,18 @@ class CoordinatorClient:
             raise self.error
         stream = await self.conn.open_stream()
         await stream.send(sync)
-        await stream.send_blob(weights, kind="delta" if sync.delta else "weights")
+        try:
+            await stream.send_blob(weights, kind="delta" if sync.delta else "weights")
+        except DriftError as exc:
+            # The coordinator may have refused the upload from its header and stopped reading
+            # it: its Error on this stream says why, which beats "the stream ended".
+            try:
+                msg = await asyncio.wait_for(stream.recv(), 5.0)
+            except (DriftError, asyncio.TimeoutError):
+                raise exc from None
+            if isinstance(msg, p.Error):
+                raise refusal(msg) from None
+            raise
         msg = await stream.recv()
         if isinstance(msg, p.Error):
             raise refusal(msg)

@@ -22,6 +22,15 @@ class ProtocolError(DriftError):
     """The peer broke the wire protocol: truncated, oversized or malformed frame, unknown type."""
 
 
+class BlobTooLarge(ProtocolError):
+    """A blob header declared more bytes than the receiver accepts (refused before reading)."""
+
+    def __init__(self, message: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
 class AuthError(DriftError):
     """A token or a peer was refused. The message names the reason (expired, forged, ...)."""
 

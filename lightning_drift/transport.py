@@ -33,6 +33,7 @@ import iroh
 from lightning_drift import protocol
 from lightning_drift.errors import (
     AuthError,
+    BlobTooLarge,
     ConfigError,
     ConnectTimeout,
     DriftError,
@@ -555,6 +556,14 @@ class Stream:
         except iroh.IrohError as exc:
             raise _map(exc, "finishing the stream") from None
 
+    async def stop_reading(self, code: int = 0) -> None:
+        """Tell the peer we read no more of this stream: its pending writes fail at once.
+
+        Call it only with no read pending on this stream (the binding would block)."""
+        self._broken = self._broken or "stopped reading"
+        with contextlib.suppress(iroh.IrohError):
+            await self._recv.stop(code)
+
     # ---- receiving
 
     async def _fill(self, n: int) -> None:
@@ -605,20 +614,24 @@ class Stream:
         return protocol.decode(self._take(n))
 
     async def recv_blob(
-        self, *, into: Path | None = None, max_size: int = 1 << 40
+        self, *, into: Path | None = None, max_size: int = 1 << 40, limit_hint: str = ""
     ) -> tuple[BlobHeader, bytes | Path]:
         """Read a ``BlobHeader`` frame and its bytes: into memory, or into the file ``into``.
 
         The file appears only complete and verified (written to a temporary name, fsynced,
         renamed). ``ProtocolError`` when the next frame is not a blob header, the size exceeds
-        ``max_size`` (refused before any byte is read), or the sha256 does not match.
+        ``max_size`` (refused before any byte is read; ``limit_hint`` is added to the message),
+        or the sha256 does not match.
         """
         with self._reading():
             header = protocol.expect(await self._recv_frame(), BlobHeader)
             assert isinstance(header, BlobHeader)
             if header.size < 0 or header.size > max_size:
-                raise ProtocolError(
+                raise BlobTooLarge(
                     f"blob of {header.size} bytes refused: the limit is {max_size} bytes"
+                    + (f" ({limit_hint})" if limit_hint else ""),
+                    header.size,
+                    max_size,
                 )
             if len(header.sha256) != 64:
                 raise ProtocolError(f"blob header sha256 {header.sha256[:80]!r} is not 64 hex")

@@ -39,6 +39,10 @@ def test_flags_win_over_config_file_over_defaults(tmp_path):
         resolve_serve_options({}, cfg)
     with pytest.raises(ConfigError, match="quorum"):
         resolve_serve_options({"quorum": 1.5}, None)
+    with pytest.raises(ConfigError, match="--max-model-mb"):
+        resolve_serve_options({"max_model_mb": -1}, None)
+    cfg.write_text("coordinator:\n  max-model-mb: 512\n")
+    assert resolve_serve_options({}, cfg)[0]["max_model_mb"] == 512
 
 
 def test_parse_duration():

@@ -24,7 +24,7 @@ from lightning_drift.client import CoordinatorClient
 from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.server import Coordinator, ServeOptions
 from lightning_drift.coordinator.session import SessionConfig
-from lightning_drift.errors import AuthError, SessionError
+from lightning_drift.errors import AuthError, DriftError, SessionError
 from lightning_drift.protocol import BarrierSync, Error, TrainProgress
 from lightning_drift.transport import Endpoint
 
@@ -261,6 +261,37 @@ def test_a_delta_against_other_weights_is_left_out(tmp_path):
         await asyncio.wait_for(runner, 10)
         for c in clients:
             await c.close()
+        await coord.close()
+
+    run(main())
+
+
+def test_oversized_start_up_weights_are_refused_before_they_are_read(tmp_path):
+    # Before round 0 there is no global model to compare with: the start-up upload is bounded
+    # by --max-model-mb, refused from its header with the flag named, and the session goes on.
+    async def main():
+        base = coordinator(tmp_path, min_nodes=2, dataset_size=200)
+        opts = ServeOptions(
+            state_dir=tmp_path / "state",
+            port=free_udp_port(),
+            tick_s=0.1,
+            finish_grace_s=0.3,
+            max_model_bytes=4096,
+        )
+        coord = Coordinator(base.config, opts)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        a, b = [await join(coord, i) for i in range(2)]
+        big = {"w": torch.zeros(2048, 2048)}  # 16 MiB: more than QUIC buffers, so it must stop
+        with pytest.raises(DriftError) as info:
+            await a.barrier(BarrierSync(round=0), to_bytes(big))
+        assert "--max-model-mb" in str(info.value) and "4096" in str(info.value), info.value
+        assert not coord.session.has_weights
+        ready, _ = await b.barrier(BarrierSync(round=0), to_bytes(model(0)))
+        assert ready.round == 0 and ready.contributed
+        await b.close()
+        await a.close()
+        runner.cancel()
         await coord.close()
 
     run(main())

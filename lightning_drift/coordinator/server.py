@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from lightning_drift.coordinator.session import RoundDecision, Session, SessionC
 from lightning_drift.coordinator.state import StateDir
 from lightning_drift.errors import (
     AuthError,
+    BlobTooLarge,
     ConfigError,
     DriftError,
     PeerLost,
@@ -80,6 +82,9 @@ class ServeOptions:
     token_ttl_s: float = 7 * 86400.0
     handshake_timeout_s: float = 30.0
     upload_timeout_s: float = 900.0  # one weights upload, start to end
+    # The largest start-up weights accepted (later uploads are bounded by the global model's
+    # size). 0: half of this machine's physical memory.
+    max_model_bytes: int = 0
 
 
 @dataclass
@@ -476,8 +481,9 @@ class Coordinator:
                 async with self._upload_sem:
                     # A peer that stops sending mid-blob must not hold an upload slot
                     # forever: past the limit the stream is abandoned (not resumed).
+                    limit, hint = self._max_upload()
                     _, blob = await asyncio.wait_for(
-                        stream.recv_blob(max_size=self._max_upload()),
+                        stream.recv_blob(max_size=limit, limit_hint=hint),
                         self.options.upload_timeout_s,
                     )
                     assert isinstance(blob, bytes)
@@ -487,6 +493,13 @@ class Coordinator:
                 raise ProtocolError(
                     f"upload not received within {self.options.upload_timeout_s:g} s"
                 ) from None
+            except BlobTooLarge as exc:
+                # Refused from its header: stop the peer's sending at once, answer why, and
+                # keep the connection (the node may have a smaller model to offer).
+                await stream.stop_reading()
+                if sync.round > 0:
+                    self._reject(node, sync.round, str(exc))
+                raise SessionError(str(exc), "too_large") from None
             finally:
                 nc.uploading = False
             if verdict is None:
@@ -527,10 +540,15 @@ class Coordinator:
         except PeerLost:
             pass
 
-    def _max_upload(self) -> int:
+    def _max_upload(self) -> tuple[int, str]:
+        """The largest upload accepted now, and what to tell a node that sends more."""
         if self.current is None:
-            return 1 << 36
-        return 4 * len(self.current.blob) + (1 << 20)
+            limit = self.options.max_model_bytes or physical_memory() // 2
+            return limit, (
+                "start-up weights larger than this coordinator accepts; start `drift-coord "
+                "serve` with a larger --max-model-mb if it has the memory for the model"
+            )
+        return 4 * len(self.current.blob) + (1 << 20), "4 × the global weights' size"
 
     async def _take_upload(
         self, node: str, sync: BarrierSync, blob: bytes
@@ -789,3 +807,11 @@ async def serve(config: SessionConfig, options: ServeOptions, on_start=None) -> 
 
 
 __all__ = ["DEFAULT_PORT", "Coordinator", "ServeOptions", "Weights", "serve"]
+
+
+def physical_memory() -> int:
+    """This machine's physical memory in bytes (16 GiB when the OS will not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return 16 << 30
