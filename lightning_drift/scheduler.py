@@ -382,6 +382,13 @@ class Scheduler:
             return ns.measured
         return ns.calibration * self._samples_per_gflop()
 
+    @property
+    def has_measured(self) -> bool:
+        """Whether some node has a measured rate: only then is every :meth:`score` in
+        samples/s (before that, ``k = 1`` and scores are in calibration units, fit only for
+        ratios)."""
+        return any(ns.measured is not None for ns in self._nodes.values())
+
     def __contains__(self, node: object) -> bool:
         return node in self._nodes
 

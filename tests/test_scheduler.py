@@ -145,6 +145,18 @@ def test_score_is_calibration_until_measured_then_the_moving_average():
     assert s.score("a") == 60.0  # non-measurements are ignored
 
 
+def test_scores_are_in_samples_per_s_only_once_a_node_is_measured():
+    s = make_scheduler()
+    s.add("a", node_info(calibration=100.0))
+    s.add("b", node_info(calibration=300.0))
+    assert not s.has_measured  # scores are calibration units: ratios only
+    s.observe("a", 0.0)
+    assert not s.has_measured
+    s.observe("a", 50.0)
+    assert s.has_measured
+    assert Scheduler.from_dict(s.to_dict()).has_measured
+
+
 def test_returning_node_keeps_its_measured_rate():
     s = make_scheduler()
     s.add("a", node_info(calibration=100.0))

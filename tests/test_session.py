@@ -39,10 +39,13 @@ def ready(s: Session, node: str, now: float = 0.0, **kw) -> None:
     assert d.ok, d.reason
 
 
-def start(s: Session, *nodes: str, now: float = 0.0) -> None:
+def start(
+    s: Session, *nodes: str, now: float = 0.0, calibration: dict[str, float] | None = None
+) -> None:
     """Nodes join, round 0 is synced, every node gets its epoch-0 shard."""
     for n in nodes:
-        ready(s, n, now, dataset_size=s.config.dataset_size)
+        kw = {} if calibration is None or n not in calibration else {"calibration": calibration[n]}
+        ready(s, n, now, dataset_size=s.config.dataset_size, **kw)
     v = s.upload(nodes[0], 0, now)
     assert v.kind == "initial"
     s.initial(now)
@@ -191,6 +194,87 @@ def test_deadline_has_a_floor():
     s.seen(B, 9.0)
     assert not s.check(9.0).complete
     assert s.check(10.5).complete
+
+
+def test_a_node_that_never_reports_a_rate_gets_a_deadline_from_its_calibration():
+    s = session(min_nodes=3, quorum=0.5, deadline_floor=10.0, deadline_margin=1.5)
+    start(s, A, B, C, calibration={A: 100.0, B: 100.0, C: 50.0})
+    arrive(s, A, 1.0)
+    d = s.check(1.0)  # nothing measured yet: calibration is not in samples/s
+    assert not d.complete and "no deadline yet" in d.reason
+    assert "no measured rate and no calibration estimate" in d.reason
+    for n in (A, B):
+        s.progress(n, TrainProgress(round=1, epoch=0, step=1, samples=10, samples_per_s=5.0), 2.0)
+    arrive(s, B, 3.0)
+    # C heartbeats but never reports a rate. Its estimate: 50 GFLOP/s x (10 / 200) samples per
+    # GFLOP = 2.5 samples/s, for a third of its 200-sample shard per round.
+    c = s.assignments[C]
+    assert c.stop - c.start == 200 and c.rounds == 3
+    dl = 1.5 * (200 / 3) / 2.5
+    assert s.deadline() == pytest.approx(dl)
+    t = 3.0
+    while t < dl - 1.0:  # every node keeps pinging: no heartbeat loss
+        t = min(t + 5.0, dl - 0.5)
+        for n in (A, B, C):
+            s.seen(n, t)
+        gone, d = s.tick(t)
+        assert gone == [] and not d.complete, d.reason
+    assert "deadline in" in d.reason and f"pace of {C[:8]} estimated from calibration" in d.reason
+    for n in (A, B, C):
+        s.seen(n, dl)
+    gone, d = s.tick(dl + 0.5)
+    assert gone == [] and d.complete
+    assert "deadline passed" in d.reason and "quorum 2/3 (needed 2)" in d.reason
+    assert f"pace of {C[:8]} estimated from calibration, no measured rate" in d.reason
+    assert d.missing == (C,) and [n for n, _ in d.contributors] == [A, B]
+
+
+def test_restore_gives_a_reconnect_grace_before_the_round_clock_starts():
+    s = session(min_nodes=3, heartbeat_timeout=15.0, deadline_floor=10.0, quorum=0.5)
+    start(s, A, B, C)
+    for n in (A, B, C):
+        s.progress(n, TrainProgress(round=1, epoch=0, step=1, samples=1, samples_per_s=1e6), 0.0)
+    for n in (A, B, C):
+        arrive(s, n, 1.0)
+    finish_round(s, 1.0)
+    r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=100.0)
+    assert r.open_round == 2
+    arrive(r, A, 101.0)  # re-sent after noticing the restart
+    arrive(r, B, 102.0)
+    # Fast measured rates: the deadline is the floor, counted after the 15 s grace.
+    assert r.deadline() == pytest.approx(100.0 + 15.0 + 10.0)
+    gone, d = r.tick(110.0)  # restore + floor: C may still be reconnecting
+    assert gone == [] and not d.complete
+    assert "deadline in 15.0s" in d.reason and "15s reconnect grace for the restart" in d.reason
+    for n in (A, B, C):
+        r.seen(n, 120.0)
+    assert not r.tick(124.5)[1].complete
+    gone, d = r.tick(125.5)
+    assert gone == [] and d.complete and d.missing == (C,)
+    assert "deadline passed 0.5s ago" in d.reason and "reconnect grace" in d.reason
+    finish_round(r, 126.0)
+    arrive(r, A, 127.0)
+    assert "reconnect grace" not in r.check(127.0).reason  # later rounds start at once
+    assert r.deadline() == pytest.approx(136.0)
+
+
+def test_upload_weight_is_bounded_by_the_shard():
+    s = session(min_nodes=2)
+    start(s, A, B)
+    a = s.assignments[A]
+    assert a.stop - a.start == 500
+    assert s.weight_for(A, 120) == 120.0
+    assert s.weight_for(A, 500) == 500.0
+    assert s.weight_for(A, 10**12) == 500.0  # at most its whole shard
+    assert s.weight_for(A, -5) == 0.0
+    assert s.weight_for(C, 10**12) == 1000.0  # no assignment: the dataset bounds it
+    rnd = s.open_round
+    assert s.upload(A, rnd, 1.0).kind == "open"
+    d = s.arrived(A, rnd, 10**12, 1.0, train_s=10.0)
+    assert s.arrivals[A] == 500 and s.members[A].samples == 500
+    assert s.members[A].rate == pytest.approx(50.0)  # not 1e11 samples/s
+    d = arrive(s, B, 2.0, samples=100)
+    assert d.complete and d.contributors == ((A, 500), (B, 100))
 
 
 def test_below_quorum_keeps_waiting_with_reason():

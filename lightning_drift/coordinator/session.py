@@ -20,10 +20,24 @@ first round counts only if it arrives before the round completes.
 A round completes when every expected node has arrived, or when the straggler deadline has
 passed and a quorum has arrived. The deadline adapts to measured pace::
 
-    deadline = round start + max(floor, margin × max over missing nodes of (work / rate))
+    deadline = round start + max(floor, margin × max over missing nodes of (work / pace))
 
-Before a rate is known for every missing node there is no deadline: only the heartbeat timeout
-can drop a node then. Every decision carries a readable ``reason``; tests assert on them.
+    pace = the node's last measured samples/s, or, while it has not reported one, the
+           scheduler's estimate ``Scheduler.score(node)`` from its calibration (in samples/s
+           once some node of the session is measured; see ``scheduler.py``)
+
+So a node that heartbeats but never reports a rate cannot hold rounds open forever. Only when
+some missing node has neither a measured rate nor an estimate is there no deadline: only the
+heartbeat timeout can drop a node then.
+
+After a coordinator restart (:meth:`Session.from_dict`) the open round's clock starts a
+reconnect grace of ``heartbeat_timeout`` after the restore: nodes first have to notice the
+restart, reconnect and re-send their uploads, and the deadline must not leave them behind
+meanwhile.
+
+An upload's aggregation weight is its reported ``samples`` bounded by what its assignment
+allows (:meth:`Session.weight_for`), so one node cannot dominate the weighted mean with a bogus
+count. Every decision carries a readable ``reason``; tests assert on them.
 """
 
 from __future__ import annotations
@@ -189,6 +203,7 @@ class Session:
         self.arrivals: dict[str, int] = {}  # node -> samples, open round, in arrival order
         self.excluded: dict[str, str] = {}  # node -> reason, open round
         self.round_started = now
+        self.reconnect_grace = 0.0  # seconds of round_started that are restart grace
         self.last_decision = ""
         self.admitted: set[str] = set()  # nodes the scheduler knows
 
@@ -224,21 +239,65 @@ class Session:
             out.append(node)
         return out
 
+    def pace(self, node: str) -> tuple[float, bool] | None:
+        """``node``'s expected samples/s and whether it is an estimate, or None if unknown.
+
+        Its last measured rate when it has one; else the scheduler's estimate from its
+        calibration (``Scheduler.score``), when the scheduler knows the node, some node is
+        measured (so the estimate is in samples/s) and the estimate is > 0.
+        """
+        m = self.members.get(node)
+        if m is not None and m.rate > 0:
+            return m.rate, False
+        sch = self.scheduler
+        if sch is None or node not in sch or not sch.has_measured:
+            return None
+        est = sch.score(node)
+        if not (math.isfinite(est) and est > 0):
+            return None
+        return est, True
+
     def deadline(self) -> float | None:
-        """When stragglers of the open round may be left behind (None: no rate known yet)."""
+        """When stragglers of the open round may be left behind (None: the pace of some
+        missing node is neither measured nor estimable, or nobody is missing)."""
+        return self._deadline()[0]
+
+    def _deadline(self) -> tuple[float | None, list[str], list[str]]:
+        """(deadline, missing nodes whose pace is estimated, missing nodes of unknown pace)."""
         missing = [n for n in self.expected() if n not in self.arrivals]
         if not missing:
-            return None
+            return None, [], []
         longest = 0.0
+        estimated: list[str] = []
+        unknown: list[str] = []
         for node in missing:
-            rate = self.members[node].rate
-            if rate <= 0:
-                return None
+            p = self.pace(node)
+            if p is None:
+                unknown.append(node)
+                continue
+            rate, guess = p
+            if guess:
+                estimated.append(node)
             a = self.assignments[node]
             work = (a.stop - a.start) / max(1, a.rounds)
             longest = max(longest, work / rate)
+        if unknown:
+            return None, estimated, unknown
         c = self.config
-        return self.round_started + max(c.deadline_floor, c.deadline_margin * longest)
+        dl = self.round_started + max(c.deadline_floor, c.deadline_margin * longest)
+        return dl, estimated, unknown
+
+    def weight_for(self, node: str, samples: int) -> float:
+        """The aggregation weight of ``node``'s upload reporting ``samples``.
+
+        ``samples`` bounded to ``[0, shard size]`` of the node's assignment (``stop - start``:
+        a node may carry over at most its whole shard into one upload), so one buggy or
+        hostile count cannot dominate the weighted mean. Without an assignment (its upload is
+        not counted then) the bound is the dataset size.
+        """
+        a = self.assignments.get(node)
+        cap = (a.stop - a.start) if a is not None else self.dataset_size
+        return float(max(0, min(int(samples), max(0, cap))))
 
     # ---- membership events ---------------------------------------------------------------
     def join(self, node: str, name: str, now: float) -> Decision:
@@ -383,7 +442,9 @@ class Session:
             n: self._assignment(n, sh, self.plan.first_round, self.plan.rounds)
             for n, sh in self.plan.shards.items()
         }
-        self.round_started = max(self.round_started, now)
+        if now > self.round_started:
+            self.round_started = now
+            self.reconnect_grace = 0.0
         return epoch
 
     def shard(self, node: str, epoch: int, now: float) -> ShardReply:
@@ -500,10 +561,15 @@ class Session:
         return UploadVerdict("open", f"round {rnd} upload accepted")
 
     def arrived(self, node: str, rnd: int, samples: int, now: float, train_s: float = 0.0):
-        """The node's upload for the open round was accumulated. Returns the round decision."""
+        """The node's upload for the open round was accumulated. Returns the round decision.
+
+        ``samples`` is recorded as :meth:`weight_for` bounds it (the weight it was accumulated
+        with), also for the pace measured from ``train_s``.
+        """
         m = self.members[node]
         m.last_seen = now
         if rnd == self.open_round and self.closing is None:
+            samples = int(self.weight_for(node, samples))  # a bogus count must not skew pace
             self.arrivals[node] = samples
             m.state = "barrier"
             m.round = rnd
@@ -524,6 +590,7 @@ class Session:
         self.has_weights = True
         self.completed = 0
         self.round_started = now
+        self.reconnect_grace = 0.0
 
     def check(self, now: float) -> RoundDecision:
         """Can the open round complete now? Pure function of the state and ``now``."""
@@ -551,14 +618,23 @@ class Session:
         else:
             need = max(1, math.ceil(self.config.quorum * len(expected)))
             have = sum(1 for n in expected if n in self.arrivals)
-            dl = self.deadline()
+            dl, estimated, unknown = self._deadline()
             names = ", ".join(_short(n) for n in missing)
+            basis = ""
+            if estimated:
+                basis = (
+                    f" (pace of {', '.join(_short(n) for n in estimated)} estimated from "
+                    "calibration, no measured rate)"
+                )
+            if self.reconnect_grace > 0:
+                basis += f" (after a {self.reconnect_grace:g}s reconnect grace for the restart)"
             if dl is None:
                 d = RoundDecision(
                     r,
                     False,
                     f"round {r}: waiting, {have}/{len(expected)} arrived, no deadline yet "
-                    f"(pace of {names} unknown); missing {names}",
+                    f"(pace of {', '.join(_short(n) for n in unknown)} unknown: no measured "
+                    f"rate and no calibration estimate); missing {names}",
                     missing=missing,
                 )
             elif now < dl:
@@ -566,15 +642,15 @@ class Session:
                     r,
                     False,
                     f"round {r}: waiting, {have}/{len(expected)} arrived, deadline in "
-                    f"{dl - now:.1f}s; missing {names}",
+                    f"{dl - now:.1f}s{basis}; missing {names}",
                     missing=missing,
                 )
             elif have >= need:
                 d = RoundDecision(
                     r,
                     True,
-                    f"round {r} complete: deadline passed {now - dl:.1f}s ago with quorum "
-                    f"{have}/{len(expected)} (needed {need}); left behind {names}",
+                    f"round {r} complete: deadline passed {now - dl:.1f}s ago{basis} with "
+                    f"quorum {have}/{len(expected)} (needed {need}); left behind {names}",
                     tuple(arrived),
                     missing,
                 )
@@ -582,8 +658,8 @@ class Session:
                 d = RoundDecision(
                     r,
                     False,
-                    f"round {r}: deadline passed but only {have}/{len(expected)} arrived, quorum "
-                    f"needs {need}; waiting; missing {names}",
+                    f"round {r}: deadline passed{basis} but only {have}/{len(expected)} arrived, "
+                    f"quorum needs {need}; waiting; missing {names}",
                     missing=missing,
                 )
         self.last_decision = d.reason
@@ -610,6 +686,7 @@ class Session:
         self.arrivals = {}
         self.excluded = {}
         self.round_started = now
+        self.reconnect_grace = 0.0
         epoch = self.plan.epoch if self.plan else 0
         planned = None
         finished = False
@@ -729,8 +806,12 @@ class Session:
     def from_dict(cls, d: dict[str, Any], *, now: float) -> Session:
         """Restore after a restart. Members that were live get twice ``heartbeat_timeout``
         (from ``now``) to reconnect before they are lost: they first have to notice the old
-        coordinator is gone (about ``heartbeat_timeout``), then reconnect with backoff. The
-        open round starts afresh."""
+        coordinator is gone (about ``heartbeat_timeout``), then reconnect with backoff.
+
+        The open round starts afresh, its clock after a reconnect grace of ``heartbeat_timeout``
+        (``round_started = now + heartbeat_timeout``): the straggler deadline, floor included,
+        counts from when nodes can have re-sent their uploads, so quorum does not close the
+        round while honest uploads are still on their way back."""
         config = SessionConfig.from_dict(d["config"])
         s = cls(config, session_id=d["session_id"], now=now)
         s.started_at = d.get("started_at", now)
@@ -764,7 +845,8 @@ class Session:
                 round=md.get("round", 0),
                 reason=md.get("reason", ""),
             )
-        s.round_started = now
+        s.round_started = now + config.heartbeat_timeout
+        s.reconnect_grace = config.heartbeat_timeout
         return s
 
     # ---- internals -----------------------------------------------------------------------
