@@ -10,7 +10,8 @@ The strategy is configured like any other Lightning strategy::
         class_path: lightning_drift.DriftStrategy
         init_args:
           token: null   # read from DRIFT_TOKEN
-          device: auto
+          device: auto  # or cuda:1, mps, cpu
+      devices: 1        # one device per node (devices="auto" would take every GPU)
 
 ``drift join --config examples/train.yaml`` does the same without this file (it sets the
 strategy and the token itself).

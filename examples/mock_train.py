@@ -2,7 +2,7 @@
 
 Run one node of a session (the token comes from ``drift-coord serve``)::
 
-    python examples/mock_train.py --token drift1... --epochs 2
+    python examples/mock_train.py --token eyJ... --epochs 2
 
 ``MockModel`` and ``MockData`` are importable (``lightning_drift_examples.mock_train``, or
 ``examples.mock_train`` from the repository root) for tests that build their own Trainer.
@@ -125,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> MockModel:
     data = MockData(samples=args.samples, batch_size=args.batch_size)
     trainer = L.Trainer(
         strategy=DriftStrategy(token=args.token, device=args.device, name=args.name),
+        # One device per node: the default devices="auto" takes every GPU of the machine, which
+        # DriftStrategy refuses; --device picks which one.
+        devices=1,
         max_epochs=args.epochs,
         enable_checkpointing=False,
         logger=False,
