@@ -77,7 +77,11 @@ def join(
 def train(
     token: TokenOpt = None,
     model_path: Annotated[
-        Path | None, typer.Option(help="Initial weights (.pt or .safetensors).")
+        Path | None,
+        typer.Option(
+            help="Initial weights (.pt or .safetensors); used only if this node is the first "
+            "to reach the session's start-up sync, else replaced by the session's (with a warning)."
+        ),
     ] = None,
     dataset_path: Annotated[
         Path | None,

@@ -126,12 +126,53 @@ def train(
     strategy = DriftStrategy(
         token=token, device=device, mode=mode, name=name, coordinator_addr=coordinator_addr
     )
+    callbacks: list = [ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True)]
+    if model_path is not None:
+        callbacks.append(_model_path_check(model_path))
     trainer = L.Trainer(
         strategy=strategy,
+        # One device per node: devices="auto" would resolve every GPU of the machine, and
+        # DriftStrategy refuses more than one (--device picks which).
+        devices=1,
         max_epochs=epochs,
         default_root_dir=str(checkpoint_dir),
-        callbacks=[ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True)],
+        callbacks=callbacks,
         enable_progress_bar=progress,
         log_every_n_steps=10,
     )
     trainer.fit(model, datamodule=data, ckpt_path=str(resume) if resume else None)
+
+
+def model_path_unused(history: list[dict]) -> bool:
+    """True when the start-up sync (``history[0]``) answered with weights the session already
+    had instead of adopting this node's: its ``--model-path`` weights were replaced."""
+    return bool(history) and not history[0].get("contributed", True)
+
+
+def warn_model_path_unused(model_path: Path, history: list[dict]) -> bool:
+    """Print a warning to stderr when ``--model-path`` was not used; returns whether it did."""
+    if not model_path_unused(history):
+        return False
+    first = history[0]
+    print(
+        f"warning: --model-path {model_path} was not used: the session already had weights "
+        f"(round {first.get('round', 0)}), and this node now trains from those. Initial "
+        "weights only seed a session when their node is the first to reach the start-up sync "
+        "(start it before the others, on a fresh coordinator state).",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
+def _model_path_check(model_path: Path):
+    """A callback that warns, once fit has started, if ``--model-path`` was replaced."""
+    from lightning.pytorch.callbacks import Callback
+
+    class ModelPathCheck(Callback):
+        # on_train_start runs after the train dataloader is set up, which is where the
+        # strategy joins the session and holds the start-up sync (round 0).
+        def on_train_start(self, trainer, pl_module) -> None:
+            warn_model_path_unused(model_path, getattr(trainer.strategy, "history", []))
+
+    return ModelPathCheck()
