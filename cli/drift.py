@@ -4,7 +4,6 @@ loopback."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -25,7 +24,14 @@ TokenOpt = Annotated[
 ]
 
 
+# Set by --verbose (or DRIFT_DEBUG=1): expected errors then end in a full traceback instead of
+# one `error: ...` line.
+_traceback = os.environ.get("DRIFT_DEBUG", "") not in ("", "0")
+
+
 def _setup_logging(verbose: bool) -> None:
+    global _traceback
+    _traceback = _traceback or verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -147,16 +153,22 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     mode: Annotated[str, typer.Option(help="local (relays off) or internet.")] = "local",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 15.0,
+    coordinator_addr: Annotated[
+        str | None,
+        typer.Option(help="Dial the coordinator at HOST:PORT instead of the token's address."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Show the session: nodes, devices, shares, rounds (needs a node or observer token)."""
+    """Show the session: nodes, devices, shares, rounds (a node or an observer token)."""
+    _setup_logging(verbose)
     tok = _read_token(_need_token(token))
     from lightning_drift_cli import nodecmds
 
-    st = nodecmds.fetch_status(tok, mode=mode, timeout=timeout)
+    st = nodecmds.fetch_status(tok, mode=mode, timeout=timeout, coordinator_addr=coordinator_addr)
     if as_json:
-        import msgspec
+        from lightning_drift.coordinator.monitor import render_json
 
-        typer.echo(json.dumps(msgspec.to_builtins(st), indent=2))
+        typer.echo(render_json(st))
         return
     from rich.console import Console
 
@@ -201,10 +213,19 @@ _add_coord()
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    from lightning_drift.errors import DriftError
+
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except DriftError as exc:
+        # Expected failures (bad token, refused join, wrong flag combination) carry a message
+        # that says what to do; a traceback would only bury it.
+        if _traceback:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

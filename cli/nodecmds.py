@@ -29,20 +29,30 @@ def join(
     token: str, config: Path | None, *, mode: str = "local", coordinator_addr: str | None = None
 ) -> int:
     """Run LightningCLI on ``config`` (or the coordinator's config) with DriftStrategy set."""
+    from lightning_drift.auth import decode_token
+
+    decode_token(token)  # a malformed token fails here, before Lightning is even imported
     os.environ["DRIFT_TOKEN"] = token
     # Like `python -m`, let the config name modules next to where the user runs us.
     sys.path.insert(0, os.getcwd())
-    if config is None:
-        status = fetch_status(token, mode=mode, coordinator_addr=coordinator_addr)
-        if not status.lightning_config:
-            raise ConfigError(
-                "the coordinator was started without --config, so it has no LightningCLI config "
-                "to hand out: pass `drift join --config train.yaml`"
-            )
-        tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="drift-join-", delete=False)
-        tmp.write(status.lightning_config)
-        tmp.close()
-        config = Path(tmp.name)
+    if config is not None:
+        return _run_lightning_cli(config, mode=mode, coordinator_addr=coordinator_addr)
+    status = fetch_status(token, mode=mode, coordinator_addr=coordinator_addr)
+    if not status.lightning_config:
+        raise ConfigError(
+            "the coordinator was started without --config, so it has no LightningCLI config "
+            "to hand out: pass `drift join --config train.yaml`"
+        )
+    tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="drift-join-", delete=False)
+    try:
+        with tmp:
+            tmp.write(status.lightning_config)
+        return _run_lightning_cli(Path(tmp.name), mode=mode, coordinator_addr=coordinator_addr)
+    finally:
+        Path(tmp.name).unlink(missing_ok=True)
+
+
+def _run_lightning_cli(config: Path, *, mode: str, coordinator_addr: str | None) -> int:
     if not config.is_file():
         raise ConfigError(f"config file {config} does not exist")
     from lightning.pytorch.cli import LightningCLI
@@ -96,11 +106,13 @@ def train(
     coordinator_addr: str | None = None,
 ) -> None:
     """Train the char-level transformer of ``examples/charlm`` as a node."""
+    from lightning_drift.auth import decode_token
+
+    # A malformed token fails here, before the model and the data are built.
+    claims, _, _ = decode_token(token)
     if peer:
-        from lightning_drift.auth import decode_token
         from lightning_drift.transport import ticket_key
 
-        claims, _, _ = decode_token(token)
         if ticket_key(claims.coordinator).hex() != peer.lower():
             raise AuthError(
                 f"the token names coordinator {ticket_key(claims.coordinator).hex()[:16]}…, "
