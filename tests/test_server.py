@@ -360,6 +360,91 @@ def test_bad_upload_garbage_and_bad_tokens_do_not_stop_the_session(tmp_path):
     run(main())
 
 
+def test_an_upload_for_the_next_round_while_the_state_file_is_written(tmp_path):
+    # Between a round's completion in the session and the publication of its weights the
+    # state file is written; the next round is already open then, and an upload for it must
+    # wait for that round's accumulator and count, not fail or leave its stream unanswered.
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=2, dataset_size=400)  # two rounds
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        clients = [await join(coord, i) for i in range(2)]
+        await start_sync(clients, model(0))
+        a, b = clients
+        saving = asyncio.Event()
+        save = coord._save
+
+        async def slow_save() -> None:
+            if coord.session.completed == 1 and not saving.is_set():
+                saving.set()
+                await asyncio.sleep(1.0)
+            await save()
+
+        coord._save = slow_save  # type: ignore[method-assign]
+        r1 = [
+            asyncio.create_task(c.barrier(BarrierSync(round=1, samples=10), to_bytes(model(i))))
+            for i, c in enumerate(clients)
+        ]
+        await asyncio.wait_for(saving.wait(), 10)
+        assert coord.session.open_round == 2 and coord.current.round == 0
+        early = asyncio.create_task(
+            a.barrier(BarrierSync(round=2, samples=10), to_bytes(model(20)))
+        )
+        (ra, blob1), (rb, _) = await asyncio.wait_for(asyncio.gather(*r1), 10)
+        assert ra.round == rb.round == 1
+        assert not early.done()  # counted for round 2, which waits for b
+        rb2, blob2 = await asyncio.wait_for(
+            b.barrier(BarrierSync(round=2, samples=10), to_bytes(model(21))), 10
+        )
+        ra2, blob2a = await asyncio.wait_for(early, 10)
+        assert ra2.round == rb2.round == 2 and ra2.contributed and rb2.contributed
+        assert blob2a == blob2 and sorted(contributors(entry(coord, 2))) == sorted(
+            [a.node_key, b.node_key]
+        )
+        await asyncio.wait_for(runner, 10)
+        for c in clients:
+            await c.close()
+        await coord.close()
+
+    run(main())
+
+
+def test_an_unexpected_error_in_a_barrier_is_answered(tmp_path):
+    # A bug while taking an upload answers that barrier with Error(internal) instead of
+    # leaving the node waiting forever; the node and the session carry on.
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=2, dataset_size=200)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        a, b = [await join(coord, i) for i in range(2)]
+        await start_sync([a, b], model(0))
+        take = coord._take_upload
+
+        async def broken(node, sync, blob):
+            raise RuntimeError("boom")
+
+        coord._take_upload = broken  # type: ignore[method-assign]
+        with pytest.raises(SessionError) as info:
+            await asyncio.wait_for(
+                a.barrier(BarrierSync(round=1, samples=10), to_bytes(model(1))), 10
+            )
+        assert info.value.code == "internal" and "boom" in str(info.value)
+        coord._take_upload = take  # type: ignore[method-assign]
+        res = await asyncio.wait_for(
+            asyncio.gather(
+                *(c.barrier(BarrierSync(round=1, samples=10), to_bytes(model(2))) for c in (a, b))
+            ),
+            10,
+        )
+        assert all(r.round == 1 and r.contributed for r, _ in res)
+        await asyncio.wait_for(runner, 10)
+        await a.close()
+        await b.close()
+        await coord.close()
+
+    run(main())
+
+
 def test_revoked_token_is_refused_by_a_running_server_and_observer_status(tmp_path):
     async def main():
         coord = coordinator(tmp_path, min_nodes=5)

@@ -539,6 +539,11 @@ class Coordinator:
             nc.conn.close(1, "protocol error")
         except PeerLost:
             pass
+        except Exception as exc:  # a bug must not leave the node waiting on this stream
+            log.exception("barrier.failed node=%s", node[:8])
+            with contextlib.suppress(DriftError):
+                await stream.send(Error(code="internal", message=f"coordinator error: {exc!r}"))
+                await stream.finish()
 
     def _max_upload(self) -> tuple[int, str]:
         """The largest upload accepted now, and what to tell a node that sends more."""
@@ -664,12 +669,15 @@ class Coordinator:
             epoch = s.epoch
             t0 = time.perf_counter()
             new_sd, blob, info = await asyncio.to_thread(self._aggregate, rnd, epoch, acc)
-            now = self.clock()
-            out = s.completed_round(rnd, now)
-            await self._save()
-            self._set_global(new_sd, blob, info.sha256, rnd, epoch, str(info.path))
-            assert self.current is not None
-            self.current.finished = out.finished
+            # Once the session has moved on, round rnd + 1 is open and its uploads may come
+            # in while the state file is written; holding the lock until the new global
+            # weights (and with them the next accumulator) exist makes them wait for it.
+            async with self._acc_lock:
+                out = s.completed_round(rnd, self.clock())
+                await self._save()
+                self._set_global(new_sd, blob, info.sha256, rnd, epoch, str(info.path))
+                assert self.current is not None
+                self.current.finished = out.finished
             log.info(
                 "round.completed round=%d contributors=%d seconds=%.3f sha256=%s",
                 rnd,
