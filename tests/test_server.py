@@ -24,7 +24,7 @@ from lightning_drift.client import CoordinatorClient
 from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.server import Coordinator, ServeOptions
 from lightning_drift.coordinator.session import SessionConfig
-from lightning_drift.errors import AuthError, DriftError, SessionError
+from lightning_drift.errors import AuthError, DriftError, ProtocolError, SessionError
 from lightning_drift.protocol import BarrierSync, Error, TrainProgress
 from lightning_drift.transport import Endpoint
 
@@ -441,6 +441,29 @@ def test_an_unexpected_error_in_a_barrier_is_answered(tmp_path):
         await a.close()
         await b.close()
         await coord.close()
+
+    run(main())
+
+
+def test_a_connection_whose_first_stream_fails_is_closed(tmp_path):
+    # accept_stream itself may fail with a protocol error: there is no stream to answer on,
+    # so the connection is closed (and nothing else is touched).
+    class Conn:
+        remote_hex = "cd" * 32
+        closed: tuple[int, str] | None = None
+
+        async def accept_stream(self):
+            raise ProtocolError("garbage before the first stream")
+
+        def close(self, code: int = 0, reason: str = "") -> None:
+            self.closed = (code, reason)
+
+    async def main():
+        coord = coordinator(tmp_path)
+        conn = Conn()
+        await coord._connection(conn)  # type: ignore[arg-type]
+        assert conn.closed is not None and conn.closed[0] == 1
+        assert coord.session is None  # never started: the handshake went nowhere near it
 
     run(main())
 

@@ -294,12 +294,16 @@ class Coordinator:
 
     async def _connection(self, conn: Connection) -> None:
         t = self.options.handshake_timeout_s
+        stream: Stream | None = None
         try:
             stream = await asyncio.wait_for(conn.accept_stream(), t)
             join = await asyncio.wait_for(stream.recv(), t)
         except ProtocolError as exc:
             log.info("handshake.garbage peer=%s error=%s", conn.remote_hex[:8], exc)
-            await _refuse(conn, stream, "protocol", str(exc))
+            if stream is None:  # no stream to answer on
+                conn.close(1, "protocol")
+            else:
+                await _refuse(conn, stream, "protocol", str(exc))
             return
         except (asyncio.TimeoutError, DriftError) as exc:
             log.info("handshake.dropped peer=%s error=%r", conn.remote_hex[:8], exc)
