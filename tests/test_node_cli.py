@@ -1,0 +1,161 @@
+"""``drift`` node commands: expected errors as one line, ``drift join``'s temporary config,
+the ``--model-path`` warning, and ``drift status`` plus ``drift train --model-path`` against a
+real coordinator on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lightning_drift import protocol as p
+from lightning_drift.coordinator.local import LocalCoordinator
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    """The caller's environment without its DRIFT_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFT_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _drift(*args: str, cwd: Path, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_drift_cli.drift", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# -- expected errors -------------------------------------------------------------------------------
+
+
+def test_bad_token_ends_in_one_error_line_not_a_traceback(tmp_path: Path) -> None:
+    r = _drift("train", "--token", "eyJbogus", "--checkpoint-dir", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "error: malformed token" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "AuthError" not in r.stderr + r.stdout
+
+
+def test_verbose_keeps_the_traceback(tmp_path: Path) -> None:
+    r = _drift("status", "--token", "eyJbogus", "-v", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "AuthError" in r.stderr and "malformed token" in r.stderr, r.stderr
+    assert "error: malformed token" not in r.stderr
+
+
+# -- drift join's temporary config -----------------------------------------------------------------
+
+
+def test_join_deletes_the_fetched_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from lightning_drift_cli import nodecmds
+
+    import lightning_drift.auth
+
+    monkeypatch.setattr(lightning_drift.auth, "decode_token", lambda token: (None, b"", b""))
+    monkeypatch.delenv("DRIFT_TOKEN", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    status = p.SessionStatus(
+        session_id="s", state="waiting", round=0, epoch=0, epochs=1, lightning_config="a: 1\n"
+    )
+    monkeypatch.setattr(nodecmds, "fetch_status", lambda *a, **k: status)
+    seen: list[Path] = []
+
+    def run(config: Path, **kwargs: object) -> int:
+        assert config.read_text() == "a: 1\n"
+        seen.append(config)
+        if len(seen) == 2:
+            raise RuntimeError("training failed")
+        return 0
+
+    monkeypatch.setattr(nodecmds, "_run_lightning_cli", run)
+    assert nodecmds.join("t", None) == 0
+    with pytest.raises(RuntimeError):
+        nodecmds.join("t", None)
+    assert len(seen) == 2
+    assert not any(path.exists() for path in seen)
+
+
+# -- --model-path ----------------------------------------------------------------------------------
+
+
+def test_model_path_warning_only_when_round_0_did_not_take_our_weights(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from lightning_drift_cli.nodecmds import warn_model_path_unused
+
+    w = Path("w.safetensors")
+    assert not warn_model_path_unused(w, [])
+    assert not warn_model_path_unused(w, [{"round": 0, "contributed": True}])
+    assert capsys.readouterr().err == ""
+    assert warn_model_path_unused(w, [{"round": 0, "contributed": False}, {"round": 1}])
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --model-path w.safetensors was not used")
+    assert "already had weights" in err
+
+
+# -- against a running coordinator ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_status_then_train_with_model_path_seeds_round_0(tmp_path: Path) -> None:
+    """``drift status`` with the node token (dialled by address) sees the waiting session; then
+    the only node, ``drift train --model-path W``, seeds round 0 with W and exits 0."""
+    from lightning_drift_examples.charlm import CharLM
+
+    text = tmp_path / "text.txt"
+    text.write_bytes(bytes(range(32, 127)) * 80)  # 7600 bytes: 213 training windows of 32, 3 rounds
+    torch.manual_seed(1234)
+    weights = tmp_path / "w.safetensors"
+    save_file(
+        {
+            k: v.contiguous()
+            for k, v in CharLM(d_model=16, n_layers=1, block_size=32).state_dict().items()
+        },
+        str(weights),
+    )
+    with LocalCoordinator(
+        tmp_path / "coord", min_nodes=1, epochs=1, batch_size=16, sync_every=4, keep=50
+    ) as coord:
+        addr = f"127.0.0.1:{coord.port}"
+        r = _drift(
+            "status", "--token", coord.token, "--json", "--coordinator-addr", addr, cwd=tmp_path
+        )
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        st = json.loads(r.stdout)
+        session = json.loads((coord.state_dir / "coordinator.json").read_text())["session"]
+        assert st["session_id"] == session
+        assert st["state"] == "waiting" and st["nodes"] == [] and st["round"] == 0
+        assert st["epochs"] == 1 and st["aggregation"] == "mean"
+
+        r = _drift(
+            "train", "--token", coord.token, "--coordinator-addr", addr,
+            "--model-path", str(weights), "--dataset-path", str(text),
+            "--max-chars", "7600", "--d-model", "16", "--n-layers", "1", "--block-size", "32",
+            "--batch-size", "16", "--epochs", "1", "--device", "cpu", "--no-progress",
+            "--checkpoint-dir", str(tmp_path / "node"), "--name", "seed-node",
+            cwd=tmp_path, timeout=90,
+        )  # fmt: skip
+        assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{coord.log_tail()}"
+        assert "was not used" not in r.stderr  # the only node: its weights were adopted
+        assert coord.wait(timeout=30) == 0, coord.log_tail()
+
+    round0 = load_file(str(coord.checkpoint_dir / "round-000000.safetensors"))
+    expected = load_file(str(weights))
+    assert round0.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(round0[k], v), k
+    assert (tmp_path / "node" / "last.ckpt").is_file()
