@@ -24,7 +24,13 @@ from lightning_drift.client import CoordinatorClient
 from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.server import Coordinator, ServeOptions
 from lightning_drift.coordinator.session import SessionConfig
-from lightning_drift.errors import AuthError, DriftError, ProtocolError, SessionError
+from lightning_drift.errors import (
+    AuthError,
+    ConfigError,
+    DriftError,
+    ProtocolError,
+    SessionError,
+)
 from lightning_drift.protocol import BarrierSync, Error, TrainProgress
 from lightning_drift.transport import Endpoint
 
@@ -466,6 +472,14 @@ def test_a_connection_whose_first_stream_fails_is_closed(tmp_path):
         assert coord.session is None  # never started: the handshake went nowhere near it
 
     run(main())
+
+
+def test_keeping_a_single_checkpoint_is_refused(tmp_path):
+    # A crash between a round's checkpoint and the state file resumes from the previous
+    # checkpoint, so it must still be there: the CLI's --keep >= 2 holds from Python too.
+    with pytest.raises(ConfigError, match="keep must be at least 2"):
+        Coordinator(SessionConfig(), ServeOptions(state_dir=tmp_path / "state", keep=1))
+    Coordinator(SessionConfig(), ServeOptions(state_dir=tmp_path / "state", keep=2))
 
 
 def test_revoked_token_is_refused_by_a_running_server_and_observer_status(tmp_path):

@@ -78,7 +78,7 @@ class ServeOptions:
     finish_grace_s: float = 120.0
     max_uploads: int = 4  # uploads received and accumulated at once (memory bound)
     tick_s: float = 0.5
-    keep: int = 5
+    keep: int = 5  # checkpoints kept; at least 2 (a restart may need the previous one)
     token_ttl_s: float = 7 * 86400.0
     handshake_timeout_s: float = 30.0
     upload_timeout_s: float = 900.0  # one weights upload, start to end
@@ -135,6 +135,11 @@ class Coordinator:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if options.keep < 2:
+            raise ConfigError(
+                f"keep must be at least 2, got {options.keep}: after a crash between a "
+                "checkpoint and the state file, a restart resumes from the previous checkpoint"
+            )
         self.config = config
         self.options = options
         self.clock = clock
