@@ -3,7 +3,10 @@
 Every ``serve`` flag can also come from ``--config train.yaml``: its ``coordinator:`` mapping
 holds serve options (flag names with underscores); the rest of the YAML (model, data,
 trainer) is a LightningCLI config handed to nodes for ``drift join``. A flag given on the
-command line wins over the file, the file over the built-in default.
+command line wins over the file, the file over the built-in default. On a restart (the state
+dir already holds a coordinator) the address options not given either way (port, mode, bind,
+relay, checkpoint dir) come from the state dir instead of the defaults, so the address in the
+tokens stays right; the session's settings always come from its saved state.
 """
 
 from __future__ import annotations
@@ -59,14 +62,28 @@ SERVE_DEFAULTS: dict[str, tuple[Any, type]] = {
     "exit_when_done": (True, bool),
     "keep": (5, int),
     "max_model_mb": (0, int),
+    "token_ttl": ("7d", str),  # a duration; resolved to seconds
 }
 
+# Serve options a restart takes from STATE_DIR/coordinator.json when they are not given:
+# together with the identity they make the ticket, and so the address in the tokens.
+STORED_OPTIONS = ("port", "mode", "bind", "relay", "checkpoint_dir")
 
-def resolve_serve_options(flags: dict[str, Any], config: Path | None) -> tuple[dict, str]:
+
+def resolve_serve_options(
+    flags: dict[str, Any], config: Path | None, notes: list[str] | None = None
+) -> tuple[dict, str]:
     """Merge flags (None = not given) over the config file's ``coordinator:`` mapping over the
-    defaults. Returns (options, LightningCLI YAML of the rest of the file)."""
+    defaults. Returns (options, LightningCLI YAML of the rest of the file).
+
+    When the state dir already holds a coordinator, :data:`STORED_OPTIONS` not given as a
+    flag or in the file come from its ``coordinator.json``, and session options given with
+    values other than the saved session's are reported: the saved ones are used. Both are
+    appended to ``notes`` (lines for the operator) and logged.
+    """
     import yaml
 
+    from lightning_drift.coordinator.state import parse_duration
     from lightning_drift.errors import ConfigError
 
     file_opts: dict[str, Any] = {}
@@ -89,10 +106,15 @@ def resolve_serve_options(flags: dict[str, Any], config: Path | None) -> tuple[d
         if doc:
             lightning_yaml = yaml.safe_dump(doc, sort_keys=False)
     out: dict[str, Any] = {}
+    given: set[str] = set()
     for name, (default, kind) in SERVE_DEFAULTS.items():
         v = flags.get(name)
         if v is None or (kind is list and not v):
             v = file_opts.get(name, default)
+            if name in file_opts:
+                given.add(name)
+        else:
+            given.add(name)
         if v is not None and kind is not list:
             try:
                 v = kind(v)
@@ -101,6 +123,7 @@ def resolve_serve_options(flags: dict[str, Any], config: Path | None) -> tuple[d
         if kind is list and isinstance(v, str):
             v = [v]
         out[name] = v
+    out["token_ttl"] = parse_duration(str(out["token_ttl"]))
     if out["mode"] not in ("local", "internet"):
         raise ConfigError(f"--mode must be local or internet, got {out['mode']!r}")
     if out["aggregation"] not in ("mean", "diloco"):
@@ -121,7 +144,71 @@ def resolve_serve_options(flags: dict[str, Any], config: Path | None) -> tuple[d
     # Nodes ping every heartbeat_s; several pings must fit in the timeout or a healthy node
     # is declared lost between two of them.
     out["heartbeat_s"] = min(out["heartbeat_s"], out["heartbeat_timeout"] / 3)
+    restart_notes = _from_state_dir(out, given, lightning_yaml if config is not None else None)
+    log = logging.getLogger("lightning_drift_cli.coord")
+    for line in restart_notes:
+        log.log(logging.WARNING if line.startswith("warning") else logging.INFO, "%s", line)
+    if notes is not None:
+        notes.extend(restart_notes)
     return out, lightning_yaml
+
+
+def _from_state_dir(out: dict[str, Any], given: set[str], lightning_yaml: str | None) -> list[str]:
+    """Fill in the stored address options of an existing state dir; compare session options.
+
+    Changes ``out`` in place; returns the lines that tell the operator what happened."""
+    from lightning_drift.coordinator.session import SessionConfig
+    from lightning_drift.coordinator.state import COORDINATOR_FILE, StateDir
+
+    sd = StateDir(Path(out["state_dir"]))
+    stored = sd.stored_coordinator()
+    lines: list[str] = []
+    if stored is not None:
+        taken = []
+        for name in STORED_OPTIONS:
+            if name in given or stored.get(name) is None:
+                continue
+            value = list(stored[name]) if name == "relay" else stored[name]
+            if name == "bind" and (
+                stored.get("mode") != out["mode"]  # it belongs to the stored mode
+                or value == ("127.0.0.1" if out["mode"] == "local" else "0.0.0.0")  # default
+            ):
+                continue
+            if value != out[name]:
+                out[name] = value
+                taken.append(f"--{name.replace('_', '-')} {_show(value)}")
+        if taken:
+            lines.append(
+                f"restart: from {sd.path / COORDINATOR_FILE} (not given on the command line "
+                f"or in --config): {', '.join(taken)}"
+            )
+    saved = sd.load_session()
+    if saved is not None:
+        config = SessionConfig.from_dict(saved.get("config", {}))
+        differ = []
+        for name in sorted(given):
+            if not hasattr(config, name):
+                continue
+            was = getattr(config, name)
+            if out[name] != was:
+                differ.append(
+                    f"--{name.replace('_', '-')} {_show(out[name])} (saved: {_show(was)})"
+                )
+        if lightning_yaml and lightning_yaml != config.lightning_config:
+            differ.append("the LightningCLI part of --config (nodes get the saved one)")
+        if differ:
+            lines.append(
+                f"warning: session {saved.get('session_id', '?')} in {sd.path} is resumed with "
+                f"its saved settings; ignored: {'; '.join(differ)}. To start a new session "
+                f"with these settings, move {sd.path / 'state.json'} aside."
+            )
+    return lines
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, list):
+        return " ".join(str(x) for x in v) or "(none)"
+    return str(v)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -171,10 +258,13 @@ def serve(
     min_vram: Annotated[
         int | None, typer.Option(help="Refuse GPU nodes with less VRAM (bytes).")
     ] = None,
-    keep: Annotated[int | None, typer.Option(help="Checkpoints kept.")] = None,
+    keep: Annotated[int | None, typer.Option(help="Checkpoints kept (at least 2).")] = None,
     max_model_mb: Annotated[
         int | None,
         typer.Option(help="Largest start-up weights accepted (MiB; 0 = half of the RAM)."),
+    ] = None,
+    token_ttl: Annotated[
+        str | None, typer.Option(help="Lifetime of the printed node/observer tokens: 24h, 7d...")
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML: `coordinator:` options + LightningCLI config.")
@@ -185,30 +275,21 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the coordinator: print the node token, serve rounds, show the live view."""
-    from lightning_drift.coordinator.server import Coordinator, ServeOptions
-    from lightning_drift.coordinator.session import SessionConfig
+    from lightning_drift.coordinator.server import Coordinator
     from lightning_drift.errors import DriftError
 
-    _setup_logging(verbose)
     flags = dict(locals())
+    _setup_logging(verbose)
+    notes: list[str] = []
     try:
-        o, lightning_yaml = resolve_serve_options(flags, config)
+        o, lightning_yaml = resolve_serve_options(flags, config, notes)
+        sc, opts = build_serve(o, lightning_yaml)
+        coord = Coordinator(sc, opts)
     except DriftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    sc = SessionConfig.from_dict({**o, "lightning_config": lightning_yaml})
-    opts = ServeOptions(
-        state_dir=Path(o["state_dir"]),
-        checkpoint_dir=Path(o["checkpoint_dir"]) if o["checkpoint_dir"] else None,
-        port=o["port"],
-        bind=o["bind"],
-        mode=o["mode"],
-        relay=list(o["relay"] or []),
-        exit_when_done=o["exit_when_done"],
-        keep=o["keep"],
-        max_model_bytes=o["max_model_mb"] << 20,
-    )
-    coord = Coordinator(sc, opts)
+    for line in notes:
+        typer.echo(line, err=True)
     try:
         asyncio.run(_serve(coord))
     except DriftError as exc:
@@ -223,6 +304,27 @@ def serve(
             err=True,
         )
         raise typer.Exit(1)
+
+
+def build_serve(o: dict[str, Any], lightning_yaml: str = ""):
+    """(SessionConfig, ServeOptions) from :func:`resolve_serve_options`' result."""
+    from lightning_drift.coordinator.server import ServeOptions
+    from lightning_drift.coordinator.session import SessionConfig
+
+    sc = SessionConfig.from_dict({**o, "lightning_config": lightning_yaml})
+    opts = ServeOptions(
+        state_dir=Path(o["state_dir"]),
+        checkpoint_dir=Path(o["checkpoint_dir"]) if o["checkpoint_dir"] else None,
+        port=o["port"],
+        bind=o["bind"],
+        mode=o["mode"],
+        relay=list(o["relay"] or []),
+        exit_when_done=o["exit_when_done"],
+        keep=o["keep"],
+        token_ttl_s=o["token_ttl"],
+        max_model_bytes=o["max_model_mb"] << 20,
+    )
+    return sc, opts
 
 
 async def _serve(coord: Any) -> None:

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from lightning_drift_cli.coord import app, resolve_serve_options
+from lightning_drift_cli.coord import app, build_serve, resolve_serve_options
 from typer.testing import CliRunner
 
-from lightning_drift.auth import Identity, verify_token
+from lightning_drift.auth import Identity, decode_token, verify_token
+from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.monitor import render_lines, render_table
 from lightning_drift.coordinator.server import Coordinator, ServeOptions
 from lightning_drift.coordinator.session import SessionConfig
@@ -43,6 +44,84 @@ def test_flags_win_over_config_file_over_defaults(tmp_path):
         resolve_serve_options({"max_model_mb": -1}, None)
     cfg.write_text("coordinator:\n  max-model-mb: 512\n")
     assert resolve_serve_options({}, cfg)[0]["max_model_mb"] == 512
+
+
+def test_token_ttl_from_flag_config_file_and_default(tmp_path):
+    assert resolve_serve_options({}, None)[0]["token_ttl"] == 7 * 86400
+    assert resolve_serve_options({"token_ttl": "24h"}, None)[0]["token_ttl"] == 86400
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("coordinator:\n  token_ttl: 2h\n")
+    o, _ = resolve_serve_options({}, cfg)
+    assert o["token_ttl"] == 7200 and build_serve(o)[1].token_ttl_s == 7200
+    with pytest.raises(ConfigError, match="duration"):
+        resolve_serve_options({"token_ttl": "soon"}, None)
+    # The standing tokens that serve prints get that lifetime.
+    _, token = start_and_close(SessionConfig(), ServeOptions(state_dir=tmp_path / "st", port=0,
+                                                             token_ttl_s=7200.0))  # fmt: skip
+    claims = decode_token(token)[0]
+    assert claims.exp - claims.iat == 7200.0
+
+
+def start_and_close(config: SessionConfig, opts: ServeOptions) -> tuple[str, str]:
+    """Start a coordinator (binds, writes the state dir), close it; its ticket and token."""
+
+    async def main():
+        coord = Coordinator(config, opts)
+        await coord.start()
+        await coord.close()
+        return coord.ticket, coord.node_token
+
+    return asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_restart_with_only_the_state_dir_keeps_the_address_and_the_token(tmp_path):
+    st = tmp_path / "st"
+    port = free_udp_port()
+    ticket, token = start_and_close(
+        SessionConfig(epochs=3, aggregation="diloco"),
+        ServeOptions(state_dir=st, port=port),
+    )
+    notes: list[str] = []
+    o, _ = resolve_serve_options({"state_dir": st}, None, notes)
+    assert o["port"] == port and o["mode"] == "local"
+    assert notes == [f"restart: from {st / 'coordinator.json'} (not given on the command line "
+                     f"or in --config): --port {port}"]  # fmt: skip
+    # The same address gives the same ticket, so the token printed before is kept.
+    assert start_and_close(*build_serve(o)) == (ticket, token)
+    # Given options win over the stored ones; the stored bind belongs to the stored mode.
+    o, _ = resolve_serve_options({"state_dir": st, "port": port + 1}, None)
+    assert o["port"] == port + 1
+    o, _ = resolve_serve_options({"state_dir": st, "mode": "internet"}, None)
+    assert o["mode"] == "internet" and o["bind"] is None and o["port"] == port
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("coordinator:\n  port: 9999\n")
+    assert resolve_serve_options({"state_dir": st}, cfg)[0]["port"] == 9999
+    # A first start (no coordinator in the state dir) uses the built-in defaults.
+    assert resolve_serve_options({"state_dir": tmp_path / "new"}, None)[0]["port"] == 7842
+
+
+def test_a_restart_warns_that_the_saved_session_settings_are_used(tmp_path):
+    st = tmp_path / "st"
+    start_and_close(
+        SessionConfig(epochs=3, aggregation="diloco", lightning_config="model: {}\n"),
+        ServeOptions(state_dir=st, port=free_udp_port()),
+    )
+    notes: list[str] = []
+    resolve_serve_options({"state_dir": st, "epochs": 5, "aggregation": "mean"}, None, notes)
+    [warning] = [n for n in notes if n.startswith("warning")]
+    assert "--aggregation mean (saved: diloco)" in warning and "--epochs 5 (saved: 3)" in warning
+    assert "state.json" in warning  # how to start a new session instead
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("coordinator:\n  epochs: 3\nmodel:\n  hidden: 8\n")
+    notes = []
+    resolve_serve_options({"state_dir": st, "aggregation": "diloco"}, cfg, notes)
+    [warning] = [n for n in notes if n.startswith("warning")]
+    assert (
+        "LightningCLI" in warning and "--epochs" not in warning and "--aggregation" not in warning
+    )
+    notes = []
+    resolve_serve_options({"state_dir": st, "epochs": 3}, None, notes)
+    assert not [n for n in notes if n.startswith("warning")]
 
 
 def test_parse_duration():

@@ -79,7 +79,7 @@ class ServeOptions:
     max_uploads: int = 4  # uploads received and accumulated at once (memory bound)
     tick_s: float = 0.5
     keep: int = 5  # checkpoints kept; at least 2 (a restart may need the previous one)
-    token_ttl_s: float = 7 * 86400.0
+    token_ttl_s: float = 7 * 86400.0  # lifetime of the standing node and observer tokens
     handshake_timeout_s: float = 30.0
     upload_timeout_s: float = 900.0  # one weights upload, start to end
     # The largest start-up weights accepted (later uploads are bounded by the global model's
@@ -135,6 +135,8 @@ class Coordinator:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if options.token_ttl_s <= 0:
+            raise ConfigError(f"token_ttl_s must be positive, got {options.token_ttl_s}")
         if options.keep < 2:
             raise ConfigError(
                 f"keep must be at least 2, got {options.keep}: after a crash between a "
@@ -205,12 +207,18 @@ class Coordinator:
             mode=o.mode, secret=identity.seed, bind_addr=f"{host}:{o.port}", relay_urls=o.relay
         )
         self.ticket = self.endpoint.ticket()
+        # Also what `drift-coord serve` falls back to on a restart without these flags: the
+        # same port, mode, bind address and relays give the same ticket, so tokens keep working.
         self.state.save_coordinator(
             {
                 "ticket": self.ticket,
                 "port": o.port,
                 "bind": host,
                 "mode": o.mode,
+                "relay": list(o.relay),
+                "checkpoint_dir": str(Path(o.checkpoint_dir).resolve())
+                if o.checkpoint_dir
+                else None,
                 "session": self.session.session_id,
                 "key": identity.public_hex,
             }
@@ -218,7 +226,13 @@ class Coordinator:
         sid = self.session.session_id
         self.node_token, self.observer_token = (
             self.state.standing_token(
-                identity, session=sid, ticket=self.ticket, role=role, ttl_s=o.token_ttl_s, now=now
+                identity,
+                session=sid,
+                ticket=self.ticket,
+                role=role,
+                ttl_s=o.token_ttl_s,
+                now=now,
+                min_left_s=min(3600.0, o.token_ttl_s / 2),
             )
             for role in ("node", "observer")
         )

@@ -4,7 +4,9 @@ Layout of ``--state-dir``::
 
     identity.key      the coordinator's Ed25519 seed (auth.Identity; also its iroh key), 0600
     tokens.json       issued token claims and revoked jtis (auth.TokenStore)
-    coordinator.json  the address the server advertises: ticket, port, mode, session id
+    coordinator.json  the address the server advertises: ticket, port, bind, mode, relays,
+                      checkpoint dir (when not the default), session id; a restart falls
+                      back to them for the flags it is not given
     state.json        the session (config, members, completed round, epoch, plan, scheduler),
                       rewritten after each completed round once its checkpoint is durable
     node.token        the node invitation token printed by ``serve`` (0600)
@@ -95,6 +97,22 @@ class StateDir:
     # -- the advertised address -----------------------------------------------------------
     def save_coordinator(self, info: dict[str, Any]) -> None:
         atomic_write(self.path / COORDINATOR_FILE, json.dumps(info, indent=1).encode())
+
+    def stored_coordinator(self) -> dict[str, Any] | None:
+        """coordinator.json as the last start wrote it, or None before the first start."""
+        p = self.path / COORDINATOR_FILE
+        try:
+            doc = json.loads(p.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise ConfigError(
+                f"{p} is damaged ({exc}); move it aside and give the --port, --mode, --bind "
+                "and --relay of the first start (another address means new tokens)"
+            ) from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{p} is damaged (not a JSON object); move it aside")
+        return doc
 
     def coordinator(self) -> dict[str, Any]:
         p = self.path / COORDINATOR_FILE
