@@ -270,7 +270,14 @@ def _check_signature(raw: bytes, sig: bytes, public_key: bytes) -> None:
         ) from None
 
 
-def _check_claims(claims: Claims, *, now: float, session: str | None, roles: Iterable[str]) -> None:
+def _check_claims(
+    claims: Claims,
+    *,
+    now: float,
+    session: str | None,
+    roles: Iterable[str],
+    allow_expired: bool = False,
+) -> None:
     if session is not None and claims.session != session:
         raise AuthError(
             f"token is for session {claims.session}, this coordinator runs {session}; "
@@ -281,7 +288,7 @@ def _check_claims(claims: Claims, *, now: float, session: str | None, roles: Ite
         raise AuthError(
             f"token is for role {claims.role}, this connection needs {' or '.join(roles)}"
         )
-    if now >= claims.exp:
+    if now >= claims.exp and not allow_expired:
         raise AuthError(f"token expired at {_iso(claims.exp)}; ask the coordinator for a new one")
     if claims.iat > now + CLOCK_SKEW_S:
         raise AuthError(
@@ -296,15 +303,18 @@ def verify_token(
     now: float,
     session: str | None = None,
     roles: Iterable[str] = ROLES,
+    allow_expired: bool = False,
 ) -> Claims:
     """Return the claims of a token signed by ``public_key``, valid at ``now``; else ``AuthError``.
 
     Checks, in order: structure, signature, session, role, expiry, issue time. Revocation is
-    the coordinator's business: see :class:`TokenVerifier`.
+    the coordinator's business: see :class:`TokenVerifier`. ``allow_expired`` skips only the
+    expiry check: for a node that is already a member of the session and reconnects (expiry
+    limits who may join, not how long a member may stay).
     """
     claims, raw, sig = decode_token(token)
     _check_signature(raw, sig, public_key)
-    _check_claims(claims, now=now, session=session, roles=roles)
+    _check_claims(claims, now=now, session=session, roles=roles, allow_expired=allow_expired)
     return claims
 
 
@@ -333,8 +343,14 @@ class TokenVerifier:
             maxsize=maxsize, ttl=ttl_s, timer=lambda: self._now
         )
 
-    def verify(self, token: str, *, now: float, role: str | None = None) -> Claims:
-        """The token's claims if it admits ``role`` (any role when None) now; else ``AuthError``."""
+    def verify(
+        self, token: str, *, now: float, role: str | None = None, allow_expired: bool = False
+    ) -> Claims:
+        """The token's claims if it admits ``role`` (any role when None) now; else ``AuthError``.
+
+        ``allow_expired``: accept a token past its ``exp`` (everything else is still checked,
+        revocation included); the coordinator uses it only for nodes that are already members.
+        """
         self._now = max(self._now, now)
         roles = ROLES if role is None else (role,)
         if not isinstance(token, str):
@@ -342,10 +358,19 @@ class TokenVerifier:
         key = token.strip()
         claims = self._cache.get(key)
         if claims is None:
-            claims = verify_token(key, self.public_key, now=now, session=self.session, roles=roles)
+            claims = verify_token(
+                key,
+                self.public_key,
+                now=now,
+                session=self.session,
+                roles=roles,
+                allow_expired=allow_expired,
+            )
             self._cache[key] = claims
         else:
-            _check_claims(claims, now=now, session=self.session, roles=roles)
+            _check_claims(
+                claims, now=now, session=self.session, roles=roles, allow_expired=allow_expired
+            )
         if claims.jti in self._revoked:
             raise AuthError(f"token revoked (jti {claims.jti}); ask the coordinator for a new one")
         return claims

@@ -107,6 +107,30 @@ def test_expired(ident: Identity) -> None:
     assert verify_token(t, ident.public_key, now=exp - 0.1).exp == exp
 
 
+def test_allow_expired_skips_only_the_expiry(ident: Identity, token: str) -> None:
+    # What a reconnecting member gets: past exp, but still signed, for the session, for the
+    # role and not revoked.
+    late = NOW + 7200
+    assert verify_token(token, ident.public_key, now=late, allow_expired=True).jti == "j1"
+    v = TokenVerifier(ident.public_key, "s1")
+    with pytest.raises(AuthError, match="expired"):
+        v.verify(token, now=late)
+    assert v.verify(token, now=late, role="node", allow_expired=True).jti == "j1"
+    assert v.verify(token, now=late + 1, allow_expired=True).jti == "j1"  # cached
+    with pytest.raises(AuthError, match="expired"):
+        v.verify(token, now=late + 2)  # the cache does not remember the allowance
+    with pytest.raises(AuthError, match="role node"):
+        v.verify(token, now=late, role="observer", allow_expired=True)
+    with pytest.raises(AuthError, match="session s1"):
+        TokenVerifier(ident.public_key, "s2").verify(token, now=late, allow_expired=True)
+    forged = issue_token(Identity.generate(), session="s1", coordinator=TICKET, now=NOW)
+    with pytest.raises(AuthError, match="another key"):
+        v.verify(forged, now=late, allow_expired=True)
+    v.revoke("j1")
+    with pytest.raises(AuthError, match="revoked"):
+        v.verify(token, now=late, allow_expired=True)
+
+
 def test_issued_in_the_future(ident: Identity) -> None:
     t = issue_token(ident, session="s1", coordinator=TICKET, now=NOW + 3600)
     with pytest.raises(AuthError, match="issued in the future"):

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -503,6 +504,43 @@ def test_revoked_token_is_refused_by_a_running_server_and_observer_status(tmp_pa
         with pytest.raises(AuthError, match="revoked"):
             await join(coord, 1)
         await a.close()
+        runner.cancel()
+        await coord.close()
+
+    run(main())
+
+
+def test_an_expired_token_refuses_new_nodes_but_not_a_member_reconnecting(tmp_path):
+    # Expiry limits who may join; a member that joined with the token must not be cut off
+    # mid-session when it reconnects with it later. The coordinator's clock runs ahead
+    # (nodes check a token's expiry with their own clock before they dial).
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=5)
+        ahead = [0.0]
+        coord.clock = lambda: time.time() + ahead[0]
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        token, claims = coord.state.issue(
+            coord.state.identity(),
+            session=coord.session.session_id,
+            ticket=coord.ticket,
+            ttl_s=60.0,
+        )
+        secret = os.urandom(32)
+        info = node_info(coord.config.dataset_size)
+        a = await CoordinatorClient.connect(token, node_info=info, secret=secret, timeout=10)
+        await a.close()
+        ahead[0] = 120.0  # the token expired a minute ago
+        with pytest.raises(AuthError, match="expired"):
+            await CoordinatorClient.connect(token, node_info=info, timeout=10)
+        a = await CoordinatorClient.connect(token, node_info=info, secret=secret, timeout=10)
+        assert a.config is not None and a.config.session_id == coord.session.session_id
+        assert coord.session.members[a.node_key].state == "ready"
+        await a.close()
+        # Only the expiry is forgiven: a revoked token still refuses the member.
+        TokenStore(coord.state.path).revoke(claims.jti)
+        with pytest.raises(AuthError, match="revoked"):
+            await CoordinatorClient.connect(token, node_info=info, secret=secret, timeout=10)
         runner.cancel()
         await coord.close()
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_drift.aggregate import Accumulator, DiLoCo, from_bytes, to_bytes, validate_upload
-from lightning_drift.auth import TokenVerifier
+from lightning_drift.auth import Claims, TokenVerifier
 from lightning_drift.checkpoint import CheckpointStore
 from lightning_drift.coordinator.session import RoundDecision, Session, SessionConfig
 from lightning_drift.coordinator.state import StateDir
@@ -347,10 +347,16 @@ class Coordinator:
             self.verifier.revoke(jti)
         try:
             claims = self.verifier.verify(join.token, now=now)
-        except AuthError as exc:
-            log.info("join.refused peer=%s reason=%s", conn.remote_hex[:8], exc)
-            await _refuse(conn, stream, "auth", str(exc))
-            return
+        except AuthError:
+            try:
+                member = self._member_token(conn.remote_hex, join, now)
+            except AuthError as why:  # a member: what else is wrong with its token
+                exc, member = why, None
+            if member is None:
+                log.info("join.refused peer=%s reason=%s", conn.remote_hex[:8], exc)
+                await _refuse(conn, stream, "auth", str(exc))
+                return
+            claims = member
         if join.node_key.lower() != conn.remote_hex:
             await _refuse(
                 conn,
@@ -417,6 +423,22 @@ class Coordinator:
                     self._event(lost.reason)
                 self._maybe_complete(self.session.check(self.clock()))
             conn.close(0, "")
+
+    def _member_token(self, node: str, join: Join, now: float) -> Claims | None:
+        """For a member of the session: its token's claims with the expiry forgiven.
+
+        Expiry limits who may join; it must not cut off a node in the middle of the session.
+        A node whose key was admitted before (the QUIC peer key, so it proves it holds that
+        key) may reconnect with a node token of this session signed by this coordinator and
+        not revoked, even past its expiry. None for a node that is not a member; AuthError
+        when the token is refused for another reason than its expiry.
+        """
+        s = self.session
+        if join.observe or node not in s.admitted or node not in s.members:
+            return None
+        claims = self.verifier.verify(join.token, now=now, role="node", allow_expired=True)
+        log.info("join.member_expired_token node=%s jti=%s", node[:8], claims.jti)
+        return claims
 
     async def _control(self, nc: NodeConn) -> str:
         """Read the node's control stream until it ends; returns why it ended."""
