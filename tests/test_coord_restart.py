@@ -31,10 +31,15 @@ def upload(rnd: int, i: int) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(8, 4, generator=g), "b": torch.randn(4, generator=g)}
 
 
-async def start_coordinator(state: Path, port: int, config: Path):
+async def start_coordinator(state: Path, port: int | None = None, config: Path | None = None):
+    """``drift-coord serve`` on ``state``; port and config omitted when None (a restart)."""
+    args = ["--state-dir", str(state)]
+    if port is not None:
+        args += ["--port", str(port)]
+    if config is not None:
+        args += ["--config", str(config)]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lightning_drift_cli.coord", "serve",
-        "--state-dir", str(state), "--port", str(port), "--config", str(config),
+        sys.executable, "-m", "lightning_drift_cli.coord", "serve", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=str(ROOT),
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
@@ -250,3 +255,86 @@ def test_epoch_plan_survives_a_kill_before_round_one_completes(tmp_path):
     st = json.loads((state / "state.json").read_text())["session"]
     assert st["completed"] == 1
     assert {n: {f: v[f] for f in fields} for n, v in st["assignments"].items()} == before
+
+
+def test_diloco_restart_restores_the_weights_and_the_outer_momentum(tmp_path):
+    """After a kill, a restart given only --state-dir hands out exactly the latest checkpoint
+    and its next DiLoCo step continues from the momentum saved with it."""
+    state = tmp_path / "state"
+    config = tmp_path / "train.yaml"
+    lr, mom = 0.7, 0.9
+    config.write_text(
+        "coordinator:\n  min_nodes: 2\n  epochs: 1\n  dataset_size: 1000\n  batch_size: 10\n"
+        "  sync_every: 10\n  heartbeat_s: 0.5\n  heartbeat_timeout: 10\n"
+        f"  aggregation: diloco\n  outer_lr: {lr}\n  outer_momentum: {mom}\n"
+    )
+    ckpt = state / "checkpoints"
+    secrets_ = [os.urandom(32), os.urandom(32)]
+    samples = (10, 20)
+    init = upload(0, 0)
+    param = {k: v.clone() for k, v in init.items()}
+    opt = torch.optim.SGD(list(param.values()), lr=lr, momentum=mom, nesterov=True, foreach=False)
+
+    def outer_step(rnd: int, ups: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The coordinator's step by hand: the sample-weighted mean in float64 in manifest
+        order, then one Nesterov SGD step on the pseudo-gradient (global - mean)."""
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        entry = next(e for e in manifest["checkpoints"] if e["round"] == rnd)
+        for k, p in param.items():
+            acc = torch.zeros(p.shape, dtype=torch.float64)
+            for node, w in entry["contributors"]:
+                acc = acc + ups[node][k].double() * w
+            mean = (acc / sum(samples)).to(p.dtype)
+            p.grad = p.detach() - mean
+        opt.step()
+
+    def check(rnd: int, blob: bytes) -> None:
+        assert (ckpt / f"round-{rnd:06d}.safetensors").read_bytes() == blob
+        got = from_bytes(blob)
+        outer = from_bytes((ckpt / f"round-{rnd:06d}.outer.safetensors").read_bytes())
+        for k, p in param.items():
+            assert torch.equal(got[k], p.detach()), (rnd, k)
+            assert torch.equal(outer[k], opt.state[p]["momentum_buffer"]), (rnd, k)
+
+    async def train_round(clients, rnd: int) -> bytes:
+        ups = {c.node_key: upload(rnd, i) for i, c in enumerate(clients)}
+        res = await asyncio.gather(
+            *(
+                c.barrier(BarrierSync(round=rnd, samples=samples[i]), to_bytes(ups[c.node_key]))
+                for i, c in enumerate(clients)
+            )
+        )
+        assert all(r.round == rnd and r.contributed for r, _ in res)
+        outer_step(rnd, ups)
+        return res[0][1]
+
+    async def main():
+        proc, token, _ = await start_coordinator(state, free_udp_port(), config)
+        try:
+            clients = [await connect(token, s) for s in secrets_]
+            await clients[0].barrier(BarrierSync(round=0), to_bytes(init))
+            await clients[1].barrier(BarrierSync(round=0), to_bytes(upload(0, 1)))
+            for c in clients:
+                await c.shard(0)
+            for rnd in (1, 2):
+                check(rnd, await train_round(clients, rnd))
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            for c in clients:
+                await c.close()
+
+            proc, token2, _ = await start_coordinator(state)  # the address from the state dir
+            assert token2 == token
+            clients = [await connect(token, s) for s in secrets_]
+            ready, blob = await clients[0].barrier(BarrierSync(round=0), to_bytes(upload(9, 9)))
+            assert ready.round == 2 and not ready.contributed
+            assert blob == (ckpt / "round-000002.safetensors").read_bytes()
+            check(3, await train_round(clients, 3))
+            for c in clients:
+                await c.close()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
