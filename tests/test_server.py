@@ -483,6 +483,31 @@ def test_keeping_a_single_checkpoint_is_refused(tmp_path):
     Coordinator(SessionConfig(), ServeOptions(state_dir=tmp_path / "state", keep=2))
 
 
+def test_a_damaged_checkpoint_stops_a_restart_with_what_to_do(tmp_path):
+    async def first():
+        coord = coordinator(tmp_path)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        c = await join(coord, 0)
+        await start_sync([c], model(0))
+        await c.close()
+        runner.cancel()
+        await coord.close()
+        return coord.store.directory / "round-000000.safetensors"
+
+    path = run(first())
+    path.write_bytes(b"not the checkpoint")
+
+    async def restart():
+        with pytest.raises(ConfigError) as info:
+            await coordinator(tmp_path).start()
+        return str(info.value)
+
+    msg = run(restart())
+    assert f"{path} is damaged" in msg and "backup" in msg and "state.json" in msg, msg
+    assert "load(" not in msg  # operators get steps, not a Python API
+
+
 def test_revoked_token_is_refused_by_a_running_server_and_observer_status(tmp_path):
     async def main():
         coord = coordinator(tmp_path, min_nodes=5)

@@ -41,6 +41,7 @@ from lightning_drift.errors import (
     ProtocolError,
     SessionError,
 )
+from lightning_drift.fsutil import sha256_file
 from lightning_drift.protocol import (
     BarrierReady,
     BarrierSync,
@@ -245,12 +246,42 @@ class Coordinator:
 
     def _load_checkpoint(self) -> None:
         rnd = self.session.completed
-        info, blob, outer = self.store.load(rnd)
+        try:
+            info, blob, outer = self.store.load(rnd)
+        except DriftError:
+            raise ConfigError(
+                f"cannot resume session {self.session.session_id} at round {rnd}: "
+                f"{self._checkpoint_problem(rnd)}. Restore the round's checkpoint files and "
+                f"manifest.json into {self.store.directory} from a backup (if the first start "
+                "had --checkpoint-dir, give the same one), or move "
+                f"{self.state.path / 'state.json'} aside to start a new session with the same "
+                "identity"
+            ) from None
         sd = from_bytes(blob)
         if self.diloco is not None and outer is not None:
             self.diloco.load_state_dict(from_bytes(outer))
         self._set_global(sd, blob, info.sha256, rnd, info.epoch, str(info.path))
         log.info("checkpoint.loaded round=%d sha256=%s", rnd, info.sha256[:16])
+
+    def _checkpoint_problem(self, rnd: int) -> str:
+        """Why checkpoint ``rnd`` cannot be loaded, in words for the operator."""
+        try:
+            entries = self.store.checkpoints()
+        except DriftError as exc:  # the manifest itself is unreadable
+            return str(exc)
+        info = next((e for e in entries if e.round == rnd), None)
+        if info is None:
+            kept = ", ".join(str(e.round) for e in entries) or "none"
+            return f"{self.store.directory} has no checkpoint of round {rnd} (rounds: {kept})"
+        for path, sha in ((info.path, info.sha256), (info.outer_path, info.outer_sha256)):
+            if path is None:
+                continue
+            try:
+                if sha256_file(path) != sha:
+                    return f"{path} is damaged (its sha256 is not the one in manifest.json)"
+            except OSError as exc:
+                return f"{path} cannot be read ({exc.strerror or exc})"
+        return f"the checkpoint of round {rnd} in {self.store.directory} cannot be read"
 
     def _set_global(self, sd, blob: bytes, sha: str, rnd: int, epoch: int, path: str) -> None:
         self.global_sd = sd
