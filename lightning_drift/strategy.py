@@ -78,9 +78,10 @@ class DriftStrategy(SingleDeviceStrategy):
             from the ``DRIFT_TOKEN`` environment variable.
         device: ``"auto"`` (let Lightning's accelerator pick: CUDA/ROCm, then MPS, then CPU),
             or an explicit torch device such as ``"cuda:1"``, ``"mps"`` or ``"cpu"``.
-        sync_every: ignored unless set: asks for barriers every this many optimizer steps
-            instead of the coordinator's schedule (only useful alone, e.g. for benchmarks;
-            every node of a session must follow the coordinator's rounds).
+        sync_every: leave unset to follow the coordinator's schedule (the epoch's barriers
+            spread evenly over its steps). When set, the epoch's barriers come every this many
+            optimizer steps instead, earlier than scheduled; the epoch's last barrier always
+            stays on its last step. The number of barriers is the coordinator's.
         connect_timeout: seconds to wait for the coordinator when joining.
         reconnect_timeout: seconds to keep retrying when the coordinator goes away.
         mode: ``"local"`` (relays off; loopback and LANs) or ``"internet"`` (relays and hole
@@ -91,7 +92,8 @@ class DriftStrategy(SingleDeviceStrategy):
         checkpoint_dir: where the node keeps a copy of each global round's weights
             (``round-NNNNNN.safetensors``); ``None`` keeps none.
         name: a label shown in the coordinator's view (the hostname by default).
-        progress_every: seconds between progress reports to the coordinator.
+        progress_every: seconds between progress reports to the coordinator; ``None`` uses
+            the interval the coordinator asks for (``TrainConfig.progress_every_s``).
         calibration_seconds: how long the start-up calibration benchmark runs.
     """
 
@@ -109,7 +111,7 @@ class DriftStrategy(SingleDeviceStrategy):
         coordinator_addr: str | None = None,
         checkpoint_dir: str | None = None,
         name: str | None = None,
-        progress_every: float = 5.0,
+        progress_every: float | None = None,
         calibration_seconds: float = 0.5,
     ) -> None:
         token = token or os.environ.get(TOKEN_ENV)
@@ -139,6 +141,7 @@ class DriftStrategy(SingleDeviceStrategy):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.node_name = name or socket.gethostname()
         self.progress_every = progress_every
+        self._progress_every = progress_every or 5.0  # until the session's config arrives
         self.calibration_seconds = calibration_seconds
 
         self.runtime: Any = None
@@ -160,6 +163,7 @@ class DriftStrategy(SingleDeviceStrategy):
         self._rate_samples = 0
         self.finished = False
         self.node_key = ""
+        self._resumed_from: dict[str, Any] | None = None  # the "drift" entry of a resumed .ckpt
 
     @property
     def _pl(self) -> LightningModule:
@@ -186,15 +190,29 @@ class DriftStrategy(SingleDeviceStrategy):
 
     @parallel_devices.setter
     def parallel_devices(self, devices: list[torch.device] | None) -> None:
-        devices = list(devices or [])
+        devices = [torch.device(d) for d in (devices or [])]
         if len(devices) > 1:
-            raise ConfigError(
-                f"DriftStrategy trains on one device per machine, but the Trainer resolved "
-                f"{len(devices)} devices ({', '.join(map(str, devices))}). Pass devices=1; to use "
-                "another GPU, start another node (`drift join`) with device='cuda:N'."
+            if _explicitly_several(devices):
+                raise ConfigError(
+                    f"DriftStrategy trains on one device per machine, but the Trainer was given "
+                    f"{len(devices)} devices ({', '.join(map(str, devices))}). Pass devices=1; to "
+                    "use another GPU, start another node (`drift join`) with device='cuda:N'."
+                )
+            # devices="auto" on a machine with several GPUs: Lightning resolves all of them.
+            log.warning(
+                "the Trainer resolved %d devices (%s); a drift node trains on one: %s. Pass "
+                "devices=1 to silence this; start another node with device='cuda:N' to use the "
+                "others.",
+                len(devices),
+                ", ".join(map(str, devices)),
+                self._root_device if self.device_preference != "auto" else devices[0],
             )
-        if devices and self.device_preference == "auto":
-            self._root_device = torch.device(devices[0])
+        if self.device_preference != "auto":
+            # An explicit DriftStrategy(device=...) wins over what the Trainer resolved.
+            self._parallel = [self._root_device]
+            return
+        if devices:
+            self._root_device = devices[0]
         self._parallel = devices[:1]
 
     @property
@@ -215,8 +233,15 @@ class DriftStrategy(SingleDeviceStrategy):
         super().setup(trainer)
         # Every epoch needs a fresh dataloader over the epoch's shard.
         trainer.reload_dataloaders_every_n_epochs = 1
+        if trainer.max_steps not in (-1, None):
+            log.warning(
+                "Trainer(max_steps=%s): a node that stops before its epoch's last barrier "
+                "leaves the session's rounds without it; prefer max_epochs (the session's)",
+                trainer.max_steps,
+            )
         if not any(isinstance(c, _EpochEndBarriers) for c in trainer.callbacks):
-            trainer.callbacks.append(_EpochEndBarriers(self))
+            # First, so owed barriers are held before ModelCheckpoint saves the epoch's end.
+            trainer.callbacks.insert(0, _EpochEndBarriers(self))
 
     def _finish_epoch(self) -> None:
         """Hold the epoch's remaining barriers now if fewer optimizer steps ran than the
@@ -309,6 +334,25 @@ class DriftStrategy(SingleDeviceStrategy):
         self.node_key = self.runtime.node_key
         config = self.runtime.start()
         self.config = config
+        resumed = self._resumed_from
+        if resumed and resumed.get("session") and resumed["session"] != config.session_id:
+            log.warning(
+                "the checkpoint resumed from belongs to session %s, not to this session (%s): "
+                "its weights are replaced at the start-up sync; its optimizer state is kept",
+                resumed["session"],
+                config.session_id,
+            )
+        if self.progress_every is None and config.progress_every_s > 0:
+            self._progress_every = config.progress_every_s
+        unusable = [d for d in hw["devices"] if not d.usable]
+        if unusable:
+            from lightning_drift.hardware import describe
+
+            # Say plainly which devices cannot train (e.g. Vulkan-only GPUs) and what does.
+            log.warning(
+                "devices found but not used for training:\n%s",
+                describe(hw["devices"], str(self.root_device)),
+            )
         trainer = module.trainer
         if trainer.fit_loop.max_epochs != config.epochs:
             log.warning(
@@ -372,17 +416,13 @@ class DriftStrategy(SingleDeviceStrategy):
         self._epoch_steps += 1
         total = self._steps_this_epoch()
         rounds = self.assignment.rounds
-        # Barrier k (1-based) of the epoch falls after ceil(k * total / rounds) steps; when a
-        # shard gives fewer steps than rounds, several barriers fall on one step.
         while self._barriers_done < rounds:
-            due = math.ceil((self._barriers_done + 1) * total / rounds)
-            if self.sync_every:
-                due = min(due, (self._barriers_done + 1) * self.sync_every)
+            due = barrier_step(self._barriers_done + 1, total, rounds, self.sync_every)
             if self._epoch_steps < due:
                 break
             self._barrier()
         now = time.monotonic()
-        if now - self._last_report >= self.progress_every:
+        if now - self._last_report >= self._progress_every:
             self._report(now)
 
     def _steps_this_epoch(self) -> int:
@@ -551,12 +591,21 @@ class DriftStrategy(SingleDeviceStrategy):
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
     ) -> None:
         # The canonical checkpoint is the coordinator's; this file records which round it holds.
+        # ``samples_since_round`` is 0 when the weights are exactly that round's global weights
+        # (saved at a barrier or an epoch's end); otherwise they are local, mid-round weights.
         checkpoint["drift"] = {
             "round": self.runtime.round if self.runtime else -1,
             "session": self.config.session_id if self.config else "",
+            "samples_since_round": self._samples,
             "version": __version__,
         }
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        drift = checkpoint.get("drift") if isinstance(checkpoint, dict) else None
+        self._resumed_from = drift if isinstance(drift, dict) else None
+        return checkpoint
 
     def teardown(self) -> None:
         self._close("teardown")
@@ -569,6 +618,31 @@ class DriftStrategy(SingleDeviceStrategy):
         if self.runtime is not None:
             self.runtime.close(reason)
             self.runtime = None
+
+
+def _explicitly_several(devices: list[torch.device]) -> bool:
+    """True when several devices can only have come from an explicit ``Trainer(devices=N)``.
+
+    ``devices="auto"`` resolves one CPU or MPS device, and every CUDA device of the machine;
+    fewer than every CUDA device (or several CPUs) means the user asked for them."""
+    kind = devices[0].type
+    available = torch.cuda.device_count() if kind == "cuda" else 1
+    return len(devices) != available
+
+
+def barrier_step(k: int, total: int, rounds: int, sync_every: int | None = None) -> int:
+    """After how many optimizer steps of an epoch barrier ``k`` (1-based) of ``rounds`` falls.
+
+    The coordinator's schedule spreads the barriers evenly: ``ceil(k * total / rounds)``; when
+    a shard gives fewer steps than rounds, several barriers fall on one step. ``sync_every``
+    moves barriers earlier (every ``sync_every`` steps) but never the epoch's last barrier,
+    which always falls on the epoch's last step, so every node ends each epoch (and the
+    session) on the global weights.
+    """
+    due = math.ceil(k * total / rounds)
+    if sync_every and k < rounds:
+        due = min(due, k * sync_every)
+    return due
 
 
 class _EpochEndBarriers(Callback):

@@ -86,6 +86,7 @@ def test_three_nodes_train_charlm_to_one_checkpoint(tmp_path: Path) -> None:
     # The final checkpoint is the samples-weighted mean of the last round's uploads, computed
     # here by hand in the arrival order the manifest records.
     last = max(c["round"] for c in manifest["checkpoints"])
+    assert last >= 3, manifest  # several rounds were trained, not just one
     entry = next(c for c in manifest["checkpoints"] if c["round"] == last)
     uploads = {}
     for o, r in zip(outs, reports, strict=True):
