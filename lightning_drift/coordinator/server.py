@@ -378,14 +378,15 @@ class Coordinator:
             self.verifier.revoke(jti)
         try:
             claims = self.verifier.verify(join.token, now=now)
-        except AuthError:
+        except AuthError as exc:
+            refusal = exc
             try:
                 member = self._member_token(conn.remote_hex, join, now)
             except AuthError as why:  # a member: what else is wrong with its token
-                exc, member = why, None
+                refusal, member = why, None
             if member is None:
-                log.info("join.refused peer=%s reason=%s", conn.remote_hex[:8], exc)
-                await _refuse(conn, stream, "auth", str(exc))
+                log.info("join.refused peer=%s reason=%s", conn.remote_hex[:8], refusal)
+                await _refuse(conn, stream, "auth", str(refusal))
                 return
             claims = member
         if join.node_key.lower() != conn.remote_hex:
