@@ -79,7 +79,7 @@ def resolve_serve_options(
     When the state dir already holds a coordinator, :data:`STORED_OPTIONS` not given as a
     flag or in the file come from its ``coordinator.json``, and session options given with
     values other than the saved session's are reported: the saved ones are used. Both are
-    appended to ``notes`` (lines for the operator) and logged.
+    appended to ``notes``: lines for the operator, which ``serve`` prints to stderr.
     """
     import yaml
 
@@ -145,9 +145,6 @@ def resolve_serve_options(
     # is declared lost between two of them.
     out["heartbeat_s"] = min(out["heartbeat_s"], out["heartbeat_timeout"] / 3)
     restart_notes = _from_state_dir(out, given, lightning_yaml if config is not None else None)
-    log = logging.getLogger("lightning_drift_cli.coord")
-    for line in restart_notes:
-        log.log(logging.WARNING if line.startswith("warning") else logging.INFO, "%s", line)
     if notes is not None:
         notes.extend(restart_notes)
     return out, lightning_yaml
