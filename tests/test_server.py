@@ -562,6 +562,24 @@ def test_an_expired_token_refuses_new_nodes_but_not_a_member_reconnecting(tmp_pa
         assert a.config is not None and a.config.session_id == coord.session.session_id
         assert coord.session.members[a.node_key].state == "ready"
         await a.close()
+        # Expired by the node's own clock too: the node dials anyway and the coordinator
+        # decides (a node must not refuse itself a reconnect the coordinator would allow).
+        ahead[0] = 0.0
+        short, _ = coord.state.issue(
+            coord.state.identity(),
+            session=coord.session.session_id,
+            ticket=coord.ticket,
+            ttl_s=1.0,
+        )
+        secret2 = os.urandom(32)
+        b = await CoordinatorClient.connect(short, node_info=info, secret=secret2, timeout=10)
+        await b.close()
+        await asyncio.sleep(1.5)
+        b = await CoordinatorClient.connect(short, node_info=info, secret=secret2, timeout=10)
+        assert b.config is not None
+        await b.close()
+        with pytest.raises(AuthError, match="expired"):
+            await CoordinatorClient.connect(short, node_info=info, timeout=10)
         # Only the expiry is forgiven: a revoked token still refuses the member.
         TokenStore(coord.state.path).revoke(claims.jti)
         with pytest.raises(AuthError, match="revoked"):

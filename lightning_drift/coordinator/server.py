@@ -673,8 +673,9 @@ class Coordinator:
                 self._event(f"node {node[:8]} upload for round {sync.round} refused: {reason}")
                 self._maybe_complete(s.reject(node, sync.round, reason, self.clock()))
                 return ("excluded", reason)  # answered with the round's result, not counted
-            # Samples trained since the last barrier; 0 (nothing left in its shard) adds nothing.
-            weight = float(max(0, sync.samples))
+            # Samples trained since the last barrier, at most the node's shard; 0 (nothing left
+            # in its shard) adds nothing.
+            weight = s.weight_for(node, sync.samples)
             try:
                 await asyncio.to_thread(self.acc.add, node, sd, weight, delta=sync.delta)
             except SessionError as exc:

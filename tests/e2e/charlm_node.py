@@ -124,6 +124,7 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=str(args.ckpt_dir), save_last=True))
     trainer = L.Trainer(
         strategy=strategy,
+        devices=1,
         max_epochs=args.epochs,
         callbacks=callbacks,
         enable_checkpointing=bool(args.ckpt_dir),
