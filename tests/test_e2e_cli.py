@@ -10,6 +10,7 @@ relative to it, and the test compares that file's state dict with the coordinato
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -128,6 +129,31 @@ def _assert_all_hold_final(coord: LocalCoordinator, folders: dict[str, Path]) ->
     return entry
 
 
+def _metrics(folder: Path) -> list[dict[str, str]]:
+    """Rows of the node's CSVLogger file (tests/e2e/tiny.yaml writes logs/metrics.csv)."""
+    path = folder / "logs" / "metrics.csv"
+    assert path.is_file(), f"no {path}"
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_learned_and_covered(folders: dict[str, Path], samples: int, epochs: int) -> None:
+    """Validation loss falls on every node; each epoch's shards add up to the dataset."""
+    shard_sizes: dict[int, list[float]] = {}
+    for name, folder in folders.items():
+        rows = _metrics(folder)
+        val = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+        assert len(val) == epochs and val[-1] < val[0], (name, val)
+        for r in rows:
+            if r.get("drift/shard_size"):
+                shard_sizes.setdefault(int(float(r["drift/epoch"])), []).append(
+                    float(r["drift/shard_size"])
+                )
+    assert sorted(shard_sizes) == list(range(epochs)), shard_sizes
+    for epoch, sizes in shard_sizes.items():
+        assert len(sizes) == len(folders) and sum(sizes) == samples, (epoch, sizes)
+
+
 def test_lightning_cli_and_drift_join_end_on_the_final_checkpoint(tmp_path: Path) -> None:
     """Node A: a plain LightningCLI program; node B: ``drift join --config``; same YAML."""
     with LocalCoordinator(
@@ -149,6 +175,7 @@ def test_lightning_cli_and_drift_join_end_on_the_final_checkpoint(tmp_path: Path
             nodes.kill()
         entry = _assert_all_hold_final(coord, {"a": a, "b": b})
     assert entry["epoch"] == 1  # the second (last) epoch of the session
+    _assert_learned_and_covered({"a": a, "b": b}, samples=256, epochs=2)
 
 
 def test_drift_join_without_config_takes_the_coordinators(tmp_path: Path) -> None:
