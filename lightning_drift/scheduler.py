@@ -21,6 +21,12 @@ A node's score is its expected training throughput in **samples per second**:
 
 So a fresh node joining a running session is placed on the same scale as the measured ones
 instead of its raw GFLOP/s being compared with other nodes' samples/s.
+
+The device's name, VRAM and compute capability from ``NodeInfo`` do not enter the score on
+purpose: a table of GPU names would age, and the calibration benchmark measures what those
+fields only predict, on the device and software stack actually used (thermal limits, a
+shared GPU, a CPU build of torch). VRAM is used as a gate (``min_vram``), and the device kind
+gives the fallback score when a node sends no calibration.
 """
 
 from __future__ import annotations
