@@ -367,6 +367,42 @@ def test_bad_upload_garbage_and_bad_tokens_do_not_stop_the_session(tmp_path):
     run(main())
 
 
+def test_start_up_uploads_while_the_first_weights_are_being_saved(tmp_path):
+    # The first start-up upload becomes round 0; the session knows it has weights before
+    # they are published (the state file is written in between). A second node's start-up
+    # upload in that gap must wait for them, not fail (it used to hit an assertion).
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=2)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        a, b = [await join(coord, i) for i in range(2)]
+        saving = asyncio.Event()
+        save = coord._save
+
+        async def slow_save() -> None:
+            if coord.session.has_weights and not saving.is_set():
+                saving.set()
+                await asyncio.sleep(1.0)
+            await save()
+
+        coord._save = slow_save  # type: ignore[method-assign]
+        first = asyncio.create_task(a.barrier(BarrierSync(round=0), to_bytes(model(0))))
+        await asyncio.wait_for(saving.wait(), 10)
+        assert coord.current is None  # adopted by the session, not yet published
+        rb, blob_b = await asyncio.wait_for(
+            b.barrier(BarrierSync(round=0), to_bytes(model(1))), 10
+        )
+        ra, blob_a = await asyncio.wait_for(first, 10)
+        assert ra.contributed and not rb.contributed
+        assert rb.round == ra.round == 0 and blob_b == blob_a
+        runner.cancel()
+        for c in (a, b):
+            await c.close()
+        await coord.close()
+
+    run(main())
+
+
 def test_an_upload_for_the_next_round_while_the_state_file_is_written(tmp_path):
     # Between a round's completion in the session and the publication of its weights the
     # state file is written; the next round is already open then, and an upload for it must

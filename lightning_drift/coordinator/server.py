@@ -287,6 +287,11 @@ class Coordinator:
         self.global_sd = sd
         self.current = Weights(rnd, epoch, sha, blob, path, finished=self.session.finished)
         self.acc = Accumulator(sd)
+        # Everyone waiting for these weights (or older ones) gets them now.
+        for r in [r for r in self.round_futs if r <= rnd]:
+            fut = self.round_futs.pop(r)
+            if not fut.done():
+                fut.set_result(self.current)
 
     async def run(self) -> None:
         """Serve until the session finishes (then a grace period) or :meth:`stop`."""
@@ -718,8 +723,11 @@ class Coordinator:
         return True
 
     async def _wait_round(self, rnd: int) -> Weights:
-        if rnd <= self.session.completed:
-            assert self.current is not None
+        """The published weights of round ``rnd`` or a later one.
+
+        A round counts as completed in the session before its weights are published (the
+        state file is written in between): wait for the publication, not for the session."""
+        if self.current is not None and self.current.round >= rnd:
             return self.current
         fut = self.round_futs.get(rnd)
         if fut is None:
@@ -765,9 +773,6 @@ class Coordinator:
             )
             if out.planned_epoch is not None or out.finished:
                 self._event(out.reason)
-            fut = self.round_futs.pop(rnd, None)
-            if fut is not None and not fut.done():
-                fut.set_result(self.current)
             self._serve_pending_shards()
             if out.finished:
                 self._finish()
