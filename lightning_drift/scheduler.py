@@ -381,12 +381,19 @@ class Scheduler:
         else:
             ns.measured = (1.0 - self.ema) * ns.measured + self.ema * float(samples_per_s)
 
-    def score(self, node: str) -> float:
-        """The node's expected samples/s (see the module docstring for the units)."""
+    def score(self, node: str, factor: float | None = None) -> float:
+        """The node's expected samples/s (see the module docstring for the units).
+
+        ``factor``: samples per GFLOP as returned by :meth:`samples_per_gflop`, when the
+        caller scores many nodes at once (it costs a pass over every node)."""
         ns = self._get(node)
         if ns.measured is not None:
             return ns.measured
-        return ns.calibration * self._samples_per_gflop()
+        return ns.calibration * (self._samples_per_gflop() if factor is None else factor)
+
+    def samples_per_gflop(self) -> float:
+        """The conversion ``k`` from calibration GFLOP/s to samples/s (1 while unmeasured)."""
+        return self._samples_per_gflop()
 
     @property
     def has_measured(self) -> bool:

@@ -239,23 +239,36 @@ class Session:
             out.append(node)
         return out
 
-    def pace(self, node: str) -> tuple[float, bool] | None:
+    def pace(self, node: str, factor: float | None = None) -> tuple[float, bool] | None:
         """``node``'s expected samples/s and whether it is an estimate, or None if unknown.
 
         Its last measured rate when it has one; else the scheduler's estimate from its
         calibration (``Scheduler.score``), when the scheduler knows the node, some node is
-        measured (so the estimate is in samples/s) and the estimate is > 0.
+        measured (so the estimate is in samples/s) and the estimate is > 0. ``factor``: the
+        value of :meth:`_pace_factor` when the caller paces many nodes at once.
         """
         m = self.members.get(node)
         if m is not None and m.rate > 0:
             return m.rate, False
         sch = self.scheduler
-        if sch is None or node not in sch or not sch.has_measured:
+        if sch is None or node not in sch:
             return None
-        est = sch.score(node)
+        if factor is None:
+            factor = self._pace_factor()
+            if factor is None:
+                return None
+        est = sch.score(node, factor=factor)
         if not (math.isfinite(est) and est > 0):
             return None
         return est, True
+
+    def _pace_factor(self) -> float | None:
+        """Samples per calibration GFLOP, or None while no node is measured (estimates would
+        be in calibration units, not samples/s)."""
+        sch = self.scheduler
+        if sch is None or not sch.has_measured:
+            return None
+        return sch.samples_per_gflop()
 
     def deadline(self) -> float | None:
         """When stragglers of the open round may be left behind (None: the pace of some
@@ -270,8 +283,15 @@ class Session:
         longest = 0.0
         estimated: list[str] = []
         unknown: list[str] = []
+        factor = self._pace_factor()  # once per call: it is a pass over every node
         for node in missing:
-            p = self.pace(node)
+            m = self.members.get(node)
+            if m is not None and m.rate > 0:
+                p: tuple[float, bool] | None = (m.rate, False)
+            elif factor is None:
+                p = None
+            else:
+                p = self.pace(node, factor)
             if p is None:
                 unknown.append(node)
                 continue
