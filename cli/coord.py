@@ -58,7 +58,7 @@ SERVE_DEFAULTS: dict[str, tuple[Any, type]] = {
     "dataset_size": (0, int),
     "seed": (0, int),
     "transfer_dtype": ("float32", str),
-    "min_vram": (0, int),
+    "min_vram": (0, str),  # a size: 8GiB, 512MiB or bytes
     "exit_when_done": (True, bool),
     "keep": (5, int),
     "max_model_mb": (0, int),
@@ -83,7 +83,7 @@ def resolve_serve_options(
     """
     import yaml
 
-    from lightning_drift.coordinator.state import parse_duration
+    from lightning_drift.coordinator.state import parse_duration, parse_size
     from lightning_drift.errors import ConfigError
 
     file_opts: dict[str, Any] = {}
@@ -124,6 +124,7 @@ def resolve_serve_options(
             v = [v]
         out[name] = v
     out["token_ttl"] = parse_duration(str(out["token_ttl"]))
+    out["min_vram"] = parse_size(out["min_vram"])
     if out["mode"] not in ("local", "internet"):
         raise ConfigError(f"--mode must be local or internet, got {out['mode']!r}")
     if out["aggregation"] not in ("mean", "diloco"):
@@ -253,7 +254,8 @@ def serve(
         float | None, typer.Option(help="Straggler deadline never shorter than this (s).")
     ] = None,
     min_vram: Annotated[
-        int | None, typer.Option(help="Refuse GPU nodes with less VRAM (bytes).")
+        str | None,
+        typer.Option(help="Refuse GPU nodes with less VRAM: 8GiB, 512MiB or bytes."),
     ] = None,
     keep: Annotated[int | None, typer.Option(help="Checkpoints kept (at least 2).")] = None,
     max_model_mb: Annotated[

@@ -40,6 +40,12 @@ def test_flags_win_over_config_file_over_defaults(tmp_path):
         resolve_serve_options({}, cfg)
     with pytest.raises(ConfigError, match="quorum"):
         resolve_serve_options({"quorum": 1.5}, None)
+    assert resolve_serve_options({"min_vram": "8GiB"}, None)[0]["min_vram"] == 8 << 30
+    assert resolve_serve_options({"min_vram": "512M"}, None)[0]["min_vram"] == 512 << 20
+    assert resolve_serve_options({"min_vram": "1000"}, None)[0]["min_vram"] == 1000
+    assert resolve_serve_options({}, None)[0]["min_vram"] == 0
+    with pytest.raises(ConfigError, match="8GiB"):
+        resolve_serve_options({"min_vram": "lots"}, None)
     with pytest.raises(ConfigError, match="--max-model-mb"):
         resolve_serve_options({"max_model_mb": -1}, None)
     cfg.write_text("coordinator:\n  max-model-mb: 512\n")

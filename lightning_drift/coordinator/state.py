@@ -56,6 +56,26 @@ def parse_duration(text: str) -> float:
     return value
 
 
+def parse_size(text: str | int) -> int:
+    """``"8GiB"``, ``"512MiB"``, ``"8G"``, ``"8GB"`` or plain bytes → bytes.
+
+    Binary (1024-based) multiples, as GPU memory is counted: ``8G`` = ``8GB`` = ``8GiB``."""
+    if isinstance(text, int):
+        value = float(text)
+    else:
+        t = text.strip().lower().removesuffix("ib").removesuffix("b")
+        units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+        try:
+            value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        except ValueError:
+            raise ConfigError(
+                f"size {text!r} is not like 8GiB, 512MiB or a number of bytes"
+            ) from None
+    if value < 0:
+        raise ConfigError(f"size {text!r} must not be negative")
+    return int(value)
+
+
 class StateDir:
     """One coordinator's state directory (see the module docstring for the files)."""
 
