@@ -176,6 +176,9 @@ def test_lightning_cli_and_drift_join_end_on_the_final_checkpoint(tmp_path: Path
         entry = _assert_all_hold_final(coord, {"a": a, "b": b})
     assert entry["epoch"] == 1  # the second (last) epoch of the session
     _assert_learned_and_covered({"a": a, "b": b}, samples=256, epochs=2)
+    # Not on a terminal, `drift-coord serve` shows its view as plain key=value lines.
+    view = coord.log_path.read_text()
+    assert "state=waiting" in view and " device=cpu " in view, view[-3000:]
 
 
 def test_drift_join_without_config_takes_the_coordinators(tmp_path: Path) -> None:
