@@ -1,9 +1,10 @@
 """``drift`` node commands: expected errors as one line, ``drift join``'s temporary config,
-the ``--model-path`` warning, and ``drift status`` plus ``drift train --model-path`` against a
-real coordinator on loopback."""
+the ``--model-path`` warning, ``drift status`` plus ``drift train --model-path`` against a
+real coordinator on loopback, and ``drift demo`` (what ``make demo`` runs) to its end."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -159,3 +160,27 @@ def test_status_then_train_with_model_path_seeds_round_0(tmp_path: Path) -> None
     for k, v in expected.items():
         assert torch.equal(round0[k], v), k
     assert (tmp_path / "node" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_demo_runs_to_the_end_and_names_a_checkpoint_that_matches_its_manifest(
+    tmp_path: Path,
+) -> None:
+    # `make demo` is `drift demo --nodes 2`: here with one short epoch. Not on a terminal, so
+    # the view prints plain lines; the last line names the final coordinated checkpoint.
+    work = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "lightning_drift_cli.drift", "demo", "--nodes", "2"]
+    cmd += ["--epochs", "1", "--max-chars", "20000", "--workdir", str(work)]
+    env = {**_env(), "COLUMNS": "400"}  # one line per message: rich wraps at the width
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert "final coordinated checkpoint: " in last, out.stdout[-2000:]
+    final = Path(last.rsplit("final coordinated checkpoint: ", 1)[1].strip())
+    assert final.is_file(), last
+    manifest = json.loads((final.parent / "manifest.json").read_text())
+    entry = next(c for c in manifest["checkpoints"] if c["file"] == final.name)
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == entry["sha256"]
+    assert entry["round"] == max(c["round"] for c in manifest["checkpoints"]) >= 1
+    # Both nodes trained together (a round may leave a straggler behind at its deadline).
+    assert any(len(c["contributors"]) == 2 for c in manifest["checkpoints"]), manifest
