@@ -793,32 +793,17 @@ class Coordinator:
 
     def _aggregate(self, rnd: int, epoch: int, acc: Accumulator):
         assert self.global_sd is not None
+        extra = {"session": self.session.session_id, "aggregation": self.config.aggregation}
         if acc.total_weight <= 0:
             # Every contributor trained nothing this round: the weights carry over unchanged
             # (and DiLoCo takes no outer step, so its momentum does not move them either).
-            blob = to_bytes(self.global_sd)
-            outer = to_bytes(self.diloco.state_dict()) if self.diloco is not None else None
-            info = self.store.write(
-                rnd,
-                blob,
-                outer=outer,
-                epoch=epoch,
-                contributors=list(acc.contributors),
-                now=self.clock(),
-                extra={
-                    "session": self.session.session_id,
-                    "aggregation": self.config.aggregation,
-                    "unchanged": "no samples trained this round",
-                },
-            )
-            return self.global_sd, blob, info
-        mean = acc.mean()
-        outer = None
-        if self.diloco is not None:
-            new_sd = self.diloco.step(self.global_sd, mean)
-            outer = to_bytes(self.diloco.state_dict())
+            new_sd = self.global_sd
+            extra["unchanged"] = "no samples trained this round"
+        elif self.diloco is not None:
+            new_sd = self.diloco.step(self.global_sd, acc.mean())
         else:
-            new_sd = mean
+            new_sd = acc.mean()
+        outer = to_bytes(self.diloco.state_dict()) if self.diloco is not None else None
         blob = to_bytes(new_sd)
         info = self.store.write(
             rnd,
@@ -827,7 +812,7 @@ class Coordinator:
             epoch=epoch,
             contributors=list(acc.contributors),
             now=self.clock(),
-            extra={"session": self.session.session_id, "aggregation": self.config.aggregation},
+            extra=extra,
         )
         return new_sd, blob, info
 

@@ -76,6 +76,19 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+def _read_json(path: Path, fix: str) -> dict[str, Any] | None:
+    """A JSON object file of the state dir; None when absent; ConfigError naming ``fix``."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise ConfigError(f"{path} is damaged ({exc}); {fix}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} is damaged (not a JSON object); {fix}")
+    return doc
+
+
 class StateDir:
     """One coordinator's state directory (see the module docstring for the files)."""
 
@@ -97,15 +110,13 @@ class StateDir:
     def load_session(self) -> dict[str, Any] | None:
         """The saved session, or None on a first start."""
         p = self.path / STATE_FILE
-        try:
-            doc = json.loads(p.read_bytes())
-        except FileNotFoundError:
+        doc = _read_json(
+            p,
+            "restore it from a backup or move it aside to start a new session with the same "
+            "identity",
+        )
+        if doc is None:
             return None
-        except ValueError as exc:
-            raise ConfigError(
-                f"{p} is damaged ({exc}); restore it from a backup or move it aside to "
-                "start a new session with the same identity"
-            ) from None
         if doc.get("version") != STATE_VERSION:
             raise ConfigError(f"{p} has version {doc.get('version')!r}, expected {STATE_VERSION}")
         return doc["session"]
@@ -120,19 +131,11 @@ class StateDir:
 
     def stored_coordinator(self) -> dict[str, Any] | None:
         """coordinator.json as the last start wrote it, or None before the first start."""
-        p = self.path / COORDINATOR_FILE
-        try:
-            doc = json.loads(p.read_bytes())
-        except FileNotFoundError:
-            return None
-        except ValueError as exc:
-            raise ConfigError(
-                f"{p} is damaged ({exc}); move it aside and give the --port, --mode, --bind "
-                "and --relay of the first start (another address means new tokens)"
-            ) from None
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{p} is damaged (not a JSON object); move it aside")
-        return doc
+        return _read_json(
+            self.path / COORDINATOR_FILE,
+            "move it aside and give the --port, --mode, --bind and --relay of the first start "
+            "(another address means new tokens)",
+        )
 
     def coordinator(self) -> dict[str, Any]:
         p = self.path / COORDINATOR_FILE
