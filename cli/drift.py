@@ -22,6 +22,12 @@ TokenOpt = Annotated[
     str | None,
     typer.Option("--token", "-t", envvar="DRIFT_TOKEN", help="Invitation token (or DRIFT_TOKEN)."),
 ]
+ModeOpt = Annotated[str, typer.Option(help="local (relays off) or internet.")]
+CoordinatorAddrOpt = Annotated[
+    str | None,
+    typer.Option(help="Dial the coordinator at HOST:PORT instead of the token's address."),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Full tracebacks, debug logs.")]
 
 
 # Set by --verbose (or DRIFT_DEBUG=1): expected errors then end in a full traceback instead of
@@ -64,12 +70,9 @@ def join(
             "--config", "-c", help="LightningCLI YAML; default: the coordinator's --config."
         ),
     ] = None,
-    mode: Annotated[str, typer.Option(help="local (relays off) or internet.")] = "local",
-    coordinator_addr: Annotated[
-        str | None,
-        typer.Option(help="Dial the coordinator at HOST:PORT instead of the token's address."),
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    mode: ModeOpt = "local",
+    coordinator_addr: CoordinatorAddrOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run a LightningCLI config as a node of the session, with DriftStrategy set."""
     _setup_logging(verbose)
@@ -112,14 +115,11 @@ def train(
     n_layers: Annotated[int, typer.Option(help="Transformer layers.")] = 2,
     block_size: Annotated[int, typer.Option(help="Context length.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    mode: Annotated[str, typer.Option(help="local (relays off) or internet.")] = "local",
+    mode: ModeOpt = "local",
     name: Annotated[str | None, typer.Option(help="Label in the coordinator's view.")] = None,
-    coordinator_addr: Annotated[
-        str | None,
-        typer.Option(help="Dial the coordinator at HOST:PORT instead of the token's address."),
-    ] = None,
+    coordinator_addr: CoordinatorAddrOpt = None,
     progress: Annotated[bool, typer.Option(help="Show Lightning's progress bar.")] = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train the example char-level transformer as a node of the session."""
     _setup_logging(verbose)
@@ -151,13 +151,10 @@ def train(
 def status(
     token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    mode: Annotated[str, typer.Option(help="local (relays off) or internet.")] = "local",
+    mode: ModeOpt = "local",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 15.0,
-    coordinator_addr: Annotated[
-        str | None,
-        typer.Option(help="Dial the coordinator at HOST:PORT instead of the token's address."),
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    coordinator_addr: CoordinatorAddrOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Show the session: nodes, devices, shares, rounds (a node or an observer token)."""
     _setup_logging(verbose)
