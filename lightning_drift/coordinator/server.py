@@ -198,7 +198,10 @@ class Coordinator:
         elif self.config.aggregation != "mean":
             raise ConfigError(f"aggregation must be mean or diloco, got {self.config.aggregation}")
         if self.session.has_weights:
-            await asyncio.to_thread(self._load_checkpoint)
+            # Read and decoded in a thread; published on the loop (it resolves futures).
+            sd, blob, info = await asyncio.to_thread(self._load_checkpoint)
+            self._set_global(sd, blob, info.sha256, info.round, info.epoch, str(info.path))
+            log.info("checkpoint.loaded round=%d sha256=%s", info.round, info.sha256[:16])
         self.verifier = TokenVerifier(
             identity.public_key, self.session.session_id, self.state.tokens().revoked()
         )
@@ -208,12 +211,16 @@ class Coordinator:
             mode=o.mode, secret=identity.seed, bind_addr=f"{host}:{o.port}", relay_urls=o.relay
         )
         self.ticket = self.endpoint.ticket()
+        port = o.port
+        if port == 0:  # the OS chose: store that one, so a restart binds it again
+            ports = {int(a.rsplit(":", 1)[1]) for a in self.endpoint.addrs()}
+            port = ports.pop() if len(ports) == 1 else 0
         # Also what `drift-coord serve` falls back to on a restart without these flags: the
         # same port, mode, bind address and relays give the same ticket, so tokens keep working.
         self.state.save_coordinator(
             {
                 "ticket": self.ticket,
-                "port": o.port,
+                "port": port,
                 "bind": host,
                 "mode": o.mode,
                 "relay": list(o.relay),
@@ -244,7 +251,8 @@ class Coordinator:
             self.session.completed,
         )
 
-    def _load_checkpoint(self) -> None:
+    def _load_checkpoint(self) -> tuple[Any, bytes, Any]:
+        """(state dict, blob, checkpoint info) of the session's last completed round."""
         rnd = self.session.completed
         try:
             info, blob, outer = self.store.load(rnd)
@@ -260,8 +268,7 @@ class Coordinator:
         sd = from_bytes(blob)
         if self.diloco is not None and outer is not None:
             self.diloco.load_state_dict(from_bytes(outer))
-        self._set_global(sd, blob, info.sha256, rnd, info.epoch, str(info.path))
-        log.info("checkpoint.loaded round=%d sha256=%s", rnd, info.sha256[:16])
+        return sd, blob, info
 
     def _checkpoint_problem(self, rnd: int) -> str:
         """Why checkpoint ``rnd`` cannot be loaded, in words for the operator."""
@@ -762,8 +769,6 @@ class Coordinator:
                 out = s.completed_round(rnd, self.clock())
                 await self._save()
                 self._set_global(new_sd, blob, info.sha256, rnd, epoch, str(info.path))
-                assert self.current is not None
-                self.current.finished = out.finished
             log.info(
                 "round.completed round=%d contributors=%d seconds=%.3f sha256=%s",
                 rnd,
