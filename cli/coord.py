@@ -167,11 +167,10 @@ def _from_state_dir(out: dict[str, Any], given: set[str], lightning_yaml: str | 
             if name in given or stored.get(name) is None:
                 continue
             value = list(stored[name]) if name == "relay" else stored[name]
-            if name == "bind" and (
-                stored.get("mode") != out["mode"]  # it belongs to the stored mode
-                or value == ("127.0.0.1" if out["mode"] == "local" else "0.0.0.0")  # default
-            ):
-                continue
+            if name in ("bind", "relay") and stored.get("mode") != out["mode"]:
+                continue  # they belong to the stored mode, not to the one given now
+            if name == "bind" and value == ("127.0.0.1" if out["mode"] == "local" else "0.0.0.0"):
+                continue  # the default
             if value != out[name]:
                 out[name] = value
                 taken.append(f"--{name.replace('_', '-')} {_show(value)}")

@@ -25,6 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_cwd(tmp_path, monkeypatch):
+    # Options without --state-dir read ./drift-state: never the checkout's (e.g. `make demo`'s).
+    monkeypatch.chdir(tmp_path)
+
+
 def test_flags_win_over_config_file_over_defaults(tmp_path):
     cfg = tmp_path / "train.yaml"
     cfg.write_text(
@@ -44,8 +50,9 @@ def test_flags_win_over_config_file_over_defaults(tmp_path):
     assert resolve_serve_options({"min_vram": "512M"}, None)[0]["min_vram"] == 512 << 20
     assert resolve_serve_options({"min_vram": "1000"}, None)[0]["min_vram"] == 1000
     assert resolve_serve_options({}, None)[0]["min_vram"] == 0
-    with pytest.raises(ConfigError, match="8GiB"):
-        resolve_serve_options({"min_vram": "lots"}, None)
+    for bad in ("lots", "nan", "inf", "-1G"):
+        with pytest.raises(ConfigError, match="min_vram|size"):
+            resolve_serve_options({"min_vram": bad}, None)
     with pytest.raises(ConfigError, match="--max-model-mb"):
         resolve_serve_options({"max_model_mb": -1}, None)
     cfg.write_text("coordinator:\n  max-model-mb: 512\n")
@@ -104,6 +111,26 @@ def test_a_restart_with_only_the_state_dir_keeps_the_address_and_the_token(tmp_p
     assert resolve_serve_options({"state_dir": st}, cfg)[0]["port"] == 9999
     # A first start (no coordinator in the state dir) uses the built-in defaults.
     assert resolve_serve_options({"state_dir": tmp_path / "new"}, None)[0]["port"] == 7842
+
+
+def test_a_restart_after_port_0_binds_the_port_the_os_chose(tmp_path):
+    st = tmp_path / "st"
+    ticket, token = start_and_close(SessionConfig(epochs=1), ServeOptions(state_dir=st, port=0))
+    o, _ = resolve_serve_options({"state_dir": st}, None)
+    assert o["port"] != 0  # the stored port is the bound one, not the "any port" asked for
+    assert start_and_close(*build_serve(o)) == (ticket, token)
+
+
+def test_stored_relays_belong_to_the_stored_mode(tmp_path):
+    st = tmp_path / "st"
+    st.mkdir()
+    (st / "coordinator.json").write_text(
+        '{"port": 7000, "mode": "internet", "bind": "0.0.0.0", "relay": ["https://r.example"]}'
+    )
+    o, _ = resolve_serve_options({"state_dir": st}, None)
+    assert o["mode"] == "internet" and o["relay"] == ["https://r.example"]
+    o, _ = resolve_serve_options({"state_dir": st, "mode": "local"}, None)
+    assert o["relay"] == [] and o["bind"] is None and o["port"] == 7000
 
 
 def test_a_restart_warns_that_the_saved_session_settings_are_used(tmp_path):

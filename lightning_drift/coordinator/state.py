@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import time
 from pathlib import Path
@@ -71,8 +72,8 @@ def parse_size(text: str | int) -> int:
             raise ConfigError(
                 f"size {text!r} is not like 8GiB, 512MiB or a number of bytes"
             ) from None
-    if value < 0:
-        raise ConfigError(f"size {text!r} must not be negative")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"size {text!r} must be a finite number of bytes, not negative")
     return int(value)
 
 
@@ -138,14 +139,14 @@ class StateDir:
         )
 
     def coordinator(self) -> dict[str, Any]:
-        p = self.path / COORDINATOR_FILE
-        try:
-            return json.loads(p.read_bytes())
-        except FileNotFoundError:
+        """coordinator.json; ConfigError before the first start."""
+        doc = self.stored_coordinator()
+        if doc is None:
             raise ConfigError(
-                f"{p} does not exist: start `drift-coord serve --state-dir {self.path}` once "
-                "so that the address it advertises is known"
-            ) from None
+                f"{self.path / COORDINATOR_FILE} does not exist: start `drift-coord serve "
+                f"--state-dir {self.path}` once so that the address it advertises is known"
+            )
+        return doc
 
     # -- tokens ---------------------------------------------------------------------------
     def issue(
