@@ -384,22 +384,27 @@ class Scheduler:
     def score(self, node: str, factor: float | None = None) -> float:
         """The node's expected samples/s (see the module docstring for the units).
 
-        ``factor``: samples per GFLOP as returned by :meth:`samples_per_gflop`, when the
-        caller scores many nodes at once (it costs a pass over every node)."""
+        ``factor``: samples per GFLOP as returned by :meth:`measured_factor`, when the caller
+        scores many nodes at once (computing it is a pass over every node)."""
         ns = self._get(node)
         if ns.measured is not None:
             return ns.measured
         return ns.calibration * (self._samples_per_gflop() if factor is None else factor)
 
-    def samples_per_gflop(self) -> float:
-        """The conversion ``k`` from calibration GFLOP/s to samples/s (1 while unmeasured)."""
-        return self._samples_per_gflop()
+    def measured_factor(self) -> float | None:
+        """The conversion ``k`` from calibration GFLOP/s to samples/s, estimated from the
+        measured nodes; None while no node is measured (scores are then in calibration units,
+        fit only for ratios)."""
+        measured = [ns for ns in self._nodes.values() if ns.measured is not None]
+        if not measured:
+            return None
+        return sum(ns.measured for ns in measured if ns.measured) / sum(
+            ns.calibration for ns in measured
+        )
 
     @property
     def has_measured(self) -> bool:
-        """Whether some node has a measured rate: only then is every :meth:`score` in
-        samples/s (before that, ``k = 1`` and scores are in calibration units, fit only for
-        ratios)."""
+        """Whether some node has a measured rate (every :meth:`score` is then in samples/s)."""
         return any(ns.measured is not None for ns in self._nodes.values())
 
     def __contains__(self, node: object) -> bool:
@@ -411,12 +416,8 @@ class Scheduler:
         return sorted(self._nodes)
 
     def _samples_per_gflop(self) -> float:
-        measured = [ns for ns in self._nodes.values() if ns.measured is not None]
-        if not measured:
-            return 1.0
-        return sum(ns.measured for ns in measured if ns.measured) / sum(
-            ns.calibration for ns in measured
-        )
+        k = self.measured_factor()
+        return 1.0 if k is None else k
 
     def _get(self, node: str) -> _NodeScore:
         try:

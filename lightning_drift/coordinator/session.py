@@ -239,64 +239,42 @@ class Session:
             out.append(node)
         return out
 
-    def pace(self, node: str, factor: float | None = None) -> tuple[float, bool] | None:
-        """``node``'s expected samples/s and whether it is an estimate, or None if unknown.
-
-        Its last measured rate when it has one; else the scheduler's estimate from its
-        calibration (``Scheduler.score``), when the scheduler knows the node, some node is
-        measured (so the estimate is in samples/s) and the estimate is > 0. ``factor``: the
-        value of :meth:`_pace_factor` when the caller paces many nodes at once.
-        """
-        m = self.members.get(node)
-        if m is not None and m.rate > 0:
-            return m.rate, False
-        sch = self.scheduler
-        if sch is None or node not in sch:
-            return None
-        if factor is None:
-            factor = self._pace_factor()
-            if factor is None:
-                return None
-        est = sch.score(node, factor=factor)
-        if not (math.isfinite(est) and est > 0):
-            return None
-        return est, True
-
-    def _pace_factor(self) -> float | None:
-        """Samples per calibration GFLOP, or None while no node is measured (estimates would
-        be in calibration units, not samples/s)."""
-        sch = self.scheduler
-        if sch is None or not sch.has_measured:
-            return None
-        return sch.samples_per_gflop()
-
     def deadline(self) -> float | None:
         """When stragglers of the open round may be left behind (None: the pace of some
         missing node is neither measured nor estimable, or nobody is missing)."""
         return self._deadline()[0]
 
     def _deadline(self) -> tuple[float | None, list[str], list[str]]:
-        """(deadline, missing nodes whose pace is estimated, missing nodes of unknown pace)."""
+        """(deadline, missing nodes whose pace is estimated, missing nodes of unknown pace).
+
+        A missing node's pace is its last measured rate; without one, the scheduler's estimate
+        from its calibration (``Scheduler.score``), once some node is measured (so that the
+        estimate is in samples/s) and if it is > 0."""
         missing = [n for n in self.expected() if n not in self.arrivals]
         if not missing:
             return None, [], []
         longest = 0.0
         estimated: list[str] = []
         unknown: list[str] = []
-        factor = self._pace_factor()  # once per call: it is a pass over every node
+        sch = self.scheduler
+        factor: float | None = None
+        factor_known = False  # computed at most once per call, and only when needed
         for node in missing:
             m = self.members.get(node)
             if m is not None and m.rate > 0:
-                p: tuple[float, bool] | None = (m.rate, False)
-            elif factor is None:
-                p = None
+                rate = m.rate
             else:
-                p = self.pace(node, factor)
-            if p is None:
-                unknown.append(node)
-                continue
-            rate, guess = p
-            if guess:
+                if not factor_known and sch is not None:
+                    factor, factor_known = sch.measured_factor(), True
+                est = (
+                    sch.score(node, factor=factor)
+                    if sch is not None and factor is not None and node in sch
+                    else 0.0
+                )
+                if not (math.isfinite(est) and est > 0):
+                    unknown.append(node)
+                    continue
+                rate = est
                 estimated.append(node)
             a = self.assignments[node]
             work = (a.stop - a.start) / max(1, a.rounds)
