@@ -389,9 +389,7 @@ def test_start_up_uploads_while_the_first_weights_are_being_saved(tmp_path):
         first = asyncio.create_task(a.barrier(BarrierSync(round=0), to_bytes(model(0))))
         await asyncio.wait_for(saving.wait(), 10)
         assert coord.current is None  # adopted by the session, not yet published
-        rb, blob_b = await asyncio.wait_for(
-            b.barrier(BarrierSync(round=0), to_bytes(model(1))), 10
-        )
+        rb, blob_b = await asyncio.wait_for(b.barrier(BarrierSync(round=0), to_bytes(model(1))), 10)
         ra, blob_a = await asyncio.wait_for(first, 10)
         assert ra.contributed and not rb.contributed
         assert rb.round == ra.round == 0 and blob_b == blob_a
