@@ -83,6 +83,24 @@ async def wait_barrier_state(observer_token: str, node: str) -> None:
         await obs.close()
 
 
+async def kill_with_upload_pending(proc, state: Path, client: CoordinatorClient, rnd: int):
+    """``client`` uploads for ``rnd``; once the coordinator has it, SIGKILL the coordinator.
+    The upload's barrier must then fail: the client notices the silence (no coordinator
+    Ping), not QUIC's 35 s timeout."""
+    pending = asyncio.create_task(
+        client.barrier(BarrierSync(round=rnd, samples=10), to_bytes(upload(rnd, 0)))
+    )
+    observer = (state / "observer.token").read_text().strip()
+    await wait_barrier_state(observer, client.node_key)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    try:
+        await asyncio.wait_for(pending, 20)
+        raise AssertionError("a barrier answered by a dead coordinator")
+    except DriftError:
+        pass
+
+
 def test_sigkill_and_restart_continues_from_last_completed_round(tmp_path):
     state = tmp_path / "state"
     port = free_udp_port()
@@ -112,18 +130,7 @@ def test_sigkill_and_restart_continues_from_last_completed_round(tmp_path):
                 assert res[0][0].round == rnd
             blob2 = res[0][1]
             # Round 3: A's upload is in, B's is not; then the coordinator dies.
-            pending = asyncio.create_task(
-                a.barrier(BarrierSync(round=3, samples=10), to_bytes(upload(3, 0)))
-            )
-            observer = (state / "observer.token").read_text().strip()
-            await wait_barrier_state(observer, a.node_key)
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
-            try:  # the client notices the silence (no coordinator Ping), not QUIC's 35 s
-                await asyncio.wait_for(pending, 20)
-                raise AssertionError("a barrier answered by a dead coordinator")
-            except DriftError:
-                pass
+            await kill_with_upload_pending(proc, state, a, 3)
             await a.close()
             await b.close()
 
@@ -208,18 +215,7 @@ def test_epoch_plan_survives_a_kill_before_round_one_completes(tmp_path):
             assert {s["rounds"] for s in before.values()} == {5}
             assert {s["first_round"] for s in before.values()} == {1}
             # Round 1: A's upload is in, B's is not; then the coordinator dies.
-            pending = asyncio.create_task(
-                a.barrier(BarrierSync(round=1, samples=10), to_bytes(upload(1, 0)))
-            )
-            observer = (state / "observer.token").read_text().strip()
-            await wait_barrier_state(observer, a.node_key)
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
-            try:
-                await asyncio.wait_for(pending, 20)
-                raise AssertionError("a barrier answered by a dead coordinator")
-            except DriftError:
-                pass
+            await kill_with_upload_pending(proc, state, a, 1)
             await a.close()
             await b.close()
             saved = json.loads((state / "state.json").read_text())["session"]
