@@ -83,6 +83,17 @@ async def wait_barrier_state(observer_token: str, node: str) -> None:
         await obs.close()
 
 
+def session_config(tmp_path: Path, extra: str = "") -> Path:
+    """The restart tests' session: 2 nodes, 1 epoch of 1000 samples, rounds of 10 steps;
+    ``extra``: more YAML (coordinator options indented by two spaces, or a model part)."""
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "coordinator:\n  min_nodes: 2\n  epochs: 1\n  dataset_size: 1000\n  batch_size: 10\n"
+        "  sync_every: 10\n  heartbeat_s: 0.5\n  heartbeat_timeout: 10\n" + extra
+    )
+    return config
+
+
 async def kill_with_upload_pending(proc, state: Path, client: CoordinatorClient, rnd: int):
     """``client`` uploads for ``rnd``; once the coordinator has it, SIGKILL the coordinator.
     The upload's barrier must then fail: the client notices the silence (no coordinator
@@ -104,12 +115,7 @@ async def kill_with_upload_pending(proc, state: Path, client: CoordinatorClient,
 def test_sigkill_and_restart_continues_from_last_completed_round(tmp_path):
     state = tmp_path / "state"
     port = free_udp_port()
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        "coordinator:\n  min_nodes: 2\n  epochs: 1\n  dataset_size: 1000\n  batch_size: 10\n"
-        "  sync_every: 10\n  heartbeat_s: 0.5\n  heartbeat_timeout: 10\n"
-        "model:\n  hidden: 8\n"
-    )
+    config = session_config(tmp_path, "model:\n  hidden: 8\n")
     secrets_ = [os.urandom(32), os.urandom(32)]
 
     async def main():
@@ -185,11 +191,7 @@ def test_epoch_plan_survives_a_kill_before_round_one_completes(tmp_path):
     the start-up sync, before any round has completed) hands out the same shards again."""
     state = tmp_path / "state"
     port = free_udp_port()
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        "coordinator:\n  min_nodes: 2\n  epochs: 1\n  dataset_size: 1000\n  batch_size: 10\n"
-        "  sync_every: 10\n  heartbeat_s: 0.5\n  heartbeat_timeout: 10\n"
-    )
+    config = session_config(tmp_path)
     secrets_ = [os.urandom(32), os.urandom(32)]
     fields = ("epoch", "start", "stop", "rounds", "first_round", "seed", "share")
 
@@ -257,12 +259,9 @@ def test_diloco_restart_restores_the_weights_and_the_outer_momentum(tmp_path):
     """After a kill, a restart given only --state-dir hands out exactly the latest checkpoint
     and its next DiLoCo step continues from the momentum saved with it."""
     state = tmp_path / "state"
-    config = tmp_path / "train.yaml"
     lr, mom = 0.7, 0.9
-    config.write_text(
-        "coordinator:\n  min_nodes: 2\n  epochs: 1\n  dataset_size: 1000\n  batch_size: 10\n"
-        "  sync_every: 10\n  heartbeat_s: 0.5\n  heartbeat_timeout: 10\n"
-        f"  aggregation: diloco\n  outer_lr: {lr}\n  outer_momentum: {mom}\n"
+    config = session_config(
+        tmp_path, f"  aggregation: diloco\n  outer_lr: {lr}\n  outer_momentum: {mom}\n"
     )
     ckpt = state / "checkpoints"
     secrets_ = [os.urandom(32), os.urandom(32)]

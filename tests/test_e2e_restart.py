@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e.launch import log_tail, start_node
+from e2e.launch import kill_all, log_tail, start_node
 from safetensors.torch import load_file
 
 from lightning_drift.coordinator.local import LocalCoordinator
@@ -53,9 +53,7 @@ def test_nodes_ride_through_a_coordinator_kill(tmp_path: Path) -> None:
             assert code == 0, log_tail(tmp_path, f"n{i}") + coord.log_tail()
         assert coord.wait(timeout=60) == 0, coord.log_tail()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        kill_all(procs)
         coord.stop()
 
     after = _completed_rounds(coord)
@@ -115,9 +113,7 @@ def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -
             assert p.wait(timeout=360) == 0, (tmp_path / f"{log}.log").read_text()[-4000:]
         assert coord.wait(timeout=60) == 0, coord.log_tail()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        kill_all(procs)
         coord.stop()
 
     report = json.loads((tmp_path / "b2" / "report.json").read_text())

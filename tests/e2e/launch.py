@@ -23,3 +23,10 @@ def start_node(
 
 def log_tail(workdir: Path, out: str, chars: int = 4000) -> str:
     return (workdir / f"{out}.log").read_text(errors="replace")[-chars:]
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    """Kill whichever of ``procs`` still run (a test's cleanup, pass or fail)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
