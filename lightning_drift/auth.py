@@ -40,6 +40,7 @@ from lightning_drift.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
+TOKEN_ENV = "DRIFT_TOKEN"  # the environment variable every entry point reads a token from
 TOKEN_VERSION = 1
 ROLES = ("node", "observer")
 CLOCK_SKEW_S = 300.0  # a token issued up to this far in the verifier's future is accepted
@@ -426,6 +427,7 @@ class TokenStore:
 
 
 __all__ = [
+    "TOKEN_ENV",
     "Claims",
     "Identity",
     "TokenStore",

@@ -18,7 +18,6 @@ no longer lists them is durable.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_drift.errors import ConfigError, DriftError
-from lightning_drift.fsutil import _TMP_SUFFIX, atomic_write, fsync_dir, sha256_file
+from lightning_drift.fsutil import _TMP_SUFFIX, atomic_write, fsync_dir, sha256_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +89,6 @@ class CheckpointInfo:
             size=int(e.get("size", 0)),
             extra=dict(e.get("extra") or {}),
         )
-
-
-def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class CheckpointStore:

@@ -11,7 +11,13 @@ from pathlib import Path
 _TMP_SUFFIX = ".tmp"
 
 
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's content, read in ``chunk``-byte pieces (never whole)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
