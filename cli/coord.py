@@ -83,8 +83,8 @@ def resolve_serve_options(
     """
     import yaml
 
-    from lightning_drift.coordinator.state import parse_duration, parse_size
     from lightning_drift.errors import ConfigError
+    from lightning_drift.units import parse_duration, parse_size
 
     file_opts: dict[str, Any] = {}
     lightning_yaml = ""
@@ -391,8 +391,9 @@ def token(
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
 ) -> None:
     """Issue another token from the state dir's identity (the server need not run)."""
-    from lightning_drift.coordinator.state import StateDir, parse_duration
+    from lightning_drift.coordinator.state import StateDir
     from lightning_drift.errors import DriftError
+    from lightning_drift.units import parse_duration
 
     try:
         if role not in ("node", "observer"):

@@ -29,6 +29,7 @@ import torch
 
 from lightning_drift.errors import ConfigError
 from lightning_drift.protocol import DeviceInfo
+from lightning_drift.units import format_gib
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -437,10 +438,6 @@ def node_info_fields(
     }
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
 def describe(devices: list[DeviceInfo], train_device: str | None = None) -> str:
     """One human line per device, then the device training uses (when given)."""
     lines = []
@@ -448,8 +445,8 @@ def describe(devices: list[DeviceInfo], train_device: str | None = None) -> str:
         label = d.kind if d.kind in ("cpu", "mps") else f"{d.kind}:{d.index}"
         parts = [f"{label:<9} {d.name}"]
         if d.vram_total:
-            free = f" ({_gib(d.vram_free)} free)" if d.vram_free else ""
-            parts.append(f"{_gib(d.vram_total)}{free}")
+            free = f" ({format_gib(d.vram_free)} free)" if d.vram_free else ""
+            parts.append(f"{format_gib(d.vram_total)}{free}")
         if d.compute_capability:
             parts.append(f"cc {d.compute_capability}")
         if not d.usable:

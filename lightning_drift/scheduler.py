@@ -43,6 +43,7 @@ import torch
 
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.protocol import DeviceInfo, NodeInfo
+from lightning_drift.units import format_gib
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +353,8 @@ class Scheduler:
             ):
                 return (
                     f"train device {info.train_device} ({dev.name}) has "
-                    f"{_gib(dev.vram_total)} of VRAM, the session requires at least "
-                    f"{_gib(self.min_vram)}: train on a larger GPU or lower the session's "
+                    f"{format_gib(dev.vram_total)} of VRAM, the session requires at least "
+                    f"{format_gib(self.min_vram)}: train on a larger GPU or lower the session's "
                     "min_vram"
                 )
         return None
@@ -525,7 +526,3 @@ class Scheduler:
                 float(v["calibration"]), None if m is None else float(m)
             )
         return s
-
-
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.1f} GiB"

@@ -17,7 +17,7 @@ from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.monitor import render_lines, render_table
 from lightning_drift.coordinator.server import Coordinator, ServeOptions
 from lightning_drift.coordinator.session import SessionConfig
-from lightning_drift.coordinator.state import StateDir, parse_duration
+from lightning_drift.coordinator.state import StateDir
 from lightning_drift.errors import ConfigError
 from lightning_drift.protocol import NodeStatus, SessionStatus
 
@@ -155,12 +155,6 @@ def test_a_restart_warns_that_the_saved_session_settings_are_used(tmp_path):
     notes = []
     resolve_serve_options({"state_dir": st, "epochs": 3}, None, notes)
     assert not [n for n in notes if n.startswith("warning")]
-
-
-def test_parse_duration():
-    assert parse_duration("24h") == 86400 and parse_duration("90") == 90
-    with pytest.raises(ConfigError):
-        parse_duration("soon")
 
 
 def test_token_and_revoke_commands(tmp_path):

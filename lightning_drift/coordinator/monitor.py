@@ -14,6 +14,7 @@ import msgspec
 from rich.table import Table
 
 from lightning_drift.protocol import NodeStatus, SessionStatus
+from lightning_drift.units import format_gib
 
 STATE_STYLE = {
     "training": "green",
@@ -25,10 +26,8 @@ STATE_STYLE = {
 }
 
 
-def _bytes(n: int) -> str:
-    if n <= 0:
-        return "-"
-    return f"{n / (1 << 30):.1f} GiB"
+def _vram(n: int) -> str:
+    return format_gib(n) if n > 0 else "-"
 
 
 def _node_label(n: NodeStatus) -> str:
@@ -46,7 +45,7 @@ def _row(n: NodeStatus) -> list[str]:
     return [
         _node_label(n),
         n.device or "-",
-        _bytes(n.vram_total),
+        _vram(n.vram_total),
         f"{n.share:.1%}" if n.share else "-",
         f"{n.samples_per_s:.1f}" if n.samples_per_s else "-",
         str(n.round),
