@@ -232,6 +232,11 @@ def _total_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def physical_memory() -> int:
+    """Bytes of this machine's RAM; 0 when the OS will not say (the failure is logged)."""
+    return _safe("memory", _total_memory, 0)
+
+
 def _cpu_name() -> str:
     if sys.platform == "darwin":
         name = parse_sysctl(_run("sysctl", "machdep.cpu.brand_string")).get(
@@ -250,7 +255,7 @@ def host_info() -> dict:
     return {
         "cpu": _safe("cpu_name", _cpu_name, platform.machine() or "unknown CPU"),
         "cpu_count": os.cpu_count() or 1,
-        "memory": _safe("memory", _total_memory, 0),
+        "memory": physical_memory(),
         "hostname": socket.gethostname(),
     }
 
@@ -470,6 +475,7 @@ __all__ = [
     "parse_proc_cpuinfo",
     "parse_sysctl",
     "parse_vulkaninfo_summary",
+    "physical_memory",
     "probe_apple",
     "probe_devices",
     "probe_nvml",

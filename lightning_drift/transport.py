@@ -40,6 +40,7 @@ from lightning_drift.errors import (
     PeerLost,
     ProtocolError,
 )
+from lightning_drift.fsutil import sha256_bytes, sha256_file
 from lightning_drift.protocol import ALPN, BlobHeader, Message
 
 log = logging.getLogger(__name__)
@@ -513,15 +514,21 @@ class Stream:
         kind: str = "weights",
         dtype: str = "",
         meta: dict[str, str] | None = None,
+        sha256: str | None = None,
     ) -> BlobHeader:
         """Send a ``BlobHeader`` frame (size, sha256), then the bytes in 1 MiB writes.
 
         ``data`` may be a file path: it is read twice (hash, then send) in chunks, never whole.
+        ``sha256``: the hex digest of ``data`` when the caller already knows it (the same
+        global weights go to every node); it is not checked here, the receiver checks it.
         """
         if isinstance(data, (str, Path)):
             path = Path(data)
             size = path.stat().st_size
-            digest = await asyncio.to_thread(_hash_file, path)
+            if sha256 is not None:
+                digest = sha256
+            else:
+                digest = await asyncio.to_thread(sha256_file, path, CHUNK)
             header = BlobHeader(
                 size=size, sha256=digest, kind=kind, dtype=dtype, meta=dict(meta or {})
             )
@@ -536,10 +543,12 @@ class Stream:
                     raise DriftError(f"{path} changed while it was sent ({sent} of {size} bytes)")
             return header
         view = memoryview(data).cast("B")
-        if view.nbytes > _HASH_IN_THREAD:
-            digest = await asyncio.to_thread(lambda: hashlib.sha256(view).hexdigest())
+        if sha256 is not None:
+            digest = sha256
+        elif view.nbytes > _HASH_IN_THREAD:
+            digest = await asyncio.to_thread(sha256_bytes, view)
         else:
-            digest = hashlib.sha256(view).hexdigest()
+            digest = sha256_bytes(view)
         header = BlobHeader(
             size=view.nbytes, sha256=digest, kind=kind, dtype=dtype, meta=dict(meta or {})
         )
@@ -690,14 +699,6 @@ def _check_digest(got: str, header: BlobHeader) -> None:
             f"blob checksum mismatch: header says {header.sha256[:16]}…, the {header.size} "
             f"bytes received hash to {got[:16]}…; the transfer was corrupted, send it again"
         )
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 __all__ = [

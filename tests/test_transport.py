@@ -276,9 +276,11 @@ def test_blob_over_max_size_is_refused_before_reading() -> None:
 class _FakeSend:
     def __init__(self) -> None:
         self.sizes: list[int] = []
+        self.data: list[bytes] = []
 
     async def write_all(self, buf) -> None:
         self.sizes.append(len(buf))
+        self.data.append(bytes(buf))
 
 
 class _FakeRecv:
@@ -314,6 +316,26 @@ def test_blobs_always_travel_in_chunks_of_at_most_one_mib() -> None:
         h, data = await Stream(None, recv).recv_blob()
         assert data == blob and h.size == len(blob)
         assert max(recv.asked) <= transport.CHUNK
+
+    run_async(main(), 30)
+
+
+def test_a_known_digest_is_sent_without_hashing_the_blob_again(monkeypatch) -> None:
+    blob = os.urandom(100_000)
+    digest = hashlib.sha256(blob).hexdigest()
+
+    def no_hashing(*args: object) -> str:
+        raise AssertionError("send_blob hashed a blob whose digest it was given")
+
+    monkeypatch.setattr(transport, "sha256_bytes", no_hashing)
+
+    async def main() -> None:
+        send = _FakeSend()
+        header = await Stream(send, None).send_blob(blob, sha256=digest)
+        assert header.sha256 == digest and header.size == len(blob)
+        recv = _FakeRecv(b"".join(send.data))
+        h, data = await Stream(None, recv).recv_blob()  # the receiver checks it as always
+        assert data == blob and h.sha256 == digest
 
     run_async(main(), 30)
 

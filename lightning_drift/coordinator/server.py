@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from lightning_drift.errors import (
     SessionError,
 )
 from lightning_drift.fsutil import sha256_file
+from lightning_drift.hardware import physical_memory
 from lightning_drift.protocol import (
     BarrierReady,
     BarrierSync,
@@ -616,7 +616,7 @@ class Coordinator:
                     finished=w.finished,
                 )
             )
-            await stream.send_blob(w.blob, kind="weights")
+            await stream.send_blob(w.blob, kind="weights", sha256=w.sha256)
             await stream.finish()
         except SessionError as exc:
             with contextlib.suppress(DriftError):
@@ -637,7 +637,8 @@ class Coordinator:
     def _max_upload(self) -> tuple[int, str]:
         """The largest upload accepted now, and what to tell a node that sends more."""
         if self.current is None:
-            limit = self.options.max_model_bytes or physical_memory() // 2
+            # 16 GiB when the OS will not say how much memory there is
+            limit = self.options.max_model_bytes or (physical_memory() or 16 << 30) // 2
             return limit, (
                 "start-up weights larger than this coordinator accepts; start `drift-coord "
                 "serve` with a larger --max-model-mb if it has the memory for the model"
@@ -888,11 +889,3 @@ async def serve(config: SessionConfig, options: ServeOptions, on_start=None) -> 
 
 
 __all__ = ["DEFAULT_PORT", "Coordinator", "ServeOptions", "Weights", "serve"]
-
-
-def physical_memory() -> int:
-    """This machine's physical memory in bytes (16 GiB when the OS will not say)."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return 16 << 30
