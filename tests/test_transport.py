@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import iroh
 import pytest
 from conftest import run_async
 
@@ -78,56 +77,6 @@ async def ping(ep: Endpoint, ticket: str) -> str:
         return reply.nonce
     finally:
         conn.close()
-
-
-# ---------------------------------------------------------------------------- write-path fix
-
-
-def test_write_path_is_patched_and_round_trips() -> None:
-    assert transport.WRITE_PATH == "patched"
-    conv = iroh.iroh_ffi._UniffiFfiConverterBytes
-    big = os.urandom((3 << 20) + 5)
-    for value in (b"", b"x", big, bytearray(big[:1000]), memoryview(big)[7:-3], memoryview(b"")):
-        assert conv.lift(conv.lower(value)) == bytes(value)
-    # a non-contiguous view goes through a copy, still correct
-    strided = memoryview(big[:4000])[::2]
-    assert conv.lift(conv.lower(strided)) == bytes(strided)
-    assert transport._patch_write_path() == "already"
-
-
-class _NoLoopBuilder:
-    def write(self, value):  # what a fixed binding would look like
-        self.data = bytes(value)
-
-
-class _LoopBuilder:
-    def write(self, value):
-        for i, byte in enumerate(value):
-            self.data[i] = byte
-
-
-class _LyingConverter:
-    @staticmethod
-    def lower(value):
-        return bytes(value)
-
-    @staticmethod
-    def lift(value):
-        return value[:-1]  # loses a byte: the probe must notice
-
-
-def test_write_path_guard_refuses_without_the_loop() -> None:
-    original = _NoLoopBuilder.write
-    status = transport._patch_write_path(_NoLoopBuilder, _LyingConverter)
-    assert status.startswith("refused: write method has no per-byte loop")
-    assert _NoLoopBuilder.write is original
-
-
-def test_write_path_guard_restores_on_failed_probe() -> None:
-    original = _LoopBuilder.write
-    status = transport._patch_write_path(_LoopBuilder, _LyingConverter)
-    assert status.startswith("refused: probe round trip failed")
-    assert _LoopBuilder.write is original
 
 
 # ---------------------------------------------------------------------------- handshake
