@@ -247,24 +247,6 @@ Message = (
     | Bye
 )
 
-MESSAGE_TYPES: tuple[type[_Msg], ...] = (
-    Join,
-    Ping,
-    NodeInfo,
-    TrainConfig,
-    ShardAssignment,
-    ShardRequest,
-    TrainProgress,
-    BarrierSync,
-    BlobHeader,
-    BarrierReady,
-    StatusRequest,
-    SessionStatus,
-    Finish,
-    Error,
-    Bye,
-)
-
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
 

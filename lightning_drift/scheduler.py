@@ -403,11 +403,6 @@ class Scheduler:
             ns.calibration for ns in measured
         )
 
-    @property
-    def has_measured(self) -> bool:
-        """Whether some node has a measured rate (every :meth:`score` is then in samples/s)."""
-        return any(ns.measured is not None for ns in self._nodes.values())
-
     def __contains__(self, node: object) -> bool:
         return node in self._nodes
 
@@ -479,12 +474,6 @@ class Scheduler:
             dataset_size=self.dataset_size,
             total_score=total,
         )
-
-    def plan_late(
-        self, plan: EpochPlan, node: str, rounds_done: int, orphan: Shard | None
-    ) -> Shard:
-        """:func:`plan_late` with this node's current score."""
-        return plan_late(plan, node, self.score(node), rounds_done, orphan)
 
     # -- persistence ------------------------------------------------------------------------
 
