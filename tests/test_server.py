@@ -22,9 +22,9 @@ from support import node_info
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.auth import Identity, TokenStore, issue_token
 from lightning_drift.client import CoordinatorClient
+from lightning_drift.coordinator.config import ServeOptions, SessionConfig
 from lightning_drift.coordinator.local import free_udp_port
-from lightning_drift.coordinator.server import Coordinator, ServeOptions
-from lightning_drift.coordinator.session import SessionConfig
+from lightning_drift.coordinator.server import Coordinator
 from lightning_drift.errors import (
     AuthError,
     ConfigError,
@@ -507,14 +507,6 @@ def test_a_connection_whose_first_stream_fails_is_closed(tmp_path):
         assert coord.session is None  # never started: the handshake went nowhere near it
 
     run(main())
-
-
-def test_keeping_a_single_checkpoint_is_refused(tmp_path):
-    # A crash between a round's checkpoint and the state file resumes from the previous
-    # checkpoint, so it must still be there: the CLI's --keep >= 2 holds from Python too.
-    with pytest.raises(ConfigError, match="keep must be at least 2"):
-        Coordinator(SessionConfig(), ServeOptions(state_dir=tmp_path / "state", keep=1))
-    Coordinator(SessionConfig(), ServeOptions(state_dir=tmp_path / "state", keep=2))
 
 
 def test_a_damaged_checkpoint_stops_a_restart_with_what_to_do(tmp_path):

@@ -7,7 +7,8 @@ import json
 import msgspec
 import pytest
 
-from lightning_drift.coordinator.session import Session, SessionConfig
+from lightning_drift.coordinator.config import SessionConfig
+from lightning_drift.coordinator.session import Session
 from lightning_drift.protocol import NodeInfo, TrainProgress
 
 A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)

@@ -43,11 +43,12 @@ count. Every decision carries a readable ``reason``; tests assert on them.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgspec
 
+from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.protocol import (
     NodeInfo,
     NodeStatus,
@@ -67,35 +68,6 @@ from lightning_drift.scheduler import (
 
 LIVE = ("joined", "ready", "training", "barrier")
 GONE = ("lost", "left")
-
-
-@dataclass
-class SessionConfig:
-    """Everything ``drift-coord serve`` configures about a session (persisted in state.json)."""
-
-    epochs: int = 1
-    batch_size: int = 32
-    sync_every: int = 100
-    min_nodes: int = 1
-    aggregation: str = "mean"  # "mean" | "diloco"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    quorum: float = 0.5  # fraction of the expected nodes needed once the deadline has passed
-    heartbeat_timeout: float = 15.0  # seconds without any message before a node is lost
-    heartbeat_s: float = 5.0  # how often nodes ping
-    progress_every_s: float = 5.0
-    deadline_margin: float = 1.5
-    deadline_floor: float = 10.0
-    dataset_size: int = 0  # 0: adopt from the first admitted node
-    seed: int = 0
-    transfer_dtype: str = "float32"
-    min_vram: int = 0
-    lightning_config: str = ""
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SessionConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -711,10 +683,10 @@ class Session:
             epochs=c.epochs,
             batch_size=c.batch_size,
             sync_every=c.sync_every,
-            aggregation=c.aggregation,  # type: ignore[arg-type]
+            aggregation=c.aggregation,
             outer_lr=c.outer_lr,
             outer_momentum=c.outer_momentum,
-            transfer_dtype=c.transfer_dtype,  # type: ignore[arg-type]
+            transfer_dtype=c.transfer_dtype,
             seed=c.seed,
             dataset_size=self.dataset_size,
             round=self.completed,
@@ -874,7 +846,6 @@ __all__ = [
     "RoundDecision",
     "RoundOutcome",
     "Session",
-    "SessionConfig",
     "ShardReply",
     "UploadVerdict",
 ]
