@@ -77,25 +77,30 @@ class NodeInfo(_Msg, tag="node_info"):
 
 
 class TrainConfig(_Msg, tag="train_config"):
-    """Coordinator → node: how this session trains. Sent once after NodeInfo is accepted."""
+    """Coordinator → node: how this session trains. Sent once after NodeInfo is accepted.
+
+    The coordinator sends every field, so none has a default here: a session's defaults are
+    defined once, in ``lightning_drift.coordinator.config``. (A field added later gets a
+    default, as the schema rules say.)
+    """
 
     session_id: str
     epochs: int
     batch_size: int
     sync_every: int  # optimizer steps per round for a node of average capability
-    aggregation: Aggregation = "mean"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    transfer_dtype: TransferDType = "float32"
-    seed: int = 0
-    dataset_size: int = 0
-    round: int = 0  # the last completed round; the node's next barrier is round + 1
-    epoch: int = 0
-    heartbeat_s: float = 5.0
-    progress_every_s: float = 5.0
-    has_weights: bool = False  # True when the coordinator already holds global weights
-    min_nodes: int = 1
-    lightning_config: str = ""  # LightningCLI YAML the coordinator hands to `drift join`
+    aggregation: Aggregation
+    outer_lr: float
+    outer_momentum: float
+    transfer_dtype: TransferDType
+    seed: int
+    dataset_size: int
+    round: int  # the last completed round; the node's next barrier (the open round) is round + 1
+    epoch: int
+    heartbeat_s: float
+    progress_every_s: float
+    has_weights: bool  # True when the coordinator already holds global weights
+    min_nodes: int
+    lightning_config: str  # LightningCLI YAML the coordinator hands to `drift join`
 
 
 class ShardAssignment(_Msg, tag="shard_assignment"):

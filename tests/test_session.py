@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import msgspec
 import pytest
@@ -422,3 +423,14 @@ def test_status_view():
     assert st.state == "training" and st.round == 0 and len(st.nodes) == 2
     na = next(n for n in st.nodes if n.node_id == A)
     assert na.samples_per_s == 12.5 and na.share == pytest.approx(0.5) and na.state == "training"
+
+
+def test_train_config_carries_every_setting_the_nodes_need():
+    s = session(aggregation="diloco", outer_lr=0.5, transfer_dtype="bfloat16", seed=7)
+    tc = s.train_config()
+    sent = {f.name for f in msgspec.structs.fields(tc)}
+    for name, value in asdict(s.config).items():
+        if name in sent:
+            assert getattr(tc, name) == value, name
+    assert {"aggregation", "outer_lr", "transfer_dtype", "seed", "epochs"} <= sent
+    assert (tc.round, tc.has_weights, tc.session_id) == (s.completed, False, "s1")

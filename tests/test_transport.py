@@ -90,7 +90,14 @@ def test_handshake_join_ping_nodeinfo_config_shard() -> None:
         await s.send(p.Ping(session_id="sess", nonce="n1"))
         info = p.expect(await s.recv(), p.NodeInfo)
         assert info.nonce == "n1"
-        await s.send(p.TrainConfig(session_id="sess", epochs=2, batch_size=8, sync_every=50))
+        await s.send(
+            p.TrainConfig(
+                session_id="sess", epochs=2, batch_size=8, sync_every=50, aggregation="mean",
+                outer_lr=0.7, outer_momentum=0.9, transfer_dtype="float32", seed=0,
+                dataset_size=info.dataset_size, round=0, epoch=0, heartbeat_s=5.0,
+                progress_every_s=5.0, has_weights=False, min_nodes=1, lightning_config="",
+            )
+        )  # fmt: skip
         await s.send(
             p.ShardAssignment(epoch=0, start=0, stop=info.dataset_size, rounds=3, first_round=1)
         )
