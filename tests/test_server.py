@@ -25,6 +25,7 @@ from lightning_drift.client import CoordinatorClient
 from lightning_drift.coordinator.config import ServeOptions, SessionConfig
 from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.server import Coordinator
+from lightning_drift.coordinator.session import MemberState
 from lightning_drift.errors import (
     AuthError,
     ConfigError,
@@ -586,7 +587,7 @@ def test_an_expired_token_refuses_new_nodes_but_not_a_member_reconnecting(tmp_pa
             await CoordinatorClient.connect(token, node_info=info, timeout=10)
         a = await CoordinatorClient.connect(token, node_info=info, secret=secret, timeout=10)
         assert a.config is not None and a.config.session_id == coord.session.session_id
-        assert coord.session.members[a.node_key].state == "ready"
+        assert coord.session.members[a.node_key].state is MemberState.READY
         await a.close()
         # Expired by the node's own clock too: the node dials anyway and the coordinator
         # decides (a node must not refuse itself a reconnect the coordinator would allow).

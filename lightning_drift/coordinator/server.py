@@ -30,7 +30,7 @@ from lightning_drift.aggregate import Accumulator, DiLoCo, from_bytes, to_bytes,
 from lightning_drift.auth import Claims, TokenVerifier
 from lightning_drift.checkpoint import CheckpointStore
 from lightning_drift.coordinator.config import ServeOptions, SessionConfig
-from lightning_drift.coordinator.session import RoundDecision, Session
+from lightning_drift.coordinator.session import RoundDecision, Session, UploadVerdict, Verdict
 from lightning_drift.coordinator.state import StateDir
 from lightning_drift.errors import (
     AuthError,
@@ -556,27 +556,24 @@ class Coordinator:
                 raise SessionError(str(exc), "too_large") from None
             finally:
                 nc.uploading = False
-            if verdict is None:
-                return
-            kind, reason = verdict
-            if kind == "current" and (
+            kind = verdict.kind
+            if kind is Verdict.CURRENT and (
                 self.current is None or self.current.round < self.session.completed
             ):
                 # The round has just completed but its weights are not published yet (the
                 # state file is being written): wait for them rather than hand out older ones.
                 w = await self._wait_round(self.session.completed)
-            elif kind in ("current", "initial"):
+            elif kind.at_once:
                 assert self.current is not None
                 w = self.current
             else:
                 w = await self._wait_round(sync.round)
-            contributed = kind in ("open", "again", "initial")
             await stream.send(
                 BarrierReady(
                     round=w.round,
                     sha256=w.sha256,
-                    contributed=contributed,
-                    reason=reason,
+                    contributed=kind.contributed,
+                    reason=verdict.reason,
                     epoch=w.epoch,
                     finished=w.finished,
                 )
@@ -610,21 +607,20 @@ class Coordinator:
             )
         return 4 * len(self.current.blob) + (1 << 20), "4 × the global weights' size"
 
-    async def _take_upload(
-        self, node: str, sync: BarrierSync, blob: bytes
-    ) -> tuple[str, str] | None:
-        """Act on one upload; returns (verdict kind, reason) for the answer, or raises."""
+    async def _take_upload(self, node: str, sync: BarrierSync, blob: bytes) -> UploadVerdict:
+        """Act on one upload; returns the verdict to answer by, or raises."""
         s = self.session
-        v = s.upload(node, sync.round, self.clock())
-        if v.kind == "refuse":
+        base = sync.base_round if sync.delta else -1
+        v = s.upload(node, sync.round, self.clock(), base_round=base)
+        if v.kind is Verdict.REFUSE:
             raise SessionError(v.reason, v.code)
-        if v.kind == "initial":
+        if v.kind is Verdict.INITIAL:
             adopted = await self._adopt_initial(node, blob)
-            return (
-                ("initial", v.reason) if adopted else ("current", "start-up sync: global weights")
-            )
-        if v.kind != "open":
-            return (v.kind, v.reason)
+            return v if adopted else UploadVerdict(Verdict.CURRENT, "start-up sync: global weights")
+        if v.kind is Verdict.EXCLUDED:
+            self._excluded(node, sync.round, v.reason)
+        if v.kind is not Verdict.OPEN:
+            return v
         try:
             sd = await asyncio.to_thread(from_bytes, blob)
         except SessionError as exc:
@@ -635,22 +631,17 @@ class Coordinator:
         # round, and the accumulator and the session must agree on who arrived.
         return await asyncio.shield(asyncio.ensure_future(self._accumulate(node, sync, sd)))
 
-    async def _accumulate(self, node: str, sync: BarrierSync, sd: Any) -> tuple[str, str]:
+    async def _accumulate(self, node: str, sync: BarrierSync, sd: Any) -> UploadVerdict:
         s = self.session
         async with self._acc_lock:
-            v = s.upload(node, sync.round, self.clock())  # the round may have closed meanwhile
-            if v.kind != "open":
-                return (v.kind, v.reason)
+            base = sync.base_round if sync.delta else -1
+            # The round may have closed meanwhile.
+            v = s.upload(node, sync.round, self.clock(), base_round=base)
+            if v.kind is Verdict.EXCLUDED:
+                self._excluded(node, sync.round, v.reason)
+            if v.kind is not Verdict.OPEN:
+                return v
             assert self.acc is not None and self.current is not None
-            if sync.delta and sync.base_round >= 0 and sync.base_round != self.current.round:
-                # (local - global) is only meaningful against the weights it was taken from.
-                reason = (
-                    f"delta against round {sync.base_round}'s weights, but the global weights "
-                    f"are round {self.current.round}'s: left out of round {sync.round}"
-                )
-                self._event(f"node {node[:8]} upload for round {sync.round} refused: {reason}")
-                self._maybe_complete(s.reject(node, sync.round, reason, self.clock()))
-                return ("excluded", reason)  # answered with the round's result, not counted
             # Samples trained since the last barrier, at most the node's shard; 0 (nothing left
             # in its shard) adds nothing.
             weight = s.weight_for(node, sync.samples)
@@ -662,7 +653,12 @@ class Coordinator:
             d = s.arrived(node, sync.round, sync.samples, self.clock(), sync.train_seconds)
         log.info("barrier.arrived node=%s round=%d samples=%d", node[:8], sync.round, sync.samples)
         self._maybe_complete(d)
-        return ("open", v.reason)
+        return v
+
+    def _excluded(self, node: str, rnd: int, reason: str) -> None:
+        """The session left ``node`` out of round ``rnd``: the round may now complete."""
+        self._event(f"node {node[:8]} upload for round {rnd} refused: {reason}")
+        self._maybe_complete(self.session.check(self.clock()))
 
     def _reject(self, node: str, rnd: int, reason: str) -> None:
         self._event(f"node {node[:8]} upload for round {rnd} refused: {reason}")

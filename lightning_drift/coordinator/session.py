@@ -42,6 +42,7 @@ count. Every decision carries a readable ``reason``; tests assert on them.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -66,8 +67,20 @@ from lightning_drift.scheduler import (
     train_device_info,
 )
 
-LIVE = ("joined", "ready", "training", "barrier")
-GONE = ("lost", "left")
+
+class MemberState(enum.Enum):
+    """Where a node is in its lifecycle (see the module docstring's diagram)."""
+
+    JOINED = "joined"  # Join accepted, NodeInfo not yet
+    READY = "ready"  # admitted: NodeInfo accepted
+    TRAINING = "training"  # has a shard (or reported progress)
+    BARRIER = "barrier"  # its upload for the open round is counted
+    LOST = "lost"  # heartbeat timeout or connection gone
+    LEFT = "left"  # said Bye, or was refused at the handshake
+
+
+LIVE = frozenset({MemberState.JOINED, MemberState.READY, MemberState.TRAINING, MemberState.BARRIER})
+GONE = frozenset({MemberState.LOST, MemberState.LEFT})
 
 
 @dataclass(frozen=True)
@@ -79,17 +92,33 @@ class Decision:
     code: str = ""
 
 
+class Verdict(enum.Enum):
+    """What becomes of one barrier upload: every outcome the server answers differently."""
+
+    INITIAL = "initial"  # the first start-up weights: adopted as round 0, answered at once
+    CURRENT = "current"  # not counted: answered at once with the current global weights
+    OPEN = "open"  # counts toward the open round: answered when that round completes
+    AGAIN = "again"  # already counted: answered when the round completes
+    CLOSING = "closing"  # too late, or the node is excluded: answered when the round completes
+    EXCLUDED = "excluded"  # left out of the open round now (see the reason): likewise
+    REFUSE = "refuse"  # answered with Error(code)
+
+    @property
+    def at_once(self) -> bool:
+        """Answered with the current global weights now, not with the round's result."""
+        return self in (Verdict.INITIAL, Verdict.CURRENT)
+
+    @property
+    def contributed(self) -> bool:
+        """The upload is part of the global weights the node gets back."""
+        return self in (Verdict.INITIAL, Verdict.OPEN, Verdict.AGAIN)
+
+
 @dataclass(frozen=True)
 class UploadVerdict:
-    """What the server does with a barrier upload for ``round``.
+    """The session's verdict on a barrier upload, why, and the Error code of a refusal."""
 
-    kind: ``initial`` (adopt as round-0 global weights), ``current`` (answer at once with the
-    current global weights, not contributed), ``open`` (accumulate into the open round),
-    ``again`` (already counted: wait for the round, contributed), ``closing`` (the round is being
-    aggregated or the node is excluded: wait for it, not contributed), ``refuse`` (Error).
-    """
-
-    kind: str
+    kind: Verdict
     reason: str
     code: str = ""
 
@@ -129,7 +158,7 @@ class RoundOutcome:
 class Member:
     node: str
     name: str = ""
-    state: str = "joined"
+    state: MemberState = MemberState.JOINED
     joined_at: float = 0.0
     last_seen: float = 0.0
     device: str = ""
@@ -280,7 +309,7 @@ class Session:
             if m is None:
                 self.members[node] = Member(node=node, name=name, joined_at=now, last_seen=now)
                 m = self.members[node]
-            m.state, m.last_seen = "left", now
+            m.state, m.last_seen = MemberState.LEFT, now
             return Decision(True, "the session has finished: the node may fetch the final weights")
         if m is None:
             self.members[node] = Member(node=node, name=name, joined_at=now, last_seen=now)
@@ -288,11 +317,11 @@ class Session:
         was = m.state
         m.name = name or m.name
         m.last_seen = now
-        m.state = "joined"
+        m.state = MemberState.JOINED
         m.reason = ""
         if was in GONE:
-            return Decision(True, f"node {_short(node)} rejoined (was {was})")
-        return Decision(True, f"node {_short(node)} reconnected (was {was})")
+            return Decision(True, f"node {_short(node)} rejoined (was {was.value})")
+        return Decision(True, f"node {_short(node)} reconnected (was {was.value})")
 
     def admit(self, node: str, info: NodeInfo, now: float) -> Decision:
         """NodeInfo arrived: check it against the session; the node becomes ready."""
@@ -332,7 +361,7 @@ class Session:
         dev = train_device_info(info)
         m.device = info.train_device if dev is None else f"{info.train_device} {dev.name}"
         m.vram_total = dev.vram_total if dev is not None else 0
-        m.state = "ready"
+        m.state = MemberState.READY
         return Decision(True, f"node {_short(node)} ready on {m.device}")
 
     def seen(self, node: str, now: float) -> None:
@@ -346,8 +375,8 @@ class Session:
         if m is None or not m.live():
             return
         m.last_seen = now
-        if m.state == "ready":
-            m.state = "training"
+        if m.state is MemberState.READY:
+            m.state = MemberState.TRAINING
         m.loss = msg.loss
         m.samples = msg.samples
         if msg.samples_per_s > 0:
@@ -358,7 +387,7 @@ class Session:
         m = self.members.get(node)
         if m is None or not m.live():
             return Decision(False, f"node {_short(node)} was not live")
-        m.state = "left" if left else "lost"
+        m.state = MemberState.LEFT if left else MemberState.LOST
         m.reason = reason
         m.barrier_since = None
         a = self.assignments.get(node)
@@ -374,7 +403,7 @@ class Session:
             # It gets a fresh assignment (its own rest if still free) when it comes back.
             del self.assignments[node]
             self.late.discard(node)
-        return Decision(True, f"node {_short(node)} {m.state}: {reason}")
+        return Decision(True, f"node {_short(node)} {m.state.value}: {reason}")
 
     def tick(self, now: float) -> tuple[list[tuple[str, str]], RoundDecision]:
         """Periodic check: heartbeat losses, then whether the open round can complete."""
@@ -400,7 +429,7 @@ class Session:
         epoch = 0 if self.plan is None else self.plan.epoch + 1
         if epoch >= self.config.epochs:
             return None
-        ready = [n for n in self.live() if self.members[n].state != "joined"]
+        ready = [n for n in self.live() if self.members[n].state is not MemberState.JOINED]
         need = self.config.min_nodes if epoch == 0 else 1
         if len(ready) < need:
             return None
@@ -433,8 +462,8 @@ class Session:
             a = self._late_assignment(node)
             if a is None:
                 return ShardReply(None, "no rounds left in this epoch; waiting for the next")
-        if m.state == "ready":
-            m.state = "training"
+        if m.state is MemberState.READY:
+            m.state = MemberState.TRAINING
         how = "late joiner " if node in self.late else ""
         return ShardReply(
             a,
@@ -488,47 +517,66 @@ class Session:
         return a
 
     # ---- barriers ------------------------------------------------------------------------
-    def upload(self, node: str, rnd: int, now: float) -> UploadVerdict:
-        """A BarrierSync for ``rnd`` arrived (before its blob is accumulated)."""
+    def upload(
+        self, node: str, upload_round: int, now: float, *, base_round: int = -1
+    ) -> UploadVerdict:
+        """A BarrierSync arrived, for ``upload_round`` (the round the node contributes to).
+
+        ``base_round``: for a delta upload (local − global), the completed round whose global
+        weights it was taken against; -1 for whole weights, or when the node does not say.
+        A delta against other weights than the global ones it would be added to is left out
+        of the open round (``EXCLUDED``), which then no longer waits for the node.
+        """
+        r = upload_round
         m = self.members.get(node)
         if m is None or not m.live():
-            return UploadVerdict("refuse", "join first", "not_joined")
+            return UploadVerdict(Verdict.REFUSE, "join first", "not_joined")
         m.last_seen = now
-        if rnd == 0:
+        if r == 0:
             if not self.has_weights:
-                return UploadVerdict("initial", "first start-up sync: adopted as round 0")
-            return UploadVerdict("current", "start-up sync: here are the global weights")
-        if rnd < 0:
-            return UploadVerdict("refuse", f"round {rnd} is negative", "bad_round")
-        if rnd <= self.completed:
+                return UploadVerdict(Verdict.INITIAL, "first start-up sync: adopted as round 0")
+            return UploadVerdict(Verdict.CURRENT, "start-up sync: here are the global weights")
+        if r < 0:
+            return UploadVerdict(Verdict.REFUSE, f"round {r} is negative", "bad_round")
+        if r <= self.completed:
             return UploadVerdict(
-                "current", f"round {rnd} already completed; discarded (latest {self.completed})"
+                Verdict.CURRENT,
+                f"round {r} already completed; discarded (latest {self.completed})",
             )
         if self.finished:
-            return UploadVerdict("current", "the session has finished")
-        if rnd > self.open_round:
+            return UploadVerdict(Verdict.CURRENT, "the session has finished")
+        if r > self.open_round:
             return UploadVerdict(
-                "refuse",
-                f"round {rnd} is not open; the open round is {self.open_round}",
+                Verdict.REFUSE,
+                f"round {r} is not open; the open round is {self.open_round}",
                 "bad_round",
             )
-        if self.closing == rnd:
-            return UploadVerdict("closing", f"round {rnd} is being aggregated; not counted")
+        if self.closing == r:
+            return UploadVerdict(Verdict.CLOSING, f"round {r} is being aggregated; not counted")
         if node in self.excluded:
-            return UploadVerdict("closing", f"excluded from round {rnd}: {self.excluded[node]}")
+            return UploadVerdict(Verdict.CLOSING, f"excluded from round {r}: {self.excluded[node]}")
         if node in self.arrivals:
-            return UploadVerdict("again", f"upload for round {rnd} already counted")
+            return UploadVerdict(Verdict.AGAIN, f"upload for round {r} already counted")
         if self.plan is None:
             return UploadVerdict(
-                "refuse", "no epoch is planned yet; send ShardRequest first", "no_shard"
+                Verdict.REFUSE, "no epoch is planned yet; send ShardRequest first", "no_shard"
             )
+        accepted = f"round {r} upload accepted"
         if node not in self.assignments:
             # A node back after being lost re-sends the upload it was holding: take it as a
             # late joiner's first round (counts if in time) and give it a shard for the rest.
             if self._late_assignment(node) is None:
-                return UploadVerdict("refuse", "no rounds left in this epoch", "no_shard")
-            return UploadVerdict("open", f"round {rnd} upload accepted from a returning node")
-        return UploadVerdict("open", f"round {rnd} upload accepted")
+                return UploadVerdict(Verdict.REFUSE, "no rounds left in this epoch", "no_shard")
+            accepted += " from a returning node"
+        if base_round >= 0 and base_round != self.completed:
+            # (local - global) is only meaningful against the weights it was taken from.
+            reason = (
+                f"delta against round {base_round}'s weights, but the global weights are round "
+                f"{self.completed}'s: left out of round {r}"
+            )
+            self.excluded[node] = reason
+            return UploadVerdict(Verdict.EXCLUDED, reason)
+        return UploadVerdict(Verdict.OPEN, accepted)
 
     def arrived(self, node: str, rnd: int, samples: int, now: float, train_s: float = 0.0):
         """The node's upload for the open round was accumulated. Returns the round decision.
@@ -541,7 +589,7 @@ class Session:
         if rnd == self.open_round and self.closing is None:
             samples = int(self.weight_for(node, samples))  # a bogus count must not skew pace
             self.arrivals[node] = samples
-            m.state = "barrier"
+            m.state = MemberState.BARRIER
             m.round = rnd
             m.barrier_since = now
             m.samples = samples
@@ -651,8 +699,8 @@ class Session:
             if m.barrier_since is not None:
                 m.barrier_wait = now - m.barrier_since
             m.barrier_since = None
-            if m.state == "barrier":
-                m.state = "training"
+            if m.state is MemberState.BARRIER:
+                m.state = MemberState.TRAINING
         self.arrivals = {}
         self.excluded = {}
         self.round_started = now
@@ -720,7 +768,7 @@ class Session:
                     share=a.share if a is not None else 0.0,
                     samples_per_s=m.rate,
                     round=m.round,
-                    state=m.state,
+                    state=m.state.value,
                     barrier_wait_s=wait,
                     loss=m.loss,
                     samples=m.samples,
@@ -758,7 +806,7 @@ class Session:
             "members": {
                 n: {
                     "name": m.name,
-                    "state": m.state,
+                    "state": m.state.value,
                     "device": m.device,
                     "vram_total": m.vram_total,
                     "rate": m.rate,
@@ -802,7 +850,8 @@ class Session:
         s.orphans = {n: Shard.from_dict(v) for n, v in d.get("orphans", {}).items()}
         s.admitted = set(d.get("admitted", ()))
         for n, md in d.get("members", {}).items():
-            state = md["state"] if md["state"] in GONE else "training"
+            saved = MemberState(md["state"])
+            state = saved if saved in GONE else MemberState.TRAINING
             s.members[n] = Member(
                 node=n,
                 name=md.get("name", ""),
@@ -843,9 +892,11 @@ def _short(node: str) -> str:
 __all__ = [
     "Decision",
     "Member",
+    "MemberState",
     "RoundDecision",
     "RoundOutcome",
     "Session",
     "ShardReply",
     "UploadVerdict",
+    "Verdict",
 ]
