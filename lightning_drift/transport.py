@@ -143,7 +143,7 @@ class Endpoint:
     """This process's iroh endpoint. Close it (``await close()``) before the process exits."""
 
     def __init__(self, ep: iroh.Endpoint, mode: str) -> None:
-        self._ep = ep
+        self._ep_or_none: iroh.Endpoint | None = ep  # None once closed
         self.mode = mode
         self.key: bytes = ep.id().to_bytes()
         self.key_hex = self.key.hex()
@@ -191,6 +191,12 @@ class Endpoint:
         self = cls(ep, mode)
         log.info("endpoint bound mode=%s key=%s addrs=%s", mode, self.key_hex[:16], self.addrs())
         return self
+
+    @property
+    def _ep(self) -> iroh.Endpoint:
+        if self._ep_or_none is None:
+            raise DriftError(f"endpoint {self.key_hex[:16]}… is closed; bind a new one")
+        return self._ep_or_none
 
     def addrs(self) -> list[str]:
         return list(self._ep.addr().direct_addresses())
@@ -302,6 +308,10 @@ class Endpoint:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._accept_task, 5)
         self._incoming.put_nowait(None)
+        # The binding frees the UDP socket only when its endpoint object is dropped, not on
+        # close(): let go of it now, so the port can be bound again at once (a restart on
+        # the same port) however long this wrapper lives on.
+        self._ep_or_none = None
         log.debug("endpoint closed key=%s", self.key_hex[:16])
 
 

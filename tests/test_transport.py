@@ -15,7 +15,7 @@ from conftest import run_async
 
 from lightning_drift import protocol as p
 from lightning_drift import transport
-from lightning_drift.errors import AuthError, ConnectTimeout, PeerLost, ProtocolError
+from lightning_drift.errors import AuthError, ConnectTimeout, DriftError, PeerLost, ProtocolError
 from lightning_drift.transport import Connection, Endpoint, Stream
 
 pytestmark = pytest.mark.timeout(120)
@@ -77,6 +77,21 @@ async def ping(ep: Endpoint, ticket: str) -> str:
         return reply.nonce
     finally:
         conn.close()
+
+
+def test_a_closed_endpoint_frees_its_port_at_once() -> None:
+    async def main() -> None:
+        first = await Endpoint.bind()
+        port = first.addrs()[0].rsplit(":", 1)[1]
+        await first.close()
+        # The wrapper is still referenced: the port must be free anyway (a restart binds it).
+        again = await Endpoint.bind(bind_addr=f"127.0.0.1:{port}")
+        assert again.addrs() == [f"127.0.0.1:{port}"]
+        await again.close()
+        with pytest.raises(DriftError, match="closed"):
+            first.ticket()
+
+    run_async(main(), 30)
 
 
 # ---------------------------------------------------------------------------- handshake
