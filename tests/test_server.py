@@ -378,7 +378,7 @@ def test_start_up_uploads_while_the_first_weights_are_being_saved(tmp_path):
         runner = asyncio.create_task(coord.run())
         a, b = [await join(coord, i) for i in range(2)]
         saving = asyncio.Event()
-        save = coord._save
+        save = coord.rounds.save_session
 
         async def slow_save() -> None:
             if coord.session.has_weights and not saving.is_set():
@@ -386,10 +386,10 @@ def test_start_up_uploads_while_the_first_weights_are_being_saved(tmp_path):
                 await asyncio.sleep(1.0)
             await save()
 
-        coord._save = slow_save  # type: ignore[method-assign]
+        coord.rounds.save_session = slow_save  # type: ignore[method-assign]
         first = asyncio.create_task(a.barrier(BarrierSync(round=0), to_bytes(model(0))))
         await asyncio.wait_for(saving.wait(), 10)
-        assert coord.current is None  # adopted by the session, not yet published
+        assert coord.rounds.current is None  # adopted by the session, not yet published
         rb, blob_b = await asyncio.wait_for(b.barrier(BarrierSync(round=0), to_bytes(model(1))), 10)
         ra, blob_a = await asyncio.wait_for(first, 10)
         assert ra.contributed and not rb.contributed
@@ -414,7 +414,7 @@ def test_an_upload_for_the_next_round_while_the_state_file_is_written(tmp_path):
         await start_sync(clients, model(0))
         a, b = clients
         saving = asyncio.Event()
-        save = coord._save
+        save = coord.rounds.save_session
 
         async def slow_save() -> None:
             if coord.session.completed == 1 and not saving.is_set():
@@ -422,13 +422,13 @@ def test_an_upload_for_the_next_round_while_the_state_file_is_written(tmp_path):
                 await asyncio.sleep(1.0)
             await save()
 
-        coord._save = slow_save  # type: ignore[method-assign]
+        coord.rounds.save_session = slow_save  # type: ignore[method-assign]
         r1 = [
             asyncio.create_task(c.barrier(BarrierSync(round=1, samples=10), to_bytes(model(i))))
             for i, c in enumerate(clients)
         ]
         await asyncio.wait_for(saving.wait(), 10)
-        assert coord.session.open_round == 2 and coord.current.round == 0
+        assert coord.session.open_round == 2 and coord.rounds.current.completed_round == 0
         early = asyncio.create_task(
             a.barrier(BarrierSync(round=2, samples=10), to_bytes(model(20)))
         )
