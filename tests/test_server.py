@@ -109,8 +109,8 @@ def manifest(coord: Coordinator) -> dict:
     return json.loads((coord.store.directory / "manifest.json").read_text())
 
 
-def entry(coord: Coordinator, rnd: int) -> dict:
-    return next(e for e in manifest(coord)["checkpoints"] if e["round"] == rnd)
+def entry(coord: Coordinator, completed_round: int) -> dict:
+    return next(e for e in manifest(coord)["checkpoints"] if e["round"] == completed_round)
 
 
 def contributors(e: dict) -> list:
@@ -176,15 +176,17 @@ def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
         opt = torch.optim.SGD(
             list(param.values()), lr=lr, momentum=mom, nesterov=True, foreach=False
         )
-        for rnd in (1, 2):
-            uploads = {c.node_key: model(100 * rnd + i) for i, c in enumerate(clients)}
+        for open_round in (1, 2):
+            uploads = {c.node_key: model(100 * open_round + i) for i, c in enumerate(clients)}
             results = await asyncio.gather(
                 *(
-                    c.barrier(BarrierSync(round=rnd, samples=7 + i), to_bytes(uploads[c.node_key]))
+                    c.barrier(
+                        BarrierSync(round=open_round, samples=7 + i), to_bytes(uploads[c.node_key])
+                    )
                     for i, c in enumerate(clients)
                 )
             )
-            order = contributors(entry(coord, rnd))
+            order = contributors(entry(coord, open_round))
             w = {c.node_key: float(7 + i) for i, c in enumerate(clients)}
             mean = hand_mean(uploads, w, order)
             for k, p in param.items():
@@ -192,13 +194,13 @@ def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
             opt.step()
             got = from_bytes(results[0][1])
             for k, p in param.items():
-                assert torch.equal(got[k], p.detach()), (rnd, k)
+                assert torch.equal(got[k], p.detach()), (open_round, k)
             assert torch.equal(got["steps"], mean["steps"])
             outer = from_bytes(
-                (coord.store.directory / f"round-{rnd:06d}.outer.safetensors").read_bytes()
+                (coord.store.directory / f"round-{open_round:06d}.outer.safetensors").read_bytes()
             )
             for k, p in param.items():
-                assert torch.equal(outer[k], opt.state[p]["momentum_buffer"]), (rnd, k)
+                assert torch.equal(outer[k], opt.state[p]["momentum_buffer"]), (open_round, k)
         await asyncio.wait_for(runner, 10)
         for c in clients:
             await c.close()
@@ -676,17 +678,18 @@ async def node_main(token: str, index: int, stall: int | None) -> None:
         a = await client.shard(0)
         sha = ready.sha256
         for k in range(a.rounds):
-            rnd = a.first_round + k
-            if rnd == stall:
+            open_round = a.first_round + k
+            if open_round == stall:
                 print("stalled", flush=True)
                 await asyncio.sleep(3600)
             sd = from_bytes(blob)
             sd["w"] = sd["w"] + 0.01 * (index + 1)
             await client.progress(
-                TrainProgress(round=rnd, epoch=0, step=k, samples=10, samples_per_s=100.0)
+                TrainProgress(round=open_round, epoch=0, step=k, samples=10, samples_per_s=100.0)
             )
             ready, blob = await client.barrier(
-                BarrierSync(round=rnd, samples=10 * (index + 1), train_seconds=0.1), to_bytes(sd)
+                BarrierSync(round=open_round, samples=10 * (index + 1), train_seconds=0.1),
+                to_bytes(sd),
             )
             sha = ready.sha256
             print(f"round {ready.round} {sha}", flush=True)

@@ -58,16 +58,16 @@ def start(
 
 
 def arrive(s: Session, node: str, now: float, samples: int = 100):
-    rnd = s.open_round
-    v = s.upload(node, rnd, now)
+    open_round = s.open_round
+    v = s.upload(node, open_round, now)
     assert v.kind is Verdict.OPEN, v.reason
-    return s.arrived(node, rnd, samples, now)
+    return s.arrived(node, open_round, samples, now)
 
 
 def finish_round(s: Session, now: float):
     r = s.open_round
     s.close(r)
-    return s.completed_round(r, now)
+    return s.advance(r, now)
 
 
 def test_join_admit_and_dataset_mismatch():
@@ -143,8 +143,8 @@ def test_round_completes_when_all_live_nodes_arrive():
     assert s.close(1) == ((A, 100), (B, 100))
     assert s.upload(C, 1, 2.0).kind is Verdict.REFUSE  # never joined
     assert s.upload(A, 1, 2.1).kind is Verdict.CLOSING
-    out = s.completed_round(1, 3.0)
-    assert out.round == 1 and not out.finished and s.open_round == 2
+    out = s.advance(1, 3.0)
+    assert out.completed_round == 1 and not out.finished and s.open_round == 2
     assert s.members[A].barrier_wait == pytest.approx(2.0)
 
 
@@ -270,9 +270,9 @@ def test_upload_weight_is_bounded_by_the_shard():
     assert s.weight_for(A, 10**12) == 500.0  # at most its whole shard
     assert s.weight_for(A, -5) == 0.0
     assert s.weight_for(C, 10**12) == 1000.0  # no assignment: the dataset bounds it
-    rnd = s.open_round
-    assert s.upload(A, rnd, 1.0).kind is Verdict.OPEN
-    d = s.arrived(A, rnd, 10**12, 1.0, train_s=10.0)
+    open_round = s.open_round
+    assert s.upload(A, open_round, 1.0).kind is Verdict.OPEN
+    d = s.arrived(A, open_round, 10**12, 1.0, train_s=10.0)
     assert s.arrivals[A] == 500 and s.members[A].samples == 500
     assert s.members[A].rate == pytest.approx(50.0)  # not 1e11 samples/s
     d = arrive(s, B, 2.0, samples=100)
@@ -356,7 +356,7 @@ def test_late_joiner_too_late_is_not_counted():
     assert d.complete
     s.close(1)
     assert s.upload(C, 1, 2.5).kind is Verdict.CLOSING
-    s.completed_round(1, 3.0)
+    s.advance(1, 3.0)
     assert s.upload(C, 1, 3.5).kind is Verdict.CURRENT
 
 

@@ -78,10 +78,10 @@ def render_lines(st: SessionStatus, now: float | None = None) -> list[str]:
         f"epoch={min(st.epoch + 1, st.epochs)}/{st.epochs} aggregation={st.aggregation} nodes={len(st.nodes)}"
     ]
     for n in st.nodes:
-        node, device, vram, share, rate, rnd, wait, state = _row(n)
+        node, device, vram, share, rate, arrived_round, wait, state = _row(n)
         out.append(
             f"{stamp}   node={node.replace(' ', '_')} device={device.replace(' ', '_')} "
-            f"vram={vram.replace(' ', '')} share={share} samples_per_s={rate} round={rnd} "
+            f"vram={vram.replace(' ', '')} share={share} samples_per_s={rate} round={arrived_round} "
             f"barrier_wait={wait} state={state}"
         )
     return out

@@ -117,7 +117,7 @@ class Rounds:
         # Read and decoded in a thread; published on the loop (it resolves futures).
         sd, blob, info = await asyncio.to_thread(self._read_checkpoint)
         self._publish(sd, blob, info)
-        log.info("checkpoint.loaded round=%d sha256=%s", info.round, info.sha256[:16])
+        log.info("checkpoint.loaded round=%d sha256=%s", info.completed_round, info.sha256[:16])
 
     def _read_checkpoint(self) -> tuple[Any, bytes, CheckpointInfo]:
         completed = self.session.completed
@@ -143,9 +143,9 @@ class Rounds:
             entries = self.store.checkpoints()
         except DriftError as exc:  # the manifest itself is unreadable
             return str(exc)
-        info = next((e for e in entries if e.round == completed), None)
+        info = next((e for e in entries if e.completed_round == completed), None)
         if info is None:
-            kept = ", ".join(str(e.round) for e in entries) or "none"
+            kept = ", ".join(str(e.completed_round) for e in entries) or "none"
             return f"{self.store.directory} has no checkpoint of round {completed} (rounds: {kept})"
         for path, sha in ((info.path, info.sha256), (info.outer_path, info.outer_sha256)):
             if path is None:
@@ -295,7 +295,7 @@ class Rounds:
 
     async def _complete(self, decision: RoundDecision) -> None:
         s = self.session
-        closing = decision.round
+        closing = decision.open_round
         try:
             async with self._lock:
                 s.close(closing)
@@ -309,7 +309,7 @@ class Rounds:
             # in while the state file is written; holding the lock until the new global
             # weights (and with them the next accumulator) exist makes them wait for it.
             async with self._lock:
-                outcome = s.completed_round(closing, self.clock())
+                outcome = s.advance(closing, self.clock())
                 await self.save_session()
                 self._publish(new_sd, blob, info)
             log.info(
@@ -363,11 +363,16 @@ class Rounds:
         """``sd`` (the checkpoint ``info``, bytes ``blob``) is now the global weights."""
         self.global_sd = sd
         self.current = Weights(
-            info.round, info.epoch, info.sha256, blob, str(info.path), self.session.finished
+            info.completed_round,
+            info.epoch,
+            info.sha256,
+            blob,
+            str(info.path),
+            self.session.finished,
         )
         self.acc = Accumulator(sd)
         # Everyone waiting for these weights (or older ones) gets them now.
-        for waited in [r for r in self._waiters if r <= info.round]:
+        for waited in [r for r in self._waiters if r <= info.completed_round]:
             fut = self._waiters.pop(waited)
             if not fut.done():
                 fut.set_result(self.current)

@@ -125,7 +125,9 @@ class UploadVerdict:
 
 @dataclass(frozen=True)
 class RoundDecision:
-    round: int
+    """Whether ``open_round`` can complete now, and why."""
+
+    open_round: int
     complete: bool
     reason: str
     contributors: tuple[tuple[str, int], ...] = ()  # (node, samples) in arrival order
@@ -147,7 +149,9 @@ class ShardReply:
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    round: int
+    """What followed the completion of ``completed_round``."""
+
+    completed_round: int
     epoch: int  # the epoch the round belonged to
     finished: bool
     planned_epoch: int | None  # a new epoch plan was made
@@ -164,7 +168,7 @@ class Member:
     device: str = ""
     vram_total: int = 0
     rate: float = 0.0  # last measured samples/s
-    round: int = 0  # last round this node arrived at
+    arrived_round: int = 0  # the last round this node's upload counted in
     barrier_since: float | None = None
     barrier_wait: float = 0.0  # how long it waited at its last completed barrier
     loss: float | None = None
@@ -223,19 +227,19 @@ class Session:
     def live(self) -> list[str]:
         return [n for n, m in self.members.items() if m.live()]
 
-    def expected(self, rnd: int | None = None) -> list[str]:
-        """Nodes whose upload round ``rnd`` (default: open) waits for, in join order."""
-        rnd = self.open_round if rnd is None else rnd
-        if self.plan is None or not (self.plan.first_round <= rnd <= self.plan.last_round):
+    def expected(self) -> list[str]:
+        """Nodes whose upload the open round waits for, in join order."""
+        r = self.open_round
+        if self.plan is None or not (self.plan.first_round <= r <= self.plan.last_round):
             return []
         out = []
         for node, a in self.assignments.items():
             m = self.members.get(node)
             if m is None or not m.live() or node in self.excluded:
                 continue
-            if node in self.late and a.first_round >= rnd:
+            if node in self.late and a.first_round >= r:
                 continue  # a late joiner's first round: counts only if it comes in time
-            if a.first_round + a.rounds - 1 < rnd:
+            if a.first_round + a.rounds - 1 < r:
                 continue
             out.append(node)
         return out
@@ -578,28 +582,32 @@ class Session:
             return UploadVerdict(Verdict.EXCLUDED, reason)
         return UploadVerdict(Verdict.OPEN, accepted)
 
-    def arrived(self, node: str, rnd: int, samples: int, now: float, train_s: float = 0.0):
-        """The node's upload for the open round was accumulated. Returns the round decision.
+    def arrived(
+        self, node: str, upload_round: int, samples: int, now: float, train_s: float = 0.0
+    ) -> RoundDecision:
+        """The node's upload for ``upload_round`` (the open round) was accumulated. Returns
+        the round decision.
 
         ``samples`` is recorded as :meth:`weight_for` bounds it (the weight it was accumulated
         with), also for the pace measured from ``train_s``.
         """
         m = self.members[node]
         m.last_seen = now
-        if rnd == self.open_round and self.closing is None:
+        if upload_round == self.open_round and self.closing is None:
             samples = int(self.weight_for(node, samples))  # a bogus count must not skew pace
             self.arrivals[node] = samples
             m.state = MemberState.BARRIER
-            m.round = rnd
+            m.arrived_round = upload_round
             m.barrier_since = now
             m.samples = samples
             if train_s > 0 and samples > 0:
                 self._observe(m, samples / train_s)
         return self.check(now)
 
-    def reject(self, node: str, rnd: int, reason: str, now: float) -> RoundDecision:
-        """A bad upload: the node is excluded from round ``rnd``; the round does not wait."""
-        if rnd == self.open_round and node not in self.arrivals:
+    def reject(self, node: str, upload_round: int, reason: str, now: float) -> RoundDecision:
+        """A bad upload for ``upload_round``: if that is the open round, the node is excluded
+        from it, and the round no longer waits for the node."""
+        if upload_round == self.open_round and node not in self.arrivals:
             self.excluded[node] = reason
         return self.check(now)
 
@@ -619,7 +627,7 @@ class Session:
             return RoundDecision(r, False, "the session has finished")
         if self.plan is None or r > self.plan.last_round:
             return RoundDecision(r, False, f"round {r}: waiting for the epoch plan (start gate)")
-        expected = self.expected(r)
+        expected = self.expected()
         arrived = list(self.arrivals.items())
         got = [n for n, _ in arrived]
         missing = tuple(n for n in expected if n not in self.arrivals)
@@ -683,16 +691,17 @@ class Session:
         self.last_decision = d.reason
         return d
 
-    def close(self, rnd: int) -> tuple[tuple[str, int], ...]:
-        """The server starts aggregating ``rnd``: no more uploads count for it."""
-        assert rnd == self.open_round and self.closing is None
-        self.closing = rnd
+    def close(self, closing: int) -> tuple[tuple[str, int], ...]:
+        """Aggregation of the open round ``closing`` starts: no more uploads count for it."""
+        assert closing == self.open_round and self.closing is None
+        self.closing = closing
         return tuple(self.arrivals.items())
 
-    def completed_round(self, rnd: int, now: float) -> RoundOutcome:
-        """The checkpoint of ``rnd`` is durable: advance, maybe plan the next epoch or finish."""
-        assert rnd == self.open_round
-        self.completed = rnd
+    def advance(self, closing: int, now: float) -> RoundOutcome:
+        """The checkpoint of round ``closing`` is durable: it is the completed round now, and
+        the next one opens; maybe the next epoch is planned, or the session finishes."""
+        assert closing == self.open_round
+        self.completed = closing
         self.closing = None
         for node in self.arrivals:
             m = self.members[node]
@@ -708,20 +717,20 @@ class Session:
         epoch = self.plan.epoch if self.plan else 0
         planned = None
         finished = False
-        reason = f"round {rnd} done"
-        if self.plan is not None and rnd >= self.plan.last_round:
+        reason = f"round {closing} done"
+        if self.plan is not None and closing >= self.plan.last_round:
             if self.plan.epoch + 1 >= self.config.epochs:
                 self.finished = True
                 finished = True
-                reason = f"round {rnd} was the last of epoch {epoch}, the final epoch: finished"
+                reason = f"round {closing} was the last of epoch {epoch}, the final epoch: finished"
             else:
                 planned = self.maybe_plan(now)
-                reason = f"round {rnd} ended epoch {epoch}; " + (
+                reason = f"round {closing} ended epoch {epoch}; " + (
                     f"planned epoch {planned}"
                     if planned is not None
                     else "next epoch waits for a live node"
                 )
-        return RoundOutcome(rnd, epoch, finished, planned, reason)
+        return RoundOutcome(closing, epoch, finished, planned, reason)
 
     # ---- views ---------------------------------------------------------------------------
     def train_config(self) -> TrainConfig:
@@ -767,7 +776,7 @@ class Session:
                     vram_total=m.vram_total,
                     share=a.share if a is not None else 0.0,
                     samples_per_s=m.rate,
-                    round=m.round,
+                    round=m.arrived_round,
                     state=m.state.value,
                     barrier_wait_s=wait,
                     loss=m.loss,
@@ -810,7 +819,7 @@ class Session:
                     "device": m.device,
                     "vram_total": m.vram_total,
                     "rate": m.rate,
-                    "round": m.round,
+                    "round": m.arrived_round,
                     "joined_at": m.joined_at,
                     "reason": m.reason,
                 }
@@ -861,7 +870,7 @@ class Session:
                 device=md.get("device", ""),
                 vram_total=md.get("vram_total", 0),
                 rate=md.get("rate", 0.0),
-                round=md.get("round", 0),
+                arrived_round=md.get("round", 0),
                 reason=md.get("reason", ""),
             )
         s.round_started = now + config.heartbeat_timeout
