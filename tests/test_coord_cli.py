@@ -76,6 +76,17 @@ def test_serve_has_one_flag_per_table_row_and_shows_its_default():
     assert "[default: 1]" in lines["--epochs"] and "[default: 7d]" in lines["--token-ttl"]
 
 
+def test_the_docs_show_the_defaults_of_the_table():
+    rows = {}
+    for line in (ROOT / "docs" / "coordinator.md").read_text().splitlines():
+        if line.startswith("| `--"):
+            flag, default = (c.strip().replace("`", "") for c in line.split("|")[1:3])
+            rows[flag.split()[0].split("/")[0]] = default
+    for s in OPTIONS:
+        if s.where == "flag":
+            assert rows.get(s.flag) == s.shown_default, s.flag
+
+
 def test_token_ttl_from_flag_config_file_and_default(tmp_path):
     assert resolve_serve_options({}, None)[1].token_ttl_s == 7 * 86400
     assert resolve_serve_options({"token_ttl": "24h"}, None)[1].token_ttl_s == 86400
