@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -35,6 +35,9 @@ from lightning_drift.coordinator.config import (
     read_option,
 )
 from lightning_drift.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lightning_drift.coordinator.state import StateDir
 
 app = typer.Typer(
     help="Coordinator of a lightning-drift session.",
@@ -122,7 +125,7 @@ def _read_config_file(config: Path | None) -> tuple[dict[str, Any], str]:
     return file_opts, yaml.safe_dump(doc, sort_keys=False) if doc else ""
 
 
-def _stored_address(state: Any, values: dict[str, Any], given: set[str]) -> list[str]:
+def _stored_address(state: StateDir, values: dict[str, Any], given: set[str]) -> list[str]:
     """Fill in the stored address options of an existing state dir (``values`` in place);
     returns the line that tells the operator which ones were taken."""
     from lightning_drift.coordinator.state import COORDINATOR_FILE
@@ -153,7 +156,7 @@ def _stored_address(state: Any, values: dict[str, Any], given: set[str]) -> list
 
 
 def _saved_session_differs(
-    state: Any, session: SessionConfig, given: set[str], lightning_yaml: str | None
+    state: StateDir, session: SessionConfig, given: set[str], lightning_yaml: str | None
 ) -> list[str]:
     """The warning, if any, that session options given now differ from the saved session's."""
     saved = state.load_session()

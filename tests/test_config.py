@@ -33,10 +33,6 @@ def test_the_dataclasses_have_exactly_the_rows_of_the_table():
         assert getattr(sc if s.scope == "session" else so, s.field) == s.default, s.name
 
 
-def test_the_session_trains_one_epoch_by_default():
-    assert SETTING["epochs"].default == SessionConfig().epochs == 1
-
-
 def test_keeping_a_single_checkpoint_is_refused(tmp_path):
     # A crash between a round's checkpoint and the state file resumes from the previous
     # checkpoint, so it must still be there: the CLI's --keep >= 2 holds from Python too.
