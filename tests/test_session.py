@@ -315,8 +315,7 @@ def test_a_delta_against_other_weights_is_excluded_and_the_round_does_not_wait()
     v = s.upload(B, 1, 2.0, base_round=7)
     assert v.kind is Verdict.EXCLUDED and not v.kind.contributed and not v.kind.at_once
     assert v.reason == (
-        "delta against round 7's weights, but the global weights are round 0's: "
-        "left out of round 1"
+        "delta against round 7's weights, but the global weights are round 0's: left out of round 1"
     )
     d = s.check(2.0)
     assert d.complete and d.contributors == ((A, 100),)
