@@ -21,9 +21,23 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
+
+from lightning_drift.coordinator.config import (
+    OPTIONS,
+    SETTING,
+    ServeOptions,
+    SessionConfig,
+    build,
+    read_option,
+)
+from lightning_drift.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lightning_drift.coordinator.state import StateDir
 
 app = typer.Typer(
     help="Coordinator of a lightning-drift session.",
@@ -32,38 +46,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DEFAULT_STATE_DIR = Path("drift-state")
+DEFAULT_STATE_DIR: Path = SETTING["state_dir"].default
 
-# name → (built-in default, type) for every serve option that the config file may also set
-SERVE_DEFAULTS: dict[str, tuple[Any, type]] = {
-    "port": (7842, int),
-    "bind": (None, str),
-    "mode": ("local", str),
-    "relay": ([], list),
-    "state_dir": (str(DEFAULT_STATE_DIR), str),
-    "checkpoint_dir": (None, str),
-    "min_nodes": (1, int),
-    "epochs": (1, int),
-    "batch_size": (32, int),
-    "sync_every": (100, int),
-    "aggregation": ("mean", str),
-    "outer_lr": (0.7, float),
-    "outer_momentum": (0.9, float),
-    "quorum": (0.5, float),
-    "heartbeat_timeout": (15.0, float),
-    "heartbeat_s": (5.0, float),
-    "progress_every_s": (5.0, float),
-    "deadline_margin": (1.5, float),
-    "deadline_floor": (10.0, float),
-    "dataset_size": (0, int),
-    "seed": (0, int),
-    "transfer_dtype": ("float32", str),
-    "min_vram": (0, str),  # a size: 8GiB, 512MiB or bytes
-    "exit_when_done": (True, bool),
-    "keep": (5, int),
-    "max_model_mb": (0, int),
-    "token_ttl": ("7d", str),  # a duration; resolved to seconds
-}
+
+def _option(name: str, *decls: str) -> Any:
+    """The typer option of setting ``name``: its help and default from the one table."""
+    s = SETTING[name]
+    return typer.Option(*decls, help=f"{s.help} {escape(f'[default: {s.shown_default}]')}")
+
 
 # Serve options a restart takes from STATE_DIR/coordinator.json when they are not given:
 # together with the identity they make the ticket, and so the address in the tokens.
@@ -72,134 +62,124 @@ STORED_OPTIONS = ("port", "mode", "bind", "relay", "checkpoint_dir")
 
 def resolve_serve_options(
     flags: dict[str, Any], config: Path | None, notes: list[str] | None = None
-) -> tuple[dict, str]:
-    """Merge flags (None = not given) over the config file's ``coordinator:`` mapping over the
-    defaults. Returns (options, LightningCLI YAML of the rest of the file).
+) -> tuple[SessionConfig, ServeOptions]:
+    """The session config and serve options of ``drift-coord serve``.
+
+    Flags (None = not given) win over the config file's ``coordinator:`` mapping, which wins
+    over the defaults of the table in ``lightning_drift.coordinator.config``; the rest of the
+    file is the LightningCLI YAML handed to nodes (``SessionConfig.lightning_config``).
 
     When the state dir already holds a coordinator, :data:`STORED_OPTIONS` not given as a
     flag or in the file come from its ``coordinator.json``, and session options given with
     values other than the saved session's are reported: the saved ones are used. Both are
     appended to ``notes``: lines for the operator, which ``serve`` prints to stderr.
     """
+    from lightning_drift.coordinator.state import StateDir
+
+    file_opts, lightning_yaml = _read_config_file(config)
+    values: dict[str, Any] = {}
+    given: set[str] = set()
+    for s in OPTIONS:
+        raw = flags.get(s.name) if s.where == "flag" else None
+        if raw is None or (s.kind is list and not raw):
+            raw = file_opts.get(s.name)
+        if raw is None:
+            default = s.default
+            values[s.field] = list(default) if isinstance(default, list) else default
+        else:
+            given.add(s.name)
+            values[s.field] = read_option(s, raw)
+    values["lightning_config"] = lightning_yaml
+    state = StateDir(values["state_dir"])
+    lines = _stored_address(state, values, given)
+    session, options = build(values)
+    lines += _saved_session_differs(
+        state, session, given, lightning_yaml if config is not None else None
+    )
+    if notes is not None:
+        notes.extend(lines)
+    return session, options
+
+
+def _read_config_file(config: Path | None) -> tuple[dict[str, Any], str]:
+    """(the ``coordinator:`` options by name, the LightningCLI YAML of the rest) of --config."""
     import yaml
 
-    from lightning_drift.coordinator.state import parse_duration, parse_size
-    from lightning_drift.errors import ConfigError
-
-    file_opts: dict[str, Any] = {}
-    lightning_yaml = ""
-    if config is not None:
-        try:
-            doc = yaml.safe_load(Path(config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read --config {config}: {exc}") from None
-        if not isinstance(doc, dict):
-            raise ConfigError(f"--config {config} must be a YAML mapping")
-        file_opts = dict(doc.pop("coordinator", None) or {})
-        unknown = sorted(k for k in file_opts if k.replace("-", "_") not in SERVE_DEFAULTS)
-        if unknown:
-            raise ConfigError(
-                f"unknown coordinator option(s) in {config}: {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(SERVE_DEFAULTS))}"
-            )
-        file_opts = {k.replace("-", "_"): v for k, v in file_opts.items()}
-        if doc:
-            lightning_yaml = yaml.safe_dump(doc, sort_keys=False)
-    out: dict[str, Any] = {}
-    given: set[str] = set()
-    for name, (default, kind) in SERVE_DEFAULTS.items():
-        v = flags.get(name)
-        if v is None or (kind is list and not v):
-            v = file_opts.get(name, default)
-            if name in file_opts:
-                given.add(name)
-        else:
-            given.add(name)
-        if v is not None and kind is not list:
-            try:
-                v = kind(v)
-            except (TypeError, ValueError):
-                raise ConfigError(f"option {name}={v!r} is not a {kind.__name__}") from None
-        if kind is list and isinstance(v, str):
-            v = [v]
-        out[name] = v
-    out["token_ttl"] = parse_duration(str(out["token_ttl"]))
-    out["min_vram"] = parse_size(out["min_vram"])
-    if out["mode"] not in ("local", "internet"):
-        raise ConfigError(f"--mode must be local or internet, got {out['mode']!r}")
-    if out["aggregation"] not in ("mean", "diloco"):
-        raise ConfigError(f"--aggregation must be mean or diloco, got {out['aggregation']!r}")
-    if out["transfer_dtype"] not in ("float32", "bfloat16"):
-        raise ConfigError("--transfer-dtype must be float32 or bfloat16")
-    if not 0 < out["quorum"] <= 1:
-        raise ConfigError(f"--quorum must be in (0, 1], got {out['quorum']}")
-    if out["keep"] < 2:
+    if config is None:
+        return {}, ""
+    try:
+        doc = yaml.safe_load(Path(config).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read --config {config}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {config} must be a YAML mapping")
+    file_opts = {
+        k.replace("-", "_"): v for k, v in dict(doc.pop("coordinator", None) or {}).items()
+    }
+    unknown = sorted(k for k in file_opts if k not in SETTING or SETTING[k].where == "code")
+    if unknown:
         raise ConfigError(
-            "--keep must be at least 2: after a crash between a checkpoint and the state file "
-            "the previous checkpoint is the one a restart resumes from"
+            f"unknown coordinator option(s) in {config}: {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(s.name for s in OPTIONS))}"
         )
-    if out["max_model_mb"] < 0:
-        raise ConfigError("--max-model-mb must be 0 (half of the RAM) or a size in MiB")
-    if out["heartbeat_timeout"] <= 0:
-        raise ConfigError("--heartbeat-timeout must be positive")
-    # Nodes ping every heartbeat_s; several pings must fit in the timeout or a healthy node
-    # is declared lost between two of them.
-    out["heartbeat_s"] = min(out["heartbeat_s"], out["heartbeat_timeout"] / 3)
-    restart_notes = _from_state_dir(out, given, lightning_yaml if config is not None else None)
-    if notes is not None:
-        notes.extend(restart_notes)
-    return out, lightning_yaml
+    return file_opts, yaml.safe_dump(doc, sort_keys=False) if doc else ""
 
 
-def _from_state_dir(out: dict[str, Any], given: set[str], lightning_yaml: str | None) -> list[str]:
-    """Fill in the stored address options of an existing state dir; compare session options.
+def _stored_address(state: StateDir, values: dict[str, Any], given: set[str]) -> list[str]:
+    """Fill in the stored address options of an existing state dir (``values`` in place);
+    returns the line that tells the operator which ones were taken."""
+    from lightning_drift.coordinator.state import COORDINATOR_FILE
 
-    Changes ``out`` in place; returns the lines that tell the operator what happened."""
-    from lightning_drift.coordinator.session import SessionConfig
-    from lightning_drift.coordinator.state import COORDINATOR_FILE, StateDir
+    stored = state.stored_coordinator()
+    if stored is None:
+        return []
+    taken = []
+    for name in STORED_OPTIONS:  # mode before bind and relay: they belong to a mode
+        s = SETTING[name]
+        mode = values["mode"]
+        if name in given or stored.get(name) is None:
+            continue
+        if name in ("bind", "relay") and stored.get("mode") != mode:
+            continue  # they belong to the stored mode, not to the one given now
+        value = read_option(s, stored[name])
+        if name == "bind" and value == ("127.0.0.1" if mode == "local" else "0.0.0.0"):
+            continue  # the default
+        if value != values[s.field]:
+            values[s.field] = value
+            taken.append(f"{s.flag} {_show(value)}")
+    if not taken:
+        return []
+    return [
+        f"restart: from {state.path / COORDINATOR_FILE} (not given on the command line "
+        f"or in --config): {', '.join(taken)}"
+    ]
 
-    sd = StateDir(Path(out["state_dir"]))
-    stored = sd.stored_coordinator()
-    lines: list[str] = []
-    if stored is not None:
-        taken = []
-        for name in STORED_OPTIONS:
-            if name in given or stored.get(name) is None:
-                continue
-            value = list(stored[name]) if name == "relay" else stored[name]
-            if name in ("bind", "relay") and stored.get("mode") != out["mode"]:
-                continue  # they belong to the stored mode, not to the one given now
-            if name == "bind" and value == ("127.0.0.1" if out["mode"] == "local" else "0.0.0.0"):
-                continue  # the default
-            if value != out[name]:
-                out[name] = value
-                taken.append(f"--{name.replace('_', '-')} {_show(value)}")
-        if taken:
-            lines.append(
-                f"restart: from {sd.path / COORDINATOR_FILE} (not given on the command line "
-                f"or in --config): {', '.join(taken)}"
-            )
-    saved = sd.load_session()
-    if saved is not None:
-        config = SessionConfig.from_dict(saved.get("config", {}))
-        differ = []
-        for name in sorted(given):
-            if not hasattr(config, name):
-                continue
-            was = getattr(config, name)
-            if out[name] != was:
-                differ.append(
-                    f"--{name.replace('_', '-')} {_show(out[name])} (saved: {_show(was)})"
-                )
-        if lightning_yaml and lightning_yaml != config.lightning_config:
-            differ.append("the LightningCLI part of --config (nodes get the saved one)")
-        if differ:
-            lines.append(
-                f"warning: session {saved.get('session_id', '?')} in {sd.path} is resumed with "
-                f"its saved settings; ignored: {'; '.join(differ)}. To start a new session "
-                f"with these settings, move {sd.path / 'state.json'} aside."
-            )
-    return lines
+
+def _saved_session_differs(
+    state: StateDir, session: SessionConfig, given: set[str], lightning_yaml: str | None
+) -> list[str]:
+    """The warning, if any, that session options given now differ from the saved session's."""
+    saved = state.load_session()
+    if saved is None:
+        return []
+    config = SessionConfig.from_dict(saved.get("config", {}))
+    differ = []
+    for name in sorted(given):
+        s = SETTING[name]
+        if s.scope != "session":
+            continue
+        now, was = getattr(session, s.field), getattr(config, s.field)
+        if now != was:
+            differ.append(f"{s.flag} {_show(now)} (saved: {_show(was)})")
+    if lightning_yaml and lightning_yaml != config.lightning_config:
+        differ.append("the LightningCLI part of --config (nodes get the saved one)")
+    if not differ:
+        return []
+    return [
+        f"warning: session {saved.get('session_id', '?')} in {state.path} is resumed with "
+        f"its saved settings; ignored: {'; '.join(differ)}. To start a new session "
+        f"with these settings, move {state.path / 'state.json'} aside."
+    ]
 
 
 def _show(v: Any) -> str:
@@ -218,57 +198,35 @@ def _setup_logging(verbose: bool) -> None:
 
 @app.command()
 def serve(
-    port: Annotated[int | None, typer.Option(help="UDP port (fixed: keeps the address).")] = None,
-    bind: Annotated[
-        str | None, typer.Option(help="Bind address; local mode default 127.0.0.1.")
-    ] = None,
-    mode: Annotated[str | None, typer.Option(help="local (relays off) or internet.")] = None,
-    relay: Annotated[list[str] | None, typer.Option(help="Relay URL (repeatable).")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Identity, tokens, session.")] = None,
-    checkpoint_dir: Annotated[
-        Path | None, typer.Option(help="Checkpoints; default STATE_DIR/checkpoints.")
-    ] = None,
-    min_nodes: Annotated[int | None, typer.Option(help="Nodes needed to start.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs to train.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Per-node batch size.")] = None,
-    sync_every: Annotated[int | None, typer.Option(help="Steps per round (avg node).")] = None,
-    aggregation: Annotated[str | None, typer.Option(help="mean or diloco.")] = None,
-    quorum: Annotated[float | None, typer.Option(help="Fraction needed at deadline.")] = None,
-    heartbeat_timeout: Annotated[
-        float | None, typer.Option(help="Seconds of silence before a node is lost.")
-    ] = None,
-    dataset_size: Annotated[
-        int | None, typer.Option(help="Samples; default: the first node's.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the epoch permutations.")] = None,
-    transfer_dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
-    outer_lr: Annotated[float | None, typer.Option(help="DiLoCo outer learning rate.")] = None,
-    outer_momentum: Annotated[
-        float | None, typer.Option(help="DiLoCo outer Nesterov momentum.")
-    ] = None,
-    deadline_margin: Annotated[
-        float | None, typer.Option(help="Straggler deadline: expected round time × this.")
-    ] = None,
-    deadline_floor: Annotated[
-        float | None, typer.Option(help="Straggler deadline never shorter than this (s).")
-    ] = None,
-    min_vram: Annotated[
-        str | None,
-        typer.Option(help="Refuse GPU nodes with less VRAM: 8GiB, 512MiB or bytes."),
-    ] = None,
-    keep: Annotated[int | None, typer.Option(help="Checkpoints kept (at least 2).")] = None,
-    max_model_mb: Annotated[
-        int | None,
-        typer.Option(help="Largest start-up weights accepted (MiB; 0 = half of the RAM)."),
-    ] = None,
-    token_ttl: Annotated[
-        str | None, typer.Option(help="Lifetime of the printed node/observer tokens: 24h, 7d...")
-    ] = None,
+    port: Annotated[int | None, _option("port")] = None,
+    bind: Annotated[str | None, _option("bind")] = None,
+    mode: Annotated[str | None, _option("mode")] = None,
+    relay: Annotated[list[str] | None, _option("relay")] = None,
+    state_dir: Annotated[Path | None, _option("state_dir")] = None,
+    checkpoint_dir: Annotated[Path | None, _option("checkpoint_dir")] = None,
+    min_nodes: Annotated[int | None, _option("min_nodes")] = None,
+    epochs: Annotated[int | None, _option("epochs")] = None,
+    batch_size: Annotated[int | None, _option("batch_size")] = None,
+    sync_every: Annotated[int | None, _option("sync_every")] = None,
+    aggregation: Annotated[str | None, _option("aggregation")] = None,
+    quorum: Annotated[float | None, _option("quorum")] = None,
+    heartbeat_timeout: Annotated[float | None, _option("heartbeat_timeout")] = None,
+    dataset_size: Annotated[int | None, _option("dataset_size")] = None,
+    seed: Annotated[int | None, _option("seed")] = None,
+    transfer_dtype: Annotated[str | None, _option("transfer_dtype")] = None,
+    outer_lr: Annotated[float | None, _option("outer_lr")] = None,
+    outer_momentum: Annotated[float | None, _option("outer_momentum")] = None,
+    deadline_margin: Annotated[float | None, _option("deadline_margin")] = None,
+    deadline_floor: Annotated[float | None, _option("deadline_floor")] = None,
+    min_vram: Annotated[str | None, _option("min_vram")] = None,
+    keep: Annotated[int | None, _option("keep")] = None,
+    max_model_mb: Annotated[int | None, _option("max_model_mb")] = None,
+    token_ttl: Annotated[str | None, _option("token_ttl")] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML: `coordinator:` options + LightningCLI config.")
     ] = None,
     exit_when_done: Annotated[
-        bool | None, typer.Option("--exit-when-done/--stay", help="Exit after the last round.")
+        bool | None, _option("exit_when_done", "--exit-when-done/--stay")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -280,8 +238,7 @@ def serve(
     _setup_logging(verbose)
     notes: list[str] = []
     try:
-        o, lightning_yaml = resolve_serve_options(flags, config, notes)
-        sc, opts = build_serve(o, lightning_yaml)
+        sc, opts = resolve_serve_options(flags, config, notes)
         coord = Coordinator(sc, opts)
     except DriftError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -302,27 +259,6 @@ def serve(
             err=True,
         )
         raise typer.Exit(1)
-
-
-def build_serve(o: dict[str, Any], lightning_yaml: str = ""):
-    """(SessionConfig, ServeOptions) from :func:`resolve_serve_options`' result."""
-    from lightning_drift.coordinator.server import ServeOptions
-    from lightning_drift.coordinator.session import SessionConfig
-
-    sc = SessionConfig.from_dict({**o, "lightning_config": lightning_yaml})
-    opts = ServeOptions(
-        state_dir=Path(o["state_dir"]),
-        checkpoint_dir=Path(o["checkpoint_dir"]) if o["checkpoint_dir"] else None,
-        port=o["port"],
-        bind=o["bind"],
-        mode=o["mode"],
-        relay=list(o["relay"] or []),
-        exit_when_done=o["exit_when_done"],
-        keep=o["keep"],
-        token_ttl_s=o["token_ttl"],
-        max_model_bytes=o["max_model_mb"] << 20,
-    )
-    return sc, opts
 
 
 async def _serve(coord: Any) -> None:
@@ -391,8 +327,9 @@ def token(
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
 ) -> None:
     """Issue another token from the state dir's identity (the server need not run)."""
-    from lightning_drift.coordinator.state import StateDir, parse_duration
+    from lightning_drift.coordinator.state import StateDir
     from lightning_drift.errors import DriftError
+    from lightning_drift.units import parse_duration
 
     try:
         if role not in ("node", "observer"):

@@ -379,10 +379,6 @@ class TokenVerifier:
     def revoke(self, jti: str) -> None:
         self._revoked.add(jti)
 
-    def cached(self) -> int:
-        """How many verified tokens are cached (for tests and the monitor)."""
-        return len(self._cache)
-
 
 class TokenStore:
     """The coordinator's record of issued and revoked tokens: ``state_dir/tokens.json``.

@@ -36,20 +36,23 @@ _MANIFEST_VERSION = 1
 _FILE_RE = re.compile(r"^round-(\d+)(\.outer)?\.safetensors$")
 
 
-def weights_name(round: int) -> str:
-    return f"round-{round:06d}.safetensors"
+def weights_name(completed_round: int) -> str:
+    """The file name of the global weights after ``completed_round`` (round-NNNNNN.safetensors:
+    the coordinator's checkpoints, and what a node saves of the weights it holds)."""
+    return f"round-{completed_round:06d}.safetensors"
 
 
-def outer_name(round: int) -> str:
-    return f"round-{round:06d}.outer.safetensors"
+def outer_name(completed_round: int) -> str:
+    """The file name of the DiLoCo outer-optimizer state after ``completed_round``."""
+    return f"round-{completed_round:06d}.outer.safetensors"
 
 
 @dataclass
 class CheckpointInfo:
-    """One checkpoint as listed in the manifest. ``contributors``: ``(node, samples)`` pairs
-    in arrival order."""
+    """One checkpoint as listed in the manifest: the global weights after ``completed_round``.
+    ``contributors``: ``(node, samples)`` pairs in arrival order."""
 
-    round: int
+    completed_round: int
     epoch: int
     path: Path
     sha256: str
@@ -62,7 +65,7 @@ class CheckpointInfo:
 
     def to_entry(self) -> dict[str, Any]:
         return {
-            "round": self.round,
+            "round": self.completed_round,  # the manifest's key
             "epoch": self.epoch,
             "file": self.path.name,
             "sha256": self.sha256,
@@ -78,7 +81,7 @@ class CheckpointInfo:
     def from_entry(cls, directory: Path, e: dict[str, Any]) -> CheckpointInfo:
         outer = e.get("outer_file")
         return cls(
-            round=int(e["round"]),
+            completed_round=int(e["round"]),
             epoch=int(e["epoch"]),
             path=directory / str(e["file"]),
             sha256=str(e["sha256"]),
@@ -109,7 +112,7 @@ class CheckpointStore:
 
     def write(
         self,
-        round: int,
+        completed_round: int,
         weights: bytes,
         *,
         outer: bytes | None,
@@ -118,23 +121,24 @@ class CheckpointStore:
         now: float,
         extra: dict | None = None,
     ) -> CheckpointInfo:
-        """Durably record the global weights of ``round`` (and the outer optimizer state).
+        """Durably record the global weights after ``completed_round`` (and the outer
+        optimizer state).
 
         Order: weights file, outer file, manifest, ``latest``, then deletion of checkpoints
         beyond ``keep``. A crash at any point leaves the previous checkpoint loadable.
         """
-        if round < 0:
-            raise ConfigError(f"checkpoint round must be >= 0, got {round}")
+        if completed_round < 0:
+            raise ConfigError(f"checkpoint round must be >= 0, got {completed_round}")
         entries = self._read_manifest()
         self._remove_tmp_files()  # left by a writer that crashed; only the writer removes them
-        path = self.directory / weights_name(round)
+        path = self.directory / weights_name(completed_round)
         atomic_write(path, weights)
         outer_path = None
         if outer is not None:
-            outer_path = self.directory / outer_name(round)
+            outer_path = self.directory / outer_name(completed_round)
             atomic_write(outer_path, outer)
         info = CheckpointInfo(
-            round=round,
+            completed_round=completed_round,
             epoch=epoch,
             path=path,
             sha256=sha256_bytes(weights),
@@ -145,16 +149,19 @@ class CheckpointStore:
             size=len(weights),
             extra=dict(extra or {}),
         )
-        if any(e.round == round for e in entries):
-            log.warning("checkpoint.rewrite round=%d path=%s", round, path)
-        entries = sorted([e for e in entries if e.round != round] + [info], key=lambda e: e.round)
+        if any(e.completed_round == completed_round for e in entries):
+            log.warning("checkpoint.rewrite round=%d path=%s", completed_round, path)
+        entries = sorted(
+            [e for e in entries if e.completed_round != completed_round] + [info],
+            key=lambda e: e.completed_round,
+        )
         kept, dropped = entries[-self.keep :], entries[: -self.keep]
         self._write_manifest(kept)
         atomic_write(self.directory / LATEST, (kept[-1].path.name + "\n").encode())
         self._delete(dropped, kept)
         log.info(
             "checkpoint.write round=%d epoch=%d size=%d sha256=%s contributors=%d",
-            round,
+            completed_round,
             epoch,
             len(weights),
             info.sha256[:16],
@@ -175,7 +182,7 @@ class CheckpointStore:
         the newest checkpoint are left: the next write of that round replaces them.
         """
         keep_names = {e.path.name for e in kept} | {e.outer_path.name for e in kept if e.outer_path}
-        newest = kept[-1].round
+        newest = kept[-1].completed_round
         doomed = {e.path for e in dropped} | {e.outer_path for e in dropped if e.outer_path}
         for p in self.directory.iterdir():
             m = _FILE_RE.match(p.name)
@@ -218,7 +225,7 @@ class CheckpointStore:
                 "lightning-drift; restore it from a backup or move the directory aside to "
                 "start over"
             ) from None
-        return sorted(entries, key=lambda e: e.round)
+        return sorted(entries, key=lambda e: e.completed_round)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every checkpoint the manifest lists, oldest first (not verified)."""
@@ -249,31 +256,34 @@ class CheckpointStore:
             problem = self._problem(info, None, None)
             if problem is None:
                 return info
-            log.warning("checkpoint.corrupt round=%d problem=%r", info.round, problem)
+            log.warning("checkpoint.corrupt round=%d problem=%r", info.completed_round, problem)
         return None
 
-    def load(self, round: int | None = None) -> tuple[CheckpointInfo, bytes, bytes | None]:
-        """``(info, weights, outer)`` of checkpoint ``round``, or of the newest intact one.
+    def load(
+        self, completed_round: int | None = None
+    ) -> tuple[CheckpointInfo, bytes, bytes | None]:
+        """``(info, weights, outer)`` of the checkpoint of ``completed_round``, or of the
+        newest intact one.
 
-        The bytes returned are the bytes whose sha256 was checked. With ``round=None``, a
+        The bytes returned are the bytes whose sha256 was checked. With ``None``, a
         damaged newest checkpoint is skipped (and logged) for the next newest intact one.
         Raises ``DriftError`` when there is none, or when the requested round is missing or
         damaged.
         """
         entries = self._read_manifest()
-        if round is not None:
-            match = [e for e in entries if e.round == round]
+        if completed_round is not None:
+            match = [e for e in entries if e.completed_round == completed_round]
             if not match:
-                have = ", ".join(str(e.round) for e in entries) or "none"
+                have = ", ".join(str(e.completed_round) for e in entries) or "none"
                 raise DriftError(
-                    f"no checkpoint of round {round} in {self.directory} (rounds kept: {have}); "
+                    f"no checkpoint of round {completed_round} in {self.directory} (rounds kept: {have}); "
                     "load one of those, or load(None) for the newest"
                 )
             info = match[0]
             data, outer, problem = self._read(info)
             if problem is not None:
                 raise DriftError(
-                    f"checkpoint of round {round} is damaged: {problem}. It will not be used; "
+                    f"checkpoint of round {completed_round} is damaged: {problem}. It will not be used; "
                     "load(None) falls back to the newest intact checkpoint, or restore the file "
                     "from a backup"
                 )
@@ -283,11 +293,13 @@ class CheckpointStore:
             data, outer, problem = self._read(info)
             if problem is None and data is not None:
                 return info, data, outer
-            log.warning("checkpoint.skip_corrupt round=%d problem=%r", info.round, problem)
+            log.warning(
+                "checkpoint.skip_corrupt round=%d problem=%r", info.completed_round, problem
+            )
         if entries:
             raise DriftError(
                 f"every checkpoint in {self.directory} is damaged (rounds "
-                f"{', '.join(str(e.round) for e in entries)}); restore one from a backup or "
+                f"{', '.join(str(e.completed_round) for e in entries)}); restore one from a backup or "
                 "start a new session"
             )
         raise DriftError(f"no checkpoint in {self.directory} yet; start a new session")

@@ -29,6 +29,7 @@ import torch
 
 from lightning_drift.errors import ConfigError
 from lightning_drift.protocol import DeviceInfo
+from lightning_drift.units import format_gib
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -231,6 +232,11 @@ def _total_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def physical_memory() -> int:
+    """Bytes of this machine's RAM; 0 when the OS will not say (the failure is logged)."""
+    return _safe("memory", _total_memory, 0)
+
+
 def _cpu_name() -> str:
     if sys.platform == "darwin":
         name = parse_sysctl(_run("sysctl", "machdep.cpu.brand_string")).get(
@@ -249,7 +255,7 @@ def host_info() -> dict:
     return {
         "cpu": _safe("cpu_name", _cpu_name, platform.machine() or "unknown CPU"),
         "cpu_count": os.cpu_count() or 1,
-        "memory": _safe("memory", _total_memory, 0),
+        "memory": physical_memory(),
         "hostname": socket.gethostname(),
     }
 
@@ -437,10 +443,6 @@ def node_info_fields(
     }
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
 def describe(devices: list[DeviceInfo], train_device: str | None = None) -> str:
     """One human line per device, then the device training uses (when given)."""
     lines = []
@@ -448,8 +450,8 @@ def describe(devices: list[DeviceInfo], train_device: str | None = None) -> str:
         label = d.kind if d.kind in ("cpu", "mps") else f"{d.kind}:{d.index}"
         parts = [f"{label:<9} {d.name}"]
         if d.vram_total:
-            free = f" ({_gib(d.vram_free)} free)" if d.vram_free else ""
-            parts.append(f"{_gib(d.vram_total)}{free}")
+            free = f" ({format_gib(d.vram_free)} free)" if d.vram_free else ""
+            parts.append(f"{format_gib(d.vram_total)}{free}")
         if d.compute_capability:
             parts.append(f"cc {d.compute_capability}")
         if not d.usable:
@@ -473,6 +475,7 @@ __all__ = [
     "parse_proc_cpuinfo",
     "parse_sysctl",
     "parse_vulkaninfo_summary",
+    "physical_memory",
     "probe_apple",
     "probe_devices",
     "probe_nvml",

@@ -6,8 +6,14 @@ Frames longer than :data:`MAX_FRAME` are refused from the length prefix alone, b
 the body is read. Weights never travel inside JSON: a :class:`BlobHeader` frame is followed by
 exactly ``size`` raw bytes whose sha256 the receiver checks.
 
-Schema evolution: new fields always get defaults; a field's type never changes; a message is
-never renamed. A peer that needs an incompatible change speaks a new ALPN (``drift/1``).
+Schema evolution: new fields always get defaults; a field's type never changes; a field or a
+message is never renamed. A peer that needs an incompatible change speaks a new ALPN
+(``drift/1``).
+
+Rounds. Several messages carry a ``round`` field, and it does not mean the same round in each
+(the names are wire names and stay): a *completed* round (its global weights exist), the
+*open* round (the one uploads contribute to: the last completed round + 1), or the round whose
+global weights a node *holds*. Each message says which.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ class Join(_Msg, tag="join"):
     node_key: str  # hex Ed25519 public key of the node's endpoint; must equal the QUIC peer id
     drift_version: str
     name: str = ""  # a human label (hostname by default)
-    resume_round: int = -1  # the last round whose weights the node holds, -1 if none
+    resume_round: int = -1  # the held round: whose global weights the node has, -1 if none
     observe: bool = False  # status only (any valid token): no membership, no NodeInfo
 
 
@@ -77,25 +83,30 @@ class NodeInfo(_Msg, tag="node_info"):
 
 
 class TrainConfig(_Msg, tag="train_config"):
-    """Coordinator → node: how this session trains. Sent once after NodeInfo is accepted."""
+    """Coordinator → node: how this session trains. Sent once after NodeInfo is accepted.
+
+    The coordinator sends every field, so none has a default here: a session's defaults are
+    defined once, in ``lightning_drift.coordinator.config``. (A field added later gets a
+    default, as the schema rules say.)
+    """
 
     session_id: str
     epochs: int
     batch_size: int
     sync_every: int  # optimizer steps per round for a node of average capability
-    aggregation: Aggregation = "mean"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    transfer_dtype: TransferDType = "float32"
-    seed: int = 0
-    dataset_size: int = 0
-    round: int = 0  # the last completed round; the node's next barrier is round + 1
-    epoch: int = 0
-    heartbeat_s: float = 5.0
-    progress_every_s: float = 5.0
-    has_weights: bool = False  # True when the coordinator already holds global weights
-    min_nodes: int = 1
-    lightning_config: str = ""  # LightningCLI YAML the coordinator hands to `drift join`
+    aggregation: Aggregation
+    outer_lr: float
+    outer_momentum: float
+    transfer_dtype: TransferDType
+    seed: int
+    dataset_size: int
+    round: int  # the last completed round; the node's next barrier (the open round) is round + 1
+    epoch: int
+    heartbeat_s: float
+    progress_every_s: float
+    has_weights: bool  # True when the coordinator already holds global weights
+    min_nodes: int
+    lightning_config: str  # LightningCLI YAML the coordinator hands to `drift join`
 
 
 class ShardAssignment(_Msg, tag="shard_assignment"):
@@ -111,7 +122,7 @@ class ShardAssignment(_Msg, tag="shard_assignment"):
     start: int
     stop: int
     rounds: int
-    first_round: int  # the global round number of the epoch's first barrier for this node
+    first_round: int  # the open round of this node's first barrier in the epoch
     seed: int = 0
     share: float = 0.0
     steps_per_round: int = 0  # for display; the node derives its barrier points as above
@@ -125,7 +136,9 @@ class ShardRequest(_Msg, tag="shard_request"):
 
 
 class TrainProgress(_Msg, tag="train_progress"):
-    """Node → coordinator every few seconds while training."""
+    """Node → coordinator every few seconds while training.
+
+    ``round`` is the open round the node is training toward (its next barrier)."""
 
     round: int
     epoch: int
@@ -140,9 +153,11 @@ class TrainProgress(_Msg, tag="train_progress"):
 class BarrierSync(_Msg, tag="barrier_sync"):
     """Node → coordinator, first frame of a barrier stream; a weights blob follows.
 
-    ``round`` 0 is the start-up sync: the coordinator adopts the uploaded weights as the
-    initial global weights if it has none, and answers at once with the global weights.
-    An upload for a round that has already completed is discarded and answered at once.
+    ``round`` is the open round this upload contributes to, as the node knows it (stale if
+    that round completed meanwhile). ``round`` 0 is the start-up sync: the coordinator adopts
+    the uploaded weights as the initial global weights if it has none, and answers at once with
+    the global weights. An upload for a round that has already completed is discarded and
+    answered at once.
     """
 
     round: int
@@ -152,7 +167,7 @@ class BarrierSync(_Msg, tag="barrier_sync"):
     loss: float | None = None
     delta: bool = False  # True when the blob is (local - global) rather than the weights
     train_seconds: float = 0.0
-    base_round: int = -1  # with delta: the round whose global weights were subtracted
+    base_round: int = -1  # with delta: the held round whose global weights were subtracted
 
 
 class BlobHeader(_Msg, tag="blob"):
@@ -167,7 +182,9 @@ class BlobHeader(_Msg, tag="blob"):
 
 
 class BarrierReady(_Msg, tag="barrier_ready"):
-    """Coordinator → node on the barrier stream: the round is done; the global weights follow."""
+    """Coordinator → node on the barrier stream: the round is done; the global weights follow.
+
+    ``round`` is the completed round whose global weights follow (the node then holds it)."""
 
     round: int
     sha256: str  # of the global weights blob that follows
@@ -182,6 +199,8 @@ class StatusRequest(_Msg, tag="status_request"):
 
 
 class NodeStatus(msgspec.Struct, kw_only=True):
+    """One member as the coordinator sees it; ``round`` is the last round its upload counted in."""
+
     node_id: str
     name: str = ""
     device: str = ""
@@ -196,6 +215,8 @@ class NodeStatus(msgspec.Struct, kw_only=True):
 
 
 class SessionStatus(_Msg, tag="session_status"):
+    """The session for an observer; ``round`` is the last completed round."""
+
     session_id: str
     state: str
     round: int
@@ -209,7 +230,8 @@ class SessionStatus(_Msg, tag="session_status"):
 
 
 class Finish(_Msg, tag="finish"):
-    """Coordinator → node: the session is over; ``sha256`` names the final checkpoint."""
+    """Coordinator → node: the session is over; ``round`` is the final completed round and
+    ``sha256`` names its checkpoint."""
 
     round: int
     sha256: str = ""
@@ -245,24 +267,6 @@ Message = (
     | Finish
     | Error
     | Bye
-)
-
-MESSAGE_TYPES: tuple[type[_Msg], ...] = (
-    Join,
-    Ping,
-    NodeInfo,
-    TrainConfig,
-    ShardAssignment,
-    ShardRequest,
-    TrainProgress,
-    BarrierSync,
-    BlobHeader,
-    BarrierReady,
-    StatusRequest,
-    SessionStatus,
-    Finish,
-    Error,
-    Bye,
 )
 
 _encoder = msgspec.json.Encoder()

@@ -43,6 +43,7 @@ import torch
 
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.protocol import DeviceInfo, NodeInfo
+from lightning_drift.units import format_gib
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +353,8 @@ class Scheduler:
             ):
                 return (
                     f"train device {info.train_device} ({dev.name}) has "
-                    f"{_gib(dev.vram_total)} of VRAM, the session requires at least "
-                    f"{_gib(self.min_vram)}: train on a larger GPU or lower the session's "
+                    f"{format_gib(dev.vram_total)} of VRAM, the session requires at least "
+                    f"{format_gib(self.min_vram)}: train on a larger GPU or lower the session's "
                     "min_vram"
                 )
         return None
@@ -401,11 +402,6 @@ class Scheduler:
         return sum(ns.measured for ns in measured if ns.measured) / sum(
             ns.calibration for ns in measured
         )
-
-    @property
-    def has_measured(self) -> bool:
-        """Whether some node has a measured rate (every :meth:`score` is then in samples/s)."""
-        return any(ns.measured is not None for ns in self._nodes.values())
 
     def __contains__(self, node: object) -> bool:
         return node in self._nodes
@@ -479,12 +475,6 @@ class Scheduler:
             total_score=total,
         )
 
-    def plan_late(
-        self, plan: EpochPlan, node: str, rounds_done: int, orphan: Shard | None
-    ) -> Shard:
-        """:func:`plan_late` with this node's current score."""
-        return plan_late(plan, node, self.score(node), rounds_done, orphan)
-
     # -- persistence ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -525,7 +515,3 @@ class Scheduler:
                 float(v["calibration"]), None if m is None else float(m)
             )
         return s
-
-
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.1f} GiB"

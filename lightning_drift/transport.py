@@ -10,7 +10,8 @@
 iroh errors are mapped by ``IrohError.kind()`` (never by their text, which holds build paths)
 onto ``PeerLost``, ``ConnectTimeout``, ``ProtocolError`` and ``AuthError``.
 
-Importing this module also fixes the binding's write path (see :func:`_patch_write_path`).
+Importing this module also fixes the binding's write path, unless ``DRIFT_IROH_PATCH=0``
+(see ``lightning_drift._iroh_patch``; the outcome is :data:`WRITE_PATH`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import asyncio
 import contextlib
 import ctypes
 import hashlib
-import importlib.metadata
-import inspect
 import logging
 import os
 import secrets
@@ -30,7 +29,7 @@ from typing import Any
 
 import iroh
 
-from lightning_drift import protocol
+from lightning_drift import _iroh_patch, protocol
 from lightning_drift.errors import (
     AuthError,
     BlobTooLarge,
@@ -40,6 +39,7 @@ from lightning_drift.errors import (
     PeerLost,
     ProtocolError,
 )
+from lightning_drift.fsutil import sha256_bytes, sha256_file
 from lightning_drift.protocol import ALPN, BlobHeader, Message
 
 log = logging.getLogger(__name__)
@@ -52,143 +52,15 @@ CHUNK = 1 << 20  # blob bytes per write_all / read_exact: keeps memory flat, < 2
 # Chunk size (256 KiB-4 MiB), read vs read_exact and more streams do not change that cost.
 READ_AHEAD = 64 << 10  # bytes asked for per read when filling the frame buffer
 _HASH_IN_THREAD = 8 << 20  # hash blobs larger than this off the event loop
-TESTED_IROH = ("1.2.0",)
 
-# --------------------------------------------------------------------------------------------
-# The write-path fix.
-#
-# The generated `_UniffiRustBufferBuilder.write` copies every outgoing byte in a Python loop
-# (~10 MB/s). We replace it with one memmove from the argument's buffer. Private ctypes function
-# pointers are used (not attributes of ctypes.pythonapi, whose argtypes other code may set).
-
-
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),  # borrowed by us; PyBuffer_Release drops the reference
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    ]
-
-
-_PyObject_GetBuffer = ctypes.PYFUNCTYPE(
-    ctypes.c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int
-)(("PyObject_GetBuffer", ctypes.pythonapi))
-_PyBuffer_Release = ctypes.PYFUNCTYPE(None, ctypes.POINTER(_PyBuffer))(
-    ("PyBuffer_Release", ctypes.pythonapi)
-)
 _PyBytes_FromStringAndSize = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
     ("PyBytes_FromStringAndSize", ctypes.pythonapi)
 )
-_PyBUF_SIMPLE = 0
 
-
-@contextlib.contextmanager
-def _raw_buffer(obj: Any) -> Iterator[tuple[int, int]]:
-    """(address, byte length) of a C-contiguous buffer, held for the duration of the block."""
-    view = _PyBuffer()
-    _PyObject_GetBuffer(obj, ctypes.byref(view), _PyBUF_SIMPLE)  # raises BufferError if not
-    try:
-        yield (view.buf or 0), view.len
-    finally:
-        _PyBuffer_Release(ctypes.byref(view))
-
-
-def _fast_write(self: Any, value: Any) -> None:
-    """Drop-in for ``_UniffiRustBufferBuilder.write``: one memmove instead of a byte loop."""
-    try:
-        cm = _raw_buffer(value)
-        addr, n = cm.__enter__()
-    except (BufferError, TypeError):
-        value = bytes(value)  # non-contiguous views: one copy, then the fast path
-        cm = _raw_buffer(value)
-        addr, n = cm.__enter__()
-    try:
-        with self._reserve(n):
-            if n:
-                dst = ctypes.cast(self.rbuf.data, ctypes.c_void_p).value + self.rbuf.len
-                ctypes.memmove(dst, addr, n)
-    finally:
-        cm.__exit__(None, None, None)
-
-
-_PROBES: tuple[Any, ...] = (
-    b"",
-    b"\x00",
-    bytes(range(256)),
-    bytearray(b"drift" * 1000),
-    memoryview(bytes(range(256)) * 5000)[3:-7],
-    secrets.token_bytes(3 << 20),
-)
-
-
-def _round_trip_ok(converter: Any) -> bool:
-    for probe in _PROBES:
-        expected = bytes(probe)
-        if converter.lift(converter.lower(probe)) != expected:
-            return False
-    return True
-
-
-def _patch_write_path(builder: Any = None, converter: Any = None) -> str:
-    """Replace the per-byte write loop of the iroh binding with one memmove, if it is safe.
-
-    Applied only when the generated method still has the loop (inspected in its source), and
-    kept only when probes of every buffer kind round-trip through ``lower``/``lift`` unchanged;
-    otherwise the original is restored and a warning logged. Returns "patched", "already" or
-    "refused: <reason>".
-    """
-    ffi = iroh.iroh_ffi
-    builder = builder or getattr(ffi, "_UniffiRustBufferBuilder", None)
-    converter = converter or getattr(ffi, "_UniffiFfiConverterBytes", None)
-    version = _iroh_version()
-    if builder is None or converter is None:
-        return _refuse(f"binding internals not found (iroh {version})")
-    original = builder.__dict__.get("write")
-    if original is _fast_write:
-        return "already"
-    try:
-        source = inspect.getsource(original)
-    except (OSError, TypeError):
-        return _refuse(f"source of the write method unavailable (iroh {version})")
-    if "for i, byte in enumerate(value)" not in source:
-        return _refuse(f"write method has no per-byte loop any more (iroh {version})")
-    if version not in TESTED_IROH:
-        log.warning("write_path untested_iroh_version=%s tested=%s", version, ",".join(TESTED_IROH))
-    builder.write = _fast_write
-    try:
-        ok = _round_trip_ok(converter)
-    except Exception as exc:  # any failure of the probe means: do not keep the patch
-        ok = False
-        log.warning("write_path probe_error=%r", exc)
-    if not ok:
-        builder.write = original
-        return _refuse(f"probe round trip failed (iroh {version}); stock write path kept")
-    return "patched"
-
-
-def _refuse(reason: str) -> str:
-    log.warning("write_path not_patched reason=%r throughput='~10 MB/s per stream'", reason)
-    return f"refused: {reason}"
-
-
-def _iroh_version() -> str:
-    try:
-        return importlib.metadata.version("iroh")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-# "patched", "already" or "refused: <reason>": what import did to the binding's write path
-WRITE_PATH = _patch_write_path()
-log.debug("write_path status=%s iroh=%s", WRITE_PATH, _iroh_version())
+# "patched", "already", "disabled: ..." or "refused: <reason>": what the binding's write path
+# is in this process (see _iroh_patch; DRIFT_IROH_PATCH=0 leaves it stock).
+WRITE_PATH = _iroh_patch.apply()
+log.debug("write_path status=%s iroh=%s", WRITE_PATH, _iroh_patch.iroh_version())
 
 
 def _new_bytes(n: int) -> tuple[bytes, int]:
@@ -199,7 +71,7 @@ def _new_bytes(n: int) -> tuple[bytes, int]:
     The object must be filled before it is shared.
     """
     obj = _PyBytes_FromStringAndSize(None, n)
-    with _raw_buffer(obj) as (addr, _):
+    with _iroh_patch.raw_buffer(obj) as (addr, _):
         return obj, addr
 
 
@@ -271,7 +143,7 @@ class Endpoint:
     """This process's iroh endpoint. Close it (``await close()``) before the process exits."""
 
     def __init__(self, ep: iroh.Endpoint, mode: str) -> None:
-        self._ep = ep
+        self._ep_or_none: iroh.Endpoint | None = ep  # None once closed
         self.mode = mode
         self.key: bytes = ep.id().to_bytes()
         self.key_hex = self.key.hex()
@@ -319,6 +191,12 @@ class Endpoint:
         self = cls(ep, mode)
         log.info("endpoint bound mode=%s key=%s addrs=%s", mode, self.key_hex[:16], self.addrs())
         return self
+
+    @property
+    def _ep(self) -> iroh.Endpoint:
+        if self._ep_or_none is None:
+            raise DriftError(f"endpoint {self.key_hex[:16]}… is closed; bind a new one")
+        return self._ep_or_none
 
     def addrs(self) -> list[str]:
         return list(self._ep.addr().direct_addresses())
@@ -430,6 +308,10 @@ class Endpoint:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._accept_task, 5)
         self._incoming.put_nowait(None)
+        # The binding frees the UDP socket only when its endpoint object is dropped, not on
+        # close(): let go of it now, so the port can be bound again at once (a restart on
+        # the same port) however long this wrapper lives on.
+        self._ep_or_none = None
         log.debug("endpoint closed key=%s", self.key_hex[:16])
 
 
@@ -513,15 +395,21 @@ class Stream:
         kind: str = "weights",
         dtype: str = "",
         meta: dict[str, str] | None = None,
+        sha256: str | None = None,
     ) -> BlobHeader:
         """Send a ``BlobHeader`` frame (size, sha256), then the bytes in 1 MiB writes.
 
         ``data`` may be a file path: it is read twice (hash, then send) in chunks, never whole.
+        ``sha256``: the hex digest of ``data`` when the caller already knows it (the same
+        global weights go to every node); it is not checked here, the receiver checks it.
         """
         if isinstance(data, (str, Path)):
             path = Path(data)
             size = path.stat().st_size
-            digest = await asyncio.to_thread(_hash_file, path)
+            if sha256 is not None:
+                digest = sha256
+            else:
+                digest = await asyncio.to_thread(sha256_file, path, CHUNK)
             header = BlobHeader(
                 size=size, sha256=digest, kind=kind, dtype=dtype, meta=dict(meta or {})
             )
@@ -536,10 +424,12 @@ class Stream:
                     raise DriftError(f"{path} changed while it was sent ({sent} of {size} bytes)")
             return header
         view = memoryview(data).cast("B")
-        if view.nbytes > _HASH_IN_THREAD:
-            digest = await asyncio.to_thread(lambda: hashlib.sha256(view).hexdigest())
+        if sha256 is not None:
+            digest = sha256
+        elif view.nbytes > _HASH_IN_THREAD:
+            digest = await asyncio.to_thread(sha256_bytes, view)
         else:
-            digest = hashlib.sha256(view).hexdigest()
+            digest = sha256_bytes(view)
         header = BlobHeader(
             size=view.nbytes, sha256=digest, kind=kind, dtype=dtype, meta=dict(meta or {})
         )
@@ -690,14 +580,6 @@ def _check_digest(got: str, header: BlobHeader) -> None:
             f"blob checksum mismatch: header says {header.sha256[:16]}…, the {header.size} "
             f"bytes received hash to {got[:16]}…; the transfer was corrupted, send it again"
         )
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 __all__ = [

@@ -211,10 +211,21 @@ def test_malformed_claims_even_when_signed(ident: Identity, claims: object, reas
         verify_token(tok, ident.public_key, now=NOW)
 
 
-def test_verifier_revocation_is_checked_on_every_call(ident: Identity, token: str) -> None:
+def signature_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the signature checks of every verifier from now on (a cache hit does none)."""
+    calls: list[int] = []
+    real = auth._check_signature
+    monkeypatch.setattr(auth, "_check_signature", lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
+def test_verifier_revocation_is_checked_on_every_call(
+    ident: Identity, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = signature_checks(monkeypatch)
     v = TokenVerifier(ident.public_key, "s1")
     assert v.verify(token, now=NOW).jti == "j1"
-    assert v.cached() == 1
+    assert v.verify(token, now=NOW).jti == "j1" and len(calls) == 1  # the second from the cache
     v.revoke("j1")
     with pytest.raises(AuthError, match=r"token revoked \(jti j1\)"):
         v.verify(token, now=NOW + 1)
@@ -226,9 +237,7 @@ def test_verifier_revocation_is_checked_on_every_call(ident: Identity, token: st
 def test_verifier_cache_skips_the_signature_but_not_expiry(
     ident: Identity, token: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = []
-    real = auth._check_signature
-    monkeypatch.setattr(auth, "_check_signature", lambda *a: (calls.append(1), real(*a)))
+    calls = signature_checks(monkeypatch)
     v = TokenVerifier(ident.public_key, "s1", ttl_s=600)
     for i in range(5):
         v.verify(token, now=NOW + i)
@@ -245,17 +254,24 @@ def test_verifier_cache_skips_the_signature_but_not_expiry(
         v.verify(token, now=NOW + 702, role="observer")
 
 
-def test_verifier_does_not_cache_refusals_and_is_bounded(ident: Identity) -> None:
+def test_verifier_does_not_cache_refusals_and_is_bounded(
+    ident: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
     v = TokenVerifier(ident.public_key, "s1", maxsize=4)
     toks = [issue_token(ident, session="s1", coordinator=TICKET, now=NOW) for _ in range(10)]
     for t in toks:
         v.verify(t, now=NOW)
-    assert v.cached() == 4
+    calls = signature_checks(monkeypatch)
     other = issue_token(ident, session="s2", coordinator=TICKET, now=NOW)
     for _ in range(2):
         with pytest.raises(AuthError, match="session s2"):
             v.verify(other, now=NOW)
-    assert v.cached() == 4
+    assert len(calls) == 2  # a refusal is checked again every time
+    for t in toks[-4:]:  # the cache holds the 4 most recent tokens, the refusal took no place
+        v.verify(t, now=NOW)
+    assert len(calls) == 2
+    v.verify(toks[0], now=NOW)  # bounded: the oldest was dropped
+    assert len(calls) == 3
 
 
 def test_identity_file_is_private_and_stable(tmp_path) -> None:

@@ -99,11 +99,11 @@ def test_keeps_the_last_k_checkpoints(tmp_path):
     for r in range(1, 7):
         write(store, r, outer=True)
 
-    assert [c.round for c in store.checkpoints()] == [4, 5, 6]
+    assert [c.completed_round for c in store.checkpoints()] == [4, 5, 6]
     kept = {f"round-{r:06d}{s}.safetensors" for r in (4, 5, 6) for s in ("", ".outer")}
     assert names(tmp_path) == kept | {"manifest.json", "latest"}
     assert store.load(4)[1] == weights(4)
-    assert store.latest().round == 6
+    assert store.latest().completed_round == 6
 
 
 def test_default_keep_is_five(tmp_path):
@@ -112,7 +112,7 @@ def test_default_keep_is_five(tmp_path):
     for r in range(8):
         write(store, r)
 
-    assert [c.round for c in store.checkpoints()] == [3, 4, 5, 6, 7]
+    assert [c.completed_round for c in store.checkpoints()] == [3, 4, 5, 6, 7]
 
 
 def test_keep_must_be_positive(tmp_path):
@@ -142,9 +142,9 @@ def test_crash_before_the_manifest_leaves_the_previous_checkpoint(tmp_path, monk
     # Assert: round 4's file exists but is not a checkpoint; nothing old was deleted
     assert (tmp_path / "round-000004.safetensors").exists()
     assert (tmp_path / "round-000001.safetensors").exists()
-    assert reopened.latest().round == 3
+    assert reopened.latest().completed_round == 3
     info, data, _ = reopened.load()
-    assert info.round == 3 and data == weights(3)
+    assert info.completed_round == 3 and data == weights(3)
     assert (tmp_path / "latest").read_text().strip() == "round-000003.safetensors"
     with pytest.raises(DriftError, match="no checkpoint of round 4"):
         reopened.load(4)
@@ -155,9 +155,9 @@ def test_recovery_after_a_crash_rewrites_the_round_and_cleans_up(tmp_path):
     store = CheckpointStore(tmp_path, keep=2)
     for r in (1, 2):
         write(store, r)
-    (tmp_path / ".round-000003.safetensors.abc123.tmp").write_bytes(b"half a file")
+    (tmp_path / ".completed_round-000003.safetensors.abc123.tmp").write_bytes(b"half a file")
     (tmp_path / "round-000003.safetensors").write_bytes(b"garbage from a crash")
-    assert CheckpointStore(tmp_path).latest().round == 2
+    assert CheckpointStore(tmp_path).latest().completed_round == 2
 
     # Execute
     write(store, 3)
@@ -234,8 +234,8 @@ def test_corrupt_newest_checkpoint_is_never_returned(tmp_path, caplog):
         info, data, outer = store.load()
 
     # Assert
-    assert latest.round == 2
-    assert info.round == 2 and data == weights(2) and outer == outer_state(2)
+    assert latest.completed_round == 2
+    assert info.completed_round == 2 and data == weights(2) and outer == outer_state(2)
     assert "round=3" in caplog.text
     with pytest.raises(DriftError) as exc:
         store.load(3)
@@ -250,7 +250,7 @@ def test_corrupt_outer_state_makes_the_checkpoint_unusable(tmp_path):
     write(store, 2, outer=True)
     flip_byte(tmp_path / "round-000002.outer.safetensors", 0)
 
-    assert store.load()[0].round == 1
+    assert store.load()[0].completed_round == 1
     with pytest.raises(DriftError, match=r"round-000002\.outer\.safetensors does not match"):
         store.load(2)
 
@@ -261,7 +261,7 @@ def test_missing_file_falls_back(tmp_path):
     write(store, 2)
     (tmp_path / "round-000002.safetensors").unlink()
 
-    assert store.latest().round == 1
+    assert store.latest().completed_round == 1
     with pytest.raises(DriftError, match="round-000002.safetensors is missing"):
         store.load(2)
 
@@ -273,7 +273,7 @@ def test_truncated_file_falls_back(tmp_path):
     path = tmp_path / "round-000002.safetensors"
     path.write_bytes(path.read_bytes()[:-4])
 
-    assert store.load()[0].round == 1
+    assert store.load()[0].completed_round == 1
 
 
 def test_all_damaged_or_empty_is_a_clear_error(tmp_path):

@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from lightning_drift_cli.coord import app, build_serve, resolve_serve_options
+from lightning_drift_cli.coord import app, resolve_serve_options
 from typer.testing import CliRunner
 
 from lightning_drift.auth import Identity, decode_token, verify_token
+from lightning_drift.coordinator.config import OPTIONS, ServeOptions, SessionConfig
 from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.monitor import render_lines, render_table
-from lightning_drift.coordinator.server import Coordinator, ServeOptions
-from lightning_drift.coordinator.session import SessionConfig
-from lightning_drift.coordinator.state import StateDir, parse_duration
+from lightning_drift.coordinator.server import Coordinator
+from lightning_drift.coordinator.state import StateDir
 from lightning_drift.errors import ConfigError
 from lightning_drift.protocol import NodeStatus, SessionStatus
 
@@ -37,35 +37,62 @@ def test_flags_win_over_config_file_over_defaults(tmp_path):
         "coordinator:\n  epochs: 3\n  min_nodes: 2\n  heartbeat-timeout: 7\n"
         "model:\n  class_path: m.Net\ntrainer:\n  max_epochs: 3\n"
     )
-    o, lightning = resolve_serve_options({"epochs": 5, "port": None}, cfg)
-    assert o["epochs"] == 5 and o["min_nodes"] == 2 and o["heartbeat_timeout"] == 7.0
-    assert o["port"] == 7842 and o["mode"] == "local" and o["aggregation"] == "mean"
-    assert "class_path: m.Net" in lightning and "coordinator" not in lightning
+    sc, so = resolve_serve_options({"epochs": 5, "port": None}, cfg)
+    assert sc.epochs == 5 and sc.min_nodes == 2 and sc.heartbeat_timeout == 7.0
+    assert so.port == 7842 and so.mode == "local" and sc.aggregation == "mean"
+    assert "class_path: m.Net" in sc.lightning_config
+    assert "coordinator" not in sc.lightning_config
     cfg.write_text("coordinator:\n  epoks: 3\n")
     with pytest.raises(ConfigError, match="unknown coordinator option"):
         resolve_serve_options({}, cfg)
     with pytest.raises(ConfigError, match="quorum"):
         resolve_serve_options({"quorum": 1.5}, None)
-    assert resolve_serve_options({"min_vram": "8GiB"}, None)[0]["min_vram"] == 8 << 30
-    assert resolve_serve_options({"min_vram": "512M"}, None)[0]["min_vram"] == 512 << 20
-    assert resolve_serve_options({"min_vram": "1000"}, None)[0]["min_vram"] == 1000
-    assert resolve_serve_options({}, None)[0]["min_vram"] == 0
+    assert resolve_serve_options({"min_vram": "8GiB"}, None)[0].min_vram == 8 << 30
+    assert resolve_serve_options({"min_vram": "512M"}, None)[0].min_vram == 512 << 20
+    assert resolve_serve_options({"min_vram": "1000"}, None)[0].min_vram == 1000
+    assert resolve_serve_options({}, None)[0].min_vram == 0
     for bad in ("lots", "nan", "inf", "-1G"):
         with pytest.raises(ConfigError, match="min_vram|size"):
             resolve_serve_options({"min_vram": bad}, None)
     with pytest.raises(ConfigError, match="--max-model-mb"):
         resolve_serve_options({"max_model_mb": -1}, None)
     cfg.write_text("coordinator:\n  max-model-mb: 512\n")
-    assert resolve_serve_options({}, cfg)[0]["max_model_mb"] == 512
+    assert resolve_serve_options({}, cfg)[1].max_model_bytes == 512 << 20
+
+
+def test_serve_has_one_flag_per_table_row_and_shows_its_default():
+    import inspect
+
+    from lightning_drift_cli.coord import serve
+
+    flags = {s.name for s in OPTIONS if s.where == "flag"}
+    assert set(inspect.signature(serve).parameters) == flags | {"config", "verbose"}
+    r = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    lines = {line.split()[1]: line for line in r.output.splitlines() if "--" in line[:8]}
+    for s in OPTIONS:
+        if s.where == "flag":
+            assert f"[default: {s.shown_default}]" in lines[s.flag], s.flag
+    assert "[default: 1]" in lines["--epochs"] and "[default: 7d]" in lines["--token-ttl"]
+
+
+def test_the_docs_show_the_defaults_of_the_table():
+    rows = {}
+    for line in (ROOT / "docs" / "coordinator.md").read_text().splitlines():
+        if line.startswith("| `--"):
+            flag, default = (c.strip().replace("`", "") for c in line.split("|")[1:3])
+            rows[flag.split()[0].split("/")[0]] = default
+    for s in OPTIONS:
+        if s.where == "flag":
+            assert rows.get(s.flag) == s.shown_default, s.flag
 
 
 def test_token_ttl_from_flag_config_file_and_default(tmp_path):
-    assert resolve_serve_options({}, None)[0]["token_ttl"] == 7 * 86400
-    assert resolve_serve_options({"token_ttl": "24h"}, None)[0]["token_ttl"] == 86400
+    assert resolve_serve_options({}, None)[1].token_ttl_s == 7 * 86400
+    assert resolve_serve_options({"token_ttl": "24h"}, None)[1].token_ttl_s == 86400
     cfg = tmp_path / "train.yaml"
     cfg.write_text("coordinator:\n  token_ttl: 2h\n")
-    o, _ = resolve_serve_options({}, cfg)
-    assert o["token_ttl"] == 7200 and build_serve(o)[1].token_ttl_s == 7200
+    assert resolve_serve_options({}, cfg)[1].token_ttl_s == 7200
     with pytest.raises(ConfigError, match="duration"):
         resolve_serve_options({"token_ttl": "soon"}, None)
     # The standing tokens that serve prints get that lifetime.
@@ -95,30 +122,30 @@ def test_a_restart_with_only_the_state_dir_keeps_the_address_and_the_token(tmp_p
         ServeOptions(state_dir=st, port=port),
     )
     notes: list[str] = []
-    o, _ = resolve_serve_options({"state_dir": st}, None, notes)
-    assert o["port"] == port and o["mode"] == "local"
+    resolved = resolve_serve_options({"state_dir": st}, None, notes)
+    assert resolved[1].port == port and resolved[1].mode == "local"
     assert notes == [f"restart: from {st / 'coordinator.json'} (not given on the command line "
                      f"or in --config): --port {port}"]  # fmt: skip
     # The same address gives the same ticket, so the token printed before is kept.
-    assert start_and_close(*build_serve(o)) == (ticket, token)
+    assert start_and_close(*resolved) == (ticket, token)
     # Given options win over the stored ones; the stored bind belongs to the stored mode.
-    o, _ = resolve_serve_options({"state_dir": st, "port": port + 1}, None)
-    assert o["port"] == port + 1
-    o, _ = resolve_serve_options({"state_dir": st, "mode": "internet"}, None)
-    assert o["mode"] == "internet" and o["bind"] is None and o["port"] == port
+    _, so = resolve_serve_options({"state_dir": st, "port": port + 1}, None)
+    assert so.port == port + 1
+    _, so = resolve_serve_options({"state_dir": st, "mode": "internet"}, None)
+    assert so.mode == "internet" and so.bind is None and so.port == port
     cfg = tmp_path / "train.yaml"
     cfg.write_text("coordinator:\n  port: 9999\n")
-    assert resolve_serve_options({"state_dir": st}, cfg)[0]["port"] == 9999
+    assert resolve_serve_options({"state_dir": st}, cfg)[1].port == 9999
     # A first start (no coordinator in the state dir) uses the built-in defaults.
-    assert resolve_serve_options({"state_dir": tmp_path / "new"}, None)[0]["port"] == 7842
+    assert resolve_serve_options({"state_dir": tmp_path / "new"}, None)[1].port == 7842
 
 
 def test_a_restart_after_port_0_binds_the_port_the_os_chose(tmp_path):
     st = tmp_path / "st"
     ticket, token = start_and_close(SessionConfig(epochs=1), ServeOptions(state_dir=st, port=0))
-    o, _ = resolve_serve_options({"state_dir": st}, None)
-    assert o["port"] != 0  # the stored port is the bound one, not the "any port" asked for
-    assert start_and_close(*build_serve(o)) == (ticket, token)
+    resolved = resolve_serve_options({"state_dir": st}, None)
+    assert resolved[1].port != 0  # the stored port is the bound one, not the "any port" asked for
+    assert start_and_close(*resolved) == (ticket, token)
 
 
 def test_stored_relays_belong_to_the_stored_mode(tmp_path):
@@ -127,10 +154,10 @@ def test_stored_relays_belong_to_the_stored_mode(tmp_path):
     (st / "coordinator.json").write_text(
         '{"port": 7000, "mode": "internet", "bind": "0.0.0.0", "relay": ["https://r.example"]}'
     )
-    o, _ = resolve_serve_options({"state_dir": st}, None)
-    assert o["mode"] == "internet" and o["relay"] == ["https://r.example"]
-    o, _ = resolve_serve_options({"state_dir": st, "mode": "local"}, None)
-    assert o["relay"] == [] and o["bind"] is None and o["port"] == 7000
+    _, so = resolve_serve_options({"state_dir": st}, None)
+    assert so.mode == "internet" and so.relay == ["https://r.example"]
+    _, so = resolve_serve_options({"state_dir": st, "mode": "local"}, None)
+    assert so.relay == [] and so.bind is None and so.port == 7000
 
 
 def test_a_restart_warns_that_the_saved_session_settings_are_used(tmp_path):
@@ -155,12 +182,6 @@ def test_a_restart_warns_that_the_saved_session_settings_are_used(tmp_path):
     notes = []
     resolve_serve_options({"state_dir": st, "epochs": 3}, None, notes)
     assert not [n for n in notes if n.startswith("warning")]
-
-
-def test_parse_duration():
-    assert parse_duration("24h") == 86400 and parse_duration("90") == 90
-    with pytest.raises(ConfigError):
-        parse_duration("soon")
 
 
 def test_token_and_revoke_commands(tmp_path):

@@ -26,8 +26,8 @@ from lightning_drift.protocol import BarrierSync, TrainProgress
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def upload(rnd: int, i: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * rnd + i)
+def upload(upload_round: int, i: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * upload_round + i)
     return {"w": torch.randn(8, 4, generator=g), "b": torch.randn(4, generator=g)}
 
 
@@ -94,12 +94,14 @@ def session_config(tmp_path: Path, extra: str = "") -> Path:
     return config
 
 
-async def kill_with_upload_pending(proc, state: Path, client: CoordinatorClient, rnd: int):
-    """``client`` uploads for ``rnd``; once the coordinator has it, SIGKILL the coordinator.
+async def kill_with_upload_pending(proc, state: Path, client: CoordinatorClient, upload_round: int):
+    """``client`` uploads for ``upload_round``; once the coordinator has it, SIGKILL the coordinator.
     The upload's barrier must then fail: the client notices the silence (no coordinator
     Ping), not QUIC's 35 s timeout."""
     pending = asyncio.create_task(
-        client.barrier(BarrierSync(round=rnd, samples=10), to_bytes(upload(rnd, 0)))
+        client.barrier(
+            BarrierSync(round=upload_round, samples=10), to_bytes(upload(upload_round, 0))
+        )
     )
     observer = (state / "observer.token").read_text().strip()
     await wait_barrier_state(observer, client.node_key)
@@ -128,12 +130,16 @@ def test_sigkill_and_restart_continues_from_last_completed_round(tmp_path):
             sa = await a.shard(0)
             await b.shard(0)
             assert sa.rounds == 5
-            for rnd in (1, 2):
+            for open_round in (1, 2):
                 res = await asyncio.gather(
-                    a.barrier(BarrierSync(round=rnd, samples=10), to_bytes(upload(rnd, 0))),
-                    b.barrier(BarrierSync(round=rnd, samples=20), to_bytes(upload(rnd, 1))),
+                    a.barrier(
+                        BarrierSync(round=open_round, samples=10), to_bytes(upload(open_round, 0))
+                    ),
+                    b.barrier(
+                        BarrierSync(round=open_round, samples=20), to_bytes(upload(open_round, 1))
+                    ),
                 )
-                assert res[0][0].round == rnd
+                assert res[0][0].round == open_round
             blob2 = res[0][1]
             # Round 3: A's upload is in, B's is not; then the coordinator dies.
             await kill_with_upload_pending(proc, state, a, 3)
@@ -151,10 +157,14 @@ def test_sigkill_and_restart_continues_from_last_completed_round(tmp_path):
             )
             ready, blob3 = res[0]
             assert ready.round == 3 and ready.contributed
-            for rnd in (4, 5):
+            for open_round in (4, 5):
                 res = await asyncio.gather(
-                    a.barrier(BarrierSync(round=rnd, samples=10), to_bytes(upload(rnd, 0))),
-                    b.barrier(BarrierSync(round=rnd, samples=20), to_bytes(upload(rnd, 1))),
+                    a.barrier(
+                        BarrierSync(round=open_round, samples=10), to_bytes(upload(open_round, 0))
+                    ),
+                    b.barrier(
+                        BarrierSync(round=open_round, samples=20), to_bytes(upload(open_round, 1))
+                    ),
                 )
             assert res[0][0].finished
             await a.close()
@@ -270,11 +280,11 @@ def test_diloco_restart_restores_the_weights_and_the_outer_momentum(tmp_path):
     param = {k: v.clone() for k, v in init.items()}
     opt = torch.optim.SGD(list(param.values()), lr=lr, momentum=mom, nesterov=True, foreach=False)
 
-    def outer_step(rnd: int, ups: dict[str, dict[str, torch.Tensor]]) -> None:
+    def outer_step(completed_round: int, ups: dict[str, dict[str, torch.Tensor]]) -> None:
         """The coordinator's step by hand: the sample-weighted mean in float64 in manifest
         order, then one Nesterov SGD step on the pseudo-gradient (global - mean)."""
         manifest = json.loads((ckpt / "manifest.json").read_text())
-        entry = next(e for e in manifest["checkpoints"] if e["round"] == rnd)
+        entry = next(e for e in manifest["checkpoints"] if e["round"] == completed_round)
         for k, p in param.items():
             acc = torch.zeros(p.shape, dtype=torch.float64)
             for node, w in entry["contributors"]:
@@ -283,24 +293,26 @@ def test_diloco_restart_restores_the_weights_and_the_outer_momentum(tmp_path):
             p.grad = p.detach() - mean
         opt.step()
 
-    def check(rnd: int, blob: bytes) -> None:
-        assert (ckpt / f"round-{rnd:06d}.safetensors").read_bytes() == blob
+    def check(completed_round: int, blob: bytes) -> None:
+        assert (ckpt / f"round-{completed_round:06d}.safetensors").read_bytes() == blob
         got = from_bytes(blob)
-        outer = from_bytes((ckpt / f"round-{rnd:06d}.outer.safetensors").read_bytes())
+        outer = from_bytes((ckpt / f"round-{completed_round:06d}.outer.safetensors").read_bytes())
         for k, p in param.items():
-            assert torch.equal(got[k], p.detach()), (rnd, k)
-            assert torch.equal(outer[k], opt.state[p]["momentum_buffer"]), (rnd, k)
+            assert torch.equal(got[k], p.detach()), (completed_round, k)
+            assert torch.equal(outer[k], opt.state[p]["momentum_buffer"]), (completed_round, k)
 
-    async def train_round(clients, rnd: int) -> bytes:
-        ups = {c.node_key: upload(rnd, i) for i, c in enumerate(clients)}
+    async def train_round(clients, open_round: int) -> bytes:
+        ups = {c.node_key: upload(open_round, i) for i, c in enumerate(clients)}
         res = await asyncio.gather(
             *(
-                c.barrier(BarrierSync(round=rnd, samples=samples[i]), to_bytes(ups[c.node_key]))
+                c.barrier(
+                    BarrierSync(round=open_round, samples=samples[i]), to_bytes(ups[c.node_key])
+                )
                 for i, c in enumerate(clients)
             )
         )
-        assert all(r.round == rnd and r.contributed for r, _ in res)
-        outer_step(rnd, ups)
+        assert all(r.round == open_round and r.contributed for r, _ in res)
+        outer_step(open_round, ups)
         return res[0][1]
 
     async def main():
@@ -311,8 +323,8 @@ def test_diloco_restart_restores_the_weights_and_the_outer_momentum(tmp_path):
             await clients[1].barrier(BarrierSync(round=0), to_bytes(upload(0, 1)))
             for c in clients:
                 await c.shard(0)
-            for rnd in (1, 2):
-                check(rnd, await train_round(clients, rnd))
+            for open_round in (1, 2):
+                check(open_round, await train_round(clients, open_round))
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
             for c in clients:

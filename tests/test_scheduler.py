@@ -149,12 +149,12 @@ def test_scores_are_in_samples_per_s_only_once_a_node_is_measured():
     s = make_scheduler()
     s.add("a", node_info(calibration=100.0))
     s.add("b", node_info(calibration=300.0))
-    assert not s.has_measured  # scores are calibration units: ratios only
+    assert s.measured_factor() is None  # scores are calibration units: ratios only
     s.observe("a", 0.0)
-    assert not s.has_measured
+    assert s.measured_factor() is None
     s.observe("a", 50.0)
-    assert s.has_measured
-    assert Scheduler.from_dict(s.to_dict()).has_measured
+    assert s.measured_factor() == 0.5  # samples/s per calibration GFLOP/s
+    assert Scheduler.from_dict(s.to_dict()).measured_factor() == 0.5
 
 
 def test_returning_node_keeps_its_measured_rate():
@@ -320,12 +320,12 @@ def test_late_joiner_without_orphan_gets_a_proportional_slice_for_the_remaining_
     s, plan = planned()
     s.add("c", node_info(dataset_size=1000, calibration=200.0))
 
-    shard = s.plan_late(plan, "c", rounds_done=5, orphan=None)
+    shard = plan_late(plan, "c", s.score("c"), rounds_done=5, orphan=None)
 
     # per round: 1000 samples * 200 / (400 * 10 rounds) = 50; 5 rounds left -> 250
     assert shard.size == 250
     assert shard.start >= 0 and shard.stop <= 1000
-    assert shard == s.plan_late(plan, "c", rounds_done=5, orphan=None)  # deterministic
+    assert shard == plan_late(plan, "c", s.score("c"), 5, None)  # deterministic
 
 
 # -- persistence ----------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from support import node_info
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.auth import Identity, TokenStore, issue_token
 from lightning_drift.client import CoordinatorClient
+from lightning_drift.coordinator.config import ServeOptions, SessionConfig
 from lightning_drift.coordinator.local import free_udp_port
-from lightning_drift.coordinator.server import Coordinator, ServeOptions
-from lightning_drift.coordinator.session import SessionConfig
+from lightning_drift.coordinator.server import Coordinator
+from lightning_drift.coordinator.session import MemberState
 from lightning_drift.errors import (
     AuthError,
     ConfigError,
@@ -108,8 +109,8 @@ def manifest(coord: Coordinator) -> dict:
     return json.loads((coord.store.directory / "manifest.json").read_text())
 
 
-def entry(coord: Coordinator, rnd: int) -> dict:
-    return next(e for e in manifest(coord)["checkpoints"] if e["round"] == rnd)
+def entry(coord: Coordinator, completed_round: int) -> dict:
+    return next(e for e in manifest(coord)["checkpoints"] if e["round"] == completed_round)
 
 
 def contributors(e: dict) -> list:
@@ -175,15 +176,17 @@ def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
         opt = torch.optim.SGD(
             list(param.values()), lr=lr, momentum=mom, nesterov=True, foreach=False
         )
-        for rnd in (1, 2):
-            uploads = {c.node_key: model(100 * rnd + i) for i, c in enumerate(clients)}
+        for open_round in (1, 2):
+            uploads = {c.node_key: model(100 * open_round + i) for i, c in enumerate(clients)}
             results = await asyncio.gather(
                 *(
-                    c.barrier(BarrierSync(round=rnd, samples=7 + i), to_bytes(uploads[c.node_key]))
+                    c.barrier(
+                        BarrierSync(round=open_round, samples=7 + i), to_bytes(uploads[c.node_key])
+                    )
                     for i, c in enumerate(clients)
                 )
             )
-            order = contributors(entry(coord, rnd))
+            order = contributors(entry(coord, open_round))
             w = {c.node_key: float(7 + i) for i, c in enumerate(clients)}
             mean = hand_mean(uploads, w, order)
             for k, p in param.items():
@@ -191,13 +194,13 @@ def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
             opt.step()
             got = from_bytes(results[0][1])
             for k, p in param.items():
-                assert torch.equal(got[k], p.detach()), (rnd, k)
+                assert torch.equal(got[k], p.detach()), (open_round, k)
             assert torch.equal(got["steps"], mean["steps"])
             outer = from_bytes(
-                (coord.store.directory / f"round-{rnd:06d}.outer.safetensors").read_bytes()
+                (coord.store.directory / f"round-{open_round:06d}.outer.safetensors").read_bytes()
             )
             for k, p in param.items():
-                assert torch.equal(outer[k], opt.state[p]["momentum_buffer"]), (rnd, k)
+                assert torch.equal(outer[k], opt.state[p]["momentum_buffer"]), (open_round, k)
         await asyncio.wait_for(runner, 10)
         for c in clients:
             await c.close()
@@ -377,7 +380,7 @@ def test_start_up_uploads_while_the_first_weights_are_being_saved(tmp_path):
         runner = asyncio.create_task(coord.run())
         a, b = [await join(coord, i) for i in range(2)]
         saving = asyncio.Event()
-        save = coord._save
+        save = coord.rounds.save_session
 
         async def slow_save() -> None:
             if coord.session.has_weights and not saving.is_set():
@@ -385,10 +388,10 @@ def test_start_up_uploads_while_the_first_weights_are_being_saved(tmp_path):
                 await asyncio.sleep(1.0)
             await save()
 
-        coord._save = slow_save  # type: ignore[method-assign]
+        coord.rounds.save_session = slow_save  # type: ignore[method-assign]
         first = asyncio.create_task(a.barrier(BarrierSync(round=0), to_bytes(model(0))))
         await asyncio.wait_for(saving.wait(), 10)
-        assert coord.current is None  # adopted by the session, not yet published
+        assert coord.rounds.current is None  # adopted by the session, not yet published
         rb, blob_b = await asyncio.wait_for(b.barrier(BarrierSync(round=0), to_bytes(model(1))), 10)
         ra, blob_a = await asyncio.wait_for(first, 10)
         assert ra.contributed and not rb.contributed
@@ -413,7 +416,7 @@ def test_an_upload_for_the_next_round_while_the_state_file_is_written(tmp_path):
         await start_sync(clients, model(0))
         a, b = clients
         saving = asyncio.Event()
-        save = coord._save
+        save = coord.rounds.save_session
 
         async def slow_save() -> None:
             if coord.session.completed == 1 and not saving.is_set():
@@ -421,13 +424,13 @@ def test_an_upload_for_the_next_round_while_the_state_file_is_written(tmp_path):
                 await asyncio.sleep(1.0)
             await save()
 
-        coord._save = slow_save  # type: ignore[method-assign]
+        coord.rounds.save_session = slow_save  # type: ignore[method-assign]
         r1 = [
             asyncio.create_task(c.barrier(BarrierSync(round=1, samples=10), to_bytes(model(i))))
             for i, c in enumerate(clients)
         ]
         await asyncio.wait_for(saving.wait(), 10)
-        assert coord.session.open_round == 2 and coord.current.round == 0
+        assert coord.session.open_round == 2 and coord.rounds.current.completed_round == 0
         early = asyncio.create_task(
             a.barrier(BarrierSync(round=2, samples=10), to_bytes(model(20)))
         )
@@ -509,14 +512,6 @@ def test_a_connection_whose_first_stream_fails_is_closed(tmp_path):
     run(main())
 
 
-def test_keeping_a_single_checkpoint_is_refused(tmp_path):
-    # A crash between a round's checkpoint and the state file resumes from the previous
-    # checkpoint, so it must still be there: the CLI's --keep >= 2 holds from Python too.
-    with pytest.raises(ConfigError, match="keep must be at least 2"):
-        Coordinator(SessionConfig(), ServeOptions(state_dir=tmp_path / "state", keep=1))
-    Coordinator(SessionConfig(), ServeOptions(state_dir=tmp_path / "state", keep=2))
-
-
 def test_a_damaged_checkpoint_stops_a_restart_with_what_to_do(tmp_path):
     async def first():
         coord = coordinator(tmp_path)
@@ -594,7 +589,7 @@ def test_an_expired_token_refuses_new_nodes_but_not_a_member_reconnecting(tmp_pa
             await CoordinatorClient.connect(token, node_info=info, timeout=10)
         a = await CoordinatorClient.connect(token, node_info=info, secret=secret, timeout=10)
         assert a.config is not None and a.config.session_id == coord.session.session_id
-        assert coord.session.members[a.node_key].state == "ready"
+        assert coord.session.members[a.node_key].state is MemberState.READY
         await a.close()
         # Expired by the node's own clock too: the node dials anyway and the coordinator
         # decides (a node must not refuse itself a reconnect the coordinator would allow).
@@ -683,17 +678,18 @@ async def node_main(token: str, index: int, stall: int | None) -> None:
         a = await client.shard(0)
         sha = ready.sha256
         for k in range(a.rounds):
-            rnd = a.first_round + k
-            if rnd == stall:
+            open_round = a.first_round + k
+            if open_round == stall:
                 print("stalled", flush=True)
                 await asyncio.sleep(3600)
             sd = from_bytes(blob)
             sd["w"] = sd["w"] + 0.01 * (index + 1)
             await client.progress(
-                TrainProgress(round=rnd, epoch=0, step=k, samples=10, samples_per_s=100.0)
+                TrainProgress(round=open_round, epoch=0, step=k, samples=10, samples_per_s=100.0)
             )
             ready, blob = await client.barrier(
-                BarrierSync(round=rnd, samples=10 * (index + 1), train_seconds=0.1), to_bytes(sd)
+                BarrierSync(round=open_round, samples=10 * (index + 1), train_seconds=0.1),
+                to_bytes(sd),
             )
             sha = ready.sha256
             print(f"round {ready.round} {sha}", flush=True)

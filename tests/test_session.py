@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import msgspec
 import pytest
 
-from lightning_drift.coordinator.session import Session, SessionConfig
+from lightning_drift.coordinator.config import SessionConfig
+from lightning_drift.coordinator.session import MemberState, Session, Verdict
 from lightning_drift.protocol import NodeInfo, TrainProgress
 
 A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
@@ -47,25 +49,25 @@ def start(
         kw = {} if calibration is None or n not in calibration else {"calibration": calibration[n]}
         ready(s, n, now, dataset_size=s.config.dataset_size, **kw)
     v = s.upload(nodes[0], 0, now)
-    assert v.kind == "initial"
+    assert v.kind is Verdict.INITIAL
     s.initial(now)
     for n in nodes:
-        assert s.upload(n, 0, now).kind == "current"
+        assert s.upload(n, 0, now).kind is Verdict.CURRENT
         r = s.shard(n, 0, now)
         assert r.assignment is not None, r.reason
 
 
 def arrive(s: Session, node: str, now: float, samples: int = 100):
-    rnd = s.open_round
-    v = s.upload(node, rnd, now)
-    assert v.kind == "open", v.reason
-    return s.arrived(node, rnd, samples, now)
+    open_round = s.open_round
+    v = s.upload(node, open_round, now)
+    assert v.kind is Verdict.OPEN, v.reason
+    return s.arrived(node, open_round, samples, now)
 
 
 def finish_round(s: Session, now: float):
     r = s.open_round
     s.close(r)
-    return s.completed_round(r, now)
+    return s.advance(r, now)
 
 
 def test_join_admit_and_dataset_mismatch():
@@ -75,7 +77,7 @@ def test_join_admit_and_dataset_mismatch():
     assert not d.ok and d.code == "dataset_mismatch"
     assert "999" in d.reason and "1000" in d.reason
     assert s.admit(A, info(), 0.0).ok
-    assert s.members[A].state == "ready"
+    assert s.members[A].state is MemberState.READY
 
 
 def test_dataset_size_adopted_from_first_node():
@@ -118,13 +120,13 @@ def test_round_zero_then_stale_uploads_answered_at_once():
     start(s, A)
     assert s.completed == 0 and s.has_weights
     v = s.upload(A, 0, 1.0)
-    assert v.kind == "current" and "global weights" in v.reason
+    assert v.kind is Verdict.CURRENT and "global weights" in v.reason
     arrive(s, A, 1.0)
     finish_round(s, 2.0)
     v = s.upload(A, 1, 3.0)
-    assert v.kind == "current" and "round 1 already completed" in v.reason
+    assert v.kind is Verdict.CURRENT and "round 1 already completed" in v.reason
     v = s.upload(A, 5, 3.0)
-    assert v.kind == "refuse" and v.code == "bad_round" and "open round is 2" in v.reason
+    assert v.kind is Verdict.REFUSE and v.code == "bad_round" and "open round is 2" in v.reason
 
 
 def test_round_completes_when_all_live_nodes_arrive():
@@ -137,12 +139,12 @@ def test_round_completes_when_all_live_nodes_arrive():
     assert d.complete
     assert d.reason == f"round 1 complete: all 2 live node(s) arrived ({A[:8]}, {B[:8]})"
     assert d.contributors == ((A, 100), (B, 100))
-    assert s.upload(A, 1, 2.0).kind == "again"
+    assert s.upload(A, 1, 2.0).kind is Verdict.AGAIN
     assert s.close(1) == ((A, 100), (B, 100))
-    assert s.upload(C, 1, 2.0).kind == "refuse"  # never joined
-    assert s.upload(A, 1, 2.1).kind == "closing"
-    out = s.completed_round(1, 3.0)
-    assert out.round == 1 and not out.finished and s.open_round == 2
+    assert s.upload(C, 1, 2.0).kind is Verdict.REFUSE  # never joined
+    assert s.upload(A, 1, 2.1).kind is Verdict.CLOSING
+    out = s.advance(1, 3.0)
+    assert out.completed_round == 1 and not out.finished and s.open_round == 2
     assert s.members[A].barrier_wait == pytest.approx(2.0)
 
 
@@ -158,7 +160,7 @@ def test_heartbeat_loss_mid_round_excludes_the_node():
     gone, d = s.tick(15.5)
     assert [n for n, _ in gone] == [C]
     assert "no message for 15.5s (heartbeat timeout 15s)" in gone[0][1]
-    assert s.members[C].state == "lost"
+    assert s.members[C].state is MemberState.LOST
     assert d.complete and "all 2 live node(s) arrived" in d.reason
     assert C in s.orphans  # its shard's rest is handed to the next late joiner
 
@@ -268,9 +270,9 @@ def test_upload_weight_is_bounded_by_the_shard():
     assert s.weight_for(A, 10**12) == 500.0  # at most its whole shard
     assert s.weight_for(A, -5) == 0.0
     assert s.weight_for(C, 10**12) == 1000.0  # no assignment: the dataset bounds it
-    rnd = s.open_round
-    assert s.upload(A, rnd, 1.0).kind == "open"
-    d = s.arrived(A, rnd, 10**12, 1.0, train_s=10.0)
+    open_round = s.open_round
+    assert s.upload(A, open_round, 1.0).kind is Verdict.OPEN
+    d = s.arrived(A, open_round, 10**12, 1.0, train_s=10.0)
     assert s.arrivals[A] == 500 and s.members[A].samples == 500
     assert s.members[A].rate == pytest.approx(50.0)  # not 1e11 samples/s
     d = arrive(s, B, 2.0, samples=100)
@@ -295,21 +297,42 @@ def test_bad_upload_excluded_round_does_not_wait():
     s = session()
     start(s, A, B)
     arrive(s, A, 1.0)
-    assert s.upload(B, 1, 2.0).kind == "open"
+    assert s.upload(B, 1, 2.0).kind is Verdict.OPEN
     d = s.reject(B, 1, "tensor w has NaN", 2.0)
     assert d.complete and d.contributors == ((A, 100),)
     assert "all 1 live node(s) arrived" in d.reason
     v = s.upload(B, 1, 2.5)
-    assert v.kind == "closing" and "excluded from round 1: tensor w has NaN" in v.reason
+    assert v.kind is Verdict.CLOSING and "excluded from round 1: tensor w has NaN" in v.reason
     finish_round(s, 3.0)
     assert s.expected() == [A, B]  # excluded for that round only
+
+
+def test_a_delta_against_other_weights_is_excluded_and_the_round_does_not_wait():
+    s = session()
+    start(s, A, B)
+    arrive(s, A, 1.0)
+    assert s.upload(B, 1, 1.5, base_round=0).kind is Verdict.OPEN  # against round 0's: fine
+    v = s.upload(B, 1, 2.0, base_round=7)
+    assert v.kind is Verdict.EXCLUDED and not v.kind.contributed and not v.kind.at_once
+    assert v.reason == (
+        "delta against round 7's weights, but the global weights are round 0's: left out of round 1"
+    )
+    d = s.check(2.0)
+    assert d.complete and d.contributors == ((A, 100),)
+    assert s.upload(B, 1, 2.5).kind is Verdict.CLOSING  # asked again: still left out
+
+
+def test_verdicts_say_how_they_are_answered():
+    answered_now = {v for v in Verdict if v.at_once}
+    assert answered_now == {Verdict.INITIAL, Verdict.CURRENT}
+    assert {v for v in Verdict if v.contributed} == {Verdict.INITIAL, Verdict.OPEN, Verdict.AGAIN}
 
 
 def test_late_joiner_counts_only_if_in_time_and_is_expected_from_its_second_round():
     s = session(min_nodes=2, epochs=1)
     start(s, A, B)
     ready(s, C, 1.0)
-    assert s.upload(C, 0, 1.0).kind == "current"  # gets the current global weights
+    assert s.upload(C, 0, 1.0).kind is Verdict.CURRENT  # gets the current global weights
     r = s.shard(C, 0, 1.0)
     assert r.assignment is not None and "late joiner" in r.reason
     assert r.assignment.first_round == 1 and r.assignment.rounds == 5
@@ -331,9 +354,9 @@ def test_late_joiner_too_late_is_not_counted():
     d = arrive(s, B, 2.0)
     assert d.complete
     s.close(1)
-    assert s.upload(C, 1, 2.5).kind == "closing"
-    s.completed_round(1, 3.0)
-    assert s.upload(C, 1, 3.5).kind == "current"
+    assert s.upload(C, 1, 2.5).kind is Verdict.CLOSING
+    s.advance(1, 3.0)
+    assert s.upload(C, 1, 3.5).kind is Verdict.CURRENT
 
 
 def test_rejoin_same_key_gets_rest_of_its_shard():
@@ -345,7 +368,7 @@ def test_rejoin_same_key_gets_rest_of_its_shard():
         finish_round(s, 1.0)
     a_b = s.assignments[B]
     s.lost(B, "connection closed", 2.0)
-    assert s.members[B].state == "lost"
+    assert s.members[B].state is MemberState.LOST
     # B had done 2 of 5 rounds of a 500-sample shard: 50 steps → barrier 2 after 20 steps.
     assert s.orphans[B].start == a_b.start + 200
     arrive(s, A, 3.0)
@@ -378,7 +401,7 @@ def test_epoch_rollover_and_finish():
     arrive(s, A, 4.0)
     out = finish_round(s, 4.0)
     assert out.finished and "finished" in out.reason
-    assert s.upload(A, 5, 5.0).kind == "current"
+    assert s.upload(A, 5, 5.0).kind is Verdict.CURRENT
     late = s.join(B, "b", 5.0)
     assert late.ok and "final weights" in late.reason
     assert s.status(5.0).state == "finished"
@@ -408,7 +431,7 @@ def test_returning_node_resending_its_upload_gets_a_late_shard():
     s.lost(B, "connection closed", 1.0)
     assert s.join(B, "b", 2.0).ok and s.admit(B, info(), 2.0).ok
     v = s.upload(B, 1, 2.0)  # no ShardRequest first: it re-sends what it held
-    assert v.kind == "open" and "returning node" in v.reason
+    assert v.kind is Verdict.OPEN and "returning node" in v.reason
     a = s.assignments[B]
     assert a.first_round == 1 and B in s.late and (a.start, a.stop) == (500, 1000)
 
@@ -421,3 +444,14 @@ def test_status_view():
     assert st.state == "training" and st.round == 0 and len(st.nodes) == 2
     na = next(n for n in st.nodes if n.node_id == A)
     assert na.samples_per_s == 12.5 and na.share == pytest.approx(0.5) and na.state == "training"
+
+
+def test_train_config_carries_every_setting_the_nodes_need():
+    s = session(aggregation="diloco", outer_lr=0.5, transfer_dtype="bfloat16", seed=7)
+    tc = s.train_config()
+    sent = {f.name for f in msgspec.structs.fields(tc)}
+    for name, value in asdict(s.config).items():
+        if name in sent:
+            assert getattr(tc, name) == value, name
+    assert {"aggregation", "outer_lr", "transfer_dtype", "seed", "epochs"} <= sent
+    assert (tc.round, tc.has_weights, tc.session_id) == (s.completed, False, "s1")

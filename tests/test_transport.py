@@ -10,13 +10,12 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import iroh
 import pytest
 from conftest import run_async
 
 from lightning_drift import protocol as p
 from lightning_drift import transport
-from lightning_drift.errors import AuthError, ConnectTimeout, PeerLost, ProtocolError
+from lightning_drift.errors import AuthError, ConnectTimeout, DriftError, PeerLost, ProtocolError
 from lightning_drift.transport import Connection, Endpoint, Stream
 
 pytestmark = pytest.mark.timeout(120)
@@ -80,54 +79,19 @@ async def ping(ep: Endpoint, ticket: str) -> str:
         conn.close()
 
 
-# ---------------------------------------------------------------------------- write-path fix
+def test_a_closed_endpoint_frees_its_port_at_once() -> None:
+    async def main() -> None:
+        first = await Endpoint.bind()
+        port = first.addrs()[0].rsplit(":", 1)[1]
+        await first.close()
+        # The wrapper is still referenced: the port must be free anyway (a restart binds it).
+        again = await Endpoint.bind(bind_addr=f"127.0.0.1:{port}")
+        assert again.addrs() == [f"127.0.0.1:{port}"]
+        await again.close()
+        with pytest.raises(DriftError, match="closed"):
+            first.ticket()
 
-
-def test_write_path_is_patched_and_round_trips() -> None:
-    assert transport.WRITE_PATH == "patched"
-    conv = iroh.iroh_ffi._UniffiFfiConverterBytes
-    big = os.urandom((3 << 20) + 5)
-    for value in (b"", b"x", big, bytearray(big[:1000]), memoryview(big)[7:-3], memoryview(b"")):
-        assert conv.lift(conv.lower(value)) == bytes(value)
-    # a non-contiguous view goes through a copy, still correct
-    strided = memoryview(big[:4000])[::2]
-    assert conv.lift(conv.lower(strided)) == bytes(strided)
-    assert transport._patch_write_path() == "already"
-
-
-class _NoLoopBuilder:
-    def write(self, value):  # what a fixed binding would look like
-        self.data = bytes(value)
-
-
-class _LoopBuilder:
-    def write(self, value):
-        for i, byte in enumerate(value):
-            self.data[i] = byte
-
-
-class _LyingConverter:
-    @staticmethod
-    def lower(value):
-        return bytes(value)
-
-    @staticmethod
-    def lift(value):
-        return value[:-1]  # loses a byte: the probe must notice
-
-
-def test_write_path_guard_refuses_without_the_loop() -> None:
-    original = _NoLoopBuilder.write
-    status = transport._patch_write_path(_NoLoopBuilder, _LyingConverter)
-    assert status.startswith("refused: write method has no per-byte loop")
-    assert _NoLoopBuilder.write is original
-
-
-def test_write_path_guard_restores_on_failed_probe() -> None:
-    original = _LoopBuilder.write
-    status = transport._patch_write_path(_LoopBuilder, _LyingConverter)
-    assert status.startswith("refused: probe round trip failed")
-    assert _LoopBuilder.write is original
+    run_async(main(), 30)
 
 
 # ---------------------------------------------------------------------------- handshake
@@ -141,7 +105,14 @@ def test_handshake_join_ping_nodeinfo_config_shard() -> None:
         await s.send(p.Ping(session_id="sess", nonce="n1"))
         info = p.expect(await s.recv(), p.NodeInfo)
         assert info.nonce == "n1"
-        await s.send(p.TrainConfig(session_id="sess", epochs=2, batch_size=8, sync_every=50))
+        await s.send(
+            p.TrainConfig(
+                session_id="sess", epochs=2, batch_size=8, sync_every=50, aggregation="mean",
+                outer_lr=0.7, outer_momentum=0.9, transfer_dtype="float32", seed=0,
+                dataset_size=info.dataset_size, round=0, epoch=0, heartbeat_s=5.0,
+                progress_every_s=5.0, has_weights=False, min_nodes=1, lightning_config="",
+            )
+        )  # fmt: skip
         await s.send(
             p.ShardAssignment(epoch=0, start=0, stop=info.dataset_size, rounds=3, first_round=1)
         )
@@ -276,9 +247,11 @@ def test_blob_over_max_size_is_refused_before_reading() -> None:
 class _FakeSend:
     def __init__(self) -> None:
         self.sizes: list[int] = []
+        self.data: list[bytes] = []
 
     async def write_all(self, buf) -> None:
         self.sizes.append(len(buf))
+        self.data.append(bytes(buf))
 
 
 class _FakeRecv:
@@ -314,6 +287,26 @@ def test_blobs_always_travel_in_chunks_of_at_most_one_mib() -> None:
         h, data = await Stream(None, recv).recv_blob()
         assert data == blob and h.size == len(blob)
         assert max(recv.asked) <= transport.CHUNK
+
+    run_async(main(), 30)
+
+
+def test_a_known_digest_is_sent_without_hashing_the_blob_again(monkeypatch) -> None:
+    blob = os.urandom(100_000)
+    digest = hashlib.sha256(blob).hexdigest()
+
+    def no_hashing(*args: object) -> str:
+        raise AssertionError("send_blob hashed a blob whose digest it was given")
+
+    monkeypatch.setattr(transport, "sha256_bytes", no_hashing)
+
+    async def main() -> None:
+        send = _FakeSend()
+        header = await Stream(send, None).send_blob(blob, sha256=digest)
+        assert header.sha256 == digest and header.size == len(blob)
+        recv = _FakeRecv(b"".join(send.data))
+        h, data = await Stream(None, recv).recv_blob()  # the receiver checks it as always
+        assert data == blob and h.sha256 == digest
 
     run_async(main(), 30)
 

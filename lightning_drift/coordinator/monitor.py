@@ -14,6 +14,7 @@ import msgspec
 from rich.table import Table
 
 from lightning_drift.protocol import NodeStatus, SessionStatus
+from lightning_drift.units import format_gib
 
 STATE_STYLE = {
     "training": "green",
@@ -25,10 +26,8 @@ STATE_STYLE = {
 }
 
 
-def _bytes(n: int) -> str:
-    if n <= 0:
-        return "-"
-    return f"{n / (1 << 30):.1f} GiB"
+def _vram(n: int) -> str:
+    return format_gib(n) if n > 0 else "-"
 
 
 def _node_label(n: NodeStatus) -> str:
@@ -46,7 +45,7 @@ def _row(n: NodeStatus) -> list[str]:
     return [
         _node_label(n),
         n.device or "-",
-        _bytes(n.vram_total),
+        _vram(n.vram_total),
         f"{n.share:.1%}" if n.share else "-",
         f"{n.samples_per_s:.1f}" if n.samples_per_s else "-",
         str(n.round),
@@ -79,10 +78,10 @@ def render_lines(st: SessionStatus, now: float | None = None) -> list[str]:
         f"epoch={min(st.epoch + 1, st.epochs)}/{st.epochs} aggregation={st.aggregation} nodes={len(st.nodes)}"
     ]
     for n in st.nodes:
-        node, device, vram, share, rate, rnd, wait, state = _row(n)
+        node, device, vram, share, rate, arrived_round, wait, state = _row(n)
         out.append(
             f"{stamp}   node={node.replace(' ', '_')} device={device.replace(' ', '_')} "
-            f"vram={vram.replace(' ', '')} share={share} samples_per_s={rate} round={rnd} "
+            f"vram={vram.replace(' ', '')} share={share} samples_per_s={rate} round={arrived_round} "
             f"barrier_wait={wait} state={state}"
         )
     return out

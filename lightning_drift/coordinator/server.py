@@ -1,17 +1,18 @@
-"""The coordinator's I/O shell: the iroh accept loop that feeds the session state machine.
+"""The coordinator's I/O shell: connections and streams, feeding the session and the rounds.
 
 One task per connection reads the control stream (Join → Ping → NodeInfo → TrainConfig, then
 progress, heartbeats, shard and status requests); every barrier is a new bi stream with its
-own task. Frames become calls on :class:`~lightning_drift.coordinator.session.Session`; its
-decisions become frames. Heavy CPU work (deserializing, accumulating, serializing, disk) runs
-in ``asyncio.to_thread`` so the loop keeps answering heartbeats while a round aggregates.
+own task. Frames become calls on :class:`~lightning_drift.coordinator.session.Session`, whose
+decisions become frames. An upload goes from its stream to the session (its verdict), then to
+:class:`~lightning_drift.coordinator.rounds.Rounds` (accumulate, or adopt), and is answered
+with the weights the rounds publish; the rounds own everything from the accumulator to the
+checkpoint and the published weights.
 
 A misbehaving peer costs only its own connection: garbage gets an ``Error`` frame and the
 connection is dropped; a bad upload gets an ``Error`` on its barrier stream and is excluded
 from the round, never touching the global weights.
 
-Entry points: :class:`Coordinator` (``start`` / ``run`` / ``stop`` / ``close``) and
-:func:`serve`.
+Entry point: :class:`Coordinator` (``start`` / ``run`` / ``stop`` / ``close``).
 """
 
 from __future__ import annotations
@@ -19,35 +20,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_drift.aggregate import Accumulator, DiLoCo, from_bytes, to_bytes, validate_upload
 from lightning_drift.auth import Claims, TokenVerifier
 from lightning_drift.checkpoint import CheckpointStore
-from lightning_drift.coordinator.session import RoundDecision, Session, SessionConfig
+from lightning_drift.coordinator.config import ServeOptions, SessionConfig
+from lightning_drift.coordinator.rounds import Rounds
+from lightning_drift.coordinator.session import RoundOutcome, Session, UploadVerdict, Verdict
 from lightning_drift.coordinator.state import StateDir
 from lightning_drift.errors import (
     AuthError,
     BlobTooLarge,
-    ConfigError,
     DriftError,
     PeerLost,
     ProtocolError,
     SessionError,
 )
-from lightning_drift.fsutil import sha256_file
 from lightning_drift.protocol import (
     BarrierReady,
     BarrierSync,
     Bye,
     Error,
-    Finish,
     Join,
     NodeInfo,
     Ping,
@@ -59,45 +56,6 @@ from lightning_drift.protocol import (
 from lightning_drift.transport import Connection, Endpoint, Stream
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PORT = 7842
-
-
-@dataclass
-class ServeOptions:
-    """How the coordinator runs (as opposed to what the session trains: SessionConfig)."""
-
-    state_dir: Path
-    checkpoint_dir: Path | None = None  # default: STATE_DIR/checkpoints
-    port: int = DEFAULT_PORT  # fixed, so a restart keeps its address and old tokens work
-    bind: str | None = None  # default 127.0.0.1 in local mode, 0.0.0.0 in internet mode
-    mode: str = "local"
-    relay: list[str] = field(default_factory=list)
-    exit_when_done: bool = True
-    # After the last round: wait until every connected node has said goodbye (a straggler
-    # left behind at the final deadline still fetches the final weights), at most this long.
-    finish_grace_s: float = 120.0
-    max_uploads: int = 4  # uploads received and accumulated at once (memory bound)
-    tick_s: float = 0.5
-    keep: int = 5  # checkpoints kept; at least 2 (a restart may need the previous one)
-    token_ttl_s: float = 7 * 86400.0  # lifetime of the standing node and observer tokens
-    handshake_timeout_s: float = 30.0
-    upload_timeout_s: float = 900.0  # one weights upload, start to end
-    # The largest start-up weights accepted (later uploads are bounded by the global model's
-    # size). 0: half of this machine's physical memory.
-    max_model_bytes: int = 0
-
-
-@dataclass
-class Weights:
-    """Global weights of one completed round, as sent to nodes."""
-
-    round: int
-    epoch: int
-    sha256: str
-    blob: bytes  # exactly the bytes of checkpoint round-NNNNNN.safetensors
-    path: str
-    finished: bool = False
 
 
 class NodeConn:
@@ -136,41 +94,26 @@ class Coordinator:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if options.token_ttl_s <= 0:
-            raise ConfigError(f"token_ttl_s must be positive, got {options.token_ttl_s}")
-        if options.keep < 2:
-            raise ConfigError(
-                f"keep must be at least 2, got {options.keep}: after a crash between a "
-                "checkpoint and the state file, a restart resumes from the previous checkpoint"
-            )
         self.config = config
         self.options = options
         self.clock = clock
         self.state = StateDir(options.state_dir)
         ckpt = options.checkpoint_dir or Path(options.state_dir) / "checkpoints"
         self.store = CheckpointStore(Path(ckpt), keep=options.keep)
-        self.session: Session = None  # type: ignore[assignment]
+        self.session: Session = None  # type: ignore[assignment]  # made by start()
+        self.rounds: Rounds = None  # type: ignore[assignment]  # made by start()
         self.endpoint: Endpoint | None = None
         self.ticket = ""
         self.node_token = ""
         self.observer_token = ""
-        self.global_sd: dict[str, Any] | None = None
-        self.current: Weights | None = None
-        self.acc: Accumulator | None = None
-        self.diloco: DiLoCo | None = None
         self.conns: dict[str, NodeConn] = {}
         self.pending_shards: dict[str, int] = {}
-        self.round_futs: dict[int, asyncio.Future[Weights]] = {}
         self.events: list[str] = []  # recent decisions and membership changes, for the view
-        self._acc_lock = asyncio.Lock()
         self._upload_sem = asyncio.Semaphore(options.max_uploads)
-        self._completing = False
         self.fatal: str | None = None  # why the coordinator stopped on its own, if it did
-        self._save_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_ping = 0.0
-        self._last_reason = ""
         self.finished_at: float | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -193,15 +136,15 @@ class Coordinator:
             self.session = Session(self.config, session_id=secrets.token_hex(8), now=now)
             self.state.save_session(self.session.to_dict())
             log.info("session.new id=%s", self.session.session_id)
-        if self.config.aggregation == "diloco":
-            self.diloco = DiLoCo(lr=self.config.outer_lr, momentum=self.config.outer_momentum)
-        elif self.config.aggregation != "mean":
-            raise ConfigError(f"aggregation must be mean or diloco, got {self.config.aggregation}")
-        if self.session.has_weights:
-            # Read and decoded in a thread; published on the loop (it resolves futures).
-            sd, blob, info = await asyncio.to_thread(self._load_checkpoint)
-            self._set_global(sd, blob, info.sha256, info.round, info.epoch, str(info.path))
-            log.info("checkpoint.loaded round=%d sha256=%s", info.round, info.sha256[:16])
+        self.rounds = Rounds(
+            self.session,
+            self.store,
+            self.state,
+            clock=self.clock,
+            listener=self,
+            spawn=self._spawn,
+        )
+        await self.rounds.load()
         self.verifier = TokenVerifier(
             identity.public_key, self.session.session_id, self.state.tokens().revoked()
         )
@@ -251,55 +194,6 @@ class Coordinator:
             self.session.completed,
         )
 
-    def _load_checkpoint(self) -> tuple[Any, bytes, Any]:
-        """(state dict, blob, checkpoint info) of the session's last completed round."""
-        rnd = self.session.completed
-        try:
-            info, blob, outer = self.store.load(rnd)
-        except DriftError:
-            raise ConfigError(
-                f"cannot resume session {self.session.session_id} at round {rnd}: "
-                f"{self._checkpoint_problem(rnd)}. Restore the round's checkpoint files and "
-                f"manifest.json into {self.store.directory} from a backup (if the first start "
-                "had --checkpoint-dir, give the same one), or move "
-                f"{self.state.path / 'state.json'} aside to start a new session with the same "
-                "identity"
-            ) from None
-        sd = from_bytes(blob)
-        if self.diloco is not None and outer is not None:
-            self.diloco.load_state_dict(from_bytes(outer))
-        return sd, blob, info
-
-    def _checkpoint_problem(self, rnd: int) -> str:
-        """Why checkpoint ``rnd`` cannot be loaded, in words for the operator."""
-        try:
-            entries = self.store.checkpoints()
-        except DriftError as exc:  # the manifest itself is unreadable
-            return str(exc)
-        info = next((e for e in entries if e.round == rnd), None)
-        if info is None:
-            kept = ", ".join(str(e.round) for e in entries) or "none"
-            return f"{self.store.directory} has no checkpoint of round {rnd} (rounds: {kept})"
-        for path, sha in ((info.path, info.sha256), (info.outer_path, info.outer_sha256)):
-            if path is None:
-                continue
-            try:
-                if sha256_file(path) != sha:
-                    return f"{path} is damaged (its sha256 is not the one in manifest.json)"
-            except OSError as exc:
-                return f"{path} cannot be read ({exc.strerror or exc})"
-        return f"the checkpoint of round {rnd} in {self.store.directory} cannot be read"
-
-    def _set_global(self, sd, blob: bytes, sha: str, rnd: int, epoch: int, path: str) -> None:
-        self.global_sd = sd
-        self.current = Weights(rnd, epoch, sha, blob, path, finished=self.session.finished)
-        self.acc = Accumulator(sd)
-        # Everyone waiting for these weights (or older ones) gets them now.
-        for r in [r for r in self.round_futs if r <= rnd]:
-            fut = self.round_futs.pop(r)
-            if not fut.done():
-                fut.set_result(self.current)
-
     async def run(self) -> None:
         """Serve until the session finishes (then a grace period) or :meth:`stop`."""
         assert self.endpoint is not None, "call start() first"
@@ -335,15 +229,33 @@ class Coordinator:
         if not task.cancelled() and task.exception() is not None:
             log.error("task.failed error=%r", task.exception(), exc_info=task.exception())
 
-    def _event(self, text: str) -> None:
+    def status(self) -> SessionStatus:
+        current = self.rounds.current
+        st = self.session.status(self.clock(), current.path if current else "")
+        st.lightning_config = self.config.lightning_config
+        return st
+
+    # ---- what the rounds tell (RoundListener) ----------------------------------------------
+    def event(self, text: str) -> None:
+        """Log a decision or membership change and keep it for the view."""
         log.info("%s", text)
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
         del self.events[:-50]
 
-    def status(self) -> SessionStatus:
-        st = self.session.status(self.clock(), self.current.path if self.current else "")
-        st.lightning_config = self.config.lightning_config
-        return st
+    def round_completed(self, outcome: RoundOutcome) -> None:
+        self._serve_pending_shards()
+        if outcome.finished:
+            self._finish()
+
+    def failed(self, reason: str) -> None:
+        # Disk full, out of memory, ...: the round's state is now uncertain. Stop rather than
+        # hang every node at this barrier; a restart on the same state dir resumes from the
+        # last round whose state was saved, and nodes re-send their uploads.
+        self.fatal = reason
+        self.event(reason)
+        for nc in list(self.conns.values()):
+            nc.conn.close(2, "coordinator failed; it will be restarted")
+        self._stop.set()
 
     # ---- connections ---------------------------------------------------------------------
     async def _accept_loop(self) -> None:
@@ -418,7 +330,7 @@ class Coordinator:
         if not d.ok:
             await _refuse(conn, stream, d.code, d.reason)
             return
-        self._event(d.reason)
+        self.event(d.reason)
         nonce = secrets.token_hex(8)
         await stream.send(Ping(session_id=self.session.session_id, nonce=nonce))
         info = await asyncio.wait_for(stream.recv(), self.options.handshake_timeout_s)
@@ -434,7 +346,7 @@ class Coordinator:
         d = self.session.admit(node, info, self.clock())
         if not d.ok:
             self.session.lost(node, d.reason, self.clock(), left=True)
-            self._event(f"node {node[:8]} refused: {d.reason}")
+            self.event(f"node {node[:8]} refused: {d.reason}")
             await _refuse(conn, stream, d.code, d.reason)
             return
         old = self.conns.get(node)
@@ -445,7 +357,7 @@ class Coordinator:
         reason = "connection closed"
         try:
             await stream.send(self.session.train_config())
-            self._event(d.reason)
+            self.event(d.reason)
             self._serve_pending_shards()
             acceptor = asyncio.create_task(self._barrier_streams(nc))
             nc.tasks.add(acceptor)
@@ -464,8 +376,8 @@ class Coordinator:
                 left = reason.startswith("bye")
                 lost = self.session.lost(node, reason, self.clock(), left=left)
                 if lost.ok:
-                    self._event(lost.reason)
-                self._maybe_complete(self.session.check(self.clock()))
+                    self.event(lost.reason)
+                self.rounds.consider(self.session.check(self.clock()))
             conn.close(0, "")
 
     def _member_token(self, node: str, join: Join, now: float) -> Claims | None:
@@ -519,24 +431,19 @@ class Coordinator:
             else:
                 raise ProtocolError(f"observers may send StatusRequest, not {type(msg).__name__}")
 
-    async def _save(self) -> None:
-        """Write state.json; the snapshot is taken inside the lock, so saves never go back."""
-        async with self._save_lock:
-            await asyncio.to_thread(self.state.save_session, self.session.to_dict())
-
     async def _shard(self, nc: NodeConn, epoch: int) -> None:
         r = self.session.shard(nc.node, epoch, self.clock())
         if r.assignment is not None:
             self.pending_shards.pop(nc.node, None)
             # An epoch's plan and late assignments must survive a restart: nodes train on
             # them and re-send their uploads against them.
-            await self._save()
+            await self.rounds.save_session()
             await nc.send(r.assignment)
         elif r.wait:
             self.pending_shards[nc.node] = epoch
             log.debug("shard.wait node=%s reason=%s", nc.node[:8], r.reason)
-        elif r.code == "finished" and self.current is not None:
-            await nc.send(self._finish_msg())
+        elif r.code == "finished" and self.rounds.current is not None:
+            await nc.send(self.rounds.finish_message())
         else:
             await nc.send(Error(code=r.code, message=r.reason))
 
@@ -570,7 +477,7 @@ class Coordinator:
                 async with self._upload_sem:
                     # A peer that stops sending mid-blob must not hold an upload slot
                     # forever: past the limit the stream is abandoned (not resumed).
-                    limit, hint = self._max_upload()
+                    limit, hint = self.rounds.max_upload(self.options.max_model_bytes)
                     _, blob = await asyncio.wait_for(
                         stream.recv_blob(max_size=limit, limit_hint=hint),
                         self.options.upload_timeout_s,
@@ -587,36 +494,22 @@ class Coordinator:
                 # keep the connection (the node may have a smaller model to offer).
                 await stream.stop_reading()
                 if sync.round > 0:
-                    self._reject(node, sync.round, str(exc))
+                    self.rounds.reject(node, sync.round, str(exc))
                 raise SessionError(str(exc), "too_large") from None
             finally:
                 nc.uploading = False
-            if verdict is None:
-                return
-            kind, reason = verdict
-            if kind == "current" and (
-                self.current is None or self.current.round < self.session.completed
-            ):
-                # The round has just completed but its weights are not published yet (the
-                # state file is being written): wait for them rather than hand out older ones.
-                w = await self._wait_round(self.session.completed)
-            elif kind in ("current", "initial"):
-                assert self.current is not None
-                w = self.current
-            else:
-                w = await self._wait_round(sync.round)
-            contributed = kind in ("open", "again", "initial")
+            w = await self.rounds.answer(verdict, sync.round)
             await stream.send(
                 BarrierReady(
-                    round=w.round,
+                    round=w.completed_round,
                     sha256=w.sha256,
-                    contributed=contributed,
-                    reason=reason,
+                    contributed=verdict.kind.contributed,
+                    reason=verdict.reason,
                     epoch=w.epoch,
                     finished=w.finished,
                 )
             )
-            await stream.send_blob(w.blob, kind="weights")
+            await stream.send_blob(w.blob, kind="weights", sha256=w.sha256)
             await stream.finish()
         except SessionError as exc:
             with contextlib.suppress(DriftError):
@@ -634,202 +527,18 @@ class Coordinator:
                 await stream.send(Error(code="internal", message=f"coordinator error: {exc!r}"))
                 await stream.finish()
 
-    def _max_upload(self) -> tuple[int, str]:
-        """The largest upload accepted now, and what to tell a node that sends more."""
-        if self.current is None:
-            limit = self.options.max_model_bytes or physical_memory() // 2
-            return limit, (
-                "start-up weights larger than this coordinator accepts; start `drift-coord "
-                "serve` with a larger --max-model-mb if it has the memory for the model"
-            )
-        return 4 * len(self.current.blob) + (1 << 20), "4 × the global weights' size"
-
-    async def _take_upload(
-        self, node: str, sync: BarrierSync, blob: bytes
-    ) -> tuple[str, str] | None:
-        """Act on one upload; returns (verdict kind, reason) for the answer, or raises."""
-        s = self.session
-        v = s.upload(node, sync.round, self.clock())
-        if v.kind == "refuse":
-            raise SessionError(v.reason, v.code)
-        if v.kind == "initial":
-            adopted = await self._adopt_initial(node, blob)
-            return (
-                ("initial", v.reason) if adopted else ("current", "start-up sync: global weights")
-            )
-        if v.kind != "open":
-            return (v.kind, v.reason)
-        try:
-            sd = await asyncio.to_thread(from_bytes, blob)
-        except SessionError as exc:
-            self._reject(node, sync.round, str(exc))
-            raise
-        # Adding into the shared sums must run to its end even if this node's connection
-        # drops meanwhile (which cancels its tasks): a half-added upload would corrupt the
-        # round, and the accumulator and the session must agree on who arrived.
-        return await asyncio.shield(asyncio.ensure_future(self._accumulate(node, sync, sd)))
-
-    async def _accumulate(self, node: str, sync: BarrierSync, sd: Any) -> tuple[str, str]:
-        s = self.session
-        async with self._acc_lock:
-            v = s.upload(node, sync.round, self.clock())  # the round may have closed meanwhile
-            if v.kind != "open":
-                return (v.kind, v.reason)
-            assert self.acc is not None and self.current is not None
-            if sync.delta and sync.base_round >= 0 and sync.base_round != self.current.round:
-                # (local - global) is only meaningful against the weights it was taken from.
-                reason = (
-                    f"delta against round {sync.base_round}'s weights, but the global weights "
-                    f"are round {self.current.round}'s: left out of round {sync.round}"
-                )
-                self._event(f"node {node[:8]} upload for round {sync.round} refused: {reason}")
-                self._maybe_complete(s.reject(node, sync.round, reason, self.clock()))
-                return ("excluded", reason)  # answered with the round's result, not counted
-            # Samples trained since the last barrier, at most the node's shard; 0 (nothing left
-            # in its shard) adds nothing.
-            weight = s.weight_for(node, sync.samples)
-            try:
-                await asyncio.to_thread(self.acc.add, node, sd, weight, delta=sync.delta)
-            except SessionError as exc:
-                self._reject(node, sync.round, str(exc))
-                raise
-            d = s.arrived(node, sync.round, sync.samples, self.clock(), sync.train_seconds)
-        log.info("barrier.arrived node=%s round=%d samples=%d", node[:8], sync.round, sync.samples)
-        self._maybe_complete(d)
-        return ("open", v.reason)
-
-    def _reject(self, node: str, rnd: int, reason: str) -> None:
-        self._event(f"node {node[:8]} upload for round {rnd} refused: {reason}")
-        self._maybe_complete(self.session.reject(node, rnd, reason, self.clock()))
-
-    async def _adopt_initial(self, node: str, blob: bytes) -> bool:
-        async with self._acc_lock:
-            if self.session.has_weights:
-                return False
-            sd = await asyncio.to_thread(from_bytes, blob)
-            await asyncio.to_thread(validate_upload, sd, sd)
-            canon = await asyncio.to_thread(to_bytes, sd)
-            outer = None
-            if self.diloco is not None:
-                outer = await asyncio.to_thread(to_bytes, self.diloco.state_dict())
-            now = self.clock()
-            info = await asyncio.to_thread(
-                self.store.write,
-                0,
-                canon,
-                outer=outer,
-                epoch=0,
-                contributors=[(node, 1.0)],
-                now=now,
-                extra={"session": self.session.session_id},
-            )
-            self.session.initial(now)
-            await self._save()
-            self._set_global(sd, canon, info.sha256, 0, 0, str(info.path))
-        self._event(f"round 0: start-up weights from node {node[:8]} ({len(canon)} bytes)")
-        return True
-
-    async def _wait_round(self, rnd: int) -> Weights:
-        """The published weights of round ``rnd`` or a later one.
-
-        A round counts as completed in the session before its weights are published (the
-        state file is written in between): wait for the publication, not for the session."""
-        if self.current is not None and self.current.round >= rnd:
-            return self.current
-        fut = self.round_futs.get(rnd)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self.round_futs[rnd] = fut
-        return await asyncio.shield(fut)
-
-    def _maybe_complete(self, d: RoundDecision) -> None:
-        if d.reason != self._last_reason:
-            self._last_reason = d.reason
-            log.debug("round.decision %s", d.reason)
-        if d.complete and not self._completing:
-            self._completing = True
-            self._spawn(self._complete(d))
-
-    async def _complete(self, d: RoundDecision) -> None:
-        s = self.session
-        rnd = d.round
-        try:
-            async with self._acc_lock:
-                s.close(rnd)
-                acc, self.acc = self.acc, None
-            assert acc is not None and self.global_sd is not None
-            self._event(d.reason)
-            epoch = s.epoch
-            t0 = time.perf_counter()
-            new_sd, blob, info = await asyncio.to_thread(self._aggregate, rnd, epoch, acc)
-            # Once the session has moved on, round rnd + 1 is open and its uploads may come
-            # in while the state file is written; holding the lock until the new global
-            # weights (and with them the next accumulator) exist makes them wait for it.
-            async with self._acc_lock:
-                out = s.completed_round(rnd, self.clock())
-                await self._save()
-                self._set_global(new_sd, blob, info.sha256, rnd, epoch, str(info.path))
-            log.info(
-                "round.completed round=%d contributors=%d seconds=%.3f sha256=%s",
-                rnd,
-                len(acc.contributors),
-                time.perf_counter() - t0,
-                info.sha256[:16],
-            )
-            if out.planned_epoch is not None or out.finished:
-                self._event(out.reason)
-            self._serve_pending_shards()
-            if out.finished:
-                self._finish()
-        except Exception as exc:
-            # Disk full, out of memory, ...: the round's state is now uncertain. Stop rather
-            # than hang every node at this barrier; a restart on the same state dir resumes
-            # from the last round whose state was saved, and nodes re-send their uploads.
-            self.fatal = f"round {rnd} could not be completed: {type(exc).__name__}: {exc}"
-            log.critical("round.failed round=%d error=%r", rnd, exc)
-            self._event(self.fatal)
-            for nc in list(self.conns.values()):
-                nc.conn.close(2, "coordinator failed; it will be restarted")
-            self._stop.set()
-            return
-        finally:
-            self._completing = False
-        self._maybe_complete(s.check(self.clock()))
-
-    def _aggregate(self, rnd: int, epoch: int, acc: Accumulator):
-        assert self.global_sd is not None
-        extra = {"session": self.session.session_id, "aggregation": self.config.aggregation}
-        if acc.total_weight <= 0:
-            # Every contributor trained nothing this round: the weights carry over unchanged
-            # (and DiLoCo takes no outer step, so its momentum does not move them either).
-            new_sd = self.global_sd
-            extra["unchanged"] = "no samples trained this round"
-        elif self.diloco is not None:
-            new_sd = self.diloco.step(self.global_sd, acc.mean())
-        else:
-            new_sd = acc.mean()
-        outer = to_bytes(self.diloco.state_dict()) if self.diloco is not None else None
-        blob = to_bytes(new_sd)
-        info = self.store.write(
-            rnd,
-            blob,
-            outer=outer,
-            epoch=epoch,
-            contributors=list(acc.contributors),
-            now=self.clock(),
-            extra=extra,
-        )
-        return new_sd, blob, info
-
-    def _finish_msg(self) -> Finish:
-        assert self.current is not None
-        return Finish(
-            round=self.current.round, sha256=self.current.sha256, checkpoint=self.current.path
-        )
+    async def _take_upload(self, node: str, sync: BarrierSync, blob: bytes) -> UploadVerdict:
+        """The session's verdict on one upload, acted on by the rounds: the verdict to answer
+        by. SessionError for a refusal or a bad upload."""
+        base = sync.base_round if sync.delta else -1
+        verdict = self.session.upload(node, sync.round, self.clock(), base_round=base)
+        if verdict.kind is Verdict.REFUSE:
+            raise SessionError(verdict.reason, verdict.code)
+        return await self.rounds.take(node, sync, blob, verdict)
 
     def _finish(self) -> None:
         self.finished_at = self.clock()
-        msg = self._finish_msg()
+        msg = self.rounds.finish_message()
         for nc in list(self.conns.values()):
             self._spawn(nc.send(msg))
         if self.options.exit_when_done:
@@ -853,11 +562,11 @@ class Coordinator:
             now = self.clock()
             gone, d = self.session.tick(now)
             for node, reason in gone:
-                self._event(f"node {node[:8]} lost: {reason}")
+                self.event(f"node {node[:8]} lost: {reason}")
                 nc = self.conns.pop(node, None)
                 if nc is not None:
                     nc.conn.close(2, "heartbeat timeout")
-            self._maybe_complete(d)
+            self.rounds.consider(d)
             if now - self._last_ping >= self.config.heartbeat_s:
                 self._last_ping = now
                 ping = Ping(session_id=self.session.session_id, nonce=f"hb{int(now)}")
@@ -874,25 +583,4 @@ async def _refuse(conn: Connection, stream: Stream, code: str, message: str) -> 
     conn.close(1, code)
 
 
-async def serve(config: SessionConfig, options: ServeOptions, on_start=None) -> Coordinator:
-    """Run a coordinator until its session finishes; ``on_start(coordinator)`` after binding."""
-    coord = Coordinator(config, options)
-    await coord.start()
-    try:
-        if on_start is not None:
-            on_start(coord)
-        await coord.run()
-    finally:
-        await coord.close()
-    return coord
-
-
-__all__ = ["DEFAULT_PORT", "Coordinator", "ServeOptions", "Weights", "serve"]
-
-
-def physical_memory() -> int:
-    """This machine's physical memory in bytes (16 GiB when the OS will not say)."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return 16 << 30
+__all__ = ["Coordinator", "NodeConn"]

@@ -42,12 +42,14 @@ count. Every decision carries a readable ``reason``; tests assert on them.
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgspec
 
+from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.protocol import (
     NodeInfo,
     NodeStatus,
@@ -65,37 +67,20 @@ from lightning_drift.scheduler import (
     train_device_info,
 )
 
-LIVE = ("joined", "ready", "training", "barrier")
-GONE = ("lost", "left")
+
+class MemberState(enum.Enum):
+    """Where a node is in its lifecycle (see the module docstring's diagram)."""
+
+    JOINED = "joined"  # Join accepted, NodeInfo not yet
+    READY = "ready"  # admitted: NodeInfo accepted
+    TRAINING = "training"  # has a shard (or reported progress)
+    BARRIER = "barrier"  # its upload for the open round is counted
+    LOST = "lost"  # heartbeat timeout or connection gone
+    LEFT = "left"  # said Bye, or was refused at the handshake
 
 
-@dataclass
-class SessionConfig:
-    """Everything ``drift-coord serve`` configures about a session (persisted in state.json)."""
-
-    epochs: int = 1
-    batch_size: int = 32
-    sync_every: int = 100
-    min_nodes: int = 1
-    aggregation: str = "mean"  # "mean" | "diloco"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    quorum: float = 0.5  # fraction of the expected nodes needed once the deadline has passed
-    heartbeat_timeout: float = 15.0  # seconds without any message before a node is lost
-    heartbeat_s: float = 5.0  # how often nodes ping
-    progress_every_s: float = 5.0
-    deadline_margin: float = 1.5
-    deadline_floor: float = 10.0
-    dataset_size: int = 0  # 0: adopt from the first admitted node
-    seed: int = 0
-    transfer_dtype: str = "float32"
-    min_vram: int = 0
-    lightning_config: str = ""
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SessionConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+LIVE = frozenset({MemberState.JOINED, MemberState.READY, MemberState.TRAINING, MemberState.BARRIER})
+GONE = frozenset({MemberState.LOST, MemberState.LEFT})
 
 
 @dataclass(frozen=True)
@@ -107,24 +92,42 @@ class Decision:
     code: str = ""
 
 
+class Verdict(enum.Enum):
+    """What becomes of one barrier upload: every outcome the server answers differently."""
+
+    INITIAL = "initial"  # the first start-up weights: adopted as round 0, answered at once
+    CURRENT = "current"  # not counted: answered at once with the current global weights
+    OPEN = "open"  # counts toward the open round: answered when that round completes
+    AGAIN = "again"  # already counted: answered when the round completes
+    CLOSING = "closing"  # too late, or the node is excluded: answered when the round completes
+    EXCLUDED = "excluded"  # left out of the open round now (see the reason): likewise
+    REFUSE = "refuse"  # answered with Error(code)
+
+    @property
+    def at_once(self) -> bool:
+        """Answered with the current global weights now, not with the round's result."""
+        return self in (Verdict.INITIAL, Verdict.CURRENT)
+
+    @property
+    def contributed(self) -> bool:
+        """The upload is part of the global weights the node gets back."""
+        return self in (Verdict.INITIAL, Verdict.OPEN, Verdict.AGAIN)
+
+
 @dataclass(frozen=True)
 class UploadVerdict:
-    """What the server does with a barrier upload for ``round``.
+    """The session's verdict on a barrier upload, why, and the Error code of a refusal."""
 
-    kind: ``initial`` (adopt as round-0 global weights), ``current`` (answer at once with the
-    current global weights, not contributed), ``open`` (accumulate into the open round),
-    ``again`` (already counted: wait for the round, contributed), ``closing`` (the round is being
-    aggregated or the node is excluded: wait for it, not contributed), ``refuse`` (Error).
-    """
-
-    kind: str
+    kind: Verdict
     reason: str
     code: str = ""
 
 
 @dataclass(frozen=True)
 class RoundDecision:
-    round: int
+    """Whether ``open_round`` can complete now, and why."""
+
+    open_round: int
     complete: bool
     reason: str
     contributors: tuple[tuple[str, int], ...] = ()  # (node, samples) in arrival order
@@ -146,7 +149,9 @@ class ShardReply:
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    round: int
+    """What followed the completion of ``completed_round``."""
+
+    completed_round: int
     epoch: int  # the epoch the round belonged to
     finished: bool
     planned_epoch: int | None  # a new epoch plan was made
@@ -157,13 +162,13 @@ class RoundOutcome:
 class Member:
     node: str
     name: str = ""
-    state: str = "joined"
+    state: MemberState = MemberState.JOINED
     joined_at: float = 0.0
     last_seen: float = 0.0
     device: str = ""
     vram_total: int = 0
     rate: float = 0.0  # last measured samples/s
-    round: int = 0  # last round this node arrived at
+    arrived_round: int = 0  # the last round this node's upload counted in
     barrier_since: float | None = None
     barrier_wait: float = 0.0  # how long it waited at its last completed barrier
     loss: float | None = None
@@ -222,19 +227,19 @@ class Session:
     def live(self) -> list[str]:
         return [n for n, m in self.members.items() if m.live()]
 
-    def expected(self, rnd: int | None = None) -> list[str]:
-        """Nodes whose upload round ``rnd`` (default: open) waits for, in join order."""
-        rnd = self.open_round if rnd is None else rnd
-        if self.plan is None or not (self.plan.first_round <= rnd <= self.plan.last_round):
+    def expected(self) -> list[str]:
+        """Nodes whose upload the open round waits for, in join order."""
+        r = self.open_round
+        if self.plan is None or not (self.plan.first_round <= r <= self.plan.last_round):
             return []
         out = []
         for node, a in self.assignments.items():
             m = self.members.get(node)
             if m is None or not m.live() or node in self.excluded:
                 continue
-            if node in self.late and a.first_round >= rnd:
+            if node in self.late and a.first_round >= r:
                 continue  # a late joiner's first round: counts only if it comes in time
-            if a.first_round + a.rounds - 1 < rnd:
+            if a.first_round + a.rounds - 1 < r:
                 continue
             out.append(node)
         return out
@@ -308,7 +313,7 @@ class Session:
             if m is None:
                 self.members[node] = Member(node=node, name=name, joined_at=now, last_seen=now)
                 m = self.members[node]
-            m.state, m.last_seen = "left", now
+            m.state, m.last_seen = MemberState.LEFT, now
             return Decision(True, "the session has finished: the node may fetch the final weights")
         if m is None:
             self.members[node] = Member(node=node, name=name, joined_at=now, last_seen=now)
@@ -316,11 +321,11 @@ class Session:
         was = m.state
         m.name = name or m.name
         m.last_seen = now
-        m.state = "joined"
+        m.state = MemberState.JOINED
         m.reason = ""
         if was in GONE:
-            return Decision(True, f"node {_short(node)} rejoined (was {was})")
-        return Decision(True, f"node {_short(node)} reconnected (was {was})")
+            return Decision(True, f"node {_short(node)} rejoined (was {was.value})")
+        return Decision(True, f"node {_short(node)} reconnected (was {was.value})")
 
     def admit(self, node: str, info: NodeInfo, now: float) -> Decision:
         """NodeInfo arrived: check it against the session; the node becomes ready."""
@@ -360,7 +365,7 @@ class Session:
         dev = train_device_info(info)
         m.device = info.train_device if dev is None else f"{info.train_device} {dev.name}"
         m.vram_total = dev.vram_total if dev is not None else 0
-        m.state = "ready"
+        m.state = MemberState.READY
         return Decision(True, f"node {_short(node)} ready on {m.device}")
 
     def seen(self, node: str, now: float) -> None:
@@ -374,8 +379,8 @@ class Session:
         if m is None or not m.live():
             return
         m.last_seen = now
-        if m.state == "ready":
-            m.state = "training"
+        if m.state is MemberState.READY:
+            m.state = MemberState.TRAINING
         m.loss = msg.loss
         m.samples = msg.samples
         if msg.samples_per_s > 0:
@@ -386,7 +391,7 @@ class Session:
         m = self.members.get(node)
         if m is None or not m.live():
             return Decision(False, f"node {_short(node)} was not live")
-        m.state = "left" if left else "lost"
+        m.state = MemberState.LEFT if left else MemberState.LOST
         m.reason = reason
         m.barrier_since = None
         a = self.assignments.get(node)
@@ -402,7 +407,7 @@ class Session:
             # It gets a fresh assignment (its own rest if still free) when it comes back.
             del self.assignments[node]
             self.late.discard(node)
-        return Decision(True, f"node {_short(node)} {m.state}: {reason}")
+        return Decision(True, f"node {_short(node)} {m.state.value}: {reason}")
 
     def tick(self, now: float) -> tuple[list[tuple[str, str]], RoundDecision]:
         """Periodic check: heartbeat losses, then whether the open round can complete."""
@@ -428,7 +433,7 @@ class Session:
         epoch = 0 if self.plan is None else self.plan.epoch + 1
         if epoch >= self.config.epochs:
             return None
-        ready = [n for n in self.live() if self.members[n].state != "joined"]
+        ready = [n for n in self.live() if self.members[n].state is not MemberState.JOINED]
         need = self.config.min_nodes if epoch == 0 else 1
         if len(ready) < need:
             return None
@@ -461,8 +466,8 @@ class Session:
             a = self._late_assignment(node)
             if a is None:
                 return ShardReply(None, "no rounds left in this epoch; waiting for the next")
-        if m.state == "ready":
-            m.state = "training"
+        if m.state is MemberState.READY:
+            m.state = MemberState.TRAINING
         how = "late joiner " if node in self.late else ""
         return ShardReply(
             a,
@@ -516,70 +521,93 @@ class Session:
         return a
 
     # ---- barriers ------------------------------------------------------------------------
-    def upload(self, node: str, rnd: int, now: float) -> UploadVerdict:
-        """A BarrierSync for ``rnd`` arrived (before its blob is accumulated)."""
+    def upload(
+        self, node: str, upload_round: int, now: float, *, base_round: int = -1
+    ) -> UploadVerdict:
+        """A BarrierSync arrived, for ``upload_round`` (the round the node contributes to).
+
+        ``base_round``: for a delta upload (local − global), the completed round whose global
+        weights it was taken against; -1 for whole weights, or when the node does not say.
+        A delta against other weights than the global ones it would be added to is left out
+        of the open round (``EXCLUDED``), which then no longer waits for the node.
+        """
+        r = upload_round
         m = self.members.get(node)
         if m is None or not m.live():
-            return UploadVerdict("refuse", "join first", "not_joined")
+            return UploadVerdict(Verdict.REFUSE, "join first", "not_joined")
         m.last_seen = now
-        if rnd == 0:
+        if r == 0:
             if not self.has_weights:
-                return UploadVerdict("initial", "first start-up sync: adopted as round 0")
-            return UploadVerdict("current", "start-up sync: here are the global weights")
-        if rnd < 0:
-            return UploadVerdict("refuse", f"round {rnd} is negative", "bad_round")
-        if rnd <= self.completed:
+                return UploadVerdict(Verdict.INITIAL, "first start-up sync: adopted as round 0")
+            return UploadVerdict(Verdict.CURRENT, "start-up sync: here are the global weights")
+        if r < 0:
+            return UploadVerdict(Verdict.REFUSE, f"round {r} is negative", "bad_round")
+        if r <= self.completed:
             return UploadVerdict(
-                "current", f"round {rnd} already completed; discarded (latest {self.completed})"
+                Verdict.CURRENT,
+                f"round {r} already completed; discarded (latest {self.completed})",
             )
         if self.finished:
-            return UploadVerdict("current", "the session has finished")
-        if rnd > self.open_round:
+            return UploadVerdict(Verdict.CURRENT, "the session has finished")
+        if r > self.open_round:
             return UploadVerdict(
-                "refuse",
-                f"round {rnd} is not open; the open round is {self.open_round}",
+                Verdict.REFUSE,
+                f"round {r} is not open; the open round is {self.open_round}",
                 "bad_round",
             )
-        if self.closing == rnd:
-            return UploadVerdict("closing", f"round {rnd} is being aggregated; not counted")
+        if self.closing == r:
+            return UploadVerdict(Verdict.CLOSING, f"round {r} is being aggregated; not counted")
         if node in self.excluded:
-            return UploadVerdict("closing", f"excluded from round {rnd}: {self.excluded[node]}")
+            return UploadVerdict(Verdict.CLOSING, f"excluded from round {r}: {self.excluded[node]}")
         if node in self.arrivals:
-            return UploadVerdict("again", f"upload for round {rnd} already counted")
+            return UploadVerdict(Verdict.AGAIN, f"upload for round {r} already counted")
         if self.plan is None:
             return UploadVerdict(
-                "refuse", "no epoch is planned yet; send ShardRequest first", "no_shard"
+                Verdict.REFUSE, "no epoch is planned yet; send ShardRequest first", "no_shard"
             )
+        accepted = f"round {r} upload accepted"
         if node not in self.assignments:
             # A node back after being lost re-sends the upload it was holding: take it as a
             # late joiner's first round (counts if in time) and give it a shard for the rest.
             if self._late_assignment(node) is None:
-                return UploadVerdict("refuse", "no rounds left in this epoch", "no_shard")
-            return UploadVerdict("open", f"round {rnd} upload accepted from a returning node")
-        return UploadVerdict("open", f"round {rnd} upload accepted")
+                return UploadVerdict(Verdict.REFUSE, "no rounds left in this epoch", "no_shard")
+            accepted += " from a returning node"
+        if base_round >= 0 and base_round != self.completed:
+            # (local - global) is only meaningful against the weights it was taken from.
+            reason = (
+                f"delta against round {base_round}'s weights, but the global weights are round "
+                f"{self.completed}'s: left out of round {r}"
+            )
+            self.excluded[node] = reason
+            return UploadVerdict(Verdict.EXCLUDED, reason)
+        return UploadVerdict(Verdict.OPEN, accepted)
 
-    def arrived(self, node: str, rnd: int, samples: int, now: float, train_s: float = 0.0):
-        """The node's upload for the open round was accumulated. Returns the round decision.
+    def arrived(
+        self, node: str, upload_round: int, samples: int, now: float, train_s: float = 0.0
+    ) -> RoundDecision:
+        """The node's upload for ``upload_round`` (the open round) was accumulated. Returns
+        the round decision.
 
         ``samples`` is recorded as :meth:`weight_for` bounds it (the weight it was accumulated
         with), also for the pace measured from ``train_s``.
         """
         m = self.members[node]
         m.last_seen = now
-        if rnd == self.open_round and self.closing is None:
+        if upload_round == self.open_round and self.closing is None:
             samples = int(self.weight_for(node, samples))  # a bogus count must not skew pace
             self.arrivals[node] = samples
-            m.state = "barrier"
-            m.round = rnd
+            m.state = MemberState.BARRIER
+            m.arrived_round = upload_round
             m.barrier_since = now
             m.samples = samples
             if train_s > 0 and samples > 0:
                 self._observe(m, samples / train_s)
         return self.check(now)
 
-    def reject(self, node: str, rnd: int, reason: str, now: float) -> RoundDecision:
-        """A bad upload: the node is excluded from round ``rnd``; the round does not wait."""
-        if rnd == self.open_round and node not in self.arrivals:
+    def reject(self, node: str, upload_round: int, reason: str, now: float) -> RoundDecision:
+        """A bad upload for ``upload_round``: if that is the open round, the node is excluded
+        from it, and the round no longer waits for the node."""
+        if upload_round == self.open_round and node not in self.arrivals:
             self.excluded[node] = reason
         return self.check(now)
 
@@ -599,7 +627,7 @@ class Session:
             return RoundDecision(r, False, "the session has finished")
         if self.plan is None or r > self.plan.last_round:
             return RoundDecision(r, False, f"round {r}: waiting for the epoch plan (start gate)")
-        expected = self.expected(r)
+        expected = self.expected()
         arrived = list(self.arrivals.items())
         got = [n for n, _ in arrived]
         missing = tuple(n for n in expected if n not in self.arrivals)
@@ -663,24 +691,25 @@ class Session:
         self.last_decision = d.reason
         return d
 
-    def close(self, rnd: int) -> tuple[tuple[str, int], ...]:
-        """The server starts aggregating ``rnd``: no more uploads count for it."""
-        assert rnd == self.open_round and self.closing is None
-        self.closing = rnd
+    def close(self, closing: int) -> tuple[tuple[str, int], ...]:
+        """Aggregation of the open round ``closing`` starts: no more uploads count for it."""
+        assert closing == self.open_round and self.closing is None
+        self.closing = closing
         return tuple(self.arrivals.items())
 
-    def completed_round(self, rnd: int, now: float) -> RoundOutcome:
-        """The checkpoint of ``rnd`` is durable: advance, maybe plan the next epoch or finish."""
-        assert rnd == self.open_round
-        self.completed = rnd
+    def advance(self, closing: int, now: float) -> RoundOutcome:
+        """The checkpoint of round ``closing`` is durable: it is the completed round now, and
+        the next one opens; maybe the next epoch is planned, or the session finishes."""
+        assert closing == self.open_round
+        self.completed = closing
         self.closing = None
         for node in self.arrivals:
             m = self.members[node]
             if m.barrier_since is not None:
                 m.barrier_wait = now - m.barrier_since
             m.barrier_since = None
-            if m.state == "barrier":
-                m.state = "training"
+            if m.state is MemberState.BARRIER:
+                m.state = MemberState.TRAINING
         self.arrivals = {}
         self.excluded = {}
         self.round_started = now
@@ -688,20 +717,20 @@ class Session:
         epoch = self.plan.epoch if self.plan else 0
         planned = None
         finished = False
-        reason = f"round {rnd} done"
-        if self.plan is not None and rnd >= self.plan.last_round:
+        reason = f"round {closing} done"
+        if self.plan is not None and closing >= self.plan.last_round:
             if self.plan.epoch + 1 >= self.config.epochs:
                 self.finished = True
                 finished = True
-                reason = f"round {rnd} was the last of epoch {epoch}, the final epoch: finished"
+                reason = f"round {closing} was the last of epoch {epoch}, the final epoch: finished"
             else:
                 planned = self.maybe_plan(now)
-                reason = f"round {rnd} ended epoch {epoch}; " + (
+                reason = f"round {closing} ended epoch {epoch}; " + (
                     f"planned epoch {planned}"
                     if planned is not None
                     else "next epoch waits for a live node"
                 )
-        return RoundOutcome(rnd, epoch, finished, planned, reason)
+        return RoundOutcome(closing, epoch, finished, planned, reason)
 
     # ---- views ---------------------------------------------------------------------------
     def train_config(self) -> TrainConfig:
@@ -711,10 +740,10 @@ class Session:
             epochs=c.epochs,
             batch_size=c.batch_size,
             sync_every=c.sync_every,
-            aggregation=c.aggregation,  # type: ignore[arg-type]
+            aggregation=c.aggregation,
             outer_lr=c.outer_lr,
             outer_momentum=c.outer_momentum,
-            transfer_dtype=c.transfer_dtype,  # type: ignore[arg-type]
+            transfer_dtype=c.transfer_dtype,
             seed=c.seed,
             dataset_size=self.dataset_size,
             round=self.completed,
@@ -747,8 +776,8 @@ class Session:
                     vram_total=m.vram_total,
                     share=a.share if a is not None else 0.0,
                     samples_per_s=m.rate,
-                    round=m.round,
-                    state=m.state,
+                    round=m.arrived_round,
+                    state=m.state.value,
                     barrier_wait_s=wait,
                     loss=m.loss,
                     samples=m.samples,
@@ -786,11 +815,11 @@ class Session:
             "members": {
                 n: {
                     "name": m.name,
-                    "state": m.state,
+                    "state": m.state.value,
                     "device": m.device,
                     "vram_total": m.vram_total,
                     "rate": m.rate,
-                    "round": m.round,
+                    "round": m.arrived_round,
                     "joined_at": m.joined_at,
                     "reason": m.reason,
                 }
@@ -830,7 +859,8 @@ class Session:
         s.orphans = {n: Shard.from_dict(v) for n, v in d.get("orphans", {}).items()}
         s.admitted = set(d.get("admitted", ()))
         for n, md in d.get("members", {}).items():
-            state = md["state"] if md["state"] in GONE else "training"
+            saved = MemberState(md["state"])
+            state = saved if saved in GONE else MemberState.TRAINING
             s.members[n] = Member(
                 node=n,
                 name=md.get("name", ""),
@@ -840,7 +870,7 @@ class Session:
                 device=md.get("device", ""),
                 vram_total=md.get("vram_total", 0),
                 rate=md.get("rate", 0.0),
-                round=md.get("round", 0),
+                arrived_round=md.get("round", 0),
                 reason=md.get("reason", ""),
             )
         s.round_started = now + config.heartbeat_timeout
@@ -871,10 +901,11 @@ def _short(node: str) -> str:
 __all__ = [
     "Decision",
     "Member",
+    "MemberState",
     "RoundDecision",
     "RoundOutcome",
     "Session",
-    "SessionConfig",
     "ShardReply",
     "UploadVerdict",
+    "Verdict",
 ]

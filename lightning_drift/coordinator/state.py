@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 import time
 from pathlib import Path
@@ -42,39 +41,6 @@ STATE_VERSION = 1
 def write_private(path: Path, data: bytes) -> None:
     """Atomic write, then mode 0600 (tokens and keys are secrets)."""
     atomic_write(path, data, mode=0o600)
-
-
-def parse_duration(text: str) -> float:
-    """``"90s"``, ``"30m"``, ``"24h"``, ``"7d"`` or plain seconds → seconds."""
-    t = text.strip().lower()
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-    try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        raise ConfigError(f"duration {text!r} is not like 90s, 30m, 24h or 7d") from None
-    if value <= 0:
-        raise ConfigError(f"duration {text!r} must be positive")
-    return value
-
-
-def parse_size(text: str | int) -> int:
-    """``"8GiB"``, ``"512MiB"``, ``"8G"``, ``"8GB"`` or plain bytes → bytes.
-
-    Binary (1024-based) multiples, as GPU memory is counted: ``8G`` = ``8GB`` = ``8GiB``."""
-    if isinstance(text, int):
-        value = float(text)
-    else:
-        t = text.strip().lower().removesuffix("ib").removesuffix("b")
-        units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-        try:
-            value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-        except ValueError:
-            raise ConfigError(
-                f"size {text!r} is not like 8GiB, 512MiB or a number of bytes"
-            ) from None
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"size {text!r} must be a finite number of bytes, not negative")
-    return int(value)
 
 
 def _read_json(path: Path, fix: str) -> dict[str, Any] | None:
@@ -205,4 +171,4 @@ class StateDir:
         return token
 
 
-__all__ = ["StateDir", "parse_duration", "write_private"]
+__all__ = ["StateDir", "write_private"]

@@ -1,0 +1,289 @@
+"""The one table of every session setting and serve option: name, default, type, help, check.
+
+:data:`SETTINGS` is where a default or a rule is written, once. Everything else reads it:
+
+- :class:`SessionConfig` (what the session trains; saved in ``state.json``) and
+  :class:`ServeOptions` (how this coordinator process runs) take their field defaults from the
+  table and check their values against it when they are made (:func:`check`), so a bad value
+  is refused the same way from Python, from a flag and from a config file.
+- ``drift-coord serve`` makes one flag per row whose ``where`` is ``"flag"``, with the row's
+  help and default (``--help`` shows ``[default: …]`` from :attr:`Setting.shown`), and reads
+  rows whose ``where`` is ``"flag"`` or ``"file"`` from the ``coordinator:`` mapping of
+  ``--config``. Rows with ``where="code"`` are for Python callers (and tests) only.
+
+A row's ``default`` is in the unit the library uses (bytes, seconds, a ``Path``); ``parse``
+turns what a person types (``"8GiB"``, ``"7d"``, MiB) into that unit. ``field`` names the
+attribute of :class:`SessionConfig` or :class:`ServeOptions` when it differs from the row's
+name (the flag and config-file key), e.g. ``token_ttl`` → ``token_ttl_s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning_drift.errors import ConfigError
+from lightning_drift.protocol import Aggregation, TransferDType
+from lightning_drift.units import parse_duration, parse_size
+
+Scope = Literal["session", "serve"]
+Where = Literal["flag", "file", "code"]
+Mode = Literal["local", "internet"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the table. ``check(value)`` says why a value is wrong, or returns None."""
+
+    name: str  # the flag (with dashes) and the `coordinator:` key (with underscores)
+    default: Any  # in the library's unit
+    kind: type  # what a flag or file value is read as before ``parse``
+    help: str
+    scope: Scope
+    where: Where = "flag"
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None
+    parse: Callable[[Any], Any] | None = None  # typed text → the library's unit
+    attr: str = ""  # the dataclass field, when not ``name``
+    shown: str = ""  # the default as --help shows it, when not ``str(default)``
+
+    @property
+    def field(self) -> str:
+        return self.attr or self.name
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def shown_default(self) -> str:
+        if self.shown:
+            return self.shown
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+
+def _at_least(n: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= n else f"must be at least {n}, got {v}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"must be positive, got {v:g}"
+
+
+def _keep(v: int) -> str | None:
+    if v >= 2:
+        return None
+    return (
+        f"must be at least 2, got {v}: after a crash between a checkpoint and the state file "
+        "the previous checkpoint is the one a restart resumes from"
+    )
+
+
+def _quorum(v: float) -> str | None:
+    return None if 0 < v <= 1 else f"must be in (0, 1], got {v}"
+
+
+def _mib(v: int) -> int:
+    return int(v) << 20
+
+
+def _not_negative_mib(v: int) -> str | None:
+    return None if v >= 0 else "must be 0 (half of the RAM) or a size in MiB"
+
+
+_S: Scope = "session"
+_O: Scope = "serve"
+
+SETTINGS: tuple[Setting, ...] = (
+    # -- how this coordinator runs ----------------------------------------------------------
+    Setting("port", 7842, int, "UDP port (fixed: keeps the address).", _O,
+            shown="7842; on a restart, the stored one"),
+    Setting("bind", None, str, "Bind address.", _O,
+            shown="127.0.0.1 (local), 0.0.0.0 (internet); on a restart, the stored one"),
+    Setting("mode", "local", str, "local (relays off) or internet.", _O,
+            choices=("local", "internet"), shown="local; on a restart, the stored one"),
+    Setting("relay", [], list, "Relay URL (repeatable).", _O,
+            shown="n0's relays (internet mode); on a restart, the stored ones"),
+    Setting("state_dir", Path("drift-state"), str, "Identity, tokens, session.", _O,
+            parse=Path),
+    Setting("checkpoint_dir", None, str, "Checkpoints.", _O, parse=Path,
+            shown="STATE_DIR/checkpoints; on a restart, the stored one"),
+    Setting("keep", 5, int, "Checkpoints kept (at least 2).", _O, check=_keep),
+    Setting("max_model_mb", 0, int, "Largest start-up weights accepted, in MiB.", _O,
+            parse=_mib, attr="max_model_bytes", check=_not_negative_mib,
+            shown="0 (half the RAM)"),
+    Setting("token_ttl", 7 * 86400.0, str,
+            "Lifetime of the printed node/observer tokens: 24h, 7d...", _O,
+            parse=parse_duration, attr="token_ttl_s", check=_positive, shown="7d"),
+    Setting("exit_when_done", True, bool, "Exit after the last round (or stay).", _O,
+            shown="--exit-when-done"),
+    Setting("finish_grace_s", 120.0, float,
+            "After the last round, how long to wait for connected nodes to say goodbye (a "
+            "straggler left behind at the final deadline still fetches the final weights).",
+            _O, where="code"),
+    Setting("max_uploads", 4, int,
+            "Uploads received and accumulated at once (bounds memory).", _O, where="code",
+            check=_at_least(1)),
+    Setting("tick_s", 0.5, float, "How often heartbeats and deadlines are checked (s).", _O,
+            where="code", check=_positive),
+    Setting("handshake_timeout_s", 30.0, float, "Join to NodeInfo, at most (s).", _O,
+            where="code", check=_positive),
+    Setting("upload_timeout_s", 900.0, float, "One weights upload, start to end, at most (s).",
+            _O, where="code", check=_positive),
+    # -- what the session trains (saved in state.json) ------------------------------------
+    Setting("epochs", 1, int, "Epochs to train.", _S),
+    Setting("batch_size", 32, int, "Per-node batch size.", _S),
+    Setting("sync_every", 100, int, "Steps per round for a node of average speed.", _S),
+    Setting("min_nodes", 1, int, "Nodes needed to start.", _S),
+    Setting("aggregation", "mean", str, "mean or diloco.", _S, choices=("mean", "diloco")),
+    Setting("outer_lr", 0.7, float, "DiLoCo outer learning rate.", _S),
+    Setting("outer_momentum", 0.9, float, "DiLoCo outer Nesterov momentum.", _S),
+    Setting("quorum", 0.5, float, "Fraction of the expected nodes needed at the deadline.", _S,
+            check=_quorum),
+    Setting("heartbeat_timeout", 15.0, float, "Seconds of silence before a node is lost.", _S,
+            check=_positive),
+    Setting("heartbeat_s", 5.0, float,
+            "How often nodes ping (s); at most a third of heartbeat_timeout.", _S, where="file"),
+    Setting("progress_every_s", 5.0, float, "How often nodes report progress (s).", _S,
+            where="file"),
+    Setting("deadline_margin", 1.5, float, "Straggler deadline: expected round time × this.",
+            _S),
+    Setting("deadline_floor", 10.0, float, "Straggler deadline never shorter than this (s).",
+            _S),
+    Setting("dataset_size", 0, int, "Samples in the dataset.", _S, shown="the first node's"),
+    Setting("seed", 0, int, "Seed of the epoch permutations.", _S),
+    Setting("transfer_dtype", "float32", str, "float32 or bfloat16.", _S,
+            choices=("float32", "bfloat16")),
+    Setting("min_vram", 0, str, "Refuse GPU nodes with less VRAM: 8GiB, 512MiB or bytes.", _S,
+            parse=parse_size, shown="0 (no minimum)"),
+    Setting("lightning_config", "", str,
+            "LightningCLI YAML handed to nodes (the rest of --config).", _S, where="code"),
+)  # fmt: skip
+
+SETTING: dict[str, Setting] = {s.name: s for s in SETTINGS}
+OPTIONS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.where != "code")
+_BY_FIELD: dict[str, Setting] = {s.field: s for s in SETTINGS}
+
+
+def _default(name: str) -> Any:
+    return SETTING[name].default
+
+
+def check(s: Setting, value: Any) -> None:
+    """Refuse ``value`` for setting ``s`` with a ConfigError naming its flag, or return."""
+    if s.choices and value not in s.choices:
+        raise ConfigError(f"{s.flag} must be {' or '.join(s.choices)}, got {value!r}")
+    why = s.check(value) if s.check is not None and value is not None else None
+    if why:
+        raise ConfigError(f"{s.flag} {why}")
+
+
+def read_option(s: Setting, raw: Any) -> Any:
+    """A flag's or config file's value of ``s`` in the library's unit (not yet checked)."""
+    if s.kind is list:
+        return [raw] if isinstance(raw, str) else list(raw)
+    try:
+        value = s.kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {s.name}={raw!r} is not a {s.kind.__name__}") from None
+    return s.parse(value) if s.parse is not None else value
+
+
+def _check_fields(obj: Any) -> None:
+    for f in fields(obj):
+        check(_BY_FIELD[f.name], getattr(obj, f.name))
+
+
+@dataclass
+class SessionConfig:
+    """What a session trains and how its rounds are decided (persisted in state.json).
+
+    Defaults and checks: the ``session`` rows of :data:`SETTINGS`."""
+
+    epochs: int = _default("epochs")
+    batch_size: int = _default("batch_size")
+    sync_every: int = _default("sync_every")
+    min_nodes: int = _default("min_nodes")
+    aggregation: Aggregation = _default("aggregation")
+    outer_lr: float = _default("outer_lr")
+    outer_momentum: float = _default("outer_momentum")
+    quorum: float = _default("quorum")
+    heartbeat_timeout: float = _default("heartbeat_timeout")
+    heartbeat_s: float = _default("heartbeat_s")
+    progress_every_s: float = _default("progress_every_s")
+    deadline_margin: float = _default("deadline_margin")
+    deadline_floor: float = _default("deadline_floor")
+    dataset_size: int = _default("dataset_size")  # 0: adopt from the first admitted node
+    seed: int = _default("seed")
+    transfer_dtype: TransferDType = _default("transfer_dtype")
+    min_vram: int = _default("min_vram")
+    lightning_config: str = _default("lightning_config")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SessionConfig:
+        """From ``state.json``'s ``config`` (keys this version does not know are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class ServeOptions:
+    """How the coordinator process runs (as opposed to what the session trains).
+
+    Defaults and checks: the ``serve`` rows of :data:`SETTINGS`; ``state_dir`` has no
+    default here (``drift-coord serve`` uses ``./drift-state``)."""
+
+    state_dir: Path
+    checkpoint_dir: Path | None = _default("checkpoint_dir")  # None: STATE_DIR/checkpoints
+    port: int = _default("port")  # fixed, so a restart keeps its address and old tokens work
+    bind: str | None = _default("bind")  # None: 127.0.0.1 (local mode), 0.0.0.0 (internet)
+    mode: Mode = _default("mode")
+    relay: list[str] = field(default_factory=lambda: list(_default("relay")))
+    exit_when_done: bool = _default("exit_when_done")
+    finish_grace_s: float = _default("finish_grace_s")
+    max_uploads: int = _default("max_uploads")
+    tick_s: float = _default("tick_s")
+    keep: int = _default("keep")
+    token_ttl_s: float = _default("token_ttl")
+    handshake_timeout_s: float = _default("handshake_timeout_s")
+    upload_timeout_s: float = _default("upload_timeout_s")
+    max_model_bytes: int = _default("max_model_mb")  # 0: half of this machine's memory
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+def build(values: Mapping[str, Any]) -> tuple[SessionConfig, ServeOptions]:
+    """The SessionConfig and ServeOptions that ``drift-coord serve`` runs with.
+
+    ``values``: by field name, in the library's unit (missing ones take their defaults).
+    Nodes ping every ``heartbeat_s``, and several pings must fit in ``heartbeat_timeout`` or a
+    healthy node is declared lost between two of them: ``heartbeat_s`` is lowered to a third
+    of the timeout when it is longer.
+    """
+    session = {f.name for f in fields(SessionConfig)}
+    sc = {k: v for k, v in values.items() if k in session}
+    if "heartbeat_timeout" in sc:
+        sc["heartbeat_s"] = min(
+            sc.get("heartbeat_s", _default("heartbeat_s")), sc["heartbeat_timeout"] / 3
+        )
+    serve = {k: v for k, v in values.items() if k not in session}
+    return SessionConfig(**sc), ServeOptions(**serve)
+
+
+__all__ = [
+    "OPTIONS",
+    "SETTING",
+    "SETTINGS",
+    "ServeOptions",
+    "SessionConfig",
+    "Setting",
+    "build",
+    "check",
+    "read_option",
+]
