@@ -8,8 +8,8 @@ coordinator sees the same node).
 
 Errors: ``AuthError`` (token refused, or the peer is not the key that signed it),
 ``SessionError`` (a refusal with a code: dataset_mismatch, bad_upload, ...), ``PeerLost``
-(connection gone), ``ConnectTimeout``, and ``SessionFinished`` (from ``node.py``) once the
-coordinator has said ``Finish``.
+(connection gone), ``ConnectTimeout``, and ``SessionFinished`` once the coordinator has said
+``Finish``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ import msgspec
 from lightning_drift import __version__
 from lightning_drift import protocol as p
 from lightning_drift.auth import decode_token, verify_token
-from lightning_drift.errors import AuthError, DriftError, PeerLost, ProtocolError, SessionError
+from lightning_drift.errors import (
+    AuthError,
+    DriftError,
+    PeerLost,
+    ProtocolError,
+    SessionError,
+    SessionFinished,
+)
 from lightning_drift.transport import Endpoint, Stream, local_bind_for, ticket_addrs, ticket_key
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,11 @@ def refusal(err: p.Error) -> DriftError:
     if err.code == "protocol":
         return ProtocolError(f"coordinator says: {err.message}")
     return SessionError(err.message, err.code)
+
+
+def finished(finish: p.Finish) -> SessionFinished:
+    """The exception for the coordinator's ``Finish``."""
+    return SessionFinished(finish.round, sha256=finish.sha256, checkpoint=finish.checkpoint)
 
 
 class CoordinatorClient:
@@ -228,14 +240,12 @@ class CoordinatorClient:
                         if not fut2.done():
                             fut2.set_result(msg)
                 elif isinstance(msg, p.Finish):
-                    from lightning_drift.node import SessionFinished
-
                     # The session is over, but this node may still owe its last barrier (a
                     # straggler left behind at the final deadline): that goes on its own
                     # stream and is answered with the final weights, so barriers and
                     # heartbeats go on. Only a wait for another epoch's shard ends here.
                     self.finish = msg
-                    done = SessionFinished(msg)
+                    done = finished(msg)
                     for fut in self._shards.values():
                         if not fut.done():
                             fut.set_exception(done)
@@ -294,9 +304,7 @@ class CoordinatorClient:
     async def shard(self, epoch: int) -> p.ShardAssignment:
         """The assignment for ``epoch``; waits while the coordinator has not planned it."""
         if self.finish is not None:
-            from lightning_drift.node import SessionFinished
-
-            raise SessionFinished(self.finish)
+            raise finished(self.finish)
         fut = self._shards.get(epoch)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -369,4 +377,4 @@ class CoordinatorClient:
             await self.endpoint.close()
 
 
-__all__ = ["CoordinatorClient", "refusal"]
+__all__ = ["CoordinatorClient", "finished", "refusal"]

@@ -19,11 +19,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import nacl.signing
 
 from lightning_drift import protocol as p
+from lightning_drift.client import CoordinatorClient, finished
 from lightning_drift.errors import (
     AuthError,
     ConnectTimeout,
@@ -31,6 +32,7 @@ from lightning_drift.errors import (
     PeerLost,
     ProtocolError,
     SessionError,
+    SessionFinished,
 )
 
 log = logging.getLogger(__name__)
@@ -38,14 +40,6 @@ T = TypeVar("T")
 
 # Refusals that a retry cannot cure: the token, the session or the data are wrong.
 _FATAL = (AuthError, SessionError)
-
-
-class SessionFinished(DriftError):
-    """The coordinator says the session is over; ``finish`` holds its last word."""
-
-    def __init__(self, finish: p.Finish) -> None:
-        super().__init__(f"session finished at round {finish.round}")
-        self.finish = finish
 
 
 class NodeRuntime:
@@ -86,7 +80,7 @@ class NodeRuntime:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.reconnects = 0
-        self._client: Any = None
+        self._client: CoordinatorClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -150,8 +144,11 @@ class NodeRuntime:
             return
 
         async def send() -> None:
+            client = self._client
+            if client is None:  # lost since the call: dropped like any report while reconnecting
+                return
             try:
-                await self._client.progress(progress)
+                await client.progress(progress)
             except DriftError as exc:
                 log.debug("progress dropped error=%r", exc)
 
@@ -179,8 +176,6 @@ class NodeRuntime:
         return fut.result(timeout)
 
     async def _connect(self, first: bool) -> None:
-        from lightning_drift.client import CoordinatorClient
-
         client = await CoordinatorClient.connect(
             self.token,
             node_info=self._node_info(),
@@ -230,12 +225,14 @@ class NodeRuntime:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
 
-    async def _retrying(self, op: Callable[[Any], Awaitable[T]], what: str) -> T:
+    async def _retrying(self, op: Callable[[CoordinatorClient], Awaitable[T]], what: str) -> T:
         while True:
             if self._client is None:
                 await self._reconnect(what, PeerLost("not connected"))
+            client = self._client
+            assert client is not None, "a reconnect either connects or raises"
             try:
-                return await op(self._client)
+                return await op(client)
             except _FATAL:
                 raise
             except SessionFinished:
@@ -243,11 +240,11 @@ class NodeRuntime:
             except (PeerLost, ConnectTimeout) as exc:
                 if self._closed:
                     raise
-                finish = getattr(self._client, "finish", None)
+                finish = self._client.finish if self._client is not None else None
                 if finish is not None:
                     # The coordinator said the session is over, then went away: there is
                     # nothing to reconnect to.
-                    raise SessionFinished(finish) from exc
+                    raise finished(finish) from exc
                 await self._reconnect(what, exc)
 
     async def _close_client(self, reason: str) -> None:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from lightning_drift import __version__
 from lightning_drift import protocol as p
-from lightning_drift.errors import ConfigError, SessionError
+from lightning_drift.errors import ConfigError, SessionError, SessionFinished
 
 if TYPE_CHECKING:  # a real import here would run inside Lightning's own package import
     from lightning.pytorch import LightningModule
@@ -269,8 +269,6 @@ class DriftStrategy(SingleDeviceStrategy):
         assert self.runtime is not None
         from lightning.pytorch.utilities.data import _update_dataloader
 
-        from lightning_drift.node import SessionFinished
-
         try:
             a = self.runtime.shard(trainer.current_epoch)
         except SessionFinished as done:
@@ -278,7 +276,7 @@ class DriftStrategy(SingleDeviceStrategy):
             # weights. Train nothing more and let the fit end normally.
             log.warning(
                 "the session finished at round %d; this node holds its final weights",
-                done.finish.round,
+                done.final_round,
             )
             self.finished = True
             trainer.should_stop = True
@@ -483,15 +481,13 @@ class DriftStrategy(SingleDeviceStrategy):
             # Training time of this round only: the coordinator measures pace from it.
             train_seconds=time.monotonic() - self._train_t0,
         )
-        from lightning_drift.node import SessionFinished
-
         try:
             self._sync(sync)
         except SessionFinished as done:
             raise SessionError(
-                f"the session finished at round {done.finish.round} while this node was still "
+                f"the session finished at round {done.final_round} while this node was still "
                 f"training (it was left behind); the final weights are the coordinator's "
-                f"checkpoint {done.finish.checkpoint or 'of that round'}",
+                f"checkpoint {done.checkpoint or 'of that round'}",
                 code="finished",
             ) from None
         self._barriers_done += 1
