@@ -47,7 +47,7 @@ def model_bytes(params: int, seed: int) -> bytes:
 
 async def clients_main(token: str, count: int, index: int, dataset: int, params: int) -> None:
     from lightning_drift import protocol as p
-    from lightning_drift.client import CoordinatorClient
+    from lightning_drift.node.client import CoordinatorClient
 
     def info() -> p.NodeInfo:
         return p.NodeInfo(

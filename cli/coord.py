@@ -471,7 +471,7 @@ async def fetch_status(
     """One SessionStatus with a node or observer token (``Join.observe``: no membership).
 
     Used by ``drift-coord status``, ``drift status`` and ``drift join``."""
-    from lightning_drift.client import CoordinatorClient
+    from lightning_drift.node.client import CoordinatorClient
 
     client = await CoordinatorClient.connect(
         token, timeout=timeout, mode=mode, name="status", observe=True, via=via

@@ -30,7 +30,7 @@ __all__ = [
 def __getattr__(name: str):
     # Importing Lightning costs seconds; the coordinator and the CLI must not pay for it.
     if name == "DriftStrategy":
-        from lightning_drift.strategy import DriftStrategy
+        from lightning_drift.node.strategy import DriftStrategy
 
         return DriftStrategy
     raise AttributeError(name)
@@ -47,7 +47,7 @@ def _register_with_lightning() -> None:
 
     target = "lightning.pytorch.strategies"
     if target in sys.modules:
-        import lightning_drift.strategy  # noqa: F401  (registers "drift")
+        import lightning_drift.node.strategy  # noqa: F401  (registers "drift")
 
         return
 
@@ -66,7 +66,7 @@ def _register_with_lightning() -> None:
 
             def exec_then_register(module):  # type: ignore[no-untyped-def]
                 exec_module(module)
-                import lightning_drift.strategy  # noqa: F401
+                import lightning_drift.node.strategy  # noqa: F401
 
             loader.exec_module = exec_then_register  # type: ignore[attr-defined]
             return spec

@@ -62,8 +62,8 @@ def test_nodes_dial_through_a_proxy_address_and_train_exactly(tmp_path: Path) ->
 def test_an_address_that_leads_to_another_coordinator_is_refused(tmp_path: Path) -> None:
     import asyncio
 
-    from lightning_drift.client import CoordinatorClient
     from lightning_drift.errors import AuthError, ConnectTimeout
+    from lightning_drift.node.client import CoordinatorClient
 
     with LocalCoordinator(tmp_path / "a") as a, LocalCoordinator(tmp_path / "b") as b:
 

@@ -1,7 +1,7 @@
 """The async protocol client: one connection to a coordinator, pure asyncio, no threads.
 
 Use it directly from async code (tests, the barrier benchmark, ``drift-coord status``); the
-training process wraps it in ``lightning_drift.node.NodeRuntime`` (a loop thread with
+training process wraps it in ``lightning_drift.node.runtime.NodeRuntime`` (a loop thread with
 reconnect and backoff). One :class:`CoordinatorClient` is one connection: when it breaks,
 calls raise ``PeerLost`` and the owner connects a new one (with the same ``secret``, so the
 coordinator sees the same node).
@@ -36,7 +36,14 @@ from lightning_drift.errors import (
     SessionError,
     SessionFinished,
 )
-from lightning_drift.transport import Endpoint, Stream, local_bind_for, ticket_addrs, ticket_key
+from lightning_drift.transport import (
+    Connection,
+    Endpoint,
+    Stream,
+    local_bind_for,
+    ticket_addrs,
+    ticket_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,9 @@ def finished(finish: p.Finish) -> SessionFinished:
 class CoordinatorClient:
     """A joined node (or an observer) talking to one coordinator over one connection."""
 
-    def __init__(self, endpoint: Endpoint, own_endpoint: bool, conn: Any, control: Stream):
+    def __init__(
+        self, endpoint: Endpoint, own_endpoint: bool, conn: Connection, control: Stream
+    ) -> None:
         self.endpoint = endpoint
         self._own_endpoint = own_endpoint
         self.conn = conn
@@ -92,7 +101,7 @@ class CoordinatorClient:
         relay_urls: Sequence[str] = (),
         endpoint: Endpoint | None = None,
         secret: bytes | None = None,
-        resume_round: int = -1,
+        held_round: int = -1,
         silence_s: float | None = None,
         observe: bool = False,
         via: Sequence[str] = (),
@@ -104,7 +113,9 @@ class CoordinatorClient:
         needs ``node_info`` (a NodeInfo or a function making one; its nonce is filled in);
         an observer token needs nothing more. ``endpoint`` lets many clients share one
         process's endpoints; otherwise one is bound (``secret``: the node's 32-byte key seed,
-        random when None) and closed by :meth:`close`. ``silence_s``: how long without any
+        random when None) and closed by :meth:`close`. ``held_round``: the round whose
+        global weights the node holds (-1: none), told to the coordinator as
+        ``Join.resume_round``. ``silence_s``: how long without any
         message from the coordinator before the connection counts as lost (default
         ``3 × TrainConfig.heartbeat_s``, at least 3 s). ``observe``: status only, with any
         valid token (no membership, no NodeInfo); observer tokens always connect this way.
@@ -138,7 +149,7 @@ class CoordinatorClient:
                     node_info,
                     name,
                     timeout,
-                    resume_round,
+                    held_round,
                     silence_s,
                     observe,
                     tuple(via),
@@ -159,19 +170,19 @@ class CoordinatorClient:
     @classmethod
     async def _handshake(
         cls,
-        endpoint,
-        own,
-        token,
-        role,
-        key,
-        ticket,
-        node_info,
-        name,
-        timeout,
-        resume_round,
-        silence_s=None,
-        observe=False,
-        via=(),
+        endpoint: Endpoint,
+        own: bool,
+        token: str,
+        role: str,
+        key: bytes,
+        ticket: str,
+        node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None,
+        name: str,
+        timeout: float,
+        held_round: int,
+        silence_s: float | None = None,
+        observe: bool = False,
+        via: tuple[str, ...] = (),
     ) -> CoordinatorClient:
         conn = await endpoint.dial(ticket, timeout=timeout, expect_key=key, via=via)
         try:
@@ -182,7 +193,7 @@ class CoordinatorClient:
                     node_key=endpoint.key_hex,
                     drift_version=__version__,
                     name=name,
-                    resume_round=resume_round,
+                    resume_round=held_round,
                     observe=observe,
                 )
             )
@@ -192,10 +203,10 @@ class CoordinatorClient:
             if self.role == "node":
                 if node_info is None:
                     raise ValueError("a node token needs node_info (NodeInfo or a factory)")
-                ping = await control.recv()
-                if isinstance(ping, p.Error):
-                    raise refusal(ping)
-                ping = p.expect(ping, p.Ping)
+                first = await control.recv()
+                if isinstance(first, p.Error):
+                    raise refusal(first)
+                ping = p.expect(first, p.Ping)
                 info = node_info() if callable(node_info) else node_info
                 assert isinstance(ping, p.Ping)
                 await control.send(msgspec.structs.replace(info, nonce=ping.nonce))

@@ -24,7 +24,6 @@ from typing import TypeVar
 import nacl.signing
 
 from lightning_drift import protocol as p
-from lightning_drift.client import CoordinatorClient, finished
 from lightning_drift.errors import (
     AuthError,
     ConnectTimeout,
@@ -34,6 +33,7 @@ from lightning_drift.errors import (
     SessionError,
     SessionFinished,
 )
+from lightning_drift.node.client import CoordinatorClient, finished
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,7 +43,7 @@ _FATAL = (AuthError, SessionError)
 
 
 class NodeRuntime:
-    """Blocking façade over an async :class:`~lightning_drift.client.CoordinatorClient`.
+    """Blocking façade over an async :class:`~lightning_drift.node.client.CoordinatorClient`.
 
     Create it in the training process, call :meth:`start` once (typically from the strategy's
     setup), then :meth:`shard` each epoch and :meth:`barrier` at each barrier point. Every
@@ -76,7 +76,7 @@ class NodeRuntime:
         self.secret = os.urandom(32)
         self.node_key = bytes(nacl.signing.SigningKey(self.secret).verify_key).hex()
         self.config: p.TrainConfig | None = None
-        self.round = -1  # the last round whose global weights we hold
+        self.held_round = -1  # the round whose global weights the node holds
         self.bytes_sent = 0
         self.bytes_received = 0
         self.reconnects = 0
@@ -135,7 +135,7 @@ class NodeRuntime:
         )
         self.bytes_sent += len(weights)
         self.bytes_received += len(blob)
-        self.round = ready.round
+        self.held_round = ready.round
         return ready, blob
 
     def report(self, progress: p.TrainProgress) -> None:
@@ -183,7 +183,7 @@ class NodeRuntime:
             timeout=self.connect_timeout,
             mode=self.mode,
             relay_urls=self.relay_urls,
-            resume_round=self.round,
+            held_round=self.held_round,
             secret=self.secret,
             via=self.via,
         )
@@ -194,7 +194,10 @@ class NodeRuntime:
         if not first:
             self.reconnects += 1
         log.info(
-            "joined session=%s round=%s reconnect=%s", config.session_id, config.round, not first
+            "joined session=%s completed_round=%s reconnect=%s",
+            config.session_id,
+            config.round,
+            not first,
         )
 
     async def _reconnect(self, what: str, cause: Exception) -> None:
