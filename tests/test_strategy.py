@@ -3,6 +3,7 @@ device and dataset checks. Training across processes is tested in test_e2e*.py."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -156,6 +157,52 @@ def test_strategy_name_registers_in_either_import_order(imports, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("DriftStrategy")
+
+
+def _python(code: str, tmp_path: Path, **env: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, **env},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def test_importing_the_package_imports_neither_lightning_nor_torch(tmp_path):
+    # The coordinator and the CLI import lightning_drift; Lightning would cost them seconds.
+    code = """
+        import sys
+        import lightning_drift
+        print(sorted(m for m in ("lightning", "torch") if m in sys.modules))
+        """
+    assert _python(code, tmp_path) == "[]"
+
+
+def test_with_the_hook_off_lightning_loads_untouched_and_importing_the_strategy_registers(
+    tmp_path,
+):
+    code = """
+        import sys
+        import lightning_drift
+        from lightning_drift import _lightning_hook
+        hooked = any(isinstance(f, _lightning_hook._RegisterAfterLightning) for f in sys.meta_path)
+        from lightning.pytorch.strategies import StrategyRegistry
+        before = "drift" in StrategyRegistry
+        import lightning_drift.node.strategy
+        print(hooked, before, "drift" in StrategyRegistry)
+        """
+    assert _python(code, tmp_path, DRIFT_LIGHTNING_HOOK="0") == "False False True"
+    # Lightning loaded first: the name is registered at once, hook or not.
+    code = """
+        from lightning.pytorch.strategies import StrategyRegistry
+        import lightning_drift
+        print("drift" in StrategyRegistry)
+        """
+    assert _python(code, tmp_path, DRIFT_LIGHTNING_HOOK="0") == "True"
 
 
 def test_examples_yaml_names_the_strategy():
