@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from lightning_drift.coordinator.local import free_udp_port
+from lightning_drift_cli.local import free_udp_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_drift_cli.local import LocalCoordinator
 from rich.console import Console
 from rich.live import Live
-
-from lightning_drift.coordinator.local import LocalCoordinator
 
 
 def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: int) -> int:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from lightning_drift_cli.coord import app, build_serve, resolve_serve_options
+from lightning_drift_cli.local import free_udp_port
 from typer.testing import CliRunner
 
 from lightning_drift.auth import Identity, decode_token, verify_token
-from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.monitor import render_lines, render_table
 from lightning_drift.coordinator.server import Coordinator, ServeOptions
 from lightning_drift.coordinator.session import SessionConfig

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from e2e.launch import kill_all, log_tail, start_node
+from lightning_drift_cli.local import LocalCoordinator
 from safetensors.torch import load_file
-
-from lightning_drift.coordinator.local import LocalCoordinator
 
 pytestmark = pytest.mark.timeout(480)
 

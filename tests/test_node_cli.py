@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_drift_cli.local import LocalCoordinator
 from safetensors.torch import load_file, save_file
 
 from lightning_drift import protocol as p
-from lightning_drift.coordinator.local import LocalCoordinator
 
 REPO = Path(__file__).resolve().parents[1]
 

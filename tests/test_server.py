@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_drift_cli.local import free_udp_port
 from support import node_info
 
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.auth import Identity, TokenStore, issue_token
-from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.server import Coordinator, ServeOptions
 from lightning_drift.coordinator.session import SessionConfig
 from lightning_drift.errors import (
