@@ -73,7 +73,7 @@ def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: i
 
 def _watch(console: Console, observer: str, procs: list, coord: LocalCoordinator) -> None:
     """Show the session live until every node has exited."""
-    from lightning_drift_cli.nodecmds import fetch_status
+    from lightning_drift_cli.common import fetch_status
 
     from lightning_drift.coordinator.monitor import render_table
 
@@ -107,6 +107,9 @@ def _watch(console: Console, observer: str, procs: list, coord: LocalCoordinator
 class _Null:
     def __enter__(self) -> _Null:
         return self
+
+    def update(self, *a: object, **k: object) -> None:
+        return None
 
     def __exit__(self, *a: object) -> None:
         return None

@@ -66,7 +66,7 @@ def test_nodes_ride_through_a_coordinator_kill(tmp_path: Path) -> None:
         for k in final:
             assert torch.equal(node_final[k], final[k]), k
     # The token issued before the kill still admits a node after the restart.
-    from lightning_drift_cli.coord import fetch_status  # noqa: F401  (import check only)
+    from lightning_drift_cli.common import fetch_status  # noqa: F401  (import check only)
 
     assert (coord.state_dir / "node.token").read_text().strip() == token_before
 
