@@ -495,30 +495,33 @@ class DriftStrategy(SingleDeviceStrategy):
         t0 = time.monotonic()
         ready, blob = runtime.barrier(sync, upload.payload)
         wait = time.monotonic() - t0
-        load_in_place(module, weights.receive(ready.round, blob, ready.sha256))
+        held_round = ready.round  # the node now holds this round's global weights
+        load_in_place(module, weights.receive(held_round, blob, ready.sha256))
         if self.checkpoint_dir is not None:
-            keep_round_copy(self.checkpoint_dir, ready.round, blob)
+            keep_round_copy(self.checkpoint_dir, held_round, blob)
         self.finished = ready.finished
-        entry = {
-            "round": ready.round,
-            "contributed": ready.contributed,
-            "samples": sync.samples,
-            "wait_s": wait,
-            "bytes_sent": len(upload.payload),
-            "bytes_received": len(blob),
-            "sha256": ready.sha256,
-        }
-        self.history.append(entry)
+        # One entry per barrier; "round" is the round whose global weights came back.
+        self.history.append(
+            {
+                "round": held_round,
+                "contributed": ready.contributed,
+                "samples": sync.samples,
+                "wait_s": wait,
+                "bytes_sent": len(upload.payload),
+                "bytes_received": len(blob),
+                "sha256": ready.sha256,
+            }
+        )
         log.info(
             "barrier round=%d contributed=%s wait_s=%.3f samples=%d",
-            ready.round,
+            held_round,
             ready.contributed,
             wait,
             sync.samples,
         )
         self._log_metrics(
             {
-                "drift/round": float(ready.round),
+                "drift/round": float(held_round),
                 "drift/barrier_wait_s": wait,
                 "drift/bytes_sent": float(runtime.bytes_sent),
                 "drift/bytes_received": float(runtime.bytes_received),
