@@ -51,7 +51,6 @@ from lightning_drift.auth import TOKEN_ENV
 from lightning_drift.errors import ConfigError, SessionError, SessionFinished
 from lightning_drift.hardware import choose_device, describe, memory_now, node_info_fields
 from lightning_drift.node.barriers import EpochBarriers, contributing_round, steps_per_epoch
-from lightning_drift.node.runtime import NodeRuntime
 from lightning_drift.node.shards import ShardSampler
 from lightning_drift.node.weights import (
     GlobalWeights,
@@ -61,8 +60,13 @@ from lightning_drift.node.weights import (
     model_fingerprint,
 )
 
-if TYPE_CHECKING:  # a real import here would run inside Lightning's own package import
+if TYPE_CHECKING:
+    # A real import of these would run inside Lightning's own package import (see
+    # lightning_drift/_lightning_hook.py); the runtime, and with it iroh, loads when a node
+    # joins, not whenever Lightning does.
     from lightning.pytorch import LightningModule, Trainer
+
+    from lightning_drift.node.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +305,8 @@ class DriftStrategy(SingleDeviceStrategy):
                 model_fingerprint=fingerprint,
                 **hw,
             )
+
+        from lightning_drift.node.runtime import NodeRuntime
 
         self.runtime = NodeRuntime(
             self.token,
