@@ -222,7 +222,7 @@ class CoordinatorClient:
             raise
 
     # ---- background ---------------------------------------------------------------------
-    async def _send(self, msg: Any) -> None:
+    async def _send(self, msg: p.Message) -> None:
         if self.error is not None:
             raise self.error
         async with self._send_lock:
