@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from lightning_drift.coordinator.local import free_udp_port
+from lightning_drift_cli.local import free_udp_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def model_bytes(params: int, seed: int) -> bytes:
 
 async def clients_main(token: str, count: int, index: int, dataset: int, params: int) -> None:
     from lightning_drift import protocol as p
-    from lightning_drift.client import CoordinatorClient
+    from lightning_drift.node.client import CoordinatorClient
 
     def info() -> p.NodeInfo:
         return p.NodeInfo(

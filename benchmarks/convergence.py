@@ -164,7 +164,7 @@ def run_plain(args: argparse.Namespace, setup: c.Setup, kind: str, work: Path) -
 
 def run_drift(args: argparse.Namespace, setup: c.Setup, agg: str, work: Path) -> dict[str, Any]:
     """``mean`` or ``diloco``: a LocalCoordinator and ``--nodes`` node processes."""
-    from lightning_drift.coordinator.local import LocalCoordinator
+    from lightning_drift_cli.local import LocalCoordinator
 
     base = work / agg
     base.mkdir(parents=True, exist_ok=True)

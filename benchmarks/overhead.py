@@ -123,7 +123,7 @@ def fit_once(setup: c.Setup, epochs: int, warmup: int, token: str | None) -> dic
 def fit_drift(
     setup: c.Setup, epochs: int, warmup: int, sync_every: int, work: Path
 ) -> dict[str, Any]:
-    from lightning_drift.coordinator.local import LocalCoordinator
+    from lightning_drift_cli.local import LocalCoordinator
 
     coord = LocalCoordinator(
         work,

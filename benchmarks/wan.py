@@ -4,7 +4,7 @@ slow, delayed link.
 On one machine a proxy on loopback carries only the handshake: iroh moves the connection to
 the direct path as soon as it learns the coordinator's real address. So this benchmark puts
 the coordinator and the nodes in two network namespaces that cannot reach each other, and the
-only way between them is ``lightning_drift.netsim``'s ``WanProxy`` in the root namespace::
+only way between them is ``benchmarks/netsim.py``'s ``WanProxy`` in the root namespace::
 
     ns C (drift-c-PID)                    root namespace                   ns N (drift-n-PID)
     coordinator 10.77.1.2:P  <-- veth -->  10.77.1.1    10.77.2.1:Q  <-- veth -->  2 nodes
@@ -281,7 +281,7 @@ def _echo_worker(addr: tuple[str, int]) -> None:
 
 
 async def _proxy_main(args: argparse.Namespace) -> None:
-    from lightning_drift.netsim import LinkSpec, WanProxy
+    from netsim import LinkSpec, WanProxy
 
     spec = LinkSpec(delay_s=args.delay_ms / 1000, rate_bps=args.rate_mbit * 1e6, loss=args.loss)
     host, _, port = args.addr.rpartition(":")
@@ -364,7 +364,7 @@ def _launch(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def _coordinator(net: Net, base: Path, bind: str, args: argparse.Namespace, setup: c.Setup):
-    from lightning_drift.coordinator.local import LocalCoordinator
+    from lightning_drift_cli.local import LocalCoordinator
 
     class NsCoordinator(LocalCoordinator):
         def command(self) -> list[str]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
 import queue
 import signal
 import sys
@@ -24,8 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from lightning_drift_cli import common
 from rich.markup import escape
 
+from lightning_drift.auth import TOKEN_ENV
 from lightning_drift.coordinator.config import (
     OPTIONS,
     SETTING,
@@ -188,14 +188,6 @@ def _show(v: Any) -> str:
     return str(v)
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
 @app.command()
 def serve(
     port: Annotated[int | None, _option("port")] = None,
@@ -235,7 +227,7 @@ def serve(
     from lightning_drift.errors import DriftError
 
     flags = dict(locals())
-    _setup_logging(verbose)
+    common.setup_logging(verbose, common.COORDINATOR)
     notes: list[str] = []
     try:
         sc, opts = resolve_serve_options(flags, config, notes)
@@ -371,57 +363,35 @@ def revoke(jti: str, state_dir: StateDirOpt = DEFAULT_STATE_DIR) -> None:
 @app.command()
 def status(
     token: Annotated[
-        str | None, typer.Option(help="Observer or node token; default STATE_DIR/observer.token.")
+        str | None,
+        typer.Option(
+            help=f"Observer or node token, or a file holding it; default ${TOKEN_ENV}, "
+            "else STATE_DIR/observer.token."
+        ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: common.JsonOpt = False,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
-    mode: Annotated[str, typer.Option(help="local or internet.")] = "local",
+    mode: common.ModeOpt = "local",
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 15.0,
 ) -> None:
     """Show the session as a table (or JSON) via an observer connection."""
-    from lightning_drift.coordinator.monitor import render_json, render_table
     from lightning_drift.errors import DriftError
 
-    tok = token or os.environ.get("DRIFT_TOKEN")
-    if not tok:
-        path = Path(state_dir) / "observer.token"
-        if not path.exists():
-            typer.echo("error: pass --token (an observer token from `drift-coord token`)", err=True)
-            raise typer.Exit(2)
-        tok = path.read_text().strip()
-    try:
-        st = asyncio.run(fetch_status(tok.strip(), mode=mode, timeout=timeout))
-    except DriftError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if as_json:
-        typer.echo(render_json(st))
-    else:
-        from rich.console import Console
-
-        Console().print(render_table(st))
-
-
-async def fetch_status(
-    token: str, *, mode: str = "local", timeout: float = 15.0, via: tuple[str, ...] = ()
-):
-    """One SessionStatus with a node or observer token (``Join.observe``: no membership).
-
-    Used by ``drift-coord status``, ``drift status`` and ``drift join``."""
-    from lightning_drift.client import CoordinatorClient
-
-    client = await CoordinatorClient.connect(
-        token, timeout=timeout, mode=mode, name="status", observe=True, via=via
+    observer = Path(state_dir) / "observer.token"
+    tok = common.need_token(
+        token,
+        files=[observer],
+        hint=f"none in {observer} either; `drift-coord token --role observer` issues one",
     )
     try:
-        return await asyncio.wait_for(client.status(), timeout)
-    finally:
-        await client.close("status done")
+        st = common.fetch_status(tok, mode=mode, timeout=timeout)
+    except DriftError as exc:
+        common.fail(exc, 1)
+    common.show_status(st, as_json=as_json)
 
 
 def main() -> None:
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    common.main(app)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_drift_cli.local import LocalCoordinator
 from rich.console import Console
 from rich.live import Live
-
-from lightning_drift.coordinator.local import LocalCoordinator
 
 
 def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: int) -> int:
@@ -74,7 +73,7 @@ def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: i
 
 def _watch(console: Console, observer: str, procs: list, coord: LocalCoordinator) -> None:
     """Show the session live until every node has exited."""
-    from lightning_drift_cli.nodecmds import fetch_status
+    from lightning_drift_cli.common import fetch_status
 
     from lightning_drift.coordinator.monitor import render_table
 
@@ -108,6 +107,9 @@ def _watch(console: Console, observer: str, procs: list, coord: LocalCoordinator
 class _Null:
     def __enter__(self) -> _Null:
         return self
+
+    def update(self, *a: object, **k: object) -> None:
+        return None
 
     def __exit__(self, *a: object) -> None:
         return None

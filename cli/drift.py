@@ -4,13 +4,12 @@ loopback."""
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from lightning_drift_cli import common
+from lightning_drift_cli.common import ModeOpt, TokenOpt, VerboseOpt
 
 app = typer.Typer(
     add_completion=False,
@@ -18,47 +17,10 @@ app = typer.Typer(
     help="Train one model across unlike machines: run a node, check a session, try a demo.",
 )
 
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--token", "-t", envvar="DRIFT_TOKEN", help="Invitation token (or DRIFT_TOKEN)."),
-]
-ModeOpt = Annotated[str, typer.Option(help="local (relays off) or internet.")]
 CoordinatorAddrOpt = Annotated[
     str | None,
     typer.Option(help="Dial the coordinator at HOST:PORT instead of the token's address."),
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Full tracebacks, debug logs.")]
-
-
-# Set by --verbose (or DRIFT_DEBUG=1): expected errors then end in a full traceback instead of
-# one `error: ...` line.
-_traceback = os.environ.get("DRIFT_DEBUG", "") not in ("", "0")
-
-
-def _setup_logging(verbose: bool) -> None:
-    global _traceback
-    _traceback = _traceback or verbose
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-
-
-def _need_token(token: str | None) -> str:
-    if token:
-        return token.strip()
-    raise typer.BadParameter(
-        "no token: pass --token or set DRIFT_TOKEN (`drift-coord serve` prints one and writes "
-        "it to STATE_DIR/node.token)",
-        param_hint="--token",
-    )
-
-
-def _read_token(token: str) -> str:
-    """Accept the token itself or a path to a file holding it."""
-    if not token.startswith("eyJ") and Path(token).is_file():
-        return Path(token).read_text().strip()
-    return token
 
 
 @app.command()
@@ -75,8 +37,8 @@ def join(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a LightningCLI config as a node of the session, with DriftStrategy set."""
-    _setup_logging(verbose)
-    tok = _read_token(_need_token(token))
+    common.setup_logging(verbose, common.NODE)
+    tok = common.need_token(token)
     from lightning_drift_cli import nodecmds
 
     raise typer.Exit(nodecmds.join(tok, config, mode=mode, coordinator_addr=coordinator_addr))
@@ -122,8 +84,8 @@ def train(
     verbose: VerboseOpt = False,
 ) -> None:
     """Train the example char-level transformer as a node of the session."""
-    _setup_logging(verbose)
-    tok = _read_token(_need_token(token))
+    common.setup_logging(verbose, common.NODE)
+    tok = common.need_token(token)
     from lightning_drift_cli import nodecmds
 
     nodecmds.train(
@@ -150,28 +112,17 @@ def train(
 @app.command()
 def status(
     token: TokenOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: common.JsonOpt = False,
     mode: ModeOpt = "local",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 15.0,
     coordinator_addr: CoordinatorAddrOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Show the session: nodes, devices, shares, rounds (a node or an observer token)."""
-    _setup_logging(verbose)
-    tok = _read_token(_need_token(token))
-    from lightning_drift_cli import nodecmds
-
-    st = nodecmds.fetch_status(tok, mode=mode, timeout=timeout, coordinator_addr=coordinator_addr)
-    if as_json:
-        from lightning_drift.coordinator.monitor import render_json
-
-        typer.echo(render_json(st))
-        return
-    from rich.console import Console
-
-    from lightning_drift.coordinator.monitor import render_table
-
-    Console().print(render_table(st))
+    common.setup_logging(verbose, common.NODE)
+    tok = common.need_token(token)
+    st = common.fetch_status(tok, mode=mode, timeout=timeout, coordinator_addr=coordinator_addr)
+    common.show_status(st, as_json=as_json)
 
 
 @app.command()
@@ -209,20 +160,7 @@ _add_coord()
 
 
 def main() -> None:
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    from lightning_drift.errors import DriftError
-
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except DriftError as exc:
-        # Expected failures (bad token, refused join, wrong flag combination) carry a message
-        # that says what to do; a traceback would only bury it.
-        if _traceback:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    common.main(app)
 
 
 if __name__ == "__main__":

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from lightning_drift import protocol as p
+from lightning_drift_cli.common import fetch_status
+
+from lightning_drift.auth import TOKEN_ENV
 from lightning_drift.errors import AuthError, ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def fetch_status(
-    token: str, *, mode: str = "local", timeout: float = 15.0, coordinator_addr: str | None = None
-) -> p.SessionStatus:
-    """One status round trip with a node or observer token."""
-    from lightning_drift_cli.coord import fetch_status as _fetch
-
-    via = (coordinator_addr,) if coordinator_addr else ()
-    return asyncio.run(_fetch(token, mode=mode, timeout=timeout, via=via))
 
 
 def join(
@@ -32,7 +23,7 @@ def join(
     from lightning_drift.auth import decode_token
 
     decode_token(token)  # a malformed token fails here, before Lightning is even imported
-    os.environ["DRIFT_TOKEN"] = token
+    os.environ[TOKEN_ENV] = token
     # Like `python -m`, let the config name modules next to where the user runs us.
     sys.path.insert(0, os.getcwd())
     if config is not None:

@@ -8,6 +8,8 @@
 - ``ConnectTimeout``: no connection could be made within the allowed time.
 - ``SessionError``: the coordinator refused a request that is well-formed but not allowed now
   (dataset size mismatch, too little VRAM, session finished, ...).
+- ``SessionFinished``: the coordinator said the session is over (its ``Finish``), so a
+  request that waits for more training (the next epoch's shard) has no answer.
 - ``ConfigError``: a local setting is wrong (bad flag, bad combination of Trainer options).
 """
 
@@ -51,16 +53,32 @@ class SessionError(DriftError):
         self.code = code
 
 
+class SessionFinished(DriftError):
+    """The coordinator said the session is over: there is no more training to wait for.
+
+    ``final_round`` is the session's last completed round; ``sha256`` and ``checkpoint`` name
+    the coordinated checkpoint of that round (empty when the coordinator did not say).
+    """
+
+    def __init__(self, final_round: int, sha256: str = "", checkpoint: str = "") -> None:
+        super().__init__(f"session finished at round {final_round}")
+        self.final_round = final_round
+        self.sha256 = sha256
+        self.checkpoint = checkpoint
+
+
 class ConfigError(DriftError):
     """A local setting is wrong; the message says which and how to fix it."""
 
 
 __all__ = [
     "AuthError",
+    "BlobTooLarge",
     "ConfigError",
     "ConnectTimeout",
     "DriftError",
     "PeerLost",
     "ProtocolError",
     "SessionError",
+    "SessionFinished",
 ]

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+# The benchmarks' tools that tests share (the WAN proxy, `import netsim`) live in benchmarks/,
+# outside the library. Appended, so nothing of the tests' own is shadowed.
+_BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+if _BENCHMARKS not in sys.path:
+    sys.path.append(_BENCHMARKS)
 
 
 def run_async(coro: Awaitable[T], timeout: float = 60.0) -> T:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from lightning_drift_cli.coord import app, resolve_serve_options
+from lightning_drift_cli.local import free_udp_port
 from typer.testing import CliRunner
 
 from lightning_drift.auth import Identity, decode_token, verify_token
 from lightning_drift.coordinator.config import OPTIONS, ServeOptions, SessionConfig
-from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.monitor import render_lines, render_table
 from lightning_drift.coordinator.server import Coordinator
 from lightning_drift.coordinator.state import StateDir

@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
+from lightning_drift_cli.local import free_udp_port
 from support import node_info
 
 from lightning_drift.aggregate import from_bytes, to_bytes
-from lightning_drift.client import CoordinatorClient
-from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.errors import ConnectTimeout, DriftError, PeerLost
+from lightning_drift.node.client import CoordinatorClient
 from lightning_drift.protocol import BarrierSync, TrainProgress
 
 ROOT = Path(__file__).resolve().parents[1]

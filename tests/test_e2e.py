@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from e2e.launch import start_node
+from lightning_drift_cli.local import LocalCoordinator
 from safetensors.torch import load, load_file
 
-from lightning_drift.coordinator.local import LocalCoordinator
 from lightning_drift.scheduler import epoch_permutation
 
 pytestmark = pytest.mark.timeout(420)

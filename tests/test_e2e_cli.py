@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning_drift_cli.local import LocalCoordinator
 from safetensors.torch import load_file
-
-from lightning_drift.coordinator.local import LocalCoordinator
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "e2e" / "tiny.yaml"

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from e2e.launch import kill_all, log_tail, start_node
+from lightning_drift_cli.local import LocalCoordinator
 from safetensors.torch import load_file
-
-from lightning_drift.coordinator.local import LocalCoordinator
 
 pytestmark = pytest.mark.timeout(480)
 
@@ -67,7 +66,7 @@ def test_nodes_ride_through_a_coordinator_kill(tmp_path: Path) -> None:
         for k in final:
             assert torch.equal(node_final[k], final[k]), k
     # The token issued before the kill still admits a node after the restart.
-    from lightning_drift_cli.coord import fetch_status  # noqa: F401  (import check only)
+    from lightning_drift_cli.common import fetch_status  # noqa: F401  (import check only)
 
     assert (coord.state_dir / "node.token").read_text().strip() == token_before
 

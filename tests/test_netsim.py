@@ -6,8 +6,7 @@ import asyncio
 import random
 
 import pytest
-
-from lightning_drift.netsim import LinkSpec, WanProxy, _Pipe
+from netsim import LinkSpec, WanProxy, _Pipe  # benchmarks/netsim.py (see conftest.py)
 
 
 def test_pipe_paces_at_the_rate_then_adds_the_delay():

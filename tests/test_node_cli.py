@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_drift_cli.local import LocalCoordinator
 from safetensors.torch import load_file, save_file
 
 from lightning_drift import protocol as p
-from lightning_drift.coordinator.local import LocalCoordinator
+from lightning_drift.auth import TOKEN_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,8 @@ def test_join_deletes_the_fetched_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
     import lightning_drift.auth
 
     monkeypatch.setattr(lightning_drift.auth, "decode_token", lambda token: (None, b"", b""))
-    monkeypatch.delenv("DRIFT_TOKEN", raising=False)
+    # join() sets the variable for LightningCLI; setenv (not delenv) so that it is undone.
+    monkeypatch.setenv(TOKEN_ENV, "")
     monkeypatch.setattr(sys, "path", list(sys.path))
     status = p.SessionStatus(
         session_id="s", state="waiting", round=0, epoch=0, epochs=1, lightning_config="a: 1\n"

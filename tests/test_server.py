@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_drift_cli.local import free_udp_port
 from support import node_info
 
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.auth import Identity, TokenStore, issue_token
-from lightning_drift.client import CoordinatorClient
 from lightning_drift.coordinator.config import ServeOptions, SessionConfig
-from lightning_drift.coordinator.local import free_udp_port
 from lightning_drift.coordinator.server import Coordinator
 from lightning_drift.coordinator.session import MemberState
 from lightning_drift.errors import (
@@ -33,6 +32,7 @@ from lightning_drift.errors import (
     ProtocolError,
     SessionError,
 )
+from lightning_drift.node.client import CoordinatorClient
 from lightning_drift.protocol import BarrierSync, Error, TrainProgress
 from lightning_drift.transport import Endpoint
 

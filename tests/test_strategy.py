@@ -3,6 +3,7 @@ device and dataset checks. Training across processes is tested in test_e2e*.py."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_drift import ConfigError, DriftStrategy
-from lightning_drift.strategy import ShardSampler, barrier_step, model_fingerprint
 
 TOKEN = "eyJ-not-checked-until-the-node-joins"
 
@@ -61,7 +61,7 @@ def test_auto_devices_on_a_multi_gpu_machine_train_on_the_first(monkeypatch, cap
     # resolved list is what Lightning's accelerator connector would hand the strategy.)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     s = DriftStrategy(token=TOKEN)
-    with caplog.at_level("WARNING", logger="lightning_drift.strategy"):
+    with caplog.at_level("WARNING", logger="lightning_drift.node.strategy"):
         s.parallel_devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
     assert s.parallel_devices == [torch.device("cuda", 0)]
     assert s.root_device == torch.device("cuda", 0)
@@ -80,25 +80,6 @@ def test_an_explicit_device_wins_over_what_the_trainer_resolved():
     assert s.parallel_devices == [torch.device("cpu")] and s.root_device.type == "cpu"
     trainer = L.Trainer(strategy=DriftStrategy(token=TOKEN, device="cpu"), logger=False)
     assert trainer.strategy.parallel_devices == [torch.device("cpu")]
-
-
-@pytest.mark.parametrize("total", [1, 2, 5, 7, 48, 100])
-@pytest.mark.parametrize("rounds", [1, 2, 3, 8])
-@pytest.mark.parametrize("sync_every", [None, 1, 3, 10])
-def test_barrier_schedule_ends_every_epoch_on_its_last_step(total, rounds, sync_every):
-    steps = [barrier_step(k, total, rounds, sync_every) for k in range(1, rounds + 1)]
-    assert steps == sorted(steps)  # barriers come in order
-    assert steps[-1] == total  # the epoch's last barrier is on its last step, always
-    assert all(1 <= s <= total for s in steps) or total < rounds
-    if sync_every is None:
-        assert steps == [-(-k * total // rounds) for k in range(1, rounds + 1)]
-    else:
-        assert all(s <= k * sync_every for k, s in enumerate(steps[:-1], start=1))
-
-
-def test_sync_every_moves_barriers_earlier_but_not_the_last():
-    assert [barrier_step(k, 100, 2, 10) for k in (1, 2)] == [10, 100]
-    assert [barrier_step(k, 100, 4) for k in (1, 2, 3, 4)] == [25, 50, 75, 100]
 
 
 def test_num_nodes_is_refused():
@@ -155,18 +136,6 @@ def test_lightning_cli_builds_the_strategy_from_yaml(tmp_path, monkeypatch):
     assert (s.token, s.connect_timeout, s.mode) == (TOKEN, 7.5, "internet")
 
 
-def test_shard_sampler_yields_exactly_its_indices():
-    idx = torch.tensor([5, 3, 9])
-    s = ShardSampler(idx)
-    assert list(s) == [5, 3, 9] and len(s) == 3
-
-
-def test_fingerprint_changes_with_shape_not_with_values():
-    a, b = torch.nn.Linear(2, 3), torch.nn.Linear(2, 3)
-    assert model_fingerprint(a) == model_fingerprint(b)
-    assert model_fingerprint(a) != model_fingerprint(torch.nn.Linear(2, 4))
-
-
 @pytest.mark.parametrize(
     "imports",
     [
@@ -188,6 +157,52 @@ def test_strategy_name_registers_in_either_import_order(imports, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("DriftStrategy")
+
+
+def _python(code: str, tmp_path: Path, **env: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, **env},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def test_importing_the_package_imports_neither_lightning_nor_torch(tmp_path):
+    # The coordinator and the CLI import lightning_drift; Lightning would cost them seconds.
+    code = """
+        import sys
+        import lightning_drift
+        print(sorted(m for m in ("lightning", "torch") if m in sys.modules))
+        """
+    assert _python(code, tmp_path) == "[]"
+
+
+def test_with_the_hook_off_lightning_loads_untouched_and_importing_the_strategy_registers(
+    tmp_path,
+):
+    code = """
+        import sys
+        import lightning_drift
+        from lightning_drift import _lightning_hook
+        hooked = any(isinstance(f, _lightning_hook._RegisterAfterLightning) for f in sys.meta_path)
+        from lightning.pytorch.strategies import StrategyRegistry
+        before = "drift" in StrategyRegistry
+        import lightning_drift.node.strategy
+        print(hooked, before, "drift" in StrategyRegistry)
+        """
+    assert _python(code, tmp_path, DRIFT_LIGHTNING_HOOK="0") == "False False True"
+    # Lightning loaded first: the name is registered at once, hook or not.
+    code = """
+        from lightning.pytorch.strategies import StrategyRegistry
+        import lightning_drift
+        print("drift" in StrategyRegistry)
+        """
+    assert _python(code, tmp_path, DRIFT_LIGHTNING_HOOK="0") == "True"
 
 
 def test_examples_yaml_names_the_strategy():

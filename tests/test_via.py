@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from e2e.launch import log_tail, start_node
+from lightning_drift_cli.local import LocalCoordinator, free_udp_port
 from safetensors.torch import load_file
 
-from lightning_drift.coordinator.local import LocalCoordinator, free_udp_port
-
 pytestmark = pytest.mark.timeout(300)
+
+NETSIM = Path(__file__).resolve().parents[1] / "benchmarks" / "netsim.py"
 
 
 def test_nodes_dial_through_a_proxy_address_and_train_exactly(tmp_path: Path) -> None:
@@ -30,7 +31,7 @@ def test_nodes_dial_through_a_proxy_address_and_train_exactly(tmp_path: Path) ->
         port = free_udp_port()
         proxy_log = open(tmp_path / "proxy.log", "w")
         proxy = subprocess.Popen(
-            [sys.executable, "-m", "lightning_drift.netsim",
+            [sys.executable, str(NETSIM),
              "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{coord.port}",
              "--delay-ms", "20", "--rate-mbit", "40", "--loss", "0.02", "--seed", "1"],
             stdout=proxy_log, stderr=subprocess.STDOUT,
@@ -62,8 +63,8 @@ def test_nodes_dial_through_a_proxy_address_and_train_exactly(tmp_path: Path) ->
 def test_an_address_that_leads_to_another_coordinator_is_refused(tmp_path: Path) -> None:
     import asyncio
 
-    from lightning_drift.client import CoordinatorClient
     from lightning_drift.errors import AuthError, ConnectTimeout
+    from lightning_drift.node.client import CoordinatorClient
 
     with LocalCoordinator(tmp_path / "a") as a, LocalCoordinator(tmp_path / "b") as b:
 

@@ -4,8 +4,12 @@ For trying drift over a bad network on one machine (or between network namespace
 ``tc netem`` is not available. QUIC runs over UDP and iroh authenticates peers by key, not
 by address, so a node can dial the proxy's address with the coordinator's key::
 
-    python -m lightning_drift.netsim --listen 127.0.0.1:9000 --target 127.0.0.1:7842 \\
+    python benchmarks/netsim.py --listen 127.0.0.1:9000 --target 127.0.0.1:7842 \\
         --delay-ms 25 --rate-mbit 50 --loss 0.01
+
+A tool for the benchmarks and the tests, not part of the library: ``benchmarks/wan.py``
+imports it as ``netsim`` (its own folder is on ``sys.path``), and so do the tests
+(``tests/conftest.py`` puts ``benchmarks/`` on ``sys.path``).
 
 The proxy is one access link shared by all its clients, with one queue per direction: a
 datagram leaves ``delay`` after it arrived, no earlier than the link's rate allows after the

@@ -1,73 +1,74 @@
 """``DriftStrategy``: train one model across unlike machines from a Lightning ``Trainer``.
 
 Each machine runs one node: a single-device strategy with no torch.distributed process group.
-The strategy only connects Lightning to the node runtime:
+The strategy only connects Lightning to the node's parts:
 
-- when the train dataloader is set up (first in ``fit``), the node joins the session, syncs
-  to the coordinator's global weights (round 0 or the current round) and, every epoch, swaps
-  the dataloader's sampler for the shard the coordinator assigned;
-- after each optimizer step it counts towards its barrier points (the coordinator fixes how
-  many rounds an epoch has; the node spreads its shard's steps evenly over them); at a
-  barrier it uploads its weights, waits for the round's global weights and copies them into
-  the existing parameters, so parameter identity and the local optimizer state are kept
+- when the train dataloader is set up (first in ``fit``), the node joins the session
+  (:class:`~lightning_drift.node.runtime.NodeRuntime`), syncs to the coordinator's global
+  weights (round 0 or the current round) and, every epoch, swaps the dataloader's sampler for
+  the shard the coordinator assigned (:class:`~lightning_drift.node.shards.ShardSampler`);
+- after each optimizer step it counts towards its barrier points
+  (:class:`~lightning_drift.node.barriers.EpochBarriers`); at a barrier it uploads its weights
+  (:mod:`lightning_drift.node.weights`), waits for the round's global weights and copies them
+  into the existing parameters, so parameter identity and the local optimizer state are kept
   (as DiLoCo does);
 - the last barrier of the last epoch is the final one: every node ends holding the
   coordinator's final checkpoint.
 
 No network is touched in ``__init__``; the runtime connects in ``process_dataloader`` and
-closes in ``teardown``.
+closes in ``teardown``. Every member marked ``@override`` is Lightning's contract; the rest is
+the strategy's own.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
 import socket
 import time
-from collections.abc import Iterator, Sized
+from collections.abc import Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import torch
-from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.accelerators import (
+    Accelerator,
+    CPUAccelerator,
+    CUDAAccelerator,
+    MPSAccelerator,
+)
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from lightning.pytorch.utilities.data import _update_dataloader, extract_batch_size
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
 
 from lightning_drift import __version__
 from lightning_drift import protocol as p
-from lightning_drift.errors import ConfigError, SessionError
+from lightning_drift.auth import TOKEN_ENV
+from lightning_drift.errors import ConfigError, SessionError, SessionFinished
+from lightning_drift.hardware import choose_device, describe, memory_now, node_info_fields
+from lightning_drift.node.barriers import EpochBarriers, contributing_round, steps_per_epoch
+from lightning_drift.node.shards import ShardSampler
+from lightning_drift.node.weights import (
+    GlobalWeights,
+    keep_round_copy,
+    load_in_place,
+    local_state,
+    model_fingerprint,
+)
 
-if TYPE_CHECKING:  # a real import here would run inside Lightning's own package import
-    from lightning.pytorch import LightningModule
+if TYPE_CHECKING:
+    # A real import of these would run inside Lightning's own package import (see
+    # lightning_drift/_lightning_hook.py); the runtime, and with it iroh, loads when a node
+    # joins, not whenever Lightning does.
+    from lightning.pytorch import LightningModule, Trainer
+
+    from lightning_drift.node.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
-
-TOKEN_ENV = "DRIFT_TOKEN"
-
-
-class ShardSampler(Sampler[int]):
-    """Yields this node's shard of one epoch: positions ``start:stop`` of the epoch's permutation."""
-
-    def __init__(self, indices: torch.Tensor) -> None:
-        self.indices = indices
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices.tolist())
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def model_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over the state dict's names, shapes and dtypes: equal models, equal fingerprints."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-    return h.hexdigest()
 
 
 class DriftStrategy(SingleDeviceStrategy):
@@ -125,8 +126,6 @@ class DriftStrategy(SingleDeviceStrategy):
         accelerator: Accelerator | None = None
         root = torch.device("cpu")
         if device != "auto":
-            from lightning_drift.hardware import choose_device
-
             root = choose_device(device)
             accelerator = _accelerator_for(root)
         super().__init__(device=root, accelerator=accelerator)
@@ -144,18 +143,15 @@ class DriftStrategy(SingleDeviceStrategy):
         self._progress_every = progress_every or 5.0  # until the session's config arrives
         self.calibration_seconds = calibration_seconds
 
-        self.runtime: Any = None
+        self.runtime: NodeRuntime | None = None
         self.config: p.TrainConfig | None = None
         self.assignment: p.ShardAssignment | None = None
         self.history: list[dict[str, Any]] = []  # one entry per barrier, for tests and logs
         self._parallel: list[torch.device] = []
-        self._global: dict[str, torch.Tensor] | None = None  # for delta uploads
-        self._global_round = -1  # the round of self._global
-        self._epoch_steps = 0
-        self._epoch_total_steps: int | None = None
-        self._barriers_done = 0
-        self._samples = 0
-        self._steps = 0
+        self._weights: GlobalWeights | None = None  # set when the session's config arrives
+        self._barriers: EpochBarriers | None = None  # the current epoch's barrier points
+        self._samples = 0  # samples trained since the last barrier
+        self._steps = 0  # optimizer steps in this fit
         self._train_t0 = time.monotonic()  # start of this round's training (after a barrier)
         self._last_loss: torch.Tensor | float | None = None
         self._last_report = 0.0
@@ -171,19 +167,27 @@ class DriftStrategy(SingleDeviceStrategy):
         assert module is not None, "DriftStrategy used before Lightning attached a module"
         return module
 
+    @property
+    def _runtime(self) -> NodeRuntime:
+        assert self.runtime is not None, "DriftStrategy used before it joined the session"
+        return self.runtime
+
     # -- registration and device checks -----------------------------------------------------------
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(
             "drift",
             cls,
-            description="Train across machines by averaging weights at barriers (token from DRIFT_TOKEN)",
+            description="Train across machines by averaging weights at barriers "
+            f"(token from {TOKEN_ENV})",
             override=True,
         )
 
-    # Lightning's accelerator connector hands every strategy the devices it resolved from
-    # `Trainer(devices=..., accelerator=...)`. A drift node owns exactly one device.
+    # Lightning's accelerator connector hands every strategy that has these members the devices
+    # and node count it resolved from `Trainer(devices=..., num_nodes=...)` (no base class
+    # declares them). A drift node owns exactly one device.
     @property
     def parallel_devices(self) -> list[torch.device]:
         return self._parallel
@@ -229,7 +233,8 @@ class DriftStrategy(SingleDeviceStrategy):
 
     # -- joining and sharding ----------------------------------------------------------------------
 
-    def setup(self, trainer: Any) -> None:
+    @override
+    def setup(self, trainer: Any) -> None:  # Any: the attributes set below are not declared
         super().setup(trainer)
         # Every epoch needs a fresh dataloader over the epoch's shard.
         trainer.reload_dataloaders_every_n_epochs = 1
@@ -243,16 +248,7 @@ class DriftStrategy(SingleDeviceStrategy):
             # First, so owed barriers are held before ModelCheckpoint saves the epoch's end.
             trainer.callbacks.insert(0, _EpochEndBarriers(self))
 
-    def _finish_epoch(self) -> None:
-        """Hold the epoch's remaining barriers now if fewer optimizer steps ran than the
-        loader promised (manual optimization, skipped steps): the coordinator's rounds must
-        not wait for a barrier this node would never reach."""
-        if self.runtime is None or self.assignment is None or self.finished:
-            return
-        while self._barriers_done < self.assignment.rounds and not self.finished:
-            log.info("epoch ended before barrier %d; holding it now", self._barriers_done + 1)
-            self._barrier()
-
+    @override
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self._pl.trainer
         if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
@@ -266,34 +262,25 @@ class DriftStrategy(SingleDeviceStrategy):
             )
         if self.runtime is None:
             self._join(len(dataset))
-        assert self.runtime is not None
-        from lightning.pytorch.utilities.data import _update_dataloader
-
-        from lightning_drift.node import SessionFinished
-
         try:
-            a = self.runtime.shard(trainer.current_epoch)
+            a = self._runtime.shard(trainer.current_epoch)
         except SessionFinished as done:
             # We came back after the last round: the start-up sync already loaded the final
             # weights. Train nothing more and let the fit end normally.
             log.warning(
                 "the session finished at round %d; this node holds its final weights",
-                done.finish.round,
+                done.final_round,
             )
             self.finished = True
             trainer.should_stop = True
-            empty = ShardSampler(torch.empty(0, dtype=torch.long))
-            return _update_dataloader(dataloader, empty, mode=RunningStage.TRAINING)
+            return _update_dataloader(dataloader, ShardSampler.empty(), mode=RunningStage.TRAINING)
         if a.epoch != trainer.current_epoch:
             self._jump_to_epoch(a.epoch)
         self.assignment = a
-        from lightning_drift.scheduler import epoch_permutation
-
-        perm = epoch_permutation(a.seed, a.epoch, len(dataset))
-        sampler = ShardSampler(perm[a.start : a.stop])
-        self._epoch_steps = 0
-        self._epoch_total_steps = None
-        self._barriers_done = 0
+        sampler = ShardSampler.for_assignment(a, len(dataset))
+        self._barriers = EpochBarriers(
+            rounds=a.rounds, first_round=a.first_round, sync_every=self.sync_every
+        )
         log.info(
             "shard epoch=%d start=%d stop=%d rounds=%d first_round=%d",
             a.epoch,
@@ -306,9 +293,7 @@ class DriftStrategy(SingleDeviceStrategy):
         return _update_dataloader(dataloader, sampler, mode=RunningStage.TRAINING)
 
     def _join(self, dataset_size: int) -> None:
-        from lightning_drift.hardware import node_info_fields
-        from lightning_drift.node import NodeRuntime
-
+        """Join the session, take its settings, and hold the start-up sync (round 0)."""
         module = self._pl
         fingerprint = model_fingerprint(module)
         hw = node_info_fields(self.root_device, seconds=self.calibration_seconds)
@@ -320,6 +305,8 @@ class DriftStrategy(SingleDeviceStrategy):
                 model_fingerprint=fingerprint,
                 **hw,
             )
+
+        from lightning_drift.node.runtime import NodeRuntime
 
         self.runtime = NodeRuntime(
             self.token,
@@ -334,6 +321,7 @@ class DriftStrategy(SingleDeviceStrategy):
         self.node_key = self.runtime.node_key
         config = self.runtime.start()
         self.config = config
+        self._weights = GlobalWeights(config.transfer_dtype)
         resumed = self._resumed_from
         if resumed and resumed.get("session") and resumed["session"] != config.session_id:
             log.warning(
@@ -346,8 +334,6 @@ class DriftStrategy(SingleDeviceStrategy):
             self._progress_every = config.progress_every_s
         unusable = [d for d in hw["devices"] if not d.usable]
         if unusable:
-            from lightning_drift.hardware import describe
-
             # Say plainly which devices cannot train (e.g. Vulkan-only GPUs) and what does.
             log.warning(
                 "devices found but not used for training:\n%s",
@@ -374,10 +360,9 @@ class DriftStrategy(SingleDeviceStrategy):
 
     # -- training hooks ----------------------------------------------------------------------------
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        from lightning.pytorch.utilities.data import extract_batch_size
-
         try:
             n = extract_batch_size(batch)
         except Exception:
@@ -385,16 +370,17 @@ class DriftStrategy(SingleDeviceStrategy):
         self._samples += n
         self._rate_samples += n
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         out = super().training_step(*args, **kwargs)
         loss = out.get("loss") if isinstance(out, dict) else out
         if isinstance(loss, torch.Tensor):
             self._last_loss = loss.detach()
         if self.runtime is not None:
-            # Lightning's progress bar shows which round this node is working towards.
+            # Lightning's progress bar shows which round this node is training towards.
             self._pl.log(
                 "round",
-                float(self.runtime.round + 1),
+                float(self.runtime.held_round + 1),
                 prog_bar=True,
                 logger=False,
                 on_step=True,
@@ -403,41 +389,48 @@ class DriftStrategy(SingleDeviceStrategy):
             )
         return out
 
+    @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if optimizer is self.optimizers[0] if self.optimizers else True:
+        # With several optimizers, one training step is counted once: at the first one's step.
+        if not self.optimizers or optimizer is self.optimizers[0]:
             self._after_step()
         return out
 
     def _after_step(self) -> None:
-        if self.runtime is None or self.assignment is None:
+        plan = self._barriers
+        if self.runtime is None or plan is None:
             return
         self._steps += 1
-        self._epoch_steps += 1
-        total = self._steps_this_epoch()
-        rounds = self.assignment.rounds
-        while self._barriers_done < rounds:
-            due = barrier_step(self._barriers_done + 1, total, rounds, self.sync_every)
-            if self._epoch_steps < due:
-                break
+        if plan.total_steps is None:  # the loader's length is known from the first step on
+            plan.total_steps = self._steps_per_epoch()
+        plan.step()
+        while plan.due():
             self._barrier()
         now = time.monotonic()
         if now - self._last_report >= self._progress_every:
             self._report(now)
 
-    def _steps_this_epoch(self) -> int:
-        if self._epoch_total_steps is None:
-            trainer = self._pl.trainer
-            batches = trainer.num_training_batches
-            if not math.isfinite(batches):  # a loader without __len__: one step per sample
-                assert self.assignment is not None
-                batches = self.assignment.stop - self.assignment.start
-            if self._pl.automatic_optimization:
-                steps = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
-            else:
-                steps = int(batches)
-            self._epoch_total_steps = max(1, int(steps))
-        return self._epoch_total_steps
+    def _finish_epoch(self) -> None:
+        """Hold the epoch's remaining barriers now if fewer optimizer steps ran than the
+        loader promised (manual optimization, skipped steps): the coordinator's rounds must
+        not wait for a barrier this node would never reach."""
+        plan = self._barriers
+        if self.runtime is None or plan is None or self.finished:
+            return
+        while plan.owed() and not self.finished:
+            log.info("epoch ended before barrier %d; holding it now", plan.done + 1)
+            self._barrier()
+
+    def _steps_per_epoch(self) -> int:
+        trainer = self._pl.trainer
+        assert self.assignment is not None
+        return steps_per_epoch(
+            trainer.num_training_batches,
+            shard_size=self.assignment.stop - self.assignment.start,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            automatic=self._pl.automatic_optimization,
+        )
 
     def _loss(self) -> float | None:
         if self._last_loss is None:
@@ -445,13 +438,12 @@ class DriftStrategy(SingleDeviceStrategy):
         return float(self._last_loss)
 
     def _report(self, now: float) -> None:
-        from lightning_drift.hardware import memory_now
-
+        runtime = self._runtime
         elapsed = max(1e-6, now - self._rate_t0)
         used, peak = memory_now(self.root_device)
-        self.runtime.report(
+        runtime.report(
             p.TrainProgress(
-                round=self.runtime.round + 1,
+                round=runtime.held_round + 1,  # the round this node is training towards
                 epoch=self._pl.trainer.current_epoch,
                 step=self._steps,
                 samples=self._samples,
@@ -468,100 +460,77 @@ class DriftStrategy(SingleDeviceStrategy):
     # -- barriers ----------------------------------------------------------------------------------
 
     def _barrier(self) -> None:
+        """Hold the epoch's next barrier: upload, wait for the round, load its weights."""
         trainer = self._pl.trainer
-        assert self.assignment is not None
-        # Barrier k of the epoch belongs to global round first_round + k - 1. A node that
-        # joined late holds older weights than that, and a straggler that was answered with
-        # newer ones is past it: rounds only ever move forward.
-        target = self.assignment.first_round + self._barriers_done
+        runtime = self._runtime
+        plan = self._barriers
+        assert plan is not None
         sync = p.BarrierSync(
-            round=max(self.runtime.round + 1, target),
+            round=contributing_round(runtime.held_round, plan.scheduled_round),
             epoch=trainer.current_epoch,
             samples=self._samples,
-            steps=self._epoch_steps,
+            steps=plan.steps,
             loss=self._loss(),
             # Training time of this round only: the coordinator measures pace from it.
             train_seconds=time.monotonic() - self._train_t0,
         )
-        from lightning_drift.node import SessionFinished
-
         try:
             self._sync(sync)
         except SessionFinished as done:
             raise SessionError(
-                f"the session finished at round {done.finish.round} while this node was still "
+                f"the session finished at round {done.final_round} while this node was still "
                 f"training (it was left behind); the final weights are the coordinator's "
-                f"checkpoint {done.finish.checkpoint or 'of that round'}",
+                f"checkpoint {done.checkpoint or 'of that round'}",
                 code="finished",
             ) from None
-        self._barriers_done += 1
-        if self.finished and (
-            self._barriers_done < self.assignment.rounds
-            or trainer.current_epoch + 1 < (trainer.max_epochs or 0)
-        ):
+        plan.held()
+        if self.finished and (plan.owed() or trainer.current_epoch + 1 < (trainer.max_epochs or 0)):
             # A straggler answered with the session's final weights: nothing left to train.
-            log.warning("the session finished at round %d; stopping", self.runtime.round)
+            log.warning("the session finished at round %d; stopping", runtime.held_round)
             trainer.should_stop = True
 
     def _sync(self, sync: p.BarrierSync) -> None:
         """Upload our weights for ``sync.round``, wait for the global ones, load them in place."""
-        from lightning_drift.aggregate import from_bytes, to_bytes
-
         module = self._pl
-        assert self.config is not None
-        local = {k: v.detach() for k, v in module.state_dict().items()}
-        if sync.round > 0 and self.config.transfer_dtype == "bfloat16" and self._global is not None:
-            delta = {
-                # The global copy lives on the CPU, where the blob is decoded.
-                k: (v.float().cpu() - self._global[k].float()).to(torch.bfloat16)
-                if v.is_floating_point()
-                else v
-                for k, v in local.items()
-            }
-            payload = to_bytes(delta)
-            sync.delta = True
-            sync.base_round = self._global_round
-        else:
-            payload = to_bytes(local)
+        runtime = self._runtime
+        weights = self._weights
+        assert weights is not None, "the session's config sets how weights travel"
+        upload = weights.upload(local_state(module), sync.round)
+        if upload.delta:
+            sync = msgspec.structs.replace(sync, delta=True, base_round=upload.base_round)
         t0 = time.monotonic()
-        ready, blob = self.runtime.barrier(sync, payload)
+        ready, blob = runtime.barrier(sync, upload.payload)
         wait = time.monotonic() - t0
-        if hashlib.sha256(blob).hexdigest() != ready.sha256:
-            raise ConfigError(f"global weights of round {ready.round} do not match their checksum")
-        weights = from_bytes(blob)
-        with torch.no_grad():
-            # load_state_dict copies into the existing tensors: parameters keep their identity
-            # and the optimizer's state keeps pointing at them.
-            module.load_state_dict(weights, strict=True)
-        if self.config.transfer_dtype == "bfloat16":
-            self._global = {k: v.clone() for k, v in weights.items()}
-            self._global_round = ready.round
+        held_round = ready.round  # the node now holds this round's global weights
+        load_in_place(module, weights.receive(held_round, blob, ready.sha256))
         if self.checkpoint_dir is not None:
-            self._keep_copy(ready.round, blob)
+            keep_round_copy(self.checkpoint_dir, held_round, blob)
         self.finished = ready.finished
-        entry = {
-            "round": ready.round,
-            "contributed": ready.contributed,
-            "samples": sync.samples,
-            "wait_s": wait,
-            "bytes_sent": len(payload),
-            "bytes_received": len(blob),
-            "sha256": ready.sha256,
-        }
-        self.history.append(entry)
+        # One entry per barrier; "round" is the round whose global weights came back.
+        self.history.append(
+            {
+                "round": held_round,
+                "contributed": ready.contributed,
+                "samples": sync.samples,
+                "wait_s": wait,
+                "bytes_sent": len(upload.payload),
+                "bytes_received": len(blob),
+                "sha256": ready.sha256,
+            }
+        )
         log.info(
             "barrier round=%d contributed=%s wait_s=%.3f samples=%d",
-            ready.round,
+            held_round,
             ready.contributed,
             wait,
             sync.samples,
         )
         self._log_metrics(
             {
-                "drift/round": float(ready.round),
+                "drift/round": float(held_round),
                 "drift/barrier_wait_s": wait,
-                "drift/bytes_sent": float(self.runtime.bytes_sent),
-                "drift/bytes_received": float(self.runtime.bytes_received),
+                "drift/bytes_sent": float(runtime.bytes_sent),
+                "drift/bytes_received": float(runtime.bytes_received),
                 "drift/samples_per_round": float(sync.samples),
             }
         )
@@ -569,13 +538,6 @@ class DriftStrategy(SingleDeviceStrategy):
         # Pace is measured over training only: waiting at the barrier does not count.
         self._train_t0 = self._rate_t0 = time.monotonic()
         self._rate_samples = 0
-
-    def _keep_copy(self, round_: int, blob: bytes) -> None:
-        assert self.checkpoint_dir is not None
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        from lightning_drift.fsutil import atomic_write
-
-        atomic_write(self.checkpoint_dir / f"round-{round_:06d}.safetensors", blob)
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         try:
@@ -587,30 +549,35 @@ class DriftStrategy(SingleDeviceStrategy):
 
     # -- checkpoints and teardown ------------------------------------------------------------------
 
+    @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
     ) -> None:
-        # The canonical checkpoint is the coordinator's; this file records which round it holds.
-        # ``samples_since_round`` is 0 when the weights are exactly that round's global weights
-        # (saved at a barrier or an epoch's end); otherwise they are local, mid-round weights.
+        # The canonical checkpoint is the coordinator's; this file records which round's global
+        # weights the node held ("round"). ``samples_since_round`` is 0 when the weights are
+        # exactly that round's (saved at a barrier or an epoch's end); otherwise they are
+        # local, mid-round weights.
         checkpoint["drift"] = {
-            "round": self.runtime.round if self.runtime else -1,
+            "round": self.runtime.held_round if self.runtime else -1,
             "session": self.config.session_id if self.config else "",
             "samples_since_round": self._samples,
             "version": __version__,
         }
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         drift = checkpoint.get("drift") if isinstance(checkpoint, dict) else None
         self._resumed_from = drift if isinstance(drift, dict) else None
         return checkpoint
 
+    @override
     def teardown(self) -> None:
         self._close("teardown")
         super().teardown()
 
+    @override
     def on_exception(self, exception: BaseException) -> None:
         self._close(f"error: {type(exception).__name__}")
 
@@ -630,34 +597,18 @@ def _explicitly_several(devices: list[torch.device]) -> bool:
     return len(devices) != available
 
 
-def barrier_step(k: int, total: int, rounds: int, sync_every: int | None = None) -> int:
-    """After how many optimizer steps of an epoch barrier ``k`` (1-based) of ``rounds`` falls.
-
-    The coordinator's schedule spreads the barriers evenly: ``ceil(k * total / rounds)``; when
-    a shard gives fewer steps than rounds, several barriers fall on one step. ``sync_every``
-    moves barriers earlier (every ``sync_every`` steps) but never the epoch's last barrier,
-    which always falls on the epoch's last step, so every node ends each epoch (and the
-    session) on the global weights.
-    """
-    due = math.ceil(k * total / rounds)
-    if sync_every and k < rounds:
-        due = min(due, k * sync_every)
-    return due
-
-
 class _EpochEndBarriers(Callback):
     """Calls the strategy at each training epoch's end (strategies get no such hook)."""
 
     def __init__(self, strategy: DriftStrategy) -> None:
         self.strategy = strategy
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy._finish_epoch()
 
 
 def _accelerator_for(device: torch.device) -> Accelerator:
-    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
-
     if device.type == "cuda":
         return CUDAAccelerator()
     if device.type == "mps":

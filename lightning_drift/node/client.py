@@ -1,15 +1,15 @@
 """The async protocol client: one connection to a coordinator, pure asyncio, no threads.
 
 Use it directly from async code (tests, the barrier benchmark, ``drift-coord status``); the
-training process wraps it in ``lightning_drift.node.NodeRuntime`` (a loop thread with
+training process wraps it in ``lightning_drift.node.runtime.NodeRuntime`` (a loop thread with
 reconnect and backoff). One :class:`CoordinatorClient` is one connection: when it breaks,
 calls raise ``PeerLost`` and the owner connects a new one (with the same ``secret``, so the
 coordinator sees the same node).
 
 Errors: ``AuthError`` (token refused, or the peer is not the key that signed it),
 ``SessionError`` (a refusal with a code: dataset_mismatch, bad_upload, ...), ``PeerLost``
-(connection gone), ``ConnectTimeout``, and ``SessionFinished`` (from ``node.py``) once the
-coordinator has said ``Finish``.
+(connection gone), ``ConnectTimeout``, and ``SessionFinished`` once the coordinator has said
+``Finish``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,22 @@ import msgspec
 from lightning_drift import __version__
 from lightning_drift import protocol as p
 from lightning_drift.auth import decode_token, verify_token
-from lightning_drift.errors import AuthError, DriftError, PeerLost, ProtocolError, SessionError
-from lightning_drift.transport import Endpoint, Stream, local_bind_for, ticket_addrs, ticket_key
+from lightning_drift.errors import (
+    AuthError,
+    DriftError,
+    PeerLost,
+    ProtocolError,
+    SessionError,
+    SessionFinished,
+)
+from lightning_drift.transport import (
+    Connection,
+    Endpoint,
+    Stream,
+    local_bind_for,
+    ticket_addrs,
+    ticket_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +57,17 @@ def refusal(err: p.Error) -> DriftError:
     return SessionError(err.message, err.code)
 
 
+def finished(finish: p.Finish) -> SessionFinished:
+    """The exception for the coordinator's ``Finish``."""
+    return SessionFinished(finish.round, sha256=finish.sha256, checkpoint=finish.checkpoint)
+
+
 class CoordinatorClient:
     """A joined node (or an observer) talking to one coordinator over one connection."""
 
-    def __init__(self, endpoint: Endpoint, own_endpoint: bool, conn: Any, control: Stream):
+    def __init__(
+        self, endpoint: Endpoint, own_endpoint: bool, conn: Connection, control: Stream
+    ) -> None:
         self.endpoint = endpoint
         self._own_endpoint = own_endpoint
         self.conn = conn
@@ -80,7 +101,7 @@ class CoordinatorClient:
         relay_urls: Sequence[str] = (),
         endpoint: Endpoint | None = None,
         secret: bytes | None = None,
-        resume_round: int = -1,
+        held_round: int = -1,
         silence_s: float | None = None,
         observe: bool = False,
         via: Sequence[str] = (),
@@ -92,7 +113,9 @@ class CoordinatorClient:
         needs ``node_info`` (a NodeInfo or a function making one; its nonce is filled in);
         an observer token needs nothing more. ``endpoint`` lets many clients share one
         process's endpoints; otherwise one is bound (``secret``: the node's 32-byte key seed,
-        random when None) and closed by :meth:`close`. ``silence_s``: how long without any
+        random when None) and closed by :meth:`close`. ``held_round``: the round whose
+        global weights the node holds (-1: none), told to the coordinator as
+        ``Join.resume_round``. ``silence_s``: how long without any
         message from the coordinator before the connection counts as lost (default
         ``3 × TrainConfig.heartbeat_s``, at least 3 s). ``observe``: status only, with any
         valid token (no membership, no NodeInfo); observer tokens always connect this way.
@@ -126,7 +149,7 @@ class CoordinatorClient:
                     node_info,
                     name,
                     timeout,
-                    resume_round,
+                    held_round,
                     silence_s,
                     observe,
                     tuple(via),
@@ -147,19 +170,19 @@ class CoordinatorClient:
     @classmethod
     async def _handshake(
         cls,
-        endpoint,
-        own,
-        token,
-        role,
-        key,
-        ticket,
-        node_info,
-        name,
-        timeout,
-        resume_round,
-        silence_s=None,
-        observe=False,
-        via=(),
+        endpoint: Endpoint,
+        own: bool,
+        token: str,
+        role: str,
+        key: bytes,
+        ticket: str,
+        node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None,
+        name: str,
+        timeout: float,
+        held_round: int,
+        silence_s: float | None = None,
+        observe: bool = False,
+        via: tuple[str, ...] = (),
     ) -> CoordinatorClient:
         conn = await endpoint.dial(ticket, timeout=timeout, expect_key=key, via=via)
         try:
@@ -170,7 +193,7 @@ class CoordinatorClient:
                     node_key=endpoint.key_hex,
                     drift_version=__version__,
                     name=name,
-                    resume_round=resume_round,
+                    resume_round=held_round,
                     observe=observe,
                 )
             )
@@ -180,10 +203,10 @@ class CoordinatorClient:
             if self.role == "node":
                 if node_info is None:
                     raise ValueError("a node token needs node_info (NodeInfo or a factory)")
-                ping = await control.recv()
-                if isinstance(ping, p.Error):
-                    raise refusal(ping)
-                ping = p.expect(ping, p.Ping)
+                first = await control.recv()
+                if isinstance(first, p.Error):
+                    raise refusal(first)
+                ping = p.expect(first, p.Ping)
                 info = node_info() if callable(node_info) else node_info
                 assert isinstance(ping, p.Ping)
                 await control.send(msgspec.structs.replace(info, nonce=ping.nonce))
@@ -199,7 +222,7 @@ class CoordinatorClient:
             raise
 
     # ---- background ---------------------------------------------------------------------
-    async def _send(self, msg: Any) -> None:
+    async def _send(self, msg: p.Message) -> None:
         if self.error is not None:
             raise self.error
         async with self._send_lock:
@@ -228,14 +251,12 @@ class CoordinatorClient:
                         if not fut2.done():
                             fut2.set_result(msg)
                 elif isinstance(msg, p.Finish):
-                    from lightning_drift.node import SessionFinished
-
                     # The session is over, but this node may still owe its last barrier (a
                     # straggler left behind at the final deadline): that goes on its own
                     # stream and is answered with the final weights, so barriers and
                     # heartbeats go on. Only a wait for another epoch's shard ends here.
                     self.finish = msg
-                    done = SessionFinished(msg)
+                    done = finished(msg)
                     for fut in self._shards.values():
                         if not fut.done():
                             fut.set_exception(done)
@@ -294,9 +315,7 @@ class CoordinatorClient:
     async def shard(self, epoch: int) -> p.ShardAssignment:
         """The assignment for ``epoch``; waits while the coordinator has not planned it."""
         if self.finish is not None:
-            from lightning_drift.node import SessionFinished
-
-            raise SessionFinished(self.finish)
+            raise finished(self.finish)
         fut = self._shards.get(epoch)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -369,4 +388,4 @@ class CoordinatorClient:
             await self.endpoint.close()
 
 
-__all__ = ["CoordinatorClient", "refusal"]
+__all__ = ["CoordinatorClient", "finished", "refusal"]

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import nacl.signing
 
@@ -31,7 +31,9 @@ from lightning_drift.errors import (
     PeerLost,
     ProtocolError,
     SessionError,
+    SessionFinished,
 )
+from lightning_drift.node.client import CoordinatorClient, finished
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,16 +42,8 @@ T = TypeVar("T")
 _FATAL = (AuthError, SessionError)
 
 
-class SessionFinished(DriftError):
-    """The coordinator says the session is over; ``finish`` holds its last word."""
-
-    def __init__(self, finish: p.Finish) -> None:
-        super().__init__(f"session finished at round {finish.round}")
-        self.finish = finish
-
-
 class NodeRuntime:
-    """Blocking façade over an async :class:`~lightning_drift.client.CoordinatorClient`.
+    """Blocking façade over an async :class:`~lightning_drift.node.client.CoordinatorClient`.
 
     Create it in the training process, call :meth:`start` once (typically from the strategy's
     setup), then :meth:`shard` each epoch and :meth:`barrier` at each barrier point. Every
@@ -82,11 +76,11 @@ class NodeRuntime:
         self.secret = os.urandom(32)
         self.node_key = bytes(nacl.signing.SigningKey(self.secret).verify_key).hex()
         self.config: p.TrainConfig | None = None
-        self.round = -1  # the last round whose global weights we hold
+        self.held_round = -1  # the round whose global weights the node holds
         self.bytes_sent = 0
         self.bytes_received = 0
         self.reconnects = 0
-        self._client: Any = None
+        self._client: CoordinatorClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -141,7 +135,7 @@ class NodeRuntime:
         )
         self.bytes_sent += len(weights)
         self.bytes_received += len(blob)
-        self.round = ready.round
+        self.held_round = ready.round
         return ready, blob
 
     def report(self, progress: p.TrainProgress) -> None:
@@ -150,8 +144,11 @@ class NodeRuntime:
             return
 
         async def send() -> None:
+            client = self._client
+            if client is None:  # lost since the call: dropped like any report while reconnecting
+                return
             try:
-                await self._client.progress(progress)
+                await client.progress(progress)
             except DriftError as exc:
                 log.debug("progress dropped error=%r", exc)
 
@@ -179,8 +176,6 @@ class NodeRuntime:
         return fut.result(timeout)
 
     async def _connect(self, first: bool) -> None:
-        from lightning_drift.client import CoordinatorClient
-
         client = await CoordinatorClient.connect(
             self.token,
             node_info=self._node_info(),
@@ -188,7 +183,7 @@ class NodeRuntime:
             timeout=self.connect_timeout,
             mode=self.mode,
             relay_urls=self.relay_urls,
-            resume_round=self.round,
+            held_round=self.held_round,
             secret=self.secret,
             via=self.via,
         )
@@ -199,7 +194,10 @@ class NodeRuntime:
         if not first:
             self.reconnects += 1
         log.info(
-            "joined session=%s round=%s reconnect=%s", config.session_id, config.round, not first
+            "joined session=%s completed_round=%s reconnect=%s",
+            config.session_id,
+            config.round,
+            not first,
         )
 
     async def _reconnect(self, what: str, cause: Exception) -> None:
@@ -230,12 +228,14 @@ class NodeRuntime:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
 
-    async def _retrying(self, op: Callable[[Any], Awaitable[T]], what: str) -> T:
+    async def _retrying(self, op: Callable[[CoordinatorClient], Awaitable[T]], what: str) -> T:
         while True:
             if self._client is None:
                 await self._reconnect(what, PeerLost("not connected"))
+            client = self._client
+            assert client is not None, "a reconnect either connects or raises"
             try:
-                return await op(self._client)
+                return await op(client)
             except _FATAL:
                 raise
             except SessionFinished:
@@ -243,11 +243,11 @@ class NodeRuntime:
             except (PeerLost, ConnectTimeout) as exc:
                 if self._closed:
                     raise
-                finish = getattr(self._client, "finish", None)
+                finish = self._client.finish if self._client is not None else None
                 if finish is not None:
                     # The coordinator said the session is over, then went away: there is
                     # nothing to reconnect to.
-                    raise SessionFinished(finish) from exc
+                    raise finished(finish) from exc
                 await self._reconnect(what, exc)
 
     async def _close_client(self, reason: str) -> None:

@@ -1,8 +1,10 @@
 """Run a coordinator as a child process on loopback: for the demo, tests and benchmarks.
 
-``LocalCoordinator`` starts ``drift-coord serve`` in local mode on a free port with its own
-state and checkpoint folders, waits for the node and observer tokens it writes, and can be
-killed (SIGKILL) and started again on the same state, which is how restarts are tested.
+``LocalCoordinator`` starts ``drift-coord serve`` (``python -m lightning_drift_cli.coord``)
+in local mode on a free port with its own state and checkpoint folders, waits for the node
+and observer tokens it writes, and can be killed (SIGKILL) and started again on the same
+state, which is how restarts are tested. It belongs to the command line, not the library:
+the library never starts its own CLI.
 """
 
 from __future__ import annotations

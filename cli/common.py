@@ -1,0 +1,187 @@
+"""What ``drift`` and ``drift-coord`` share: options, the token, logging, the error exit.
+
+Every command that takes a token finds it with :func:`find_token` (flag, then the
+environment, then files the command names) and every command sets its logging with
+:func:`setup_logging`; the console scripts run their app with :func:`main`, which turns an
+expected error (``DriftError``) into one ``error: ...`` line. A new shared flag or environment
+variable belongs here, in one place.
+
+Importing this module must stay cheap (no Lightning, no torch, no iroh): ``--help`` pays
+for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+
+from lightning_drift.auth import TOKEN_ENV
+from lightning_drift.errors import DriftError
+
+if TYPE_CHECKING:
+    import lightning_drift.protocol as p
+
+# -- options -------------------------------------------------------------------------------------
+
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        "-t",
+        envvar=TOKEN_ENV,
+        help=f"Invitation token, or a file holding it (or {TOKEN_ENV}).",
+    ),
+]
+ModeOpt = Annotated[str, typer.Option(help="local (relays off) or internet.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Full tracebacks, debug logs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+# -- the token -----------------------------------------------------------------------------------
+
+
+def read_token(value: str) -> str:
+    """The token itself, or the content of the file ``value`` names (tokens start ``eyJ``)."""
+    value = value.strip()
+    if not value.startswith("eyJ") and Path(value).is_file():
+        return Path(value).read_text().strip()
+    return value
+
+
+def find_token(given: str | None, *, files: Sequence[Path] = ()) -> str | None:
+    """The token a command runs with, or ``None`` when there is none.
+
+    In order: ``given`` (the ``--token`` flag), the ``DRIFT_TOKEN`` environment variable (a
+    token or a file holding one, either way), then the first of ``files`` that exists and is
+    not empty (e.g. ``STATE_DIR/observer.token``)."""
+    for value in (given, os.environ.get(TOKEN_ENV)):
+        if value and value.strip():
+            return read_token(value)
+    for path in files:
+        if path.is_file():
+            text = path.read_text().strip()
+            if text:
+                return text
+    return None
+
+
+def need_token(given: str | None, *, files: Sequence[Path] = (), hint: str = "") -> str:
+    """:func:`find_token`, or a usage error (exit 2) that says where a token comes from."""
+    token = find_token(given, files=files)
+    if token:
+        return token
+    where = hint or "`drift-coord serve` prints one and writes it to STATE_DIR/node.token"
+    raise typer.BadParameter(
+        f"no token: pass --token or set {TOKEN_ENV} ({where})", param_hint="--token"
+    )
+
+
+# -- logging and the error exit ------------------------------------------------------------------
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+@dataclass(frozen=True)
+class Verbosity:
+    """How much a family of commands says: its log level without and with ``-v``, and whether
+    ``-v`` also shows the traceback of an expected error."""
+
+    default: int
+    verbose: int
+    tracebacks: bool
+
+
+NODE = Verbosity(default=logging.WARNING, verbose=logging.INFO, tracebacks=True)  # drift
+COORDINATOR = Verbosity(default=logging.INFO, verbose=logging.DEBUG, tracebacks=False)
+
+# DRIFT_DEBUG=1 shows the traceback of every expected error; -v does for NODE commands.
+_tracebacks = os.environ.get("DRIFT_DEBUG", "") not in ("", "0")
+
+
+def setup_logging(verbose: bool, verbosity: Verbosity) -> None:
+    """Log to stderr at the level ``verbosity`` gives with or without ``-v``; call it first
+    thing in a command."""
+    global _tracebacks
+    _tracebacks = _tracebacks or (verbose and verbosity.tracebacks)
+    logging.basicConfig(
+        level=verbosity.verbose if verbose else verbosity.default,
+        format=LOG_FORMAT,
+        stream=sys.stderr,
+    )
+
+
+def tracebacks_wanted() -> bool:
+    """Whether an expected error ends in its traceback instead of one line."""
+    return _tracebacks
+
+
+def fail(exc: DriftError, code: int = 1) -> NoReturn:
+    """End the command on an expected error: one ``error: ...`` line on stderr and exit
+    ``code``, or the exception itself when tracebacks are wanted. The message of every
+    ``DriftError`` says what to do; a traceback would only bury it."""
+    if _tracebacks:
+        raise exc
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code)
+
+
+def main(app: typer.Typer) -> None:
+    """Run ``app`` as a console script: unbuffered output, exit 130 on Ctrl-C, and a
+    ``DriftError`` that escapes a command ends as :func:`fail` ends it (exit 1)."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except DriftError as exc:
+        if _tracebacks:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+# -- the session's status ------------------------------------------------------------------------
+
+
+def fetch_status(
+    token: str, *, mode: str = "local", timeout: float = 15.0, coordinator_addr: str | None = None
+) -> p.SessionStatus:
+    """One ``SessionStatus`` with a node or observer token (``Join.observe``: no membership).
+
+    ``coordinator_addr`` dials that ``host:port`` instead of the token's address. Used by
+    ``drift status``, ``drift join``, ``drift-coord status`` and the demo."""
+    via = (coordinator_addr,) if coordinator_addr else ()
+    return asyncio.run(_fetch_status(token, mode=mode, timeout=timeout, via=via))
+
+
+async def _fetch_status(
+    token: str, *, mode: str, timeout: float, via: tuple[str, ...]
+) -> p.SessionStatus:
+    from lightning_drift.node.client import CoordinatorClient
+
+    client = await CoordinatorClient.connect(
+        token, timeout=timeout, mode=mode, name="status", observe=True, via=via
+    )
+    try:
+        return await asyncio.wait_for(client.status(), timeout)
+    finally:
+        await client.close("status done")
+
+
+def show_status(status: p.SessionStatus, *, as_json: bool) -> None:
+    """Print ``status`` as JSON or as the operator's table."""
+    from lightning_drift.coordinator.monitor import render_json, render_table
+
+    if as_json:
+        typer.echo(render_json(status))
+        return
+    from rich.console import Console
+
+    Console().print(render_table(status))

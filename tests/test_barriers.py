@@ -1,0 +1,106 @@
+"""When a node meets the others: barrier points in optimizer steps (pure, no Lightning)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lightning_drift.node.barriers import (
+    EpochBarriers,
+    barrier_step,
+    contributing_round,
+    steps_per_epoch,
+)
+
+
+@pytest.mark.parametrize("total", [1, 2, 5, 7, 48, 100])
+@pytest.mark.parametrize("rounds", [1, 2, 3, 8])
+@pytest.mark.parametrize("sync_every", [None, 1, 3, 10])
+def test_barrier_schedule_ends_every_epoch_on_its_last_step(total, rounds, sync_every):
+    steps = [barrier_step(k, total, rounds, sync_every) for k in range(1, rounds + 1)]
+    assert steps == sorted(steps)  # barriers come in order
+    assert steps[-1] == total  # the epoch's last barrier is on its last step, always
+    assert all(1 <= s <= total for s in steps) or total < rounds
+    if sync_every is None:
+        assert steps == [-(-k * total // rounds) for k in range(1, rounds + 1)]
+    else:
+        assert all(s <= k * sync_every for k, s in enumerate(steps[:-1], start=1))
+
+
+def test_sync_every_moves_barriers_earlier_but_not_the_last():
+    assert [barrier_step(k, 100, 2, 10) for k in (1, 2)] == [10, 100]
+    assert [barrier_step(k, 100, 4) for k in (1, 2, 3, 4)] == [25, 50, 75, 100]
+
+
+def _walk(plan: EpochBarriers, steps: int) -> list[tuple[int, int]]:
+    """Step ``plan`` ``steps`` times as the strategy does; (step, scheduled round) per barrier."""
+    held = []
+    for _ in range(steps):
+        plan.step()
+        while plan.due():
+            held.append((plan.steps, plan.scheduled_round))
+            plan.held()
+    return held
+
+
+def test_an_epoch_holds_every_barrier_once_at_its_step_in_round_order():
+    # Every small schedule, exhaustively: the walk holds exactly the barriers of barrier_step,
+    # in order, each for the next global round, and the last one on the epoch's last step.
+    for total in range(1, 25):
+        for rounds in range(1, 9):
+            for sync_every in (None, *range(1, 12)):
+                plan = EpochBarriers(rounds, first_round=7, sync_every=sync_every)
+                plan.total_steps = total
+                held = _walk(plan, total)
+                case = (total, rounds, sync_every)
+                assert [s for s, _ in held] == [
+                    barrier_step(k, total, rounds, sync_every) for k in range(1, rounds + 1)
+                ], case
+                assert [r for _, r in held] == list(range(7, 7 + rounds)), case
+                assert held[-1][0] == total and plan.owed() == 0 and plan.due() == 0, case
+
+
+def test_an_epoch_cut_short_owes_its_remaining_barriers():
+    plan = EpochBarriers(rounds=4)
+    plan.total_steps = 20
+    assert [s for s, _ in _walk(plan, 11)] == [5, 10]
+    assert plan.owed() == 2 and plan.due() == 0 and plan.scheduled_round == 2
+
+
+def test_misuse_is_refused():
+    plan = EpochBarriers(rounds=1)
+    with pytest.raises(ValueError, match="total_steps"):
+        plan.step()  # the epoch's length must be known by its first step
+    assert plan.due() == 0  # nothing is due before the epoch's length is known
+    plan.total_steps = 1
+    plan.step()
+    plan.held()
+    with pytest.raises(ValueError, match="already held"):
+        plan.held()
+
+
+@pytest.mark.parametrize("batches", [1, 2, 7, 8, 9, 100])
+@pytest.mark.parametrize("accumulate", [1, 2, 3, 8])
+def test_steps_per_epoch_counts_optimizer_steps_under_accumulation(batches, accumulate):
+    # Lightning steps at every accumulate-th batch and at the epoch's last (a short group).
+    auto = steps_per_epoch(batches, shard_size=0, accumulate_grad_batches=accumulate)
+    assert auto == math.ceil(batches / accumulate)
+    # Manual optimization: the module steps once per batch, whatever the accumulation says.
+    manual = steps_per_epoch(
+        batches, shard_size=0, accumulate_grad_batches=accumulate, automatic=False
+    )
+    assert manual == batches
+
+
+def test_steps_per_epoch_of_a_loader_without_length_and_of_an_empty_one():
+    assert steps_per_epoch(math.inf, shard_size=30) == 30  # one step per sample of the shard
+    assert steps_per_epoch(math.inf, shard_size=30, accumulate_grad_batches=4) == 8
+    assert steps_per_epoch(0, shard_size=30) == 1  # never 0: the last barrier needs a step
+
+
+def test_contributing_round_only_moves_forward():
+    assert contributing_round(held_round=2, scheduled_round=3) == 3  # on schedule
+    assert contributing_round(held_round=0, scheduled_round=5) == 5  # joined late
+    assert contributing_round(held_round=6, scheduled_round=5) == 7  # answered with newer ones
+    assert contributing_round(held_round=-1, scheduled_round=0) == 0  # the start-up sync

@@ -1,0 +1,111 @@
+"""What ``drift`` and ``drift-coord`` share: where a token comes from, how loud a command is,
+and how an expected error ends a command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from lightning_drift_cli import common
+
+from lightning_drift.auth import TOKEN_ENV
+from lightning_drift.errors import AuthError
+
+TOKEN = "eyJ-a-token"
+
+
+def test_the_flag_wins_then_the_environment_then_the_files(monkeypatch, tmp_path):
+    observer = tmp_path / "observer.token"
+    observer.write_text("eyJ-from-the-file\n")
+    monkeypatch.setenv(TOKEN_ENV, "eyJ-from-the-environment")
+    assert common.find_token(TOKEN, files=[observer]) == TOKEN
+    assert common.find_token(None, files=[observer]) == "eyJ-from-the-environment"
+    monkeypatch.delenv(TOKEN_ENV)
+    assert common.find_token(None, files=[tmp_path / "missing", observer]) == "eyJ-from-the-file"
+    assert common.find_token(None, files=[tmp_path / "missing"]) is None
+
+
+def test_a_flag_or_environment_value_may_name_a_file_holding_the_token(monkeypatch, tmp_path):
+    held = tmp_path / "node.token"
+    held.write_text(f"  {TOKEN}\n")
+    assert common.find_token(str(held)) == TOKEN
+    monkeypatch.setenv(TOKEN_ENV, str(held))
+    assert common.find_token(None) == TOKEN
+    assert common.read_token(f" {TOKEN} ") == TOKEN  # a token is never taken for a path
+
+
+def test_an_empty_file_is_no_token_and_the_usage_error_says_where_to_get_one(monkeypatch, tmp_path):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    empty = tmp_path / "observer.token"
+    empty.write_text("\n")
+    with pytest.raises(typer.BadParameter, match=f"pass --token or set {TOKEN_ENV}.*node.token"):
+        common.need_token(None, files=[empty])
+    with pytest.raises(typer.BadParameter, match="none in .*observer.token either"):
+        common.need_token(None, files=[empty], hint=f"none in {empty} either")
+
+
+def _levels(verbose: bool, verbosity: str) -> str:
+    code = (
+        "import logging\n"
+        "from lightning_drift_cli import common\n"
+        f"common.setup_logging({verbose}, common.{verbosity})\n"
+        "print(logging.getLevelName(logging.getLogger().level), common.tracebacks_wanted())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DRIFT_DEBUG"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_each_command_family_keeps_its_levels():
+    assert _levels(False, "NODE") == "WARNING False"
+    assert _levels(True, "NODE") == "INFO True"  # drift -v: info logs and full tracebacks
+    assert _levels(False, "COORDINATOR") == "INFO False"
+    assert _levels(True, "COORDINATOR") == "DEBUG False"
+    assert common.NODE.default == logging.WARNING
+
+
+def test_an_expected_error_ends_in_one_line_and_its_exit_code(monkeypatch, capsys):
+    monkeypatch.setattr(common, "_tracebacks", False)
+    with pytest.raises(typer.Exit) as end:
+        common.fail(AuthError("token expired; ask for a new one"), 2)
+    assert end.value.exit_code == 2
+    assert capsys.readouterr().err == "error: token expired; ask for a new one\n"
+    monkeypatch.setattr(common, "_tracebacks", True)
+    with pytest.raises(AuthError, match="expired"):
+        common.fail(AuthError("token expired"))
+
+
+def test_main_turns_an_escaping_drift_error_into_exit_1(monkeypatch, capsys):
+    monkeypatch.setattr(common, "_tracebacks", False)
+    app = typer.Typer()
+
+    @app.command()
+    def boom() -> None:
+        raise AuthError("the coordinator refused the token")
+
+    monkeypatch.setattr(sys, "argv", ["drift"])
+    with pytest.raises(SystemExit) as end:
+        common.main(app)
+    assert end.value.code == 1
+    assert capsys.readouterr().err == "error: the coordinator refused the token\n"
+
+
+def test_coord_status_without_any_token_is_a_usage_error(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_drift_cli.coord", "status", "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "COLUMNS": "300"},
+    )
+    assert out.returncode == 2, out.stderr
+    assert "no token" in out.stderr and "drift-coord token --role observer" in out.stderr

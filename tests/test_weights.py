@@ -1,0 +1,109 @@
+"""The node's weights: fingerprint, upload payloads (full or bf16 delta), the check of the
+round's answer, in-place load, local round copies. Torch only, no Lightning, no network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_drift.aggregate import Accumulator, from_bytes, to_bytes
+from lightning_drift.checkpoint import weights_name
+from lightning_drift.errors import ConfigError
+from lightning_drift.fsutil import sha256_bytes
+from lightning_drift.node.weights import (
+    GlobalWeights,
+    keep_round_copy,
+    load_in_place,
+    local_state,
+    model_fingerprint,
+)
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.norm = torch.nn.BatchNorm1d(2)  # float buffers and an integer one
+
+
+def _answer(sd: dict[str, torch.Tensor]) -> tuple[bytes, str]:
+    blob = to_bytes(sd)
+    return blob, sha256_bytes(blob)
+
+
+def test_fingerprint_changes_with_shape_not_with_values():
+    a, b = torch.nn.Linear(2, 3), torch.nn.Linear(2, 3)
+    assert model_fingerprint(a) == model_fingerprint(b)
+    assert model_fingerprint(a) != model_fingerprint(torch.nn.Linear(2, 4))
+
+
+def test_float32_uploads_are_the_full_weights_and_keep_nothing():
+    net = Net()
+    held = GlobalWeights("float32")
+    up = held.upload(local_state(net), contributing_round=0)
+    assert not up.delta and up.base_round == -1
+    assert from_bytes(up.payload).keys() == net.state_dict().keys()
+    blob, sha = _answer(net.state_dict())
+    held.receive(3, blob, sha)
+    up = held.upload(local_state(net), contributing_round=4)
+    assert not up.delta  # float32 sessions never send deltas
+    for k, v in from_bytes(up.payload).items():
+        assert torch.equal(v, net.state_dict()[k]), k
+
+
+def test_bfloat16_uploads_are_deltas_against_the_held_round_after_the_start_up_sync():
+    torch.manual_seed(0)
+    net = Net()
+    held = GlobalWeights("bfloat16")
+    # Before any global weights (and at round 0) the upload is the full weights.
+    assert not held.upload(local_state(net), contributing_round=1).delta
+    glob = {k: v.clone() for k, v in net.state_dict().items()}
+    blob, sha = _answer(glob)
+    held.receive(4, blob, sha)
+    assert not held.upload(local_state(net), contributing_round=0).delta
+    with torch.no_grad():
+        net.lin.weight.add_(0.5)
+    up = held.upload(local_state(net), contributing_round=5)
+    assert up.delta and up.base_round == 4
+    delta = from_bytes(up.payload)
+    assert delta["lin.weight"].dtype == torch.bfloat16
+    assert torch.equal(delta["norm.num_batches_tracked"], net.norm.num_batches_tracked)
+    # The coordinator rebuilds the node's weights as global + delta.
+    acc = Accumulator(glob)
+    acc.add("n", delta, 1.0, delta=True)
+    rebuilt = acc.mean()
+    assert torch.allclose(rebuilt["lin.weight"], net.lin.weight, atol=1e-2)
+    assert torch.equal(rebuilt["lin.bias"], net.lin.bias)  # unchanged: a zero delta
+
+
+def test_an_answer_that_does_not_match_its_checksum_is_refused():
+    held = GlobalWeights("bfloat16")
+    blob, _ = _answer(Net().state_dict())
+    with pytest.raises(ConfigError, match="round 2 do not match their checksum"):
+        held.receive(2, blob, "0" * 64)
+    assert held.held_round == -1  # nothing was taken from it
+
+
+def test_load_in_place_keeps_parameter_and_buffer_identity():
+    net, other = Net(), Net()
+    with torch.no_grad():
+        other.lin.weight.fill_(1.5)
+        other.norm.running_mean.fill_(0.25)
+    params = [id(p) for p in net.parameters()]
+    buffers = [id(b) for b in net.buffers()]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    load_in_place(net, other.state_dict())
+    assert [id(p) for p in net.parameters()] == params
+    assert [id(b) for b in net.buffers()] == buffers
+    assert opt.param_groups[0]["params"][0] is net.lin.weight
+    assert torch.equal(net.lin.weight, other.lin.weight)
+    assert torch.equal(net.norm.running_mean, other.norm.running_mean)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_in_place(net, {"lin.weight": other.lin.weight})  # every name must match
+
+
+def test_round_copies_are_named_as_the_coordinator_names_its_checkpoints(tmp_path):
+    path = keep_round_copy(tmp_path / "copies", 12, b"weights")
+    assert path == tmp_path / "copies" / weights_name(12)
+    assert path.name == "round-000012.safetensors"
+    assert path.read_bytes() == b"weights"
