@@ -765,10 +765,10 @@ class _FitHooks(Callback):
 
 def _why_stopping(trainer: Any) -> str:  # Any: Trainer.callbacks is untyped
     """What a stop request says about why Lightning was asked to stop."""
-    stoppers = [c for c in trainer.callbacks if isinstance(c, EarlyStopping) and c.stopped_epoch]
-    if stoppers:
-        what = ", ".join(f"EarlyStopping(monitor={c.monitor!r})" for c in stoppers)
-        return f"{what} set trainer.should_stop"
+    watchers = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
+    if watchers:
+        what = ", ".join(f"EarlyStopping(monitor={c.monitor!r})" for c in watchers)
+        return f"trainer.should_stop was set; callbacks: {what}"
     return "trainer.should_stop was set (a callback or the module)"
 
 
