@@ -66,9 +66,11 @@ class Session:
                 )
             if all(code == 0 for code in codes.values()):
                 return
-            assert time.monotonic() < deadline, "nodes did not finish:\n" + "\n".join(
-                f"--- {n}:\n{self.log(n, 2500)}" for n, c in codes.items() if c is None
-            ) + f"\ncoordinator:\n{self.coord.log_tail()}"
+            assert time.monotonic() < deadline, (
+                "nodes did not finish:\n"
+                + "\n".join(f"--- {n}:\n{self.log(n, 2500)}" for n, c in codes.items() if c is None)
+                + f"\ncoordinator:\n{self.coord.log_tail()}"
+            )
             time.sleep(0.2)
 
     def log(self, name: str, chars: int = 4000) -> str:
@@ -157,9 +159,9 @@ def test_batchnorm_nodes_get_whole_batches_of_their_own_batch_size(tmp_path: Pat
 def test_lr_find_before_fit_stays_local(tmp_path: Path) -> None:
     """Both nodes run Tuner(trainer).lr_find before fit: the tuner's internal fit neither joins
     nor uploads, so the session sees two members and trains all its rounds with both."""
-    s = Session(
-        tmp_path, min_nodes=2, epochs=2, batch_size=16, sync_every=4, keep=1000
-    ).run({"a": ["--lr-find"], "b": ["--lr-find"]})
+    s = Session(tmp_path, min_nodes=2, epochs=2, batch_size=16, sync_every=4, keep=1000).run(
+        {"a": ["--lr-find"], "b": ["--lr-find"]}
+    )
     s.assert_all_hold_the_final_checkpoint()
     assert len(s.state()["members"]) == 2, s.state()["members"]
     manifest = s.coord.manifest()
@@ -180,9 +182,9 @@ def test_accumulation_plans_rounds_in_optimizer_steps_and_max_steps_ends_the_ses
     the session cleanly, on one final checkpoint every node holds."""
     node = ["--samples", "512", "--batch-size", "8", "--accumulate", "4", "--max-steps", "20",
             "--epochs", "3"]  # fmt: skip
-    s = Session(
-        tmp_path, min_nodes=2, epochs=3, batch_size=8, sync_every=2
-    ).run({"a": node, "b": node})
+    s = Session(tmp_path, min_nodes=2, epochs=3, batch_size=8, sync_every=2).run(
+        {"a": node, "b": node}
+    )
     final_round = s.assert_all_hold_the_final_checkpoint()
     state = s.state()
     assert state["finished"] and state["stop"]["round"] == final_round
