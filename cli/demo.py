@@ -143,7 +143,9 @@ def _loss_per_round(console: Console, log_dir: Path) -> None:
     if not rows:
         return
     cells = [f"{int(float(r['step']))}:{float(r['round/loss']):.3f}" for r in rows]
-    console.print(f"loss per round (round:loss, from {files[-1]}): " + "  ".join(cells))
+    console.print(
+        f"loss per round (round:loss, from {files[-1]}): " + "  ".join(cells), soft_wrap=True
+    )
 
 
 def _what_was_learned(console: Console, coord: LocalCoordinator, max_chars: int) -> None:
