@@ -278,9 +278,10 @@ def test_renderers_show_loss_and_vram_used_and_peak():
 
 def test_drift_status_shows_each_nodes_loss_and_vram(tmp_path):
     """A node reports progress; `drift status` (table and JSON) shows its loss and VRAM."""
+    from support import node_info
+
     from lightning_drift.node.client import CoordinatorClient
     from lightning_drift.protocol import TrainProgress
-    from support import node_info
 
     async def main():
         coord = Coordinator(
