@@ -191,10 +191,11 @@ def test_accumulation_plans_rounds_in_optimizer_steps_and_max_steps_ends_the_ses
     assert "max_steps" in state["stop"]["reason"], state["stop"]
     assert max(r["global_step"] for r in s.reports.values()) == 20
     for name, r in s.reports.items():
-        # 8 optimizer steps an epoch: step 20 is the 4th of epoch 2 (16 batches of 8).
-        assert r["global_step"] <= 20 and sorted(r["batches"]) == ["0", "1", "2"], name
-        assert 0 < len(r["batches"]["2"]) <= 16, (name, r["batches"]["2"])
+        # The first node to reach step 20 stopped the session inside epoch 2; the other
+        # stopped at its next step (or before training epoch 2 at all, if it was slower).
+        assert r["global_step"] <= 20 and set(r["batches"]) <= {"0", "1", "2"}, name
+        assert r["history"][-1]["finished"] and r["history"][-1]["epoch"] == 2, name
         steps = [h["step"] for h in r["history"][1:] if not h["finished"]]
         assert steps == sorted(set(steps)), (name, steps)  # never two barriers on one step
-        # 256 samples a node = 8 optimizer steps an epoch; the coordinator planned 4 rounds.
+        # 512 samples / (2 nodes × 32 samples a step × sync_every 2) = 4 rounds an epoch.
         assert len([h for h in r["history"] if h["epoch"] == 0 and h["round"] > 0]) == 4
