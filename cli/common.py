@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from lightning_drift.auth import TOKEN_ENV
+from lightning_drift.auth import TOKEN_ENV, TOKEN_FILE_ENV, read_token_file, token_text
 from lightning_drift.errors import DriftError
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ TokenOpt = Annotated[
         "--token",
         "-t",
         envvar=TOKEN_ENV,
-        help=f"Invitation token, or a file holding it (or {TOKEN_ENV}).",
+        help=f"Invitation token, or a file holding it (or {TOKEN_ENV}, or the file "
+        f"{TOKEN_FILE_ENV} names).",
     ),
 ]
 ModeOpt = Annotated[str, typer.Option(help="local (relays off) or internet.")]
@@ -49,21 +50,22 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 def read_token(value: str) -> str:
     """The token itself, or the content of the file ``value`` names (tokens start ``eyJ``)."""
-    value = value.strip()
-    if not value.startswith("eyJ") and Path(value).is_file():
-        return Path(value).read_text().strip()
-    return value
+    return token_text(value)
 
 
 def find_token(given: str | None, *, files: Sequence[Path] = ()) -> str | None:
     """The token a command runs with, or ``None`` when there is none.
 
     In order: ``given`` (the ``--token`` flag), the ``DRIFT_TOKEN`` environment variable (a
-    token or a file holding one, either way), then the first of ``files`` that exists and is
-    not empty (e.g. ``STATE_DIR/observer.token``)."""
+    token or a file holding one, either way), the file ``DRIFT_TOKEN_FILE`` names, then the
+    first of ``files`` that exists and is not empty (e.g. ``STATE_DIR/observer.token``). The
+    library's own lookup (``DriftStrategy``) reads the same variables in the same order."""
     for value in (given, os.environ.get(TOKEN_ENV)):
         if value and value.strip():
             return read_token(value)
+    token_file = os.environ.get(TOKEN_FILE_ENV, "").strip()
+    if token_file:
+        return read_token_file(token_file)
     for path in files:
         if path.is_file():
             text = path.read_text().strip()
@@ -79,7 +81,9 @@ def need_token(given: str | None, *, files: Sequence[Path] = (), hint: str = "")
         return token
     where = hint or "`drift-coord serve` prints one and writes it to STATE_DIR/node.token"
     raise typer.BadParameter(
-        f"no token: pass --token or set {TOKEN_ENV} ({where})", param_hint="--token"
+        f"no token: pass --token or set {TOKEN_ENV} (a token or a file holding one either "
+        f"way) or {TOKEN_FILE_ENV} ({where})",
+        param_hint="--token",
     )
 
 

@@ -57,7 +57,13 @@ def _run_lightning_cli(config: Path, *, mode: str, coordinator_addr: str | None)
         args += ["--trainer.strategy.init_args.mode", mode]
     if coordinator_addr:
         args += ["--trainer.strategy.init_args.coordinator_addr", coordinator_addr]
-    LightningCLI(args=args, save_config_callback=None)
+    # LightningCLI(args=...) warns with the whole sys.argv when it has arguments, and this
+    # process's arguments may hold the token (`drift join --token eyJ...`): it sees none.
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        LightningCLI(args=args, save_config_callback=None)
+    finally:
+        sys.argv = argv
     return 0
 
 
