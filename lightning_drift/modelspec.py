@@ -172,15 +172,9 @@ def compare(
 
     With ``any_float`` a floating tensor may travel in any floating dtype (deltas, reduced
     precision)."""
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
-        if extra:
-            parts.append(f"{len(extra)} tensor(s) not in the model: {_names(extra)}")
-        return "; ".join(parts)
+    why = key_difference(want, got, "the model")
+    if why:
+        return why
     for name, spec in want.items():
         g = got[name]
         if g.shape != spec.shape:
@@ -190,7 +184,22 @@ def compare(
     return None
 
 
-def _names(keys: Iterable[str], limit: int = 5) -> str:
+def key_difference(want: Iterable[str], got: Iterable[str], model: str) -> str | None:
+    """The names ``got`` lacks and the ones it has beyond ``want``, for a refusal ("missing 1
+    tensor(s) of the model: 'w'; ..."); None when the names are the same."""
+    want, got = list(want), list(got)
+    missing = [k for k in want if k not in set(got)]
+    extra = [k for k in got if k not in set(want)]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensor(s) of {model}: {names(missing)}")
+    if extra:
+        parts.append(f"{len(extra)} tensor(s) not in {model}: {names(extra)}")
+    return "; ".join(parts) or None
+
+
+def names(keys: Iterable[str], limit: int = 5) -> str:
+    """The first ``limit`` names (each cut to 80 characters), then how many more."""
     keys = list(keys)
     shown = ", ".join(repr(k[:80]) for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -204,6 +213,8 @@ __all__ = [
     "compare",
     "fingerprint",
     "header_needs",
+    "key_difference",
+    "names",
     "read_header",
     "state_fingerprint",
     "table_of",
