@@ -127,7 +127,6 @@ def test_a_rate_is_believed_within_the_pace_factor_of_what_was_measured():
     assert boundary.bound_rate(150.0, 100.0) == 150.0
     assert boundary.bound_rate(1e-9, None) == boundary.RATE_MIN
     assert boundary.bound_rate(float("inf"), None) == 0.0  # not a rate: unknown
-    assert boundary.median([3.0, 1.0, 2.0, 10.0]) == 2.0 and boundary.median([]) is None
 
 
 # ---- the tensor table and the upload check -------------------------------------------------
@@ -195,3 +194,14 @@ def test_absurd_headers_are_refused():
 def test_the_ranges_are_sane():
     assert math.isfinite(boundary.RATE_MAX * boundary.COUNT_MAX)
     assert boundary.PACE_FACTOR > 1
+
+
+def test_what_the_boundary_changed_is_said_for_the_log():
+    raw = info(calibration=1e308, cpu="x\ny", devices=[DeviceInfo(name="d", kind="cuda")] * 40)
+    assert boundary.bounded(raw, boundary.node_info(raw)) == [
+        "devices cut to 16",
+        "cpu cleaned",
+        "calibration 1e+308 → 1e+06",
+    ]
+    ok = info()
+    assert boundary.bounded(ok, boundary.node_info(ok)) == []

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import msgspec
@@ -194,18 +193,35 @@ def shard_request(msg: ShardRequest) -> ShardRequest:
     return ShardRequest(epoch=clamp_int(msg.epoch, 0, ROUND_MAX))
 
 
+def bounded(raw: msgspec.Struct, clean: msgspec.Struct) -> list[str]:
+    """What the boundary changed in a message, for the log: ``"calibration 1e+308 → 1e+06"``,
+    ``"name cleaned"``, ``"devices cut to 16"``; empty when nothing was changed."""
+    out = []
+    for f in msgspec.structs.fields(type(clean)):
+        a, b = getattr(raw, f.name, None), getattr(clean, f.name)
+        if a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b):
+            continue
+        if isinstance(b, str):
+            out.append(f"{f.name} cleaned")
+        elif isinstance(b, list):
+            out.append(
+                f"{f.name} cut to {len(b)}" if len(b) < len(a or ()) else f"{f.name} cleaned"
+            )
+        else:
+            out.append(f"{f.name} {_show(a)} → {_show(b)}")
+    return out
+
+
+def _show(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else clean_text(repr(v), 24)
+
+
 def peer_text(text: str) -> str:
     """A reason or message a node sends (Bye, Error): cleaned for logs and the view."""
     return clean_text(text, TEXT_MAX)
 
 
 # ---- rates ---------------------------------------------------------------------------------
-
-
-def median(values: Iterable[float]) -> float | None:
-    """The (lower) median, or None for no values."""
-    vs = sorted(values)
-    return vs[(len(vs) - 1) // 2] if vs else None
 
 
 def bound_rate(rate: float, around: float | None, factor: float = PACE_FACTOR) -> float:
@@ -282,10 +298,10 @@ __all__ = [
     "UploadCheck",
     "barrier_sync",
     "bound_rate",
+    "bounded",
     "clean_text",
     "finite",
     "join",
-    "median",
     "node_info",
     "peer_text",
     "progress",

@@ -3,18 +3,28 @@
 ``drift-coord serve`` refreshes :func:`render_table` live on a terminal and prints
 :func:`render_lines` otherwise; ``drift-coord status`` and ``drift status`` render a
 ``SessionStatus`` fetched with an observer token the same way.
+
+Every string shown comes from elsewhere (a node names itself and its device; a coordinator
+names its session) and goes through :func:`shown` first: control and escape characters
+removed, cut to a length, and, for the table, rich markup escaped. A new column passes its
+text through it too.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import msgspec
+from rich.markup import escape
 from rich.table import Table
 
 from lightning_drift.protocol import NodeStatus, SessionStatus
+from lightning_drift.text import clean_text
 from lightning_drift.units import format_gib
+
+CELL_MAX = 48  # characters of one table cell or key=value field
 
 STATE_STYLE = {
     "training": "green",
@@ -23,7 +33,19 @@ STATE_STYLE = {
     "joined": "yellow",
     "lost": "red",
     "left": "dim",
+    "excluded": "red",
 }
+
+
+def shown(value: object, limit: int = CELL_MAX, *, markup: bool = False) -> str:
+    """``value`` as text safe to show: no control or escape characters, at most ``limit``
+    characters, and with ``markup`` its rich markup escaped (for a rich table)."""
+    text = clean_text(value, limit)
+    return escape(text) if markup else text
+
+
+def _number(x: float, fmt: str) -> str:
+    return fmt.format(x) if isinstance(x, (int, float)) and math.isfinite(x) and x else "-"
 
 
 def _vram(n: int) -> str:
@@ -31,26 +53,28 @@ def _vram(n: int) -> str:
 
 
 def _node_label(n: NodeStatus) -> str:
-    return f"{n.name} ({n.node_id[:8]})" if n.name else n.node_id[:8]
+    node = shown(n.node_id, 8)
+    return f"{shown(n.name, 32)} ({node})" if n.name else node
 
 
 def _title(st: SessionStatus) -> str:
     return (
-        f"session {st.session_id} · {st.state} · round {st.round} · epoch "
-        f"{min(st.epoch + 1, st.epochs)}/{st.epochs} · {st.aggregation}"
+        f"session {shown(st.session_id, 32)} · {shown(st.state, 16)} · round {st.round} · "
+        f"epoch {min(st.epoch + 1, st.epochs)}/{st.epochs} · {shown(st.aggregation, 16)}"
     )
 
 
 def _row(n: NodeStatus) -> list[str]:
+    """The cells of one node's row, as plain text made safe by :func:`shown`."""
     return [
         _node_label(n),
-        n.device or "-",
+        shown(n.device) or "-",
         _vram(n.vram_total),
-        f"{n.share:.1%}" if n.share else "-",
-        f"{n.samples_per_s:.1f}" if n.samples_per_s else "-",
+        _number(n.share, "{:.1%}"),
+        _number(n.samples_per_s, "{:.1f}"),
         str(n.round),
-        f"{n.barrier_wait_s:.1f}s" if n.barrier_wait_s else "-",
-        n.state,
+        _number(n.barrier_wait_s, "{:.1f}s"),
+        shown(n.state, 16),
     ]
 
 
@@ -59,13 +83,14 @@ COLUMNS = ("node", "device", "VRAM", "share", "samples/s", "round", "barrier wai
 
 def render_table(st: SessionStatus) -> Table:
     """One row per node: node, device, VRAM, share, samples/s, round, barrier wait, state."""
-    table = Table(title=_title(st), caption=st.checkpoint or None, expand=False)
+    caption = escape(shown(st.checkpoint, 200)) if st.checkpoint else None
+    table = Table(title=escape(_title(st)), caption=caption, expand=False)
     for col in COLUMNS:
         table.add_column(col, justify="right" if col in ("share", "samples/s", "round") else "left")
     for n in st.nodes:
-        row = _row(n)
+        row = [escape(cell) for cell in _row(n)]
         style = STATE_STYLE.get(n.state, "")
-        row[-1] = f"[{style}]{n.state}[/]" if style else n.state
+        row[-1] = f"[{style}]{row[-1]}[/]" if style else row[-1]
         table.add_row(*row)
     return table
 
@@ -74,8 +99,9 @@ def render_lines(st: SessionStatus, now: float | None = None) -> list[str]:
     """The same content as plain ``key=value`` log lines (for logs and non-terminals)."""
     stamp = time.strftime("%H:%M:%S", time.localtime(now if now is not None else time.time()))
     out = [
-        f"{stamp} session={st.session_id} state={st.state} round={st.round} "
-        f"epoch={min(st.epoch + 1, st.epochs)}/{st.epochs} aggregation={st.aggregation} nodes={len(st.nodes)}"
+        f"{stamp} session={shown(st.session_id, 32)} state={shown(st.state, 16)} "
+        f"round={st.round} epoch={min(st.epoch + 1, st.epochs)}/{st.epochs} "
+        f"aggregation={shown(st.aggregation, 16)} nodes={len(st.nodes)}"
     ]
     for n in st.nodes:
         node, device, vram, share, rate, arrived_round, wait, state = _row(n)
@@ -92,4 +118,4 @@ def render_json(st: SessionStatus) -> str:
     return json.dumps(msgspec.to_builtins(st), indent=2, sort_keys=True)
 
 
-__all__ = ["COLUMNS", "render_json", "render_lines", "render_table"]
+__all__ = ["COLUMNS", "render_json", "render_lines", "render_table", "shown"]
