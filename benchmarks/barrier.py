@@ -32,14 +32,18 @@ from lightning_drift_cli.local import free_udp_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def model_bytes(params: int, seed: int) -> bytes:
+def model(params: int, seed: int) -> dict:
     import torch
-
-    from lightning_drift.aggregate import to_bytes
 
     g = torch.Generator().manual_seed(seed)
     side = max(1, int(params**0.5))
-    return to_bytes({"w": torch.randn(side, side, generator=g), "b": torch.zeros(side)})
+    return {"w": torch.randn(side, side, generator=g), "b": torch.zeros(side)}
+
+
+def model_bytes(params: int, seed: int) -> bytes:
+    from lightning_drift.aggregate import to_bytes
+
+    return to_bytes(model(params, seed))
 
 
 # ---- client process ---------------------------------------------------------------------
@@ -47,12 +51,16 @@ def model_bytes(params: int, seed: int) -> bytes:
 
 async def clients_main(token: str, count: int, index: int, dataset: int, params: int) -> None:
     from lightning_drift import protocol as p
+    from lightning_drift.modelspec import state_fingerprint
     from lightning_drift.node.client import CoordinatorClient
+
+    fingerprint = state_fingerprint(model(params, 0))
 
     def info() -> p.NodeInfo:
         return p.NodeInfo(
             nonce="", devices=[], train_device="cpu", cpu="bench", cpu_count=1, memory=1,
             calibration=10.0, torch_version="2", dataset_size=dataset,
+            model_fingerprint=fingerprint,
         )  # fmt: skip
 
     # Before connecting: importing torch blocks the loop for seconds (no heartbeats then).
@@ -115,7 +123,8 @@ def run_one(n: int, rounds: int, procs: int, params: int) -> dict:
             [sys.executable, "-m", "lightning_drift_cli.coord", "serve",
              "--state-dir", tmp, "--port", str(free_udp_port()), "--min-nodes", str(n),
              "--dataset-size", str(dataset), "--batch-size", "10", "--sync-every", "10",
-             "--heartbeat-timeout", "120", "--epochs", "1", *(["-v"] if os.environ.get("DRIFT_BENCH_LOG") else [])],
+             "--heartbeat-timeout", "120", "--epochs", "1",
+             "--max-nodes", str(n), "--max-nodes-per-token", str(n), *(["-v"] if os.environ.get("DRIFT_BENCH_LOG") else [])],
             stdout=subprocess.PIPE, stderr=open(os.environ.get("DRIFT_BENCH_LOG", os.devnull), "w"), text=True, cwd=ROOT,
         )  # fmt: skip
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,16 +95,42 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 @dataclass(frozen=True)
 class Verbosity:
-    """How much a family of commands says: its log level without and with ``-v``, and whether
-    ``-v`` also shows the traceback of an expected error."""
+    """How much a family of commands says: its log level without and with ``-v``, whether
+    ``-v`` also shows the traceback of an expected error, and whether every log record is
+    kept on one line (:class:`OneLineFormatter`)."""
 
     default: int
     verbose: int
     tracebacks: bool
+    one_line: bool = False
 
 
 NODE = Verbosity(default=logging.WARNING, verbose=logging.INFO, tracebacks=True)  # drift
-COORDINATOR = Verbosity(default=logging.INFO, verbose=logging.DEBUG, tracebacks=False)
+COORDINATOR = Verbosity(
+    default=logging.INFO, verbose=logging.DEBUG, tracebacks=False, one_line=True
+)
+
+# Control and invisible formatting characters: escaped in one-line logs.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+class OneLineFormatter(logging.Formatter):
+    """A record's message on one line: newlines, escape sequences and other control or bidi
+    characters are written as ``\\n``, ``\\x1b``, ... So text that came from a node (whatever
+    reached a log line unfiltered) can neither drive the terminal nor forge another line. A
+    traceback, which the process itself wrote, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = _UNSAFE.sub(_escape, record.message)
+        return super().formatMessage(record)
+
+
+def _escape(m: re.Match[str]) -> str:
+    ch = m.group()
+    if ch == "\n":
+        return "\\n"
+    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+
 
 # DRIFT_DEBUG=1 shows the traceback of every expected error; -v does for NODE commands.
 _tracebacks = os.environ.get("DRIFT_DEBUG", "") not in ("", "0")
@@ -114,10 +141,12 @@ def setup_logging(verbose: bool, verbosity: Verbosity) -> None:
     thing in a command."""
     global _tracebacks
     _tracebacks = _tracebacks or (verbose and verbosity.tracebacks)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        OneLineFormatter(LOG_FORMAT) if verbosity.one_line else logging.Formatter(LOG_FORMAT)
+    )
     logging.basicConfig(
-        level=verbosity.verbose if verbose else verbosity.default,
-        format=LOG_FORMAT,
-        stream=sys.stderr,
+        level=verbosity.verbose if verbose else verbosity.default, handlers=[handler]
     )
 
 

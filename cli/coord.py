@@ -218,6 +218,16 @@ def serve(
     token_ttl: Annotated[str | None, _option("token_ttl")] = None,
     logger: Annotated[list[str] | None, _option("logger")] = None,
     log_dir: Annotated[Path | None, _option("log_dir")] = None,
+    init: Annotated[Path | None, _option("init")] = None,
+    min_upload_rate: Annotated[str | None, _option("min_upload_rate")] = None,
+    max_nodes: Annotated[int | None, _option("max_nodes")] = None,
+    max_nodes_per_token: Annotated[int | None, _option("max_nodes_per_token")] = None,
+    forget_after: Annotated[str | None, _option("forget_after")] = None,
+    robust: Annotated[str | None, _option("robust")] = None,
+    trim: Annotated[float | None, _option("trim")] = None,
+    clip: Annotated[float | None, _option("clip")] = None,
+    max_change: Annotated[float | None, _option("max_change")] = None,
+    max_strikes: Annotated[int | None, _option("max_strikes")] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML: `coordinator:` options + LightningCLI config.")
     ] = None,
@@ -279,15 +289,30 @@ async def _serve(coord: Any) -> None:
 
 
 async def _view(coord: Any) -> None:
+    """The live view until cancelled. A status it cannot render is logged and skipped: the
+    view must not stop quietly (the renderers escape what they show, so this is a bug)."""
+    import logging
+
     from lightning_drift.coordinator.monitor import render_lines, render_table
+
+    log = logging.getLogger("lightning_drift_cli.view")
+
+    def table() -> Any:
+        try:
+            return render_table(coord.status())
+        except Exception:
+            log.exception("view.render_failed")
+            return None
 
     if sys.stdout.isatty():
         from rich.live import Live
 
-        with Live(render_table(coord.status()), refresh_per_second=2, transient=False) as live:
+        with Live(table(), refresh_per_second=2, transient=False) as live:
             while True:
                 await asyncio.sleep(1.0)
-                live.update(render_table(coord.status()))
+                t = table()
+                if t is not None:
+                    live.update(t)
     else:
         # A printer thread: a stdout pipe nobody reads must not block the event loop
         # (heartbeats, barriers). When it is full, status lines are dropped.
@@ -307,8 +332,13 @@ async def _view(coord: Any) -> None:
             key = (st.round, st.state, tuple((n.node_id, n.state) for n in st.nodes))
             if key != last or time.monotonic() - last_t > 30:
                 last, last_t = key, time.monotonic()
+                try:
+                    lines = render_lines(st)
+                except Exception:
+                    log.exception("view.render_failed")
+                    continue
                 with contextlib.suppress(queue.Full):
-                    out.put_nowait(render_lines(st))
+                    out.put_nowait(lines)
 
 
 StateDirOpt = Annotated[
@@ -351,7 +381,7 @@ def token(
 
 @app.command()
 def revoke(jti: str, state_dir: StateDirOpt = DEFAULT_STATE_DIR) -> None:
-    """Revoke a token by its jti; a running server refuses it from the next Join on."""
+    """Revoke a token by its jti; a running server closes its connections and refuses it."""
     from lightning_drift.coordinator.state import StateDir
 
     sd = StateDir(state_dir)

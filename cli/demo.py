@@ -98,7 +98,7 @@ def _watch(console: Console, observer: str, procs: list, coord: LocalCoordinator
     line for each completed round with the loss the nodes reported."""
     from lightning_drift_cli.common import fetch_status
 
-    from lightning_drift.coordinator.monitor import render_table, safe_text
+    from lightning_drift.coordinator.monitor import render_table, shown
 
     live = console.is_terminal
     last_round = -1
@@ -121,7 +121,7 @@ def _watch(console: Console, observer: str, procs: list, coord: LocalCoordinator
                     known = [v for _, v in losses if v is not None and math.isfinite(v)]
                     mean = f"{sum(known) / len(known):.3f}" if known else "-"
                     each = ", ".join(
-                        f"{safe_text(name)} {v:.3f}" for name, v in losses if v is not None
+                        f"{shown(name)} {v:.3f}" for name, v in losses if v is not None
                     )
                     rate = sum(n.samples_per_s for n in st.nodes)
                     console.print(

@@ -6,8 +6,13 @@
 - :class:`DiLoCo` turns that mean into an outer Nesterov step on the pseudo-gradient.
 - :func:`to_bytes` / :func:`from_bytes` are the safetensors wire and disk format.
 
-Floating tensors are averaged; integer and bool buffers (``num_batches_tracked``, masks) are
-not averageable, so they take the elementwise maximum over contributors.
+Floating tensors are averaged. Integer and bool buffers (``num_batches_tracked``, masks) are
+not averageable, and no single node's value may win unchecked (:func:`merge_buffers`): an
+integer buffer becomes the global value plus the (lower) median of the contributors'
+increments, a bool buffer the value most contributors hold.
+
+:func:`check_aggregate` is the last check before new global weights are written: finite, and
+no tensor moved further than a bound relative to its previous value.
 
 Delta uploads (``delta=True``) carry ``local - global`` for floating tensors, in any floating
 dtype (bfloat16 halves the transfer). Integer and bool buffers are always sent as their
@@ -24,6 +29,7 @@ import safetensors.torch
 import torch
 
 from lightning_drift.errors import ConfigError, SessionError
+from lightning_drift.modelspec import key_difference, names
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +55,9 @@ def validate_upload(
     dtype for a floating tensor, as delta and reduced-precision transfers need), the same
     shape, and only finite values in floating tensors.
     """
-    missing = [k for k in global_sd if k not in upload]
-    extra = [k for k in upload if k not in global_sd]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s) of the global model: {_names(missing)}")
-        if extra:
-            parts.append(f"{len(extra)} tensor(s) not in the global model: {_names(extra)}")
-        raise SessionError(f"upload has {'; '.join(parts)}; {_SAME_MODEL}", code="bad_upload")
+    why = key_difference(global_sd, upload, "the global model")
+    if why:
+        raise SessionError(f"upload has {why}; {_SAME_MODEL}", code="bad_upload")
     for name, ref in global_sd.items():
         t = upload[name]
         if not isinstance(t, torch.Tensor):
@@ -87,13 +87,25 @@ def validate_upload(
                 )
 
 
-def _names(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def check_contribution(contributors: list[tuple[str, float]], node: str, weight: float) -> float:
+    """``weight`` as a float, once it is sure that ``node`` has not contributed yet and the
+    weight is a finite number >= 0; SessionError otherwise."""
+    if any(n == node for n, _ in contributors):
+        raise SessionError(
+            f"node {node[:16]} already contributed to this round; an upload counts once",
+            code="duplicate_upload",
+        )
+    w = float(weight)
+    if not (math.isfinite(w) and w >= 0):
+        raise SessionError(
+            f"aggregation weight {weight!r} of node {node[:16]} is not a finite number >= 0",
+            code="bad_upload",
+        )
+    return w
 
 
 class Accumulator:
@@ -101,9 +113,13 @@ class Accumulator:
 
     Floating tensors: ``sum_i w_i * x_i`` is accumulated in float64 in arrival order
     (``acc = acc + (x_i.double() * w_i)``), and :meth:`mean` returns ``acc / sum_i w_i`` cast
-    to the global tensor's dtype. Integer and bool buffers: the elementwise maximum. Memory is
-    one float64 copy of the floating tensors plus one copy of the others, however many
-    nodes contribute; uploads are not kept.
+    to the global tensor's dtype. Integer and bool buffers: :func:`merge_buffers` over the
+    contributors with a weight above 0. Memory is one float64 copy of the floating tensors
+    plus one copy of the integer buffers per contributor, however many nodes contribute; the
+    floating part of an upload is not kept.
+
+    ``norms`` records each upload's change against the global weights (the L2 norm over every
+    floating tensor, float64): what names a suspect when the round's aggregate fails.
     """
 
     def __init__(self, global_sd: Mapping[str, torch.Tensor]) -> None:
@@ -112,8 +128,9 @@ class Accumulator:
         for k, t in self._global.items():
             if _is_float(t):
                 self._acc[k] = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
-        self._max: StateDict = {}  # integer/bool buffers, created by the first add
+        self._ints: list[StateDict] = []  # integer/bool buffers of contributors with weight > 0
         self.contributors: list[tuple[str, float]] = []
+        self.norms: dict[str, float] = {}
         self.total_weight = 0.0
 
     def add(
@@ -131,37 +148,26 @@ class Accumulator:
         ``delta``, floating tensors are ``local - global`` in any floating dtype and the
         contribution is ``global + delta`` (in float64).
         """
-        if any(n == node for n, _ in self.contributors):
-            raise SessionError(
-                f"node {node[:16]} already contributed to this round; an upload counts once",
-                code="duplicate_upload",
-            )
-        w = float(weight)
-        if not (math.isfinite(w) and w >= 0):
-            raise SessionError(
-                f"aggregation weight {weight!r} of node {node[:16]} is not a finite number >= 0",
-                code="bad_upload",
-            )
+        w = check_contribution(self.contributors, node, weight)
         validate_upload(self._global, upload, any_float=delta)
+        sq = 0.0
         for k, acc in self._acc.items():
             # Fresh float64 copies: never write into the caller's upload or the global weights.
+            g = self._global[k].to(device=acc.device, dtype=torch.float64)
             if delta:
-                x = self._global[k].to(device=acc.device, dtype=torch.float64, copy=True)
-                x.add_(upload[k].to(device=acc.device, dtype=torch.float64))
+                d = upload[k].to(device=acc.device, dtype=torch.float64)
+                x = g + d
             else:
                 x = upload[k].to(device=acc.device, dtype=torch.float64, copy=True)
+                d = x - g
+            sq += float(torch.linalg.vector_norm(d)) ** 2
             acc.add_(x.mul_(w))
-        for k, ref in self._global.items():
-            if _is_float(ref):
-                continue
-            x = upload[k].to(ref.device)
-            cur = self._max.get(k)
-            if cur is None:
-                self._max[k] = x.clone()
-            elif x.dtype == torch.bool:
-                cur.logical_or_(x)
-            else:
-                torch.maximum(cur, x, out=cur)
+        if w > 0:
+            self._ints.append(
+                {k: upload[k].to(ref.device).clone() for k, ref in self._global.items()
+                 if not _is_float(ref)}
+            )  # fmt: skip
+        self.norms[node] = math.sqrt(sq)
         self.contributors.append((node, w))
         self.total_weight += w
         log.debug("aggregate.add node=%s weight=%s n=%d", node[:12], w, len(self.contributors))
@@ -186,7 +192,7 @@ class Accumulator:
             if k in self._acc:
                 out[k] = (self._acc[k] / self.total_weight).to(ref.dtype)
             else:
-                out[k] = self._max[k].clone()
+                out[k] = merge_buffers(ref, [ints[k] for ints in self._ints])
         return out
 
     def nbytes(self) -> int:
@@ -194,8 +200,60 @@ class Accumulator:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        """The tensors the accumulator owns: float64 sums and integer/bool maxima."""
-        return [*self._acc.values(), *self._max.values()]
+        """The tensors the accumulator owns: float64 sums and contributors' integer buffers."""
+        return [*self._acc.values(), *(t for ints in self._ints for t in ints.values())]
+
+
+def merge_buffers(ref: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+    """The new value of an integer or bool buffer whose global value is ``ref``, from the
+    contributors' ``values``; never one node's value unchecked.
+
+    Integers: ``ref`` plus the elementwise lower median of the increments ``value - ref``
+    (``num_batches_tracked`` advances by what the median node trained). Bools: the value more
+    than half of the contributors hold; a tie keeps ``ref``. No values: ``ref``. With one
+    hostile node among three or more, the result is an honest node's increment (or value).
+    """
+    if not values:
+        return ref.clone()
+    if ref.dtype == torch.bool:
+        n = len(values)
+        count = torch.stack([v.to(device=ref.device, dtype=torch.int64) for v in values]).sum(0)
+        out = ref.clone()
+        out[2 * count > n] = True
+        out[2 * count < n] = False
+        return out
+    base = ref.to(torch.int64)
+    inc = torch.stack([v.to(device=ref.device, dtype=torch.int64) - base for v in values])
+    med = inc.median(dim=0).values if len(values) > 1 else inc[0]
+    return (base + med).to(ref.dtype)
+
+
+def check_aggregate(
+    old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor], max_change: float
+) -> str | None:
+    """Why ``new`` must not become the global weights after ``old``, or None.
+
+    Refused: a non-finite value in a floating tensor, or a floating tensor that moved further
+    than ``max_change × (‖old‖ + √numel)`` (L2, float64): a model that legitimate training
+    changes by a fraction of its size per round cannot move by many times its size (the
+    ``√numel`` term allows tensors that start at 0). ``max_change`` 0: no bound."""
+    for k, t in new.items():
+        if not _is_float(t):
+            continue
+        bad = int((~torch.isfinite(t)).sum().item())
+        if bad:
+            return f"tensor {k[:80]!r} holds {bad} non-finite value(s)"
+        if max_change <= 0 or k not in old:
+            continue
+        ref = old[k].to(torch.float64)
+        moved = float(torch.linalg.vector_norm(t.to(torch.float64) - ref))
+        bound = max_change * (float(torch.linalg.vector_norm(ref)) + math.sqrt(ref.numel()))
+        if not moved <= bound:
+            return (
+                f"tensor {k[:80]!r} moved by {moved:.3g} (L2), over the bound {bound:.3g} "
+                f"(max_change {max_change:g} × (its norm + √size))"
+            )
+    return None
 
 
 class DiLoCo:
@@ -229,7 +287,7 @@ class DiLoCo:
         if set(global_sd) != set(mean_sd):
             diff = sorted(set(global_sd) ^ set(mean_sd))
             raise SessionError(
-                f"mean and global weights have different tensors: {_names(diff)}",
+                f"mean and global weights have different tensors: {names(diff)}",
                 code="bad_upload",
             )
         out: StateDict = {}

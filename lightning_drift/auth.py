@@ -391,7 +391,7 @@ class TokenStore:
     """
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = Path(state_dir) / _TOKENS_FILE
+        self.path = self.file(state_dir)
         self._issued: list[Claims] = []
         self._revoked: set[str] = set()
         if self.path.exists():
@@ -404,6 +404,11 @@ class TokenStore:
                     f"{self.path} is corrupt ({exc}); restore it from a backup or remove it "
                     "(revocations in it are then forgotten)"
                 ) from None
+
+    @staticmethod
+    def file(state_dir: Path) -> Path:
+        """Where the record lives (a running coordinator watches it for revocations)."""
+        return Path(state_dir) / _TOKENS_FILE
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@
 - ``ProtocolError``: the peer sent bytes that are not a valid ``drift/0`` frame or message.
 - ``AuthError``: a token or a peer identity was refused (the reason is in the message).
 - ``PeerLost``: the peer went away (closed, reset, timed out) while we were talking to it.
+- ``TooSlow`` (a ``PeerLost``): the peer sent below the receiver's minimum byte rate.
 - ``ConnectTimeout``: no connection could be made within the allowed time.
 - ``SessionError``: the coordinator refused a request that is well-formed but not allowed now
   (dataset size mismatch, too little VRAM, session finished, ...).
@@ -39,6 +40,13 @@ class AuthError(DriftError):
 
 class PeerLost(DriftError):
     """The peer closed, reset or stopped answering the connection; the work in flight is lost."""
+
+
+class TooSlow(PeerLost):
+    """The peer sent too slowly: below the receiver's minimum byte rate, the stream is dropped.
+
+    An honest peer on a slow link gets this too: its link is slower than the receiver
+    accepts (``--min-upload-rate`` on the coordinator)."""
 
 
 class ConnectTimeout(DriftError):
@@ -81,4 +89,5 @@ __all__ = [
     "ProtocolError",
     "SessionError",
     "SessionFinished",
+    "TooSlow",
 ]

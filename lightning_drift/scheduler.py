@@ -22,6 +22,13 @@ A node's score is its expected training throughput in **samples per second**:
 So a fresh node joining a running session is placed on the same scale as the measured ones
 instead of its raw GFLOP/s being compared with other nodes' samples/s.
 
+A calibration is what a node says about itself: an unmeasured node's score is kept within a
+factor ``trust`` of the median measured score (of the median calibration while nobody is
+measured), so a node claiming a huge calibration gets at most ``trust`` times the median
+node's share, and one claiming a tiny one cannot stretch a round's deadline without bound.
+The measured rates come from the coordinator's own measurements (``Session``), not from what
+nodes report.
+
 Shards in whole optimizer steps
 -------------------------------
 A node says how many samples one of its optimizer steps takes (``NodeInfo.samples_per_step``:
@@ -60,6 +67,7 @@ import torch
 
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.protocol import DeviceInfo, NodeInfo
+from lightning_drift.robust import lower_median
 from lightning_drift.units import format_gib
 
 log = logging.getLogger(__name__)
@@ -429,6 +437,7 @@ class Scheduler:
         seed: int,
         min_vram: int = 0,
         ema: float = 0.3,
+        trust: float = 4.0,
     ) -> None:
         if dataset_size < 0:
             raise ConfigError(f"dataset_size must be >= 0, got {dataset_size}")
@@ -438,12 +447,15 @@ class Scheduler:
             raise ConfigError(f"sync_every must be >= 1, got {sync_every}")
         if not 0.0 < ema <= 1.0:
             raise ConfigError(f"ema must be in (0, 1], got {ema}")
+        if not trust >= 1.0:
+            raise ConfigError(f"trust must be >= 1, got {trust}")
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.sync_every = sync_every
         self.seed = seed
         self.min_vram = min_vram
         self.ema = ema  # weight of a new measurement in the moving average
+        self.trust = trust  # an unmeasured score stays within this factor of the median
         self._nodes: dict[str, _NodeScore] = {}
 
     def __repr__(self) -> str:
@@ -517,7 +529,16 @@ class Scheduler:
         ns = self._get(node)
         if ns.measured is not None:
             return ns.measured
-        return ns.calibration * (self._samples_per_gflop() if factor is None else factor)
+        k = self._samples_per_gflop() if factor is None else factor
+        est = ns.calibration * k
+        ref = lower_median(v.measured for v in self._nodes.values() if v.measured is not None)
+        if ref is None:  # nothing measured: scores are calibrations (k = 1), among themselves
+            ref = (lower_median(v.calibration for v in self._nodes.values()) or 0.0) * k
+        return min(ref * self.trust, max(ref / self.trust, est))
+
+    def forget(self, node: str) -> None:
+        """Drop ``node`` (a member the session has forgotten)."""
+        self._nodes.pop(node, None)
 
     def measured_factor(self) -> float | None:
         """The conversion ``k`` from calibration GFLOP/s to samples/s, estimated from the
@@ -637,6 +658,7 @@ class Scheduler:
             "seed": self.seed,
             "min_vram": self.min_vram,
             "ema": self.ema,
+            "trust": self.trust,
             "nodes": {
                 k: {
                     "calibration": v.calibration,
@@ -663,6 +685,7 @@ class Scheduler:
             seed=int(d["seed"]),
             min_vram=int(d.get("min_vram", 0)),
             ema=float(d.get("ema", 0.3)),
+            trust=float(d.get("trust", 4.0)),
         )
         for node, v in d.get("nodes", {}).items():
             m = v.get("measured")

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from lightning_drift.errors import (
     DriftError,
     PeerLost,
     ProtocolError,
+    TooSlow,
 )
 from lightning_drift.fsutil import sha256_bytes, sha256_file
 from lightning_drift.protocol import ALPN, BlobHeader, Message
@@ -486,8 +487,8 @@ class Stream:
         except asyncio.CancelledError:
             self._broken = "a read on it was cancelled"
             raise
-        except ProtocolError as exc:
-            self._broken = f"protocol error ({exc})"
+        except (ProtocolError, TooSlow) as exc:
+            self._broken = f"{exc}"
             raise
 
     async def recv(self) -> Message:
@@ -504,7 +505,14 @@ class Stream:
         return protocol.decode(self._take(n))
 
     async def recv_blob(
-        self, *, into: Path | None = None, max_size: int = 1 << 40, limit_hint: str = ""
+        self,
+        *,
+        into: Path | None = None,
+        max_size: int = 1 << 40,
+        limit_hint: str = "",
+        inspect: Callable[[bytearray, int], int] | None = None,
+        min_rate: float = 0.0,
+        grace_s: float = 30.0,
     ) -> tuple[BlobHeader, bytes | Path]:
         """Read a ``BlobHeader`` frame and its bytes: into memory, or into the file ``into``.
 
@@ -512,24 +520,52 @@ class Stream:
         renamed). ``ProtocolError`` when the next frame is not a blob header, the size exceeds
         ``max_size`` (refused before any byte is read; ``limit_hint`` is added to the message),
         or the sha256 does not match.
-        """
-        with self._reading():
-            header = protocol.expect(await self._recv_frame(), BlobHeader)
-            assert isinstance(header, BlobHeader)
-            if header.size < 0 or header.size > max_size:
-                raise BlobTooLarge(
-                    f"blob of {header.size} bytes refused: the limit is {max_size} bytes"
-                    + (f" ({limit_hint})" if limit_hint else ""),
-                    header.size,
-                    max_size,
-                )
-            if len(header.sha256) != 64:
-                raise ProtocolError(f"blob header sha256 {header.sha256[:80]!r} is not 64 hex")
-            if into is None:
-                return header, await self._recv_into_bytes(header)
-            return header, await self._recv_into_file(header, Path(into))
 
-    async def _chunks(self, size: int) -> Any:
+        For an untrusted sender: ``inspect`` is called with the bytes received so far (and the
+        declared size) until it returns 0 ("the start checks out"; a positive number is how many bytes it needs, an
+        exception refuses the blob); until then memory grows with what has arrived, and only
+        then is the whole declared size allocated. With ``min_rate`` (bytes/s), the header and
+        the bytes must keep arriving at that average rate, counted from the call after a
+        ``grace_s`` start: a slower sender gets :class:`TooSlow` and the stream is abandoned.
+        """
+        pace = _Pace(min_rate, grace_s)
+        with self._reading():
+            frame = await pace.wait(self._recv_frame(), 0, "the blob header")
+            header = protocol.expect(frame, BlobHeader)
+            assert isinstance(header, BlobHeader)
+            self._check_blob_header(header, max_size, limit_hint)
+            if into is None:
+                return header, await self._recv_into_bytes(header, pace, inspect)
+            return header, await self._recv_into_file(header, Path(into), pace)
+
+    async def drain_blob(
+        self, *, max_size: int = 1 << 40, min_rate: float = 0.0, grace_s: float = 30.0
+    ) -> BlobHeader:
+        """Read a ``BlobHeader`` and throw its bytes away (a blob the receiver has no use for),
+        with the limits of :meth:`recv_blob`; memory stays one chunk."""
+        pace = _Pace(min_rate, grace_s)
+        with self._reading():
+            frame = await pace.wait(self._recv_frame(), 0, "the blob header")
+            header = protocol.expect(frame, BlobHeader)
+            assert isinstance(header, BlobHeader)
+            self._check_blob_header(header, max_size, "")
+            async for _ in self._chunks(header.size, pace):
+                pass
+            return header
+
+    @staticmethod
+    def _check_blob_header(header: BlobHeader, max_size: int, limit_hint: str) -> None:
+        if header.size < 0 or header.size > max_size:
+            raise BlobTooLarge(
+                f"blob of {header.size} bytes refused: the limit is {max_size} bytes"
+                + (f" ({limit_hint})" if limit_hint else ""),
+                header.size,
+                max_size,
+            )
+        if len(header.sha256) != 64:
+            raise ProtocolError(f"blob header sha256 {header.sha256[:80]!r} is not 64 hex")
+
+    async def _chunks(self, size: int, pace: _Pace | None = None) -> Any:
         """Yield the next ``size`` bytes of the stream in pieces of at most CHUNK bytes."""
         left = size
         if self._buf:
@@ -537,30 +573,52 @@ class Stream:
             left -= len(first)
             yield first
         while left:
+            n = min(left, CHUNK)
+            read = self._recv.read_exact(n)
             try:
-                chunk = await self._recv.read_exact(min(left, CHUNK))
+                if pace is None:
+                    chunk = await read
+                else:
+                    chunk = await pace.wait(read, size - left + n, f"{size} bytes", size - left)
             except iroh.IrohError as exc:
                 raise _map(exc, f"receiving a blob ({size - left} of {size} bytes read)") from None
             left -= len(chunk)
             yield chunk
 
-    async def _recv_into_bytes(self, header: BlobHeader) -> bytes:
+    async def _recv_into_bytes(
+        self, header: BlobHeader, pace: _Pace, inspect: Callable[[bytearray, int], int] | None
+    ) -> bytes:
         h = hashlib.sha256()
-        out, addr = _new_bytes(header.size)
+        out: bytes | None = None
+        addr = 0
+        prefix = bytearray()
+        need = 1  # bytes ``inspect`` wants before it is asked again
         off = 0
-        async for chunk in self._chunks(header.size):
+        async for chunk in self._chunks(header.size, pace):
             h.update(chunk)
+            if out is None and inspect is not None:
+                # Untrusted: keep what arrived until its start checks out, then allocate.
+                prefix += chunk
+                if len(prefix) < need or (need := inspect(prefix, header.size)) > 0:
+                    continue
+                chunk, prefix = bytes(prefix), bytearray()
+            if out is None:
+                out, addr = _new_bytes(header.size)
             ctypes.memmove(addr + off, chunk, len(chunk))
             off += len(chunk)
+        if out is None:  # an empty blob, or one whose start never checked out
+            if inspect is not None and inspect(prefix, header.size) > 0:
+                raise ProtocolError("blob ended before its start could be checked")
+            out = bytes(prefix)
         _check_digest(h.hexdigest(), header)
         return out
 
-    async def _recv_into_file(self, header: BlobHeader, path: Path) -> Path:
+    async def _recv_into_file(self, header: BlobHeader, path: Path, pace: _Pace) -> Path:
         h = hashlib.sha256()
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
         try:
             with tmp.open("wb") as f:
-                async for chunk in self._chunks(header.size):
+                async for chunk in self._chunks(header.size, pace):
                     h.update(chunk)
                     f.write(chunk)
                 f.flush()
@@ -572,6 +630,33 @@ class Stream:
                 tmp.unlink()
             raise
         return path
+
+
+class _Pace:
+    """A minimum average byte rate for one blob: by ``grace_s + n / min_rate`` seconds after
+    it started, ``n`` bytes must have arrived. ``min_rate`` 0: no limit."""
+
+    def __init__(self, min_rate: float, grace_s: float) -> None:
+        self.min_rate = min_rate
+        self.grace_s = grace_s
+        self.t0 = asyncio.get_running_loop().time()
+
+    async def wait(self, aw: Any, by: int, what: str, have: int = 0) -> Any:
+        """Await ``aw`` (a read that brings the stream to ``by`` bytes) within the pace.
+
+        On timeout the read is cancelled, which breaks the stream (see :class:`Stream`)."""
+        if self.min_rate <= 0:
+            return await aw
+        loop = asyncio.get_running_loop()
+        left = self.t0 + self.grace_s + by / self.min_rate - loop.time()
+        try:
+            return await asyncio.wait_for(aw, max(0.0, left))
+        except asyncio.TimeoutError:
+            took = loop.time() - self.t0
+            raise TooSlow(
+                f"too slow: {have} bytes of {what} in {took:.0f}s, below the minimum of "
+                f"{self.min_rate:g} bytes/s (after a {self.grace_s:g}s start)"
+            ) from None
 
 
 def _check_digest(got: str, header: BlobHeader) -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from lightning_drift.protocol import NodeInfo
 
 
-def node_info(dataset_size: int = 1000) -> NodeInfo:
-    """A CPU node's NodeInfo for a dataset of ``dataset_size`` samples."""
+def node_info(dataset_size: int = 1000, fingerprint: str = "") -> NodeInfo:
+    """A CPU node's NodeInfo for a dataset of ``dataset_size`` samples, training the model
+    whose fingerprint is ``fingerprint`` (``modelspec.state_fingerprint`` of the weights the
+    test uploads at round 0; the coordinator checks them against it)."""
     return NodeInfo(
+        model_fingerprint=fingerprint,
         nonce="",
         devices=[],
         train_device="cpu",
@@ -20,3 +25,57 @@ def node_info(dataset_size: int = 1000) -> NodeInfo:
         torch_version=str(torch.__version__),
         dataset_size=dataset_size,
     )
+
+
+# ---- an honest session, for the tests that attack one ----------------------------------------
+
+
+def small_model(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The model the attack tests train: two floating tensors and an integer buffer."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(8, 4, generator=g),
+        "b": torch.randn(4, generator=g),
+        "bn.num_batches_tracked": torch.tensor(0, dtype=torch.int64),
+    }
+
+
+def small_fingerprint() -> str:
+    from lightning_drift.modelspec import state_fingerprint
+
+    return state_fingerprint(small_model())
+
+
+def honest_step(held: dict[str, torch.Tensor], open_round: int, index: int) -> dict:
+    """What an honest node uploads for ``open_round``: the weights it holds, moved a little
+    (deterministically), and 10 more batches counted."""
+    g = torch.Generator().manual_seed(7919 * open_round + index)
+    out = {}
+    for k, v in held.items():
+        if v.is_floating_point():
+            out[k] = v + 0.01 * torch.randn(v.shape, generator=g)
+        else:
+            out[k] = v + 10
+    return out
+
+
+def verify_checkpoints(directory: Path) -> list[dict]:
+    """Every checkpoint the manifest in ``directory`` lists: its files match their sha256 and
+    its weights are finite. Returns the manifest's entries."""
+    import hashlib
+    import json
+
+    from lightning_drift.aggregate import from_bytes
+
+    entries = json.loads((directory / "manifest.json").read_text())["checkpoints"]
+    assert entries, "no checkpoint in the manifest"
+    for e in entries:
+        data = (directory / e["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == e["sha256"], e["file"]
+        for k, t in from_bytes(data).items():
+            if t.is_floating_point():
+                assert bool(torch.isfinite(t).all()), (e["file"], k)
+        if e.get("outer_file"):
+            outer = (directory / e["outer_file"]).read_bytes()
+            assert hashlib.sha256(outer).hexdigest() == e["outer_sha256"], e["outer_file"]
+    return entries

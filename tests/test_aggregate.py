@@ -13,6 +13,7 @@ from lightning_drift.aggregate import (
     DiLoCo,
     StateDict,
     from_bytes,
+    merge_buffers,
     to_bytes,
     validate_upload,
 )
@@ -104,26 +105,29 @@ def test_same_uploads_in_the_same_order_give_identical_bits():
     assert all(torch.equal(means[0][k], means[1][k]) for k in glob)
 
 
-def test_integer_and_bool_buffers_take_the_elementwise_max():
-    # Prepare
+def test_integer_and_bool_buffers_never_take_one_nodes_value():
+    # Prepare: global steps 10, mask [T, F, F], u8 [1, 7, 3]; c is hostile (2^62 steps).
     glob = global_model()
-    a, b = perturbed(glob, 1), perturbed(glob, 2)
-    a["steps"], b["steps"] = torch.tensor(12), torch.tensor(15)
+    a, b, c = perturbed(glob, 1), perturbed(glob, 2), perturbed(glob, 3)
+    a["steps"], b["steps"], c["steps"] = torch.tensor(12), torch.tensor(15), torch.tensor(2**62)
     a["mask"], b["mask"] = torch.tensor([True, False, False]), torch.tensor([False, False, True])
-    a["u8"], b["u8"] = (
+    c["mask"] = torch.tensor([False, True, True])
+    a["u8"], b["u8"], c["u8"] = (
         torch.tensor([9, 0, 3], dtype=torch.uint8),
         torch.tensor([1, 8, 3], dtype=torch.uint8),
+        torch.tensor([255, 255, 255], dtype=torch.uint8),
     )
     acc = Accumulator(glob)
 
     # Execute
     acc.add("a", a, 1.0)
     acc.add("b", b, 100.0)
+    acc.add("c", c, 1.0)
     mean = acc.mean()
 
-    # Assert
+    # Assert: global + the median increment (steps +5, not +2^62); bools: the majority.
     assert torch.equal(mean["steps"], torch.tensor(15))
-    assert torch.equal(mean["mask"], torch.tensor([True, False, True]))
+    assert torch.equal(mean["mask"], torch.tensor([False, False, True]))
     assert torch.equal(mean["u8"], torch.tensor([9, 8, 3], dtype=torch.uint8))
     assert mean["u8"].dtype == torch.uint8 and mean["mask"].dtype == torch.bool
 
@@ -280,7 +284,9 @@ def test_delta_upload_in_bfloat16_contributes_global_plus_delta():
         hand = hand + (glob[k].double() + delta_a[k].double()) * 2.0
         hand = hand + local_b[k].double() * 3.0
         assert torch.equal(mean[k], (hand / 5.0).to(glob[k].dtype)), k
-    assert torch.equal(mean["steps"], torch.maximum(local_a["steps"], local_b["steps"]))
+    assert torch.equal(
+        mean["steps"], merge_buffers(glob["steps"], [local_a["steps"], local_b["steps"]])
+    )
 
 
 def test_reduced_precision_is_refused_for_full_weights_but_not_for_deltas():
@@ -310,10 +316,12 @@ def test_delta_upload_with_nan_is_refused():
 
 
 def test_accumulator_holds_one_float64_copy_however_many_uploads():
-    # Prepare
+    # Prepare: the floating sums are one float64 copy; only the (small) integer and bool
+    # buffers are kept per contributor, for their median.
     glob = global_model()
     float_bytes = sum(glob[k].numel() * 8 for k in FLOAT_KEYS)
     buffer_bytes = sum(v.numel() * v.element_size() for k, v in glob.items() if k not in FLOAT_KEYS)
+    buffers = len(glob) - len(FLOAT_KEYS)
     acc = Accumulator(glob)
     acc.add("n0", perturbed(glob, 0), 1.0)
     after_one = (len(acc.tensors()), acc.nbytes())
@@ -329,7 +337,10 @@ def test_accumulator_holds_one_float64_copy_however_many_uploads():
 
     # Assert
     assert after_one == (len(glob), float_bytes + buffer_bytes)
-    assert (len(acc.tensors()), acc.nbytes()) == after_one
+    assert (len(acc.tensors()), acc.nbytes()) == (
+        len(FLOAT_KEYS) + 12 * buffers,
+        float_bytes + 12 * buffer_bytes,
+    )
     assert all(t.dtype == torch.float64 for t in acc.tensors()[: len(FLOAT_KEYS)])
     assert all(r() is None for r in refs), "the accumulator must not keep uploads alive"
 

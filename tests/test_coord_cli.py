@@ -61,6 +61,28 @@ def test_flags_win_over_config_file_over_defaults(tmp_path):
     assert resolve_serve_options({}, cfg)[1].max_model_bytes == 512 << 20
 
 
+def test_the_robustness_options_from_flags_and_the_config_file(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        "coordinator:\n  init: w.safetensors\n  robust: median\n  clip: 2\n"
+        "  max_nodes: 8\n  max-nodes-per-token: 2\n  forget_after: 10m\n"
+        "  min_upload_rate: 64KiB\n"
+    )
+    sc, so = resolve_serve_options({"max_strikes": 5}, cfg)
+    assert so.init == Path("w.safetensors") and so.min_upload_rate == 64 << 10
+    assert (sc.robust, sc.clip, sc.max_nodes, sc.max_nodes_per_token) == ("median", 2.0, 8, 2)
+    assert sc.forget_after_s == 600.0 and sc.max_strikes == 5
+    for flags, message in (
+        ({"robust": "mode"}, "--robust must be off or trimmed or median"),
+        ({"trim": 0.5}, r"--trim must be in \[0, 0.5\)"),
+        ({"clip": -1.0}, "--clip must be 0 or more"),
+        ({"max_nodes": 0}, "--max-nodes must be at least 1"),
+        ({"max_strikes": 0}, "--max-strikes must be at least 1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            resolve_serve_options(flags, None)
+
+
 def test_serve_has_one_flag_per_table_row_and_shows_its_default():
     import inspect
 

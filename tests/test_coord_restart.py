@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 from lightning_drift_cli.local import free_udp_port
-from support import node_info
+from support import node_info as any_node_info
 
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.errors import ConnectTimeout, DriftError, PeerLost
+from lightning_drift.modelspec import state_fingerprint
 from lightning_drift.node.client import CoordinatorClient
-from lightning_drift.protocol import BarrierSync, TrainProgress
+from lightning_drift.protocol import BarrierSync
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def upload(upload_round: int, i: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * upload_round + i)
     return {"w": torch.randn(8, 4, generator=g), "b": torch.randn(4, generator=g)}
+
+
+def node_info(calibration: float = 10.0):
+    """This file's nodes: the default dataset, the model ``upload`` makes."""
+    info = any_node_info(fingerprint=state_fingerprint(upload(0, 0)))
+    info.calibration = calibration
+    return info
 
 
 async def start_coordinator(state: Path, port: int | None = None, config: Path | None = None):
@@ -53,7 +61,9 @@ async def start_coordinator(state: Path, port: int | None = None, config: Path |
             return proc, token, lines
 
 
-async def connect(token: str, secret: bytes, deadline_s: float = 30.0) -> CoordinatorClient:
+async def connect(
+    token: str, secret: bytes, deadline_s: float = 30.0, calibration: float = 10.0
+) -> CoordinatorClient:
     """What a node does after losing the coordinator: retry with backoff, same key."""
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline_s
@@ -61,7 +71,7 @@ async def connect(token: str, secret: bytes, deadline_s: float = 30.0) -> Coordi
     while True:
         try:
             return await CoordinatorClient.connect(
-                token, node_info=node_info, secret=secret, timeout=3
+                token, node_info=lambda: node_info(calibration), secret=secret, timeout=3
             )
         except (ConnectTimeout, PeerLost):
             if loop.time() > end:
@@ -211,16 +221,12 @@ def test_epoch_plan_survives_a_kill_before_round_one_completes(tmp_path):
     async def main():
         proc, token, _ = await start_coordinator(state, port, config)
         try:
-            a, b = [await connect(token, s) for s in secrets_]
+            a = await connect(token, secrets_[0], calibration=300.0)
             await a.barrier(BarrierSync(round=0), to_bytes(upload(0, 0)))
+            # B (a third of A's calibration) joins after the round-0 state was written, so a
+            # plan made again from that state would give A the whole epoch instead.
+            b = await connect(token, secrets_[1], calibration=100.0)
             await b.barrier(BarrierSync(round=0), to_bytes(upload(0, 0)))
-            # Measured rates (3:1) reach the scheduler after the round-0 state was written, so
-            # a plan made again from that state would split the data evenly instead.
-            for c, rate in ((a, 300.0), (b, 100.0)):
-                await c.progress(
-                    TrainProgress(round=0, epoch=0, step=0, samples=0, samples_per_s=rate)
-                )
-                await c.status()  # the control stream is ordered: the rate has been taken
             before = {c.node_key: shard_of(await c.shard(0)) for c in (a, b)}
             assert before[a.node_key]["stop"] - before[a.node_key]["start"] == 750
             assert before[b.node_key]["stop"] - before[b.node_key]["start"] == 250

@@ -32,6 +32,7 @@ from lightning_drift.errors import (
     ProtocolError,
     SessionError,
 )
+from lightning_drift.modelspec import state_fingerprint
 from lightning_drift.node.client import CoordinatorClient
 from lightning_drift.protocol import BarrierSync, Error, TrainProgress
 from lightning_drift.transport import Endpoint
@@ -47,6 +48,13 @@ def model(seed: int = 0) -> dict[str, torch.Tensor]:
         "b": torch.randn(3, generator=g),
         "steps": torch.tensor([seed], dtype=torch.int64),
     }
+
+
+FINGERPRINT = state_fingerprint(model(0))  # every model() has the same tensor table
+
+
+def node_info_for(dataset_size: int):
+    return node_info(dataset_size, FINGERPRINT)
 
 
 def coordinator(tmp_path: Path, **cfg) -> Coordinator:
@@ -72,7 +80,7 @@ def run(coro):
 
 async def join(coord: Coordinator, n: int, name: str = "") -> CoordinatorClient:
     return await CoordinatorClient.connect(
-        coord.node_token, node_info=node_info(coord.config.dataset_size), name=name, timeout=10
+        coord.node_token, node_info=node_info_for(coord.config.dataset_size), name=name, timeout=10
     )
 
 
@@ -88,8 +96,11 @@ async def start_sync(clients, init: dict[str, torch.Tensor]) -> bytes:
     return blob
 
 
-def hand_mean(uploads: dict[str, dict], weights: dict[str, float], order: list[str]):
-    """sum_i w_i x_i in float64 in arrival order, / sum w, cast back; ints: elementwise max."""
+def hand_mean(
+    uploads: dict[str, dict], weights: dict[str, float], order: list[str], base: dict
+):
+    """sum_i w_i x_i in float64 in arrival order, / sum w, cast back; ints: the global value
+    in ``base`` plus the lower median of the contributors' increments (never one node's)."""
     out = {}
     ref = uploads[order[0]]
     for k, t in ref.items():
@@ -101,7 +112,8 @@ def hand_mean(uploads: dict[str, dict], weights: dict[str, float], order: list[s
                 total += weights[n]
             out[k] = (acc / total).to(t.dtype)
         else:
-            out[k] = torch.stack([uploads[n][k] for n in order]).amax(0)
+            inc = sorted(int(uploads[n][k].item()) - int(base[k].item()) for n in order)
+            out[k] = base[k] + inc[(len(inc) - 1) // 2]
     return out
 
 
@@ -140,7 +152,7 @@ def test_mean_is_exact_in_manifest_order(tmp_path):
         e = entry(coord, 1)
         order = contributors(e)
         assert sorted(order) == sorted(uploads)
-        expect = hand_mean(uploads, {k: float(v) for k, v in samples.items()}, order)
+        expect = hand_mean(uploads, {k: float(v) for k, v in samples.items()}, order, model(0))
         ckpt = (coord.store.directory / "round-000001.safetensors").read_bytes()
         assert ckpt == blobs.pop()
         got = from_bytes(ckpt)
@@ -176,6 +188,7 @@ def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
         opt = torch.optim.SGD(
             list(param.values()), lr=lr, momentum=mom, nesterov=True, foreach=False
         )
+        base = init  # the global weights each round starts from
         for open_round in (1, 2):
             uploads = {c.node_key: model(100 * open_round + i) for i, c in enumerate(clients)}
             results = await asyncio.gather(
@@ -188,7 +201,7 @@ def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
             )
             order = contributors(entry(coord, open_round))
             w = {c.node_key: float(7 + i) for i, c in enumerate(clients)}
-            mean = hand_mean(uploads, w, order)
+            mean = hand_mean(uploads, w, order, base)
             for k, p in param.items():
                 p.grad = p.detach() - mean[k]
             opt.step()
@@ -196,6 +209,7 @@ def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
             for k, p in param.items():
                 assert torch.equal(got[k], p.detach()), (open_round, k)
             assert torch.equal(got["steps"], mean["steps"])
+            base = got
             outer = from_bytes(
                 (coord.store.directory / f"round-{open_round:06d}.outer.safetensors").read_bytes()
             )
@@ -332,7 +346,7 @@ def test_bad_upload_garbage_and_bad_tokens_do_not_stop_the_session(tmp_path):
             ttl_s=1e12,
         )
         with pytest.raises(AuthError):  # refused locally: not signed by the ticket's key
-            await CoordinatorClient.connect(forged, node_info=node_info(200), timeout=10)
+            await CoordinatorClient.connect(forged, node_info=node_info_for(200), timeout=10)
         conn2 = await ep.dial(coord.ticket, timeout=10)
         s2 = await conn2.open_stream()
         from lightning_drift.protocol import Join
@@ -581,13 +595,13 @@ def test_an_expired_token_refuses_new_nodes_but_not_a_member_reconnecting(tmp_pa
             ttl_s=60.0,
         )
         secret = os.urandom(32)
-        info = node_info(coord.config.dataset_size)
-        a = await CoordinatorClient.connect(token, node_info=info, secret=secret, timeout=10)
+        ni = node_info_for(coord.config.dataset_size)
+        a = await CoordinatorClient.connect(token, node_info=ni, secret=secret, timeout=10)
         await a.close()
         ahead[0] = 120.0  # the token expired a minute ago
         with pytest.raises(AuthError, match="expired"):
-            await CoordinatorClient.connect(token, node_info=info, timeout=10)
-        a = await CoordinatorClient.connect(token, node_info=info, secret=secret, timeout=10)
+            await CoordinatorClient.connect(token, node_info=ni, timeout=10)
+        a = await CoordinatorClient.connect(token, node_info=ni, secret=secret, timeout=10)
         assert a.config is not None and a.config.session_id == coord.session.session_id
         assert coord.session.members[a.node_key].state is MemberState.READY
         await a.close()
@@ -601,18 +615,18 @@ def test_an_expired_token_refuses_new_nodes_but_not_a_member_reconnecting(tmp_pa
             ttl_s=1.0,
         )
         secret2 = os.urandom(32)
-        b = await CoordinatorClient.connect(short, node_info=info, secret=secret2, timeout=10)
+        b = await CoordinatorClient.connect(short, node_info=ni, secret=secret2, timeout=10)
         await b.close()
         await asyncio.sleep(1.5)
-        b = await CoordinatorClient.connect(short, node_info=info, secret=secret2, timeout=10)
+        b = await CoordinatorClient.connect(short, node_info=ni, secret=secret2, timeout=10)
         assert b.config is not None
         await b.close()
         with pytest.raises(AuthError, match="expired"):
-            await CoordinatorClient.connect(short, node_info=info, timeout=10)
+            await CoordinatorClient.connect(short, node_info=ni, timeout=10)
         # Only the expiry is forgiven: a revoked token still refuses the member.
         TokenStore(coord.state.path).revoke(claims.jti)
         with pytest.raises(AuthError, match="revoked"):
-            await CoordinatorClient.connect(token, node_info=info, secret=secret, timeout=10)
+            await CoordinatorClient.connect(token, node_info=ni, secret=secret, timeout=10)
         runner.cancel()
         await coord.close()
 
@@ -671,7 +685,7 @@ def test_three_rounds_three_node_processes_one_killed_mid_round(tmp_path):
 
 async def node_main(token: str, index: int, stall: int | None) -> None:
     client = await CoordinatorClient.connect(
-        token, node_info=lambda: node_info(900), name=f"n{index}", timeout=10
+        token, node_info=lambda: node_info_for(900), name=f"n{index}", timeout=10
     )
     try:
         ready, blob = await client.barrier(BarrierSync(round=0), to_bytes(model(0)))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 
 import msgspec
 import pytest
 
+from lightning_drift.coordinator.boundary import CALIBRATION_MAX, PACE_FACTOR, TRAIN_S_MIN
 from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.coordinator.session import MemberState, Session, Verdict, stop_decision
 from lightning_drift.protocol import NodeInfo, TrainProgress
@@ -134,7 +136,9 @@ def test_round_completes_when_all_live_nodes_arrive():
     start(s, A, B)
     d = arrive(s, A, 1.0)
     assert not d.complete
-    assert "1/2 arrived" in d.reason and "no deadline yet" in d.reason
+    # A's arrival is the coordinator's own measure of pace: B's is estimated from it.
+    assert "1/2 arrived" in d.reason and "deadline in" in d.reason
+    assert f"pace of {B[:8]} estimated from calibration" in d.reason
     d = arrive(s, B, 2.0)
     assert d.complete
     assert d.reason == f"round 1 complete: all 2 live node(s) arrived ({A[:8]}, {B[:8]})"
@@ -149,7 +153,7 @@ def test_round_completes_when_all_live_nodes_arrive():
 
 
 def test_heartbeat_loss_mid_round_excludes_the_node():
-    s = session(heartbeat_timeout=15.0)
+    s = session(heartbeat_timeout=15.0, deadline_floor=30.0)  # the deadline is not the cause
     start(s, A, B, C, now=0.0)
     arrive(s, A, 5.0)
     arrive(s, B, 6.0)
@@ -201,20 +205,21 @@ def test_deadline_has_a_floor():
 def test_a_node_that_never_reports_a_rate_gets_a_deadline_from_its_calibration():
     s = session(min_nodes=3, quorum=0.5, deadline_floor=10.0, deadline_margin=1.5)
     start(s, A, B, C, calibration={A: 100.0, B: 100.0, C: 50.0})
-    arrive(s, A, 1.0)
     d = s.check(1.0)  # nothing measured yet: calibration is not in samples/s
-    assert not d.complete and "no deadline yet" in d.reason
-    assert "no measured rate and no calibration estimate" in d.reason
+    assert not d.complete and "0/3 arrived" in d.reason and s.deadline() is None
     for n in (A, B):
         s.progress(n, TrainProgress(round=1, epoch=0, step=1, samples=10, samples_per_s=5.0), 2.0)
-    arrive(s, B, 3.0)
+    # A and B arrive with 100 samples 20 s into the round: the coordinator measures 5 samples/s.
+    arrive(s, A, 20.0)
+    arrive(s, B, 20.0)
+    assert s.members[A].vouched == pytest.approx(5.0)
     # C heartbeats but never reports a rate. Its estimate: 50 GFLOP/s x (10 / 200) samples per
     # GFLOP = 2.5 samples/s, for a third of its 200-sample shard per round.
     c = s.assignments[C]
     assert c.stop - c.start == 200 and c.rounds == 3
     dl = 1.5 * (200 / 3) / 2.5
     assert s.deadline() == pytest.approx(dl)
-    t = 3.0
+    t = 20.0
     while t < dl - 1.0:  # every node keeps pinging: no heartbeat loss
         t = min(t + 5.0, dl - 0.5)
         for n in (A, B, C):
@@ -535,3 +540,95 @@ def test_progress_reports_loss_and_vram_into_the_status():
     s.progress(A, TrainProgress(round=1, epoch=0, step=2, samples=2, vram_used=1 << 30), 2.0)
     n = next(n for n in s.status(2.0).nodes if n.node_id == A)
     assert (n.vram_used, n.vram_peak) == (1 << 30, 5 << 30)  # the peak is kept
+# ---- what a node says about itself is bounded -----------------------------------------------
+
+
+def test_live_members_are_capped_per_token_and_per_session():
+    s = session(max_nodes=3, max_nodes_per_token=2)
+    assert s.join(A, "a", 0.0, token="t1").ok and s.join(B, "b", 0.0, token="t1").ok
+    d = s.join(C, "c", 0.0, token="t1")
+    assert not d.ok and d.code == "too_many_nodes" and "token t1 already has 2" in d.reason
+    assert s.join(C, "c", 0.0, token="t2").ok
+    d = s.join(D, "d", 0.0, token="t3")
+    assert not d.ok and d.code == "too_many_nodes" and "maximum of 3 live nodes" in d.reason
+    assert s.join(A, "a", 1.0, token="t1").ok  # a member reconnecting is not counted twice
+    s.lost(A, "bye", 2.0, left=True)
+    assert s.join(D, "d", 3.0, token="t3").ok  # a place is free again
+
+
+def test_names_are_made_unique_for_display():
+    s = session()
+    assert s.join(A, "box", 0.0).ok and s.join(B, "box", 0.0).ok and s.join(C, "box", 0.0).ok
+    assert [s.members[n].name for n in (A, B, C)] == ["box", "box#2", "box#3"]
+    s.join(A, "box", 1.0)
+    assert s.members[A].name == "box"  # its own name is not taken from it
+
+
+def test_members_gone_long_ago_are_forgotten():
+    s = session(forget_after_s=60.0, heartbeat_timeout=1000.0)
+    start(s, A, B)
+    s.lost(B, "connection closed", 10.0)
+    assert s.forget(69.0) == [] and B in s.members
+    gone, _ = s.tick(71.0)
+    assert B not in s.members and B not in s.admitted and B not in s.scheduler
+    assert [n.node_id for n in s.status(71.0).nodes] == [A]
+    assert s.join(B, "b", 72.0).reason == f"node {B[:8]} joined"  # a new member now
+
+
+def test_gone_members_beyond_the_cap_are_forgotten_oldest_first():
+    s = session(max_nodes=2, forget_after_s=1e6)
+    for i in range(5):
+        node = f"{i:02x}" * 32
+        assert s.join(node, "", float(i)).ok
+        s.lost(node, "gone", float(i), left=True)
+    s.forget(10.0)
+    assert sorted(s.members) == ["03" * 32, "04" * 32]
+
+
+def test_a_node_whose_uploads_keep_failing_is_excluded_for_good():
+    s = session(max_strikes=2)
+    start(s, A, B)
+    d = s.strike(B, "NaN in w", 1.0)
+    assert not d.ok and "failed upload 1/2" in d.reason
+    d = s.strike(B, "NaN in w", 2.0)
+    assert d.ok and d.code == "excluded" and "2 failed uploads, the last: NaN in w" in d.reason
+    assert s.members[B].state is MemberState.EXCLUDED and s.expected() == [A]
+    assert s.upload(B, 1, 2.0).kind is Verdict.REFUSE
+    refused = s.join(B, "b", 3.0)
+    assert not refused.ok and refused.code == "excluded"
+    r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
+    assert not r.join(B, "b", 11.0).ok  # survives a restart
+    assert r.members[B].state is MemberState.EXCLUDED
+
+
+def test_a_tiny_reported_rate_cannot_stretch_the_deadline():
+    s = session(min_nodes=2, deadline_floor=1.0, deadline_margin=1.5)
+    start(s, A, B)
+    s.progress(B, TrainProgress(round=1, epoch=0, step=0, samples=0, samples_per_s=1e-3), 0.0)
+    arrive(s, A, 10.0)  # the coordinator measures 100 samples in 10 s: 10 samples/s
+    assert s.members[A].vouched == pytest.approx(10.0)
+    s.progress(B, TrainProgress(round=1, epoch=0, step=0, samples=0, samples_per_s=1e-3), 10.0)
+    b = s.assignments[B]
+    work = (b.stop - b.start) / b.rounds
+    # B's pace is believed at least 1/PACE_FACTOR of the session's measured median.
+    assert s.deadline() == pytest.approx(1.5 * work / (10.0 / PACE_FACTOR))
+    assert s.members[B].rate == pytest.approx(10.0 / PACE_FACTOR)  # also what status shows
+
+
+def test_a_huge_calibration_gets_a_bounded_share():
+    s = session(min_nodes=3)
+    start(s, A, B, C, calibration={A: 10.0, B: 10.0, C: CALIBRATION_MAX})
+    shares = {n: a.share for n, a in s.assignments.items()}
+    assert shares[C] == pytest.approx(PACE_FACTOR / (PACE_FACTOR + 2))
+
+
+def test_a_self_reported_rate_is_bounded_by_the_measured_one():
+    s = session(min_nodes=2)
+    start(s, A, B)
+    open_round = s.open_round
+    assert s.upload(A, open_round, 4.0).kind is Verdict.OPEN
+    s.arrived(A, open_round, 100, 4.0, train_s=TRAIN_S_MIN)  # claims 10^5 samples/s
+    m = s.members[A]
+    assert m.vouched == pytest.approx(25.0) and m.rate == pytest.approx(25.0 * PACE_FACTOR)
+    assert s.scheduler.score(A) == pytest.approx(25.0)  # plans use what was measured
+    assert all(math.isfinite(n.samples_per_s) for n in s.status(5.0).nodes)

@@ -32,6 +32,7 @@ Scope = Literal["session", "serve"]
 StopPolicy = Literal["first", "quorum", "never"]
 Where = Literal["flag", "file", "code"]
 Mode = Literal["local", "internet"]
+Robust = Literal["off", "trimmed", "median"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,14 @@ def _keep(v: int) -> str | None:
         f"must be at least 2, got {v}: after a crash between a checkpoint and the state file "
         "the previous checkpoint is the one a restart resumes from"
     )
+
+
+def _not_negative(v: float) -> str | None:
+    return None if v >= 0 else f"must be 0 or more, got {v:g}"
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 <= v < 0.5 else f"must be in [0, 0.5), got {v:g}"
 
 
 def _quorum(v: float) -> str | None:
@@ -142,15 +151,23 @@ SETTINGS: tuple[Setting, ...] = (
             "After the last round, how long to wait for connected nodes to say goodbye (a "
             "straggler left behind at the final deadline still fetches the final weights).",
             _O, where="code"),
+    Setting("init", None, str,
+            "Initial global weights (safetensors) for round 0: nodes' start-up weights must "
+            "match their tensor table.", _O, parse=Path,
+            shown="none (the first node's)"),
+    Setting("min_upload_rate", 16 << 10, str,
+            "An upload slower than this (bytes/s: 64KiB, 1MiB) is dropped.", _O,
+            parse=parse_size, check=_positive, shown="16KiB"),
+    Setting("upload_grace_s", 30.0, float,
+            "Seconds an upload may take to start before --min-upload-rate applies.", _O,
+            where="code", check=_not_negative),
     Setting("max_uploads", 4, int,
-            "Uploads received and accumulated at once (bounds memory).", _O, where="code",
+            "Uploads decoded and accumulated at once (bounds memory).", _O, where="code",
             check=_at_least(1)),
     Setting("tick_s", 0.5, float, "How often heartbeats and deadlines are checked (s).", _O,
             where="code", check=_positive),
     Setting("handshake_timeout_s", 30.0, float, "Join to NodeInfo, at most (s).", _O,
             where="code", check=_positive),
-    Setting("upload_timeout_s", 900.0, float, "One weights upload, start to end, at most (s).",
-            _O, where="code", check=_positive),
     # -- what the session trains (saved in state.json) ------------------------------------
     Setting("epochs", 1, int, "Epochs to train.", _S),
     Setting("batch_size", 32, int, "Per-node batch size.", _S),
@@ -183,6 +200,27 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("float32", "bfloat16")),
     Setting("min_vram", 0, str, "Refuse GPU nodes with less VRAM: 8GiB, 512MiB or bytes.", _S,
             parse=parse_size, shown="0 (no minimum)"),
+    Setting("max_nodes", 64, int,
+            "Live nodes at once (also bounds a robust round's memory).", _S,
+            check=_at_least(1)),
+    Setting("max_nodes_per_token", 16, int, "Live nodes joined with one token at once.", _S,
+            check=_at_least(1)),
+    Setting("forget_after", 3600.0, str,
+            "Members that left or were lost this long ago leave the member list: 10m, 1h...",
+            _S, parse=parse_duration, attr="forget_after_s", check=_positive, shown="1h"),
+    Setting("robust", "off", str,
+            "Robust aggregation: off (weighted mean), trimmed or median (coordinate-wise).",
+            _S, choices=("off", "trimmed", "median")),
+    Setting("trim", 0.2, float, "--robust trimmed: fraction dropped at each end (n ≥ 3: ≥ 1).",
+            _S, check=_fraction),
+    Setting("clip", 0.0, float,
+            "Clip each node's change to this × the round's median change norm (0: off).", _S,
+            check=_not_negative),
+    Setting("max_change", 10.0, float,
+            "A round whose aggregate moves a tensor by more than this × (its norm + √size) "
+            "is not published (0: no bound).", _S, check=_not_negative),
+    Setting("max_strikes", 3, int, "Failed uploads after which a node is excluded.", _S,
+            check=_at_least(1)),
     Setting("lightning_config", "", str,
             "LightningCLI YAML handed to nodes (the rest of --config).", _S, where="code"),
 )  # fmt: skip
@@ -246,6 +284,14 @@ class SessionConfig:
     seed: int = _default("seed")
     transfer_dtype: TransferDType = _default("transfer_dtype")
     min_vram: int = _default("min_vram")
+    max_nodes: int = _default("max_nodes")
+    max_nodes_per_token: int = _default("max_nodes_per_token")
+    forget_after_s: float = _default("forget_after")
+    robust: Robust = _default("robust")
+    trim: float = _default("trim")
+    clip: float = _default("clip")
+    max_change: float = _default("max_change")
+    max_strikes: int = _default("max_strikes")
     lightning_config: str = _default("lightning_config")
 
     def __post_init__(self) -> None:
@@ -280,8 +326,10 @@ class ServeOptions:
     keep: int = _default("keep")
     token_ttl_s: float = _default("token_ttl")
     handshake_timeout_s: float = _default("handshake_timeout_s")
-    upload_timeout_s: float = _default("upload_timeout_s")
     max_model_bytes: int = _default("max_model_mb")  # 0: half of this machine's memory
+    init: Path | None = _default("init")  # round 0's weights; None: the first node's
+    min_upload_rate: int = _default("min_upload_rate")  # bytes/s
+    upload_grace_s: float = _default("upload_grace_s")
 
     def __post_init__(self) -> None:
         _check_fields(self)

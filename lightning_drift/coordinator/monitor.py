@@ -4,15 +4,16 @@
 :func:`render_lines` otherwise; ``drift-coord status`` and ``drift status`` render a
 ``SessionStatus`` fetched with an observer token the same way.
 
-Every string a node chose (its name, its device's name) goes through :func:`safe_text` before
-it is shown: a node must not be able to restyle or garble the operator's view.
+Every string shown comes from elsewhere (a node names itself and its device and says why it
+wants to stop; a coordinator names its session) and goes through :func:`shown` first:
+control and escape characters removed, cut to a length, and, for the table, rich markup
+escaped. A new column passes its text through it too.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import time
 
 import msgspec
@@ -20,7 +21,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from lightning_drift.protocol import NodeStatus, SessionStatus
+from lightning_drift.text import clean_text
 from lightning_drift.units import format_gib
+
+CELL_MAX = 48  # characters of one table cell or key=value field
+REASON_MAX = 200  # characters of a stop reason or a checkpoint path
 
 STATE_STYLE = {
     "training": "green",
@@ -29,19 +34,19 @@ STATE_STYLE = {
     "joined": "yellow",
     "lost": "red",
     "left": "dim",
+    "excluded": "red",
 }
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def safe_text(text: str, limit: int = 64, *, markup: bool = True) -> str:
-    """A node-provided string as it may be shown: control and bidi characters replaced, at
-    most ``limit`` characters, and (``markup``: for rich tables) rich markup escaped."""
-    text = _CONTROL.sub("?", str(text))
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
+def shown(value: object, limit: int = CELL_MAX, *, markup: bool = False) -> str:
+    """``value`` as text safe to show: no control or escape characters, at most ``limit``
+    characters, and with ``markup`` its rich markup escaped (for a rich table)."""
+    text = clean_text(value, limit)
     return escape(text) if markup else text
+
+
+def _number(x: float, fmt: str) -> str:
+    return fmt.format(x) if isinstance(x, (int, float)) and math.isfinite(x) and x else "-"
 
 
 def _vram(n: int) -> str:
@@ -55,38 +60,39 @@ def _used_peak(n: NodeStatus) -> str:
 
 
 def _loss(n: NodeStatus) -> str:
-    if n.loss is None or not math.isfinite(n.loss):
-        return "-" if n.loss is None else str(n.loss)
-    return f"{n.loss:.4g}"
+    if n.loss is None:
+        return "-"
+    return f"{n.loss:.4g}" if math.isfinite(n.loss) else str(n.loss)
 
 
-def _node_label(n: NodeStatus, markup: bool = True) -> str:
-    node_id = safe_text(n.node_id, 8, markup=markup)
-    return f"{safe_text(n.name, markup=markup)} ({node_id})" if n.name else node_id
+def _node_label(n: NodeStatus) -> str:
+    node = shown(n.node_id, 8)
+    return f"{shown(n.name, 32)} ({node})" if n.name else node
 
 
 def _title(st: SessionStatus) -> str:
     title = (
-        f"session {safe_text(st.session_id)} · {safe_text(st.state)} · round {st.round} · epoch "
-        f"{min(st.epoch + 1, st.epochs)}/{st.epochs} · {safe_text(st.aggregation)}"
+        f"session {shown(st.session_id, 32)} · {shown(st.state, 16)} · round {st.round} · "
+        f"epoch {min(st.epoch + 1, st.epochs)}/{st.epochs} · {shown(st.aggregation, 16)}"
     )
     if st.stop_reason:
-        title += f" · stopping early: {safe_text(st.stop_reason, 200)}"
+        title += f" · stopping early: {shown(st.stop_reason, REASON_MAX)}"
     return title
 
 
-def _row(n: NodeStatus, markup: bool = True) -> list[str]:
+def _row(n: NodeStatus) -> list[str]:
+    """The cells of one node's row, as plain text made safe by :func:`shown`."""
     return [
-        _node_label(n, markup),
-        safe_text(n.device, markup=markup) if n.device else "-",
+        _node_label(n),
+        shown(n.device) or "-",
         _vram(n.vram_total),
-        f"{n.share:.1%}" if n.share else "-",
-        f"{n.samples_per_s:.1f}" if n.samples_per_s else "-",
+        _number(n.share, "{:.1%}"),
+        _number(n.samples_per_s, "{:.1f}"),
         _loss(n),
         _used_peak(n),
         str(n.round),
-        f"{n.barrier_wait_s:.1f}s" if n.barrier_wait_s else "-",
-        safe_text(n.state, 16, markup=markup) + (" (asked to stop)" if n.stop_asked else ""),
+        _number(n.barrier_wait_s, "{:.1f}s"),
+        shown(n.state, 16) + (" (asked to stop)" if n.stop_asked else ""),
     ]
 
 
@@ -108,11 +114,12 @@ _RIGHT = ("share", "samples/s", "loss", "VRAM used/peak", "round")
 def render_table(st: SessionStatus) -> Table:
     """One row per node: node, device, VRAM, share, samples/s, loss (its last report), VRAM
     used/peak (RAM for a CPU node), round, barrier wait, state."""
-    table = Table(title=_title(st), caption=safe_text(st.checkpoint, 300) or None, expand=False)
+    caption = escape(shown(st.checkpoint, REASON_MAX)) if st.checkpoint else None
+    table = Table(title=escape(_title(st)), caption=caption, expand=False)
     for col in COLUMNS:
         table.add_column(col, justify="right" if col in _RIGHT else "left")
     for n in st.nodes:
-        row = _row(n)
+        row = [escape(cell) for cell in _row(n)]
         style = STATE_STYLE.get(n.state, "")
         row[-1] = f"[{style}]{row[-1]}[/]" if style else row[-1]
         table.add_row(*row)
@@ -123,28 +130,28 @@ def render_lines(st: SessionStatus, now: float | None = None) -> list[str]:
     """The same content as plain ``key=value`` log lines (for logs and non-terminals)."""
     stamp = time.strftime("%H:%M:%S", time.localtime(now if now is not None else time.time()))
     head = (
-        f"{stamp} session={st.session_id} state={st.state} round={st.round} "
-        f"epoch={min(st.epoch + 1, st.epochs)}/{st.epochs} aggregation={st.aggregation} "
-        f"nodes={len(st.nodes)}"
+        f"{stamp} session={shown(st.session_id, 32)} state={shown(st.state, 16)} "
+        f"round={st.round} epoch={min(st.epoch + 1, st.epochs)}/{st.epochs} "
+        f"aggregation={shown(st.aggregation, 16)} nodes={len(st.nodes)}"
     )
     if st.stop_reason:
-        head += f" stop={_plain(st.stop_reason)}"
+        head += f" stop={_token(st.stop_reason, REASON_MAX)}"
     out = [head]
     for n in st.nodes:
-        node, device, vram, share, rate, loss, used_peak, arrived_round, wait, _ = _row(n, False)
+        node, device, vram, share, rate, loss, used_peak, arrived_round, wait, _ = _row(n)
         out.append(
-            f"{stamp}   node={_plain(node)} device={_plain(device)} "
+            f"{stamp}   node={_token(node)} device={_token(device)} "
             f"vram={vram.replace(' ', '')} share={share} samples_per_s={rate} loss={loss} "
             f"vram_used_peak={used_peak.replace(' ', '')} round={arrived_round} "
-            f"barrier_wait={wait} state={_plain(n.state)}"
+            f"barrier_wait={wait} state={_token(n.state, 16)}"
             + (" stop_asked=yes" if n.stop_asked else "")
         )
     return out
 
 
-def _plain(text: str) -> str:
-    """One ``key=value`` token: no spaces."""
-    return safe_text(text, 200, markup=False).replace(" ", "_")
+def _token(text: str, limit: int = CELL_MAX) -> str:
+    """One ``key=value`` value: safe to show, no spaces."""
+    return shown(text, limit).replace(" ", "_")
 
 
 def render_json(st: SessionStatus) -> str:
@@ -152,4 +159,4 @@ def render_json(st: SessionStatus) -> str:
     return json.dumps(msgspec.to_builtins(st), indent=2, sort_keys=True)
 
 
-__all__ = ["COLUMNS", "render_json", "render_lines", "render_table", "safe_text"]
+__all__ = ["COLUMNS", "render_json", "render_lines", "render_table", "shown"]

@@ -1,14 +1,29 @@
-"""One round's life on the coordinator: accumulate, outer step, checkpoint, publish.
+"""One round's life on the coordinator: decode, aggregate, outer step, check, write, publish.
 
 :class:`Rounds` holds the global weights and the round being built from the uploads. The
 server hands it each upload together with the session's verdict (:meth:`Rounds.take`), and
 asks it which weights answer that upload (:meth:`Rounds.answer`); every round decision of the
-session goes through :meth:`Rounds.consider`, which completes the round when it says so:
+session goes through :meth:`Rounds.consider`, which completes the round when it says so.
 
-1. the session closes the round (no more uploads count for it),
-2. the accumulated mean (or DiLoCo's outer step from it) becomes the new global weights,
-3. the checkpoint is written (weights, outer-optimizer state, manifest), then ``state.json``,
-4. the new weights are published: every node waiting at the barrier is answered with them.
+A round's data goes through five steps, each in its own place here:
+
+1. **decode** (:meth:`Rounds.decode`): an upload's blob becomes a state dict, either the
+   node's weights or its change against the global weights (``delta``); its safetensors
+   header was already checked against the model before the body was read
+   (``boundary.UploadCheck``, :meth:`Rounds.upload_check`);
+2. **aggregate** (:meth:`Rounds.new_accumulator`): the round's contributions are combined,
+   each seen as a change against the current global weights: the exact weighted mean
+   (``aggregate.Accumulator``), or a robust combination (``robust.RobustAccumulator``:
+   trimmed mean, median, norm clip) when the session asks for one;
+3. **outer step** (:meth:`Rounds.outer_step`): ``mean`` takes the aggregate as the new
+   weights, ``diloco`` takes a Nesterov step on the pseudo-gradient;
+4. **check** (``aggregate.check_aggregate``): the new weights must be finite and within
+   ``max_change`` of the old ones; a round that fails is *not published*: the previous global
+   weights stay (and are checkpointed again as this round's), DiLoCo's momentum is not moved,
+   and the log names the cause and the nodes whose change stood out, each of which gets a
+   strike (``Session.strike``: enough of them exclude a node);
+5. **write and publish**: the checkpoint (weights, outer-optimizer state, manifest), then
+   ``state.json``; then every node waiting at the barrier is answered with the new weights.
 
 A completion that fails (disk full, out of memory) leaves the round's state uncertain: the
 listener is told (:meth:`RoundListener.failed`), and the coordinator stops rather than hang
@@ -26,10 +41,20 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
-from lightning_drift.aggregate import Accumulator, DiLoCo, from_bytes, to_bytes, validate_upload
+from lightning_drift import modelspec
+from lightning_drift.aggregate import (
+    Accumulator,
+    DiLoCo,
+    check_aggregate,
+    from_bytes,
+    to_bytes,
+    validate_upload,
+)
 from lightning_drift.checkpoint import CheckpointInfo, CheckpointStore
+from lightning_drift.coordinator.boundary import UploadCheck
 from lightning_drift.coordinator.logs import NodeRound, RoundRecord, metric_label
 from lightning_drift.coordinator.session import (
     RoundDecision,
@@ -43,10 +68,15 @@ from lightning_drift.errors import ConfigError, DriftError, SessionError
 from lightning_drift.fsutil import sha256_file
 from lightning_drift.hardware import physical_memory
 from lightning_drift.protocol import BarrierSync, Finish
+from lightning_drift.robust import RobustAccumulator, suspects
 
 log = logging.getLogger(__name__)
 
 _UNKNOWN_MEMORY = 16 << 30  # assumed when the OS will not say how much memory there is
+# A contributor of a round whose aggregate failed the check is named as its cause when its
+# change is this many times the round's median change (or more).
+SUSPECT_FACTOR = 10.0
+OPERATOR = "operator"  # the contributor of round 0 when `--init` seeded it
 
 
 @dataclass(frozen=True)
@@ -72,6 +102,9 @@ class RoundListener(Protocol):
 
     def failed(self, reason: str) -> None:
         """A round could not be completed; the coordinator must stop (see the module doc)."""
+
+    def excluded(self, node: str, reason: str) -> None:
+        """``node`` is excluded from the session: end its connection (see ``Session.strike``)."""
 
 
 class Rounds:
@@ -108,7 +141,7 @@ class Rounds:
             self.diloco = DiLoCo(lr=config.outer_lr, momentum=config.outer_momentum)
         self.current: Weights | None = None  # the published global weights
         self.global_sd: dict[str, Any] | None = None  # the same, decoded
-        self.acc: Accumulator | None = None  # the open round's sums
+        self.acc: Accumulator | RobustAccumulator | None = None  # the open round's
         self._waiters: dict[int, asyncio.Future[Weights]] = {}  # completed round -> its weights
         self._lock = asyncio.Lock()  # the accumulator and the completion take turns
         self._save_lock = asyncio.Lock()
@@ -125,6 +158,37 @@ class Rounds:
         sd, blob, info = await asyncio.to_thread(self._read_checkpoint)
         self._publish(sd, blob, info)
         log.info("checkpoint.loaded round=%d sha256=%s", info.completed_round, info.sha256[:16])
+
+    async def seed(self, path: Path) -> None:
+        """Round 0 from the operator's weights file (``--init``): they become the global
+        weights, and the model every node must train (its fingerprint is pinned).
+        ConfigError when the file is not a usable safetensors state dict."""
+        s = self.session
+        assert not s.has_weights
+        try:
+            raw = await asyncio.to_thread(Path(path).read_bytes)
+        except OSError as exc:
+            raise ConfigError(f"--init {path}: cannot read it ({exc.strerror or exc})") from None
+        try:
+            sd = await asyncio.to_thread(from_bytes, raw)
+            if not sd:
+                raise SessionError("it holds no tensors", code="bad_upload")
+            await asyncio.to_thread(validate_upload, sd, sd)
+        except SessionError as exc:
+            raise ConfigError(
+                f"--init {path} is not a usable safetensors state dict: {exc}; save the "
+                "model's state_dict() with safetensors.torch.save_file"
+            ) from None
+        fp = modelspec.state_fingerprint(sd)
+        if s.model_fingerprint and s.model_fingerprint != fp:
+            raise ConfigError(
+                f"--init {path} is another model than the session's nodes announced "
+                f"(fingerprint {fp[:12]}…, the session's {s.model_fingerprint[:12]}…)"
+            )
+        async with self._lock:
+            s.model_fingerprint = fp
+            await self._write_initial(OPERATOR, sd, {"init": str(path)})
+        self.listener.event(f"round 0: initial weights from {path} ({len(raw)} bytes)")
 
     def _read_checkpoint(self) -> tuple[Any, bytes, CheckpointInfo]:
         completed = self.session.completed
@@ -165,6 +229,34 @@ class Rounds:
         return f"the checkpoint of round {completed} in {self.store.directory} cannot be read"
 
     # ---- uploads -------------------------------------------------------------------------
+    def upload_check(self, sync: BarrierSync) -> UploadCheck:
+        """What an upload's safetensors header must show before its body is read: the global
+        weights' tensor table (the model's fingerprint before round 0)."""
+        table = modelspec.table_of(self.global_sd) if self.global_sd is not None else None
+        return UploadCheck(
+            fingerprint=self.session.model_fingerprint,
+            table=table,
+            delta=sync.delta and sync.round > 0,
+        )
+
+    def decode(self, blob: bytes) -> dict[str, Any]:
+        """(1) An upload's blob as a state dict (SessionError(bad_upload) when unreadable)."""
+        return from_bytes(blob)
+
+    def new_accumulator(self, global_sd: dict[str, Any]) -> Accumulator | RobustAccumulator:
+        """(2) What combines the next round's contributions: the exact streaming mean, or a
+        robust combination when the session asks for one (it keeps every contribution)."""
+        c = self.session.config
+        if c.robust == "off" and c.clip <= 0:
+            return Accumulator(global_sd)
+        return RobustAccumulator(global_sd, method=c.robust, trim=c.trim, clip=c.clip)
+
+    def outer_step(self, global_sd: dict[str, Any], mean: dict[str, Any]) -> dict[str, Any]:
+        """(3) The new global weights from the round's aggregate."""
+        if self.diloco is not None:
+            return self.diloco.step(global_sd, mean)
+        return mean
+
     def max_upload(self, max_model_bytes: int) -> tuple[int, str]:
         """The largest upload accepted now, and what to tell a node that sends more.
 
@@ -194,7 +286,7 @@ class Rounds:
                 return verdict
             case Verdict.OPEN:
                 try:
-                    sd = await asyncio.to_thread(from_bytes, blob)
+                    sd = await asyncio.to_thread(self.decode, blob)
                 except SessionError as exc:
                     self.reject(node, sync.round, str(exc))
                     raise
@@ -235,10 +327,21 @@ class Rounds:
         self.consider(decision)
         return verdict
 
-    def reject(self, node: str, upload_round: int, reason: str) -> None:
-        """A bad upload for ``upload_round``: the node is left out of it, which may complete."""
+    def reject(self, node: str, upload_round: int, reason: str, *, strike: bool = True) -> None:
+        """A bad upload for ``upload_round``: the node is left out of it, which may complete.
+        With ``strike`` it counts as one of the node's failed uploads."""
         self.listener.event(f"node {node[:8]} upload for round {upload_round} refused: {reason}")
         self.consider(self.session.reject(node, upload_round, reason, self.clock()))
+        if strike:
+            self.strike(node, reason)
+
+    def strike(self, node: str, reason: str) -> None:
+        """One failed upload of ``node``; the listener ends it when that excludes it."""
+        d = self.session.strike(node, reason, self.clock())
+        self.listener.event(d.reason)
+        if d.ok:
+            self.listener.excluded(node, d.reason)
+            self.consider(self.session.check(self.clock()))
 
     def _left_out(self, node: str, upload_round: int, reason: str) -> None:
         """The session left ``node`` out of the open round: it may now complete."""
@@ -268,32 +371,51 @@ class Rounds:
         return await asyncio.shield(fut)
 
     async def _adopt(self, node: str, blob: bytes) -> bool:
-        """The first start-up weights become round 0; False if another node's came first."""
+        """The first start-up weights become round 0; False if another node's came first.
+
+        They must be the model the nodes announced (the session's pinned fingerprint); its
+        header was checked before the body was read, this checks the decoded tensors."""
         async with self._lock:
             if self.session.has_weights:
                 return False
-            sd = await asyncio.to_thread(from_bytes, blob)
-            await asyncio.to_thread(validate_upload, sd, sd)
-            canon = await asyncio.to_thread(to_bytes, sd)
-            outer = None
-            if self.diloco is not None:
-                outer = await asyncio.to_thread(to_bytes, self.diloco.state_dict())
-            now = self.clock()
-            info = await asyncio.to_thread(
-                self.store.write,
-                0,
-                canon,
-                outer=outer,
-                epoch=0,
-                contributors=[(node, 1.0)],
-                now=now,
-                extra={"session": self.session.session_id},
-            )
-            self.session.initial(now)
-            await self.save_session()
-            self._publish(sd, canon, info)
-        self.listener.event(f"round 0: start-up weights from node {node[:8]} ({len(canon)} bytes)")
+            try:
+                sd = await asyncio.to_thread(self.decode, blob)
+                await asyncio.to_thread(validate_upload, sd, sd)
+                fp = modelspec.state_fingerprint(sd)
+                if fp != self.session.model_fingerprint:
+                    raise SessionError(
+                        "start-up weights are not the model the nodes announced (fingerprint "
+                        f"{fp[:12]}…, the session's {self.session.model_fingerprint[:12]}…)",
+                        code="bad_upload",
+                    )
+            except SessionError as exc:
+                self.reject(node, 0, str(exc))
+                raise
+            size = await self._write_initial(node, sd, {})
+        self.listener.event(f"round 0: start-up weights from node {node[:8]} ({size} bytes)")
         return True
+
+    async def _write_initial(self, contributor: str, sd: Any, extra: dict[str, str]) -> int:
+        """Round 0's checkpoint from ``sd``, durable and published (hold the lock)."""
+        canon = await asyncio.to_thread(to_bytes, sd)
+        outer = None
+        if self.diloco is not None:
+            outer = await asyncio.to_thread(to_bytes, self.diloco.state_dict())
+        now = self.clock()
+        info = await asyncio.to_thread(
+            self.store.write,
+            0,
+            canon,
+            outer=outer,
+            epoch=0,
+            contributors=[(contributor, 1.0)],
+            now=now,
+            extra={"session": self.session.session_id, **extra},
+        )
+        self.session.initial(now)
+        await self.save_session()
+        self._publish(sd, canon, info)
+        return len(canon)
 
     # ---- completion ----------------------------------------------------------------------
     def consider(self, decision: RoundDecision) -> None:
@@ -318,7 +440,9 @@ class Rounds:
             epoch = s.epoch
             opened = s.round_started
             t0 = time.perf_counter()
-            new_sd, blob, info = await asyncio.to_thread(self._aggregate, closing, epoch, acc)
+            new_sd, blob, info, refused = await asyncio.to_thread(
+                self._aggregate, closing, epoch, acc
+            )
             aggregation_s = time.perf_counter() - t0
             # Once the session has moved on, the next round is open and its uploads may come
             # in while the state file is written; holding the lock until the new global
@@ -334,6 +458,16 @@ class Rounds:
                 time.perf_counter() - t0,
                 info.sha256[:16],
             )
+            if refused is not None:
+                why, blamed = refused
+                names = ", ".join(n[:8] for n in blamed) or "none stands out"
+                self.listener.event(
+                    f"round {closing} not published: its aggregate {why}; the global weights "
+                    f"stay round {closing - 1}'s; contributors "
+                    f"{', '.join(n[:8] for n, _ in acc.contributors)}; suspects: {names}"
+                )
+                for node in blamed:
+                    self.strike(node, f"round {closing}'s aggregate {why}")
             if outcome.planned_epoch is not None or outcome.finished:
                 self.listener.event(outcome.reason)
             if self.record is not None:
@@ -392,20 +526,33 @@ class Rounds:
             finished=outcome.finished,
         )
 
-    def _aggregate(self, closing: int, epoch: int, acc: Accumulator):
-        """(new global state dict, its bytes, checkpoint info): the round's result, durable."""
+    def _aggregate(self, closing: int, epoch: int, acc: Accumulator | RobustAccumulator):
+        """(new global state dict, its bytes, checkpoint info, None or (why the aggregate was
+        refused, the suspects)): the round's result, durable (steps 2 to 5)."""
         assert self.global_sd is not None
         config = self.session.config
         extra = {"session": self.session.session_id, "aggregation": config.aggregation}
+        if config.robust != "off" or config.clip > 0:
+            extra["robust"] = f"{config.robust} clip={config.clip:g}"
+        refused = None
         if acc.total_weight <= 0:
             # Every contributor trained nothing this round: the weights carry over unchanged
             # (and DiLoCo takes no outer step, so its momentum does not move them either).
             new_sd = self.global_sd
             extra["unchanged"] = "no samples trained this round"
-        elif self.diloco is not None:
-            new_sd = self.diloco.step(self.global_sd, acc.mean())
         else:
-            new_sd = acc.mean()
+            momentum = self.diloco.state_dict() if self.diloco is not None else None
+            new_sd = self.outer_step(self.global_sd, acc.mean())
+            why = check_aggregate(self.global_sd, new_sd, config.max_change)
+            if why is not None:
+                # Not published: the previous weights stay, and so does DiLoCo's momentum.
+                if self.diloco is not None and momentum is not None:
+                    self.diloco.load_state_dict(momentum)
+                blamed = suspects(acc.norms, SUSPECT_FACTOR)
+                refused = (why, blamed)
+                new_sd = self.global_sd
+                extra["unchanged"] = f"aggregate refused: {why}"
+                extra["suspects"] = ",".join(blamed)
         outer = to_bytes(self.diloco.state_dict()) if self.diloco is not None else None
         blob = to_bytes(new_sd)
         info = self.store.write(
@@ -417,7 +564,7 @@ class Rounds:
             now=self.clock(),
             extra=extra,
         )
-        return new_sd, blob, info
+        return new_sd, blob, info, refused
 
     def _publish(self, sd: Any, blob: bytes, info: CheckpointInfo) -> None:
         """``sd`` (the checkpoint ``info``, bytes ``blob``) is now the global weights."""
@@ -430,7 +577,7 @@ class Rounds:
             str(info.path),
             self.session.finished,
         )
-        self.acc = Accumulator(sd)
+        self.acc = self.new_accumulator(sd)
         # Everyone waiting for these weights (or older ones) gets them now.
         for waited in [r for r in self._waiters if r <= info.completed_round]:
             fut = self._waiters.pop(waited)

@@ -8,9 +8,20 @@ decisions become frames. An upload goes from its stream to the session (its verd
 with the weights the rounds publish; the rounds own everything from the accumulator to the
 checkpoint and the published weights.
 
-A misbehaving peer costs only its own connection: garbage gets an ``Error`` frame and the
-connection is dropped; a bad upload gets an ``Error`` on its barrier stream and is excluded
-from the round, never touching the global weights.
+Every frame from a node passes the trust boundary (``boundary.py``) before the session, the
+rounds or a log line sees it. A misbehaving peer costs only its own connection: garbage gets
+an ``Error`` frame and the connection is dropped; a bad upload gets an ``Error`` on its
+barrier stream and is excluded from the round, never touching the global weights.
+
+Admission comes before resources. An upload gets the session's verdict from its
+``BarrierSync`` alone; only an upload that counts (round 0's first, or one for the open round)
+is read into memory, one per node at a time, its safetensors header checked against the model
+before its body is read and its buffer sized from that; an upload that does not count is read
+and thrown away. Every upload must keep arriving at ``min_upload_rate`` bytes/s. Only decoding
+and accumulating take one of the ``max_uploads`` slots, so a slow sender holds none.
+
+Revocation: the ticker notices ``drift-coord revoke`` rewriting ``tokens.json`` and closes the
+connections (nodes and observers) of the revoked token.
 
 Entry point: :class:`Coordinator` (``start`` / ``run`` / ``stop`` / ``close``).
 """
@@ -27,8 +38,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lightning_drift.auth import Claims, TokenVerifier
+from lightning_drift.auth import Claims, TokenStore, TokenVerifier
 from lightning_drift.checkpoint import CheckpointStore
+from lightning_drift.coordinator import boundary
 from lightning_drift.coordinator.config import ServeOptions, SessionConfig
 from lightning_drift.coordinator.logs import SessionLog
 from lightning_drift.coordinator.rounds import Rounds
@@ -41,8 +53,10 @@ from lightning_drift.errors import (
     PeerLost,
     ProtocolError,
     SessionError,
+    TooSlow,
 )
 from lightning_drift.protocol import (
+    MAX_FRAME,
     BarrierReady,
     BarrierSync,
     Bye,
@@ -56,19 +70,23 @@ from lightning_drift.protocol import (
     StopDecision,
     StopRequest,
     TrainProgress,
+    encode,
 )
 from lightning_drift.transport import Connection, Endpoint, Stream
 
 log = logging.getLogger(__name__)
 
+STATUS_NODES_MAX = 256  # members listed in a SessionStatus (live ones first)
+
 
 class NodeConn:
     """One node's connection and its control stream (sends serialized by a lock)."""
 
-    def __init__(self, node: str, conn: Connection, control: Stream) -> None:
+    def __init__(self, node: str, conn: Connection, control: Stream, token: str = "") -> None:
         self.node = node
         self.conn = conn
         self.control = control
+        self.token = token  # the jti it joined with
         self.lock = asyncio.Lock()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.uploading = False
@@ -113,6 +131,9 @@ class Coordinator:
         self.node_token = ""
         self.observer_token = ""
         self.conns: dict[str, NodeConn] = {}
+        self.observers: dict[int, tuple[Connection, str]] = {}  # id -> (conn, jti)
+        self._uploading: set[str] = set()  # nodes with an upload being received
+        self._tokens_seen: tuple[int, int] | None = None  # tokens.json (mtime_ns, size)
         self.pending_shards: dict[str, int] = {}
         self.events: list[str] = []  # recent decisions and membership changes, for the view
         self._upload_sem = asyncio.Semaphore(options.max_uploads)
@@ -160,6 +181,16 @@ class Coordinator:
             record=self.session_log.log_round,
         )
         await self.rounds.load()
+        if self.options.init is not None:
+            if self.session.has_weights:
+                log.warning(
+                    "init.ignored path=%s reason=the session already has global weights (round %d)",
+                    self.options.init,
+                    self.session.completed,
+                )
+            else:
+                await self.rounds.seed(self.options.init)
+        self._tokens_seen = self._tokens_stamp()
         self.verifier = TokenVerifier(
             identity.public_key, self.session.session_id, self.state.tokens().revoked()
         )
@@ -249,17 +280,37 @@ class Coordinator:
             log.error("task.failed error=%r", task.exception(), exc_info=task.exception())
 
     def status(self) -> SessionStatus:
+        """The session for observers: never over the frame limit (live members first, at
+        most :data:`STATUS_NODES_MAX` of them; every string was bounded where it came in)."""
         current = self.rounds.current
         st = self.session.status(self.clock(), current.path if current else "")
+        st.nodes.sort(key=lambda n: n.state in ("lost", "left", "excluded"))
+        del st.nodes[STATUS_NODES_MAX:]
         st.lightning_config = self.config.lightning_config
+        while len(encode(st)) > MAX_FRAME - 1024 and st.nodes:
+            del st.nodes[len(st.nodes) // 2 :]
+        if len(encode(st)) > MAX_FRAME - 1024:
+            st.lightning_config = ""  # the operator's YAML alone is too large to show
         return st
 
     # ---- what the rounds tell (RoundListener) ----------------------------------------------
     def event(self, text: str) -> None:
         """Log a decision or membership change and keep it for the view."""
+        text = boundary.clean_text(text, 4 * boundary.TEXT_MAX)
         log.info("%s", text)
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
         del self.events[:-50]
+
+    def excluded(self, node: str, reason: str) -> None:
+        """``node`` is excluded: tell it why and end its connection."""
+        nc = self.conns.pop(node, None)
+        self.pending_shards.pop(node, None)
+        if nc is not None:
+            self.event(
+                f"node {node[:8]} disconnected: excluded; it joined with token {nc.token} "
+                f"(`drift-coord revoke {nc.token}` keeps its holder out under any key)"
+            )
+            self._spawn(_refuse(nc.conn, nc.control, "excluded", reason))
 
     def round_completed(self, outcome: RoundOutcome) -> None:
         self._serve_pending_shards()
@@ -292,14 +343,17 @@ class Coordinator:
             stream = await asyncio.wait_for(conn.accept_stream(), t)
             join = await asyncio.wait_for(stream.recv(), t)
         except ProtocolError as exc:
-            log.info("handshake.garbage peer=%s error=%s", conn.remote_hex[:8], exc)
+            log.info(
+                "handshake.garbage peer=%s error=%s", conn.remote_hex[:8], boundary.clean_text(exc)
+            )
             if stream is None:  # no stream to answer on
                 conn.close(1, "protocol")
             else:
                 await _refuse(conn, stream, "protocol", str(exc))
             return
         except (asyncio.TimeoutError, DriftError) as exc:
-            log.info("handshake.dropped peer=%s error=%r", conn.remote_hex[:8], exc)
+            why = boundary.clean_text(repr(exc))
+            log.info("handshake.dropped peer=%s error=%s", conn.remote_hex[:8], why)
             conn.close(1, "no Join")
             return
         try:
@@ -316,6 +370,7 @@ class Coordinator:
         if not isinstance(join, Join):
             await _refuse(conn, stream, "protocol", f"expected Join, got {type(join).__name__}")
             return
+        join = boundary.join(join)
         now = self.clock()
         for jti in self.state.tokens().revoked():  # `drift-coord revoke` writes the file
             self.verifier.revoke(jti)
@@ -328,7 +383,11 @@ class Coordinator:
             except AuthError as why:  # a member: what else is wrong with its token
                 refusal, member = why, None
             if member is None:
-                log.info("join.refused peer=%s reason=%s", conn.remote_hex[:8], refusal)
+                log.info(
+                    "join.refused peer=%s reason=%s",
+                    conn.remote_hex[:8],
+                    boundary.clean_text(refusal),
+                )
                 await _refuse(conn, stream, "auth", str(refusal))
                 return
             claims = member
@@ -337,16 +396,21 @@ class Coordinator:
                 conn,
                 stream,
                 "auth",
-                f"Join.node_key {join.node_key[:16]}… is not the connection's key "
-                f"{conn.remote_hex[:16]}…",
+                f"Join.node_key {boundary.clean_text(join.node_key, 16)}… is not the "
+                f"connection's key {conn.remote_hex[:16]}…",
             )
             return
         if claims.role == "observer" or join.observe:
-            await self._observer(conn, stream)
+            self.observers[id(conn)] = (conn, claims.jti)
+            try:
+                await self._observer(conn, stream)
+            finally:
+                self.observers.pop(id(conn), None)
             return
         node = conn.remote_hex
-        d = self.session.join(node, join.name, now)
+        d = self.session.join(node, join.name, now, token=claims.jti)
         if not d.ok:
+            self.event(f"node {node[:8]} refused ({d.code}, token {claims.jti}): {d.reason}")
             await _refuse(conn, stream, d.code, d.reason)
             return
         self.event(d.reason)
@@ -354,7 +418,8 @@ class Coordinator:
         await stream.send(Ping(session_id=self.session.session_id, nonce=nonce))
         info = await asyncio.wait_for(stream.recv(), self.options.handshake_timeout_s)
         if isinstance(info, Error):
-            self.session.lost(node, f"refused handshake: {info.code}", self.clock(), left=True)
+            code = boundary.clean_text(info.code, boundary.CODE_MAX)
+            self.session.lost(node, f"refused handshake: {code}", self.clock(), left=True)
             conn.close(0, "")
             return
         if not isinstance(info, NodeInfo) or info.nonce != nonce:
@@ -362,6 +427,16 @@ class Coordinator:
             what = "NodeInfo with the Ping's nonce"
             await _refuse(conn, stream, "protocol", f"expected {what}, got {type(info).__name__}")
             return
+        try:
+            raw, info = info, boundary.node_info(info)
+        except boundary.BadInput as exc:
+            self.session.lost(node, str(exc), self.clock(), left=True)
+            self.event(f"node {node[:8]} refused: {exc}")
+            await _refuse(conn, stream, exc.code, str(exc))
+            return
+        changed = boundary.bounded(raw, info)
+        if changed:
+            self.event(f"node {node[:8]} NodeInfo bounded: {', '.join(changed)}")
         d = self.session.admit(node, info, self.clock())
         if not d.ok:
             self.session.lost(node, d.reason, self.clock(), left=True)
@@ -371,7 +446,7 @@ class Coordinator:
         old = self.conns.get(node)
         if old is not None:
             old.conn.close(0, "replaced by a newer connection of the same node")
-        nc = NodeConn(node, conn, stream)
+        nc = NodeConn(node, conn, stream, claims.jti)
         self.conns[node] = nc
         reason = "connection closed"
         try:
@@ -425,17 +500,22 @@ class Coordinator:
             if isinstance(msg, Ping):
                 continue
             if isinstance(msg, TrainProgress):
-                s.progress(nc.node, msg, now)
+                clean = boundary.progress(msg)
+                if log.isEnabledFor(logging.DEBUG) and (changed := boundary.bounded(msg, clean)):
+                    log.debug("progress.bounded node=%s %s", nc.node[:8], ", ".join(changed))
+                s.progress(nc.node, clean, now)
             elif isinstance(msg, StopRequest):
-                await self._stop_request(nc, msg)
+                await self._stop_request(nc, boundary.stop_request(msg))
             elif isinstance(msg, ShardRequest):
-                await self._shard(nc, msg.epoch)
+                await self._shard(nc, boundary.shard_request(msg).epoch)
             elif isinstance(msg, StatusRequest):
                 await nc.send(self.status())
             elif isinstance(msg, Bye):
-                return f"bye: {msg.reason}" if msg.reason else "bye"
+                reason = boundary.peer_text(msg.reason)
+                return f"bye: {reason}" if reason else "bye"
             elif isinstance(msg, Error):
-                return f"node error {msg.code}: {msg.message}"
+                code = boundary.clean_text(msg.code, boundary.CODE_MAX)
+                return f"node error {code}: {boundary.peer_text(msg.message)}"
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} on the control stream")
 
@@ -508,38 +588,27 @@ class Coordinator:
 
     async def _barrier(self, nc: NodeConn, stream: Stream) -> None:
         node = nc.node
+        o = self.options
+        sync: BarrierSync | None = None
         try:
-            sync = await stream.recv()
-            if not isinstance(sync, BarrierSync):
-                raise ProtocolError(f"a barrier stream starts with BarrierSync, not {sync}")
-            if nc.uploading:
-                raise ProtocolError("one barrier upload at a time per node")
-            nc.uploading = True
-            try:
-                async with self._upload_sem:
-                    # A peer that stops sending mid-blob must not hold an upload slot
-                    # forever: past the limit the stream is abandoned (not resumed).
-                    limit, hint = self.rounds.max_upload(self.options.max_model_bytes)
-                    _, blob = await asyncio.wait_for(
-                        stream.recv_blob(max_size=limit, limit_hint=hint),
-                        self.options.upload_timeout_s,
-                    )
-                    assert isinstance(blob, bytes)
-                    verdict = await self._take_upload(node, sync, blob)
-                    del blob
-            except asyncio.TimeoutError:
+            # A stream that never says what it is must not linger (no read timeouts inside
+            # a stream: on timeout it is abandoned).
+            first = await asyncio.wait_for(stream.recv(), o.handshake_timeout_s)
+            if not isinstance(first, BarrierSync):
                 raise ProtocolError(
-                    f"upload not received within {self.options.upload_timeout_s:g} s"
-                ) from None
-            except BlobTooLarge as exc:
-                # Refused from its header: stop the peer's sending at once, answer why, and
-                # keep the connection (the node may have a smaller model to offer).
-                await stream.stop_reading()
-                if sync.round > 0:
-                    self.rounds.reject(node, sync.round, str(exc))
-                raise SessionError(str(exc), "too_large") from None
-            finally:
-                nc.uploading = False
+                    f"a barrier stream starts with BarrierSync, not {type(first).__name__}"
+                )
+            sync = boundary.barrier_sync(first)
+            if changed := boundary.bounded(first, sync):
+                log.info("barrier.bounded node=%s %s", node[:8], ", ".join(changed))
+            verdict = self._verdict(node, sync)  # before any byte of the blob is read
+            if verdict.kind in (Verdict.INITIAL, Verdict.OPEN):
+                verdict = await self._receive_upload(nc, stream, sync)
+            else:
+                limit, _ = self.rounds.max_upload(o.max_model_bytes)
+                await stream.drain_blob(
+                    max_size=limit, min_rate=o.min_upload_rate, grace_s=o.upload_grace_s
+                )
             w = await self.rounds.answer(verdict, sync.round)
             await stream.send(
                 BarrierReady(
@@ -556,30 +625,82 @@ class Coordinator:
             )
             await stream.send_blob(w.blob, kind="weights", sha256=w.sha256)
             await stream.finish()
+        except BlobTooLarge as exc:
+            # Refused from its header: stop the peer's sending at once, answer why, and keep
+            # the connection (the node may have a smaller model to offer).
+            await stream.stop_reading()
+            if sync is not None and sync.round > 0:
+                self.rounds.reject(node, sync.round, str(exc))
+            await _answer_error(stream, "too_large", str(exc))
+        except TooSlow as exc:
+            why = f"upload {exc}: this coordinator's --min-upload-rate; a faster link helps"
+            if sync is not None and sync.round > 0:
+                self.rounds.reject(node, sync.round, why, strike=False)
+            else:
+                self.event(f"node {node[:8]} upload dropped: {why}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stream.stop_reading(), 2)
+            await _answer_error(stream, "too_slow", why)
         except SessionError as exc:
-            with contextlib.suppress(DriftError):
-                await stream.send(Error(code=exc.code, message=str(exc)))
-                await stream.finish()
-        except ProtocolError as exc:
-            with contextlib.suppress(DriftError):
-                await stream.send(Error(code="protocol", message=str(exc)))
-            nc.conn.close(1, "protocol error")
+            await stream.stop_reading()
+            await _answer_error(stream, exc.code, str(exc))
+        except (ProtocolError, asyncio.TimeoutError) as exc:
+            why = str(exc) or "no BarrierSync on a barrier stream in time"
+            self.event(f"node {node[:8]} dropped: protocol error on a barrier stream: {why}")
+            await _refuse(nc.conn, stream, "protocol", why)
         except PeerLost:
             pass
         except Exception as exc:  # a bug must not leave the node waiting on this stream
             log.exception("barrier.failed node=%s", node[:8])
-            with contextlib.suppress(DriftError):
-                await stream.send(Error(code="internal", message=f"coordinator error: {exc!r}"))
-                await stream.finish()
+            await _answer_error(stream, "internal", f"coordinator error: {exc!r}")
 
-    async def _take_upload(self, node: str, sync: BarrierSync, blob: bytes) -> UploadVerdict:
-        """The session's verdict on one upload, acted on by the rounds: the verdict to answer
-        by. SessionError for a refusal or a bad upload."""
+    def _verdict(self, node: str, sync: BarrierSync) -> UploadVerdict:
+        """The session's verdict on an upload from its BarrierSync alone; SessionError for a
+        refusal."""
         base = sync.base_round if sync.delta else -1
         verdict = self.session.upload(node, sync.round, self.clock(), base_round=base)
         if verdict.kind is Verdict.REFUSE:
             raise SessionError(verdict.reason, verdict.code)
-        return await self.rounds.take(node, sync, blob, verdict)
+        return verdict
+
+    async def _receive_upload(
+        self, nc: NodeConn, stream: Stream, sync: BarrierSync
+    ) -> UploadVerdict:
+        """Read an upload that counts and hand it to the rounds: one at a time per node, its
+        header checked before its body, at the minimum byte rate; decoding and accumulating
+        in one of the ``max_uploads`` slots."""
+        node = nc.node
+        o = self.options
+        if node in self._uploading:
+            raise ProtocolError("one barrier upload at a time per node")
+        self._uploading.add(node)
+        try:
+            limit, hint = self.rounds.max_upload(o.max_model_bytes)
+            _, blob = await stream.recv_blob(
+                max_size=limit,
+                limit_hint=hint,
+                inspect=self.rounds.upload_check(sync),
+                min_rate=o.min_upload_rate,
+                grace_s=o.upload_grace_s,
+            )
+            assert isinstance(blob, bytes)
+        except SessionError as exc:
+            # Refused from its first bytes: the node is left out (and gets a strike).
+            await stream.stop_reading()
+            self.rounds.reject(node, sync.round, str(exc))
+            raise
+        finally:
+            self._uploading.discard(node)
+        async with self._upload_sem:
+            verdict = await self._take_upload(node, sync, blob)
+        del blob
+        return verdict
+
+    async def _take_upload(self, node: str, sync: BarrierSync, blob: bytes) -> UploadVerdict:
+        """The session's verdict on one upload now that it is here (the round may have moved
+        on while it arrived), acted on by the rounds: the verdict to answer by. SessionError
+        for a refusal or a bad upload."""
+        return await self.rounds.take(node, sync, blob, self._verdict(node, sync))
 
     def _finish(self) -> None:
         self.finished_at = self.clock()
@@ -612,11 +733,50 @@ class Coordinator:
                 if nc is not None:
                     nc.conn.close(2, "heartbeat timeout")
             self.rounds.consider(d)
+            stamp = self._tokens_stamp()
+            if stamp != self._tokens_seen:
+                self._tokens_seen = stamp
+                self._revocations()
             if now - self._last_ping >= self.config.heartbeat_s:
                 self._last_ping = now
                 ping = Ping(session_id=self.session.session_id, nonce=f"hb{int(now)}")
                 for nc in list(self.conns.values()):
                     self._spawn(nc.send(ping))
+
+    def _tokens_stamp(self) -> tuple[int, int] | None:
+        """What tells that ``tokens.json`` changed (``drift-coord revoke`` rewrites it)."""
+        try:
+            st = TokenStore.file(self.state.path).stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _revocations(self) -> None:
+        """Re-read the revoked tokens and close every open connection that joined with one."""
+        try:
+            revoked = self.state.tokens().revoked()
+        except AuthError as exc:
+            log.warning("tokens.unreadable error=%s", exc)
+            return
+        for jti in revoked:
+            self.verifier.revoke(jti)
+        why = "token revoked: ask the coordinator for a new one"
+        for nc in list(self.conns.values()):
+            if nc.token in revoked:
+                self.event(f"node {nc.node[:8]} disconnected: its token {nc.token} was revoked")
+                self._spawn(_refuse(nc.conn, nc.control, "auth", why))
+        for key, (conn, jti) in list(self.observers.items()):
+            if jti in revoked:
+                self.observers.pop(key, None)
+                log.info("observer.revoked peer=%s jti=%s", conn.remote_hex[:8], jti)
+                conn.close(1, "auth")
+
+
+async def _answer_error(stream: Stream, code: str, message: str) -> None:
+    """Answer a barrier stream with an Error and end it (the connection stays)."""
+    with contextlib.suppress(DriftError):
+        await stream.send(Error(code=code, message=message))
+        await stream.finish()
 
 
 async def _refuse(conn: Connection, stream: Stream, code: str, message: str) -> None:

@@ -22,13 +22,25 @@ passed and a quorum has arrived. The deadline adapts to measured pace::
 
     deadline = round start + max(floor, margin × max over missing nodes of (work / pace))
 
-    pace = the node's last measured samples/s, or, while it has not reported one, the
-           scheduler's estimate ``Scheduler.score(node)`` from its calibration (in samples/s
-           once some node of the session is measured; see ``scheduler.py``)
+    pace = the node's pace as the coordinator measured it (its *vouched* rate: the samples
+           of its last uploads, at most one round's work of its assignment, over the time from
+           the round's start to the upload's arrival); before its first upload, the rate it
+           reports (``TrainProgress``), else the scheduler's estimate ``Scheduler.score(node)``
+           from its calibration (in samples/s once some node of the session is measured; see
+           ``scheduler.py``); never below ``1 / PACE_FACTOR`` of the session's median vouched
+           rate, nor, for a self-report, above ``PACE_FACTOR`` times it
 
-So a node that heartbeats but never reports a rate cannot hold rounds open forever. Only when
-some missing node has neither a measured rate nor an estimate is there no deadline: only the
-heartbeat timeout can drop a node then.
+So a node that heartbeats but never reports a rate, or reports a tiny one, cannot hold rounds
+open forever. Only when some missing node has neither a pace nor an estimate and nothing at all
+is measured is there no deadline: only the heartbeat timeout can drop a node then.
+
+Trust. Every message reaches the session through ``boundary.py``: numbers finite and in range,
+strings clean. What a node says about itself is still only believed within bounds: the rates it
+reports within ``PACE_FACTOR`` of its vouched rate (the scheduler plans from vouched rates
+only), its calibration within ``PACE_FACTOR`` of the session's median (``scheduler.py``).
+Membership is capped (``max_nodes`` live nodes, ``max_nodes_per_token`` per token), members
+that are gone are forgotten after ``forget_after_s``, and a node whose uploads fail
+``max_strikes`` times is excluded for good (its key is refused from then on).
 
 After a coordinator restart (:meth:`Session.from_dict`) the open round's clock starts a
 reconnect grace of ``heartbeat_timeout`` after the restore: nodes first have to notice the
@@ -57,6 +69,7 @@ from typing import Any
 
 import msgspec
 
+from lightning_drift.coordinator.boundary import PACE_FACTOR, bound_rate, finite
 from lightning_drift.coordinator.config import SessionConfig, StopPolicy
 from lightning_drift.protocol import (
     NodeInfo,
@@ -67,6 +80,7 @@ from lightning_drift.protocol import (
     TrainConfig,
     TrainProgress,
 )
+from lightning_drift.robust import lower_median
 from lightning_drift.scheduler import (
     EpochPlan,
     Scheduler,
@@ -86,10 +100,13 @@ class MemberState(enum.Enum):
     BARRIER = "barrier"  # its upload for the open round is counted
     LOST = "lost"  # heartbeat timeout or connection gone
     LEFT = "left"  # said Bye, or was refused at the handshake
+    EXCLUDED = "excluded"  # its uploads failed too often: its key is refused from now on
 
 
 LIVE = frozenset({MemberState.JOINED, MemberState.READY, MemberState.TRAINING, MemberState.BARRIER})
-GONE = frozenset({MemberState.LOST, MemberState.LEFT})
+GONE = frozenset({MemberState.LOST, MemberState.LEFT, MemberState.EXCLUDED})
+BANNED_MAX = 4096  # excluded keys remembered (the oldest are forgotten first)
+ELAPSED_MIN = 0.1  # seconds: the shortest round time a vouched rate is measured over
 
 
 @dataclass(frozen=True)
@@ -213,7 +230,11 @@ class Member:
     last_seen: float = 0.0
     device: str = ""
     vram_total: int = 0
-    rate: float = 0.0  # last measured samples/s
+    rate: float = 0.0  # samples/s it reports, bounded by ``vouched`` (shown in the status)
+    vouched: float = 0.0  # samples/s the coordinator measured from its uploads' arrivals
+    token: str = ""  # the jti of the token it joined with
+    strikes: int = 0  # failed uploads
+    gone_at: float = 0.0  # when it became lost, left or excluded
     arrived_round: int = 0  # the last round this node's upload counted in
     barrier_since: float | None = None
     barrier_wait: float = 0.0  # how long it waited at its last completed barrier
@@ -262,6 +283,7 @@ class Session:
         self.stop_requests: dict[str, str] = {}  # live node -> why it asked to stop
         self.stop_round: int | None = None  # the final round, once a stop is decided
         self.stop_reason = ""
+        self.banned: dict[str, str] = {}  # excluded node -> why (its Joins are refused)
 
     # ---- derived state -------------------------------------------------------------------
     @property
@@ -315,10 +337,14 @@ class Session:
         sch = self.scheduler
         factor: float | None = None
         factor_known = False  # computed at most once per call, and only when needed
+        ref = self.reference_rate()
+        floor = ref / PACE_FACTOR if ref is not None else 0.0
         for node in missing:
             m = self.members.get(node)
-            if m is not None and m.rate > 0:
-                rate = m.rate
+            if m is not None and m.vouched > 0:
+                rate = max(m.vouched, floor)
+            elif m is not None and m.rate > 0:
+                rate = max(bound_rate(m.rate, ref), floor)
             else:
                 if not factor_known and sch is not None:
                     factor, factor_known = sch.measured_factor(), True
@@ -328,9 +354,11 @@ class Session:
                     else 0.0
                 )
                 if not (math.isfinite(est) and est > 0):
-                    unknown.append(node)
-                    continue
-                rate = est
+                    if floor <= 0:
+                        unknown.append(node)
+                        continue
+                    est = floor
+                rate = max(est, floor)
                 estimated.append(node)
             a = self.assignments[node]
             work = (a.stop - a.start) / max(1, a.rounds)
@@ -340,6 +368,10 @@ class Session:
         c = self.config
         dl = self.round_started + max(c.deadline_floor, c.deadline_margin * longest)
         return dl, estimated, unknown
+
+    def reference_rate(self) -> float | None:
+        """The session's median vouched rate (samples/s) over members measured so far."""
+        return lower_median(m.vouched for m in self.members.values() if m.vouched > 0)
 
     def weight_for(self, node: str, samples: int) -> float:
         """The aggregation weight of ``node``'s upload reporting ``samples``.
@@ -354,26 +386,63 @@ class Session:
         return float(max(0, min(int(samples), max(0, cap))))
 
     # ---- membership events ---------------------------------------------------------------
-    def join(self, node: str, name: str, now: float) -> Decision:
-        """A Join with a valid token whose QUIC peer key is ``node``."""
+    def join(self, node: str, name: str, now: float, token: str = "") -> Decision:
+        """A Join with a valid token (jti ``token``) whose QUIC peer key is ``node``.
+
+        Refused: an excluded node (``excluded``), and a node over the caps on live members
+        (``max_nodes``, ``max_nodes_per_token``: ``too_many_nodes``). ``name`` is made unique
+        among the members (``name#2``, ...)."""
         m = self.members.get(node)
+        if node in self.banned:
+            return Decision(
+                False,
+                f"node {_short(node)} is excluded from this session: {self.banned[node]}",
+                "excluded",
+            )
+        others = [x for n, x in self.members.items() if n != node and x.live()]
+        c = self.config
+        if not self.finished and len(others) >= c.max_nodes:
+            return Decision(
+                False,
+                f"the session has its maximum of {c.max_nodes} live nodes (--max-nodes); try "
+                "again when one leaves",
+                "too_many_nodes",
+            )
+        if (
+            not self.finished
+            and token
+            and c.max_nodes_per_token <= sum(1 for x in others if x.token == token)
+        ):
+            return Decision(
+                False,
+                f"token {token} already has {c.max_nodes_per_token} live nodes "
+                "(--max-nodes-per-token); ask the coordinator for a token of your own",
+                "too_many_nodes",
+            )
+        name = self._unique_name(node, name)
         if self.finished:
             # Nothing left to train, but a node that comes back late (resumed from its own
             # checkpoint, or cut off at the very end) may still fetch the final weights with a
             # start-up sync; its shard request is then answered with Finish.
             if m is None:
-                self.members[node] = Member(node=node, name=name, joined_at=now, last_seen=now)
+                self.members[node] = Member(
+                    node=node, name=name, joined_at=now, last_seen=now, token=token
+                )
                 m = self.members[node]
-            m.state, m.last_seen = MemberState.LEFT, now
+            m.state, m.last_seen, m.gone_at = MemberState.LEFT, now, now
             return Decision(True, "the session has finished: the node may fetch the final weights")
         if m is None:
-            self.members[node] = Member(node=node, name=name, joined_at=now, last_seen=now)
+            self.members[node] = Member(
+                node=node, name=name, joined_at=now, last_seen=now, token=token
+            )
             return Decision(True, f"node {_short(node)} joined")
         was = m.state
         m.name = name or m.name
         m.last_seen = now
+        m.joined_at = now
         m.state = MemberState.JOINED
         m.reason = ""
+        m.token = token or m.token
         if was in GONE:
             return Decision(True, f"node {_short(node)} rejoined (was {was.value})")
         return Decision(True, f"node {_short(node)} reconnected (was {was.value})")
@@ -391,9 +460,7 @@ class Session:
                 f"{self.dataset_size}; use the same dataset as the other nodes",
                 "dataset_mismatch",
             )
-        if info.dataset_size <= 0:
-            return Decision(False, "NodeInfo.dataset_size must be > 0", "dataset_mismatch")
-        if self.model_fingerprint and info.model_fingerprint not in ("", self.model_fingerprint):
+        if self.model_fingerprint and info.model_fingerprint != self.model_fingerprint:
             return Decision(
                 False,
                 "the model's parameter names, shapes or dtypes differ from the session's "
@@ -437,7 +504,7 @@ class Session:
         m.vram_used = max(0, msg.vram_used)
         m.vram_peak = max(m.vram_peak, msg.vram_peak, m.vram_used)
         if msg.samples_per_s > 0:
-            self._observe(m, msg.samples_per_s)
+            m.rate = bound_rate(msg.samples_per_s, m.vouched or self.reference_rate())
 
     def lost(self, node: str, reason: str, now: float, *, left: bool = False) -> Decision:
         """The node's connection is gone (or it said Bye): exclude it from the rounds."""
@@ -446,6 +513,7 @@ class Session:
             return Decision(False, f"node {_short(node)} was not live")
         m.state = MemberState.LEFT if left else MemberState.LOST
         m.reason = reason
+        m.gone_at = now
         m.barrier_since = None
         self.stop_requests.pop(node, None)
         a = self.assignments.get(node)
@@ -487,7 +555,56 @@ class Session:
                 gone.append((node, reason))
         for node, reason in gone:
             self.lost(node, reason, now)
+        self.forget(now)
         return gone, self.check(now)
+
+    def forget(self, now: float) -> list[str]:
+        """Drop members gone for longer than ``forget_after_s`` (and the oldest gone ones
+        beyond ``max_nodes`` of them) from the members, the status and the scheduler; returns
+        them. A forgotten node that comes back joins as a new one (an excluded one stays
+        refused)."""
+        gone = sorted((m.gone_at, n) for n, m in self.members.items() if m.state in GONE)
+        drop = [n for t, n in gone if now - t > self.config.forget_after_s]
+        keep = [n for _, n in gone if n not in drop]
+        drop += keep[: max(0, len(keep) - self.config.max_nodes)]
+        for n in drop:
+            del self.members[n]
+            self.admitted.discard(n)
+            if self.scheduler is not None:
+                self.scheduler.forget(n)
+        return drop
+
+    def strike(self, node: str, reason: str, now: float) -> Decision:
+        """One of ``node``'s uploads failed (refused as bad, or named as the cause of a round
+        whose aggregate failed). ``ok`` when this excluded the node from the session: it
+        leaves the open round and its key is refused from now on."""
+        m = self.members.get(node)
+        if m is None:
+            return Decision(False, f"node {_short(node)} is not a member")
+        m.strikes += 1
+        limit = self.config.max_strikes
+        if m.strikes < limit or m.state is MemberState.EXCLUDED:
+            return Decision(False, f"node {_short(node)}: failed upload {m.strikes}/{limit}")
+        why = f"{m.strikes} failed uploads, the last: {reason}"
+        if m.live():
+            self.lost(node, why, now, left=True)
+        m.state, m.reason, m.gone_at = MemberState.EXCLUDED, why, now
+        self.banned[node] = why
+        while len(self.banned) > BANNED_MAX:
+            del self.banned[next(iter(self.banned))]
+        return Decision(True, f"node {_short(node)} excluded: {why}", "excluded")
+
+    def _unique_name(self, node: str, name: str) -> str:
+        """``name``, or ``name#k`` with the smallest k ≥ 2 no other member uses."""
+        if not name:
+            return name
+        taken = {m.name for n, m in self.members.items() if n != node}
+        if name not in taken:
+            return name
+        k = 2
+        while f"{name}#{k}" in taken:
+            k += 1
+        return f"{name}#{k}"
 
     # ---- shards and epochs ---------------------------------------------------------------
     def maybe_plan(self, now: float) -> int | None:
@@ -671,8 +788,9 @@ class Session:
             m.arrived_round = upload_round
             m.barrier_since = now
             m.samples = samples
+            self._vouch(m, samples, now)
             if train_s > 0 and samples > 0:
-                self._observe(m, samples / train_s)
+                m.rate = bound_rate(samples / train_s, m.vouched or self.reference_rate())
         return self.check(now)
 
     def reject(self, node: str, upload_round: int, reason: str, now: float) -> RoundDecision:
@@ -895,7 +1013,7 @@ class Session:
                     device=m.device,
                     vram_total=m.vram_total,
                     share=a.share if a is not None else 0.0,
-                    samples_per_s=m.rate,
+                    samples_per_s=finite(m.rate),
                     round=m.arrived_round,
                     state=m.state.value,
                     barrier_wait_s=wait,
@@ -943,6 +1061,10 @@ class Session:
                     "device": m.device,
                     "vram_total": m.vram_total,
                     "rate": m.rate,
+                    "vouched": m.vouched,
+                    "token": m.token,
+                    "strikes": m.strikes,
+                    "gone_at": m.gone_at,
                     "round": m.arrived_round,
                     "joined_at": m.joined_at,
                     "reason": m.reason,
@@ -950,6 +1072,7 @@ class Session:
                 for n, m in self.members.items()
             },
             "admitted": sorted(self.admitted),
+            "banned": dict(self.banned),
             "scheduler": None if self.scheduler is None else self.scheduler.to_dict(),
             "stop": {
                 "requests": dict(self.stop_requests),
@@ -991,6 +1114,7 @@ class Session:
         s.stop_requests = {str(k): str(v) for k, v in (stop.get("requests") or {}).items()}
         s.stop_round = None if stop.get("round") is None else int(stop["round"])
         s.stop_reason = str(stop.get("reason", ""))
+        s.banned = dict(d.get("banned", {}))
         for n, md in d.get("members", {}).items():
             saved = MemberState(md["state"])
             state = saved if saved in GONE else MemberState.TRAINING
@@ -1003,6 +1127,10 @@ class Session:
                 device=md.get("device", ""),
                 vram_total=md.get("vram_total", 0),
                 rate=md.get("rate", 0.0),
+                vouched=md.get("vouched", 0.0),
+                token=md.get("token", ""),
+                strikes=md.get("strikes", 0),
+                gone_at=md.get("gone_at", now) if saved in GONE else 0.0,
                 arrived_round=md.get("round", 0),
                 reason=md.get("reason", ""),
             )
@@ -1019,10 +1147,22 @@ class Session:
             sync_every=c.sync_every,
             seed=c.seed,
             min_vram=c.min_vram,
+            trust=PACE_FACTOR,
         )
 
-    def _observe(self, m: Member, rate: float) -> None:
-        m.rate = rate
+    def _vouch(self, m: Member, samples: int, now: float) -> None:
+        """Measure ``m``'s pace from its upload arriving now: its samples, at most one round's
+        work of its assignment, over the time since the round started (or since it joined,
+        if later). Skipped while the round's clock has not started (a restart's grace)."""
+        a = self.assignments.get(m.node)
+        if a is None or samples <= 0:
+            return
+        work = math.ceil((a.stop - a.start) / max(1, a.rounds))
+        elapsed = now - max(self.round_started, m.joined_at)
+        if elapsed <= 0 or work <= 0:
+            return
+        rate = min(samples, work) / max(elapsed, ELAPSED_MIN)
+        m.vouched = rate if m.vouched <= 0 else 0.7 * m.vouched + 0.3 * rate
         if self.scheduler is not None and m.node in self.admitted:
             self.scheduler.observe(m.node, rate)
 

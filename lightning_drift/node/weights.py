@@ -12,7 +12,6 @@ Torch only: no Lightning, no network.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +22,18 @@ from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.checkpoint import weights_name
 from lightning_drift.errors import ConfigError
 from lightning_drift.fsutil import atomic_write, sha256_bytes
+from lightning_drift.modelspec import state_fingerprint
 from lightning_drift.protocol import TransferDType
 
 StateDict = dict[str, torch.Tensor]
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over the state dict's names, shapes and dtypes: equal models, equal fingerprints."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-    return h.hexdigest()
+    """sha256 over the state dict's names, shapes and dtypes: equal models, equal fingerprints.
+
+    The coordinator computes the same from the header of the node's start-up upload
+    (``lightning_drift.modelspec``): the two must agree."""
+    return state_fingerprint(module.state_dict())
 
 
 def local_state(module: torch.nn.Module) -> StateDict:

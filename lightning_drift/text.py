@@ -1,0 +1,41 @@
+"""Text from elsewhere made safe to show a person or write into a log line. Pure.
+
+A node names itself, its devices and its errors; a coordinator names its session. None of it
+may reach a terminal, a rich table or a log as it came: an escape sequence would drive the
+operator's terminal, a newline would forge a log line, a megabyte would flood both.
+:func:`clean_text` is the one place that makes such text safe; the trust boundary applies it
+where a node's message enters the coordinator, and the views apply it again to everything they
+show (``lightning_drift.coordinator.monitor.shown``).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(text: object, limit: int) -> str:
+    """``text`` safe to show and log: control and format characters (ESC, newlines, bidi
+    overrides, zero-width marks) become spaces or go, runs of whitespace become one space,
+    and it is cut to ``limit`` characters (the last one an ellipsis when cut)."""
+    s = text if isinstance(text, str) else str(text)
+    if len(s) > 4 * limit + 4:  # no need to look at more than can be kept
+        s = s[: 4 * limit + 4]
+    out = []
+    for ch in s:
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Zl", "Zp"):
+            out.append(" ")
+        elif cat[0] == "C":  # Cf (format), Cs, Co, Cn
+            continue
+        else:
+            out.append(ch)
+    s = _SPACES.sub(" ", "".join(out)).strip()
+    if len(s) > limit:
+        s = s[: max(0, limit - 1)] + "…"
+    return s
+
+
+__all__ = ["clean_text"]
