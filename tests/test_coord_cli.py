@@ -291,17 +291,18 @@ def test_renderers_show_loss_and_vram_used_and_peak():
     assert "loss" in headers and "VRAM used/peak" in headers
     cells = {h: list(c.cells)[0] for h, c in zip(headers, table.columns, strict=True)}
     assert cells["loss"] == "1.235" and cells["VRAM used/peak"] == "1.5/2.0 GiB"
-    assert cells["node"].startswith("\\[red]box?[2J")  # markup escaped, control chars gone
+    assert cells["node"].startswith("\\[red]box [2J")  # markup escaped, control chars gone
     assert "asked to stop" in cells["state"]
     line = render_lines(st, now=0)[1]
     assert "loss=1.235" in line and "vram_used_peak=1.5/2.0GiB" in line
-    assert "node=[red]box?[2J" in line and "stop_asked=yes" in line
+    assert "node=[red]box_[2J" in line and "stop_asked=yes" in line
 
 
 def test_drift_status_shows_each_nodes_loss_and_vram(tmp_path):
     """A node reports progress; `drift status` (table and JSON) shows its loss and VRAM."""
-    from support import node_info
+    from support import node_info, small_model
 
+    from lightning_drift.modelspec import state_fingerprint
     from lightning_drift.node.client import CoordinatorClient
     from lightning_drift.protocol import TrainProgress
 
@@ -313,7 +314,10 @@ def test_drift_status_shows_each_nodes_loss_and_vram(tmp_path):
         await coord.start()
         serving = asyncio.create_task(coord.run())
         node = await CoordinatorClient.connect(
-            coord.node_token, node_info=node_info(10), name="gpu-box", timeout=10
+            coord.node_token,
+            node_info=node_info(10, state_fingerprint(small_model())),
+            name="gpu-box",
+            timeout=10,
         )
         try:
             await node.progress(

@@ -419,6 +419,7 @@ def test_a_slow_upload_holds_no_slot_and_is_dropped_below_the_minimum_rate(tmp_p
         def honest_in() -> bool:
             return {a.node_key, b.node_key} <= set(coord.session.arrivals)
 
+        await until(lambda: evil.node_key in coord._uploading, "the slow upload was admitted")
         await until(honest_in, "the honest uploads of round 1 were taken")
         assert evil.node_key in coord._uploading  # while the slow one is still arriving
         await stream._write(blob[1:])  # it completes: round 1 has all three

@@ -491,7 +491,7 @@ class Rounds:
     def _round_record(
         self,
         outcome: RoundOutcome,
-        acc: Accumulator,
+        acc: Accumulator | RobustAccumulator,
         counted: dict[str, tuple[BarrierSync, int]],
         size: int,
         round_s: float,
