@@ -67,7 +67,8 @@ def resolve_serve_options(
 
     Flags (None = not given) win over the config file's ``coordinator:`` mapping, which wins
     over the defaults of the table in ``lightning_drift.coordinator.config``; the rest of the
-    file is the LightningCLI YAML handed to nodes (``SessionConfig.lightning_config``).
+    file is the LightningCLI YAML handed to nodes (``SessionConfig.lightning_config``). The
+    session's epochs, given neither way, are that YAML's ``trainer.max_epochs`` if it has one.
 
     When the state dir already holds a coordinator, :data:`STORED_OPTIONS` not given as a
     flag or in the file come from its ``coordinator.json``, and session options given with
@@ -90,6 +91,12 @@ def resolve_serve_options(
             given.add(s.name)
             values[s.field] = read_option(s, raw)
     values["lightning_config"] = lightning_yaml
+    if "epochs" not in given:
+        # A LightningCLI config says how long to train: the session trains that long.
+        max_epochs = _trainer_max_epochs(lightning_yaml)
+        if max_epochs is not None:
+            values["epochs"] = max_epochs
+            given.add("epochs")
     state = StateDir(values["state_dir"])
     lines = _stored_address(state, values, given)
     session, options = build(values)
@@ -123,6 +130,18 @@ def _read_config_file(config: Path | None) -> tuple[dict[str, Any], str]:
             f"known: {', '.join(sorted(s.name for s in OPTIONS))}"
         )
     return file_opts, yaml.safe_dump(doc, sort_keys=False) if doc else ""
+
+
+def _trainer_max_epochs(lightning_yaml: str) -> int | None:
+    """``trainer.max_epochs`` of the LightningCLI part of --config, when it names a count."""
+    import yaml
+
+    doc = yaml.safe_load(lightning_yaml) if lightning_yaml else None
+    trainer = doc.get("trainer") if isinstance(doc, dict) else None
+    value = trainer.get("max_epochs") if isinstance(trainer, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None  # absent, or -1 / null: "no limit", which a session cannot be
+    return value
 
 
 def _stored_address(state: StateDir, values: dict[str, Any], given: set[str]) -> list[str]:

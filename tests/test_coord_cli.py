@@ -60,6 +60,19 @@ def test_flags_win_over_config_file_over_defaults(tmp_path):
     assert resolve_serve_options({}, cfg)[1].max_model_bytes == 512 << 20
 
 
+def test_the_session_trains_the_configs_max_epochs_unless_told_otherwise(tmp_path):
+    assert resolve_serve_options({}, None)[0].epochs == 10  # the table's default
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("model:\n  class_path: m.Net\ntrainer:\n  max_epochs: 4\n")
+    assert resolve_serve_options({}, cfg)[0].epochs == 4
+    assert resolve_serve_options({"epochs": 2}, cfg)[0].epochs == 2  # a flag wins
+    cfg.write_text("coordinator:\n  epochs: 3\ntrainer:\n  max_epochs: 4\n")
+    assert resolve_serve_options({}, cfg)[0].epochs == 3  # so does the coordinator: mapping
+    for no_count in ("-1", "null", "true"):  # "no limit" (or nonsense) is not a session length
+        cfg.write_text(f"trainer:\n  max_epochs: {no_count}\n")
+        assert resolve_serve_options({}, cfg)[0].epochs == 10, no_count
+
+
 def test_serve_has_one_flag_per_table_row_and_shows_its_default():
     import inspect
 
@@ -73,7 +86,7 @@ def test_serve_has_one_flag_per_table_row_and_shows_its_default():
     for s in OPTIONS:
         if s.where == "flag":
             assert f"[default: {s.shown_default}]" in lines[s.flag], s.flag
-    assert "[default: 1]" in lines["--epochs"] and "[default: 7d]" in lines["--token-ttl"]
+    assert "[default: 10; with --config, its trainer.max_epochs]" in lines["--epochs"] and "[default: 7d]" in lines["--token-ttl"]
 
 
 def test_the_docs_show_the_defaults_of_the_table():

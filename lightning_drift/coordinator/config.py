@@ -133,7 +133,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upload_timeout_s", 900.0, float, "One weights upload, start to end, at most (s).",
             _O, where="code", check=_positive),
     # -- what the session trains (saved in state.json) ------------------------------------
-    Setting("epochs", 1, int, "Epochs to train.", _S),
+    Setting("epochs", 10, int, "Epochs to train.", _S,
+            shown="10; with --config, its trainer.max_epochs"),
     Setting("batch_size", 32, int, "Per-node batch size.", _S),
     Setting("sync_every", 100, int, "Steps per round for a node of average speed.", _S),
     Setting("min_nodes", 1, int, "Nodes needed to start.", _S),
