@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 from lightning_drift.auth import TOKEN_ENV
-from lightning_drift.errors import DriftError
+from lightning_drift.errors import ConfigError, DriftError
 
 if TYPE_CHECKING:
     import lightning_drift.protocol as p
@@ -41,7 +41,6 @@ TokenOpt = Annotated[
     ),
 ]
 ModeOpt = Annotated[str, typer.Option(help="local (relays off) or internet.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Full tracebacks, debug logs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 # -- the token -----------------------------------------------------------------------------------
@@ -86,35 +85,63 @@ def need_token(given: str | None, *, files: Sequence[Path] = (), hint: str = "")
 # -- logging and the error exit ------------------------------------------------------------------
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+LOG_ENV = "DRIFT_LOG"  # debug, info, warning or error: the log level of every command
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 @dataclass(frozen=True)
 class Verbosity:
-    """How much a family of commands says: its log level without and with ``-v``, and whether
-    ``-v`` also shows the traceback of an expected error."""
+    """How much a family of commands says when neither ``-v`` nor ``DRIFT_LOG`` says more."""
 
     default: int
-    verbose: int
-    tracebacks: bool
 
 
-NODE = Verbosity(default=logging.WARNING, verbose=logging.INFO, tracebacks=True)  # drift
-COORDINATOR = Verbosity(default=logging.INFO, verbose=logging.DEBUG, tracebacks=False)
+NODE = Verbosity(default=logging.WARNING)  # drift, drift-node: Lightning's own output shows
+COORDINATOR = Verbosity(default=logging.INFO)  # drift-coord, drift coord: a server's log
 
-# DRIFT_DEBUG=1 shows the traceback of every expected error; -v does for NODE commands.
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help=f"Debug logs, and full tracebacks of errors (the same as {LOG_ENV}=debug).",
+        show_default="off",
+    ),
+]
+
+# DRIFT_DEBUG=1 shows the traceback of every expected error; so does the debug level.
 _tracebacks = os.environ.get("DRIFT_DEBUG", "") not in ("", "0")
 
 
+def log_level(verbose: bool, verbosity: Verbosity) -> int:
+    """The level a command logs at: debug with ``-v``, else ``DRIFT_LOG``, else the family's.
+
+    ConfigError for a ``DRIFT_LOG`` that names no level."""
+    if verbose:
+        return logging.DEBUG
+    raw = os.environ.get(LOG_ENV, "").strip().lower()
+    if not raw:
+        return verbosity.default
+    if raw not in LEVELS:
+        raise ConfigError(
+            f"{LOG_ENV}={raw!r} is not a log level: use {', '.join(LEVELS)} (or unset it)"
+        )
+    return LEVELS[raw]
+
+
 def setup_logging(verbose: bool, verbosity: Verbosity) -> None:
-    """Log to stderr at the level ``verbosity`` gives with or without ``-v``; call it first
-    thing in a command."""
+    """Log to stderr at :func:`log_level`; call it first thing in a command (again is fine).
+
+    At the debug level an expected error also ends in its traceback."""
     global _tracebacks
-    _tracebacks = _tracebacks or (verbose and verbosity.tracebacks)
-    logging.basicConfig(
-        level=verbosity.verbose if verbose else verbosity.default,
-        format=LOG_FORMAT,
-        stream=sys.stderr,
-    )
+    level = log_level(verbose, verbosity)
+    _tracebacks = _tracebacks or level <= logging.DEBUG
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
 
 
 def tracebacks_wanted() -> bool:
@@ -132,10 +159,16 @@ def fail(exc: DriftError, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def main(app: typer.Typer) -> None:
-    """Run ``app`` as a console script: unbuffered output, exit 130 on Ctrl-C, and a
-    ``DriftError`` that escapes a command ends as :func:`fail` ends it (exit 1)."""
+def main(app: typer.Typer, verbosity: Verbosity = NODE) -> None:
+    """Run ``app`` as a console script: logging at ``DRIFT_LOG`` (or ``verbosity``'s level),
+    unbuffered output, exit 130 on Ctrl-C, and a ``DriftError`` that escapes a command ends
+    as :func:`fail` ends it (exit 1). A ``DRIFT_LOG`` that names no level is a usage error."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        setup_logging(False, verbosity)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     try:
         app()
     except KeyboardInterrupt:

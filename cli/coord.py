@@ -239,7 +239,7 @@ def serve(
     exit_when_done: Annotated[
         bool | None, _option("exit_when_done", "--exit-when-done/--stay")
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: common.VerboseOpt = False,
 ) -> None:
     """Run the coordinator: print the node token, serve rounds, show the live view."""
     from lightning_drift.coordinator.server import Coordinator
@@ -252,15 +252,13 @@ def serve(
         sc, opts = resolve_serve_options(flags, config, notes)
         coord = Coordinator(sc, opts)
     except DriftError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        common.fail(exc, 2)
     for line in notes:
         typer.echo(line, err=True)
     try:
         asyncio.run(_serve(coord))
     except DriftError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        common.fail(exc, 1)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if coord.fatal:
@@ -336,8 +334,10 @@ def token(
     role: Annotated[str, typer.Option(help="node or observer.")] = "node",
     expires: Annotated[str, typer.Option(help="Lifetime: 90m, 24h, 7d...")] = "24h",
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    verbose: common.VerboseOpt = False,
 ) -> None:
     """Issue another token from the state dir's identity (the server need not run)."""
+    common.setup_logging(verbose, common.COORDINATOR)
     from lightning_drift.coordinator.state import StateDir
     from lightning_drift.errors import DriftError
     from lightning_drift.units import parse_duration
@@ -365,8 +365,11 @@ def token(
 
 
 @app.command()
-def revoke(jti: str, state_dir: StateDirOpt = DEFAULT_STATE_DIR) -> None:
+def revoke(
+    jti: str, state_dir: StateDirOpt = DEFAULT_STATE_DIR, verbose: common.VerboseOpt = False
+) -> None:
     """Revoke a token by its jti; a running server refuses it from the next Join on."""
+    common.setup_logging(verbose, common.COORDINATOR)
     from lightning_drift.coordinator.state import StateDir
 
     sd = StateDir(state_dir)
@@ -392,8 +395,10 @@ def status(
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     mode: common.ModeOpt = "local",
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 15.0,
+    verbose: common.VerboseOpt = False,
 ) -> None:
     """Show the session as a table (or JSON) via an observer connection."""
+    common.setup_logging(verbose, common.COORDINATOR)
     from lightning_drift.errors import DriftError
 
     observer = Path(state_dir) / "observer.token"
@@ -410,7 +415,7 @@ def status(
 
 
 def main() -> None:
-    common.main(app)
+    common.main(app, common.COORDINATOR)
 
 
 if __name__ == "__main__":

@@ -136,8 +136,10 @@ def demo(
         int, typer.Option(help="Characters of stdlib source to train on.")
     ] = 120_000,
     sync_every: Annotated[int, typer.Option(help="Steps per round for an average node.")] = 8,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Start a coordinator and N nodes on loopback, train the example model, show the session."""
+    common.setup_logging(verbose, common.NODE)
     from lightning_drift_cli import demo as demo_mod
 
     raise typer.Exit(

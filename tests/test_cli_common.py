@@ -49,14 +49,16 @@ def test_an_empty_file_is_no_token_and_the_usage_error_says_where_to_get_one(mon
         common.need_token(None, files=[empty], hint=f"none in {empty} either")
 
 
-def _levels(verbose: bool, verbosity: str) -> str:
+def _levels(verbose: bool, verbosity: str, drift_log: str | None = None) -> str:
     code = (
         "import logging\n"
         "from lightning_drift_cli import common\n"
         f"common.setup_logging({verbose}, common.{verbosity})\n"
         "print(logging.getLevelName(logging.getLogger().level), common.tracebacks_wanted())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "DRIFT_DEBUG"}
+    env = {k: v for k, v in os.environ.items() if k not in ("DRIFT_DEBUG", common.LOG_ENV)}
+    if drift_log is not None:
+        env[common.LOG_ENV] = drift_log
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
     )
@@ -64,12 +66,35 @@ def _levels(verbose: bool, verbosity: str) -> str:
     return out.stdout.strip()
 
 
-def test_each_command_family_keeps_its_levels():
+def test_each_command_family_has_its_default_and_v_means_debug_in_all():
     assert _levels(False, "NODE") == "WARNING False"
-    assert _levels(True, "NODE") == "INFO True"  # drift -v: info logs and full tracebacks
     assert _levels(False, "COORDINATOR") == "INFO False"
-    assert _levels(True, "COORDINATOR") == "DEBUG False"
+    # -v: debug logs and full tracebacks, whichever command it is given to.
+    assert _levels(True, "NODE") == "DEBUG True"
+    assert _levels(True, "COORDINATOR") == "DEBUG True"
     assert common.NODE.default == logging.WARNING
+
+
+def test_drift_log_sets_the_level_of_every_command_and_v_wins():
+    assert _levels(False, "NODE", "info") == "INFO False"
+    assert _levels(False, "COORDINATOR", "ERROR") == "ERROR False"
+    assert _levels(False, "NODE", "debug") == "DEBUG True"
+    assert _levels(True, "COORDINATOR", "error") == "DEBUG True"
+    assert _levels(False, "COORDINATOR", "") == "INFO False"  # empty: unset
+
+
+@pytest.mark.parametrize("script", ["drift", "coord"])
+def test_a_drift_log_that_names_no_level_is_a_usage_error(script):
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    out = subprocess.run(
+        [sys.executable, "-m", f"lightning_drift_cli.{script}", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, common.LOG_ENV: "loud"},
+    )
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "DRIFT_LOG='loud' is not a log level: use debug, info, warning, error" in out.stderr
 
 
 def test_an_expected_error_ends_in_one_line_and_its_exit_code(monkeypatch, capsys):

@@ -58,6 +58,19 @@ def test_verbose_keeps_the_traceback(tmp_path: Path) -> None:
     assert "error: malformed token" not in r.stderr
 
 
+def test_drift_log_debug_shows_debug_logs_and_the_traceback(tmp_path: Path) -> None:
+    quiet = _drift("status", "--token", "eyJbogus", cwd=tmp_path)
+    assert "DEBUG" not in quiet.stderr and "Traceback" not in quiet.stderr
+    env = {**_env(), "DRIFT_LOG": "debug"}
+    r = subprocess.run(
+        [sys.executable, "-m", "lightning_drift_cli.drift", "status", "--token", "eyJbogus"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "DEBUG lightning_drift.transport write_path status=" in r.stderr, r.stderr
+    assert "AuthError" in r.stderr and "malformed token" in r.stderr
+
+
 # -- drift join's temporary config -----------------------------------------------------------------
 
 
