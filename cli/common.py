@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 from lightning_drift.auth import TOKEN_ENV
+from lightning_drift.coordinator.config import SETTING
 from lightning_drift.errors import ConfigError, DriftError
+from lightning_drift.fsutil import atomic_write, user_state_dir
 
 if TYPE_CHECKING:
     import lightning_drift.protocol as p
@@ -37,13 +39,20 @@ TokenOpt = Annotated[
         "--token",
         "-t",
         envvar=TOKEN_ENV,
-        help=f"Invitation token, or a file holding it (or {TOKEN_ENV}).",
+        help="Invitation token, or a file holding it.",
+        show_default=f"${TOKEN_ENV}",
     ),
 ]
 ModeOpt = Annotated[str, typer.Option(help="local (relays off) or internet.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 # -- the token -----------------------------------------------------------------------------------
+
+# `drift join` and `drift train` remember the token they ran with here, so that a later
+# `drift status` on the same machine finds the session without being told.
+REMEMBERED_TOKEN = "last.token"
+DEFAULT_STATE_DIR: Path = SETTING["state_dir"].default  # drift-coord serve's
+OBSERVER_TOKEN = "observer.token"
 
 
 def read_token(value: str) -> str:
@@ -54,16 +63,37 @@ def read_token(value: str) -> str:
     return value
 
 
-def find_token(given: str | None, *, files: Sequence[Path] = ()) -> str | None:
-    """The token a command runs with, or ``None`` when there is none.
+def remembered_token_path() -> Path:
+    """Where :func:`remember_token` keeps the token of the last ``drift join``/``train``."""
+    return user_state_dir() / REMEMBERED_TOKEN
+
+
+def remember_token(token: str) -> None:
+    """Keep ``token`` (mode 0600, in the user's own folder) for a later ``drift status``.
+
+    Best effort: a node trains all the same when its home is read-only."""
+    path = remembered_token_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(path, (token.strip() + "\n").encode(), mode=0o600)
+    except OSError as exc:
+        logging.getLogger(__name__).debug("token not remembered path=%s error=%r", path, exc)
+
+
+def find_token(
+    given: str | None, *, files: Sequence[Path] = (), remembered: bool = False
+) -> str | None:
+    """The token a command runs with, or ``None`` when there is none. Every command that
+    takes a token looks it up here.
 
     In order: ``given`` (the ``--token`` flag), the ``DRIFT_TOKEN`` environment variable (a
     token or a file holding one, either way), then the first of ``files`` that exists and is
-    not empty (e.g. ``STATE_DIR/observer.token``)."""
+    not empty (e.g. ``STATE_DIR/observer.token``), then, with ``remembered``, the token of the
+    last ``drift join`` or ``drift train`` on this machine (:func:`remember_token`)."""
     for value in (given, os.environ.get(TOKEN_ENV)):
         if value and value.strip():
             return read_token(value)
-    for path in files:
+    for path in [*files, *([remembered_token_path()] if remembered else [])]:
         if path.is_file():
             text = path.read_text().strip()
             if text:
@@ -71,14 +101,30 @@ def find_token(given: str | None, *, files: Sequence[Path] = ()) -> str | None:
     return None
 
 
-def need_token(given: str | None, *, files: Sequence[Path] = (), hint: str = "") -> str:
+def need_token(
+    given: str | None, *, files: Sequence[Path] = (), remembered: bool = False, hint: str = ""
+) -> str:
     """:func:`find_token`, or a usage error (exit 2) that says where a token comes from."""
-    token = find_token(given, files=files)
+    token = find_token(given, files=files, remembered=remembered)
     if token:
         return token
     where = hint or "`drift-coord serve` prints one and writes it to STATE_DIR/node.token"
     raise typer.BadParameter(
         f"no token: pass --token or set {TOKEN_ENV} ({where})", param_hint="--token"
+    )
+
+
+def status_token(given: str | None, state_dir: Path) -> str:
+    """The token ``drift status`` and ``drift-coord status`` show the session with: the flag,
+    ``DRIFT_TOKEN``, ``STATE_DIR/observer.token``, then the token of the last ``drift join``
+    or ``drift train`` here; a usage error that says so when none of them has one."""
+    observer = Path(state_dir) / OBSERVER_TOKEN
+    return need_token(
+        given,
+        files=[observer],
+        remembered=True,
+        hint=f"none in {observer}, none remembered from a `drift join`; "
+        "`drift-coord token --role observer` issues one",
     )
 
 

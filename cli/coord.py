@@ -387,8 +387,9 @@ def status(
     token: Annotated[
         str | None,
         typer.Option(
-            help=f"Observer or node token, or a file holding it; default ${TOKEN_ENV}, "
-            "else STATE_DIR/observer.token."
+            help="Observer or node token, or a file holding it.",
+            show_default=f"${TOKEN_ENV}, else STATE_DIR/observer.token, else the token of the "
+            "last drift join or train here",
         ),
     ] = None,
     as_json: common.JsonOpt = False,
@@ -401,12 +402,7 @@ def status(
     common.setup_logging(verbose, common.COORDINATOR)
     from lightning_drift.errors import DriftError
 
-    observer = Path(state_dir) / "observer.token"
-    tok = common.need_token(
-        token,
-        files=[observer],
-        hint=f"none in {observer} either; `drift-coord token --role observer` issues one",
-    )
+    tok = common.status_token(token, state_dir)
     try:
         st = common.fetch_status(tok, mode=mode, timeout=timeout)
     except DriftError as exc:

@@ -11,6 +11,8 @@ import typer
 from lightning_drift_cli import common
 from lightning_drift_cli.common import ModeOpt, TokenOpt, VerboseOpt
 
+from lightning_drift.auth import TOKEN_ENV
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -23,9 +25,22 @@ CoordinatorAddrOpt = Annotated[
 ]
 
 
+JoinTokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        "-t",
+        "--join",
+        envvar=TOKEN_ENV,
+        help="Invitation token, or a file holding it (--join: the same).",
+        show_default=f"${TOKEN_ENV}",
+    ),
+]
+
+
 @app.command()
 def join(
-    token: TokenOpt = None,
+    token: JoinTokenOpt = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -111,16 +126,29 @@ def train(
 
 @app.command()
 def status(
-    token: TokenOpt = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            "-t",
+            help="A node or observer token, or a file holding it.",
+            show_default=f"${TOKEN_ENV}, else STATE_DIR/observer.token, else the token of the "
+            "last drift join or train here",
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path,
+        typer.Option(help="A coordinator's state directory, for its observer.token."),
+    ] = common.DEFAULT_STATE_DIR,
     as_json: common.JsonOpt = False,
     mode: ModeOpt = "local",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 15.0,
     coordinator_addr: CoordinatorAddrOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Show the session: nodes, devices, shares, rounds (a node or an observer token)."""
+    """Show the session: nodes, devices, shares, rounds (found as `drift-coord status` finds it)."""
     common.setup_logging(verbose, common.NODE)
-    tok = common.need_token(token)
+    tok = common.status_token(token, state_dir)
     st = common.fetch_status(tok, mode=mode, timeout=timeout, coordinator_addr=coordinator_addr)
     common.show_status(st, as_json=as_json)
 

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lightning_drift_cli.common import fetch_status
+from lightning_drift_cli.common import fetch_status, remember_token
 
 from lightning_drift.auth import TOKEN_ENV
 from lightning_drift.errors import AuthError, ConfigError
@@ -23,6 +23,7 @@ def join(
     from lightning_drift.auth import decode_token
 
     decode_token(token)  # a malformed token fails here, before Lightning is even imported
+    remember_token(token)
     os.environ[TOKEN_ENV] = token
     # Like `python -m`, let the config name modules next to where the user runs us.
     sys.path.insert(0, os.getcwd())
@@ -101,6 +102,7 @@ def train(
 
     # A malformed token fails here, before the model and the data are built.
     claims, _, _ = decode_token(token)
+    remember_token(token)
     if peer:
         from lightning_drift.transport import ticket_key
 

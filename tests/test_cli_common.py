@@ -30,6 +30,25 @@ def test_the_flag_wins_then_the_environment_then_the_files(monkeypatch, tmp_path
     assert common.find_token(None, files=[tmp_path / "missing"]) is None
 
 
+def test_the_remembered_token_comes_last_and_only_when_asked_for(monkeypatch, tmp_path):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert common.find_token(None, remembered=True) is None  # nothing remembered yet
+    common.remember_token(f" {TOKEN}\n")
+    path = common.remembered_token_path()
+    assert path.parent == Path(os.environ["XDG_STATE_HOME"]) / "lightning-drift"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    assert oct(path.parent.stat().st_mode & 0o777) == oct(0o700)
+    assert common.find_token(None) is None
+    assert common.find_token(None, remembered=True) == TOKEN
+    observer = tmp_path / "observer.token"
+    observer.write_text("eyJ-observer\n")
+    assert common.find_token(None, files=[observer], remembered=True) == "eyJ-observer"
+    assert common.status_token(None, tmp_path) == "eyJ-observer"
+    monkeypatch.setenv(TOKEN_ENV, "eyJ-env")
+    assert common.status_token(None, tmp_path) == "eyJ-env"
+    assert common.status_token("eyJ-flag", tmp_path) == "eyJ-flag"
+
+
 def test_a_flag_or_environment_value_may_name_a_file_holding_the_token(monkeypatch, tmp_path):
     held = tmp_path / "node.token"
     held.write_text(f"  {TOKEN}\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,36 @@ def test_status_then_train_with_model_path_seeds_round_0(tmp_path: Path) -> None
     for k, v in expected.items():
         assert torch.equal(round0[k], v), k
     assert (tmp_path / "node" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_drift_status_without_arguments_finds_the_session(tmp_path: Path) -> None:
+    """As `drift-coord status` does: ./drift-state/observer.token on the coordinator's
+    machine; on a node's, the token its last `drift join` (the seed's `--join`) ran with."""
+    with LocalCoordinator(tmp_path / "coord", min_nodes=1, epochs=1) as coord:
+        session = json.loads((coord.state_dir / "coordinator.json").read_text())["session"]
+        node_machine = tmp_path / "node-machine"
+        node_machine.mkdir()
+        r = _drift("status", cwd=node_machine)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "no token" in r.stderr and "observer.token" in r.stderr, r.stderr
+
+        coord_machine = tmp_path / "coord-machine"
+        coord_machine.mkdir()
+        (coord_machine / "drift-state").symlink_to(coord.state_dir)
+        r = _drift("status", "--json", cwd=coord_machine)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert json.loads(r.stdout)["session_id"] == session
+
+        r = _drift("join", "--join", coord.token, "--config", "missing.yaml", cwd=node_machine)
+        assert r.returncode == 1 and "missing.yaml does not exist" in r.stderr, r.stderr
+        remembered = Path(os.environ["XDG_STATE_HOME"]) / "lightning-drift" / "last.token"
+        assert remembered.read_text().strip() == coord.token
+        assert stat.S_IMODE(remembered.stat().st_mode) == 0o600
+        r = _drift("status", "--json", cwd=node_machine)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert json.loads(r.stdout)["session_id"] == session
 
 
 @pytest.mark.slow
