@@ -205,10 +205,27 @@ def fail(exc: DriftError, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def main(app: typer.Typer, verbosity: Verbosity = NODE) -> None:
+def bare_options(args: Sequence[str], options: Sequence[str]) -> list[str]:
+    """``args`` with each of ``options`` that is given without a value (it is last, or the
+    next word is another option) written as ``--option=`` (an empty value).
+
+    This is how ``drift train --resume`` (no value: the checkpoint dir's ``last.ckpt``) and
+    ``drift train --resume PATH`` are both accepted: the parser itself has no options whose
+    value may be left out."""
+    out = list(args)
+    for i, word in enumerate(out):
+        if word in options and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = f"{word}="
+    return out
+
+
+def main(
+    app: typer.Typer, verbosity: Verbosity = NODE, *, optional_values: Sequence[str] = ()
+) -> None:
     """Run ``app`` as a console script: logging at ``DRIFT_LOG`` (or ``verbosity``'s level),
     unbuffered output, exit 130 on Ctrl-C, and a ``DriftError`` that escapes a command ends
-    as :func:`fail` ends it (exit 1). A ``DRIFT_LOG`` that names no level is a usage error."""
+    as :func:`fail` ends it (exit 1). A ``DRIFT_LOG`` that names no level is a usage error.
+    ``optional_values``: options whose value may be left out (see :func:`bare_options`)."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         setup_logging(False, verbosity)
@@ -216,7 +233,7 @@ def main(app: typer.Typer, verbosity: Verbosity = NODE) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
-        app()
+        app(args=bare_options(sys.argv[1:], optional_values))
     except KeyboardInterrupt:
         sys.exit(130)
     except DriftError as exc:

@@ -78,7 +78,12 @@ def train(
     epochs: Annotated[int, typer.Option(help="Epochs (the session's setting wins).")] = 10,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     resume: Annotated[
-        Path | None, typer.Option(help="A node .ckpt to resume from (rejoins the session).")
+        str | None,
+        typer.Option(
+            help="A node .ckpt to resume from (rejoins the session); --resume alone: "
+            "CHECKPOINT_DIR/last.ckpt.",
+            show_default="none: start afresh",
+        ),
     ] = None,
     checkpoint_dir: Annotated[
         Path, typer.Option(help="Where this node keeps its Lightning checkpoints.")
@@ -190,7 +195,7 @@ _add_coord()
 
 
 def main() -> None:
-    common.main(app)
+    common.main(app, common.NODE, optional_values=("--resume",))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,25 @@ def _load_weights(path: Path) -> dict:
     return obj
 
 
+LAST_CHECKPOINT = "last.ckpt"  # what Lightning's ModelCheckpoint(save_last=True) writes
+
+
+def resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
+    """The node checkpoint ``drift train --resume`` names: ``None`` (not given), ``""``
+    (given without a value: ``checkpoint_dir/last.ckpt``) or a path. ConfigError when that
+    file does not exist, before anything is built."""
+    if resume is None:
+        return None
+    path = Path(resume) if resume else checkpoint_dir / LAST_CHECKPOINT
+    if not path.is_file():
+        where = f"the --checkpoint-dir {checkpoint_dir}" if not resume else str(path.parent)
+        raise ConfigError(
+            f"--resume: {path} does not exist; no node checkpoint to resume from in {where} "
+            "(pass the --checkpoint-dir the node trained with, or --resume PATH)"
+        )
+    return path
+
+
 def train(
     token: str,
     *,
@@ -84,7 +103,7 @@ def train(
     dataset_path: Path | None,
     epochs: int,
     batch_size: int,
-    resume: Path | None,
+    resume: str | None,
     checkpoint_dir: Path,
     peer: str | None,
     max_chars: int,
@@ -103,6 +122,7 @@ def train(
     # A malformed token fails here, before the model and the data are built.
     claims, _, _ = decode_token(token)
     remember_token(token)
+    ckpt_path = resume_path(resume, checkpoint_dir)
     if peer:
         from lightning_drift.transport import ticket_key
 
@@ -145,7 +165,7 @@ def train(
         enable_progress_bar=progress,
         log_every_n_steps=10,
     )
-    trainer.fit(model, datamodule=data, ckpt_path=str(resume) if resume else None)
+    trainer.fit(model, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
 
 
 def model_path_unused(history: list[dict]) -> bool:

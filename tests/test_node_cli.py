@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,37 @@ def test_drift_log_debug_shows_debug_logs_and_the_traceback(tmp_path: Path) -> N
     assert r.returncode != 0
     assert "DEBUG lightning_drift.transport write_path status=" in r.stderr, r.stderr
     assert "AuthError" in r.stderr and "malformed token" in r.stderr
+
+
+# -- drift train --resume ----------------------------------------------------------------------
+
+
+def test_resume_without_a_value_means_the_checkpoint_dirs_last_ckpt(tmp_path: Path) -> None:
+    from lightning_drift_cli.common import bare_options
+    from lightning_drift_cli.nodecmds import resume_path
+
+    opts = ("--resume",)
+    assert bare_options(["train", "--resume"], opts) == ["train", "--resume="]
+    assert bare_options(["train", "--resume", "--epochs", "3"], opts)[1] == "--resume="
+    assert bare_options(["train", "--resume", "a.ckpt"], opts) == ["train", "--resume", "a.ckpt"]
+    assert bare_options(["train", "--name", "x"], opts) == ["train", "--name", "x"]
+
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "epoch=1.ckpt").write_bytes(b"x")
+    assert resume_path(None, tmp_path) is None
+    assert resume_path("", tmp_path) == tmp_path / "last.ckpt"
+    assert resume_path(str(tmp_path / "epoch=1.ckpt"), tmp_path) == tmp_path / "epoch=1.ckpt"
+
+
+def test_resume_with_no_checkpoint_to_resume_is_one_clear_error(tmp_path: Path) -> None:
+    from lightning_drift.auth import Identity, issue_token
+
+    token = issue_token(Identity.generate(), session="s", coordinator="t", now=time.time())
+    empty = tmp_path / "never-trained"
+    r = _drift("train", "--token", token, "--checkpoint-dir", str(empty), "--resume", cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"error: --resume: {empty / 'last.ckpt'} does not exist" in r.stderr, r.stderr
+    assert "--checkpoint-dir" in r.stderr and "Traceback" not in r.stderr
 
 
 # -- drift join's temporary config -----------------------------------------------------------------
