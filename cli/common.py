@@ -43,7 +43,13 @@ TokenOpt = Annotated[
         show_default=f"${TOKEN_ENV}",
     ),
 ]
-ModeOpt = Annotated[str, typer.Option(help="local (relays off) or internet.")]
+ModeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="local (relays off) or internet: overrides what the token says.",
+        show_default="the token's mode (local for a token that names none)",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 # -- the token -----------------------------------------------------------------------------------
@@ -247,7 +253,11 @@ def main(
 
 
 def fetch_status(
-    token: str, *, mode: str = "local", timeout: float = 15.0, coordinator_addr: str | None = None
+    token: str,
+    *,
+    mode: str | None = None,
+    timeout: float = 15.0,
+    coordinator_addr: str | None = None,
 ) -> p.SessionStatus:
     """One ``SessionStatus`` with a node or observer token (``Join.observe``: no membership).
 
@@ -258,7 +268,7 @@ def fetch_status(
 
 
 async def _fetch_status(
-    token: str, *, mode: str, timeout: float, via: tuple[str, ...]
+    token: str, *, mode: str | None, timeout: float, via: tuple[str, ...]
 ) -> p.SessionStatus:
     from lightning_drift.node.client import CoordinatorClient
 

@@ -356,6 +356,8 @@ def token(
             ticket=coord["ticket"],
             role=role,
             ttl_s=parse_duration(expires),
+            mode=coord.get("mode") or "",
+            relays=coord.get("relay") or (),
         )
     except DriftError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -394,7 +396,7 @@ def status(
     ] = None,
     as_json: common.JsonOpt = False,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
-    mode: common.ModeOpt = "local",
+    mode: common.ModeOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 15.0,
     verbose: common.VerboseOpt = False,
 ) -> None:

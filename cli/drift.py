@@ -47,7 +47,7 @@ def join(
             "--config", "-c", help="LightningCLI YAML; default: the coordinator's --config."
         ),
     ] = None,
-    mode: ModeOpt = "local",
+    mode: ModeOpt = None,
     coordinator_addr: CoordinatorAddrOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -97,7 +97,7 @@ def train(
     n_layers: Annotated[int, typer.Option(help="Transformer layers.")] = 2,
     block_size: Annotated[int, typer.Option(help="Context length.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    mode: ModeOpt = "local",
+    mode: ModeOpt = None,
     name: Annotated[str | None, typer.Option(help="Label in the coordinator's view.")] = None,
     coordinator_addr: CoordinatorAddrOpt = None,
     progress: Annotated[bool, typer.Option(help="Show Lightning's progress bar.")] = True,
@@ -146,7 +146,7 @@ def status(
         typer.Option(help="A coordinator's state directory, for its observer.token."),
     ] = common.DEFAULT_STATE_DIR,
     as_json: common.JsonOpt = False,
-    mode: ModeOpt = "local",
+    mode: ModeOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 15.0,
     coordinator_addr: CoordinatorAddrOpt = None,
     verbose: VerboseOpt = False,

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def join(
-    token: str, config: Path | None, *, mode: str = "local", coordinator_addr: str | None = None
+    token: str, config: Path | None, *, mode: str | None = None, coordinator_addr: str | None = None
 ) -> int:
     """Run LightningCLI on ``config`` (or the coordinator's config) with DriftStrategy set."""
     from lightning_drift.auth import decode_token
@@ -44,7 +44,7 @@ def join(
         Path(tmp.name).unlink(missing_ok=True)
 
 
-def _run_lightning_cli(config: Path, *, mode: str, coordinator_addr: str | None) -> int:
+def _run_lightning_cli(config: Path, *, mode: str | None, coordinator_addr: str | None) -> int:
     if not config.is_file():
         raise ConfigError(f"config file {config} does not exist")
     from lightning.pytorch.cli import LightningCLI
@@ -54,7 +54,7 @@ def _run_lightning_cli(config: Path, *, mode: str, coordinator_addr: str | None)
     # Naming the class path (not the bare value) keeps the config's own init_args.
     args = ["fit", "--config", str(config)]
     args += ["--trainer.strategy.class_path", "lightning_drift.DriftStrategy"]
-    if mode != "local":
+    if mode is not None:  # else the config's, else the token's
         args += ["--trainer.strategy.init_args.mode", mode]
     if coordinator_addr:
         args += ["--trainer.strategy.init_args.coordinator_addr", coordinator_addr]
@@ -111,7 +111,7 @@ def train(
     n_layers: int,
     block_size: int,
     device: str,
-    mode: str,
+    mode: str | None,
     name: str | None,
     progress: bool,
     coordinator_addr: str | None = None,

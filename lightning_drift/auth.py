@@ -9,6 +9,8 @@ Token format (``docs/protocol.md`` has the details)::
     token  = base64url(outer)                      # unpadded; starts with "eyJ"
     outer  = {"claims": "<claims JSON text>", "sig": "<base64url Ed25519 signature>"}
     claims = {"coordinator", "exp", "iat", "jti", "role", "session", "v"}   # sorted, compact
+             + optional "mode" and "relays": how to reach the coordinator (internet mode,
+               its own relays), so a node need not be told again; absent in older tokens
 
 The signature covers the exact UTF-8 bytes of the claims text, so a verifier never
 re-serialises anything. Decoding is strict: a token that is not canonical base64url, or whose
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "DRIFT_TOKEN"  # the environment variable every entry point reads a token from
 TOKEN_VERSION = 1
 ROLES = ("node", "observer")
+MODES = ("local", "internet")  # the transport modes a token's "mode" claim may name
+MAX_RELAYS = 16  # relay URLs a token may carry
+MAX_RELAY_URL = 2048
 CLOCK_SKEW_S = 300.0  # a token issued up to this far in the verifier's future is accepted
 CACHE_TTL_S = 600.0  # a cached verification is redone at least this often
 _KEY_FILE = "identity.key"
@@ -161,10 +166,18 @@ class Claims:
     iat: float
     exp: float
     jti: str
+    # How the coordinator is reached: "local" or "internet" ("": not said, an older token),
+    # and its own relay URLs (none: iroh's). A node uses them unless told otherwise.
+    mode: str = ""
+    relays: tuple[str, ...] = ()
 
 
 def _claims_bytes(claims: Claims) -> bytes:
-    return json.dumps(asdict(claims), sort_keys=True, separators=(",", ":")).encode()
+    d = asdict(claims)
+    for optional in ("mode", "relays"):  # left out when not said: older verifiers' shape
+        if not d[optional]:
+            del d[optional]
+    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _num(x: Any) -> bool:
@@ -194,6 +207,18 @@ def _parse_claims(raw: bytes) -> Claims:
     for k in ("iat", "exp"):
         if not _num(d[k]):
             raise AuthError(f"malformed token: claim {k!r} must be a number")
+    mode = d.get("mode", "")
+    if mode not in ("", *MODES):
+        raise AuthError(f"malformed token: claim 'mode' must be one of {MODES}, got {mode!r}")
+    relays = d.get("relays", [])
+    if (
+        not isinstance(relays, list)
+        or len(relays) > MAX_RELAYS
+        or not all(isinstance(r, str) and 0 < len(r) <= MAX_RELAY_URL for r in relays)
+    ):
+        raise AuthError(
+            f"malformed token: claim 'relays' must be a list of at most {MAX_RELAYS} URLs"
+        )
     return Claims(
         v=d["v"],
         session=d["session"],
@@ -202,6 +227,8 @@ def _parse_claims(raw: bytes) -> Claims:
         iat=float(d["iat"]),
         exp=float(d["exp"]),
         jti=d["jti"],
+        mode=mode,
+        relays=tuple(relays),
     )
 
 
@@ -214,10 +241,16 @@ def issue_token(
     ttl_s: float = 86400,
     now: float,
     jti: str | None = None,
+    mode: str = "",
+    relays: Iterable[str] = (),
 ) -> str:
-    """Sign an invitation for ``session`` at ``coordinator`` (a ticket), valid ``ttl_s`` from now."""
+    """Sign an invitation for ``session`` at ``coordinator`` (a ticket), valid ``ttl_s`` from now.
+
+    ``mode`` and ``relays``: how nodes reach the coordinator (see :class:`Claims`)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if mode not in ("", *MODES):
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if ttl_s <= 0:
         raise ValueError(f"ttl_s must be positive, got {ttl_s}")
     claims = Claims(
@@ -228,6 +261,8 @@ def issue_token(
         iat=float(now),
         exp=float(now + ttl_s),
         jti=jti or secrets.token_hex(8),
+        mode=mode,
+        relays=tuple(relays),
     )
     raw = _claims_bytes(claims)
     outer = {"claims": raw.decode(), "sig": _b64e(identity.sign(raw))}
@@ -394,7 +429,10 @@ class TokenStore:
         if self.path.exists():
             try:
                 d = json.loads(self.path.read_text())
-                self._issued = [Claims(**c) for c in d.get("issued", [])]
+                self._issued = [
+                    Claims(**{**c, "relays": tuple(c.get("relays", ()))})
+                    for c in d.get("issued", [])
+                ]
                 self._revoked = set(d.get("revoked", []))
             except (ValueError, TypeError) as exc:
                 raise AuthError(

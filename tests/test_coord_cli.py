@@ -127,6 +127,35 @@ def start_and_close(config: SessionConfig, opts: ServeOptions) -> tuple[str, str
     return asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_printed_tokens_say_how_to_reach_the_coordinator(tmp_path):
+    from lightning_drift.auth import decode_token
+    from lightning_drift.coordinator.state import StateDir
+    from lightning_drift.node.client import reach
+
+    st = tmp_path / "st"
+    _, token = start_and_close(SessionConfig(), ServeOptions(state_dir=st, port=free_udp_port()))
+    claims = decode_token(token)[0]
+    assert (claims.mode, claims.relays) == ("local", ())
+    assert reach(claims, None) == ("local", ())
+    # An internet-mode coordinator's token: the node need not say --mode internet again.
+    relay = "https://relay.example./"
+    sd = StateDir(st)
+    internet, _ = sd.issue(
+        sd.identity(), session="s", ticket=claims.coordinator, mode="internet", relays=[relay]
+    )
+    claims = decode_token(internet)[0]
+    assert reach(claims, None) == ("internet", (relay,))
+    assert reach(claims, "local") == ("local", (relay,))  # the flag stays an override
+    assert reach(claims, None, ["https://mine.example./"]) == (
+        "internet",
+        ("https://mine.example./",),
+    )
+    # `drift-coord token` issues from coordinator.json: the same claims.
+    r = runner.invoke(app, ["token", "--state-dir", str(st)])
+    assert r.exit_code == 0, r.output
+    assert decode_token(r.stdout.strip().splitlines()[0])[0].mode == "local"
+
+
 def test_a_restart_with_only_the_state_dir_keeps_the_address_and_the_token(tmp_path):
     st = tmp_path / "st"
     port = free_udp_port()

@@ -184,6 +184,8 @@ class Coordinator:
                 ttl_s=o.token_ttl_s,
                 now=now,
                 min_left_s=min(3600.0, o.token_ttl_s / 2),
+                mode=o.mode,
+                relays=o.relay,
             )
             for role in ("node", "observer")
         )

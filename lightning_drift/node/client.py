@@ -27,7 +27,7 @@ import msgspec
 
 from lightning_drift import __version__
 from lightning_drift import protocol as p
-from lightning_drift.auth import decode_token, verify_token
+from lightning_drift.auth import Claims, decode_token, verify_token
 from lightning_drift.errors import (
     AuthError,
     DriftError,
@@ -55,6 +55,16 @@ def refusal(err: p.Error) -> DriftError:
     if err.code == "protocol":
         return ProtocolError(f"coordinator says: {err.message}")
     return SessionError(err.message, err.code)
+
+
+def reach(
+    claims: Claims, mode: str | None, relay_urls: Sequence[str] = ()
+) -> tuple[str, tuple[str, ...]]:
+    """How to reach the coordinator that signed ``claims``: (mode, relay URLs).
+
+    What the caller says wins; else what the token says (a coordinator in internet mode puts
+    that, and its own relays, in the tokens it prints); else local mode and iroh's relays."""
+    return mode or claims.mode or "local", tuple(relay_urls) or claims.relays
 
 
 def finished(finish: p.Finish) -> SessionFinished:
@@ -97,7 +107,7 @@ class CoordinatorClient:
         node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None = None,
         name: str = "",
         timeout: float = 15.0,
-        mode: str = "local",
+        mode: str | None = None,
         relay_urls: Sequence[str] = (),
         endpoint: Endpoint | None = None,
         secret: bytes | None = None,
@@ -117,7 +127,9 @@ class CoordinatorClient:
         global weights the node holds (-1: none), told to the coordinator as
         ``Join.resume_round``. ``silence_s``: how long without any
         message from the coordinator before the connection counts as lost (default
-        ``3 × TrainConfig.heartbeat_s``, at least 3 s). ``observe``: status only, with any
+        ``3 × TrainConfig.heartbeat_s``, at least 3 s). ``mode`` and ``relay_urls``: how to
+        reach the coordinator; by default what the token says (``local`` for a token that
+        says nothing). ``observe``: status only, with any
         valid token (no membership, no NodeInfo); observer tokens always connect this way.
         ``via``: dial these ``host:port`` addresses instead of the ticket's (a forwarded
         port, a proxy); the coordinator must still hold the key the token names.
@@ -127,6 +139,7 @@ class CoordinatorClient:
         # Expiry is the coordinator's call: it still admits a member of the session whose
         # token expired while it trained (new nodes get the "expired" reason from it).
         verify_token(token, key, now=time.time(), allow_expired=True)
+        mode, relay_urls = reach(claims, mode, relay_urls)
         own = endpoint is None
         if endpoint is None:
             endpoint = await Endpoint.bind(
@@ -388,4 +401,4 @@ class CoordinatorClient:
             await self.endpoint.close()
 
 
-__all__ = ["CoordinatorClient", "finished", "refusal"]
+__all__ = ["CoordinatorClient", "finished", "reach", "refusal"]

@@ -56,7 +56,7 @@ class NodeRuntime:
         node_info: Callable[[], p.NodeInfo],
         *,
         name: str = "",
-        mode: str = "local",
+        mode: str | None = None,
         relay_urls: tuple[str, ...] = (),
         via: tuple[str, ...] = (),
         connect_timeout: float = 30.0,

@@ -86,8 +86,10 @@ class DriftStrategy(SingleDeviceStrategy):
         connect_timeout: seconds to wait for the coordinator when joining.
         reconnect_timeout: seconds to keep retrying when the coordinator goes away.
         mode: ``"local"`` (relays off; loopback and LANs) or ``"internet"`` (relays and hole
-            punching).
-        relay_urls: custom iroh relay URLs for internet mode.
+            punching); ``None`` uses the mode the token names (``"local"`` for an older token
+            that names none).
+        relay_urls: custom iroh relay URLs for internet mode; by default the token's (iroh's
+            own when it names none).
         coordinator_addr: dial the coordinator at this ``host:port`` instead of the address
             in the token (a forwarded port, a proxy, a new IP); its key is still checked.
         checkpoint_dir: where the node keeps a copy of each global round's weights
@@ -107,7 +109,7 @@ class DriftStrategy(SingleDeviceStrategy):
         sync_every: int | None = None,
         connect_timeout: float = 30.0,
         reconnect_timeout: float = 300.0,
-        mode: str = "local",
+        mode: str | None = None,
         relay_urls: list[str] | None = None,
         coordinator_addr: str | None = None,
         checkpoint_dir: str | None = None,
@@ -121,8 +123,10 @@ class DriftStrategy(SingleDeviceStrategy):
                 "DriftStrategy needs an invitation token: pass DriftStrategy(token=...) or set "
                 f"{TOKEN_ENV}; `drift-coord serve` prints one and writes it to STATE_DIR/node.token"
             )
-        if mode not in ("local", "internet"):
-            raise ConfigError(f"mode must be 'local' or 'internet', not {mode!r}")
+        if mode not in (None, "local", "internet"):
+            raise ConfigError(
+                f"mode must be 'local' or 'internet' (or None: the token's), not {mode!r}"
+            )
         accelerator: Accelerator | None = None
         root = torch.device("cpu")
         if device != "auto":
