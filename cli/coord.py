@@ -5,8 +5,9 @@ holds serve options (flag names with underscores); the rest of the YAML (model, 
 trainer) is a LightningCLI config handed to nodes for ``drift join``. A flag given on the
 command line wins over the file, the file over the built-in default. On a restart (the state
 dir already holds a coordinator) the address options not given either way (port, mode, bind,
-relay, checkpoint dir) come from the state dir instead of the defaults, so the address in the
-tokens stays right; the session's settings always come from its saved state.
+relay, checkpoint dir) and the ``--peers`` list come from the state dir instead of the
+defaults, so the address in the tokens stays right and the same nodes are admitted; the
+session's settings always come from its saved state.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _option(name: str, *decls: str) -> Any:
 
 # Serve options a restart takes from STATE_DIR/coordinator.json when they are not given:
 # together with the identity they make the ticket, and so the address in the tokens.
-STORED_OPTIONS = ("port", "mode", "bind", "relay", "checkpoint_dir")
+STORED_OPTIONS = ("port", "mode", "bind", "relay", "checkpoint_dir", "peers")
 
 
 def resolve_serve_options(
@@ -233,6 +234,7 @@ def serve(
     keep: Annotated[int | None, _option("keep")] = None,
     max_model_mb: Annotated[int | None, _option("max_model_mb")] = None,
     token_ttl: Annotated[str | None, _option("token_ttl")] = None,
+    peers: Annotated[list[str] | None, _option("peers")] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML: `coordinator:` options + LightningCLI config.")
     ] = None,

@@ -103,17 +103,22 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> Identity:
-        """Load ``state_dir/identity.key``, creating it (mode 0600) on first use.
+        """Load ``state_dir/identity.key``, creating it (mode 0600) on first use."""
+        return cls.load_or_create_file(Path(state_dir) / _KEY_FILE)
+
+    @classmethod
+    def load_or_create_file(cls, path: Path) -> Identity:
+        """Load the key file ``path``, creating it (and its folder, 0700) on first use.
 
         Creation is atomic and never overwrites: two processes racing here end up with the
-        same key. The file holds the 64-character hex seed and a newline.
+        same key. The file holds the 64-character hex seed and a newline, mode 0600. A node
+        named by its id (``drift train --peer/--listen``) keeps its key in such a file.
         """
-        state_dir = Path(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = state_dir / _KEY_FILE
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.exists():
             ident = cls.generate()
-            tmp = path.with_name(f".{_KEY_FILE}.{secrets.token_hex(4)}.tmp")
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 with os.fdopen(fd, "wb") as f:

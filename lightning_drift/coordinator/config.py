@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_drift.errors import ConfigError
+from lightning_drift.peers import split_peers
 from lightning_drift.protocol import Aggregation, TransferDType
 from lightning_drift.units import parse_duration, parse_size
 
@@ -85,6 +86,14 @@ def _quorum(v: float) -> str | None:
     return None if 0 < v <= 1 else f"must be in (0, 1], got {v}"
 
 
+def _peer_names(v: list[str]) -> str | None:
+    try:
+        split_peers(v)
+    except ConfigError as exc:
+        return f"has a bad entry: {exc}"
+    return None
+
+
 def _mib(v: int) -> int:
     return int(v) << 20
 
@@ -117,6 +126,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("token_ttl", 7 * 86400.0, str,
             "Lifetime of the printed node/observer tokens: 24h, 7d...", _O,
             parse=parse_duration, attr="token_ttl_s", check=_positive, shown="7d"),
+    Setting("peers", [], list,
+            "Nodes that join without a token, by id: ID, ID@HOST:PORT or a ticket (repeat "
+            "or comma-separate). Those with an address (any id in internet mode) are dialled.",
+            _O, parse=split_peers, check=_peer_names, shown="none; on a restart, the stored ones"),
     Setting("exit_when_done", True, bool, "Exit after the last round (or stay).", _O,
             shown="--exit-when-done"),
     Setting("finish_grace_s", 120.0, float,
@@ -184,7 +197,8 @@ def check(s: Setting, value: Any) -> None:
 def read_option(s: Setting, raw: Any) -> Any:
     """A flag's or config file's value of ``s`` in the library's unit (not yet checked)."""
     if s.kind is list:
-        return [raw] if isinstance(raw, str) else list(raw)
+        items = [raw] if isinstance(raw, str) else list(raw)
+        return s.parse(items) if s.parse is not None else items
     try:
         value = s.kind(raw)
     except (TypeError, ValueError):
@@ -245,6 +259,7 @@ class ServeOptions:
     bind: str | None = _default("bind")  # None: 127.0.0.1 (local mode), 0.0.0.0 (internet)
     mode: Mode = _default("mode")
     relay: list[str] = field(default_factory=lambda: list(_default("relay")))
+    peers: list[str] = field(default_factory=lambda: list(_default("peers")))
     exit_when_done: bool = _default("exit_when_done")
     finish_grace_s: float = _default("finish_grace_s")
     max_uploads: int = _default("max_uploads")

@@ -2,7 +2,9 @@
 
 One task per connection reads the control stream (Join → Ping → NodeInfo → TrainConfig, then
 progress, heartbeats, shard and status requests); every barrier is a new bi stream with its
-own task. Frames become calls on :class:`~lightning_drift.coordinator.session.Session`, whose
+own task. Nodes dial in with a token, or without one when their key is on the ``--peers``
+list; the coordinator also dials the listed nodes it has an address for (any id in internet
+mode) and runs the same handshake from Ping on (:meth:`Coordinator._keep_dialing`). Frames become calls on :class:`~lightning_drift.coordinator.session.Session`, whose
 decisions become frames. An upload goes from its stream to the session (its verdict), then to
 :class:`~lightning_drift.coordinator.rounds.Rounds` (accumulate, or adopt), and is answered
 with the weights the rounds publish; the rounds own everything from the accumulator to the
@@ -22,7 +24,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from lightning_drift.errors import (
     ProtocolError,
     SessionError,
 )
+from lightning_drift.peers import PeerName, parse_peer
 from lightning_drift.protocol import (
     BarrierReady,
     BarrierSync,
@@ -53,9 +56,12 @@ from lightning_drift.protocol import (
     StatusRequest,
     TrainProgress,
 )
-from lightning_drift.transport import Connection, Endpoint, Stream
+from lightning_drift.transport import Connection, Endpoint, Stream, peer_key
 
 log = logging.getLogger(__name__)
+
+_DIAL_TIMEOUT_S = 10.0  # one dial of a --peers node
+_DIAL_BACKOFF_MAX_S = 30.0  # the longest wait between two dials of a node that is not there
 
 
 class NodeConn:
@@ -115,6 +121,8 @@ class Coordinator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_ping = 0.0
         self.finished_at: float | None = None
+        # The --peers list by key: nodes admitted without a token, dialled when possible.
+        self.peers: dict[str, PeerName] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -149,6 +157,10 @@ class Coordinator:
             identity.public_key, self.session.session_id, self.state.tokens().revoked()
         )
         o = self.options
+        self.peers = {}
+        for text in o.peers:
+            peer = parse_peer(text)
+            self.peers[peer_key(peer).hex()] = peer
         host = o.bind or ("127.0.0.1" if o.mode == "local" else "0.0.0.0")
         self.endpoint = await Endpoint.bind(
             mode=o.mode, secret=identity.seed, bind_addr=f"{host}:{o.port}", relay_urls=o.relay
@@ -172,6 +184,7 @@ class Coordinator:
                 else None,
                 "session": self.session.session_id,
                 "key": identity.public_hex,
+                "peers": list(o.peers),
             }
         )
         sid = self.session.session_id
@@ -201,6 +214,11 @@ class Coordinator:
         assert self.endpoint is not None, "call start() first"
         self._spawn(self._accept_loop())
         self._spawn(self._ticker())
+        for key, peer in self.peers.items():
+            if peer.has_address or self.options.mode == "internet":
+                self._spawn(self._keep_dialing(key, peer))
+            else:
+                log.info("peer.waiting node=%s reason=no address in local mode", key[:8])
         if self.session.finished and self.options.exit_when_done:
             # Restarted on a finished session: nodes that lost us at the very end may still
             # come back for the final weights; give them a while, then exit.
@@ -285,8 +303,12 @@ class Coordinator:
             log.info("handshake.dropped peer=%s error=%r", conn.remote_hex[:8], exc)
             conn.close(1, "no Join")
             return
+        await self._guarded(conn, stream, self._serve_peer(conn, stream, join))
+
+    async def _guarded(self, conn: Connection, stream: Stream, serving: Awaitable[None]) -> None:
+        """Serve one peer's connection; what goes wrong on it ends only it."""
         try:
-            await self._serve_peer(conn, stream, join)
+            await serving
         except ProtocolError as exc:
             await _refuse(conn, stream, "protocol", str(exc))
         except (PeerLost, asyncio.TimeoutError):
@@ -300,6 +322,40 @@ class Coordinator:
             await _refuse(conn, stream, "protocol", f"expected Join, got {type(join).__name__}")
             return
         now = self.clock()
+        if not join.token:
+            # No token: admitted only when the QUIC peer's key is on the --peers list.
+            if conn.remote_hex not in self.peers:
+                reason = (
+                    f"node {conn.remote_hex[:16]}… has no token and is not on this "
+                    "coordinator's --peers list; ask its operator to add this node's id "
+                    "(`drift id` prints it), or join with a token"
+                )
+                log.info("join.refused peer=%s reason=not a listed peer", conn.remote_hex[:8])
+                await _refuse(conn, stream, "auth", reason)
+                return
+            role: str | None = "node"
+        else:
+            role = await self._token_role(conn, stream, join, now)
+            if role is None:
+                return
+        if join.node_key.lower() != conn.remote_hex:
+            await _refuse(
+                conn,
+                stream,
+                "auth",
+                f"Join.node_key {join.node_key[:16]}… is not the connection's key "
+                f"{conn.remote_hex[:16]}…",
+            )
+            return
+        if role == "observer" or join.observe:
+            await self._observer(conn, stream)
+            return
+        await self._serve_node(conn, stream, join.name)
+
+    async def _token_role(
+        self, conn: Connection, stream: Stream, join: Join, now: float
+    ) -> str | None:
+        """The role a Join's token gives its connection, or None after refusing it."""
         for jti in self.state.tokens().revoked():  # `drift-coord revoke` writes the file
             self.verifier.revoke(jti)
         try:
@@ -313,22 +369,15 @@ class Coordinator:
             if member is None:
                 log.info("join.refused peer=%s reason=%s", conn.remote_hex[:8], refusal)
                 await _refuse(conn, stream, "auth", str(refusal))
-                return
+                return None
             claims = member
-        if join.node_key.lower() != conn.remote_hex:
-            await _refuse(
-                conn,
-                stream,
-                "auth",
-                f"Join.node_key {join.node_key[:16]}… is not the connection's key "
-                f"{conn.remote_hex[:16]}…",
-            )
-            return
-        if claims.role == "observer" or join.observe:
-            await self._observer(conn, stream)
-            return
+        return claims.role
+
+    async def _serve_node(self, conn: Connection, stream: Stream, name: str) -> None:
+        """The handshake from Ping on (Ping → NodeInfo → TrainConfig), then the node's
+        control stream until it ends: the same whichever side dialled."""
         node = conn.remote_hex
-        d = self.session.join(node, join.name, now)
+        d = self.session.join(node, name, self.clock())
         if not d.ok:
             await _refuse(conn, stream, d.code, d.reason)
             return
@@ -381,6 +430,32 @@ class Coordinator:
                     self.event(lost.reason)
                 self.rounds.consider(self.session.check(self.clock()))
             conn.close(0, "")
+
+    async def _keep_dialing(self, key: str, peer: PeerName) -> None:
+        """Dial a node of the --peers list whenever it is not connected, until the session
+        has finished; then serve it as if it had dialled (from Ping on). A node that is
+        down or not listening yet is tried again, at most every 30 s."""
+        assert self.endpoint is not None
+        delay = 1.0
+        while not self.session.finished:
+            if key in self.conns:  # connected (it may have dialled in itself)
+                await asyncio.sleep(self.options.tick_s)
+                continue
+            try:
+                conn = await self.endpoint.dial_peer(peer, timeout=_DIAL_TIMEOUT_S)
+            except DriftError as exc:
+                log.debug("peer.dial_failed node=%s retry_in=%.0fs error=%s", key[:8], delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _DIAL_BACKOFF_MAX_S)
+                continue
+            delay = 1.0
+            log.info("peer.dialled node=%s", key[:8])
+            try:
+                stream = await conn.open_stream()
+            except DriftError:
+                conn.close(1, "no stream")
+                continue
+            await self._guarded(conn, stream, self._serve_node(conn, stream, ""))
 
     def _member_token(self, node: str, join: Join, now: float) -> Claims | None:
         """For a member of the session: its token's claims with the expiry forgiven.

@@ -333,6 +333,7 @@ class Session:
         if m is None:
             return Decision(False, "NodeInfo before Join", "protocol")
         m.last_seen = now
+        m.name = info.name or m.name  # a node the coordinator dialled sent its name here
         if self.dataset_size and info.dataset_size != self.dataset_size:
             return Decision(
                 False,
