@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+from rich.markup import escape
 
 from lightning_drift.auth import TOKEN_ENV
 from lightning_drift.coordinator.config import SETTING
@@ -33,24 +34,37 @@ if TYPE_CHECKING:
 
 # -- options -------------------------------------------------------------------------------------
 
+
+def with_default(help: str, default: str) -> str:
+    """An option's help with its effective default, shown as ``[default: …]`` (how ``--help``
+    shows every default, including those a value of None stands for)."""
+    return f"{help} {escape(f'[default: {default}]')}"
+
+
+# No envvar= here: find_token reads DRIFT_TOKEN itself, so a command can tell a token typed
+# on its command line from one in the environment.
 TokenOpt = Annotated[
     str | None,
     typer.Option(
         "--token",
         "-t",
-        envvar=TOKEN_ENV,
-        help="Invitation token, or a file holding it.",
-        show_default=f"${TOKEN_ENV}",
+        help=with_default(
+            "Invitation token, or a file holding it.", f"${TOKEN_ENV}; none with --peer or --listen"
+        ),
     ),
 ]
 ModeOpt = Annotated[
     str | None,
     typer.Option(
-        help="local (relays off) or internet: overrides what the token says.",
-        show_default="the token's mode (local for a token that names none)",
+        help=with_default(
+            "local (relays off) or internet: overrides what the token says.",
+            "the token's mode (local for a token that names none)",
+        ),
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help=with_default("Print JSON instead of a table.", "off"))
+]
 
 # -- the token -----------------------------------------------------------------------------------
 
@@ -134,6 +148,24 @@ def status_token(given: str | None, state_dir: Path) -> str:
     )
 
 
+# -- how a node reaches its coordinator ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeLink:
+    """How a node command reaches its coordinator: with a token, or without one by the
+    coordinator's id (``peer``: the node dials it, or, with ``listen``, waits for its dial).
+    ``listen`` is ``"HOST:PORT"``, ``""`` for the default address, or None (the node dials).
+    ``key_file``: the node's lasting key, for the ways without a token."""
+
+    token: str | None
+    peer: str | None = None
+    listen: str | None = None
+    key_file: str | None = None
+    mode: str | None = None
+    coordinator_addr: str | None = None
+
+
 # -- logging and the error exit ------------------------------------------------------------------
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -161,8 +193,9 @@ VerboseOpt = Annotated[
     typer.Option(
         "--verbose",
         "-v",
-        help=f"Debug logs, and full tracebacks of errors (the same as {LOG_ENV}=debug).",
-        show_default="off",
+        help=with_default(
+            f"Debug logs, and full tracebacks of errors (the same as {LOG_ENV}=debug).", "off"
+        ),
     ),
 ]
 
@@ -253,28 +286,54 @@ def main(
 
 
 def fetch_status(
-    token: str,
+    token: str | None,
     *,
     mode: str | None = None,
     timeout: float = 15.0,
     coordinator_addr: str | None = None,
+    peer: str | None = None,
+    key_file: str | None = None,
 ) -> p.SessionStatus:
-    """One ``SessionStatus`` with a node or observer token (``Join.observe``: no membership).
+    """One ``SessionStatus`` with a node or observer token (``Join.observe``: no membership),
+    or, with no token, as the node ``key_file`` names to the coordinator ``peer`` (it must
+    have this node in its ``--peers``).
 
-    ``coordinator_addr`` dials that ``host:port`` instead of the token's address. Used by
-    ``drift status``, ``drift join``, ``drift-coord status`` and the demo."""
+    ``coordinator_addr`` dials that ``host:port`` instead of the token's or peer's address.
+    Used by ``drift status``, ``drift join``, ``drift-coord status`` and the demo."""
     via = (coordinator_addr,) if coordinator_addr else ()
-    return asyncio.run(_fetch_status(token, mode=mode, timeout=timeout, via=via))
+    return asyncio.run(
+        _fetch_status(token, mode=mode, timeout=timeout, via=via, peer=peer, key_file=key_file)
+    )
 
 
 async def _fetch_status(
-    token: str, *, mode: str | None, timeout: float, via: tuple[str, ...]
+    token: str | None,
+    *,
+    mode: str | None,
+    timeout: float,
+    via: tuple[str, ...],
+    peer: str | None,
+    key_file: str | None,
 ) -> p.SessionStatus:
     from lightning_drift.node.client import CoordinatorClient
 
-    client = await CoordinatorClient.connect(
-        token, timeout=timeout, mode=mode, name="status", observe=True, via=via
-    )
+    if token:
+        client = await CoordinatorClient.connect(
+            token, timeout=timeout, mode=mode, name="status", observe=True, via=via
+        )
+    else:
+        from lightning_drift.auth import node_identity
+
+        assert peer, "a status without a token needs the coordinator's id"
+        client = await CoordinatorClient.join_peer(
+            peer,
+            secret=node_identity(key_file).seed,
+            timeout=timeout,
+            mode=mode,
+            name="status",
+            observe=True,
+            via=via,
+        )
     try:
         return await asyncio.wait_for(client.status(), timeout)
     finally:

@@ -236,7 +236,10 @@ def serve(
     token_ttl: Annotated[str | None, _option("token_ttl")] = None,
     peers: Annotated[list[str] | None, _option("peers")] = None,
     config: Annotated[
-        Path | None, typer.Option(help="YAML: `coordinator:` options + LightningCLI config.")
+        Path | None,
+        typer.Option(
+            help=common.with_default("YAML: `coordinator:` options + LightningCLI config.", "none")
+        ),
     ] = None,
     exit_when_done: Annotated[
         bool | None, _option("exit_when_done", "--exit-when-done/--stay")
@@ -368,6 +371,18 @@ def token(
     typer.echo(f"role={claims.role} jti={claims.jti} expires={time.ctime(claims.exp)}", err=True)
 
 
+@app.command("id")
+def coordinator_id(
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR, verbose: common.VerboseOpt = False
+) -> None:
+    """Print the coordinator's id (its key is created on first use), before serving: what a
+    listening node's --peer names it by."""
+    common.setup_logging(verbose, common.COORDINATOR)
+    from lightning_drift.coordinator.state import StateDir
+
+    typer.echo(StateDir(state_dir).identity().public_hex)
+
+
 @app.command()
 def revoke(
     jti: str, state_dir: StateDirOpt = DEFAULT_STATE_DIR, verbose: common.VerboseOpt = False
@@ -391,9 +406,11 @@ def status(
     token: Annotated[
         str | None,
         typer.Option(
-            help="Observer or node token, or a file holding it.",
-            show_default=f"${TOKEN_ENV}, else STATE_DIR/observer.token, else the token of the "
-            "last drift join or train here",
+            help=common.with_default(
+                "Observer or node token, or a file holding it.",
+                f"${TOKEN_ENV}, else STATE_DIR/observer.token, else the token of the "
+                "last drift join or train here",
+            )
         ),
     ] = None,
     as_json: common.JsonOpt = False,

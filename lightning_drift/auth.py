@@ -38,7 +38,7 @@ import nacl.exceptions
 import nacl.signing
 
 from lightning_drift.errors import AuthError
-from lightning_drift.fsutil import atomic_write
+from lightning_drift.fsutil import atomic_write, user_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,21 @@ class Identity:
     def sign(self, data: bytes) -> bytes:
         """The 64-byte Ed25519 signature of ``data``."""
         return self._signing.sign(data).signature
+
+
+NODE_KEY_FILE = "node.key"  # a node's lasting key, in the user's lightning-drift folder
+
+
+def node_key_path(key_file: str | Path | None = None) -> Path:
+    """The key file of a node named by id: ``key_file``, else ``node.key`` in the user's
+    lightning-drift folder (``fsutil.user_state_dir``)."""
+    return Path(key_file) if key_file else user_state_dir() / NODE_KEY_FILE
+
+
+def node_identity(key_file: str | Path | None = None) -> Identity:
+    """The lasting key of a node that joins without a token (created on first use): the
+    coordinator's ``--peers`` list names the node by its public half, its endpoint id."""
+    return Identity.load_or_create_file(node_key_path(key_file))
 
 
 @dataclass(frozen=True)
@@ -473,5 +488,7 @@ __all__ = [
     "TokenVerifier",
     "decode_token",
     "issue_token",
+    "node_identity",
+    "node_key_path",
     "verify_token",
 ]

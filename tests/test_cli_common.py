@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,40 @@ def test_coord_status_without_any_token_is_a_usage_error(tmp_path: Path):
     )
     assert out.returncode == 2, out.stderr
     assert "no token" in out.stderr and "drift-coord token --role observer" in out.stderr
+
+
+def _option_blocks(help_text: str) -> dict[str, str]:
+    """``--flag`` → the whole (unwrapped) help of that option in a rich ``--help`` panel."""
+    blocks: dict[str, str] = {}
+    current = None
+    for line in help_text.splitlines():
+        if re.match(r"│ +-", line):
+            current = line.split()[1].split(",")[0]
+            blocks[current] = line
+        elif current is not None and line.startswith("│"):
+            blocks[current] += " " + line.strip("│ ")
+        else:
+            current = None
+    return blocks
+
+
+def test_every_option_of_every_command_shows_its_effective_default():
+    import typer.main
+    from lightning_drift_cli import coord, drift, node
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    seen = 0
+    for app in (drift.app, coord.app, node.app):
+        for name in typer.main.get_command(app).commands:  # type: ignore[attr-defined]
+            r = runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"})
+            assert r.exit_code == 0, r.output
+            for flag, text in _option_blocks(r.output).items():
+                seen += 1
+                assert flag == "--help" or "[default: " in text, (name, flag, text)
+    assert seen > 80  # the panels were read
+    r = runner.invoke(drift.app, ["train", "--help"], env={"COLUMNS": "400"})
+    blocks = _option_blocks(r.output)
+    assert "[default: 10]" in blocks["--epochs"]  # the session's default, from the one table
+    assert "[default: the token's mode" in blocks["--mode"]
+    assert "CHECKPOINT_DIR/last.ckpt" in blocks["--resume"]

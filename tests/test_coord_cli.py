@@ -80,7 +80,7 @@ def test_serve_has_one_flag_per_table_row_and_shows_its_default():
 
     flags = {s.name for s in OPTIONS if s.where == "flag"}
     assert set(inspect.signature(serve).parameters) == flags | {"config", "verbose"}
-    r = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    r = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "400"})
     assert r.exit_code == 0, r.output
     lines = {line.split()[1]: line for line in r.output.splitlines() if "--" in line[:8]}
     for s in OPTIONS:
@@ -154,6 +154,16 @@ def test_printed_tokens_say_how_to_reach_the_coordinator(tmp_path):
     r = runner.invoke(app, ["token", "--state-dir", str(st)])
     assert r.exit_code == 0, r.output
     assert decode_token(r.stdout.strip().splitlines()[0])[0].mode == "local"
+
+
+def test_a_restart_with_only_the_state_dir_admits_the_same_peers(tmp_path):
+    st, node = tmp_path / "st", "ab" * 32
+    start_and_close(SessionConfig(), ServeOptions(state_dir=st, port=0, peers=[node]))
+    notes: list[str] = []
+    assert resolve_serve_options({"state_dir": st}, None, notes)[1].peers == [node]
+    assert f"--peers {node}" in notes[0]
+    other = "cd" * 32  # given again: the new list wins
+    assert resolve_serve_options({"state_dir": st, "peers": [other]}, None)[1].peers == [other]
 
 
 def test_a_restart_with_only_the_state_dir_keeps_the_address_and_the_token(tmp_path):

@@ -109,6 +109,7 @@ def test_resume_with_no_checkpoint_to_resume_is_one_clear_error(tmp_path: Path) 
 
 def test_join_deletes_the_fetched_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from lightning_drift_cli import nodecmds
+    from lightning_drift_cli.common import NodeLink
 
     import lightning_drift.auth
 
@@ -122,7 +123,7 @@ def test_join_deletes_the_fetched_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(nodecmds, "fetch_status", lambda *a, **k: status)
     seen: list[Path] = []
 
-    def run(config: Path, **kwargs: object) -> int:
+    def run(config: Path, link: object) -> int:
         assert config.read_text() == "a: 1\n"
         seen.append(config)
         if len(seen) == 2:
@@ -130,9 +131,9 @@ def test_join_deletes_the_fetched_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
         return 0
 
     monkeypatch.setattr(nodecmds, "_run_lightning_cli", run)
-    assert nodecmds.join("t", None) == 0
+    assert nodecmds.join(NodeLink(token="t"), None) == 0
     with pytest.raises(RuntimeError):
-        nodecmds.join("t", None)
+        nodecmds.join(NodeLink(token="t"), None)
     assert len(seen) == 2
     assert not any(path.exists() for path in seen)
 

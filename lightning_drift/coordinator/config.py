@@ -127,8 +127,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Lifetime of the printed node/observer tokens: 24h, 7d...", _O,
             parse=parse_duration, attr="token_ttl_s", check=_positive, shown="7d"),
     Setting("peers", [], list,
-            "Nodes that join without a token, by id: ID, ID@HOST:PORT or a ticket (repeat "
-            "or comma-separate). Those with an address (any id in internet mode) are dialled.",
+            "Nodes let in without a token, by id: ID, ID@HOST:PORT or a ticket (a comma "
+            "list, or repeat it); dialled when they have an address (internet: any id).",
             _O, parse=split_peers, check=_peer_names, shown="none; on a restart, the stored ones"),
     Setting("exit_when_done", True, bool, "Exit after the last round (or stay).", _O,
             shown="--exit-when-done"),

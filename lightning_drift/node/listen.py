@@ -28,6 +28,8 @@ from lightning_drift.transport import Connection, Endpoint
 log = logging.getLogger(__name__)
 log.setLevel(logging.INFO)
 
+DEFAULT_LISTEN = "0.0.0.0:0"  # every interface, a port the system picks
+
 
 class CoordinatorListener:
     """The endpoint of a node that waits for the coordinator ``coordinator_key`` to dial in.
@@ -50,12 +52,13 @@ class CoordinatorListener:
         secret: bytes,
         coordinator_key: bytes,
         mode: str = "local",
-        listen: str = "0.0.0.0:0",
+        listen: str = DEFAULT_LISTEN,
         relay_urls: Sequence[str] = (),
     ) -> CoordinatorListener:
-        """Bind the node's endpoint at ``listen`` (``host:port``) and start waiting."""
+        """Bind the node's endpoint at ``listen`` (``host:port``; ``""``: the default) and
+        start waiting."""
         endpoint = await Endpoint.bind(
-            mode=mode, secret=secret, bind_addr=listen, relay_urls=relay_urls
+            mode=mode, secret=secret, bind_addr=listen or DEFAULT_LISTEN, relay_urls=relay_urls
         )
         self = cls(endpoint, coordinator_key)
         ticket = endpoint.ticket()
@@ -131,4 +134,4 @@ class CoordinatorListener:
         await self.endpoint.close()
 
 
-__all__ = ["CoordinatorListener"]
+__all__ = ["DEFAULT_LISTEN", "CoordinatorListener"]

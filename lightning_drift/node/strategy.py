@@ -47,7 +47,7 @@ from typing_extensions import override
 
 from lightning_drift import __version__
 from lightning_drift import protocol as p
-from lightning_drift.auth import TOKEN_ENV
+from lightning_drift.auth import TOKEN_ENV, node_identity
 from lightning_drift.errors import ConfigError, SessionError, SessionFinished
 from lightning_drift.hardware import choose_device, describe, memory_now, node_info_fields
 from lightning_drift.node.barriers import EpochBarriers, contributing_round, steps_per_epoch
@@ -59,6 +59,7 @@ from lightning_drift.node.weights import (
     local_state,
     model_fingerprint,
 )
+from lightning_drift.peers import parse_peer
 
 if TYPE_CHECKING:
     # A real import of these would run inside Lightning's own package import (see
@@ -98,6 +99,18 @@ class DriftStrategy(SingleDeviceStrategy):
         progress_every: seconds between progress reports to the coordinator; ``None`` uses
             the interval the coordinator asks for (``TrainConfig.progress_every_s``).
         calibration_seconds: how long the start-up calibration benchmark runs.
+        peer: the coordinator by its endpoint id: ``"ID"`` (internet mode: found by
+            discovery), ``"ID@HOST:PORT"`` or a ticket. Without a token the node joins
+            without one (the coordinator must have this node's id in its ``--peers``); with
+            ``listen`` it waits for this coordinator; with a token, the token must name it.
+        listen: wait for the coordinator (``peer``) to dial this node, listening on this
+            ``"HOST:PORT"`` (``""``: all interfaces, any port). The node logs its id and
+            ticket (give either to the coordinator's ``--peers``) and lets in no other key.
+            Needs no token.
+        key_file: this node's key, for the ways without a token (the coordinator knows a
+            node by it); created (0600) on first use. ``None``: ``node.key`` in the user's
+            lightning-drift folder (``$XDG_STATE_HOME/lightning-drift``). A node that joins
+            with a token uses a fresh key each run.
     """
 
     strategy_name = "drift"
@@ -116,13 +129,26 @@ class DriftStrategy(SingleDeviceStrategy):
         name: str | None = None,
         progress_every: float | None = None,
         calibration_seconds: float = 0.5,
+        peer: str | None = None,
+        listen: str | None = None,
+        key_file: str | None = None,
     ) -> None:
-        token = token or os.environ.get(TOKEN_ENV)
-        if not token:
+        if listen is not None:
+            if token or not peer:
+                raise ConfigError(
+                    "DriftStrategy(listen=...) waits for the coordinator named by peer=... "
+                    "(its id) to dial in: give peer, and no token"
+                )
+        else:
+            token = token or os.environ.get(TOKEN_ENV)
+        if not token and not peer:
             raise ConfigError(
                 "DriftStrategy needs an invitation token: pass DriftStrategy(token=...) or set "
                 f"{TOKEN_ENV}; `drift-coord serve` prints one and writes it to STATE_DIR/node.token"
+                " (or name the coordinator by id with peer=..., if it lists this node's id)"
             )
+        if peer:
+            parse_peer(peer)  # a malformed id fails here, not when the node joins
         if mode not in (None, "local", "internet"):
             raise ConfigError(
                 f"mode must be 'local' or 'internet' (or None: the token's), not {mode!r}"
@@ -133,7 +159,10 @@ class DriftStrategy(SingleDeviceStrategy):
             root = choose_device(device)
             accelerator = _accelerator_for(root)
         super().__init__(device=root, accelerator=accelerator)
-        self.token = token.strip()
+        self.token = token.strip() if token else None
+        self.peer = peer
+        self.listen = listen
+        self.key_file = key_file
         self.device_preference = device
         self.sync_every = sync_every
         self.connect_timeout = connect_timeout
@@ -321,6 +350,10 @@ class DriftStrategy(SingleDeviceStrategy):
             via=(self.coordinator_addr,) if self.coordinator_addr else (),
             connect_timeout=self.connect_timeout,
             reconnect_timeout=self.reconnect_timeout,
+            peer=self.peer,
+            listen=self.listen,
+            # Without a token the coordinator knows this node by its lasting key.
+            secret=None if self.token else node_identity(self.key_file).seed,
         )
         self.node_key = self.runtime.node_key
         config = self.runtime.start()
