@@ -263,8 +263,9 @@ def main(
 ) -> None:
     """Run ``app`` as a console script: logging at ``DRIFT_LOG`` (or ``verbosity``'s level),
     unbuffered output, exit 130 on Ctrl-C, and a ``DriftError`` that escapes a command ends
-    as :func:`fail` ends it (exit 1). A ``DRIFT_LOG`` that names no level is a usage error.
-    ``optional_values``: options whose value may be left out (see :func:`bare_options`)."""
+    as :func:`fail` ends it (exit 1). A ``DRIFT_LOG`` that names no level is a usage error;
+    no arguments at all show the help (exit 0). ``optional_values``: options whose value may
+    be left out (see :func:`bare_options`)."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         setup_logging(False, verbosity)
@@ -272,7 +273,8 @@ def main(
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
-        app(args=bare_options(sys.argv[1:], optional_values))
+        # A bare command shows its help and succeeds: nothing was asked, nothing failed.
+        app(args=bare_options(sys.argv[1:], optional_values) or ["--help"])
     except KeyboardInterrupt:
         sys.exit(130)
     except DriftError as exc:

@@ -73,6 +73,30 @@ def test_drift_log_debug_shows_debug_logs_and_the_traceback(tmp_path: Path) -> N
     assert "AuthError" in r.stderr and "malformed token" in r.stderr
 
 
+# -- drift-node ------------------------------------------------------------------------------------
+
+
+def test_drift_node_is_installed_and_is_the_node_side_of_drift(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "drift-node"
+    assert script.is_file(), f"{script}: run `make install` (pip install -e .)"
+    r = subprocess.run(
+        [str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, (r.stdout, r.stderr)  # a bare command shows its help
+    commands = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("│ ")}
+    assert {"join", "train", "status", "id"} <= commands and "coord" not in commands, r.stdout
+    key = tmp_path / "node.key"
+    ids = {
+        subprocess.run(
+            [*cmd, "id", "--key-file", str(key)], env=_env(), capture_output=True, text=True,
+            timeout=60,
+        ).stdout.strip()
+        for cmd in ([str(script)], [sys.executable, "-m", "lightning_drift_cli.drift"])
+    }  # fmt: skip
+    assert len(ids) == 1 and len(ids.pop()) == 64  # one key file, one id, either command
+    assert oct(key.stat().st_mode & 0o777) == oct(0o600)
+
+
 # -- drift train --resume ----------------------------------------------------------------------
 
 
