@@ -302,7 +302,8 @@ def _coordinate(
     verbose: bool,
 ) -> None:
     """``drift train --peers``: ``drift coord --peers ... --min-nodes N`` with this command's
-    session flags; a node's flag given with it is a usage error."""
+    session flags, bound where the peers can reach it; a node's flag given with it is a usage
+    error."""
     from lightning_drift.peers import split_peers
 
     given = [
@@ -323,6 +324,20 @@ def _coordinate(
         raise typer.BadParameter(str(exc), param_hint="--peers") from None
     from lightning_drift_cli.coord import serve
 
+    from lightning_drift.peers import parse_peer
+    from lightning_drift.transport import local_bind_for, peer_addrs
+
+    bind = None  # internet mode: all interfaces, the table's default
+    if mode != "internet":
+        # Nodes on this machine only: loopback. Otherwise (another host, or a bare id that
+        # will dial in from wherever it is) every interface, or they could not reach us.
+        named = [parse_peer(n) for n in names]
+        addrs = [a for peer in named for a in peer_addrs(peer)]
+        on_loopback = all(peer.has_address for peer in named) and (
+            local_bind_for(addrs) == "127.0.0.1:0"
+        )
+        bind = "127.0.0.1" if on_loopback else "0.0.0.0"
+
     def flag(name: str, value: Any) -> Any:
         # Only what was typed: a default must not count as given (a restart keeps the saved).
         source = ctx.get_parameter_source(name)
@@ -335,6 +350,7 @@ def _coordinate(
         batch_size=flag("batch_size", batch_size),
         mode=mode,
         port=port,
+        bind=bind,
         verbose=verbose,
     )
 

@@ -97,6 +97,39 @@ def test_drift_node_is_installed_and_is_the_node_side_of_drift(tmp_path: Path) -
     assert oct(key.stat().st_mode & 0o777) == oct(0o600)
 
 
+# -- how a node names its coordinator -------------------------------------------------------------
+
+KEY = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--peers", KEY, "--d-model", "8"], "--d-model is a node's option"),
+        (["train", "--peers", KEY, "--token", "eyJx"], "--token is a node's option"),
+        (["train", "--peers", "4e110"], "is not an endpoint id"),
+        (["train", "--port", "7842"], "--port is the coordinator's, with --peers"),
+        (["train", "--listen="], "add --peer COORDINATOR_ID"),
+        (["join", "--listen=", "--peer", KEY, "--token", "eyJx"], "needs no token"),
+        (["train"], "no token: pass --token or set DRIFT_TOKEN"),
+    ],
+)
+def test_flags_that_do_not_go_together_are_usage_errors(monkeypatch, args, message):
+    from lightning_drift_cli import drift
+    from typer.testing import CliRunner
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    r = CliRunner().invoke(drift.app, args, env={"COLUMNS": "400"})
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split()), r.output
+
+
+def test_a_malformed_peer_is_one_error_line(tmp_path: Path) -> None:
+    r = _drift("train", "--peer", "4e110", "--checkpoint-dir", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "error: peer '4e110' is not an endpoint id (64 hex characters)" in r.stderr
+
+
 # -- drift train --resume ----------------------------------------------------------------------
 
 
