@@ -136,11 +136,21 @@ def test_main_turns_an_escaping_drift_error_into_exit_1(monkeypatch, capsys):
     def boom() -> None:
         raise AuthError("the coordinator refused the token")
 
-    monkeypatch.setattr(sys, "argv", ["drift"])
+    @app.command()
+    def other() -> None:
+        pass
+
+    monkeypatch.setattr(sys, "argv", ["drift", "boom"])
     with pytest.raises(SystemExit) as end:
         common.main(app)
     assert end.value.code == 1
     assert capsys.readouterr().err == "error: the coordinator refused the token\n"
+    # The command alone asks for nothing: its help, and success.
+    monkeypatch.setattr(sys, "argv", ["drift"])
+    with pytest.raises(SystemExit) as end:
+        common.main(app)
+    assert end.value.code == 0
+    assert "boom" in capsys.readouterr().out
 
 
 def test_coord_status_without_any_token_is_a_usage_error(tmp_path: Path):

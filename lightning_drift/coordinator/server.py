@@ -4,8 +4,9 @@ One task per connection reads the control stream (Join → Ping → NodeInfo →
 progress, heartbeats, shard and status requests); every barrier is a new bi stream with its
 own task. Nodes dial in with a token, or without one when their key is on the ``--peers``
 list; the coordinator also dials the listed nodes it has an address for (any id in internet
-mode) and runs the same handshake from Ping on (:meth:`Coordinator._keep_dialing`). Frames become calls on :class:`~lightning_drift.coordinator.session.Session`, whose
-decisions become frames. An upload goes from its stream to the session (its verdict), then to
+mode) and runs the same handshake from Ping on (:meth:`Coordinator._keep_dialing`). Frames
+become calls on :class:`~lightning_drift.coordinator.session.Session`, whose decisions
+become frames. An upload goes from its stream to the session (its verdict), then to
 :class:`~lightning_drift.coordinator.rounds.Rounds` (accumulate, or adopt), and is answered
 with the weights the rounds publish; the rounds own everything from the accumulator to the
 checkpoint and the published weights.
