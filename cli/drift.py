@@ -374,6 +374,17 @@ def status(
         typer.Option(help="A coordinator's state directory, for its observer.token."),
     ] = common.DEFAULT_STATE_DIR,
     as_json: common.JsonOpt = False,
+    peer: Annotated[
+        str | None,
+        typer.Option(
+            help=common.with_default(
+                "Ask the coordinator named by id (ID, ID@HOST:PORT or a ticket), without a "
+                "token, as the node --key-file names (it must be on the coordinator's --peers).",
+                "none: find a token",
+            )
+        ),
+    ] = None,
+    key_file: KeyFileOpt = None,
     mode: ModeOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 15.0,
     coordinator_addr: CoordinatorAddrOpt = None,
@@ -381,8 +392,15 @@ def status(
 ) -> None:
     """Show the session: nodes, devices, shares, rounds (found as `drift-coord status` finds it)."""
     common.setup_logging(verbose, common.NODE)
-    tok = common.status_token(token, state_dir)
-    st = common.fetch_status(tok, mode=mode, timeout=timeout, coordinator_addr=coordinator_addr)
+    tok = common.find_token(token) if peer else common.status_token(token, state_dir)
+    st = common.fetch_status(
+        tok,
+        mode=mode,
+        timeout=timeout,
+        coordinator_addr=coordinator_addr,
+        peer=peer,
+        key_file=str(key_file) if key_file else None,
+    )
     common.show_status(st, as_json=as_json)
 
 

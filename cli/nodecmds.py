@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import sys
@@ -14,6 +15,9 @@ from lightning_drift.auth import TOKEN_ENV
 from lightning_drift.errors import AuthError, ConfigError
 
 log = logging.getLogger(__name__)
+
+# What `drift join` trains when neither it nor the coordinator names a LightningCLI config.
+EXAMPLE_CONFIG = importlib.resources.files("lightning_drift_examples") / "train.yaml"
 
 
 def join(link: NodeLink, config: Path | None) -> int:
@@ -41,10 +45,17 @@ def join(link: NodeLink, config: Path | None) -> int:
         key_file=link.key_file,
     )
     if not status.lightning_config:
-        raise ConfigError(
-            "the coordinator was started without --config, so it has no LightningCLI config "
-            "to hand out: pass `drift join --config train.yaml`"
+        # Nothing to hand out: train the example model, as `drift train` does, and say so.
+        print(
+            "note: the coordinator was started without --config, so it has no LightningCLI "
+            "config to hand out; training the example char-level model "
+            "(lightning_drift_examples/train.yaml). Pass `drift join --config train.yaml` "
+            "to train your own.",
+            file=sys.stderr,
+            flush=True,
         )
+        with importlib.resources.as_file(EXAMPLE_CONFIG) as example:
+            return _run_lightning_cli(example, link)
     tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="drift-join-", delete=False)
     try:
         with tmp:

@@ -195,6 +195,31 @@ def test_join_deletes_the_fetched_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert not any(path.exists() for path in seen)
 
 
+def test_join_trains_the_example_when_no_config_is_named_anywhere(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`drift coord --port 7842` then `drift join --token T`, as the seed types them: the
+    coordinator has no LightningCLI config to hand out, so the node trains the example."""
+    from lightning_drift_cli import nodecmds
+    from lightning_drift_cli.common import NodeLink
+
+    import lightning_drift.auth
+
+    monkeypatch.setattr(lightning_drift.auth, "decode_token", lambda token: (None, b"", b""))
+    monkeypatch.setenv(TOKEN_ENV, "")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    status = p.SessionStatus(session_id="s", state="waiting", round=0, epoch=0, epochs=10)
+    monkeypatch.setattr(nodecmds, "fetch_status", lambda *a, **k: status)
+    seen: list[str] = []
+    monkeypatch.setattr(
+        nodecmds, "_run_lightning_cli", lambda config, link: seen.append(config.read_text()) or 0
+    )
+    assert nodecmds.join(NodeLink(token="t"), None) == 0
+    assert "lightning_drift_examples.charlm.CharLM" in seen[0]
+    assert "lightning_drift.DriftStrategy" in seen[0]
+    assert "training the example char-level model" in capsys.readouterr().err
+
+
 # -- --model-path ----------------------------------------------------------------------------------
 
 
