@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 from rich.markup import escape
 
-from lightning_drift.auth import TOKEN_ENV
+from lightning_drift.auth import TOKEN_ENV, TOKEN_FILE_ENV, read_token_file, token_text
 from lightning_drift.coordinator.config import SETTING
 from lightning_drift.errors import ConfigError, DriftError
 from lightning_drift.fsutil import atomic_write, user_state_dir
@@ -49,7 +49,8 @@ TokenOpt = Annotated[
         "--token",
         "-t",
         help=with_default(
-            "Invitation token, or a file holding it.", f"${TOKEN_ENV}; none with --peer or --listen"
+            f"Invitation token, or a file holding it (or the file {TOKEN_FILE_ENV} names).",
+            f"${TOKEN_ENV}; none with --peer or --listen",
         ),
     ),
 ]
@@ -77,10 +78,7 @@ OBSERVER_TOKEN = "observer.token"
 
 def read_token(value: str) -> str:
     """The token itself, or the content of the file ``value`` names (tokens start ``eyJ``)."""
-    value = value.strip()
-    if not value.startswith("eyJ") and Path(value).is_file():
-        return Path(value).read_text().strip()
-    return value
+    return token_text(value)
 
 
 def remembered_token_path() -> Path:
@@ -107,12 +105,17 @@ def find_token(
     takes a token looks it up here.
 
     In order: ``given`` (the ``--token`` flag), the ``DRIFT_TOKEN`` environment variable (a
-    token or a file holding one, either way), then the first of ``files`` that exists and is
-    not empty (e.g. ``STATE_DIR/observer.token``), then, with ``remembered``, the token of the
-    last ``drift join`` or ``drift train`` on this machine (:func:`remember_token`)."""
+    token or a file holding one, either way), the file ``DRIFT_TOKEN_FILE`` names, then the
+    first of ``files`` that exists and is not empty (e.g. ``STATE_DIR/observer.token``), then,
+    with ``remembered``, the token of the last ``drift join`` or ``drift train`` on this
+    machine (:func:`remember_token`). The library's own lookup (``DriftStrategy``) reads the
+    same variables in the same order."""
     for value in (given, os.environ.get(TOKEN_ENV)):
         if value and value.strip():
             return read_token(value)
+    token_file = os.environ.get(TOKEN_FILE_ENV, "").strip()
+    if token_file:
+        return read_token_file(token_file)
     for path in [*files, *([remembered_token_path()] if remembered else [])]:
         if path.is_file():
             text = path.read_text().strip()
@@ -130,7 +133,9 @@ def need_token(
         return token
     where = hint or "`drift-coord serve` prints one and writes it to STATE_DIR/node.token"
     raise typer.BadParameter(
-        f"no token: pass --token or set {TOKEN_ENV} ({where})", param_hint="--token"
+        f"no token: pass --token or set {TOKEN_ENV} (a token or a file holding one either "
+        f"way) or {TOKEN_FILE_ENV} ({where})",
+        param_hint="--token",
     )
 
 

@@ -222,6 +222,8 @@ def serve(
     sync_every: Annotated[int | None, _option("sync_every")] = None,
     aggregation: Annotated[str | None, _option("aggregation")] = None,
     quorum: Annotated[float | None, _option("quorum")] = None,
+    stop_policy: Annotated[str | None, _option("stop_policy")] = None,
+    stop_quorum: Annotated[float | None, _option("stop_quorum")] = None,
     heartbeat_timeout: Annotated[float | None, _option("heartbeat_timeout")] = None,
     dataset_size: Annotated[int | None, _option("dataset_size")] = None,
     seed: Annotated[int | None, _option("seed")] = None,
@@ -235,6 +237,8 @@ def serve(
     max_model_mb: Annotated[int | None, _option("max_model_mb")] = None,
     token_ttl: Annotated[str | None, _option("token_ttl")] = None,
     peers: Annotated[list[str] | None, _option("peers")] = None,
+    logger: Annotated[list[str] | None, _option("logger")] = None,
+    log_dir: Annotated[Path | None, _option("log_dir")] = None,
     config: Annotated[
         Path | None,
         typer.Option(

@@ -1,7 +1,16 @@
-"""``drift demo``: a coordinator and N nodes on loopback train the example char-LM."""
+"""``drift demo``: a coordinator and N nodes on loopback train the example char-LM.
+
+It shows the session as it goes (a line per completed round with the nodes' loss), and at the
+end what the two processes made together: the validation loss of the session's initial
+weights next to the final checkpoint's, and a short text sample generated from the final
+checkpoint.
+"""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -12,6 +21,12 @@ from pathlib import Path
 from lightning_drift_cli.local import LocalCoordinator
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
+
+# The nodes' model and data (every node of a session must build the same ones).
+MODEL = {"d_model": 64, "n_layers": 2, "block_size": 64}
+BATCH_SIZE = 32
+PROMPT = b"def "
 
 
 def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: int) -> int:
@@ -23,12 +38,15 @@ def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: i
     logs.mkdir(parents=True)
     # Nodes share this machine's cores: one torch thread each keeps them from fighting.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    loggers = ["csv"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") else [])
     coord = LocalCoordinator(
         workdir,
         min_nodes=nodes,
         epochs=epochs,
-        batch_size=32,
+        batch_size=BATCH_SIZE,
         sync_every=sync_every,
+        keep=1000,  # every round stays: the demo compares round 0 with the last
+        logger=loggers,
     )
     console.print(f"[bold]coordinator[/] on 127.0.0.1:{coord.port}, state in {coord.state_dir}")
     procs: list[subprocess.Popen] = []
@@ -36,13 +54,15 @@ def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: i
     try:
         coord.start()
         console.print(
-            f"node token: {coord.token[:24]}…  (whole token in {coord.state_dir / 'node.token'})"
+            f"node token in {coord.state_dir / 'node.token'} (nodes read it from that file)"
         )
         for i in range(nodes):
             cmd = [
-                sys.executable, "-m", "lightning_drift_cli.drift", "train", "--token", coord.token,
-                "--max-chars", str(max_chars), "--d-model", "64", "--n-layers", "2",
-                "--block-size", "64", "--batch-size", "32", "--epochs", str(epochs),
+                sys.executable, "-m", "lightning_drift_cli.drift", "train",
+                "--token", str(coord.state_dir / "node.token"),
+                "--max-chars", str(max_chars), "--d-model", str(MODEL["d_model"]),
+                "--n-layers", str(MODEL["n_layers"]), "--block-size", str(MODEL["block_size"]),
+                "--batch-size", str(BATCH_SIZE), "--epochs", str(epochs),
                 "--checkpoint-dir", str(workdir / f"node-{i}"), "--name", f"node-{i}",
                 "--no-progress",
             ]  # fmt: skip
@@ -68,40 +88,100 @@ def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: i
         f"[green]done[/]: {len(manifest.get('checkpoints', []))} checkpoints kept; final "
         f"coordinated checkpoint: {final}"
     )
+    _loss_per_round(console, coord.checkpoint_dir / "logs")
+    _what_was_learned(console, coord, max_chars)
     return 0
 
 
 def _watch(console: Console, observer: str, procs: list, coord: LocalCoordinator) -> None:
-    """Show the session live until every node has exited."""
+    """Show the session live until every node has exited: the table on a terminal, and a
+    line for each completed round with the loss the nodes reported."""
     from lightning_drift_cli.common import fetch_status
 
-    from lightning_drift.coordinator.monitor import render_table
+    from lightning_drift.coordinator.monitor import render_table, safe_text
 
     live = console.is_terminal
-    last_line = ""
-    with Live(console=console, auto_refresh=False, transient=False) if live else _Null() as view:
+    last_round = -1
+    finished = False
+    with Live(console=console, auto_refresh=False, transient=True) if live else _Null() as view:
         while any(p.poll() is None for p in procs) and coord.proc.poll() is None:
             try:
                 st = fetch_status(observer, timeout=5)
-            except Exception as exc:  # the coordinator may be busy or restarting
+            except Exception as exc:  # the coordinator may be busy, restarting or done
                 st = None
-                if not live and coord.proc is not None and coord.proc.poll() is None:
-                    console.print(f"status unavailable: {exc}")
+                if not live and not finished and coord.proc.poll() is None:
+                    console.print(f"status unavailable: {escape(str(exc))}")
             if st is not None:
+                finished = st.state == "finished"
                 if live:
                     view.update(render_table(st), refresh=True)
-                else:
-                    line = (
-                        f"round {st.round} epoch {min(st.epoch + 1, st.epochs)}/{st.epochs} state {st.state} "
-                        + " ".join(
-                            f"{n.name or n.node_id[:8]}:{n.state}:{n.samples_per_s:.0f}/s"
-                            for n in st.nodes
-                        )
+                if st.round != last_round:
+                    last_round = st.round
+                    losses = [(n.name or n.node_id[:8], n.loss) for n in st.nodes]
+                    known = [v for _, v in losses if v is not None and math.isfinite(v)]
+                    mean = f"{sum(known) / len(known):.3f}" if known else "-"
+                    each = ", ".join(
+                        f"{safe_text(name)} {v:.3f}" for name, v in losses if v is not None
                     )
-                    if line != last_line:
-                        console.print(line)
-                        last_line = line
+                    rate = sum(n.samples_per_s for n in st.nodes)
+                    console.print(
+                        f"round {st.round:>3} · epoch {min(st.epoch + 1, st.epochs)}/{st.epochs}"
+                        f" · loss {mean}"
+                        + (f" ({each})" if each else "")
+                        + f" · {rate:.0f} samples/s"
+                    )
             time.sleep(1.0)
+
+
+def _loss_per_round(console: Console, log_dir: Path) -> None:
+    """The session's own log (CSVLogger, written by the coordinator): loss per round."""
+    files = sorted(log_dir.glob("csv/*/version_*/metrics.csv"))
+    if not files:
+        return
+    with files[-1].open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("round/loss")]
+    if not rows:
+        return
+    cells = [f"{int(float(r['step']))}:{float(r['round/loss']):.3f}" for r in rows]
+    console.print(
+        f"loss per round (round:loss, from {files[-1]}): " + "  ".join(cells), soft_wrap=True
+    )
+
+
+def _what_was_learned(console: Console, coord: LocalCoordinator, max_chars: int) -> None:
+    """Validation loss of round 0's weights and of the final checkpoint, and a sample."""
+    import torch
+    from lightning_drift_examples.charlm import CharDataModule, CharLM
+    from safetensors.torch import load_file
+
+    data = CharDataModule(
+        max_chars=max_chars, block_size=MODEL["block_size"], batch_size=BATCH_SIZE
+    )
+    data.setup("validate")
+    model = CharLM(**MODEL)
+
+    def val_loss(path: Path) -> float:
+        model.load_state_dict(load_file(str(path)))
+        model.eval()
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for batch in data.val_dataloader():
+                total += float(model._loss(batch)) * len(batch[0])
+                n += len(batch[0])
+        return total / max(1, n)
+
+    initial = coord.checkpoint_dir / "round-000000.safetensors"
+    final = coord.latest_checkpoint()
+    before = val_loss(initial) if initial.exists() else math.nan
+    after = val_loss(final)
+    console.print(
+        f"[bold]validation loss[/]: initial {before:.3f} (round 0) → final {after:.3f} "
+        f"({final.name})"
+    )
+    text = model.generate(PROMPT, length=160, temperature=0.8, seed=0)
+    sample = text.decode("utf-8", errors="replace")
+    console.print("[bold]sample from the final checkpoint[/]:")
+    console.print(escape(sample), markup=True, highlight=False)
 
 
 class _Null:

@@ -54,6 +54,9 @@ class LocalCoordinator:
                 cmd.append(flag)
             elif value is False:
                 cmd.append("--no-" + key.replace("_", "-"))
+            elif isinstance(value, (list, tuple)):
+                for item in value:  # a repeatable flag
+                    cmd += [flag, str(item)]
             elif value is not None:
                 cmd += [flag, str(value)]
         return cmd

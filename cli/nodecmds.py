@@ -84,7 +84,13 @@ def _run_lightning_cli(config: Path, link: NodeLink) -> int:
     ):
         if value is not None:
             args += [f"--trainer.strategy.init_args.{arg}", value]
-    LightningCLI(args=args, save_config_callback=None)
+    # LightningCLI(args=...) warns with the whole sys.argv when it has arguments, and this
+    # process's arguments may hold the token (`drift join --token eyJ...`): it sees none.
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        LightningCLI(args=args, save_config_callback=None)
+    finally:
+        sys.argv = argv
     return 0
 
 

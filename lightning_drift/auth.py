@@ -37,12 +37,15 @@ import cachetools
 import nacl.exceptions
 import nacl.signing
 
-from lightning_drift.errors import AuthError
+from lightning_drift.errors import AuthError, ConfigError
 from lightning_drift.fsutil import atomic_write, user_state_dir
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "DRIFT_TOKEN"  # the environment variable every entry point reads a token from
+TOKEN_FILE_ENV = "DRIFT_TOKEN_FILE"  # ... or the path of a file holding it
+# How LightningCLI (jsonargparse's SecretStr) writes a secret into a saved config.yaml.
+MASKED_TOKEN = "**********"
 TOKEN_VERSION = 1
 ROLES = ("node", "observer")
 MODES = ("local", "internet")  # the transport modes a token's "mode" claim may name
@@ -480,8 +483,54 @@ class TokenStore:
         return list(self._issued)
 
 
+# -- where a node's token comes from -----------------------------------------------------------
+#
+# A token is a password: it is best given where no config file, command line or log sees it.
+# Every entry point (DriftStrategy, `drift join`/`train`/`status`, LightningCLI programs) looks
+# in the same places, in this order: what it was given (a token, or the path of a file holding
+# one), then TOKEN_ENV (likewise), then the file TOKEN_FILE_ENV names.
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The token in the file ``path`` (surrounding whitespace stripped); ConfigError saying
+    what is wrong when it cannot be read or is empty."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the token file {path}: {exc.strerror or exc}; `drift-coord serve` "
+            "writes one to STATE_DIR/node.token"
+        ) from None
+    if not text:
+        raise ConfigError(f"the token file {path} is empty; copy STATE_DIR/node.token there")
+    return text
+
+
+def token_text(value: str) -> str:
+    """A token given as itself, or as the path of a file holding it (tokens start ``eyJ``)."""
+    value = value.strip()
+    if value and not value.startswith("eyJ") and Path(value).is_file():
+        return read_token_file(value)
+    return value
+
+
+def token_from_environment(environ: Any = None) -> str | None:
+    """The token from the environment: ``DRIFT_TOKEN`` (a token or a file holding one), else
+    the file ``DRIFT_TOKEN_FILE`` names; None when neither is set."""
+    env = os.environ if environ is None else environ
+    value = (env.get(TOKEN_ENV) or "").strip()
+    if value:
+        return token_text(value)
+    path = (env.get(TOKEN_FILE_ENV) or "").strip()
+    if path:
+        return read_token_file(path)
+    return None
+
+
 __all__ = [
+    "MASKED_TOKEN",
     "TOKEN_ENV",
+    "TOKEN_FILE_ENV",
     "Claims",
     "Identity",
     "TokenStore",
@@ -490,5 +539,8 @@ __all__ = [
     "issue_token",
     "node_identity",
     "node_key_path",
+    "read_token_file",
+    "token_from_environment",
+    "token_text",
     "verify_token",
 ]

@@ -82,6 +82,10 @@ class NodeInfo(_Msg, tag="node_info"):
     model_fingerprint: str = ""  # sha256 over parameter names, shapes and dtypes
     hostname: str = ""
     name: str = ""  # the node's label, as in Join.name (a dialled node sends no Join)
+    batch_size: int = 0  # the train loader's batch size; 0 when the loader does not say
+    # Samples per optimizer step: batch_size × accumulate_grad_batches (automatic
+    # optimization) or batch_size (manual); 0 when unknown. Shards come in whole steps of it.
+    samples_per_step: int = 0
 
 
 class TrainConfig(_Msg, tag="train_config"):
@@ -109,6 +113,9 @@ class TrainConfig(_Msg, tag="train_config"):
     has_weights: bool  # True when the coordinator already holds global weights
     min_nodes: int
     lightning_config: str  # LightningCLI YAML the coordinator hands to `drift join`
+    # The completed round the session finishes on, once a stop has been decided (see
+    # StopDecision); -1 while the session trains its epochs. Told again on every reconnect.
+    stop_round: int = -1
 
 
 class ShardAssignment(_Msg, tag="shard_assignment"):
@@ -129,6 +136,8 @@ class ShardAssignment(_Msg, tag="shard_assignment"):
     share: float = 0.0
     steps_per_round: int = 0  # for display; the node derives its barrier points as above
     final: bool = False  # True for the last epoch of the session
+    batch_size: int = 0  # the node's batch size the shard was cut for (0: not known)
+    samples_per_step: int = 0  # the node's samples per optimizer step the shard was cut for
 
 
 class ShardRequest(_Msg, tag="shard_request"):
@@ -150,6 +159,37 @@ class TrainProgress(_Msg, tag="train_progress"):
     samples_per_s: float = 0.0
     vram_used: int = 0
     vram_peak: int = 0
+
+
+StopKind = Literal["callback", "max_steps"]
+
+
+class StopRequest(_Msg, tag="stop_request"):
+    """Node → coordinator on the control stream: this node's training wants to end.
+
+    ``kind`` says why: ``"callback"`` (something set ``trainer.should_stop``, e.g.
+    ``EarlyStopping``; the session's stop policy decides) or ``"max_steps"`` (the node reached
+    ``Trainer(max_steps)`` and can train no further; always honoured). The coordinator answers
+    with a :class:`StopDecision`; asking again is harmless."""
+
+    kind: StopKind = "callback"
+    reason: str = ""  # for people: what asked, e.g. "EarlyStopping: val_loss did not improve"
+    epoch: int = 0
+    step: int = 0  # the node's optimizer steps in this fit
+
+
+class StopDecision(_Msg, tag="stop_decision"):
+    """Coordinator → node on the control stream: the session's answer to stop requests.
+
+    With ``stop`` the session finishes on completed round ``round`` (the round open when the
+    stop was decided): every node holds one final barrier for it as soon as it can, and that
+    round's checkpoint is the final one. It is sent to every node when the stop is decided.
+    Without ``stop`` the request was overruled (``reason`` says by what policy) and the
+    session trains on; it is sent to the asking node only."""
+
+    stop: bool
+    round: int = -1
+    reason: str = ""
 
 
 class BarrierSync(_Msg, tag="barrier_sync"):
@@ -214,6 +254,9 @@ class NodeStatus(msgspec.Struct, kw_only=True):
     barrier_wait_s: float = 0.0
     loss: float | None = None
     samples: int = 0
+    vram_used: int = 0  # bytes the node's training device holds now (its last report)
+    vram_peak: int = 0  # the most it has held in this session
+    stop_asked: bool = False  # the node has asked the session to stop
 
 
 class SessionStatus(_Msg, tag="session_status"):
@@ -229,6 +272,7 @@ class SessionStatus(_Msg, tag="session_status"):
     checkpoint: str = ""
     started_at: float = 0.0
     lightning_config: str = ""  # the coordinator's LightningCLI YAML, for `drift join`
+    stop_reason: str = ""  # why the session stops (or stopped) early, once decided
 
 
 class Finish(_Msg, tag="finish"):
@@ -261,6 +305,8 @@ Message = (
     | ShardAssignment
     | ShardRequest
     | TrainProgress
+    | StopRequest
+    | StopDecision
     | BarrierSync
     | BlobHeader
     | BarrierReady

@@ -22,6 +22,23 @@ A node's score is its expected training throughput in **samples per second**:
 So a fresh node joining a running session is placed on the same scale as the measured ones
 instead of its raw GFLOP/s being compared with other nodes' samples/s.
 
+Shards in whole optimizer steps
+-------------------------------
+A node says how many samples one of its optimizer steps takes (``NodeInfo.samples_per_step``:
+its batch size × ``accumulate_grad_batches``) and its batch size. Its shard is then a whole
+number of those steps, so every batch it trains is a full one, as in a plain run of the same
+program. The epoch's remainder (fewer samples than a step) goes to one node as the tail of its
+shard, the way a plain run ends its epoch: whole batches, then at most one partial batch, and
+only a partial batch of ``dataset_size % batch_size`` samples, which a plain run of that node's
+program has too (and drops with ``drop_last``). Whatever of the remainder no node's plain run
+would have (possible only when nodes use different batch sizes; always fewer samples than
+one batch) is left out of that epoch; the next epoch's permutation puts other samples there. A
+node that does not say (``samples_per_step`` 0) gets a shard to the sample, as before.
+
+Rounds are planned in optimizer steps too: an epoch has about ``dataset_size / (sum of the
+nodes' samples per step × sync_every)`` rounds, and never more than the fewest optimizer steps
+any (reporting) node's shard gives, so no two barriers of a node fall on one step.
+
 The device's name, VRAM and compute capability from ``NodeInfo`` do not enter the score on
 purpose: a table of GPU names would age, and the calibration benchmark measures what those
 fields only predict, on the device and software stack actually used (thermal limits, a
@@ -116,7 +133,9 @@ def calibration_score(info: NodeInfo) -> float:
 class Shard:
     """One node's part of an epoch: positions ``[start, stop)`` of the epoch's permutation.
 
-    ``share`` is the node's fraction of the total score when the epoch was planned.
+    ``share`` is the node's fraction of the total score when the epoch was planned;
+    ``batch_size`` and ``samples_per_step`` are the node's, which the shard was cut for (0:
+    not known).
     """
 
     node: str
@@ -124,6 +143,8 @@ class Shard:
     stop: int
     share: float
     steps_per_round: int
+    batch_size: int = 0
+    samples_per_step: int = 0
 
     @property
     def size(self) -> int:
@@ -140,6 +161,8 @@ class Shard:
             stop=int(d["stop"]),
             share=float(d["share"]),
             steps_per_round=int(d["steps_per_round"]),
+            batch_size=int(d.get("batch_size", 0)),
+            samples_per_step=int(d.get("samples_per_step", 0)),
         )
 
 
@@ -187,27 +210,98 @@ class EpochPlan:
         )
 
 
-def steps_for(size: int, batch_size: int, rounds: int) -> int:
+def optimizer_steps(size: int, batch_size: int, samples_per_step: int = 0) -> int:
+    """Optimizer steps one epoch over a shard of ``size`` samples gives a node that trains in
+    batches of ``batch_size`` and steps every ``samples_per_step`` samples (0: every batch).
+
+    Lightning steps once per ``accumulate_grad_batches`` batches, and once more for the
+    epoch's last, shorter group: ``ceil(ceil(size / batch_size) / accumulate)``.
+    """
+    if size <= 0 or batch_size <= 0:
+        return 0
+    accumulate = max(1, samples_per_step // batch_size) if samples_per_step else 1
+    return math.ceil(math.ceil(size / batch_size) / accumulate)
+
+
+def steps_for(size: int, batch_size: int, rounds: int, samples_per_step: int = 0) -> int:
     """Optimizer steps per round for a shard of ``size`` samples spread over ``rounds``."""
     if batch_size <= 0 or rounds <= 0:
         return 0
-    return math.ceil(math.ceil(size / batch_size) / rounds)
+    return math.ceil(optimizer_steps(size, batch_size, samples_per_step) / rounds)
 
 
-def consumed_after(size: int, batch_size: int, rounds: int, done: int) -> int:
+def consumed_after(
+    size: int, batch_size: int, rounds: int, done: int, *, samples_per_step: int = 0
+) -> int:
     """Samples of a shard of ``size`` a node has trained on after ``done`` of ``rounds`` barriers.
 
     Mirrors the node's barrier points: barrier k falls after ``ceil(k * steps / rounds)``
-    steps, where ``steps = ceil(size / batch_size)``. With ``batch_size`` 0 (unknown), the
-    shard is taken to be consumed evenly by samples.
+    optimizer steps (:func:`optimizer_steps`), each of ``samples_per_step`` samples (default
+    ``batch_size``). With ``batch_size`` 0 (unknown), the shard is taken to be consumed evenly
+    by samples.
     """
     done = max(0, min(done, rounds))
     if rounds <= 0:
         return size
     if batch_size <= 0:
         return math.ceil(done * size / rounds)
-    steps = math.ceil(size / batch_size)
-    return min(size, math.ceil(done * steps / rounds) * batch_size)
+    steps = optimizer_steps(size, batch_size, samples_per_step)
+    return min(size, math.ceil(done * steps / rounds) * (samples_per_step or batch_size))
+
+
+def batch_aligned(size: int, batch_size: int, dataset_size: int) -> int:
+    """The most of ``size`` samples a node may take as the tail of its shard: whole batches,
+    plus the one partial batch a plain run of its program has (``dataset_size % batch_size``
+    samples) if ``size`` leaves room for it. ``batch_size`` 0 (unknown): all of ``size``."""
+    if batch_size <= 0:
+        return size
+    whole = size - size % batch_size
+    partial = dataset_size % batch_size
+    return whole + (partial if 0 < partial <= size % batch_size else 0)
+
+
+def cut_in_steps(
+    total: int,
+    weights: Sequence[float],
+    steps: Sequence[int],
+    batches: Sequence[int],
+) -> list[int]:
+    """Shard sizes for ``total`` samples, proportional to ``weights``, in whole optimizer steps.
+
+    ``steps[i]`` is node i's samples per optimizer step and ``batches[i]`` its batch size (0:
+    unknown; the node's shard is then cut to the sample). Each node first gets the whole steps
+    that fit in its exact quota; the steps left are handed out one at a time to the node
+    furthest below its quota (ties: the earlier node) while one fits; the remainder (fewer
+    samples than any node's step) goes, :func:`batch_aligned`, to the node that can take most
+    of it (ties: furthest below its quota, then the earlier node). The sizes sum to ``total``
+    minus what no node's plain run would train (fewer samples than one batch; nothing when
+    every node uses the same batch size and step).
+    """
+    if all(u <= 1 for u in steps):
+        return largest_remainder(total, weights)
+    fw = [Fraction(w) for w in weights]
+    denom = sum(fw)
+    if not fw or denom <= 0:
+        raise ValueError("weights must be non-empty with a positive sum")
+    units = [max(1, u) for u in steps]
+    quotas = [total * w / denom for w in fw]
+    sizes = [math.floor(q / u) * u for q, u in zip(quotas, units, strict=True)]
+    left = total - sum(sizes)
+    while True:
+        fits = [i for i, u in enumerate(units) if u <= left]
+        if not fits:
+            break
+        i = max(fits, key=lambda j: (quotas[j] - sizes[j], -j))
+        sizes[i] += units[i]
+        left -= units[i]
+    if left > 0:
+        takes = [
+            batch_aligned(left, b if u > 1 else 0, total)
+            for u, b in zip(units, batches, strict=True)
+        ]
+        i = max(range(len(units)), key=lambda j: (takes[j], quotas[j] - sizes[j], -j))
+        sizes[i] += takes[i]
+    return sizes
 
 
 def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
@@ -238,6 +332,8 @@ def plan_late(
     orphan: Shard | None,
     *,
     orphan_done: int | None = None,
+    batch_size: int = 0,
+    samples_per_step: int = 0,
 ) -> Shard:
     """The shard for ``node`` joining epoch ``plan.epoch`` after ``rounds_done`` of its barriers.
 
@@ -251,19 +347,38 @@ def plan_late(
     from the epoch and node id. The compromise: those samples are seen twice this epoch.
     Exact coverage (every sample once per epoch) is promised only for the nodes present when
     the epoch was planned, and for orphans handed on.
+
+    With the late node's ``batch_size`` and ``samples_per_step`` known, its shard is whole
+    optimizer steps of its own, plus a :func:`batch_aligned` tail (from an orphan), and a
+    slice gives it at least one step per remaining round.
     """
     remaining = max(1, plan.rounds - max(0, rounds_done))
     n = plan.dataset_size or max((s.stop for s in plan.shards.values()), default=0)
+    unit = samples_per_step or batch_size
     if orphan is not None:
         done = rounds_done if orphan_done is None else orphan_done
-        used = consumed_after(orphan.size, plan.batch_size, plan.rounds, done)
+        used = consumed_after(
+            orphan.size,
+            orphan.batch_size or plan.batch_size,
+            plan.rounds,
+            done,
+            samples_per_step=orphan.samples_per_step,
+        )
         start = orphan.start + used
+        size = orphan.stop - start
+        if unit > 0:
+            whole = size - size % unit
+            size = whole + batch_aligned(size - whole, batch_size, n)
         return Shard(
             node=node,
             start=start,
-            stop=orphan.stop,
+            stop=start + size,
             share=orphan.share,
-            steps_per_round=steps_for(orphan.stop - start, plan.batch_size, remaining),
+            steps_per_round=steps_for(
+                size, batch_size or plan.batch_size, remaining, samples_per_step
+            ),
+            batch_size=batch_size,
+            samples_per_step=samples_per_step,
         )
     if plan.total_score > 0 and plan.rounds > 0:
         per_round = n * score / (plan.total_score * plan.rounds)
@@ -273,6 +388,8 @@ def plan_late(
         per_round = sum(sizes) / len(sizes) / max(1, plan.rounds)
         share = 1.0 / (len(plan.shards) + 1)
     size = max(0, min(n, round(per_round * remaining)))
+    if unit > 0:
+        size = min(max(remaining, round(size / unit)) * unit, n - n % unit)
     span = n - size + 1
     digest = hashlib.sha256(f"drift-late:{plan.epoch}:{node}".encode()).digest()
     start = int.from_bytes(digest[:8], "big") % span if span > 0 else 0
@@ -281,7 +398,9 @@ def plan_late(
         start=start,
         stop=start + size,
         share=share,
-        steps_per_round=steps_for(size, plan.batch_size, remaining),
+        steps_per_round=steps_for(size, batch_size or plan.batch_size, remaining, samples_per_step),
+        batch_size=batch_size,
+        samples_per_step=samples_per_step,
     )
 
 
@@ -289,6 +408,8 @@ def plan_late(
 class _NodeScore:
     calibration: float  # GFLOP/s from calibration_score
     measured: float | None = None  # EMA of reported samples/s
+    batch_size: int = 0  # the node's batch size (0: not reported)
+    samples_per_step: int = 0  # its samples per optimizer step (0: not reported)
 
 
 class Scheduler:
@@ -366,7 +487,13 @@ class Scheduler:
         """
         calib = calibration_score(info)
         prev = self._nodes.get(node)
-        self._nodes[node] = _NodeScore(calib, prev.measured if prev else None)
+        batch = max(0, info.batch_size)
+        per_step = max(0, info.samples_per_step) or batch
+        if batch and per_step % batch:
+            per_step = batch  # not whole batches: the node's own numbers disagree
+        self._nodes[node] = _NodeScore(
+            calib, prev.measured if prev else None, batch_size=batch, samples_per_step=per_step
+        )
         log.debug("scheduler.add node=%s calibration=%.1f", node[:12], calib)
 
     def observe(self, node: str, samples_per_s: float) -> None:
@@ -403,6 +530,11 @@ class Scheduler:
             ns.calibration for ns in measured
         )
 
+    def batching(self, node: str) -> tuple[int, int]:
+        """The node's (batch size, samples per optimizer step) as it reported them (0: not)."""
+        ns = self._get(node)
+        return ns.batch_size, ns.samples_per_step
+
     def __contains__(self, node: object) -> bool:
         return node in self._nodes
 
@@ -427,7 +559,8 @@ class Scheduler:
     # -- planning ---------------------------------------------------------------------------
 
     def rounds_for(self, n_nodes: int) -> int:
-        """Barriers per epoch: ``max(1, round(dataset / (batch * sync_every * nodes)))``."""
+        """Barriers per epoch when no node reports its step size:
+        ``max(1, round(dataset / (batch * sync_every * nodes)))``."""
         return max(
             1, round(self.dataset_size / (self.batch_size * self.sync_every * max(1, n_nodes)))
         )
@@ -435,26 +568,43 @@ class Scheduler:
     def plan_epoch(self, epoch: int, nodes: Sequence[str], first_round: int) -> EpochPlan:
         """Cut epoch ``epoch`` into one contiguous shard per node, proportional to scores.
 
-        Nodes are ordered by id; shard sizes come from largest-remainder rounding, so they
-        partition ``range(dataset_size)`` exactly and each is within one sample of its
-        proportional share. Deterministic for the same scores.
+        Nodes are ordered by id; shard sizes come from :func:`cut_in_steps` (whole optimizer
+        steps of each node; to the sample, by largest-remainder rounding, for nodes that did
+        not report their step), so they partition ``range(dataset_size)`` (but for a
+        remainder no node's plain run would train) and each is within one step of its
+        proportional share. Rounds: ``dataset / (sum of samples per step × sync_every)``
+        (the session's batch size for a node that did not say), at most the fewest optimizer
+        steps a reporting node's shard gives, at least 1. Deterministic for the same scores.
         """
         order = sorted(set(nodes))
         if not order:
             raise SessionError("cannot plan an epoch with no nodes", code="no_nodes")
         scores = [self.score(n) for n in order]
         total = math.fsum(scores)
-        sizes = largest_remainder(self.dataset_size, scores)
-        rounds = self.rounds_for(len(order))
+        batching = [self.batching(n) for n in order]
+        sizes = cut_in_steps(
+            self.dataset_size, scores, [u for _, u in batching], [b for b, _ in batching]
+        )
+        per_step = sum(u or self.batch_size for _, u in batching)
+        rounds = max(1, round(self.dataset_size / (per_step * self.sync_every)))
+        steps = [
+            optimizer_steps(size, b, u)
+            for size, (b, u) in zip(sizes, batching, strict=True)
+            if u > 0 and size > 0
+        ]
+        if steps:
+            rounds = max(1, min(rounds, *steps))
         shards: dict[str, Shard] = {}
         start = 0
-        for node, score, size in zip(order, scores, sizes, strict=True):
+        for node, score, size, (b, u) in zip(order, scores, sizes, batching, strict=True):
             shards[node] = Shard(
                 node=node,
                 start=start,
                 stop=start + size,
                 share=score / total,
-                steps_per_round=steps_for(size, self.batch_size, rounds),
+                steps_per_round=steps_for(size, b or self.batch_size, rounds, u),
+                batch_size=b,
+                samples_per_step=u,
             )
             start += size
         log.info(
@@ -488,7 +638,12 @@ class Scheduler:
             "min_vram": self.min_vram,
             "ema": self.ema,
             "nodes": {
-                k: {"calibration": v.calibration, "measured": v.measured}
+                k: {
+                    "calibration": v.calibration,
+                    "measured": v.measured,
+                    "batch_size": v.batch_size,
+                    "samples_per_step": v.samples_per_step,
+                }
                 for k, v in sorted(self._nodes.items())
             },
         }
@@ -512,6 +667,9 @@ class Scheduler:
         for node, v in d.get("nodes", {}).items():
             m = v.get("measured")
             s._nodes[str(node)] = _NodeScore(
-                float(v["calibration"]), None if m is None else float(m)
+                float(v["calibration"]),
+                None if m is None else float(m),
+                batch_size=int(v.get("batch_size", 0)),
+                samples_per_step=int(v.get("samples_per_step", 0)),
             )
         return s

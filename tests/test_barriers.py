@@ -104,3 +104,28 @@ def test_contributing_round_only_moves_forward():
     assert contributing_round(held_round=0, scheduled_round=5) == 5  # joined late
     assert contributing_round(held_round=6, scheduled_round=5) == 7  # answered with newer ones
     assert contributing_round(held_round=-1, scheduled_round=0) == 0  # the start-up sync
+
+
+def test_a_stop_turns_the_epochs_remaining_barriers_into_one_final_barrier_due_now():
+    plan = EpochBarriers(rounds=4, first_round=9, total_steps=20)
+    for _ in range(5):
+        plan.step()
+    assert plan.due() == 1
+    plan.held()  # round 9, at step 5
+    plan.step()
+    assert plan.due() == 0 and plan.owed() == 3 and not plan.stopped
+    plan.finish_at(10)
+    plan.finish_at(12)  # the first decision stands
+    assert plan.stopped and plan.due() == 1 and plan.owed() == 1
+    assert plan.scheduled_round == 10 == contributing_round(8, plan.scheduled_round)
+    plan.held()
+    assert plan.due() == 0 and plan.owed() == 0
+    with pytest.raises(ValueError, match="final barrier"):
+        plan.held()
+
+
+def test_a_stop_before_the_first_step_is_due_at_once():
+    plan = EpochBarriers(rounds=3, first_round=4)  # total_steps not known yet
+    assert plan.due() == 0
+    plan.finish_at(4)
+    assert plan.due() == 1

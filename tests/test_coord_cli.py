@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -307,3 +308,71 @@ def test_status_command_against_a_running_coordinator(tmp_path):
     ident = Identity.load_or_create(st)
     c = verify_token((st / "node.token").read_text().strip(), ident.public_key, now=claims_now())
     assert c.role == "node" and c.session == sid
+
+
+def test_renderers_show_loss_and_vram_used_and_peak():
+    st = SessionStatus(
+        session_id="s", state="training", round=2, epoch=0, epochs=1,
+        nodes=[NodeStatus(node_id="b" * 64, name="[red]box\x1b[2J", device="cuda:0", loss=1.23456,
+                          vram_used=3 << 29, vram_peak=2 << 30, stop_asked=True)],
+    )  # fmt: skip
+    table = render_table(st)
+    headers = [c.header for c in table.columns]
+    assert "loss" in headers and "VRAM used/peak" in headers
+    cells = {h: list(c.cells)[0] for h, c in zip(headers, table.columns, strict=True)}
+    assert cells["loss"] == "1.235" and cells["VRAM used/peak"] == "1.5/2.0 GiB"
+    assert cells["node"].startswith("\\[red]box?[2J")  # markup escaped, control chars gone
+    assert "asked to stop" in cells["state"]
+    line = render_lines(st, now=0)[1]
+    assert "loss=1.235" in line and "vram_used_peak=1.5/2.0GiB" in line
+    assert "node=[red]box?[2J" in line and "stop_asked=yes" in line
+
+
+def test_drift_status_shows_each_nodes_loss_and_vram(tmp_path):
+    """A node reports progress; `drift status` (table and JSON) shows its loss and VRAM."""
+    from support import node_info
+
+    from lightning_drift.node.client import CoordinatorClient
+    from lightning_drift.protocol import TrainProgress
+
+    async def main():
+        coord = Coordinator(
+            SessionConfig(dataset_size=10),
+            ServeOptions(state_dir=tmp_path / "st", port=free_udp_port(), logger=["none"]),
+        )
+        await coord.start()
+        serving = asyncio.create_task(coord.run())
+        node = await CoordinatorClient.connect(
+            coord.node_token, node_info=node_info(10), name="gpu-box", timeout=10
+        )
+        try:
+            await node.progress(
+                TrainProgress(round=1, epoch=0, step=3, samples=30, loss=0.8125,
+                              samples_per_s=50.0, vram_used=1 << 30, vram_peak=3 << 30)
+            )  # fmt: skip
+            for _ in range(100):
+                if coord.session.members[node.node_key].loss is not None:
+                    break
+                await asyncio.sleep(0.05)
+            outs = []
+            for extra in (["--json"], []):
+                p = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "lightning_drift_cli.drift", "status",
+                    "--token", coord.observer_token, *extra,
+                    stdout=asyncio.subprocess.PIPE, cwd=str(ROOT),
+                    env={**os.environ, "COLUMNS": "250"},
+                )  # fmt: skip
+                out, _ = await asyncio.wait_for(p.communicate(), 60)
+                assert p.returncode == 0
+                outs.append(out.decode())
+            return outs
+        finally:
+            await node.close()
+            serving.cancel()
+            await coord.close()
+
+    as_json, table = asyncio.run(asyncio.wait_for(main(), 120))
+    (n,) = json.loads(as_json)["nodes"]
+    assert (n["loss"], n["vram_used"], n["vram_peak"]) == (0.8125, 1 << 30, 3 << 30)
+    assert "loss" in table and "VRAM used/peak" in table
+    assert "0.8125" in table and "1.0/3.0 GiB" in table

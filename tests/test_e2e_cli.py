@@ -204,3 +204,40 @@ def test_drift_join_without_config_takes_the_coordinators(tmp_path: Path) -> Non
             nodes.kill()
         entry = _assert_all_hold_final(coord, folders)
     assert entry["epoch"] == 1  # two epochs were trained, as the coordinator's config says
+
+
+def _files_holding(folder: Path, secret: str) -> list[str]:
+    """Every file under ``folder`` whose bytes contain ``secret``."""
+    needle = secret.encode()
+    return [str(p) for p in folder.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_the_token_is_written_nowhere(tmp_path: Path) -> None:
+    """Node A: a LightningCLI program whose YAML holds the token (SaveConfigCallback on);
+    node B: ``drift join --token T``. Both end on the final checkpoint, and no file under
+    either node's folder and none of their output holds the token: the saved config.yaml
+    masks it, and LightningCLI does not echo drift's own arguments."""
+    with LocalCoordinator(
+        tmp_path / "coord", min_nodes=2, epochs=1, batch_size=16, sync_every=4
+    ) as coord:
+        token = coord.token
+        config = yaml.safe_load(TINY.read_text())
+        config["trainer"]["strategy"]["init_args"]["token"] = token
+        with_token = tmp_path / "secret.yaml"  # the user's own file, outside the run folders
+        with_token.write_text(yaml.safe_dump(config, sort_keys=False))
+        nodes = Nodes(tmp_path, coord)
+        try:
+            a = nodes.start(
+                "a", [sys.executable, str(CLI), "fit", "--config", str(with_token)], _env()
+            )
+            b = nodes.start("b", _drift("join", "--token", token, "--config", str(TINY)), _env())
+            nodes.wait_all()
+        finally:
+            nodes.kill()
+        _assert_all_hold_final(coord, {"a": a, "b": b})
+    saved = a / "logs" / "config.yaml"
+    assert saved.is_file(), sorted(map(str, a.rglob("*")))
+    assert "token: '**********'" in saved.read_text()
+    for name, folder in (("a", a), ("b", b)):
+        assert _files_holding(folder, token) == [], name
+        assert token not in (tmp_path / f"{name}.log").read_text(errors="replace"), name

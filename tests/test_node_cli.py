@@ -4,9 +4,11 @@ real coordinator on loopback, and ``drift demo`` (what ``make demo`` runs) to it
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -328,20 +330,53 @@ def test_demo_runs_to_the_end_and_names_a_checkpoint_that_matches_its_manifest(
     tmp_path: Path,
 ) -> None:
     # `make demo` is `drift demo --nodes 2`: here with one short epoch. Not on a terminal, so
-    # the view prints plain lines; the last line names the final coordinated checkpoint.
+    # the view prints plain lines; one names the final coordinated checkpoint. Then the demo
+    # shows what was learned (the loss per round, the final validation loss next to the
+    # initial one, a sample), and the coordinator's CSV and TensorBoard logs of the run hold
+    # one row / one point per completed round, read back with each logger's own reader.
     work = tmp_path / "demo"
     cmd = [sys.executable, "-m", "lightning_drift_cli.drift", "demo", "--nodes", "2"]
-    cmd += ["--epochs", "1", "--max-chars", "20000", "--workdir", str(work)]
+    cmd += ["--epochs", "1", "--max-chars", "40000", "--sync-every", "2", "--workdir", str(work)]
     env = {**_env(), "COLUMNS": "400"}  # one line per message: rich wraps at the width
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    last = out.stdout.strip().splitlines()[-1]
-    assert "final coordinated checkpoint: " in last, out.stdout[-2000:]
-    final = Path(last.rsplit("final coordinated checkpoint: ", 1)[1].strip())
-    assert final.is_file(), last
+    named = [line for line in out.stdout.splitlines() if "final coordinated checkpoint: " in line]
+    assert named, out.stdout[-2000:]
+    final = Path(named[-1].rsplit("final coordinated checkpoint: ", 1)[1].strip())
+    assert final.is_file(), named
     manifest = json.loads((final.parent / "manifest.json").read_text())
     entry = next(c for c in manifest["checkpoints"] if c["file"] == final.name)
     assert hashlib.sha256(final.read_bytes()).hexdigest() == entry["sha256"]
     assert entry["round"] == max(c["round"] for c in manifest["checkpoints"]) >= 1
     # Both nodes trained together (a round may leave a straggler behind at its deadline).
     assert any(len(c["contributors"]) == 2 for c in manifest["checkpoints"]), manifest
+
+    # What the two processes learned together, as the demo shows it.
+    text = out.stdout
+    rounds = sorted(c["round"] for c in manifest["checkpoints"] if c["round"] > 0)
+    assert rounds == list(range(1, rounds[-1] + 1)), rounds
+    # (the live lines come from status polls, so a short round may be skipped there)
+    assert re.search(r"round +[1-9]\d* · epoch 1/1 · loss \d", text), text[-3000:]
+    per_round = re.search(r"loss per round \(round:loss, from .*?\): ((?:\d+:\d+\.\d+ *)+)", text)
+    assert per_round, text[-3000:]
+    assert [int(c.split(":")[0]) for c in per_round[1].split()] == rounds
+    m = re.search(r"validation loss: initial (\d+\.\d+) \(round 0\) → final (\d+\.\d+)", text)
+    assert m, text[-3000:]
+    assert float(m[2]) < float(m[1])
+    sample = text.split("sample from the final checkpoint:", 1)[1].lstrip("\n")
+    assert sample.startswith("def ") and len(sample.strip()) > 40, sample
+
+    logs = final.parent / "logs"
+    (metrics,) = logs.glob("csv/session-*/version_0/metrics.csv")
+    with metrics.open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("round/loss")]
+    assert [int(r["step"]) for r in rows] == rounds
+    assert any(float(r["round/nodes"]) == 2 for r in rows)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = {q.parent for q in logs.glob("tensorboard/session-*/version_0/events.*")}
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    assert [q.step for q in acc.Scalars("round/loss")] == rounds
+    assert [q.step for q in acc.Scalars("round/samples")] == rounds

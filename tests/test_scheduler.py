@@ -6,6 +6,7 @@ import json
 import math
 from fractions import Fraction
 
+import msgspec
 import pytest
 import torch
 from hypothesis import given, settings
@@ -23,6 +24,7 @@ from lightning_drift.scheduler import (
     consumed_after,
     epoch_permutation,
     largest_remainder,
+    optimizer_steps,
     plan_late,
 )
 
@@ -348,3 +350,87 @@ def test_epoch_plan_round_trips_through_json():
 
     assert EpochPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     assert Shard.from_dict(plan.shards["a"].to_dict()) == plan.shards["a"]
+
+
+# -- shards in whole optimizer steps --------------------------------------------------------
+
+
+def batching_info(n: int, batch: int, accumulate: int = 1, calibration: float = 100.0) -> NodeInfo:
+    info = node_info(dataset_size=n, calibration=calibration)
+    return msgspec.structs.replace(info, batch_size=batch, samples_per_step=batch * accumulate)
+
+
+def batch_sizes(size: int, batch: int) -> list[int]:
+    """The batches a loader without drop_last makes of a shard of ``size`` samples."""
+    return [batch] * (size // batch) + ([size % batch] if size % batch else [])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    nodes=st.lists(
+        st.tuples(st.floats(0.1, 1e3), st.integers(1, 40), st.integers(1, 4)),
+        min_size=1,
+        max_size=5,
+    ),
+    sync=st.integers(1, 20),
+)
+def test_shards_are_whole_steps_and_only_a_plain_runs_partial_batch(n, nodes, sync):
+    s = make_scheduler(dataset_size=n, batch_size=32, sync_every=sync)
+    names = [f"{i:02x}" * 32 for i in range(len(nodes))]
+    for name, (score, batch, acc) in zip(names, nodes, strict=True):
+        s.add(name, batching_info(n, batch, acc, calibration=score))
+
+    plan = s.plan_epoch(0, names, first_round=1)
+
+    shards = [plan.shards[k] for k in names]
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:], strict=False))
+    trained = sum(sh.size for sh in shards)
+    batches = [b for _, b, _ in nodes]
+    # Left out: fewer samples than one batch, and only when batch sizes differ.
+    assert n - min(batches) < trained <= n if len(set(batches)) > 1 else trained == n
+    partial = 0
+    for sh, (_, batch, acc) in zip(shards, nodes, strict=True):
+        assert (sh.batch_size, sh.samples_per_step) == (batch, batch * acc)
+        sizes = batch_sizes(sh.size, batch)
+        if sizes and sizes[-1] != batch:
+            assert sizes[-1] == n % batch, (sh, n)  # the partial batch a plain run has too
+            partial += 1
+    assert partial <= 1
+    # Rounds in optimizer steps: never more than the fewest steps a (non-empty) shard gives.
+    steps = [
+        optimizer_steps(sh.size, b, b * a) for sh, (_, b, a) in zip(shards, nodes, strict=True)
+    ]
+    per_step = sum(b * a for _, b, a in nodes)
+    expected = max(1, round(n / (per_step * sync)))
+    assert plan.rounds == max(1, min([expected, *[x for x in steps if x > 0]]))
+
+
+def test_shards_hand_example_with_accumulation():
+    # 250 samples, two equal nodes with batches of 16 and 4 batches per optimizer step (64
+    # samples a step). Quotas 125: one whole step each (64), the next step to the first node
+    # (a tie) -> 128; the remainder 58 (3 batches and the partial batch of 250 % 16 = 10 a
+    # plain run has too) to the node furthest below its quota: b = 64 + 58.
+    s = make_scheduler(dataset_size=250, batch_size=32, sync_every=1)
+    s.add("a", batching_info(250, 16, 4))
+    s.add("b", batching_info(250, 16, 4))
+    plan = s.plan_epoch(0, ["a", "b"], first_round=1)
+    assert [(sh.start, sh.stop) for sh in plan.shards.values()] == [(0, 128), (128, 250)]
+    assert batch_sizes(122, 16) == [16] * 7 + [10]
+    # Rounds count optimizer steps, not batches: 250 / (2 nodes × 64 × sync 1) ≈ 2, and each
+    # shard gives 2 steps (b's last, short group steps too), so no barrier shares a step.
+    assert optimizer_steps(128, 16, 64) == optimizer_steps(122, 16, 64) == 2 == plan.rounds
+
+
+def test_a_late_joiner_gets_whole_steps_of_its_own():
+    s = make_scheduler(dataset_size=1000, batch_size=10, sync_every=5)
+    s.add("a", batching_info(1000, 10))
+    s.add("b", batching_info(1000, 10))
+    plan = s.plan_epoch(0, ["a", "b"], first_round=1)
+    s.add("c", batching_info(1000, 16, 2))
+    late = plan_late(plan, "c", s.score("c"), 5, None, batch_size=16, samples_per_step=32)
+    assert late.size % 32 == 0 and late.size >= 32 * (plan.rounds - 5)
+    orphan = plan.shards["b"]
+    rest = plan_late(plan, "c", 50.0, 4, orphan, batch_size=16, samples_per_step=32)
+    assert rest.start == orphan.start + consumed_after(orphan.size, 10, plan.rounds, 4)
+    assert rest.stop <= orphan.stop and rest.size % 16 in (0, 1000 % 16)

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from lightning_drift.coordinator.config import SessionConfig
-from lightning_drift.coordinator.session import MemberState, Session, Verdict
+from lightning_drift.coordinator.session import MemberState, Session, Verdict, stop_decision
 from lightning_drift.protocol import NodeInfo, TrainProgress
 
 A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
@@ -455,3 +455,83 @@ def test_train_config_carries_every_setting_the_nodes_need():
             assert getattr(tc, name) == value, name
     assert {"aggregation", "outer_lr", "transfer_dtype", "seed", "epochs"} <= sent
     assert (tc.round, tc.has_weights, tc.session_id) == (s.completed, False, "s1")
+
+
+# -- stopping early -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "policy, quorum, asked, voters, stop, reason",
+    [
+        ("first", 0.5, 1, 3, True, "1 of 3 node(s) asked, stop policy first"),
+        ("quorum", 0.5, 1, 2, True, "1 of 2 node(s) asked, stop policy quorum 0.5 needs 1"),
+        ("quorum", 0.5, 1, 3, False, "1 of 3 node(s) asked, stop policy quorum 0.5 needs 2"),
+        ("quorum", 1.0, 2, 2, True, "2 of 2 node(s) asked, stop policy quorum 1 needs 2"),
+        ("never", 0.5, 3, 3, False, "stop policy never: the session trains all its epochs"),
+    ],
+)
+def test_stop_policy_decides_with_a_reason(policy, quorum, asked, voters, stop, reason):
+    got, why = stop_decision(policy, quorum, asked, voters)
+    assert got is stop and reason in why
+
+
+def test_reaching_max_steps_is_always_honoured():
+    stop, why = stop_decision("never", 0.5, 1, 4, kind="max_steps")
+    assert stop and "max_steps" in why and "can train no further" in why
+
+
+def test_an_overruled_request_counts_later_and_the_open_round_becomes_the_final_one():
+    s = session(stop_policy="quorum", stop_quorum=1.0)
+    start(s, A, B)
+    v = s.request_stop(A, "callback", "EarlyStopping", 1.0)
+    assert not v.stop and "session continues: 1 of 2 node(s) asked" in v.reason
+    assert s.stop_round is None and s.status(1.0).nodes[0].stop_asked
+    arrive(s, A, 2.0)
+    v = s.request_stop(B, "callback", "EarlyStopping", 2.5)
+    assert v.stop and v.newly and v.final_round == 1 == s.stop_round
+    assert "2 of 2 node(s) asked" in v.reason and "round 1 is the final round" in v.reason
+    # Asking again (or a late node asking) gets the same decision, not a new one.
+    again = s.request_stop(A, "callback", "", 2.6)
+    assert again.stop and not again.newly and again.final_round == 1
+    assert s.train_config().stop_round == 1  # a node that reconnects is told
+    arrive(s, B, 3.0, samples=0)
+    assert s.check(3.0).complete
+    outcome = finish_round(s, 3.5)
+    assert outcome.finished and s.finished and "was the final round" in outcome.reason
+    assert s.maybe_plan(4.0) is None  # no next epoch after a stop
+    assert s.status(4.0).stop_reason.startswith(f"node {B[:8]} asked to stop")
+
+
+def test_a_stop_between_epochs_finishes_on_the_last_completed_round():
+    s = session(epochs=3, stop_policy="first", dataset_size=100, batch_size=10, sync_every=100)
+    start(s, A, B)
+    arrive(s, A, 1.0)
+    arrive(s, B, 1.0)
+    assert finish_round(s, 1.5).planned_epoch == 1
+    s.plan = None  # as if the next epoch were still waiting for its gate
+    v = s.request_stop(A, "callback", "", 2.0)
+    assert v.stop and v.finished_now and v.final_round == 1 == s.completed and s.finished
+
+
+def test_the_stop_survives_a_restart():
+    s = session(stop_policy="first")
+    start(s, A, B)
+    s.request_stop(A, "max_steps", "reached Trainer(max_steps=5)", 1.0)
+    restored = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=2.0)
+    assert restored.stop_round == s.stop_round == 1
+    assert "max_steps" in restored.stop_reason
+    assert restored.stop_requests == {A: "reached Trainer(max_steps=5)"}
+
+
+def test_progress_reports_loss_and_vram_into_the_status():
+    s = session()
+    start(s, A, B)
+    s.progress(
+        A,
+        TrainProgress(round=1, epoch=0, step=1, samples=1, loss=2.5, vram_used=3 << 30,
+                      vram_peak=5 << 30),
+        1.0,
+    )  # fmt: skip
+    s.progress(A, TrainProgress(round=1, epoch=0, step=2, samples=2, vram_used=1 << 30), 2.0)
+    n = next(n for n in s.status(2.0).nodes if n.node_id == A)
+    assert (n.vram_used, n.vram_peak) == (1 << 30, 5 << 30)  # the peak is kept

@@ -208,3 +208,46 @@ def test_with_the_hook_off_lightning_loads_untouched_and_importing_the_strategy_
 def test_examples_yaml_names_the_strategy():
     text = (Path(__file__).parents[1] / "examples" / "train.yaml").read_text()
     assert "lightning_drift.DriftStrategy" in text
+
+
+def test_the_token_comes_from_a_file_or_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("DRIFT_TOKEN", raising=False)
+    monkeypatch.delenv("DRIFT_TOKEN_FILE", raising=False)
+    path = tmp_path / "node.token"
+    path.write_text(TOKEN + "\n")
+    assert DriftStrategy(token_file=str(path)).token == TOKEN
+    assert DriftStrategy(token=str(path)).token == TOKEN  # a path given as the token
+    monkeypatch.setenv("DRIFT_TOKEN_FILE", str(path))
+    assert DriftStrategy().token == TOKEN
+    monkeypatch.setenv("DRIFT_TOKEN", str(path))  # DRIFT_TOKEN may name a file too
+    assert DriftStrategy().token == TOKEN
+    monkeypatch.delenv("DRIFT_TOKEN")
+    monkeypatch.setenv("DRIFT_TOKEN_FILE", str(tmp_path / "missing.token"))
+    with pytest.raises(ConfigError, match="cannot read the token file .*missing.token"):
+        DriftStrategy()
+
+
+def test_a_masked_token_from_a_saved_config_falls_back_to_the_environment(monkeypatch):
+    from jsonargparse.typing import SecretStr
+
+    monkeypatch.setenv("DRIFT_TOKEN", TOKEN)
+    assert DriftStrategy(token=SecretStr("**********")).token == TOKEN
+    assert DriftStrategy(token=SecretStr("eyJ-other")).token == "eyJ-other"
+    monkeypatch.delenv("DRIFT_TOKEN")
+    with pytest.raises(ConfigError, match="DRIFT_TOKEN_FILE"):
+        DriftStrategy(token="**********")
+
+
+def test_lightning_cli_masks_the_token_in_the_config_it_saves(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "trainer:\n  accelerator: cpu\n  logger: false\n  strategy:\n"
+        f"    class_path: lightning_drift.DriftStrategy\n    init_args:\n      token: {TOKEN}\n"
+    )
+    cli = LightningCLI(Tiny, run=False, args=["--config", str(cfg)], save_config_callback=None)
+    assert cli.trainer.strategy.token == TOKEN
+    # What SaveConfigCallback writes to config.yaml next to the logs:
+    saved = cli.parser.dump(cli.config)
+    assert TOKEN not in saved and "token: '**********'" in saved

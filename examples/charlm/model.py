@@ -85,5 +85,28 @@ class CharLM(L.LightningModule):
         self.log("val_loss", loss, prog_bar=True)
         return loss
 
+    @torch.no_grad()
+    def generate(
+        self, prompt: bytes, length: int = 200, temperature: float = 0.8, seed: int = 0
+    ) -> bytes:
+        """``prompt`` followed by ``length`` sampled bytes (a fixed ``seed``: the same text for
+        the same weights). ``temperature`` 0 picks the likeliest byte every time."""
+        was_training = self.training
+        self.eval()
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        device = next(self.parameters()).device
+        out = list(prompt) or [10]
+        for _ in range(length):
+            x = torch.tensor([out[-self.block_size :]], dtype=torch.long, device=device)
+            logits = self(x)[0, -1].float().cpu()
+            if temperature <= 0:
+                nxt = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = int(torch.multinomial(probs, 1, generator=gen))
+            out.append(nxt)
+        self.train(was_training)
+        return bytes(out)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

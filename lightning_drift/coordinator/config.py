@@ -30,6 +30,7 @@ from lightning_drift.protocol import Aggregation, TransferDType
 from lightning_drift.units import parse_duration, parse_size
 
 Scope = Literal["session", "serve"]
+StopPolicy = Literal["first", "quorum", "never"]
 Where = Literal["flag", "file", "code"]
 Mode = Literal["local", "internet"]
 
@@ -94,6 +95,19 @@ def _peer_names(v: list[str]) -> str | None:
     return None
 
 
+LOGGER_NAMES = ("csv", "tensorboard", "wandb", "mlflow", "none")
+
+
+def _loggers(v: list[str]) -> str | None:
+    for name in v:
+        if name not in LOGGER_NAMES and "." not in name:
+            return (
+                f"must be {', '.join(LOGGER_NAMES)} or a logger's class path "
+                f"(e.g. lightning.pytorch.loggers.CSVLogger), got {name!r}"
+            )
+    return None
+
+
 def _mib(v: int) -> int:
     return int(v) << 20
 
@@ -132,6 +146,11 @@ SETTINGS: tuple[Setting, ...] = (
             _O, parse=split_peers, check=_peer_names, shown="none; on a restart, the stored ones"),
     Setting("exit_when_done", True, bool, "Exit after the last round (or stay).", _O,
             shown="--exit-when-done"),
+    Setting("logger", ["csv"], list,
+            "Session logger (repeatable): csv, tensorboard, wandb, mlflow, none, or a "
+            "Lightning logger's class path.", _O, check=_loggers, shown="csv"),
+    Setting("log_dir", None, str, "Where the session logger writes.", _O, parse=Path,
+            shown="CHECKPOINT_DIR/logs"),
     Setting("finish_grace_s", 120.0, float,
             "After the last round, how long to wait for connected nodes to say goodbye (a "
             "straggler left behind at the final deadline still fetches the final weights).",
@@ -155,6 +174,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("outer_lr", 0.7, float, "DiLoCo outer learning rate.", _S),
     Setting("outer_momentum", 0.9, float, "DiLoCo outer Nesterov momentum.", _S),
     Setting("quorum", 0.5, float, "Fraction of the expected nodes needed at the deadline.", _S,
+            check=_quorum),
+    Setting("stop_policy", "quorum", str,
+            "When nodes ask to stop early (EarlyStopping...): first, quorum or never.", _S,
+            choices=("first", "quorum", "never")),
+    Setting("stop_quorum", 0.5, float,
+            "Fraction of the live nodes that must ask to stop (stop policy quorum).", _S,
             check=_quorum),
     Setting("heartbeat_timeout", 15.0, float, "Seconds of silence before a node is lost.", _S,
             check=_positive),
@@ -225,6 +250,8 @@ class SessionConfig:
     outer_lr: float = _default("outer_lr")
     outer_momentum: float = _default("outer_momentum")
     quorum: float = _default("quorum")
+    stop_policy: StopPolicy = _default("stop_policy")
+    stop_quorum: float = _default("stop_quorum")
     heartbeat_timeout: float = _default("heartbeat_timeout")
     heartbeat_s: float = _default("heartbeat_s")
     progress_every_s: float = _default("progress_every_s")
@@ -261,6 +288,8 @@ class ServeOptions:
     relay: list[str] = field(default_factory=lambda: list(_default("relay")))
     peers: list[str] = field(default_factory=lambda: list(_default("peers")))
     exit_when_done: bool = _default("exit_when_done")
+    logger: list[str] = field(default_factory=lambda: list(_default("logger")))
+    log_dir: Path | None = _default("log_dir")  # None: CHECKPOINT_DIR/logs
     finish_grace_s: float = _default("finish_grace_s")
     max_uploads: int = _default("max_uploads")
     tick_s: float = _default("tick_s")
@@ -293,12 +322,14 @@ def build(values: Mapping[str, Any]) -> tuple[SessionConfig, ServeOptions]:
 
 
 __all__ = [
+    "LOGGER_NAMES",
     "OPTIONS",
     "SETTING",
     "SETTINGS",
     "ServeOptions",
     "SessionConfig",
     "Setting",
+    "StopPolicy",
     "build",
     "check",
     "read_option",

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from lightning_drift.aggregate import Accumulator, DiLoCo, from_bytes, to_bytes, validate_upload
 from lightning_drift.checkpoint import CheckpointInfo, CheckpointStore
+from lightning_drift.coordinator.logs import NodeRound, RoundRecord, metric_label
 from lightning_drift.coordinator.session import (
     RoundDecision,
     RoundOutcome,
@@ -76,7 +77,9 @@ class RoundListener(Protocol):
 class Rounds:
     """The global weights and the round being built; see the module docstring.
 
-    ``spawn`` runs a coroutine as a task the server owns (cancelled when it closes).
+    ``spawn`` runs a coroutine as a task the server owns (cancelled when it closes);
+    ``record`` is given a :class:`~lightning_drift.coordinator.logs.RoundRecord` of every
+    completed round (the session's log).
     """
 
     def __init__(
@@ -88,8 +91,12 @@ class Rounds:
         clock: Callable[[], float],
         listener: RoundListener,
         spawn: Callable[[Coroutine[Any, Any, Any]], Any],
+        record: Callable[[RoundRecord], None] | None = None,
     ) -> None:
         self.session = session
+        self.record = record
+        # The open round's counted uploads: node -> (its BarrierSync, upload bytes).
+        self._counted: dict[str, tuple[BarrierSync, int]] = {}
         self.store = store
         self.state = state
         self.clock = clock
@@ -195,11 +202,15 @@ class Rounds:
                 # connection drops meanwhile (which cancels its tasks): a half-added upload
                 # would corrupt the round, and the sums and the session must agree on who
                 # arrived.
-                return await asyncio.shield(asyncio.ensure_future(self._accumulate(node, sync, sd)))
+                return await asyncio.shield(
+                    asyncio.ensure_future(self._accumulate(node, sync, sd, len(blob)))
+                )
             case _:
                 return verdict
 
-    async def _accumulate(self, node: str, sync: BarrierSync, sd: Any) -> UploadVerdict:
+    async def _accumulate(
+        self, node: str, sync: BarrierSync, sd: Any, nbytes: int = 0
+    ) -> UploadVerdict:
         s = self.session
         async with self._lock:
             base = sync.base_round if sync.delta else -1
@@ -219,6 +230,7 @@ class Rounds:
                 self.reject(node, sync.round, str(exc))
                 raise
             decision = s.arrived(node, sync.round, sync.samples, self.clock(), sync.train_seconds)
+            self._counted[node] = (sync, nbytes)
         log.info("barrier.arrived node=%s round=%d samples=%d", node[:8], sync.round, sync.samples)
         self.consider(decision)
         return verdict
@@ -300,11 +312,14 @@ class Rounds:
             async with self._lock:
                 s.close(closing)
                 acc, self.acc = self.acc, None
+                counted, self._counted = self._counted, {}
             assert acc is not None and self.global_sd is not None
             self.listener.event(decision.reason)
             epoch = s.epoch
+            opened = s.round_started
             t0 = time.perf_counter()
             new_sd, blob, info = await asyncio.to_thread(self._aggregate, closing, epoch, acc)
+            aggregation_s = time.perf_counter() - t0
             # Once the session has moved on, the next round is open and its uploads may come
             # in while the state file is written; holding the lock until the new global
             # weights (and with them the next accumulator) exist makes them wait for it.
@@ -321,6 +336,13 @@ class Rounds:
             )
             if outcome.planned_epoch is not None or outcome.finished:
                 self.listener.event(outcome.reason)
+            if self.record is not None:
+                self.record(
+                    self._round_record(
+                        outcome, acc, counted, len(blob), max(0.0, self.clock() - opened),
+                        aggregation_s,
+                    )
+                )  # fmt: skip
             self.listener.round_completed(outcome)
         except Exception as exc:
             log.critical("round.failed round=%d error=%r", closing, exc)
@@ -331,6 +353,44 @@ class Rounds:
         finally:
             self._completing = False
         self.consider(s.check(self.clock()))
+
+    def _round_record(
+        self,
+        outcome: RoundOutcome,
+        acc: Accumulator,
+        counted: dict[str, tuple[BarrierSync, int]],
+        size: int,
+        round_s: float,
+        aggregation_s: float,
+    ) -> RoundRecord:
+        """What the session's log gets for the round that just completed."""
+        s = self.session
+        nodes = []
+        for node, _ in acc.contributors:
+            sync, nbytes = counted.get(node, (BarrierSync(round=outcome.completed_round), 0))
+            m = s.members.get(node)
+            pace = sync.samples / sync.train_seconds if sync.train_seconds > 0 else 0.0
+            nodes.append(
+                NodeRound(
+                    label=metric_label(m.name if m else "", node),
+                    samples=int(s.weight_for(node, sync.samples)),
+                    loss=sync.loss,
+                    samples_per_s=pace or (m.rate if m else 0.0),
+                    barrier_wait_s=m.barrier_wait if m else 0.0,
+                    bytes_received=nbytes,
+                )
+            )
+        return RoundRecord(
+            completed_round=outcome.completed_round,
+            epoch=outcome.epoch,
+            nodes=tuple(nodes),
+            live_nodes=len(s.live()),
+            round_s=round_s,
+            aggregation_s=aggregation_s,
+            bytes_received=sum(n.bytes_received for n in nodes),
+            bytes_sent=size * len(nodes),
+            finished=outcome.finished,
+        )
 
     def _aggregate(self, closing: int, epoch: int, acc: Accumulator):
         """(new global state dict, its bytes, checkpoint info): the round's result, durable."""

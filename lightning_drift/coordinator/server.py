@@ -26,12 +26,14 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from lightning_drift.auth import Claims, TokenVerifier
 from lightning_drift.checkpoint import CheckpointStore
 from lightning_drift.coordinator.config import ServeOptions, SessionConfig
+from lightning_drift.coordinator.logs import SessionLog
 from lightning_drift.coordinator.rounds import Rounds
 from lightning_drift.coordinator.session import RoundOutcome, Session, UploadVerdict, Verdict
 from lightning_drift.coordinator.state import StateDir
@@ -55,6 +57,8 @@ from lightning_drift.protocol import (
     SessionStatus,
     ShardRequest,
     StatusRequest,
+    StopDecision,
+    StopRequest,
     TrainProgress,
 )
 from lightning_drift.transport import Connection, Endpoint, Stream, peer_key
@@ -107,6 +111,8 @@ class Coordinator:
         self.state = StateDir(options.state_dir)
         ckpt = options.checkpoint_dir or Path(options.state_dir) / "checkpoints"
         self.store = CheckpointStore(Path(ckpt), keep=options.keep)
+        self.log_dir = Path(options.log_dir or Path(ckpt) / "logs")
+        self.session_log: SessionLog | None = None  # made by start()
         self.session: Session = None  # type: ignore[assignment]  # made by start()
         self.rounds: Rounds = None  # type: ignore[assignment]  # made by start()
         self.endpoint: Endpoint | None = None
@@ -145,6 +151,14 @@ class Coordinator:
             self.session = Session(self.config, session_id=secrets.token_hex(8), now=now)
             self.state.save_session(self.session.to_dict())
             log.info("session.new id=%s", self.session.session_id)
+        config = {k: v for k, v in asdict(self.session.config).items() if k != "lightning_config"}
+        self.session_log = SessionLog(
+            self.options.logger,
+            self.log_dir,
+            run=f"session-{self.session.session_id}",
+            hparams={"session_id": self.session.session_id, **config},
+        )
+        self.session_log.open()
         self.rounds = Rounds(
             self.session,
             self.store,
@@ -152,6 +166,7 @@ class Coordinator:
             clock=self.clock,
             listener=self,
             spawn=self._spawn,
+            record=self.session_log.log_round,
         )
         await self.rounds.load()
         self.verifier = TokenVerifier(
@@ -238,6 +253,10 @@ class Coordinator:
             t.cancel()
         if self.endpoint is not None:
             await self.endpoint.close()
+        if self.session_log is not None:
+            log_, self.session_log = self.session_log, None
+            status = "success" if self.session is not None and self.session.finished else "aborted"
+            await asyncio.to_thread(log_.close, "failed" if self.fatal else status)
 
     def _spawn(self, coro) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -485,6 +504,8 @@ class Coordinator:
                 continue
             if isinstance(msg, TrainProgress):
                 s.progress(nc.node, msg, now)
+            elif isinstance(msg, StopRequest):
+                await self._stop_request(nc, msg)
             elif isinstance(msg, ShardRequest):
                 await self._shard(nc, msg.epoch)
             elif isinstance(msg, StatusRequest):
@@ -524,6 +545,27 @@ class Coordinator:
             await nc.send(self.rounds.finish_message())
         else:
             await nc.send(Error(code=r.code, message=r.reason))
+
+    async def _stop_request(self, nc: NodeConn, msg: StopRequest) -> None:
+        """A node asks to end the session: the session decides; everyone hears a stop, only
+        the asking node hears that it was overruled."""
+        v = self.session.request_stop(nc.node, msg.kind, msg.reason, self.clock())
+        self.event(v.reason)
+        answer = StopDecision(stop=v.stop, round=v.final_round, reason=v.reason)
+        if not v.newly:
+            await nc.send(answer)
+            return
+        # The decision must survive a restart: nodes are about to hold their final barrier.
+        await self.rounds.save_session()
+        for other in list(self.conns.values()):
+            self._spawn(other.send(answer))
+        if nc.node not in self.conns:
+            await nc.send(answer)
+        if v.finished_now:
+            self._finish()
+            self._serve_pending_shards()
+        else:
+            self.rounds.consider(self.session.check(self.clock()))
 
     def _serve_pending_shards(self) -> None:
         for node, epoch in list(self.pending_shards.items()):
@@ -584,7 +626,10 @@ class Coordinator:
                     contributed=verdict.kind.contributed,
                     reason=verdict.reason,
                     epoch=w.epoch,
-                    finished=w.finished,
+                    # A stop decided between epochs finishes the session on weights that
+                    # were published before it was known to be final.
+                    finished=w.finished
+                    or (self.session.finished and w.completed_round >= self.session.completed),
                 )
             )
             await stream.send_blob(w.blob, kind="weights", sha256=w.sha256)

@@ -35,6 +35,14 @@ reconnect grace of ``heartbeat_timeout`` after the restore: nodes first have to 
 restart, reconnect and re-send their uploads, and the deadline must not leave them behind
 meanwhile.
 
+Stopping early. A node whose training wants to end (a callback set ``trainer.should_stop``,
+``max_steps`` reached) asks with :meth:`Session.request_stop`; the session decides by its stop
+policy (:func:`stop_decision`: ``first``, ``quorum`` of the live nodes, or ``never``; reaching
+``max_steps`` is always honoured). Once it decides, the open round becomes the final round
+(``stop_round``): every node holds one last barrier for it as soon as it can, no further epoch
+is planned, and the session finishes when that round completes. Between epochs (the open
+round belongs to no plan yet) it finishes at once, on the last completed round.
+
 An upload's aggregation weight is its reported ``samples`` bounded by what its assignment
 allows (:meth:`Session.weight_for`), so one node cannot dominate the weighted mean with a bogus
 count. Every decision carries a readable ``reason``; tests assert on them.
@@ -49,12 +57,13 @@ from typing import Any
 
 import msgspec
 
-from lightning_drift.coordinator.config import SessionConfig
+from lightning_drift.coordinator.config import SessionConfig, StopPolicy
 from lightning_drift.protocol import (
     NodeInfo,
     NodeStatus,
     SessionStatus,
     ShardAssignment,
+    StopKind,
     TrainConfig,
     TrainProgress,
 )
@@ -158,6 +167,43 @@ class RoundOutcome:
     reason: str
 
 
+@dataclass(frozen=True)
+class StopVerdict:
+    """The session's answer to a stop request.
+
+    ``stop``: the session finishes on completed round ``final_round`` (``finished_now``: it
+    already has, on the last completed round, and a ``Finish`` is due). Otherwise the session
+    trains on, and ``reason`` says why (the policy and the count)."""
+
+    stop: bool
+    reason: str
+    final_round: int = -1
+    finished_now: bool = False
+    newly: bool = False  # this request made the decision (tell every node)
+
+
+def stop_decision(
+    policy: StopPolicy, quorum: float, asked: int, voters: int, kind: StopKind = "callback"
+) -> tuple[bool, str]:
+    """Whether ``asked`` of ``voters`` live nodes asking to stop end the session, and why.
+
+    ``max_steps`` (a node that can train no further) always ends it, so that every node ends
+    on the same weights. Otherwise: ``first`` stops on the first request, ``quorum`` once at
+    least ``ceil(quorum × voters)`` (at least 1) have asked, ``never`` trains every epoch.
+    Pure: the count is the caller's."""
+    counted = f"{asked} of {voters} node(s) asked"
+    if kind == "max_steps":
+        return True, f"a node reached its max_steps ({counted}); it can train no further"
+    if policy == "never":
+        return False, f"{counted}, stop policy never: the session trains all its epochs"
+    if policy == "first":
+        return True, f"{counted}, stop policy first"
+    need = max(1, math.ceil(quorum * voters))
+    if asked >= need:
+        return True, f"{counted}, stop policy quorum {quorum:g} needs {need}"
+    return False, f"{counted}, stop policy quorum {quorum:g} needs {need}"
+
+
 @dataclass
 class Member:
     node: str
@@ -173,6 +219,8 @@ class Member:
     barrier_wait: float = 0.0  # how long it waited at its last completed barrier
     loss: float | None = None
     samples: int = 0
+    vram_used: int = 0  # bytes on its training device, last report
+    vram_peak: int = 0  # the most it reported
     reason: str = ""  # why it is lost/left
 
     def live(self) -> bool:
@@ -211,6 +259,9 @@ class Session:
         self.reconnect_grace = 0.0  # seconds of round_started that are restart grace
         self.last_decision = ""
         self.admitted: set[str] = set()  # nodes the scheduler knows
+        self.stop_requests: dict[str, str] = {}  # live node -> why it asked to stop
+        self.stop_round: int | None = None  # the final round, once a stop is decided
+        self.stop_reason = ""
 
     # ---- derived state -------------------------------------------------------------------
     @property
@@ -384,6 +435,8 @@ class Session:
             m.state = MemberState.TRAINING
         m.loss = msg.loss
         m.samples = msg.samples
+        m.vram_used = max(0, msg.vram_used)
+        m.vram_peak = max(m.vram_peak, msg.vram_peak, m.vram_used)
         if msg.samples_per_s > 0:
             self._observe(m, msg.samples_per_s)
 
@@ -395,16 +448,29 @@ class Session:
         m.state = MemberState.LEFT if left else MemberState.LOST
         m.reason = reason
         m.barrier_since = None
+        self.stop_requests.pop(node, None)
         a = self.assignments.get(node)
         if a is not None and self.plan is not None and a.epoch == self.plan.epoch:
             done = max(0, self.open_round - a.first_round)
             if node in self.arrivals:
                 done += 1
             start = a.start + consumed_after(
-                a.stop - a.start, self.config.batch_size, a.rounds, done
+                a.stop - a.start,
+                a.batch_size or self.config.batch_size,
+                a.rounds,
+                done,
+                samples_per_step=a.samples_per_step,
             )
             if done < a.rounds and start < a.stop:
-                self.orphans[node] = Shard(node, start, a.stop, a.share, 0)
+                self.orphans[node] = Shard(
+                    node,
+                    start,
+                    a.stop,
+                    a.share,
+                    0,
+                    batch_size=a.batch_size,
+                    samples_per_step=a.samples_per_step,
+                )
             # It gets a fresh assignment (its own rest if still free) when it comes back.
             del self.assignments[node]
             self.late.discard(node)
@@ -427,7 +493,7 @@ class Session:
     # ---- shards and epochs ---------------------------------------------------------------
     def maybe_plan(self, now: float) -> int | None:
         """Make the next epoch plan when its gate is open; returns the planned epoch or None."""
-        if self.finished or self.scheduler is None:
+        if self.finished or self.scheduler is None or self.stop_round is not None:
             return None
         if self.plan is not None and self.completed < self.plan.last_round:
             return None
@@ -488,6 +554,8 @@ class Session:
             share=sh.share,
             steps_per_round=sh.steps_per_round,
             final=self.plan.epoch == self.config.epochs - 1,
+            batch_size=sh.batch_size,
+            samples_per_step=sh.samples_per_step,
         )
 
     def _late_assignment(self, node: str) -> ShardAssignment | None:
@@ -508,6 +576,7 @@ class Session:
             orphan = self.orphans.pop(node)
         elif self.orphans:
             orphan = self.orphans.pop(next(iter(self.orphans)))
+        batch, per_step = self.scheduler.batching(node) if node in self.scheduler else (0, 0)
         sh = plan_late(
             self.plan,
             node,
@@ -515,6 +584,8 @@ class Session:
             r - self.plan.first_round,
             orphan,
             orphan_done=0,
+            batch_size=batch,
+            samples_per_step=per_step,
         )
         a = self._assignment(node, sh, r, rounds)
         self.assignments[node] = a
@@ -719,7 +790,11 @@ class Session:
         planned = None
         finished = False
         reason = f"round {closing} done"
-        if self.plan is not None and closing >= self.plan.last_round:
+        if self.stop_round is not None and closing >= self.stop_round:
+            self.finished = True
+            finished = True
+            reason = f"round {closing} was the final round: {self.stop_reason}; finished"
+        elif self.plan is not None and closing >= self.plan.last_round:
             if self.plan.epoch + 1 >= self.config.epochs:
                 self.finished = True
                 finished = True
@@ -732,6 +807,50 @@ class Session:
                     else "next epoch waits for a live node"
                 )
         return RoundOutcome(closing, epoch, finished, planned, reason)
+
+    # ---- stopping early ------------------------------------------------------------------
+    def request_stop(self, node: str, kind: StopKind, reason: str, now: float) -> StopVerdict:
+        """A node asks to end the session (see the module docstring); the verdict says
+        whether the session stops, on which round, and why."""
+        m = self.members.get(node)
+        if m is None or not m.live():
+            return StopVerdict(False, "join first")
+        m.last_seen = now
+        if self.finished:
+            return StopVerdict(
+                True, f"the session has finished at round {self.completed}", self.completed
+            )
+        if self.stop_round is not None:
+            return StopVerdict(True, self.stop_reason, self.stop_round)
+        reason = " ".join(str(reason).split())[:200]  # a node's words: one bounded line
+        self.stop_requests[node] = reason or kind
+        voters = [n for n in self.live() if n in self.admitted]
+        asked = sum(1 for n in voters if n in self.stop_requests)
+        stop, why = stop_decision(
+            self.config.stop_policy, self.config.stop_quorum, asked, len(voters), kind
+        )
+        who = f"node {_short(node)} asked to stop ({reason or kind})"
+        if not stop or not self.has_weights:
+            if stop:
+                why = "no global weights yet: nothing to finish on"
+            return StopVerdict(False, f"{who}; session continues: {why}")
+        r = self.open_round
+        self.stop_reason = f"{who}; {why}"
+        if self.plan is not None and self.plan.first_round <= r <= self.plan.last_round:
+            self.stop_round = r
+            return StopVerdict(
+                True, f"{self.stop_reason}: round {r} is the final round", r, newly=True
+            )
+        # Between epochs: no node trains toward the open round; the last one is final.
+        self.stop_round = self.completed
+        self.finished = True
+        return StopVerdict(
+            True,
+            f"{self.stop_reason}: finished on round {self.completed}",
+            self.completed,
+            finished_now=True,
+            newly=True,
+        )
 
     # ---- views ---------------------------------------------------------------------------
     def train_config(self) -> TrainConfig:
@@ -754,6 +873,7 @@ class Session:
             has_weights=self.has_weights,
             min_nodes=c.min_nodes,
             lightning_config=c.lightning_config,
+            stop_round=-1 if self.stop_round is None else self.stop_round,
         )
 
     def status(self, now: float, checkpoint: str = "") -> SessionStatus:
@@ -782,6 +902,9 @@ class Session:
                     barrier_wait_s=wait,
                     loss=m.loss,
                     samples=m.samples,
+                    vram_used=m.vram_used,
+                    vram_peak=m.vram_peak,
+                    stop_asked=node in self.stop_requests,
                 )
             )
         return SessionStatus(
@@ -794,6 +917,7 @@ class Session:
             nodes=nodes,
             checkpoint=checkpoint,
             started_at=self.started_at,
+            stop_reason=self.stop_reason,
         )
 
     # ---- persistence (state.json) -------------------------------------------------------
@@ -828,6 +952,11 @@ class Session:
             },
             "admitted": sorted(self.admitted),
             "scheduler": None if self.scheduler is None else self.scheduler.to_dict(),
+            "stop": {
+                "requests": dict(self.stop_requests),
+                "round": self.stop_round,
+                "reason": self.stop_reason,
+            },
         }
 
     @classmethod
@@ -859,6 +988,10 @@ class Session:
         s.late = set(d.get("late", ()))
         s.orphans = {n: Shard.from_dict(v) for n, v in d.get("orphans", {}).items()}
         s.admitted = set(d.get("admitted", ()))
+        stop = d.get("stop") or {}
+        s.stop_requests = {str(k): str(v) for k, v in (stop.get("requests") or {}).items()}
+        s.stop_round = None if stop.get("round") is None else int(stop["round"])
+        s.stop_reason = str(stop.get("reason", ""))
         for n, md in d.get("members", {}).items():
             saved = MemberState(md["state"])
             state = saved if saved in GONE else MemberState.TRAINING
@@ -907,6 +1040,8 @@ __all__ = [
     "RoundOutcome",
     "Session",
     "ShardReply",
+    "StopVerdict",
     "UploadVerdict",
     "Verdict",
+    "stop_decision",
 ]

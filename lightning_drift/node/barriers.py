@@ -15,6 +15,9 @@ Three rounds matter to a node, each with its own name here and in the strategy:
 - the **contributing round**: the round the node's next upload is for, the later of the two
   above (a node that came back late holds older weights than its schedule; a straggler that
   was answered with newer ones is past it: rounds only ever move forward).
+
+When the session decides to stop early it names its final round; :meth:`EpochBarriers.finish_at`
+turns the epoch's remaining barriers into that one barrier, due at once.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class EpochBarriers:
     total_steps: int | None = None
     steps: int = 0  # optimizer steps taken this epoch
     done: int = 0  # barriers held this epoch
+    final_round: int | None = None  # the session's final round, once it decided to stop
+    final_held: bool = False
 
     def step(self) -> int:
         """Count one optimizer step; return how many barriers are due now."""
@@ -85,8 +90,21 @@ class EpochBarriers:
         self.steps += 1
         return self.due()
 
+    def finish_at(self, final_round: int) -> None:
+        """The session stops on ``final_round``: the epoch's remaining barriers become one
+        barrier for that round, due now (after the current step, or before the first)."""
+        if self.final_round is None:
+            self.final_round = final_round
+
+    @property
+    def stopped(self) -> bool:
+        """The session decided to stop: this epoch ends at its final barrier."""
+        return self.final_round is not None
+
     def due(self) -> int:
         """Barriers whose step has been reached but that are not held yet."""
+        if self.final_round is not None:
+            return 0 if self.final_held else 1
         if self.total_steps is None:
             return 0
         k = self.done
@@ -101,15 +119,24 @@ class EpochBarriers:
 
     def owed(self) -> int:
         """Barriers of the epoch not held yet (due or not)."""
+        if self.final_round is not None:
+            return 0 if self.final_held else 1
         return max(0, self.rounds - self.done)
 
     @property
     def scheduled_round(self) -> int:
         """The global round the epoch's next barrier belongs to."""
+        if self.final_round is not None:
+            return self.final_round
         return self.first_round + self.done
 
     def held(self) -> None:
         """Record that the next barrier was held."""
+        if self.final_round is not None:
+            if self.final_held:
+                raise ValueError(f"the final barrier (round {self.final_round}) is already held")
+            self.final_held = True
+            return
         if self.done >= self.rounds:
             raise ValueError(f"all {self.rounds} barriers of the epoch are already held")
         self.done += 1

@@ -96,10 +96,12 @@ class CoordinatorClient:
         self.config: p.TrainConfig | None = None  # None for observers
         self.role = "node"
         self.finish: p.Finish | None = None
+        self.stop: p.StopDecision | None = None  # the session's decision to stop, once made
         self.error: DriftError | None = None  # why the control stream ended
         self._send_lock = asyncio.Lock()
         self._shards: dict[int, asyncio.Future[p.ShardAssignment]] = {}
         self._statuses: list[asyncio.Future[p.SessionStatus]] = []
+        self._stop_answers: list[asyncio.Future[p.StopDecision]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._closed = False
         self._last_rx = 0.0
@@ -360,6 +362,13 @@ class CoordinatorClient:
         if isinstance(cfg, p.Error):
             raise refusal(cfg)
         self.config = p.expect(cfg, p.TrainConfig)  # type: ignore[assignment]
+        if self.config is not None and self.config.stop_round >= 0:
+            # Decided while this node was away: it is told at the handshake.
+            self.stop = p.StopDecision(
+                stop=True,
+                round=self.config.stop_round,
+                reason="the session decided to stop while this node was away",
+            )
         self._tasks.append(asyncio.create_task(self._heartbeat()))
 
     # ---- background ---------------------------------------------------------------------
@@ -386,6 +395,16 @@ class CoordinatorClient:
                             self._shards = {e: f for e, f in self._shards.items() if f is not fut}
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
+                elif isinstance(msg, p.StopDecision):
+                    if msg.stop:
+                        self.stop = msg
+                    # A decision to stop answers every request in flight; an overruling
+                    # answers the oldest (requests are answered in order).
+                    waiting = self._stop_answers if msg.stop else self._stop_answers[:1]
+                    for fut3 in waiting:
+                        if not fut3.done():
+                            fut3.set_result(msg)
+                    del self._stop_answers[: len(waiting)]
                 elif isinstance(msg, p.SessionStatus):
                     if self._statuses:
                         fut2 = self._statuses.pop(0)
@@ -419,12 +438,17 @@ class CoordinatorClient:
     def _fail(self, exc: DriftError) -> None:
         if self.error is None or isinstance(self.error, PeerLost):
             self.error = exc
-        futs: list[asyncio.Future[Any]] = [*self._shards.values(), *self._statuses]
+        futs: list[asyncio.Future[Any]] = [
+            *self._shards.values(),
+            *self._statuses,
+            *self._stop_answers,
+        ]
         for fut in futs:
             if not fut.done():
                 fut.set_exception(exc)
         self._shards.clear()
         self._statuses.clear()
+        self._stop_answers.clear()
 
     async def _heartbeat(self) -> None:
         """Ping every ``heartbeat_s``; declare the coordinator lost after ``silence_s`` of
@@ -466,6 +490,15 @@ class CoordinatorClient:
 
     async def progress(self, msg: p.TrainProgress) -> None:
         await self._send(msg)
+
+    async def request_stop(self, request: p.StopRequest) -> p.StopDecision:
+        """Ask the session to stop; its answer (stop on a round, or overruled and why)."""
+        if self.stop is not None:
+            return self.stop
+        fut: asyncio.Future[p.StopDecision] = asyncio.get_running_loop().create_future()
+        self._stop_answers.append(fut)
+        await self._send(request)
+        return await fut
 
     async def status(self) -> p.SessionStatus:
         fut: asyncio.Future[p.SessionStatus] = asyncio.get_running_loop().create_future()

@@ -2,7 +2,8 @@
 
 It owns the iroh endpoint and one asyncio loop running in a background thread, and offers
 blocking calls to the training thread: ``start`` (join and handshake), ``shard``, ``barrier``,
-``report`` and ``status``. When the coordinator goes away (restart, network drop) a call
+``report``, ``request_stop`` and ``status``; :attr:`NodeRuntime.stop` is the session's decision
+to stop, once it was made (told on the control stream, or at a reconnect's handshake). When the coordinator goes away (restart, network drop) a call
 reconnects with exponential backoff and is retried, so the training thread keeps its place:
 a barrier upload is kept until its ``BarrierReady`` arrives and is sent again after a
 reconnect. ``close`` shuts the endpoint down before the process exits (iroh can abort a
@@ -107,6 +108,7 @@ class NodeRuntime:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.reconnects = 0
+        self._stop: p.StopDecision | None = None
         self._client: CoordinatorClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -199,6 +201,22 @@ class NodeRuntime:
                 log.debug("progress dropped error=%r", exc)
 
         asyncio.run_coroutine_threadsafe(send(), self._loop)
+
+    @property
+    def stop(self) -> p.StopDecision | None:
+        """The session's decision to stop (it finishes on ``stop.round``), or None. Cheap:
+        read it after every step."""
+        client = self._client
+        if self._stop is None and client is not None and client.stop is not None:
+            self._stop = client.stop
+        return self._stop
+
+    def request_stop(self, request: p.StopRequest) -> p.StopDecision:
+        """Ask the session to stop and wait for its answer (a round trip)."""
+        answer = self._call(self._retrying(lambda c: c.request_stop(request), what="stop request"))
+        if answer.stop and self._stop is None:
+            self._stop = answer
+        return answer
 
     def status(self) -> p.SessionStatus:
         """The coordinator's current view of the session."""

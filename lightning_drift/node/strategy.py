@@ -15,6 +15,18 @@ The strategy only connects Lightning to the node's parts:
 - the last barrier of the last epoch is the final one: every node ends holding the
   coordinator's final checkpoint.
 
+Planning, apart from holding barriers:
+
+- the node reports its batch size and samples per optimizer step when it joins, so its shards
+  are whole optimizer steps and rounds are planned in optimizer steps;
+- a stop is the session's: when a callback sets ``trainer.should_stop`` (EarlyStopping) or the
+  node reaches ``max_steps``, the node asks the coordinator; until the session decides,
+  Lightning is kept from ending the fit on its own (``min_epochs``); a stop the session
+  overrules is logged and training goes on; once the session stops, the next barrier is the
+  final one (:meth:`~lightning_drift.node.barriers.EpochBarriers.finish_at`);
+- a Tuner's internal fit (``lr_find``, ``scale_batch_size``) stays local: it runs inside a tuner
+  callback's ``on_fit_start``, before the fit's own, and nothing joins until that has run.
+
 No network is touched in ``__init__``; the runtime connects in ``process_dataloader`` and
 closes in ``teardown``. Every member marked ``@override`` is Lightning's contract; the rest is
 the strategy's own.
@@ -23,7 +35,6 @@ the strategy's own.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from collections.abc import Sized
@@ -32,13 +43,19 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
+from jsonargparse.typing import SecretStr
 from lightning.pytorch.accelerators import (
     Accelerator,
     CPUAccelerator,
     CUDAAccelerator,
     MPSAccelerator,
 )
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    Callback,
+    EarlyStopping,
+    LearningRateFinder,
+)
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.data import _update_dataloader, extract_batch_size
@@ -47,7 +64,15 @@ from typing_extensions import override
 
 from lightning_drift import __version__
 from lightning_drift import protocol as p
-from lightning_drift.auth import TOKEN_ENV, node_identity
+from lightning_drift.auth import (
+    MASKED_TOKEN,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    node_identity,
+    read_token_file,
+    token_from_environment,
+    token_text,
+)
 from lightning_drift.errors import ConfigError, SessionError, SessionFinished
 from lightning_drift.hardware import choose_device, describe, memory_now, node_info_fields
 from lightning_drift.node.barriers import EpochBarriers, contributing_round, steps_per_epoch
@@ -76,8 +101,12 @@ class DriftStrategy(SingleDeviceStrategy):
     """Lightning strategy for one node of a drift session (one device per machine).
 
     Args:
-        token: the invitation token printed by ``drift-coord serve``; when ``None`` it is read
-            from the ``DRIFT_TOKEN`` environment variable.
+        token: the invitation token printed by ``drift-coord serve`` (or the path of a file
+            holding it). ``None``: ``token_file``, else the ``DRIFT_TOKEN`` environment
+            variable (a token or a file), else the file ``DRIFT_TOKEN_FILE`` names. A token is
+            a password: prefer the environment or a file to writing it into code or a config.
+            In a LightningCLI config it is a secret, masked in the saved ``config.yaml``.
+        token_file: a file holding the token (e.g. a copy of ``STATE_DIR/node.token``).
         device: ``"auto"`` (let Lightning's accelerator pick: CUDA/ROCm, then MPS, then CPU),
             or an explicit torch device such as ``"cuda:1"``, ``"mps"`` or ``"cpu"``.
         sync_every: leave unset to follow the coordinator's schedule (the epoch's barriers
@@ -117,7 +146,7 @@ class DriftStrategy(SingleDeviceStrategy):
 
     def __init__(
         self,
-        token: str | None = None,
+        token: SecretStr | str | None = None,
         device: str = "auto",
         sync_every: int | None = None,
         connect_timeout: float = 30.0,
@@ -129,24 +158,21 @@ class DriftStrategy(SingleDeviceStrategy):
         name: str | None = None,
         progress_every: float | None = None,
         calibration_seconds: float = 0.5,
+        token_file: str | None = None,
         peer: str | None = None,
         listen: str | None = None,
         key_file: str | None = None,
     ) -> None:
         if listen is not None:
-            if token or not peer:
+            if not peer or _token_given(token, token_file):
                 raise ConfigError(
                     "DriftStrategy(listen=...) waits for the coordinator named by peer=... "
                     "(its id) to dial in: give peer, and no token"
                 )
+            found = None  # a token in the environment is not this node's business
         else:
-            token = token or os.environ.get(TOKEN_ENV)
-        if not token and not peer:
-            raise ConfigError(
-                "DriftStrategy needs an invitation token: pass DriftStrategy(token=...) or set "
-                f"{TOKEN_ENV}; `drift-coord serve` prints one and writes it to STATE_DIR/node.token"
-                " (or name the coordinator by id with peer=..., if it lists this node's id)"
-            )
+            # With peer=..., a node may join without a token (the coordinator lists its id).
+            found = _find_token(token, token_file, required=not peer)
         if peer:
             parse_peer(peer)  # a malformed id fails here, not when the node joins
         if mode not in (None, "local", "internet"):
@@ -159,7 +185,8 @@ class DriftStrategy(SingleDeviceStrategy):
             root = choose_device(device)
             accelerator = _accelerator_for(root)
         super().__init__(device=root, accelerator=accelerator)
-        self.token = token.strip() if token else None
+        self.token = found
+        self.token_file = token_file
         self.peer = peer
         self.listen = listen
         self.key_file = key_file
@@ -193,6 +220,9 @@ class DriftStrategy(SingleDeviceStrategy):
         self.finished = False
         self.node_key = ""
         self._resumed_from: dict[str, Any] | None = None  # the "drift" entry of a resumed .ckpt
+        self._fit_started = False  # False during a Tuner's internal fit: it stays local
+        self._ask_again_at = 0.0  # after an overruled stop request, when to ask again
+        self._overruled = ""  # the last overruling, logged once
 
     @property
     def _pl(self) -> LightningModule:
@@ -271,20 +301,28 @@ class DriftStrategy(SingleDeviceStrategy):
         super().setup(trainer)
         # Every epoch needs a fresh dataloader over the epoch's shard.
         trainer.reload_dataloaders_every_n_epochs = 1
-        if trainer.max_steps not in (-1, None):
-            log.warning(
-                "Trainer(max_steps=%s): a node that stops before its epoch's last barrier "
-                "leaves the session's rounds without it; prefer max_epochs (the session's)",
-                trainer.max_steps,
-            )
-        if not any(isinstance(c, _EpochEndBarriers) for c in trainer.callbacks):
-            # First, so owed barriers are held before ModelCheckpoint saves the epoch's end.
-            trainer.callbacks.insert(0, _EpochEndBarriers(self))
+        self._fit_started = False
+        callbacks = trainer.callbacks
+        # Right after the tuner callbacks (Lightning puts them first): their on_fit_start,
+        # where a Tuner's internal fit runs, comes before ours. Before every other callback,
+        # so owed barriers are held before ModelCheckpoint saves the epoch's end.
+        at = next(
+            (i for i, c in enumerate(callbacks) if not isinstance(c, _TUNER_CALLBACKS)),
+            len(callbacks),
+        )
+        for hook in (_EpochEndBarriers, _FitHooks):
+            if not any(isinstance(c, hook) for c in callbacks):
+                callbacks.insert(at, hook(self))
+                at += 1
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self._pl.trainer
         if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
+            return dataloader
+        if not self._fit_started:
+            # A Tuner's internal fit (lr_find, scale_batch_size): local, no session.
+            log.info("tuner fit: training locally, outside the session")
             return dataloader
         dataset = dataloader.dataset
         if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
@@ -294,18 +332,22 @@ class DriftStrategy(SingleDeviceStrategy):
                 "Dataset so the coordinator can give each node its own indices."
             )
         if self.runtime is None:
-            self._join(len(dataset))
+            batch_size = dataloader.batch_size or 0
+            accumulate = trainer.accumulate_grad_batches if self._pl.automatic_optimization else 1
+            self._join(len(dataset), batch_size, batch_size * max(1, accumulate))
         try:
             a = self._runtime.shard(trainer.current_epoch)
         except SessionFinished as done:
-            # We came back after the last round: the start-up sync already loaded the final
-            # weights. Train nothing more and let the fit end normally.
+            # The session finished while this node was away, or between two of its epochs (a
+            # stop): make sure it holds the final weights, train nothing more, end the fit.
+            if self._runtime.held_round < done.final_round:
+                self._sync(p.BarrierSync(round=0, epoch=trainer.current_epoch))
             log.warning(
                 "the session finished at round %d; this node holds its final weights",
                 done.final_round,
             )
             self.finished = True
-            trainer.should_stop = True
+            self._end_training()
             return _update_dataloader(dataloader, ShardSampler.empty(), mode=RunningStage.TRAINING)
         if a.epoch != trainer.current_epoch:
             self._jump_to_epoch(a.epoch)
@@ -323,10 +365,18 @@ class DriftStrategy(SingleDeviceStrategy):
             a.first_round,
         )
         self._log_metrics({"drift/shard_size": float(a.stop - a.start), "drift/epoch": a.epoch})
+        # A stop asked for at the last epoch's end (EarlyStopping in on_train_epoch_end), or
+        # decided meanwhile, is held here, before the epoch trains anything.
+        self._hold_due_barriers()
+        if self.finished:
+            return _update_dataloader(dataloader, ShardSampler.empty(), mode=RunningStage.TRAINING)
         return _update_dataloader(dataloader, sampler, mode=RunningStage.TRAINING)
 
-    def _join(self, dataset_size: int) -> None:
-        """Join the session, take its settings, and hold the start-up sync (round 0)."""
+    def _join(self, dataset_size: int, batch_size: int = 0, samples_per_step: int = 0) -> None:
+        """Join the session, take its settings, and hold the start-up sync (round 0).
+
+        ``batch_size`` and ``samples_per_step`` (batch size × accumulate_grad_batches) let
+        the coordinator cut shards in whole optimizer steps of this node."""
         module = self._pl
         fingerprint = model_fingerprint(module)
         hw = node_info_fields(self.root_device, seconds=self.calibration_seconds)
@@ -336,6 +386,8 @@ class DriftStrategy(SingleDeviceStrategy):
                 nonce="",
                 dataset_size=dataset_size,
                 model_fingerprint=fingerprint,
+                batch_size=batch_size,
+                samples_per_step=samples_per_step,
                 **hw,
             )
 
@@ -384,6 +436,11 @@ class DriftStrategy(SingleDeviceStrategy):
                 trainer.fit_loop.max_epochs,
             )
             trainer.fit_loop.max_epochs = config.epochs
+        # Lightning must not end the fit on a callback's trainer.should_stop by itself: the
+        # session decides (see _plan_stop), and _end_training lets Lightning stop.
+        trainer.fit_loop.min_epochs = max(trainer.fit_loop.min_epochs or 0, config.epochs)
+        # Whatever a Tuner's local fit counted is not this session's.
+        self._samples = self._rate_samples = self._steps = 0
         # Start-up sync: offer our weights as round 0; everyone starts from the same ones.
         self._sync(p.BarrierSync(round=0, epoch=trainer.current_epoch))
 
@@ -442,8 +499,7 @@ class DriftStrategy(SingleDeviceStrategy):
         if plan.total_steps is None:  # the loader's length is known from the first step on
             plan.total_steps = self._steps_per_epoch()
         plan.step()
-        while plan.due():
-            self._barrier()
+        self._hold_due_barriers()
         now = time.monotonic()
         if now - self._last_report >= self._progress_every:
             self._report(now)
@@ -458,6 +514,80 @@ class DriftStrategy(SingleDeviceStrategy):
         while plan.owed() and not self.finished:
             log.info("epoch ended before barrier %d; holding it now", plan.done + 1)
             self._barrier()
+        # A stop asked for during the epoch's last validation (EarlyStopping on
+        # on_validation_end) is held now, before the epoch's checkpoint is saved.
+        self._hold_due_barriers()
+
+    # -- stopping: a session decision ----------------------------------------------------------
+
+    def _hold_due_barriers(self) -> None:
+        """Hold every barrier the plan says is due now, the session's final one included
+        (after taking any stop request into the plan: :meth:`_plan_stop`)."""
+        plan = self._barriers
+        if self.runtime is None or plan is None:
+            return
+        self._plan_stop()
+        while plan.due() and not self.finished:
+            self._barrier()
+
+    def _plan_stop(self) -> None:
+        """Ask the session to stop when Lightning was asked to (something set
+        ``trainer.should_stop``); once the session has decided, the epoch's next barrier is
+        the final one, due now. An overruled request is logged and training goes on."""
+        runtime, plan = self.runtime, self._barriers
+        if runtime is None or plan is None or self.finished:
+            return
+        trainer = self._pl.trainer
+        if trainer.should_stop and runtime.stop is None:
+            self._ask_to_stop("callback", _why_stopping(trainer))
+        decision = runtime.stop
+        if decision is not None and not plan.stopped and runtime.held_round < decision.round:
+            log.warning(
+                "the session stops early: %s; holding the final barrier (round %d)",
+                decision.reason,
+                decision.round,
+            )
+            plan.finish_at(decision.round)
+
+    def _ask_to_stop(self, kind: p.StopKind, reason: str) -> None:
+        """Send a stop request and act on the answer: an overruled ``should_stop`` is undone,
+        and asked again at most every few seconds."""
+        runtime = self._runtime
+        trainer = self._pl.trainer
+        now = time.monotonic()
+        if kind == "callback" and now < self._ask_again_at:
+            trainer.should_stop = False  # overruled a moment ago; the session's answer stands
+            return
+        answer = runtime.request_stop(
+            p.StopRequest(kind=kind, reason=reason, epoch=trainer.current_epoch, step=self._steps)
+        )
+        if answer.stop:
+            return
+        trainer.should_stop = False
+        self._ask_again_at = now + max(1.0, self._progress_every)
+        if answer.reason != self._overruled:
+            self._overruled = answer.reason
+            log.warning("%s; this node trains on with the session", answer.reason)
+
+    def _reached_max_steps(self) -> None:
+        """Called after every training batch: at ``Trainer(max_steps)`` Lightning ends the fit,
+        so this node asks the session to stop (a request it always honours) and holds the
+        final barrier before Lightning does."""
+        trainer = self._pl.trainer
+        if self.runtime is None or self.finished or trainer.max_steps in (-1, None):
+            return
+        if trainer.global_step < trainer.max_steps:
+            return
+        if self.runtime.stop is None:
+            self._ask_to_stop("max_steps", f"reached Trainer(max_steps={trainer.max_steps})")
+        self._hold_due_barriers()
+
+    def _end_training(self) -> None:
+        """The session is over for this node: let Lightning end the fit after this batch."""
+        trainer = self._pl.trainer
+        trainer.should_stop = True
+        trainer.fit_loop.min_epochs = 0
+        trainer.fit_loop.epoch_loop.min_steps = None
 
     def _steps_per_epoch(self) -> int:
         trainer = self._pl.trainer
@@ -521,10 +651,13 @@ class DriftStrategy(SingleDeviceStrategy):
                 code="finished",
             ) from None
         plan.held()
-        if self.finished and (plan.owed() or trainer.current_epoch + 1 < (trainer.max_epochs or 0)):
-            # A straggler answered with the session's final weights: nothing left to train.
+        if self.finished and (
+            plan.stopped or plan.owed() or trainer.current_epoch + 1 < (trainer.max_epochs or 0)
+        ):
+            # The session stopped early, or a straggler was answered with the session's final
+            # weights: nothing left to train.
             log.warning("the session finished at round %d; stopping", runtime.held_round)
-            trainer.should_stop = True
+            self._end_training()
 
     def _sync(self, sync: p.BarrierSync) -> None:
         """Upload our weights for ``sync.round``, wait for the global ones, load them in place."""
@@ -548,6 +681,9 @@ class DriftStrategy(SingleDeviceStrategy):
             {
                 "round": held_round,
                 "contributed": ready.contributed,
+                "epoch": sync.epoch,
+                "step": self._steps,  # optimizer steps of this fit when the barrier was held
+                "finished": ready.finished,
                 "samples": sync.samples,
                 "wait_s": wait,
                 "bytes_sent": len(upload.payload),
@@ -643,6 +779,67 @@ class _EpochEndBarriers(Callback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy._finish_epoch()
+
+
+_TUNER_CALLBACKS = (BatchSizeFinder, LearningRateFinder)
+
+
+class _FitHooks(Callback):
+    """Tells the strategy when the fit itself starts (after any tuner's internal fit, which
+    runs in the tuner callbacks' ``on_fit_start``) and when a batch has ended (``max_steps``)."""
+
+    def __init__(self, strategy: DriftStrategy) -> None:
+        self.strategy = strategy
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy._fit_started = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.strategy._reached_max_steps()
+
+
+def _why_stopping(trainer: Any) -> str:  # Any: Trainer.callbacks is untyped
+    """What a stop request says about why Lightning was asked to stop."""
+    watchers = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
+    if watchers:
+        what = ", ".join(f"EarlyStopping(monitor={c.monitor!r})" for c in watchers)
+        return f"trainer.should_stop was set; callbacks: {what}"
+    return "trainer.should_stop was set (a callback or the module)"
+
+
+def _token_given(given: SecretStr | str | None, token_file: str | None) -> bool:
+    """Whether a token was passed (a masked one from a saved config does not count)."""
+    value = given.get_secret_value() if isinstance(given, SecretStr) else given
+    return bool(token_file) or bool(value and value.strip() and value.strip() != MASKED_TOKEN)
+
+
+def _find_token(
+    given: SecretStr | str | None, token_file: str | None, *, required: bool = True
+) -> str | None:
+    """The token a DriftStrategy joins with (see the class docstring for the order); None
+    when there is none and none is ``required`` (a node that names its coordinator by id)."""
+    value = given.get_secret_value() if isinstance(given, SecretStr) else given
+    if value is not None and value.strip() == MASKED_TOKEN:
+        # A config saved by LightningCLI, run again: its token was masked on purpose.
+        log.info("the config's token is masked; looking for it in the environment")
+        value = None
+    token = token_text(value) if value and value.strip() else None
+    if token is None and token_file:
+        token = read_token_file(token_file)
+    token = token or token_from_environment()
+    if not token and required:
+        raise ConfigError(
+            "DriftStrategy needs an invitation token: set "
+            f"{TOKEN_ENV} (the token or a file holding it) or {TOKEN_FILE_ENV}, or pass "
+            "DriftStrategy(token_file=...) or token=...; `drift-coord serve` prints one and "
+            "writes it to STATE_DIR/node.token (or name the coordinator by id with "
+            "peer=..., if it lists this node's id)"
+        )
+    return token or None
 
 
 def _accelerator_for(device: torch.device) -> Accelerator:

@@ -81,8 +81,8 @@ class RecordingStrategy(DriftStrategy):
             )
         return out
 
-    def _join(self, dataset_size: int) -> None:
-        super()._join(dataset_size)
+    def _join(self, *args, **kwargs) -> None:
+        super()._join(*args, **kwargs)
         inner = self.runtime.barrier
 
         def barrier(sync, payload):

@@ -1,0 +1,244 @@
+"""The session's log, written through Lightning's own logger classes.
+
+After every completed round the coordinator logs one :class:`RoundRecord`: how many nodes
+contributed, the losses they reported at the barrier, the samples, the round's time, the
+barrier waits, the bytes, the aggregation, and per node its loss and rate. The metrics go to
+one or more Lightning loggers (``CSVLogger`` by default, next to the checkpoints;
+``TensorBoardLogger``, ``WandbLogger``, ``MLFlowLogger`` or any logger's class path when it is
+installed), at step = the completed round, so a session's curves open in TensorBoard (or W&B,
+MLflow) like any Lightning run's.
+
+This is the one module of the coordinator that imports Lightning, and only lazily, in its
+writer thread (:meth:`SessionLog.open`): the coordinator itself never needs Lightning, and
+importing it takes seconds. A logger that cannot be made (not installed, bad arguments) is
+reported and left out; logging never stops a session.
+
+:func:`round_metrics` (record → metric names and values) is pure; :class:`SessionLog` does
+the I/O, one call at a time in its own thread, so the event loop never waits for a disk.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# The short names `--logger` accepts, and the class each stands for.
+LOGGER_CLASSES: dict[str, str] = {
+    "csv": "lightning.pytorch.loggers.CSVLogger",
+    "tensorboard": "lightning.pytorch.loggers.TensorBoardLogger",
+    "wandb": "lightning.pytorch.loggers.WandbLogger",
+    "mlflow": "lightning.pytorch.loggers.MLFlowLogger",
+}
+
+
+@dataclass(frozen=True)
+class NodeRound:
+    """One contributor of a completed round, as the coordinator saw it."""
+
+    label: str  # the node's name and id, safe for a metric name
+    samples: int  # samples since its previous barrier (its aggregation weight)
+    loss: float | None  # the training loss it reported at the barrier
+    samples_per_s: float  # its training pace this round (0: not measured)
+    barrier_wait_s: float  # from its upload to the round's completion
+    bytes_received: int  # the size of its upload
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one completed round is logged as."""
+
+    completed_round: int
+    epoch: int
+    nodes: tuple[NodeRound, ...]  # the contributors, in arrival order
+    live_nodes: int
+    round_s: float  # from the round's opening to its checkpoint
+    aggregation_s: float  # aggregating and writing the checkpoint
+    bytes_received: int  # uploads of the round
+    bytes_sent: int  # the new global weights, once per contributor
+    finished: bool = False
+
+
+def metric_label(name: str, node: str) -> str:
+    """A metric-safe label for a node: its name (letters, digits, ``_.-`` only) and id prefix."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or "")[:32].strip("_")
+    return f"{clean}-{node[:8]}" if clean else node[:8]
+
+
+def round_metrics(rec: RoundRecord) -> dict[str, float]:
+    """The metrics of one completed round (names as Lightning loggers show them).
+
+    ``round/loss`` is the samples-weighted mean of the losses the contributors reported at
+    the barrier (their last training loss; NaN when none reported one)."""
+    samples = sum(n.samples for n in rec.nodes)
+    reported = [(n.samples, n.loss) for n in rec.nodes if n.loss is not None]
+    weight = sum(s for s, _ in reported)
+    if reported and weight > 0:
+        loss = sum(s * float(v) for s, v in reported) / weight
+    elif reported:
+        loss = sum(float(v) for _, v in reported) / len(reported)
+    else:
+        loss = math.nan
+    out: dict[str, float] = {
+        "epoch": float(rec.epoch),
+        "round/nodes": float(len(rec.nodes)),
+        "round/live_nodes": float(rec.live_nodes),
+        "round/samples": float(samples),
+        "round/loss": loss,
+        "round/seconds": rec.round_s,
+        "round/aggregation_s": rec.aggregation_s,
+        "round/barrier_wait_max_s": max((n.barrier_wait_s for n in rec.nodes), default=0.0),
+        "round/bytes_received": float(rec.bytes_received),
+        "round/bytes_sent": float(rec.bytes_sent),
+    }
+    for n in rec.nodes:
+        prefix = f"node/{n.label}"
+        if n.loss is not None:
+            out[f"{prefix}/loss"] = float(n.loss)
+        out[f"{prefix}/samples"] = float(n.samples)
+        out[f"{prefix}/samples_per_s"] = n.samples_per_s
+        out[f"{prefix}/barrier_wait_s"] = n.barrier_wait_s
+    return out
+
+
+def logger_class_path(name: str) -> str:
+    """The class path a ``--logger`` value names (a short name or a class path)."""
+    return LOGGER_CLASSES.get(name, name)
+
+
+def make_logger(name: str, save_dir: Path, run: str) -> Any:
+    """A Lightning logger for ``name`` writing under ``save_dir / <name>``, run ``run``.
+
+    Imports Lightning (and the logger's backend). The arguments a logger class takes among
+    ``save_dir``, ``name``, ``experiment_name``, ``run_name``, ``project`` are given; the rest
+    keep their defaults (W&B and MLflow read their own environment variables). Raises
+    whatever the import or the constructor raises."""
+    path = logger_class_path(name)
+    module, _, cls_name = path.rpartition(".")
+    cls: Callable[..., Any] = getattr(importlib.import_module(module), cls_name)
+    short = next((k for k, v in LOGGER_CLASSES.items() if v == path), cls_name.lower())
+    offered = {
+        "save_dir": str(save_dir / short),
+        "name": run,
+        "experiment_name": run,
+        "run_name": run,
+        "project": "lightning-drift",
+    }
+    params = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in offered.items() if k in params})
+
+
+class SessionLog:
+    """The session's loggers, fed from the coordinator's event loop without blocking it.
+
+    Every call is queued to one writer thread and returns at once; :meth:`close` waits for
+    the queue. ``names``: the ``--logger`` values (``"none"`` alone: no logging).
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        save_dir: Path,
+        run: str,
+        hparams: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.names = [n for n in names if n != "none"]
+        self.save_dir = Path(save_dir)
+        self.run = run
+        self.hparams = dict(hparams or {})
+        self.loggers: list[Any] = []
+        self.problems: list[str] = []  # loggers that could not be made, and why
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.names)
+
+    def open(self) -> None:
+        """Make the loggers (in the writer thread: Lightning is imported there)."""
+        if self.enabled:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-log")
+            self._submit(self._open)
+
+    def log_round(self, rec: RoundRecord) -> None:
+        """Log one completed round (queued)."""
+        if self._pool is not None:
+            self._submit(self._write, rec)
+
+    def close(self, status: str = "success") -> None:
+        """Finalize every logger and wait for the writer thread. Blocking: call it from a
+        thread (or at exit), not from the event loop."""
+        if self._pool is None:
+            return
+        self._submit(self._finalize, status)
+        self._pool.shutdown(wait=True)
+        self._pool = None
+
+    # -- the writer thread ------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._pool is not None
+        self._pool.submit(self._guarded, fn, *args)
+
+    @staticmethod
+    def _guarded(fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # the session goes on without its log
+            log.exception("session_log.failed call=%s", getattr(fn, "__name__", fn))
+
+    def _open(self) -> None:
+        for name in self.names:
+            try:
+                logger = make_logger(name, self.save_dir, self.run)
+                if self.hparams:
+                    logger.log_hyperparams(self.hparams)
+            except Exception as exc:
+                why = f"session logger {name!r} left out: {type(exc).__name__}: {exc}"
+                self.problems.append(why)
+                log.warning("%s", why)
+                continue
+            self.loggers.append(logger)
+            log.info("session_log.open logger=%s dir=%s", name, _log_dir(logger))
+
+    def _write(self, rec: RoundRecord) -> None:
+        metrics = round_metrics(rec)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=rec.completed_round)
+            logger.save()
+            experiment = getattr(logger, "_experiment", None)  # TensorBoard's writer, if made
+            flush = getattr(experiment, "flush", None)
+            if callable(flush):
+                flush()  # so a running TensorBoard, or a test, sees the round now
+
+    def _finalize(self, status: str) -> None:
+        for logger in self.loggers:
+            logger.finalize(status)
+
+
+def _log_dir(logger: Any) -> str:
+    try:
+        return str(logger.log_dir)
+    except Exception:
+        return "?"
+
+
+__all__ = [
+    "LOGGER_CLASSES",
+    "NodeRound",
+    "RoundRecord",
+    "SessionLog",
+    "logger_class_path",
+    "make_logger",
+    "metric_label",
+    "round_metrics",
+]
