@@ -5,8 +5,9 @@ holds serve options (flag names with underscores); the rest of the YAML (model, 
 trainer) is a LightningCLI config handed to nodes for ``drift join``. A flag given on the
 command line wins over the file, the file over the built-in default. On a restart (the state
 dir already holds a coordinator) the address options not given either way (port, mode, bind,
-relay, checkpoint dir) come from the state dir instead of the defaults, so the address in the
-tokens stays right; the session's settings always come from its saved state.
+relay, checkpoint dir) and the ``--peers`` list come from the state dir instead of the
+defaults, so the address in the tokens stays right and the same nodes are admitted; the
+session's settings always come from its saved state.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _option(name: str, *decls: str) -> Any:
 
 # Serve options a restart takes from STATE_DIR/coordinator.json when they are not given:
 # together with the identity they make the ticket, and so the address in the tokens.
-STORED_OPTIONS = ("port", "mode", "bind", "relay", "checkpoint_dir")
+STORED_OPTIONS = ("port", "mode", "bind", "relay", "checkpoint_dir", "peers")
 
 
 def resolve_serve_options(
@@ -67,7 +68,8 @@ def resolve_serve_options(
 
     Flags (None = not given) win over the config file's ``coordinator:`` mapping, which wins
     over the defaults of the table in ``lightning_drift.coordinator.config``; the rest of the
-    file is the LightningCLI YAML handed to nodes (``SessionConfig.lightning_config``).
+    file is the LightningCLI YAML handed to nodes (``SessionConfig.lightning_config``). The
+    session's epochs, given neither way, are that YAML's ``trainer.max_epochs`` if it has one.
 
     When the state dir already holds a coordinator, :data:`STORED_OPTIONS` not given as a
     flag or in the file come from its ``coordinator.json``, and session options given with
@@ -90,6 +92,12 @@ def resolve_serve_options(
             given.add(s.name)
             values[s.field] = read_option(s, raw)
     values["lightning_config"] = lightning_yaml
+    if "epochs" not in given:
+        # A LightningCLI config says how long to train: the session trains that long.
+        max_epochs = _trainer_max_epochs(lightning_yaml)
+        if max_epochs is not None:
+            values["epochs"] = max_epochs
+            given.add("epochs")
     state = StateDir(values["state_dir"])
     lines = _stored_address(state, values, given)
     session, options = build(values)
@@ -123,6 +131,18 @@ def _read_config_file(config: Path | None) -> tuple[dict[str, Any], str]:
             f"known: {', '.join(sorted(s.name for s in OPTIONS))}"
         )
     return file_opts, yaml.safe_dump(doc, sort_keys=False) if doc else ""
+
+
+def _trainer_max_epochs(lightning_yaml: str) -> int | None:
+    """``trainer.max_epochs`` of the LightningCLI part of --config, when it names a count."""
+    import yaml
+
+    doc = yaml.safe_load(lightning_yaml) if lightning_yaml else None
+    trainer = doc.get("trainer") if isinstance(doc, dict) else None
+    value = trainer.get("max_epochs") if isinstance(trainer, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None  # absent, or -1 / null: "no limit", which a session cannot be
+    return value
 
 
 def _stored_address(state: StateDir, values: dict[str, Any], given: set[str]) -> list[str]:
@@ -216,6 +236,7 @@ def serve(
     keep: Annotated[int | None, _option("keep")] = None,
     max_model_mb: Annotated[int | None, _option("max_model_mb")] = None,
     token_ttl: Annotated[str | None, _option("token_ttl")] = None,
+    peers: Annotated[list[str] | None, _option("peers")] = None,
     logger: Annotated[list[str] | None, _option("logger")] = None,
     log_dir: Annotated[Path | None, _option("log_dir")] = None,
     init: Annotated[Path | None, _option("init")] = None,
@@ -229,12 +250,15 @@ def serve(
     max_change: Annotated[float | None, _option("max_change")] = None,
     max_strikes: Annotated[int | None, _option("max_strikes")] = None,
     config: Annotated[
-        Path | None, typer.Option(help="YAML: `coordinator:` options + LightningCLI config.")
+        Path | None,
+        typer.Option(
+            help=common.with_default("YAML: `coordinator:` options + LightningCLI config.", "none")
+        ),
     ] = None,
     exit_when_done: Annotated[
         bool | None, _option("exit_when_done", "--exit-when-done/--stay")
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: common.VerboseOpt = False,
 ) -> None:
     """Run the coordinator: print the node token, serve rounds, show the live view."""
     from lightning_drift.coordinator.server import Coordinator
@@ -247,15 +271,13 @@ def serve(
         sc, opts = resolve_serve_options(flags, config, notes)
         coord = Coordinator(sc, opts)
     except DriftError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        common.fail(exc, 2)
     for line in notes:
         typer.echo(line, err=True)
     try:
         asyncio.run(_serve(coord))
     except DriftError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        common.fail(exc, 1)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if coord.fatal:
@@ -351,8 +373,10 @@ def token(
     role: Annotated[str, typer.Option(help="node or observer.")] = "node",
     expires: Annotated[str, typer.Option(help="Lifetime: 90m, 24h, 7d...")] = "24h",
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    verbose: common.VerboseOpt = False,
 ) -> None:
     """Issue another token from the state dir's identity (the server need not run)."""
+    common.setup_logging(verbose, common.COORDINATOR)
     from lightning_drift.coordinator.state import StateDir
     from lightning_drift.errors import DriftError
     from lightning_drift.units import parse_duration
@@ -371,6 +395,8 @@ def token(
             ticket=coord["ticket"],
             role=role,
             ttl_s=parse_duration(expires),
+            mode=coord.get("mode") or "",
+            relays=coord.get("relay") or (),
         )
     except DriftError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -379,9 +405,24 @@ def token(
     typer.echo(f"role={claims.role} jti={claims.jti} expires={time.ctime(claims.exp)}", err=True)
 
 
+@app.command("id")
+def coordinator_id(
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR, verbose: common.VerboseOpt = False
+) -> None:
+    """Print the coordinator's id (its key is created on first use), before serving: what a
+    listening node's --peer names it by."""
+    common.setup_logging(verbose, common.COORDINATOR)
+    from lightning_drift.coordinator.state import StateDir
+
+    typer.echo(StateDir(state_dir).identity().public_hex)
+
+
 @app.command()
-def revoke(jti: str, state_dir: StateDirOpt = DEFAULT_STATE_DIR) -> None:
+def revoke(
+    jti: str, state_dir: StateDirOpt = DEFAULT_STATE_DIR, verbose: common.VerboseOpt = False
+) -> None:
     """Revoke a token by its jti; a running server closes its connections and refuses it."""
+    common.setup_logging(verbose, common.COORDINATOR)
     from lightning_drift.coordinator.state import StateDir
 
     sd = StateDir(state_dir)
@@ -399,24 +440,24 @@ def status(
     token: Annotated[
         str | None,
         typer.Option(
-            help=f"Observer or node token, or a file holding it; default ${TOKEN_ENV}, "
-            "else STATE_DIR/observer.token."
+            help=common.with_default(
+                "Observer or node token, or a file holding it.",
+                f"${TOKEN_ENV}, else STATE_DIR/observer.token, else the token of the "
+                "last drift join or train here",
+            )
         ),
     ] = None,
     as_json: common.JsonOpt = False,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
-    mode: common.ModeOpt = "local",
+    mode: common.ModeOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 15.0,
+    verbose: common.VerboseOpt = False,
 ) -> None:
     """Show the session as a table (or JSON) via an observer connection."""
+    common.setup_logging(verbose, common.COORDINATOR)
     from lightning_drift.errors import DriftError
 
-    observer = Path(state_dir) / "observer.token"
-    tok = common.need_token(
-        token,
-        files=[observer],
-        hint=f"none in {observer} either; `drift-coord token --role observer` issues one",
-    )
+    tok = common.status_token(token, state_dir)
     try:
         st = common.fetch_status(tok, mode=mode, timeout=timeout)
     except DriftError as exc:
@@ -425,7 +466,7 @@ def status(
 
 
 def main() -> None:
-    common.main(app)
+    common.main(app, common.COORDINATOR)
 
 
 if __name__ == "__main__":

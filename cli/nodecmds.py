@@ -2,48 +2,70 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from lightning_drift_cli.common import fetch_status
+from lightning_drift_cli.common import NodeLink, fetch_status, remember_token
 
 from lightning_drift.auth import TOKEN_ENV
 from lightning_drift.errors import AuthError, ConfigError
 
 log = logging.getLogger(__name__)
 
+# What `drift join` trains when neither it nor the coordinator names a LightningCLI config.
+EXAMPLE_CONFIG = importlib.resources.files("lightning_drift_examples") / "train.yaml"
 
-def join(
-    token: str, config: Path | None, *, mode: str = "local", coordinator_addr: str | None = None
-) -> int:
+
+def join(link: NodeLink, config: Path | None) -> int:
     """Run LightningCLI on ``config`` (or the coordinator's config) with DriftStrategy set."""
-    from lightning_drift.auth import decode_token
+    if link.token:
+        from lightning_drift.auth import decode_token
 
-    decode_token(token)  # a malformed token fails here, before Lightning is even imported
-    os.environ[TOKEN_ENV] = token
+        decode_token(link.token)  # a malformed token fails here, before Lightning is imported
+        remember_token(link.token)
+        os.environ[TOKEN_ENV] = link.token
     # Like `python -m`, let the config name modules next to where the user runs us.
     sys.path.insert(0, os.getcwd())
     if config is not None:
-        return _run_lightning_cli(config, mode=mode, coordinator_addr=coordinator_addr)
-    status = fetch_status(token, mode=mode, coordinator_addr=coordinator_addr)
-    if not status.lightning_config:
+        return _run_lightning_cli(config, link)
+    if link.listen is not None:
         raise ConfigError(
-            "the coordinator was started without --config, so it has no LightningCLI config "
-            "to hand out: pass `drift join --config train.yaml`"
+            "a listening node needs --config: the coordinator's config can only be fetched "
+            "once the coordinator dials in"
         )
+    status = fetch_status(
+        link.token,
+        mode=link.mode,
+        coordinator_addr=link.coordinator_addr,
+        peer=link.peer,
+        key_file=link.key_file,
+    )
+    if not status.lightning_config:
+        # Nothing to hand out: train the example model, as `drift train` does, and say so.
+        print(
+            "note: the coordinator was started without --config, so it has no LightningCLI "
+            "config to hand out; training the example char-level model "
+            "(lightning_drift_examples/train.yaml). Pass `drift join --config train.yaml` "
+            "to train your own.",
+            file=sys.stderr,
+            flush=True,
+        )
+        with importlib.resources.as_file(EXAMPLE_CONFIG) as example:
+            return _run_lightning_cli(example, link)
     tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="drift-join-", delete=False)
     try:
         with tmp:
             tmp.write(status.lightning_config)
-        return _run_lightning_cli(Path(tmp.name), mode=mode, coordinator_addr=coordinator_addr)
+        return _run_lightning_cli(Path(tmp.name), link)
     finally:
         Path(tmp.name).unlink(missing_ok=True)
 
 
-def _run_lightning_cli(config: Path, *, mode: str, coordinator_addr: str | None) -> int:
+def _run_lightning_cli(config: Path, link: NodeLink) -> int:
     if not config.is_file():
         raise ConfigError(f"config file {config} does not exist")
     from lightning.pytorch.cli import LightningCLI
@@ -53,10 +75,15 @@ def _run_lightning_cli(config: Path, *, mode: str, coordinator_addr: str | None)
     # Naming the class path (not the bare value) keeps the config's own init_args.
     args = ["fit", "--config", str(config)]
     args += ["--trainer.strategy.class_path", "lightning_drift.DriftStrategy"]
-    if mode != "local":
-        args += ["--trainer.strategy.init_args.mode", mode]
-    if coordinator_addr:
-        args += ["--trainer.strategy.init_args.coordinator_addr", coordinator_addr]
+    for arg, value in (
+        ("mode", link.mode),  # else the config's, else the token's
+        ("coordinator_addr", link.coordinator_addr),
+        ("peer", link.peer),
+        ("listen", link.listen),
+        ("key_file", link.key_file),
+    ):
+        if value is not None:
+            args += [f"--trainer.strategy.init_args.{arg}", value]
     # LightningCLI(args=...) warns with the whole sys.argv when it has arguments, and this
     # process's arguments may hold the token (`drift join --token eyJ...`): it sees none.
     argv, sys.argv = sys.argv, sys.argv[:1]
@@ -82,39 +109,60 @@ def _load_weights(path: Path) -> dict:
     return obj
 
 
+LAST_CHECKPOINT = "last.ckpt"  # what Lightning's ModelCheckpoint(save_last=True) writes
+
+
+def resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
+    """The node checkpoint ``drift train --resume`` names: ``None`` (not given), ``""``
+    (given without a value: ``checkpoint_dir/last.ckpt``) or a path. ConfigError when that
+    file does not exist, before anything is built."""
+    if resume is None:
+        return None
+    path = Path(resume) if resume else checkpoint_dir / LAST_CHECKPOINT
+    if not path.is_file():
+        where = f"the --checkpoint-dir {checkpoint_dir}" if not resume else str(path.parent)
+        raise ConfigError(
+            f"--resume: {path} does not exist; no node checkpoint to resume from in {where} "
+            "(pass the --checkpoint-dir the node trained with, or --resume PATH)"
+        )
+    return path
+
+
 def train(
-    token: str,
+    link: NodeLink,
     *,
     model_path: Path | None,
     dataset_path: Path | None,
     epochs: int,
     batch_size: int,
-    resume: Path | None,
+    resume: str | None,
     checkpoint_dir: Path,
-    peer: str | None,
     max_chars: int,
     d_model: int,
     n_layers: int,
     block_size: int,
     device: str,
-    mode: str,
     name: str | None,
     progress: bool,
-    coordinator_addr: str | None = None,
 ) -> None:
     """Train the char-level transformer of ``examples/charlm`` as a node."""
-    from lightning_drift.auth import decode_token
+    if link.token:
+        from lightning_drift.auth import decode_token
 
-    # A malformed token fails here, before the model and the data are built.
-    claims, _, _ = decode_token(token)
-    if peer:
-        from lightning_drift.transport import ticket_key
+        # A malformed token fails here, before the model and the data are built.
+        claims, _, _ = decode_token(link.token)
+        remember_token(link.token)
+        if link.peer:
+            from lightning_drift.peers import parse_peer
+            from lightning_drift.transport import peer_key, ticket_key
 
-        if ticket_key(claims.coordinator).hex() != peer.lower():
-            raise AuthError(
-                f"the token names coordinator {ticket_key(claims.coordinator).hex()[:16]}…, "
-                f"not the peer {peer[:16]}… asked for with --peer"
-            )
+            named, wanted = ticket_key(claims.coordinator), peer_key(parse_peer(link.peer))
+            if named != wanted:
+                raise AuthError(
+                    f"the token names coordinator {named.hex()[:16]}…, not the peer "
+                    f"{wanted.hex()[:16]}… asked for with --peer"
+                )
+    ckpt_path = resume_path(resume, checkpoint_dir)
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning_drift_examples.charlm import CharDataModule, CharLM
@@ -133,7 +181,14 @@ def train(
                 f"{unexpected[:5]}; pass weights saved from the same --d-model/--n-layers"
             )
     strategy = DriftStrategy(
-        token=token, device=device, mode=mode, name=name, coordinator_addr=coordinator_addr
+        token=link.token,
+        device=device,
+        mode=link.mode,
+        name=name,
+        coordinator_addr=link.coordinator_addr,
+        peer=link.peer,
+        listen=link.listen,
+        key_file=link.key_file,
     )
     callbacks: list = [ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True)]
     if model_path is not None:
@@ -149,7 +204,7 @@ def train(
         enable_progress_bar=progress,
         log_every_n_steps=10,
     )
-    trainer.fit(model, datamodule=data, ckpt_path=str(resume) if resume else None)
+    trainer.fit(model, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
 
 
 def model_path_unused(history: list[dict]) -> bool:

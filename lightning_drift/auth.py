@@ -9,6 +9,8 @@ Token format (``docs/protocol.md`` has the details)::
     token  = base64url(outer)                      # unpadded; starts with "eyJ"
     outer  = {"claims": "<claims JSON text>", "sig": "<base64url Ed25519 signature>"}
     claims = {"coordinator", "exp", "iat", "jti", "role", "session", "v"}   # sorted, compact
+             + optional "mode" and "relays": how to reach the coordinator (internet mode,
+               its own relays), so a node need not be told again; absent in older tokens
 
 The signature covers the exact UTF-8 bytes of the claims text, so a verifier never
 re-serialises anything. Decoding is strict: a token that is not canonical base64url, or whose
@@ -36,7 +38,7 @@ import nacl.exceptions
 import nacl.signing
 
 from lightning_drift.errors import AuthError, ConfigError
-from lightning_drift.fsutil import atomic_write
+from lightning_drift.fsutil import atomic_write, user_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ TOKEN_FILE_ENV = "DRIFT_TOKEN_FILE"  # ... or the path of a file holding it
 MASKED_TOKEN = "**********"
 TOKEN_VERSION = 1
 ROLES = ("node", "observer")
+MODES = ("local", "internet")  # the transport modes a token's "mode" claim may name
+MAX_RELAYS = 16  # relay URLs a token may carry
+MAX_RELAY_URL = 2048
 CLOCK_SKEW_S = 300.0  # a token issued up to this far in the verifier's future is accepted
 CACHE_TTL_S = 600.0  # a cached verification is redone at least this often
 _KEY_FILE = "identity.key"
@@ -101,17 +106,22 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> Identity:
-        """Load ``state_dir/identity.key``, creating it (mode 0600) on first use.
+        """Load ``state_dir/identity.key``, creating it (mode 0600) on first use."""
+        return cls.load_or_create_file(Path(state_dir) / _KEY_FILE)
+
+    @classmethod
+    def load_or_create_file(cls, path: Path) -> Identity:
+        """Load the key file ``path``, creating it (and its folder, 0700) on first use.
 
         Creation is atomic and never overwrites: two processes racing here end up with the
-        same key. The file holds the 64-character hex seed and a newline.
+        same key. The file holds the 64-character hex seed and a newline, mode 0600. A node
+        named by its id (``drift train --peer/--listen``) keeps its key in such a file.
         """
-        state_dir = Path(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = state_dir / _KEY_FILE
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.exists():
             ident = cls.generate()
-            tmp = path.with_name(f".{_KEY_FILE}.{secrets.token_hex(4)}.tmp")
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -155,6 +165,21 @@ class Identity:
         return self._signing.sign(data).signature
 
 
+NODE_KEY_FILE = "node.key"  # a node's lasting key, in the user's lightning-drift folder
+
+
+def node_key_path(key_file: str | Path | None = None) -> Path:
+    """The key file of a node named by id: ``key_file``, else ``node.key`` in the user's
+    lightning-drift folder (``fsutil.user_state_dir``)."""
+    return Path(key_file) if key_file else user_state_dir() / NODE_KEY_FILE
+
+
+def node_identity(key_file: str | Path | None = None) -> Identity:
+    """The lasting key of a node that joins without a token (created on first use): the
+    coordinator's ``--peers`` list names the node by its public half, its endpoint id."""
+    return Identity.load_or_create_file(node_key_path(key_file))
+
+
 @dataclass(frozen=True)
 class Claims:
     v: int
@@ -164,10 +189,18 @@ class Claims:
     iat: float
     exp: float
     jti: str
+    # How the coordinator is reached: "local" or "internet" ("": not said, an older token),
+    # and its own relay URLs (none: iroh's). A node uses them unless told otherwise.
+    mode: str = ""
+    relays: tuple[str, ...] = ()
 
 
 def _claims_bytes(claims: Claims) -> bytes:
-    return json.dumps(asdict(claims), sort_keys=True, separators=(",", ":")).encode()
+    d = asdict(claims)
+    for optional in ("mode", "relays"):  # left out when not said: older verifiers' shape
+        if not d[optional]:
+            del d[optional]
+    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _num(x: Any) -> bool:
@@ -197,6 +230,18 @@ def _parse_claims(raw: bytes) -> Claims:
     for k in ("iat", "exp"):
         if not _num(d[k]):
             raise AuthError(f"malformed token: claim {k!r} must be a number")
+    mode = d.get("mode", "")
+    if mode not in ("", *MODES):
+        raise AuthError(f"malformed token: claim 'mode' must be one of {MODES}, got {mode!r}")
+    relays = d.get("relays", [])
+    if (
+        not isinstance(relays, list)
+        or len(relays) > MAX_RELAYS
+        or not all(isinstance(r, str) and 0 < len(r) <= MAX_RELAY_URL for r in relays)
+    ):
+        raise AuthError(
+            f"malformed token: claim 'relays' must be a list of at most {MAX_RELAYS} URLs"
+        )
     return Claims(
         v=d["v"],
         session=d["session"],
@@ -205,6 +250,8 @@ def _parse_claims(raw: bytes) -> Claims:
         iat=float(d["iat"]),
         exp=float(d["exp"]),
         jti=d["jti"],
+        mode=mode,
+        relays=tuple(relays),
     )
 
 
@@ -217,10 +264,16 @@ def issue_token(
     ttl_s: float = 86400,
     now: float,
     jti: str | None = None,
+    mode: str = "",
+    relays: Iterable[str] = (),
 ) -> str:
-    """Sign an invitation for ``session`` at ``coordinator`` (a ticket), valid ``ttl_s`` from now."""
+    """Sign an invitation for ``session`` at ``coordinator`` (a ticket), valid ``ttl_s`` from now.
+
+    ``mode`` and ``relays``: how nodes reach the coordinator (see :class:`Claims`)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if mode not in ("", *MODES):
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if ttl_s <= 0:
         raise ValueError(f"ttl_s must be positive, got {ttl_s}")
     claims = Claims(
@@ -231,6 +284,8 @@ def issue_token(
         iat=float(now),
         exp=float(now + ttl_s),
         jti=jti or secrets.token_hex(8),
+        mode=mode,
+        relays=tuple(relays),
     )
     raw = _claims_bytes(claims)
     outer = {"claims": raw.decode(), "sig": _b64e(identity.sign(raw))}
@@ -397,7 +452,10 @@ class TokenStore:
         if self.path.exists():
             try:
                 d = json.loads(self.path.read_text())
-                self._issued = [Claims(**c) for c in d.get("issued", [])]
+                self._issued = [
+                    Claims(**{**c, "relays": tuple(c.get("relays", ()))})
+                    for c in d.get("issued", [])
+                ]
                 self._revoked = set(d.get("revoked", []))
             except (ValueError, TypeError) as exc:
                 raise AuthError(
@@ -484,6 +542,8 @@ __all__ = [
     "TokenVerifier",
     "decode_token",
     "issue_token",
+    "node_identity",
+    "node_key_path",
     "read_token_file",
     "token_from_environment",
     "token_text",

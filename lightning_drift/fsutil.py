@@ -1,4 +1,6 @@
-"""Durable file writes shared by every module that keeps state on disk."""
+"""Durable file writes shared by every module that keeps state on disk, and the per-user
+folder for what belongs to a person rather than to a session (a node's key, a remembered
+token)."""
 
 from __future__ import annotations
 
@@ -60,3 +62,12 @@ def atomic_write(path: Path, data: bytes | bytearray | memoryview, *, mode: int 
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def user_state_dir() -> Path:
+    """This user's lightning-drift folder: ``$XDG_STATE_HOME/lightning-drift``, else
+    ``~/.local/state/lightning-drift``. Not created here; whoever writes into it makes it
+    (mode 0700: what it holds are secrets)."""
+    base = os.environ.get("XDG_STATE_HOME", "").strip()
+    root = Path(base) if base else Path.home() / ".local" / "state"
+    return root / "lightning-drift"

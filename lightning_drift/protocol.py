@@ -39,9 +39,10 @@ class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, kw_onl
 
 
 class Join(_Msg, tag="join"):
-    """Node → coordinator, first frame on the control stream."""
+    """Node → coordinator, first frame on the control stream (when the node dialled; when the
+    coordinator dialled a node it was given by id, there is no Join: it sends Ping first)."""
 
-    token: str
+    token: str  # "": a token-less join, admitted only for a node key on the --peers list
     node_key: str  # hex Ed25519 public key of the node's endpoint; must equal the QUIC peer id
     drift_version: str
     name: str = ""  # a human label (hostname by default)
@@ -80,6 +81,7 @@ class NodeInfo(_Msg, tag="node_info"):
     dataset_size: int
     model_fingerprint: str = ""  # sha256 over parameter names, shapes and dtypes
     hostname: str = ""
+    name: str = ""  # the node's label, as in Join.name (a dialled node sends no Join)
     batch_size: int = 0  # the train loader's batch size; 0 when the loader does not say
     # Samples per optimizer step: batch_size × accumulate_grad_batches (automatic
     # optimization) or batch_size (manual); 0 when unknown. Shards come in whole steps of it.

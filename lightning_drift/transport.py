@@ -2,7 +2,8 @@
 
 - :class:`Endpoint` binds in ``local`` mode (no relays, explicit bind address: tests, LANs,
   network namespaces) or ``internet`` mode (n0 preset: relays, hole punching; optional own
-  relay URLs). It dials a ticket and accepts ``drift/0`` connections.
+  relay URLs). It dials a ticket or a peer named by id (``lightning_drift.peers``) and
+  accepts ``drift/0`` connections.
 - :class:`Connection` opens and accepts bidirectional streams.
 - :class:`Stream` carries ``drift/0`` frames (4-byte length + msgspec JSON, see
   ``protocol.py``) and raw blobs (a ``BlobHeader`` frame, then ``size`` bytes, sha256 checked).
@@ -41,6 +42,7 @@ from lightning_drift.errors import (
     TooSlow,
 )
 from lightning_drift.fsutil import sha256_bytes, sha256_file
+from lightning_drift.peers import PeerName
 from lightning_drift.protocol import ALPN, BlobHeader, Message
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,17 @@ def ticket_key(ticket: str) -> bytes:
 def ticket_addrs(ticket: str) -> list[str]:
     """The direct ``host:port`` addresses an EndpointTicket string names."""
     return [str(a) for a in _parse_ticket(ticket).endpoint_addr().direct_addresses()]
+
+
+def peer_key(peer: PeerName) -> bytes:
+    """The 32-byte key of a peer named by id, ``id@host:port`` or ticket (AuthError when a
+    ticket does not parse)."""
+    return ticket_key(peer.ticket) if peer.ticket else bytes.fromhex(peer.key_hex)
+
+
+def peer_addrs(peer: PeerName) -> list[str]:
+    """The direct ``host:port`` addresses a peer name gives (none for a bare id)."""
+    return ticket_addrs(peer.ticket) if peer.ticket else ([peer.addr] if peer.addr else [])
 
 
 def local_bind_for(addrs: Sequence[str]) -> str:
@@ -227,23 +240,67 @@ class Endpoint:
         if via:
             addr = iroh.EndpointAddr(addr.id(), None, [str(a) for a in via])
         want = bytes(expect_key) if expect_key is not None else addr.id().to_bytes()
+        return await self._connect(
+            addr,
+            want,
+            timeout,
+            alpn,
+            unreachable="check that the coordinator runs and the address in the token is reachable",
+            wrong_key="the ticket does not belong to the coordinator that signed the token",
+        )
+
+    async def dial_peer(
+        self, peer: PeerName, *, timeout: float = 15.0, via: Sequence[str] = ()
+    ) -> Connection:
+        """Connect to a peer named by id (``ID``, ``ID@HOST:PORT`` or a ticket).
+
+        In internet mode a bare id is found through iroh's discovery; in local mode it has no
+        address and ConfigError says how to give one. ``via`` replaces the name's addresses.
+        The peer reached must hold the named key (QUIC checks it; AuthError otherwise)."""
+        key = peer_key(peer)
+        direct = [str(a) for a in via] or peer_addrs(peer)
+        relay = None
+        if peer.ticket and not via:
+            relay = _parse_ticket(peer.ticket).endpoint_addr().relay_url()
+        if not direct and relay is None and self.mode == "local":
+            raise ConfigError(
+                f"peer {key.hex()[:16]}… has no address, and local mode has no discovery: "
+                "give ID@HOST:PORT or the peer's ticket (or use internet mode)"
+            )
+        addr = iroh.EndpointAddr(iroh.EndpointId.from_bytes(key), relay, direct)
+        return await self._connect(
+            addr,
+            key,
+            timeout,
+            ALPN,
+            unreachable="check that the peer runs and listens, and that its address is right",
+            wrong_key="another key holds that address",
+        )
+
+    async def _connect(
+        self,
+        addr: iroh.EndpointAddr,
+        want: bytes,
+        timeout: float,
+        alpn: bytes,
+        *,
+        unreachable: str,
+        wrong_key: str,
+    ) -> Connection:
         who = want.hex()[:16]
         try:
             raw = await asyncio.wait_for(self._ep.connect(addr, alpn), timeout)
         except asyncio.TimeoutError:
             raise ConnectTimeout(
-                f"no connection to {who}… at {list(addr.direct_addresses())} within {timeout:g} s; "
-                "check that the coordinator runs and the address in the token is reachable"
+                f"no connection to {who}… at {list(addr.direct_addresses())} within "
+                f"{timeout:g} s; {unreachable}"
             ) from None
         except iroh.IrohError as exc:
             raise _map(exc, f"dialing {who}…", dialing=True) from None
         conn = Connection(raw)
         if conn.remote_key != want:
             conn.close(1, "unexpected key")
-            raise AuthError(
-                f"reached {conn.remote_hex[:16]}…, expected {who}…: the ticket does not belong "
-                "to the coordinator that signed the token"
-            )
+            raise AuthError(f"reached {conn.remote_hex[:16]}…, expected {who}…: {wrong_key}")
         log.debug("dialed remote=%s", conn.remote_hex[:16])
         return conn
 
@@ -674,6 +731,8 @@ __all__ = [
     "Endpoint",
     "Stream",
     "local_bind_for",
+    "peer_addrs",
+    "peer_key",
     "ticket_addrs",
     "ticket_key",
 ]

@@ -8,6 +8,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 T = TypeVar("T")
 
 # The benchmarks' tools that tests share (the WAN proxy, `import netsim`) live in benchmarks/,
@@ -27,3 +29,10 @@ def run_async(coro: Awaitable[T], timeout: float = 60.0) -> T:
         return await asyncio.wait_for(coro, timeout)
 
     return asyncio.run(_bounded())
+
+
+@pytest.fixture(autouse=True)
+def _own_user_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test (and every process it starts) gets its own per-user folder: a remembered
+    token or a node key never lands in the real home, nor leaks from one test to the next."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("user-state")))

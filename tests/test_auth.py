@@ -59,6 +59,29 @@ def test_claims_are_the_signed_bytes(ident: Identity, token: str) -> None:
     assert ident.sign(raw) == sig
 
 
+def test_mode_and_relays_travel_signed_and_older_tokens_lack_them(
+    ident: Identity, token: str, tmp_path
+) -> None:
+    relays = ("https://relay.example/", "https://other.example/")
+    tok = issue_token(
+        ident, session="s1", coordinator=TICKET, now=NOW, mode="internet", relays=relays
+    )
+    claims, raw, _ = decode_token(tok)
+    assert json.loads(raw)["mode"] == "internet" and json.loads(raw)["relays"] == list(relays)
+    assert verify_token(tok, ident.public_key, now=NOW).relays == relays
+    # A token without them (as every token before them) verifies and says nothing.
+    old = verify_token(token, ident.public_key, now=NOW + 10)
+    assert (old.mode, old.relays) == ("", ())
+    assert "mode" not in json.loads(decode_token(token)[1])
+    # Recorded claims with and without them load back as they were.
+    store = TokenStore(tmp_path)
+    store.record(claims)
+    store.record(old)
+    assert TokenStore(tmp_path).issued() == [claims, old]
+    with pytest.raises(ValueError, match="mode"):
+        issue_token(ident, session="s1", coordinator=TICKET, now=NOW, mode="lan")
+
+
 def test_padding_is_optional(ident: Identity, token: str) -> None:
     padded = token + "=" * (-len(token) % 4)
     assert verify_token(padded, ident.public_key, now=NOW).jti == "j1"
@@ -201,6 +224,21 @@ def test_malformed(ident: Identity, bad: str, reason: str) -> None:
             "iat",
         ),
         ([1, 2], "object"),
+        (
+            {"v": 1, "session": "s", "coordinator": "c", "role": "node", "iat": 1, "exp": 2,
+             "jti": "j", "mode": "lan"},
+            "'mode' must be one of",
+        ),
+        (
+            {"v": 1, "session": "s", "coordinator": "c", "role": "node", "iat": 1, "exp": 2,
+             "jti": "j", "relays": "https://r.example"},
+            "'relays' must be a list",
+        ),
+        (
+            {"v": 1, "session": "s", "coordinator": "c", "role": "node", "iat": 1, "exp": 2,
+             "jti": "j", "relays": ["https://r.example"] * 17},
+            "'relays' must be a list of at most 16",
+        ),
     ],
 )
 def test_malformed_claims_even_when_signed(ident: Identity, claims: object, reason: str) -> None:

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lightning_drift import modelspec
+from lightning_drift import protocol as p
 from lightning_drift.aggregate import to_bytes
 from lightning_drift.coordinator import boundary
 from lightning_drift.errors import SessionError
@@ -205,3 +206,27 @@ def test_what_the_boundary_changed_is_said_for_the_log():
     ]
     ok = info()
     assert boundary.bounded(ok, boundary.node_info(ok)) == []
+
+
+@pytest.mark.parametrize(
+    "message, check",
+    [
+        (p.Join, boundary.join),
+        (p.NodeInfo, boundary.node_info),
+        (p.TrainProgress, boundary.progress),
+        (p.BarrierSync, boundary.barrier_sync),
+        (p.ShardRequest, boundary.shard_request),
+        (p.StopRequest, boundary.stop_request),
+    ],
+)
+def test_every_field_a_node_sends_has_a_rule_at_the_boundary(message, check):
+    """A field added to a message later must get its bound here too: a field the boundary
+    neither names nor rebuilds would reach the session unchecked (or be dropped silently)."""
+    import inspect
+
+    source = inspect.getsource(check)
+    exempt = {"token", "node_key", "observe", "kind", "delta"}  # checked elsewhere, or bool/Literal
+    for f in msgspec.structs.fields(message):
+        if f.name in exempt:
+            continue
+        assert f"msg.{f.name}" in source, f"{message.__name__}.{f.name} has no rule in boundary"

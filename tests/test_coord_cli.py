@@ -83,6 +83,19 @@ def test_the_robustness_options_from_flags_and_the_config_file(tmp_path):
             resolve_serve_options(flags, None)
 
 
+def test_the_session_trains_the_configs_max_epochs_unless_told_otherwise(tmp_path):
+    assert resolve_serve_options({}, None)[0].epochs == 10  # the table's default
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("model:\n  class_path: m.Net\ntrainer:\n  max_epochs: 4\n")
+    assert resolve_serve_options({}, cfg)[0].epochs == 4
+    assert resolve_serve_options({"epochs": 2}, cfg)[0].epochs == 2  # a flag wins
+    cfg.write_text("coordinator:\n  epochs: 3\ntrainer:\n  max_epochs: 4\n")
+    assert resolve_serve_options({}, cfg)[0].epochs == 3  # so does the coordinator: mapping
+    for no_count in ("-1", "null", "true"):  # "no limit" (or nonsense) is not a session length
+        cfg.write_text(f"trainer:\n  max_epochs: {no_count}\n")
+        assert resolve_serve_options({}, cfg)[0].epochs == 10, no_count
+
+
 def test_serve_has_one_flag_per_table_row_and_shows_its_default():
     import inspect
 
@@ -90,13 +103,16 @@ def test_serve_has_one_flag_per_table_row_and_shows_its_default():
 
     flags = {s.name for s in OPTIONS if s.where == "flag"}
     assert set(inspect.signature(serve).parameters) == flags | {"config", "verbose"}
-    r = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    r = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "400"})
     assert r.exit_code == 0, r.output
     lines = {line.split()[1]: line for line in r.output.splitlines() if "--" in line[:8]}
     for s in OPTIONS:
         if s.where == "flag":
             assert f"[default: {s.shown_default}]" in lines[s.flag], s.flag
-    assert "[default: 1]" in lines["--epochs"] and "[default: 7d]" in lines["--token-ttl"]
+    assert (
+        "[default: 10; with --config, its trainer.max_epochs]" in lines["--epochs"]
+        and "[default: 7d]" in lines["--token-ttl"]
+    )
 
 
 def test_the_docs_show_the_defaults_of_the_table():
@@ -135,6 +151,45 @@ def start_and_close(config: SessionConfig, opts: ServeOptions) -> tuple[str, str
         return coord.ticket, coord.node_token
 
     return asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_printed_tokens_say_how_to_reach_the_coordinator(tmp_path):
+    from lightning_drift.auth import decode_token
+    from lightning_drift.coordinator.state import StateDir
+    from lightning_drift.node.client import reach
+
+    st = tmp_path / "st"
+    _, token = start_and_close(SessionConfig(), ServeOptions(state_dir=st, port=free_udp_port()))
+    claims = decode_token(token)[0]
+    assert (claims.mode, claims.relays) == ("local", ())
+    assert reach(claims, None) == ("local", ())
+    # An internet-mode coordinator's token: the node need not say --mode internet again.
+    relay = "https://relay.example./"
+    sd = StateDir(st)
+    internet, _ = sd.issue(
+        sd.identity(), session="s", ticket=claims.coordinator, mode="internet", relays=[relay]
+    )
+    claims = decode_token(internet)[0]
+    assert reach(claims, None) == ("internet", (relay,))
+    assert reach(claims, "local") == ("local", (relay,))  # the flag stays an override
+    assert reach(claims, None, ["https://mine.example./"]) == (
+        "internet",
+        ("https://mine.example./",),
+    )
+    # `drift-coord token` issues from coordinator.json: the same claims.
+    r = runner.invoke(app, ["token", "--state-dir", str(st)])
+    assert r.exit_code == 0, r.output
+    assert decode_token(r.stdout.strip().splitlines()[0])[0].mode == "local"
+
+
+def test_a_restart_with_only_the_state_dir_admits_the_same_peers(tmp_path):
+    st, node = tmp_path / "st", "ab" * 32
+    start_and_close(SessionConfig(), ServeOptions(state_dir=st, port=0, peers=[node]))
+    notes: list[str] = []
+    assert resolve_serve_options({"state_dir": st}, None, notes)[1].peers == [node]
+    assert f"--peers {node}" in notes[0]
+    other = "cd" * 32  # given again: the new list wins
+    assert resolve_serve_options({"state_dir": st, "peers": [other]}, None)[1].peers == [other]
 
 
 def test_a_restart_with_only_the_state_dir_keeps_the_address_and_the_token(tmp_path):

@@ -9,8 +9,10 @@ import hashlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,11 +62,113 @@ def test_verbose_keeps_the_traceback(tmp_path: Path) -> None:
     assert "error: malformed token" not in r.stderr
 
 
+def test_drift_log_debug_shows_debug_logs_and_the_traceback(tmp_path: Path) -> None:
+    quiet = _drift("status", "--token", "eyJbogus", cwd=tmp_path)
+    assert "DEBUG" not in quiet.stderr and "Traceback" not in quiet.stderr
+    env = {**_env(), "DRIFT_LOG": "debug"}
+    r = subprocess.run(
+        [sys.executable, "-m", "lightning_drift_cli.drift", "status", "--token", "eyJbogus"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "DEBUG lightning_drift.transport write_path status=" in r.stderr, r.stderr
+    assert "AuthError" in r.stderr and "malformed token" in r.stderr
+
+
+# -- drift-node ------------------------------------------------------------------------------------
+
+
+def test_drift_node_is_installed_and_is_the_node_side_of_drift(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "drift-node"
+    assert script.is_file(), f"{script}: run `make install` (pip install -e .)"
+    r = subprocess.run(
+        [str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, (r.stdout, r.stderr)  # a bare command shows its help
+    commands = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("│ ")}
+    assert {"join", "train", "status", "id"} <= commands and "coord" not in commands, r.stdout
+    key = tmp_path / "node.key"
+    ids = {
+        subprocess.run(
+            [*cmd, "id", "--key-file", str(key)], env=_env(), capture_output=True, text=True,
+            timeout=60,
+        ).stdout.strip()
+        for cmd in ([str(script)], [sys.executable, "-m", "lightning_drift_cli.drift"])
+    }  # fmt: skip
+    assert len(ids) == 1 and len(ids.pop()) == 64  # one key file, one id, either command
+    assert oct(key.stat().st_mode & 0o777) == oct(0o600)
+
+
+# -- how a node names its coordinator -------------------------------------------------------------
+
+KEY = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--peers", KEY, "--d-model", "8"], "--d-model is a node's option"),
+        (["train", "--peers", KEY, "--token", "eyJx"], "--token is a node's option"),
+        (["train", "--peers", "4e110"], "is not an endpoint id"),
+        (["train", "--port", "7842"], "--port is the coordinator's, with --peers"),
+        (["train", "--listen="], "add --peer COORDINATOR_ID"),
+        (["join", "--listen=", "--peer", KEY, "--token", "eyJx"], "needs no token"),
+        (["train"], "no token: pass --token or set DRIFT_TOKEN"),
+    ],
+)
+def test_flags_that_do_not_go_together_are_usage_errors(monkeypatch, args, message):
+    from lightning_drift_cli import drift
+    from typer.testing import CliRunner
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    r = CliRunner().invoke(drift.app, args, env={"COLUMNS": "400"})
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split()), r.output
+
+
+def test_a_malformed_peer_is_one_error_line(tmp_path: Path) -> None:
+    r = _drift("train", "--peer", "4e110", "--checkpoint-dir", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "error: peer '4e110' is not an endpoint id (64 hex characters)" in r.stderr
+
+
+# -- drift train --resume ----------------------------------------------------------------------
+
+
+def test_resume_without_a_value_means_the_checkpoint_dirs_last_ckpt(tmp_path: Path) -> None:
+    from lightning_drift_cli.common import bare_options
+    from lightning_drift_cli.nodecmds import resume_path
+
+    opts = ("--resume",)
+    assert bare_options(["train", "--resume"], opts) == ["train", "--resume="]
+    assert bare_options(["train", "--resume", "--epochs", "3"], opts)[1] == "--resume="
+    assert bare_options(["train", "--resume", "a.ckpt"], opts) == ["train", "--resume", "a.ckpt"]
+    assert bare_options(["train", "--name", "x"], opts) == ["train", "--name", "x"]
+
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "epoch=1.ckpt").write_bytes(b"x")
+    assert resume_path(None, tmp_path) is None
+    assert resume_path("", tmp_path) == tmp_path / "last.ckpt"
+    assert resume_path(str(tmp_path / "epoch=1.ckpt"), tmp_path) == tmp_path / "epoch=1.ckpt"
+
+
+def test_resume_with_no_checkpoint_to_resume_is_one_clear_error(tmp_path: Path) -> None:
+    from lightning_drift.auth import Identity, issue_token
+
+    token = issue_token(Identity.generate(), session="s", coordinator="t", now=time.time())
+    empty = tmp_path / "never-trained"
+    r = _drift("train", "--token", token, "--checkpoint-dir", str(empty), "--resume", cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"error: --resume: {empty / 'last.ckpt'} does not exist" in r.stderr, r.stderr
+    assert "--checkpoint-dir" in r.stderr and "Traceback" not in r.stderr
+
+
 # -- drift join's temporary config -----------------------------------------------------------------
 
 
 def test_join_deletes_the_fetched_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from lightning_drift_cli import nodecmds
+    from lightning_drift_cli.common import NodeLink
 
     import lightning_drift.auth
 
@@ -78,7 +182,7 @@ def test_join_deletes_the_fetched_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(nodecmds, "fetch_status", lambda *a, **k: status)
     seen: list[Path] = []
 
-    def run(config: Path, **kwargs: object) -> int:
+    def run(config: Path, link: object) -> int:
         assert config.read_text() == "a: 1\n"
         seen.append(config)
         if len(seen) == 2:
@@ -86,11 +190,36 @@ def test_join_deletes_the_fetched_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
         return 0
 
     monkeypatch.setattr(nodecmds, "_run_lightning_cli", run)
-    assert nodecmds.join("t", None) == 0
+    assert nodecmds.join(NodeLink(token="t"), None) == 0
     with pytest.raises(RuntimeError):
-        nodecmds.join("t", None)
+        nodecmds.join(NodeLink(token="t"), None)
     assert len(seen) == 2
     assert not any(path.exists() for path in seen)
+
+
+def test_join_trains_the_example_when_no_config_is_named_anywhere(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`drift coord --port 7842` then `drift join --token T`, as the seed types them: the
+    coordinator has no LightningCLI config to hand out, so the node trains the example."""
+    from lightning_drift_cli import nodecmds
+    from lightning_drift_cli.common import NodeLink
+
+    import lightning_drift.auth
+
+    monkeypatch.setattr(lightning_drift.auth, "decode_token", lambda token: (None, b"", b""))
+    monkeypatch.setenv(TOKEN_ENV, "")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    status = p.SessionStatus(session_id="s", state="waiting", round=0, epoch=0, epochs=10)
+    monkeypatch.setattr(nodecmds, "fetch_status", lambda *a, **k: status)
+    seen: list[str] = []
+    monkeypatch.setattr(
+        nodecmds, "_run_lightning_cli", lambda config, link: seen.append(config.read_text()) or 0
+    )
+    assert nodecmds.join(NodeLink(token="t"), None) == 0
+    assert "lightning_drift_examples.charlm.CharLM" in seen[0]
+    assert "lightning_drift.DriftStrategy" in seen[0]
+    assert "training the example char-level model" in capsys.readouterr().err
 
 
 # -- --model-path ----------------------------------------------------------------------------------
@@ -164,6 +293,36 @@ def test_status_then_train_with_model_path_seeds_round_0(tmp_path: Path) -> None
     for k, v in expected.items():
         assert torch.equal(round0[k], v), k
     assert (tmp_path / "node" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_drift_status_without_arguments_finds_the_session(tmp_path: Path) -> None:
+    """As `drift-coord status` does: ./drift-state/observer.token on the coordinator's
+    machine; on a node's, the token its last `drift join` (the seed's `--join`) ran with."""
+    with LocalCoordinator(tmp_path / "coord", min_nodes=1, epochs=1) as coord:
+        session = json.loads((coord.state_dir / "coordinator.json").read_text())["session"]
+        node_machine = tmp_path / "node-machine"
+        node_machine.mkdir()
+        r = _drift("status", cwd=node_machine)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "no token" in r.stderr and "observer.token" in r.stderr, r.stderr
+
+        coord_machine = tmp_path / "coord-machine"
+        coord_machine.mkdir()
+        (coord_machine / "drift-state").symlink_to(coord.state_dir)
+        r = _drift("status", "--json", cwd=coord_machine)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert json.loads(r.stdout)["session_id"] == session
+
+        r = _drift("join", "--join", coord.token, "--config", "missing.yaml", cwd=node_machine)
+        assert r.returncode == 1 and "missing.yaml does not exist" in r.stderr, r.stderr
+        remembered = Path(os.environ["XDG_STATE_HOME"]) / "lightning-drift" / "last.token"
+        assert remembered.read_text().strip() == coord.token
+        assert stat.S_IMODE(remembered.stat().st_mode) == 0o600
+        r = _drift("status", "--json", cwd=node_machine)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert json.loads(r.stdout)["session_id"] == session
 
 
 @pytest.mark.slow

@@ -147,6 +147,9 @@ def node_info(msg: NodeInfo) -> NodeInfo:
         torch_version=clean_text(msg.torch_version, CODE_MAX),
         model_fingerprint=fp,
         hostname=clean_text(msg.hostname, NAME_MAX),
+        name=clean_text(msg.name, NAME_MAX),
+        batch_size=clamp_int(msg.batch_size, 0, COUNT_MAX),
+        samples_per_step=clamp_int(msg.samples_per_step, 0, COUNT_MAX),
     )
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_drift.errors import ConfigError
+from lightning_drift.peers import split_peers
 from lightning_drift.protocol import Aggregation, TransferDType
 from lightning_drift.units import parse_duration, parse_size
 
@@ -95,6 +96,14 @@ def _quorum(v: float) -> str | None:
     return None if 0 < v <= 1 else f"must be in (0, 1], got {v}"
 
 
+def _peer_names(v: list[str]) -> str | None:
+    try:
+        split_peers(v)
+    except ConfigError as exc:
+        return f"has a bad entry: {exc}"
+    return None
+
+
 LOGGER_NAMES = ("csv", "tensorboard", "wandb", "mlflow", "none")
 
 
@@ -140,6 +149,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("token_ttl", 7 * 86400.0, str,
             "Lifetime of the printed node/observer tokens: 24h, 7d...", _O,
             parse=parse_duration, attr="token_ttl_s", check=_positive, shown="7d"),
+    Setting("peers", [], list,
+            "Nodes let in without a token, by id: ID, ID@HOST:PORT or a ticket (a comma "
+            "list, or repeat it); dialled when they have an address (internet: any id).",
+            _O, parse=split_peers, check=_peer_names, shown="none; on a restart, the stored ones"),
     Setting("exit_when_done", True, bool, "Exit after the last round (or stay).", _O,
             shown="--exit-when-done"),
     Setting("logger", ["csv"], list,
@@ -169,7 +182,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("handshake_timeout_s", 30.0, float, "Join to NodeInfo, at most (s).", _O,
             where="code", check=_positive),
     # -- what the session trains (saved in state.json) ------------------------------------
-    Setting("epochs", 1, int, "Epochs to train.", _S),
+    Setting("epochs", 10, int, "Epochs to train.", _S,
+            shown="10; with --config, its trainer.max_epochs"),
     Setting("batch_size", 32, int, "Per-node batch size.", _S),
     Setting("sync_every", 100, int, "Steps per round for a node of average speed.", _S),
     Setting("min_nodes", 1, int, "Nodes needed to start.", _S),
@@ -246,7 +260,8 @@ def check(s: Setting, value: Any) -> None:
 def read_option(s: Setting, raw: Any) -> Any:
     """A flag's or config file's value of ``s`` in the library's unit (not yet checked)."""
     if s.kind is list:
-        return [raw] if isinstance(raw, str) else list(raw)
+        items = [raw] if isinstance(raw, str) else list(raw)
+        return s.parse(items) if s.parse is not None else items
     try:
         value = s.kind(raw)
     except (TypeError, ValueError):
@@ -317,6 +332,7 @@ class ServeOptions:
     bind: str | None = _default("bind")  # None: 127.0.0.1 (local mode), 0.0.0.0 (internet)
     mode: Mode = _default("mode")
     relay: list[str] = field(default_factory=lambda: list(_default("relay")))
+    peers: list[str] = field(default_factory=lambda: list(_default("peers")))
     exit_when_done: bool = _default("exit_when_done")
     logger: list[str] = field(default_factory=lambda: list(_default("logger")))
     log_dir: Path | None = _default("log_dir")  # None: CHECKPOINT_DIR/logs

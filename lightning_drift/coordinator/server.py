@@ -2,8 +2,11 @@
 
 One task per connection reads the control stream (Join → Ping → NodeInfo → TrainConfig, then
 progress, heartbeats, shard and status requests); every barrier is a new bi stream with its
-own task. Frames become calls on :class:`~lightning_drift.coordinator.session.Session`, whose
-decisions become frames. An upload goes from its stream to the session (its verdict), then to
+own task. Nodes dial in with a token, or without one when their key is on the ``--peers``
+list; the coordinator also dials the listed nodes it has an address for (any id in internet
+mode) and runs the same handshake from Ping on (:meth:`Coordinator._keep_dialing`). Frames
+become calls on :class:`~lightning_drift.coordinator.session.Session`, whose decisions
+become frames. An upload goes from its stream to the session (its verdict), then to
 :class:`~lightning_drift.coordinator.rounds.Rounds` (accumulate, or adopt), and is answered
 with the weights the rounds publish; the rounds own everything from the accumulator to the
 checkpoint and the published weights.
@@ -33,7 +36,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,7 @@ from lightning_drift.errors import (
     SessionError,
     TooSlow,
 )
+from lightning_drift.peers import PeerName, parse_peer
 from lightning_drift.protocol import (
     MAX_FRAME,
     BarrierReady,
@@ -72,11 +76,13 @@ from lightning_drift.protocol import (
     TrainProgress,
     encode,
 )
-from lightning_drift.transport import Connection, Endpoint, Stream
+from lightning_drift.transport import Connection, Endpoint, Stream, peer_key
 
 log = logging.getLogger(__name__)
 
 STATUS_NODES_MAX = 256  # members listed in a SessionStatus (live ones first)
+_DIAL_TIMEOUT_S = 10.0  # one dial of a --peers node
+_DIAL_BACKOFF_MAX_S = 30.0  # the longest wait between two dials of a node that is not there
 
 
 class NodeConn:
@@ -142,6 +148,8 @@ class Coordinator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_ping = 0.0
         self.finished_at: float | None = None
+        # The --peers list by key: nodes admitted without a token, dialled when possible.
+        self.peers: dict[str, PeerName] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -195,6 +203,10 @@ class Coordinator:
             identity.public_key, self.session.session_id, self.state.tokens().revoked()
         )
         o = self.options
+        self.peers = {}
+        for text in o.peers:
+            peer = parse_peer(text)
+            self.peers[peer_key(peer).hex()] = peer
         host = o.bind or ("127.0.0.1" if o.mode == "local" else "0.0.0.0")
         self.endpoint = await Endpoint.bind(
             mode=o.mode, secret=identity.seed, bind_addr=f"{host}:{o.port}", relay_urls=o.relay
@@ -218,6 +230,7 @@ class Coordinator:
                 else None,
                 "session": self.session.session_id,
                 "key": identity.public_hex,
+                "peers": list(o.peers),
             }
         )
         sid = self.session.session_id
@@ -230,6 +243,8 @@ class Coordinator:
                 ttl_s=o.token_ttl_s,
                 now=now,
                 min_left_s=min(3600.0, o.token_ttl_s / 2),
+                mode=o.mode,
+                relays=o.relay,
             )
             for role in ("node", "observer")
         )
@@ -245,6 +260,11 @@ class Coordinator:
         assert self.endpoint is not None, "call start() first"
         self._spawn(self._accept_loop())
         self._spawn(self._ticker())
+        for key, peer in self.peers.items():
+            if peer.has_address or self.options.mode == "internet":
+                self._spawn(self._keep_dialing(key, peer))
+            else:
+                log.info("peer.waiting node=%s reason=no address in local mode", key[:8])
         if self.session.finished and self.options.exit_when_done:
             # Restarted on a finished session: nodes that lost us at the very end may still
             # come back for the final weights; give them a while, then exit.
@@ -356,8 +376,12 @@ class Coordinator:
             log.info("handshake.dropped peer=%s error=%s", conn.remote_hex[:8], why)
             conn.close(1, "no Join")
             return
+        await self._guarded(conn, stream, self._serve_peer(conn, stream, join))
+
+    async def _guarded(self, conn: Connection, stream: Stream, serving: Awaitable[None]) -> None:
+        """Serve one peer's connection; what goes wrong on it ends only it."""
         try:
-            await self._serve_peer(conn, stream, join)
+            await serving
         except ProtocolError as exc:
             await _refuse(conn, stream, "protocol", str(exc))
         except (PeerLost, asyncio.TimeoutError):
@@ -372,10 +396,49 @@ class Coordinator:
             return
         join = boundary.join(join)
         now = self.clock()
+        if not join.token:
+            # No token: admitted only when the QUIC peer's key is on the --peers list.
+            if conn.remote_hex not in self.peers:
+                reason = (
+                    f"node {conn.remote_hex[:16]}… has no token and is not on this "
+                    "coordinator's --peers list; ask its operator to add this node's id "
+                    "(`drift id` prints it), or join with a token"
+                )
+                log.info("join.refused peer=%s reason=not a listed peer", conn.remote_hex[:8])
+                await _refuse(conn, stream, "auth", reason)
+                return
+            role, jti = "node", ""
+        else:
+            claims = await self._token_claims(conn, stream, join, now)
+            if claims is None:
+                return
+            role, jti = claims.role, claims.jti
+        if join.node_key.lower() != conn.remote_hex:
+            await _refuse(
+                conn,
+                stream,
+                "auth",
+                f"Join.node_key {boundary.clean_text(join.node_key, 16)}… is not the "
+                f"connection's key {conn.remote_hex[:16]}…",
+            )
+            return
+        if role == "observer" or join.observe:
+            self.observers[id(conn)] = (conn, jti)
+            try:
+                await self._observer(conn, stream)
+            finally:
+                self.observers.pop(id(conn), None)
+            return
+        await self._serve_node(conn, stream, join.name, jti)
+
+    async def _token_claims(
+        self, conn: Connection, stream: Stream, join: Join, now: float
+    ) -> Claims | None:
+        """The claims of a Join's token, or None after refusing it."""
         for jti in self.state.tokens().revoked():  # `drift-coord revoke` writes the file
             self.verifier.revoke(jti)
         try:
-            claims = self.verifier.verify(join.token, now=now)
+            return self.verifier.verify(join.token, now=now)
         except AuthError as exc:
             refusal = exc
             try:
@@ -389,28 +452,16 @@ class Coordinator:
                     boundary.clean_text(refusal),
                 )
                 await _refuse(conn, stream, "auth", str(refusal))
-                return
-            claims = member
-        if join.node_key.lower() != conn.remote_hex:
-            await _refuse(
-                conn,
-                stream,
-                "auth",
-                f"Join.node_key {boundary.clean_text(join.node_key, 16)}… is not the "
-                f"connection's key {conn.remote_hex[:16]}…",
-            )
-            return
-        if claims.role == "observer" or join.observe:
-            self.observers[id(conn)] = (conn, claims.jti)
-            try:
-                await self._observer(conn, stream)
-            finally:
-                self.observers.pop(id(conn), None)
-            return
+            return member
+
+    async def _serve_node(self, conn: Connection, stream: Stream, name: str, jti: str) -> None:
+        """The handshake from Ping on (Ping → NodeInfo → TrainConfig), then the node's
+        control stream until it ends: the same whichever side dialled. ``jti``: the token it
+        joined with ("" for a node of the --peers list)."""
         node = conn.remote_hex
-        d = self.session.join(node, join.name, now, token=claims.jti)
+        d = self.session.join(node, name, self.clock(), token=jti)
         if not d.ok:
-            self.event(f"node {node[:8]} refused ({d.code}, token {claims.jti}): {d.reason}")
+            self.event(f"node {node[:8]} refused ({d.code}, token {jti or 'none'}): {d.reason}")
             await _refuse(conn, stream, d.code, d.reason)
             return
         self.event(d.reason)
@@ -446,7 +497,7 @@ class Coordinator:
         old = self.conns.get(node)
         if old is not None:
             old.conn.close(0, "replaced by a newer connection of the same node")
-        nc = NodeConn(node, conn, stream, claims.jti)
+        nc = NodeConn(node, conn, stream, jti)
         self.conns[node] = nc
         reason = "connection closed"
         try:
@@ -473,6 +524,32 @@ class Coordinator:
                     self.event(lost.reason)
                 self.rounds.consider(self.session.check(self.clock()))
             conn.close(0, "")
+
+    async def _keep_dialing(self, key: str, peer: PeerName) -> None:
+        """Dial a node of the --peers list whenever it is not connected, until the session
+        has finished; then serve it as if it had dialled (from Ping on). A node that is
+        down or not listening yet is tried again, at most every 30 s."""
+        assert self.endpoint is not None
+        delay = 1.0
+        while not self.session.finished:
+            if key in self.conns:  # connected (it may have dialled in itself)
+                await asyncio.sleep(self.options.tick_s)
+                continue
+            try:
+                conn = await self.endpoint.dial_peer(peer, timeout=_DIAL_TIMEOUT_S)
+            except DriftError as exc:
+                log.debug("peer.dial_failed node=%s retry_in=%.0fs error=%s", key[:8], delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _DIAL_BACKOFF_MAX_S)
+                continue
+            delay = 1.0
+            log.info("peer.dialled node=%s", key[:8])
+            try:
+                stream = await conn.open_stream()
+            except DriftError:
+                conn.close(1, "no stream")
+                continue
+            await self._guarded(conn, stream, self._serve_node(conn, stream, "", ""))
 
     def _member_token(self, node: str, join: Join, now: float) -> Claims | None:
         """For a member of the session: its token's claims with the expiry forgiven.

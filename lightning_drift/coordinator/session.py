@@ -453,6 +453,8 @@ class Session:
         if m is None:
             return Decision(False, "NodeInfo before Join", "protocol")
         m.last_seen = now
+        if info.name:  # a node the coordinator dialled sends its name here, not in a Join
+            m.name = self._unique_name(node, info.name)
         if self.dataset_size and info.dataset_size != self.dataset_size:
             return Decision(
                 False,

@@ -22,6 +22,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,11 @@ class StateDir:
         role: str = "node",
         ttl_s: float = 86400.0,
         now: float | None = None,
+        mode: str = "",
+        relays: Sequence[str] = (),
     ) -> tuple[str, Claims]:
-        """Issue a token and record its claims in tokens.json."""
+        """Issue a token and record its claims in tokens.json. ``mode`` and ``relays``: how
+        the coordinator is reached, carried in the token so that nodes need not repeat them."""
         now = time.time() if now is None else now
         token = issue_token(
             identity,
@@ -135,6 +139,8 @@ class StateDir:
             ttl_s=ttl_s,
             now=now,
             jti=secrets.token_hex(8),
+            mode=mode,
+            relays=relays,
         )
         claims = verify_token(token, identity.public_key, now=now, session=session)
         self.tokens().record(claims)
@@ -150,22 +156,37 @@ class StateDir:
         ttl_s: float,
         now: float,
         min_left_s: float = 3600.0,
+        mode: str = "",
+        relays: Sequence[str] = (),
     ) -> str:
-        """The token in ``<role>.token`` if it is still good (same ticket, not revoked, not
-        expiring within ``min_left_s``), else a fresh one written there. Reusing it is what
-        keeps the token printed before a restart working after it."""
+        """The token in ``<role>.token`` if it is still good (same ticket, mode and relays,
+        not revoked, not expiring within ``min_left_s``), else a fresh one written there.
+        Reusing it is what keeps the token printed before a restart working after it (an
+        older token keeps working either way: only the printed one changes)."""
         path = self.path / (NODE_TOKEN_FILE if role == "node" else OBSERVER_TOKEN_FILE)
         try:
             old = path.read_text().strip()
             claims = verify_token(
                 old, identity.public_key, now=now + min_left_s, session=session, roles=(role,)
             )
-            if claims.coordinator == ticket and claims.jti not in self.tokens().revoked():
+            same = (claims.coordinator, claims.mode, claims.relays) == (
+                ticket,
+                mode,
+                tuple(relays),
+            )
+            if same and claims.jti not in self.tokens().revoked():
                 return old
         except (FileNotFoundError, AuthError):
             pass
         token, _ = self.issue(
-            identity, session=session, ticket=ticket, role=role, ttl_s=ttl_s, now=now
+            identity,
+            session=session,
+            ticket=ticket,
+            role=role,
+            ttl_s=ttl_s,
+            now=now,
+            mode=mode,
+            relays=relays,
         )
         write_private(path, (token + "\n").encode())
         return token

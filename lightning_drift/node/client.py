@@ -1,5 +1,11 @@
 """The async protocol client: one connection to a coordinator, pure asyncio, no threads.
 
+Three ways to a connection, one handshake from Ping on: :meth:`CoordinatorClient.connect`
+(dial the coordinator a token names and join with the token), :meth:`~CoordinatorClient.join_peer`
+(dial a coordinator named by id and join without a token, as a node on its ``--peers`` list)
+and :meth:`~CoordinatorClient.accept` (a listening node: the coordinator dials in and starts
+with Ping).
+
 Use it directly from async code (tests, the barrier benchmark, ``drift-coord status``); the
 training process wraps it in ``lightning_drift.node.runtime.NodeRuntime`` (a loop thread with
 reconnect and backoff). One :class:`CoordinatorClient` is one connection: when it breaks,
@@ -20,14 +26,14 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from lightning_drift import __version__
 from lightning_drift import protocol as p
-from lightning_drift.auth import decode_token, verify_token
+from lightning_drift.auth import Claims, decode_token, verify_token
 from lightning_drift.errors import (
     AuthError,
     DriftError,
@@ -36,14 +42,19 @@ from lightning_drift.errors import (
     SessionError,
     SessionFinished,
 )
+from lightning_drift.peers import parse_peer
 from lightning_drift.transport import (
     Connection,
     Endpoint,
     Stream,
     local_bind_for,
+    peer_addrs,
     ticket_addrs,
     ticket_key,
 )
+
+if TYPE_CHECKING:
+    from lightning_drift.node.listen import CoordinatorListener
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,16 @@ def refusal(err: p.Error) -> DriftError:
     if err.code == "protocol":
         return ProtocolError(f"coordinator says: {err.message}")
     return SessionError(err.message, err.code)
+
+
+def reach(
+    claims: Claims, mode: str | None, relay_urls: Sequence[str] = ()
+) -> tuple[str, tuple[str, ...]]:
+    """How to reach the coordinator that signed ``claims``: (mode, relay URLs).
+
+    What the caller says wins; else what the token says (a coordinator in internet mode puts
+    that, and its own relays, in the tokens it prints); else local mode and iroh's relays."""
+    return mode or claims.mode or "local", tuple(relay_urls) or claims.relays
 
 
 def finished(finish: p.Finish) -> SessionFinished:
@@ -99,7 +120,7 @@ class CoordinatorClient:
         node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None = None,
         name: str = "",
         timeout: float = 15.0,
-        mode: str = "local",
+        mode: str | None = None,
         relay_urls: Sequence[str] = (),
         endpoint: Endpoint | None = None,
         secret: bytes | None = None,
@@ -107,6 +128,7 @@ class CoordinatorClient:
         silence_s: float | None = None,
         observe: bool = False,
         via: Sequence[str] = (),
+        expect_key: bytes | None = None,
     ) -> CoordinatorClient:
         """Dial the coordinator named in ``token``, join, and finish the handshake.
 
@@ -119,16 +141,26 @@ class CoordinatorClient:
         global weights the node holds (-1: none), told to the coordinator as
         ``Join.resume_round``. ``silence_s``: how long without any
         message from the coordinator before the connection counts as lost (default
-        ``3 × TrainConfig.heartbeat_s``, at least 3 s). ``observe``: status only, with any
+        ``3 × TrainConfig.heartbeat_s``, at least 3 s). ``mode`` and ``relay_urls``: how to
+        reach the coordinator; by default what the token says (``local`` for a token that
+        says nothing). ``observe``: status only, with any
         valid token (no membership, no NodeInfo); observer tokens always connect this way.
         ``via``: dial these ``host:port`` addresses instead of the ticket's (a forwarded
         port, a proxy); the coordinator must still hold the key the token names.
+        ``expect_key``: refuse (AuthError) a token that names another coordinator than this
+        key (``drift train --token T --peer ID``).
         """
         claims, _, _ = decode_token(token)
         key = ticket_key(claims.coordinator)
+        if expect_key is not None and key != bytes(expect_key):
+            raise AuthError(
+                f"the token names coordinator {key.hex()[:16]}…, not the peer "
+                f"{bytes(expect_key).hex()[:16]}… this node was told to join"
+            )
         # Expiry is the coordinator's call: it still admits a member of the session whose
         # token expired while it trained (new nodes get the "expired" reason from it).
         verify_token(token, key, now=time.time(), allow_expired=True)
+        mode, relay_urls = reach(claims, mode, relay_urls)
         own = endpoint is None
         if endpoint is None:
             endpoint = await Endpoint.bind(
@@ -139,35 +171,25 @@ class CoordinatorClient:
                 else None,
                 relay_urls=relay_urls,
             )
-        try:
-            return await asyncio.wait_for(
-                cls._handshake(
-                    endpoint,
-                    own,
-                    token,
-                    claims.role,
-                    key,
-                    claims.coordinator,
-                    node_info,
-                    name,
-                    timeout,
-                    held_round,
-                    silence_s,
-                    observe,
-                    tuple(via),
-                ),
-                timeout * 2,
-            )
-        except asyncio.TimeoutError:
-            if own:
-                await endpoint.close()
-            raise PeerLost(
-                f"the coordinator did not finish the handshake within {timeout * 2:g}s"
-            ) from None
-        except BaseException:
-            if own:
-                await endpoint.close()
-            raise
+        return await cls._bounded(
+            cls._handshake(
+                endpoint,
+                own,
+                token,
+                claims.role,
+                key,
+                claims.coordinator,
+                node_info,
+                name,
+                timeout,
+                held_round,
+                silence_s,
+                observe,
+                tuple(via),
+            ),
+            endpoint if own else None,
+            timeout,
+        )
 
     @classmethod
     async def _handshake(
@@ -187,6 +209,118 @@ class CoordinatorClient:
         via: tuple[str, ...] = (),
     ) -> CoordinatorClient:
         conn = await endpoint.dial(ticket, timeout=timeout, expect_key=key, via=via)
+        return await cls._joined(
+            endpoint, own, conn, token, role, node_info, name, held_round, silence_s, observe
+        )
+
+    @classmethod
+    async def join_peer(
+        cls,
+        coordinator: str,
+        *,
+        node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None = None,
+        name: str = "",
+        timeout: float = 15.0,
+        mode: str | None = None,
+        relay_urls: Sequence[str] = (),
+        endpoint: Endpoint | None = None,
+        secret: bytes | None = None,
+        held_round: int = -1,
+        silence_s: float | None = None,
+        observe: bool = False,
+        via: Sequence[str] = (),
+    ) -> CoordinatorClient:
+        """Join without a token: dial the coordinator named by id and join as a node of its
+        ``--peers`` list (the coordinator checks this node's key, so ``secret`` must be the
+        key it was given: see ``Identity.load_or_create_file``).
+
+        ``coordinator``: ``ID`` (internet mode: found by discovery), ``ID@HOST:PORT`` or a
+        ticket. ``mode`` defaults to local. Otherwise as :meth:`connect`."""
+        peer = parse_peer(coordinator)
+        mode = mode or "local"
+        own = endpoint is None
+        if endpoint is None:
+            endpoint = await Endpoint.bind(
+                mode=mode,
+                secret=secret if secret is not None else os.urandom(32),
+                bind_addr=local_bind_for(list(via) or peer_addrs(peer))
+                if mode == "local"
+                else None,
+                relay_urls=relay_urls,
+            )
+
+        async def handshake() -> CoordinatorClient:
+            assert endpoint is not None
+            conn = await endpoint.dial_peer(peer, timeout=timeout, via=via)
+            return await cls._joined(
+                endpoint, own, conn, "", "node", node_info, name, held_round, silence_s, observe
+            )
+
+        return await cls._bounded(handshake(), endpoint if own else None, timeout)
+
+    @classmethod
+    async def accept(
+        cls,
+        listener: CoordinatorListener,
+        *,
+        node_info: p.NodeInfo | Callable[[], p.NodeInfo],
+        name: str = "",
+        timeout: float = 15.0,
+        silence_s: float | None = None,
+    ) -> CoordinatorClient:
+        """Wait (up to ``timeout`` seconds) for the coordinator to dial this listening node,
+        then finish the handshake it starts with Ping. The listener keeps its endpoint."""
+        conn = await listener.next(timeout)
+
+        async def handshake() -> CoordinatorClient:
+            control = await conn.accept_stream()
+            self = cls(listener.endpoint, False, conn, control)
+            self.silence_s = silence_s
+            await self._from_ping(node_info, name)
+            self._tasks.append(asyncio.create_task(self._reader()))
+            return self
+
+        try:
+            return await cls._bounded(handshake(), None, timeout)
+        except BaseException:
+            conn.close(0, "")
+            raise
+
+    @staticmethod
+    async def _bounded(
+        handshake: Awaitable[CoordinatorClient], endpoint: Endpoint | None, timeout: float
+    ) -> CoordinatorClient:
+        """``handshake`` within ``2 × timeout``; ``endpoint`` (one we bound) is closed when
+        it fails."""
+        try:
+            return await asyncio.wait_for(handshake, timeout * 2)
+        except asyncio.TimeoutError:
+            if endpoint is not None:
+                await endpoint.close()
+            raise PeerLost(
+                f"the coordinator did not finish the handshake within {timeout * 2:g}s"
+            ) from None
+        except BaseException:
+            if endpoint is not None:
+                await endpoint.close()
+            raise
+
+    @classmethod
+    async def _joined(
+        cls,
+        endpoint: Endpoint,
+        own: bool,
+        conn: Connection,
+        token: str,
+        role: str,
+        node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None,
+        name: str,
+        held_round: int,
+        silence_s: float | None,
+        observe: bool,
+    ) -> CoordinatorClient:
+        """Open the control stream on a connection we dialled, send Join, finish the
+        handshake."""
         try:
             control = await conn.open_stream()
             await control.send(
@@ -205,30 +339,37 @@ class CoordinatorClient:
             if self.role == "node":
                 if node_info is None:
                     raise ValueError("a node token needs node_info (NodeInfo or a factory)")
-                first = await control.recv()
-                if isinstance(first, p.Error):
-                    raise refusal(first)
-                ping = p.expect(first, p.Ping)
-                info = node_info() if callable(node_info) else node_info
-                assert isinstance(ping, p.Ping)
-                await control.send(msgspec.structs.replace(info, nonce=ping.nonce))
-                cfg = await control.recv()
-                if isinstance(cfg, p.Error):
-                    raise refusal(cfg)
-                self.config = p.expect(cfg, p.TrainConfig)  # type: ignore[assignment]
-                if self.config is not None and self.config.stop_round >= 0:
-                    # Decided while this node was away: it is told at the handshake.
-                    self.stop = p.StopDecision(
-                        stop=True,
-                        round=self.config.stop_round,
-                        reason="the session decided to stop while this node was away",
-                    )
-                self._tasks.append(asyncio.create_task(self._heartbeat()))
+                await self._from_ping(node_info, name)
             self._tasks.append(asyncio.create_task(self._reader()))
             return self
         except BaseException:
             conn.close(0, "")
             raise
+
+    async def _from_ping(self, node_info: p.NodeInfo | Callable[[], p.NodeInfo], name: str) -> None:
+        """The node's side of the handshake from Ping on (whoever dialled): answer Ping with
+        NodeInfo, take TrainConfig, start the heartbeat."""
+        first = await self.control.recv()
+        if isinstance(first, p.Error):
+            raise refusal(first)
+        ping = p.expect(first, p.Ping)
+        info = node_info() if callable(node_info) else node_info
+        assert isinstance(ping, p.Ping)
+        await self.control.send(
+            msgspec.structs.replace(info, nonce=ping.nonce, name=info.name or name)
+        )
+        cfg = await self.control.recv()
+        if isinstance(cfg, p.Error):
+            raise refusal(cfg)
+        self.config = p.expect(cfg, p.TrainConfig)  # type: ignore[assignment]
+        if self.config is not None and self.config.stop_round >= 0:
+            # Decided while this node was away: it is told at the handshake.
+            self.stop = p.StopDecision(
+                stop=True,
+                round=self.config.stop_round,
+                reason="the session decided to stop while this node was away",
+            )
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
 
     # ---- background ---------------------------------------------------------------------
     async def _send(self, msg: p.Message) -> None:
@@ -421,4 +562,4 @@ class CoordinatorClient:
             await self.endpoint.close()
 
 
-__all__ = ["CoordinatorClient", "finished", "refusal"]
+__all__ = ["CoordinatorClient", "finished", "reach", "refusal"]

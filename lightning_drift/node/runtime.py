@@ -27,6 +27,7 @@ import nacl.signing
 from lightning_drift import protocol as p
 from lightning_drift.errors import (
     AuthError,
+    ConfigError,
     ConnectTimeout,
     DriftError,
     PeerLost,
@@ -35,6 +36,9 @@ from lightning_drift.errors import (
     SessionFinished,
 )
 from lightning_drift.node.client import CoordinatorClient, finished
+from lightning_drift.node.listen import CoordinatorListener
+from lightning_drift.peers import parse_peer
+from lightning_drift.transport import peer_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,18 +57,41 @@ class NodeRuntime:
 
     def __init__(
         self,
-        token: str,
+        token: str | None,
         node_info: Callable[[], p.NodeInfo],
         *,
         name: str = "",
-        mode: str = "local",
+        mode: str | None = None,
         relay_urls: tuple[str, ...] = (),
         via: tuple[str, ...] = (),
         connect_timeout: float = 30.0,
         reconnect_timeout: float = 300.0,
         backoff_max: float = 8.0,
+        peer: str | None = None,
+        listen: str | None = None,
+        secret: bytes | None = None,
     ) -> None:
+        """How the node reaches its coordinator:
+
+        - ``token``: dial the coordinator the token names and join with it (``peer``, if
+          given, must name the same coordinator);
+        - no token, ``peer``: dial that coordinator (``ID``, ``ID@HOST:PORT`` or a ticket) and
+          join without a token, as a node on its ``--peers`` list;
+        - ``listen`` (``host:port``) and ``peer``: wait for that coordinator to dial in.
+
+        ``secret``: the node's 32-byte key seed; the two ways without a token need the key
+        the coordinator was given (random when None, good for token joins only).
+        """
+        if listen is not None and (peer is None or token is not None):
+            raise ConfigError(
+                "a listening node waits for the coordinator named by peer, and needs no token"
+            )
+        if token is None and peer is None:
+            raise ConfigError("a node needs a token, or the coordinator's id (peer)")
         self.token = token
+        self.peer = peer
+        self.listen = listen
+        self._listener: CoordinatorListener | None = None
         self._node_info = node_info
         self.name = name
         self.mode = mode
@@ -74,7 +101,7 @@ class NodeRuntime:
         self.reconnect_timeout = reconnect_timeout
         self.backoff_max = backoff_max
         # One key for the node's whole life: a reconnect comes back as the same member.
-        self.secret = os.urandom(32)
+        self.secret = bytes(secret) if secret is not None else os.urandom(32)
         self.node_key = bytes(nacl.signing.SigningKey(self.secret).verify_key).hex()
         self.config: p.TrainConfig | None = None
         self.held_round = -1  # the round whose global weights the node holds
@@ -90,7 +117,10 @@ class NodeRuntime:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> p.TrainConfig:
-        """Start the loop thread, join the session and return its ``TrainConfig``."""
+        """Start the loop thread, join the session and return its ``TrainConfig``.
+
+        A listening node waits up to ``reconnect_timeout`` for the coordinator's first dial
+        (it is usually started after the node, by someone given the node's address)."""
         if self._thread is None:
             ready = threading.Event()
             self._thread = threading.Thread(
@@ -98,9 +128,25 @@ class NodeRuntime:
             )
             self._thread.start()
             ready.wait()
-        self._call(self._connect(first=True), timeout=self.connect_timeout + 30)
+        if self.listen is None:
+            self._call(self._connect(first=True), timeout=self.connect_timeout + 30)
+        else:
+            waited = self.reconnect_timeout + self.connect_timeout + 30
+            self._call(self._first_dial(), timeout=waited)
         assert self.config is not None
         return self.config
+
+    async def _first_dial(self) -> None:
+        deadline = time.monotonic() + self.reconnect_timeout
+        while True:
+            try:
+                await self._connect(first=True)
+                return
+            except ConnectTimeout as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectTimeout(
+                        f"{exc} (waited {self.reconnect_timeout:.0f} s in all)"
+                    ) from None
 
     def close(self, reason: str = "done") -> None:
         """Say goodbye, close the endpoint and stop the loop thread. Idempotent."""
@@ -194,17 +240,7 @@ class NodeRuntime:
         return fut.result(timeout)
 
     async def _connect(self, first: bool) -> None:
-        client = await CoordinatorClient.connect(
-            self.token,
-            node_info=self._node_info(),
-            name=self.name,
-            timeout=self.connect_timeout,
-            mode=self.mode,
-            relay_urls=self.relay_urls,
-            held_round=self.held_round,
-            secret=self.secret,
-            via=self.via,
-        )
+        client = await self._new_client()
         config = client.config
         assert config is not None, "a node token's handshake ends with TrainConfig"
         self._client = client
@@ -216,6 +252,47 @@ class NodeRuntime:
             config.session_id,
             config.round,
             not first,
+        )
+
+    async def _new_client(self) -> CoordinatorClient:
+        """One connection to the coordinator, made the way this node reaches it."""
+        info = self._node_info()
+        if self.token is not None:
+            return await CoordinatorClient.connect(
+                self.token,
+                node_info=info,
+                name=self.name,
+                timeout=self.connect_timeout,
+                mode=self.mode,
+                relay_urls=self.relay_urls,
+                held_round=self.held_round,
+                secret=self.secret,
+                via=self.via,
+                expect_key=peer_key(parse_peer(self.peer)) if self.peer else None,
+            )
+        assert self.peer is not None, "checked in __init__"
+        if self.listen is None:
+            return await CoordinatorClient.join_peer(
+                self.peer,
+                node_info=info,
+                name=self.name,
+                timeout=self.connect_timeout,
+                mode=self.mode,
+                relay_urls=self.relay_urls,
+                held_round=self.held_round,
+                secret=self.secret,
+                via=self.via,
+            )
+        if self._listener is None:  # bound once: the same address for every reconnect
+            self._listener = await CoordinatorListener.bind(
+                secret=self.secret,
+                coordinator_key=peer_key(parse_peer(self.peer)),
+                mode=self.mode or "local",
+                listen=self.listen,
+                relay_urls=self.relay_urls,
+            )
+        return await CoordinatorClient.accept(
+            self._listener, node_info=info, name=self.name, timeout=self.connect_timeout
         )
 
     async def _reconnect(self, what: str, cause: Exception) -> None:
@@ -272,3 +349,6 @@ class NodeRuntime:
         client, self._client = self._client, None
         if client is not None:
             await client.close(reason)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()

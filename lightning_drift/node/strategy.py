@@ -68,6 +68,7 @@ from lightning_drift.auth import (
     MASKED_TOKEN,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
+    node_identity,
     read_token_file,
     token_from_environment,
     token_text,
@@ -83,6 +84,7 @@ from lightning_drift.node.weights import (
     local_state,
     model_fingerprint,
 )
+from lightning_drift.peers import parse_peer
 
 if TYPE_CHECKING:
     # A real import of these would run inside Lightning's own package import (see
@@ -114,8 +116,10 @@ class DriftStrategy(SingleDeviceStrategy):
         connect_timeout: seconds to wait for the coordinator when joining.
         reconnect_timeout: seconds to keep retrying when the coordinator goes away.
         mode: ``"local"`` (relays off; loopback and LANs) or ``"internet"`` (relays and hole
-            punching).
-        relay_urls: custom iroh relay URLs for internet mode.
+            punching); ``None`` uses the mode the token names (``"local"`` for an older token
+            that names none).
+        relay_urls: custom iroh relay URLs for internet mode; by default the token's (iroh's
+            own when it names none).
         coordinator_addr: dial the coordinator at this ``host:port`` instead of the address
             in the token (a forwarded port, a proxy, a new IP); its key is still checked.
         checkpoint_dir: where the node keeps a copy of each global round's weights
@@ -124,6 +128,18 @@ class DriftStrategy(SingleDeviceStrategy):
         progress_every: seconds between progress reports to the coordinator; ``None`` uses
             the interval the coordinator asks for (``TrainConfig.progress_every_s``).
         calibration_seconds: how long the start-up calibration benchmark runs.
+        peer: the coordinator by its endpoint id: ``"ID"`` (internet mode: found by
+            discovery), ``"ID@HOST:PORT"`` or a ticket. Without a token the node joins
+            without one (the coordinator must have this node's id in its ``--peers``); with
+            ``listen`` it waits for this coordinator; with a token, the token must name it.
+        listen: wait for the coordinator (``peer``) to dial this node, listening on this
+            ``"HOST:PORT"`` (``""``: all interfaces, any port). The node logs its id and
+            ticket (give either to the coordinator's ``--peers``) and lets in no other key.
+            Needs no token.
+        key_file: this node's key, for the ways without a token (the coordinator knows a
+            node by it); created (0600) on first use. ``None``: ``node.key`` in the user's
+            lightning-drift folder (``$XDG_STATE_HOME/lightning-drift``). A node that joins
+            with a token uses a fresh key each run.
     """
 
     strategy_name = "drift"
@@ -135,7 +151,7 @@ class DriftStrategy(SingleDeviceStrategy):
         sync_every: int | None = None,
         connect_timeout: float = 30.0,
         reconnect_timeout: float = 300.0,
-        mode: str = "local",
+        mode: str | None = None,
         relay_urls: list[str] | None = None,
         coordinator_addr: str | None = None,
         checkpoint_dir: str | None = None,
@@ -143,18 +159,37 @@ class DriftStrategy(SingleDeviceStrategy):
         progress_every: float | None = None,
         calibration_seconds: float = 0.5,
         token_file: str | None = None,
+        peer: str | None = None,
+        listen: str | None = None,
+        key_file: str | None = None,
     ) -> None:
-        token = _find_token(token, token_file)
-        if mode not in ("local", "internet"):
-            raise ConfigError(f"mode must be 'local' or 'internet', not {mode!r}")
+        if listen is not None:
+            if not peer or _token_given(token, token_file):
+                raise ConfigError(
+                    "DriftStrategy(listen=...) waits for the coordinator named by peer=... "
+                    "(its id) to dial in: give peer, and no token"
+                )
+            found = None  # a token in the environment is not this node's business
+        else:
+            # With peer=..., a node may join without a token (the coordinator lists its id).
+            found = _find_token(token, token_file, required=not peer)
+        if peer:
+            parse_peer(peer)  # a malformed id fails here, not when the node joins
+        if mode not in (None, "local", "internet"):
+            raise ConfigError(
+                f"mode must be 'local' or 'internet' (or None: the token's), not {mode!r}"
+            )
         accelerator: Accelerator | None = None
         root = torch.device("cpu")
         if device != "auto":
             root = choose_device(device)
             accelerator = _accelerator_for(root)
         super().__init__(device=root, accelerator=accelerator)
-        self.token = token
+        self.token = found
         self.token_file = token_file
+        self.peer = peer
+        self.listen = listen
+        self.key_file = key_file
         self.device_preference = device
         self.sync_every = sync_every
         self.connect_timeout = connect_timeout
@@ -367,6 +402,10 @@ class DriftStrategy(SingleDeviceStrategy):
             via=(self.coordinator_addr,) if self.coordinator_addr else (),
             connect_timeout=self.connect_timeout,
             reconnect_timeout=self.reconnect_timeout,
+            peer=self.peer,
+            listen=self.listen,
+            # Without a token the coordinator knows this node by its lasting key.
+            secret=None if self.token else node_identity(self.key_file).seed,
         )
         self.node_key = self.runtime.node_key
         config = self.runtime.start()
@@ -772,8 +811,17 @@ def _why_stopping(trainer: Any) -> str:  # Any: Trainer.callbacks is untyped
     return "trainer.should_stop was set (a callback or the module)"
 
 
-def _find_token(given: SecretStr | str | None, token_file: str | None) -> str:
-    """The token a DriftStrategy joins with (see the class docstring for the order)."""
+def _token_given(given: SecretStr | str | None, token_file: str | None) -> bool:
+    """Whether a token was passed (a masked one from a saved config does not count)."""
+    value = given.get_secret_value() if isinstance(given, SecretStr) else given
+    return bool(token_file) or bool(value and value.strip() and value.strip() != MASKED_TOKEN)
+
+
+def _find_token(
+    given: SecretStr | str | None, token_file: str | None, *, required: bool = True
+) -> str | None:
+    """The token a DriftStrategy joins with (see the class docstring for the order); None
+    when there is none and none is ``required`` (a node that names its coordinator by id)."""
     value = given.get_secret_value() if isinstance(given, SecretStr) else given
     if value is not None and value.strip() == MASKED_TOKEN:
         # A config saved by LightningCLI, run again: its token was masked on purpose.
@@ -783,14 +831,15 @@ def _find_token(given: SecretStr | str | None, token_file: str | None) -> str:
     if token is None and token_file:
         token = read_token_file(token_file)
     token = token or token_from_environment()
-    if not token:
+    if not token and required:
         raise ConfigError(
             "DriftStrategy needs an invitation token: set "
             f"{TOKEN_ENV} (the token or a file holding it) or {TOKEN_FILE_ENV}, or pass "
             "DriftStrategy(token_file=...) or token=...; `drift-coord serve` prints one and "
-            "writes it to STATE_DIR/node.token"
+            "writes it to STATE_DIR/node.token (or name the coordinator by id with "
+            "peer=..., if it lists this node's id)"
         )
-    return token
+    return token or None
 
 
 def _accelerator_for(device: torch.device) -> Accelerator:
