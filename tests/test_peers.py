@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning_drift_cli.local import free_udp_port
-from support import node_info
+from support import node_info as _node_info
 
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.auth import Identity
@@ -26,6 +26,7 @@ from lightning_drift.coordinator.config import SETTING, ServeOptions, SessionCon
 from lightning_drift.coordinator.server import Coordinator
 from lightning_drift.coordinator.state import StateDir
 from lightning_drift.errors import AuthError, ConfigError, ConnectTimeout
+from lightning_drift.modelspec import state_fingerprint
 from lightning_drift.node.client import CoordinatorClient
 from lightning_drift.node.listen import CoordinatorListener
 from lightning_drift.node.runtime import NodeRuntime
@@ -63,6 +64,11 @@ def coordinator_key(tmp_path: Path) -> str:
 def weights(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"w": torch.randn(4, 3, generator=g)}
+
+
+def node_info(dataset_size: int):
+    """A test node's NodeInfo announcing the model of :func:`weights`."""
+    return _node_info(dataset_size, state_fingerprint(weights(0)))
 
 
 # -- naming a peer ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.coordinator.config import ServeOptions, SessionConfig
 from lightning_drift.coordinator.server import Coordinator
 from lightning_drift.fsutil import sha256_file
+from lightning_drift.modelspec import state_fingerprint
 from lightning_drift.node.client import CoordinatorClient
 from lightning_drift.transport import CHUNK, Connection, Endpoint
 
@@ -184,6 +185,7 @@ def test_dozens_of_nodes_at_one_barrier_give_the_exact_weighted_mean(tmp_path: P
         config = SessionConfig(
             epochs=1, batch_size=4, sync_every=1000, min_nodes=NODES, dataset_size=NODES * 40,
             quorum=1.0, heartbeat_timeout=60.0, deadline_floor=120.0,
+            max_nodes_per_token=NODES,
         )  # fmt: skip
         opts = ServeOptions(state_dir=tmp_path / "state", port=free_udp_port(), tick_s=0.1)
         coord = Coordinator(config, opts)
@@ -194,7 +196,8 @@ def test_dozens_of_nodes_at_one_barrier_give_the_exact_weighted_mean(tmp_path: P
             for i in range(NODES):
                 clients.append(
                     await CoordinatorClient.connect(
-                        coord.node_token, node_info=node_info(NODES * 40), name=f"n{i}",
+                        coord.node_token, name=f"n{i}",
+                        node_info=node_info(NODES * 40, state_fingerprint(weights(0))),
                         timeout=20, silence_s=120,
                     )
                 )  # fmt: skip
