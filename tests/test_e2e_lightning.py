@@ -194,7 +194,11 @@ def test_accumulation_plans_rounds_in_optimizer_steps_and_max_steps_ends_the_ses
         # The first node to reach step 20 stopped the session inside epoch 2; the other
         # stopped at its next step (or before training epoch 2 at all, if it was slower).
         assert r["global_step"] <= 20 and set(r["batches"]) <= {"0", "1", "2"}, name
-        assert r["history"][-1]["finished"] and r["history"][-1]["epoch"] == 2, name
+        last = r["history"][-1]
+        assert last["finished"], name
+        # Shards are sized by speed, so step 20 falls in epoch 2 for an even split and can
+        # fall at the end of epoch 1 for a node given the larger shard; never in epoch 0.
+        assert last["epoch"] in (1, 2), name
         steps = [h["step"] for h in r["history"][1:] if not h["finished"]]
         assert steps == sorted(set(steps)), (name, steps)  # never two barriers on one step
     # 512 samples / (2 nodes × 32 samples a step × sync_every 2) = 4 rounds an epoch, fewer
