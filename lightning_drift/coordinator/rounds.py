@@ -28,6 +28,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from lightning_drift import codec
 from lightning_drift.aggregate import Accumulator, DiLoCo, from_bytes, to_bytes, validate_upload
 from lightning_drift.checkpoint import CheckpointInfo, CheckpointStore
 from lightning_drift.coordinator.session import (
@@ -39,18 +40,28 @@ from lightning_drift.coordinator.session import (
 )
 from lightning_drift.coordinator.state import StateDir
 from lightning_drift.errors import ConfigError, DriftError, SessionError
-from lightning_drift.fsutil import sha256_file
+from lightning_drift.fsutil import sha256_bytes, sha256_file
 from lightning_drift.hardware import physical_memory
-from lightning_drift.protocol import BarrierSync, Finish
+from lightning_drift.protocol import BarrierSync, Finish, Payload
 
 log = logging.getLogger(__name__)
 
 _UNKNOWN_MEMORY = 16 << 30  # assumed when the OS will not say how much memory there is
 
 
+_EMPTY_SHA256 = sha256_bytes(b"")
+# Keys of the download residual in a checkpoint's outer-state file (beside DiLoCo's momentum,
+# which is keyed by the plain tensor names).
+RESIDUAL_PREFIX = "download_residual/"
+
+
 @dataclass(frozen=True)
 class Weights:
-    """The published global weights: the result of completed round ``completed_round``."""
+    """The published global weights: the result of completed round ``completed_round``.
+
+    With compressed transfers, ``delta`` is the encoded change from the global weights
+    ``base_sha256`` (of round ``base_round``) to these: what a node holding those receives
+    instead of ``blob``."""
 
     completed_round: int
     epoch: int
@@ -58,6 +69,19 @@ class Weights:
     blob: bytes  # exactly the bytes of the checkpoint file ``path``
     path: str
     finished: bool = False  # the session's final weights
+    delta: bytes | None = None
+    base_round: int = -1
+    base_sha256: str = ""
+
+    def payload_for(self, held_sha256: str) -> tuple[Payload, bytes, str]:
+        """(payload kind, blob, its sha256) that gives these weights to a node holding the
+        weights ``held_sha256`` ("" for none): nothing if it holds these already, the change
+        if it holds their base, else the whole weights."""
+        if held_sha256 and held_sha256 == self.sha256:
+            return "same", b"", _EMPTY_SHA256
+        if self.delta is not None and held_sha256 and held_sha256 == self.base_sha256:
+            return "delta", self.delta, sha256_bytes(self.delta)
+        return "weights", self.blob, self.sha256
 
 
 class RoundListener(Protocol):
@@ -99,6 +123,9 @@ class Rounds:
         self.diloco: DiLoCo | None = None
         if config.aggregation == "diloco":
             self.diloco = DiLoCo(lr=config.outer_lr, momentum=config.outer_momentum)
+        # Compressed downloads: the codec, and the error feedback the coordinator carries.
+        self.codec = config.transfer_dtype if config.transfer_dtype in codec.CODECS else None
+        self.residual = codec.Residual()
         self.current: Weights | None = None  # the published global weights
         self.global_sd: dict[str, Any] | None = None  # the same, decoded
         self.acc: Accumulator | None = None  # the open round's sums
@@ -133,8 +160,8 @@ class Rounds:
                 "identity"
             ) from None
         sd = from_bytes(blob)
-        if self.diloco is not None and outer is not None:
-            self.diloco.load_state_dict(from_bytes(outer))
+        if outer is not None:
+            self._load_outer_state(from_bytes(outer))
         return sd, blob, info
 
     def _checkpoint_problem(self, completed: int) -> str:
@@ -186,8 +213,12 @@ class Rounds:
                 self._left_out(node, sync.round, verdict.reason)
                 return verdict
             case Verdict.OPEN:
+                stale = self._stale_base(sync)
+                if stale:
+                    self.reject(node, sync.round, stale)
+                    return UploadVerdict(Verdict.EXCLUDED, stale)
                 try:
-                    sd = await asyncio.to_thread(from_bytes, blob)
+                    sd = await asyncio.to_thread(self._decode, sync, blob)
                 except SessionError as exc:
                     self.reject(node, sync.round, str(exc))
                     raise
@@ -199,12 +230,33 @@ class Rounds:
             case _:
                 return verdict
 
+    def _stale_base(self, sync: BarrierSync) -> str:
+        """Why a delta upload cannot be added to the current global weights ("" if it can): it
+        names other weights than those as its base. (The session has checked the round.)"""
+        assert self.current is not None
+        if not sync.delta or not sync.base_sha256 or sync.base_sha256 == self.current.sha256:
+            return ""
+        return (
+            f"delta against weights {sync.base_sha256[:12]}… (round {sync.base_round}), but the "
+            f"global weights of round {self.current.completed_round} are "
+            f"{self.current.sha256[:12]}…: left out of round {sync.round}"
+        )
+
+    def _decode(self, sync: BarrierSync, blob: bytes) -> dict[str, Any]:
+        """Seam 1: an upload as the accumulator takes it: whole weights, or the node's change
+        from the current global weights, dequantized (``codec.decode``)."""
+        if not sync.delta:
+            return from_bytes(blob)
+        assert self.global_sd is not None
+        return codec.decode(blob, self.global_sd)
+
     async def _accumulate(self, node: str, sync: BarrierSync, sd: Any) -> UploadVerdict:
         s = self.session
         async with self._lock:
-            base = sync.base_round if sync.delta else -1
             # The round may have closed while the upload was decoded.
-            verdict = s.upload(node, sync.round, self.clock(), base_round=base)
+            verdict = s.upload(
+                node, sync.round, self.clock(), base_round=sync.base_round, delta=sync.delta
+            )
             if verdict.kind is Verdict.EXCLUDED:
                 self._left_out(node, sync.round, verdict.reason)
             if verdict.kind is not Verdict.OPEN:
@@ -260,12 +312,15 @@ class Rounds:
         async with self._lock:
             if self.session.has_weights:
                 return False
+            if not blob:
+                raise SessionError(
+                    "this coordinator has no global weights yet: send the start-up weights",
+                    code="need_weights",
+                )
             sd = await asyncio.to_thread(from_bytes, blob)
             await asyncio.to_thread(validate_upload, sd, sd)
             canon = await asyncio.to_thread(to_bytes, sd)
-            outer = None
-            if self.diloco is not None:
-                outer = await asyncio.to_thread(to_bytes, self.diloco.state_dict())
+            outer = await asyncio.to_thread(self._outer_state)
             now = self.clock()
             info = await asyncio.to_thread(
                 self.store.write,
@@ -304,14 +359,16 @@ class Rounds:
             self.listener.event(decision.reason)
             epoch = s.epoch
             t0 = time.perf_counter()
-            new_sd, blob, info = await asyncio.to_thread(self._aggregate, closing, epoch, acc)
+            new_sd, blob, info, delta = await asyncio.to_thread(
+                self._aggregate, closing, epoch, acc
+            )
             # Once the session has moved on, the next round is open and its uploads may come
             # in while the state file is written; holding the lock until the new global
             # weights (and with them the next accumulator) exist makes them wait for it.
             async with self._lock:
                 outcome = s.advance(closing, self.clock())
                 await self.save_session()
-                self._publish(new_sd, blob, info)
+                self._publish(new_sd, blob, info, delta)
             log.info(
                 "round.completed round=%d contributors=%d seconds=%.3f sha256=%s",
                 closing,
@@ -333,20 +390,22 @@ class Rounds:
         self.consider(s.check(self.clock()))
 
     def _aggregate(self, closing: int, epoch: int, acc: Accumulator):
-        """(new global state dict, its bytes, checkpoint info): the round's result, durable."""
+        """(new global state dict, its bytes, checkpoint info, download change): the round's
+        result, durable. Seams: (2) the accumulator's mean, (3) the outer step, (5) the
+        download encoding and the checkpoint; every node rebuilds exactly ``new_sd``."""
         assert self.global_sd is not None
         config = self.session.config
         extra = {"session": self.session.session_id, "aggregation": config.aggregation}
+        delta = None
         if acc.total_weight <= 0:
             # Every contributor trained nothing this round: the weights carry over unchanged
             # (and DiLoCo takes no outer step, so its momentum does not move them either).
             new_sd = self.global_sd
             extra["unchanged"] = "no samples trained this round"
-        elif self.diloco is not None:
-            new_sd = self.diloco.step(self.global_sd, acc.mean())
         else:
-            new_sd = acc.mean()
-        outer = to_bytes(self.diloco.state_dict()) if self.diloco is not None else None
+            target = self._outer_step(self.global_sd, acc.mean())
+            new_sd, delta = self._download(self.global_sd, target)
+        outer = self._outer_state()
         blob = to_bytes(new_sd)
         info = self.store.write(
             closing,
@@ -357,10 +416,53 @@ class Rounds:
             now=self.clock(),
             extra=extra,
         )
-        return new_sd, blob, info
+        return new_sd, blob, info, delta
 
-    def _publish(self, sd: Any, blob: bytes, info: CheckpointInfo) -> None:
-        """``sd`` (the checkpoint ``info``, bytes ``blob``) is now the global weights."""
+    def _outer_step(self, global_sd: dict[str, Any], mean: dict[str, Any]) -> dict[str, Any]:
+        """Seam 3: the weights the round aims at: the mean itself, or DiLoCo's outer step
+        from the current global weights towards it (its pseudo-gradient is global - mean, the
+        mean over the contributors only: a straggler left out adds nothing to it)."""
+        if self.diloco is None:
+            return mean
+        return self.diloco.step(global_sd, mean)
+
+    def _download(self, global_sd: dict[str, Any], target: dict[str, Any]):
+        """Seam 5: (the new global weights, the download change or None). With compression
+        the new weights are the current ones plus the encoded change towards ``target`` (with
+        the coordinator's error feedback), exactly what a node rebuilds from that change;
+        without, they are ``target``."""
+        if self.codec is None:
+            return target, None
+        enc = codec.encode(codec.difference(target, global_sd), self.codec, self.residual)
+        return codec.apply(global_sd, enc.applied), enc.payload
+
+    def _outer_state(self) -> bytes | None:
+        """What the next rounds need besides the weights, saved with every checkpoint:
+        DiLoCo's momentum and the download residual (None when there is neither)."""
+        if self.diloco is None and self.codec is None:
+            return None
+        sd: dict[str, Any] = {}
+        if self.diloco is not None:
+            sd.update(self.diloco.state_dict())
+        sd.update({RESIDUAL_PREFIX + k: v for k, v in self.residual.state_dict().items()})
+        return to_bytes(sd)
+
+    def _load_outer_state(self, sd: dict[str, Any]) -> None:
+        residual = {
+            k[len(RESIDUAL_PREFIX) :]: v for k, v in sd.items() if k.startswith(RESIDUAL_PREFIX)
+        }
+        self.residual.load_state_dict(residual)
+        if self.diloco is not None:
+            self.diloco.load_state_dict(
+                {k: v for k, v in sd.items() if not k.startswith(RESIDUAL_PREFIX)}
+            )
+
+    def _publish(
+        self, sd: Any, blob: bytes, info: CheckpointInfo, delta: bytes | None = None
+    ) -> None:
+        """``sd`` (the checkpoint ``info``, bytes ``blob``) is now the global weights;
+        ``delta``: the encoded change from the weights published before."""
+        base = self.current
         self.global_sd = sd
         self.current = Weights(
             info.completed_round,
@@ -369,6 +471,9 @@ class Rounds:
             blob,
             str(info.path),
             self.session.finished,
+            delta if base is not None else None,
+            base.completed_round if base is not None else -1,
+            base.sha256 if base is not None else "",
         )
         self.acc = Accumulator(sd)
         # Everyone waiting for these weights (or older ones) gets them now.

@@ -499,6 +499,8 @@ class Coordinator:
             finally:
                 nc.uploading = False
             w = await self.rounds.answer(verdict, sync.round)
+            # What the node holds decides what it needs: nothing, the change, or everything.
+            payload, out, out_sha = w.payload_for(sync.base_sha256)
             await stream.send(
                 BarrierReady(
                     round=w.completed_round,
@@ -507,9 +509,11 @@ class Coordinator:
                     reason=verdict.reason,
                     epoch=w.epoch,
                     finished=w.finished,
+                    payload=payload,
+                    base_round=w.base_round if payload == "delta" else -1,
                 )
             )
-            await stream.send_blob(w.blob, kind="weights", sha256=w.sha256)
+            await stream.send_blob(out, kind=payload, sha256=out_sha)
             await stream.finish()
         except SessionError as exc:
             with contextlib.suppress(DriftError):
@@ -530,8 +534,9 @@ class Coordinator:
     async def _take_upload(self, node: str, sync: BarrierSync, blob: bytes) -> UploadVerdict:
         """The session's verdict on one upload, acted on by the rounds: the verdict to answer
         by. SessionError for a refusal or a bad upload."""
-        base = sync.base_round if sync.delta else -1
-        verdict = self.session.upload(node, sync.round, self.clock(), base_round=base)
+        verdict = self.session.upload(
+            node, sync.round, self.clock(), base_round=sync.base_round, delta=sync.delta
+        )
         if verdict.kind is Verdict.REFUSE:
             raise SessionError(verdict.reason, verdict.code)
         return await self.rounds.take(node, sync, blob, verdict)
