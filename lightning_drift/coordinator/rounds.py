@@ -6,9 +6,21 @@ asks it which weights answer that upload (:meth:`Rounds.answer`); every round de
 session goes through :meth:`Rounds.consider`, which completes the round when it says so:
 
 1. the session closes the round (no more uploads count for it),
-2. the accumulated mean (or DiLoCo's outer step from it) becomes the new global weights,
-3. the checkpoint is written (weights, outer-optimizer state, manifest), then ``state.json``,
-4. the new weights are published: every node waiting at the barrier is answered with them.
+2. the accumulated mean (or DiLoCo's outer step from it) becomes the round's target, and the
+   new global weights are the current ones moved towards it (exactly the target, or with
+   ``--transfer-dtype bfloat16|int8`` the encoded change towards it, the coordinator's own
+   error feedback carried to the next round: :mod:`lightning_drift.codec`),
+3. the checkpoint is written (weights, outer state: DiLoCo's momentum and the download
+   residual, manifest), then ``state.json``,
+4. the new weights are published: every node waiting at the barrier is answered with them
+   (:meth:`Weights.payload_for`: nothing, the encoded change, or the whole weights, by what
+   the node holds), so every node holds exactly the checkpoint.
+
+An upload goes through seams in this order: decode (:meth:`Rounds._decode`: whole weights,
+or a change from the current global weights, dequantized; one against other weights is left
+out first, :meth:`Rounds._stale_base`), accumulate (float64 sums), aggregate (the mean over
+the contributors), the outer step (:meth:`Rounds._outer_step`), then the download and the
+checkpoint (:meth:`Rounds._download`, :meth:`Rounds._aggregate`).
 
 A completion that fails (disk full, out of memory) leaves the round's state uncertain: the
 listener is told (:meth:`RoundListener.failed`), and the coordinator stops rather than hang
