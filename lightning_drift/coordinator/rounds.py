@@ -82,6 +82,7 @@ class Weights:
     path: str
     finished: bool = False  # the session's final weights
     delta: bytes | None = None
+    delta_sha256: str = ""
     base_round: int = -1
     base_sha256: str = ""
 
@@ -92,7 +93,7 @@ class Weights:
         if held_sha256 and held_sha256 == self.sha256:
             return "same", b"", _EMPTY_SHA256
         if self.delta is not None and held_sha256 and held_sha256 == self.base_sha256:
-            return "delta", self.delta, sha256_bytes(self.delta)
+            return "delta", self.delta, self.delta_sha256
         return "weights", self.blob, self.sha256
 
 
@@ -416,7 +417,9 @@ class Rounds:
             extra["unchanged"] = "no samples trained this round"
         else:
             target = self._outer_step(self.global_sd, acc.mean())
-            new_sd, delta = self._download(self.global_sd, target)
+            new_sd, payload = self._download(self.global_sd, target)
+            if payload is not None:
+                delta = (payload, sha256_bytes(payload))
         outer = self._outer_state()
         blob = to_bytes(new_sd)
         info = self.store.write(
@@ -470,11 +473,17 @@ class Rounds:
             )
 
     def _publish(
-        self, sd: Any, blob: bytes, info: CheckpointInfo, delta: bytes | None = None
+        self,
+        sd: Any,
+        blob: bytes,
+        info: CheckpointInfo,
+        delta: tuple[bytes, str] | None = None,
     ) -> None:
         """``sd`` (the checkpoint ``info``, bytes ``blob``) is now the global weights;
-        ``delta``: the encoded change from the weights published before."""
+        ``delta``: the encoded change from the weights published before, and its sha256."""
         base = self.current
+        if base is None:
+            delta = None
         self.global_sd = sd
         self.current = Weights(
             info.completed_round,
@@ -483,7 +492,8 @@ class Rounds:
             blob,
             str(info.path),
             self.session.finished,
-            delta if base is not None else None,
+            delta[0] if delta is not None else None,
+            delta[1] if delta is not None else "",
             base.completed_round if base is not None else -1,
             base.sha256 if base is not None else "",
         )
