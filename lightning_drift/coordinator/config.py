@@ -155,8 +155,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dataset_size", 0, int, "Samples in the dataset.", _S, shown="the first node's"),
     Setting("seed", 0, int, "Seed of the epoch permutations.", _S),
     Setting("transfer_dtype", "float32", str,
-            "How weights travel after the start-up sync: float32 (whole weights), bfloat16 or "
-            "int8 (compressed changes both ways, with error feedback).", _S,
+            "float32 (whole weights), bfloat16 or int8 (compressed changes).", _S,
             choices=("float32", "bfloat16", "int8")),
     Setting("min_vram", 0, str, "Refuse GPU nodes with less VRAM: 8GiB, 512MiB or bytes.", _S,
             parse=parse_size, shown="0 (no minimum)"),
