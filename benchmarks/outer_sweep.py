@@ -15,7 +15,7 @@ on the same data in the time one real run takes:
   coordinator's own error feedback, exactly as ``coordinator/rounds.py`` does;
 - the final global weights are evaluated with ``_common.evaluate``.
 
-An outer setting is ``mean`` or ``diloco:lr=0.7,momentum=0.9[,warmup=N][,nesterov=0]``. Each
+An outer setting is ``mean`` or ``diloco:lr=0.7,momentum=0.9[,nesterov=0]``. Each
 runs in its own process (``--jobs`` at once, niced); the table gives the final validation
 loss, its ratio to ``mean``'s, and the loss along the way.
 
@@ -56,7 +56,7 @@ def parse_outer(spec: str) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     for part in filter(None, rest.split(",")):
         k, _, v = part.partition("=")
-        kw[k] = int(v) if k in ("warmup", "nesterov") else float(v)
+        kw[k] = int(v) if k == "nesterov" else float(v)
     if "nesterov" in kw:
         kw["nesterov"] = bool(kw["nesterov"])
     return kw
@@ -249,9 +249,9 @@ def report(
         f"Setup: {setup.describe()}; {args.nodes} nodes, H={args.sync_every} steps per round, "
         f"{r0['epochs']} epoch(s), {r0['rounds']} rounds, {r0['steps_per_node']} optimizer steps "
         f"per node, transfer {args.codec} (error feedback both ways); {wall / 60:.1f} min.",
-        "diloco: the outer Nesterov SGD step on the pseudo-gradient (global - mean); lr, "
-        "momentum and warmup as in `aggregate.DiLoCo`. mean: the new global weights are the "
-        "samples-weighted mean.",
+        "diloco: the outer Nesterov SGD step on the pseudo-gradient (global - mean) with lr "
+        "and momentum, as `aggregate.DiLoCo`; mean: the new global weights are the "
+        "samples-weighted mean. One run (one seed) per setting.",
     ]
     return c.table(headers, body) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
