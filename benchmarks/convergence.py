@@ -235,6 +235,8 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, method: str, work: Path)
         if mine.keys() != final.keys() or any(not mine[k].equal(final[k]) for k in final):
             raise RuntimeError(f"{method}: node-{i}'s final weights differ from {final_ckpt}")
     left_out = sum(1 for h in histories for e in h if not e["contributed"] and e["round"] > 0)
+    # The start-up sync: each node's first barrier (round 0).
+    startup = sum(h[0]["bytes_sent"] + h[0]["bytes_received"] for h in histories if h)
     return {
         "method": f"drift {method}",
         "aggregation": agg,
@@ -248,6 +250,8 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, method: str, work: Path)
         "bytes": float(sum(e["bytes_sent"] + e["bytes_received"] for h in histories for e in h)),
         "rounds": str(max((e["round"] for h in histories for e in h), default=0)),
         "left_out": left_out,
+        "startup_bytes": float(startup),
+        "param_bytes": reports[0]["param_bytes"],
     }
 
 
@@ -288,6 +292,12 @@ def report(args: argparse.Namespace, setup: c.Setup, results: list[dict], init_l
         else "the coordinator's default outer lr and momentum"
     )
     left_out = sum(r.get("left_out", 0) for r in results)
+    startup = [
+        f"{r['method'].removeprefix('drift ')} {c.fmt_bytes(r['startup_bytes'])}"
+        for r in results
+        if "startup_bytes" in r
+    ]
+    model = next((c.fmt_bytes(r["param_bytes"]) for r in results if "param_bytes" in r), "")
     notes = [
         f"Setup: {setup.describe()}; {args.epochs} epochs; {args.nodes} processes for ddp and "
         f"drift; drift --sync-every {args.sync_every} (H), quorum 1; diloco: {diloco}.",
@@ -300,7 +310,10 @@ def report(args: argparse.Namespace, setup: c.Setup, results: list[dict], init_l
         f"is the start-up sync); uploads left out of a round: {left_out}.",
         "network bytes, drift: measured payload, the sum over nodes of the bytes uploaded and "
         "downloaded at every barrier (strategy.history: weights, or compressed changes, "
-        "start-up sync included), QUIC framing and control messages not counted.",
+        "start-up sync included), QUIC framing and control messages not counted. The start-up "
+        f"sync's share (the {args.nodes} nodes' first barrier, float32 weights of {model}): "
+        + ", ".join(startup)
+        + ".",
         "network bytes, ddp: an estimate, not a measurement: trainable parameter bytes x "
         "optimizer steps x 2(n-1)/n sent per process for a ring all-reduce of float32 "
         "gradients, summed over the n processes; the start-up parameter broadcast and gloo "
