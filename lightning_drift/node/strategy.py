@@ -517,6 +517,7 @@ class DriftStrategy(SingleDeviceStrategy):
                 raise
             ready, blob = runtime.barrier(sync, upload.payload)
         sent, received = len(payload), len(blob)
+        contributed = ready.contributed
         try:
             got = weights.receive(
                 ready.round,
@@ -542,7 +543,7 @@ class DriftStrategy(SingleDeviceStrategy):
         self.history.append(
             {
                 "round": held_round,
-                "contributed": ready.contributed,
+                "contributed": contributed,
                 "samples": sync.samples,
                 "wait_s": wait,
                 "bytes_sent": sent,
@@ -552,9 +553,10 @@ class DriftStrategy(SingleDeviceStrategy):
             }
         )
         log.info(
-            "barrier round=%d contributed=%s wait_s=%.3f samples=%d",
+            "barrier round=%d contributed=%s payload=%s wait_s=%.3f samples=%d",
             held_round,
-            ready.contributed,
+            contributed,
+            got.payload,
             wait,
             sync.samples,
         )
