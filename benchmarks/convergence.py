@@ -357,6 +357,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per method")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs' files here")
     ap.add_argument("--update-docs", action="store_true", help="write the table into docs")
+    ap.add_argument("--section", default="convergence", help="docs section --update-docs writes")
     # internal: run one training process
     ap.add_argument("--worker", choices=("single", "ddp", "drift"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -405,7 +406,7 @@ def main() -> None:
     print(f"\n(all methods: {(time.perf_counter() - t0) / 60:.1f} min)")
     line = summary(args, results)
     if args.update_docs:
-        c.update_docs("convergence", f"```\n{c.command_line()}\n```\n\n{text}\n\n`{line}`")
+        c.update_docs(args.section, f"```\n{c.command_line()}\n```\n\n{text}\n\n`{line}`")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     print(line)
