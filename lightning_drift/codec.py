@@ -28,8 +28,8 @@ correctly rounded float32 operation on the CPU, done the same way by every side 
 multiply-add). Tensors in float64 are changed in float64; float16 and bfloat16 ones in
 float32 and cast back.
 
-The payload is a safetensors file whose metadata names the codec (``drift_codec``) and, for
-int8, the block size (``block``); docs/protocol.md gives the tensor layout.
+The payload is a safetensors file whose metadata names the codec (``drift_codec``:
+``bfloat16``, or ``int8/<block size>``); docs/protocol.md gives the tensor layout.
 """
 
 from __future__ import annotations
@@ -171,10 +171,10 @@ def encode(
         applied[k] = got
         if residual is not None:
             residual._r[k] = x.sub_(got)
-    meta = {_META_CODEC: codec}
-    if codec == "int8":
-        meta["block"] = str(BLOCK)
-    return Encoded(safetensors.torch.save(tensors, metadata=meta), applied)
+    # One metadata entry only: safetensors writes several in no fixed order, and equal changes
+    # should encode to equal bytes.
+    spec = f"int8/{BLOCK}" if codec == "int8" else codec
+    return Encoded(safetensors.torch.save(tensors, metadata={_META_CODEC: spec}), applied)
 
 
 def decode(payload: bytes | bytearray | memoryview, like: Mapping[str, torch.Tensor]) -> StateDict:
@@ -191,21 +191,19 @@ def decode(payload: bytes | bytearray | memoryview, like: Mapping[str, torch.Ten
         tensors = safetensors.torch.load(raw)
     except Exception as exc:  # the binding raises its own SafetensorError or others
         raise _bad(f"not a valid safetensors change ({len(raw)} bytes): {exc}") from None
-    codec = meta.get(_META_CODEC, "")
-    if codec and codec not in CODECS:
-        raise _bad(f"unknown codec {codec!r} (this coordinator knows {', '.join(CODECS)})")
-    if not codec:
+    spec = meta.get(_META_CODEC, "")
+    if not spec:
         return _decode_plain(tensors, like)
+    codec, _, block_s = spec.partition("/")
+    if codec not in CODECS:
+        raise _bad(f"unknown codec {spec!r} (this coordinator knows bfloat16 and int8/BLOCK)")
     block = BLOCK
     if codec == "int8":
-        try:
-            block = int(meta.get("block", ""))
-        except ValueError:
-            block = 0
+        block = int(block_s) if block_s.isdigit() else 0
         if not _MIN_BLOCK <= block <= _MAX_BLOCK:
-            raise _bad(
-                f"int8 block size {meta.get('block')!r} is not in [{_MIN_BLOCK}, {_MAX_BLOCK}]"
-            )
+            raise _bad(f"int8 block size {block_s!r} is not in [{_MIN_BLOCK}, {_MAX_BLOCK}]")
+    elif block_s:
+        raise _bad(f"unknown codec {spec!r} (bfloat16 takes no block size)")
     out: StateDict = {}
     used: set[str] = set()
     for k, ref in like.items():

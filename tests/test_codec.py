@@ -237,16 +237,18 @@ def _int8(like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         (lambda t: t["scales/w"].__setitem__(0, float("nan")), {}, "must be finite and >= 0"),
         (lambda t: t["scales/w"].__setitem__(0, -1.0), {}, "must be finite and >= 0"),
         (lambda t: t.update({"values/n": torch.tensor(1.5)}), {}, "'n' is float32 ()"),
-        (lambda t: None, {"block": "3"}, "block size '3' is not in"),
-        (lambda t: None, {"block": "x"}, "block size 'x' is not in"),
+        (lambda t: None, {"drift_codec": "int8/3"}, "block size '3' is not in"),
+        (lambda t: None, {"drift_codec": "int8/x"}, "block size 'x' is not in"),
+        (lambda t: None, {"drift_codec": "int8"}, "block size '' is not in"),
         (lambda t: None, {"drift_codec": "zstd9"}, "unknown codec 'zstd9'"),
+        (lambda t: None, {"drift_codec": "bfloat16/64"}, "takes no block size"),
     ],
 )
 def test_a_bad_int8_payload_is_refused_with_what_is_wrong(mutate, meta, message):
     like = model()
     tensors = _int8(like)
     mutate(tensors)
-    payload = _payload(tensors, {"drift_codec": "int8", "block": str(B), **meta})
+    payload = _payload(tensors, {"drift_codec": f"int8/{B}", **meta})
     with pytest.raises(SessionError, match="bad compressed change") as err:
         codec.decode(payload, like)
     assert err.value.code == "bad_upload"
