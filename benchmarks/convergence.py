@@ -1,34 +1,40 @@
-"""Convergence for the same number of samples: one process, torch DDP (gloo), drift mean, drift
-DiLoCo.
+"""Convergence and bytes for the same samples: one process, torch DDP (gloo), and drift with
+each aggregation and transfer codec.
 
 Every method trains the example char-LM from the same seeded initial weights on the same data
-(``benchmarks/_common.py``) for ``--epochs`` passes over the training set, so every method sees
-the same total number of samples; each process uses ``--batch-size`` per step:
+(``benchmarks/_common.py``) for the same number of epochs, so every method sees the same
+samples; each process uses ``--batch-size`` per step:
 
 - ``single``: one process, plain Lightning (``epochs * N / B`` optimizer steps);
 - ``ddp``: ``--nodes`` processes, Lightning ``strategy=DDPStrategy(process_group_backend="gloo")``
   on CPU (the DistributedSampler gives each process 1/n of every epoch; gradients are
   all-reduced every step, so the global batch is ``n * B``);
-- ``mean`` / ``diloco``: ``--nodes`` node processes with ``DriftStrategy`` and a
-  ``LocalCoordinator`` (``--aggregation mean|diloco --sync-every H``): every node trains its
-  own shard with its own optimizer and the weights are averaged at the barriers.
+- drift, ``<aggregation>[-<dtype>]``: ``--nodes`` node processes with ``DriftStrategy`` and a
+  ``LocalCoordinator`` (``--aggregation mean|diloco --sync-every H --transfer-dtype dtype``,
+  quorum 1 so that every node's samples count): ``mean`` and ``diloco`` send float32 weights,
+  ``mean-int8``, ``diloco-int8``, ``mean-bfloat16`` ... compressed changes both ways.
 
-Each run saves its final weights; this process then evaluates all of them with one function on
-one validation set (``_common.evaluate``). Every training process gets ``--threads`` torch
-threads, so the distributed methods use ``--nodes`` times the cores of ``single``.
+The epochs are the fewest that give every drift node at least ``--steps`` optimizer steps
+(``--epochs`` sets them instead). Each run saves its final weights; this process then
+evaluates all of them with one function on one validation set (``_common.evaluate``). Every
+training process gets ``--threads`` torch threads.
 
-    python benchmarks/convergence.py                          # the default small run (minutes)
-    python benchmarks/convergence.py --epochs 4 --max-chars 400000 --sync-every 20
-    python benchmarks/convergence.py --methods single,mean --update-docs
+    python benchmarks/convergence.py                   # the headline setting (about 20 min)
+    python benchmarks/convergence.py --nodes 4         # 4 nodes, 1500+ steps each
+    python benchmarks/convergence.py --methods ddp,mean-int8,diloco-int8 --sync-every 50
+    python benchmarks/convergence.py --update-docs
 
-Prints the table, then the line ``convergence: ...`` with the losses relative to ``single``.
-``--update-docs`` also writes the table and the command into docs/benchmarks.md.
+Prints the table (val loss and bytes as ratios to DDP's), then one line:
+``convergence: best drift <method> val loss/ddp <r>, bytes/ddp <b> (nodes <n>, H <h>, <dtype>)``
+where the best drift method is the one of lowest val loss among those under 1 % of DDP's
+bytes (or among all of them when none is).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shutil
 import subprocess
 import sys
@@ -41,7 +47,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
 
-METHODS = ("single", "ddp", "mean", "diloco")
+AGGREGATIONS = ("mean", "diloco")
+DTYPES = ("float32", "bfloat16", "int8")
+DEFAULT_METHODS = ("single", "ddp", "mean", "mean-int8", "diloco-int8")
+BYTES_TARGET = 0.01  # "best" drift method: under 1 % of DDP's bytes
+
+
+def drift_method(name: str) -> tuple[str, str] | None:
+    """``(aggregation, transfer dtype)`` of a drift method name, or None for single/ddp."""
+    agg, _, dtype = name.partition("-")
+    if agg not in AGGREGATIONS:
+        return None
+    dtype = dtype or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"{name}: transfer dtype must be one of {', '.join(DTYPES)}")
+    return agg, dtype
 
 
 # ---------------------------------------------------------------------------- worker processes
@@ -162,12 +182,16 @@ def run_plain(args: argparse.Namespace, setup: c.Setup, kind: str, work: Path) -
     return res
 
 
-def run_drift(args: argparse.Namespace, setup: c.Setup, agg: str, work: Path) -> dict[str, Any]:
-    """``mean`` or ``diloco``: a LocalCoordinator and ``--nodes`` node processes."""
+def run_drift(args: argparse.Namespace, setup: c.Setup, method: str, work: Path) -> dict[str, Any]:
+    """A drift method: a LocalCoordinator and ``--nodes`` node processes."""
     from lightning_drift_cli.local import LocalCoordinator
 
-    base = work / agg
+    agg, dtype = drift_method(method) or ("mean", "float32")
+    base = work / method
     base.mkdir(parents=True, exist_ok=True)
+    outer = {}
+    if agg == "diloco":
+        outer = {"outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
     coord = LocalCoordinator(
         base / "coord",
         min_nodes=args.nodes,
@@ -175,7 +199,10 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, agg: str, work: Path) ->
         batch_size=setup.batch_size,
         sync_every=args.sync_every,
         aggregation=agg,
+        transfer_dtype=dtype,
+        quorum=1.0,
         seed=setup.seed,
+        **{k: v for k, v in outer.items() if v is not None},
     )
     t0 = time.perf_counter()
     coord.start(timeout=120)
@@ -186,7 +213,7 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, agg: str, work: Path) ->
             log = base / f"node-{i}.log"
             cmd = _worker_cmd(args, setup, "drift", out)
             cmd += ["--token", coord.token, "--name", f"node-{i}"]
-            procs.append((f"{agg} node-{i}", _launch(cmd, log), log))
+            procs.append((f"{method} node-{i}", _launch(cmd, log), log))
         try:
             c.wait_all(procs, args.timeout)
         except RuntimeError as exc:
@@ -206,9 +233,14 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, agg: str, work: Path) ->
     for i in range(args.nodes):
         mine = c.load_weights(base / f"node-{i}" / "final.safetensors")
         if mine.keys() != final.keys() or any(not mine[k].equal(final[k]) for k in final):
-            raise RuntimeError(f"{agg}: node-{i}'s final weights differ from {final_ckpt}")
+            raise RuntimeError(f"{method}: node-{i}'s final weights differ from {final_ckpt}")
+    left_out = sum(1 for h in histories for e in h if not e["contributed"] and e["round"] > 0)
+    # The start-up sync: each node's first barrier (round 0).
+    startup = sum(h[0]["bytes_sent"] + h[0]["bytes_received"] for h in histories if h)
     return {
-        "method": f"drift {agg}",
+        "method": f"drift {method}",
+        "aggregation": agg,
+        "dtype": dtype,
         "processes": args.nodes,
         "weights": final_ckpt,
         "wall_s": wall,
@@ -217,6 +249,9 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, agg: str, work: Path) ->
         "steps": "/".join(str(r["steps"]) for r in reports),  # shards follow capability
         "bytes": float(sum(e["bytes_sent"] + e["bytes_received"] for h in histories for e in h)),
         "rounds": str(max((e["round"] for h in histories for e in h), default=0)),
+        "left_out": left_out,
+        "startup_bytes": float(startup),
+        "param_bytes": reports[0]["param_bytes"],
     }
 
 
@@ -227,8 +262,8 @@ def report(args: argparse.Namespace, setup: c.Setup, results: list[dict], init_l
     base = next((r for r in results if r["method"] == "single"), None)
     ddp = next((r for r in results if r["method"] == "ddp"), None)
 
-    def ratio(x: float, ref: dict | None, key: str) -> str:
-        return f"{x / ref[key]:.3f}" if ref and ref[key] else "-"
+    def ratio(x: float, ref: dict | None, key: str, digits: int = 3) -> str:
+        return f"{x / ref[key]:.{digits}f}" if ref and ref[key] else "-"
 
     rows = [
         [
@@ -238,52 +273,91 @@ def report(args: argparse.Namespace, setup: c.Setup, results: list[dict], init_l
             r["steps"],
             r["rounds"] or "-",
             f"{r['loss']:.4f}",
+            ratio(r["loss"], ddp, "loss"),
             ratio(r["loss"], base, "loss"),
-            f"{r['wall_s']:.1f}",
-            ratio(r["wall_s"], base, "wall_s"),
-            f"{r['fit_s']:.1f}",
             c.fmt_bytes(r["bytes"]) + (" (est.)" if r["method"] == "ddp" else ""),
-            ratio(r["bytes"], ddp, "bytes") if r["bytes"] else "-",
+            ratio(r["bytes"], ddp, "bytes", 4) if r["bytes"] else "-",
+            f"{r['wall_s']:.0f}",
+            f"{r['fit_s']:.0f}",
         ]
         for r in results
     ]
     headers = [
-        "method", "procs", "samples", "steps/proc", "rounds", "val loss", "loss/single",
-        "wall s", "wall/single", "fit s", "network bytes", "bytes/ddp",
+        "method", "procs", "samples", "steps/proc", "rounds", "val loss", "loss/ddp",
+        "loss/single", "network bytes", "bytes/ddp", "wall s", "fit s",
     ]  # fmt: skip
+    diloco = (
+        f"outer lr {args.outer_lr:g}, momentum {args.outer_momentum:g}"
+        if (args.outer_lr is not None and args.outer_momentum is not None)
+        else "the coordinator's default outer lr and momentum"
+    )
+    left_out = sum(r.get("left_out", 0) for r in results)
+    startup = [
+        f"{r['method'].removeprefix('drift ')} {c.fmt_bytes(r['startup_bytes'])}"
+        for r in results
+        if "startup_bytes" in r
+    ]
+    model = next((c.fmt_bytes(r["param_bytes"]) for r in results if "param_bytes" in r), "")
     notes = [
-        f"Setup: {setup.describe()}; {args.epochs} epochs; drift --sync-every {args.sync_every}, "
-        f"{args.nodes} nodes.",
+        f"Setup: {setup.describe()}; {args.epochs} epochs; {args.nodes} processes for ddp and "
+        f"drift; drift --sync-every {args.sync_every} (H), quorum 1; diloco: {diloco}.",
         f"Initial weights: val loss {init_loss:.4f}. Val loss: mean next-byte cross-entropy over "
         "every validation window, computed by the benchmark from each method's saved final "
         "weights (drift: the coordinator's final checkpoint, which every node holds).",
         "samples: training samples over all processes (the same total for every method, up to "
         "DistributedSampler padding); steps/proc: optimizer steps of each process (drift shard "
         "sizes follow each node's measured capability); rounds: the last drift round (round 0 "
-        "is the start-up sync).",
-        "wall: from launching the first process (drift: the coordinator) to the last training "
-        "process exiting, Python and Lightning start-up included; fit: the longest trainer.fit.",
-        "network bytes, drift: measured payload, the sum over nodes of the safetensors bytes "
-        "uploaded and downloaded at every barrier (strategy.history), QUIC framing and control "
-        "messages not counted.",
+        f"is the start-up sync); uploads left out of a round: {left_out}.",
+        "network bytes, drift: measured payload, the sum over nodes of the bytes uploaded and "
+        "downloaded at every barrier (strategy.history: weights, or compressed changes, "
+        "start-up sync included), QUIC framing and control messages not counted. The start-up "
+        f"sync's share (the {args.nodes} nodes' first barrier, float32 weights of {model}): "
+        + ", ".join(startup)
+        + ".",
         "network bytes, ddp: an estimate, not a measurement: trainable parameter bytes x "
         "optimizer steps x 2(n-1)/n sent per process for a ring all-reduce of float32 "
         "gradients, summed over the n processes; the start-up parameter broadcast and gloo "
         "framing are not counted.",
+        "wall: from launching the first process (drift: the coordinator) to the last training "
+        "process exiting, start-up included; fit: the longest trainer.fit. Both depend on the "
+        "machine's load, the ratios above do not.",
     ]
     return c.table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
+def summary(args: argparse.Namespace, results: list[dict]) -> str:
+    """The last line: the best drift method against DDP (see the module docstring)."""
+    ddp = next((r for r in results if r["method"] == "ddp"), None)
+    drift = [r for r in results if "aggregation" in r]
+    if ddp is None or not drift:
+        return "convergence: no comparison (run ddp and at least one drift method)"
+    cheap = [r for r in drift if r["bytes"] / ddp["bytes"] <= BYTES_TARGET]
+    best = min(cheap or drift, key=lambda r: r["loss"])
+    return (
+        f"convergence: best drift {best['aggregation']} val loss/ddp "
+        f"{best['loss'] / ddp['loss']:.3f}, bytes/ddp {best['bytes'] / ddp['bytes']:.4f} "
+        f"(nodes {args.nodes}, H {args.sync_every}, {best['dtype']})"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    c.Setup.add_args(ap)
-    ap.add_argument("--epochs", type=int, default=3)
+    c.Setup.add_args(ap, max_chars=3_500_000)
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps per node, at least")
+    ap.add_argument("--epochs", type=int, default=0, help="epochs (instead of --steps)")
     ap.add_argument("--nodes", type=int, default=2, help="processes for ddp and drift")
-    ap.add_argument("--sync-every", type=int, default=10, help="drift steps per round")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per method")
+    ap.add_argument("--sync-every", type=int, default=100, help="drift steps per round (H)")
+    ap.add_argument("--outer-lr", type=float, default=None, help="diloco (coordinator default)")
+    ap.add_argument("--outer-momentum", type=float, default=None, help="diloco (ditto)")
+    ap.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated: single, ddp, mean, diloco, mean-int8, diloco-bfloat16, ...",
+    )
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per method")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs' files here")
     ap.add_argument("--update-docs", action="store_true", help="write the table into docs")
+    ap.add_argument("--section", default="convergence", help="docs section --update-docs writes")
     # internal: run one training process
     ap.add_argument("--worker", choices=("single", "ddp", "drift"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -296,15 +370,23 @@ def main() -> None:
         return
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        ap.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    for m in methods:
+        try:
+            known = m in ("single", "ddp") or drift_method(m) is not None
+        except ValueError as exc:
+            ap.error(str(exc))
+        if not known:
+            ap.error(f"unknown method {m!r}: single, ddp, or mean/diloco[-float32|-bfloat16|-int8]")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="drift-convergence-"))
     work.mkdir(parents=True, exist_ok=True)
     c.configure_torch(setup)
     data = c.make_data(setup)
+    if not args.epochs:
+        per_epoch = len(data.train_dataset) // (args.nodes * setup.batch_size)
+        args.epochs = max(1, math.ceil(args.steps / max(1, per_epoch)))
     init_loss = c.evaluate(setup, c.make_model(setup).state_dict(), data)
     results = []
+    t0 = time.perf_counter()
     for m in methods:
         print(f"running {m} ...", flush=True)
         if m in ("single", "ddp"):
@@ -313,22 +395,21 @@ def main() -> None:
             res = run_drift(args, setup, m, work / "runs")
         res["loss"] = c.evaluate(setup, c.load_weights(res["weights"]), data)
         print(
-            f"  {m}: val loss {res['loss']:.4f}, wall {res['wall_s']:.1f} s, "
-            f"samples {res['samples']}",
+            f"  {m}: val loss {res['loss']:.4f}, bytes {c.fmt_bytes(res['bytes'])}, "
+            f"wall {res['wall_s']:.1f} s, samples {res['samples']}",
             flush=True,
         )
         results.append(res)
     text = report(args, setup, results, init_loss)
     print()
     print(text)
-    base = next((r for r in results if r["method"] == "single"), None)
-    if base:
-        rel = ", ".join(f"{r['method']} {r['loss'] / base['loss']:.3f}" for r in results)
-        print(f"\nconvergence: final val loss relative to single: {rel}")
+    print(f"\n(all methods: {(time.perf_counter() - t0) / 60:.1f} min)")
+    line = summary(args, results)
     if args.update_docs:
-        c.update_docs("convergence", f"```\n{c.command_line()}\n```\n\n{text}")
+        c.update_docs(args.section, f"```\n{c.command_line()}\n```\n\n{text}\n\n`{line}`")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
+    print(line)
 
 
 if __name__ == "__main__":

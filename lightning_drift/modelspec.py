@@ -18,7 +18,7 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -98,6 +98,7 @@ class Header:
 
     table: Table
     size: int  # 8 + header length + data bytes: what the whole blob must measure
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors' __metadata__
 
 
 def header_needs(prefix: bytes | bytearray | memoryview) -> int:
@@ -131,9 +132,12 @@ def read_header(prefix: bytes | bytearray | memoryview) -> Header:
     if not isinstance(doc, dict):
         raise SessionError("upload's safetensors header is not a JSON object", code="bad_upload")
     table: Table = {}
+    metadata: dict[str, str] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in doc.items():
         if name == "__metadata__":
+            if isinstance(entry, dict):
+                metadata = {str(k)[:200]: str(v)[:200] for k, v in list(entry.items())[:64]}
             continue
         try:
             dtype = _CODES[entry["dtype"]]
@@ -162,7 +166,7 @@ def read_header(prefix: bytes | bytearray | memoryview) -> Header:
                 code="bad_upload",
             )
         at = end
-    return Header(table, need + at)
+    return Header(table, need + at, metadata)
 
 
 def compare(

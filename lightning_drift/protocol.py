@@ -31,7 +31,9 @@ MAX_FRAME = 1 << 20  # 1 MiB: control messages only; weights go as blobs
 HEADER = struct.Struct(">I")
 
 Aggregation = Literal["mean", "diloco"]
-TransferDType = Literal["float32", "bfloat16"]
+TransferDType = Literal["float32", "bfloat16", "int8"]
+# What follows a BarrierReady (see BarrierReady.payload).
+Payload = Literal["weights", "delta", "same"]
 
 
 class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, kw_only=True):
@@ -193,13 +195,21 @@ class StopDecision(_Msg, tag="stop_decision"):
 
 
 class BarrierSync(_Msg, tag="barrier_sync"):
-    """Node → coordinator, first frame of a barrier stream; a weights blob follows.
+    """Node → coordinator, first frame of a barrier stream; a blob follows.
 
     ``round`` is the open round this upload contributes to, as the node knows it (stale if
     that round completed meanwhile). ``round`` 0 is the start-up sync: the coordinator adopts
     the uploaded weights as the initial global weights if it has none, and answers at once with
-    the global weights. An upload for a round that has already completed is discarded and
-    answered at once.
+    the global weights (a node that knows the coordinator has weights, ``TrainConfig
+    .has_weights``, may send an empty blob). An upload for a round that has already completed
+    is discarded and answered at once.
+
+    ``base_round`` and ``base_sha256`` name the weights the node holds: the held round (-1 for
+    none) and the sha256 of its global weights; at the start-up sync, the sha256 of the
+    node's own weights. A delta upload (``delta``) is the change from exactly those weights
+    (``base_round`` is required then); the coordinator leaves it out of the round if they are
+    not its current global weights. The coordinator answers with a compressed change
+    (``BarrierReady.payload``) only when ``base_sha256`` names the weights it applies to.
     """
 
     round: int
@@ -207,9 +217,12 @@ class BarrierSync(_Msg, tag="barrier_sync"):
     samples: int = 0  # samples processed since the last barrier (the aggregation weight)
     steps: int = 0
     loss: float | None = None
-    delta: bool = False  # True when the blob is (local - global) rather than the weights
+    delta: bool = (
+        False  # True when the blob is a change from the base weights (lightning_drift.codec)
+    )
     train_seconds: float = 0.0
-    base_round: int = -1  # with delta: the held round whose global weights were subtracted
+    base_round: int = -1  # the held round: whose global weights the node holds (-1: none)
+    base_sha256: str = ""  # sha256 of those weights ("" when the node does not keep them)
 
 
 class BlobHeader(_Msg, tag="blob"):
@@ -224,16 +237,23 @@ class BlobHeader(_Msg, tag="blob"):
 
 
 class BarrierReady(_Msg, tag="barrier_ready"):
-    """Coordinator → node on the barrier stream: the round is done; the global weights follow.
+    """Coordinator → node on the barrier stream: the round is done; its global weights follow.
 
-    ``round`` is the completed round whose global weights follow (the node then holds it)."""
+    ``round`` is the completed round whose global weights the node then holds, and ``sha256``
+    is theirs (of the checkpoint file ``round-NNNNNN.safetensors``). What the blob that follows
+    carries is ``payload``: ``"weights"``, those very bytes; ``"delta"``, the compressed change
+    (``lightning_drift.codec``) from the global weights of ``base_round`` (the ones the node
+    named in ``BarrierSync.base_sha256``) to these; ``"same"``, nothing (an empty blob): the
+    weights the node named already are these."""
 
     round: int
-    sha256: str  # of the global weights blob that follows
+    sha256: str  # of the global weights (the checkpoint file), whatever the payload
     contributed: bool = True  # False when this node's upload was not part of the round
     reason: str = ""
     epoch: int = 0
     finished: bool = False  # True when this was the session's final round
+    payload: Payload = "weights"
+    base_round: int = -1  # with payload "delta": the completed round the change applies to
 
 
 class StatusRequest(_Msg, tag="status_request"):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_drift import codec
+from lightning_drift.aggregate import Accumulator, DiLoCo, to_bytes
 from lightning_drift.protocol import NodeInfo
 
 
@@ -79,3 +81,24 @@ def verify_checkpoints(directory: Path) -> list[dict]:
             outer = (directory / e["outer_file"]).read_bytes()
             assert hashlib.sha256(outer).hexdigest() == e["outer_sha256"], e["outer_file"]
     return entries
+class Reference:
+    """The coordinator's rounds computed here from the same uploads: the samples-weighted mean
+    of the dequantized changes, the outer step, then the download change with the
+    coordinator's own error feedback, applied to its copy."""
+
+    def __init__(self, init: dict[str, torch.Tensor], dtype: str, outer: DiLoCo | None = None):
+        self.glob = {k: v.clone() for k, v in init.items()}
+        self.dtype = dtype
+        self.outer = outer
+        self.residual = codec.Residual()
+
+    def round(self, uploads: list[tuple[bytes, float]]) -> bytes:
+        acc = Accumulator(self.glob)
+        for i, (payload, weight) in enumerate(uploads):
+            acc.add(str(i), codec.decode(payload, self.glob), weight, delta=True)
+        target = acc.mean()
+        if self.outer is not None:
+            target = self.outer.step(self.glob, target)
+        enc = codec.encode(codec.difference(target, self.glob), self.dtype, self.residual)
+        self.glob = codec.apply(self.glob, enc.applied)
+        return to_bytes(self.glob)

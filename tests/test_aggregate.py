@@ -411,11 +411,36 @@ def test_diloco_steps_half_precision_in_float32():
     p.grad = glob["w"].float() - mean["w"].float()
     torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True).step()
 
-    new = DiLoCo().step(glob, mean)
+    new = DiLoCo(lr=0.7, momentum=0.9).step(glob, mean)
 
     assert new["w"].dtype == torch.bfloat16
     assert torch.equal(new["w"], p.detach().bfloat16())
     assert DiLoCo().state_dict() == {}
+
+
+@pytest.mark.parametrize(("lr", "momentum"), [(0.7, 0.6), (0.7, 0.9), (1.0, 0.3)])
+def test_diloco_steps_grow_with_the_momentum_as_documented(lr, momentum):
+    # A pseudo-gradient that keeps its direction: round t moves the weights by
+    # lr * (1 + m * (1 - m**t) / (1 - m)) times the mean's own change.
+    outer = DiLoCo(lr=lr, momentum=momentum)
+    glob = {"w": torch.zeros(8, dtype=torch.float64)}
+    change = torch.full((8,), 1e-3, dtype=torch.float64)
+    for t in range(1, 17):
+        new = outer.step(glob, {"w": glob["w"] + change})
+        step = float((new["w"] - glob["w"]).mean() / change.mean())
+        m = momentum
+        assert step == pytest.approx(lr * (1 + m * (1 - m**t) / (1 - m)), rel=1e-9), t
+        glob = new
+    assert step == pytest.approx(lr / (1 - momentum), rel=0.05 if momentum < 0.9 else 0.2)
+
+
+def test_diloco_defaults_are_the_measured_ones():
+    # docs/benchmarks.md, outer_sweep.py: the coordinator's defaults, also DiLoCo's.
+    from lightning_drift.coordinator.config import SETTING
+
+    outer = DiLoCo()
+    assert (outer.lr, outer.momentum, outer.nesterov) == (0.7, 0.6, True)
+    assert (SETTING["outer_lr"].default, SETTING["outer_momentum"].default) == (0.7, 0.6)
 
 
 def test_diloco_refuses_mismatched_tensors_and_bad_config():

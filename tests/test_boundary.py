@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_drift import modelspec
+from lightning_drift import codec, modelspec
 from lightning_drift import protocol as p
 from lightning_drift.aggregate import to_bytes
 from lightning_drift.coordinator import boundary
@@ -170,6 +170,36 @@ def test_upload_check_decides_from_the_header_before_the_body():
     assert pinned(blob[:need], len(blob)) == 0
     with pytest.raises(SessionError, match="not the model the nodes announced"):
         pinned(other[: modelspec.header_needs(other)], len(other))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_upload_check_takes_a_compressed_change_in_its_codec_layout_only(dtype):
+    """A compressed change is checked from its header too: the codec's layout of the model's
+    table (codes and per-block scales for int8), nothing more, nothing less."""
+    import safetensors.torch
+
+    sd = model()
+    table = modelspec.table_of(sd)
+    check = boundary.UploadCheck(fingerprint="", table=table, delta=True)
+    change = {k: (v * 0.01 if v.is_floating_point() else v) for k, v in sd.items()}
+    good = codec.encode(change, dtype).payload
+    assert check(good[: modelspec.header_needs(good)], len(good)) == 0
+    meta = {codec.META_CODEC: f"int8/{codec.BLOCK}" if dtype == "int8" else "bfloat16"}
+    tensors = safetensors.torch.load(good)
+    extra = safetensors.torch.save(dict(tensors, **{"codes/zz": torch.zeros(3, dtype=torch.int8)}),
+                                   metadata=meta)  # fmt: skip
+    with pytest.raises(SessionError, match="not in the model"):
+        check(extra[: modelspec.header_needs(extra)], len(extra))
+    short = safetensors.torch.save(dict(list(tensors.items())[1:]), metadata=meta)
+    with pytest.raises(SessionError, match="missing"):
+        check(short[: modelspec.header_needs(short)], len(short))
+    alien = safetensors.torch.save(tensors, metadata={codec.META_CODEC: "zstd/9"})
+    with pytest.raises(SessionError, match="unknown codec"):
+        check(alien[: modelspec.header_needs(alien)], len(alien))
+    # Before round 0 (no table yet) an empty start-up upload asks for the weights.
+    with pytest.raises(SessionError) as exc:
+        boundary.UploadCheck(fingerprint=FP)(b"", 0)
+    assert exc.value.code == "need_weights"
 
 
 def test_absurd_headers_are_refused():

@@ -45,7 +45,7 @@ def test_keeping_a_single_checkpoint_is_refused(tmp_path):
     "name, value, message",
     [
         ("aggregation", "median", "--aggregation must be mean or diloco, got 'median'"),
-        ("transfer_dtype", "float16", "--transfer-dtype must be float32 or bfloat16"),
+        ("transfer_dtype", "float16", "--transfer-dtype must be float32 or bfloat16 or int8"),
         ("quorum", 1.5, r"--quorum must be in \(0, 1\], got 1.5"),
         ("quorum", 0.0, r"--quorum must be in \(0, 1\]"),
         ("heartbeat_timeout", 0.0, "--heartbeat-timeout must be positive"),

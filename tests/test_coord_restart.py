@@ -16,12 +16,15 @@ from pathlib import Path
 
 import torch
 from lightning_drift_cli.local import free_udp_port
+from support import Reference
 from support import node_info as any_node_info
 
-from lightning_drift.aggregate import from_bytes, to_bytes
+from lightning_drift.aggregate import DiLoCo, from_bytes, to_bytes
+from lightning_drift.coordinator.rounds import RESIDUAL_PREFIX
 from lightning_drift.errors import ConnectTimeout, DriftError, PeerLost
 from lightning_drift.modelspec import state_fingerprint
 from lightning_drift.node.client import CoordinatorClient
+from lightning_drift.node.weights import GlobalWeights
 from lightning_drift.protocol import BarrierSync
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,3 +354,93 @@ def test_diloco_restart_restores_the_weights_and_the_outer_momentum(tmp_path):
                 await proc.wait()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_compressed_diloco_restart_keeps_the_momentum_and_the_download_residual(tmp_path):
+    """With int8 changes both ways, a SIGKILL between rounds loses neither DiLoCo's momentum
+    nor the coordinator's download residual: they are saved with every checkpoint, and the
+    round after the restart is exactly the one an uninterrupted coordinator would make."""
+    state = tmp_path / "state"
+    lr, mom = 0.7, 0.9
+    config = session_config(
+        tmp_path,
+        f"  aggregation: diloco\n  outer_lr: {lr}\n  outer_momentum: {mom}\n"
+        "  transfer_dtype: int8\n",
+    )
+    ckpt = state / "checkpoints"
+    secrets_ = [os.urandom(32), os.urandom(32)]
+    samples = (10, 20)
+    init = upload(0, 0)
+    ref = Reference(init, "int8", DiLoCo(lr=lr, momentum=mom))
+    helds = [GlobalWeights("int8"), GlobalWeights("int8")]
+
+    def check_outer(completed_round: int) -> None:
+        outer = from_bytes((ckpt / f"round-{completed_round:06d}.outer.safetensors").read_bytes())
+        assert ref.outer is not None
+        for k, v in ref.outer.state_dict().items():
+            assert torch.equal(outer[k], v), (completed_round, k)
+        residual = ref.residual.state_dict()
+        assert residual and any(bool(v.abs().sum() > 0) for v in residual.values())
+        for k, v in residual.items():
+            assert torch.equal(outer[RESIDUAL_PREFIX + k], v), (completed_round, k)
+
+    async def train_round(clients, open_round: int) -> None:
+        payloads: dict[str, bytes] = {}
+
+        async def one(i: int):
+            # Each node's weights after a round of "training" from the global weights.
+            local = {k: v + 0.1 * upload(open_round, i)[k] for k, v in ref.glob.items()}
+            up = helds[i].upload(local, open_round)
+            payloads[clients[i].node_key] = up.payload
+            ready, blob = await clients[i].barrier(
+                BarrierSync(
+                    round=open_round,
+                    samples=samples[i],
+                    delta=up.delta,
+                    base_round=up.base_round,
+                    base_sha256=up.base_sha256,
+                ),
+                up.payload,
+            )
+            assert ready.contributed and ready.payload == "delta", ready
+            return helds[i].receive(ready.round, blob, ready.sha256, payload=ready.payload)
+
+        got = await asyncio.gather(one(0), one(1))
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        entry = next(e for e in manifest["checkpoints"] if e["round"] == open_round)
+        weight = {c.node_key: float(samples[i]) for i, c in enumerate(clients)}
+        expect = ref.round([(payloads[n], weight[n]) for n, _ in entry["contributors"]])
+        assert (ckpt / f"round-{open_round:06d}.safetensors").read_bytes() == expect
+        assert all(g.blob == expect for g in got)
+        check_outer(open_round)
+
+    async def main():
+        proc, token, _ = await start_coordinator(state, free_udp_port(), config)
+        try:
+            clients = [await connect(token, s) for s in secrets_]
+            for c, held in zip(clients, helds, strict=True):
+                up = held.offer(init)
+                ready, blob = await c.barrier(
+                    BarrierSync(round=0, base_sha256=up.base_sha256), up.payload
+                )
+                held.receive(ready.round, blob, ready.sha256, payload=ready.payload)
+            for c in clients:
+                await c.shard(0)
+            for open_round in (1, 2):
+                await train_round(clients, open_round)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            for c in clients:
+                await c.close()
+
+            proc, _, _ = await start_coordinator(state)
+            clients = [await connect(token, s) for s in secrets_]
+            await train_round(clients, 3)
+            for c in clients:
+                await c.close()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    asyncio.run(asyncio.wait_for(main(), 90))

@@ -140,28 +140,42 @@ def test_a_straggler_is_left_behind_but_ends_on_the_final_weights(tmp_path: Path
             assert torch.equal(node_final[k], final[k]), k
 
 
-def test_bfloat16_deltas_halve_the_upload_and_keep_nodes_exact(tmp_path: Path) -> None:
-    # --transfer-dtype bfloat16: nodes upload (local - global) in bfloat16; the coordinator
-    # adds it back onto its float32 global weights. Downloads stay exact float32.
+@pytest.mark.parametrize(("dtype", "ratio"), [("bfloat16", 0.6), ("int8", 0.35)])
+def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
+    tmp_path: Path, dtype: str, ratio: float
+) -> None:
+    # --transfer-dtype bfloat16 / int8: after the start-up sync nodes upload their change in
+    # that codec, and the coordinator answers with the round's change, encoded the same way
+    # with its own error feedback. Every round a node rebuilds must be, byte for byte, the
+    # coordinator's checkpoint of that round (each node keeps a copy of every round).
     with LocalCoordinator(
         tmp_path / "coord",
         min_nodes=2,
         epochs=1,
         batch_size=16,
-        sync_every=8,
+        sync_every=3,
         quorum=1.0,
-        transfer_dtype="bfloat16",
+        keep=1000,  # every round stays on disk
+        transfer_dtype=dtype,
     ) as coord:
-        outs = _run_nodes(coord, tmp_path, 2, 1)
+        extra = {i: ["--round-copies", str(tmp_path / f"copies-{i}")] for i in range(2)}
+        outs = _run_nodes(coord, tmp_path, 2, 1, extra=extra)
         assert coord.wait(timeout=60) == 0, coord.log_tail()
+    ckpt = coord.checkpoint_dir
     final = load_file(str(coord.latest_checkpoint()))
     assert all(t.dtype == torch.float32 for t in final.values())
-    for o in outs:
+    full = (ckpt / "round-000000.safetensors").stat().st_size
+    for i, o in enumerate(outs):
         report = json.loads((o / "report.json").read_text())
         training = [h for h in report["history"] if h["round"] > 0]
-        assert training, report["history"]
+        assert len(training) >= 5, report["history"]
         for h in training:
-            assert h["bytes_sent"] < 0.6 * h["bytes_received"], h
+            assert h["payload"] == "delta", h
+            assert h["bytes_sent"] < ratio * full and h["bytes_received"] < ratio * full, h
+        for h in report["history"]:
+            copy = tmp_path / f"copies-{i}" / f"round-{h['round']:06d}.safetensors"
+            theirs = ckpt / f"round-{h['round']:06d}.safetensors"
+            assert copy.read_bytes() == theirs.read_bytes(), h
         node_final = load_file(str(o / "final.safetensors"))
         for k in final:
             assert torch.equal(node_final[k], final[k]), k

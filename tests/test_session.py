@@ -316,8 +316,9 @@ def test_a_delta_against_other_weights_is_excluded_and_the_round_does_not_wait()
     s = session()
     start(s, A, B)
     arrive(s, A, 1.0)
-    assert s.upload(B, 1, 1.5, base_round=0).kind is Verdict.OPEN  # against round 0's: fine
-    v = s.upload(B, 1, 2.0, base_round=7)
+    assert s.upload(B, 1, 1.5, base_round=0, delta=True).kind is Verdict.OPEN  # round 0's: fine
+    assert s.upload(B, 1, 1.5, base_round=7).kind is Verdict.OPEN  # whole weights: any base
+    v = s.upload(B, 1, 2.0, base_round=7, delta=True)
     assert v.kind is Verdict.EXCLUDED and not v.kind.contributed and not v.kind.at_once
     assert v.reason == (
         "delta against round 7's weights, but the global weights are round 0's: left out of round 1"
@@ -325,6 +326,16 @@ def test_a_delta_against_other_weights_is_excluded_and_the_round_does_not_wait()
     d = s.check(2.0)
     assert d.complete and d.contributors == ((A, 100),)
     assert s.upload(B, 1, 2.5).kind is Verdict.CLOSING  # asked again: still left out
+
+
+def test_a_delta_that_does_not_name_its_base_is_refused():
+    s = session()
+    start(s, A, B)
+    v = s.upload(B, 1, 1.0, delta=True)
+    assert v.kind is Verdict.REFUSE and v.code == "bad_upload"
+    assert "must name the round of the weights it was taken against" in v.reason
+    assert B not in s.arrivals and B not in s.excluded  # nothing was recorded
+    assert s.expected() == [A, B]
 
 
 def test_verdicts_say_how_they_are_answered():

@@ -1,17 +1,18 @@
-"""The node's weights: fingerprint, upload payloads (full or bf16 delta), the check of the
-round's answer, in-place load, local round copies. Torch only, no Lightning, no network."""
+"""The node's weights: fingerprint, upload payloads (whole weights or compressed changes), the
+answer rebuilt and checked, in-place load, local round copies. Torch only, no network."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from lightning_drift import codec
 from lightning_drift.aggregate import Accumulator, from_bytes, to_bytes
 from lightning_drift.checkpoint import weights_name
-from lightning_drift.errors import ConfigError
 from lightning_drift.fsutil import sha256_bytes
 from lightning_drift.node.weights import (
     GlobalWeights,
+    WeightsMismatch,
     keep_round_copy,
     load_in_place,
     local_state,
@@ -44,17 +45,20 @@ def test_float32_uploads_are_the_full_weights_and_keep_nothing():
     assert not up.delta and up.base_round == -1
     assert from_bytes(up.payload).keys() == net.state_dict().keys()
     blob, sha = _answer(net.state_dict())
-    held.receive(3, blob, sha)
+    got = held.receive(3, blob, sha)
+    assert got.held_round == 3 and got.blob == blob and got.payload == "weights"
     up = held.upload(local_state(net), contributing_round=4)
     assert not up.delta  # float32 sessions never send deltas
+    assert up.base_round == 3 and up.base_sha256 == ""  # nothing kept to be answered against
     for k, v in from_bytes(up.payload).items():
         assert torch.equal(v, net.state_dict()[k]), k
 
 
-def test_bfloat16_uploads_are_deltas_against_the_held_round_after_the_start_up_sync():
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_compressed_uploads_are_changes_from_the_held_round_after_the_start_up_sync(dtype):
     torch.manual_seed(0)
     net = Net()
-    held = GlobalWeights("bfloat16")
+    held = GlobalWeights(dtype)
     # Before any global weights (and at round 0) the upload is the full weights.
     assert not held.upload(local_state(net), contributing_round=1).delta
     glob = {k: v.clone() for k, v in net.state_dict().items()}
@@ -63,10 +67,10 @@ def test_bfloat16_uploads_are_deltas_against_the_held_round_after_the_start_up_s
     assert not held.upload(local_state(net), contributing_round=0).delta
     with torch.no_grad():
         net.lin.weight.add_(0.5)
+        net.norm.num_batches_tracked.add_(3)
     up = held.upload(local_state(net), contributing_round=5)
-    assert up.delta and up.base_round == 4
-    delta = from_bytes(up.payload)
-    assert delta["lin.weight"].dtype == torch.bfloat16
+    assert up.delta and up.base_round == 4 and up.base_sha256 == sha
+    delta = codec.decode(up.payload, glob)
     assert torch.equal(delta["norm.num_batches_tracked"], net.norm.num_batches_tracked)
     # The coordinator rebuilds the node's weights as global + delta.
     acc = Accumulator(glob)
@@ -74,14 +78,68 @@ def test_bfloat16_uploads_are_deltas_against_the_held_round_after_the_start_up_s
     rebuilt = acc.mean()
     assert torch.allclose(rebuilt["lin.weight"], net.lin.weight, atol=1e-2)
     assert torch.equal(rebuilt["lin.bias"], net.lin.bias)  # unchanged: a zero delta
+    assert torch.equal(rebuilt["norm.num_batches_tracked"], net.norm.num_batches_tracked)
+    raw = from_bytes(up.payload)  # the codec's own layout (docs/protocol.md)
+    if dtype == "bfloat16":
+        assert raw["values/lin.weight"].dtype == torch.bfloat16
+    else:
+        assert raw["codes/lin.weight"].dtype == torch.int8
 
 
 def test_an_answer_that_does_not_match_its_checksum_is_refused():
     held = GlobalWeights("bfloat16")
     blob, _ = _answer(Net().state_dict())
-    with pytest.raises(ConfigError, match="round 2 do not match their checksum"):
+    with pytest.raises(WeightsMismatch, match="round 2 do not match their checksum"):
         held.receive(2, blob, "0" * 64)
     assert held.held_round == -1  # nothing was taken from it
+
+
+def test_a_compressed_answer_is_rebuilt_from_the_held_weights_and_checked():
+    torch.manual_seed(1)
+    glob = Net().state_dict()
+    held = GlobalWeights("int8")
+    blob, sha = _answer(glob)
+    held.receive(1, blob, sha)
+    # The coordinator's side: encode the change towards its target, apply it to its own copy.
+    target = {k: v + 0.01 if v.is_floating_point() else v + 1 for k, v in glob.items()}
+    enc = codec.encode(codec.difference(target, glob), "int8", codec.Residual())
+    new = codec.apply(glob, enc.applied)
+    new_blob, new_sha = _answer(new)
+    got = held.receive(2, enc.payload, new_sha, payload="delta")
+    assert got.blob == new_blob and got.held_round == 2  # bit for bit the coordinator's file
+    assert held.held_sha256 == new_sha
+    # Nothing changed: "same" gives the held weights back.
+    again = held.receive(2, b"", new_sha, payload="same")
+    assert again.blob == new_blob
+    # A change that does not rebuild the round's weights is refused, and nothing is taken.
+    with pytest.raises(WeightsMismatch, match="rebuilt from a 'delta' answer"):
+        held.receive(3, enc.payload, "f" * 64, payload="delta")
+    assert held.held_round == 2 and held.held_sha256 == new_sha
+
+
+def test_the_start_up_sync_answered_same_keeps_the_offered_weights():
+    net = Net()
+    held = GlobalWeights("float32")
+    up = held.offer(local_state(net))
+    assert up.base_round == -1 and up.base_sha256 == sha256_bytes(up.payload)
+    got = held.receive(0, b"", up.base_sha256, payload="same")
+    assert got.blob == up.payload and got.held_round == 0
+    with pytest.raises(WeightsMismatch, match="holds no weights with that sha256"):
+        GlobalWeights("float32").receive(0, b"", up.base_sha256, payload="same")
+
+
+def test_an_upload_that_did_not_count_drops_its_error_feedback():
+    torch.manual_seed(2)
+    net = Net()
+    held = GlobalWeights("int8")
+    blob, sha = _answer(net.state_dict())
+    held.receive(1, blob, sha)
+    with torch.no_grad():
+        net.lin.weight.add_(torch.randn_like(net.lin.weight) * 1e-3)
+    held.upload(local_state(net), contributing_round=2)
+    assert len(held.residual) > 0
+    held.receive(1, b"", sha, payload="same", contributed=False)
+    assert len(held.residual) == 0
 
 
 def test_load_in_place_keeps_parameter_and_buffer_identity():

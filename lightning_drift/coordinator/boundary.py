@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from lightning_drift import modelspec
+from lightning_drift import codec, modelspec
 from lightning_drift.errors import SessionError
 from lightning_drift.protocol import (
     BarrierSync,
@@ -190,6 +190,9 @@ def barrier_sync(msg: BarrierSync) -> BarrierSync:
         delta=bool(msg.delta),
         train_seconds=clamp_float(msg.train_seconds, TRAIN_S_MIN, TRAIN_S_MAX),
         base_round=clamp_int(msg.base_round, -1, ROUND_MAX),
+        # Not a sha256: the node names no weights (it gets the whole weights back, and a
+        # delta naming no base is taken as a change from the current global weights).
+        base_sha256=msg.base_sha256.lower() if _HEX64.match(msg.base_sha256.lower()) else "",
     )
 
 
@@ -260,7 +263,8 @@ class UploadCheck:
     good: the tensor table is the model's (``table``, after round 0) or has its fingerprint
     (``fingerprint``, before), and the blob's size is exactly what the header implies.
     SessionError(code="bad_upload") when it is not. With ``delta``, floating tensors may
-    travel in any floating dtype.
+    travel in any floating dtype, and a compressed change (``codec``) must have the codec's
+    layout of the model's table.
     """
 
     fingerprint: str
@@ -268,6 +272,12 @@ class UploadCheck:
     delta: bool = False
 
     def __call__(self, prefix: bytes | bytearray | memoryview, size: int) -> int:
+        if size == 0 and self.table is None:
+            # A node that believed the session had weights sent none at its start-up sync.
+            raise SessionError(
+                "this coordinator has no global weights yet: send the start-up weights",
+                code="need_weights",
+            )
         need = modelspec.header_needs(prefix)
         if need > size:
             raise SessionError(
@@ -279,7 +289,14 @@ class UploadCheck:
             return need
         header = modelspec.read_header(prefix)
         if self.table is not None:
-            why = modelspec.compare(self.table, header.table, any_float=self.delta)
+            spec = header.metadata.get(codec.META_CODEC, "") if self.delta else ""
+            if spec:
+                # A compressed change: its table is the codec's layout of the model's.
+                why = modelspec.compare(
+                    codec.payload_table(self.table, spec), header.table, any_float=True
+                )
+            else:
+                why = modelspec.compare(self.table, header.table, any_float=self.delta)
             if why:
                 raise SessionError(
                     f"upload is not the session's model: {why}; every node must train the "

@@ -8,22 +8,29 @@ session goes through :meth:`Rounds.consider`, which completes the round when it 
 A round's data goes through five steps, each in its own place here:
 
 1. **decode** (:meth:`Rounds.decode`): an upload's blob becomes a state dict, either the
-   node's weights or its change against the global weights (``delta``); its safetensors
-   header was already checked against the model before the body was read
-   (``boundary.UploadCheck``, :meth:`Rounds.upload_check`);
+   node's weights or its change from the current global weights (``delta``, dequantized by
+   :func:`lightning_drift.codec.decode`; a change from other weights than those is left out
+   first, :meth:`Rounds.stale_base`); its safetensors header was already checked against the
+   model before the body was read (``boundary.UploadCheck``, :meth:`Rounds.upload_check`);
 2. **aggregate** (:meth:`Rounds.new_accumulator`): the round's contributions are combined,
    each seen as a change against the current global weights: the exact weighted mean
    (``aggregate.Accumulator``), or a robust combination (``robust.RobustAccumulator``:
    trimmed mean, median, norm clip) when the session asks for one;
-3. **outer step** (:meth:`Rounds.outer_step`): ``mean`` takes the aggregate as the new
-   weights, ``diloco`` takes a Nesterov step on the pseudo-gradient;
+3. **outer step** (:meth:`Rounds.outer_step`): ``mean`` takes the aggregate as the round's
+   target, ``diloco`` takes a Nesterov step on the pseudo-gradient; the new global weights
+   are the current ones moved to the target: exactly, or with ``--transfer-dtype
+   bfloat16|int8`` by the encoded change towards it, the coordinator's own error feedback
+   carried to the next round (:meth:`Rounds.download`);
 4. **check** (``aggregate.check_aggregate``): the new weights must be finite and within
    ``max_change`` of the old ones; a round that fails is *not published*: the previous global
-   weights stay (and are checkpointed again as this round's), DiLoCo's momentum is not moved,
-   and the log names the cause and the nodes whose change stood out, each of which gets a
-   strike (``Session.strike``: enough of them exclude a node);
-5. **write and publish**: the checkpoint (weights, outer-optimizer state, manifest), then
-   ``state.json``; then every node waiting at the barrier is answered with the new weights.
+   weights stay (and are checkpointed again as this round's), DiLoCo's momentum and the
+   download residual are not moved, and the log names the cause and the nodes whose change
+   stood out, each of which gets a strike (``Session.strike``: enough of them exclude a node);
+5. **write and publish**: the checkpoint (weights, outer state: DiLoCo's momentum and the
+   download residual, manifest), then ``state.json``; then every node waiting at the barrier
+   is answered with the new weights (:meth:`Weights.payload_for`: nothing, the encoded
+   change, or the whole weights, by what the node holds), so every node holds exactly the
+   checkpoint.
 
 A completion that fails (disk full, out of memory) leaves the round's state uncertain: the
 listener is told (:meth:`RoundListener.failed`), and the coordinator stops rather than hang
@@ -44,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lightning_drift import modelspec
+from lightning_drift import codec, modelspec
 from lightning_drift.aggregate import (
     Accumulator,
     DiLoCo,
@@ -65,9 +72,9 @@ from lightning_drift.coordinator.session import (
 )
 from lightning_drift.coordinator.state import StateDir
 from lightning_drift.errors import ConfigError, DriftError, SessionError
-from lightning_drift.fsutil import sha256_file
+from lightning_drift.fsutil import sha256_bytes, sha256_file
 from lightning_drift.hardware import physical_memory
-from lightning_drift.protocol import BarrierSync, Finish
+from lightning_drift.protocol import BarrierSync, Finish, Payload
 from lightning_drift.robust import RobustAccumulator, suspects
 
 log = logging.getLogger(__name__)
@@ -79,9 +86,19 @@ SUSPECT_FACTOR = 10.0
 OPERATOR = "operator"  # the contributor of round 0 when `--init` seeded it
 
 
+_EMPTY_SHA256 = sha256_bytes(b"")
+# Keys of the download residual in a checkpoint's outer-state file (beside DiLoCo's momentum,
+# which is keyed by the plain tensor names).
+RESIDUAL_PREFIX = "download_residual/"
+
+
 @dataclass(frozen=True)
 class Weights:
-    """The published global weights: the result of completed round ``completed_round``."""
+    """The published global weights: the result of completed round ``completed_round``.
+
+    With compressed transfers, ``delta`` is the encoded change from the global weights
+    ``base_sha256`` (of round ``base_round``) to these: what a node holding those receives
+    instead of ``blob``."""
 
     completed_round: int
     epoch: int
@@ -89,6 +106,20 @@ class Weights:
     blob: bytes  # exactly the bytes of the checkpoint file ``path``
     path: str
     finished: bool = False  # the session's final weights
+    delta: bytes | None = None
+    delta_sha256: str = ""
+    base_round: int = -1
+    base_sha256: str = ""
+
+    def payload_for(self, held_sha256: str) -> tuple[Payload, bytes, str]:
+        """(payload kind, blob, its sha256) that gives these weights to a node holding the
+        weights ``held_sha256`` ("" for none): nothing if it holds these already, the change
+        if it holds their base, else the whole weights."""
+        if held_sha256 and held_sha256 == self.sha256:
+            return "same", b"", _EMPTY_SHA256
+        if self.delta is not None and held_sha256 and held_sha256 == self.base_sha256:
+            return "delta", self.delta, self.delta_sha256
+        return "weights", self.blob, self.sha256
 
 
 class RoundListener(Protocol):
@@ -139,6 +170,9 @@ class Rounds:
         self.diloco: DiLoCo | None = None
         if config.aggregation == "diloco":
             self.diloco = DiLoCo(lr=config.outer_lr, momentum=config.outer_momentum)
+        # Compressed downloads: the codec, and the error feedback the coordinator carries.
+        self.codec = config.transfer_dtype if config.transfer_dtype in codec.CODECS else None
+        self.residual = codec.Residual()
         self.current: Weights | None = None  # the published global weights
         self.global_sd: dict[str, Any] | None = None  # the same, decoded
         self.acc: Accumulator | RobustAccumulator | None = None  # the open round's
@@ -204,8 +238,8 @@ class Rounds:
                 "identity"
             ) from None
         sd = from_bytes(blob)
-        if self.diloco is not None and outer is not None:
-            self.diloco.load_state_dict(from_bytes(outer))
+        if outer is not None:
+            self._load_outer_state(from_bytes(outer))
         return sd, blob, info
 
     def _checkpoint_problem(self, completed: int) -> str:
@@ -239,9 +273,14 @@ class Rounds:
             delta=sync.delta and sync.round > 0,
         )
 
-    def decode(self, blob: bytes) -> dict[str, Any]:
-        """(1) An upload's blob as a state dict (SessionError(bad_upload) when unreadable)."""
-        return from_bytes(blob)
+    def decode(self, blob: bytes, sync: BarrierSync | None = None) -> dict[str, Any]:
+        """(1) An upload's blob as a state dict: whole weights, or (``sync.delta``) the node's
+        change from the current global weights, dequantized (``codec.decode``).
+        SessionError(bad_upload) when unreadable."""
+        if sync is None or not sync.delta:
+            return from_bytes(blob)
+        assert self.global_sd is not None
+        return codec.decode(blob, self.global_sd)
 
     def new_accumulator(self, global_sd: dict[str, Any]) -> Accumulator | RobustAccumulator:
         """(2) What combines the next round's contributions: the exact streaming mean, or a
@@ -252,7 +291,9 @@ class Rounds:
         return RobustAccumulator(global_sd, method=c.robust, trim=c.trim, clip=c.clip)
 
     def outer_step(self, global_sd: dict[str, Any], mean: dict[str, Any]) -> dict[str, Any]:
-        """(3) The new global weights from the round's aggregate."""
+        """(3) The weights the round aims at: the mean itself, or DiLoCo's outer step from the
+        current global weights towards it (its pseudo-gradient is global - mean, the mean over
+        the contributors only: a straggler left out adds nothing to it)."""
         if self.diloco is not None:
             return self.diloco.step(global_sd, mean)
         return mean
@@ -285,8 +326,13 @@ class Rounds:
                 self._left_out(node, sync.round, verdict.reason)
                 return verdict
             case Verdict.OPEN:
+                stale = self.stale_base(sync)
+                if stale:
+                    # An honest race (the node's base moved on), not a bad upload: no strike.
+                    self.reject(node, sync.round, stale, strike=False)
+                    return UploadVerdict(Verdict.EXCLUDED, stale)
                 try:
-                    sd = await asyncio.to_thread(self.decode, blob)
+                    sd = await asyncio.to_thread(self.decode, blob, sync)
                 except SessionError as exc:
                     self.reject(node, sync.round, str(exc))
                     raise
@@ -300,14 +346,27 @@ class Rounds:
             case _:
                 return verdict
 
+    def stale_base(self, sync: BarrierSync) -> str:
+        """Why a delta upload cannot be added to the current global weights ("" if it can): it
+        names other weights than those as its base. (The session has checked the round.)"""
+        assert self.current is not None
+        if not sync.delta or not sync.base_sha256 or sync.base_sha256 == self.current.sha256:
+            return ""
+        return (
+            f"delta against weights {sync.base_sha256[:12]}… (round {sync.base_round}), but the "
+            f"global weights of round {self.current.completed_round} are "
+            f"{self.current.sha256[:12]}…: left out of round {sync.round}"
+        )
+
     async def _accumulate(
         self, node: str, sync: BarrierSync, sd: Any, nbytes: int = 0
     ) -> UploadVerdict:
         s = self.session
         async with self._lock:
-            base = sync.base_round if sync.delta else -1
             # The round may have closed while the upload was decoded.
-            verdict = s.upload(node, sync.round, self.clock(), base_round=base)
+            verdict = s.upload(
+                node, sync.round, self.clock(), base_round=sync.base_round, delta=sync.delta
+            )
             if verdict.kind is Verdict.EXCLUDED:
                 self._left_out(node, sync.round, verdict.reason)
             if verdict.kind is not Verdict.OPEN:
@@ -378,6 +437,11 @@ class Rounds:
         async with self._lock:
             if self.session.has_weights:
                 return False
+            if not blob:
+                raise SessionError(
+                    "this coordinator has no global weights yet: send the start-up weights",
+                    code="need_weights",
+                )
             try:
                 sd = await asyncio.to_thread(self.decode, blob)
                 await asyncio.to_thread(validate_upload, sd, sd)
@@ -398,9 +462,7 @@ class Rounds:
     async def _write_initial(self, contributor: str, sd: Any, extra: dict[str, str]) -> int:
         """Round 0's checkpoint from ``sd``, durable and published (hold the lock)."""
         canon = await asyncio.to_thread(to_bytes, sd)
-        outer = None
-        if self.diloco is not None:
-            outer = await asyncio.to_thread(to_bytes, self.diloco.state_dict())
+        outer = await asyncio.to_thread(self._outer_state)
         now = self.clock()
         info = await asyncio.to_thread(
             self.store.write,
@@ -440,7 +502,7 @@ class Rounds:
             epoch = s.epoch
             opened = s.round_started
             t0 = time.perf_counter()
-            new_sd, blob, info, refused = await asyncio.to_thread(
+            new_sd, blob, info, refused, delta = await asyncio.to_thread(
                 self._aggregate, closing, epoch, acc
             )
             aggregation_s = time.perf_counter() - t0
@@ -450,7 +512,7 @@ class Rounds:
             async with self._lock:
                 outcome = s.advance(closing, self.clock())
                 await self.save_session()
-                self._publish(new_sd, blob, info)
+                self._publish(new_sd, blob, info, delta)
             log.info(
                 "round.completed round=%d contributors=%d seconds=%.3f sha256=%s",
                 closing,
@@ -528,13 +590,15 @@ class Rounds:
 
     def _aggregate(self, closing: int, epoch: int, acc: Accumulator | RobustAccumulator):
         """(new global state dict, its bytes, checkpoint info, None or (why the aggregate was
-        refused, the suspects)): the round's result, durable (steps 2 to 5)."""
+        refused, the suspects), the download change or None): the round's result, durable
+        (steps 2 to 5); every node rebuilds exactly the new state dict."""
         assert self.global_sd is not None
         config = self.session.config
         extra = {"session": self.session.session_id, "aggregation": config.aggregation}
         if config.robust != "off" or config.clip > 0:
             extra["robust"] = f"{config.robust} clip={config.clip:g}"
         refused = None
+        delta = None
         if acc.total_weight <= 0:
             # Every contributor trained nothing this round: the weights carry over unchanged
             # (and DiLoCo takes no outer step, so its momentum does not move them either).
@@ -542,10 +606,11 @@ class Rounds:
             extra["unchanged"] = "no samples trained this round"
         else:
             momentum = self.diloco.state_dict() if self.diloco is not None else None
-            new_sd = self.outer_step(self.global_sd, acc.mean())
-            why = check_aggregate(self.global_sd, new_sd, config.max_change)
+            target = self.outer_step(self.global_sd, acc.mean())
+            why = check_aggregate(self.global_sd, target, config.max_change)
             if why is not None:
-                # Not published: the previous weights stay, and so does DiLoCo's momentum.
+                # Not published: the previous weights stay, and so do DiLoCo's momentum and
+                # the download residual (the change is never encoded).
                 if self.diloco is not None and momentum is not None:
                     self.diloco.load_state_dict(momentum)
                 blamed = suspects(acc.norms, SUSPECT_FACTOR)
@@ -553,7 +618,11 @@ class Rounds:
                 new_sd = self.global_sd
                 extra["unchanged"] = f"aggregate refused: {why}"
                 extra["suspects"] = ",".join(blamed)
-        outer = to_bytes(self.diloco.state_dict()) if self.diloco is not None else None
+            else:
+                new_sd, payload = self.download(self.global_sd, target)
+                if payload is not None:
+                    delta = (payload, sha256_bytes(payload))
+        outer = self._outer_state()
         blob = to_bytes(new_sd)
         info = self.store.write(
             closing,
@@ -564,10 +633,51 @@ class Rounds:
             now=self.clock(),
             extra=extra,
         )
-        return new_sd, blob, info, refused
+        return new_sd, blob, info, refused, delta
 
-    def _publish(self, sd: Any, blob: bytes, info: CheckpointInfo) -> None:
-        """``sd`` (the checkpoint ``info``, bytes ``blob``) is now the global weights."""
+    def download(self, global_sd: dict[str, Any], target: dict[str, Any]):
+        """(3b) (the new global weights, the download change or None). With compression
+        the new weights are the current ones plus the encoded change towards ``target`` (with
+        the coordinator's error feedback), exactly what a node rebuilds from that change;
+        without, they are ``target``."""
+        if self.codec is None:
+            return target, None
+        enc = codec.encode(codec.difference(target, global_sd), self.codec, self.residual)
+        return codec.apply(global_sd, enc.applied), enc.payload
+
+    def _outer_state(self) -> bytes | None:
+        """What the next rounds need besides the weights, saved with every checkpoint:
+        DiLoCo's momentum and the download residual (None when there is neither)."""
+        if self.diloco is None and self.codec is None:
+            return None
+        sd: dict[str, Any] = {}
+        if self.diloco is not None:
+            sd.update(self.diloco.state_dict())
+        sd.update({RESIDUAL_PREFIX + k: v for k, v in self.residual.state_dict().items()})
+        return to_bytes(sd)
+
+    def _load_outer_state(self, sd: dict[str, Any]) -> None:
+        residual = {
+            k[len(RESIDUAL_PREFIX) :]: v for k, v in sd.items() if k.startswith(RESIDUAL_PREFIX)
+        }
+        self.residual.load_state_dict(residual)
+        if self.diloco is not None:
+            self.diloco.load_state_dict(
+                {k: v for k, v in sd.items() if not k.startswith(RESIDUAL_PREFIX)}
+            )
+
+    def _publish(
+        self,
+        sd: Any,
+        blob: bytes,
+        info: CheckpointInfo,
+        delta: tuple[bytes, str] | None = None,
+    ) -> None:
+        """``sd`` (the checkpoint ``info``, bytes ``blob``) is now the global weights;
+        ``delta``: the encoded change from the weights published before, and its sha256."""
+        base = self.current
+        if base is None:
+            delta = None
         self.global_sd = sd
         self.current = Weights(
             info.completed_round,
@@ -576,6 +686,10 @@ class Rounds:
             blob,
             str(info.path),
             self.session.finished,
+            delta[0] if delta is not None else None,
+            delta[1] if delta is not None else "",
+            base.completed_round if base is not None else -1,
+            base.sha256 if base is not None else "",
         )
         self.acc = self.new_accumulator(sd)
         # Everyone waiting for these weights (or older ones) gets them now.

@@ -687,6 +687,8 @@ class Coordinator:
                     max_size=limit, min_rate=o.min_upload_rate, grace_s=o.upload_grace_s
                 )
             w = await self.rounds.answer(verdict, sync.round)
+            # What the node holds decides what it needs: nothing, the change, or everything.
+            payload, out, out_sha = w.payload_for(sync.base_sha256)
             await stream.send(
                 BarrierReady(
                     round=w.completed_round,
@@ -698,9 +700,11 @@ class Coordinator:
                     # were published before it was known to be final.
                     finished=w.finished
                     or (self.session.finished and w.completed_round >= self.session.completed),
+                    payload=payload,
+                    base_round=w.base_round if payload == "delta" else -1,
                 )
             )
-            await stream.send_blob(w.blob, kind="weights", sha256=w.sha256)
+            await stream.send_blob(out, kind=payload, sha256=out_sha)
             await stream.finish()
         except BlobTooLarge as exc:
             # Refused from its header: stop the peer's sending at once, answer why, and keep
@@ -734,8 +738,9 @@ class Coordinator:
     def _verdict(self, node: str, sync: BarrierSync) -> UploadVerdict:
         """The session's verdict on an upload from its BarrierSync alone; SessionError for a
         refusal."""
-        base = sync.base_round if sync.delta else -1
-        verdict = self.session.upload(node, sync.round, self.clock(), base_round=base)
+        verdict = self.session.upload(
+            node, sync.round, self.clock(), base_round=sync.base_round, delta=sync.delta
+        )
         if verdict.kind is Verdict.REFUSE:
             raise SessionError(verdict.reason, verdict.code)
         return verdict
@@ -762,9 +767,10 @@ class Coordinator:
             )
             assert isinstance(blob, bytes)
         except SessionError as exc:
-            # Refused from its first bytes: the node is left out (and gets a strike).
+            # Refused from its first bytes: the node is left out (and gets a strike, unless
+            # it only sent no start-up weights to a coordinator that has none).
             await stream.stop_reading()
-            self.rounds.reject(node, sync.round, str(exc))
+            self.rounds.reject(node, sync.round, str(exc), strike=exc.code != "need_weights")
             raise
         finally:
             self._uploading.discard(node)

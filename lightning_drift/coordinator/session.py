@@ -712,14 +712,21 @@ class Session:
 
     # ---- barriers ------------------------------------------------------------------------
     def upload(
-        self, node: str, upload_round: int, now: float, *, base_round: int = -1
+        self,
+        node: str,
+        upload_round: int,
+        now: float,
+        *,
+        base_round: int = -1,
+        delta: bool = False,
     ) -> UploadVerdict:
         """A BarrierSync arrived, for ``upload_round`` (the round the node contributes to).
 
-        ``base_round``: for a delta upload (local − global), the completed round whose global
-        weights it was taken against; -1 for whole weights, or when the node does not say.
-        A delta against other weights than the global ones it would be added to is left out
-        of the open round (``EXCLUDED``), which then no longer waits for the node.
+        ``base_round``: the round whose global weights the node holds (-1: none). A ``delta``
+        upload (a change from those weights) must name it: without one it is refused
+        (``bad_upload``), and a delta against other weights than the global ones it would be
+        added to is left out of the open round (``EXCLUDED``), which then no longer waits for
+        the node. Whole weights do not depend on it.
         """
         r = upload_round
         m = self.members.get(node)
@@ -762,7 +769,14 @@ class Session:
             if self._late_assignment(node) is None:
                 return UploadVerdict(Verdict.REFUSE, "no rounds left in this epoch", "no_shard")
             accepted += " from a returning node"
-        if base_round >= 0 and base_round != self.completed:
+        if delta and base_round < 0:
+            return UploadVerdict(
+                Verdict.REFUSE,
+                "a delta upload must name the round of the weights it was taken against "
+                "(BarrierSync.base_round); upload whole weights when there are none",
+                "bad_upload",
+            )
+        if delta and base_round != self.completed:
             # (local - global) is only meaningful against the weights it was taken from.
             reason = (
                 f"delta against round {base_round}'s weights, but the global weights are round "

@@ -511,7 +511,9 @@ class CoordinatorClient:
     ) -> tuple[p.BarrierReady, bytes]:
         """Upload ``weights`` for ``sync.round`` on a new stream; wait for the round's result.
 
-        Returns ``BarrierReady`` and the global weights (safetensors bytes, sha256 checked).
+        Returns ``BarrierReady`` and the blob that follows it: what it holds is
+        ``BarrierReady.payload`` (the global weights, sha256 checked, or a change from the
+        weights ``sync.base_sha256`` names, or nothing).
         ``SessionError(code=...)`` when the coordinator refused the upload (e.g. bad_upload).
         """
         if self.error is not None and not isinstance(self.error, SessionError):
@@ -536,7 +538,9 @@ class CoordinatorClient:
         ready = p.expect(msg, p.BarrierReady)
         header, blob = await stream.recv_blob()
         assert isinstance(ready, p.BarrierReady) and isinstance(blob, bytes)
-        if header.sha256 != ready.sha256:
+        # The blob's own sha256 is checked by the transport; whole weights must also be the
+        # ones BarrierReady names (a change is checked once it is applied, by the caller).
+        if ready.payload == "weights" and header.sha256 != ready.sha256:
             raise ProtocolError(
                 f"BarrierReady names sha256 {ready.sha256[:16]}… but the blob is "
                 f"{header.sha256[:16]}…"

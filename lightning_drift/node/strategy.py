@@ -79,6 +79,7 @@ from lightning_drift.node.barriers import EpochBarriers, contributing_round, ste
 from lightning_drift.node.shards import ShardSampler
 from lightning_drift.node.weights import (
     GlobalWeights,
+    WeightsMismatch,
     keep_round_copy,
     load_in_place,
     local_state,
@@ -660,41 +661,75 @@ class DriftStrategy(SingleDeviceStrategy):
             self._end_training()
 
     def _sync(self, sync: p.BarrierSync) -> None:
-        """Upload our weights for ``sync.round``, wait for the global ones, load them in place."""
+        """Upload our weights (or their change) for ``sync.round``, wait for the round's global
+        weights (whole, or rebuilt from their change) and load them in place."""
         module = self._pl
         runtime = self._runtime
         weights = self._weights
         assert weights is not None, "the session's config sets how weights travel"
         upload = weights.upload(local_state(module), sync.round)
-        if upload.delta:
-            sync = msgspec.structs.replace(sync, delta=True, base_round=upload.base_round)
+        sync = msgspec.structs.replace(
+            sync,
+            delta=upload.delta,
+            base_round=upload.base_round,
+            base_sha256=upload.base_sha256,
+        )
+        payload = upload.payload
+        if sync.round == 0 and self.config is not None and self.config.has_weights:
+            # The session has weights: it answers with them (or "same", when ours are those);
+            # ours are needed only if it has lost them.
+            payload = b""
         t0 = time.monotonic()
-        ready, blob = runtime.barrier(sync, upload.payload)
+        try:
+            ready, blob = runtime.barrier(sync, payload)
+        except SessionError as exc:
+            if exc.code != "need_weights":
+                raise
+            ready, blob = runtime.barrier(sync, upload.payload)
+        sent, received = len(payload), len(blob)
+        contributed = ready.contributed
+        try:
+            got = weights.receive(
+                ready.round,
+                blob,
+                ready.sha256,
+                payload=ready.payload,
+                contributed=ready.contributed,
+            )
+        except WeightsMismatch as exc:
+            # Should never happen (the coordinator applies the same change, bit for bit);
+            # if it does, nothing was taken from the answer: fetch the whole weights.
+            log.warning("%s; fetching the round's whole weights", exc)
+            ready, blob = runtime.barrier(p.BarrierSync(round=0, epoch=sync.epoch), b"")
+            received += len(blob)
+            got = weights.receive(ready.round, blob, ready.sha256, payload=ready.payload)
         wait = time.monotonic() - t0
-        held_round = ready.round  # the node now holds this round's global weights
-        load_in_place(module, weights.receive(held_round, blob, ready.sha256))
+        held_round = got.held_round  # the node now holds this round's global weights
+        load_in_place(module, got.weights)
         if self.checkpoint_dir is not None:
-            keep_round_copy(self.checkpoint_dir, held_round, blob)
+            keep_round_copy(self.checkpoint_dir, held_round, got.blob)
         self.finished = ready.finished
         # One entry per barrier; "round" is the round whose global weights came back.
         self.history.append(
             {
                 "round": held_round,
-                "contributed": ready.contributed,
+                "contributed": contributed,
                 "epoch": sync.epoch,
                 "step": self._steps,  # optimizer steps of this fit when the barrier was held
                 "finished": ready.finished,
                 "samples": sync.samples,
                 "wait_s": wait,
-                "bytes_sent": len(upload.payload),
-                "bytes_received": len(blob),
+                "bytes_sent": sent,
+                "bytes_received": received,
+                "payload": got.payload,
                 "sha256": ready.sha256,
             }
         )
         log.info(
-            "barrier round=%d contributed=%s wait_s=%.3f samples=%d",
+            "barrier round=%d contributed=%s payload=%s wait_s=%.3f samples=%d",
             held_round,
-            ready.contributed,
+            contributed,
+            got.payload,
             wait,
             sync.samples,
         )

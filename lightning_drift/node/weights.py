@@ -2,12 +2,17 @@
 
 - :func:`model_fingerprint`: what the coordinator compares to tell that every node builds the
   same model;
-- :class:`GlobalWeights`: the upload payload of a barrier (the full state dict, or its bf16
-  change since the global weights the node holds) and the check of the round's answer;
+- :class:`GlobalWeights`: the global weights the node holds, and the two halves of a barrier
+  on the node: :meth:`GlobalWeights.upload` builds the upload payload from the weights at the
+  barrier (their change since the held global weights, compressed, with error feedback), and
+  :meth:`GlobalWeights.receive` rebuilds the round's global weights from the held ones and
+  the coordinator's answer (whole weights, a compressed change, or "the same"), checked
+  against the round's sha256;
 - :func:`load_in_place`: copy the global weights into the existing parameters and buffers;
 - :func:`keep_round_copy`: the node's own copy of a round's global weights on disk.
 
-Torch only: no Lightning, no network.
+Torch only: no Lightning, no network. ``upload`` and ``receive`` may run on any thread (the
+node's network thread included), one call at a time.
 """
 
 from __future__ import annotations
@@ -18,14 +23,22 @@ from pathlib import Path
 
 import torch
 
+from lightning_drift import codec
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.checkpoint import weights_name
-from lightning_drift.errors import ConfigError
+from lightning_drift.errors import DriftError
 from lightning_drift.fsutil import atomic_write, sha256_bytes
 from lightning_drift.modelspec import state_fingerprint
-from lightning_drift.protocol import TransferDType
+from lightning_drift.protocol import Payload, TransferDType
 
 StateDict = dict[str, torch.Tensor]
+
+
+class WeightsMismatch(DriftError):
+    """The global weights a node received or rebuilt are not the round's (wrong sha256).
+
+    Nothing was taken from them; fetch the round's whole weights instead (a start-up sync
+    with an empty blob and no ``base_sha256`` answers with them)."""
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:
@@ -62,58 +75,143 @@ def keep_round_copy(directory: Path, held_round: int, blob: bytes) -> Path:
 
 @dataclass(frozen=True)
 class Upload:
-    """A barrier's payload: safetensors bytes, and whether they are a delta against the
-    global weights of ``base_round``."""
+    """A barrier's payload: the bytes to upload, whether they are a change (``delta``) from
+    the node's held weights, and which those are (``base_round``, ``base_sha256``; -1 and ""
+    when the node holds none it could be answered against)."""
 
     payload: bytes
     delta: bool = False
     base_round: int = -1
+    base_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class Received:
+    """The global weights of ``held_round`` as the node now holds them: ``weights`` (new CPU
+    tensors) and ``blob``, exactly the bytes of the coordinator's checkpoint file."""
+
+    held_round: int
+    weights: StateDict
+    blob: bytes
+    payload: Payload = "weights"
 
 
 class GlobalWeights:
-    """The global weights the node holds, as far as uploads need them.
+    """The global weights the node holds, and how its changes travel (``transfer_dtype``).
 
-    With ``transfer_dtype="bfloat16"`` a copy of the last global weights is kept on the CPU and
-    uploads after the start-up sync carry ``local - global`` in bfloat16 (half the bytes of
-    float32 weights, and small numbers that bfloat16 rounds less). Otherwise uploads are the
-    full state dict and nothing is kept.
+    - ``"float32"``: uploads and answers are whole weights; nothing is kept between rounds.
+    - ``"bfloat16"`` / ``"int8"``: a CPU copy of the held global weights is kept; after the
+      start-up sync an upload is the change since them, encoded with the codec of that name
+      (:mod:`lightning_drift.codec`) with the node's own error feedback (:attr:`residual`),
+      and the answer is the round's change from them, rebuilt here. The copy and the residual
+      cost two model-sized float32 buffers of host memory.
+
+    The start-up sync is answered ``"same"`` when the node's own weights are the session's,
+    so that a node started from the same seed or checkpoint downloads nothing.
     """
 
     def __init__(self, transfer_dtype: TransferDType = "float32") -> None:
         self.transfer_dtype = transfer_dtype
         self.held_round = -1  # the round of the last global weights received
-        self._kept: StateDict | None = None  # a CPU copy of them, for deltas
+        self.held_sha256 = ""  # their sha256 (of the checkpoint file's bytes)
+        self.residual = codec.Residual()  # what compression left out of past uploads
+        self._kept: StateDict | None = None  # a CPU copy of them (compressed transfers)
+        self._offered: tuple[str, StateDict, bytes] | None = None  # the start-up weights
+
+    @property
+    def compressed(self) -> bool:
+        return self.transfer_dtype in codec.CODECS
+
+    def offer(self, local: Mapping[str, torch.Tensor]) -> Upload:
+        """The start-up sync's payload: the node's whole weights, named by their sha256 so that
+        the coordinator can answer "same" (send the payload only when it has no weights)."""
+        blob = to_bytes(local)
+        sha = sha256_bytes(blob)
+        copy = {k: v.detach().cpu().clone() for k, v in local.items()}
+        self._offered = (sha, copy, blob)
+        return Upload(blob, base_round=-1, base_sha256=sha)
 
     def upload(self, local: Mapping[str, torch.Tensor], contributing_round: int) -> Upload:
-        """The payload for a barrier of ``contributing_round`` (0: the start-up sync, always
-        the full weights)."""
-        if contributing_round > 0 and self.transfer_dtype == "bfloat16" and self._kept is not None:
-            kept = self._kept
-            delta = {
-                # The kept copy lives on the CPU, where the blob is decoded.
-                k: (v.float().cpu() - kept[k].float()).to(torch.bfloat16)
-                if v.is_floating_point()
-                else v
-                for k, v in local.items()
-            }
-            return Upload(to_bytes(delta), delta=True, base_round=self.held_round)
-        return Upload(to_bytes(local))
+        """The payload for a barrier of ``contributing_round`` from ``local``, the weights at
+        the barrier: the change since the held global weights (compressed, error feedback
+        added and updated), or the whole weights (float32 sessions, round 0, or nothing held).
+        """
+        if contributing_round == 0:
+            return self.offer(local)
+        if self.compressed and self._kept is not None:
+            enc = codec.encode(
+                codec.difference(local, self._kept), self.transfer_dtype, self.residual
+            )
+            return Upload(enc.payload, True, self.held_round, self.held_sha256)
+        return Upload(to_bytes(local), base_round=self.held_round)
 
-    def receive(self, held_round: int, blob: bytes, sha256: str) -> StateDict:
-        """Check and decode the global weights of ``held_round``; keep them for deltas."""
-        if sha256_bytes(blob) != sha256:
-            raise ConfigError(f"global weights of round {held_round} do not match their checksum")
-        weights = from_bytes(blob)
+    def receive(
+        self,
+        held_round: int,
+        blob: bytes,
+        sha256: str,
+        *,
+        payload: Payload = "weights",
+        contributed: bool = True,
+    ) -> Received:
+        """The global weights of ``held_round`` (``sha256``) from the coordinator's answer.
+
+        ``payload`` says what ``blob`` is (``BarrierReady.payload``): the whole weights, the
+        change from the held ones, or nothing ("same": the held weights, or at the start-up
+        sync the offered ones). The result is checked against ``sha256`` before anything is
+        kept: :class:`WeightsMismatch` leaves the node's state as it was. ``contributed``
+        False (the upload did not count) drops the error feedback of that upload.
+        """
+        if payload == "weights":
+            if sha256_bytes(blob) != sha256:
+                raise WeightsMismatch(
+                    f"global weights of round {held_round} do not match their checksum"
+                )
+            weights = from_bytes(blob)
+        else:
+            if payload == "same":
+                weights, full = self._same(sha256)
+            elif payload == "delta":
+                if self._kept is None:
+                    raise WeightsMismatch(
+                        f"round {held_round} came as a change, but this node keeps no global "
+                        "weights to apply it to"
+                    )
+                weights = codec.apply(self._kept, codec.decode(blob, self._kept))
+                full = to_bytes(weights)
+            else:
+                raise WeightsMismatch(f"unknown payload {payload!r} for round {held_round}")
+            if sha256_bytes(full) != sha256:
+                raise WeightsMismatch(
+                    f"the global weights of round {held_round} rebuilt from a {payload!r} answer "
+                    "do not match the round's sha256"
+                )
+            blob = full
         self.held_round = held_round
-        if self.transfer_dtype == "bfloat16":
+        self.held_sha256 = sha256
+        self._offered = None
+        if not contributed:
+            self.residual.clear()
+        if self.compressed:
             self._kept = {k: v.clone() for k, v in weights.items()}
-        return weights
+        return Received(held_round, weights, blob, payload)
+
+    def _same(self, sha256: str) -> tuple[StateDict, bytes]:
+        if self._offered is not None and self._offered[0] == sha256:
+            _, weights, blob = self._offered
+            return {k: v.clone() for k, v in weights.items()}, blob
+        if self._kept is not None and self.held_sha256 == sha256:
+            weights = {k: v.clone() for k, v in self._kept.items()}
+            return weights, to_bytes(weights)
+        raise WeightsMismatch("answered 'same', but this node holds no weights with that sha256")
 
 
 __all__ = [
     "GlobalWeights",
+    "Received",
     "StateDict",
     "Upload",
+    "WeightsMismatch",
     "keep_round_copy",
     "load_in_place",
     "local_state",

@@ -106,13 +106,18 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", type=Path, help="keep Lightning checkpoints (last.ckpt) here")
     ap.add_argument("--resume", type=Path, help="a .ckpt to resume from")
     ap.add_argument("--via", help="dial the coordinator at this host:port (e.g. a WAN proxy)")
+    ap.add_argument("--round-copies", type=Path, help="keep every round's global weights here")
     args = ap.parse_args()
     torch.manual_seed(hash(args.name) % 1000)  # different local inits: round 0 must unify them
     args.out.mkdir(parents=True, exist_ok=True)
     data = CharDataModule(batch_size=16, block_size=32, max_chars=args.max_chars)
     model = CharLM(d_model=32, n_layers=1, n_heads=2, block_size=32, lr=3e-3)
     strategy = RecordingStrategy(
-        token=args.token, name=args.name, calibration_seconds=0.1, coordinator_addr=args.via
+        token=args.token,
+        name=args.name,
+        calibration_seconds=0.1,
+        coordinator_addr=args.via,
+        checkpoint_dir=str(args.round_copies) if args.round_copies else None,
     )
     rec = Recorder()
     callbacks: list[Callback] = [rec]

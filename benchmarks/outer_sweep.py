@@ -1,0 +1,260 @@
+"""The outer step's settings, swept: drift's rounds simulated in one process, on the char-LM.
+
+Every node of a drift session trains its shard with its own AdamW and, every ``--sync-every``
+steps, its weights meet the others' at the coordinator. This script does exactly that
+arithmetic without processes or network, so that many outer-step settings can be compared
+on the same data in the time one real run takes:
+
+- each epoch's seeded permutation (``scheduler.epoch_permutation``) is cut into ``--nodes``
+  equal shards, and ``scheduler``'s formula gives the epoch's rounds; a node's barriers fall
+  where ``node.barriers.barrier_step`` puts them;
+- each node is its own copy of the model with its own optimizer, kept across rounds;
+- at a barrier the nodes' changes are encoded with ``--codec`` (``lightning_drift.codec``,
+  error feedback on every node), accumulated by ``aggregate.Accumulator``, and the outer step
+  under test makes the new global weights, which travel back through the same codec with the
+  coordinator's own error feedback, exactly as ``coordinator/rounds.py`` does;
+- the final global weights are evaluated with ``_common.evaluate``.
+
+An outer setting is ``mean`` or ``diloco:lr=0.7,momentum=0.9[,nesterov=0]``. Each
+runs in its own process (``--jobs`` at once, niced); the table gives the final validation
+loss, its ratio to ``mean``'s, and the loss along the way.
+
+    python benchmarks/outer_sweep.py --outer mean diloco:lr=0.7,momentum=0.9
+    python benchmarks/outer_sweep.py --grid --steps 1600 --sync-every 100 --update-docs
+
+The last line printed is ``outer_sweep: best <setting> val loss/mean <r>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+GRID_LR = (0.5, 0.7, 1.0)
+GRID_MOMENTUM = (0.3, 0.6, 0.9)
+
+
+def parse_outer(spec: str) -> dict[str, Any]:
+    """``mean`` or ``diloco:k=v,...`` as DiLoCo's keyword arguments (None for mean)."""
+    if spec == "mean":
+        return {}
+    name, _, rest = spec.partition(":")
+    if name != "diloco":
+        raise SystemExit(f"outer setting {spec!r}: use mean or diloco:lr=..,momentum=..")
+    kw: dict[str, Any] = {}
+    for part in filter(None, rest.split(",")):
+        k, _, v = part.partition("=")
+        kw[k] = int(v) if k == "nesterov" else float(v)
+    if "nesterov" in kw:
+        kw["nesterov"] = bool(kw["nesterov"])
+    return kw
+
+
+def simulate(args: argparse.Namespace, setup: c.Setup, spec: str) -> dict[str, Any]:
+    """One simulated session; returns the final val loss and the loss after each epoch."""
+    c.configure_torch(setup)
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from lightning_drift import codec
+    from lightning_drift.aggregate import Accumulator, DiLoCo
+    from lightning_drift.node.barriers import barrier_step
+    from lightning_drift.scheduler import epoch_permutation
+
+    data = c.make_data(setup)
+    train = data.train_dataset
+    n_train = len(train)
+    epochs = args.epochs or max(1, math.ceil(args.steps * args.nodes * setup.batch_size / n_train))
+    rounds = max(1, round(n_train / (setup.batch_size * args.sync_every * args.nodes)))
+    kw = parse_outer(spec)
+    outer = DiLoCo(**kw) if kw else None
+    nodes = [c.make_model(setup) for _ in range(args.nodes)]
+    opts = [m.configure_optimizers() for m in nodes]
+    glob = {k: v.detach().clone() for k, v in nodes[0].state_dict().items()}
+    up_res = [codec.Residual() for _ in nodes]
+    down_res = codec.Residual()
+    curve: list[float] = []
+    steps = 0
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        perm = epoch_permutation(setup.seed, epoch, n_train)
+        size = n_train // args.nodes
+        loaders, totals = [], []
+        for i in range(args.nodes):
+            stop = (i + 1) * size if i < args.nodes - 1 else n_train
+            idx = perm[i * size : stop].tolist()
+            loaders.append(iter(DataLoader(Subset(train, idx), batch_size=setup.batch_size)))
+            totals.append(math.ceil(len(idx) / setup.batch_size))
+        done = [0] * args.nodes
+        for k in range(1, rounds + 1):
+            acc = Accumulator(glob)
+            for i, (m, opt) in enumerate(zip(nodes, opts, strict=True)):
+                due = barrier_step(k, totals[i], rounds)
+                samples = 0
+                m.train()
+                while done[i] < due:
+                    x, y = next(loaders[i])
+                    loss = m._loss((x, y))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    done[i] += 1
+                    samples += len(x)
+                    steps += 1
+                local = {kk: v.detach() for kk, v in m.state_dict().items()}
+                if args.codec == "float32":
+                    acc.add(str(i), local, samples)
+                else:
+                    enc = codec.encode(codec.difference(local, glob), args.codec, up_res[i])
+                    acc.add(str(i), codec.decode(enc.payload, glob), samples, delta=True)
+            target = glob if acc.total_weight <= 0 else acc.mean()
+            if outer is not None and acc.total_weight > 0:
+                target = outer.step(glob, target)
+            if args.codec == "float32":
+                glob = {kk: v.clone() for kk, v in target.items()}
+            else:
+                enc = codec.encode(codec.difference(target, glob), args.codec, down_res)
+                glob = codec.apply(glob, codec.decode(enc.payload, glob))
+            for m in nodes:
+                with torch.no_grad():
+                    m.load_state_dict(glob)
+        curve.append(c.evaluate(setup, glob, data))
+        print(f"  {spec}: epoch {epoch} val loss {curve[-1]:.4f}", flush=True)
+    return {
+        "outer": spec,
+        "loss": curve[-1],
+        "curve": curve,
+        "epochs": epochs,
+        "rounds": rounds * epochs,
+        "steps_per_node": steps // args.nodes,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def grid() -> list[str]:
+    specs = ["mean"]
+    for lr, mom in itertools.product(GRID_LR, GRID_MOMENTUM):
+        specs.append(f"diloco:lr={lr:g},momentum={mom:g}")
+    return specs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    c.Setup.add_args(ap, max_chars=3_500_000)
+    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--sync-every", type=int, default=100, help="steps per round (H)")
+    ap.add_argument("--steps", type=int, default=1600, help="optimizer steps per node, at least")
+    ap.add_argument("--epochs", type=int, default=0, help="instead of --steps")
+    ap.add_argument("--codec", default="int8", choices=("float32", "bfloat16", "int8"))
+    ap.add_argument("--outer", nargs="*", default=None, help="settings to run (see above)")
+    ap.add_argument(
+        "--grid", action="store_true", help=f"mean and lr {GRID_LR} x momentum {GRID_MOMENTUM}"
+    )
+    ap.add_argument("--jobs", type=int, default=2, help="settings simulated at once")
+    ap.add_argument("--update-docs", action="store_true", help="write the table into docs")
+    ap.add_argument("--section", default="outer_sweep", help=argparse.SUPPRESS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    setup = c.Setup.from_args(args)
+    if args.one:
+        c.write_json(Path(args.out), simulate(args, setup, args.one))
+        return
+    specs = list(args.outer or [])
+    if args.grid:
+        specs += [s for s in grid() if s not in specs]
+    if not specs:
+        specs = ["mean", "diloco:lr=0.7,momentum=0.9"]
+    if "mean" not in specs:
+        specs.insert(0, "mean")
+    for s in specs:
+        parse_outer(s)
+    work = Path(tempfile.mkdtemp(prefix="drift-outer-"))
+    passthrough = [a for a in sys.argv[1:] if a not in ("--grid", "--update-docs")]
+    passthrough = _drop_option(passthrough, "--outer")
+    passthrough = _drop_option(passthrough, "--jobs")
+    pending = list(enumerate(specs))
+    running: list[tuple[int, str, subprocess.Popen[bytes]]] = []
+    results: dict[int, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < max(1, args.jobs):
+            i, spec = pending.pop(0)
+            cmd = ["nice", "-n", "10", sys.executable, str(Path(__file__).resolve()), *passthrough,
+                   "--one", spec, "--out", str(work / f"{i}.json")]  # fmt: skip
+            running.append((i, spec, subprocess.Popen(cmd, env=c.child_env(), cwd=c.ROOT)))
+        time.sleep(1)
+        for item in list(running):
+            i, spec, proc = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0:
+                raise SystemExit(f"{spec} failed (exit {proc.returncode})")
+            results[i] = json.loads((work / f"{i}.json").read_text())
+    rows = [results[i] for i in sorted(results)]
+    base = next(r for r in rows if r["outer"] == "mean")
+    text = report(args, setup, rows, base, time.perf_counter() - t0)
+    print()
+    print(text)
+    best = min(rows, key=lambda r: r["loss"])
+    line = f"outer_sweep: best {best['outer']} val loss/mean {best['loss'] / base['loss']:.4f}"
+    print(f"\n{line}")
+    if args.update_docs:
+        c.update_docs(args.section, f"```\n{c.command_line()}\n```\n\n{text}\n\n`{line}`")
+
+
+def _drop_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name`` and the values that follow it."""
+    out: list[str] = []
+    skipping = False
+    for a in argv:
+        if a == name or a.startswith(name + "="):
+            skipping = a == name
+            continue
+        if skipping and not a.startswith("--"):
+            continue
+        skipping = False
+        out.append(a)
+    return out
+
+
+def report(
+    args: argparse.Namespace, setup: c.Setup, rows: list[dict[str, Any]], base: dict, wall: float
+) -> str:
+    headers = ["outer step", "val loss", "loss/mean", "loss after each epoch"]
+    body = [
+        [
+            r["outer"],
+            f"{r['loss']:.4f}",
+            f"{r['loss'] / base['loss']:.4f}",
+            " ".join(f"{x:.3f}" for x in r["curve"]),
+        ]
+        for r in sorted(rows, key=lambda r: r["loss"])
+    ]
+    r0 = rows[0]
+    notes = [
+        f"Setup: {setup.describe()}; {args.nodes} nodes, H={args.sync_every} steps per round, "
+        f"{r0['epochs']} epoch(s), {r0['rounds']} rounds, {r0['steps_per_node']} optimizer steps "
+        f"per node, transfer {args.codec} (error feedback both ways); {wall / 60:.1f} min.",
+        "diloco: the outer Nesterov SGD step on the pseudo-gradient (global - mean) with lr "
+        "and momentum, as `aggregate.DiLoCo`; mean: the new global weights are the "
+        "samples-weighted mean. One run (one seed) per setting.",
+    ]
+    return c.table(headers, body) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Compressed weight changes: a state-dict delta to bytes and back. Pure torch: no I/O.
+
+A *change* (delta) maps every tensor name of a model to either
+
+- for a floating tensor: how much it changed (``new - old``), or
+- for an integer or bool buffer (``num_batches_tracked``, masks): its new value, because such
+  values cannot be subtracted or averaged; they travel as they are.
+
+Codecs (``TransferDType`` in the protocol, ``--transfer-dtype`` on the coordinator):
+
+``bfloat16``
+    every floating change cast to bfloat16: 2 bytes per value.
+``int8``
+    every floating change cut into blocks of :data:`BLOCK` consecutive values (the tensor
+    flattened in C order, the last block padded with zeros); each block stores one float32
+    scale ``absmax / 127`` and one int8 code per value, ``round(x / scale)``: 1 + 4 / BLOCK
+    bytes per value. A block of zeros has scale 0 and codes 0.
+
+Both are lossy. :class:`Residual` is the **error feedback**: the part of each change that the
+codec could not carry is kept by its owner (a node for its uploads, the coordinator for its
+downloads) and added to the next change, so nothing is lost over rounds: after any number of
+rounds, the sum of what was applied plus the residual equals the sum of the true changes (up
+to float32 rounding of one addition per round).
+
+Reconstruction is bit-for-bit identical on every machine: decoding is ``code.float() *
+scale`` (int8) or ``value.float()`` (bfloat16) and applying is ``old + change``, each a plain,
+correctly rounded float32 operation on the CPU, done the same way by every side (no fused
+multiply-add). Tensors in float64 are changed in float64; float16 and bfloat16 ones in
+float32 and cast back.
+
+The payload is a safetensors file whose metadata names the codec (``drift_codec``:
+``bfloat16``, or ``int8/<block size>``); docs/protocol.md gives the tensor layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import safetensors.torch
+import torch
+
+from lightning_drift.errors import ConfigError, SessionError
+from lightning_drift.modelspec import TensorSpec
+
+StateDict = dict[str, torch.Tensor]
+Codec = Literal["bfloat16", "int8"]
+CODECS: tuple[str, ...] = ("bfloat16", "int8")
+
+# Values per int8 block. Chosen by measurement (docs/benchmarks.md, "int8 block size"): on the
+# char-LM's round deltas 64 halves the quantization error of whole-tensor scales and costs
+# 6 % more bytes than codes alone; smaller blocks cost more bytes for little gain.
+BLOCK = 64
+_MIN_BLOCK, _MAX_BLOCK = 8, 1 << 20
+_QMAX = 127
+
+_CODES, _SCALES, _VALUES = "codes/", "scales/", "values/"
+META_CODEC = "drift_codec"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype changes of a ``dtype`` tensor are computed and applied in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Residual:
+    """Error feedback: what a lossy codec left out so far, by tensor name.
+
+    Owned by whoever encodes (a node for its uploads, the coordinator for its downloads) and
+    passed to every :func:`encode`; save it with :meth:`state_dict` where it must survive a
+    restart. Empty until the first encode.
+    """
+
+    def __init__(self) -> None:
+        self._r: StateDict = {}
+
+    def __len__(self) -> int:
+        return len(self._r)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self._r.get(name)
+
+    def clear(self) -> None:
+        """Forget everything: call it when the change it belongs to was thrown away."""
+        self._r = {}
+
+    def state_dict(self) -> StateDict:
+        """The residual tensors by name (copies)."""
+        return {k: v.clone() for k, v in self._r.items()}
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        self._r = {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded change: the ``payload`` bytes and ``applied``, exactly what
+    :func:`decode` gives back from them (floating changes in their compute dtype)."""
+
+    payload: bytes
+    applied: StateDict
+
+
+def difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> StateDict:
+    """The change from ``old`` to ``new``: ``new - old`` for floating tensors (in their compute
+    dtype, on the CPU), ``new``'s value for the others."""
+    out: StateDict = {}
+    for k, v in new.items():
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            cdt = compute_dtype(old[k].dtype)
+            out[k] = v.to(cdt) - old[k].detach().cpu().to(cdt)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def apply(base: Mapping[str, torch.Tensor], change: Mapping[str, torch.Tensor]) -> StateDict:
+    """``base`` moved by ``change``: ``base + change`` for floating tensors (computed in their
+    compute dtype, cast back to ``base``'s), ``change``'s value for the others. New tensors on
+    the CPU, in ``base``'s key order; the coordinator and every node call this same function,
+    so they get the same bits."""
+    out: StateDict = {}
+    for k, b in base.items():
+        c = change[k]
+        if b.is_floating_point():
+            cdt = compute_dtype(b.dtype)
+            x = b.detach().cpu().to(cdt, copy=True)
+            x.add_(c.to(cdt))
+            out[k] = x.to(b.dtype)
+        else:
+            out[k] = c.detach().cpu().to(b.dtype, copy=True)
+    return out
+
+
+def encode(
+    change: Mapping[str, torch.Tensor], codec: str, residual: Residual | None = None
+) -> Encoded:
+    """Encode ``change`` (see the module docstring) with ``codec``.
+
+    With ``residual``, its content is added to each floating change first, and it then holds
+    what this encoding left out (``(change + residual) - applied``).
+    """
+    if codec not in CODECS:
+        raise ConfigError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
+    tensors: StateDict = {}
+    applied: StateDict = {}
+    for k, v in change.items():
+        v = v.detach().cpu()
+        if not v.is_floating_point():
+            tensors[_VALUES + k] = v.contiguous()
+            applied[k] = v.clone()
+            continue
+        cdt = compute_dtype(v.dtype)
+        x = v.to(cdt, copy=True)
+        r = residual.get(k) if residual is not None else None
+        if r is not None:
+            x.add_(r.to(cdt))
+        if codec == "int8":
+            codes, scales = _quantize(x)
+            tensors[_CODES + k] = codes
+            tensors[_SCALES + k] = scales
+            got = _dequantize(codes, scales, BLOCK).to(cdt)
+        else:
+            b16 = x.to(torch.bfloat16)
+            tensors[_VALUES + k] = b16
+            got = b16.to(cdt)
+        applied[k] = got
+        if residual is not None:
+            residual._r[k] = x.sub_(got)
+    # One metadata entry only: safetensors writes several in no fixed order, and equal changes
+    # should encode to equal bytes.
+    spec = f"int8/{BLOCK}" if codec == "int8" else codec
+    return Encoded(safetensors.torch.save(tensors, metadata={META_CODEC: spec}), applied)
+
+
+def decode(payload: bytes | bytearray | memoryview, like: Mapping[str, torch.Tensor]) -> StateDict:
+    """The change a payload of :func:`encode` carries, checked against the model ``like``
+    (the same names, shapes and, for integer and bool buffers, dtypes).
+
+    Floating changes come back in ``like``'s compute dtype. A payload written without a codec
+    name (plain safetensors: earlier bfloat16 deltas) is read as floating changes in any
+    floating dtype. ``SessionError(code="bad_upload")`` says what is wrong with a bad one.
+    """
+    raw = bytes(payload)
+    try:
+        meta = _metadata(raw)
+        tensors = safetensors.torch.load(raw)
+    except Exception as exc:  # the binding raises its own SafetensorError or others
+        raise _bad(f"not a valid safetensors change ({len(raw)} bytes): {exc}") from None
+    spec = meta.get(META_CODEC, "")
+    if not spec:
+        return _decode_plain(tensors, like)
+    codec, block = _parse_spec(spec)
+    out: StateDict = {}
+    used: set[str] = set()
+    for k, ref in like.items():
+        if not ref.is_floating_point():
+            v = _take(tensors, used, _VALUES + k, k)
+            if v.dtype != ref.dtype or v.shape != ref.shape:
+                raise _bad(
+                    f"{k!r} is {_dt(v.dtype)} {tuple(v.shape)}, the model has "
+                    f"{_dt(ref.dtype)} {tuple(ref.shape)}"
+                )
+            out[k] = v
+            continue
+        cdt = compute_dtype(ref.dtype)
+        if codec == "int8":
+            codes = _take(tensors, used, _CODES + k, k)
+            scales = _take(tensors, used, _SCALES + k, k)
+            if codes.dtype != torch.int8 or codes.shape != ref.shape:
+                raise _bad(
+                    f"codes of {k!r} are {_dt(codes.dtype)} {tuple(codes.shape)}, expected int8 "
+                    f"{tuple(ref.shape)}"
+                )
+            nb = math.ceil(ref.numel() / block)
+            if scales.dtype != torch.float32 or scales.shape != (nb,):
+                raise _bad(
+                    f"scales of {k!r} are {_dt(scales.dtype)} {tuple(scales.shape)}, expected "
+                    f"float32 ({nb},) for blocks of {block}"
+                )
+            if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+                raise _bad(f"scales of {k!r} must be finite and >= 0")
+            out[k] = _dequantize(codes, scales, block).to(cdt)
+        else:
+            v = _take(tensors, used, _VALUES + k, k)
+            if not v.is_floating_point() or v.shape != ref.shape:
+                raise _bad(
+                    f"{k!r} is {_dt(v.dtype)} {tuple(v.shape)}, expected a floating "
+                    f"{tuple(ref.shape)}"
+                )
+            x = v.to(cdt)
+            if not bool(torch.isfinite(x).all()):
+                raise _bad(f"{k!r} holds non-finite values (NaN or inf)")
+            out[k] = x
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise _bad(f"{len(extra)} tensor(s) not in the model: {', '.join(map(repr, extra[:5]))}")
+    return out
+
+
+def payload_table(table: Mapping[str, TensorSpec], spec: str) -> dict[str, TensorSpec]:
+    """The tensor table of a payload of codec ``spec`` (its ``drift_codec`` metadata) for a
+    model of tensor table ``table``: what an upload's header must show before its body is read.
+    SessionError(code="bad_upload") for a codec this side does not know."""
+    codec, block = _parse_spec(spec)
+    out: dict[str, TensorSpec] = {}
+    for k, t in table.items():
+        if not t.floating:
+            out[_VALUES + k] = t
+        elif codec == "int8":
+            out[_CODES + k] = TensorSpec(torch.int8, t.shape)
+            out[_SCALES + k] = TensorSpec(torch.float32, (math.ceil(t.numel / block),))
+        else:
+            out[_VALUES + k] = TensorSpec(torch.bfloat16, t.shape)
+    return out
+
+
+def _parse_spec(spec: str) -> tuple[str, int]:
+    """(codec, int8 block size) of a ``drift_codec`` metadata value; SessionError when unknown."""
+    codec, _, block_s = spec.partition("/")
+    if codec not in CODECS:
+        raise _bad(f"unknown codec {spec[:40]!r} (this side knows bfloat16 and int8/BLOCK)")
+    block = BLOCK
+    if codec == "int8":
+        block = int(block_s) if block_s.isdigit() and len(block_s) < 9 else 0
+        if not _MIN_BLOCK <= block <= _MAX_BLOCK:
+            raise _bad(f"int8 block size {block_s[:20]!r} is not in [{_MIN_BLOCK}, {_MAX_BLOCK}]")
+    elif block_s:
+        raise _bad(f"unknown codec {spec[:40]!r} (bfloat16 takes no block size)")
+    return codec, block
+
+
+def nbytes(numel: int, codec: str) -> float:
+    """Bytes per value a codec spends on a floating tensor of ``numel`` values (no header)."""
+    if codec == "int8":
+        return (numel + 4 * math.ceil(numel / BLOCK)) / max(1, numel)
+    if codec == "bfloat16":
+        return 2.0
+    return 4.0
+
+
+# ---- internals ------------------------------------------------------------------------------
+
+
+def _quantize(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes shaped like ``x``, float32 scales of its blocks)."""
+    n = x.numel()
+    nb = math.ceil(n / block)
+    flat = x.reshape(-1)
+    if nb * block != n:
+        flat = torch.cat([flat, flat.new_zeros(nb * block - n)])
+    blocks = flat.view(nb, block)
+    scales = (blocks.abs().amax(dim=1) / _QMAX).to(torch.float32)
+    # Divide by the scale as stored (float32), so codes and decoding agree; a zero block
+    # divides by 1 and gives codes 0.
+    div = torch.where(scales > 0, scales, torch.ones_like(scales)).to(blocks.dtype)
+    codes = torch.round(blocks / div.unsqueeze(1)).clamp_(-_QMAX, _QMAX).to(torch.int8)
+    return codes.reshape(-1)[:n].reshape(x.shape).contiguous(), scales
+
+
+def _dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 ``code * scale`` per block, shaped like ``codes``: one correctly rounded
+    multiply per value."""
+    n = codes.numel()
+    nb = scales.numel()
+    flat = codes.reshape(-1).to(torch.float32)
+    if nb * block != n:
+        flat = torch.cat([flat, flat.new_zeros(nb * block - n)])
+    out = flat.view(nb, block) * scales.unsqueeze(1)
+    return out.reshape(-1)[:n].reshape(codes.shape)
+
+
+def _decode_plain(tensors: StateDict, like: Mapping[str, torch.Tensor]) -> StateDict:
+    out: StateDict = {}
+    for k, ref in like.items():
+        if k not in tensors:
+            raise _bad(f"missing {k!r} of the model")
+        v = tensors[k]
+        out[k] = v.to(compute_dtype(ref.dtype)) if ref.is_floating_point() else v
+    extra = sorted(set(tensors) - set(like))
+    if extra:
+        raise _bad(f"{len(extra)} tensor(s) not in the model: {', '.join(map(repr, extra[:5]))}")
+    return out
+
+
+def _metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (an 8-byte little-endian header length, then
+    the JSON header)."""
+    if len(raw) < 8:
+        raise ValueError("shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > len(raw) - 8:
+        raise ValueError(f"header of {n} bytes does not fit")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _take(tensors: StateDict, used: set[str], key: str, name: str) -> torch.Tensor:
+    v = tensors.get(key)
+    if v is None:
+        raise _bad(f"missing {key!r} for tensor {name!r} of the model")
+    used.add(key)
+    return v
+
+
+def _bad(what: str) -> SessionError:
+    return SessionError(
+        f"bad compressed change: {what}; every node must train the same model "
+        "with the same lightning-drift version",
+        code="bad_upload",
+    )
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+__all__ = [
+    "BLOCK",
+    "CODECS",
+    "Codec",
+    "Encoded",
+    "Residual",
+    "apply",
+    "compute_dtype",
+    "decode",
+    "difference",
+    "encode",
+    "nbytes",
+]
