@@ -107,6 +107,10 @@ class TrainConfig(_Msg, tag="train_config"):
     has_weights: bool  # True when the coordinator already holds global weights
     min_nodes: int
     lightning_config: str  # LightningCLI YAML the coordinator hands to `drift join`
+    # Added later, so with a default: overlapped rounds (a barrier hands the upload to the
+    # network and training goes on; only the epoch's last barrier blocks). Nodes follow it
+    # unless their own setting says otherwise.
+    overlap: bool = True
 
 
 class ShardAssignment(_Msg, tag="shard_assignment"):
@@ -116,6 +120,12 @@ class ShardAssignment(_Msg, tag="shard_assignment"):
     ``scheduler.epoch_permutation``). The node spreads the shard over ``rounds`` barriers:
     barrier k of the epoch (1-based) falls after ``ceil(k * steps / rounds)`` optimizer steps,
     where ``steps`` is the number of optimizer steps the shard gives.
+
+    A **re-plan** is a ShardAssignment for the epoch the node is training, sent unasked with a
+    higher ``revision`` than the node holds: ``segments`` is then the node's whole work of the
+    epoch, in order (what it has trained is a prefix of it; the rest may be shorter or longer
+    than before), and the node spreads its remaining optimizer steps over its remaining
+    barriers. When ``segments`` is empty the work is the one range ``[start, stop)``.
     """
 
     epoch: int
@@ -127,6 +137,20 @@ class ShardAssignment(_Msg, tag="shard_assignment"):
     share: float = 0.0
     steps_per_round: int = 0  # for display; the node derives its barrier points as above
     final: bool = False  # True for the last epoch of the session
+    segments: list[tuple[int, int]] = []  # [start, stop) ranges, in order; empty: [start, stop)
+    revision: int = 0  # grows with every re-plan of the session; a node keeps the highest
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The node's work of the epoch as ``[start, stop)`` ranges of the permutation."""
+        if not self.segments:
+            return [(self.start, self.stop)]
+        return [(int(a), int(b)) for a, b in self.segments]
+
+    @property
+    def size(self) -> int:
+        """How many positions of the permutation the assignment holds."""
+        return sum(max(0, b - a) for a, b in self.ranges)
 
 
 class ShardRequest(_Msg, tag="shard_request"):
@@ -145,9 +169,10 @@ class TrainProgress(_Msg, tag="train_progress"):
     step: int
     samples: int  # samples processed since the last barrier
     loss: float | None = None
-    samples_per_s: float = 0.0
+    samples_per_s: float = 0.0  # measured over training steps only (not barriers, not applying)
     vram_used: int = 0
     vram_peak: int = 0
+    epoch_samples: int = -1  # samples trained this epoch (positions of its assignment); -1: unknown
 
 
 class BarrierSync(_Msg, tag="barrier_sync"):
@@ -166,8 +191,9 @@ class BarrierSync(_Msg, tag="barrier_sync"):
     steps: int = 0
     loss: float | None = None
     delta: bool = False  # True when the blob is (local - global) rather than the weights
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # training time since the node's previous upload (no waiting)
     base_round: int = -1  # with delta: the held round whose global weights were subtracted
+    epoch_samples: int = -1  # samples of the epoch trained when the upload was taken; -1: unknown
 
 
 class BlobHeader(_Msg, tag="blob"):

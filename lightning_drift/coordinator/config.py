@@ -156,6 +156,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("seed", 0, int, "Seed of the epoch permutations.", _S),
     Setting("transfer_dtype", "float32", str, "float32 or bfloat16.", _S,
             choices=("float32", "bfloat16")),
+    Setting("overlap", True, bool,
+            "Nodes train on while a round is in flight (or every barrier blocks).", _S,
+            shown="--overlap"),
+    Setting("rebalance", True, bool,
+            "Re-plan an epoch's rest when measured node speeds drift from the plan.", _S,
+            shown="--rebalance"),
     Setting("min_vram", 0, str, "Refuse GPU nodes with less VRAM: 8GiB, 512MiB or bytes.", _S,
             parse=parse_size, shown="0 (no minimum)"),
     Setting("lightning_config", "", str,
@@ -218,6 +224,8 @@ class SessionConfig:
     dataset_size: int = _default("dataset_size")  # 0: adopt from the first admitted node
     seed: int = _default("seed")
     transfer_dtype: TransferDType = _default("transfer_dtype")
+    overlap: bool = _default("overlap")
+    rebalance: bool = _default("rebalance")
     min_vram: int = _default("min_vram")
     lightning_config: str = _default("lightning_config")
 
