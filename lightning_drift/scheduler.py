@@ -112,9 +112,53 @@ def calibration_score(info: NodeInfo) -> float:
     return FALLBACK_CPU_GFLOPS_PER_CORE * max(1, info.cpu_count)
 
 
+Segment = tuple[int, int]  # [start, stop) positions of an epoch's permutation
+Segments = tuple[Segment, ...]
+
+
+def total(segments: Sequence[Segment]) -> int:
+    """Positions in ``segments``."""
+    return sum(max(0, b - a) for a, b in segments)
+
+
+def split(segments: Sequence[Segment], n: int) -> tuple[Segments, Segments]:
+    """The first ``n`` positions of ``segments`` and the rest, as two lists of ranges."""
+    head: list[Segment] = []
+    tail: list[Segment] = []
+    left = max(0, n)
+    for a, b in segments:
+        if b <= a:
+            continue
+        if left >= b - a:
+            head.append((a, b))
+            left -= b - a
+        elif left > 0:
+            head.append((a, a + left))
+            tail.append((a + left, b))
+            left = 0
+        else:
+            tail.append((a, b))
+    return tuple(head), tuple(tail)
+
+
+def normalize(segments: Sequence[Segment]) -> Segments:
+    """Drop empty ranges and join ranges that continue each other."""
+    out: list[Segment] = []
+    for a, b in segments:
+        if b <= a:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
 @dataclass
 class Shard:
-    """One node's part of an epoch: positions ``[start, stop)`` of the epoch's permutation.
+    """One node's part of an epoch: positions ``[start, stop)`` of the epoch's permutation, or,
+    when ``segments`` is set (the rest of a shard after the epoch was re-planned), those ranges
+    in order.
 
     ``share`` is the node's fraction of the total score when the epoch was planned.
     """
@@ -124,13 +168,20 @@ class Shard:
     stop: int
     share: float
     steps_per_round: int
+    segments: Segments = ()
+
+    @property
+    def ranges(self) -> Segments:
+        return self.segments or ((self.start, self.stop),)
 
     @property
     def size(self) -> int:
-        return self.stop - self.start
+        return total(self.ranges)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["segments"] = [list(r) for r in self.segments]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Shard:
@@ -140,7 +191,19 @@ class Shard:
             stop=int(d["stop"]),
             share=float(d["share"]),
             steps_per_round=int(d["steps_per_round"]),
+            segments=tuple((int(a), int(b)) for a, b in d.get("segments", ())),
         )
+
+    @classmethod
+    def of(
+        cls, node: str, segments: Sequence[Segment], share: float, steps_per_round: int = 0
+    ) -> Shard:
+        """A shard holding ``segments`` (one range is kept as plain ``start``/``stop``)."""
+        segs = normalize(segments)
+        if len(segs) <= 1:
+            a, b = segs[0] if segs else (0, 0)
+            return cls(node, a, b, share, steps_per_round)
+        return cls(node, segs[0][0], segs[0][1], share, steps_per_round, segs)
 
 
 @dataclass
@@ -257,13 +320,12 @@ def plan_late(
     if orphan is not None:
         done = rounds_done if orphan_done is None else orphan_done
         used = consumed_after(orphan.size, plan.batch_size, plan.rounds, done)
-        start = orphan.start + used
-        return Shard(
-            node=node,
-            start=start,
-            stop=orphan.stop,
-            share=orphan.share,
-            steps_per_round=steps_for(orphan.stop - start, plan.batch_size, remaining),
+        _, rest = split(orphan.ranges, used)
+        return Shard.of(
+            node,
+            rest,
+            orphan.share,
+            steps_for(total(rest), plan.batch_size, remaining),
         )
     if plan.total_score > 0 and plan.rounds > 0:
         per_round = n * score / (plan.total_score * plan.rounds)
@@ -391,6 +453,10 @@ class Scheduler:
         if ns.measured is not None:
             return ns.measured
         return ns.calibration * (self._samples_per_gflop() if factor is None else factor)
+
+    def measured(self, node: str) -> float | None:
+        """The node's measured samples/s (moving average), or None before any measurement."""
+        return self._get(node).measured
 
     def measured_factor(self) -> float | None:
         """The conversion ``k`` from calibration GFLOP/s to samples/s, estimated from the

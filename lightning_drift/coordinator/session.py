@@ -38,6 +38,13 @@ meanwhile.
 An upload's aggregation weight is its reported ``samples`` bounded by what its assignment
 allows (:meth:`Session.weight_for`), so one node cannot dominate the weighted mean with a bogus
 count. Every decision carries a readable ``reason``; tests assert on them.
+
+Rebalancing. An epoch's shards are cut from the scores the scheduler has when it is planned
+(calibration, for a node that has not trained yet). As measured rates come in (progress
+reports, barrier uploads), :meth:`Session.rebalance` re-plans the unconsumed rest of the
+epoch among the plan's live nodes (``lightning_drift.rebalance``), at most once per open
+round; the server sends each changed node its new assignment (a higher ``revision``).
+Positions a node reports having trained (``epoch_samples``) bound what may move away from it.
 """
 
 from __future__ import annotations
@@ -58,12 +65,15 @@ from lightning_drift.protocol import (
     TrainConfig,
     TrainProgress,
 )
+from lightning_drift.rebalance import NodeWork, rebalance
 from lightning_drift.scheduler import (
     EpochPlan,
     Scheduler,
     Shard,
     consumed_after,
     plan_late,
+    split,
+    total,
     train_device_info,
 )
 
@@ -211,6 +221,13 @@ class Session:
         self.reconnect_grace = 0.0  # seconds of round_started that are restart grace
         self.last_decision = ""
         self.admitted: set[str] = set()  # nodes the scheduler knows
+        # Positions of its epoch's work each node reported having trained (any report), and
+        # as of its last upload that counted; both reset when an epoch is planned.
+        self.trained: dict[str, int] = {}
+        self.counted: dict[str, int] = {}
+        self.revision = 0  # of the last re-plan; grows over the session
+        self.rebalanced_round = -1  # the open round of the last re-plan (one per round)
+        self.last_rebalance = ""
 
     # ---- derived state -------------------------------------------------------------------
     @property
@@ -282,7 +299,7 @@ class Session:
                 rate = est
                 estimated.append(node)
             a = self.assignments[node]
-            work = (a.stop - a.start) / max(1, a.rounds)
+            work = a.size / max(1, a.rounds)
             longest = max(longest, work / rate)
         if unknown:
             return None, estimated, unknown
@@ -293,13 +310,13 @@ class Session:
     def weight_for(self, node: str, samples: int) -> float:
         """The aggregation weight of ``node``'s upload reporting ``samples``.
 
-        ``samples`` bounded to ``[0, shard size]`` of the node's assignment (``stop - start``:
+        ``samples`` bounded to ``[0, shard size]`` of the node's assignment (its positions:
         a node may carry over at most its whole shard into one upload), so one buggy or
         hostile count cannot dominate the weighted mean. Without an assignment (its upload is
         not counted then) the bound is the dataset size.
         """
         a = self.assignments.get(node)
-        cap = (a.stop - a.start) if a is not None else self.dataset_size
+        cap = a.size if a is not None else self.dataset_size
         return float(max(0, min(int(samples), max(0, cap))))
 
     # ---- membership events ---------------------------------------------------------------
@@ -383,6 +400,7 @@ class Session:
             m.state = MemberState.TRAINING
         m.loss = msg.loss
         m.samples = msg.samples
+        self._trained(node, msg.epoch, msg.epoch_samples)
         if msg.samples_per_s > 0:
             self._observe(m, msg.samples_per_s)
 
@@ -399,11 +417,16 @@ class Session:
             done = max(0, self.open_round - a.first_round)
             if node in self.arrivals:
                 done += 1
-            start = a.start + consumed_after(
-                a.stop - a.start, self.config.batch_size, a.rounds, done
-            )
-            if done < a.rounds and start < a.stop:
-                self.orphans[node] = Shard(node, start, a.stop, a.share, 0)
+            # What its counted uploads hold: the positions it said it had trained when it took
+            # its last one, or (a node that does not say) what its barrier points imply.
+            used = self.counted.get(node)
+            if used is None or node in self.late:
+                used = consumed_after(a.size, self.config.batch_size, a.rounds, done)
+            _, rest = split(a.ranges, used)
+            if done < a.rounds and total(rest) > 0:
+                self.orphans[node] = Shard.of(node, rest, a.share)
+            self.trained.pop(node, None)
+            self.counted.pop(node, None)
             # It gets a fresh assignment (its own rest if still free) when it comes back.
             del self.assignments[node]
             self.late.discard(node)
@@ -441,6 +464,8 @@ class Session:
         self.epoch = epoch
         self.late.clear()
         self.orphans.clear()
+        self.trained.clear()
+        self.counted.clear()
         self.assignments = {
             n: self._assignment(n, sh, self.plan.first_round, self.plan.rounds)
             for n, sh in self.plan.shards.items()
@@ -487,6 +512,8 @@ class Session:
             share=sh.share,
             steps_per_round=sh.steps_per_round,
             final=self.plan.epoch == self.config.epochs - 1,
+            segments=list(sh.segments),
+            revision=self.revision,
         )
 
     def _late_assignment(self, node: str) -> ShardAssignment | None:
@@ -519,6 +546,77 @@ class Session:
         self.assignments[node] = a
         self.late.add(node)
         return a
+
+    # ---- rebalancing ---------------------------------------------------------------------
+    def measured_rate(self, node: str) -> float | None:
+        """The node's measured training speed in samples/s, or None before it has one.
+
+        The one place the session reads a node's measured speed for its decisions (the
+        scheduler's moving average of what the node reported)."""
+        sch = self.scheduler
+        if sch is None or node not in sch:
+            return None
+        return sch.measured(node)
+
+    def rebalance(self, now: float) -> list[tuple[str, ShardAssignment]]:
+        """Re-plan the rest of the epoch if measured speeds have drifted from the shares.
+
+        Returns the new assignments to send, one per node whose work changed (empty when
+        nothing moves: ``last_rebalance`` says why). At most one re-plan per open round; the
+        plan's live nodes take part (late joiners and returning nodes keep their work).
+        """
+        plan = self.plan
+        if not self.config.rebalance or self.finished or plan is None or self.closing is not None:
+            return []
+        if self.rebalanced_round >= self.open_round or self.open_round > plan.last_round:
+            return []
+        nodes = sorted(
+            n
+            for n, a in self.assignments.items()
+            if a.epoch == plan.epoch and n not in self.late and self.members[n].live()
+        )
+        work = [
+            NodeWork(
+                n,
+                tuple(self.assignments[n].ranges),
+                self.trained.get(n, 0),
+                self.measured_rate(n),
+            )
+            for n in nodes
+        ]
+        decision = rebalance(
+            work, plan.last_round - self.completed, batch_size=self.config.batch_size
+        )
+        self.last_rebalance = f"epoch {plan.epoch} round {self.open_round}: {decision.reason}"
+        if not decision:
+            return []
+        self.revision += 1
+        self.rebalanced_round = self.open_round
+        rates = {w.node: w.rate or 0.0 for w in work}
+        all_rates = sum(rates.values()) or 1.0
+        out = []
+        for node, segments in decision.segments.items():
+            first = segments[0] if segments else (0, 0)
+            a = msgspec.structs.replace(
+                self.assignments[node],
+                start=first[0],
+                stop=first[1],
+                segments=[(lo, hi) for lo, hi in segments] if len(segments) > 1 else [],
+                share=rates[node] / all_rates,
+                revision=self.revision,
+            )
+            self.assignments[node] = a
+            out.append((node, a))
+        return out
+
+    def _trained(self, node: str, epoch: int | None, epoch_samples: int) -> bool:
+        """Record that ``node`` has trained ``epoch_samples`` positions of its work of
+        ``epoch`` (ignored for another epoch than the plan's, or when not said)."""
+        a = self.assignments.get(node)
+        if epoch_samples < 0 or a is None or (epoch is not None and epoch != a.epoch):
+            return False
+        self.trained[node] = max(self.trained.get(node, 0), min(int(epoch_samples), a.size))
+        return True
 
     # ---- barriers ------------------------------------------------------------------------
     def upload(
@@ -583,17 +681,28 @@ class Session:
         return UploadVerdict(Verdict.OPEN, accepted)
 
     def arrived(
-        self, node: str, upload_round: int, samples: int, now: float, train_s: float = 0.0
+        self,
+        node: str,
+        upload_round: int,
+        samples: int,
+        now: float,
+        train_s: float = 0.0,
+        *,
+        epoch: int | None = None,
+        epoch_samples: int = -1,
     ) -> RoundDecision:
         """The node's upload for ``upload_round`` (the open round) was accumulated. Returns
         the round decision.
 
         ``samples`` is recorded as :meth:`weight_for` bounds it (the weight it was accumulated
-        with), also for the pace measured from ``train_s``.
+        with), also for the pace measured from ``train_s``. ``epoch_samples``: the positions
+        of its epoch's work the node had trained when it took the upload (-1: not said).
         """
         m = self.members[node]
         m.last_seen = now
         if upload_round == self.open_round and self.closing is None:
+            if self._trained(node, epoch, epoch_samples):
+                self.counted[node] = min(epoch_samples, self.assignments[node].size)
             samples = int(self.weight_for(node, samples))  # a bogus count must not skew pace
             self.arrivals[node] = samples
             m.state = MemberState.BARRIER
@@ -753,6 +862,7 @@ class Session:
             has_weights=self.has_weights,
             min_nodes=c.min_nodes,
             lightning_config=c.lightning_config,
+            overlap=c.overlap,
         )
 
     def status(self, now: float, checkpoint: str = "") -> SessionStatus:
@@ -827,6 +937,10 @@ class Session:
             },
             "admitted": sorted(self.admitted),
             "scheduler": None if self.scheduler is None else self.scheduler.to_dict(),
+            "trained": dict(self.trained),
+            "counted": dict(self.counted),
+            "revision": self.revision,
+            "rebalanced_round": self.rebalanced_round,
         }
 
     @classmethod
@@ -858,6 +972,10 @@ class Session:
         s.late = set(d.get("late", ()))
         s.orphans = {n: Shard.from_dict(v) for n, v in d.get("orphans", {}).items()}
         s.admitted = set(d.get("admitted", ()))
+        s.trained = {str(n): int(v) for n, v in d.get("trained", {}).items()}
+        s.counted = {str(n): int(v) for n, v in d.get("counted", {}).items()}
+        s.revision = int(d.get("revision", 0))
+        s.rebalanced_round = int(d.get("rebalanced_round", -1))
         for n, md in d.get("members", {}).items():
             saved = MemberState(md["state"])
             state = saved if saved in GONE else MemberState.TRAINING
