@@ -83,6 +83,9 @@ class CoordinatorClient:
         self._closed = False
         self._last_rx = 0.0
         self.silence_s: float | None = None
+        # Called (on the loop) with every re-plan of the epoch being trained: an assignment
+        # that comes unasked with a revision above 0.
+        self.on_replan: Callable[[p.ShardAssignment], None] | None = None
 
     @property
     def node_key(self) -> str:
@@ -105,6 +108,7 @@ class CoordinatorClient:
         silence_s: float | None = None,
         observe: bool = False,
         via: Sequence[str] = (),
+        on_replan: Callable[[p.ShardAssignment], None] | None = None,
     ) -> CoordinatorClient:
         """Dial the coordinator named in ``token``, join, and finish the handshake.
 
@@ -121,6 +125,8 @@ class CoordinatorClient:
         valid token (no membership, no NodeInfo); observer tokens always connect this way.
         ``via``: dial these ``host:port`` addresses instead of the ticket's (a forwarded
         port, a proxy); the coordinator must still hold the key the token names.
+        ``on_replan``: called with each re-plan of the epoch being trained (an unasked
+        ShardAssignment with ``revision`` > 0), from the first message on.
         """
         claims, _, _ = decode_token(token)
         key = ticket_key(claims.coordinator)
@@ -153,6 +159,7 @@ class CoordinatorClient:
                     silence_s,
                     observe,
                     tuple(via),
+                    on_replan,
                 ),
                 timeout * 2,
             )
@@ -183,6 +190,7 @@ class CoordinatorClient:
         silence_s: float | None = None,
         observe: bool = False,
         via: tuple[str, ...] = (),
+        on_replan: Callable[[p.ShardAssignment], None] | None = None,
     ) -> CoordinatorClient:
         conn = await endpoint.dial(ticket, timeout=timeout, expect_key=key, via=via)
         try:
@@ -199,6 +207,7 @@ class CoordinatorClient:
             )
             self = cls(endpoint, own, conn, control)
             self.role = "observer" if observe else role
+            self.on_replan = on_replan
             self.silence_s = silence_s
             if self.role == "node":
                 if node_info is None:
@@ -239,7 +248,13 @@ class CoordinatorClient:
                         await self._send(p.Ping(session_id=msg.session_id, nonce=msg.nonce))
                 elif isinstance(msg, p.ShardAssignment):
                     fut = self._shards.pop(msg.epoch, None)
-                    if fut is None:  # answered for another epoch than asked (late/rejoin)
+                    asked_before = any(e <= msg.epoch for e in self._shards)
+                    if fut is None and not asked_before and msg.revision > 0:
+                        # Unasked: the coordinator re-planned the epoch being trained.
+                        if self.on_replan is not None:
+                            self.on_replan(msg)
+                        continue
+                    if fut is None:  # answered for a later epoch than asked (late/rejoin)
                         fut = next(iter(self._shards.values()), None)
                         if fut is not None:
                             self._shards = {e: f for e, f in self._shards.items() if f is not fut}

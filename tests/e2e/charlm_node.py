@@ -81,17 +81,9 @@ class RecordingStrategy(DriftStrategy):
             )
         return out
 
-    def _join(self, dataset_size: int) -> None:
-        super()._join(dataset_size)
-        inner = self.runtime.barrier
-
-        def barrier(sync, payload):
-            ready, blob = inner(sync, payload)
-            if ready.contributed:
-                self.uploads[sync.round] = (payload, sync.samples)
-            return ready, blob
-
-        self.runtime.barrier = barrier
+    def _on_delivery(self, delivery) -> None:
+        if delivery.ready.contributed:
+            self.uploads[delivery.sync.round] = (delivery.payload, delivery.sync.samples)
 
 
 def main() -> None:
