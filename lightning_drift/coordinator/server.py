@@ -252,7 +252,10 @@ class Coordinator:
 
     def _rebalance(self) -> None:
         """Re-plan the rest of the epoch if the session says so, and tell the nodes."""
+        before = self.session.last_rebalance
         replans = self.session.rebalance(self.clock())
+        if self.session.last_rebalance != before:
+            log.debug("rebalance %s", self.session.last_rebalance)
         if replans:
             self.event(self.session.last_rebalance)
             self._spawn(self._send_replans(replans))

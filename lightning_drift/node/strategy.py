@@ -83,9 +83,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The first progress report (the coordinator's first measured rate for this node) comes after
-# this many optimizer steps, not counting the fit's first (warm-up) step: a re-plan of the
-# first epoch can then follow real step times instead of the start-up calibration.
+# this many optimizer steps, or after this many seconds of training once a step is measured,
+# not counting the fit's first (warm-up) step: a re-plan of the first epoch can then follow
+# real step times instead of the start-up calibration.
 EARLY_REPORT_STEPS = 8
+EARLY_REPORT_S = 2.0
 
 
 @dataclass
@@ -486,8 +488,13 @@ class DriftStrategy(SingleDeviceStrategy):
         if self._rate_steps and (
             now - self._last_report >= self._progress_every
             or (not self._reported and self._rate_steps >= EARLY_REPORT_STEPS)
+            or (not self._reported and self._trained_s(now) >= EARLY_REPORT_S)
         ):
             self._report(now)
+
+    def _trained_s(self, now: float) -> float:
+        """Training time in the progress report's window (waits, hand-offs, applies left out)."""
+        return now - self._rate_t0 - (self.busy_s - self._rate_busy0)
 
     def _finish_epoch(self) -> None:
         """Hold the epoch's remaining barriers now if fewer optimizer steps ran than the
@@ -519,7 +526,7 @@ class DriftStrategy(SingleDeviceStrategy):
     def _report(self, now: float) -> None:
         runtime = self._runtime
         # Training time only: waiting for rounds, hand-offs and applies are not the node's pace.
-        elapsed = max(1e-6, now - self._rate_t0 - (self.busy_s - self._rate_busy0))
+        elapsed = max(1e-6, self._trained_s(now))
         used, peak = memory_now(self.root_device)
         runtime.report(
             p.TrainProgress(
