@@ -15,16 +15,16 @@ back; work moves only at the *tail* of a list, and never closer to a node's curr
 than a margin it may already have trained or loaded meanwhile:
 
 - a **donor** (its remaining work takes longer than its fair share would) gives away the tail
-  of its list, keeping at least ``protect_rounds`` rounds of its present work plus two batches
-  beyond what it last reported having trained (with overlapped rounds a node runs up to a
-  round ahead of what the coordinator has seen, and its data loader reads ahead);
+  of its list, keeping what it can have trained since it last reported (``horizon_s`` seconds
+  at its measured rate: reports come every few seconds) plus two batches its data loader may
+  have read ahead;
 - a **receiver** appends the donors' tails to its list, in node order, so that every position
-  of the epoch stays with exactly one node.
+  of the epoch stays with exactly one node. A node whose remaining work is within that same
+  margin takes nothing: it may already be at the end of its epoch.
 
-Nothing moves when fewer than ``min_rounds_left`` rounds of the epoch are left (a node in the
-epoch's last round may already have loaded its last batch), when a node has no measured rate,
-or when the predicted finishing times are within ``tolerance`` of each other. Moves are whole
-batches (multiples of ``batch_size``), so batch-aligned lists stay aligned.
+Nothing moves when a node has no measured rate, or when the predicted finishing times are
+within ``tolerance`` of each other. Moves are whole batches (multiples of ``batch_size``), so
+batch-aligned lists stay aligned.
 
 Every decision carries a readable reason; tests assert on them.
 """
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 from lightning_drift.scheduler import Segment, Segments, largest_remainder, normalize, split, total
 
-TOLERANCE = 0.10  # predicted finishing times may differ by this fraction before work moves
-MIN_ROUNDS_LEFT = 3  # the epoch's rounds not yet completed, at least
-PROTECT_ROUNDS = 2.0  # a donor keeps this many rounds of its present work beyond its position
+TOLERANCE = 0.05  # predicted finishing times may differ by this fraction before work moves
+MIN_ROUNDS_LEFT = 1  # the epoch's rounds not yet completed, at least
+HORIZON_S = 7.0  # seconds a node may have trained since its last report (reports every 5 s)
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def rebalance(
     batch_size: int,
     tolerance: float = TOLERANCE,
     min_rounds_left: int = MIN_ROUNDS_LEFT,
-    protect_rounds: float = PROTECT_ROUNDS,
+    horizon_s: float = HORIZON_S,
 ) -> Plan:
     """Re-split the unconsumed rest of an epoch in proportion to measured rates.
 
@@ -116,11 +116,7 @@ def rebalance(
     # What each node keeps whatever the plan: the work it may have trained or loaded since it
     # last reported (a node near the end of its list takes no more: its epoch may be over).
     keep = {
-        w.node: min(
-            w.remaining,
-            math.ceil(protect_rounds * w.remaining / max(1, rounds_left)) + 2 * batch,
-        )
-        for w in work
+        w.node: min(w.remaining, math.ceil((w.rate or 0.0) * horizon_s) + 2 * batch) for w in work
     }
     give_units: dict[str, int] = {}
     need_units: dict[str, int] = {}
@@ -202,7 +198,7 @@ def _spread(slowest: float, fastest: float) -> float:
 
 __all__ = [
     "MIN_ROUNDS_LEFT",
-    "PROTECT_ROUNDS",
+    "HORIZON_S",
     "TOLERANCE",
     "NodeWork",
     "Plan",

@@ -500,15 +500,17 @@ def test_a_re_plan_follows_measured_rates_once_per_round_and_keeps_the_epoch_cov
     assert s.scheduler is not None and s.measured_rate(A) == s.scheduler.measured(A)
 
 
-def test_no_re_plan_when_switched_off_finished_or_near_the_epochs_end():
+def test_no_re_plan_when_switched_off_finished_or_at_the_epochs_end():
     s = session(epochs=1, sync_every=5, rebalance=False)
     start(s, A, B)
     _measured(s, {A: 30.0, B: 10.0}, {A: 0, B: 0}, 1.0)
     assert s.rebalance(1.0) == []
-    s = session(epochs=1, sync_every=50)  # one round per epoch: too few left to move work
+    s = session(epochs=1, sync_every=5)
     start(s, A, B)
-    _measured(s, {A: 30.0, B: 10.0}, {A: 0, B: 0}, 1.0)
-    assert s.rebalance(1.0) == [] and "fewer than 3" in s.last_rebalance
+    _measured(s, {A: 30.0, B: 10.0}, {A: 500, B: 490}, 1.0)  # all but done: nothing to move
+    assert s.rebalance(1.0) == [] and "nothing can move" in s.last_rebalance
+    s.finished = True
+    assert s.rebalance(2.0) == []
 
 
 def test_a_late_joiner_keeps_its_work_in_a_re_plan():

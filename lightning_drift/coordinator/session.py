@@ -585,7 +585,11 @@ class Session:
             for n in nodes
         ]
         decision = rebalance(
-            work, plan.last_round - self.completed, batch_size=self.config.batch_size
+            work,
+            plan.last_round - self.completed,
+            batch_size=self.config.batch_size,
+            # A node reports what it trained every progress_every_s (and at every upload).
+            horizon_s=self.config.progress_every_s + 2.0,
         )
         self.last_rebalance = f"epoch {plan.epoch} round {self.open_round}: {decision.reason}"
         if not decision:

@@ -191,6 +191,7 @@ class DriftStrategy(SingleDeviceStrategy):
             ("startup_s", "wait_s", "handoff_s", "apply_s", "replan_s"), 0.0
         )
         self.busy_s = 0.0
+        self._starting = False  # inside the join: its time is start-up, whatever it waits for
         self._overlap = False  # resolved when the session's config arrives
         self._parallel: list[torch.device] = []
         self._weights: GlobalWeights | None = None  # set when the session's config arrives
@@ -352,9 +353,11 @@ class DriftStrategy(SingleDeviceStrategy):
     def _join(self, dataset_size: int) -> None:
         """Join the session, take its settings, and hold the start-up sync (round 0)."""
         t0 = time.monotonic()
+        self._starting = True
         try:
             self._join_session(dataset_size)
         finally:
+            self._starting = False
             self.timing["startup_s"] += time.monotonic() - t0
         # Progress reports measure training from here on.
         self._last_report = self._rate_t0 = time.monotonic()
@@ -745,8 +748,9 @@ class DriftStrategy(SingleDeviceStrategy):
             yield lambda: spent[0]
         finally:
             spent[0] = time.monotonic() - t0
-            self.timing[what] += spent[0]
-            self.busy_s += spent[0]
+            if not self._starting:
+                self.timing[what] += spent[0]
+                self.busy_s += spent[0]
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         try:
