@@ -63,15 +63,18 @@ def test_three_nodes_train_charlm_to_one_checkpoint(tmp_path: Path) -> None:
         assert len(r["val_losses"]) == epochs, r
         assert r["val_losses"][-1] < r["val_losses"][0], r["val_losses"]
 
-    # Within each epoch the three shards cover the dataset exactly once.
+    # Within each epoch what the three nodes trained (their work as the epoch ended, after any
+    # re-plan moved samples between them) covers the dataset exactly once.
     n = reports[0]["dataset_size"]
     for epoch in range(epochs):
-        shards = [s for r in reports for s in r["shards"] if s["epoch"] == epoch]
-        assert len(shards) == 3
-        perm = epoch_permutation(shards[0]["seed"], epoch, n)
-        covered = torch.cat([perm[s["start"] : s["stop"]] for s in shards])
+        worked = [w for r in reports for w in r["worked"] if w["epoch"] == epoch]
+        assert len(worked) == 3
+        perm = epoch_permutation(worked[0]["seed"], epoch, n)
+        covered = torch.cat([perm[a:b] for w in worked for a, b in w["ranges"]])
         assert len(covered) == n
         assert torch.equal(torch.sort(covered).values, torch.arange(n))
+        for w in worked:
+            assert w["trained"] == sum(b - a for a, b in w["ranges"])
 
     # Every node ends with exactly the coordinator's final checkpoint.
     manifest = coord.manifest()

@@ -129,6 +129,7 @@ class RecordingStrategy(DriftStrategy):
                     "epoch": a.epoch,
                     "start": a.start,
                     "stop": a.stop,
+                    "ranges": a.ranges,
                     "seed": a.seed,
                     "rounds": a.rounds,
                 }
