@@ -59,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -709,37 +709,67 @@ def summary_pair(results: list[dict]) -> str | None:
 # ---------------------------------------------------------------------------- sizing
 
 
-def step_seconds(setup: c.Setup, steps: int = 12, warmup: int = 4) -> float:
-    """Seconds one optimizer step of ``setup``'s model takes here, now (one process)."""
-    import torch
-    import torch.nn.functional as F
+def step_seconds(setup: c.Setup, steps: int = 40, warmup: int = 5) -> float:
+    """Seconds one training step of ``setup``'s char-LM takes here, now: a plain Lightning fit
+    of a few dozen batches (the nodes' loader and Lightning's own per-step work included)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
 
     c.configure_torch(setup)
-    model = c.make_model(setup)
-    opt = torch.optim.AdamW(model.parameters(), lr=setup.lr)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (setup.batch_size, setup.block_size), generator=g)
-    y = torch.randint(0, 256, (setup.batch_size, setup.block_size), generator=g)
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (time.perf_counter() - t0) / steps
+
+    class Clock(Callback):
+        def __init__(self) -> None:
+            self.t0 = self.t1 = 0.0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == warmup - 1:
+                self.t0 = time.perf_counter()
+            self.t1 = time.perf_counter()
+
+    probe = replace(setup, max_chars=min(setup.max_chars, 400_000), stride=0)
+    clock = Clock()
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=warmup + steps,
+        callbacks=[clock],
+        accelerator="cpu",
+        **c.trainer_kwargs(),
+    )
+    trainer.fit(c.make_model(probe), datamodule=c.make_data(probe))
+    return (clock.t1 - clock.t0) / steps
+
+
+def probe_steps(setup: c.Setup, nodes: int) -> float:
+    """Seconds per optimizer step when ``nodes`` processes train at once, as the nodes will:
+    the slowest of ``nodes`` probe processes started together."""
+    me = str(Path(__file__).resolve())
+    cmd = [sys.executable, me, "--worker", "steps", *setup.argv()]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=c.child_env(),
+            cwd=c.ROOT,
+        )
+        for _ in range(nodes)
+    ]
+    times = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the step-time probe failed: {out}")
+        times.append(float(out.split()[-1]))
+    return max(times)
 
 
 def size_run(setup: c.Setup, nodes: int, train_s: float, rounds: int) -> tuple[c.Setup, int, str]:
     """A Setup and --sync-every that make each of ``nodes`` train about ``train_s`` seconds in
     about ``rounds`` rounds, from the step time measured now; and a line saying so."""
-    from dataclasses import replace
-
     from lightning_drift_examples.charlm.data import load_text
 
-    step = step_seconds(setup)
+    step = probe_steps(setup, nodes)
     steps = max(rounds, round(train_s / step))  # per node
     windows = steps * nodes * setup.batch_size
     available = len(load_text(None))  # the standard library's top-level source
@@ -750,7 +780,8 @@ def size_run(setup: c.Setup, nodes: int, train_s: float, rounds: int) -> tuple[c
     sized = replace(setup, max_chars=chars, stride=stride)
     sync_every = max(1, steps // rounds)
     note = (
-        f"a step took {step * 1000:.0f} ms here when the run started: {steps} steps per node "
+        f"a step took {step * 1000:.0f} ms with {nodes} processes training at once when the "
+        f"run started: {steps} steps per node "
         f"(~{train_s:g} s of training) from {chars} bytes, a window every {stride} bytes, "
         f"--sync-every {sync_every}"
     )
@@ -795,7 +826,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     ap.add_argument("--workdir", type=Path, default=None, help="keep logs and weights here")
     # internal: the processes this benchmark starts
-    ap.add_argument("--worker", choices=("node", "proxy", "echo", "probe"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--worker", choices=("node", "proxy", "echo", "probe", "steps"), help=argparse.SUPPRESS
+    )
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--token", help=argparse.SUPPRESS)
     ap.add_argument("--name", default="node", help=argparse.SUPPRESS)
@@ -813,6 +846,9 @@ def main() -> None:
         return
     if args.worker == "proxy":
         asyncio.run(_proxy_main(args))
+        return
+    if args.worker == "steps":
+        print(step_seconds(setup), flush=True)
         return
     if args.worker in ("echo", "probe"):
         host, _, port = args.addr.rpartition(":")

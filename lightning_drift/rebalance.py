@@ -15,9 +15,9 @@ back; work moves only at the *tail* of a list, and never closer to a node's curr
 than a margin it may already have trained or loaded meanwhile:
 
 - a **donor** (its remaining work takes longer than its fair share would) gives away the tail
-  of its list, keeping what it can have trained since it last reported (``horizon_s`` seconds
-  at its measured rate: reports come every few seconds) plus two batches its data loader may
-  have read ahead;
+  of its list, keeping ``horizon_s`` seconds of work at its measured rate beyond where it is
+  thought to be (its position is an estimate from a report seconds old, and the re-plan
+  takes a moment to reach it) plus two batches its data loader may have read ahead;
 - a **receiver** appends the donors' tails to its list, in node order, so that every position
   of the epoch stays with exactly one node. A node whose remaining work is within that same
   margin takes nothing: it may already be at the end of its epoch.
@@ -46,8 +46,9 @@ HORIZON_S = 7.0  # seconds a node may have trained since its last report (report
 class NodeWork:
     """One node's part of the epoch as the coordinator knows it.
 
-    ``consumed``: positions of ``segments`` the node reported having trained (0 if it has not
-    said); ``rate``: its measured samples per second (None: not measured yet)."""
+    ``consumed``: positions of ``segments`` the node has trained by now, as far as the
+    coordinator can tell (its last report moved on by its rate; 0 if it has not said);
+    ``rate``: its measured samples per second (None: not measured yet)."""
 
     node: str
     segments: Segments

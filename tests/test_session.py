@@ -552,3 +552,24 @@ def test_a_re_plan_survives_a_restart():
     assert r.assignments == s.assignments and r.assignments[A].segments
     assert (r.revision, r.rebalanced_round, r.trained) == (1, s.open_round, {A: 40, B: 20})
     assert _covered(r) == list(range(1000))
+
+
+def test_a_re_plan_moves_each_nodes_last_report_on_by_its_speed():
+    # Equal speeds and equal reports, but A's report is 30 s older: by now A is 300 samples
+    # further than it said, so B is the one behind and gives work to A (without moving the old
+    # report on, the two would look balanced).
+    s = session(epochs=1, sync_every=2)  # 25 rounds
+    start(s, A, B)
+    s.progress(
+        A,
+        TrainProgress(round=1, epoch=0, step=1, samples=50, samples_per_s=10.0, epoch_samples=50),
+        0.0,
+    )
+    s.progress(
+        B,
+        TrainProgress(round=1, epoch=0, step=1, samples=50, samples_per_s=10.0, epoch_samples=50),
+        30.0,
+    )
+    out = dict(s.rebalance(30.0))
+    assert out[A].size > 500 > out[B].size, s.last_rebalance
+    assert "bbbbbbbb -" in s.last_rebalance

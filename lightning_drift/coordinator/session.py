@@ -44,7 +44,8 @@ Rebalancing. An epoch's shards are cut from the scores the scheduler has when it
 reports, barrier uploads), :meth:`Session.rebalance` re-plans the unconsumed rest of the
 epoch among the plan's live nodes (``lightning_drift.rebalance``), at most once per open
 round; the server sends each changed node its new assignment (a higher ``revision``).
-Positions a node reports having trained (``epoch_samples``) bound what may move away from it.
+Positions a node reports having trained (``epoch_samples``), moved on by its measured speed for
+the time since the report, tell where it is; work near that position never moves.
 """
 
 from __future__ import annotations
@@ -224,6 +225,7 @@ class Session:
         # Positions of its epoch's work each node reported having trained (any report), and
         # as of its last upload that counted; both reset when an epoch is planned.
         self.trained: dict[str, int] = {}
+        self.trained_at: dict[str, float] = {}  # when (not persisted: clocks differ)
         self.counted: dict[str, int] = {}
         self.revision = 0  # of the last re-plan; grows over the session
         self.rebalanced_round = -1  # the open round of the last re-plan (one per round)
@@ -400,7 +402,7 @@ class Session:
             m.state = MemberState.TRAINING
         m.loss = msg.loss
         m.samples = msg.samples
-        self._trained(node, msg.epoch, msg.epoch_samples)
+        self._trained(node, msg.epoch, msg.epoch_samples, now)
         if msg.samples_per_s > 0:
             self._observe(m, msg.samples_per_s)
 
@@ -426,6 +428,7 @@ class Session:
             if done < a.rounds and total(rest) > 0:
                 self.orphans[node] = Shard.of(node, rest, a.share)
             self.trained.pop(node, None)
+            self.trained_at.pop(node, None)
             self.counted.pop(node, None)
             # It gets a fresh assignment (its own rest if still free) when it comes back.
             del self.assignments[node]
@@ -465,6 +468,7 @@ class Session:
         self.late.clear()
         self.orphans.clear()
         self.trained.clear()
+        self.trained_at.clear()
         self.counted.clear()
         self.assignments = {
             n: self._assignment(n, sh, self.plan.first_round, self.plan.rounds)
@@ -579,7 +583,7 @@ class Session:
             NodeWork(
                 n,
                 tuple(self.assignments[n].ranges),
-                self.trained.get(n, 0),
+                min(self._position(n, now), self.assignments[n].size),
                 self.measured_rate(n),
             )
             for n in nodes
@@ -613,14 +617,26 @@ class Session:
             out.append((node, a))
         return out
 
-    def _trained(self, node: str, epoch: int | None, epoch_samples: int) -> bool:
+    def _trained(self, node: str, epoch: int | None, epoch_samples: int, now: float) -> bool:
         """Record that ``node`` has trained ``epoch_samples`` positions of its work of
         ``epoch`` (ignored for another epoch than the plan's, or when not said)."""
         a = self.assignments.get(node)
         if epoch_samples < 0 or a is None or (epoch is not None and epoch != a.epoch):
             return False
-        self.trained[node] = max(self.trained.get(node, 0), min(int(epoch_samples), a.size))
+        value = min(int(epoch_samples), a.size)
+        if value > self.trained.get(node, -1):
+            self.trained[node] = value
+            self.trained_at[node] = now
         return True
+
+    def _position(self, node: str, now: float) -> int:
+        """Where ``node`` is in its work now: what it last reported having trained, moved on
+        by its measured speed for the time since (a report can be seconds old, and a stale
+        position would make a node look slower than it is)."""
+        trained = self.trained.get(node, 0)
+        rate = self.measured_rate(node) or 0.0
+        since = max(0.0, now - self.trained_at.get(node, now))
+        return int(trained + rate * since)
 
     # ---- barriers ------------------------------------------------------------------------
     def upload(
@@ -705,7 +721,7 @@ class Session:
         m = self.members[node]
         m.last_seen = now
         if upload_round == self.open_round and self.closing is None:
-            if self._trained(node, epoch, epoch_samples):
+            if self._trained(node, epoch, epoch_samples, now):
                 self.counted[node] = min(epoch_samples, self.assignments[node].size)
             samples = int(self.weight_for(node, samples))  # a bogus count must not skew pace
             self.arrivals[node] = samples
