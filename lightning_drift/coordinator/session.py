@@ -555,8 +555,13 @@ class Session:
     def measured_rate(self, node: str) -> float | None:
         """The node's measured training speed in samples/s, or None before it has one.
 
-        The one place the session reads a node's measured speed for its decisions (the
-        scheduler's moving average of what the node reported)."""
+        The one place re-plans read a node's speed: its latest measurement (a progress
+        report's window or its last round), so that a node whose machine got busier or
+        freer is re-planned within a round; the scheduler's moving average, which plans
+        whole epochs, when the member has none."""
+        m = self.members.get(node)
+        if m is not None and m.rate > 0:
+            return m.rate
         sch = self.scheduler
         if sch is None or node not in sch:
             return None
