@@ -39,6 +39,7 @@ class Setup:
     lr: float = 3e-3
     seed: int = 0
     threads: int = 1  # torch threads per training process
+    stride: int = 0  # bytes between training windows; 0: block_size (windows do not overlap)
 
     @classmethod
     def add_args(cls, ap: argparse.ArgumentParser, **defaults: Any) -> None:
@@ -67,8 +68,9 @@ class Setup:
         return (
             f"char-LM d_model={self.d_model} n_layers={self.n_layers} n_heads={self.n_heads} "
             f"block={self.block_size}, batch {self.batch_size}/process, AdamW lr={self.lr}, "
-            f"{self.max_chars} bytes of stdlib source, seed {self.seed}, "
-            f"{self.threads} torch thread(s)/process"
+            f"{self.max_chars} bytes of stdlib source"
+            + (f" (a window every {self.stride} bytes)" if self.stride else "")
+            + f", seed {self.seed}, {self.threads} torch thread(s)/process"
         )
 
 
@@ -82,7 +84,10 @@ def make_data(setup: Setup) -> Any:
     from lightning_drift_examples.charlm import CharDataModule
 
     data = CharDataModule(
-        max_chars=setup.max_chars, block_size=setup.block_size, batch_size=setup.batch_size
+        max_chars=setup.max_chars,
+        block_size=setup.block_size,
+        stride=setup.stride or None,
+        batch_size=setup.batch_size,
     )
     data.setup("fit")
     return data

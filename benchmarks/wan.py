@@ -28,19 +28,24 @@ The delay, rate and loss apply to each direction; the proxy has one queue per di
 shared by both nodes (one access link at the coordinator). Each profile runs a fresh
 coordinator (``drift-coord serve`` inside ns C, ``--quorum 1.0``) and two node processes
 (inside ns N: the char-LM of ``benchmarks/_common.py`` with ``DriftStrategy``, each timing
-its ``trainer.fit``). Figures per profile: the nodes' fit time, their barrier wait (sum of
-``strategy.history`` ``wait_s``), the mean wait per barrier, the bytes on the nodes' link
-(the ns N veth's rx+tx counters: IP packets, the only traffic there), what the proxy forwarded
-and dropped, and whether both nodes ended bit for bit on the coordinator's final checkpoint.
-Every figure is also given as a ratio to ``direct`` measured in the same run.
+its ``trainer.fit``). Every profile runs with overlapped and with blocking rounds
+(``--modes``), with two equal nodes; the ``--pair-profiles`` also run a 1x/3x pair (one node
+sleeps after every batch, ``--slowdown``). Figures per run: each node's **utilization** (the
+share of its ``trainer.fit`` spent in training steps, the strategy's waits, hand-offs and
+applies taken out), its fit time, barrier wait, samples share and speed, the bytes on the
+nodes' link (the ns N veth's rx+tx counters), what the proxy forwarded and dropped, and
+whether both nodes ended bit for bit on the coordinator's final checkpoint. By default the
+data is sized so that each node trains about ``--train-seconds`` in ``--rounds`` rounds on
+this machine as busy as it is (``--train-seconds 0``: the data flags as given).
 
     sudo .venv/bin/python benchmarks/wan.py                       # all four profiles
     sudo .venv/bin/python benchmarks/wan.py --profiles direct,bad --epochs 1
     sudo .venv/bin/python benchmarks/wan.py --d-model 128 --n-layers 4   # a bigger model
 
 Needs root (``ip netns``, veth). Namespaces, links and processes are removed on exit, on
-Ctrl-C and on SIGTERM. The last line printed is
-``wan: fit time ratio vs direct: lan <a>, wan <b>, bad <c>``.
+Ctrl-C and on SIGTERM. The last line printed is ``wan: utilization overlap direct <a>,
+lan <b>, wan <c>, bad <d>; blocking ...`` (the lower of the two equal nodes per run); the
+line before it gives the 1x/3x pair.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +99,17 @@ C_ROOT, C_NS = "10.77.1.1", "10.77.1.2"  # root <-> ns C
 N_ROOT, N_NS = "10.77.2.1", "10.77.2.2"  # root <-> ns N
 D_C, D_N = "10.77.3.1", "10.77.3.2"  # ns C <-> ns N, only during `direct`
 COORD_PORT = 7842
+# The default run's size (see docs/benchmarks.md). Utilization is training time over fit time,
+# and a fit has fixed costs (join, calibration, start-up sync, the last, blocking barrier), so
+# a run must train long enough for them to be a small part of it: by default the data and the
+# rounds are sized so that each node trains about TRAIN_SECONDS in ROUNDS rounds on this
+# machine as busy as it is now (a short step-time probe decides), which also keeps the whole
+# run near 25 minutes. The model is small (172 KiB) so that a round's upload and download fit
+# inside a round's training even at `bad`.
+DEFAULTS = {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_chars": 2_300_000, "stride": 32}
+DEFAULT_SYNC_EVERY = 100
+TRAIN_SECONDS = 90.0
+ROUNDS = 10
 
 
 class Refused(Exception):
@@ -336,13 +352,58 @@ async def _proxy_main(args: argparse.Namespace) -> None:
 def _node_worker(args: argparse.Namespace, setup: c.Setup) -> None:
     c.configure_torch(setup)
     import lightning as L
+    from lightning.pytorch.callbacks import Callback
 
     from lightning_drift import DriftStrategy
 
+    class Slowdown(Callback):
+        """A node ``factor`` times slower than it is: after every batch it sleeps
+        ``factor - 1`` times what the batch took to train (the strategy's waits left out), so
+        the ratio holds however busy the machine is. Its calibration does not see the sleep,
+        just as it would not see a slow data loader or a throttled GPU."""
+
+        def __init__(self, factor: float) -> None:
+            self.factor = factor
+            self.t0 = self.busy0 = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.t0, self.busy0 = time.perf_counter(), trainer.strategy.busy_s
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            took = time.perf_counter() - self.t0 - (trainer.strategy.busy_s - self.busy0)
+            time.sleep(max(0.0, (self.factor - 1.0) * took))
+
+    class Utilization(Callback):
+        """Training-step time: from the end of the previous batch (or the epoch's start) to the
+        end of this one (loading, forward, backward, optimizer step, a Slowdown's sleep), less
+        what the strategy spent inside it waiting for a round, handing off or applying."""
+
+        def __init__(self) -> None:
+            self.train_s = 0.0
+            self.samples = 0
+            self.t = self.busy = 0.0
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.t, self.busy = time.perf_counter(), trainer.strategy.busy_s
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            now, busy = time.perf_counter(), trainer.strategy.busy_s
+            self.train_s += (now - self.t) - (busy - self.busy)
+            self.t, self.busy = now, busy
+            self.samples += len(batch[0])
+
     data = c.make_data(setup)
     model = c.make_model(setup)
-    strategy = DriftStrategy(token=args.token, name=args.name, coordinator_addr=args.via)
-    trainer = L.Trainer(strategy=strategy, max_epochs=args.epochs, **c.trainer_kwargs())
+    overlap = {"overlap": True, "blocking": False}[args.mode]
+    strategy = DriftStrategy(
+        token=args.token, name=args.name, coordinator_addr=args.via, overlap=overlap
+    )
+    util = Utilization()
+    # The slowdown first: its sleep is part of this node's training steps.
+    callbacks = ([Slowdown(args.slowdown)] if args.slowdown > 1 else []) + [util]
+    trainer = L.Trainer(
+        strategy=strategy, max_epochs=args.epochs, callbacks=callbacks, **c.trainer_kwargs()
+    )
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_s = time.perf_counter() - t0
@@ -350,7 +411,14 @@ def _node_worker(args: argparse.Namespace, setup: c.Setup) -> None:
     c.save_weights(model, out / "final.safetensors")
     c.write_json(
         out / "report.json",
-        {"fit_s": fit_s, "steps": trainer.global_step, "history": strategy.history},
+        {
+            "fit_s": fit_s,
+            "train_s": util.train_s,
+            "samples": util.samples,
+            "steps": trainer.global_step,
+            "timing": strategy.timing,
+            "history": strategy.history,
+        },
     )
 
 
@@ -363,7 +431,9 @@ def _launch(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _coordinator(net: Net, base: Path, bind: str, args: argparse.Namespace, setup: c.Setup):
+def _coordinator(
+    net: Net, base: Path, bind: str, args: argparse.Namespace, setup: c.Setup, mode: str
+):
     from lightning_drift_cli.local import LocalCoordinator
 
     class NsCoordinator(LocalCoordinator):
@@ -380,6 +450,7 @@ def _coordinator(net: Net, base: Path, bind: str, args: argparse.Namespace, setu
         sync_every=args.sync_every,
         quorum=1.0,
         seed=setup.seed,
+        overlap=mode == "overlap",
     )
 
 
@@ -395,14 +466,39 @@ def _wait_line(proc: subprocess.Popen[bytes], log: Path, prefix: str, timeout: f
     raise RuntimeError(f"no '{prefix}' line from {log}:\n{c.tail(log)}")
 
 
-def run_profile(
-    net: Net, prof: Profile, args: argparse.Namespace, setup: c.Setup, work: Path
+@dataclass(frozen=True)
+class Case:
+    """One run: a link profile, overlapped or blocking rounds, equal nodes or a 1x/Nx pair."""
+
+    profile: Profile
+    mode: str  # "overlap" | "blocking"
+    slowdown: float = 1.0  # node-1 trains this many times slower (1: equal nodes)
+
+    @property
+    def name(self) -> str:
+        pair = f"-1x{self.slowdown:g}x" if self.slowdown > 1 else ""
+        return f"{self.profile.name}-{self.mode}{pair}"
+
+    @property
+    def hetero(self) -> bool:
+        return self.slowdown > 1
+
+
+def run_case(
+    net: Net, case: Case, args: argparse.Namespace, setup: c.Setup, work: Path
 ) -> dict[str, Any]:
-    base = work / prof.name
+    prof = case.profile
+    base = work / case.name
     shutil.rmtree(base, ignore_errors=True)  # a coordinator would resume an old state dir
     base.mkdir(parents=True)
     me = str(Path(__file__).resolve())
-    res: dict[str, Any] = {"profile": prof.name, "link": prof.describe()}
+    res: dict[str, Any] = {
+        "case": case.name,
+        "profile": prof.name,
+        "mode": case.mode,
+        "slowdown": case.slowdown,
+        "link": prof.describe(),
+    }
     procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     proxy: subprocess.Popen[bytes] | None = None
     if prof.proxied:
@@ -411,7 +507,7 @@ def run_profile(
     else:
         net.add_direct()
         bind, via = D_C, None
-    coord = _coordinator(net, base, bind, args, setup)
+    coord = _coordinator(net, base, bind, args, setup, case.mode)
     try:
         coord.start(timeout=120)
         if prof.proxied:
@@ -430,12 +526,14 @@ def run_profile(
             out = base / f"node-{i}"
             out.mkdir(parents=True, exist_ok=True)
             log = base / f"node-{i}.log"
+            slowdown = case.slowdown if i == 1 else 1.0
             cmd = ["ip", "netns", "exec", net.ns_n, sys.executable, me, "--worker", "node",
                    "--out", str(out), "--epochs", str(args.epochs), "--token", coord.token,
-                   "--name", f"node-{i}", *setup.argv()]  # fmt: skip
+                   "--name", f"node-{i}", "--mode", case.mode, "--slowdown", str(slowdown),
+                   *setup.argv()]  # fmt: skip
             if via:
                 cmd += ["--via", via]
-            procs.append((f"{prof.name} node-{i}", _launch(cmd, log), log))
+            procs.append((f"{case.name} node-{i}", _launch(cmd, log), log))
         try:
             c.wait_all(procs, args.timeout)
         except RuntimeError as exc:
@@ -448,6 +546,7 @@ def run_profile(
         with contextlib.suppress(subprocess.TimeoutExpired):
             coord.wait(timeout=60)
         final_ckpt = coord.latest_checkpoint()
+        replans = coord.log_path.read_text(errors="replace").count("apart at measured rates")
     finally:
         for _, p, _ in procs:
             if p.poll() is None:
@@ -472,10 +571,17 @@ def run_profile(
         same.append(mine.keys() == final.keys() and all(mine[k].equal(final[k]) for k in final))
     waits = [sum(e["wait_s"] for e in r["history"]) for r in reports]
     barriers = [len(r["history"]) for r in reports]
+    samples = [r["samples"] for r in reports]
     res.update(
         fit_s=[r["fit_s"] for r in reports],
+        train_s=[r["train_s"] for r in reports],
+        utilization=[r["train_s"] / r["fit_s"] for r in reports],
+        share=[n / max(1, sum(samples)) for n in samples],
+        speed=[r["samples"] / max(1e-9, r["train_s"]) for r in reports],
+        timing=[r["timing"] for r in reports],
         wait_s=waits,
         barriers=barriers,
+        replans=replans,
         # round 0 takes the first upload only: the others are discarded by design
         missed=sum(
             1 for r in reports for e in r["history"] if e["round"] > 0 and not e["contributed"]
@@ -499,71 +605,192 @@ def run_profile(
 # ---------------------------------------------------------------------------- report
 
 
-def _ratio(x: float, ref: float) -> str:
-    return f"{x / ref:.2f}" if ref > 0 else "-"
+def _pair(values: list[float], fmt: str = "{:.2f}") -> str:
+    return " / ".join(fmt.format(v) for v in values)
 
 
 def report(args: argparse.Namespace, setup: c.Setup, results: list[dict], isolation: str) -> str:
-    base = next((r for r in results if r["profile"] == "direct"), None)
     headers = [
-        "profile", "link", "fit s", "fit ×direct", "barrier wait s / node", "wait ×direct",
-        "wait / barrier s", "×direct", "node link MiB", "×direct", "proxy fwd MiB",
-        "proxy dropped", "lost outside proxy", "rounds", "final == ckpt",
+        "profile", "link", "mode", "nodes", "utilization", "share", "speed", "fit s", "training s",
+        "waiting s", "start-up s", "re-plans", "node link MiB", "proxy dropped",
+        "lost outside proxy", "final == ckpt",
     ]  # fmt: skip
     rows = []
     for r in results:
-        fit = max(r["fit_s"])
-        wait = statistics.mean(r["wait_s"])
+        start = [t["startup_s"] for t in r["timing"]]
         row = [
             r["profile"],
             r["link"],
-            f"{fit:.1f}",
-            _ratio(fit, max(base["fit_s"])) if base else "-",
-            " / ".join(f"{w:.1f}" for w in r["wait_s"]),
-            _ratio(wait, statistics.mean(base["wait_s"])) if base else "-",
-            f"{r['wait_per_barrier']:.3f}",
-            _ratio(r["wait_per_barrier"], base["wait_per_barrier"]) if base else "-",
+            r["mode"],
+            "1x / " + f"{r['slowdown']:g}x" if r["slowdown"] > 1 else "equal",
+            _pair(r["utilization"]),
+            _pair(r["share"]),
+            _pair(r["speed"], "{:.0f}"),
+            _pair(r["fit_s"], "{:.0f}"),
+            _pair(r["train_s"], "{:.0f}"),
+            _pair(r["wait_s"], "{:.1f}"),
+            _pair(start, "{:.1f}"),
+            str(r["replans"]),
             f"{r['link_bytes'] / 2**20:.1f}",
-            _ratio(r["link_bytes"], base["link_bytes"]) if base else "-",
         ]
         p = r.get("proxy")
         if p:
-            fwd = p["up_bytes"] + p["down_bytes"]
             dropped = p["up_dropped"] + p["down_dropped"]
             sent = dropped + p["up_forwarded"] + p["down_forwarded"]
-            row += [f"{fwd / 2**20:.1f}", f"{dropped} ({dropped / max(1, sent):.1%})"]
-            row.append(str(r["unmodelled"]))
+            row += [f"{dropped} ({dropped / max(1, sent):.1%})", str(r["unmodelled"])]
         else:
-            row += ["-", "-", "-"]
-        row += [str(r["rounds"]), "yes" if r["bit_equal"] else "NO"]
+            row += ["-", "-"]
+        row.append("yes" if r["bit_equal"] else "NO")
         rows.append(row)
     lines = [c.table(headers, rows), ""]
+    first = results[0] if results else None
     lines.append(
         f"- Setup: {setup.describe()}; {args.epochs} epoch(s), {args.nodes} nodes, "
-        f"--sync-every {args.sync_every}, --quorum 1.0; coordinator in ns C, nodes in ns N."
+        f"--sync-every {args.sync_every} ({first['rounds'] if first else '?'} rounds + the "
+        "start-up sync), --quorum 1.0; coordinator in ns C, nodes in ns N."
     )
     lines.append(
-        "- fit s: the slower node's `trainer.fit` (join, calibration, training, barriers); "
-        "barrier wait: each node's sum of `strategy.history` `wait_s`; wait / barrier: that "
-        "over the node's barriers (round 0 included), mean over nodes."
+        "- utilization: each node's training-step time over its `trainer.fit` wall time. "
+        "Training-step time is the sum over its batches of the time from the previous batch's "
+        "end (or the epoch's start) to this batch's end (loading, forward, backward, optimizer "
+        "step), less what the strategy spent inside them waiting for a round, handing off an "
+        "upload or applying global weights (`strategy.busy_s`). The fit's wall time also holds "
+        "the start-up (join, calibration, start-up sync), the epoch's last (blocking) barrier "
+        "and the teardown, so they count against it."
     )
     lines.append(
-        "- node link: rx+tx bytes of the veth in ns N during the run (IP packets: QUIC, "
-        "control messages, retransmissions); proxy fwd: UDP payload bytes the proxy "
-        "delivered (both directions); dropped: datagrams the proxy dropped (loss or full "
-        "queue), and their share of all it received; lost outside proxy: datagrams the kernel "
-        "dropped because the proxy's UDP receive buffers were full (its sockets' `drops` in "
-        "/proc/net/udp): loss the simulated link did not decide, the proxy being too slow."
+        "- share: each node's part of the samples trained; speed: its samples per second of "
+        "training (the re-plans aim at shares in the ratio of the speeds); waiting s: the summed `wait_s` of "
+        "`strategy.history` (time blocked for a round); start-up s: join, calibration and the "
+        "start-up sync (`strategy.timing`); re-plans: how often the coordinator moved work "
+        "between the nodes."
+    )
+    lines.append(
+        f"- 1x / {args.slowdown:g}x: node-1 sleeps {args.slowdown - 1:g} times its own step "
+        "time after every batch (its calibration does not see it), so it trains "
+        f"{args.slowdown:g} times slower than node-1 would."
+    )
+    lines.append(
+        "- node link: rx+tx bytes of the veth in ns N; proxy dropped: datagrams the simulated "
+        "link dropped (loss or full queue); lost outside proxy: datagrams the kernel dropped "
+        "at the proxy's full receive buffers (`/proc/net/udp`)."
     )
     lines.append(
         "- Weights payload per run (sum over nodes of safetensors bytes up and down): "
-        + ", ".join(f"{r['profile']} {c.fmt_bytes(r['payload'])}" for r in results)
+        + ", ".join(f"{r['case']} {c.fmt_bytes(r['payload'])}" for r in results)
         + "; uploads discarded for missing a round (after round 0): "
-        + ", ".join(f"{r['profile']} {r['missed']}" for r in results)
+        + ", ".join(f"{r['case']} {r['missed']}" for r in results)
         + "."
     )
     lines.append(f"- Isolation check: {isolation}.")
     return "\n".join(lines)
+
+
+def summary(results: list[dict]) -> str:
+    """The last line: the lower node's utilization per profile, equal nodes, both modes."""
+    parts = []
+    for mode in ("overlap", "blocking"):
+        figs = [
+            f"{r['profile']} {min(r['utilization']):.2f}"
+            for r in results
+            if r["mode"] == mode and r["slowdown"] <= 1
+        ]
+        if figs:
+            parts.append(f"{mode} " + ", ".join(figs))
+    return "wan: utilization " + "; ".join(parts)
+
+
+def summary_pair(results: list[dict]) -> str | None:
+    pairs = [r for r in results if r["slowdown"] > 1]
+    if not pairs:
+        return None
+    return "wan: 1x/{:g}x pair ".format(pairs[0]["slowdown"]) + "; ".join(
+        f"{r['profile']} {r['mode']} utilization {_pair(r['utilization'])}, share "
+        f"{_pair(r['share'])}, speed ratio {r['speed'][0] / max(1e-9, r['speed'][1]):.1f}"
+        for r in pairs
+    )
+
+
+# ---------------------------------------------------------------------------- sizing
+
+
+def step_seconds(setup: c.Setup, steps: int = 40, warmup: int = 5) -> float:
+    """Seconds one training step of ``setup``'s char-LM takes here, now: a plain Lightning fit
+    of a few dozen batches (the nodes' loader and Lightning's own per-step work included)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    c.configure_torch(setup)
+
+    class Clock(Callback):
+        def __init__(self) -> None:
+            self.t0 = self.t1 = 0.0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == warmup - 1:
+                self.t0 = time.perf_counter()
+            self.t1 = time.perf_counter()
+
+    probe = replace(setup, max_chars=min(setup.max_chars, 400_000), stride=0)
+    clock = Clock()
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=warmup + steps,
+        callbacks=[clock],
+        accelerator="cpu",
+        **c.trainer_kwargs(),
+    )
+    trainer.fit(c.make_model(probe), datamodule=c.make_data(probe))
+    return (clock.t1 - clock.t0) / steps
+
+
+def probe_steps(setup: c.Setup, nodes: int) -> float:
+    """Seconds per optimizer step when ``nodes`` processes train at once, as the nodes will:
+    the slowest of ``nodes`` probe processes started together."""
+    me = str(Path(__file__).resolve())
+    cmd = [sys.executable, me, "--worker", "steps", *setup.argv()]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=c.child_env(),
+            cwd=c.ROOT,
+        )
+        for _ in range(nodes)
+    ]
+    times = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the step-time probe failed: {out}")
+        times.append(float(out.split()[-1]))
+    return max(times)
+
+
+def size_run(setup: c.Setup, nodes: int, train_s: float, rounds: int) -> tuple[c.Setup, int, str]:
+    """A Setup and --sync-every that make each of ``nodes`` train about ``train_s`` seconds in
+    about ``rounds`` rounds, from the step time measured now; and a line saying so."""
+    from lightning_drift_examples.charlm.data import load_text
+
+    step = probe_steps(setup, nodes)
+    steps = max(rounds, round(train_s / step))  # per node
+    windows = steps * nodes * setup.batch_size
+    available = len(load_text(None))  # the standard library's top-level source
+    # Windows every `stride` bytes of the 90 % of the text used for training.
+    stride = setup.stride or setup.block_size
+    stride = max(1, min(stride, int(available * 0.9 / windows)))
+    chars = min(available, int((windows * stride + setup.block_size + 1) / 0.9) + 1)
+    sized = replace(setup, max_chars=chars, stride=stride)
+    sync_every = max(1, steps // rounds)
+    note = (
+        f"a step took {step * 1000:.0f} ms with {nodes} processes training at once when the "
+        f"run started: {steps} steps per node "
+        f"(~{train_s:g} s of training) from {chars} bytes, a window every {stride} bytes, "
+        f"--sync-every {sync_every}"
+    )
+    return sized, sync_every, note
 
 
 # ---------------------------------------------------------------------------- main
@@ -575,19 +802,43 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    c.Setup.add_args(ap, max_chars=100_000)
-    ap.add_argument("--epochs", type=int, default=2)
+    c.Setup.add_args(ap, **DEFAULTS)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--nodes", type=int, default=2)
-    ap.add_argument("--sync-every", type=int, default=5, help="steps per round (default 5)")
+    ap.add_argument(
+        "--sync-every",
+        type=int,
+        default=DEFAULT_SYNC_EVERY,
+        help=f"steps per round (default {DEFAULT_SYNC_EVERY})",
+    )
     ap.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated subset")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per profile")
+    ap.add_argument("--modes", default="overlap,blocking", help="overlap, blocking or both")
+    ap.add_argument(
+        "--pair-profiles",
+        default="wan",
+        help="profiles that also run a 1x/Nx pair of nodes (default wan; '' for none)",
+    )
+    ap.add_argument("--slowdown", type=float, default=3.0, help="N of the 1x/Nx pair")
+    ap.add_argument(
+        "--train-seconds",
+        type=float,
+        default=TRAIN_SECONDS,
+        help=f"size the data so each node trains about this long in --rounds rounds, from a "
+        f"step-time probe (default {TRAIN_SECONDS:g}); 0: use --max-chars, --stride and "
+        "--sync-every as given",
+    )
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help=f"default {ROUNDS}")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     ap.add_argument("--workdir", type=Path, default=None, help="keep logs and weights here")
     # internal: the processes this benchmark starts
-    ap.add_argument("--worker", choices=("node", "proxy", "echo", "probe"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--worker", choices=("node", "proxy", "echo", "probe", "steps"), help=argparse.SUPPRESS
+    )
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--token", help=argparse.SUPPRESS)
     ap.add_argument("--name", default="node", help=argparse.SUPPRESS)
     ap.add_argument("--via", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="overlap", help=argparse.SUPPRESS)
     ap.add_argument("--addr", help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -601,6 +852,9 @@ def main() -> None:
     if args.worker == "proxy":
         asyncio.run(_proxy_main(args))
         return
+    if args.worker == "steps":
+        print(step_seconds(setup), flush=True)
+        return
     if args.worker in ("echo", "probe"):
         host, _, port = args.addr.rpartition(":")
         if args.worker == "echo":
@@ -609,13 +863,26 @@ def main() -> None:
             print(_udp_probe((host, int(port))), flush=True)
         return
 
-    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
-    unknown = set(profiles) - set(PROFILES)
-    if unknown:
-        ap.error(f"unknown profiles {sorted(unknown)}; choose from {', '.join(PROFILES)}")
-    if "direct" in profiles:  # the baseline first
-        profiles.remove("direct")
-        profiles.insert(0, "direct")
+    def names(text: str, known: Any, what: str) -> list[str]:
+        chosen = [x.strip() for x in text.split(",") if x.strip()]
+        unknown = set(chosen) - set(known)
+        if unknown:
+            ap.error(f"unknown {what} {sorted(unknown)}; choose from {', '.join(known)}")
+        return chosen
+
+    profiles = names(args.profiles, PROFILES, "profiles")
+    modes = names(args.modes, ("overlap", "blocking"), "modes")
+    pairs = names(args.pair_profiles, PROFILES, "pair profiles")
+    if args.slowdown < 1:
+        ap.error("--slowdown must be at least 1")
+    cases = [Case(PROFILES[p], m) for m in modes for p in profiles]
+    cases += [Case(PROFILES[p], m, args.slowdown) for m in modes for p in pairs]
+    sizing = "as given"
+    if args.train_seconds > 0:
+        setup, args.sync_every, sizing = size_run(
+            setup, args.nodes, args.train_seconds, args.rounds
+        )
+        print(f"sizing: {sizing}", flush=True)
 
     net = Net()
     try:
@@ -627,20 +894,21 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     results: list[dict[str, Any]] = []
     isolation = "not run (no proxied profile)"
+    t_all = time.perf_counter()
     try:
         try:
             net.setup()
         except Refused as exc:
             raise SystemExit(f"wan.py: {exc}") from None
-        for name in profiles:
-            prof = PROFILES[name]
-            print(f"running {name} ({prof.describe()}) ...", flush=True)
-            res = run_profile(net, prof, args, setup, work)
+        for case in cases:
+            print(f"running {case.name} ({case.profile.describe()}) ...", flush=True)
+            res = run_case(net, case, args, setup, work)
             isolation = res.get("isolation", isolation)
             print(
-                f"  {name}: fit {max(res['fit_s']):.1f} s, barrier wait "
-                f"{' / '.join(f'{w:.1f}' for w in res['wait_s'])} s, rounds {res['rounds']}, "
-                f"final == checkpoint: {res['bit_equal']}",
+                f"  {case.name}: utilization {_pair(res['utilization'])}, share "
+                f"{_pair(res['share'])}, fit {_pair(res['fit_s'], '{:.0f}')} s, waiting "
+                f"{_pair(res['wait_s'], '{:.1f}')} s, rounds {res['rounds']}, re-plans "
+                f"{res['replans']}, final == checkpoint: {res['bit_equal']}",
                 flush=True,
             )
             results.append(res)
@@ -655,14 +923,12 @@ def main() -> None:
     print()
     print(f"```\n{c.command_line()}\n```\n")
     print(report(args, setup, results, isolation))
-    base = next((r for r in results if r["profile"] == "direct"), None)
-    if base:
-        ratios = ", ".join(
-            f"{r['profile']} {max(r['fit_s']) / max(base['fit_s']):.2f}"
-            for r in results
-            if r["profile"] != "direct"
-        )
-        print(f"\nwan: fit time ratio vs direct: {ratios}")
+    print(f"- Sizing: {sizing}.")
+    print(f"- Whole run: {time.perf_counter() - t_all:.0f} s.")
+    pair = summary_pair(results)
+    if pair:
+        print(f"\n{pair}")
+    print(f"\n{summary(results)}")
     if any(not r["bit_equal"] for r in results):
         raise SystemExit("wan.py: a node did not end on the coordinator's final checkpoint")
 

@@ -228,6 +228,8 @@ def serve(
     dataset_size: Annotated[int | None, _option("dataset_size")] = None,
     seed: Annotated[int | None, _option("seed")] = None,
     transfer_dtype: Annotated[str | None, _option("transfer_dtype")] = None,
+    overlap: Annotated[bool | None, _option("overlap", "--overlap/--no-overlap")] = None,
+    rebalance: Annotated[bool | None, _option("rebalance", "--rebalance/--no-rebalance")] = None,
     outer_lr: Annotated[float | None, _option("outer_lr")] = None,
     outer_momentum: Annotated[float | None, _option("outer_momentum")] = None,
     deadline_margin: Annotated[float | None, _option("deadline_margin")] = None,

@@ -118,6 +118,10 @@ class TrainConfig(_Msg, tag="train_config"):
     # The completed round the session finishes on, once a stop has been decided (see
     # StopDecision); -1 while the session trains its epochs. Told again on every reconnect.
     stop_round: int = -1
+    # Added later, so with a default: overlapped rounds (a barrier hands the upload to the
+    # network and training goes on; only the epoch's last barrier blocks). Nodes follow it
+    # unless their own setting says otherwise.
+    overlap: bool = True
 
 
 class ShardAssignment(_Msg, tag="shard_assignment"):
@@ -127,6 +131,12 @@ class ShardAssignment(_Msg, tag="shard_assignment"):
     ``scheduler.epoch_permutation``). The node spreads the shard over ``rounds`` barriers:
     barrier k of the epoch (1-based) falls after ``ceil(k * steps / rounds)`` optimizer steps,
     where ``steps`` is the number of optimizer steps the shard gives.
+
+    A **re-plan** is a ShardAssignment for the epoch the node is training, sent unasked with a
+    higher ``revision`` than the node holds: ``segments`` is then the node's whole work of the
+    epoch, in order (what it has trained is a prefix of it; the rest may be shorter or longer
+    than before), and the node spreads its remaining optimizer steps over its remaining
+    barriers. When ``segments`` is empty the work is the one range ``[start, stop)``.
     """
 
     epoch: int
@@ -140,6 +150,20 @@ class ShardAssignment(_Msg, tag="shard_assignment"):
     final: bool = False  # True for the last epoch of the session
     batch_size: int = 0  # the node's batch size the shard was cut for (0: not known)
     samples_per_step: int = 0  # the node's samples per optimizer step the shard was cut for
+    segments: list[tuple[int, int]] = []  # [start, stop) ranges, in order; empty: [start, stop)
+    revision: int = 0  # grows with every re-plan of the session; a node keeps the highest
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The node's work of the epoch as ``[start, stop)`` ranges of the permutation."""
+        if not self.segments:
+            return [(self.start, self.stop)]
+        return [(int(a), int(b)) for a, b in self.segments]
+
+    @property
+    def size(self) -> int:
+        """How many positions of the permutation the assignment holds."""
+        return sum(max(0, b - a) for a, b in self.ranges)
 
 
 class ShardRequest(_Msg, tag="shard_request"):
@@ -158,9 +182,10 @@ class TrainProgress(_Msg, tag="train_progress"):
     step: int
     samples: int  # samples processed since the last barrier
     loss: float | None = None
-    samples_per_s: float = 0.0
+    samples_per_s: float = 0.0  # measured over training steps only (not barriers, not applying)
     vram_used: int = 0
     vram_peak: int = 0
+    epoch_samples: int = -1  # samples trained this epoch (positions of its assignment); -1: unknown
 
 
 StopKind = Literal["callback", "max_steps"]
@@ -220,9 +245,10 @@ class BarrierSync(_Msg, tag="barrier_sync"):
     delta: bool = (
         False  # True when the blob is a change from the base weights (lightning_drift.codec)
     )
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # training time since the node's previous upload (no waiting)
     base_round: int = -1  # the held round: whose global weights the node holds (-1: none)
     base_sha256: str = ""  # sha256 of those weights ("" when the node does not keep them)
+    epoch_samples: int = -1  # samples of the epoch trained when the upload was taken; -1: unknown
 
 
 class BlobHeader(_Msg, tag="blob"):

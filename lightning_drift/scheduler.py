@@ -137,9 +137,53 @@ def calibration_score(info: NodeInfo) -> float:
     return FALLBACK_CPU_GFLOPS_PER_CORE * max(1, info.cpu_count)
 
 
+Segment = tuple[int, int]  # [start, stop) positions of an epoch's permutation
+Segments = tuple[Segment, ...]
+
+
+def total(segments: Sequence[Segment]) -> int:
+    """Positions in ``segments``."""
+    return sum(max(0, b - a) for a, b in segments)
+
+
+def split(segments: Sequence[Segment], n: int) -> tuple[Segments, Segments]:
+    """The first ``n`` positions of ``segments`` and the rest, as two lists of ranges."""
+    head: list[Segment] = []
+    tail: list[Segment] = []
+    left = max(0, n)
+    for a, b in segments:
+        if b <= a:
+            continue
+        if left >= b - a:
+            head.append((a, b))
+            left -= b - a
+        elif left > 0:
+            head.append((a, a + left))
+            tail.append((a + left, b))
+            left = 0
+        else:
+            tail.append((a, b))
+    return tuple(head), tuple(tail)
+
+
+def normalize(segments: Sequence[Segment]) -> Segments:
+    """Drop empty ranges and join ranges that continue each other."""
+    out: list[Segment] = []
+    for a, b in segments:
+        if b <= a:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
 @dataclass
 class Shard:
-    """One node's part of an epoch: positions ``[start, stop)`` of the epoch's permutation.
+    """One node's part of an epoch: positions ``[start, stop)`` of the epoch's permutation, or,
+    when ``segments`` is set (the rest of a shard after the epoch was re-planned), those ranges
+    in order.
 
     ``share`` is the node's fraction of the total score when the epoch was planned;
     ``batch_size`` and ``samples_per_step`` are the node's, which the shard was cut for (0:
@@ -153,13 +197,20 @@ class Shard:
     steps_per_round: int
     batch_size: int = 0
     samples_per_step: int = 0
+    segments: Segments = ()
+
+    @property
+    def ranges(self) -> Segments:
+        return self.segments or ((self.start, self.stop),)
 
     @property
     def size(self) -> int:
-        return self.stop - self.start
+        return total(self.ranges)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["segments"] = [list(r) for r in self.segments]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Shard:
@@ -171,6 +222,32 @@ class Shard:
             steps_per_round=int(d["steps_per_round"]),
             batch_size=int(d.get("batch_size", 0)),
             samples_per_step=int(d.get("samples_per_step", 0)),
+            segments=tuple((int(a), int(b)) for a, b in d.get("segments", ())),
+        )
+
+    @classmethod
+    def of(
+        cls,
+        node: str,
+        segments: Sequence[Segment],
+        share: float,
+        steps_per_round: int = 0,
+        *,
+        batch_size: int = 0,
+        samples_per_step: int = 0,
+    ) -> Shard:
+        """A shard holding ``segments`` (one range is kept as plain ``start``/``stop``)."""
+        segs = normalize(segments)
+        a, b = segs[0] if segs else (0, 0)
+        return cls(
+            node,
+            a,
+            b,
+            share,
+            steps_per_round,
+            batch_size=batch_size,
+            samples_per_step=samples_per_step,
+            segments=segs if len(segs) > 1 else (),
         )
 
 
@@ -372,19 +449,17 @@ def plan_late(
             done,
             samples_per_step=orphan.samples_per_step,
         )
-        start = orphan.start + used
-        size = orphan.stop - start
+        _, rest = split(orphan.ranges, used)
+        size = total(rest)
         if unit > 0:
             whole = size - size % unit
             size = whole + batch_aligned(size - whole, batch_size, n)
-        return Shard(
-            node=node,
-            start=start,
-            stop=start + size,
-            share=orphan.share,
-            steps_per_round=steps_for(
-                size, batch_size or plan.batch_size, remaining, samples_per_step
-            ),
+        rest, _ = split(rest, size)
+        return Shard.of(
+            node,
+            rest,
+            orphan.share,
+            steps_for(size, batch_size or plan.batch_size, remaining, samples_per_step),
             batch_size=batch_size,
             samples_per_step=samples_per_step,
         )
@@ -539,6 +614,10 @@ class Scheduler:
     def forget(self, node: str) -> None:
         """Drop ``node`` (a member the session has forgotten)."""
         self._nodes.pop(node, None)
+
+    def measured(self, node: str) -> float | None:
+        """The node's measured samples/s (moving average), or None before any measurement."""
+        return self._get(node).measured
 
     def measured_factor(self) -> float | None:
         """The conversion ``k`` from calibration GFLOP/s to samples/s, estimated from the

@@ -129,3 +129,54 @@ def test_a_stop_before_the_first_step_is_due_at_once():
     assert plan.due() == 0
     plan.finish_at(4)
     assert plan.due() == 1
+def test_a_re_plan_spreads_the_barriers_left_from_the_last_one_held():
+    # 4 barriers over 20 steps: 5, 10, 15, 20. After barrier 1 (step 5) and 2 more steps the
+    # epoch grows to 35 steps: the 3 barriers left share steps 5..35: 15, 25, 35.
+    plan = EpochBarriers(rounds=4)
+    plan.total_steps = 20
+    assert [s for s, _ in _walk(plan, 7)] == [5]
+    plan.retarget(35)
+    assert [plan.barrier_step(k) for k in (2, 3, 4)] == [15, 25, 35]
+    assert [s for s, _ in _walk(plan, 28)] == [15, 25, 35]
+    assert plan.owed() == 0
+
+
+def test_a_re_plan_that_shrinks_the_epoch_makes_a_passed_barrier_due_at_once():
+    plan = EpochBarriers(rounds=3)
+    plan.total_steps = 30
+    assert [s for s, _ in _walk(plan, 12)] == [10]
+    plan.retarget(14)  # barriers 2 and 3 now at 12 and 14: barrier 2 is due now
+    assert plan.due() == 1
+    plan.held()
+    assert [s for s, _ in _walk(plan, 2)] == [14]
+    assert plan.owed() == 0
+
+
+@pytest.mark.parametrize("sync_every", [None, 1, 4])
+def test_every_re_plan_still_ends_the_epoch_on_its_last_step(sync_every):
+    # Exhaustively over small cases: a re-plan after any barrier, to any new length, holds
+    # every barrier once, in round order, the last on the new last step.
+    for total in range(1, 14):
+        for rounds in range(1, 6):
+            for held_before in range(rounds):
+                for new_total in range(1, 20):
+                    plan = EpochBarriers(rounds, first_round=3, sync_every=sync_every)
+                    plan.total_steps = total
+                    held = []
+                    while len(held) < held_before:
+                        plan.step()
+                        while plan.due() and len(held) < held_before:
+                            held.append((plan.steps, plan.scheduled_round))
+                            plan.held()
+                    plan.retarget(max(new_total, plan.steps))
+                    while True:
+                        while plan.due():  # barriers whose new step has passed come at once
+                            held.append((plan.steps, plan.scheduled_round))
+                            plan.held()
+                        if plan.steps >= plan.total_steps:
+                            break
+                        plan.step()
+                    case = (total, rounds, held_before, new_total)
+                    assert [r for _, r in held] == list(range(3, 3 + rounds)), case
+                    assert held[-1][0] == plan.total_steps, case
+                    assert plan.owed() == 0, case

@@ -63,15 +63,18 @@ def test_three_nodes_train_charlm_to_one_checkpoint(tmp_path: Path) -> None:
         assert len(r["val_losses"]) == epochs, r
         assert r["val_losses"][-1] < r["val_losses"][0], r["val_losses"]
 
-    # Within each epoch the three shards cover the dataset exactly once.
+    # Within each epoch what the three nodes trained (their work as the epoch ended, after any
+    # re-plan moved samples between them) covers the dataset exactly once.
     n = reports[0]["dataset_size"]
     for epoch in range(epochs):
-        shards = [s for r in reports for s in r["shards"] if s["epoch"] == epoch]
-        assert len(shards) == 3
-        perm = epoch_permutation(shards[0]["seed"], epoch, n)
-        covered = torch.cat([perm[s["start"] : s["stop"]] for s in shards])
+        worked = [w for r in reports for w in r["worked"] if w["epoch"] == epoch]
+        assert len(worked) == 3
+        perm = epoch_permutation(worked[0]["seed"], epoch, n)
+        covered = torch.cat([perm[a:b] for w in worked for a, b in w["ranges"]])
         assert len(covered) == n
         assert torch.equal(torch.sort(covered).values, torch.arange(n))
+        for w in worked:
+            assert w["trained"] == sum(b - a for a, b in w["ranges"])
 
     # Every node ends with exactly the coordinator's final checkpoint.
     manifest = coord.manifest()
@@ -176,6 +179,61 @@ def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
             copy = tmp_path / f"copies-{i}" / f"round-{h['round']:06d}.safetensors"
             theirs = ckpt / f"round-{h['round']:06d}.safetensors"
             assert copy.read_bytes() == theirs.read_bytes(), h
+        node_final = load_file(str(o / "final.safetensors"))
+        for k in final:
+            assert torch.equal(node_final[k], final[k]), k
+
+
+def test_blocking_and_overlapped_nodes_share_a_session_and_end_exact(tmp_path: Path) -> None:
+    # --no-overlap: the session's nodes block at every barrier; a node may still overlap on
+    # its own (DriftStrategy(overlap=True)). Either way every node ends on the final weights.
+    with LocalCoordinator(
+        tmp_path / "coord",
+        min_nodes=2,
+        epochs=1,
+        batch_size=16,
+        sync_every=6,
+        quorum=1.0,
+        overlap=False,
+    ) as coord:
+        outs = _run_nodes(coord, tmp_path, 2, 1, extra={1: ["--overlap", "on"]})
+        assert coord.wait(timeout=60) == 0, coord.log_tail()
+    blocking, overlapped = (json.loads((o / "report.json").read_text()) for o in outs)
+    assert not any(h["overlapped"] for h in blocking["history"])
+    training = overlapped["history"][1:]
+    assert len(training) >= 3
+    # Every training round but the epoch's last was handed off; the last one blocked.
+    assert all(h["overlapped"] for h in training[:-1]) and not training[-1]["overlapped"]
+    assert all(h["contributed"] for h in training)
+    final = load_file(str(coord.latest_checkpoint()))
+    for o in outs:
+        node_final = load_file(str(o / "final.safetensors"))
+        for k in final:
+            assert torch.equal(node_final[k], final[k]), k
+
+
+def test_a_slow_node_is_given_less_work_and_every_sample_is_still_trained_once(
+    tmp_path: Path,
+) -> None:
+    # Node 1 trains ten times slower than its calibration says. The coordinator re-plans the
+    # rest of the epoch from measured step times: the fast node takes over part of the slow
+    # one's work, and the epoch is still covered exactly once by what the nodes trained.
+    with LocalCoordinator(
+        tmp_path / "coord", min_nodes=2, epochs=1, batch_size=16, sync_every=3, quorum=1.0
+    ) as coord:
+        outs = _run_nodes(coord, tmp_path, 2, 1, extra={1: ["--slowdown", "10"]})
+        assert coord.wait(timeout=60) == 0, coord.log_tail()
+    fast, slow = (json.loads((o / "report.json").read_text()) for o in outs)
+    worked = [fast["worked"][0], slow["worked"][0]]
+    n = fast["dataset_size"]
+    covered = sorted(i for w in worked for a, b in w["ranges"] for i in range(a, b))
+    assert covered == list(range(n))  # every position of the epoch with exactly one node
+    for w in worked:
+        assert w["trained"] == sum(b - a for a, b in w["ranges"])  # and trained by it
+    assert max(w["revision"] for w in worked) > 0  # re-planned inside the epoch
+    assert worked[0]["trained"] > worked[1]["trained"]  # the fast node took over work
+    final = load_file(str(coord.latest_checkpoint()))
+    for o in outs:
         node_final = load_file(str(o / "final.safetensors"))
         for k in final:
             assert torch.equal(node_final[k], final[k]), k

@@ -3,7 +3,9 @@ nodes train; it restarts on the same state dir and the nodes reconnect on their 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +15,9 @@ import torch
 from e2e.launch import kill_all, log_tail, start_node
 from lightning_drift_cli.local import LocalCoordinator
 from safetensors.torch import load_file
+
+from lightning_drift.errors import DriftError
+from lightning_drift.node.client import CoordinatorClient
 
 pytestmark = pytest.mark.timeout(480)
 
@@ -24,7 +29,27 @@ def _completed_rounds(coord: LocalCoordinator) -> list[int]:
         return []
 
 
+def _mid_round(coord: LocalCoordinator) -> bool:
+    """True while a training round is open and some node's upload for it is already counted
+    (the coordinator holds part of the round in memory only)."""
+
+    async def ask() -> bool:
+        obs = await CoordinatorClient.connect(coord.observer_token, timeout=10)
+        try:
+            st = await obs.status()
+        finally:
+            await obs.close()
+        return st.round >= 1 and any(n.state == "barrier" for n in st.nodes)
+
+    try:
+        return asyncio.run(ask())
+    except DriftError:
+        return False
+
+
 def test_nodes_ride_through_a_coordinator_kill(tmp_path: Path) -> None:
+    # The coordinator is SIGKILLed in the middle of a round (one node's upload counted, the
+    # round not complete) while the nodes train on with their rounds in flight.
     epochs = 3
     coord = LocalCoordinator(
         tmp_path / "coord", min_nodes=2, epochs=epochs, batch_size=16, sync_every=6, quorum=1.0
@@ -36,11 +61,12 @@ def test_nodes_ride_through_a_coordinator_kill(tmp_path: Path) -> None:
         for i in range(2)
     ]
     try:
-        # Kill once at least one training round (beyond the start-up round 0) is durable.
+        # Kill once a training round (beyond the start-up round 0) is durable and the next one
+        # is half gathered.
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and max(_completed_rounds(coord), default=0) < 1:
+        while time.monotonic() < deadline and not _mid_round(coord):
             assert all(p.poll() is None for p in procs), "a node exited before the kill"
-            time.sleep(0.2)
+            time.sleep(0.1)
         before = _completed_rounds(coord)
         assert max(before) >= 1, coord.log_tail()
         coord.kill()
@@ -62,6 +88,7 @@ def test_nodes_ride_through_a_coordinator_kill(tmp_path: Path) -> None:
     for i in range(2):
         report = json.loads((tmp_path / f"n{i}" / "report.json").read_text())
         assert len(report["val_losses"]) == epochs
+        assert any(h["overlapped"] for h in report["history"])  # rounds were in flight
         node_final = load_file(str(tmp_path / f"n{i}" / "final.safetensors"))
         for k in final:
             assert torch.equal(node_final[k], final[k]), k
@@ -139,6 +166,56 @@ def test_a_node_coming_back_after_the_end_gets_the_final_weights(tmp_path: Path)
     report = json.loads((tmp_path / "late" / "report.json").read_text())
     assert report["shards"] == []  # nothing left to train
     for out in ("first", "late"):
+        node_final = load_file(str(tmp_path / out / "final.safetensors"))
+        for k in final:
+            assert torch.equal(node_final[k], final[k]), k
+
+
+def test_a_node_killed_mid_overlap_resumes_from_its_checkpoint_and_ends_exact(tmp_path: Path):
+    # Node b saves a Lightning checkpoint while one of its rounds is in flight (its weights are
+    # local, mid-round ones) and is SIGKILLed at once. It restarts from that checkpoint, rejoins
+    # at the coordinator's round, and both nodes end on the final checkpoint bit for bit.
+    epochs = 3
+    coord = LocalCoordinator(
+        tmp_path / "coord",
+        min_nodes=2,
+        epochs=epochs,
+        batch_size=16,
+        sync_every=6,
+        quorum=0.5,
+        heartbeat_timeout=3.0,
+        deadline_floor=1.0,
+    )
+    coord.start()
+    ckpt = tmp_path / "b-ckpt"
+
+    def node(name: str, out: str, *extra: str) -> subprocess.Popen:
+        return start_node(
+            coord.token, tmp_path, out, "--max-chars", "40000", *extra, name=name, epochs=epochs
+        )
+
+    a = node("a", "a", "--slow", "0.1")  # keeps the session going while b restarts
+    b = node("b", "b1", "--ckpt-dir", str(ckpt), "--die-in-flight", "1")
+    procs = [a, b]
+    try:
+        assert b.wait(timeout=300) == -signal.SIGKILL, log_tail(tmp_path, "b1")
+        saved = torch.load(ckpt / "in-flight.ckpt", weights_only=False)["drift"]
+        # Saved mid-overlap: based on round >= 1, with samples trained since its snapshot.
+        assert saved["round"] >= 1 and saved["samples_since_round"] > 0, saved
+        round_at_kill = max(_completed_rounds(coord))
+        b2 = node("b", "b2", "--resume", str(ckpt / "in-flight.ckpt"))
+        procs.append(b2)
+        for p, log in ((a, "a"), (b2, "b2")):
+            assert p.wait(timeout=360) == 0, log_tail(tmp_path, log)
+        assert coord.wait(timeout=60) == 0, coord.log_tail()
+    finally:
+        kill_all(procs)
+        coord.stop()
+
+    report = json.loads((tmp_path / "b2" / "report.json").read_text())
+    assert report["history"][0]["round"] >= round_at_kill  # it rejoined, it did not start over
+    final = load_file(str(coord.latest_checkpoint()))
+    for out in ("a", "b2"):
         node_final = load_file(str(tmp_path / out / "final.safetensors"))
         for k in final:
             assert torch.equal(node_final[k], final[k]), k

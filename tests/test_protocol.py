@@ -39,6 +39,8 @@ def strategy(tp: Any) -> st.SearchStrategy[Any]:
         return st.one_of(*(strategy(a) for a in args))
     if origin is list:
         return st.lists(strategy(args[0]), max_size=3)
+    if origin is tuple:
+        return st.tuples(*(strategy(a) for a in args))
     if origin is dict:
         return st.dictionaries(strategy(args[0]), strategy(args[1]), max_size=3)
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):

@@ -643,3 +643,144 @@ def test_a_self_reported_rate_is_bounded_by_the_measured_one():
     assert m.vouched == pytest.approx(25.0) and m.rate == pytest.approx(25.0 * PACE_FACTOR)
     assert s.scheduler.score(A) == pytest.approx(25.0)  # plans use what was measured
     assert all(math.isfinite(n.samples_per_s) for n in s.status(5.0).nodes)
+def _covered(s: Session) -> list[int]:
+    return sorted(i for a in s.assignments.values() for lo, hi in a.ranges for i in range(lo, hi))
+
+
+def _measured(s: Session, rates: dict[str, float], trained: dict[str, int], now: float) -> None:
+    for node, rate in rates.items():
+        msg = TrainProgress(
+            round=s.open_round,
+            epoch=s.epoch,
+            step=1,
+            samples=trained[node],
+            samples_per_s=rate,
+            epoch_samples=trained[node],
+        )
+        s.progress(node, msg, now)
+
+
+def test_a_re_plan_follows_measured_rates_once_per_round_and_keeps_the_epoch_covered():
+    s = session(epochs=1, sync_every=5)  # 1000 samples, batch 10: 10 rounds, 500 each
+    start(s, A, B)
+    assert s.rebalance(0.5) == [] and "no measured rate yet" in s.last_rebalance
+    _measured(s, {A: 30.0, B: 10.0}, {A: 40, B: 20}, 1.0)  # A is 3x as fast as planned
+    out = s.rebalance(1.0)
+    assert {n for n, _ in out} == {A, B}
+    assert "apart at measured rates; moved" in s.last_rebalance
+    new = dict(out)
+    assert new[A].revision == new[B].revision == s.revision == 1
+    assert s.assignments[A] is new[A] and new[A].size > 500 > new[B].size
+    assert new[A].ranges[0] == (0, 500) and new[B].ranges[0][0] == 500  # trained prefix kept
+    assert _covered(s) == list(range(1000))  # every position with exactly one node
+    assert new[A].share == pytest.approx(0.75)
+    # At most one re-plan per open round, whatever comes in meanwhile.
+    _measured(s, {A: 30.0, B: 10.0}, {A: 80, B: 30}, 2.0)
+    assert s.rebalance(2.0) == [] and s.rebalanced_round == s.open_round
+    # The next round may re-plan again (here the plan already matches: nothing moves).
+    arrive(s, A, 3.0, samples=100)
+    arrive(s, B, 3.0, samples=40)
+    finish_round(s, 3.0)
+    _measured(s, {A: 30.0, B: 10.0}, {A: 140, B: 60}, 4.0)
+    assert s.rebalance(4.0) == []
+    assert s.measured_rate(A) == s.members[A].rate == 30.0  # the latest measurement
+
+
+def test_no_re_plan_when_switched_off_finished_or_at_the_epochs_end():
+    s = session(epochs=1, sync_every=5, rebalance=False)
+    start(s, A, B)
+    _measured(s, {A: 30.0, B: 10.0}, {A: 0, B: 0}, 1.0)
+    assert s.rebalance(1.0) == []
+    s = session(epochs=1, sync_every=5)
+    start(s, A, B)
+    _measured(s, {A: 30.0, B: 10.0}, {A: 500, B: 490}, 1.0)  # all but done: nothing to move
+    assert s.rebalance(1.0) == [] and "nothing can move" in s.last_rebalance
+    s.finished = True
+    assert s.rebalance(2.0) == []
+
+
+def test_a_late_joiner_keeps_its_work_in_a_re_plan():
+    s = session(epochs=1, sync_every=2, min_nodes=2)  # 25 rounds
+    start(s, A, B)
+    ready(s, C, 1.0)
+    assert s.shard(C, 0, 1.0).assignment is not None and C in s.late
+    c_before = s.assignments[C]
+    _measured(s, {A: 30.0, B: 10.0, C: 1.0}, {A: 10, B: 10, C: 0}, 2.0)
+    out = dict(s.rebalance(2.0))
+    assert set(out) == {A, B} and s.assignments[C] == c_before
+
+
+def test_a_node_lost_after_a_re_plan_hands_on_the_rest_after_its_last_counted_upload():
+    s = session(epochs=1, sync_every=5, heartbeat_timeout=5.0)
+    start(s, A, B)
+    _measured(s, {A: 30.0, B: 10.0}, {A: 40, B: 20}, 1.0)
+    s.rebalance(1.0)
+    b = s.assignments[B]
+    for node, samples in ((A, 120), (B, 40)):
+        assert s.upload(node, 1, 2.0).kind is Verdict.OPEN
+        s.arrived(node, 1, samples, 2.0, 4.0, epoch=0, epoch_samples=samples)
+    finish_round(s, 2.0)
+    s.progress(B, TrainProgress(round=2, epoch=0, step=9, samples=30, epoch_samples=70), 2.5)
+    s.lost(B, "connection closed", 3.0)
+    # Trained past its upload (70 > 40), but only what the upload held is in the weights.
+    orphan = s.orphans[B]
+    assert orphan.ranges == ((b.ranges[0][0] + 40, b.ranges[-1][1]),)
+    assert B not in s.trained and B not in s.counted
+    assert s.weight_for(A, 10_000) == s.assignments[A].size  # the cap is the re-planned size
+
+
+def test_a_re_plan_survives_a_restart():
+    s = session(epochs=1, sync_every=5)
+    start(s, A, B)
+    _measured(s, {A: 30.0, B: 10.0}, {A: 40, B: 20}, 1.0)
+    s.rebalance(1.0)
+    r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
+    assert r.assignments == s.assignments and r.assignments[A].segments
+    assert (r.revision, r.rebalanced_round, r.trained) == (1, s.open_round, {A: 40, B: 20})
+    assert _covered(r) == list(range(1000))
+
+
+def test_a_re_plan_moves_each_nodes_last_report_on_by_its_speed():
+    # Equal speeds and equal reports, but A's report is 30 s older: by now A is 300 samples
+    # further than it said, so B is the one behind and gives work to A (without moving the old
+    # report on, the two would look balanced).
+    s = session(epochs=1, sync_every=2)  # 25 rounds
+    start(s, A, B)
+    s.progress(
+        A,
+        TrainProgress(round=1, epoch=0, step=1, samples=50, samples_per_s=10.0, epoch_samples=50),
+        0.0,
+    )
+    s.progress(
+        B,
+        TrainProgress(round=1, epoch=0, step=1, samples=50, samples_per_s=10.0, epoch_samples=50),
+        30.0,
+    )
+    out = dict(s.rebalance(30.0))
+    assert out[A].size > 500 > out[B].size, s.last_rebalance
+    assert "bbbbbbbb -" in s.last_rebalance
+
+
+def test_a_re_plan_moves_whole_optimizer_steps_of_every_node():
+    """Nodes of 24 and 32 samples per optimizer step (batch × accumulation): work moves in
+    multiples of 96, so both shards stay whole steps (no short last batch appears)."""
+    s = session(epochs=1, sync_every=2, dataset_size=4800, batch_size=8)
+    for node, sps in ((A, 24), (B, 32)):
+        assert s.join(node, node[:1], 0.0).ok
+        i = info(dataset_size=4800)
+        i.batch_size, i.samples_per_step = 8, sps
+        assert s.admit(node, i, 0.0).ok
+    assert s.upload(A, 0, 0.0).kind is Verdict.INITIAL
+    s.initial(0.0)
+    for n in (A, B):
+        s.upload(n, 0, 0.0)
+        assert s.shard(n, 0, 0.0).assignment is not None
+    before = {n: s.assignments[n].size for n in (A, B)}
+    assert before[A] % 24 == 0 and before[B] % 32 == 0, before
+    _measured(s, {A: 30.0, B: 10.0}, {A: 48, B: 32}, 1.0)
+    out = dict(s.rebalance(1.0))
+    assert out, s.last_rebalance
+    moved = before[A] - s.assignments[A].size
+    assert moved != 0 and moved % 96 == 0, (before, moved)
+    assert s.assignments[A].size % 24 == 0 and s.assignments[B].size % 32 == 0
+    assert _covered(s) == list(range(4800))

@@ -251,3 +251,77 @@ def test_lightning_cli_masks_the_token_in_the_config_it_saves(tmp_path):
     # What SaveConfigCallback writes to config.yaml next to the logs:
     saved = cli.parser.dump(cli.config)
     assert TOKEN not in saved and "token: '**********'" in saved
+class _Seen(L.LightningModule):
+    """Counts training batches and when validation runs (after how many batches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+        self.batches = 0
+        self.validated_after: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.batches += 1
+        return self.lin(batch.float().unsqueeze(-1)).sum()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self):
+        self.validated_after.append(self.batches)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class _Positions(torch.utils.data.Dataset):
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        return torch.tensor(i)
+
+
+@pytest.mark.parametrize("follow", [False, True])
+@pytest.mark.parametrize("ranges, batches", [([(0, 40), (60, 80)], 15), ([(0, 28)], 7)])
+def test_lightning_follows_a_re_planned_epoch_only_when_told(tmp_path, follow, ranges, batches):
+    # A re-plan grows (60 samples) or shrinks (28) the sampler after the 6th of 10 batches.
+    # Lightning read the epoch's length at its start: on its own it cuts a grown epoch at the
+    # old length (the moved samples would go untrained) and skips the end-of-epoch validation
+    # of a shrunk one. _follow_epoch_length sets the new length everywhere Lightning keeps it.
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_drift.node.shards import ShardSampler
+    from lightning_drift.node.strategy import _follow_epoch_length
+    from lightning_drift.protocol import ShardAssignment
+
+    a = ShardAssignment(epoch=0, start=0, stop=40, rounds=2, first_round=1, seed=1)
+    sampler = ShardSampler.for_assignment(a, 100)
+    loader = DataLoader(_Positions(), batch_size=4, sampler=sampler)
+
+    class Replan(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 5:
+                assert sampler.update(ranges) == 0
+                if follow:
+                    _follow_epoch_length(trainer, len(loader))
+
+    model = _Seen()
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[Replan()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(model, loader, DataLoader(_Positions(), batch_size=4))
+    if follow:
+        assert model.batches == batches and model.validated_after == [batches]
+    elif batches > 10:
+        assert model.batches == 10 and model.validated_after == [10]  # cut at the old length
+    else:
+        assert model.batches == batches and model.validated_after == []  # no validation

@@ -1,5 +1,6 @@
 """The node's weights: fingerprint, upload payloads (whole weights or compressed changes), the
-answer rebuilt and checked, in-place load, local round copies. Torch only, no network."""
+answer rebuilt and checked, in-place load and overlapped apply, local round copies. Torch only,
+no Lightning, no network."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import torch
 from lightning_drift import codec
 from lightning_drift.aggregate import Accumulator, from_bytes, to_bytes
 from lightning_drift.checkpoint import weights_name
+from lightning_drift.errors import ConfigError
 from lightning_drift.fsutil import sha256_bytes
 from lightning_drift.node.weights import (
     GlobalWeights,
     WeightsMismatch,
+    apply_in_place,
     keep_round_copy,
     load_in_place,
     local_state,
     model_fingerprint,
+    snapshot,
 )
 
 
@@ -165,3 +169,86 @@ def test_round_copies_are_named_as_the_coordinator_names_its_checkpoints(tmp_pat
     assert path == tmp_path / "copies" / weights_name(12)
     assert path.name == "round-000012.safetensors"
     assert path.read_bytes() == b"weights"
+
+
+class Tied(torch.nn.Module):
+    """An embedding and an output layer that share one weight (as language models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 3)
+        self.out = torch.nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+
+def _train(module: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    module.train()
+    for i in range(steps):
+        opt.zero_grad()
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(i))
+        module.lin(x).pow(2).sum().add(module.norm(module.lin(x)).sum()).backward()
+        opt.step()
+
+
+def test_an_overlapped_apply_is_global_plus_the_steps_taken_since_the_snapshot():
+    # The node uploads a snapshot, trains on, and folds in the round's answer: every tensor
+    # becomes global + (now - snapshot), in place, parameter identity and Adam's state kept.
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    _train(net, opt, 2)
+    taken = snapshot(net)
+    assert all(
+        t.data_ptr() != v.data_ptr()
+        for t, v in zip(taken.values(), local_state(net).values(), strict=True)
+    )
+    _train(net, opt, 3)  # trained on while the round was in flight
+    now = {k: v.clone() for k, v in local_state(net).items()}
+    assert not torch.equal(now["lin.weight"], taken["lin.weight"])  # the copy did not move
+    g = {k: (v + 1 if v.is_floating_point() else v + 7) for k, v in taken.items()}
+    params = {id(p) for p in net.parameters()}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+
+    apply_in_place(net, g, taken)
+
+    assert {id(p) for p in net.parameters()} == params
+    assert {id(p) for p in opt.state} == params  # the optimizer still holds these parameters
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, state[id(p)][k]), k  # its moments are untouched
+    for k, v in local_state(net).items():
+        assert torch.equal(v, (now[k] - taken[k]) + g[k]), k  # exactly, in this order
+    assert int(local_state(net)["norm.num_batches_tracked"]) == 5 + 7  # counts add up
+    _train(net, opt, 1)  # and training goes on from there
+
+
+def test_an_apply_with_nothing_trained_since_the_snapshot_lands_on_the_global_weights():
+    torch.manual_seed(1)
+    net = Net()
+    taken = snapshot(net)
+    g = {k: (v * 3 if v.is_floating_point() else v) for k, v in taken.items()}
+    apply_in_place(net, g, taken)
+    for k, v in local_state(net).items():
+        assert torch.equal(v, g[k]), k
+
+
+def test_tied_weights_are_moved_once():
+    torch.manual_seed(2)
+    net = Tied()
+    taken = snapshot(net)
+    assert set(taken) == {"emb.weight", "out.weight"}
+    with torch.no_grad():
+        net.emb.weight.add_(0.5)  # a local step
+    g = {k: v + 1 for k, v in taken.items()}
+    apply_in_place(net, g, taken)
+    assert net.out.weight is net.emb.weight
+    expected = (taken["emb.weight"] + 0.5 - taken["emb.weight"]) + g["emb.weight"]
+    assert torch.equal(net.emb.weight, expected)  # once, not twice
+
+
+def test_an_apply_refuses_weights_of_another_model():
+    net = Net()
+    taken = snapshot(net)
+    other = {k: v for k, v in taken.items() if k != "lin.bias"}
+    with pytest.raises(ConfigError, match="lin.bias"):
+        apply_in_place(net, other, taken)

@@ -177,6 +177,7 @@ def progress(msg: TrainProgress) -> TrainProgress:
         samples_per_s=clamp_float(msg.samples_per_s, RATE_MIN, RATE_MAX),
         vram_used=clamp_int(msg.vram_used, 0, COUNT_MAX),
         vram_peak=clamp_int(msg.vram_peak, 0, COUNT_MAX),
+        epoch_samples=clamp_int(msg.epoch_samples, -1, COUNT_MAX),
     )
 
 
@@ -193,6 +194,7 @@ def barrier_sync(msg: BarrierSync) -> BarrierSync:
         # Not a sha256: the node names no weights (it gets the whole weights back, and a
         # delta naming no base is taken as a change from the current global weights).
         base_sha256=msg.base_sha256.lower() if _HEX64.match(msg.base_sha256.lower()) else "",
+        epoch_samples=clamp_int(msg.epoch_samples, -1, COUNT_MAX),
     )
 
 

@@ -216,6 +216,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("transfer_dtype", "float32", str,
             "float32 (whole weights), bfloat16 or int8 (compressed changes).", _S,
             choices=("float32", "bfloat16", "int8")),
+    Setting("overlap", True, bool,
+            "Nodes train on while a round is in flight (or every barrier blocks).", _S,
+            shown="--overlap"),
+    Setting("rebalance", True, bool,
+            "Re-plan an epoch's rest when measured node speeds drift from the plan.", _S,
+            shown="--rebalance"),
     Setting("min_vram", 0, str, "Refuse GPU nodes with less VRAM: 8GiB, 512MiB or bytes.", _S,
             parse=parse_size, shown="0 (no minimum)"),
     Setting("max_nodes", 64, int,
@@ -302,6 +308,8 @@ class SessionConfig:
     dataset_size: int = _default("dataset_size")  # 0: adopt from the first admitted node
     seed: int = _default("seed")
     transfer_dtype: TransferDType = _default("transfer_dtype")
+    overlap: bool = _default("overlap")
+    rebalance: bool = _default("rebalance")
     min_vram: int = _default("min_vram")
     max_nodes: int = _default("max_nodes")
     max_nodes_per_token: int = _default("max_nodes_per_token")

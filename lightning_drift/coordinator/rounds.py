@@ -380,7 +380,15 @@ class Rounds:
             except SessionError as exc:
                 self.reject(node, sync.round, str(exc))
                 raise
-            decision = s.arrived(node, sync.round, sync.samples, self.clock(), sync.train_seconds)
+            decision = s.arrived(
+                node,
+                sync.round,
+                sync.samples,
+                self.clock(),
+                sync.train_seconds,
+                epoch=sync.epoch,
+                epoch_samples=sync.epoch_samples,
+            )
             self._counted[node] = (sync, nbytes)
         log.info("barrier.arrived node=%s round=%d samples=%d", node[:8], sync.round, sync.samples)
         self.consider(decision)

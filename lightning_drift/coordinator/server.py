@@ -69,6 +69,7 @@ from lightning_drift.protocol import (
     NodeInfo,
     Ping,
     SessionStatus,
+    ShardAssignment,
     ShardRequest,
     StatusRequest,
     StopDecision,
@@ -336,6 +337,27 @@ class Coordinator:
         self._serve_pending_shards()
         if outcome.finished:
             self._finish()
+        else:
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Re-plan the rest of the epoch if the session says so, and tell the nodes."""
+        before = self.session.last_rebalance
+        replans = self.session.rebalance(self.clock())
+        if self.session.last_rebalance != before:
+            log.debug("rebalance %s", self.session.last_rebalance)
+        if replans:
+            self.event(self.session.last_rebalance)
+            self._spawn(self._send_replans(replans))
+
+    async def _send_replans(self, replans: list[tuple[str, ShardAssignment]]) -> None:
+        # Durable before any node follows it: after a restart the coordinator must know the
+        # work each node trains on (nodes that missed it get it again when they reconnect).
+        await self.rounds.save_session()
+        for node, assignment in replans:
+            nc = self.conns.get(node)
+            if nc is not None:
+                await nc.send(assignment)
 
     def failed(self, reason: str) -> None:
         # Disk full, out of memory, ...: the round's state is now uncertain. Stop rather than
@@ -503,6 +525,10 @@ class Coordinator:
         try:
             await stream.send(self.session.train_config())
             self.event(d.reason)
+            replanned = self.session.assignments.get(node)
+            if replanned is not None and replanned.revision > 0:
+                # It may have missed its latest re-plan while it was away.
+                await nc.send(replanned)
             self._serve_pending_shards()
             acceptor = asyncio.create_task(self._barrier_streams(nc))
             nc.tasks.add(acceptor)
@@ -581,6 +607,7 @@ class Coordinator:
                 if log.isEnabledFor(logging.DEBUG) and (changed := boundary.bounded(msg, clean)):
                     log.debug("progress.bounded node=%s %s", nc.node[:8], ", ".join(changed))
                 s.progress(nc.node, clean, now)
+                self._rebalance()
             elif isinstance(msg, StopRequest):
                 await self._stop_request(nc, boundary.stop_request(msg))
             elif isinstance(msg, ShardRequest):

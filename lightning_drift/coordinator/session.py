@@ -58,6 +58,14 @@ round belongs to no plan yet) it finishes at once, on the last completed round.
 An upload's aggregation weight is its reported ``samples`` bounded by what its assignment
 allows (:meth:`Session.weight_for`), so one node cannot dominate the weighted mean with a bogus
 count. Every decision carries a readable ``reason``; tests assert on them.
+
+Rebalancing. An epoch's shards are cut from the scores the scheduler has when it is planned
+(calibration, for a node that has not trained yet). As measured rates come in (progress
+reports, barrier uploads), :meth:`Session.rebalance` re-plans the unconsumed rest of the
+epoch among the plan's live nodes (``lightning_drift.rebalance``), at most once per open
+round; the server sends each changed node its new assignment (a higher ``revision``).
+Positions a node reports having trained (``epoch_samples``), moved on by its measured speed for
+the time since the report, tell where it is; work near that position never moves.
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ from lightning_drift.protocol import (
     TrainConfig,
     TrainProgress,
 )
+from lightning_drift.rebalance import NodeWork, rebalance
 from lightning_drift.robust import lower_median
 from lightning_drift.scheduler import (
     EpochPlan,
@@ -87,6 +96,8 @@ from lightning_drift.scheduler import (
     Shard,
     consumed_after,
     plan_late,
+    split,
+    total,
     train_device_info,
 )
 
@@ -284,6 +295,14 @@ class Session:
         self.stop_round: int | None = None  # the final round, once a stop is decided
         self.stop_reason = ""
         self.banned: dict[str, str] = {}  # excluded node -> why (its Joins are refused)
+        # Positions of its epoch's work each node reported having trained (any report), and
+        # as of its last upload that counted; both reset when an epoch is planned.
+        self.trained: dict[str, int] = {}
+        self.trained_at: dict[str, float] = {}  # when (not persisted: clocks differ)
+        self.counted: dict[str, int] = {}
+        self.revision = 0  # of the last re-plan; grows over the session
+        self.rebalanced_round = -1  # the open round of the last re-plan (one per round)
+        self.last_rebalance = ""
 
     # ---- derived state -------------------------------------------------------------------
     @property
@@ -361,7 +380,7 @@ class Session:
                 rate = max(est, floor)
                 estimated.append(node)
             a = self.assignments[node]
-            work = (a.stop - a.start) / max(1, a.rounds)
+            work = a.size / max(1, a.rounds)
             longest = max(longest, work / rate)
         if unknown:
             return None, estimated, unknown
@@ -376,13 +395,13 @@ class Session:
     def weight_for(self, node: str, samples: int) -> float:
         """The aggregation weight of ``node``'s upload reporting ``samples``.
 
-        ``samples`` bounded to ``[0, shard size]`` of the node's assignment (``stop - start``:
+        ``samples`` bounded to ``[0, shard size]`` of the node's assignment (its positions:
         a node may carry over at most its whole shard into one upload), so one buggy or
         hostile count cannot dominate the weighted mean. Without an assignment (its upload is
         not counted then) the bound is the dataset size.
         """
         a = self.assignments.get(node)
-        cap = (a.stop - a.start) if a is not None else self.dataset_size
+        cap = a.size if a is not None else self.dataset_size
         return float(max(0, min(int(samples), max(0, cap))))
 
     # ---- membership events ---------------------------------------------------------------
@@ -505,6 +524,7 @@ class Session:
         m.samples = msg.samples
         m.vram_used = max(0, msg.vram_used)
         m.vram_peak = max(m.vram_peak, msg.vram_peak, m.vram_used)
+        self._trained(node, msg.epoch, msg.epoch_samples, now)
         if msg.samples_per_s > 0:
             m.rate = bound_rate(msg.samples_per_s, m.vouched or self.reference_rate())
 
@@ -523,23 +543,29 @@ class Session:
             done = max(0, self.open_round - a.first_round)
             if node in self.arrivals:
                 done += 1
-            start = a.start + consumed_after(
-                a.stop - a.start,
-                a.batch_size or self.config.batch_size,
-                a.rounds,
-                done,
-                samples_per_step=a.samples_per_step,
-            )
-            if done < a.rounds and start < a.stop:
-                self.orphans[node] = Shard(
+            # What its counted uploads hold: the positions it said it had trained when it took
+            # its last one, or (a node that does not say) what its barrier points imply.
+            used = self.counted.get(node)
+            if used is None or node in self.late:
+                used = consumed_after(
+                    a.size,
+                    a.batch_size or self.config.batch_size,
+                    a.rounds,
+                    done,
+                    samples_per_step=a.samples_per_step,
+                )
+            _, rest = split(a.ranges, used)
+            if done < a.rounds and total(rest) > 0:
+                self.orphans[node] = Shard.of(
                     node,
-                    start,
-                    a.stop,
+                    rest,
                     a.share,
-                    0,
                     batch_size=a.batch_size,
                     samples_per_step=a.samples_per_step,
                 )
+            self.trained.pop(node, None)
+            self.trained_at.pop(node, None)
+            self.counted.pop(node, None)
             # It gets a fresh assignment (its own rest if still free) when it comes back.
             del self.assignments[node]
             self.late.discard(node)
@@ -626,6 +652,9 @@ class Session:
         self.epoch = epoch
         self.late.clear()
         self.orphans.clear()
+        self.trained.clear()
+        self.trained_at.clear()
+        self.counted.clear()
         self.assignments = {
             n: self._assignment(n, sh, self.plan.first_round, self.plan.rounds)
             for n, sh in self.plan.shards.items()
@@ -674,6 +703,8 @@ class Session:
             final=self.plan.epoch == self.config.epochs - 1,
             batch_size=sh.batch_size,
             samples_per_step=sh.samples_per_step,
+            segments=list(sh.segments),
+            revision=self.revision,
         )
 
     def _late_assignment(self, node: str) -> ShardAssignment | None:
@@ -709,6 +740,112 @@ class Session:
         self.assignments[node] = a
         self.late.add(node)
         return a
+
+    # ---- rebalancing ---------------------------------------------------------------------
+    def measured_rate(self, node: str) -> float | None:
+        """The node's measured training speed in samples/s, or None before it has one.
+
+        The one place re-plans read a node's speed: its latest measurement (a progress
+        report's window or its last round), so that a node whose machine got busier or
+        freer is re-planned within a round; the scheduler's moving average, which plans
+        whole epochs, when the member has none."""
+        m = self.members.get(node)
+        if m is not None and m.rate > 0:
+            return m.rate
+        sch = self.scheduler
+        if sch is None or node not in sch:
+            return None
+        return sch.measured(node)
+
+    def rebalance(self, now: float) -> list[tuple[str, ShardAssignment]]:
+        """Re-plan the rest of the epoch if measured speeds have drifted from the shares.
+
+        Returns the new assignments to send, one per node whose work changed (empty when
+        nothing moves: ``last_rebalance`` says why). At most one re-plan per open round; the
+        plan's live nodes take part (late joiners and returning nodes keep their work).
+        """
+        plan = self.plan
+        if not self.config.rebalance or self.finished or plan is None or self.closing is not None:
+            return []
+        if self.rebalanced_round >= self.open_round or self.open_round > plan.last_round:
+            return []
+        nodes = sorted(
+            n
+            for n, a in self.assignments.items()
+            if a.epoch == plan.epoch and n not in self.late and self.members[n].live()
+        )
+        work = [
+            NodeWork(
+                n,
+                tuple(self.assignments[n].ranges),
+                min(self._position(n, now), self.assignments[n].size),
+                self.measured_rate(n),
+            )
+            for n in nodes
+        ]
+        decision = rebalance(
+            work,
+            plan.last_round - self.completed,
+            batch_size=self._move_unit(nodes),
+            # A node reports what it trained every progress_every_s (and at every upload).
+            horizon_s=self.config.progress_every_s + 2.0,
+        )
+        self.last_rebalance = f"epoch {plan.epoch} round {self.open_round}: {decision.reason}"
+        if not decision:
+            return []
+        self.revision += 1
+        self.rebalanced_round = self.open_round
+        rates = {w.node: w.rate or 0.0 for w in work}
+        all_rates = sum(rates.values()) or 1.0
+        out = []
+        for node, segments in decision.segments.items():
+            first = segments[0] if segments else (0, 0)
+            a = msgspec.structs.replace(
+                self.assignments[node],
+                start=first[0],
+                stop=first[1],
+                segments=[(lo, hi) for lo, hi in segments] if len(segments) > 1 else [],
+                share=rates[node] / all_rates,
+                revision=self.revision,
+            )
+            self.assignments[node] = a
+            out.append((node, a))
+        return out
+
+    def _move_unit(self, nodes: list[str]) -> int:
+        """Samples a re-plan moves at a time: a whole optimizer step of every node taking part
+        (the least common multiple of their samples per step), so shards cut in whole steps
+        stay whole; the largest step when that multiple would be absurdly large."""
+        units = [
+            self.assignments[n].samples_per_step
+            or self.assignments[n].batch_size
+            or self.config.batch_size
+            for n in nodes
+        ]
+        units = [max(1, u) for u in units] or [max(1, self.config.batch_size)]
+        lcm = math.lcm(*units)
+        return lcm if lcm <= 64 * max(units) else max(units)
+
+    def _trained(self, node: str, epoch: int | None, epoch_samples: int, now: float) -> bool:
+        """Record that ``node`` has trained ``epoch_samples`` positions of its work of
+        ``epoch`` (ignored for another epoch than the plan's, or when not said)."""
+        a = self.assignments.get(node)
+        if epoch_samples < 0 or a is None or (epoch is not None and epoch != a.epoch):
+            return False
+        value = min(int(epoch_samples), a.size)
+        if value > self.trained.get(node, -1):
+            self.trained[node] = value
+            self.trained_at[node] = now
+        return True
+
+    def _position(self, node: str, now: float) -> int:
+        """Where ``node`` is in its work now: what it last reported having trained, moved on
+        by its measured speed for the time since (a report can be seconds old, and a stale
+        position would make a node look slower than it is)."""
+        trained = self.trained.get(node, 0)
+        rate = self.measured_rate(node) or 0.0
+        since = max(0.0, now - self.trained_at.get(node, now))
+        return int(trained + rate * since)
 
     # ---- barriers ------------------------------------------------------------------------
     def upload(
@@ -787,17 +924,28 @@ class Session:
         return UploadVerdict(Verdict.OPEN, accepted)
 
     def arrived(
-        self, node: str, upload_round: int, samples: int, now: float, train_s: float = 0.0
+        self,
+        node: str,
+        upload_round: int,
+        samples: int,
+        now: float,
+        train_s: float = 0.0,
+        *,
+        epoch: int | None = None,
+        epoch_samples: int = -1,
     ) -> RoundDecision:
         """The node's upload for ``upload_round`` (the open round) was accumulated. Returns
         the round decision.
 
         ``samples`` is recorded as :meth:`weight_for` bounds it (the weight it was accumulated
-        with), also for the pace measured from ``train_s``.
+        with), also for the pace measured from ``train_s``. ``epoch_samples``: the positions
+        of its epoch's work the node had trained when it took the upload (-1: not said).
         """
         m = self.members[node]
         m.last_seen = now
         if upload_round == self.open_round and self.closing is None:
+            if self._trained(node, epoch, epoch_samples, now):
+                self.counted[node] = min(epoch_samples, self.assignments[node].size)
             samples = int(self.weight_for(node, samples))  # a bogus count must not skew pace
             self.arrivals[node] = samples
             m.state = MemberState.BARRIER
@@ -1007,6 +1155,7 @@ class Session:
             min_nodes=c.min_nodes,
             lightning_config=c.lightning_config,
             stop_round=-1 if self.stop_round is None else self.stop_round,
+            overlap=c.overlap,
         )
 
     def status(self, now: float, checkpoint: str = "") -> SessionStatus:
@@ -1095,6 +1244,10 @@ class Session:
                 "round": self.stop_round,
                 "reason": self.stop_reason,
             },
+            "trained": dict(self.trained),
+            "counted": dict(self.counted),
+            "revision": self.revision,
+            "rebalanced_round": self.rebalanced_round,
         }
 
     @classmethod
@@ -1131,6 +1284,10 @@ class Session:
         s.stop_round = None if stop.get("round") is None else int(stop["round"])
         s.stop_reason = str(stop.get("reason", ""))
         s.banned = dict(d.get("banned", {}))
+        s.trained = {str(n): int(v) for n, v in d.get("trained", {}).items()}
+        s.counted = {str(n): int(v) for n, v in d.get("counted", {}).items()}
+        s.revision = int(d.get("revision", 0))
+        s.rebalanced_round = int(d.get("rebalanced_round", -1))
         for n, md in d.get("members", {}).items():
             saved = MemberState(md["state"])
             state = saved if saved in GONE else MemberState.TRAINING

@@ -72,6 +72,11 @@ class EpochBarriers:
     is known; call :meth:`step` after every optimizer step and, while :meth:`due`, hold a
     barrier and call :meth:`held`; at the epoch's end hold the :meth:`owed` ones, if any (fewer
     steps ran than the loader promised).
+
+    When the coordinator re-plans the rest of the epoch (the work grows or shrinks), call
+    :meth:`retarget` with the epoch's new length: the barriers not held yet are spread evenly
+    over the steps from the last barrier held to the new end, as if the new plan had been in
+    force since that barrier.
     """
 
     rounds: int
@@ -82,6 +87,9 @@ class EpochBarriers:
     done: int = 0  # barriers held this epoch
     final_round: int | None = None  # the session's final round, once it decided to stop
     final_held: bool = False
+    anchor_steps: int = 0  # the steps and barriers held when the schedule was last (re)made
+    anchor_done: int = 0
+    last_barrier_steps: int = 0  # steps taken when the last barrier was held
 
     def step(self) -> int:
         """Count one optimizer step; return how many barriers are due now."""
@@ -115,7 +123,15 @@ class EpochBarriers:
     def barrier_step(self, k: int) -> int:
         """The step of this epoch's barrier ``k`` (1-based); the epoch's length must be known."""
         assert self.total_steps is not None, "the epoch's total steps are not known yet"
-        return barrier_step(k, self.total_steps, self.rounds, self.sync_every)
+        if k <= self.anchor_done:
+            return self.anchor_steps
+        j = k - self.anchor_done
+        return self.anchor_steps + barrier_step(
+            j,
+            max(0, self.total_steps - self.anchor_steps),
+            max(1, self.rounds - self.anchor_done),
+            self.sync_every,
+        )
 
     def owed(self) -> int:
         """Barriers of the epoch not held yet (due or not)."""
@@ -130,6 +146,11 @@ class EpochBarriers:
             return self.final_round
         return self.first_round + self.done
 
+    @property
+    def last(self) -> bool:
+        """True when the next barrier is the epoch's last (or the session's final one)."""
+        return self.final_round is not None or self.done + 1 >= self.rounds
+
     def held(self) -> None:
         """Record that the next barrier was held."""
         if self.final_round is not None:
@@ -140,6 +161,15 @@ class EpochBarriers:
         if self.done >= self.rounds:
             raise ValueError(f"all {self.rounds} barriers of the epoch are already held")
         self.done += 1
+        self.last_barrier_steps = self.steps
+
+    def retarget(self, total_steps: int) -> None:
+        """The epoch now gives ``total_steps`` optimizer steps (a re-plan): re-spread the
+        barriers not held yet from the last barrier held (or the epoch's start) to the new
+        end. Barriers whose new step has passed are due at once."""
+        self.total_steps = max(1, total_steps)
+        self.anchor_steps = self.last_barrier_steps if self.done else 0
+        self.anchor_done = self.done
 
 
 __all__ = [

@@ -106,6 +106,11 @@ class CoordinatorClient:
         self._closed = False
         self._last_rx = 0.0
         self.silence_s: float | None = None
+        # Called (on the loop) with every re-plan of the epoch being trained: an assignment
+        # that comes unasked with a revision above 0. The latest is also kept, for a callback
+        # set after the handshake (a re-plan may arrive first).
+        self.on_replan: Callable[[p.ShardAssignment], None] | None = None
+        self.latest_replan: p.ShardAssignment | None = None
 
     @property
     def node_key(self) -> str:
@@ -389,7 +394,14 @@ class CoordinatorClient:
                         await self._send(p.Ping(session_id=msg.session_id, nonce=msg.nonce))
                 elif isinstance(msg, p.ShardAssignment):
                     fut = self._shards.pop(msg.epoch, None)
-                    if fut is None:  # answered for another epoch than asked (late/rejoin)
+                    asked_before = any(e <= msg.epoch for e in self._shards)
+                    if fut is None and not asked_before and msg.revision > 0:
+                        # Unasked: the coordinator re-planned the epoch being trained.
+                        self.latest_replan = msg
+                        if self.on_replan is not None:
+                            self.on_replan(msg)
+                        continue
+                    if fut is None:  # answered for a later epoch than asked (late/rejoin)
                         fut = next(iter(self._shards.values()), None)
                         if fut is not None:
                             self._shards = {e: f for e, f in self._shards.items() if f is not fut}

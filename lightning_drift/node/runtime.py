@@ -1,13 +1,16 @@
 """The node runtime: the training process's side of a drift session.
 
 It owns the iroh endpoint and one asyncio loop running in a background thread, and offers
-blocking calls to the training thread: ``start`` (join and handshake), ``shard``, ``barrier``,
-``report``, ``request_stop`` and ``status``; :attr:`NodeRuntime.stop` is the session's decision
-to stop, once it was made (told on the control stream, or at a reconnect's handshake). When the coordinator goes away (restart, network drop) a call
-reconnects with exponential backoff and is retried, so the training thread keeps its place:
-a barrier upload is kept until its ``BarrierReady`` arrives and is sent again after a
-reconnect. ``close`` shuts the endpoint down before the process exits (iroh can abort a
-process that exits with live endpoints).
+calls to the training thread: ``start`` (join and handshake), ``shard``, ``hand_off`` (a
+barrier: the upload is built, sent and answered on the network thread while the caller goes
+on; it gets a future), ``barrier`` (the same, waited for), ``report``, ``request_stop``,
+``status`` and ``replan`` (the latest re-plan of the epoch, if one came);
+:attr:`NodeRuntime.stop` is the session's decision to stop, once it was made (told on the
+control stream, or at a reconnect's handshake). When the coordinator goes away (restart,
+network drop) a call reconnects with exponential backoff and is retried, so the training
+thread keeps its place: a barrier upload is kept until its ``BarrierReady`` arrives and is
+sent again after a reconnect. ``close`` shuts the endpoint down before the process exits
+(iroh can abort a process that exits with live endpoints).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import nacl.signing
 
@@ -45,6 +49,19 @@ T = TypeVar("T")
 
 # Refusals that a retry cannot cure: the token, the session or the data are wrong.
 _FATAL = (AuthError, SessionError)
+
+
+@dataclass(frozen=True)
+class Delivery(Generic[T]):
+    """A barrier's round trip, as :meth:`NodeRuntime.hand_off` completes it: the upload as
+    sent (``sync``, ``payload``), the coordinator's answer (``ready``, ``blob``) and what the
+    ``receive`` callback made of the blob."""
+
+    sync: p.BarrierSync
+    payload: bytes
+    ready: p.BarrierReady
+    blob: bytes
+    weights: T
 
 
 class NodeRuntime:
@@ -113,6 +130,8 @@ class NodeRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._replan: p.ShardAssignment | None = None  # the latest re-plan not yet taken
+        self._replan_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -178,13 +197,50 @@ class NodeRuntime:
 
         Survives a coordinator restart: the same upload is sent again after reconnecting.
         """
-        ready, blob = self._call(
-            self._retrying(lambda c: c.barrier(sync, weights), what=f"barrier round={sync.round}")
-        )
-        self.bytes_sent += len(weights)
-        self.bytes_received += len(blob)
-        self.held_round = ready.round
-        return ready, blob
+        d = self.hand_off(lambda: (sync, weights), lambda ready, blob: None).result()
+        return d.ready, d.blob
+
+    def hand_off(
+        self,
+        prepare: Callable[[], tuple[p.BarrierSync, bytes]],
+        receive: Callable[[p.BarrierReady, bytes], T],
+    ) -> Future[Delivery[T]]:
+        """Hold a barrier on the network thread; returns at once with its future.
+
+        ``prepare`` makes the BarrierSync and the payload, and ``receive`` checks and decodes
+        the round's global weights; both run in a worker thread of the loop (never in the
+        caller's), so heavy serialization does not stall heartbeats or the caller. The future
+        holds the :class:`Delivery`, or the error that ended the barrier (``SessionError``
+        for a refusal, ``SessionFinished``, ``PeerLost`` after ``reconnect_timeout``).
+        Survives a coordinator restart like :meth:`barrier`.
+        """
+        assert self._loop is not None, "NodeRuntime.start() must be called first"
+
+        async def run() -> Delivery[T]:
+            sync, payload = await asyncio.to_thread(prepare)
+            ready, blob = await self._retrying(
+                lambda c: c.barrier(sync, payload), what=f"barrier round={sync.round}"
+            )
+            self.bytes_sent += len(payload)
+            self.bytes_received += len(blob)
+            self.held_round = ready.round
+            weights = await asyncio.to_thread(receive, ready, blob)
+            return Delivery(sync, payload, ready, blob, weights)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
+
+    def replan(self) -> p.ShardAssignment | None:
+        """The latest re-plan of the epoch the coordinator sent since the last call, or None.
+        Non-blocking: the training thread polls it between steps."""
+        with self._replan_lock:
+            a, self._replan = self._replan, None
+        return a
+
+    def _on_replan(self, a: p.ShardAssignment) -> None:
+        with self._replan_lock:
+            if self._replan is None or a.revision > self._replan.revision:
+                self._replan = a
+        log.info("replan epoch=%d revision=%d size=%d", a.epoch, a.revision, a.size)
 
     def report(self, progress: p.TrainProgress) -> None:
         """Send ``TrainProgress`` without waiting; dropped silently while reconnecting."""
@@ -241,6 +297,9 @@ class NodeRuntime:
 
     async def _connect(self, first: bool) -> None:
         client = await self._new_client()
+        client.on_replan = self._on_replan
+        if client.latest_replan is not None:  # arrived before the callback was set
+            self._on_replan(client.latest_replan)
         config = client.config
         assert config is not None, "a node token's handshake ends with TrainConfig"
         self._client = client

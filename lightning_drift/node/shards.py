@@ -1,12 +1,17 @@
-"""The node's part of an epoch: a sampler over the shard the coordinator assigned.
+"""The node's part of an epoch: a sampler over the work the coordinator assigned.
 
 Torch only (no Lightning): the strategy puts :class:`ShardSampler` into the train
 dataloader; anything else that trains on a drift shard can use it the same way.
+
+A node's work of an epoch is a list of ranges of the epoch's permutation, trained in order.
+The coordinator may re-plan the rest of an epoch while the node trains it (the work list
+grows or shrinks at its tail, see ``lightning_drift.rebalance``): :meth:`ShardSampler.update`
+swaps the part not yet handed out, and the running iteration follows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -16,17 +21,23 @@ from lightning_drift.scheduler import epoch_permutation
 
 
 class ShardSampler(Sampler[int]):
-    """Yields this node's shard of one epoch: positions ``start:stop`` of the epoch's permutation."""
+    """Yields this node's work of one epoch: the dataset indices at its positions of the
+    epoch's permutation, range after range.
 
-    def __init__(self, indices: torch.Tensor) -> None:
-        self.indices = indices
+    ``yielded`` counts the indices handed out by the current iteration (a data loader reads
+    ahead of training, so it can be more than what was trained)."""
+
+    def __init__(self, indices: torch.Tensor, perm: torch.Tensor | None = None) -> None:
+        self._order: list[int] = indices.tolist()
+        self._perm = perm
+        self.yielded = 0
 
     @classmethod
     def for_assignment(cls, assignment: ShardAssignment, dataset_size: int) -> ShardSampler:
         """The sampler of ``assignment`` over a dataset of ``dataset_size`` samples: every node
         and the coordinator derive the same permutation from the session's seed and the epoch."""
         perm = epoch_permutation(assignment.seed, assignment.epoch, dataset_size)
-        return cls(perm[assignment.start : assignment.stop])
+        return cls(_take(perm, assignment.ranges), perm)
 
     @classmethod
     def empty(cls) -> ShardSampler:
@@ -34,10 +45,39 @@ class ShardSampler(Sampler[int]):
         return cls(torch.empty(0, dtype=torch.long))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices.tolist())
+        # Reads the order at every step, so an update made while the iteration runs is
+        # followed (the data loader pulls indices one batch at a time).
+        self.yielded = 0
+        while self.yielded < len(self._order):
+            i = self._order[self.yielded]
+            self.yielded += 1
+            yield i
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self._order)
+
+    def update(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Make ``ranges`` (of the epoch's permutation) the epoch's whole work; returns how many
+        indices already handed out the new work does not hold.
+
+        What was handed out stays handed out. The rest of the order becomes the new work's
+        positions not handed out yet, in order, so a re-plan that keeps the trained prefix
+        (the coordinator's do) continues seamlessly. A positive return means the loader had
+        read past the new end: those samples are trained here and by the node they moved to.
+        """
+        if self._perm is None:
+            raise ValueError("this sampler was not made from an assignment; it cannot follow one")
+        new = _take(self._perm, ranges).tolist()
+        done = self._order[: self.yielded]
+        handed = set(done)
+        overrun = len(handed - set(new))
+        self._order = done + [i for i in new if i not in handed]
+        return overrun
+
+
+def _take(perm: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    parts = [perm[a:b] for a, b in ranges if b > a]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
 __all__ = ["ShardSampler"]

@@ -6,12 +6,18 @@ The strategy only connects Lightning to the node's parts:
 - when the train dataloader is set up (first in ``fit``), the node joins the session
   (:class:`~lightning_drift.node.runtime.NodeRuntime`), syncs to the coordinator's global
   weights (round 0 or the current round) and, every epoch, swaps the dataloader's sampler for
-  the shard the coordinator assigned (:class:`~lightning_drift.node.shards.ShardSampler`);
+  the work the coordinator assigned (:class:`~lightning_drift.node.shards.ShardSampler`); when
+  the coordinator re-plans the rest of the epoch, the sampler, Lightning's epoch length and the
+  barrier points follow between two optimizer steps;
 - after each optimizer step it counts towards its barrier points
-  (:class:`~lightning_drift.node.barriers.EpochBarriers`); at a barrier it uploads its weights
-  (:mod:`lightning_drift.node.weights`), waits for the round's global weights and copies them
-  into the existing parameters, so parameter identity and the local optimizer state are kept
-  (as DiLoCo does);
+  (:class:`~lightning_drift.node.barriers.EpochBarriers`) and, when one is due, holds it
+  (:meth:`DriftStrategy.hold_barrier`). An **overlapped** barrier copies the weights, hands the
+  upload to the network thread (:mod:`lightning_drift.node.weights` builds it there) and
+  trains on; when the round's global weights arrive they are folded in between two optimizer
+  steps as ``global + (weights now - copy)``, in place (parameter identity and optimizer state
+  kept). At most one round is in flight: the next barrier first waits for the previous
+  round. A **blocking** barrier (each epoch's last, and every one with ``overlap=False``) waits
+  for the round and loads its weights exactly;
 - the last barrier of the last epoch is the final one: every node ends holding the
   coordinator's final checkpoint.
 
@@ -37,7 +43,10 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,11 +88,15 @@ from lightning_drift.node.barriers import EpochBarriers, contributing_round, ste
 from lightning_drift.node.shards import ShardSampler
 from lightning_drift.node.weights import (
     GlobalWeights,
+    Received,
+    StateDict,
     WeightsMismatch,
+    apply_in_place,
     keep_round_copy,
     load_in_place,
     local_state,
     model_fingerprint,
+    snapshot,
 )
 from lightning_drift.peers import parse_peer
 
@@ -93,9 +106,26 @@ if TYPE_CHECKING:
     # joins, not whenever Lightning does.
     from lightning.pytorch import LightningModule, Trainer
 
-    from lightning_drift.node.runtime import NodeRuntime
+    from lightning_drift.node.runtime import Delivery, NodeRuntime
 
 log = logging.getLogger(__name__)
+
+# The first progress report (the coordinator's first measured rate for this node) comes after
+# this many optimizer steps, or after this many seconds of training once a step is measured,
+# not counting the fit's first (warm-up) step: a re-plan of the first epoch can then follow
+# real step times instead of the start-up calibration.
+EARLY_REPORT_STEPS = 8
+EARLY_REPORT_S = 2.0
+
+
+@dataclass
+class _InFlight:
+    """A barrier whose round has not been applied yet."""
+
+    future: Future[Delivery[Received]]
+    taken: StateDict | None  # the weights at the barrier (overlapped); None when blocking
+    sync: p.BarrierSync  # as the barrier made it (the network thread names the base)
+    handed_at: float  # monotonic time of the hand-off
 
 
 class DriftStrategy(SingleDeviceStrategy):
@@ -141,6 +171,14 @@ class DriftStrategy(SingleDeviceStrategy):
             node by it); created (0600) on first use. ``None``: ``node.key`` in the user's
             lightning-drift folder (``$XDG_STATE_HOME/lightning-drift``). A node that joins
             with a token uses a fresh key each run.
+        overlap: ``True``: overlapped rounds (a barrier hands the upload to the network and
+            training goes on; only each epoch's last barrier blocks); ``False``: every barrier
+            waits for its round; ``None`` (default): the session's setting
+            (``drift-coord serve --overlap/--no-overlap``, on by default).
+
+    After ``fit``, :attr:`history` has one entry per barrier and :attr:`timing` the seconds the
+    strategy kept training from running (start-up, waiting for rounds, hand-offs, applying
+    weights, following re-plans).
     """
 
     strategy_name = "drift"
@@ -163,6 +201,7 @@ class DriftStrategy(SingleDeviceStrategy):
         peer: str | None = None,
         listen: str | None = None,
         key_file: str | None = None,
+        overlap: bool | None = None,
     ) -> None:
         if listen is not None:
             if not peer or _token_given(token, token_file):
@@ -204,20 +243,37 @@ class DriftStrategy(SingleDeviceStrategy):
         self._progress_every = progress_every or 5.0  # until the session's config arrives
         self.calibration_seconds = calibration_seconds
 
+        self.overlap = overlap
         self.runtime: NodeRuntime | None = None
         self.config: p.TrainConfig | None = None
         self.assignment: p.ShardAssignment | None = None
         self.history: list[dict[str, Any]] = []  # one entry per barrier, for tests and logs
+        # Seconds spent not training, by cause; busy_s is their running sum (start-up aside).
+        self.timing: dict[str, float] = dict.fromkeys(
+            ("startup_s", "wait_s", "handoff_s", "apply_s", "replan_s"), 0.0
+        )
+        self.busy_s = 0.0
+        self._starting = False  # inside the join: its time is start-up, whatever it waits for
+        self._overlap = False  # resolved when the session's config arrives
         self._parallel: list[torch.device] = []
         self._weights: GlobalWeights | None = None  # set when the session's config arrives
         self._barriers: EpochBarriers | None = None  # the current epoch's barrier points
-        self._samples = 0  # samples trained since the last barrier
+        self._sampler: ShardSampler | None = None  # the current epoch's, and its loader
+        self._loader: DataLoader | None = None
+        self._inflight: _InFlight | None = None
+        self._held_round = -1  # the round whose global weights the parameters are based on
+        self._samples = 0  # samples trained since the last barrier's upload
+        self._epoch_samples = 0  # samples trained this epoch
         self._steps = 0  # optimizer steps in this fit
-        self._train_t0 = time.monotonic()  # start of this round's training (after a barrier)
+        self._train_t0 = time.monotonic()  # when the last upload was taken, and busy_s then
+        self._train_busy0 = 0.0
         self._last_loss: torch.Tensor | float | None = None
-        self._last_report = 0.0
-        self._rate_t0 = time.monotonic()
+        self._last_report = time.monotonic()
+        self._rate_t0 = time.monotonic()  # the progress report's measuring window
+        self._rate_busy0 = 0.0
         self._rate_samples = 0
+        self._rate_steps = 0
+        self._reported = False  # the first (early) progress report has gone out
         self.finished = False
         self.node_key = ""
         self._resumed_from: dict[str, Any] | None = None  # the "drift" entry of a resumed .ckpt
@@ -341,7 +397,7 @@ class DriftStrategy(SingleDeviceStrategy):
         except SessionFinished as done:
             # The session finished while this node was away, or between two of its epochs (a
             # stop): make sure it holds the final weights, train nothing more, end the fit.
-            if self._runtime.held_round < done.final_round:
+            if self._held_round < done.final_round:
                 self._sync(p.BarrierSync(round=0, epoch=trainer.current_epoch))
             log.warning(
                 "the session finished at round %d; this node holds its final weights",
@@ -357,27 +413,42 @@ class DriftStrategy(SingleDeviceStrategy):
         self._barriers = EpochBarriers(
             rounds=a.rounds, first_round=a.first_round, sync_every=self.sync_every
         )
+        self._epoch_samples = 0
         log.info(
-            "shard epoch=%d start=%d stop=%d rounds=%d first_round=%d",
+            "shard epoch=%d ranges=%s size=%d rounds=%d first_round=%d",
             a.epoch,
-            a.start,
-            a.stop,
+            a.ranges,
+            a.size,
             a.rounds,
             a.first_round,
         )
-        self._log_metrics({"drift/shard_size": float(a.stop - a.start), "drift/epoch": a.epoch})
+        self._log_metrics({"drift/shard_size": float(a.size), "drift/epoch": a.epoch})
         # A stop asked for at the last epoch's end (EarlyStopping in on_train_epoch_end), or
         # decided meanwhile, is held here, before the epoch trains anything.
         self._hold_due_barriers()
         if self.finished:
-            return _update_dataloader(dataloader, ShardSampler.empty(), mode=RunningStage.TRAINING)
-        return _update_dataloader(dataloader, sampler, mode=RunningStage.TRAINING)
+            sampler = ShardSampler.empty()
+        loader = _update_dataloader(dataloader, sampler, mode=RunningStage.TRAINING)
+        self._sampler, self._loader = sampler, loader
+        return loader
 
     def _join(self, dataset_size: int, batch_size: int = 0, samples_per_step: int = 0) -> None:
         """Join the session, take its settings, and hold the start-up sync (round 0).
 
         ``batch_size`` and ``samples_per_step`` (batch size × accumulate_grad_batches) let
         the coordinator cut shards in whole optimizer steps of this node."""
+        t0 = time.monotonic()
+        self._starting = True
+        try:
+            self._join_session(dataset_size, batch_size, samples_per_step)
+        finally:
+            self._starting = False
+            self.timing["startup_s"] += time.monotonic() - t0
+        # Progress reports measure training from here on.
+        self._last_report = self._rate_t0 = time.monotonic()
+        self._rate_busy0 = self.busy_s
+
+    def _join_session(self, dataset_size: int, batch_size: int, samples_per_step: int) -> None:
         module = self._pl
         fingerprint = model_fingerprint(module)
         hw = node_info_fields(self.root_device, seconds=self.calibration_seconds)
@@ -412,6 +483,7 @@ class DriftStrategy(SingleDeviceStrategy):
         config = self.runtime.start()
         self.config = config
         self._weights = GlobalWeights(config.transfer_dtype)
+        self._overlap = config.overlap if self.overlap is None else self.overlap
         resumed = self._resumed_from
         if resumed and resumed.get("session") and resumed["session"] != config.session_id:
             log.warning(
@@ -463,6 +535,7 @@ class DriftStrategy(SingleDeviceStrategy):
         except Exception:
             n = 1
         self._samples += n
+        self._epoch_samples += n
         self._rate_samples += n
 
     @override
@@ -475,7 +548,7 @@ class DriftStrategy(SingleDeviceStrategy):
             # Lightning's progress bar shows which round this node is training towards.
             self._pl.log(
                 "round",
-                float(self.runtime.held_round + 1),
+                float(self._held_round + 1),
                 prog_bar=True,
                 logger=False,
                 on_step=True,
@@ -497,27 +570,43 @@ class DriftStrategy(SingleDeviceStrategy):
         if self.runtime is None or plan is None:
             return
         self._steps += 1
+        self._rate_steps += 1
+        if self._steps == 1:
+            # The fit's first step carries one-time costs (allocation, lazy init, the first
+            # batch): the coordinator's first rate must not include it.
+            self._rate_t0, self._rate_busy0 = time.monotonic(), self.busy_s
+            self._rate_samples = self._rate_steps = 0
         if plan.total_steps is None:  # the loader's length is known from the first step on
             plan.total_steps = self._steps_per_epoch()
         plan.step()
+        self._poll()
         self._hold_due_barriers()
         now = time.monotonic()
-        if now - self._last_report >= self._progress_every:
+        if self._rate_steps and (
+            now - self._last_report >= self._progress_every
+            or (not self._reported and self._rate_steps >= EARLY_REPORT_STEPS)
+            or (not self._reported and self._trained_s(now) >= EARLY_REPORT_S)
+        ):
             self._report(now)
+
+    def _trained_s(self, now: float) -> float:
+        """Training time in the progress report's window (waits, hand-offs, applies left out)."""
+        return now - self._rate_t0 - (self.busy_s - self._rate_busy0)
 
     def _finish_epoch(self) -> None:
         """Hold the epoch's remaining barriers now if fewer optimizer steps ran than the
         loader promised (manual optimization, skipped steps): the coordinator's rounds must
-        not wait for a barrier this node would never reach."""
+        not wait for a barrier this node would never reach. The epoch ends on a round applied."""
         plan = self._barriers
         if self.runtime is None or plan is None or self.finished:
             return
         while plan.owed() and not self.finished:
             log.info("epoch ended before barrier %d; holding it now", plan.done + 1)
-            self._barrier()
+            self.hold_barrier()
         # A stop asked for during the epoch's last validation (EarlyStopping on
         # on_validation_end) is held now, before the epoch's checkpoint is saved.
         self._hold_due_barriers()
+        self._settle()
 
     # -- stopping: a session decision ----------------------------------------------------------
 
@@ -529,7 +618,7 @@ class DriftStrategy(SingleDeviceStrategy):
             return
         self._plan_stop()
         while plan.due() and not self.finished:
-            self._barrier()
+            self.hold_barrier()
 
     def _plan_stop(self) -> None:
         """Ask the session to stop when Lightning was asked to (something set
@@ -542,7 +631,7 @@ class DriftStrategy(SingleDeviceStrategy):
         if trainer.should_stop and runtime.stop is None:
             self._ask_to_stop("callback", _why_stopping(trainer))
         decision = runtime.stop
-        if decision is not None and not plan.stopped and runtime.held_round < decision.round:
+        if decision is not None and not plan.stopped and self._held_round < decision.round:
             log.warning(
                 "the session stops early: %s; holding the final barrier (round %d)",
                 decision.reason,
@@ -595,7 +684,7 @@ class DriftStrategy(SingleDeviceStrategy):
         assert self.assignment is not None
         return steps_per_epoch(
             trainer.num_training_batches,
-            shard_size=self.assignment.stop - self.assignment.start,
+            shard_size=self.assignment.size,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic=self._pl.automatic_optimization,
         )
@@ -607,11 +696,12 @@ class DriftStrategy(SingleDeviceStrategy):
 
     def _report(self, now: float) -> None:
         runtime = self._runtime
-        elapsed = max(1e-6, now - self._rate_t0)
+        # Training time only: waiting for rounds, hand-offs and applies are not the node's pace.
+        elapsed = max(1e-6, self._trained_s(now))
         used, peak = memory_now(self.root_device)
         runtime.report(
             p.TrainProgress(
-                round=runtime.held_round + 1,  # the round this node is training towards
+                round=self._held_round + 1,  # the round this node is training towards
                 epoch=self._pl.trainer.current_epoch,
                 step=self._steps,
                 samples=self._samples,
@@ -619,93 +709,180 @@ class DriftStrategy(SingleDeviceStrategy):
                 samples_per_s=self._rate_samples / elapsed,
                 vram_used=used,
                 vram_peak=peak,
+                epoch_samples=self._epoch_samples,
             )
         )
-        self._last_report = now
-        self._rate_t0 = now
-        self._rate_samples = 0
+        self._reported = True
+        self._last_report = self._rate_t0 = now
+        self._rate_busy0 = self.busy_s
+        self._rate_samples = self._rate_steps = 0
 
     # -- barriers ----------------------------------------------------------------------------------
 
-    def _barrier(self) -> None:
-        """Hold the epoch's next barrier: upload, wait for the round, load its weights."""
-        trainer = self._pl.trainer
-        runtime = self._runtime
+    def hold_barrier(self, *, blocking: bool | None = None) -> None:
+        """Hold the epoch's next barrier now: the one place a barrier is executed.
+
+        The barrier planning (:class:`EpochBarriers`, the epoch's end) calls it when a barrier
+        is due. First the round still in flight, if any, is waited for and applied (at most one
+        round in flight). Then the weights are handed to the network thread for the next round.
+        ``blocking=None`` blocks at the epoch's last barrier (or always, without overlap) and
+        overlaps the others; ``blocking=True`` holds a final, blocking barrier: when it returns,
+        the node holds exactly the round's global weights.
+        """
         plan = self._barriers
-        assert plan is not None
+        assert plan is not None, "a barrier is held inside an epoch"
+        if blocking is None:
+            blocking = not self._overlap or plan.last
+        self._settle()
+        if self.finished:
+            return
         sync = p.BarrierSync(
-            round=contributing_round(runtime.held_round, plan.scheduled_round),
-            epoch=trainer.current_epoch,
+            round=contributing_round(self._held_round, plan.scheduled_round),
+            epoch=self._pl.trainer.current_epoch,
             samples=self._samples,
             steps=plan.steps,
             loss=self._loss(),
-            # Training time of this round only: the coordinator measures pace from it.
-            train_seconds=time.monotonic() - self._train_t0,
+            # Training time since the previous upload: the coordinator measures pace from it.
+            train_seconds=max(
+                0.0, time.monotonic() - self._train_t0 - (self.busy_s - self._train_busy0)
+            ),
+            epoch_samples=self._epoch_samples,
         )
-        try:
-            self._sync(sync)
-        except SessionFinished as done:
-            raise SessionError(
-                f"the session finished at round {done.final_round} while this node was still "
-                f"training (it was left behind); the final weights are the coordinator's "
-                f"checkpoint {done.checkpoint or 'of that round'}",
-                code="finished",
-            ) from None
+        self._hand_off(sync, overlap=not blocking)
         plan.held()
-        if self.finished and (
-            plan.stopped or plan.owed() or trainer.current_epoch + 1 < (trainer.max_epochs or 0)
-        ):
-            # The session stopped early, or a straggler was answered with the session's final
-            # weights: nothing left to train.
-            log.warning("the session finished at round %d; stopping", runtime.held_round)
-            self._end_training()
+        if blocking:
+            self._settle()
 
     def _sync(self, sync: p.BarrierSync) -> None:
-        """Upload our weights (or their change) for ``sync.round``, wait for the round's global
-        weights (whole, or rebuilt from their change) and load them in place."""
-        module = self._pl
-        runtime = self._runtime
-        weights = self._weights
-        assert weights is not None, "the session's config sets how weights travel"
-        upload = weights.upload(local_state(module), sync.round)
-        sync = msgspec.structs.replace(
-            sync,
-            delta=upload.delta,
-            base_round=upload.base_round,
-            base_sha256=upload.base_sha256,
-        )
-        payload = upload.payload
-        if sync.round == 0 and self.config is not None and self.config.has_weights:
-            # The session has weights: it answers with them (or "same", when ours are those);
-            # ours are needed only if it has lost them.
-            payload = b""
-        t0 = time.monotonic()
-        try:
-            ready, blob = runtime.barrier(sync, payload)
-        except SessionError as exc:
-            if exc.code != "need_weights":
+        """A blocking barrier outside the epoch's plan (the start-up sync, fetching the final
+        weights): upload, wait for the round's global weights and load them exactly."""
+        self._hand_off(sync, overlap=False)
+        self._settle()
+
+    def _hand_off(self, sync: p.BarrierSync, *, overlap: bool, whole: bool = False) -> None:
+        """Give the network thread this barrier's upload; with ``overlap`` the weights are
+        copied first (training changes them meanwhile), otherwise the caller waits.
+
+        At the start-up sync a node whose session already has weights sends none (it names
+        its own by sha256, and is answered with "same" when they are the session's);
+        ``whole`` sends them anyway (the coordinator lost its weights and asked)."""
+        with self._busy("handoff_s"):
+            weights = self._weights
+            assert weights is not None, "the session's config sets how weights travel"
+            taken = snapshot(self._pl) if overlap else local_state(self._pl)
+            config = self.config
+            # At the start-up sync (or a later fetch of the session's weights, also round 0):
+            # the session has weights when it said so, or when this node already holds some.
+            has = self._held_round >= 0 or (config is not None and config.has_weights)
+            empty = sync.round == 0 and not whole and has
+
+            def prepare() -> tuple[p.BarrierSync, bytes]:
+                # On the network thread: the payload is built from the copy taken above.
+                upload = weights.upload(taken, sync.round)
+                marked = msgspec.structs.replace(
+                    sync,
+                    delta=upload.delta,
+                    base_round=upload.base_round,
+                    base_sha256=upload.base_sha256,
+                )
+                return marked, b"" if empty else upload.payload
+
+            def receive(ready: p.BarrierReady, blob: bytes) -> Received:
+                return weights.receive(
+                    ready.round,
+                    blob,
+                    ready.sha256,
+                    payload=ready.payload,
+                    contributed=ready.contributed,
+                )
+
+            future = self._runtime.hand_off(prepare, receive)
+            self._inflight = _InFlight(future, taken if overlap else None, sync, time.monotonic())
+            self._samples = 0
+            self._train_t0, self._train_busy0 = time.monotonic(), self.busy_s
+
+    def _poll(self) -> None:
+        """Between optimizer steps: apply the round in flight if its weights have come, and
+        follow a re-plan of the epoch if one has."""
+        inflight = self._inflight
+        if inflight is not None and inflight.future.done():
+            self._settle()
+        replan = self._runtime.replan()
+        if replan is not None:
+            self._follow(replan)
+
+    def _settle(self) -> None:
+        """Wait for the round in flight, if any, and apply its global weights."""
+        inflight = self._inflight
+        if inflight is None:
+            return
+        refetched: tuple[p.BarrierReady, Received] | None = None
+        with self._busy("wait_s") as waited:
+            try:
+                delivery = inflight.future.result()
+            except SessionFinished as done:
+                self._inflight = None
+                raise SessionError(
+                    f"the session finished at round {done.final_round} while this node was "
+                    "still training (it was left behind); the final weights are the "
+                    f"coordinator's checkpoint {done.checkpoint or 'of that round'}",
+                    code="finished",
+                ) from None
+            except SessionError as exc:
+                self._inflight = None
+                if exc.code != "need_weights":
+                    raise
+                delivery = None
+            except WeightsMismatch as exc:
+                # Should never happen (the coordinator applies the same change, bit for bit);
+                # if it does, nothing was taken from the answer: fetch the whole weights.
+                log.warning("%s; fetching the round's whole weights", exc)
+                refetched = self._refetch(inflight.sync.epoch)
+                delivery = None
+            except BaseException:
+                self._inflight = None
                 raise
-            ready, blob = runtime.barrier(sync, upload.payload)
-        sent, received = len(payload), len(blob)
-        contributed = ready.contributed
-        try:
-            got = weights.receive(
-                ready.round,
-                blob,
-                ready.sha256,
-                payload=ready.payload,
-                contributed=ready.contributed,
-            )
-        except WeightsMismatch as exc:
-            # Should never happen (the coordinator applies the same change, bit for bit);
-            # if it does, nothing was taken from the answer: fetch the whole weights.
-            log.warning("%s; fetching the round's whole weights", exc)
-            ready, blob = runtime.barrier(p.BarrierSync(round=0, epoch=sync.epoch), b"")
-            received += len(blob)
-            got = weights.receive(ready.round, blob, ready.sha256, payload=ready.payload)
-        wait = time.monotonic() - t0
-        held_round = got.held_round  # the node now holds this round's global weights
-        load_in_place(module, got.weights)
+        self._inflight = None
+        if delivery is None and refetched is None:
+            # The coordinator has no weights after all (it lost them): send ours.
+            self._hand_off(inflight.sync, overlap=False, whole=True)
+            self._settle()
+            return
+        self._apply(inflight, delivery, refetched, waited())
+
+    def _refetch(self, epoch: int) -> tuple[p.BarrierReady, Received]:
+        """The session's current global weights, whole (a start-up sync that offers none)."""
+        weights = self._weights
+        assert weights is not None
+        ready, blob = self._runtime.barrier(p.BarrierSync(round=0, epoch=epoch), b"")
+        return ready, weights.receive(ready.round, blob, ready.sha256, payload=ready.payload)
+
+    def _apply(
+        self,
+        inflight: _InFlight,
+        delivery: Delivery[Received] | None,
+        refetched: tuple[p.BarrierReady, Received] | None,
+        wait: float,
+    ) -> None:
+        """Fold the round's global weights into the module and record the barrier."""
+        if delivery is not None:
+            ready, got = delivery.ready, delivery.weights
+            sync, sent, received = delivery.sync, len(delivery.payload), len(delivery.blob)
+        else:
+            assert refetched is not None
+            ready, got = refetched
+            sync, sent, received = inflight.sync, 0, len(got.blob)
+        contributed = ready.contributed if delivery is not None else False
+        module = self._pl
+        with self._busy("apply_s"):
+            if inflight.taken is None or ready.finished:
+                # Blocking (nothing trained since the upload), or the session's final weights
+                # (a straggler: nothing more to train): exactly the round's weights.
+                load_in_place(module, got.weights)
+            else:
+                apply_in_place(module, got.weights, inflight.taken)
+        held_round = got.held_round  # the parameters are now based on this round's weights
+        self._held_round = held_round
         if self.checkpoint_dir is not None:
             keep_round_copy(self.checkpoint_dir, held_round, got.blob)
         self.finished = ready.finished
@@ -715,24 +892,30 @@ class DriftStrategy(SingleDeviceStrategy):
                 "round": held_round,
                 "contributed": contributed,
                 "epoch": sync.epoch,
-                "step": self._steps,  # optimizer steps of this fit when the barrier was held
+                "step": self._steps,  # optimizer steps of this fit when the round was applied
                 "finished": ready.finished,
                 "samples": sync.samples,
                 "wait_s": wait,
+                "round_trip_s": time.monotonic() - inflight.handed_at,
+                "overlapped": inflight.taken is not None,
                 "bytes_sent": sent,
                 "bytes_received": received,
                 "payload": got.payload,
                 "sha256": ready.sha256,
             }
         )
+        if delivery is not None:
+            self._on_delivery(delivery)
         log.info(
-            "barrier round=%d contributed=%s payload=%s wait_s=%.3f samples=%d",
+            "barrier round=%d contributed=%s payload=%s wait_s=%.3f overlapped=%s samples=%d",
             held_round,
             contributed,
             got.payload,
             wait,
+            inflight.taken is not None,
             sync.samples,
         )
+        runtime = self._runtime
         self._log_metrics(
             {
                 "drift/round": float(held_round),
@@ -742,10 +925,66 @@ class DriftStrategy(SingleDeviceStrategy):
                 "drift/samples_per_round": float(sync.samples),
             }
         )
-        self._samples = 0
-        # Pace is measured over training only: waiting at the barrier does not count.
-        self._train_t0 = self._rate_t0 = time.monotonic()
-        self._rate_samples = 0
+        plan = self._barriers
+        trainer = self._pl.trainer
+        more = plan is not None and (
+            plan.stopped or plan.owed() > 0 or trainer.current_epoch + 1 < (trainer.max_epochs or 0)
+        )
+        if self.finished and more:
+            # The session stopped early, or a straggler was answered with the session's final
+            # weights: nothing left to train.
+            log.warning("the session finished at round %d; stopping", held_round)
+            self._end_training()
+
+    def _on_delivery(self, delivery: Delivery[Received]) -> None:
+        """Called on the training thread for every round applied (a hook for subclasses)."""
+
+    def _follow(self, a: p.ShardAssignment) -> None:
+        """Take the coordinator's re-plan of the current epoch: the sampler's rest, Lightning's
+        epoch length and the barriers not yet held follow it."""
+        current, plan, sampler, loader = (
+            self.assignment,
+            self._barriers,
+            self._sampler,
+            self._loader,
+        )
+        if current is None or plan is None or sampler is None or loader is None:
+            return
+        if a.epoch != current.epoch or a.revision <= current.revision or not plan.owed():
+            return
+        with self._busy("replan_s"):
+            overrun = sampler.update(a.ranges)
+            self.assignment = a
+            _follow_epoch_length(self._pl.trainer, len(loader))
+            plan.retarget(self._steps_per_epoch())
+        if overrun:
+            log.warning(
+                "re-plan revision=%d: %d sample(s) already loaded here moved to another node; "
+                "they are trained twice this epoch",
+                a.revision,
+                overrun,
+            )
+        log.info(
+            "replan epoch=%d revision=%d size=%d steps=%s",
+            a.epoch,
+            a.revision,
+            a.size,
+            plan.total_steps,
+        )
+        self._log_metrics({"drift/shard_size": float(a.size)})
+
+    @contextmanager
+    def _busy(self, what: str) -> Iterator[Any]:
+        """Count the time of the ``with`` body as ``timing[what]`` (not training)."""
+        t0 = time.monotonic()
+        spent = [0.0]
+        try:
+            yield lambda: spent[0]
+        finally:
+            spent[0] = time.monotonic() - t0
+            if not self._starting:
+                self.timing[what] += spent[0]
+                self.busy_s += spent[0]
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         try:
@@ -765,10 +1004,11 @@ class DriftStrategy(SingleDeviceStrategy):
         # weights the node held ("round"). ``samples_since_round`` is 0 when the weights are
         # exactly that round's (saved at a barrier or an epoch's end); otherwise they are
         # local, mid-round weights.
+        inflight = self._inflight.sync.samples if self._inflight is not None else 0
         checkpoint["drift"] = {
-            "round": self.runtime.held_round if self.runtime else -1,
+            "round": self._held_round,
             "session": self.config.session_id if self.config else "",
-            "samples_since_round": self._samples,
+            "samples_since_round": self._samples + inflight,
             "version": __version__,
         }
         super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -790,9 +1030,33 @@ class DriftStrategy(SingleDeviceStrategy):
         self._close(f"error: {type(exception).__name__}")
 
     def _close(self, reason: str) -> None:
+        self._inflight = None
         if self.runtime is not None:
             self.runtime.close(reason)
             self.runtime = None
+
+
+def _follow_epoch_length(trainer: Any, batches: int) -> None:
+    """Make Lightning's running epoch ``batches`` long (the sampler's work was re-planned).
+
+    Lightning reads an epoch's length once, at its start: a sampler that yields more is cut
+    off at the old length, and one that yields fewer ends the epoch without its end-of-epoch
+    validation. So the fit loop's length, the data fetcher's and the batch that triggers
+    validation are all set to the new one (a ``limit_train_batches`` still caps it)."""
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    elif isinstance(limit, float) and limit < 1.0:
+        batches = int(batches * limit)
+    loop = trainer.fit_loop
+    loop.max_batches = batches
+    fetcher = getattr(loop, "_data_fetcher", None)
+    if fetcher is not None and getattr(fetcher, "length", None) is not None:
+        fetcher.length = batches
+        fetcher.done = fetcher.fetched >= batches
+    interval = trainer.val_check_interval
+    if getattr(trainer, "_val_check_time_interval", None) is None and isinstance(interval, float):
+        trainer.val_check_batch = max(1, int(batches * interval))
 
 
 def _explicitly_several(devices: list[torch.device]) -> bool:

@@ -9,6 +9,8 @@
   the coordinator's answer (whole weights, a compressed change, or "the same"), checked
   against the round's sha256;
 - :func:`load_in_place`: copy the global weights into the existing parameters and buffers;
+- :func:`snapshot` and :func:`apply_in_place`: an overlapped round's hand-off: a copy of the
+  weights at the barrier, and later ``global + (weights now - that copy)``, in place;
 - :func:`keep_round_copy`: the node's own copy of a round's global weights on disk.
 
 Torch only: no Lightning, no network. ``upload`` and ``receive`` may run on any thread (the
@@ -26,7 +28,7 @@ import torch
 from lightning_drift import codec
 from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.checkpoint import weights_name
-from lightning_drift.errors import DriftError
+from lightning_drift.errors import ConfigError, DriftError
 from lightning_drift.fsutil import atomic_write, sha256_bytes
 from lightning_drift.modelspec import state_fingerprint
 from lightning_drift.protocol import Payload, TransferDType
@@ -62,6 +64,51 @@ def load_in_place(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) 
     rounds, as in DiLoCo). Every name must match (``strict``)."""
     with torch.no_grad():
         module.load_state_dict(weights, strict=True)
+
+
+def snapshot(module: torch.nn.Module) -> StateDict:
+    """A copy of the module's state dict where it lives (the weights a barrier uploads).
+
+    Training goes on while the upload travels, so the copy must not share memory with the
+    parameters. It stays on the module's device: copying there is fast, and applying the
+    round's answer (:func:`apply_in_place`) needs it next to the parameters."""
+    with torch.no_grad():
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def apply_in_place(
+    module: torch.nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    taken: Mapping[str, torch.Tensor],
+) -> None:
+    """Fold the global weights of a round into a module that trained on meanwhile.
+
+    ``taken`` is the :func:`snapshot` uploaded for the round and ``weights`` its answer; every
+    parameter and buffer becomes ``weights + (now - taken)``: the round's result plus the
+    steps taken since the snapshot, so no local step is lost and none is counted twice (the
+    next upload holds them). Bool buffers take ``weights`` as they are. Done in place, under
+    ``no_grad``: parameters keep their identity and the optimizer its state. Tensors that
+    share memory (tied weights) are changed once. Call it between optimizer steps.
+    """
+    state = module.state_dict()
+    if state.keys() != weights.keys() or state.keys() != taken.keys():
+        missing = sorted(set(state) ^ set(weights) | set(state) ^ set(taken))
+        raise ConfigError(
+            f"global weights and this model differ in {', '.join(missing[:5])}: every node "
+            "must train the same model"
+        )
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    with torch.no_grad():
+        for name, t in state.items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if t.numel() and key in seen:
+                continue
+            seen.add(key)
+            g = weights[name].to(device=t.device, dtype=t.dtype)
+            if t.dtype == torch.bool:
+                t.copy_(g)
+            else:
+                t.sub_(taken[name]).add_(g)
 
 
 def keep_round_copy(directory: Path, held_round: int, blob: bytes) -> Path:
@@ -213,7 +260,9 @@ __all__ = [
     "Upload",
     "WeightsMismatch",
     "keep_round_copy",
+    "apply_in_place",
     "load_in_place",
     "local_state",
     "model_fingerprint",
+    "snapshot",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -58,13 +60,65 @@ class Stall(Callback):
             time.sleep(self.seconds)
 
 
+class Slowdown(Callback):
+    """Makes this node ``factor`` times slower from its first batch: after each batch it sleeps
+    (factor - 1) times what the batch took to train (the strategy's own waits excluded)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.t0 = 0.0
+        self.busy0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.t0, self.busy0 = time.monotonic(), trainer.strategy.busy_s
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        took = time.monotonic() - self.t0 - (trainer.strategy.busy_s - self.busy0)
+        time.sleep(max(0.0, (self.factor - 1.0) * took))
+
+
+class DieInFlight(Callback):
+    """SIGKILLs this node while a round is in flight, once it holds round ``after`` or later,
+    right after saving a Lightning checkpoint of its local (mid-round) weights."""
+
+    def __init__(self, after: int, ckpt: Path) -> None:
+        self.after = after
+        self.ckpt = ckpt
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        s = trainer.strategy
+        if (
+            s._inflight is not None
+            and s._inflight.taken is not None
+            and s._held_round >= self.after
+        ):
+            trainer.save_checkpoint(str(self.ckpt))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RecordingStrategy(DriftStrategy):
-    """Keeps every shard assignment and every upload, for the test to check."""
+    """Keeps every shard assignment, every epoch's final work and every upload, for the test
+    to check."""
 
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
         self.shards: list[dict] = []
+        self.worked: list[dict] = []  # per epoch: the work it ended with, and what it trained
         self.uploads: dict[int, tuple[bytes, int]] = {}
+
+    def _finish_epoch(self) -> None:
+        super()._finish_epoch()
+        a = self.assignment
+        if a is not None and (not self.worked or self.worked[-1]["epoch"] != a.epoch):
+            self.worked.append(
+                {
+                    "epoch": a.epoch,
+                    "ranges": a.ranges,
+                    "seed": a.seed,
+                    "revision": a.revision,
+                    "trained": self._epoch_samples,
+                }
+            )
 
     def process_dataloader(self, dataloader):
         out = super().process_dataloader(dataloader)
@@ -75,23 +129,16 @@ class RecordingStrategy(DriftStrategy):
                     "epoch": a.epoch,
                     "start": a.start,
                     "stop": a.stop,
+                    "ranges": a.ranges,
                     "seed": a.seed,
                     "rounds": a.rounds,
                 }
             )
         return out
 
-    def _join(self, *args, **kwargs) -> None:
-        super()._join(*args, **kwargs)
-        inner = self.runtime.barrier
-
-        def barrier(sync, payload):
-            ready, blob = inner(sync, payload)
-            if ready.contributed:
-                self.uploads[sync.round] = (payload, sync.samples)
-            return ready, blob
-
-        self.runtime.barrier = barrier
+    def _on_delivery(self, delivery) -> None:
+        if delivery.ready.contributed:
+            self.uploads[delivery.sync.round] = (delivery.payload, delivery.sync.samples)
 
 
 def main() -> None:
@@ -107,6 +154,9 @@ def main() -> None:
     ap.add_argument("--resume", type=Path, help="a .ckpt to resume from")
     ap.add_argument("--via", help="dial the coordinator at this host:port (e.g. a WAN proxy)")
     ap.add_argument("--round-copies", type=Path, help="keep every round's global weights here")
+    ap.add_argument("--overlap", choices=("on", "off"), help="the node's own overlap setting")
+    ap.add_argument("--slowdown", type=float, default=1.0, help="train this many times slower")
+    ap.add_argument("--die-in-flight", type=int, default=-1, help="SIGKILL mid-overlap (round)")
     args = ap.parse_args()
     torch.manual_seed(hash(args.name) % 1000)  # different local inits: round 0 must unify them
     args.out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +168,7 @@ def main() -> None:
         calibration_seconds=0.1,
         coordinator_addr=args.via,
         checkpoint_dir=str(args.round_copies) if args.round_copies else None,
+        overlap=None if args.overlap is None else args.overlap == "on",
     )
     rec = Recorder()
     callbacks: list[Callback] = [rec]
@@ -125,8 +176,13 @@ def main() -> None:
         callbacks.append(Slow(args.slow))
     if args.stall:
         callbacks.append(Stall(args.stall))
+    if args.slowdown > 1:
+        callbacks.append(Slowdown(args.slowdown))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=str(args.ckpt_dir), save_last=True))
+    if args.die_in_flight >= 0:
+        assert args.ckpt_dir, "--die-in-flight saves a checkpoint first: give --ckpt-dir"
+        callbacks.append(DieInFlight(args.die_in_flight, args.ckpt_dir / "in-flight.ckpt"))
     trainer = L.Trainer(
         strategy=strategy,
         devices=1,
@@ -148,6 +204,8 @@ def main() -> None:
         (args.out / f"upload-{last:06d}.safetensors").write_bytes(strategy.uploads[last][0])
     report = {
         "shards": strategy.shards,
+        "worked": strategy.worked,
+        "timing": strategy.timing,
         "val_losses": rec.val_losses,
         "history": strategy.history,
         "last_upload_round": last,
