@@ -202,6 +202,7 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, method: str, work: Path)
         transfer_dtype=dtype,
         quorum=1.0,
         seed=setup.seed,
+        overlap=args.overlap == "on",
         **{k: v for k, v in outer.items() if v is not None},
     )
     t0 = time.perf_counter()
@@ -300,7 +301,8 @@ def report(args: argparse.Namespace, setup: c.Setup, results: list[dict], init_l
     model = next((c.fmt_bytes(r["param_bytes"]) for r in results if "param_bytes" in r), "")
     notes = [
         f"Setup: {setup.describe()}; {args.epochs} epochs; {args.nodes} processes for ddp and "
-        f"drift; drift --sync-every {args.sync_every} (H), quorum 1; diloco: {diloco}.",
+        f"drift; drift --sync-every {args.sync_every} (H), quorum 1, "
+        f"{'overlapped' if args.overlap == 'on' else 'blocking'} rounds; diloco: {diloco}.",
         f"Initial weights: val loss {init_loss:.4f}. Val loss: mean next-byte cross-entropy over "
         "every validation window, computed by the benchmark from each method's saved final "
         "weights (drift: the coordinator's final checkpoint, which every node holds).",
@@ -347,6 +349,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=0, help="epochs (instead of --steps)")
     ap.add_argument("--nodes", type=int, default=2, help="processes for ddp and drift")
     ap.add_argument("--sync-every", type=int, default=100, help="drift steps per round (H)")
+    ap.add_argument(
+        "--overlap",
+        choices=("on", "off"),
+        default="on",
+        help="drift rounds overlapped (the coordinator's default) or blocking",
+    )
     ap.add_argument("--outer-lr", type=float, default=None, help="diloco (coordinator default)")
     ap.add_argument("--outer-momentum", type=float, default=None, help="diloco (ditto)")
     ap.add_argument(

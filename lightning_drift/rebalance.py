@@ -19,8 +19,10 @@ than a margin it may already have trained or loaded meanwhile:
   thought to be (its position is an estimate from a report seconds old, and the re-plan
   takes a moment to reach it) plus two batches its data loader may have read ahead;
 - a **receiver** appends the donors' tails to its list, in node order, so that every position
-  of the epoch stays with exactly one node. A node whose remaining work is within that same
-  margin takes nothing: it may already be at the end of its epoch.
+  of the epoch stays with exactly one node. A node that may be at the end of its epoch takes
+  nothing: the caller says so (``NodeWork.can_receive``: rounds are global, so a node held at
+  a barrier that is not its epoch's last will train its tail), or, when it cannot, a node
+  whose remaining work is within that same margin is taken to be at its end.
 
 Nothing moves when a node has no measured rate, or when the predicted finishing times are
 within ``tolerance`` of each other. Moves are whole batches (multiples of ``batch_size``), so
@@ -54,6 +56,9 @@ class NodeWork:
     segments: Segments
     consumed: int
     rate: float | None
+    # Whether work appended to the node's tail will be trained: known when the node still has
+    # a barrier ahead of anything it can have reached; None: judged by the margin (see above).
+    can_receive: bool | None = None
 
     @property
     def remaining(self) -> int:
@@ -126,7 +131,9 @@ def rebalance(
             movable = min(w.remaining - t, w.remaining - keep[w.node])
             if movable >= batch:
                 give_units[w.node] = movable // batch
-        elif t > w.remaining and w.remaining > keep[w.node]:
+        elif t > w.remaining and (
+            w.remaining > keep[w.node] if w.can_receive is None else w.can_receive and w.remaining
+        ):
             need_units[w.node] = math.ceil((t - w.remaining) / batch)
     units = min(sum(give_units.values()), sum(need_units.values()))
     if units <= 0:
@@ -172,7 +179,10 @@ def rebalance(
             new[w.node] = normalize((*w.segments, *got))
     assert not pool, "every moved position has a receiver"
 
-    after = [NodeWork(w.node, new.get(w.node, w.segments), w.consumed, w.rate) for w in work]
+    after = [
+        NodeWork(w.node, new.get(w.node, w.segments), w.consumed, w.rate, w.can_receive)
+        for w in work
+    ]
     times_after = finishing_times(after)
     spread_after = _spread(max(times_after.values()), min(times_after.values()))
     if spread_after >= spread:

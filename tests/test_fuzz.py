@@ -64,6 +64,8 @@ def strategy(tp: Any) -> st.SearchStrategy[Any]:
         return st.one_of(*(strategy(a) for a in get_args(tp)))
     if origin is list:
         return st.lists(strategy(get_args(tp)[0]), max_size=20)
+    if origin is tuple:
+        return st.tuples(*(strategy(a) for a in get_args(tp)))
     if origin is dict:
         k, v = get_args(tp)
         return st.dictionaries(strategy(k), strategy(v), max_size=4)

@@ -166,3 +166,20 @@ def _check(work, plan, rounds_left, batch, case):
 def _spread(times: dict[str, float]) -> float:
     lo, hi = min(times.values()), max(times.values())
     return float("inf") if lo <= 0 else hi / lo - 1
+
+
+@pytest.mark.parametrize("can_receive, moves", [(None, False), (True, True), (False, False)])
+def test_a_fast_node_held_at_a_barrier_takes_work_when_the_caller_says_it_can(can_receive, moves):
+    # The fast node's rest (100 samples) is inside its margin (300/s x 7 s): by the margin
+    # alone it may be at the end of its epoch. The session knows better: rounds are global,
+    # and a node held at a barrier that is not its epoch's last trains its tail.
+    work = [
+        NodeWork("fast", ((0, 200),), consumed=100, rate=300.0, can_receive=can_receive),
+        NodeWork("slow", ((200, 1200),), consumed=100, rate=10.0, can_receive=True),
+    ]
+    plan = rebalance(work, rounds_left=5, batch_size=10)
+    assert bool(plan) is moves, plan.reason
+    if moves:
+        assert total(plan.segments["fast"]) > 200 > 0 < total(plan.segments["slow"]) < 1000
+        got = sorted(_positions(plan.segments["fast"]) + _positions(plan.segments["slow"]))
+        assert got == list(range(1200))

@@ -388,6 +388,7 @@ class Rounds:
                 sync.train_seconds,
                 epoch=sync.epoch,
                 epoch_samples=sync.epoch_samples,
+                loss=sync.loss,
             )
             self._counted[node] = (sync, nbytes)
         log.info("barrier.arrived node=%s round=%d samples=%d", node[:8], sync.round, sync.samples)

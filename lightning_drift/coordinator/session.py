@@ -774,15 +774,16 @@ class Session:
             for n, a in self.assignments.items()
             if a.epoch == plan.epoch and n not in self.late and self.members[n].live()
         )
-        work = [
-            NodeWork(
-                n,
-                tuple(self.assignments[n].ranges),
-                min(self._position(n, now), self.assignments[n].size),
-                self.measured_rate(n),
-            )
-            for n in nodes
-        ]
+        work = []
+        for n in nodes:
+            a = self.assignments[n]
+            reach, more = self._reach(n)
+            said = self.trained.get(n, 0)
+            # Moved on by its speed, but not past where the rounds hold it, nor behind what it
+            # said; a node that said more than the rounds allow is judged by the margin alone.
+            at = min(a.size, max(said, min(self._position(n, now), reach)))
+            can_receive = True if more and said < reach else None
+            work.append(NodeWork(n, tuple(a.ranges), at, self.measured_rate(n), can_receive))
         decision = rebalance(
             work,
             plan.last_round - self.completed,
@@ -837,6 +838,22 @@ class Session:
             self.trained[node] = value
             self.trained_at[node] = now
         return True
+
+    def _reach(self, node: str) -> tuple[int, bool]:
+        """How far into its work ``node`` can be at most, and whether it has a barrier left
+        beyond that point. Rounds are global: a node trains at most up to the barrier after
+        the one in flight (the open round's), then waits for the open round; a node held
+        there is not at the end of its epoch and can take more work at its tail."""
+        a = self.assignments[node]
+        ahead = self.open_round - a.first_round + 2
+        reach = consumed_after(
+            a.size,
+            a.batch_size or self.config.batch_size,
+            a.rounds,
+            ahead,
+            samples_per_step=a.samples_per_step,
+        )
+        return reach, ahead < a.rounds
 
     def _position(self, node: str, now: float) -> int:
         """Where ``node`` is in its work now: what it last reported having trained, moved on
@@ -933,6 +950,7 @@ class Session:
         *,
         epoch: int | None = None,
         epoch_samples: int = -1,
+        loss: float | None = None,
     ) -> RoundDecision:
         """The node's upload for ``upload_round`` (the open round) was accumulated. Returns
         the round decision.
@@ -940,9 +958,12 @@ class Session:
         ``samples`` is recorded as :meth:`weight_for` bounds it (the weight it was accumulated
         with), also for the pace measured from ``train_s``. ``epoch_samples``: the positions
         of its epoch's work the node had trained when it took the upload (-1: not said).
+        ``loss``: the node's loss at the upload (shown until its next progress report).
         """
         m = self.members[node]
         m.last_seen = now
+        if loss is not None:
+            m.loss = loss
         if upload_round == self.open_round and self.closing is None:
             if self._trained(node, epoch, epoch_samples, now):
                 self.counted[node] = min(epoch_samples, self.assignments[node].size)

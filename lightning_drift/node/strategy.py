@@ -126,6 +126,7 @@ class _InFlight:
     taken: StateDict | None  # the weights at the barrier (overlapped); None when blocking
     sync: p.BarrierSync  # as the barrier made it (the network thread names the base)
     handed_at: float  # monotonic time of the hand-off
+    step: int  # optimizer steps of this fit when the barrier was held
 
 
 class DriftStrategy(SingleDeviceStrategy):
@@ -797,7 +798,9 @@ class DriftStrategy(SingleDeviceStrategy):
                 )
 
             future = self._runtime.hand_off(prepare, receive)
-            self._inflight = _InFlight(future, taken if overlap else None, sync, time.monotonic())
+            self._inflight = _InFlight(
+                future, taken if overlap else None, sync, time.monotonic(), self._steps
+            )
             self._samples = 0
             self._train_t0, self._train_busy0 = time.monotonic(), self.busy_s
 
@@ -892,7 +895,7 @@ class DriftStrategy(SingleDeviceStrategy):
                 "round": held_round,
                 "contributed": contributed,
                 "epoch": sync.epoch,
-                "step": self._steps,  # optimizer steps of this fit when the round was applied
+                "step": inflight.step,  # optimizer steps of this fit when the barrier was held
                 "finished": ready.finished,
                 "samples": sync.samples,
                 "wait_s": wait,
