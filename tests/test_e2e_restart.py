@@ -121,7 +121,7 @@ def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -
             coord.token, tmp_path, out, "--max-chars", "40000", *extra, name=name, epochs=epochs
         )
 
-    a = node("a", "a", "--slow", "0.1")  # keeps the session going while b restarts
+    a = node("a", "a", "--slow", "0.4")  # keeps the session going while b restarts
     b = node("b", "b1", "--ckpt-dir", str(ckpt))
     procs = [a, b]
     try:
@@ -194,7 +194,7 @@ def test_a_node_killed_mid_overlap_resumes_from_its_checkpoint_and_ends_exact(tm
             coord.token, tmp_path, out, "--max-chars", "40000", *extra, name=name, epochs=epochs
         )
 
-    a = node("a", "a", "--slow", "0.1")  # keeps the session going while b restarts
+    a = node("a", "a", "--slow", "0.4")  # keeps the session going while b restarts
     b = node("b", "b1", "--ckpt-dir", str(ckpt), "--die-in-flight", "1")
     procs = [a, b]
     try:
