@@ -784,3 +784,14 @@ def test_a_re_plan_moves_whole_optimizer_steps_of_every_node():
     assert moved != 0 and moved % 96 == 0, (before, moved)
     assert s.assignments[A].size % 24 == 0 and s.assignments[B].size % 32 == 0
     assert _covered(s) == list(range(4800))
+
+
+def test_re_plans_go_by_a_smoothed_pace_not_one_noisy_window():
+    s = session(epochs=1, sync_every=5)
+    start(s, A, B)
+    _measured(s, {A: 30.0, B: 30.0}, {A: 10, B: 10}, 1.0)
+    _measured(s, {A: 36.0, B: 24.0}, {A: 20, B: 20}, 2.0)  # one window of ±20 % noise
+    assert s.members[A].rate == 36.0  # the status shows the latest window
+    assert s.measured_rate(A) == pytest.approx(33.0) and s.measured_rate(B) == pytest.approx(27.0)
+    r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
+    assert r.measured_rate(A) == pytest.approx(33.0)  # kept across a restart

@@ -117,6 +117,10 @@ class MemberState(enum.Enum):
 LIVE = frozenset({MemberState.JOINED, MemberState.READY, MemberState.TRAINING, MemberState.BARRIER})
 GONE = frozenset({MemberState.LOST, MemberState.LEFT, MemberState.EXCLUDED})
 BANNED_MAX = 4096  # excluded keys remembered (the oldest are forgotten first)
+# The weight of a node's latest speed measurement in the pace re-plans go by (the rest is its
+# earlier ones): measured windows of a few seconds vary by ±10 % on a shared machine, and
+# following each one moved work back and forth every round (docs/benchmarks.md, wan.py).
+PACE_SMOOTHING = 0.5
 ELAPSED_MIN = 0.1  # seconds: the shortest round time a vouched rate is measured over
 
 
@@ -242,6 +246,7 @@ class Member:
     device: str = ""
     vram_total: int = 0
     rate: float = 0.0  # samples/s it reports, bounded by ``vouched`` (shown in the status)
+    pace: float = 0.0  # ``rate`` smoothed over its measurements (what re-plans go by)
     vouched: float = 0.0  # samples/s the coordinator measured from its uploads' arrivals
     token: str = ""  # the jti of the token it joined with
     strikes: int = 0  # failed uploads
@@ -257,6 +262,15 @@ class Member:
 
     def live(self) -> bool:
         return self.state in LIVE
+
+    def smooth_pace(self) -> None:
+        """Fold the latest ``rate`` into ``pace`` (an exponential moving average): a single
+        window's noise (a busy core, a slow batch) does not move work back and forth."""
+        self.pace = (
+            self.rate
+            if self.pace <= 0
+            else PACE_SMOOTHING * self.rate + (1 - PACE_SMOOTHING) * self.pace
+        )
 
 
 class Session:
@@ -527,6 +541,7 @@ class Session:
         self._trained(node, msg.epoch, msg.epoch_samples, now)
         if msg.samples_per_s > 0:
             m.rate = bound_rate(msg.samples_per_s, m.vouched or self.reference_rate())
+            m.smooth_pace()
 
     def lost(self, node: str, reason: str, now: float, *, left: bool = False) -> Decision:
         """The node's connection is gone (or it said Bye): exclude it from the rounds."""
@@ -745,11 +760,13 @@ class Session:
     def measured_rate(self, node: str) -> float | None:
         """The node's measured training speed in samples/s, or None before it has one.
 
-        The one place re-plans read a node's speed: its latest measurement (a progress
-        report's window or its last round), so that a node whose machine got busier or
-        freer is re-planned within a round; the scheduler's moving average, which plans
-        whole epochs, when the member has none."""
+        The one place re-plans read a node's speed: its recent measurements (progress
+        report windows and rounds, smoothed: ``Member.pace``), so that a node whose
+        machine got busier or freer is re-planned within a round or two; the scheduler's
+        moving average, which plans whole epochs, when the member has none."""
         m = self.members.get(node)
+        if m is not None and m.pace > 0:
+            return m.pace
         if m is not None and m.rate > 0:
             return m.rate
         sch = self.scheduler
@@ -976,6 +993,7 @@ class Session:
             self._vouch(m, samples, now)
             if train_s > 0 and samples > 0:
                 m.rate = bound_rate(samples / train_s, m.vouched or self.reference_rate())
+                m.smooth_pace()
         return self.check(now)
 
     def reject(self, node: str, upload_round: int, reason: str, now: float) -> RoundDecision:
@@ -1247,6 +1265,7 @@ class Session:
                     "device": m.device,
                     "vram_total": m.vram_total,
                     "rate": m.rate,
+                    "pace": m.pace,
                     "vouched": m.vouched,
                     "token": m.token,
                     "strikes": m.strikes,
@@ -1321,6 +1340,7 @@ class Session:
                 device=md.get("device", ""),
                 vram_total=md.get("vram_total", 0),
                 rate=md.get("rate", 0.0),
+                pace=md.get("pace", 0.0),
                 vouched=md.get("vouched", 0.0),
                 token=md.get("token", ""),
                 strikes=md.get("strikes", 0),
