@@ -562,13 +562,7 @@ class Session:
             # its last one, or (a node that does not say) what its barrier points imply.
             used = self.counted.get(node)
             if used is None or node in self.late:
-                used = consumed_after(
-                    a.size,
-                    a.batch_size or self.config.batch_size,
-                    a.rounds,
-                    done,
-                    samples_per_step=a.samples_per_step,
-                )
+                used = self._consumed(a, done)
             _, rest = split(a.ranges, used)
             if done < a.rounds and total(rest) > 0:
                 self.orphans[node] = Shard.of(
@@ -863,14 +857,18 @@ class Session:
         there is not at the end of its epoch and can take more work at its tail."""
         a = self.assignments[node]
         ahead = self.open_round - a.first_round + 2
-        reach = consumed_after(
+        return self._consumed(a, ahead), ahead < a.rounds
+
+    def _consumed(self, a: ShardAssignment, barriers: int) -> int:
+        """Positions of assignment ``a`` its node has trained by its ``barriers``-th barrier of
+        the epoch, by its barrier points (in the node's own optimizer steps)."""
+        return consumed_after(
             a.size,
             a.batch_size or self.config.batch_size,
             a.rounds,
-            ahead,
+            barriers,
             samples_per_step=a.samples_per_step,
         )
-        return reach, ahead < a.rounds
 
     def _position(self, node: str, now: float) -> int:
         """Where ``node`` is in its work now: what it last reported having trained, moved on
