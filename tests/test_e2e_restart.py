@@ -98,11 +98,9 @@ def test_nodes_ride_through_a_coordinator_kill(tmp_path: Path) -> None:
     assert (coord.state_dir / "node.token").read_text().strip() == token_before
 
 
-def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -> None:
-    # Node b is SIGKILLed after its first epoch's checkpoint; node a trains on alone (quorum
-    # 1/2 once b is lost). b restarts from last.ckpt with ckpt_path and rejoins the session at
-    # the coordinator's current round and epoch, then both end on the final checkpoint.
-    epochs = 3
+def _b_restarts_while_a_trains_on(tmp_path: Path, epochs: int):
+    """A started coordinator where a lost node does not stop the session (quorum 1/2, a short
+    heartbeat), and how to start its char-LM nodes."""
     coord = LocalCoordinator(
         tmp_path / "coord",
         min_nodes=2,
@@ -114,13 +112,22 @@ def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -
         deadline_floor=1.0,
     )
     coord.start()
-    ckpt = tmp_path / "b-ckpt"
 
     def node(name: str, out: str, *extra: str) -> subprocess.Popen:
         return start_node(
             coord.token, tmp_path, out, "--max-chars", "40000", *extra, name=name, epochs=epochs
         )
 
+    return coord, node
+
+
+def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -> None:
+    # Node b is SIGKILLed after its first epoch's checkpoint; node a trains on alone (quorum
+    # 1/2 once b is lost). b restarts from last.ckpt with ckpt_path and rejoins the session at
+    # the coordinator's current round and epoch, then both end on the final checkpoint.
+    epochs = 3
+    coord, node = _b_restarts_while_a_trains_on(tmp_path, epochs)
+    ckpt = tmp_path / "b-ckpt"
     a = node("a", "a", "--slow", "0.4")  # keeps the session going while b restarts
     b = node("b", "b1", "--ckpt-dir", str(ckpt))
     procs = [a, b]
@@ -176,24 +183,8 @@ def test_a_node_killed_mid_overlap_resumes_from_its_checkpoint_and_ends_exact(tm
     # local, mid-round ones) and is SIGKILLed at once. It restarts from that checkpoint, rejoins
     # at the coordinator's round, and both nodes end on the final checkpoint bit for bit.
     epochs = 3
-    coord = LocalCoordinator(
-        tmp_path / "coord",
-        min_nodes=2,
-        epochs=epochs,
-        batch_size=16,
-        sync_every=6,
-        quorum=0.5,
-        heartbeat_timeout=3.0,
-        deadline_floor=1.0,
-    )
-    coord.start()
+    coord, node = _b_restarts_while_a_trains_on(tmp_path, epochs)
     ckpt = tmp_path / "b-ckpt"
-
-    def node(name: str, out: str, *extra: str) -> subprocess.Popen:
-        return start_node(
-            coord.token, tmp_path, out, "--max-chars", "40000", *extra, name=name, epochs=epochs
-        )
-
     a = node("a", "a", "--slow", "0.4")  # keeps the session going while b restarts
     b = node("b", "b1", "--ckpt-dir", str(ckpt), "--die-in-flight", "1")
     procs = [a, b]
