@@ -128,7 +128,9 @@ def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -
     epochs = 3
     coord, node = _b_restarts_while_a_trains_on(tmp_path, epochs)
     ckpt = tmp_path / "b-ckpt"
-    a = node("a", "a", "--slow", "0.4")  # keeps the session going while b restarts
+    # a keeps the session going while b restarts (b's new process imports torch and
+    # calibrates first: the session must not be over by then).
+    a = node("a", "a", "--slow", "0.6")
     b = node("b", "b1", "--ckpt-dir", str(ckpt))
     procs = [a, b]
     try:
