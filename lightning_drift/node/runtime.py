@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import nacl.signing
 
@@ -316,32 +316,22 @@ class NodeRuntime:
     async def _new_client(self) -> CoordinatorClient:
         """One connection to the coordinator, made the way this node reaches it."""
         info = self._node_info()
+        dialled: dict[str, Any] = dict(
+            node_info=info,
+            name=self.name,
+            timeout=self.connect_timeout,
+            mode=self.mode,
+            relay_urls=self.relay_urls,
+            held_round=self.held_round,
+            secret=self.secret,
+            via=self.via,
+        )
         if self.token is not None:
-            return await CoordinatorClient.connect(
-                self.token,
-                node_info=info,
-                name=self.name,
-                timeout=self.connect_timeout,
-                mode=self.mode,
-                relay_urls=self.relay_urls,
-                held_round=self.held_round,
-                secret=self.secret,
-                via=self.via,
-                expect_key=peer_key(parse_peer(self.peer)) if self.peer else None,
-            )
+            expect = peer_key(parse_peer(self.peer)) if self.peer else None
+            return await CoordinatorClient.connect(self.token, expect_key=expect, **dialled)
         assert self.peer is not None, "checked in __init__"
         if self.listen is None:
-            return await CoordinatorClient.join_peer(
-                self.peer,
-                node_info=info,
-                name=self.name,
-                timeout=self.connect_timeout,
-                mode=self.mode,
-                relay_urls=self.relay_urls,
-                held_round=self.held_round,
-                secret=self.secret,
-                via=self.via,
-            )
+            return await CoordinatorClient.join_peer(self.peer, **dialled)
         if self._listener is None:  # bound once: the same address for every reconnect
             self._listener = await CoordinatorListener.bind(
                 secret=self.secret,
