@@ -38,4 +38,13 @@ def clean_text(text: object, limit: int) -> str:
     return s
 
 
-__all__ = ["clean_text"]
+SHORT_ID = 8  # hex characters of a node id shown to a person: enough to tell nodes apart
+
+
+def short_id(node: str) -> str:
+    """The first characters of a node id (its endpoint key in hex), as logs and views show
+    it. Ids are hex after the trust boundary, so the prefix needs no escaping."""
+    return node[:SHORT_ID]
+
+
+__all__ = ["SHORT_ID", "clean_text", "short_id"]
