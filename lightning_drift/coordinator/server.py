@@ -1,28 +1,19 @@
-"""The coordinator's I/O shell: connections and streams, feeding the session and the rounds.
+"""The coordinator's I/O shell: it holds the connections and carries out decisions.
 
-One task per connection reads the control stream (Join → Ping → NodeInfo → TrainConfig, then
-progress, heartbeats, shard and status requests); every barrier is a new bi stream with its
-own task. Nodes dial in with a token, or without one when their key is on the ``--peers``
-list; the coordinator also dials the listed nodes it has an address for (any id in internet
-mode) and runs the same handshake from Ping on (``dialing.py``). Frames
-become calls on :class:`~lightning_drift.coordinator.session.Session`, whose decisions
-become frames. A barrier stream is served by ``barrier.py``: the upload core (``uploads.py``)
-is asked twice per upload (admit, then accept) and returns what to do; the rounds
-(``rounds.py``) own everything from the accumulator to the checkpoint and the published
-weights. Neither calls back into the server: they return :class:`~.effects.Effects`, which
-the server carries out (:meth:`Coordinator.carry_out`): log, end a banned node's connection,
-complete a round, send re-plans, finish, stop on a failure.
+One task per connection: the gate (``gate.py``) lets a peer in (token, ``--peers`` list, the
+handshake: Join → Ping → NodeInfo → TrainConfig), then the node's control stream is read here
+(progress, heartbeats, shard, stop and status requests); every barrier is a new bi stream,
+served by ``barrier.py``, which asks the upload core (``uploads.py``) twice per upload. The
+coordinator also dials the listed nodes it can reach (``dialing.py``). Frames become calls on
+the :class:`~lightning_drift.coordinator.session.Session`; the session, the rounds
+(``rounds.py``) and the upload core never call back into the server: they return
+:class:`~.effects.Effects`, which :meth:`Coordinator.carry_out` carries out (log, end a
+banned node's connection, complete a round, send re-plans, finish, stop on a failure).
 
-Every frame from a node passes the trust boundary (``boundary.py``) before the session, the
-rounds or a log line sees it. A misbehaving peer costs only its own connection: garbage gets
-an ``Error`` frame and the connection is dropped; a bad upload gets an ``Error`` on its
-barrier stream and is excluded from the round, never touching the global weights.
-
-Admission comes before resources (``barrier.py``): an upload is admitted from its
-``BarrierSync`` alone, and only one that counts is read into memory.
-
-Revocation: the ticker notices ``drift-coord revoke`` rewriting ``tokens.json`` and closes the
-connections (nodes and observers) of the revoked token.
+Every frame from a node passes the trust boundary (``boundary.py``) first. A misbehaving peer
+costs only its own connection: garbage gets an ``Error`` frame and the connection is dropped;
+a bad upload gets an ``Error`` on its barrier stream and is left out of the round. The ticker
+notices ``drift-coord revoke`` and closes the connections of a revoked token.
 
 Entry point: :class:`Coordinator` (``start`` / ``run`` / ``shutdown`` / ``close``).
 """
@@ -30,36 +21,35 @@ Entry point: :class:`Coordinator` (``start`` / ``run`` / ``shutdown`` / ``close`
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lightning_drift.auth import Claims, TokenStore, TokenVerifier
+from lightning_drift.auth import TokenVerifier
 from lightning_drift.checkpoint import CheckpointStore
 from lightning_drift.coordinator import boundary, effects
 from lightning_drift.coordinator.barrier import BarrierStreams
 from lightning_drift.coordinator.config import ServeOptions, SessionConfig
+from lightning_drift.coordinator.conns import End, Ended, NodeConn
 from lightning_drift.coordinator.dialing import keep_dialing
 from lightning_drift.coordinator.effects import Effects
+from lightning_drift.coordinator.gate import Gate, guarded
 from lightning_drift.coordinator.logs import SessionLog
 from lightning_drift.coordinator.replies import refuse
 from lightning_drift.coordinator.rounds import Rounds
 from lightning_drift.coordinator.session import GONE, RoundDecision, Session
 from lightning_drift.coordinator.state import StateDir
 from lightning_drift.coordinator.uploads import Uploads
-from lightning_drift.errors import AuthError, DriftError, PeerLost, ProtocolError
+from lightning_drift.errors import DriftError, PeerLost, ProtocolError
 from lightning_drift.peers import PeerName, parse_peer
 from lightning_drift.protocol import (
     MAX_FRAME,
     Bye,
     Error,
-    Join,
-    NodeInfo,
     Ping,
     SessionStatus,
     ShardAssignment,
@@ -77,52 +67,6 @@ log = logging.getLogger(__name__)
 
 STATUS_NODES_MAX = 256  # members listed in a SessionStatus (live ones first)
 _GONE_STATES = frozenset(state.value for state in GONE)  # as a SessionStatus names them
-
-
-class End(enum.Enum):
-    """How a node's control stream ended."""
-
-    BYE = "bye"  # the node said Bye: it left
-    NODE_ERROR = "node error"  # the node sent an Error
-    PROTOCOL = "protocol error"  # it broke the protocol
-    LOST = "connection lost"  # the connection went away
-    CLOSED = "connection closed"  # it ended otherwise (replaced, coordinator closing)
-
-
-@dataclass(frozen=True)
-class Ended:
-    """Why a node's control stream ended: ``end``, and the words for the log."""
-
-    end: End
-    reason: str
-
-    @property
-    def left(self) -> bool:
-        """The node left on its own (it is not lost)."""
-        return self.end is End.BYE
-
-
-class NodeConn:
-    """One node's connection and its control stream (sends serialized by a lock)."""
-
-    def __init__(self, node: str, conn: Connection, control: Stream, token: str = "") -> None:
-        self.node = node
-        self.conn = conn
-        self.control = control
-        self.token = token  # the jti it joined with
-        self.lock = asyncio.Lock()
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    async def send(self, msg: Any) -> bool:
-        try:
-            async with self.lock:
-                await self.control.send(msg)
-            return True
-        except DriftError as exc:
-            log.debug(
-                "send failed node=%s msg=%s error=%r", short_id(self.node), type(msg).__name__, exc
-            )
-            return False
 
 
 class Coordinator:
@@ -158,7 +102,7 @@ class Coordinator:
         self.observer_token = ""
         self.conns: dict[str, NodeConn] = {}
         self.observers: dict[int, tuple[Connection, str]] = {}  # id -> (conn, jti)
-        self._tokens_seen: tuple[int, int] | None = None  # tokens.json (mtime_ns, size)
+        self.gate = Gate(self.state, options, lambda: self.clock())  # (a test may swap it)
         self.pending_shards: dict[str, int] = {}
         self.events: list[str] = []  # recent decisions and membership changes, for the view
         self.fatal: str | None = None  # why the coordinator stopped on its own, if it did
@@ -176,26 +120,22 @@ class Coordinator:
         identity = self.state.identity()
         self._open_session(now)
         await self._open_rounds()
-        self._tokens_seen = self._tokens_stamp()
-        self.verifier = TokenVerifier(
+        verifier = TokenVerifier(
             identity.public_key, self.session.session_id, self.state.tokens().revoked()
         )
         o = self.options
-        self.peers = {}
-        for text in o.peers:
-            peer = parse_peer(text)
-            self.peers[peer_key(peer).hex()] = peer
+        self.peers = {peer_key(peer).hex(): peer for peer in map(parse_peer, o.peers)}
+        self.gate.open(verifier, self.session, self.peers)
         host = o.bind or ("127.0.0.1" if o.mode == "local" else "0.0.0.0")
         self.endpoint = await Endpoint.bind(
             mode=o.mode, secret=identity.seed, bind_addr=f"{host}:{o.port}", relay_urls=o.relay
         )
         self.ticket = self.endpoint.ticket()
         self._save_coordinator(identity.public_hex, host)
-        sid = self.session.session_id
         self.node_token, self.observer_token = (
             self.state.standing_token(
                 identity,
-                session=sid,
+                session=self.session.session_id,
                 ticket=self.ticket,
                 role=role,
                 ttl_s=o.token_ttl_s,
@@ -306,7 +246,9 @@ class Coordinator:
                         peer,
                         done=lambda: self.session.finished,
                         connected=self.conns.__contains__,
-                        serve=self._serve_dialled,
+                        serve=lambda conn, stream: guarded(  # served from Ping on
+                            conn, stream, self._serve_node(conn, stream, "", "")
+                        ),
                         tick_s=self.options.tick_s,
                     )
                 )
@@ -437,146 +379,30 @@ class Coordinator:
     async def serve_connection(self, conn: Connection) -> None:
         """Serve one accepted connection, from its Join to its end (what goes wrong on it
         ends only it)."""
-        t = self.options.handshake_timeout_s
-        stream: Stream | None = None
+        entered = await self.gate.enter(conn)
+        if entered is None:
+            return
+        stream, entry = entered
+        if not entry.observer:
+            await guarded(conn, stream, self._serve_node(conn, stream, entry.name, entry.jti))
+            return
+        self.observers[id(conn)] = (conn, entry.jti)
         try:
-            stream = await asyncio.wait_for(conn.accept_stream(), t)
-            join = await asyncio.wait_for(stream.recv(), t)
-        except ProtocolError as exc:
-            log.info(
-                "handshake.garbage peer=%s error=%s",
-                short_id(conn.remote_hex),
-                boundary.clean_text(exc),
-            )
-            if stream is None:  # no stream to answer on
-                conn.close(1, "protocol")
-            else:
-                await refuse(conn, stream, "protocol", str(exc))
-            return
-        except (asyncio.TimeoutError, DriftError) as exc:
-            why = boundary.clean_text(repr(exc))
-            log.info("handshake.dropped peer=%s error=%s", short_id(conn.remote_hex), why)
-            conn.close(1, "no Join")
-            return
-        await self._guarded(conn, stream, self._serve_peer(conn, stream, join))
-
-    async def _guarded(self, conn: Connection, stream: Stream, serving: Awaitable[None]) -> None:
-        """Serve one peer's connection; what goes wrong on it ends only it."""
-        try:
-            await serving
-        except ProtocolError as exc:
-            await refuse(conn, stream, "protocol", str(exc))
-        except (PeerLost, asyncio.TimeoutError):
-            pass
-        except Exception as exc:  # a bug on one connection must not stop the session
-            log.exception("connection.failed peer=%s", short_id(conn.remote_hex))
-            await refuse(conn, stream, "internal", f"coordinator error: {exc!r}")
-
-    async def _serve_peer(self, conn: Connection, stream: Stream, join: Any) -> None:
-        if not isinstance(join, Join):
-            await refuse(conn, stream, "protocol", f"expected Join, got {type(join).__name__}")
-            return
-        join = boundary.join(join)
-        now = self.clock()
-        if not join.token:
-            # No token: admitted only when the QUIC peer's key is on the --peers list.
-            if conn.remote_hex not in self.peers:
-                reason = (
-                    f"node {conn.remote_hex[:16]}… has no token and is not on this "
-                    "coordinator's --peers list; ask its operator to add this node's id "
-                    "(`drift id` prints it), or join with a token"
-                )
-                log.info("join.refused peer=%s reason=not a listed peer", short_id(conn.remote_hex))
-                await refuse(conn, stream, "auth", reason)
-                return
-            role, jti = "node", ""
-        else:
-            claims = await self._token_claims(conn, stream, join, now)
-            if claims is None:
-                return
-            role, jti = claims.role, claims.jti
-        if join.node_key.lower() != conn.remote_hex:
-            await refuse(
-                conn,
-                stream,
-                "auth",
-                f"Join.node_key {boundary.clean_text(join.node_key, 16)}… is not the "
-                f"connection's key {conn.remote_hex[:16]}…",
-            )
-            return
-        if role == "observer" or join.observe:
-            self.observers[id(conn)] = (conn, jti)
-            try:
-                await self._observer(conn, stream)
-            finally:
-                self.observers.pop(id(conn), None)
-            return
-        await self._serve_node(conn, stream, join.name, jti)
-
-    async def _token_claims(
-        self, conn: Connection, stream: Stream, join: Join, now: float
-    ) -> Claims | None:
-        """The claims of a Join's token, or None after refusing it."""
-        for jti in self.state.tokens().revoked():  # `drift-coord revoke` writes the file
-            self.verifier.revoke(jti)
-        try:
-            return self.verifier.verify(join.token, now=now)
-        except AuthError as exc:
-            refusal = exc
-            try:
-                member = self._member_token(conn.remote_hex, join, now)
-            except AuthError as why:  # a member: what else is wrong with its token
-                refusal, member = why, None
-            if member is None:
-                log.info(
-                    "join.refused peer=%s reason=%s",
-                    short_id(conn.remote_hex),
-                    boundary.clean_text(refusal),
-                )
-                await refuse(conn, stream, "auth", str(refusal))
-            return member
+            await guarded(conn, stream, self._observer(conn, stream))
+        finally:
+            self.observers.pop(id(conn), None)
 
     async def _serve_node(self, conn: Connection, stream: Stream, name: str, jti: str) -> None:
         """The handshake from Ping on (Ping → NodeInfo → TrainConfig), then the node's
         control stream until it ends: the same whichever side dialled. ``jti``: the token it
         joined with ("" for a node of the --peers list)."""
         node = conn.remote_hex
-        d = self.session.join(node, name, self.clock(), token=jti)
-        if not d.ok:
-            self.event(
-                f"node {short_id(node)} refused ({d.code}, token {jti or 'none'}): {d.reason}"
-            )
-            await refuse(conn, stream, d.code, d.reason)
-            return
-        self.event(d.reason)
-        nonce = secrets.token_hex(8)
-        await stream.send(Ping(session_id=self.session.session_id, nonce=nonce))
-        info = await asyncio.wait_for(stream.recv(), self.options.handshake_timeout_s)
-        if isinstance(info, Error):
-            code = boundary.clean_text(info.code, boundary.CODE_MAX)
-            self.session.lost(node, f"refused handshake: {code}", self.clock(), left=True)
-            conn.close(0, "")
-            return
-        if not isinstance(info, NodeInfo) or info.nonce != nonce:
-            self.session.lost(node, "bad handshake", self.clock(), left=True)
-            what = "NodeInfo with the Ping's nonce"
-            await refuse(conn, stream, "protocol", f"expected {what}, got {type(info).__name__}")
-            return
+        fx = Effects()
         try:
-            raw, info = info, boundary.node_info(info)
-        except boundary.BadInput as exc:
-            self.session.lost(node, str(exc), self.clock(), left=True)
-            self.event(f"node {short_id(node)} refused: {exc}")
-            await refuse(conn, stream, exc.code, str(exc))
-            return
-        changed = boundary.bounded(raw, info)
-        if changed:
-            self.event(f"node {short_id(node)} NodeInfo bounded: {', '.join(changed)}")
-        d = self.session.admit(node, info, self.clock())
-        if not d.ok:
-            self.session.lost(node, d.reason, self.clock(), left=True)
-            self.event(f"node {short_id(node)} refused: {d.reason}")
-            await refuse(conn, stream, d.code, d.reason)
+            d = await self.gate.handshake(conn, stream, name, jti, fx)
+        finally:
+            self.carry_out(fx)
+        if d is None:
             return
         old = self.conns.get(node)
         if old is not None:
@@ -611,26 +437,6 @@ class Coordinator:
                     self.event(lost.reason)
                 self.carry_out(Effects(decision=self.session.check(self.clock())))
             conn.close(0, "")
-
-    async def _serve_dialled(self, conn: Connection, stream: Stream) -> None:
-        """A node of the --peers list this coordinator dialled: served from Ping on."""
-        await self._guarded(conn, stream, self._serve_node(conn, stream, "", ""))
-
-    def _member_token(self, node: str, join: Join, now: float) -> Claims | None:
-        """For a member of the session: its token's claims with the expiry forgiven.
-
-        Expiry limits who may join; it must not cut off a node in the middle of the session.
-        A node whose key was admitted before (the QUIC peer key, so it proves it holds that
-        key) may reconnect with a node token of this session signed by this coordinator and
-        not revoked, even past its expiry. None for a node that is not a member; AuthError
-        when the token is refused for another reason than its expiry.
-        """
-        s = self.session
-        if join.observe or node not in s.admitted or node not in s.members:
-            return None
-        claims = self.verifier.verify(join.token, now=now, role="node", allow_expired=True)
-        log.info("join.member_expired_token node=%s jti=%s", short_id(node), claims.jti)
-        return claims
 
     async def _control(self, nc: NodeConn) -> Ended:
         """Read the node's control stream until it ends; returns why it ended."""
@@ -764,33 +570,17 @@ class Coordinator:
                     nc.conn.close(2, "heartbeat timeout")
             self.carry_out(self.uploads.pending())
             self.carry_out(Effects(decision=d))
-            stamp = self._tokens_stamp()
-            if stamp != self._tokens_seen:
-                self._tokens_seen = stamp
-                self._revocations()
+            revoked = self.gate.revoked()
+            if revoked:
+                self._revocations(revoked)
             if now - self._last_ping >= self.config.heartbeat_s:
                 self._last_ping = now
                 ping = Ping(session_id=self.session.session_id, nonce=f"hb{int(now)}")
                 for nc in list(self.conns.values()):
                     self._spawn(nc.send(ping))
 
-    def _tokens_stamp(self) -> tuple[int, int] | None:
-        """What tells that ``tokens.json`` changed (``drift-coord revoke`` rewrites it)."""
-        try:
-            st = TokenStore.file(self.state.path).stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
-
-    def _revocations(self) -> None:
-        """Re-read the revoked tokens and close every open connection that joined with one."""
-        try:
-            revoked = self.state.tokens().revoked()
-        except AuthError as exc:
-            log.warning("tokens.unreadable error=%s", exc)
-            return
-        for jti in revoked:
-            self.verifier.revoke(jti)
+    def _revocations(self, revoked: set[str]) -> None:
+        """Close every open connection that joined with a ``revoked`` token."""
         why = "token revoked: ask the coordinator for a new one"
         for nc in list(self.conns.values()):
             if nc.token in revoked:
@@ -805,4 +595,4 @@ class Coordinator:
                 conn.close(1, "auth")
 
 
-__all__ = ["Coordinator", "NodeConn"]
+__all__ = ["Coordinator", "End", "Ended", "NodeConn"]
