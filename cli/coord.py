@@ -296,7 +296,7 @@ async def _serve(coord: Any) -> None:
     await coord.start()
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, coord.stop)
+            loop.add_signal_handler(sig, coord.shutdown)
         state = coord.state.path
         print(f"coordinator key {coord.endpoint.key_hex}", flush=True)
         print(f"session {coord.session.session_id} round {coord.session.completed}", flush=True)

@@ -419,9 +419,9 @@ def test_a_slow_upload_holds_no_slot_and_is_dropped_below_the_minimum_rate(tmp_p
         def honest_in() -> bool:
             return {a.node_key, b.node_key} <= set(coord.session.arrivals)
 
-        await until(lambda: evil.node_key in coord._uploading, "the slow upload was admitted")
+        await until(lambda: evil.node_key in coord.uploading, "the slow upload was admitted")
         await until(honest_in, "the honest uploads of round 1 were taken")
-        assert evil.node_key in coord._uploading  # while the slow one is still arriving
+        assert evil.node_key in coord.uploading  # while the slow one is still arriving
         await stream._write(blob[1:])  # it completes: round 1 has all three
         ready = await asyncio.wait_for(stream.recv(), 30)
         assert isinstance(ready, BarrierReady) and ready.round == 1 and ready.contributed
@@ -493,7 +493,7 @@ def test_one_upload_at_a_time_per_node(tmp_path):
         await evil.shard(0)
         blob = to_bytes(small_model())
         first = await raw_upload(evil, BarrierSync(round=1, samples=10), blob[:10], size=len(blob))
-        await until(lambda: evil.node_key in coord._uploading, "the first upload is arriving")
+        await until(lambda: evil.node_key in coord.uploading, "the first upload is arriving")
         second = await raw_upload(evil, BarrierSync(round=1, samples=10), blob)
         err = await asyncio.wait_for(second.recv(), 10)
         assert isinstance(err, Error) and "one barrier upload at a time" in err.message

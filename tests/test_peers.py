@@ -141,7 +141,7 @@ def test_a_listed_node_joins_without_a_token_and_others_are_refused(tmp_path):
             assert torch.equal(from_bytes(blob)["w"], weights(1)["w"])
             await client.close()
         finally:
-            coord.stop()
+            coord.shutdown()
             await runner
             await coord.close()
 
@@ -182,7 +182,7 @@ def test_the_coordinator_dials_a_listening_node_and_redials_it(tmp_path):
             assert torch.equal(from_bytes(blob)["w"], weights(2)["w"])
             await again.close()
         finally:
-            coord.stop()
+            coord.shutdown()
             await runner
             await coord.close()
             await listener.close()
@@ -247,7 +247,7 @@ def test_a_listening_runtime_trains_through_the_coordinators_dial(tmp_path):
             shard = runtime.shard(0)
             assert (shard.start, shard.stop) == (0, 300)
     finally:
-        coord_loop.call_soon_threadsafe(coord.stop)
+        coord_loop.call_soon_threadsafe(coord.shutdown)
         server.join(30)
         coord_loop.close()
     assert not server.is_alive()

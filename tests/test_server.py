@@ -476,18 +476,18 @@ def test_an_unexpected_error_in_a_barrier_is_answered(tmp_path):
         runner = asyncio.create_task(coord.run())
         a, b = [await join(coord, i) for i in range(2)]
         await start_sync([a, b], model(0))
-        take = coord._take_upload
+        accept = coord.uploads.accept
 
-        async def broken(node, sync, blob):
+        async def broken(node, sync, blob, now):
             raise RuntimeError("boom")
 
-        coord._take_upload = broken  # type: ignore[method-assign]
+        coord.uploads.accept = broken  # type: ignore[method-assign]
         with pytest.raises(SessionError) as info:
             await asyncio.wait_for(
                 a.barrier(BarrierSync(round=1, samples=10), to_bytes(model(1))), 10
             )
         assert info.value.code == "internal" and "boom" in str(info.value)
-        coord._take_upload = take  # type: ignore[method-assign]
+        coord.uploads.accept = accept  # type: ignore[method-assign]
         res = await asyncio.wait_for(
             asyncio.gather(
                 *(c.barrier(BarrierSync(round=1, samples=10), to_bytes(model(2))) for c in (a, b))
@@ -519,7 +519,7 @@ def test_a_connection_whose_first_stream_fails_is_closed(tmp_path):
     async def main():
         coord = coordinator(tmp_path)
         conn = Conn()
-        await coord._connection(conn)  # type: ignore[arg-type]
+        await coord.serve_connection(conn)  # type: ignore[arg-type]
         assert conn.closed is not None and conn.closed[0] == 1
         assert coord.session is None  # never started: the handshake went nowhere near it
 

@@ -232,7 +232,7 @@ def test_dozens_of_nodes_at_one_barrier_give_the_exact_weighted_mean(tmp_path: P
         finally:
             for c in clients:
                 await c.close()
-            coord.stop()
+            coord.shutdown()
             await runner
             await coord.close()
 

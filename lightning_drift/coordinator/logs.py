@@ -28,7 +28,12 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from lightning_drift.protocol import BarrierSync
+
+if TYPE_CHECKING:
+    from lightning_drift.coordinator.session import RoundOutcome, Session
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +113,47 @@ def round_metrics(rec: RoundRecord) -> dict[str, float]:
         out[f"{prefix}/samples_per_s"] = n.samples_per_s
         out[f"{prefix}/barrier_wait_s"] = n.barrier_wait_s
     return out
+
+
+def round_record(
+    session: Session,
+    outcome: RoundOutcome,
+    contributors: Sequence[tuple[str, float]],
+    counted: Mapping[str, tuple[BarrierSync, int]],
+    size: int,
+    round_s: float,
+    aggregation_s: float,
+) -> RoundRecord:
+    """What the session's log gets for the round that just completed: its ``contributors``
+    (node, weight), each one's counted upload (its BarrierSync, bytes) and the weights'
+    ``size`` sent back to each."""
+    s = session
+    nodes = []
+    for node, _ in contributors:
+        sync, nbytes = counted.get(node, (BarrierSync(round=outcome.completed_round), 0))
+        m = s.members.get(node)
+        pace = sync.samples / sync.train_seconds if sync.train_seconds > 0 else 0.0
+        nodes.append(
+            NodeRound(
+                label=metric_label(m.name if m else "", node),
+                samples=int(s.weight_for(node, sync.samples)),
+                loss=sync.loss,
+                samples_per_s=pace or (m.rate if m else 0.0),
+                barrier_wait_s=m.barrier_wait if m else 0.0,
+                bytes_received=nbytes,
+            )
+        )
+    return RoundRecord(
+        completed_round=outcome.completed_round,
+        epoch=outcome.epoch,
+        nodes=tuple(nodes),
+        live_nodes=len(s.live()),
+        round_s=round_s,
+        aggregation_s=aggregation_s,
+        bytes_received=sum(n.bytes_received for n in nodes),
+        bytes_sent=size * len(nodes),
+        finished=outcome.finished,
+    )
 
 
 def logger_class_path(name: str) -> str:
@@ -241,4 +287,5 @@ __all__ = [
     "make_logger",
     "metric_label",
     "round_metrics",
+    "round_record",
 ]

@@ -1,0 +1,112 @@
+"""What the coordinator's round core tells the server to do, as values: :class:`Effects`.
+
+The upload core (``uploads.py``) and the rounds (``rounds.py``) decide; the server
+(``server.py``) owns the connections and only carries decisions out. So the core never calls
+back into the server: every step that changes the session returns the events to log, the
+nodes banned, the latest round decision (to act on when it says complete), a completed round,
+the re-plans to send and a failure that must stop the coordinator, and the server carries
+them out in that order (:meth:`~lightning_drift.coordinator.server.Coordinator.carry_out`).
+
+The boundary is here so that the decisions can be tested without a network (a test reads
+the effects a call returns) and so that one upload's path reads one way: server → core →
+effects → server.
+
+The helpers below are the session's steps that every part of the core shares: a bad upload
+(:func:`reject`), a strike (:func:`strike`), an upload left out of one round
+(:func:`left_out`) and a re-plan (:func:`replan`). They change the session (not pure) but do
+no I/O and read no clock: ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from lightning_drift.coordinator.session import RoundDecision, RoundOutcome, Session
+from lightning_drift.protocol import ShardAssignment
+from lightning_drift.text import short_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Effects:
+    """What to carry out, in this order: log ``events``; end the connections of the
+    ``banned`` nodes (node, why); act on a ``completed`` round (pending shard requests, the
+    finish); send the ``replans``; stop the coordinator on ``failed``; act on the latest
+    round ``decision`` (complete the round when it says so)."""
+
+    events: list[str] = field(default_factory=list)
+    banned: list[tuple[str, str]] = field(default_factory=list)
+    completed: RoundOutcome | None = None
+    replans: list[tuple[str, ShardAssignment]] = field(default_factory=list)
+    failed: str = ""  # a round could not be completed: the coordinator must stop
+    decision: RoundDecision | None = None  # the session's latest round decision
+
+    def add(self, later: Effects) -> Effects:
+        """These effects followed by ``later`` (the later decision replaces the earlier:
+        it was taken on the newer state). Returns self."""
+        self.events += later.events
+        self.banned += later.banned
+        self.completed = later.completed or self.completed
+        self.replans += later.replans
+        self.failed = self.failed or later.failed
+        self.decision = later.decision or self.decision
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.events
+            or self.banned
+            or self.completed
+            or self.replans
+            or self.failed
+            or self.decision
+        )
+
+
+def strike(session: Session, node: str, reason: str, now: float) -> Effects:
+    """One failed upload of ``node``; when that bans it, its connection is to end and the
+    open round no longer waits for it."""
+    d = session.strike(node, reason, now)
+    fx = Effects(events=[d.reason])
+    if d.ok:
+        fx.banned.append((node, d.reason))
+        fx.decision = session.check(now)
+    return fx
+
+
+def reject(
+    session: Session, node: str, upload_round: int, reason: str, now: float, *, strikes: bool
+) -> Effects:
+    """A bad upload for ``upload_round``: the node is left out of it, which may complete.
+    With ``strikes`` it counts as one of the node's failed uploads."""
+    fx = Effects(
+        events=[f"node {short_id(node)} upload for round {upload_round} refused: {reason}"],
+        decision=session.reject(node, upload_round, reason, now),
+    )
+    if strikes:
+        fx.add(strike(session, node, reason, now))
+    return fx
+
+
+def left_out(session: Session, node: str, upload_round: int, reason: str, now: float) -> Effects:
+    """The session left ``node``'s upload out of the open round: it may now complete."""
+    return Effects(
+        events=[f"node {short_id(node)} upload for round {upload_round} refused: {reason}"],
+        decision=session.check(now),
+    )
+
+
+def replan(session: Session, now: float) -> Effects:
+    """Re-plan the rest of the epoch if the session says so: the assignments to send."""
+    before = session.last_rebalance
+    replans = session.rebalance(now)
+    if session.last_rebalance != before:
+        log.debug("rebalance %s", session.last_rebalance)
+    if not replans:
+        return Effects()
+    return Effects(events=[session.last_rebalance], replans=replans)
+
+
+__all__ = ["Effects", "left_out", "reject", "replan", "strike"]
