@@ -14,7 +14,7 @@ import pytest
 from conftest import run_async
 
 from lightning_drift import protocol as p
-from lightning_drift import transport
+from lightning_drift import streams, transport
 from lightning_drift.errors import AuthError, ConnectTimeout, DriftError, PeerLost, ProtocolError
 from lightning_drift.transport import Connection, Endpoint, Stream
 
@@ -298,7 +298,7 @@ def test_a_known_digest_is_sent_without_hashing_the_blob_again(monkeypatch) -> N
     def no_hashing(*args: object) -> str:
         raise AssertionError("send_blob hashed a blob whose digest it was given")
 
-    monkeypatch.setattr(transport, "sha256_bytes", no_hashing)
+    monkeypatch.setattr(streams, "sha256_bytes", no_hashing)
 
     async def main() -> None:
         send = _FakeSend()
@@ -349,7 +349,7 @@ def test_oversized_frame_message_names_the_limit() -> None:
         s = Stream(send, recv)
         with pytest.raises(ProtocolError, match="exceeds the 1048576-byte limit"):
             await s.recv()
-        assert sum(recv.asked) <= transport.READ_AHEAD  # the body was never asked for
+        assert sum(recv.asked) <= streams.READ_AHEAD  # the body was never asked for
         with pytest.raises(PeerLost, match="unusable"):
             await s.recv()
 
