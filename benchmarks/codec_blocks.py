@@ -59,7 +59,7 @@ def main() -> None:
             except StopIteration:
                 batches = iter(data.train_dataloader())
                 x, y = next(batches)
-            loss = model._loss((x, y))
+            loss = model.loss((x, y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -97,6 +97,12 @@ class Stream:
         except self._io_errors as exc:
             raise self._map(exc, "sending") from None
 
+    async def send_raw(self, data: bytes | memoryview) -> None:
+        """Send bytes as they are, outside any frame. The protocol never needs it; it is how a
+        test plays a broken or hostile peer (half a frame, garbage, a lying length)."""
+        async with self._send_lock:
+            await self._write(data)
+
     async def send(self, msg: protocol._Msg) -> None:
         """Send one frame. Concurrent senders are serialised (frames never interleave)."""
         frame = protocol.encode_frame(msg)

@@ -211,7 +211,7 @@ def test_bad_checksum_is_detected_and_no_file_is_left(tmp_path: Path) -> None:
             for _ in range(2):
                 s = await conn.open_stream()
                 await s.send(p.BlobHeader(size=len(data), sha256=hashlib.sha256(b"x").hexdigest()))
-                await s._write(data)
+                await s.send_raw(data)
                 with pytest.raises(ProtocolError, match="bad_blob: blob checksum mismatch"):
                     p.expect(await s.recv(), p.Bye)
             conn.close()
@@ -328,7 +328,7 @@ def test_garbage_and_oversized_frames_get_an_error_while_others_keep_working() -
             ):
                 conn = await cli.dial(ticket, timeout=10)
                 s = await conn.open_stream()
-                await s._write(bad)
+                await s.send_raw(bad)
                 with pytest.raises(ProtocolError, match="peer refused: protocol: "):
                     p.expect(await asyncio.wait_for(s.recv(), 10), p.Ping)
                 conn.close()
@@ -370,7 +370,7 @@ def test_peer_ending_the_stream_is_peer_lost() -> None:
             conn = await cli.dial(srv.ticket(), timeout=10)
             s = await conn.open_stream()
             await s.send(p.Bye(reason="x"))
-            await s._write(b"\x00\x00\x00\x10{")  # half a frame, then the end
+            await s.send_raw(b"\x00\x00\x00\x10{")  # half a frame, then the end
             await s.finish()
             rs = await asyncio.wait_for(streams.get(), 10)
             assert p.expect(await rs.recv(), p.Bye).reason == "x"
