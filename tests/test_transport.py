@@ -342,6 +342,27 @@ def test_garbage_and_oversized_frames_get_an_error_while_others_keep_working() -
     run_async(main(), 60)
 
 
+def test_a_stream_maps_only_the_errors_its_halves_are_said_to_raise() -> None:
+    class Broken(Exception):
+        pass
+
+    class BrokenSend:
+        async def write_all(self, buf) -> None:
+            raise Broken("gone")
+
+    def mapped(exc: BaseException, doing: str) -> DriftError:
+        return PeerLost(f"{doing}: mapped {exc}")
+
+    async def main() -> None:
+        s = Stream(BrokenSend(), None, io_errors=(Broken,), map_error=mapped)
+        with pytest.raises(PeerLost, match="sending: mapped gone"):
+            await s.send(p.Ping(session_id="s", nonce="n"))
+        with pytest.raises(Broken):  # not said to be the halves' error: not ours to map
+            await Stream(BrokenSend(), None).send_raw(b"x")
+
+    run_async(main(), 10)
+
+
 def test_oversized_frame_message_names_the_limit() -> None:
     async def main() -> None:
         send = _FakeSend()
