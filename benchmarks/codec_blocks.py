@@ -59,7 +59,7 @@ def main() -> None:
             except StopIteration:
                 batches = iter(data.train_dataloader())
                 x, y = next(batches)
-            loss = model._loss((x, y))
+            loss = model.loss((x, y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -73,8 +73,8 @@ def main() -> None:
             err = 0.0
             for d in change.values():
                 block = b or max(1, d.numel())
-                codes, scales = codec._quantize(d, block)
-                got = codec._dequantize(codes, scales, block)
+                codes, scales = codec.quantize(d, block)
+                got = codec.dequantize(codes, scales, block)
                 err += float(((got - d).double() ** 2).sum())
             errors.setdefault(_name(b), []).append(math.sqrt(err) / norm)
         err = sum(

@@ -106,7 +106,7 @@ def simulate(args: argparse.Namespace, setup: c.Setup, spec: str) -> dict[str, A
                 m.train()
                 while done[i] < due:
                     x, y = next(loaders[i])
-                    loss = m._loss((x, y))
+                    loss = m.loss((x, y))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

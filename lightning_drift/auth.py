@@ -39,6 +39,7 @@ import nacl.signing
 
 from lightning_drift.errors import AuthError, ConfigError
 from lightning_drift.fsutil import atomic_write, user_state_dir
+from lightning_drift.text import short_id
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,6 @@ def _b64d(text: str, what: str) -> bytes:
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _short(key: bytes) -> str:
-    return key.hex()[:8] + "…"
 
 
 class Identity:
@@ -323,8 +320,8 @@ def _check_signature(raw: bytes, sig: bytes, public_key: bytes) -> None:
         nacl.signing.VerifyKey(public_key).verify(raw, sig)
     except nacl.exceptions.BadSignatureError:
         raise AuthError(
-            f"token signed by another key (expected {_short(public_key)}, the signature does not "
-            "match: the token was altered or issued by another coordinator); ask this "
+            f"token signed by another key (expected {short_id(public_key.hex())}…, the signature "
+            "does not match: the token was altered or issued by another coordinator); ask this "
             "coordinator for a new token"
         ) from None
 

@@ -161,10 +161,10 @@ def encode(
         if r is not None:
             x.add_(r.to(cdt))
         if codec == "int8":
-            codes, scales = _quantize(x)
+            codes, scales = quantize(x)
             tensors[_CODES + k] = codes
             tensors[_SCALES + k] = scales
-            got = _dequantize(codes, scales, BLOCK).to(cdt)
+            got = dequantize(codes, scales, BLOCK).to(cdt)
         else:
             b16 = x.to(torch.bfloat16)
             tensors[_VALUES + k] = b16
@@ -225,7 +225,7 @@ def decode(payload: bytes | bytearray | memoryview, like: Mapping[str, torch.Ten
                 )
             if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
                 raise _bad(f"scales of {k!r} must be finite and >= 0")
-            out[k] = _dequantize(codes, scales, block).to(cdt)
+            out[k] = dequantize(codes, scales, block).to(cdt)
         else:
             v = _take(tensors, used, _VALUES + k, k)
             if not v.is_floating_point() or v.shape != ref.shape:
@@ -284,11 +284,11 @@ def nbytes(numel: int, codec: str) -> float:
     return 4.0
 
 
-# ---- internals ------------------------------------------------------------------------------
+def quantize(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes shaped like ``x``, float32 scales of its blocks of ``block`` values).
 
-
-def _quantize(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes shaped like ``x``, float32 scales of its blocks)."""
+    The int8 codec's step: :func:`encode` calls it per tensor; benchmarks call it to try other
+    block sizes. :func:`dequantize` is its inverse up to rounding."""
     n = x.numel()
     nb = math.ceil(n / block)
     flat = x.reshape(-1)
@@ -303,7 +303,7 @@ def _quantize(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.
     return codes.reshape(-1)[:n].reshape(x.shape).contiguous(), scales
 
 
-def _dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
     """float32 ``code * scale`` per block, shaped like ``codes``: one correctly rounded
     multiply per value."""
     n = codes.numel()
@@ -313,6 +313,9 @@ def _dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.
         flat = torch.cat([flat, flat.new_zeros(nb * block - n)])
     out = flat.view(nb, block) * scales.unsqueeze(1)
     return out.reshape(-1)[:n].reshape(codes.shape)
+
+
+# ---- internals ------------------------------------------------------------------------------
 
 
 def _decode_plain(tensors: StateDict, like: Mapping[str, torch.Tensor]) -> StateDict:
@@ -370,7 +373,9 @@ __all__ = [
     "apply",
     "compute_dtype",
     "decode",
+    "dequantize",
     "difference",
     "encode",
     "nbytes",
+    "quantize",
 ]

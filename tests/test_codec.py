@@ -93,7 +93,7 @@ def test_int8_decodes_every_code_as_code_times_scale():
     scale = torch.tensor([0.0123], dtype=torch.float32)
     x = codes.float() * scale  # what the decoding must give, bit for bit
     enc = codec.encode({"x": x[:B]}, "int8")
-    got = codec._dequantize(codes, scale.expand(math.ceil(codes.numel() / B)).clone(), B)
+    got = codec.dequantize(codes, scale.expand(math.ceil(codes.numel() / B)).clone(), B)
     assert torch.equal(got, codes.to(torch.float32) * scale)
     assert torch.equal(enc.applied["x"], x[:B])  # a value on the grid comes back exactly
 

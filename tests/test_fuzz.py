@@ -154,7 +154,7 @@ async def deliver(coord: Coordinator, position: str, payload: bytes, junk: bytes
                 endpoint=ep,
             )
             stream = client.control if position == "control" else await client.conn.open_stream()
-        await stream._write(frame + junk)
+        await stream.send_raw(frame + junk)
         with contextlib.suppress(DriftError, asyncio.TimeoutError):
             if position in ("first", "barrier"):
                 await asyncio.wait_for(stream.recv(), 3)

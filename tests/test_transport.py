@@ -14,7 +14,7 @@ import pytest
 from conftest import run_async
 
 from lightning_drift import protocol as p
-from lightning_drift import transport
+from lightning_drift import streams, transport
 from lightning_drift.errors import AuthError, ConnectTimeout, DriftError, PeerLost, ProtocolError
 from lightning_drift.transport import Connection, Endpoint, Stream
 
@@ -211,7 +211,7 @@ def test_bad_checksum_is_detected_and_no_file_is_left(tmp_path: Path) -> None:
             for _ in range(2):
                 s = await conn.open_stream()
                 await s.send(p.BlobHeader(size=len(data), sha256=hashlib.sha256(b"x").hexdigest()))
-                await s._write(data)
+                await s.send_raw(data)
                 with pytest.raises(ProtocolError, match="bad_blob: blob checksum mismatch"):
                     p.expect(await s.recv(), p.Bye)
             conn.close()
@@ -298,7 +298,7 @@ def test_a_known_digest_is_sent_without_hashing_the_blob_again(monkeypatch) -> N
     def no_hashing(*args: object) -> str:
         raise AssertionError("send_blob hashed a blob whose digest it was given")
 
-    monkeypatch.setattr(transport, "sha256_bytes", no_hashing)
+    monkeypatch.setattr(streams, "sha256_bytes", no_hashing)
 
     async def main() -> None:
         send = _FakeSend()
@@ -328,7 +328,7 @@ def test_garbage_and_oversized_frames_get_an_error_while_others_keep_working() -
             ):
                 conn = await cli.dial(ticket, timeout=10)
                 s = await conn.open_stream()
-                await s._write(bad)
+                await s.send_raw(bad)
                 with pytest.raises(ProtocolError, match="peer refused: protocol: "):
                     p.expect(await asyncio.wait_for(s.recv(), 10), p.Ping)
                 conn.close()
@@ -342,6 +342,27 @@ def test_garbage_and_oversized_frames_get_an_error_while_others_keep_working() -
     run_async(main(), 60)
 
 
+def test_a_stream_maps_only_the_errors_its_halves_are_said_to_raise() -> None:
+    class Broken(Exception):
+        pass
+
+    class BrokenSend:
+        async def write_all(self, buf) -> None:
+            raise Broken("gone")
+
+    def mapped(exc: BaseException, doing: str) -> DriftError:
+        return PeerLost(f"{doing}: mapped {exc}")
+
+    async def main() -> None:
+        s = Stream(BrokenSend(), None, io_errors=(Broken,), map_error=mapped)
+        with pytest.raises(PeerLost, match="sending: mapped gone"):
+            await s.send(p.Ping(session_id="s", nonce="n"))
+        with pytest.raises(Broken):  # not said to be the halves' error: not ours to map
+            await Stream(BrokenSend(), None).send_raw(b"x")
+
+    run_async(main(), 10)
+
+
 def test_oversized_frame_message_names_the_limit() -> None:
     async def main() -> None:
         send = _FakeSend()
@@ -349,7 +370,7 @@ def test_oversized_frame_message_names_the_limit() -> None:
         s = Stream(send, recv)
         with pytest.raises(ProtocolError, match="exceeds the 1048576-byte limit"):
             await s.recv()
-        assert sum(recv.asked) <= transport.READ_AHEAD  # the body was never asked for
+        assert sum(recv.asked) <= streams.READ_AHEAD  # the body was never asked for
         with pytest.raises(PeerLost, match="unusable"):
             await s.recv()
 
@@ -370,7 +391,7 @@ def test_peer_ending_the_stream_is_peer_lost() -> None:
             conn = await cli.dial(srv.ticket(), timeout=10)
             s = await conn.open_stream()
             await s.send(p.Bye(reason="x"))
-            await s._write(b"\x00\x00\x00\x10{")  # half a frame, then the end
+            await s.send_raw(b"\x00\x00\x00\x10{")  # half a frame, then the end
             await s.finish()
             rs = await asyncio.wait_for(streams.get(), 10)
             assert p.expect(await rs.recv(), p.Bye).reason == "x"

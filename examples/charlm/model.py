@@ -70,18 +70,20 @@ class CharLM(L.LightningModule):
         h = self.blocks(h, mask=mask, is_causal=True)
         return self.head(self.norm(h))
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy of the next byte over a batch ``(x, y)``: what training and
+        validation minimise, and what the benchmarks compute outside a Trainer."""
         x, y = batch
         logits = self(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        loss = self._loss(batch)
+        loss = self.loss(batch)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        loss = self._loss(batch)
+        loss = self.loss(batch)
         self.log("val_loss", loss, prog_bar=True)
         return loss
 

@@ -35,6 +35,8 @@ from lightning_drift.protocol import BarrierSync
 if TYPE_CHECKING:
     from lightning_drift.coordinator.session import RoundOutcome, Session
 
+from lightning_drift.text import short_id
+
 log = logging.getLogger(__name__)
 
 # The short names `--logger` accepts, and the class each stands for.
@@ -76,7 +78,7 @@ class RoundRecord:
 def metric_label(name: str, node: str) -> str:
     """A metric-safe label for a node: its name (letters, digits, ``_.-`` only) and id prefix."""
     clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or "")[:32].strip("_")
-    return f"{clean}-{node[:8]}" if clean else node[:8]
+    return f"{clean}-{short_id(node)}" if clean else short_id(node)
 
 
 def round_metrics(rec: RoundRecord) -> dict[str, float]:

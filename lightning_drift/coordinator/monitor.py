@@ -138,10 +138,10 @@ def render_lines(st: SessionStatus, now: float | None = None) -> list[str]:
         head += f" stop={_token(st.stop_reason, REASON_MAX)}"
     out = [head]
     for n in st.nodes:
-        node, device, vram, share, rate, loss, used_peak, arrived_round, wait, _ = _row(n)
+        node, device, vram, share, pace, loss, used_peak, arrived_round, wait, _ = _row(n)
         out.append(
             f"{stamp}   node={_token(node)} device={_token(device)} "
-            f"vram={vram.replace(' ', '')} share={share} samples_per_s={rate} loss={loss} "
+            f"vram={vram.replace(' ', '')} share={share} samples_per_s={pace} loss={loss} "
             f"vram_used_peak={used_peak.replace(' ', '')} round={arrived_round} "
             f"barrier_wait={wait} state={_token(n.state, 16)}"
             + (" stop_asked=yes" if n.stop_asked else "")
