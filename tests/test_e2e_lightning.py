@@ -114,12 +114,15 @@ def test_early_stopping_is_a_session_decision(tmp_path: Path) -> None:
     plan = state["plan"]
     assert plan["epoch"] == 2 and final_round == plan["first_round"], (plan, final_round)
     for r in s.reports.values():
-        # The session ended at the first barrier of epoch 2 (of 0..2): no node trained past
-        # its first barrier of that epoch.
+        # The session ended at the first barrier of epoch 2 (of 0..2). A node that knew of the
+        # stop before that barrier held it as its final one; a node that reached it first (b's
+        # request is late on a busy machine) handed its upload off and trained on, but never
+        # past its next barrier, which waits for the round in flight: what it trained there
+        # is thrown away when it takes the final checkpoint.
         assert r["finished"] and r["history"][-1]["finished"], r["history"]
         shard = plan["shards"][r["node_key"]]
         first_barrier = math.ceil(math.ceil(shard["stop"] - shard["start"]) / 16 / plan["rounds"])
-        assert len(r["batches"].get("2", [])) <= first_barrier, (r["batches"], shard)
+        assert len(r["batches"].get("2", [])) <= 2 * first_barrier, (r["batches"], shard)
     # Both epochs before the stop were trained by both nodes.
     trained = {h["epoch"] for r in s.reports.values() for h in r["history"] if h["samples"]}
     assert trained >= {0, 1}, trained
