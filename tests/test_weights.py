@@ -50,7 +50,7 @@ def test_float32_uploads_are_the_full_weights_and_keep_nothing():
     assert from_bytes(up.payload).keys() == net.state_dict().keys()
     blob, sha = _answer(net.state_dict())
     got = held.receive(3, blob, sha)
-    assert got.held_round == 3 and got.blob == blob and got.payload == "weights"
+    assert got.round == 3 and got.blob == blob and got.payload == "weights"
     up = held.upload(local_state(net), contributing_round=4)
     assert not up.delta  # float32 sessions never send deltas
     assert up.base_round == 3 and up.base_sha256 == ""  # nothing kept to be answered against
@@ -95,7 +95,7 @@ def test_an_answer_that_does_not_match_its_checksum_is_refused():
     blob, _ = _answer(Net().state_dict())
     with pytest.raises(WeightsMismatch, match="round 2 do not match their checksum"):
         held.receive(2, blob, "0" * 64)
-    assert held.held_round == -1  # nothing was taken from it
+    assert held.base_round == -1  # nothing was taken from it
 
 
 def test_a_compressed_answer_is_rebuilt_from_the_held_weights_and_checked():
@@ -110,15 +110,15 @@ def test_a_compressed_answer_is_rebuilt_from_the_held_weights_and_checked():
     new = codec.apply(glob, enc.applied)
     new_blob, new_sha = _answer(new)
     got = held.receive(2, enc.payload, new_sha, payload="delta")
-    assert got.blob == new_blob and got.held_round == 2  # bit for bit the coordinator's file
-    assert held.held_sha256 == new_sha
+    assert got.blob == new_blob and got.round == 2  # bit for bit the coordinator's file
+    assert held.base_sha256 == new_sha
     # Nothing changed: "same" gives the held weights back.
     again = held.receive(2, b"", new_sha, payload="same")
     assert again.blob == new_blob
     # A change that does not rebuild the round's weights is refused, and nothing is taken.
     with pytest.raises(WeightsMismatch, match="rebuilt from a 'delta' answer"):
         held.receive(3, enc.payload, "f" * 64, payload="delta")
-    assert held.held_round == 2 and held.held_sha256 == new_sha
+    assert held.base_round == 2 and held.base_sha256 == new_sha
 
 
 def test_the_start_up_sync_answered_same_keeps_the_offered_weights():
@@ -127,7 +127,7 @@ def test_the_start_up_sync_answered_same_keeps_the_offered_weights():
     up = held.offer(local_state(net))
     assert up.base_round == -1 and up.base_sha256 == sha256_bytes(up.payload)
     got = held.receive(0, b"", up.base_sha256, payload="same")
-    assert got.blob == up.payload and got.held_round == 0
+    assert got.blob == up.payload and got.round == 0
     with pytest.raises(WeightsMismatch, match="holds no weights with that sha256"):
         GlobalWeights("float32").receive(0, b"", up.base_sha256, payload="same")
 

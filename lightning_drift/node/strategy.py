@@ -884,7 +884,7 @@ class DriftStrategy(SingleDeviceStrategy):
                 load_in_place(module, got.weights)
             else:
                 apply_in_place(module, got.weights, inflight.taken)
-        held_round = got.held_round  # the parameters are now based on this round's weights
+        held_round = got.round  # the parameters are now based on this round's weights
         self._held_round = held_round
         if self.checkpoint_dir is not None:
             keep_round_copy(self.checkpoint_dir, held_round, got.blob)
