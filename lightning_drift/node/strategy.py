@@ -73,19 +73,12 @@ from typing_extensions import override
 
 from lightning_drift import __version__
 from lightning_drift import protocol as p
-from lightning_drift.auth import (
-    MASKED_TOKEN,
-    TOKEN_ENV,
-    TOKEN_FILE_ENV,
-    node_identity,
-    read_token_file,
-    token_from_environment,
-    token_text,
-)
+from lightning_drift.auth import TOKEN_ENV, TOKEN_FILE_ENV, node_identity
 from lightning_drift.errors import ConfigError, SessionError, SessionFinished
 from lightning_drift.hardware import choose_device, describe, memory_now, node_info_fields
 from lightning_drift.node.barriers import EpochBarriers, contributing_round, steps_per_epoch
 from lightning_drift.node.shards import ShardSampler
+from lightning_drift.node.token import find_token, token_given
 from lightning_drift.node.weights import (
     GlobalWeights,
     Received,
@@ -205,7 +198,7 @@ class DriftStrategy(SingleDeviceStrategy):
         overlap: bool | None = None,
     ) -> None:
         if listen is not None:
-            if not peer or _token_given(token, token_file):
+            if not peer or token_given(token, token_file):
                 raise ConfigError(
                     "DriftStrategy(listen=...) waits for the coordinator named by peer=... "
                     "(its id) to dial in: give peer, and no token"
@@ -1113,26 +1106,12 @@ def _why_stopping(trainer: Any) -> str:  # Any: Trainer.callbacks is untyped
     return "trainer.should_stop was set (a callback or the module)"
 
 
-def _token_given(given: SecretStr | str | None, token_file: str | None) -> bool:
-    """Whether a token was passed (a masked one from a saved config does not count)."""
-    value = given.get_secret_value() if isinstance(given, SecretStr) else given
-    return bool(token_file) or bool(value and value.strip() and value.strip() != MASKED_TOKEN)
-
-
 def _find_token(
     given: SecretStr | str | None, token_file: str | None, *, required: bool = True
 ) -> str | None:
     """The token a DriftStrategy joins with (see the class docstring for the order); None
     when there is none and none is ``required`` (a node that names its coordinator by id)."""
-    value = given.get_secret_value() if isinstance(given, SecretStr) else given
-    if value is not None and value.strip() == MASKED_TOKEN:
-        # A config saved by LightningCLI, run again: its token was masked on purpose.
-        log.info("the config's token is masked; looking for it in the environment")
-        value = None
-    token = token_text(value) if value and value.strip() else None
-    if token is None and token_file:
-        token = read_token_file(token_file)
-    token = token or token_from_environment()
+    token = find_token(given, token_file=token_file)
     if not token and required:
         raise ConfigError(
             "DriftStrategy needs an invitation token: set "
@@ -1141,7 +1120,7 @@ def _find_token(
             "writes it to STATE_DIR/node.token (or name the coordinator by id with "
             "peer=..., if it lists this node's id)"
         )
-    return token or None
+    return token
 
 
 def _accelerator_for(device: torch.device) -> Accelerator:
