@@ -24,8 +24,7 @@ class _Secret(Protocol):  # jsonargparse's SecretStr, without importing it
 
 def _plain(given: _Secret | str | None) -> str | None:
     """The given value as text; None for none, a blank one or one masked by a saved config."""
-    value = given.get_secret_value() if hasattr(given, "get_secret_value") else given
-    assert value is None or isinstance(value, str)
+    value = given if given is None or isinstance(given, str) else given.get_secret_value()
     if value is None or not value.strip():
         return None
     if value.strip() == MASKED_TOKEN:
