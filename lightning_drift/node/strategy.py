@@ -11,13 +11,11 @@ The strategy only connects Lightning to the node's parts:
   barrier points follow between two optimizer steps;
 - after each optimizer step it counts towards its barrier points
   (:class:`~lightning_drift.node.barriers.EpochBarriers`) and, when one is due, holds it
-  (:meth:`DriftStrategy.hold_barrier`). An **overlapped** barrier copies the weights, hands the
-  upload to the network thread (:mod:`lightning_drift.node.weights` builds it there) and
-  trains on; when the round's global weights arrive they are folded in between two optimizer
-  steps as ``global + (weights now - copy)``, in place (parameter identity and optimizer state
-  kept). At most one round is in flight: the next barrier first waits for the previous
-  round. A **blocking** barrier (each epoch's last, and every one with ``overlap=False``) waits
-  for the round and loads its weights exactly;
+  (:meth:`DriftStrategy.hold_barrier`) through the round engine
+  (:class:`~lightning_drift.node.exchange.RoundExchange`). An **overlapped** barrier hands the
+  upload off and trains on; the round's global weights are folded in between two optimizer
+  steps as ``global + (weights now - copy)``. At most one round is in flight. A **blocking**
+  barrier (each epoch's last, and every one with ``overlap=False``) waits for the round;
 - the last barrier of the last epoch is the final one: every node ends holding the
   coordinator's final checkpoint.
 
@@ -25,72 +23,49 @@ Planning, apart from holding barriers:
 
 - the node reports its batch size and samples per optimizer step when it joins, so its shards
   are whole optimizer steps and rounds are planned in optimizer steps;
-- a stop is the session's: when a callback sets ``trainer.should_stop`` (EarlyStopping) or the
-  node reaches ``max_steps``, the node asks the coordinator; until the session decides,
-  Lightning is kept from ending the fit on its own (``min_epochs``); a stop the session
-  overrules is logged and training goes on; once the session stops, the next barrier is the
-  final one (:meth:`~lightning_drift.node.barriers.EpochBarriers.finish_at`);
+- a stop is the session's (:mod:`lightning_drift.node.stopping`): until the session decides,
+  Lightning is kept from ending the fit on its own; once it stops, the next barrier is the
+  final one;
 - a Tuner's internal fit (``lr_find``, ``scale_batch_size``) stays local: it runs inside a tuner
   callback's ``on_fit_start``, before the fit's own, and nothing joins until that has run.
 
 No network is touched in ``__init__``; the runtime connects in ``process_dataloader`` and
 closes in ``teardown``. Every member marked ``@override`` is Lightning's contract; the rest is
-the strategy's own.
+the strategy's own, and delegates: the pace meter (:mod:`~lightning_drift.node.pace`), devices
+(:mod:`~lightning_drift.node.devices`), the token (:mod:`~lightning_drift.node.token`) and
+Lightning's private loop state (:mod:`~lightning_drift.node.loopstate`) each have their part.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import time
-from collections.abc import Iterator, Sized
-from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import torch
 from jsonargparse.typing import SecretStr
-from lightning.pytorch.accelerators import (
-    Accelerator,
-    CPUAccelerator,
-    CUDAAccelerator,
-    MPSAccelerator,
-)
-from lightning.pytorch.callbacks import (
-    BatchSizeFinder,
-    Callback,
-    EarlyStopping,
-    LearningRateFinder,
-)
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities.data import _update_dataloader, extract_batch_size
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from lightning_drift import __version__
 from lightning_drift import protocol as p
 from lightning_drift.auth import TOKEN_ENV, TOKEN_FILE_ENV, node_identity
-from lightning_drift.errors import ConfigError, SessionError, SessionFinished
-from lightning_drift.hardware import choose_device, describe, memory_now, node_info_fields
+from lightning_drift.errors import ConfigError, SessionFinished
+from lightning_drift.hardware import describe, memory_now, node_info_fields
+from lightning_drift.node import devices, loopstate
 from lightning_drift.node.barriers import EpochBarriers, contributing_round, steps_per_epoch
+from lightning_drift.node.exchange import BarrierRecord, InFlight, RoundExchange
+from lightning_drift.node.pace import PaceMeter
 from lightning_drift.node.shards import ShardSampler
+from lightning_drift.node.stopping import StopNegotiation
 from lightning_drift.node.token import find_token, token_given
-from lightning_drift.node.weights import (
-    GlobalWeights,
-    Received,
-    StateDict,
-    WeightsMismatch,
-    apply_in_place,
-    keep_round_copy,
-    load_in_place,
-    local_state,
-    model_fingerprint,
-    snapshot,
-)
+from lightning_drift.node.weights import GlobalWeights, Received, model_fingerprint
 from lightning_drift.peers import parse_peer
 
 if TYPE_CHECKING:
@@ -102,24 +77,6 @@ if TYPE_CHECKING:
     from lightning_drift.node.runtime import Delivery, NodeRuntime
 
 log = logging.getLogger(__name__)
-
-# The first progress report (the coordinator's first measured rate for this node) comes after
-# this many optimizer steps, or after this many seconds of training once a step is measured,
-# not counting the fit's first (warm-up) step: a re-plan of the first epoch can then follow
-# real step times instead of the start-up calibration.
-EARLY_REPORT_STEPS = 8
-EARLY_REPORT_S = 2.0
-
-
-@dataclass
-class _InFlight:
-    """A barrier whose round has not been applied yet."""
-
-    future: Future[Delivery[Received]]
-    taken: StateDict | None  # the weights at the barrier (overlapped); None when blocking
-    sync: p.BarrierSync  # as the barrier made it (the network thread names the base)
-    handed_at: float  # monotonic time of the hand-off
-    step: int  # optimizer steps of this fit when the barrier was held
 
 
 class DriftStrategy(SingleDeviceStrategy):
@@ -170,9 +127,9 @@ class DriftStrategy(SingleDeviceStrategy):
             waits for its round; ``None`` (default): the session's setting
             (``drift-coord serve --overlap/--no-overlap``, on by default).
 
-    After ``fit``, :attr:`history` has one entry per barrier and :attr:`timing` the seconds the
-    strategy kept training from running (start-up, waiting for rounds, hand-offs, applying
-    weights, following re-plans).
+    After ``fit``, :attr:`history` has one :class:`~lightning_drift.node.exchange.BarrierRecord`
+    per barrier and :attr:`timing` the seconds the strategy kept training from running
+    (start-up, waiting for rounds, hand-offs, applying weights, following re-plans).
     """
 
     strategy_name = "drift"
@@ -197,83 +154,64 @@ class DriftStrategy(SingleDeviceStrategy):
         key_file: str | None = None,
         overlap: bool | None = None,
     ) -> None:
-        if listen is not None:
-            if not peer or token_given(token, token_file):
-                raise ConfigError(
-                    "DriftStrategy(listen=...) waits for the coordinator named by peer=... "
-                    "(its id) to dial in: give peer, and no token"
-                )
-            found = None  # a token in the environment is not this node's business
-        else:
-            # With peer=..., a node may join without a token (the coordinator lists its id).
-            found = _find_token(token, token_file, required=not peer)
-        if peer:
-            parse_peer(peer)  # a malformed id fails here, not when the node joins
-        if mode not in (None, "local", "internet"):
-            raise ConfigError(
-                f"mode must be 'local' or 'internet' (or None: the token's), not {mode!r}"
-            )
-        accelerator: Accelerator | None = None
-        root = torch.device("cpu")
-        if device != "auto":
-            root = choose_device(device)
-            accelerator = _accelerator_for(root)
+        found = _ways_in(token, token_file, peer, listen, mode)
+        root, accelerator = devices.chosen(device)
         super().__init__(device=root, accelerator=accelerator)
-        self.token = found
-        self.token_file = token_file
-        self.peer = peer
-        self.listen = listen
-        self.key_file = key_file
-        self.device_preference = device
-        self.sync_every = sync_every
-        self.connect_timeout = connect_timeout
-        self.reconnect_timeout = reconnect_timeout
-        self.mode = mode
+        self.token, self.token_file, self.key_file = found, token_file, key_file
+        self.peer, self.listen, self.mode = peer, listen, mode
         self.relay_urls = list(relay_urls or [])
         self.coordinator_addr = coordinator_addr
+        self.connect_timeout, self.reconnect_timeout = connect_timeout, reconnect_timeout
+        self.device_preference = device
+        self.sync_every, self.overlap = sync_every, overlap
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.node_name = name or socket.gethostname()
         self.progress_every = progress_every
-        self._progress_every = progress_every or 5.0  # until the session's config arrives
         self.calibration_seconds = calibration_seconds
-
-        self.overlap = overlap
+        # Set when the node joins: the network, the session's settings and the round engine.
         self.runtime: NodeRuntime | None = None
         self.config: p.TrainConfig | None = None
-        self.assignment: p.ShardAssignment | None = None
-        self.history: list[dict[str, Any]] = []  # one entry per barrier, for tests and logs
-        # Seconds spent not training, by cause; busy_s is their running sum (start-up aside).
-        self.timing: dict[str, float] = dict.fromkeys(
-            ("startup_s", "wait_s", "handoff_s", "apply_s", "replan_s"), 0.0
-        )
-        self.busy_s = 0.0
-        self._starting = False  # inside the join: its time is start-up, whatever it waits for
-        self._overlap = False  # resolved when the session's config arrives
-        self._parallel: list[torch.device] = []
-        self._weights: GlobalWeights | None = None  # set when the session's config arrives
-        self._barriers: EpochBarriers | None = None  # the current epoch's barrier points
-        self._sampler: ShardSampler | None = None  # the current epoch's, and its loader
-        self._loader: DataLoader | None = None
-        self._inflight: _InFlight | None = None
-        self._held_round = -1  # the round whose global weights the parameters are based on
-        self._samples = 0  # samples trained since the last barrier's upload
-        self._epoch_samples = 0  # samples trained this epoch
-        self._steps = 0  # optimizer steps in this fit
-        self._train_t0 = time.monotonic()  # when the last upload was taken, and busy_s then
-        self._train_busy0 = 0.0
-        self._last_loss: torch.Tensor | float | None = None
-        self._last_report = time.monotonic()
-        self._rate_t0 = time.monotonic()  # the progress report's measuring window
-        self._rate_busy0 = 0.0
-        self._rate_samples = 0
-        self._rate_steps = 0
-        self._reported = False  # the first (early) progress report has gone out
-        self.finished = False
         self.node_key = ""
+        self._exchange: RoundExchange | None = None
+        self._overlap = False  # resolved when the session's config arrives
+        # The current epoch: its work, its barrier points, its sampler and loader.
+        self.assignment: p.ShardAssignment | None = None
+        self._barriers: EpochBarriers | None = None
+        self._sampler: ShardSampler | None = None
+        self._loader: DataLoader | None = None
+        # The node's own parts, and what it learned.
+        self._meter = PaceMeter(progress_every=progress_every or 5.0)
+        self._stops = StopNegotiation()
+        self._parallel: list[torch.device] = []
+        self.history: list[BarrierRecord] = []  # one record per barrier, for tests and logs
+        self.finished = False
         self._resumed_from: dict[str, Any] | None = None  # the "drift" entry of a resumed .ckpt
         self._fit_started = False  # False during a Tuner's internal fit: it stays local
-        self._ask_again_at = 0.0  # after an overruled stop request, when to ask again
-        self._overruled = ""  # the last overruling, logged once
+
+    @property
+    def timing(self) -> dict[str, float]:
+        """Seconds spent not training, by cause (start-up, waits, hand-offs, applies, re-plans)."""
+        return self._meter.timing
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds the strategy kept training from running since the join (start-up aside)."""
+        return self._meter.busy_s
+
+    @property
+    def base_round(self) -> int:
+        """The round of the verified global weights the parameters are based on (-1: none)."""
+        return self._exchange.base_round if self._exchange is not None else -1
+
+    @property
+    def round_in_flight(self) -> InFlight | None:
+        """The barrier whose round has not been applied yet, if any (read only)."""
+        return self._exchange.in_flight if self._exchange is not None else None
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples trained this epoch."""
+        return self._meter.epoch_samples
 
     @property
     def _pl(self) -> LightningModule:
@@ -285,6 +223,11 @@ class DriftStrategy(SingleDeviceStrategy):
     def _runtime(self) -> NodeRuntime:
         assert self.runtime is not None, "DriftStrategy used before it joined the session"
         return self.runtime
+
+    @property
+    def _rounds(self) -> RoundExchange:
+        assert self._exchange is not None, "DriftStrategy used before it joined the session"
+        return self._exchange
 
     # -- registration and device checks -----------------------------------------------------------
 
@@ -307,31 +250,10 @@ class DriftStrategy(SingleDeviceStrategy):
         return self._parallel
 
     @parallel_devices.setter
-    def parallel_devices(self, devices: list[torch.device] | None) -> None:
-        devices = [torch.device(d) for d in (devices or [])]
-        if len(devices) > 1:
-            if _explicitly_several(devices):
-                raise ConfigError(
-                    f"DriftStrategy trains on one device per machine, but the Trainer was given "
-                    f"{len(devices)} devices ({', '.join(map(str, devices))}). Pass devices=1; to "
-                    "use another GPU, start another node (`drift join`) with device='cuda:N'."
-                )
-            # devices="auto" on a machine with several GPUs: Lightning resolves all of them.
-            log.warning(
-                "the Trainer resolved %d devices (%s); a drift node trains on one: %s. Pass "
-                "devices=1 to silence this; start another node with device='cuda:N' to use the "
-                "others.",
-                len(devices),
-                ", ".join(map(str, devices)),
-                self._root_device if self.device_preference != "auto" else devices[0],
-            )
-        if self.device_preference != "auto":
-            # An explicit DriftStrategy(device=...) wins over what the Trainer resolved.
-            self._parallel = [self._root_device]
-            return
-        if devices:
-            self._root_device = devices[0]
-        self._parallel = devices[:1]
+    def parallel_devices(self, resolved: list[torch.device] | None) -> None:
+        self._root_device, self._parallel = devices.resolve_devices(
+            resolved, self.device_preference, self._root_device
+        )
 
     @property
     def num_nodes(self) -> int:
@@ -339,11 +261,7 @@ class DriftStrategy(SingleDeviceStrategy):
 
     @num_nodes.setter
     def num_nodes(self, n: int) -> None:
-        if n != 1:
-            raise ConfigError(
-                f"Trainer(num_nodes={n}) does not apply to DriftStrategy: each machine runs its own "
-                "node and joins the session with its token; leave num_nodes=1."
-            )
+        devices.refuse_num_nodes(n)
 
     # -- joining and sharding ----------------------------------------------------------------------
 
@@ -383,31 +301,48 @@ class DriftStrategy(SingleDeviceStrategy):
                 "Dataset so the coordinator can give each node its own indices."
             )
         if self.runtime is None:
+            loopstate.check(trainer)
             batch_size = dataloader.batch_size or 0
             accumulate = trainer.accumulate_grad_batches if self._pl.automatic_optimization else 1
             self._join(len(dataset), batch_size, batch_size * max(1, accumulate))
         try:
             a = self._runtime.shard(trainer.current_epoch)
         except SessionFinished as done:
-            # The session finished while this node was away, or between two of its epochs (a
-            # stop): make sure it holds the final weights, train nothing more, end the fit.
-            if self._held_round < done.final_round:
-                self._sync(p.BarrierSync(round=0, epoch=trainer.current_epoch))
-            log.warning(
-                "the session finished at round %d; this node holds its final weights",
-                done.final_round,
-            )
-            self.finished = True
-            self._end_training()
-            return _update_dataloader(dataloader, ShardSampler.empty(), mode=RunningStage.TRAINING)
+            self._finished_meanwhile(done)
+            return loopstate.with_sampler(dataloader, ShardSampler.empty())
+        sampler = self._take_shard(a, len(dataset))
+        # A stop asked for at the last epoch's end (EarlyStopping in on_train_epoch_end), or
+        # decided meanwhile, is held here, before the epoch trains anything.
+        self._hold_due_barriers()
+        if self.finished:
+            sampler = ShardSampler.empty()
+        loader = loopstate.with_sampler(dataloader, sampler)
+        self._sampler, self._loader = sampler, loader
+        return loader
+
+    def _finished_meanwhile(self, done: SessionFinished) -> None:
+        """The session finished while this node was away, or between two of its epochs (a
+        stop): make sure it holds the final weights, train nothing more, end the fit."""
+        if self.base_round < done.final_round:
+            self._sync(p.BarrierSync(round=0, epoch=self._pl.trainer.current_epoch))
+        log.warning(
+            "the session finished at round %d; this node holds its final weights",
+            done.final_round,
+        )
+        self.finished = True
+        loopstate.end_fit(self._pl.trainer)
+
+    def _take_shard(self, a: p.ShardAssignment, dataset_size: int) -> ShardSampler:
+        """The epoch's work: its barrier points and the sampler over it."""
+        trainer = self._pl.trainer
         if a.epoch != trainer.current_epoch:
-            self._jump_to_epoch(a.epoch)
+            was = loopstate.jump_to_epoch(trainer, a.epoch)
+            log.info("rejoin: jumping from epoch %d to the session's epoch %d", was, a.epoch)
         self.assignment = a
-        sampler = ShardSampler.for_assignment(a, len(dataset))
         self._barriers = EpochBarriers(
             rounds=a.rounds, first_round=a.first_round, sync_every=self.sync_every
         )
-        self._epoch_samples = 0
+        self._meter.new_epoch()
         log.info(
             "shard epoch=%d ranges=%s size=%d rounds=%d first_round=%d",
             a.epoch,
@@ -417,35 +352,28 @@ class DriftStrategy(SingleDeviceStrategy):
             a.first_round,
         )
         self._log_metrics({"drift/shard_size": float(a.size), "drift/epoch": a.epoch})
-        # A stop asked for at the last epoch's end (EarlyStopping in on_train_epoch_end), or
-        # decided meanwhile, is held here, before the epoch trains anything.
-        self._hold_due_barriers()
-        if self.finished:
-            sampler = ShardSampler.empty()
-        loader = _update_dataloader(dataloader, sampler, mode=RunningStage.TRAINING)
-        self._sampler, self._loader = sampler, loader
-        return loader
+        return ShardSampler.for_assignment(a, dataset_size)
 
     def _join(self, dataset_size: int, batch_size: int = 0, samples_per_step: int = 0) -> None:
         """Join the session, take its settings, and hold the start-up sync (round 0).
 
         ``batch_size`` and ``samples_per_step`` (batch size × accumulate_grad_batches) let
         the coordinator cut shards in whole optimizer steps of this node."""
-        t0 = time.monotonic()
-        self._starting = True
-        try:
-            self._join_session(dataset_size, batch_size, samples_per_step)
-        finally:
-            self._starting = False
-            self.timing["startup_s"] += time.monotonic() - t0
+        with self._meter.start_up():
+            hw = node_info_fields(self.root_device, seconds=self.calibration_seconds)
+            config = self._connect(dataset_size, batch_size, samples_per_step, hw)
+            self._take_config(config, hw)
+            self._meter.restart()  # whatever a Tuner's local fit counted is not this session's
+            # Start-up sync: offer our weights as round 0; everyone starts from the same ones.
+            self._sync(p.BarrierSync(round=0, epoch=self._pl.trainer.current_epoch))
         # Progress reports measure training from here on.
-        self._last_report = self._rate_t0 = time.monotonic()
-        self._rate_busy0 = self.busy_s
+        self._meter.restart()
 
-    def _join_session(self, dataset_size: int, batch_size: int, samples_per_step: int) -> None:
-        module = self._pl
-        fingerprint = model_fingerprint(module)
-        hw = node_info_fields(self.root_device, seconds=self.calibration_seconds)
+    def _connect(
+        self, dataset_size: int, batch_size: int, samples_per_step: int, hw: dict[str, Any]
+    ) -> p.TrainConfig:
+        """Start the runtime: join the session; its ``TrainConfig``."""
+        fingerprint = model_fingerprint(self._pl)
 
         def info() -> p.NodeInfo:
             return p.NodeInfo(
@@ -474,9 +402,20 @@ class DriftStrategy(SingleDeviceStrategy):
             secret=None if self.token else node_identity(self.key_file).seed,
         )
         self.node_key = self.runtime.node_key
-        config = self.runtime.start()
+        return self.runtime.start()
+
+    def _take_config(self, config: p.TrainConfig, hw: dict[str, Any]) -> None:
+        """The session's settings: how weights travel, overlap, reports, the epochs."""
         self.config = config
-        self._weights = GlobalWeights(config.transfer_dtype)
+        self._exchange = RoundExchange(
+            self._runtime,
+            GlobalWeights(config.transfer_dtype),
+            self._pl,
+            self._meter,
+            has_weights=config.has_weights,
+            checkpoint_dir=self.checkpoint_dir,
+            on_delivery=self.on_delivery,
+        )
         self._overlap = config.overlap if self.overlap is None else self.overlap
         resumed = self._resumed_from
         if resumed and resumed.get("session") and resumed["session"] != config.session_id:
@@ -487,37 +426,21 @@ class DriftStrategy(SingleDeviceStrategy):
                 config.session_id,
             )
         if self.progress_every is None and config.progress_every_s > 0:
-            self._progress_every = config.progress_every_s
-        unusable = [d for d in hw["devices"] if not d.usable]
-        if unusable:
+            self._meter.progress_every = config.progress_every_s
+        if any(not d.usable for d in hw["devices"]):
             # Say plainly which devices cannot train (e.g. Vulkan-only GPUs) and what does.
             log.warning(
                 "devices found but not used for training:\n%s",
                 describe(hw["devices"], str(self.root_device)),
             )
-        trainer = module.trainer
-        if trainer.fit_loop.max_epochs != config.epochs:
+        trainer = self._pl.trainer
+        overridden = loopstate.keep_fitting(trainer, config.epochs)
+        if overridden is not None:
             log.warning(
                 "epochs: the session trains %d epochs; Trainer(max_epochs=%s) is overridden",
                 config.epochs,
-                trainer.fit_loop.max_epochs,
+                overridden,
             )
-            trainer.fit_loop.max_epochs = config.epochs
-        # Lightning must not end the fit on a callback's trainer.should_stop by itself: the
-        # session decides (see _plan_stop), and _end_training lets Lightning stop.
-        trainer.fit_loop.min_epochs = max(trainer.fit_loop.min_epochs or 0, config.epochs)
-        # Whatever a Tuner's local fit counted is not this session's.
-        self._samples = self._rate_samples = self._steps = 0
-        # Start-up sync: offer our weights as round 0; everyone starts from the same ones.
-        self._sync(p.BarrierSync(round=0, epoch=trainer.current_epoch))
-
-    def _jump_to_epoch(self, epoch: int) -> None:
-        """A node rejoining a session that moved on continues at the coordinator's epoch."""
-        progress: Any = self._pl.trainer.fit_loop.epoch_progress.current
-        log.info(
-            "rejoin: jumping from epoch %d to the session's epoch %d", progress.completed, epoch
-        )
-        progress.ready = progress.started = progress.processed = progress.completed = epoch
 
     # -- training hooks ----------------------------------------------------------------------------
 
@@ -528,21 +451,19 @@ class DriftStrategy(SingleDeviceStrategy):
             n = extract_batch_size(batch)
         except Exception:
             n = 1
-        self._samples += n
-        self._epoch_samples += n
-        self._rate_samples += n
+        self._meter.batch(n)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         out = super().training_step(*args, **kwargs)
         loss = out.get("loss") if isinstance(out, dict) else out
         if isinstance(loss, torch.Tensor):
-            self._last_loss = loss.detach()
+            self._meter.loss(loss)
         if self.runtime is not None:
             # Lightning's progress bar shows which round this node is training towards.
             self._pl.log(
                 "round",
-                float(self._held_round + 1),
+                float(self.base_round + 1),
                 prog_bar=True,
                 logger=False,
                 on_step=True,
@@ -563,34 +484,28 @@ class DriftStrategy(SingleDeviceStrategy):
         plan = self._barriers
         if self.runtime is None or plan is None:
             return
-        self._steps += 1
-        self._rate_steps += 1
-        if self._steps == 1:
-            # The fit's first step carries one-time costs (allocation, lazy init, the first
-            # batch): the coordinator's first rate must not include it.
-            self._rate_t0, self._rate_busy0 = time.monotonic(), self.busy_s
-            self._rate_samples = self._rate_steps = 0
+        self._meter.step()
         if plan.total_steps is None:  # the loader's length is known from the first step on
             plan.total_steps = self._steps_per_epoch()
         plan.step()
         self._poll()
         self._hold_due_barriers()
-        now = time.monotonic()
-        if self._rate_steps and (
-            now - self._last_report >= self._progress_every
-            or (not self._reported and self._rate_steps >= EARLY_REPORT_STEPS)
-            or (not self._reported and self._trained_s(now) >= EARLY_REPORT_S)
-        ):
-            self._report(now)
+        if self._meter.report_due():
+            used, peak = memory_now(self.root_device)
+            self.runtime.report(
+                self._meter.report(
+                    self.base_round + 1,  # the round this node is training towards
+                    self._pl.trainer.current_epoch,
+                    used,
+                    peak,
+                )
+            )
 
-    def _trained_s(self, now: float) -> float:
-        """Training time in the progress report's window (waits, hand-offs, applies left out)."""
-        return now - self._rate_t0 - (self.busy_s - self._rate_busy0)
-
-    def _finish_epoch(self) -> None:
-        """Hold the epoch's remaining barriers now if fewer optimizer steps ran than the
-        loader promised (manual optimization, skipped steps): the coordinator's rounds must
-        not wait for a barrier this node would never reach. The epoch ends on a round applied."""
+    def finish_epoch(self) -> None:
+        """At the training epoch's end: hold the epoch's remaining barriers now if fewer
+        optimizer steps ran than the loader promised (manual optimization, skipped steps): the
+        coordinator's rounds must not wait for a barrier this node would never reach. The
+        epoch ends on a round applied."""
         plan = self._barriers
         if self.runtime is None or plan is None or self.finished:
             return
@@ -606,72 +521,36 @@ class DriftStrategy(SingleDeviceStrategy):
 
     def _hold_due_barriers(self) -> None:
         """Hold every barrier the plan says is due now, the session's final one included
-        (after taking any stop request into the plan: :meth:`_plan_stop`)."""
+        (after taking any stop request into the plan)."""
         plan = self._barriers
         if self.runtime is None or plan is None:
             return
-        self._plan_stop()
+        if not self.finished:
+            self._stops.plan(
+                self.runtime,
+                self._pl.trainer,
+                plan,
+                self.base_round,
+                self._meter.steps,
+                self._meter.progress_every,
+            )
         while plan.due() and not self.finished:
             self.hold_barrier()
 
-    def _plan_stop(self) -> None:
-        """Ask the session to stop when Lightning was asked to (something set
-        ``trainer.should_stop``); once the session has decided, the epoch's next barrier is
-        the final one, due now. An overruled request is logged and training goes on."""
-        runtime, plan = self.runtime, self._barriers
-        if runtime is None or plan is None or self.finished:
-            return
-        trainer = self._pl.trainer
-        if trainer.should_stop and runtime.stop is None:
-            self._ask_to_stop("callback", _why_stopping(trainer))
-        decision = runtime.stop
-        if decision is not None and not plan.stopped and self._held_round < decision.round:
-            log.warning(
-                "the session stops early: %s; holding the final barrier (round %d)",
-                decision.reason,
-                decision.round,
-            )
-            plan.finish_at(decision.round)
-
-    def _ask_to_stop(self, kind: p.StopKind, reason: str) -> None:
-        """Send a stop request and act on the answer: an overruled ``should_stop`` is undone,
-        and asked again at most every few seconds."""
-        runtime = self._runtime
-        trainer = self._pl.trainer
-        now = time.monotonic()
-        if kind == "callback" and now < self._ask_again_at:
-            trainer.should_stop = False  # overruled a moment ago; the session's answer stands
-            return
-        answer = runtime.request_stop(
-            p.StopRequest(kind=kind, reason=reason, epoch=trainer.current_epoch, step=self._steps)
-        )
-        if answer.stop:
-            return
-        trainer.should_stop = False
-        self._ask_again_at = now + max(1.0, self._progress_every)
-        if answer.reason != self._overruled:
-            self._overruled = answer.reason
-            log.warning("%s; this node trains on with the session", answer.reason)
-
-    def _reached_max_steps(self) -> None:
-        """Called after every training batch: at ``Trainer(max_steps)`` Lightning ends the fit,
-        so this node asks the session to stop (a request it always honours) and holds the
-        final barrier before Lightning does."""
+    def batch_ended(self) -> None:
+        """After every training batch: at ``Trainer(max_steps)`` Lightning ends the fit, so
+        this node asks the session to stop (a request it always honours) and holds the final
+        barrier before Lightning does."""
         trainer = self._pl.trainer
         if self.runtime is None or self.finished or trainer.max_steps in (-1, None):
             return
         if trainer.global_step < trainer.max_steps:
             return
         if self.runtime.stop is None:
-            self._ask_to_stop("max_steps", f"reached Trainer(max_steps={trainer.max_steps})")
+            reason = f"reached Trainer(max_steps={trainer.max_steps})"
+            every = self._meter.progress_every
+            self._stops.ask(self.runtime, trainer, "max_steps", reason, self._meter.steps, every)
         self._hold_due_barriers()
-
-    def _end_training(self) -> None:
-        """The session is over for this node: let Lightning end the fit after this batch."""
-        trainer = self._pl.trainer
-        trainer.should_stop = True
-        trainer.fit_loop.min_epochs = 0
-        trainer.fit_loop.epoch_loop.min_steps = None
 
     def _steps_per_epoch(self) -> int:
         trainer = self._pl.trainer
@@ -682,34 +561,6 @@ class DriftStrategy(SingleDeviceStrategy):
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic=self._pl.automatic_optimization,
         )
-
-    def _loss(self) -> float | None:
-        if self._last_loss is None:
-            return None
-        return float(self._last_loss)
-
-    def _report(self, now: float) -> None:
-        runtime = self._runtime
-        # Training time only: waiting for rounds, hand-offs and applies are not the node's pace.
-        elapsed = max(1e-6, self._trained_s(now))
-        used, peak = memory_now(self.root_device)
-        runtime.report(
-            p.TrainProgress(
-                round=self._held_round + 1,  # the round this node is training towards
-                epoch=self._pl.trainer.current_epoch,
-                step=self._steps,
-                samples=self._samples,
-                loss=self._loss(),
-                samples_per_s=self._rate_samples / elapsed,
-                vram_used=used,
-                vram_peak=peak,
-                epoch_samples=self._epoch_samples,
-            )
-        )
-        self._reported = True
-        self._last_report = self._rate_t0 = now
-        self._rate_busy0 = self.busy_s
-        self._rate_samples = self._rate_steps = 0
 
     # -- barriers ----------------------------------------------------------------------------------
 
@@ -730,19 +581,18 @@ class DriftStrategy(SingleDeviceStrategy):
         self._settle()
         if self.finished:
             return
+        meter = self._meter
         sync = p.BarrierSync(
-            round=contributing_round(self._held_round, plan.scheduled_round),
+            round=contributing_round(self.base_round, plan.scheduled_round),
             epoch=self._pl.trainer.current_epoch,
-            samples=self._samples,
+            samples=meter.samples,
             steps=plan.steps,
-            loss=self._loss(),
+            loss=meter.last_loss,
             # Training time since the previous upload: the coordinator measures pace from it.
-            train_seconds=max(
-                0.0, time.monotonic() - self._train_t0 - (self.busy_s - self._train_busy0)
-            ),
-            epoch_samples=self._epoch_samples,
+            train_seconds=meter.train_seconds(),
+            epoch_samples=meter.epoch_samples,
         )
-        self._hand_off(sync, overlap=not blocking)
+        self._rounds.hand_off(sync, overlap=not blocking)
         plan.held()
         if blocking:
             self._settle()
@@ -750,175 +600,45 @@ class DriftStrategy(SingleDeviceStrategy):
     def _sync(self, sync: p.BarrierSync) -> None:
         """A blocking barrier outside the epoch's plan (the start-up sync, fetching the final
         weights): upload, wait for the round's global weights and load them exactly."""
-        self._hand_off(sync, overlap=False)
+        self._rounds.hand_off(sync, overlap=False)
         self._settle()
-
-    def _hand_off(self, sync: p.BarrierSync, *, overlap: bool, whole: bool = False) -> None:
-        """Give the network thread this barrier's upload; with ``overlap`` the weights are
-        copied first (training changes them meanwhile), otherwise the caller waits.
-
-        At the start-up sync a node whose session already has weights sends none (it names
-        its own by sha256, and is answered with "same" when they are the session's);
-        ``whole`` sends them anyway (the coordinator lost its weights and asked)."""
-        with self._busy("handoff_s"):
-            weights = self._weights
-            assert weights is not None, "the session's config sets how weights travel"
-            taken = snapshot(self._pl) if overlap else local_state(self._pl)
-            config = self.config
-            # At the start-up sync (or a later fetch of the session's weights, also round 0):
-            # the session has weights when it said so, or when this node already holds some.
-            has = self._held_round >= 0 or (config is not None and config.has_weights)
-            empty = sync.round == 0 and not whole and has
-
-            def prepare() -> tuple[p.BarrierSync, bytes]:
-                # On the network thread: the payload is built from the copy taken above.
-                upload = weights.upload(taken, sync.round)
-                marked = msgspec.structs.replace(
-                    sync,
-                    delta=upload.delta,
-                    base_round=upload.base_round,
-                    base_sha256=upload.base_sha256,
-                )
-                return marked, b"" if empty else upload.payload
-
-            def receive(ready: p.BarrierReady, blob: bytes) -> Received:
-                return weights.receive(
-                    ready.round,
-                    blob,
-                    ready.sha256,
-                    payload=ready.payload,
-                    contributed=ready.contributed,
-                )
-
-            future = self._runtime.hand_off(prepare, receive)
-            self._inflight = _InFlight(
-                future, taken if overlap else None, sync, time.monotonic(), self._steps
-            )
-            self._samples = 0
-            self._train_t0, self._train_busy0 = time.monotonic(), self.busy_s
 
     def _poll(self) -> None:
         """Between optimizer steps: apply the round in flight if its weights have come, and
         follow a re-plan of the epoch if one has."""
-        inflight = self._inflight
-        if inflight is not None and inflight.future.done():
+        if self._rounds.arrived:
             self._settle()
         replan = self._runtime.replan()
         if replan is not None:
             self._follow(replan)
 
     def _settle(self) -> None:
-        """Wait for the round in flight, if any, and apply its global weights."""
-        inflight = self._inflight
-        if inflight is None:
-            return
-        refetched: tuple[p.BarrierReady, Received] | None = None
-        with self._busy("wait_s") as waited:
-            try:
-                delivery = inflight.future.result()
-            except SessionFinished as done:
-                self._inflight = None
-                raise SessionError(
-                    f"the session finished at round {done.final_round} while this node was "
-                    "still training (it was left behind); the final weights are the "
-                    f"coordinator's checkpoint {done.checkpoint or 'of that round'}",
-                    code="finished",
-                ) from None
-            except SessionError as exc:
-                self._inflight = None
-                if exc.code != "need_weights":
-                    raise
-                delivery = None
-            except WeightsMismatch as exc:
-                # Should never happen (the coordinator applies the same change, bit for bit);
-                # if it does, nothing was taken from the answer: fetch the whole weights.
-                log.warning("%s; fetching the round's whole weights", exc)
-                refetched = self._refetch(inflight.sync.epoch)
-                delivery = None
-            except BaseException:
-                self._inflight = None
-                raise
-        self._inflight = None
-        if delivery is None and refetched is None:
-            # The coordinator has no weights after all (it lost them): send ours.
-            self._hand_off(inflight.sync, overlap=False, whole=True)
-            self._settle()
-            return
-        self._apply(inflight, delivery, refetched, waited())
+        """Wait for the round in flight, if any, apply its global weights, record it."""
+        record = self._exchange.settle() if self._exchange is not None else None
+        if record is not None:
+            self._applied(record)
 
-    def _refetch(self, epoch: int) -> tuple[p.BarrierReady, Received]:
-        """The session's current global weights, whole (a start-up sync that offers none)."""
-        weights = self._weights
-        assert weights is not None
-        ready, blob = self._runtime.barrier(p.BarrierSync(round=0, epoch=epoch), b"")
-        return ready, weights.receive(ready.round, blob, ready.sha256, payload=ready.payload)
-
-    def _apply(
-        self,
-        inflight: _InFlight,
-        delivery: Delivery[Received] | None,
-        refetched: tuple[p.BarrierReady, Received] | None,
-        wait: float,
-    ) -> None:
-        """Fold the round's global weights into the module and record the barrier."""
-        if delivery is not None:
-            ready, got = delivery.ready, delivery.weights
-            sync, sent, received = delivery.sync, len(delivery.payload), len(delivery.blob)
-        else:
-            assert refetched is not None
-            ready, got = refetched
-            sync, sent, received = inflight.sync, 0, len(got.blob)
-        contributed = ready.contributed if delivery is not None else False
-        module = self._pl
-        with self._busy("apply_s"):
-            if inflight.taken is None or ready.finished:
-                # Blocking (nothing trained since the upload), or the session's final weights
-                # (a straggler: nothing more to train): exactly the round's weights.
-                load_in_place(module, got.weights)
-            else:
-                apply_in_place(module, got.weights, inflight.taken)
-        held_round = got.round  # the parameters are now based on this round's weights
-        self._held_round = held_round
-        if self.checkpoint_dir is not None:
-            keep_round_copy(self.checkpoint_dir, held_round, got.blob)
-        self.finished = ready.finished
-        # One entry per barrier; "round" is the round whose global weights came back.
-        self.history.append(
-            {
-                "round": held_round,
-                "contributed": contributed,
-                "epoch": sync.epoch,
-                "step": inflight.step,  # optimizer steps of this fit when the barrier was held
-                "finished": ready.finished,
-                "samples": sync.samples,
-                "wait_s": wait,
-                "round_trip_s": time.monotonic() - inflight.handed_at,
-                "overlapped": inflight.taken is not None,
-                "bytes_sent": sent,
-                "bytes_received": received,
-                "payload": got.payload,
-                "sha256": ready.sha256,
-            }
-        )
-        if delivery is not None:
-            self._on_delivery(delivery)
+    def _applied(self, record: BarrierRecord) -> None:
+        """A round was applied: record it, log it, and end the fit if the session is over."""
+        self.finished = record.finished
+        self.history.append(record)
         log.info(
             "barrier round=%d contributed=%s payload=%s wait_s=%.3f overlapped=%s samples=%d",
-            held_round,
-            contributed,
-            got.payload,
-            wait,
-            inflight.taken is not None,
-            sync.samples,
+            record.round,
+            record.contributed,
+            record.payload,
+            record.wait_s,
+            record.overlapped,
+            record.samples,
         )
         runtime = self._runtime
         self._log_metrics(
             {
-                "drift/round": float(held_round),
-                "drift/barrier_wait_s": wait,
+                "drift/round": float(record.round),
+                "drift/barrier_wait_s": record.wait_s,
                 "drift/bytes_sent": float(runtime.bytes_sent),
                 "drift/bytes_received": float(runtime.bytes_received),
-                "drift/samples_per_round": float(sync.samples),
+                "drift/samples_per_round": float(record.samples),
             }
         )
         plan = self._barriers
@@ -929,10 +649,10 @@ class DriftStrategy(SingleDeviceStrategy):
         if self.finished and more:
             # The session stopped early, or a straggler was answered with the session's final
             # weights: nothing left to train.
-            log.warning("the session finished at round %d; stopping", held_round)
-            self._end_training()
+            log.warning("the session finished at round %d; stopping", record.round)
+            loopstate.end_fit(trainer)
 
-    def _on_delivery(self, delivery: Delivery[Received]) -> None:
+    def on_delivery(self, delivery: Delivery[Received]) -> None:
         """Called on the training thread for every round applied (a hook for subclasses)."""
 
     def _follow(self, a: p.ShardAssignment) -> None:
@@ -948,10 +668,10 @@ class DriftStrategy(SingleDeviceStrategy):
             return
         if a.epoch != current.epoch or a.revision <= current.revision or not plan.owed():
             return
-        with self._busy("replan_s"):
+        with self._meter.busy("replan_s"):
             overrun = sampler.update(a.ranges)
             self.assignment = a
-            _follow_epoch_length(self._pl.trainer, len(loader))
+            loopstate.follow_epoch_length(self._pl.trainer, len(loader))
             plan.retarget(self._steps_per_epoch())
         if overrun:
             log.warning(
@@ -969,19 +689,6 @@ class DriftStrategy(SingleDeviceStrategy):
         )
         self._log_metrics({"drift/shard_size": float(a.size)})
 
-    @contextmanager
-    def _busy(self, what: str) -> Iterator[Any]:
-        """Count the time of the ``with`` body as ``timing[what]`` (not training)."""
-        t0 = time.monotonic()
-        spent = [0.0]
-        try:
-            yield lambda: spent[0]
-        finally:
-            spent[0] = time.monotonic() - t0
-            if not self._starting:
-                self.timing[what] += spent[0]
-                self.busy_s += spent[0]
-
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         try:
             trainer = self._pl.trainer
@@ -997,14 +704,14 @@ class DriftStrategy(SingleDeviceStrategy):
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
     ) -> None:
         # The canonical checkpoint is the coordinator's; this file records which round's global
-        # weights the node held ("round"). ``samples_since_round`` is 0 when the weights are
-        # exactly that round's (saved at a barrier or an epoch's end); otherwise they are
-        # local, mid-round weights.
-        inflight = self._inflight.sync.samples if self._inflight is not None else 0
+        # weights the node's are based on ("round"). ``samples_since_round`` is 0 when the
+        # weights are exactly that round's (saved at a barrier or an epoch's end); otherwise
+        # they are local, mid-round weights.
+        inflight = self.round_in_flight
         checkpoint["drift"] = {
-            "round": self._held_round,
+            "round": self.base_round,
             "session": self.config.session_id if self.config else "",
-            "samples_since_round": self._samples + inflight,
+            "samples_since_round": self._meter.samples + (inflight.sync.samples if inflight else 0),
             "version": __version__,
         }
         super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -1026,43 +733,11 @@ class DriftStrategy(SingleDeviceStrategy):
         self._close(f"error: {type(exception).__name__}")
 
     def _close(self, reason: str) -> None:
-        self._inflight = None
+        if self._exchange is not None:
+            self._exchange.drop()
         if self.runtime is not None:
             self.runtime.close(reason)
             self.runtime = None
-
-
-def _follow_epoch_length(trainer: Any, batches: int) -> None:
-    """Make Lightning's running epoch ``batches`` long (the sampler's work was re-planned).
-
-    Lightning reads an epoch's length once, at its start: a sampler that yields more is cut
-    off at the old length, and one that yields fewer ends the epoch without its end-of-epoch
-    validation. So the fit loop's length, the data fetcher's and the batch that triggers
-    validation are all set to the new one (a ``limit_train_batches`` still caps it)."""
-    limit = trainer.limit_train_batches
-    if isinstance(limit, int):
-        batches = min(batches, limit)
-    elif isinstance(limit, float) and limit < 1.0:
-        batches = int(batches * limit)
-    loop = trainer.fit_loop
-    loop.max_batches = batches
-    fetcher = getattr(loop, "_data_fetcher", None)
-    if fetcher is not None and getattr(fetcher, "length", None) is not None:
-        fetcher.length = batches
-        fetcher.done = fetcher.fetched >= batches
-    interval = trainer.val_check_interval
-    if getattr(trainer, "_val_check_time_interval", None) is None and isinstance(interval, float):
-        trainer.val_check_batch = max(1, int(batches * interval))
-
-
-def _explicitly_several(devices: list[torch.device]) -> bool:
-    """True when several devices can only have come from an explicit ``Trainer(devices=N)``.
-
-    ``devices="auto"`` resolves one CPU or MPS device, and every CUDA device of the machine;
-    fewer than every CUDA device (or several CPUs) means the user asked for them."""
-    kind = devices[0].type
-    available = torch.cuda.device_count() if kind == "cuda" else 1
-    return len(devices) != available
 
 
 class _EpochEndBarriers(Callback):
@@ -1073,7 +748,7 @@ class _EpochEndBarriers(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.strategy._finish_epoch()
+        self.strategy.finish_epoch()
 
 
 _TUNER_CALLBACKS = (BatchSizeFinder, LearningRateFinder)
@@ -1094,41 +769,42 @@ class _FitHooks(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.strategy._reached_max_steps()
+        self.strategy.batch_ended()
 
 
-def _why_stopping(trainer: Any) -> str:  # Any: Trainer.callbacks is untyped
-    """What a stop request says about why Lightning was asked to stop."""
-    watchers = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
-    if watchers:
-        what = ", ".join(f"EarlyStopping(monitor={c.monitor!r})" for c in watchers)
-        return f"trainer.should_stop was set; callbacks: {what}"
-    return "trainer.should_stop was set (a callback or the module)"
-
-
-def _find_token(
-    given: SecretStr | str | None, token_file: str | None, *, required: bool = True
+def _ways_in(
+    token: SecretStr | str | None,
+    token_file: str | None,
+    peer: str | None,
+    listen: str | None,
+    mode: str | None,
 ) -> str | None:
-    """The token a DriftStrategy joins with (see the class docstring for the order); None
-    when there is none and none is ``required`` (a node that names its coordinator by id)."""
-    token = find_token(given, token_file=token_file)
-    if not token and required:
+    """Check how the node is to reach its coordinator; the token it joins with, if any."""
+    if listen is not None:
+        if not peer or token_given(token, token_file):
+            raise ConfigError(
+                "DriftStrategy(listen=...) waits for the coordinator named by peer=... "
+                "(its id) to dial in: give peer, and no token"
+            )
+        found = None  # a token in the environment is not this node's business
+    else:
+        # With peer=..., a node may join without a token (the coordinator lists its id).
+        found = find_token(token, token_file=token_file)
+        if not found and not peer:
+            raise ConfigError(
+                "DriftStrategy needs an invitation token: set "
+                f"{TOKEN_ENV} (the token or a file holding it) or {TOKEN_FILE_ENV}, or pass "
+                "DriftStrategy(token_file=...) or token=...; `drift-coord serve` prints one and "
+                "writes it to STATE_DIR/node.token (or name the coordinator by id with "
+                "peer=..., if it lists this node's id)"
+            )
+    if peer:
+        parse_peer(peer)  # a malformed id fails here, not when the node joins
+    if mode not in (None, "local", "internet"):
         raise ConfigError(
-            "DriftStrategy needs an invitation token: set "
-            f"{TOKEN_ENV} (the token or a file holding it) or {TOKEN_FILE_ENV}, or pass "
-            "DriftStrategy(token_file=...) or token=...; `drift-coord serve` prints one and "
-            "writes it to STATE_DIR/node.token (or name the coordinator by id with "
-            "peer=..., if it lists this node's id)"
+            f"mode must be 'local' or 'internet' (or None: the token's), not {mode!r}"
         )
-    return token
-
-
-def _accelerator_for(device: torch.device) -> Accelerator:
-    if device.type == "cuda":
-        return CUDAAccelerator()
-    if device.type == "mps":
-        return MPSAccelerator()
-    return CPUAccelerator()
+    return found
 
 
 DriftStrategy.register_strategies(StrategyRegistry)
