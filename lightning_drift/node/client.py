@@ -177,59 +177,27 @@ class CoordinatorClient:
                 else None,
                 relay_urls=relay_urls,
             )
-        return await cls._bounded(
-            cls._handshake(
+
+        async def handshake() -> CoordinatorClient:
+            assert endpoint is not None
+            conn = await endpoint.dial(
+                claims.coordinator, timeout=timeout, expect_key=key, via=tuple(via)
+            )
+            return await cls._joined(
                 endpoint,
                 own,
+                conn,
                 token,
                 claims.role,
-                key,
-                claims.coordinator,
                 node_info,
                 name,
-                timeout,
                 resume_round,
                 silence_s,
                 observe,
-                tuple(via),
                 on_replan,
-            ),
-            endpoint if own else None,
-            timeout,
-        )
+            )
 
-    @classmethod
-    async def _handshake(
-        cls,
-        endpoint: Endpoint,
-        own: bool,
-        token: str,
-        role: str,
-        key: bytes,
-        ticket: str,
-        node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None,
-        name: str,
-        timeout: float,
-        resume_round: int,
-        silence_s: float | None = None,
-        observe: bool = False,
-        via: tuple[str, ...] = (),
-        on_replan: Callable[[p.ShardAssignment], None] | None = None,
-    ) -> CoordinatorClient:
-        conn = await endpoint.dial(ticket, timeout=timeout, expect_key=key, via=via)
-        return await cls._joined(
-            endpoint,
-            own,
-            conn,
-            token,
-            role,
-            node_info,
-            name,
-            resume_round,
-            silence_s,
-            observe,
-            on_replan,
-        )
+        return await cls._bounded(handshake(), endpoint if own else None, timeout)
 
     @classmethod
     async def join_peer(
