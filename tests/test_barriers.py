@@ -100,10 +100,10 @@ def test_steps_per_epoch_of_a_loader_without_length_and_of_an_empty_one():
 
 
 def test_contributing_round_only_moves_forward():
-    assert contributing_round(held_round=2, scheduled_round=3) == 3  # on schedule
-    assert contributing_round(held_round=0, scheduled_round=5) == 5  # joined late
-    assert contributing_round(held_round=6, scheduled_round=5) == 7  # answered with newer ones
-    assert contributing_round(held_round=-1, scheduled_round=0) == 0  # the start-up sync
+    assert contributing_round(base_round=2, scheduled_round=3) == 3  # on schedule
+    assert contributing_round(base_round=0, scheduled_round=5) == 5  # joined late
+    assert contributing_round(base_round=6, scheduled_round=5) == 7  # answered with newer ones
+    assert contributing_round(base_round=-1, scheduled_round=0) == 0  # the start-up sync
 
 
 def test_a_stop_turns_the_epochs_remaining_barriers_into_one_final_barrier_due_now():
