@@ -45,13 +45,13 @@ def test_fingerprint_changes_with_shape_not_with_values():
 def test_float32_uploads_are_the_full_weights_and_keep_nothing():
     net = Net()
     held = GlobalWeights("float32")
-    up = held.upload(local_state(net), contributing_round=0)
+    up = held.upload(local_state(net), upload_round=0)
     assert not up.delta and up.base_round == -1
     assert from_bytes(up.payload).keys() == net.state_dict().keys()
     blob, sha = _answer(net.state_dict())
     got = held.receive(3, blob, sha)
     assert got.round == 3 and got.blob == blob and got.payload == "weights"
-    up = held.upload(local_state(net), contributing_round=4)
+    up = held.upload(local_state(net), upload_round=4)
     assert not up.delta  # float32 sessions never send deltas
     assert up.base_round == 3 and up.base_sha256 == ""  # nothing kept to be answered against
     for k, v in from_bytes(up.payload).items():
@@ -64,15 +64,15 @@ def test_compressed_uploads_are_changes_from_the_held_round_after_the_start_up_s
     net = Net()
     held = GlobalWeights(dtype)
     # Before any global weights (and at round 0) the upload is the full weights.
-    assert not held.upload(local_state(net), contributing_round=1).delta
+    assert not held.upload(local_state(net), upload_round=1).delta
     glob = {k: v.clone() for k, v in net.state_dict().items()}
     blob, sha = _answer(glob)
     held.receive(4, blob, sha)
-    assert not held.upload(local_state(net), contributing_round=0).delta
+    assert not held.upload(local_state(net), upload_round=0).delta
     with torch.no_grad():
         net.lin.weight.add_(0.5)
         net.norm.num_batches_tracked.add_(3)
-    up = held.upload(local_state(net), contributing_round=5)
+    up = held.upload(local_state(net), upload_round=5)
     assert up.delta and up.base_round == 4 and up.base_sha256 == sha
     delta = codec.decode(up.payload, glob)
     assert torch.equal(delta["norm.num_batches_tracked"], net.norm.num_batches_tracked)
@@ -140,7 +140,7 @@ def test_an_upload_that_did_not_count_drops_its_error_feedback():
     held.receive(1, blob, sha)
     with torch.no_grad():
         net.lin.weight.add_(torch.randn_like(net.lin.weight) * 1e-3)
-    held.upload(local_state(net), contributing_round=2)
+    held.upload(local_state(net), upload_round=2)
     assert len(held.residual) > 0
     held.receive(1, b"", sha, payload="same", contributed=False)
     assert len(held.residual) == 0

@@ -58,7 +58,7 @@ def steps_per_epoch(
     return max(1, steps)
 
 
-def contributing_round(base_round: int, scheduled_round: int) -> int:
+def upload_round(base_round: int, scheduled_round: int) -> int:
     """The round a barrier's upload is for: the scheduled one, or later when the node already
     holds the weights of that round or a newer one."""
     return max(base_round + 1, scheduled_round)
@@ -176,6 +176,6 @@ class EpochBarriers:
 __all__ = [
     "EpochBarriers",
     "barrier_step",
-    "contributing_round",
+    "upload_round",
     "steps_per_epoch",
 ]

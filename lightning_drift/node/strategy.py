@@ -59,7 +59,7 @@ from lightning_drift.auth import TOKEN_ENV, TOKEN_FILE_ENV, node_identity
 from lightning_drift.errors import ConfigError, SessionFinished
 from lightning_drift.hardware import describe, memory_now, node_info_fields
 from lightning_drift.node import devices, loopstate
-from lightning_drift.node.barriers import EpochBarriers, contributing_round, steps_per_epoch
+from lightning_drift.node.barriers import EpochBarriers, steps_per_epoch, upload_round
 from lightning_drift.node.exchange import BarrierRecord, InFlight, RoundExchange
 from lightning_drift.node.pace import PaceMeter
 from lightning_drift.node.shards import ShardSampler
@@ -583,7 +583,7 @@ class DriftStrategy(SingleDeviceStrategy):
             return
         meter = self._meter
         sync = p.BarrierSync(
-            round=contributing_round(self.base_round, plan.scheduled_round),
+            round=upload_round(self.base_round, plan.scheduled_round),
             epoch=self._pl.trainer.current_epoch,
             samples=meter.samples,
             steps=plan.steps,

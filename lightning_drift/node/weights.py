@@ -178,12 +178,12 @@ class GlobalWeights:
         self._offered = (sha, copy, blob)
         return Upload(blob, base_round=-1, base_sha256=sha)
 
-    def upload(self, local: Mapping[str, torch.Tensor], contributing_round: int) -> Upload:
-        """The payload for a barrier of ``contributing_round`` from ``local``, the weights at
+    def upload(self, local: Mapping[str, torch.Tensor], upload_round: int) -> Upload:
+        """The payload for a barrier of ``upload_round`` from ``local``, the weights at
         the barrier: the change since the base global weights (compressed, error feedback
         added and updated), or the whole weights (float32 sessions, round 0, or no base weights).
         """
-        if contributing_round == 0:
+        if upload_round == 0:
             return self.offer(local)
         if self.compressed and self._kept is not None:
             enc = codec.encode(
