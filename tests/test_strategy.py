@@ -133,7 +133,7 @@ def test_lightning_cli_builds_the_strategy_from_yaml(tmp_path, monkeypatch):
     cli = LightningCLI(Tiny, run=False, args=["--config", str(cfg)], save_config_callback=None)
     s = cli.trainer.strategy
     assert isinstance(s, DriftStrategy)
-    assert (s.token, s.connect_timeout, s.mode) == (TOKEN, 7.5, "internet")
+    assert (s.token, s.way.connect_timeout, s.way.mode) == (TOKEN, 7.5, "internet")
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_drift.errors import ConfigError
+from lightning_drift.node.barriers import steps_per_epoch
 
 SUPPORTED = "lightning>=2.4,<3"
 # Where each private (or undocumented) name lives; ``trainer`` is a ``Trainer``, ``fetcher``
@@ -126,10 +127,52 @@ def end_fit(trainer: Any) -> None:
     trainer.fit_loop.epoch_loop.min_steps = None
 
 
+class TrainerLoop:
+    """A ``Trainer``'s fit loop as the node's parts see it
+    (:class:`~lightning_drift.node.epochwork.Loop`): the functions above, and the few public
+    things they read, bound to one trainer and its module."""
+
+    def __init__(self, trainer: Any, module: Any) -> None:
+        self.trainer, self.module = trainer, module
+
+    @property
+    def epoch(self) -> int:
+        return int(self.trainer.current_epoch)
+
+    def more_epochs(self) -> bool:
+        return bool(self.trainer.current_epoch + 1 < (self.trainer.max_epochs or 0))
+
+    def steps_per_epoch(self, shard_size: int) -> int:
+        trainer = self.trainer
+        return steps_per_epoch(
+            trainer.num_training_batches,
+            shard_size=shard_size,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            automatic=self.module.automatic_optimization,
+        )
+
+    def jump_to_epoch(self, epoch: int) -> int:
+        return jump_to_epoch(self.trainer, epoch)
+
+    def follow_epoch_length(self, batches: int) -> None:
+        follow_epoch_length(self.trainer, batches)
+
+    def keep_fitting(self, epochs: int) -> int | None:
+        return keep_fitting(self.trainer, epochs)
+
+    def end_fit(self) -> None:
+        end_fit(self.trainer)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+
+
 __all__ = [
     "OPTIONAL",
     "PRIVATE",
     "SUPPORTED",
+    "TrainerLoop",
     "check",
     "end_fit",
     "follow_epoch_length",

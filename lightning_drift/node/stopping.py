@@ -90,6 +90,16 @@ class StopNegotiation:
             self._overruled = answer.reason
             log.warning("%s; this node trains on with the session", answer.reason)
 
+    def at_max_steps(self, runtime: Stopper, trainer: Any, steps: int, every: float) -> bool:
+        """Whether the fit reached ``Trainer(max_steps)``, where Lightning would end it: then
+        the session is asked to stop (a request it always honours), unless it has decided."""
+        if trainer.max_steps in (-1, None) or trainer.global_step < trainer.max_steps:
+            return False
+        if runtime.stop is None:
+            reason = f"reached Trainer(max_steps={trainer.max_steps})"
+            self.ask(runtime, trainer, "max_steps", reason, steps, every)
+        return True
+
 
 def why_stopping(trainer: Any) -> str:  # Any: Trainer.callbacks is untyped
     """What a stop request says about why Lightning was asked to stop."""
