@@ -31,9 +31,33 @@ Planning, apart from holding barriers:
 
 No network is touched in ``__init__``; the runtime connects in ``process_dataloader`` and
 closes in ``teardown``. Every member marked ``@override`` is Lightning's contract; the rest is
-the strategy's own, and delegates: the pace meter (:mod:`~lightning_drift.node.pace`), devices
+the strategy's own, and delegates: joining (:mod:`~lightning_drift.node.joining`), the epoch's
+work and its barriers (:mod:`~lightning_drift.node.epochwork`), the round engine
+(:mod:`~lightning_drift.node.exchange`), the pace meter (:mod:`~lightning_drift.node.pace`),
+stop negotiation (:mod:`~lightning_drift.node.stopping`), devices
 (:mod:`~lightning_drift.node.devices`), the token (:mod:`~lightning_drift.node.token`) and
 Lightning's private loop state (:mod:`~lightning_drift.node.loopstate`) each have their part.
+
+The parameters at more length than ``__init__``'s list:
+
+- ``token``: a token is a password: prefer the environment or a file to writing it into code
+  or a config. ``token_file`` may be a copy of ``STATE_DIR/node.token``.
+- ``device="auto"`` lets Lightning's accelerator pick: CUDA/ROCm, then MPS, then CPU.
+- ``sync_every`` brings the epoch's barriers earlier; the number of barriers is still the
+  coordinator's and the epoch's last barrier always stays on its last step.
+- ``mode=None`` uses the mode the token names (``"local"`` for an older token that names
+  none); ``relay_urls`` default to the token's (iroh's own when it names none).
+- ``coordinator_addr`` reaches a coordinator behind a forwarded port, a proxy or a new IP.
+- ``peer``: ``"ID"`` is found by discovery (internet mode). Without a token the node joins
+  without one (the coordinator lists its id in ``--peers``); with ``listen`` it waits for this
+  coordinator; with a token, the token must name it.
+- ``listen``: the node logs its id and ticket (give either to the coordinator's ``--peers``).
+- ``key_file``: the coordinator knows a tokenless node by this key; a node that joins with a
+  token uses a fresh key each run.
+- ``overlap=True``: a barrier hands the upload to the network and training goes on; only each
+  epoch's last barrier blocks (``drift-coord serve --overlap/--no-overlap``, on by default).
+- :attr:`DriftStrategy.timing`: seconds the strategy kept training from running, by cause
+  (start-up, waiting for rounds, hand-offs, applying weights, following re-plans).
 """
 
 from __future__ import annotations
@@ -104,7 +128,7 @@ class DriftStrategy(SingleDeviceStrategy):
         overlap: bool | None = None,
     ) -> None:
         """No network is touched here: the node joins when the fit's train dataloader is set
-        up and leaves in ``teardown``. docs/strategy.md explains each parameter at length.
+        up and leaves in ``teardown``. The module's docstring says more of each parameter.
 
         Args:
             token: the invitation token ``drift-coord serve`` prints, or a file holding it;
