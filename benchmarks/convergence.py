@@ -71,6 +71,7 @@ def _worker(args: argparse.Namespace, setup: c.Setup) -> None:
     """One training process (its kind is ``--worker``); writes final weights and a report."""
     c.configure_torch(setup)
     import lightning as L
+    import msgspec
     import torch
     from lightning.pytorch.callbacks import Callback
 
@@ -126,7 +127,7 @@ def _worker(args: argparse.Namespace, setup: c.Setup) -> None:
         "backend": counter.backend,
         "world_size": counter.world_size,
         "param_bytes": c.param_bytes(model),
-        "history": getattr(trainer.strategy, "history", []),
+        "history": msgspec.to_builtins(getattr(trainer.strategy, "history", [])),
     }
     c.write_json(out / f"report-{rank}.json", report)
 

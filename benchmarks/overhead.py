@@ -9,7 +9,7 @@ The example char-LM (``benchmarks/_common.py``) is trained in this process three
   progress reports, the node's network thread) with no barrier in the way;
 - ``drift sync 50``: the same with ``--sync-every 50`` (barriers about every 50 steps), to
   measure the share of the fit's wall time spent waiting at barriers (upload, aggregation,
-  checkpoint write, download, load), ``sum(strategy.history[i]["wait_s"]) / fit wall time``.
+  checkpoint write, download, load), ``sum(strategy.history[i].wait_s) / fit wall time``.
 
 Steps/s is taken between consecutive ``on_train_batch_end`` calls of one epoch, leaving out the
 first ``--warmup`` steps and every step that held a barrier. ``--repeats`` alternates plain and
@@ -116,7 +116,7 @@ def fit_once(setup: c.Setup, epochs: int, warmup: int, token: str | None) -> dic
         "steps": trainer.global_step,
         "fit_s": wall,
         "barriers": len(history),
-        "wait_s": sum(e["wait_s"] for e in history),
+        "wait_s": sum(e.wait_s for e in history),
     }
 
 

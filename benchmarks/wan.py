@@ -68,6 +68,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
@@ -417,7 +419,7 @@ def _node_worker(args: argparse.Namespace, setup: c.Setup) -> None:
             "samples": util.samples,
             "steps": trainer.global_step,
             "timing": strategy.timing,
-            "history": strategy.history,
+            "history": msgspec.to_builtins(strategy.history),
         },
     )
 

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 from rich.markup import escape
 
-from lightning_drift.auth import TOKEN_ENV, TOKEN_FILE_ENV, read_token_file, token_text
+from lightning_drift.auth import TOKEN_ENV, TOKEN_FILE_ENV, token_text
 from lightning_drift.coordinator.config import SETTING
 from lightning_drift.errors import ConfigError, DriftError
 from lightning_drift.fsutil import atomic_write, user_state_dir
+from lightning_drift.node.token import find_token as lookup_token
 
 if TYPE_CHECKING:
     import lightning_drift.protocol as p
@@ -105,24 +106,14 @@ def find_token(
     """The token a command runs with, or ``None`` when there is none. Every command that
     takes a token looks it up here.
 
-    In order: ``given`` (the ``--token`` flag), the ``DRIFT_TOKEN`` environment variable (a
-    token or a file holding one, either way), the file ``DRIFT_TOKEN_FILE`` names, then the
-    first of ``files`` that exists and is not empty (e.g. ``STATE_DIR/observer.token``), then,
-    with ``remembered``, the token of the last ``drift join`` or ``drift train`` on this
-    machine (:func:`remember_token`). The library's own lookup (``DriftStrategy``) reads the
-    same variables in the same order."""
-    for value in (given, os.environ.get(TOKEN_ENV)):
-        if value and value.strip():
-            return read_token(value)
-    token_file = os.environ.get(TOKEN_FILE_ENV, "").strip()
-    if token_file:
-        return read_token_file(token_file)
-    for path in [*files, *([remembered_token_path()] if remembered else [])]:
-        if path.is_file():
-            text = path.read_text().strip()
-            if text:
-                return text
-    return None
+    The library's one lookup order (:func:`lightning_drift.node.token.find_token`, the one
+    ``DriftStrategy`` uses): ``given`` (the ``--token`` flag), the ``DRIFT_TOKEN`` environment
+    variable (a token or a file holding one, either way), the file ``DRIFT_TOKEN_FILE`` names,
+    then the first of ``files`` that exists and is not empty (e.g.
+    ``STATE_DIR/observer.token``), then, with ``remembered``, the token of the last ``drift
+    join`` or ``drift train`` on this machine (:func:`remember_token`)."""
+    fallbacks = [*files, *([remembered_token_path()] if remembered else [])]
+    return lookup_token(given, files=fallbacks)
 
 
 def need_token(

@@ -231,12 +231,14 @@ def warn_model_path_unused(model_path: Path, history: list[dict]) -> bool:
 
 def _model_path_check(model_path: Path):
     """A callback that warns, once fit has started, if ``--model-path`` was replaced."""
+    import msgspec
     from lightning.pytorch.callbacks import Callback
 
     class ModelPathCheck(Callback):
         # on_train_start runs after the train dataloader is set up, which is where the
         # strategy joins the session and holds the start-up sync (round 0).
         def on_train_start(self, trainer, pl_module) -> None:
-            warn_model_path_unused(model_path, getattr(trainer.strategy, "history", []))
+            history = getattr(trainer.strategy, "history", [])  # BarrierRecords
+            warn_model_path_unused(model_path, msgspec.to_builtins(history))
 
     return ModelPathCheck()

@@ -9,8 +9,8 @@ import pytest
 from lightning_drift.node.barriers import (
     EpochBarriers,
     barrier_step,
-    contributing_round,
     steps_per_epoch,
+    upload_round,
 )
 
 
@@ -99,11 +99,11 @@ def test_steps_per_epoch_of_a_loader_without_length_and_of_an_empty_one():
     assert steps_per_epoch(0, shard_size=30) == 1  # never 0: the last barrier needs a step
 
 
-def test_contributing_round_only_moves_forward():
-    assert contributing_round(held_round=2, scheduled_round=3) == 3  # on schedule
-    assert contributing_round(held_round=0, scheduled_round=5) == 5  # joined late
-    assert contributing_round(held_round=6, scheduled_round=5) == 7  # answered with newer ones
-    assert contributing_round(held_round=-1, scheduled_round=0) == 0  # the start-up sync
+def test_upload_round_only_moves_forward():
+    assert upload_round(base_round=2, scheduled_round=3) == 3  # on schedule
+    assert upload_round(base_round=0, scheduled_round=5) == 5  # joined late
+    assert upload_round(base_round=6, scheduled_round=5) == 7  # answered with newer ones
+    assert upload_round(base_round=-1, scheduled_round=0) == 0  # the start-up sync
 
 
 def test_a_stop_turns_the_epochs_remaining_barriers_into_one_final_barrier_due_now():
@@ -117,7 +117,7 @@ def test_a_stop_turns_the_epochs_remaining_barriers_into_one_final_barrier_due_n
     plan.finish_at(10)
     plan.finish_at(12)  # the first decision stands
     assert plan.stopped and plan.due() == 1 and plan.owed() == 1
-    assert plan.scheduled_round == 10 == contributing_round(8, plan.scheduled_round)
+    assert plan.scheduled_round == 10 == upload_round(8, plan.scheduled_round)
     plan.held()
     assert plan.due() == 0 and plan.owed() == 0
     with pytest.raises(ValueError, match="final barrier"):

@@ -135,7 +135,7 @@ async def node_main(token: str, index: int, secret: bytes, workdir: Path) -> Non
                 name=f"n{index}",
                 timeout=5,
                 secret=secret,
-                held_round=held_round,
+                resume_round=held_round,
             )
             ready, blob = await client.barrier(BarrierSync(round=0), to_bytes(small_model()))
             held, held_round, sha = from_bytes(blob), ready.round, ready.sha256

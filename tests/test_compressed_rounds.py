@@ -173,7 +173,7 @@ def test_a_delta_against_a_stale_base_is_left_out_never_applied(tmp_path: Path) 
         for c, h in ((a, ha), (b, hb)):
             await barrier(c, h, init, 0)
             await c.shard(0)
-        round0 = hb.held_sha256
+        round0 = hb.base_sha256
         (_, got1, _), _ = await asyncio.gather(
             barrier(a, ha, trained(init, 1), 1), barrier(b, hb, trained(init, 2), 1)
         )

@@ -133,7 +133,7 @@ def test_lightning_cli_builds_the_strategy_from_yaml(tmp_path, monkeypatch):
     cli = LightningCLI(Tiny, run=False, args=["--config", str(cfg)], save_config_callback=None)
     s = cli.trainer.strategy
     assert isinstance(s, DriftStrategy)
-    assert (s.token, s.connect_timeout, s.mode) == (TOKEN, 7.5, "internet")
+    assert (s.token, s.way.connect_timeout, s.way.mode) == (TOKEN, 7.5, "internet")
 
 
 @pytest.mark.parametrize(
@@ -288,11 +288,11 @@ def test_lightning_follows_a_re_planned_epoch_only_when_told(tmp_path, follow, r
     # A re-plan grows (60 samples) or shrinks (28) the sampler after the 6th of 10 batches.
     # Lightning read the epoch's length at its start: on its own it cuts a grown epoch at the
     # old length (the moved samples would go untrained) and skips the end-of-epoch validation
-    # of a shrunk one. _follow_epoch_length sets the new length everywhere Lightning keeps it.
+    # of a shrunk one. follow_epoch_length sets the new length everywhere Lightning keeps it.
     from lightning.pytorch.callbacks import Callback
 
+    from lightning_drift.node.loopstate import follow_epoch_length
     from lightning_drift.node.shards import ShardSampler
-    from lightning_drift.node.strategy import _follow_epoch_length
     from lightning_drift.protocol import ShardAssignment
 
     a = ShardAssignment(epoch=0, start=0, stop=40, rounds=2, first_round=1, seed=1)
@@ -304,7 +304,7 @@ def test_lightning_follows_a_re_planned_epoch_only_when_told(tmp_path, follow, r
             if batch_idx == 5:
                 assert sampler.update(ranges) == 0
                 if follow:
-                    _follow_epoch_length(trainer, len(loader))
+                    follow_epoch_length(trainer, len(loader))
 
     model = _Seen()
     trainer = L.Trainer(

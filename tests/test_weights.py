@@ -45,13 +45,13 @@ def test_fingerprint_changes_with_shape_not_with_values():
 def test_float32_uploads_are_the_full_weights_and_keep_nothing():
     net = Net()
     held = GlobalWeights("float32")
-    up = held.upload(local_state(net), contributing_round=0)
+    up = held.upload(local_state(net), upload_round=0)
     assert not up.delta and up.base_round == -1
     assert from_bytes(up.payload).keys() == net.state_dict().keys()
     blob, sha = _answer(net.state_dict())
     got = held.receive(3, blob, sha)
-    assert got.held_round == 3 and got.blob == blob and got.payload == "weights"
-    up = held.upload(local_state(net), contributing_round=4)
+    assert got.round == 3 and got.blob == blob and got.payload == "weights"
+    up = held.upload(local_state(net), upload_round=4)
     assert not up.delta  # float32 sessions never send deltas
     assert up.base_round == 3 and up.base_sha256 == ""  # nothing kept to be answered against
     for k, v in from_bytes(up.payload).items():
@@ -64,15 +64,15 @@ def test_compressed_uploads_are_changes_from_the_held_round_after_the_start_up_s
     net = Net()
     held = GlobalWeights(dtype)
     # Before any global weights (and at round 0) the upload is the full weights.
-    assert not held.upload(local_state(net), contributing_round=1).delta
+    assert not held.upload(local_state(net), upload_round=1).delta
     glob = {k: v.clone() for k, v in net.state_dict().items()}
     blob, sha = _answer(glob)
     held.receive(4, blob, sha)
-    assert not held.upload(local_state(net), contributing_round=0).delta
+    assert not held.upload(local_state(net), upload_round=0).delta
     with torch.no_grad():
         net.lin.weight.add_(0.5)
         net.norm.num_batches_tracked.add_(3)
-    up = held.upload(local_state(net), contributing_round=5)
+    up = held.upload(local_state(net), upload_round=5)
     assert up.delta and up.base_round == 4 and up.base_sha256 == sha
     delta = codec.decode(up.payload, glob)
     assert torch.equal(delta["norm.num_batches_tracked"], net.norm.num_batches_tracked)
@@ -95,7 +95,7 @@ def test_an_answer_that_does_not_match_its_checksum_is_refused():
     blob, _ = _answer(Net().state_dict())
     with pytest.raises(WeightsMismatch, match="round 2 do not match their checksum"):
         held.receive(2, blob, "0" * 64)
-    assert held.held_round == -1  # nothing was taken from it
+    assert held.base_round == -1  # nothing was taken from it
 
 
 def test_a_compressed_answer_is_rebuilt_from_the_held_weights_and_checked():
@@ -110,15 +110,15 @@ def test_a_compressed_answer_is_rebuilt_from_the_held_weights_and_checked():
     new = codec.apply(glob, enc.applied)
     new_blob, new_sha = _answer(new)
     got = held.receive(2, enc.payload, new_sha, payload="delta")
-    assert got.blob == new_blob and got.held_round == 2  # bit for bit the coordinator's file
-    assert held.held_sha256 == new_sha
+    assert got.blob == new_blob and got.round == 2  # bit for bit the coordinator's file
+    assert held.base_sha256 == new_sha
     # Nothing changed: "same" gives the held weights back.
     again = held.receive(2, b"", new_sha, payload="same")
     assert again.blob == new_blob
     # A change that does not rebuild the round's weights is refused, and nothing is taken.
     with pytest.raises(WeightsMismatch, match="rebuilt from a 'delta' answer"):
         held.receive(3, enc.payload, "f" * 64, payload="delta")
-    assert held.held_round == 2 and held.held_sha256 == new_sha
+    assert held.base_round == 2 and held.base_sha256 == new_sha
 
 
 def test_the_start_up_sync_answered_same_keeps_the_offered_weights():
@@ -127,7 +127,7 @@ def test_the_start_up_sync_answered_same_keeps_the_offered_weights():
     up = held.offer(local_state(net))
     assert up.base_round == -1 and up.base_sha256 == sha256_bytes(up.payload)
     got = held.receive(0, b"", up.base_sha256, payload="same")
-    assert got.blob == up.payload and got.held_round == 0
+    assert got.blob == up.payload and got.round == 0
     with pytest.raises(WeightsMismatch, match="holds no weights with that sha256"):
         GlobalWeights("float32").receive(0, b"", up.base_sha256, payload="same")
 
@@ -140,7 +140,7 @@ def test_an_upload_that_did_not_count_drops_its_error_feedback():
     held.receive(1, blob, sha)
     with torch.no_grad():
         net.lin.weight.add_(torch.randn_like(net.lin.weight) * 1e-3)
-    held.upload(local_state(net), contributing_round=2)
+    held.upload(local_state(net), upload_round=2)
     assert len(held.residual) > 0
     held.receive(1, b"", sha, payload="same", contributed=False)
     assert len(held.residual) == 0

@@ -10,9 +10,10 @@ them. The epoch's last barrier always falls on its last step, so every node ends
 
 Three rounds matter to a node, each with its own name here and in the strategy:
 
-- the **held round**: the round whose global weights the node holds (-1 before any);
+- the **base round**: the round of the verified global weights the node trains from (-1
+  before any);
 - the **scheduled round**: the global round the epoch's next barrier belongs to;
-- the **contributing round**: the round the node's next upload is for, the later of the two
+- the **upload round**: the round the node's next upload is for, the later of the two
   above (a node that came back late holds older weights than its schedule; a straggler that
   was answered with newer ones is past it: rounds only ever move forward).
 
@@ -57,10 +58,10 @@ def steps_per_epoch(
     return max(1, steps)
 
 
-def contributing_round(held_round: int, scheduled_round: int) -> int:
+def upload_round(base_round: int, scheduled_round: int) -> int:
     """The round a barrier's upload is for: the scheduled one, or later when the node already
     holds the weights of that round or a newer one."""
-    return max(held_round + 1, scheduled_round)
+    return max(base_round + 1, scheduled_round)
 
 
 @dataclass
@@ -175,6 +176,6 @@ class EpochBarriers:
 __all__ = [
     "EpochBarriers",
     "barrier_step",
-    "contributing_round",
+    "upload_round",
     "steps_per_epoch",
 ]

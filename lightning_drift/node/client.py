@@ -78,7 +78,7 @@ def reach(
     return mode or claims.mode or "local", tuple(relay_urls) or claims.relays
 
 
-def finished(finish: p.Finish) -> SessionFinished:
+def finished_error(finish: p.Finish) -> SessionFinished:
     """The exception for the coordinator's ``Finish``."""
     return SessionFinished(finish.round, sha256=finish.sha256, checkpoint=finish.checkpoint)
 
@@ -107,10 +107,9 @@ class CoordinatorClient:
         self._last_rx = 0.0
         self.silence_s: float | None = None
         # Called (on the loop) with every re-plan of the epoch being trained: an assignment
-        # that comes unasked with a revision above 0. The latest is also kept, for a callback
-        # set after the handshake (a re-plan may arrive first).
+        # that comes unasked with a revision above 0. Given when connecting, so that it is set
+        # before the reader starts: the only way a re-plan leaves the client.
         self.on_replan: Callable[[p.ShardAssignment], None] | None = None
-        self.latest_replan: p.ShardAssignment | None = None
 
     @property
     def node_key(self) -> str:
@@ -129,11 +128,12 @@ class CoordinatorClient:
         relay_urls: Sequence[str] = (),
         endpoint: Endpoint | None = None,
         secret: bytes | None = None,
-        held_round: int = -1,
+        resume_round: int = -1,
         silence_s: float | None = None,
         observe: bool = False,
         via: Sequence[str] = (),
         expect_key: bytes | None = None,
+        on_replan: Callable[[p.ShardAssignment], None] | None = None,
     ) -> CoordinatorClient:
         """Dial the coordinator named in ``token``, join, and finish the handshake.
 
@@ -142,7 +142,7 @@ class CoordinatorClient:
         needs ``node_info`` (a NodeInfo or a function making one; its nonce is filled in);
         an observer token needs nothing more. ``endpoint`` lets many clients share one
         process's endpoints; otherwise one is bound (``secret``: the node's 32-byte key seed,
-        random when None) and closed by :meth:`close`. ``held_round``: the round whose
+        random when None) and closed by :meth:`close`. ``resume_round``: the round whose
         global weights the node holds (-1: none), told to the coordinator as
         ``Join.resume_round``. ``silence_s``: how long without any
         message from the coordinator before the connection counts as lost (default
@@ -153,7 +153,8 @@ class CoordinatorClient:
         ``via``: dial these ``host:port`` addresses instead of the ticket's (a forwarded
         port, a proxy); the coordinator must still hold the key the token names.
         ``expect_key``: refuse (AuthError) a token that names another coordinator than this
-        key (``drift train --token T --peer ID``).
+        key (``drift train --token T --peer ID``). ``on_replan``: called on the loop with every
+        re-plan of the epoch being trained.
         """
         claims, _, _ = decode_token(token)
         key = ticket_key(claims.coordinator)
@@ -176,47 +177,27 @@ class CoordinatorClient:
                 else None,
                 relay_urls=relay_urls,
             )
-        return await cls._bounded(
-            cls._handshake(
+
+        async def handshake() -> CoordinatorClient:
+            assert endpoint is not None
+            conn = await endpoint.dial(
+                claims.coordinator, timeout=timeout, expect_key=key, via=tuple(via)
+            )
+            return await cls._joined(
                 endpoint,
                 own,
+                conn,
                 token,
                 claims.role,
-                key,
-                claims.coordinator,
                 node_info,
                 name,
-                timeout,
-                held_round,
+                resume_round,
                 silence_s,
                 observe,
-                tuple(via),
-            ),
-            endpoint if own else None,
-            timeout,
-        )
+                on_replan,
+            )
 
-    @classmethod
-    async def _handshake(
-        cls,
-        endpoint: Endpoint,
-        own: bool,
-        token: str,
-        role: str,
-        key: bytes,
-        ticket: str,
-        node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None,
-        name: str,
-        timeout: float,
-        held_round: int,
-        silence_s: float | None = None,
-        observe: bool = False,
-        via: tuple[str, ...] = (),
-    ) -> CoordinatorClient:
-        conn = await endpoint.dial(ticket, timeout=timeout, expect_key=key, via=via)
-        return await cls._joined(
-            endpoint, own, conn, token, role, node_info, name, held_round, silence_s, observe
-        )
+        return await cls._bounded(handshake(), endpoint if own else None, timeout)
 
     @classmethod
     async def join_peer(
@@ -230,10 +211,11 @@ class CoordinatorClient:
         relay_urls: Sequence[str] = (),
         endpoint: Endpoint | None = None,
         secret: bytes | None = None,
-        held_round: int = -1,
+        resume_round: int = -1,
         silence_s: float | None = None,
         observe: bool = False,
         via: Sequence[str] = (),
+        on_replan: Callable[[p.ShardAssignment], None] | None = None,
     ) -> CoordinatorClient:
         """Join without a token: dial the coordinator named by id and join as a node of its
         ``--peers`` list (the coordinator checks this node's key, so ``secret`` must be the
@@ -258,7 +240,17 @@ class CoordinatorClient:
             assert endpoint is not None
             conn = await endpoint.dial_peer(peer, timeout=timeout, via=via)
             return await cls._joined(
-                endpoint, own, conn, "", "node", node_info, name, held_round, silence_s, observe
+                endpoint,
+                own,
+                conn,
+                "",
+                "node",
+                node_info,
+                name,
+                resume_round,
+                silence_s,
+                observe,
+                on_replan,
             )
 
         return await cls._bounded(handshake(), endpoint if own else None, timeout)
@@ -272,6 +264,7 @@ class CoordinatorClient:
         name: str = "",
         timeout: float = 15.0,
         silence_s: float | None = None,
+        on_replan: Callable[[p.ShardAssignment], None] | None = None,
     ) -> CoordinatorClient:
         """Wait (up to ``timeout`` seconds) for the coordinator to dial this listening node,
         then finish the handshake it starts with Ping. The listener keeps its endpoint."""
@@ -281,6 +274,7 @@ class CoordinatorClient:
             control = await conn.accept_stream()
             self = cls(listener.endpoint, False, conn, control)
             self.silence_s = silence_s
+            self.on_replan = on_replan
             await self._from_ping(node_info, name)
             self._tasks.append(asyncio.create_task(self._reader()))
             return self
@@ -320,9 +314,10 @@ class CoordinatorClient:
         role: str,
         node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None,
         name: str,
-        held_round: int,
+        resume_round: int,
         silence_s: float | None,
         observe: bool,
+        on_replan: Callable[[p.ShardAssignment], None] | None = None,
     ) -> CoordinatorClient:
         """Open the control stream on a connection we dialled, send Join, finish the
         handshake."""
@@ -334,13 +329,14 @@ class CoordinatorClient:
                     node_key=endpoint.key_hex,
                     drift_version=__version__,
                     name=name,
-                    resume_round=held_round,
+                    resume_round=resume_round,
                     observe=observe,
                 )
             )
             self = cls(endpoint, own, conn, control)
             self.role = "observer" if observe else role
             self.silence_s = silence_s
+            self.on_replan = on_replan
             if self.role == "node":
                 if node_info is None:
                     raise ValueError("a node token needs node_info (NodeInfo or a factory)")
@@ -393,20 +389,7 @@ class CoordinatorClient:
                     with contextlib.suppress(DriftError):
                         await self._send(p.Ping(session_id=msg.session_id, nonce=msg.nonce))
                 elif isinstance(msg, p.ShardAssignment):
-                    fut = self._shards.pop(msg.epoch, None)
-                    asked_before = any(e <= msg.epoch for e in self._shards)
-                    if fut is None and not asked_before and msg.revision > 0:
-                        # Unasked: the coordinator re-planned the epoch being trained.
-                        self.latest_replan = msg
-                        if self.on_replan is not None:
-                            self.on_replan(msg)
-                        continue
-                    if fut is None:  # answered for a later epoch than asked (late/rejoin)
-                        fut = next(iter(self._shards.values()), None)
-                        if fut is not None:
-                            self._shards = {e: f for e, f in self._shards.items() if f is not fut}
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
+                    self._on_shard(msg)
                 elif isinstance(msg, p.StopDecision):
                     if msg.stop:
                         self.stop = msg
@@ -428,7 +411,7 @@ class CoordinatorClient:
                     # stream and is answered with the final weights, so barriers and
                     # heartbeats go on. Only a wait for another epoch's shard ends here.
                     self.finish = msg
-                    done = finished(msg)
+                    done = finished_error(msg)
                     for fut in self._shards.values():
                         if not fut.done():
                             fut.set_exception(done)
@@ -446,6 +429,22 @@ class CoordinatorClient:
         except asyncio.CancelledError:
             self._fail(PeerLost("client closed"))
             raise
+
+    def _on_shard(self, msg: p.ShardAssignment) -> None:
+        """An assignment: the answer to a shard request, or (unasked, revision above 0) a
+        re-plan of the epoch being trained, handed to ``on_replan``."""
+        fut = self._shards.pop(msg.epoch, None)
+        asked_before = any(e <= msg.epoch for e in self._shards)
+        if fut is None and not asked_before and msg.revision > 0:
+            if self.on_replan is not None:
+                self.on_replan(msg)
+            return
+        if fut is None:  # answered for a later epoch than asked (late/rejoin)
+            fut = next(iter(self._shards.values()), None)
+            if fut is not None:
+                self._shards = {e: f for e, f in self._shards.items() if f is not fut}
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     def _fail(self, exc: DriftError) -> None:
         if self.error is None or isinstance(self.error, PeerLost):
@@ -492,7 +491,7 @@ class CoordinatorClient:
     async def shard(self, epoch: int) -> p.ShardAssignment:
         """The assignment for ``epoch``; waits while the coordinator has not planned it."""
         if self.finish is not None:
-            raise finished(self.finish)
+            raise finished_error(self.finish)
         fut = self._shards.get(epoch)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -578,4 +577,4 @@ class CoordinatorClient:
             await self.endpoint.close()
 
 
-__all__ = ["CoordinatorClient", "finished", "reach", "refusal"]
+__all__ = ["CoordinatorClient", "finished_error", "reach", "refusal"]

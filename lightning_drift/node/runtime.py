@@ -39,7 +39,7 @@ from lightning_drift.errors import (
     SessionError,
     SessionFinished,
 )
-from lightning_drift.node.client import CoordinatorClient, finished
+from lightning_drift.node.client import CoordinatorClient, finished_error
 from lightning_drift.node.listen import CoordinatorListener
 from lightning_drift.peers import parse_peer
 from lightning_drift.transport import peer_key
@@ -121,7 +121,9 @@ class NodeRuntime:
         self.secret = bytes(secret) if secret is not None else os.urandom(32)
         self.node_key = bytes(nacl.signing.SigningKey(self.secret).verify_key).hex()
         self.config: p.TrainConfig | None = None
-        self.held_round = -1  # the round whose global weights the node holds
+        # The round of the last global weights the node received and verified (``receive``
+        # returned): what a reconnect's Join.resume_round names.
+        self.resume_round = -1
         self.bytes_sent = 0
         self.bytes_received = 0
         self.reconnects = 0
@@ -223,8 +225,8 @@ class NodeRuntime:
             )
             self.bytes_sent += len(payload)
             self.bytes_received += len(blob)
-            self.held_round = ready.round
             weights = await asyncio.to_thread(receive, ready, blob)
+            self.resume_round = ready.round  # only once receive has checked them
             return Delivery(sync, payload, ready, blob, weights)
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop)
@@ -269,10 +271,9 @@ class NodeRuntime:
 
     def request_stop(self, request: p.StopRequest) -> p.StopDecision:
         """Ask the session to stop and wait for its answer (a round trip)."""
-        answer = self._call(self._retrying(lambda c: c.request_stop(request), what="stop request"))
-        if answer.stop and self._stop is None:
-            self._stop = answer
-        return answer
+        # A decision to stop reaches the training thread one way: the client keeps it (its
+        # reader sees the answer first), and :attr:`stop` reads it from there.
+        return self._call(self._retrying(lambda c: c.request_stop(request), what="stop request"))
 
     def status(self) -> p.SessionStatus:
         """The coordinator's current view of the session."""
@@ -297,9 +298,6 @@ class NodeRuntime:
 
     async def _connect(self, first: bool) -> None:
         client = await self._new_client()
-        client.on_replan = self._on_replan
-        if client.latest_replan is not None:  # arrived before the callback was set
-            self._on_replan(client.latest_replan)
         config = client.config
         assert config is not None, "a node token's handshake ends with TrainConfig"
         self._client = client
@@ -322,9 +320,10 @@ class NodeRuntime:
             timeout=self.connect_timeout,
             mode=self.mode,
             relay_urls=self.relay_urls,
-            held_round=self.held_round,
+            resume_round=self.resume_round,
             secret=self.secret,
             via=self.via,
+            on_replan=self._on_replan,
         )
         if self.token is not None:
             expect = peer_key(parse_peer(self.peer)) if self.peer else None
@@ -341,7 +340,11 @@ class NodeRuntime:
                 relay_urls=self.relay_urls,
             )
         return await CoordinatorClient.accept(
-            self._listener, node_info=info, name=self.name, timeout=self.connect_timeout
+            self._listener,
+            node_info=info,
+            name=self.name,
+            timeout=self.connect_timeout,
+            on_replan=self._on_replan,
         )
 
     async def _reconnect(self, what: str, cause: Exception) -> None:
@@ -391,7 +394,7 @@ class NodeRuntime:
                 if finish is not None:
                     # The coordinator said the session is over, then went away: there is
                     # nothing to reconnect to.
-                    raise finished(finish) from exc
+                    raise finished_error(finish) from exc
                 await self._reconnect(what, exc)
 
     async def _close_client(self, reason: str) -> None:

@@ -2,10 +2,10 @@
 
 - :func:`model_fingerprint`: what the coordinator compares to tell that every node builds the
   same model;
-- :class:`GlobalWeights`: the global weights the node holds, and the two halves of a barrier
+- :class:`GlobalWeights`: the global weights the node holds (its base round), and the two halves of a barrier
   on the node: :meth:`GlobalWeights.upload` builds the upload payload from the weights at the
-  barrier (their change since the held global weights, compressed, with error feedback), and
-  :meth:`GlobalWeights.receive` rebuilds the round's global weights from the held ones and
+  barrier (their change since the base global weights, compressed, with error feedback), and
+  :meth:`GlobalWeights.receive` rebuilds the round's global weights from the base ones and
   the coordinator's answer (whole weights, a compressed change, or "the same"), checked
   against the round's sha256;
 - :func:`load_in_place`: copy the global weights into the existing parameters and buffers;
@@ -111,11 +111,11 @@ def apply_in_place(
                 t.sub_(taken[name]).add_(g)
 
 
-def keep_round_copy(directory: Path, held_round: int, blob: bytes) -> Path:
-    """Write the global weights of ``held_round`` to ``directory`` (atomically), named as the
+def keep_round_copy(directory: Path, global_round: int, blob: bytes) -> Path:
+    """Write the global weights of ``global_round`` to ``directory`` (atomically), named as the
     coordinator names its checkpoints; returns the file."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / weights_name(held_round)
+    path = directory / weights_name(global_round)
     atomic_write(path, blob)
     return path
 
@@ -123,7 +123,7 @@ def keep_round_copy(directory: Path, held_round: int, blob: bytes) -> Path:
 @dataclass(frozen=True)
 class Upload:
     """A barrier's payload: the bytes to upload, whether they are a change (``delta``) from
-    the node's held weights, and which those are (``base_round``, ``base_sha256``; -1 and ""
+    the node's base weights, and which those are (``base_round``, ``base_sha256``; -1 and ""
     when the node holds none it could be answered against)."""
 
     payload: bytes
@@ -134,10 +134,10 @@ class Upload:
 
 @dataclass(frozen=True)
 class Received:
-    """The global weights of ``held_round`` as the node now holds them: ``weights`` (new CPU
+    """The global weights of ``global_round`` as the node now holds them: ``weights`` (new CPU
     tensors) and ``blob``, exactly the bytes of the coordinator's checkpoint file."""
 
-    held_round: int
+    round: int
     weights: StateDict
     blob: bytes
     payload: Payload = "weights"
@@ -147,7 +147,7 @@ class GlobalWeights:
     """The global weights the node holds, and how its changes travel (``transfer_dtype``).
 
     - ``"float32"``: uploads and answers are whole weights; nothing is kept between rounds.
-    - ``"bfloat16"`` / ``"int8"``: a CPU copy of the held global weights is kept; after the
+    - ``"bfloat16"`` / ``"int8"``: a CPU copy of the base global weights is kept; after the
       start-up sync an upload is the change since them, encoded with the codec of that name
       (:mod:`lightning_drift.codec`) with the node's own error feedback (:attr:`residual`),
       and the answer is the round's change from them, rebuilt here. The copy and the residual
@@ -159,8 +159,8 @@ class GlobalWeights:
 
     def __init__(self, transfer_dtype: TransferDType = "float32") -> None:
         self.transfer_dtype = transfer_dtype
-        self.held_round = -1  # the round of the last global weights received
-        self.held_sha256 = ""  # their sha256 (of the checkpoint file's bytes)
+        self.base_round = -1  # the round of the last global weights received
+        self.base_sha256 = ""  # their sha256 (of the checkpoint file's bytes)
         self.residual = codec.Residual()  # what compression left out of past uploads
         self._kept: StateDict | None = None  # a CPU copy of them (compressed transfers)
         self._offered: tuple[str, StateDict, bytes] | None = None  # the start-up weights
@@ -178,33 +178,33 @@ class GlobalWeights:
         self._offered = (sha, copy, blob)
         return Upload(blob, base_round=-1, base_sha256=sha)
 
-    def upload(self, local: Mapping[str, torch.Tensor], contributing_round: int) -> Upload:
-        """The payload for a barrier of ``contributing_round`` from ``local``, the weights at
-        the barrier: the change since the held global weights (compressed, error feedback
-        added and updated), or the whole weights (float32 sessions, round 0, or nothing held).
+    def upload(self, local: Mapping[str, torch.Tensor], upload_round: int) -> Upload:
+        """The payload for a barrier of ``upload_round`` from ``local``, the weights at
+        the barrier: the change since the base global weights (compressed, error feedback
+        added and updated), or the whole weights (float32 sessions, round 0, or no base weights).
         """
-        if contributing_round == 0:
+        if upload_round == 0:
             return self.offer(local)
         if self.compressed and self._kept is not None:
             enc = codec.encode(
                 codec.difference(local, self._kept), self.transfer_dtype, self.residual
             )
-            return Upload(enc.payload, True, self.held_round, self.held_sha256)
-        return Upload(to_bytes(local), base_round=self.held_round)
+            return Upload(enc.payload, True, self.base_round, self.base_sha256)
+        return Upload(to_bytes(local), base_round=self.base_round)
 
     def receive(
         self,
-        held_round: int,
+        global_round: int,
         blob: bytes,
         sha256: str,
         *,
         payload: Payload = "weights",
         contributed: bool = True,
     ) -> Received:
-        """The global weights of ``held_round`` (``sha256``) from the coordinator's answer.
+        """The global weights of ``global_round`` (``sha256``) from the coordinator's answer.
 
         ``payload`` says what ``blob`` is (``BarrierReady.payload``): the whole weights, the
-        change from the held ones, or nothing ("same": the held weights, or at the start-up
+        change from the base ones, or nothing ("same": the base weights, or at the start-up
         sync the offered ones). The result is checked against ``sha256`` before anything is
         kept: :class:`WeightsMismatch` leaves the node's state as it was. ``contributed``
         False (the upload did not count) drops the error feedback of that upload.
@@ -212,7 +212,7 @@ class GlobalWeights:
         if payload == "weights":
             if sha256_bytes(blob) != sha256:
                 raise WeightsMismatch(
-                    f"global weights of round {held_round} do not match their checksum"
+                    f"global weights of round {global_round} do not match their checksum"
                 )
             weights = from_bytes(blob)
         else:
@@ -221,33 +221,33 @@ class GlobalWeights:
             elif payload == "delta":
                 if self._kept is None:
                     raise WeightsMismatch(
-                        f"round {held_round} came as a change, but this node keeps no global "
+                        f"round {global_round} came as a change, but this node keeps no global "
                         "weights to apply it to"
                     )
                 weights = codec.apply(self._kept, codec.decode(blob, self._kept))
                 full = to_bytes(weights)
             else:
-                raise WeightsMismatch(f"unknown payload {payload!r} for round {held_round}")
+                raise WeightsMismatch(f"unknown payload {payload!r} for round {global_round}")
             if sha256_bytes(full) != sha256:
                 raise WeightsMismatch(
-                    f"the global weights of round {held_round} rebuilt from a {payload!r} answer "
+                    f"the global weights of round {global_round} rebuilt from a {payload!r} answer "
                     "do not match the round's sha256"
                 )
             blob = full
-        self.held_round = held_round
-        self.held_sha256 = sha256
+        self.base_round = global_round
+        self.base_sha256 = sha256
         self._offered = None
         if not contributed:
             self.residual.clear()
         if self.compressed:
             self._kept = {k: v.clone() for k, v in weights.items()}
-        return Received(held_round, weights, blob, payload)
+        return Received(global_round, weights, blob, payload)
 
     def _same(self, sha256: str) -> tuple[StateDict, bytes]:
         if self._offered is not None and self._offered[0] == sha256:
             _, weights, blob = self._offered
             return {k: v.clone() for k, v in weights.items()}, blob
-        if self._kept is not None and self.held_sha256 == sha256:
+        if self._kept is not None and self.base_sha256 == sha256:
             weights = {k: v.clone() for k, v in self._kept.items()}
             return weights, to_bytes(weights)
         raise WeightsMismatch("answered 'same', but this node holds no weights with that sha256")

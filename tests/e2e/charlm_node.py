@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import msgspec
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_drift_examples.charlm import CharDataModule, CharLM
@@ -87,11 +88,8 @@ class DieInFlight(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         s = trainer.strategy
-        if (
-            s._inflight is not None
-            and s._inflight.taken is not None
-            and s._held_round >= self.after
-        ):
+        inflight = s.round_in_flight
+        if inflight is not None and inflight.overlapped and s.base_round >= self.after:
             trainer.save_checkpoint(str(self.ckpt))
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -106,8 +104,8 @@ class RecordingStrategy(DriftStrategy):
         self.worked: list[dict] = []  # per epoch: the work it ended with, and what it trained
         self.uploads: dict[int, tuple[bytes, int]] = {}
 
-    def _finish_epoch(self) -> None:
-        super()._finish_epoch()
+    def finish_epoch(self) -> None:
+        super().finish_epoch()
         a = self.assignment
         if a is not None and (not self.worked or self.worked[-1]["epoch"] != a.epoch):
             self.worked.append(
@@ -116,7 +114,7 @@ class RecordingStrategy(DriftStrategy):
                     "ranges": a.ranges,
                     "seed": a.seed,
                     "revision": a.revision,
-                    "trained": self._epoch_samples,
+                    "trained": self.epoch_samples,
                 }
             )
 
@@ -136,7 +134,7 @@ class RecordingStrategy(DriftStrategy):
             )
         return out
 
-    def _on_delivery(self, delivery) -> None:
+    def on_delivery(self, delivery) -> None:
         if delivery.ready.contributed:
             self.uploads[delivery.sync.round] = (delivery.payload, delivery.sync.samples)
 
@@ -207,7 +205,7 @@ def main() -> None:
         "worked": strategy.worked,
         "timing": strategy.timing,
         "val_losses": rec.val_losses,
-        "history": strategy.history,
+        "history": msgspec.to_builtins(strategy.history),
         "last_upload_round": last,
         "last_upload_samples": strategy.uploads[last][1] if last >= 0 else 0,
         "node_key": strategy.node_key,

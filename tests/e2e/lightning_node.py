@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import msgspec
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
@@ -129,7 +130,7 @@ def main() -> None:
         str(args.out / "final.safetensors"),
     )
     report = {
-        "history": strategy.history,
+        "history": msgspec.to_builtins(strategy.history),
         "batches": {str(k): v for k, v in rec.batches.items()},
         "node_key": strategy.node_key,
         "current_epoch": trainer.current_epoch,

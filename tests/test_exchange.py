@@ -1,0 +1,163 @@
+"""The round engine without a Trainer: a bare torch module, a fake clock and a stand-in for
+the runtime at the network edge (it answers each upload the way the coordinator would, on
+demand, so a test decides when a round's weights arrive)."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_drift.aggregate import from_bytes, to_bytes
+from lightning_drift.errors import SessionError
+from lightning_drift.fsutil import sha256_bytes
+from lightning_drift.node.exchange import BarrierRecord, RoundExchange
+from lightning_drift.node.pace import PaceMeter
+from lightning_drift.node.runtime import Delivery
+from lightning_drift.node.weights import GlobalWeights
+from lightning_drift.protocol import BarrierReady, BarrierSync
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Network:
+    """Holds each hand-off until :meth:`answer`: the coordinator's global weights of the
+    upload's round (whole), or an error, or a wrong sha256."""
+
+    def __init__(self, global_weights: dict[str, torch.Tensor]) -> None:
+        self.glob = global_weights
+        self.pending: list[tuple[Any, Any, Future]] = []
+        self.uploads: list[tuple[BarrierSync, bytes]] = []
+
+    def hand_off(self, prepare, receive) -> Future:
+        fut: Future = Future()
+        self.pending.append((prepare, receive, fut))
+        return fut
+
+    def answer(self, *, sha256: str | None = None, error: BaseException | None = None) -> None:
+        prepare, receive, fut = self.pending.pop(0)
+        sync, payload = prepare()
+        self.uploads.append((sync, payload))
+        if error is not None:
+            fut.set_exception(error)
+            return
+        blob = to_bytes(self.glob)
+        ready = BarrierReady(round=sync.round, sha256=sha256 or sha256_bytes(blob))
+        try:
+            fut.set_result(Delivery(sync, payload, ready, blob, receive(ready, blob)))
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+
+def answer_at_once(net: Network) -> None:
+    """From now on every hand-off is answered as soon as it is made."""
+    hand_off = net.hand_off
+
+    def answered(prepare, receive) -> Future:
+        fut = hand_off(prepare, receive)
+        net.answer()
+        return fut
+
+    net.hand_off = answered  # type: ignore[method-assign]
+
+
+def engine(module: torch.nn.Module, network: Network) -> tuple[RoundExchange, Clock]:
+    clock = Clock()
+    return RoundExchange(network, GlobalWeights(), module, PaceMeter(clock)), clock
+
+
+def weights(value: float) -> dict[str, torch.Tensor]:
+    return {"weight": torch.full((2, 3), value), "bias": torch.full((2,), value)}
+
+
+def module_at(value: float) -> torch.nn.Linear:
+    m = torch.nn.Linear(3, 2)
+    m.load_state_dict(weights(value))
+    return m
+
+
+def test_an_overlapped_round_folds_the_steps_trained_meanwhile_into_the_global_weights():
+    m, net = module_at(1.0), Network(weights(5.0))
+    rounds, clock = engine(m, net)
+    rounds.hand_off(BarrierSync(round=3, samples=7), overlap=True)
+    param = m.weight
+    with torch.no_grad():
+        m.weight.add_(0.5)  # a step trained while the round travels
+    assert not rounds.arrived and rounds.in_flight is not None and rounds.in_flight.overlapped
+    net.answer()
+    clock.now += 2.0
+    assert rounds.arrived
+    record = rounds.settle()
+    assert isinstance(record, BarrierRecord)
+    assert (record.round, record.overlapped, record.samples, record.contributed) == (3, True, 7, True)
+    assert record.round_trip_s == pytest.approx(2.0)
+    assert torch.equal(m.weight, torch.full((2, 3), 5.5))  # global + (now - copy)
+    assert torch.equal(m.bias, torch.full((2,), 5.0))
+    assert m.weight is param  # in place: the optimizer keeps its parameters
+    assert rounds.base_round == 3 and rounds.in_flight is None
+    # The upload was the copy taken at the barrier, not the weights trained since.
+    assert torch.equal(from_bytes(net.uploads[0][1])["weight"], torch.full((2, 3), 1.0))
+
+
+def test_a_blocking_round_loads_the_global_weights_exactly():
+    m, net = module_at(1.0), Network(weights(4.0))
+    rounds, _ = engine(m, net)
+    rounds.hand_off(BarrierSync(round=1), overlap=False)
+    net.answer()
+    record = rounds.settle()
+    assert record is not None and not record.overlapped
+    assert torch.equal(m.weight, torch.full((2, 3), 4.0))
+    assert rounds.settle() is None  # nothing in flight
+
+
+def test_weights_that_fail_their_sha256_are_fetched_whole_and_the_base_round_waits():
+    m, net = module_at(1.0), Network(weights(3.0))
+    rounds, _ = engine(m, net)
+    rounds.hand_off(BarrierSync(round=2, epoch=1), overlap=False)
+    net.answer(sha256="0" * 64)  # the answer does not verify
+    answer_at_once(net)  # the refetch (a start-up sync offering nothing) is answered at once
+    assert rounds.base_round == -1
+    record = rounds.settle()
+    assert record is not None and record.round == 0 and not record.contributed
+    assert record.bytes_sent == 0
+    refetch, offered = net.uploads[-1]
+    assert (refetch.round, refetch.epoch, offered) == (0, 1, b"")
+    assert torch.equal(m.weight, torch.full((2, 3), 3.0)) and rounds.base_round == 0
+
+
+def test_a_coordinator_without_weights_is_sent_the_nodes_own_whole():
+    m, net = module_at(2.0), Network(weights(2.0))
+    rounds, _ = engine(m, net)
+    rounds.has_weights = True  # the session said it has weights: round 0 offers none
+    rounds.hand_off(BarrierSync(round=0), overlap=False)
+    net.answer(error=SessionError("the coordinator lost its weights", "need_weights"))
+    answer_at_once(net)
+    record = rounds.settle()
+    assert record is not None and record.round == 0
+    first, second = net.uploads
+    assert first[1] == b"" and second[1] != b""  # the whole weights, sent on request
+    assert torch.equal(from_bytes(second[1])["weight"], torch.full((2, 3), 2.0))
+
+
+def test_a_stale_base_names_the_round_the_node_holds_and_other_errors_pass_through():
+    m, net = module_at(1.0), Network(weights(1.0))
+    rounds, _ = engine(m, net)
+    rounds.hand_off(BarrierSync(round=2), overlap=False)
+    net.answer()
+    rounds.settle()
+    # A node whose base is round 2 uploads for round 5 (it was left behind): the upload
+    # names its base, so the coordinator can tell a stale base from a current one.
+    rounds.hand_off(BarrierSync(round=5), overlap=True)
+    net.answer(error=SessionError("upload left out: stale base", "bad_upload"))
+    assert net.uploads[-1][0].base_round == 2
+    with pytest.raises(SessionError, match="stale base"):
+        rounds.settle()
+    assert rounds.in_flight is None and rounds.base_round == 2

@@ -1,0 +1,34 @@
+"""Every private name of Lightning the node edits exists on the installed Lightning."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+from packaging.version import Version
+
+from lightning_drift.errors import ConfigError
+from lightning_drift.node import loopstate
+
+
+def test_the_installed_lightning_is_one_pyproject_allows():
+    assert Version("2.4") <= Version(L.__version__) < Version("3")
+
+
+def test_every_private_name_the_node_touches_exists_on_the_installed_lightning():
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    assert loopstate.missing(trainer) == []
+    loopstate.check(trainer)
+
+
+def test_a_lightning_without_them_fails_naming_its_version(monkeypatch):
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    monkeypatch.setattr(loopstate, "_checked", False)
+    monkeypatch.setitem(loopstate.PRIVATE, "fit_loop", ("_data_fetcher", "_gone_in_this_one"))
+    with pytest.raises(ConfigError, match=f"Lightning {L.__version__} lacks fit_loop._gone"):
+        loopstate.check(trainer)
+
+
+def test_jump_to_epoch_moves_every_epoch_counter():
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    assert loopstate.jump_to_epoch(trainer, 3) == 0
+    assert trainer.current_epoch == 3
