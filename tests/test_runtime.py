@@ -69,7 +69,7 @@ def joined(tmp_path: Path) -> Iterator[NodeRuntime]:
             runtime.start()
             yield runtime
     finally:
-        loop.call_soon_threadsafe(coord.stop)
+        loop.call_soon_threadsafe(coord.shutdown)
         server.join(30)
         loop.close()
 
