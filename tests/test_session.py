@@ -795,3 +795,19 @@ def test_re_plans_go_by_a_smoothed_pace_not_one_noisy_window():
     assert s.measured_rate(A) == pytest.approx(33.0) and s.measured_rate(B) == pytest.approx(27.0)
     r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
     assert r.measured_rate(A) == pytest.approx(33.0)  # kept across a restart
+
+
+def test_the_pace_after_a_multi_segment_re_plan_is_measured_from_the_whole_work():
+    """A re-plan gave A a second segment (B's tail): a round of A's work is its whole work
+    over the rounds, not its first segment's, and its measured pace says so."""
+    s = session(epochs=1, sync_every=5)  # 10 rounds, 500 samples each
+    start(s, A, B)
+    _measured(s, {A: 30.0, B: 10.0}, {A: 40, B: 20}, 1.0)
+    s.rebalance(1.0)
+    a = s.assignments[A]
+    assert len(a.ranges) > 1, a  # [0, 500) and a tail of B's
+    first = a.ranges[0][1] - a.ranges[0][0]
+    per_round = a.size / a.rounds
+    assert per_round > first / a.rounds + 10
+    arrive(s, A, 2.0, samples=int(per_round))
+    assert s.members[A].vouched == pytest.approx(int(per_round) / 2.0)

@@ -393,9 +393,7 @@ class Session:
                     est = floor
                 rate = max(est, floor)
                 estimated.append(node)
-            a = self.assignments[node]
-            work = a.size / max(1, a.rounds)
-            longest = max(longest, work / rate)
+            longest = max(longest, self.assignments[node].work_per_round / rate)
         if unknown:
             return None, estimated, unknown
         c = self.config
@@ -1369,7 +1367,7 @@ class Session:
         a = self.assignments.get(m.node)
         if a is None or samples <= 0:
             return
-        work = math.ceil((a.stop - a.start) / max(1, a.rounds))
+        work = a.work_per_round
         elapsed = now - max(self.round_started, m.joined_at)
         if elapsed <= 0 or work <= 0:
             return
