@@ -163,7 +163,7 @@ def test_lr_find_before_fit_stays_local(tmp_path: Path) -> None:
         {"a": ["--lr-find"], "b": ["--lr-find"]}
     )
     s.assert_all_hold_the_final_checkpoint()
-    assert len(s.state()["members"]) == 2, s.state()["members"]
+    assert len(s.state()["roster"]["members"]) == 2, s.state()["roster"]["members"]
     manifest = s.coord.manifest()
     rounds = [c for c in manifest["checkpoints"] if c["round"] > 0]
     assert rounds and all(len(c["contributors"]) == 2 for c in rounds), manifest

@@ -146,7 +146,7 @@ def test_round_completes_when_all_live_nodes_arrive():
     assert s.upload(A, 1, 2.0).kind is Verdict.AGAIN
     assert s.close(1) == ((A, 100), (B, 100))
     assert s.upload(C, 1, 2.0).kind is Verdict.REFUSE  # never joined
-    assert s.upload(A, 1, 2.1).kind is Verdict.CLOSING
+    assert s.upload(A, 1, 2.1).kind is Verdict.LATE
     out = s.advance(1, 3.0)
     assert out.completed_round == 1 and not out.finished and s.open_round == 2
     assert s.members[A].barrier_wait == pytest.approx(2.0)
@@ -212,7 +212,7 @@ def test_a_node_that_never_reports_a_rate_gets_a_deadline_from_its_calibration()
     # A and B arrive with 100 samples 20 s into the round: the coordinator measures 5 samples/s.
     arrive(s, A, 20.0)
     arrive(s, B, 20.0)
-    assert s.members[A].vouched == pytest.approx(5.0)
+    assert s.paces.of(A).measured == pytest.approx(5.0)
     # C heartbeats but never reports a rate. Its estimate: 50 GFLOP/s x (10 / 200) samples per
     # GFLOP = 2.5 samples/s, for a third of its 200-sample shard per round.
     c = s.assignments[C]
@@ -279,7 +279,7 @@ def test_upload_weight_is_bounded_by_the_shard():
     assert s.upload(A, open_round, 1.0).kind is Verdict.OPEN
     d = s.arrived(A, open_round, 10**12, 1.0, train_s=10.0)
     assert s.arrivals[A] == 500 and s.members[A].samples == 500
-    assert s.members[A].rate == pytest.approx(50.0)  # not 1e11 samples/s
+    assert s.paces.of(A).reported == pytest.approx(50.0)  # not 1e11 samples/s
     d = arrive(s, B, 2.0, samples=100)
     assert d.complete and d.contributors == ((A, 500), (B, 100))
 
@@ -307,7 +307,7 @@ def test_bad_upload_excluded_round_does_not_wait():
     assert d.complete and d.contributors == ((A, 100),)
     assert "all 1 live node(s) arrived" in d.reason
     v = s.upload(B, 1, 2.5)
-    assert v.kind is Verdict.CLOSING and "excluded from round 1: tensor w has NaN" in v.reason
+    assert v.kind is Verdict.LATE and "excluded from round 1: tensor w has NaN" in v.reason
     finish_round(s, 3.0)
     assert s.expected() == [A, B]  # excluded for that round only
 
@@ -319,13 +319,13 @@ def test_a_delta_against_other_weights_is_excluded_and_the_round_does_not_wait()
     assert s.upload(B, 1, 1.5, base_round=0, delta=True).kind is Verdict.OPEN  # round 0's: fine
     assert s.upload(B, 1, 1.5, base_round=7).kind is Verdict.OPEN  # whole weights: any base
     v = s.upload(B, 1, 2.0, base_round=7, delta=True)
-    assert v.kind is Verdict.EXCLUDED and not v.kind.contributed and not v.kind.at_once
+    assert v.kind is Verdict.LEFT_OUT and not v.kind.contributed and not v.kind.at_once
     assert v.reason == (
         "delta against round 7's weights, but the global weights are round 0's: left out of round 1"
     )
     d = s.check(2.0)
     assert d.complete and d.contributors == ((A, 100),)
-    assert s.upload(B, 1, 2.5).kind is Verdict.CLOSING  # asked again: still left out
+    assert s.upload(B, 1, 2.5).kind is Verdict.LATE  # asked again: still left out
 
 
 def test_a_delta_that_does_not_name_its_base_is_refused():
@@ -334,7 +334,7 @@ def test_a_delta_that_does_not_name_its_base_is_refused():
     v = s.upload(B, 1, 1.0, delta=True)
     assert v.kind is Verdict.REFUSE and v.code == "bad_upload"
     assert "must name the round of the weights it was taken against" in v.reason
-    assert B not in s.arrivals and B not in s.excluded  # nothing was recorded
+    assert B not in s.arrivals and B not in s.left_out  # nothing was recorded
     assert s.expected() == [A, B]
 
 
@@ -370,7 +370,7 @@ def test_late_joiner_too_late_is_not_counted():
     d = arrive(s, B, 2.0)
     assert d.complete
     s.close(1)
-    assert s.upload(C, 1, 2.5).kind is Verdict.CLOSING
+    assert s.upload(C, 1, 2.5).kind is Verdict.LATE
     s.advance(1, 3.0)
     assert s.upload(C, 1, 3.5).kind is Verdict.CURRENT
 
@@ -603,13 +603,13 @@ def test_a_node_whose_uploads_keep_failing_is_excluded_for_good():
     assert not d.ok and "failed upload 1/2" in d.reason
     d = s.strike(B, "NaN in w", 2.0)
     assert d.ok and d.code == "excluded" and "2 failed uploads, the last: NaN in w" in d.reason
-    assert s.members[B].state is MemberState.EXCLUDED and s.expected() == [A]
+    assert s.members[B].state is MemberState.BANNED and s.expected() == [A]
     assert s.upload(B, 1, 2.0).kind is Verdict.REFUSE
     refused = s.join(B, "b", 3.0)
     assert not refused.ok and refused.code == "excluded"
     r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
     assert not r.join(B, "b", 11.0).ok  # survives a restart
-    assert r.members[B].state is MemberState.EXCLUDED
+    assert r.members[B].state is MemberState.BANNED
 
 
 def test_a_tiny_reported_rate_cannot_stretch_the_deadline():
@@ -617,13 +617,13 @@ def test_a_tiny_reported_rate_cannot_stretch_the_deadline():
     start(s, A, B)
     s.progress(B, TrainProgress(round=1, epoch=0, step=0, samples=0, samples_per_s=1e-3), 0.0)
     arrive(s, A, 10.0)  # the coordinator measures 100 samples in 10 s: 10 samples/s
-    assert s.members[A].vouched == pytest.approx(10.0)
+    assert s.paces.of(A).measured == pytest.approx(10.0)
     s.progress(B, TrainProgress(round=1, epoch=0, step=0, samples=0, samples_per_s=1e-3), 10.0)
     b = s.assignments[B]
     work = (b.stop - b.start) / b.rounds
     # B's pace is believed at least 1/PACE_FACTOR of the session's measured median.
     assert s.deadline() == pytest.approx(1.5 * work / (10.0 / PACE_FACTOR))
-    assert s.members[B].rate == pytest.approx(10.0 / PACE_FACTOR)  # also what status shows
+    assert s.paces.of(B).reported == pytest.approx(10.0 / PACE_FACTOR)  # also what status shows
 
 
 def test_a_huge_calibration_gets_a_bounded_share():
@@ -639,9 +639,9 @@ def test_a_self_reported_rate_is_bounded_by_the_measured_one():
     open_round = s.open_round
     assert s.upload(A, open_round, 4.0).kind is Verdict.OPEN
     s.arrived(A, open_round, 100, 4.0, train_s=TRAIN_S_MIN)  # claims 10^5 samples/s
-    m = s.members[A]
-    assert m.vouched == pytest.approx(25.0) and m.rate == pytest.approx(25.0 * PACE_FACTOR)
-    assert s.scheduler.score(A) == pytest.approx(25.0)  # plans use what was measured
+    p = s.paces.of(A)
+    assert p.measured == pytest.approx(25.0) and p.reported == pytest.approx(25.0 * PACE_FACTOR)
+    assert s.scheduler.score(A, s.paces.measured()) == pytest.approx(25.0)  # plans use what was measured
     assert all(math.isfinite(n.samples_per_s) for n in s.status(5.0).nodes)
 def _covered(s: Session) -> list[int]:
     return sorted(i for a in s.assignments.values() for lo, hi in a.ranges for i in range(lo, hi))
@@ -683,7 +683,7 @@ def test_a_re_plan_follows_measured_rates_once_per_round_and_keeps_the_epoch_cov
     finish_round(s, 3.0)
     _measured(s, {A: 30.0, B: 10.0}, {A: 140, B: 60}, 4.0)
     assert s.rebalance(4.0) == []
-    assert s.measured_rate(A) == s.members[A].rate == 30.0  # the latest measurement
+    assert s.measured_rate(A) == s.paces.of(A).reported == 30.0  # the latest measurement
 
 
 def test_no_re_plan_when_switched_off_finished_or_at_the_epochs_end():
@@ -791,7 +791,7 @@ def test_re_plans_go_by_a_smoothed_pace_not_one_noisy_window():
     start(s, A, B)
     _measured(s, {A: 30.0, B: 30.0}, {A: 10, B: 10}, 1.0)
     _measured(s, {A: 36.0, B: 24.0}, {A: 20, B: 20}, 2.0)  # one window of ±20 % noise
-    assert s.members[A].rate == 36.0  # the status shows the latest window
+    assert s.paces.of(A).reported == 36.0  # the status shows the latest window
     assert s.measured_rate(A) == pytest.approx(33.0) and s.measured_rate(B) == pytest.approx(27.0)
     r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
     assert r.measured_rate(A) == pytest.approx(33.0)  # kept across a restart
@@ -810,4 +810,4 @@ def test_the_pace_after_a_multi_segment_re_plan_is_measured_from_the_whole_work(
     per_round = a.size / a.rounds
     assert per_round > first / a.rounds + 10
     arrive(s, A, 2.0, samples=int(per_round))
-    assert s.members[A].vouched == pytest.approx(int(per_round) / 2.0)
+    assert s.paces.of(A).measured == pytest.approx(int(per_round) / 2.0)

@@ -322,7 +322,7 @@ class Rounds:
                 if await self._adopt(node, blob):
                     return verdict
                 return UploadVerdict(Verdict.CURRENT, "start-up sync: global weights")
-            case Verdict.EXCLUDED:
+            case Verdict.LEFT_OUT:
                 self._left_out(node, sync.round, verdict.reason)
                 return verdict
             case Verdict.OPEN:
@@ -330,7 +330,7 @@ class Rounds:
                 if stale:
                     # An honest race (the node's base moved on), not a bad upload: no strike.
                     self.reject(node, sync.round, stale, strike=False)
-                    return UploadVerdict(Verdict.EXCLUDED, stale)
+                    return UploadVerdict(Verdict.LEFT_OUT, stale)
                 try:
                     sd = await asyncio.to_thread(self.decode, blob, sync)
                 except SessionError as exc:
@@ -367,7 +367,7 @@ class Rounds:
             verdict = s.upload(
                 node, sync.round, self.clock(), base_round=sync.base_round, delta=sync.delta
             )
-            if verdict.kind is Verdict.EXCLUDED:
+            if verdict.kind is Verdict.LEFT_OUT:
                 self._left_out(node, sync.round, verdict.reason)
             if verdict.kind is not Verdict.OPEN:
                 return verdict
@@ -580,7 +580,7 @@ class Rounds:
                     label=metric_label(m.name if m else "", node),
                     samples=int(s.weight_for(node, sync.samples)),
                     loss=sync.loss,
-                    samples_per_s=pace or (m.rate if m else 0.0),
+                    samples_per_s=pace or s.paces.of(node).reported,
                     barrier_wait_s=m.barrier_wait if m else 0.0,
                     bytes_received=nbytes,
                 )
