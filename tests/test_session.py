@@ -166,7 +166,7 @@ def test_heartbeat_loss_mid_round_excludes_the_node():
     assert "no message for 15.5s (heartbeat timeout 15s)" in gone[0][1]
     assert s.members[C].state is MemberState.LOST
     assert d.complete and "all 2 live node(s) arrived" in d.reason
-    assert C in s.orphans  # its shard's rest is handed to the next late joiner
+    assert C in s.book.orphans  # its shard's rest is handed to the next late joiner
 
 
 def test_quorum_after_adaptive_deadline():
@@ -334,7 +334,7 @@ def test_a_delta_that_does_not_name_its_base_is_refused():
     v = s.upload(B, 1, 1.0, delta=True)
     assert v.kind is Verdict.REFUSE and v.code == "bad_upload"
     assert "must name the round of the weights it was taken against" in v.reason
-    assert B not in s.arrivals and B not in s.left_out  # nothing was recorded
+    assert B not in s.arrivals and B not in s.round.left_out  # nothing was recorded
     assert s.expected() == [A, B]
 
 
@@ -386,7 +386,7 @@ def test_rejoin_same_key_gets_rest_of_its_shard():
     s.lost(B, "connection closed", 2.0)
     assert s.members[B].state is MemberState.LOST
     # B had done 2 of 5 rounds of a 500-sample shard: 50 steps → barrier 2 after 20 steps.
-    assert s.orphans[B].start == a_b.start + 200
+    assert s.book.orphans[B].start == a_b.start + 200
     arrive(s, A, 3.0)
     assert s.check(3.0).complete  # B is not waited for
     finish_round(s, 3.0)
@@ -449,7 +449,7 @@ def test_returning_node_resending_its_upload_gets_a_late_shard():
     v = s.upload(B, 1, 2.0)  # no ShardRequest first: it re-sends what it held
     assert v.kind is Verdict.OPEN and "returning node" in v.reason
     a = s.assignments[B]
-    assert a.first_round == 1 and B in s.late and (a.start, a.stop) == (500, 1000)
+    assert a.first_round == 1 and B in s.book.late and (a.start, a.stop) == (500, 1000)
 
 
 def test_status_view():
@@ -669,14 +669,14 @@ def test_a_re_plan_follows_measured_rates_once_per_round_and_keeps_the_epoch_cov
     assert {n for n, _ in out} == {A, B}
     assert "apart at measured rates; moved" in s.last_rebalance
     new = dict(out)
-    assert new[A].revision == new[B].revision == s.revision == 1
+    assert new[A].revision == new[B].revision == s.replans.revision == 1
     assert s.assignments[A] is new[A] and new[A].size > 500 > new[B].size
     assert new[A].ranges[0] == (0, 500) and new[B].ranges[0][0] == 500  # trained prefix kept
     assert _covered(s) == list(range(1000))  # every position with exactly one node
     assert new[A].share == pytest.approx(0.75)
     # At most one re-plan per open round, whatever comes in meanwhile.
     _measured(s, {A: 30.0, B: 10.0}, {A: 80, B: 30}, 2.0)
-    assert s.rebalance(2.0) == [] and s.rebalanced_round == s.open_round
+    assert s.rebalance(2.0) == [] and s.replans.round == s.open_round
     # The next round may re-plan again (here the plan already matches: nothing moves).
     arrive(s, A, 3.0, samples=100)
     arrive(s, B, 3.0, samples=40)
@@ -703,7 +703,7 @@ def test_a_late_joiner_keeps_its_work_in_a_re_plan():
     s = session(epochs=1, sync_every=2, min_nodes=2)  # 25 rounds
     start(s, A, B)
     ready(s, C, 1.0)
-    assert s.shard(C, 0, 1.0).assignment is not None and C in s.late
+    assert s.shard(C, 0, 1.0).assignment is not None and C in s.book.late
     c_before = s.assignments[C]
     _measured(s, {A: 30.0, B: 10.0, C: 1.0}, {A: 10, B: 10, C: 0}, 2.0)
     out = dict(s.rebalance(2.0))
@@ -723,9 +723,9 @@ def test_a_node_lost_after_a_re_plan_hands_on_the_rest_after_its_last_counted_up
     s.progress(B, TrainProgress(round=2, epoch=0, step=9, samples=30, epoch_samples=70), 2.5)
     s.lost(B, "connection closed", 3.0)
     # Trained past its upload (70 > 40), but only what the upload held is in the weights.
-    orphan = s.orphans[B]
+    orphan = s.book.orphans[B]
     assert orphan.ranges == ((b.ranges[0][0] + 40, b.ranges[-1][1]),)
-    assert B not in s.trained and B not in s.counted
+    assert B not in s.book.trained and B not in s.book.counted
     assert s.weight_for(A, 10_000) == s.assignments[A].size  # the cap is the re-planned size
 
 
@@ -736,7 +736,7 @@ def test_a_re_plan_survives_a_restart():
     s.rebalance(1.0)
     r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
     assert r.assignments == s.assignments and r.assignments[A].segments
-    assert (r.revision, r.rebalanced_round, r.trained) == (1, s.open_round, {A: 40, B: 20})
+    assert (r.replans.revision, r.replans.round, r.book.trained) == (1, s.open_round, {A: 40, B: 20})
     assert _covered(r) == list(range(1000))
 
 

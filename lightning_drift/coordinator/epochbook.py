@@ -24,7 +24,9 @@ from collections.abc import Callable
 
 import msgspec
 
+from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.coordinator.segments import split, total
+from lightning_drift.coordinator.verdicts import ShardReply
 from lightning_drift.protocol import ShardAssignment
 from lightning_drift.scheduler import (
     EpochPlan,
@@ -33,6 +35,7 @@ from lightning_drift.scheduler import (
     consumed_after,
     steps_for,
 )
+from lightning_drift.text import short_id
 
 
 def plan_late(
@@ -154,6 +157,36 @@ def consumed(a: ShardAssignment, barriers: int, batch_size: int) -> int:
     )
 
 
+def shard_reply(node: str, a: ShardAssignment, late: bool) -> ShardReply:
+    """The answer to a ShardRequest that ``node``'s assignment ``a`` is."""
+    how = "late joiner " if late else ""
+    return ShardReply(
+        a,
+        f"{how}{short_id(node)}: epoch {a.epoch} [{a.start}, {a.stop}) from round "
+        f"{a.first_round} for {a.rounds} round(s)",
+    )
+
+
+def round_end(
+    closing: int, plan: EpochPlan | None, epochs: int, stop_round: int | None, stop_reason: str
+) -> tuple[bool, bool, str]:
+    """After round ``closing`` completed: (the session finishes, the next epoch is to be
+    planned, why). A decided stop's final round, or the last round of the final epoch, ends
+    the session; the last round of another epoch asks for the next plan."""
+    epoch = plan.epoch if plan else 0
+    if stop_round is not None and closing >= stop_round:
+        return True, False, f"round {closing} was the final round: {stop_reason}; finished"
+    if plan is None or closing < plan.last_round:
+        return False, False, f"round {closing} done"
+    if plan.epoch + 1 >= epochs:
+        return (
+            True,
+            False,
+            f"round {closing} was the last of epoch {epoch}, the final epoch: finished",
+        )
+    return False, True, f"round {closing} ended epoch {epoch}; "
+
+
 class EpochBook(msgspec.Struct):
     """The current epoch's plan, assignments, late joiners, orphans and reported positions.
 
@@ -169,11 +202,25 @@ class EpochBook(msgspec.Struct):
     trained_at: dict[str, float] = {}
     counted: dict[str, int] = {}
 
-    def begin(self, plan: EpochPlan, assignments: dict[str, ShardAssignment]) -> None:
+    def begin(self, plan: EpochPlan, *, seed: int, final: bool, revision: int) -> None:
         """A new epoch is planned: its assignments replace the last epoch's."""
-        self.plan, self.assignments = plan, assignments
+        self.plan = plan
+        self.assignments = {
+            n: assign(
+                plan, sh, plan.first_round, plan.rounds, seed=seed, final=final, revision=revision
+            )
+            for n, sh in plan.shards.items()
+        }
         for kept in (self.late, self.orphans, self.trained, self.trained_at, self.counted):
             kept.clear()
+
+    def next_epoch(self, completed: int, epochs: int) -> int | None:
+        """The epoch to plan once round ``completed`` has completed (None: the planned one
+        has rounds left, or it was the last of ``epochs``)."""
+        if self.plan is not None and completed < self.plan.last_round:
+            return None
+        epoch = 0 if self.plan is None else self.plan.epoch + 1
+        return epoch if epoch < epochs else None
 
     def in_plan(self, r: int) -> bool:
         """Round ``r`` is one of the planned epoch's barriers."""
@@ -202,9 +249,7 @@ class EpochBook(msgspec.Struct):
         r: int,
         score: float,
         batching: tuple[int, int],
-        *,
-        seed: int,
-        final: bool,
+        config: SessionConfig,
         revision: int,
     ) -> ShardAssignment | None:
         """A shard for ``node`` arriving inside the epoch at open round ``r`` (late joiner or
@@ -230,7 +275,8 @@ class EpochBook(msgspec.Struct):
             batch_size=batch,
             samples_per_step=per_step,
         )
-        a = assign(plan, sh, r, rounds, seed=seed, final=final, revision=revision)
+        final = plan.epoch == config.epochs - 1
+        a = assign(plan, sh, r, rounds, seed=config.seed, final=final, revision=revision)
         self.assignments[node] = a
         self.late.add(node)
         return a
@@ -258,17 +304,21 @@ class EpochBook(msgspec.Struct):
         del self.assignments[node]
         self.late.discard(node)
 
-    def record(self, node: str, epoch: int | None, epoch_samples: int, now: float) -> bool:
+    def record(
+        self, node: str, epoch: int | None, epoch_samples: int, now: float, *, counted: bool = False
+    ) -> None:
         """``node`` has trained ``epoch_samples`` positions of its work of ``epoch`` (ignored
-        for another epoch than its assignment's, or when not said: False)."""
+        for another epoch than its assignment's, or when not said); ``counted``: as of an
+        upload that counts."""
         a = self.assignments.get(node)
         if epoch_samples < 0 or a is None or (epoch is not None and epoch != a.epoch):
-            return False
+            return
         value = min(int(epoch_samples), a.size)
         if value > self.trained.get(node, -1):
             self.trained[node] = value
             self.trained_at[node] = now
-        return True
+        if counted:
+            self.counted[node] = value
 
     def reach(self, node: str, open_round: int, batch_size: int) -> tuple[int, bool]:
         """How far into its work ``node`` can be at most, and whether it has a barrier left
@@ -287,4 +337,4 @@ class EpochBook(msgspec.Struct):
         return int(self.trained.get(node, 0) + pace * since)
 
 
-__all__ = ["EpochBook", "assign", "consumed", "plan_late"]
+__all__ = ["EpochBook", "assign", "consumed", "plan_late", "round_end", "shard_reply"]

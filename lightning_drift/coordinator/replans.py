@@ -42,11 +42,12 @@ into assignments. Every decision carries a readable reason; tests assert on them
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import msgspec
 
+from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.coordinator.epochbook import EpochBook
 from lightning_drift.coordinator.pacebook import PaceBook
 from lightning_drift.coordinator.segments import Segment, Segments, normalize, split, total
@@ -241,31 +242,29 @@ class Replans(msgspec.Struct):
         now: float,
         book: EpochBook,
         paces: PaceBook,
-        live: Callable[[str], bool],
-        *,
+        live: Collection[str],
         completed: int,
-        batch_size: int,
-        horizon_s: float,
+        config: SessionConfig,
     ) -> list[tuple[str, ShardAssignment]]:
         """Re-plan the rest of the epoch if paces have drifted from the shares.
 
         Returns the new assignments to send, one per node whose work changed (empty when
-        nothing moves: :attr:`last` says why). The plan's ``live`` nodes take part; a node
-        reports what it trained every ``horizon_s`` or so (its margin)."""
-        plan, open_round = book.plan, completed + 1
+        nothing moves: :attr:`last` says why). The plan's ``live`` nodes take part."""
+        plan, open_round, batch_size = book.plan, completed + 1, config.batch_size
         if plan is None or self.round >= open_round or open_round > plan.last_round:
             return []
         nodes = sorted(
             n
             for n, a in book.assignments.items()
-            if a.epoch == plan.epoch and n not in book.late and live(n)
+            if a.epoch == plan.epoch and n not in book.late and n in live
         )
         work = [self._work(n, now, book, paces, open_round, batch_size) for n in nodes]
         decision = rebalance(
             work,
             plan.last_round - completed,
             batch_size=move_unit([book.assignments[n] for n in nodes], batch_size),
-            horizon_s=horizon_s,
+            # A node reports what it trained every progress_every_s (and at every upload).
+            horizon_s=config.progress_every_s + 2.0,
         )
         self.last = f"epoch {plan.epoch} round {open_round}: {decision.reason}"
         if not decision:

@@ -25,6 +25,8 @@ import msgspec
 
 from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.coordinator.verdicts import Decision
+from lightning_drift.protocol import NodeInfo, TrainProgress
+from lightning_drift.scheduler import train_device_info
 from lightning_drift.text import short_id
 
 
@@ -70,6 +72,27 @@ class Member(msgspec.Struct):
 
     def live(self) -> bool:
         return self.state in LIVE
+
+
+def info_refusal(info: NodeInfo, dataset_size: int, fingerprint: str) -> Decision | None:
+    """Why a node's ``NodeInfo`` does not fit the session that trains ``dataset_size``
+    samples of the model with ``fingerprint`` (either 0/"" while not known yet), or None."""
+    if dataset_size and info.dataset_size != dataset_size:
+        return Decision(
+            False,
+            f"dataset has {info.dataset_size} samples but this session trains on "
+            f"{dataset_size}; use the same dataset as the other nodes",
+            "dataset_mismatch",
+        )
+    if fingerprint and info.model_fingerprint != fingerprint:
+        return Decision(
+            False,
+            "the model's parameter names, shapes or dtypes differ from the session's "
+            f"(fingerprint {info.model_fingerprint[:12]}…, session "
+            f"{fingerprint[:12]}…); every node must build the same model",
+            "model_mismatch",
+        )
+    return None
 
 
 class Roster(msgspec.Struct):
@@ -153,6 +176,44 @@ class Roster(msgspec.Struct):
             k += 1
         return f"{name}#{k}"
 
+    def ready(self, node: str, info: NodeInfo) -> Decision:
+        """``node``'s NodeInfo was accepted: it is ready, on the device it named."""
+        m = self.members[node]
+        dev = train_device_info(info)
+        m.device = info.train_device if dev is None else f"{info.train_device} {dev.name}"
+        m.vram_total = dev.vram_total if dev is not None else 0
+        m.state = MemberState.READY
+        return Decision(True, f"node {short_id(node)} ready on {m.device}")
+
+    def progress(self, node: str, msg: TrainProgress, now: float) -> bool:
+        """A progress report from ``node``: False (ignored) when it is not live."""
+        m = self.members.get(node)
+        if m is None or not m.live():
+            return False
+        m.last_seen = now
+        if m.state is MemberState.READY:
+            m.state = MemberState.TRAINING
+        m.loss, m.samples = msg.loss, msg.samples
+        m.vram_used = max(0, msg.vram_used)
+        m.vram_peak = max(m.vram_peak, msg.vram_peak, m.vram_used)
+        return True
+
+    def at_barrier(self, node: str, upload_round: int, samples: int, now: float) -> None:
+        """``node``'s upload of ``samples`` counts in ``upload_round``: it waits there."""
+        m = self.members[node]
+        m.state, m.arrived_round, m.barrier_since = MemberState.BARRIER, upload_round, now
+        m.samples = samples
+
+    def barriers_done(self, nodes: list[str], now: float) -> None:
+        """The round ``nodes`` waited at completed: they train on."""
+        for node in nodes:
+            m = self.members[node]
+            if m.barrier_since is not None:
+                m.barrier_wait = now - m.barrier_since
+            m.barrier_since = None
+            if m.state is MemberState.BARRIER:
+                m.state = MemberState.TRAINING
+
     def gone(self, node: str, reason: str, now: float, *, left: bool) -> Member | None:
         """``node`` is lost (or ``left``); None when it was not live."""
         m = self.members.get(node)
@@ -218,4 +279,4 @@ class Roster(msgspec.Struct):
             m.samples = m.vram_used = m.vram_peak = 0
 
 
-__all__ = ["BANNED_MAX", "GONE", "LIVE", "Member", "MemberState", "Roster"]
+__all__ = ["BANNED_MAX", "GONE", "LIVE", "Member", "MemberState", "Roster", "info_refusal"]

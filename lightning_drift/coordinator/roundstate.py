@@ -25,7 +25,7 @@ changes nothing and reads no clock, so every case is a one-line test.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -51,6 +51,43 @@ class RoundState(msgspec.Struct):
     def restart_clock(self, now: float, grace: float = 0.0) -> None:
         """The one place the round's clock starts: at ``now + grace`` (a restart's grace)."""
         self.started, self.grace = now + grace, grace
+
+    def verdict(
+        self,
+        r: int,
+        node: str,
+        work: Callable[[], bool | None],
+        *,
+        completed: int,
+        finished: bool,
+        has_weights: bool,
+        planned: bool,
+        delta: bool,
+        base_round: int,
+    ) -> UploadVerdict:
+        """``node``'s upload for round ``r``, taken against the global weights of
+        ``base_round`` (-1: none): what the round says (:func:`upload_by_round`), then the
+        node's work, then its base (:func:`upload_by_base`); a node left out is recorded so
+        that the round no longer waits for it. ``work()``: whether the node has work in the
+        epoch (None: none can be given; True: it was just given, the node is back)."""
+        said = upload_by_round(
+            r, node, self, completed=completed, finished=finished, has_weights=has_weights
+        )
+        if said is not None:
+            return said
+        if not planned:
+            return UploadVerdict(
+                Verdict.REFUSE, "no epoch is planned yet; send ShardRequest first", "no_shard"
+            )
+        returning = work()
+        if returning is None:
+            return UploadVerdict(Verdict.REFUSE, "no rounds left in this epoch", "no_shard")
+        v = upload_by_base(r, completed, delta=delta, base_round=base_round)
+        if v.kind is Verdict.LEFT_OUT:
+            self.left_out[node] = v.reason
+        if v.kind is Verdict.OPEN and returning:
+            v = UploadVerdict(Verdict.OPEN, v.reason + " from a returning node")
+        return v
 
     def next_round(self, now: float) -> None:
         """The aggregating round completed: the next one opens, empty, its clock at ``now``."""
@@ -124,14 +161,7 @@ def round_decision(
     names = ", ".join(short_id(n) for n in missing)
     count = f"{have}/{len(expected)} arrived"
     if dl is None:
-        return RoundDecision(
-            r,
-            False,
-            f"round {r}: waiting, {count}, no deadline yet (pace of "
-            f"{', '.join(short_id(n) for n in unknown)} unknown: no measured rate and no "
-            f"calibration estimate); missing {names}",
-            missing=missing,
-        )
+        return _no_deadline(r, count, unknown, names, missing)
     basis = _basis(estimated, state.grace)
     if now < dl:
         why = f"round {r}: waiting, {count}, deadline in {dl - now:.1f}s{basis}; missing {names}"
@@ -184,6 +214,42 @@ def upload_by_round(
     return None
 
 
+def upload_by_base(r: int, completed: int, *, delta: bool, base_round: int) -> UploadVerdict:
+    """What the weights an upload was taken against say of it (the round has said it may
+    count). A ``delta`` (a change from the global weights of ``base_round``; -1: none) must
+    name its base, and is left out of round ``r`` when that is not the global weights it
+    would be added to (``completed``'s). Whole weights do not depend on it. Pure."""
+    if delta and base_round < 0:
+        return UploadVerdict(
+            Verdict.REFUSE,
+            "a delta upload must name the round of the weights it was taken against "
+            "(BarrierSync.base_round); upload whole weights when there are none",
+            "bad_upload",
+        )
+    if delta and base_round != completed:
+        # (local - global) is only meaningful against the weights it was taken from.
+        return UploadVerdict(
+            Verdict.LEFT_OUT,
+            f"delta against round {base_round}'s weights, but the global weights are round "
+            f"{completed}'s: left out of round {r}",
+        )
+    return UploadVerdict(Verdict.OPEN, f"round {r} upload accepted")
+
+
+def _no_deadline(
+    r: int, count: str, unknown: list[str], names: str, missing: tuple[str, ...]
+) -> RoundDecision:
+    """Waiting without a deadline: some missing node's pace is unknown."""
+    return RoundDecision(
+        r,
+        False,
+        f"round {r}: waiting, {count}, no deadline yet (pace of "
+        f"{', '.join(short_id(n) for n in unknown)} unknown: no measured rate and no "
+        f"calibration estimate); missing {names}",
+        missing=missing,
+    )
+
+
 def _basis(estimated: list[str], grace: float) -> str:
     """What a deadline rests on, when it is not plain measurement."""
     basis = ""
@@ -197,4 +263,11 @@ def _basis(estimated: list[str], grace: float) -> str:
     return basis
 
 
-__all__ = ["RoundFacts", "RoundState", "deadline", "round_decision", "upload_by_round"]
+__all__ = [
+    "RoundFacts",
+    "RoundState",
+    "deadline",
+    "round_decision",
+    "upload_by_base",
+    "upload_by_round",
+]

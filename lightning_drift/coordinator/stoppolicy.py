@@ -19,7 +19,7 @@ import math
 
 import msgspec
 
-from lightning_drift.coordinator.config import StopPolicy
+from lightning_drift.coordinator.config import SessionConfig, StopPolicy
 from lightning_drift.coordinator.verdicts import StopVerdict
 from lightning_drift.protocol import StopKind
 from lightning_drift.text import short_id
@@ -71,22 +71,22 @@ class StopBook(msgspec.Struct):
         kind: StopKind,
         reason: str,
         voters: list[str],
+        config: SessionConfig,
         *,
-        policy: StopPolicy,
-        quorum: float,
         has_weights: bool,
-        open_round: int,
         completed: int,
         in_plan: bool,
     ) -> StopVerdict:
-        """``node`` asks to stop; ``voters``: the live admitted nodes. ``in_plan``: the open round belongs to the epoch plan (else the session is
+        """``node`` asks to stop; ``voters``: the live admitted nodes; the policy is
+        ``config``'s. ``in_plan``: the open round belongs to the epoch plan (else the session is
         between epochs and finishes at once, on ``completed``)."""
         if self.final_round is not None:
             return StopVerdict(True, self.reason, self.final_round)
+        open_round = completed + 1
         reason = " ".join(str(reason).split())[:200]  # a node's words: one bounded line
         self.requests[node] = reason or kind
         asked = sum(1 for n in voters if n in self.requests)
-        stop, why = decide_stop(policy, quorum, asked, len(voters), kind)
+        stop, why = decide_stop(config.stop_policy, config.stop_quorum, asked, len(voters), kind)
         who = f"node {short_id(node)} asked to stop ({reason or kind})"
         if not stop or not has_weights:
             if stop:

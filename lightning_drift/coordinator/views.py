@@ -8,27 +8,50 @@ order) without touching a rule, and a rule without touching what is shown.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 from lightning_drift.coordinator.boundary import finite
 from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.coordinator.pacebook import PaceBook
 from lightning_drift.coordinator.roster import Member
-from lightning_drift.protocol import NodeStatus, ShardAssignment, TrainConfig
+from lightning_drift.protocol import NodeStatus, SessionStatus, ShardAssignment, TrainConfig
+from lightning_drift.scheduler import EpochPlan
 
 
-def train_config(
-    c: SessionConfig,
-    *,
-    session_id: str,
-    dataset_size: int,
-    completed: int,
-    epoch: int,
-    has_weights: bool,
-    stop_round: int | None,
-) -> TrainConfig:
+class Shown(Protocol):
+    """What the views read of a session (``Session`` has it all)."""
+
+    config: SessionConfig
+    session_id: str
+    started_at: float
+    dataset_size: int
+    has_weights: bool
+    completed: int
+    epoch: int
+    finished: bool
+    paces: PaceBook
+
+    @property
+    def plan(self) -> EpochPlan | None: ...
+    @property
+    def aggregating(self) -> int | None: ...
+    @property
+    def members(self) -> dict[str, Member]: ...
+    @property
+    def assignments(self) -> dict[str, ShardAssignment]: ...
+    @property
+    def stop_requests(self) -> dict[str, str]: ...
+    @property
+    def stop_round(self) -> int | None: ...
+    @property
+    def stop_reason(self) -> str: ...
+
+
+def train_config(s: Shown) -> TrainConfig:
     """The ``TrainConfig`` a node gets when it joins."""
+    c = s.config
     return TrainConfig(
-        session_id=session_id,
+        session_id=s.session_id,
         epochs=c.epochs,
         batch_size=c.batch_size,
         sync_every=c.sync_every,
@@ -37,15 +60,15 @@ def train_config(
         outer_momentum=c.outer_momentum,
         transfer_dtype=c.transfer_dtype,
         seed=c.seed,
-        dataset_size=dataset_size,
-        round=completed,
-        epoch=epoch,
+        dataset_size=s.dataset_size,
+        round=s.completed,
+        epoch=s.epoch,
         heartbeat_s=c.heartbeat_s,
         progress_every_s=c.progress_every_s,
-        has_weights=has_weights,
+        has_weights=s.has_weights,
         min_nodes=c.min_nodes,
         lightning_config=c.lightning_config,
-        stop_round=-1 if stop_round is None else stop_round,
+        stop_round=-1 if s.stop_round is None else s.stop_round,
         overlap=c.overlap,
     )
 
@@ -91,13 +114,29 @@ def nodes_status(
     ]
 
 
-def session_state(*, finished: bool, planned: bool, aggregating: bool) -> str:
+def session_state(s: Shown) -> str:
     """The one word the status gives the session."""
-    if finished:
+    if s.finished:
         return "finished"
-    if not planned:
+    if s.plan is None:
         return "waiting"
-    return "aggregating" if aggregating else "training"
+    return "aggregating" if s.aggregating is not None else "training"
 
 
-__all__ = ["node_status", "nodes_status", "session_state", "train_config"]
+def status(s: Shown, now: float, checkpoint: str = "") -> SessionStatus:
+    """The session as observers see it (every member, in join order)."""
+    return SessionStatus(
+        session_id=s.session_id,
+        state=session_state(s),
+        round=s.completed,
+        epoch=s.epoch,
+        epochs=s.config.epochs,
+        aggregation=s.config.aggregation,
+        nodes=nodes_status(s.members, now, s.assignments, s.paces, s.stop_requests),
+        checkpoint=checkpoint,
+        started_at=s.started_at,
+        stop_reason=s.stop_reason,
+    )
+
+
+__all__ = ["Shown", "node_status", "nodes_status", "session_state", "status", "train_config"]
