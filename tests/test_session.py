@@ -811,3 +811,22 @@ def test_the_pace_after_a_multi_segment_re_plan_is_measured_from_the_whole_work(
     assert per_round > first / a.rounds + 10
     arrive(s, A, 2.0, samples=int(per_round))
     assert s.paces.of(A).measured == pytest.approx(int(per_round) / 2.0)
+
+
+def test_a_session_saved_before_the_parts_kept_themselves_still_loads():
+    """tests/data/session_state_v1.json: written by the session of one file (a re-plan, A
+    counted in round 1, C banned, B asked to stop); today's session restores it."""
+    path = __import__("pathlib").Path(__file__).parent / "data" / "session_state_v1.json"
+    old = json.loads(path.read_text())
+    r = Session.from_dict(old, now=10.0)
+    assert r.completed == old["completed"] and r.plan is not None
+    saved = json.loads(json.dumps(r.to_dict()))
+    assert saved["epochs"]["assignments"] == old["assignments"]
+    assert r.members[C].state is MemberState.BANNED and C in r.roster.banned
+    assert r.members[A].state is MemberState.TRAINING and r.members[A].arrived_round == 1
+    assert r.paces.of(A).measured == old["members"][A]["vouched"]
+    assert r.measured_rate(A) == old["members"][A]["pace"]
+    assert (r.replans.revision, r.replans.round) == (old["revision"], old["rebalanced_round"])
+    assert r.stop_requests == old["stop"]["requests"] and r.book.trained == old["trained"]
+    again = Session.from_dict(saved, now=11.0)
+    assert json.loads(json.dumps(again.to_dict()))["epochs"] == saved["epochs"]
