@@ -69,6 +69,7 @@ from lightning_drift.coordinator.segments import Segment, Segments, normalize, t
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.protocol import DeviceInfo, NodeInfo
 from lightning_drift.robust import lower_median
+from lightning_drift.text import short_id
 from lightning_drift.units import format_gib
 
 log = logging.getLogger(__name__)
@@ -418,7 +419,7 @@ class Scheduler(msgspec.Struct, kw_only=True):
         if batch and per_step % batch:
             per_step = batch  # not whole batches: the node's own numbers disagree
         self.scores[node] = NodeScore(calib, batch_size=batch, samples_per_step=per_step)
-        log.debug("scheduler.add node=%s calibration=%.1f", node[:12], calib)
+        log.debug("scheduler.add node=%s calibration=%.1f", short_id(node), calib)
 
     def score(
         self, node: str, paces: Mapping[str, float] = NO_PACES, factor: float | None = None

@@ -399,8 +399,11 @@ def build(values: Mapping[str, Any]) -> tuple[SessionConfig, ServeOptions]:
 
 
 __all__ = [
+    "ELAPSED_MIN",
     "LOGGER_NAMES",
+    "MEASURED_SMOOTHING",
     "OPTIONS",
+    "PACE_SMOOTHING",
     "SETTING",
     "SETTINGS",
     "ServeOptions",
