@@ -168,23 +168,23 @@ def shard_reply(node: str, a: ShardAssignment, late: bool) -> ShardReply:
 
 
 def round_end(
-    closing: int, plan: EpochPlan | None, epochs: int, stop_round: int | None, stop_reason: str
+    completed: int, plan: EpochPlan | None, epochs: int, stop_round: int | None, stop_reason: str
 ) -> tuple[bool, bool, str]:
-    """After round ``closing`` completed: (the session finishes, the next epoch is to be
+    """After round ``completed`` completed: (the session finishes, the next epoch is to be
     planned, why). A decided stop's final round, or the last round of the final epoch, ends
     the session; the last round of another epoch asks for the next plan."""
     epoch = plan.epoch if plan else 0
-    if stop_round is not None and closing >= stop_round:
-        return True, False, f"round {closing} was the final round: {stop_reason}; finished"
-    if plan is None or closing < plan.last_round:
-        return False, False, f"round {closing} done"
+    if stop_round is not None and completed >= stop_round:
+        return True, False, f"round {completed} was the final round: {stop_reason}; finished"
+    if plan is None or completed < plan.last_round:
+        return False, False, f"round {completed} done"
     if plan.epoch + 1 >= epochs:
         return (
             True,
             False,
-            f"round {closing} was the last of epoch {epoch}, the final epoch: finished",
+            f"round {completed} was the last of epoch {epoch}, the final epoch: finished",
         )
-    return False, True, f"round {closing} ended epoch {epoch}; "
+    return False, True, f"round {completed} ended epoch {epoch}; "
 
 
 class EpochBook(msgspec.Struct):

@@ -427,22 +427,22 @@ class Session:
         """Can the open round complete now? (``roundstate.round_decision``.)"""
         return round_decision(now, self.round, *_round_inputs(self), self.config)
 
-    def close(self, closing: int) -> tuple[tuple[str, int], ...]:
-        """Aggregation of the open round ``closing`` starts: no more uploads count for it."""
-        assert closing == self.open_round and self.aggregating is None
-        self.aggregating = closing
+    def close(self, aggregating: int) -> tuple[tuple[str, int], ...]:
+        """Aggregation of the open round ``aggregating`` starts: no more uploads count for it."""
+        assert aggregating == self.open_round and self.aggregating is None
+        self.aggregating = aggregating
         return tuple(self.arrivals.items())
 
-    def advance(self, closing: int, now: float) -> RoundOutcome:
-        """The checkpoint of round ``closing`` is durable: it is the completed round now, and
+    def advance(self, completed: int, now: float) -> RoundOutcome:
+        """The checkpoint of round ``completed`` is durable: it is the completed round now, and
         the next one opens; maybe the next epoch is planned, or the session finishes."""
-        assert closing == self.open_round
-        self.completed = closing
+        assert completed == self.open_round
+        self.completed = completed
         self.roster.barriers_done(list(self.arrivals), now)
         self.round.next_round(now)
         epoch = self.plan.epoch if self.plan else 0
         ends, plan_next, reason = round_end(
-            closing, self.plan, self.config.epochs, self.stop_round, self.stop_reason
+            completed, self.plan, self.config.epochs, self.stop_round, self.stop_reason
         )
         self.finished = self.finished or ends
         planned = self.maybe_plan(now) if plan_next else None
@@ -452,7 +452,7 @@ class Session:
                 if planned is None
                 else f"planned epoch {planned}"
             )
-        return RoundOutcome(closing, epoch, self.finished, planned, reason)
+        return RoundOutcome(completed, epoch, self.finished, planned, reason)
 
     # ---- stopping early ------------------------------------------------------------------
     def request_stop(self, node: str, kind: StopKind, reason: str, now: float) -> StopVerdict:
