@@ -111,7 +111,7 @@ def test_early_stopping_is_a_session_decision(tmp_path: Path) -> None:
     assert "2 of 2 node(s) asked, stop policy quorum 1 needs 2" in coord_log, coord_log[-3000:]
     state = s.state()
     assert state["finished"] and state["stop"]["round"] == final_round == state["completed"]
-    plan = state["plan"]
+    plan = state["epochs"]["plan"]
     assert plan["epoch"] == 2 and final_round == plan["first_round"], (plan, final_round)
     for r in s.reports.values():
         # The session ended at the first barrier of epoch 2 (of 0..2): no node trained past
