@@ -165,6 +165,13 @@ class ShardAssignment(_Msg, tag="shard_assignment"):
         """How many positions of the permutation the assignment holds."""
         return sum(max(0, b - a) for a, b in self.ranges)
 
+    @property
+    def work_per_round(self) -> float:
+        """Positions one round of the assignment holds on average: its whole work (every
+        segment) over its rounds. The one home of this figure: deadlines and measured paces
+        both divide by it."""
+        return self.size / max(1, self.rounds)
+
 
 class ShardRequest(_Msg, tag="shard_request"):
     """Node → coordinator: ask for the assignment of ``epoch``."""

@@ -10,9 +10,9 @@ Scores, and why their units are coherent
 ----------------------------------------
 A node's score is its expected training throughput in **samples per second**:
 
-- Once the node has reported a measured rate (:meth:`Scheduler.observe`, from
-  ``TrainProgress.samples_per_s``), its score is the exponential moving average of those
-  measurements. Calibration no longer matters for it.
+- Once the coordinator has measured the node's pace (the pace book,
+  ``coordinator/pacebook.py``: an average of what its uploads took; the caller passes those
+  paces in), its score is that measured pace. Calibration no longer matters for it.
 - Before that, its score is its calibration (:func:`calibration_score`, GFLOP/s of a matmul
   benchmark) times a conversion factor ``k`` in samples per GFLOP, estimated from the nodes
   that have both: ``k = sum(measured) / sum(calibration)`` over those nodes. While no node is
@@ -26,8 +26,8 @@ A calibration is what a node says about itself: an unmeasured node's score is ke
 factor ``trust`` of the median measured score (of the median calibration while nobody is
 measured), so a node claiming a huge calibration gets at most ``trust`` times the median
 node's share, and one claiming a tiny one cannot stretch a round's deadline without bound.
-The measured rates come from the coordinator's own measurements (``Session``), not from what
-nodes report.
+The measured paces come from the coordinator's own measurements, not from what nodes report;
+the scheduler averages nothing itself (one average of one measurement, in the pace book).
 
 Shards in whole optimizer steps
 -------------------------------
@@ -58,16 +58,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, Literal
 
+import msgspec
 import torch
 
+from lightning_drift.coordinator.segments import Segment, Segments, normalize, total
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.protocol import DeviceInfo, NodeInfo
 from lightning_drift.robust import lower_median
+from lightning_drift.text import short_id
 from lightning_drift.units import format_gib
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ FALLBACK_GFLOPS: dict[str, float] = {
 FALLBACK_CPU_GFLOPS_PER_CORE = 20.0
 
 _STATE_VERSION = 1
+NO_PACES: Mapping[str, float] = {}  # measured paces (samples/s) when none are known
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -137,50 +140,7 @@ def calibration_score(info: NodeInfo) -> float:
     return FALLBACK_CPU_GFLOPS_PER_CORE * max(1, info.cpu_count)
 
 
-Segment = tuple[int, int]  # [start, stop) positions of an epoch's permutation
-Segments = tuple[Segment, ...]
-
-
-def total(segments: Sequence[Segment]) -> int:
-    """Positions in ``segments``."""
-    return sum(max(0, b - a) for a, b in segments)
-
-
-def split(segments: Sequence[Segment], n: int) -> tuple[Segments, Segments]:
-    """The first ``n`` positions of ``segments`` and the rest, as two lists of ranges."""
-    head: list[Segment] = []
-    tail: list[Segment] = []
-    left = max(0, n)
-    for a, b in segments:
-        if b <= a:
-            continue
-        if left >= b - a:
-            head.append((a, b))
-            left -= b - a
-        elif left > 0:
-            head.append((a, a + left))
-            tail.append((a + left, b))
-            left = 0
-        else:
-            tail.append((a, b))
-    return tuple(head), tuple(tail)
-
-
-def normalize(segments: Sequence[Segment]) -> Segments:
-    """Drop empty ranges and join ranges that continue each other."""
-    out: list[Segment] = []
-    for a, b in segments:
-        if b <= a:
-            continue
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return tuple(out)
-
-
-@dataclass
-class Shard:
+class Shard(msgspec.Struct):
     """One node's part of an epoch: positions ``[start, stop)`` of the epoch's permutation, or,
     when ``segments`` is set (the rest of a shard after the epoch was re-planned), those ranges
     in order.
@@ -206,24 +166,6 @@ class Shard:
     @property
     def size(self) -> int:
         return total(self.ranges)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["segments"] = [list(r) for r in self.segments]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Shard:
-        return cls(
-            node=str(d["node"]),
-            start=int(d["start"]),
-            stop=int(d["stop"]),
-            share=float(d["share"]),
-            steps_per_round=int(d["steps_per_round"]),
-            batch_size=int(d.get("batch_size", 0)),
-            samples_per_step=int(d.get("samples_per_step", 0)),
-            segments=tuple((int(a), int(b)) for a, b in d.get("segments", ())),
-        )
 
     @classmethod
     def of(
@@ -251,8 +193,7 @@ class Shard:
         )
 
 
-@dataclass
-class EpochPlan:
+class EpochPlan(msgspec.Struct):
     """The shards of one epoch; its barriers are rounds ``first_round .. first_round+rounds-1``.
 
     ``batch_size``, ``dataset_size`` and ``total_score`` (the sum of the planned nodes'
@@ -270,29 +211,6 @@ class EpochPlan:
     @property
     def last_round(self) -> int:
         return self.first_round + self.rounds - 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "rounds": self.rounds,
-            "first_round": self.first_round,
-            "shards": {k: s.to_dict() for k, s in self.shards.items()},
-            "batch_size": self.batch_size,
-            "dataset_size": self.dataset_size,
-            "total_score": self.total_score,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EpochPlan:
-        return cls(
-            epoch=int(d["epoch"]),
-            rounds=int(d["rounds"]),
-            first_round=int(d["first_round"]),
-            shards={str(k): Shard.from_dict(v) for k, v in d["shards"].items()},
-            batch_size=int(d.get("batch_size", 0)),
-            dataset_size=int(d.get("dataset_size", 0)),
-            total_score=float(d.get("total_score", 0.0)),
-        )
 
 
 def optimizer_steps(size: int, batch_size: int, samples_per_step: int = 0) -> int:
@@ -409,148 +327,73 @@ def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
     return parts
 
 
-def plan_late(
-    plan: EpochPlan,
-    node: str,
-    score: float,
-    rounds_done: int,
-    orphan: Shard | None,
-    *,
-    orphan_done: int | None = None,
-    batch_size: int = 0,
-    samples_per_step: int = 0,
-) -> Shard:
-    """The shard for ``node`` joining epoch ``plan.epoch`` after ``rounds_done`` of its barriers.
+class Refusal(msgspec.Struct, frozen=True):
+    """Why a node cannot join: ``code`` is the Error code the node is refused with."""
 
-    With an ``orphan`` (the shard of a node that was lost), the late node gets the part of it
-    the lost node had not yet trained on: the lost node is taken to have consumed what it
-    would have by its ``orphan_done``-th barrier of the epoch (default ``rounds_done``).
-
-    Without one, every position of the permutation already belongs to a planned node, so the
-    late node gets a contiguous slice sized for the rounds remaining at its score (the rate
-    per unit of score that the plan gives everyone), placed at a deterministic offset derived
-    from the epoch and node id. The compromise: those samples are seen twice this epoch.
-    Exact coverage (every sample once per epoch) is promised only for the nodes present when
-    the epoch was planned, and for orphans handed on.
-
-    With the late node's ``batch_size`` and ``samples_per_step`` known, its shard is whole
-    optimizer steps of its own, plus a :func:`batch_aligned` tail (from an orphan), and a
-    slice gives it at least one step per remaining round.
-    """
-    remaining = max(1, plan.rounds - max(0, rounds_done))
-    n = plan.dataset_size or max((s.stop for s in plan.shards.values()), default=0)
-    unit = samples_per_step or batch_size
-    if orphan is not None:
-        done = rounds_done if orphan_done is None else orphan_done
-        used = consumed_after(
-            orphan.size,
-            orphan.batch_size or plan.batch_size,
-            plan.rounds,
-            done,
-            samples_per_step=orphan.samples_per_step,
-        )
-        _, rest = split(orphan.ranges, used)
-        size = total(rest)
-        if unit > 0:
-            whole = size - size % unit
-            size = whole + batch_aligned(size - whole, batch_size, n)
-        rest, _ = split(rest, size)
-        return Shard.of(
-            node,
-            rest,
-            orphan.share,
-            steps_for(size, batch_size or plan.batch_size, remaining, samples_per_step),
-            batch_size=batch_size,
-            samples_per_step=samples_per_step,
-        )
-    if plan.total_score > 0 and plan.rounds > 0:
-        per_round = n * score / (plan.total_score * plan.rounds)
-        share = score / (plan.total_score + score)
-    else:
-        sizes = [s.size for s in plan.shards.values()] or [n]
-        per_round = sum(sizes) / len(sizes) / max(1, plan.rounds)
-        share = 1.0 / (len(plan.shards) + 1)
-    size = max(0, min(n, round(per_round * remaining)))
-    if unit > 0:
-        size = min(max(remaining, round(size / unit)) * unit, n - n % unit)
-    span = n - size + 1
-    digest = hashlib.sha256(f"drift-late:{plan.epoch}:{node}".encode()).digest()
-    start = int.from_bytes(digest[:8], "big") % span if span > 0 else 0
-    return Shard(
-        node=node,
-        start=start,
-        stop=start + size,
-        share=share,
-        steps_per_round=steps_for(size, batch_size or plan.batch_size, remaining, samples_per_step),
-        batch_size=batch_size,
-        samples_per_step=samples_per_step,
-    )
+    code: Literal["dataset_mismatch", "refused"]
+    reason: str
 
 
-@dataclass
-class _NodeScore:
+class NodeScore(msgspec.Struct):
+    """What the scheduler knows of one node besides its measured pace (the pace book's)."""
+
     calibration: float  # GFLOP/s from calibration_score
-    measured: float | None = None  # EMA of reported samples/s
     batch_size: int = 0  # the node's batch size (0: not reported)
     samples_per_step: int = 0  # its samples per optimizer step (0: not reported)
 
 
-class Scheduler:
-    """Per-session scheduling state: node scores and the plan of each epoch.
+class Scheduler(msgspec.Struct, kw_only=True):
+    """Per-session scheduling state: node calibrations and batching, and epoch plans.
 
-    Call :meth:`admit` on a node's ``NodeInfo`` before :meth:`add`; feed every reported
-    throughput to :meth:`observe`; call :meth:`plan_epoch` at each epoch start with the live
-    nodes. Persist it with :meth:`to_dict` / :meth:`from_dict`.
+    Call :meth:`admit` on a node's ``NodeInfo`` before :meth:`add`; call :meth:`plan_epoch` at
+    each epoch start with the live nodes. Scores read the measured paces the caller passes in
+    (``paces``: node → samples/s, the pace book's). Persisted as itself (a ``msgspec.Struct``;
+    :meth:`to_dict` / :meth:`from_dict`).
     """
 
-    def __init__(
-        self,
-        *,
-        dataset_size: int,
-        batch_size: int,
-        sync_every: int,
-        seed: int,
-        min_vram: int = 0,
-        ema: float = 0.3,
-        trust: float = 4.0,
-    ) -> None:
-        if dataset_size < 0:
-            raise ConfigError(f"dataset_size must be >= 0, got {dataset_size}")
-        if batch_size <= 0:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if sync_every <= 0:
-            raise ConfigError(f"sync_every must be >= 1, got {sync_every}")
-        if not 0.0 < ema <= 1.0:
-            raise ConfigError(f"ema must be in (0, 1], got {ema}")
-        if not trust >= 1.0:
-            raise ConfigError(f"trust must be >= 1, got {trust}")
-        self.dataset_size = dataset_size
-        self.batch_size = batch_size
-        self.sync_every = sync_every
-        self.seed = seed
-        self.min_vram = min_vram
-        self.ema = ema  # weight of a new measurement in the moving average
-        self.trust = trust  # an unmeasured score stays within this factor of the median
-        self._nodes: dict[str, _NodeScore] = {}
+    dataset_size: int
+    batch_size: int
+    sync_every: int
+    seed: int
+    min_vram: int = 0
+    trust: float = 4.0  # an unmeasured score stays within this factor of the median
+    version: int = _STATE_VERSION
+    scores: dict[str, NodeScore] = msgspec.field(default_factory=dict, name="nodes")
+
+    def __post_init__(self) -> None:
+        if self.version != _STATE_VERSION:
+            raise ConfigError(
+                f"scheduler state version {self.version!r} is not {_STATE_VERSION}: "
+                "it was written by another lightning-drift version"
+            )
+        if self.dataset_size < 0:
+            raise ConfigError(f"dataset_size must be >= 0, got {self.dataset_size}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.sync_every <= 0:
+            raise ConfigError(f"sync_every must be >= 1, got {self.sync_every}")
+        if not self.trust >= 1.0:
+            raise ConfigError(f"trust must be >= 1, got {self.trust}")
 
     def __repr__(self) -> str:
         return (
             f"Scheduler(dataset_size={self.dataset_size}, batch_size={self.batch_size}, "
-            f"sync_every={self.sync_every}, seed={self.seed}, nodes={len(self._nodes)})"
+            f"sync_every={self.sync_every}, seed={self.seed}, nodes={len(self.scores)})"
         )
 
     # -- admission and scores ---------------------------------------------------------------
 
-    def admit(self, info: NodeInfo) -> str | None:
+    def admit(self, info: NodeInfo) -> Refusal | None:
         """Why this node cannot join the session, or None when it can.
 
         Refused: a dataset size other than the session's, and a CUDA/ROCm train device with
         less total VRAM than ``min_vram`` (a device reporting 0, i.e. unknown, is admitted).
         """
         if info.dataset_size != self.dataset_size:
-            return (
+            return Refusal(
+                "dataset_mismatch",
                 f"node reports a dataset of {info.dataset_size} samples, the session's has "
-                f"{self.dataset_size}: every node must load the same dataset"
+                f"{self.dataset_size}: every node must load the same dataset",
             )
         if self.min_vram > 0:
             dev = train_device_info(info)
@@ -559,76 +402,56 @@ class Scheduler:
                 and dev.kind in ("cuda", "rocm")
                 and 0 < dev.vram_total < self.min_vram
             ):
-                return (
+                return Refusal(
+                    "refused",
                     f"train device {info.train_device} ({dev.name}) has "
                     f"{format_gib(dev.vram_total)} of VRAM, the session requires at least "
                     f"{format_gib(self.min_vram)}: train on a larger GPU or lower the session's "
-                    "min_vram"
+                    "min_vram",
                 )
         return None
 
     def add(self, node: str, info: NodeInfo) -> None:
-        """Register ``node`` (or refresh a returning one) with its calibration score.
-
-        A returning node keeps its measured rate; new measurements move it if it changed.
-        """
+        """Register ``node`` (or refresh a returning one) with its calibration score."""
         calib = calibration_score(info)
-        prev = self._nodes.get(node)
         batch = max(0, info.batch_size)
         per_step = max(0, info.samples_per_step) or batch
         if batch and per_step % batch:
             per_step = batch  # not whole batches: the node's own numbers disagree
-        self._nodes[node] = _NodeScore(
-            calib, prev.measured if prev else None, batch_size=batch, samples_per_step=per_step
-        )
-        log.debug("scheduler.add node=%s calibration=%.1f", node[:12], calib)
+        self.scores[node] = NodeScore(calib, batch_size=batch, samples_per_step=per_step)
+        log.debug("scheduler.add node=%s calibration=%.1f", short_id(node), calib)
 
-    def observe(self, node: str, samples_per_s: float) -> None:
-        """Fold a measured throughput into the node's score (exponential moving average).
-
-        Non-positive or non-finite rates (a node that just started) are ignored.
-        """
-        ns = self._get(node)
-        if not (math.isfinite(samples_per_s) and samples_per_s > 0):
-            return
-        if ns.measured is None:
-            ns.measured = float(samples_per_s)
-        else:
-            ns.measured = (1.0 - self.ema) * ns.measured + self.ema * float(samples_per_s)
-
-    def score(self, node: str, factor: float | None = None) -> float:
+    def score(
+        self, node: str, paces: Mapping[str, float] = NO_PACES, factor: float | None = None
+    ) -> float:
         """The node's expected samples/s (see the module docstring for the units).
 
-        ``factor``: samples per GFLOP as returned by :meth:`measured_factor`, when the caller
-        scores many nodes at once (computing it is a pass over every node)."""
+        ``paces``: the measured paces (samples/s) of the nodes that have one. ``factor``:
+        samples per GFLOP as returned by :meth:`measured_factor`, when the caller scores many
+        nodes at once (computing it is a pass over every node)."""
         ns = self._get(node)
-        if ns.measured is not None:
-            return ns.measured
-        k = self._samples_per_gflop() if factor is None else factor
+        measured = paces.get(node, 0.0)
+        if measured > 0:
+            return measured
+        k = self._samples_per_gflop(paces) if factor is None else factor
         est = ns.calibration * k
-        ref = lower_median(v.measured for v in self._nodes.values() if v.measured is not None)
+        ref = lower_median(v for n in self.scores if (v := paces.get(n, 0.0)) > 0)
         if ref is None:  # nothing measured: scores are calibrations (k = 1), among themselves
-            ref = (lower_median(v.calibration for v in self._nodes.values()) or 0.0) * k
+            ref = (lower_median(v.calibration for v in self.scores.values()) or 0.0) * k
         return min(ref * self.trust, max(ref / self.trust, est))
 
     def forget(self, node: str) -> None:
         """Drop ``node`` (a member the session has forgotten)."""
-        self._nodes.pop(node, None)
+        self.scores.pop(node, None)
 
-    def measured(self, node: str) -> float | None:
-        """The node's measured samples/s (moving average), or None before any measurement."""
-        return self._get(node).measured
-
-    def measured_factor(self) -> float | None:
+    def measured_factor(self, paces: Mapping[str, float] = NO_PACES) -> float | None:
         """The conversion ``k`` from calibration GFLOP/s to samples/s, estimated from the
         measured nodes; None while no node is measured (scores are then in calibration units,
         fit only for ratios)."""
-        measured = [ns for ns in self._nodes.values() if ns.measured is not None]
+        measured = [(paces[n], ns) for n, ns in self.scores.items() if paces.get(n, 0.0) > 0]
         if not measured:
             return None
-        return sum(ns.measured for ns in measured if ns.measured) / sum(
-            ns.calibration for ns in measured
-        )
+        return sum(p for p, _ in measured) / sum(ns.calibration for _, ns in measured)
 
     def batching(self, node: str) -> tuple[int, int]:
         """The node's (batch size, samples per optimizer step) as it reported them (0: not)."""
@@ -636,20 +459,20 @@ class Scheduler:
         return ns.batch_size, ns.samples_per_step
 
     def __contains__(self, node: object) -> bool:
-        return node in self._nodes
+        return node in self.scores
 
     @property
     def nodes(self) -> list[str]:
         """Every node ever added, sorted by id."""
-        return sorted(self._nodes)
+        return sorted(self.scores)
 
-    def _samples_per_gflop(self) -> float:
-        k = self.measured_factor()
+    def _samples_per_gflop(self, paces: Mapping[str, float]) -> float:
+        k = self.measured_factor(paces)
         return 1.0 if k is None else k
 
-    def _get(self, node: str) -> _NodeScore:
+    def _get(self, node: str) -> NodeScore:
         try:
-            return self._nodes[node]
+            return self.scores[node]
         except KeyError:
             raise SessionError(
                 f"unknown node {node!r}: the scheduler has no score for it; add() it first",
@@ -665,7 +488,13 @@ class Scheduler:
             1, round(self.dataset_size / (self.batch_size * self.sync_every * max(1, n_nodes)))
         )
 
-    def plan_epoch(self, epoch: int, nodes: Sequence[str], first_round: int) -> EpochPlan:
+    def plan_epoch(
+        self,
+        epoch: int,
+        nodes: Sequence[str],
+        first_round: int,
+        paces: Mapping[str, float] = NO_PACES,
+    ) -> EpochPlan:
         """Cut epoch ``epoch`` into one contiguous shard per node, proportional to scores.
 
         Nodes are ordered by id; shard sizes come from :func:`cut_in_steps` (whole optimizer
@@ -679,7 +508,8 @@ class Scheduler:
         order = sorted(set(nodes))
         if not order:
             raise SessionError("cannot plan an epoch with no nodes", code="no_nodes")
-        scores = [self.score(n) for n in order]
+        factor = self.measured_factor(paces)
+        scores = [self.score(n, paces, factor) for n in order]
         total = math.fsum(scores)
         batching = [self.batching(n) for n in order]
         sizes = cut_in_steps(
@@ -729,49 +559,11 @@ class Scheduler:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe state for the session's state directory."""
-        return {
-            "version": _STATE_VERSION,
-            "dataset_size": self.dataset_size,
-            "batch_size": self.batch_size,
-            "sync_every": self.sync_every,
-            "seed": self.seed,
-            "min_vram": self.min_vram,
-            "ema": self.ema,
-            "trust": self.trust,
-            "nodes": {
-                k: {
-                    "calibration": v.calibration,
-                    "measured": v.measured,
-                    "batch_size": v.batch_size,
-                    "samples_per_step": v.samples_per_step,
-                }
-                for k, v in sorted(self._nodes.items())
-            },
-        }
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scheduler:
-        """Rebuild a scheduler saved by :meth:`to_dict`."""
-        if d.get("version") != _STATE_VERSION:
-            raise ConfigError(
-                f"scheduler state version {d.get('version')!r} is not {_STATE_VERSION}: "
-                "it was written by another lightning-drift version"
-            )
-        s = cls(
-            dataset_size=int(d["dataset_size"]),
-            batch_size=int(d["batch_size"]),
-            sync_every=int(d["sync_every"]),
-            seed=int(d["seed"]),
-            min_vram=int(d.get("min_vram", 0)),
-            ema=float(d.get("ema", 0.3)),
-            trust=float(d.get("trust", 4.0)),
-        )
-        for node, v in d.get("nodes", {}).items():
-            m = v.get("measured")
-            s._nodes[str(node)] = _NodeScore(
-                float(v["calibration"]),
-                None if m is None else float(m),
-                batch_size=int(v.get("batch_size", 0)),
-                samples_per_step=int(v.get("samples_per_step", 0)),
-            )
-        return s
+        """Rebuild a scheduler saved by :meth:`to_dict` (an older one's ``ema`` and measured
+        rates are ignored: the pace book keeps measured paces)."""
+        return msgspec.convert(d, cls)

@@ -241,8 +241,8 @@ def test_epoch_plan_survives_a_kill_before_round_one_completes(tmp_path):
             await b.close()
             saved = json.loads((state / "state.json").read_text())["session"]
             assert saved["completed"] == 0 and saved["has_weights"]
-            assert saved["plan"] is not None
-            assert {n: {f: v[f] for f in fields} for n, v in saved["assignments"].items()} == before
+            assert saved["epochs"]["plan"] is not None
+            assert {n: {f: v[f] for f in fields} for n, v in saved["epochs"]["assignments"].items()} == before
 
             proc, token2, _ = await start_coordinator(state, port, config)
             assert token2 == token
@@ -271,7 +271,7 @@ def test_epoch_plan_survives_a_kill_before_round_one_completes(tmp_path):
     assert {c[0] for c in rounds[1]["contributors"]} == {ka, kb}
     st = json.loads((state / "state.json").read_text())["session"]
     assert st["completed"] == 1
-    assert {n: {f: v[f] for f in fields} for n, v in st["assignments"].items()} == before
+    assert {n: {f: v[f] for f in fields} for n, v in st["epochs"]["assignments"].items()} == before
 
 
 def test_diloco_restart_restores_the_weights_and_the_outer_momentum(tmp_path):

@@ -111,7 +111,7 @@ def test_early_stopping_is_a_session_decision(tmp_path: Path) -> None:
     assert "2 of 2 node(s) asked, stop policy quorum 1 needs 2" in coord_log, coord_log[-3000:]
     state = s.state()
     assert state["finished"] and state["stop"]["round"] == final_round == state["completed"]
-    plan = state["plan"]
+    plan = state["epochs"]["plan"]
     assert plan["epoch"] == 2 and final_round == plan["first_round"], (plan, final_round)
     for r in s.reports.values():
         # The session ended at the first barrier of epoch 2 (of 0..2). A node that knew of the
@@ -166,7 +166,7 @@ def test_lr_find_before_fit_stays_local(tmp_path: Path) -> None:
         {"a": ["--lr-find"], "b": ["--lr-find"]}
     )
     s.assert_all_hold_the_final_checkpoint()
-    assert len(s.state()["members"]) == 2, s.state()["members"]
+    assert len(s.state()["roster"]["members"]) == 2, s.state()["roster"]["members"]
     manifest = s.coord.manifest()
     rounds = [c for c in manifest["checkpoints"] if c["round"] > 0]
     assert rounds and all(len(c["contributors"]) == 2 for c in rounds), manifest

@@ -167,7 +167,7 @@ def test_the_scan_sees_each_banned_form(tmp_path: Path) -> None:
     probe = lib / "probe.py"
     probe.write_text(
         "def f(held_round, rnd, min_rate, node, digest):\n"
-        "    vouched = measured_rate = Verdict.EXCLUDED\n"
+        "    vouched = measured_rate = Verdict.LEFT_OUT\n"
         "    return node[:8], digest[:8], session.closing, _short(node), rate\n"
     )
     global ROOT

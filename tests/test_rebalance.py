@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from lightning_drift.rebalance import HORIZON_S, NodeWork, finishing_times, rebalance
-from lightning_drift.scheduler import normalize, split, total
+from lightning_drift.coordinator.replans import HORIZON_S, NodeWork, finishing_times, rebalance
+from lightning_drift.coordinator.segments import normalize, split, total
 
 
 def _positions(segments) -> list[int]:

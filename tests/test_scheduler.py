@@ -12,6 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_drift.coordinator.epochbook import plan_late
+from lightning_drift.coordinator.pacebook import ema
 from lightning_drift.errors import SessionError
 from lightning_drift.protocol import DeviceInfo, NodeInfo
 from lightning_drift.scheduler import (
@@ -25,7 +27,6 @@ from lightning_drift.scheduler import (
     epoch_permutation,
     largest_remainder,
     optimizer_steps,
-    plan_late,
 )
 
 GIB = 1 << 30
@@ -129,22 +130,20 @@ def test_calibration_score_falls_back_by_device_kind(train_device, devices, expe
     assert calibration_score(info) == expected
 
 
-def test_score_is_calibration_until_measured_then_the_moving_average():
-    s = make_scheduler(ema=0.5)
+def test_score_is_calibration_until_measured_then_the_measured_pace():
+    s = make_scheduler()
     s.add("a", node_info(calibration=100.0))
     s.add("b", node_info(calibration=300.0))
     assert s.score("a") == 100.0 and s.score("b") == 300.0  # no measurement: k = 1
 
-    s.observe("a", 50.0)  # a: 50 samples/s from 100 GFLOP/s -> k = 0.5 sample/GFLOP
-    assert s.score("a") == 50.0
-    assert s.score("b") == 150.0  # b converted to samples/s on the same scale
+    paces = {"a": 50.0}  # a: 50 samples/s from 100 GFLOP/s -> k = 0.5 sample/GFLOP
+    assert s.score("a", paces) == 50.0
+    assert s.score("b", paces) == 150.0  # b converted to samples/s on the same scale
 
-    s.observe("a", 70.0)
-    assert s.score("a") == 60.0  # 0.5 * 50 + 0.5 * 70
+    paces["a"] = ema(50.0, 70.0, 0.5)  # the pace book averages; the scheduler reads it
+    assert s.score("a", paces) == 60.0  # 0.5 * 50 + 0.5 * 70
 
-    s.observe("a", 0.0)
-    s.observe("a", float("nan"))
-    assert s.score("a") == 60.0  # non-measurements are ignored
+    assert s.score("a", {"a": 0.0}) == 100.0  # non-measurements are ignored
 
 
 def test_scores_are_in_samples_per_s_only_once_a_node_is_measured():
@@ -152,28 +151,26 @@ def test_scores_are_in_samples_per_s_only_once_a_node_is_measured():
     s.add("a", node_info(calibration=100.0))
     s.add("b", node_info(calibration=300.0))
     assert s.measured_factor() is None  # scores are calibration units: ratios only
-    s.observe("a", 0.0)
-    assert s.measured_factor() is None
-    s.observe("a", 50.0)
-    assert s.measured_factor() == 0.5  # samples/s per calibration GFLOP/s
-    assert Scheduler.from_dict(s.to_dict()).measured_factor() == 0.5
+    assert s.measured_factor({"a": 0.0}) is None
+    assert s.measured_factor({"a": 50.0}) == 0.5  # samples/s per calibration GFLOP/s
+    assert Scheduler.from_dict(s.to_dict()).measured_factor({"a": 50.0}) == 0.5
 
 
 def test_returning_node_keeps_its_measured_rate():
     s = make_scheduler()
     s.add("a", node_info(calibration=100.0))
-    s.observe("a", 42.0)
+    paces = {"a": 42.0}  # the pace book's, which a returning node keeps
 
     s.add("a", node_info(calibration=999.0))
 
-    assert s.score("a") == 42.0
+    assert s.score("a", paces) == 42.0
 
 
 def test_unknown_node_is_a_clear_error():
     s = make_scheduler()
 
     with pytest.raises(SessionError, match="unknown node 'x'") as exc:
-        s.observe("x", 1.0)
+        s.score("x")
     assert exc.value.code == "unknown_node"
 
 
@@ -185,9 +182,10 @@ def test_admit_accepts_a_matching_node():
 
 
 def test_admit_refuses_a_dataset_size_mismatch():
-    reason = make_scheduler().admit(node_info(dataset_size=1000))
+    refusal = make_scheduler().admit(node_info(dataset_size=1000))
 
-    assert reason == (
+    assert refusal is not None and refusal.code == "dataset_mismatch"
+    assert refusal.reason == (
         "node reports a dataset of 1000 samples, the session's has 1200: "
         "every node must load the same dataset"
     )
@@ -198,9 +196,10 @@ def test_admit_refuses_too_little_vram_on_the_train_device(kind):
     s = make_scheduler(min_vram=16 * GIB)
     info = node_info(train_device="cuda:1", devices=[gpu(kind, 24 * GIB, 0), gpu(kind, 8 * GIB, 1)])
 
-    reason = s.admit(info)
+    refusal = s.admit(info)
 
-    assert reason is not None
+    assert refusal is not None and refusal.code == "refused"
+    reason = refusal.reason
     assert "cuda:1" in reason and "8.0 GiB" in reason and "16.0 GiB" in reason
 
 
@@ -335,22 +334,23 @@ def test_late_joiner_without_orphan_gets_a_proportional_slice_for_the_remaining_
 
 
 def test_to_dict_round_trips_through_json():
-    s = make_scheduler(min_vram=GIB, ema=0.25)
+    s = make_scheduler(min_vram=GIB)
     s.add("a", node_info(calibration=100.0))
     s.add("b", node_info(calibration=300.0))
-    s.observe("a", 12.5)
+    paces = {"a": 12.5}
 
     restored = Scheduler.from_dict(json.loads(json.dumps(s.to_dict())))
 
     assert restored.to_dict() == s.to_dict()
-    assert restored.plan_epoch(1, ["a", "b"], 5) == s.plan_epoch(1, ["a", "b"], 5)
+    assert restored.plan_epoch(1, ["a", "b"], 5, paces) == s.plan_epoch(1, ["a", "b"], 5, paces)
 
 
 def test_epoch_plan_round_trips_through_json():
     _, plan = planned()
 
-    assert EpochPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
-    assert Shard.from_dict(plan.shards["a"].to_dict()) == plan.shards["a"]
+    saved = json.loads(json.dumps(msgspec.to_builtins(plan)))
+    assert msgspec.convert(saved, EpochPlan) == plan
+    assert msgspec.convert(msgspec.to_builtins(plan.shards["a"]), Shard) == plan.shards["a"]
 
 
 # -- shards in whole optimizer steps --------------------------------------------------------

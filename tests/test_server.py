@@ -676,7 +676,7 @@ def test_three_rounds_three_node_processes_one_killed_mid_round(tmp_path):
     assert len(rounds[2]["contributors"]) == 2 and len(rounds[3]["contributors"]) == 2
     final = rounds[3]["sha256"]
     assert all(o[-1] == final for o in outs)  # survivors hold exactly the final checkpoint
-    lost = [m for m in st["members"].values() if m["state"] == "lost"]
+    lost = [m for m in st["roster"]["members"].values() if m["state"] == "lost"]
     assert len(lost) == 1 and "heartbeat timeout" in lost[0]["reason"]
 
 

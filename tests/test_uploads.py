@@ -115,7 +115,7 @@ def test_refusals_and_uploads_that_do_not_count_are_decided_before_the_body(tmp_
         # A delta against other weights than the global ones is left out, its body drained.
         stale = BarrierSync(round=1, delta=True, base_round=3)
         adm = up.admit(A, stale, clock.now)
-        assert adm.kind is Admit.DRAIN and adm.answer.verdict.kind is Verdict.EXCLUDED
+        assert adm.kind is Admit.DRAIN and adm.answer.verdict.kind is Verdict.LEFT_OUT
 
     run(main())
 

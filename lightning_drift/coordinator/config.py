@@ -29,6 +29,23 @@ from lightning_drift.peers import split_peers
 from lightning_drift.protocol import Aggregation, TransferDType
 from lightning_drift.units import parse_duration, parse_size
 
+# ---- how paces are averaged (the pace book, ``coordinator/pacebook.py``) -------------------
+# Each is the weight of the newest value in an exponential moving average (the rest is the
+# average so far). One table, so that no second copy of an average drifts from the first.
+PACE_SMOOTHING = 0.5
+"""Reported paces (``TrainProgress.samples_per_s``, bounded by the measured pace) → the pace
+re-plans go by. Measured windows of a few seconds vary by ±10 % on a shared machine, and
+following each one moved work back and forth every round (docs/benchmarks.md, wan.py)."""
+MEASURED_SMOOTHING = 0.3
+"""Measured paces (an upload's samples over the round's time) → the measured pace that
+deadlines, bounds on reports and the scheduler's scores go by. One round is one sample of a
+node's speed; 0.3 follows a machine that got busier within a few rounds. (This was written
+twice: a literal 0.7/0.3 in the session and the scheduler's own ``ema=0.3`` over the same
+measurements; the scheduler now reads the pace book's.)"""
+ELAPSED_MIN = 0.1
+"""Seconds: the shortest round time a pace is measured over (not an average: a bound)."""
+
+
 Scope = Literal["session", "serve"]
 StopPolicy = Literal["first", "quorum", "never"]
 Where = Literal["flag", "file", "code"]
@@ -382,8 +399,11 @@ def build(values: Mapping[str, Any]) -> tuple[SessionConfig, ServeOptions]:
 
 
 __all__ = [
+    "ELAPSED_MIN",
     "LOGGER_NAMES",
+    "MEASURED_SMOOTHING",
     "OPTIONS",
+    "PACE_SMOOTHING",
     "SETTING",
     "SETTINGS",
     "ServeOptions",

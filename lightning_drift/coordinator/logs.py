@@ -140,7 +140,7 @@ def round_record(
                 label=metric_label(m.name if m else "", node),
                 samples=int(s.weight_for(node, sync.samples)),
                 loss=sync.loss,
-                samples_per_s=pace or (m.rate if m else 0.0),
+                samples_per_s=pace or s.paces.of(node).reported,
                 barrier_wait_s=m.barrier_wait if m else 0.0,
                 bytes_received=nbytes,
             )

@@ -7,8 +7,10 @@ Layout of ``--state-dir``::
     coordinator.json  the address the server advertises: ticket, port, bind, mode, relays,
                       checkpoint dir (when not the default), session id; a restart falls
                       back to them for the flags it is not given
-    state.json        the session (config, members, completed round, epoch, plan, scheduler),
-                      rewritten after each completed round once its checkpoint is durable
+    state.json        the session: its own facts (config, completed round, epoch) and each of
+                      its parts as itself (roster, paces, epoch book, re-plans, stops,
+                      scheduler; ``session.SessionRecord``), rewritten after each completed
+                      round once its checkpoint is durable
     node.token        the node invitation token printed by ``serve`` (0600)
     observer.token    an observer token for ``drift-coord status`` (0600)
 

@@ -150,7 +150,7 @@ class Uploads:
         match verdict.kind:
             case Verdict.INITIAL:
                 return await self._initial(node, sync, blob, verdict)
-            case Verdict.EXCLUDED:
+            case Verdict.LEFT_OUT:
                 fx = effects.left_out(self.session, node, sync.round, verdict.reason, now)
                 return Handled(self._answer(verdict, sync), fx)
             case Verdict.OPEN:
@@ -236,7 +236,7 @@ class Uploads:
         if stale:
             # An honest race (the node's base moved on), not a bad upload: no strike.
             fx = effects.reject(s, node, sync.round, stale, now, strikes=False)
-            return Handled(self._answer(UploadVerdict(Verdict.EXCLUDED, stale), sync), fx)
+            return Handled(self._answer(UploadVerdict(Verdict.LEFT_OUT, stale), sync), fx)
         try:
             sd = await asyncio.to_thread(self.rounds.decode, blob, sync)
         except SessionError as exc:
@@ -262,7 +262,7 @@ class Uploads:
             # The round may have closed while the upload was decoded.
             now = rounds.clock()
             verdict = self._verdict(node, sync, now)
-            if verdict.kind is Verdict.EXCLUDED:
+            if verdict.kind is Verdict.LEFT_OUT:
                 fx = effects.left_out(s, node, sync.round, verdict.reason, now)
                 return Handled(self._answer(verdict, sync), fx)
             if verdict.kind is not Verdict.OPEN:

@@ -5,7 +5,7 @@ dataloader; anything else that trains on a drift shard can use it the same way.
 
 A node's work of an epoch is a list of ranges of the epoch's permutation, trained in order.
 The coordinator may re-plan the rest of an epoch while the node trains it (the work list
-grows or shrinks at its tail, see ``lightning_drift.rebalance``): :meth:`ShardSampler.update`
+grows or shrinks at its tail, see ``lightning_drift.coordinator.replans``): :meth:`ShardSampler.update`
 swaps the part not yet handed out, and the running iteration follows.
 """
 

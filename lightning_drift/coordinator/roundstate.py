@@ -1,0 +1,273 @@
+"""The open round's state, and whether it can complete now: a pure function of both.
+
+Rounds. ``completed`` is the last completed round; the open round is ``completed + 1``.
+Round 0 is the start-up sync: the first upload becomes the global weights. The *expected*
+contributors of a round are the live nodes of the epoch plan plus late joiners (and
+rejoiners) from their second round on (the epoch book says who).
+
+A round completes when every expected node has arrived, or when the straggler deadline has
+passed and a quorum has arrived. The deadline adapts to the missing nodes' paces (the pace
+book's, :meth:`PaceBook.for_deadline`)::
+
+    deadline = round start + max(floor, margin × max over missing nodes of (work / pace))
+
+where work is a round of the node's assignment (``ShardAssignment.work_per_round``). Only
+when some missing node's pace is unknown (nothing at all is measured) is there no deadline:
+only the heartbeat timeout can drop a node then. After a coordinator restart the round's
+clock starts a reconnect grace after the restore: nodes first have to notice the restart,
+reconnect and re-send their uploads, and the deadline must not leave them behind meanwhile.
+
+The boundary, in the manner of torchft's quorum computation: :class:`RoundState` is what the
+open round has gathered (uploads, nodes left out, its clock), :func:`round_decision` reads it
+with the paces and the config and returns a :class:`RoundDecision` with a readable reason; it
+changes nothing and reads no clock, so every case is a one-line test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import msgspec
+
+from lightning_drift.coordinator.config import SessionConfig
+from lightning_drift.coordinator.pacebook import DeadlinePace
+from lightning_drift.coordinator.stoppolicy import quorum_need
+from lightning_drift.coordinator.verdicts import RoundDecision, UploadVerdict, Verdict
+from lightning_drift.text import short_id
+
+
+class RoundState(msgspec.Struct):
+    """The open round: its uploads (node -> samples, in arrival order), the nodes left out of
+    it (node -> why), whether it is aggregating, and its clock. Not kept across a restart:
+    the open round starts afresh then."""
+
+    started: float = 0.0
+    grace: float = 0.0  # seconds of ``started`` that are a restart's reconnect grace
+    aggregating: int | None = None  # the round being aggregated (no uploads count)
+    arrivals: dict[str, int] = {}
+    left_out: dict[str, str] = {}
+
+    def restart_clock(self, now: float, grace: float = 0.0) -> None:
+        """The one place the round's clock starts: at ``now + grace`` (a restart's grace)."""
+        self.started, self.grace = now + grace, grace
+
+    def verdict(
+        self,
+        r: int,
+        node: str,
+        work: Callable[[], bool | None],
+        *,
+        completed: int,
+        finished: bool,
+        has_weights: bool,
+        planned: bool,
+        delta: bool,
+        base_round: int,
+    ) -> UploadVerdict:
+        """``node``'s upload for round ``r``, taken against the global weights of
+        ``base_round`` (-1: none): what the round says (:func:`upload_by_round`), then the
+        node's work, then its base (:func:`upload_by_base`); a node left out is recorded so
+        that the round no longer waits for it. ``work()``: whether the node has work in the
+        epoch (None: none can be given; True: it was just given, the node is back)."""
+        said = upload_by_round(
+            r, node, self, completed=completed, finished=finished, has_weights=has_weights
+        )
+        if said is not None:
+            return said
+        if not planned:
+            return UploadVerdict(
+                Verdict.REFUSE, "no epoch is planned yet; send ShardRequest first", "no_shard"
+            )
+        returning = work()
+        if returning is None:
+            return UploadVerdict(Verdict.REFUSE, "no rounds left in this epoch", "no_shard")
+        v = upload_by_base(r, completed, delta=delta, base_round=base_round)
+        if v.kind is Verdict.LEFT_OUT:
+            self.left_out[node] = v.reason
+        if v.kind is Verdict.OPEN and returning:
+            v = UploadVerdict(Verdict.OPEN, v.reason + " from a returning node")
+        return v
+
+    def next_round(self, now: float) -> None:
+        """The aggregating round completed: the next one opens, empty, its clock at ``now``."""
+        self.aggregating = None
+        self.arrivals, self.left_out = {}, {}
+        self.restart_clock(now)
+
+
+@dataclass(frozen=True)
+class RoundFacts:
+    """What a round decision reads besides the round's state and the paces."""
+
+    open_round: int
+    finished: bool
+    planned: bool  # the open round is a barrier of the planned epoch
+    expected: tuple[str, ...]  # its expected contributors
+    work: Mapping[str, float]  # samples per round of each expected node
+
+
+def deadline(
+    state: RoundState, facts: RoundFacts, paces: Mapping[str, DeadlinePace], config: SessionConfig
+) -> tuple[float | None, list[str], list[str]]:
+    """(deadline, missing nodes whose pace is only estimated, missing nodes of unknown pace).
+    No deadline when nobody is missing, or when some missing node's pace is unknown."""
+    missing = [n for n in facts.expected if n not in state.arrivals]
+    if not missing:
+        return None, [], []
+    unknown = [n for n in missing if n not in paces]
+    estimated = [n for n in missing if n in paces and paces[n].estimated]
+    if unknown:
+        return None, estimated, unknown
+    longest = max(facts.work[n] / paces[n].pace for n in missing)
+    return (
+        state.started + max(config.deadline_floor, config.deadline_margin * longest),
+        estimated,
+        unknown,
+    )
+
+
+def round_decision(
+    now: float,
+    state: RoundState,
+    facts: RoundFacts,
+    paces: Mapping[str, DeadlinePace],
+    config: SessionConfig,
+) -> RoundDecision:
+    """Can the open round complete now, and why. Pure."""
+    r = facts.open_round
+    if state.aggregating is not None:
+        return RoundDecision(r, False, f"round {r} is being aggregated")
+    if facts.finished:
+        return RoundDecision(r, False, "the session has finished")
+    if not facts.planned:
+        return RoundDecision(r, False, f"round {r}: waiting for the epoch plan (start gate)")
+    expected = facts.expected
+    arrived = tuple(state.arrivals.items())
+    missing = tuple(n for n in expected if n not in state.arrivals)
+    if not arrived:
+        return RoundDecision(r, False, f"round {r}: waiting, 0/{len(expected)} arrived")
+    if not missing:
+        got = ", ".join(short_id(n) for n, _ in arrived)
+        return RoundDecision(
+            r,
+            True,
+            f"round {r} complete: all {len(expected)} live node(s) arrived ({got})",
+            arrived,
+        )
+    need = quorum_need(config.quorum, len(expected))
+    have = len(expected) - len(missing)
+    dl, estimated, unknown = deadline(state, facts, paces, config)
+    names = ", ".join(short_id(n) for n in missing)
+    count = f"{have}/{len(expected)} arrived"
+    if dl is None:
+        return _no_deadline(r, count, unknown, names, missing)
+    basis = _basis(estimated, state.grace)
+    if now < dl:
+        why = f"round {r}: waiting, {count}, deadline in {dl - now:.1f}s{basis}; missing {names}"
+        return RoundDecision(r, False, why, missing=missing)
+    if have >= need:
+        return RoundDecision(
+            r,
+            True,
+            f"round {r} complete: deadline passed {now - dl:.1f}s ago{basis} with "
+            f"quorum {have}/{len(expected)} (needed {need}); left behind {names}",
+            arrived,
+            missing,
+        )
+    return RoundDecision(
+        r,
+        False,
+        f"round {r}: deadline passed{basis} but only {count}, quorum needs {need}; waiting; "
+        f"missing {names}",
+        missing=missing,
+    )
+
+
+def upload_by_round(
+    r: int, node: str, state: RoundState, *, completed: int, finished: bool, has_weights: bool
+) -> UploadVerdict | None:
+    """What the round alone says of ``node``'s upload for round ``r``: None when it may count
+    (the node's work and base decide then). Pure."""
+    if r == 0:
+        if not has_weights:
+            return UploadVerdict(Verdict.INITIAL, "first start-up sync: adopted as round 0")
+        return UploadVerdict(Verdict.CURRENT, "start-up sync: here are the global weights")
+    if r < 0:
+        return UploadVerdict(Verdict.REFUSE, f"round {r} is negative", "bad_round")
+    if r <= completed:
+        return UploadVerdict(
+            Verdict.CURRENT, f"round {r} already completed; discarded (latest {completed})"
+        )
+    if finished:
+        return UploadVerdict(Verdict.CURRENT, "the session has finished")
+    if r > completed + 1:
+        return UploadVerdict(
+            Verdict.REFUSE, f"round {r} is not open; the open round is {completed + 1}", "bad_round"
+        )
+    if state.aggregating == r:
+        return UploadVerdict(Verdict.LATE, f"round {r} is being aggregated; not counted")
+    if node in state.left_out:
+        return UploadVerdict(Verdict.LATE, f"excluded from round {r}: {state.left_out[node]}")
+    if node in state.arrivals:
+        return UploadVerdict(Verdict.AGAIN, f"upload for round {r} already counted")
+    return None
+
+
+def upload_by_base(r: int, completed: int, *, delta: bool, base_round: int) -> UploadVerdict:
+    """What the weights an upload was taken against say of it (the round has said it may
+    count). A ``delta`` (a change from the global weights of ``base_round``; -1: none) must
+    name its base, and is left out of round ``r`` when that is not the global weights it
+    would be added to (``completed``'s). Whole weights do not depend on it. Pure."""
+    if delta and base_round < 0:
+        return UploadVerdict(
+            Verdict.REFUSE,
+            "a delta upload must name the round of the weights it was taken against "
+            "(BarrierSync.base_round); upload whole weights when there are none",
+            "bad_upload",
+        )
+    if delta and base_round != completed:
+        # (local - global) is only meaningful against the weights it was taken from.
+        return UploadVerdict(
+            Verdict.LEFT_OUT,
+            f"delta against round {base_round}'s weights, but the global weights are round "
+            f"{completed}'s: left out of round {r}",
+        )
+    return UploadVerdict(Verdict.OPEN, f"round {r} upload accepted")
+
+
+def _no_deadline(
+    r: int, count: str, unknown: list[str], names: str, missing: tuple[str, ...]
+) -> RoundDecision:
+    """Waiting without a deadline: some missing node's pace is unknown."""
+    return RoundDecision(
+        r,
+        False,
+        f"round {r}: waiting, {count}, no deadline yet (pace of "
+        f"{', '.join(short_id(n) for n in unknown)} unknown: no measured rate and no "
+        f"calibration estimate); missing {names}",
+        missing=missing,
+    )
+
+
+def _basis(estimated: list[str], grace: float) -> str:
+    """What a deadline rests on, when it is not plain measurement."""
+    basis = ""
+    if estimated:
+        basis = (
+            f" (pace of {', '.join(short_id(n) for n in estimated)} estimated from "
+            "calibration, no measured rate)"
+        )
+    if grace > 0:
+        basis += f" (after a {grace:g}s reconnect grace for the restart)"
+    return basis
+
+
+__all__ = [
+    "RoundFacts",
+    "RoundState",
+    "deadline",
+    "round_decision",
+    "upload_by_base",
+    "upload_by_round",
+]

@@ -1,0 +1,79 @@
+"""The round decision as a pure function: every case from a state, paces and a config."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_drift.coordinator.config import SessionConfig
+from lightning_drift.coordinator.pacebook import DeadlinePace
+from lightning_drift.coordinator.roundstate import (
+    RoundFacts,
+    RoundState,
+    deadline,
+    round_decision,
+    upload_by_base,
+)
+from lightning_drift.coordinator.verdicts import Verdict
+
+A, B, C = ("a" * 64, "b" * 64, "c" * 64)
+CFG = SessionConfig(dataset_size=100, quorum=0.5, deadline_floor=2.0, deadline_margin=1.5)
+
+
+def facts(*expected: str, planned: bool = True) -> RoundFacts:
+    return RoundFacts(3, False, planned, expected, {n: 100.0 for n in expected})
+
+
+def test_all_arrived_completes_in_arrival_order():
+    st = RoundState(arrivals={B: 10, A: 20})
+    d = round_decision(0.0, st, facts(A, B), {}, CFG)
+    assert d.complete and d.contributors == ((B, 10), (A, 20))
+    assert "all 2 live node(s) arrived" in d.reason
+
+
+def test_the_deadline_is_the_slowest_missing_nodes_work_over_its_pace():
+    st = RoundState(started=10.0, arrivals={A: 10})
+    paces = {B: DeadlinePace(10.0), C: DeadlinePace(50.0, estimated=True)}
+    assert deadline(st, facts(A, B, C), paces, CFG)[0] == pytest.approx(10.0 + 1.5 * 100 / 10)
+    d = round_decision(20.0, st, facts(A, B, C), paces, CFG)
+    assert not d.complete and "deadline in 5.0s" in d.reason and "estimated" in d.reason
+
+
+def test_past_the_deadline_a_quorum_completes_and_leaves_the_rest_behind():
+    st = RoundState(started=0.0, arrivals={A: 10})
+    paces = {B: DeadlinePace(100.0)}
+    d = round_decision(5.0, st, facts(A, B), paces, CFG)
+    assert d.complete and d.missing == (B,) and "quorum 1/2 (needed 1)" in d.reason
+    d = round_decision(5.0, st, facts(A, B, C), {B: paces[B], C: paces[B]}, CFG)
+    assert not d.complete and "quorum needs 2" in d.reason
+
+
+def test_no_deadline_while_a_missing_pace_is_unknown_nor_while_aggregating():
+    st = RoundState(arrivals={A: 10})
+    d = round_decision(1e9, st, facts(A, B), {}, CFG)
+    assert not d.complete and "no deadline yet" in d.reason
+    st.aggregating = 3
+    assert "being aggregated" in round_decision(0.0, st, facts(A), {}, CFG).reason
+    assert "start gate" in round_decision(0.0, RoundState(), facts(planned=False), {}, CFG).reason
+
+
+def test_the_round_clock_and_the_next_round():
+    st = RoundState(arrivals={A: 1}, left_out={B: "bad"}, aggregating=3)
+    st.restart_clock(100.0, 15.0)
+    assert (st.started, st.grace) == (115.0, 15.0)
+    st.next_round(200.0)
+    assert (st.started, st.grace, st.aggregating, st.arrivals, st.left_out) == (
+        200.0, 0.0, None, {}, {}
+    )  # fmt: skip
+
+
+def test_an_upload_by_its_base():
+    assert upload_by_base(3, 2, delta=False, base_round=-1).kind is Verdict.OPEN
+    assert upload_by_base(3, 2, delta=True, base_round=-1).code == "bad_upload"
+    assert upload_by_base(3, 2, delta=True, base_round=1).kind is Verdict.LEFT_OUT
+    st = RoundState()
+    v = st.verdict(3, A, lambda: False, completed=2, finished=False, has_weights=True,
+                   planned=True, delta=True, base_round=1)  # fmt: skip
+    assert v.kind is Verdict.LEFT_OUT and A in st.left_out
+    v = st.verdict(3, A, lambda: False, completed=2, finished=False, has_weights=True,
+                   planned=True, delta=True, base_round=2)  # fmt: skip
+    assert v.kind is Verdict.LATE  # left out of this round: asked again, still not counted
