@@ -131,10 +131,15 @@ class WanProxy:
         )
         return self
 
+    def transports(self) -> list[asyncio.DatagramTransport]:
+        """The proxy's open sockets: the one clients send to and one per client towards the
+        target (what :meth:`close` closes, and whose kernel drops a benchmark counts)."""
+        sides = [self._front, *self._backs.values()]
+        return [s.transport for s in sides if s is not None and s.transport is not None]
+
     def close(self) -> None:
-        for side in [self._front, *self._backs.values()]:
-            if side is not None and side.transport is not None:
-                side.transport.close()
+        for transport in self.transports():
+            transport.close()
 
     def _from_client(self, data: bytes, client: Addr) -> None:
         back = self._backs.get(client)

@@ -316,9 +316,8 @@ async def _proxy_main(args: argparse.Namespace) -> None:
         """Datagrams the kernel dropped because the proxy's sockets' receive buffers were full
         (the ``drops`` column of /proc/net/udp): loss the simulated link did not decide."""
         ports = set()
-        for side in [proxy._front, *proxy._backs.values()]:
-            if side is not None and side.transport is not None:
-                ports.add(side.transport.get_extra_info("sockname")[1])
+        for transport in proxy.transports():
+            ports.add(transport.get_extra_info("sockname")[1])
         total = 0
         with contextlib.suppress(OSError):
             for line in Path("/proc/net/udp").read_text().splitlines()[1:]:

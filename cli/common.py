@@ -220,8 +220,9 @@ VerboseOpt = Annotated[
     ),
 ]
 
-# DRIFT_DEBUG=1 shows the traceback of every expected error; so does the debug level.
-_tracebacks = os.environ.get("DRIFT_DEBUG", "") not in ("", "0")
+# Whether an expected error ends in its traceback: DRIFT_DEBUG=1 turns it on, and so does the
+# debug level (:func:`setup_logging`). Read it through :func:`tracebacks_wanted`.
+tracebacks = os.environ.get("DRIFT_DEBUG", "") not in ("", "0")
 
 
 def log_level(verbose: bool, verbosity: Verbosity) -> int:
@@ -244,9 +245,9 @@ def setup_logging(verbose: bool, verbosity: Verbosity) -> None:
     """Log to stderr at :func:`log_level`; call it first thing in a command (again is fine).
 
     At the debug level an expected error also ends in its traceback."""
-    global _tracebacks
+    global tracebacks
     level = log_level(verbose, verbosity)
-    _tracebacks = _tracebacks or level <= logging.DEBUG
+    tracebacks = tracebacks or level <= logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         OneLineFormatter(LOG_FORMAT) if verbosity.one_line else logging.Formatter(LOG_FORMAT)
@@ -256,14 +257,14 @@ def setup_logging(verbose: bool, verbosity: Verbosity) -> None:
 
 def tracebacks_wanted() -> bool:
     """Whether an expected error ends in its traceback instead of one line."""
-    return _tracebacks
+    return tracebacks
 
 
 def fail(exc: DriftError, code: int = 1) -> NoReturn:
     """End the command on an expected error: one ``error: ...`` line on stderr and exit
     ``code``, or the exception itself when tracebacks are wanted. The message of every
     ``DriftError`` says what to do; a traceback would only bury it."""
-    if _tracebacks:
+    if tracebacks:
         raise exc
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(code)
@@ -303,7 +304,7 @@ def main(
     except KeyboardInterrupt:
         sys.exit(130)
     except DriftError as exc:
-        if _tracebacks:
+        if tracebacks:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

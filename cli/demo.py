@@ -166,7 +166,7 @@ def _what_was_learned(console: Console, coord: LocalCoordinator, max_chars: int)
         total, n = 0.0, 0
         with torch.no_grad():
             for batch in data.val_dataloader():
-                total += float(model._loss(batch)) * len(batch[0])
+                total += float(model.loss(batch)) * len(batch[0])
                 n += len(batch[0])
         return total / max(1, n)
 

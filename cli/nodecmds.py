@@ -31,7 +31,7 @@ def join(link: NodeLink, config: Path | None) -> int:
     # Like `python -m`, let the config name modules next to where the user runs us.
     sys.path.insert(0, os.getcwd())
     if config is not None:
-        return _run_lightning_cli(config, link)
+        return run_lightning_cli(config, link)
     if link.listen is not None:
         raise ConfigError(
             "a listening node needs --config: the coordinator's config can only be fetched "
@@ -55,17 +55,18 @@ def join(link: NodeLink, config: Path | None) -> int:
             flush=True,
         )
         with importlib.resources.as_file(EXAMPLE_CONFIG) as example:
-            return _run_lightning_cli(example, link)
+            return run_lightning_cli(example, link)
     tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="drift-join-", delete=False)
     try:
         with tmp:
             tmp.write(status.lightning_config)
-        return _run_lightning_cli(Path(tmp.name), link)
+        return run_lightning_cli(Path(tmp.name), link)
     finally:
         Path(tmp.name).unlink(missing_ok=True)
 
 
-def _run_lightning_cli(config: Path, link: NodeLink) -> int:
+def run_lightning_cli(config: Path, link: NodeLink) -> int:
+    """Run LightningCLI on ``config`` with the node's link to its coordinator; the exit code."""
     if not config.is_file():
         raise ConfigError(f"config file {config} does not exist")
     from lightning.pytorch.cli import LightningCLI

@@ -58,7 +58,8 @@ _KEY_FILE = "identity.key"
 _TOKENS_FILE = "tokens.json"
 
 
-def _b64e(data: bytes) -> str:
+def b64url_encode(data: bytes) -> str:
+    """``data`` as unpadded base64url: the spelling of every part of a token."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
@@ -74,7 +75,7 @@ def _b64d(text: str, what: str) -> bytes:
         data = base64.b64decode(bare + "=" * (-len(bare) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError) as exc:
         raise AuthError(f"malformed token: {what} is not base64url ({exc})") from None
-    if _b64e(data) != bare:
+    if b64url_encode(data) != bare:
         raise AuthError(f"malformed token: {what} is not canonical base64url")
     return data
 
@@ -285,8 +286,8 @@ def issue_token(
         relays=tuple(relays),
     )
     raw = _claims_bytes(claims)
-    outer = {"claims": raw.decode(), "sig": _b64e(identity.sign(raw))}
-    return _b64e(json.dumps(outer, separators=(",", ":")).encode())
+    outer = {"claims": raw.decode(), "sig": b64url_encode(identity.sign(raw))}
+    return b64url_encode(json.dumps(outer, separators=(",", ":")).encode())
 
 
 def decode_token(token: str) -> tuple[Claims, bytes, bytes]:
@@ -315,7 +316,9 @@ def decode_token(token: str) -> tuple[Claims, bytes, bytes]:
     return _parse_claims(raw), raw, sig
 
 
-def _check_signature(raw: bytes, sig: bytes, public_key: bytes) -> None:
+def check_signature(raw: bytes, sig: bytes, public_key: bytes) -> None:
+    """AuthError unless ``sig`` is ``public_key``'s Ed25519 signature of ``raw``; every
+    verification a verifier does (a cached one does none) goes through here."""
     try:
         nacl.signing.VerifyKey(public_key).verify(raw, sig)
     except nacl.exceptions.BadSignatureError:
@@ -369,7 +372,7 @@ def verify_token(
     limits who may join, not how long a member may stay).
     """
     claims, raw, sig = decode_token(token)
-    _check_signature(raw, sig, public_key)
+    check_signature(raw, sig, public_key)
     _check_claims(claims, now=now, session=session, roles=roles, allow_expired=allow_expired)
     return claims
 
@@ -537,6 +540,8 @@ __all__ = [
     "Identity",
     "TokenStore",
     "TokenVerifier",
+    "b64url_encode",
+    "check_signature",
     "decode_token",
     "issue_token",
     "node_identity",

@@ -156,7 +156,7 @@ class CheckpointStore:
             key=lambda e: e.completed_round,
         )
         kept, dropped = entries[-self.keep :], entries[: -self.keep]
-        self._write_manifest(kept)
+        self.write_manifest(kept)
         atomic_write(self.directory / LATEST, (kept[-1].path.name + "\n").encode())
         self._delete(dropped, kept)
         log.info(
@@ -169,7 +169,9 @@ class CheckpointStore:
         )
         return info
 
-    def _write_manifest(self, entries: list[CheckpointInfo]) -> None:
+    def write_manifest(self, entries: list[CheckpointInfo]) -> None:
+        """Make ``entries`` the checkpoints on disk, atomically: a write is a checkpoint only
+        once this has named it (a crash before leaves the previous manifest)."""
         doc = {"version": _MANIFEST_VERSION, "checkpoints": [e.to_entry() for e in entries]}
         atomic_write(
             self.directory / MANIFEST, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()

@@ -123,7 +123,9 @@ def _safe(what: str, fn: Callable[[], T], default: T) -> T:
         return default
 
 
-def _run(*argv: str) -> str:
+def run_tool(*argv: str) -> str:
+    """A tool's stdout (``sysctl``, ``vulkaninfo``; 10 s at most, "" when it says nothing):
+    the probes' one way to run a program, so a recording can stand in for it."""
     return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout
 
 
@@ -199,7 +201,7 @@ def probe_apple() -> list[DeviceInfo]:
     """The Apple GPU when torch can use MPS (unified memory, shared with the host)."""
     if sys.platform != "darwin" or not torch.backends.mps.is_available():
         return []
-    fields = parse_sysctl(_run("sysctl", *_SYSCTL_KEYS))
+    fields = parse_sysctl(run_tool("sysctl", *_SYSCTL_KEYS))
     total = int(fields.get("hw.memsize", 0))
     # Metal caps what one process may allocate below the physical size; prefer that figure.
     total = _safe("mps_max", lambda: int(torch.mps.recommended_max_memory()), total) or total
@@ -211,12 +213,12 @@ def probe_apple() -> list[DeviceInfo]:
 def probe_vulkan() -> list[DeviceInfo]:
     """Vulkan GPUs from ``vulkaninfo --summary`` when the tool is installed; [] otherwise."""
     exe = shutil.which("vulkaninfo")
-    return vulkan_devices(_run(exe, "--summary")) if exe else []
+    return vulkan_devices(run_tool(exe, "--summary")) if exe else []
 
 
 def _total_memory() -> int:
     if sys.platform == "darwin":
-        return int(parse_sysctl(_run("sysctl", "hw.memsize")).get("hw.memsize", 0))
+        return int(parse_sysctl(run_tool("sysctl", "hw.memsize")).get("hw.memsize", 0))
     if sys.platform == "win32":
         import ctypes
 
@@ -239,7 +241,7 @@ def physical_memory() -> int:
 
 def _cpu_name() -> str:
     if sys.platform == "darwin":
-        name = parse_sysctl(_run("sysctl", "machdep.cpu.brand_string")).get(
+        name = parse_sysctl(run_tool("sysctl", "machdep.cpu.brand_string")).get(
             "machdep.cpu.brand_string"
         )
     elif os.path.exists("/proc/cpuinfo"):
@@ -481,5 +483,6 @@ __all__ = [
     "probe_nvml",
     "probe_torch_gpus",
     "probe_vulkan",
+    "run_tool",
     "vulkan_devices",
 ]

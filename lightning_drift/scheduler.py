@@ -1,29 +1,29 @@
-"""Capability scores → data shards and work per round. Pure: no I/O, no clock.
+"""Paces → data shards and work per round. Pure: no I/O, no clock.
 
 Every epoch the dataset is visited in a seeded permutation (:func:`epoch_permutation`), the
 same on every node. The scheduler cuts the *positions* ``range(dataset_size)`` of that
-permutation into one contiguous shard per node, sized in proportion to the node's score, so
+permutation into one contiguous shard per node, sized in proportion to the node's pace, so
 that a node three times as fast gets three times the samples and all nodes reach each
 barrier at about the same time.
 
-Scores, and why their units are coherent
-----------------------------------------
-A node's score is its expected training throughput in **samples per second**:
+Paces, and why their units are coherent
+---------------------------------------
+A node's pace is its expected training throughput in **samples per second**:
 
 - Once the coordinator has measured the node's pace (the pace book,
   ``coordinator/pacebook.py``: an average of what its uploads took; the caller passes those
-  paces in), its score is that measured pace. Calibration no longer matters for it.
-- Before that, its score is its calibration (:func:`calibration_score`, GFLOP/s of a matmul
+  paces in), its pace is that measured pace. Calibration no longer matters for it.
+- Before that, its pace is its calibration (:func:`calibrated_pace`, GFLOP/s of a matmul
   benchmark) times a conversion factor ``k`` in samples per GFLOP, estimated from the nodes
   that have both: ``k = sum(measured) / sum(calibration)`` over those nodes. While no node is
-  measured yet, ``k = 1``: every score is then in calibration units, which is fine because
-  only the ratios between scores are used.
+  measured yet, ``k = 1``: every pace is then in calibration units, which is fine because
+  only the ratios between paces are used.
 
 So a fresh node joining a running session is placed on the same scale as the measured ones
 instead of its raw GFLOP/s being compared with other nodes' samples/s.
 
-A calibration is what a node says about itself: an unmeasured node's score is kept within a
-factor ``trust`` of the median measured score (of the median calibration while nobody is
+A calibration is what a node says about itself: an unmeasured node's pace is kept within a
+factor ``trust`` of the median measured pace (of the median calibration while nobody is
 measured), so a node claiming a huge calibration gets at most ``trust`` times the median
 node's share, and one claiming a tiny one cannot stretch a round's deadline without bound.
 The measured paces come from the coordinator's own measurements, not from what nodes report;
@@ -46,11 +46,11 @@ Rounds are planned in optimizer steps too: an epoch has about ``dataset_size / (
 nodes' samples per step × sync_every)`` rounds, and never more than the fewest optimizer steps
 any (reporting) node's shard gives, so no two barriers of a node fall on one step.
 
-The device's name, VRAM and compute capability from ``NodeInfo`` do not enter the score on
+The device's name, VRAM and compute capability from ``NodeInfo`` do not enter the pace on
 purpose: a table of GPU names would age, and the calibration benchmark measures what those
 fields only predict, on the device and software stack actually used (thermal limits, a
 shared GPU, a CPU build of torch). VRAM is used as a gate (``min_vram``), and the device kind
-gives the fallback score when a node sends no calibration.
+gives the fallback pace when a node sends no calibration.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def train_device_info(info: NodeInfo) -> DeviceInfo | None:
     return None
 
 
-def calibration_score(info: NodeInfo) -> float:
+def calibrated_pace(info: NodeInfo) -> float:
     """The node's capability before anything was measured, in GFLOP/s (always > 0).
 
     Formula: ``info.calibration`` (the measured GFLOP/s of the calibration matmul on the train
@@ -145,7 +145,7 @@ class Shard(msgspec.Struct):
     when ``segments`` is set (the rest of a shard after the epoch was re-planned), those ranges
     in order.
 
-    ``share`` is the node's fraction of the total score when the epoch was planned;
+    ``share`` is the node's fraction of the total pace when the epoch was planned;
     ``batch_size`` and ``samples_per_step`` are the node's, which the shard was cut for (0:
     not known).
     """
@@ -196,8 +196,8 @@ class Shard(msgspec.Struct):
 class EpochPlan(msgspec.Struct):
     """The shards of one epoch; its barriers are rounds ``first_round .. first_round+rounds-1``.
 
-    ``batch_size``, ``dataset_size`` and ``total_score`` (the sum of the planned nodes'
-    scores) are recorded so that :func:`plan_late` can place a late joiner.
+    ``batch_size``, ``dataset_size`` and ``total_pace`` (the sum of the planned nodes'
+    paces) are recorded so that :func:`plan_late` can place a late joiner.
     """
 
     epoch: int
@@ -206,7 +206,7 @@ class EpochPlan(msgspec.Struct):
     shards: dict[str, Shard]
     batch_size: int = 0
     dataset_size: int = 0
-    total_score: float = 0.0
+    total_pace: float = msgspec.field(default=0.0, name="total_score")
 
     @property
     def last_round(self) -> int:
@@ -337,7 +337,7 @@ class Refusal(msgspec.Struct, frozen=True):
 class NodeScore(msgspec.Struct):
     """What the scheduler knows of one node besides its measured pace (the pace book's)."""
 
-    calibration: float  # GFLOP/s from calibration_score
+    calibration: float  # GFLOP/s from calibrated_pace
     batch_size: int = 0  # the node's batch size (0: not reported)
     samples_per_step: int = 0  # its samples per optimizer step (0: not reported)
 
@@ -346,7 +346,7 @@ class Scheduler(msgspec.Struct, kw_only=True):
     """Per-session scheduling state: node calibrations and batching, and epoch plans.
 
     Call :meth:`admit` on a node's ``NodeInfo`` before :meth:`add`; call :meth:`plan_epoch` at
-    each epoch start with the live nodes. Scores read the measured paces the caller passes in
+    each epoch start with the live nodes. Estimates use the measured paces the caller passes in
     (``paces``: node → samples/s, the pace book's). Persisted as itself (a ``msgspec.Struct``;
     :meth:`to_dict` / :meth:`from_dict`).
     """
@@ -356,9 +356,10 @@ class Scheduler(msgspec.Struct, kw_only=True):
     sync_every: int
     seed: int
     min_vram: int = 0
-    trust: float = 4.0  # an unmeasured score stays within this factor of the median
+    trust: float = 4.0  # an unmeasured pace stays within this factor of the median
     version: int = _STATE_VERSION
-    scores: dict[str, NodeScore] = msgspec.field(default_factory=dict, name="nodes")
+    # every node ever added; "nodes" on disk
+    known: dict[str, NodeScore] = msgspec.field(default_factory=dict, name="nodes")
 
     def __post_init__(self) -> None:
         if self.version != _STATE_VERSION:
@@ -378,10 +379,10 @@ class Scheduler(msgspec.Struct, kw_only=True):
     def __repr__(self) -> str:
         return (
             f"Scheduler(dataset_size={self.dataset_size}, batch_size={self.batch_size}, "
-            f"sync_every={self.sync_every}, seed={self.seed}, nodes={len(self.scores)})"
+            f"sync_every={self.sync_every}, seed={self.seed}, nodes={len(self.known)})"
         )
 
-    # -- admission and scores ---------------------------------------------------------------
+    # -- admission and paces ---------------------------------------------------------------
 
     def admit(self, info: NodeInfo) -> Refusal | None:
         """Why this node cannot join the session, or None when it can.
@@ -412,22 +413,22 @@ class Scheduler(msgspec.Struct, kw_only=True):
         return None
 
     def add(self, node: str, info: NodeInfo) -> None:
-        """Register ``node`` (or refresh a returning one) with its calibration score."""
-        calib = calibration_score(info)
+        """Register ``node`` (or refresh a returning one) with its calibrated pace."""
+        calib = calibrated_pace(info)
         batch = max(0, info.batch_size)
         per_step = max(0, info.samples_per_step) or batch
         if batch and per_step % batch:
             per_step = batch  # not whole batches: the node's own numbers disagree
-        self.scores[node] = NodeScore(calib, batch_size=batch, samples_per_step=per_step)
+        self.known[node] = NodeScore(calib, batch_size=batch, samples_per_step=per_step)
         log.debug("scheduler.add node=%s calibration=%.1f", short_id(node), calib)
 
-    def score(
+    def pace(
         self, node: str, paces: Mapping[str, float] = NO_PACES, factor: float | None = None
     ) -> float:
         """The node's expected samples/s (see the module docstring for the units).
 
         ``paces``: the measured paces (samples/s) of the nodes that have one. ``factor``:
-        samples per GFLOP as returned by :meth:`measured_factor`, when the caller scores many
+        samples per GFLOP as returned by :meth:`measured_factor`, when the caller asks for many
         nodes at once (computing it is a pass over every node)."""
         ns = self._get(node)
         measured = paces.get(node, 0.0)
@@ -435,20 +436,20 @@ class Scheduler(msgspec.Struct, kw_only=True):
             return measured
         k = self._samples_per_gflop(paces) if factor is None else factor
         est = ns.calibration * k
-        ref = lower_median(v for n in self.scores if (v := paces.get(n, 0.0)) > 0)
-        if ref is None:  # nothing measured: scores are calibrations (k = 1), among themselves
-            ref = (lower_median(v.calibration for v in self.scores.values()) or 0.0) * k
+        ref = lower_median(v for n in self.known if (v := paces.get(n, 0.0)) > 0)
+        if ref is None:  # nothing measured: paces are calibrations (k = 1), among themselves
+            ref = (lower_median(v.calibration for v in self.known.values()) or 0.0) * k
         return min(ref * self.trust, max(ref / self.trust, est))
 
     def forget(self, node: str) -> None:
         """Drop ``node`` (a member the session has forgotten)."""
-        self.scores.pop(node, None)
+        self.known.pop(node, None)
 
     def measured_factor(self, paces: Mapping[str, float] = NO_PACES) -> float | None:
         """The conversion ``k`` from calibration GFLOP/s to samples/s, estimated from the
-        measured nodes; None while no node is measured (scores are then in calibration units,
+        measured nodes; None while no node is measured (paces are then in calibration units,
         fit only for ratios)."""
-        measured = [(paces[n], ns) for n, ns in self.scores.items() if paces.get(n, 0.0) > 0]
+        measured = [(paces[n], ns) for n, ns in self.known.items() if paces.get(n, 0.0) > 0]
         if not measured:
             return None
         return sum(p for p, _ in measured) / sum(ns.calibration for _, ns in measured)
@@ -459,12 +460,12 @@ class Scheduler(msgspec.Struct, kw_only=True):
         return ns.batch_size, ns.samples_per_step
 
     def __contains__(self, node: object) -> bool:
-        return node in self.scores
+        return node in self.known
 
     @property
     def nodes(self) -> list[str]:
         """Every node ever added, sorted by id."""
-        return sorted(self.scores)
+        return sorted(self.known)
 
     def _samples_per_gflop(self, paces: Mapping[str, float]) -> float:
         k = self.measured_factor(paces)
@@ -472,7 +473,7 @@ class Scheduler(msgspec.Struct, kw_only=True):
 
     def _get(self, node: str) -> NodeScore:
         try:
-            return self.scores[node]
+            return self.known[node]
         except KeyError:
             raise SessionError(
                 f"unknown node {node!r}: the scheduler has no score for it; add() it first",
@@ -495,7 +496,7 @@ class Scheduler(msgspec.Struct, kw_only=True):
         first_round: int,
         paces: Mapping[str, float] = NO_PACES,
     ) -> EpochPlan:
-        """Cut epoch ``epoch`` into one contiguous shard per node, proportional to scores.
+        """Cut epoch ``epoch`` into one contiguous shard per node, proportional to paces.
 
         Nodes are ordered by id; shard sizes come from :func:`cut_in_steps` (whole optimizer
         steps of each node; to the sample, by largest-remainder rounding, for nodes that did
@@ -503,17 +504,17 @@ class Scheduler(msgspec.Struct, kw_only=True):
         remainder no node's plain run would train) and each is within one step of its
         proportional share. Rounds: ``dataset / (sum of samples per step × sync_every)``
         (the session's batch size for a node that did not say), at most the fewest optimizer
-        steps a reporting node's shard gives, at least 1. Deterministic for the same scores.
+        steps a reporting node's shard gives, at least 1. Deterministic for the same paces.
         """
         order = sorted(set(nodes))
         if not order:
             raise SessionError("cannot plan an epoch with no nodes", code="no_nodes")
         factor = self.measured_factor(paces)
-        scores = [self.score(n, paces, factor) for n in order]
-        total = math.fsum(scores)
+        expected = [self.pace(n, paces, factor) for n in order]
+        total = math.fsum(expected)
         batching = [self.batching(n) for n in order]
         sizes = cut_in_steps(
-            self.dataset_size, scores, [u for _, u in batching], [b for b, _ in batching]
+            self.dataset_size, expected, [u for _, u in batching], [b for b, _ in batching]
         )
         per_step = sum(u or self.batch_size for _, u in batching)
         rounds = max(1, round(self.dataset_size / (per_step * self.sync_every)))
@@ -526,12 +527,12 @@ class Scheduler(msgspec.Struct, kw_only=True):
             rounds = max(1, min(rounds, *steps))
         shards: dict[str, Shard] = {}
         start = 0
-        for node, score, size, (b, u) in zip(order, scores, sizes, batching, strict=True):
+        for node, pace, size, (b, u) in zip(order, expected, sizes, batching, strict=True):
             shards[node] = Shard(
                 node=node,
                 start=start,
                 stop=start + size,
-                share=score / total,
+                share=pace / total,
                 steps_per_round=steps_for(size, b or self.batch_size, rounds, u),
                 batch_size=b,
                 samples_per_step=u,
@@ -552,7 +553,7 @@ class Scheduler(msgspec.Struct, kw_only=True):
             shards=shards,
             batch_size=self.batch_size,
             dataset_size=self.dataset_size,
-            total_score=total,
+            total_pace=total,
         )
 
     # -- persistence ------------------------------------------------------------------------

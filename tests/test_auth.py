@@ -243,8 +243,8 @@ def test_malformed(ident: Identity, bad: str, reason: str) -> None:
 )
 def test_malformed_claims_even_when_signed(ident: Identity, claims: object, reason: str) -> None:
     raw = json.dumps(claims).encode()
-    outer = {"claims": raw.decode(), "sig": auth._b64e(ident.sign(raw))}
-    tok = auth._b64e(json.dumps(outer).encode())
+    outer = {"claims": raw.decode(), "sig": auth.b64url_encode(ident.sign(raw))}
+    tok = auth.b64url_encode(json.dumps(outer).encode())
     with pytest.raises(AuthError, match=f"malformed token.*{reason}"):
         verify_token(tok, ident.public_key, now=NOW)
 
@@ -252,8 +252,8 @@ def test_malformed_claims_even_when_signed(ident: Identity, claims: object, reas
 def signature_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the signature checks of every verifier from now on (a cache hit does none)."""
     calls: list[int] = []
-    real = auth._check_signature
-    monkeypatch.setattr(auth, "_check_signature", lambda *a: (calls.append(1), real(*a))[1])
+    real = auth.check_signature
+    monkeypatch.setattr(auth, "check_signature", lambda *a: (calls.append(1), real(*a))[1])
     return calls
 
 

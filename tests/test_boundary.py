@@ -112,7 +112,7 @@ def test_reported_numbers_are_clamped():
     )
     assert (p.round, p.epoch, p.step) == (0, boundary.ROUND_MAX, 0)
     assert p.samples == boundary.COUNT_MAX and p.loss is None
-    assert p.samples_per_s == boundary.RATE_MAX
+    assert p.samples_per_s == boundary.PACE_MAX
     assert boundary.progress(TrainProgress(round=1, epoch=0, step=0, samples=0)).samples_per_s == 0
     b = boundary.barrier_sync(BarrierSync(round=3, samples=-9, train_seconds=5e-324, loss=1e31))
     assert b.samples == 0 and b.train_seconds == boundary.TRAIN_S_MIN and b.loss is None
@@ -123,11 +123,11 @@ def test_reported_numbers_are_clamped():
 
 def test_a_rate_is_believed_within_the_pace_factor_of_what_was_measured():
     f = boundary.PACE_FACTOR
-    assert boundary.bound_rate(1e-9, 100.0) == 100.0 / f
-    assert boundary.bound_rate(1e9, 100.0) == 100.0 * f
-    assert boundary.bound_rate(150.0, 100.0) == 150.0
-    assert boundary.bound_rate(1e-9, None) == boundary.RATE_MIN
-    assert boundary.bound_rate(float("inf"), None) == 0.0  # not a rate: unknown
+    assert boundary.bound_pace(1e-9, 100.0) == 100.0 / f
+    assert boundary.bound_pace(1e9, 100.0) == 100.0 * f
+    assert boundary.bound_pace(150.0, 100.0) == 150.0
+    assert boundary.bound_pace(1e-9, None) == boundary.PACE_MIN
+    assert boundary.bound_pace(float("inf"), None) == 0.0  # not a rate: unknown
 
 
 # ---- the tensor table and the upload check -------------------------------------------------
@@ -223,7 +223,7 @@ def test_absurd_headers_are_refused():
 
 
 def test_the_ranges_are_sane():
-    assert math.isfinite(boundary.RATE_MAX * boundary.COUNT_MAX)
+    assert math.isfinite(boundary.PACE_MAX * boundary.COUNT_MAX)
     assert boundary.PACE_FACTOR > 1
 
 

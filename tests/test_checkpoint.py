@@ -132,7 +132,7 @@ def test_crash_before_the_manifest_leaves_the_previous_checkpoint(tmp_path, monk
     def crash(_entries):
         raise OSError("power cut")
 
-    monkeypatch.setattr(store, "_write_manifest", crash)
+    monkeypatch.setattr(store, "write_manifest", crash)
 
     # Execute
     with pytest.raises(OSError, match="power cut"):

@@ -118,18 +118,18 @@ def test_a_drift_log_that_names_no_level_is_a_usage_error(script):
 
 
 def test_an_expected_error_ends_in_one_line_and_its_exit_code(monkeypatch, capsys):
-    monkeypatch.setattr(common, "_tracebacks", False)
+    monkeypatch.setattr(common, "tracebacks", False)
     with pytest.raises(typer.Exit) as end:
         common.fail(AuthError("token expired; ask for a new one"), 2)
     assert end.value.exit_code == 2
     assert capsys.readouterr().err == "error: token expired; ask for a new one\n"
-    monkeypatch.setattr(common, "_tracebacks", True)
+    monkeypatch.setattr(common, "tracebacks", True)
     with pytest.raises(AuthError, match="expired"):
         common.fail(AuthError("token expired"))
 
 
 def test_main_turns_an_escaping_drift_error_into_exit_1(monkeypatch, capsys):
-    monkeypatch.setattr(common, "_tracebacks", False)
+    monkeypatch.setattr(common, "tracebacks", False)
     app = typer.Typer()
 
     @app.command()

@@ -15,7 +15,7 @@ CFG = SessionConfig(dataset_size=1000, batch_size=10, epochs=2)
 
 def book() -> EpochBook:
     plan = EpochPlan(
-        epoch=0, rounds=5, first_round=1, dataset_size=1000, batch_size=10, total_score=2.0,
+        epoch=0, rounds=5, first_round=1, dataset_size=1000, batch_size=10, total_pace=2.0,
         shards={A: Shard(A, 0, 500, 0.5, 10), B: Shard(B, 500, 1000, 0.5, 10)},
     )  # fmt: skip
     b = EpochBook()

@@ -156,7 +156,7 @@ def test_cuda_seen_by_nvml_and_torch_is_listed_once_with_free_vram(monkeypatch):
     fake_torch_gpus(monkeypatch, [props])
     monkeypatch.setattr(hardware.shutil, "which", lambda exe: "/usr/bin/vulkaninfo")
     monkeypatch.setattr(
-        hardware, "_run", lambda *a: recording("vulkaninfo_summary_rtx4090_llvmpipe.txt")
+        hardware, "run_tool", lambda *a: recording("vulkaninfo_summary_rtx4090_llvmpipe.txt")
     )
     devices = hardware.probe_devices()
     assert [(d.kind, d.name, d.usable) for d in devices[:-1]] == [
@@ -190,7 +190,7 @@ def test_rocm_through_torch(monkeypatch):
     fake_torch_gpus(monkeypatch, [props], hip="6.2.41133")
     monkeypatch.setattr(hardware.shutil, "which", lambda exe: "/usr/bin/vulkaninfo")
     monkeypatch.setattr(
-        hardware, "_run", lambda *a: recording("vulkaninfo_summary_rx7900xtx_radv.txt")
+        hardware, "run_tool", lambda *a: recording("vulkaninfo_summary_rx7900xtx_radv.txt")
     )
     devices = hardware.probe_devices()
     # The same card through RADV ("... (RADV NAVI31)") is not listed a second time.
@@ -203,7 +203,7 @@ def test_vulkan_only_gpu_is_reported_and_training_falls_back(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(hardware.shutil, "which", lambda exe: "/usr/bin/vulkaninfo")
     monkeypatch.setattr(
-        hardware, "_run", lambda *a: recording("vulkaninfo_summary_rx7900xtx_radv.txt")
+        hardware, "run_tool", lambda *a: recording("vulkaninfo_summary_rx7900xtx_radv.txt")
     )
     monkeypatch.setattr(hardware, "probe_nvml", lambda: [])
     devices = hardware.probe_devices()
@@ -216,7 +216,7 @@ def test_apple_m2_through_sysctl_and_mps(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 11453251584)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2**30)
-    monkeypatch.setattr(hardware, "_run", lambda *a: recording("sysctl_apple_m2.txt"))
+    monkeypatch.setattr(hardware, "run_tool", lambda *a: recording("sysctl_apple_m2.txt"))
     (gpu,) = hardware.probe_apple()
     assert (gpu.name, gpu.kind, gpu.vram_total) == ("Apple M2", "mps", 11453251584)
     assert gpu.vram_free == 11453251584 - 2**30

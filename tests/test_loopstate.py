@@ -22,7 +22,7 @@ def test_every_private_name_the_node_touches_exists_on_the_installed_lightning()
 
 def test_a_lightning_without_them_fails_naming_its_version(monkeypatch):
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
-    monkeypatch.setattr(loopstate, "_checked", False)
+    loopstate.reset_check()
     monkeypatch.setitem(loopstate.PRIVATE, "fit_loop", ("_data_fetcher", "_gone_in_this_one"))
     with pytest.raises(ConfigError, match=f"Lightning {L.__version__} lacks fit_loop._gone"):
         loopstate.check(trainer)

@@ -189,7 +189,7 @@ def test_join_deletes_the_fetched_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
             raise RuntimeError("training failed")
         return 0
 
-    monkeypatch.setattr(nodecmds, "_run_lightning_cli", run)
+    monkeypatch.setattr(nodecmds, "run_lightning_cli", run)
     assert nodecmds.join(NodeLink(token="t"), None) == 0
     with pytest.raises(RuntimeError):
         nodecmds.join(NodeLink(token="t"), None)
@@ -214,7 +214,7 @@ def test_join_trains_the_example_when_no_config_is_named_anywhere(
     monkeypatch.setattr(nodecmds, "fetch_status", lambda *a, **k: status)
     seen: list[str] = []
     monkeypatch.setattr(
-        nodecmds, "_run_lightning_cli", lambda config, link: seen.append(config.read_text()) or 0
+        nodecmds, "run_lightning_cli", lambda config, link: seen.append(config.read_text()) or 0
     )
     assert nodecmds.join(NodeLink(token="t"), None) == 0
     assert "lightning_drift_examples.charlm.CharLM" in seen[0]

@@ -42,27 +42,9 @@ OWN_TESTS: set[tuple[str, str]] = {
 # Reaches that exist today in files being reworked elsewhere: (file, name). Removed at
 # integration, when those files go through public seams; then this list is emptied.
 KNOWN: set[tuple[str, str]] = {
-    # removed at integration: the strategy's round engine gets a public record per barrier
-    ("tests/e2e/charlm_node.py", "_inflight"),
-    ("tests/e2e/charlm_node.py", "_held_round"),
-    ("tests/e2e/charlm_node.py", "_finish_epoch"),
-    ("tests/test_strategy.py", "_follow_epoch_length"),
-    # removed at integration: one upload path on the server
-    ("tests/test_server.py", "_take_upload"),
-    ("tests/test_server.py", "_connection"),
-    ("tests/test_hostile.py", "_uploading"),
     # removed at integration: Stream.send_raw is the public seam for a broken peer's bytes
     ("tests/test_server.py", "_write"),
     ("tests/test_hostile.py", "_write"),
-    # removed at integration: each needs a public seam in a module nobody is reworking now
-    ("tests/test_auth.py", "_b64e"),
-    ("tests/test_auth.py", "_check_signature"),
-    ("tests/test_checkpoint.py", "_write_manifest"),
-    ("tests/test_cli_common.py", "_tracebacks"),
-    ("tests/test_hardware.py", "_run"),
-    ("tests/test_node_cli.py", "_run_lightning_cli"),
-    ("benchmarks/wan.py", "_front"),
-    ("benchmarks/wan.py", "_backs"),
 }
 
 _REFLECTION = {"setattr", "getattr", "hasattr", "delattr"}

@@ -1,4 +1,4 @@
-"""Re-planning the rest of an epoch from measured rates (pure: no clock, no I/O)."""
+"""Re-planning the rest of an epoch from measured paces (pure: no clock, no I/O)."""
 
 from __future__ import annotations
 
@@ -27,14 +27,14 @@ def test_segment_helpers_split_and_join_ranges():
 def test_a_node_three_times_as_fast_gets_three_times_the_rest():
     # Planned 1:1 from calibration; measured 3:1. After the move the two finish together.
     work = [
-        NodeWork("fast", ((0, 600),), consumed=40, rate=30.0),
-        NodeWork("slow", ((600, 1200),), consumed=20, rate=10.0),
+        NodeWork("fast", ((0, 600),), consumed=40, pace=30.0),
+        NodeWork("slow", ((600, 1200),), consumed=20, pace=10.0),
     ]
     plan = rebalance(work, rounds_left=10, batch_size=10)
     assert plan and plan.moved > 0
     assert plan.segments["slow"][0][0] == 600 and plan.segments["fast"][0] == (0, 600)
     assert "apart at measured rates; moved" in plan.reason
-    after = [NodeWork(w.node, plan.segments[w.node], w.consumed, w.rate) for w in work]
+    after = [NodeWork(w.node, plan.segments[w.node], w.consumed, w.pace) for w in work]
     t = finishing_times(after)
     assert abs(t["fast"] - t["slow"]) / t["slow"] < 0.05
     fast_rest = after[0].remaining
@@ -68,7 +68,7 @@ def test_a_node_three_times_as_fast_gets_three_times_the_rest():
         ),
         (
             # The slow node's rest is inside its protected margin: what it may have trained
-            # since its report (7 s at its rate) and two batches.
+            # since its report (7 s at its pace) and two batches.
             [NodeWork("a", ((0, 500),), 0, 10.0), NodeWork("b", ((500, 1000),), 480, 0.3)],
             9,
             "nothing can move",
@@ -112,24 +112,24 @@ _LAYOUTS = {
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_every_re_plan_keeps_each_position_with_exactly_one_node(n):
-    # Exhaustive over small layouts, trained prefixes, rates, rounds left and batch sizes:
+    # Exhaustive over small layouts, trained prefixes, paces, rounds left and batch sizes:
     # positions are neither lost nor doubled, what a node has trained (plus its protected
     # margin) stays its own, donors only lose a tail, receivers only gain one, moves are whole
     # batches, and a plan always narrows the spread of finishing times.
     names = ["n0", "n1", "n2"][:n]
-    rates = [1.0, 2.0, 3.0, 7.0] if n == 2 else [1.0, 3.0, 7.0]
+    paces = [1.0, 2.0, 3.0, 7.0] if n == 2 else [1.0, 3.0, 7.0]
     plans = 0
     for layout in _LAYOUTS[n]:
         for consumed in itertools.product([0, 30, 90], repeat=n):
-            for rate in itertools.product(rates, repeat=n):
+            for pace in itertools.product(paces, repeat=n):
                 for rounds_left in (1, 3, 12):
                     for batch in (1, 8):
                         work = [
                             NodeWork(name, segs, min(c, total(segs)), r)
-                            for name, segs, c, r in zip(names, layout, consumed, rate, strict=True)
+                            for name, segs, c, r in zip(names, layout, consumed, pace, strict=True)
                         ]
                         plan = rebalance(work, rounds_left, batch_size=batch)
-                        case = (layout, consumed, rate, rounds_left, batch)
+                        case = (layout, consumed, pace, rounds_left, batch)
                         if not plan:
                             continue
                         plans += 1
@@ -147,7 +147,7 @@ def _check(work, plan, rounds_left, batch, case):
         old, now = _positions(w.segments), _positions(new[w.node])
         if len(now) < len(old):  # a donor: keeps a prefix, at least its protected margin
             assert now == old[: len(now)], case
-            keep = math.ceil(w.rate * HORIZON_S) + 2 * batch
+            keep = math.ceil(w.pace * HORIZON_S) + 2 * batch
             assert len(now) >= min(len(old), w.consumed + keep), case
             lost += len(old) - len(now)
         elif len(now) > len(old):  # a receiver: keeps its list, gains a tail
@@ -159,7 +159,7 @@ def _check(work, plan, rounds_left, batch, case):
         assert (len(now) - len(old)) % batch == 0, case
     assert lost == gained == plan.moved > 0, case
     spread = _spread(finishing_times(work))
-    moved = [NodeWork(w.node, new[w.node], w.consumed, w.rate) for w in work]
+    moved = [NodeWork(w.node, new[w.node], w.consumed, w.pace) for w in work]
     assert _spread(finishing_times(moved)) < spread, case
 
 
@@ -174,8 +174,8 @@ def test_a_fast_node_held_at_a_barrier_takes_work_when_the_caller_says_it_can(ca
     # alone it may be at the end of its epoch. The session knows better: rounds are global,
     # and a node held at a barrier that is not its epoch's last trains its tail.
     work = [
-        NodeWork("fast", ((0, 200),), consumed=100, rate=300.0, can_receive=can_receive),
-        NodeWork("slow", ((200, 1200),), consumed=100, rate=10.0, can_receive=True),
+        NodeWork("fast", ((0, 200),), consumed=100, pace=300.0, can_receive=can_receive),
+        NodeWork("slow", ((200, 1200),), consumed=100, pace=10.0, can_receive=True),
     ]
     plan = rebalance(work, rounds_left=5, batch_size=10)
     assert bool(plan) is moves, plan.reason

@@ -22,7 +22,7 @@ from lightning_drift.scheduler import (
     EpochPlan,
     Scheduler,
     Shard,
-    calibration_score,
+    calibrated_pace,
     consumed_after,
     epoch_permutation,
     largest_remainder,
@@ -111,7 +111,7 @@ def test_epoch_permutation_does_not_touch_the_global_rng():
 
 
 def test_calibration_score_uses_the_measured_gflops():
-    assert calibration_score(node_info(calibration=123.5)) == 123.5
+    assert calibrated_pace(node_info(calibration=123.5)) == 123.5
 
 
 @pytest.mark.parametrize(
@@ -127,23 +127,23 @@ def test_calibration_score_uses_the_measured_gflops():
 def test_calibration_score_falls_back_by_device_kind(train_device, devices, expected):
     info = node_info(calibration=0.0, train_device=train_device, devices=devices)
 
-    assert calibration_score(info) == expected
+    assert calibrated_pace(info) == expected
 
 
 def test_score_is_calibration_until_measured_then_the_measured_pace():
     s = make_scheduler()
     s.add("a", node_info(calibration=100.0))
     s.add("b", node_info(calibration=300.0))
-    assert s.score("a") == 100.0 and s.score("b") == 300.0  # no measurement: k = 1
+    assert s.pace("a") == 100.0 and s.pace("b") == 300.0  # no measurement: k = 1
 
     paces = {"a": 50.0}  # a: 50 samples/s from 100 GFLOP/s -> k = 0.5 sample/GFLOP
-    assert s.score("a", paces) == 50.0
-    assert s.score("b", paces) == 150.0  # b converted to samples/s on the same scale
+    assert s.pace("a", paces) == 50.0
+    assert s.pace("b", paces) == 150.0  # b converted to samples/s on the same scale
 
     paces["a"] = ema(50.0, 70.0, 0.5)  # the pace book averages; the scheduler reads it
-    assert s.score("a", paces) == 60.0  # 0.5 * 50 + 0.5 * 70
+    assert s.pace("a", paces) == 60.0  # 0.5 * 50 + 0.5 * 70
 
-    assert s.score("a", {"a": 0.0}) == 100.0  # non-measurements are ignored
+    assert s.pace("a", {"a": 0.0}) == 100.0  # non-measurements are ignored
 
 
 def test_scores_are_in_samples_per_s_only_once_a_node_is_measured():
@@ -163,14 +163,14 @@ def test_returning_node_keeps_its_measured_rate():
 
     s.add("a", node_info(calibration=999.0))
 
-    assert s.score("a", paces) == 42.0
+    assert s.pace("a", paces) == 42.0
 
 
 def test_unknown_node_is_a_clear_error():
     s = make_scheduler()
 
     with pytest.raises(SessionError, match="unknown node 'x'") as exc:
-        s.score("x")
+        s.pace("x")
     assert exc.value.code == "unknown_node"
 
 
@@ -322,12 +322,12 @@ def test_late_joiner_without_orphan_gets_a_proportional_slice_for_the_remaining_
     s, plan = planned()
     s.add("c", node_info(dataset_size=1000, calibration=200.0))
 
-    shard = plan_late(plan, "c", s.score("c"), rounds_done=5, orphan=None)
+    shard = plan_late(plan, "c", s.pace("c"), rounds_done=5, orphan=None)
 
     # per round: 1000 samples * 200 / (400 * 10 rounds) = 50; 5 rounds left -> 250
     assert shard.size == 250
     assert shard.start >= 0 and shard.stop <= 1000
-    assert shard == plan_late(plan, "c", s.score("c"), 5, None)  # deterministic
+    assert shard == plan_late(plan, "c", s.pace("c"), 5, None)  # deterministic
 
 
 # -- persistence ----------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def test_a_late_joiner_gets_whole_steps_of_its_own():
     s.add("b", batching_info(1000, 10))
     plan = s.plan_epoch(0, ["a", "b"], first_round=1)
     s.add("c", batching_info(1000, 16, 2))
-    late = plan_late(plan, "c", s.score("c"), 5, None, batch_size=16, samples_per_step=32)
+    late = plan_late(plan, "c", s.pace("c"), 5, None, batch_size=16, samples_per_step=32)
     assert late.size % 32 == 0 and late.size >= 32 * (plan.rounds - 5)
     orphan = plan.shards["b"]
     rest = plan_late(plan, "c", 50.0, 4, orphan, batch_size=16, samples_per_step=32)

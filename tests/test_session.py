@@ -641,7 +641,7 @@ def test_a_self_reported_rate_is_bounded_by_the_measured_one():
     s.arrived(A, open_round, 100, 4.0, train_s=TRAIN_S_MIN)  # claims 10^5 samples/s
     p = s.paces.of(A)
     assert p.measured == pytest.approx(25.0) and p.reported == pytest.approx(25.0 * PACE_FACTOR)
-    assert s.scheduler.score(A, s.paces.measured()) == pytest.approx(25.0)  # plans use what was measured
+    assert s.scheduler.pace(A, s.paces.measured()) == pytest.approx(25.0)  # plans use what was measured
     assert all(math.isfinite(n.samples_per_s) for n in s.status(5.0).nodes)
 def _covered(s: Session) -> list[int]:
     return sorted(i for a in s.assignments.values() for lo, hi in a.ranges for i in range(lo, hi))
@@ -683,7 +683,7 @@ def test_a_re_plan_follows_measured_rates_once_per_round_and_keeps_the_epoch_cov
     finish_round(s, 3.0)
     _measured(s, {A: 30.0, B: 10.0}, {A: 140, B: 60}, 4.0)
     assert s.rebalance(4.0) == []
-    assert s.measured_rate(A) == s.paces.of(A).reported == 30.0  # the latest measurement
+    assert s.measured_pace(A) == s.paces.of(A).reported == 30.0  # the latest measurement
 
 
 def test_no_re_plan_when_switched_off_finished_or_at_the_epochs_end():
@@ -792,9 +792,9 @@ def test_re_plans_go_by_a_smoothed_pace_not_one_noisy_window():
     _measured(s, {A: 30.0, B: 30.0}, {A: 10, B: 10}, 1.0)
     _measured(s, {A: 36.0, B: 24.0}, {A: 20, B: 20}, 2.0)  # one window of ±20 % noise
     assert s.paces.of(A).reported == 36.0  # the status shows the latest window
-    assert s.measured_rate(A) == pytest.approx(33.0) and s.measured_rate(B) == pytest.approx(27.0)
+    assert s.measured_pace(A) == pytest.approx(33.0) and s.measured_pace(B) == pytest.approx(27.0)
     r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
-    assert r.measured_rate(A) == pytest.approx(33.0)  # kept across a restart
+    assert r.measured_pace(A) == pytest.approx(33.0)  # kept across a restart
 
 
 def test_the_pace_after_a_multi_segment_re_plan_is_measured_from_the_whole_work():
@@ -825,7 +825,7 @@ def test_a_session_saved_before_the_parts_kept_themselves_still_loads():
     assert r.members[C].state is MemberState.BANNED and C in r.roster.banned
     assert r.members[A].state is MemberState.TRAINING and r.members[A].arrived_round == 1
     assert r.paces.of(A).measured == old["members"][A]["vouched"]
-    assert r.measured_rate(A) == old["members"][A]["pace"]
+    assert r.measured_pace(A) == old["members"][A]["pace"]
     assert (r.replans.revision, r.replans.round) == (old["revision"], old["rebalanced_round"])
     assert r.stop_requests == old["stop"]["requests"] and r.book.trained == old["trained"]
     again = Session.from_dict(saved, now=11.0)

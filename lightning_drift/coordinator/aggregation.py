@@ -67,7 +67,7 @@ class Aggregation:
     def run(
         self,
         session_id: str,
-        closing: int,
+        aggregating: int,
         epoch: int,
         acc: Accumulator | RobustAccumulator,
         global_sd: dict[str, Any],
@@ -107,7 +107,7 @@ class Aggregation:
         outer = self.outer_state()
         blob = to_bytes(new_sd)
         info = self.store.write(
-            closing,
+            aggregating,
             blob,
             outer=outer,
             epoch=epoch,

@@ -11,7 +11,7 @@ scheduler, the rounds, the logs and the live view then trust what they get:
   and are cut to a length limit.
 - **Lists** are cut (at most :data:`DEVICES_MAX` devices).
 - **Rates** a node reports about itself are bounded by what the coordinator has measured
-  (:func:`bound_rate`, :data:`PACE_FACTOR`).
+  (:func:`bound_pace`, :data:`PACE_FACTOR`).
 - **Uploads** are checked from the header of their safetensors blob against the model the
   session knows (:class:`UploadCheck`) before their body is read.
 
@@ -26,7 +26,7 @@ rounds, epochs, steps       0 … :data:`ROUND_MAX` (-1 where the field allows "
 samples, bytes, dataset     0 … :data:`COUNT_MAX` (a dataset size must be ≥ 1)
 cpu_count                   1 … :data:`CPU_COUNT_MAX`
 calibration (GFLOP/s)       0 (unknown) or up to :data:`CALIBRATION_MAX`
-samples/s                   0 (unknown) or :data:`RATE_MIN` … :data:`RATE_MAX`
+samples/s                   0 (unknown) or :data:`PACE_MIN` … :data:`PACE_MAX`
 train_seconds               0 (unknown) or :data:`TRAIN_S_MIN` … :data:`TRAIN_S_MAX`
 loss                        finite, ``|loss|`` ≤ :data:`LOSS_MAX`, else none
 ==========================  ===================================================
@@ -61,12 +61,12 @@ ROUND_MAX = (1 << 31) - 1
 COUNT_MAX = 1 << 40  # about 10^12: samples, bytes of memory or VRAM, dataset size
 CPU_COUNT_MAX = 4096
 CALIBRATION_MAX = 1e6  # GFLOP/s: an exaflop/s machine is far beyond any node
-RATE_MIN = 1e-3  # samples/s
-RATE_MAX = 1e7
+PACE_MIN = 1e-3  # samples/s
+PACE_MAX = 1e7
 TRAIN_S_MIN = 1e-3  # seconds
 TRAIN_S_MAX = 30 * 86400.0
 LOSS_MAX = 1e30
-# A rate a node reports is believed within this factor of what the coordinator measured of
+# A pace a node reports is believed within this factor of what the coordinator measured of
 # it (or, before that, of the session's median measured node); a new node's share of an
 # epoch is at most this factor of the median node's.
 PACE_FACTOR = 4.0
@@ -174,7 +174,7 @@ def progress(msg: TrainProgress) -> TrainProgress:
         step=clamp_int(msg.step, 0, COUNT_MAX),
         samples=clamp_int(msg.samples, 0, COUNT_MAX),
         loss=loss(msg.loss),
-        samples_per_s=clamp_float(msg.samples_per_s, RATE_MIN, RATE_MAX),
+        samples_per_s=clamp_float(msg.samples_per_s, PACE_MIN, PACE_MAX),
         vram_used=clamp_int(msg.vram_used, 0, COUNT_MAX),
         vram_peak=clamp_int(msg.vram_peak, 0, COUNT_MAX),
         epoch_samples=clamp_int(msg.epoch_samples, -1, COUNT_MAX),
@@ -240,17 +240,17 @@ def peer_text(text: str) -> str:
     return clean_text(text, TEXT_MAX)
 
 
-# ---- rates ---------------------------------------------------------------------------------
+# ---- paces ---------------------------------------------------------------------------------
 
 
-def bound_rate(rate: float, around: float | None, factor: float = PACE_FACTOR) -> float:
-    """A rate (samples/s) within ``factor`` of ``around`` (what the coordinator measured), or
+def bound_pace(pace: float, around: float | None, factor: float = PACE_FACTOR) -> float:
+    """A pace (samples/s) within ``factor`` of ``around`` (what the coordinator measured), or
     within the absolute range when nothing is measured yet; 0 stays 0 (unknown)."""
-    if not (math.isfinite(rate) and rate > 0):
+    if not (math.isfinite(pace) and pace > 0):
         return 0.0
     if around is not None and around > 0:
-        return min(around * factor, max(around / factor, rate))
-    return min(RATE_MAX, max(RATE_MIN, rate))
+        return min(around * factor, max(around / factor, pace))
+    return min(PACE_MAX, max(PACE_MIN, pace))
 
 
 # ---- uploads -------------------------------------------------------------------------------
@@ -324,13 +324,13 @@ __all__ = [
     "CALIBRATION_MAX",
     "NAME_MAX",
     "PACE_FACTOR",
-    "RATE_MAX",
-    "RATE_MIN",
+    "PACE_MAX",
+    "PACE_MIN",
     "TEXT_MAX",
     "BadInput",
     "UploadCheck",
     "barrier_sync",
-    "bound_rate",
+    "bound_pace",
     "bounded",
     "clean_text",
     "finite",

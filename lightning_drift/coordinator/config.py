@@ -38,7 +38,7 @@ re-plans go by. Measured windows of a few seconds vary by ±10 % on a shared mac
 following each one moved work back and forth every round (docs/benchmarks.md, wan.py)."""
 MEASURED_SMOOTHING = 0.3
 """Measured paces (an upload's samples over the round's time) → the measured pace that
-deadlines, bounds on reports and the scheduler's scores go by. One round is one sample of a
+deadlines, bounds on reports and the scheduler's paces go by. One round is one sample of a
 node's speed; 0.3 follows a machine that got busier within a few rounds. (This was written
 twice: a literal 0.7/0.3 in the session and the scheduler's own ``ema=0.3`` over the same
 measurements; the scheduler now reads the pace book's.)"""

@@ -1,10 +1,10 @@
 """Epoch plans and who trains what: assignments, late joiners, orphaned work, positions. Pure.
 
-An epoch's shards are cut from the scores the scheduler has when it is planned
+An epoch's shards are cut from the paces the scheduler has when it is planned
 (``Scheduler.plan_epoch``); every round of an epoch has one barrier. A node arriving inside an
 epoch (a late joiner, or one that comes back) gets the unconsumed rest of an orphaned shard (a
 lost node's; its own first) when there is one, else a slice sized for the rounds remaining at
-its score (:func:`plan_late`); its upload in its first round counts only if it arrives before
+its pace (:func:`plan_late`); its upload in its first round counts only if it arrives before
 the round completes. Exact coverage of the epoch holds only for the nodes of the plan and
 orphans handed on.
 
@@ -41,7 +41,7 @@ from lightning_drift.text import short_id
 def plan_late(
     plan: EpochPlan,
     node: str,
-    score: float,
+    pace: float,
     rounds_done: int,
     orphan: Shard | None,
     *,
@@ -56,8 +56,8 @@ def plan_late(
     would have by its ``orphan_done``-th barrier of the epoch (default ``rounds_done``).
 
     Without one, every position of the permutation already belongs to a planned node, so the
-    late node gets a contiguous slice sized for the rounds remaining at its score (the rate
-    per unit of score that the plan gives everyone), placed at a deterministic offset derived
+    late node gets a contiguous slice sized for the rounds remaining at its pace (the rate
+    per unit of pace that the plan gives everyone), placed at a deterministic offset derived
     from the epoch and node id. The compromise: those samples are seen twice this epoch.
     Exact coverage (every sample once per epoch) is promised only for the nodes present when
     the epoch was planned, and for orphans handed on.
@@ -92,9 +92,9 @@ def plan_late(
             batch_size=batch_size,
             samples_per_step=samples_per_step,
         )
-    if plan.total_score > 0 and plan.rounds > 0:
-        per_round = n * score / (plan.total_score * plan.rounds)
-        share = score / (plan.total_score + score)
+    if plan.total_pace > 0 and plan.rounds > 0:
+        per_round = n * pace / (plan.total_pace * plan.rounds)
+        share = pace / (plan.total_pace + pace)
     else:
         sizes = [s.size for s in plan.shards.values()] or [n]
         per_round = sum(sizes) / len(sizes) / max(1, plan.rounds)
@@ -247,13 +247,13 @@ class EpochBook(msgspec.Struct):
         self,
         node: str,
         r: int,
-        score: float,
+        pace: float,
         batching: tuple[int, int],
         config: SessionConfig,
         revision: int,
     ) -> ShardAssignment | None:
         """A shard for ``node`` arriving inside the epoch at open round ``r`` (late joiner or
-        rejoin), at its ``score``; None when no round of the epoch is left."""
+        rejoin), at its ``pace``; None when no round of the epoch is left."""
         plan = self.plan
         assert plan is not None
         rounds = plan.last_round - r + 1
@@ -268,7 +268,7 @@ class EpochBook(msgspec.Struct):
         sh = plan_late(
             plan,
             node,
-            score,
+            pace,
             r - plan.first_round,
             orphan,
             orphan_done=0,

@@ -6,7 +6,7 @@ A node's pace is the samples/s it trains. Three kinds, one home (the averaging c
 - the **measured pace**: what the coordinator measured from the node's uploads (its samples,
   at most one round's work of its assignment, over the time from the round's start to the
   upload's arrival), averaged with ``MEASURED_SMOOTHING``. Deadlines, the bounds on what nodes
-  report and the scheduler's scores go by it;
+  report and the scheduler's paces go by it;
 - the **reported pace**: what the node says (``TrainProgress.samples_per_s``, and its
   upload's samples over its training time), never beyond ``PACE_FACTOR`` of its measured pace
   (of the session's median measured pace before it has one); the status shows the latest;
@@ -14,7 +14,7 @@ A node's pace is the samples/s it trains. Three kinds, one home (the averaging c
   (:meth:`PaceBook.for_replan`), so one noisy window does not move work back and forth.
 
 Before any measurement the **calibrated pace** is the scheduler's estimate from calibration
-(``Scheduler.score``), in samples/s once some node of the session is measured.
+(``Scheduler.pace``), in samples/s once some node of the session is measured.
 
 The boundary: trust in a node's numbers is decided here, once, and every reader of a speed
 (round deadlines, re-plans, epoch plans, the status) reads it from here.
@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from lightning_drift.coordinator.boundary import PACE_FACTOR, bound_rate
+from lightning_drift.coordinator.boundary import PACE_FACTOR, bound_pace
 from lightning_drift.coordinator.config import ELAPSED_MIN, MEASURED_SMOOTHING, PACE_SMOOTHING
 from lightning_drift.robust import lower_median
 from lightning_drift.scheduler import Scheduler
@@ -64,7 +64,7 @@ class PaceBook(msgspec.Struct):
         return self.nodes.get(node) or NodePace()
 
     def measured(self) -> dict[str, float]:
-        """Measured paces of the nodes that have one (what the scheduler scores with)."""
+        """Measured paces of the nodes that have one (what the scheduler plans with)."""
         return {n: p.measured for n, p in self.nodes.items() if p.measured > 0}
 
     def reference(self) -> float | None:
@@ -74,7 +74,7 @@ class PaceBook(msgspec.Struct):
     def report(self, node: str, samples_per_s: float) -> None:
         """``node`` says it trains ``samples_per_s``: believed within bounds, then smoothed."""
         p = self.nodes.setdefault(node, NodePace())
-        p.reported = bound_rate(samples_per_s, p.measured or self.reference())
+        p.reported = bound_pace(samples_per_s, p.measured or self.reference())
         p.smoothed = ema(p.smoothed, p.reported, PACE_SMOOTHING)
 
     def measure(self, node: str, samples: int, work: float, elapsed: float) -> None:
@@ -115,11 +115,11 @@ class PaceBook(msgspec.Struct):
             if p.measured > 0:
                 out[node] = DeadlinePace(max(p.measured, floor))
             elif p.reported > 0:
-                out[node] = DeadlinePace(max(bound_rate(p.reported, ref), floor))
+                out[node] = DeadlinePace(max(bound_pace(p.reported, ref), floor))
             else:
                 est = 0.0
                 if scheduler is not None and factor is not None and node in scheduler:
-                    est = scheduler.score(node, measured, factor)
+                    est = scheduler.pace(node, measured, factor)
                 if not (math.isfinite(est) and est > 0):
                     est = floor
                 if est > 0:

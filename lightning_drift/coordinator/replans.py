@@ -1,6 +1,6 @@
 """Re-plans: the rest of an epoch re-split by measured paces, at most once per open round. Pure.
 
-An epoch is planned once, from the scores the scheduler has when it starts: calibration for a
+An epoch is planned once, from the paces the scheduler has when it starts: calibration for a
 node that has not trained yet. A matmul benchmark cannot see a node's data loading, its
 model's own kernels or a GPU that is throttled or shared, so the first plan of a session can
 be far off; speeds also change (another job starts on a machine). Rounds are global: every
@@ -15,7 +15,7 @@ back; work moves only at the *tail* of a list, and never closer to a node's curr
 than a margin it may already have trained or loaded meanwhile:
 
 - a **donor** (its remaining work takes longer than its fair share would) gives away the tail
-  of its list, keeping ``horizon_s`` seconds of work at its measured rate beyond where it is
+  of its list, keeping ``horizon_s`` seconds of work at its measured pace beyond where it is
   thought to be (its position is an estimate from a report seconds old, and the re-plan
   takes a moment to reach it) plus two batches its data loader may have read ahead;
 - a **receiver** appends the donors' tails to its list, in node order, so that every position
@@ -24,7 +24,7 @@ than a margin it may already have trained or loaded meanwhile:
   a barrier that is not its epoch's last will train its tail), or, when it cannot, a node
   whose remaining work is within that same margin is taken to be at its end.
 
-Nothing moves when a node has no measured rate, or when the predicted finishing times are
+Nothing moves when a node has no measured pace, or when the predicted finishing times are
 within ``tolerance`` of each other. Moves are whole batches (multiples of ``batch_size``), so
 batch-aligned lists stay aligned.
 
@@ -34,7 +34,7 @@ open round; each changed node gets its new assignment with a higher ``revision``
 node reports having trained, moved on by its pace for the time since the report, tell where it
 is; work near that position never moves. Late joiners and returning nodes keep their work.
 
-The boundary: :func:`rebalance` is the arithmetic on segment lists (nodes, rates, positions
+The boundary: :func:`rebalance` is the arithmetic on segment lists (nodes, paces, positions
 in; new lists out); :class:`Replans` turns the session's books into its input and its output
 into assignments. Every decision carries a readable reason; tests assert on them.
 """
@@ -65,13 +65,13 @@ class NodeWork:
     """One node's part of the epoch as the coordinator knows it.
 
     ``consumed``: positions of ``segments`` the node has trained by now, as far as the
-    coordinator can tell (its last report moved on by its rate; 0 if it has not said);
-    ``rate``: its measured samples per second (None: not measured yet)."""
+    coordinator can tell (its last report moved on by its pace; 0 if it has not said);
+    ``pace``: its measured samples per second (None: not measured yet)."""
 
     node: str
     segments: Segments
     consumed: int
-    rate: float | None
+    pace: float | None
     # Whether work appended to the node's tail will be trained: known when the node still has
     # a barrier ahead of anything it can have reached; None: judged by the margin (see above).
     can_receive: bool | None = None
@@ -94,8 +94,8 @@ class Plan:
 
 
 def finishing_times(work: Sequence[NodeWork]) -> dict[str, float]:
-    """Seconds each node needs for its remaining work at its measured rate."""
-    return {w.node: w.remaining / w.rate for w in work if w.rate}
+    """Seconds each node needs for its remaining work at its measured pace."""
+    return {w.node: w.remaining / w.pace for w in work if w.pace}
 
 
 def rebalance(
@@ -107,7 +107,7 @@ def rebalance(
     min_rounds_left: int = MIN_ROUNDS_LEFT,
     horizon_s: float = HORIZON_S,
 ) -> Plan:
-    """Re-split the unconsumed rest of an epoch in proportion to measured rates.
+    """Re-split the unconsumed rest of an epoch in proportion to measured paces.
 
     ``work``: every node that trains the rest of the epoch; ``rounds_left``: rounds of the
     epoch not yet completed. Returns the new segment lists of the nodes whose work changed
@@ -120,7 +120,7 @@ def rebalance(
         return Plan(
             {}, 0, f"{rounds_left} round(s) of the epoch left, fewer than {min_rounds_left}"
         )
-    unmeasured = [short_id(w.node) for w in work if not (w.rate and math.isfinite(w.rate))]
+    unmeasured = [short_id(w.node) for w in work if not (w.pace and math.isfinite(w.pace))]
     if unmeasured:
         return Plan({}, 0, f"no measured rate yet for {', '.join(unmeasured)}")
     if sum(w.remaining for w in work) <= 0:
@@ -141,7 +141,7 @@ def rebalance(
         )
     new = _hand_over(work, give, take)
     after = [
-        NodeWork(w.node, new.get(w.node, w.segments), w.consumed, w.rate, w.can_receive)
+        NodeWork(w.node, new.get(w.node, w.segments), w.consumed, w.pace, w.can_receive)
         for w in work
     ]
     times_after = finishing_times(after)
@@ -166,13 +166,13 @@ def _moves(
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Samples each donor gives and each receiver takes (whole ``batch``-es, the same total
     on both sides; both empty when nothing can move), toward every node's share of the rest
-    in proportion to its rate."""
+    in proportion to its pace."""
     rest = sum(w.remaining for w in work)
-    target = largest_remainder(rest, [w.rate or 0.0 for w in work])
+    target = largest_remainder(rest, [w.pace or 0.0 for w in work])
     # What each node keeps whatever the plan: the work it may have trained or loaded since it
     # last reported (a node near the end of its list takes no more: its epoch may be over).
     keep = {
-        w.node: min(w.remaining, math.ceil((w.rate or 0.0) * horizon_s) + 2 * batch) for w in work
+        w.node: min(w.remaining, math.ceil((w.pace or 0.0) * horizon_s) + 2 * batch) for w in work
     }
     give_units: dict[str, int] = {}
     need_units: dict[str, int] = {}
@@ -271,8 +271,8 @@ class Replans(msgspec.Struct):
             return []
         self.revision += 1
         self.round = open_round
-        rates = {w.node: w.rate or 0.0 for w in work}
-        all_rates = sum(rates.values()) or 1.0
+        paces_of = {w.node: w.pace or 0.0 for w in work}
+        total_pace = sum(paces_of.values()) or 1.0
         out = []
         for node, segments in decision.segments.items():
             first = segments[0] if segments else (0, 0)
@@ -281,7 +281,7 @@ class Replans(msgspec.Struct):
                 start=first[0],
                 stop=first[1],
                 segments=[(lo, hi) for lo, hi in segments] if len(segments) > 1 else [],
-                share=rates[node] / all_rates,
+                share=paces_of[node] / total_pace,
                 revision=self.revision,
             )
             book.assignments[node] = a

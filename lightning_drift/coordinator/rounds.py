@@ -315,36 +315,36 @@ class Rounds:
         server must carry out: the events, the suspects' strikes, the completed round, the
         re-plans, a failure, the next decision."""
         s = self.session
-        closing = decision.open_round
+        aggregating = decision.open_round
         fx = Effects()
         try:
             async with self.lock:
-                s.close(closing)
+                s.close(aggregating)
                 acc, self.acc = self.acc, None
                 counted, self.counted = self.counted, {}
             assert acc is not None and self.global_sd is not None
             opened = s.round_started
             t0 = time.perf_counter()
             new_sd, blob, info, refused, delta = await asyncio.to_thread(
-                self.aggregation.run, s.session_id, closing, s.epoch, acc, self.global_sd
+                self.aggregation.run, s.session_id, aggregating, s.epoch, acc, self.global_sd
             )
             aggregation_s = time.perf_counter() - t0
             # Once the session has moved on, the next round is open and its uploads may come
             # in while the state file is written; holding the lock until the new global
             # weights (and with them the next accumulator) exist makes them wait for it.
             async with self.lock:
-                outcome = s.advance(closing, self.clock())
+                outcome = s.advance(aggregating, self.clock())
                 await self.save_session()
                 self._publish(new_sd, blob, info, delta)
             log.info(
                 "round.completed round=%d contributors=%d seconds=%.3f sha256=%s",
-                closing,
+                aggregating,
                 len(acc.contributors),
                 time.perf_counter() - t0,
                 info.sha256[:16],
             )
             if refused is not None:
-                fx.add(self._refused(closing, refused, acc.contributors))
+                fx.add(self._refused(aggregating, refused, acc.contributors))
             if outcome.planned_epoch is not None or outcome.finished:
                 fx.events.append(outcome.reason)
             if self.record is not None:
@@ -357,8 +357,8 @@ class Rounds:
             if not outcome.finished:
                 fx.add(effects.replan(s, self.clock()))
         except Exception as exc:
-            log.critical("round.failed round=%d error=%r", closing, exc)
-            why = f"round {closing} could not be completed: {type(exc).__name__}: {exc}"
+            log.critical("round.failed round=%d error=%r", aggregating, exc)
+            why = f"round {aggregating} could not be completed: {type(exc).__name__}: {exc}"
             return fx.add(Effects(failed=why))
         finally:
             self._completing = False
@@ -366,22 +366,25 @@ class Rounds:
         return fx
 
     def _refused(
-        self, closing: int, refused: tuple[str, list[str]], contributors: list[tuple[str, float]]
+        self,
+        aggregating: int,
+        refused: tuple[str, list[str]],
+        contributors: list[tuple[str, float]],
     ) -> Effects:
-        """Round ``closing``'s aggregate was refused: say so, and strike its suspects."""
+        """Round ``aggregating``'s aggregate was refused: say so, and strike its suspects."""
         why, blamed = refused
         names = ", ".join(short_id(n) for n in blamed) or "none stands out"
         fx = Effects(
             events=[
-                f"round {closing} not published: its aggregate {why}; the global weights "
-                f"stay round {closing - 1}'s; contributors "
+                f"round {aggregating} not published: its aggregate {why}; the global weights "
+                f"stay round {aggregating - 1}'s; contributors "
                 f"{', '.join(short_id(n) for n, _ in contributors)}; suspects: {names}"
             ]
         )
         for node in blamed:
             fx.add(
                 effects.strike(
-                    self.session, node, f"round {closing}'s aggregate {why}", self.clock()
+                    self.session, node, f"round {aggregating}'s aggregate {why}", self.clock()
                 )
             )
         return fx

@@ -203,7 +203,7 @@ class Session:
         missing node is neither measured nor estimable, or nobody is missing)."""
         return deadline(self.round, *_round_inputs(self), self.config)[0]
 
-    def measured_rate(self, node: str) -> float | None:
+    def measured_pace(self, node: str) -> float | None:
         """The pace re-plans go by for ``node`` (:meth:`PaceBook.for_replan`)."""
         return self.paces.for_replan(node)
 
@@ -331,12 +331,12 @@ class Session:
         """A shard for a node arriving inside an epoch (late joiner or rejoin)."""
         sch = self.scheduler
         assert sch is not None
-        score, batching = (
-            sch.score(node, self.paces.measured()),
+        pace, batching = (
+            sch.pace(node, self.paces.measured()),
             sch.batching(node) if node in sch else (0, 0),
         )
         return self.book.late_assignment(
-            node, self.open_round, score, batching, self.config, self.replans.revision
+            node, self.open_round, pace, batching, self.config, self.replans.revision
         )
 
     def rebalance(self, now: float) -> list[tuple[str, ShardAssignment]]:

@@ -71,6 +71,13 @@ def check(trainer: Any) -> None:
     _checked = True
 
 
+def reset_check() -> None:
+    """Forget that :func:`check` passed, so the next call checks again (after the installed
+    Lightning, or :data:`PRIVATE`, changed: a test's stand-in for another version)."""
+    global _checked
+    _checked = False
+
+
 def with_sampler(dataloader: DataLoader, sampler: Sampler[int]) -> DataLoader:
     """``dataloader`` over the same dataset, drawing from ``sampler`` (batch size, collate_fn,
     workers, pin_memory and drop_last kept), as Lightning rebuilds training loaders."""
@@ -179,5 +186,6 @@ __all__ = [
     "jump_to_epoch",
     "keep_fitting",
     "missing",
+    "reset_check",
     "with_sampler",
 ]
