@@ -198,7 +198,7 @@ async def raw_upload(
     await stream.send(
         BlobHeader(size=len(data) if size is None else size, sha256=sha256 or sha256_bytes(data))
     )
-    await stream._write(data)
+    await stream.send_raw(data)
     return stream
 
 
@@ -422,7 +422,7 @@ def test_a_slow_upload_holds_no_slot_and_is_dropped_below_the_minimum_rate(tmp_p
         await until(lambda: evil.node_key in coord.uploading, "the slow upload was admitted")
         await until(honest_in, "the honest uploads of round 1 were taken")
         assert evil.node_key in coord.uploading  # while the slow one is still arriving
-        await stream._write(blob[1:])  # it completes: round 1 has all three
+        await stream.send_raw(blob[1:])  # it completes: round 1 has all three
         ready = await asyncio.wait_for(stream.recv(), 30)
         assert isinstance(ready, BarrierReady) and ready.round == 1 and ready.contributed
         # Round 2: the rate applies after half a second; one byte every half second is dropped.
@@ -434,7 +434,7 @@ def test_a_slow_upload_holds_no_slot_and_is_dropped_below_the_minimum_rate(tmp_p
         async def trickle():
             for byte in blob[1:]:
                 await asyncio.sleep(0.5)
-                await stream._write(bytes([byte]))
+                await stream.send_raw(bytes([byte]))
 
         dripping = asyncio.create_task(trickle())
         err = await asyncio.wait_for(stream.recv(), 30)
@@ -725,7 +725,7 @@ def test_a_barrier_stream_that_says_nothing_is_dropped(tmp_path, caplog):
         await evil.shard(0)
         streams = [await evil.conn.open_stream() for _ in range(5)]
         for s in streams:
-            await s._write(b"\x00")  # opened, then silence
+            await s.send_raw(b"\x00")  # opened, then silence
         await until(lambda: evil.error is not None, "the silent streams end the connection")
         final = await task
         await finish(coord, runner, a, evil)

@@ -333,7 +333,7 @@ def test_bad_upload_garbage_and_bad_tokens_do_not_stop_the_session(tmp_path):
         ep = await Endpoint.bind()
         conn = await ep.dial(coord.ticket, timeout=10)
         s = await conn.open_stream()
-        await s._write(b"\x00\x00\x00\x05hello")
+        await s.send_raw(b"\x00\x00\x00\x05hello")
         err = await asyncio.wait_for(s.recv(), 10)
         assert isinstance(err, Error) and err.code == "protocol"
         # A token signed by another key, and a Join whose key is not the peer's.
