@@ -12,7 +12,7 @@ on the same data in the time one real run takes:
 - at a barrier the nodes' changes are encoded with ``--codec`` (``lightning_drift.codec``,
   error feedback on every node), accumulated by ``aggregate.Accumulator``, and the outer step
   under test makes the new global weights, which travel back through the same codec with the
-  coordinator's own error feedback, exactly as ``coordinator/rounds.py`` does;
+  coordinator's own error feedback, exactly as ``coordinator/aggregation.py`` does;
 - the final global weights are evaluated with ``_common.evaluate``.
 
 An outer setting is ``mean`` or ``diloco:lr=0.7,momentum=0.9[,nesterov=0]``. Each
