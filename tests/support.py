@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -102,3 +103,40 @@ class Reference:
         enc = codec.encode(codec.difference(target, self.glob), self.dtype, self.residual)
         self.glob = codec.apply(self.glob, enc.applied)
         return to_bytes(self.glob)
+
+
+@dataclass
+class Loop:
+    """Lightning's fit loop as the node's parts see it (``epochwork.Loop``), recording what
+    they asked of it: a stand-in for a ``Trainer`` in tests of the epoch's work and joining."""
+
+    epoch: int = 0
+    epochs: int = 3
+    batch: int = 4
+    jumped: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    ended: bool = False
+
+    def more_epochs(self) -> bool:
+        return self.epoch + 1 < self.epochs
+
+    def steps_per_epoch(self, shard_size: int) -> int:
+        return -(-shard_size // self.batch)
+
+    def jump_to_epoch(self, epoch: int) -> int:
+        was, self.epoch = self.epoch, epoch
+        self.jumped.append(epoch)
+        return was
+
+    def follow_epoch_length(self, batches: int) -> None:
+        self.lengths.append(batches)
+
+    def keep_fitting(self, epochs: int) -> int | None:
+        return None
+
+    def end_fit(self) -> None:
+        self.ended = True
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        self.metrics.append(metrics)

@@ -12,40 +12,7 @@ from lightning_drift.node.epochwork import EpochWork
 from lightning_drift.node.exchange import BarrierRecord
 from lightning_drift.node.pace import PaceMeter
 from lightning_drift.protocol import BarrierSync, ShardAssignment
-
-
-@dataclass
-class Loop:
-    epoch: int = 0
-    epochs: int = 3
-    batch: int = 4
-    jumped: list[int] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    metrics: list[dict[str, float]] = field(default_factory=list)
-    ended: bool = False
-
-    def more_epochs(self) -> bool:
-        return self.epoch + 1 < self.epochs
-
-    def steps_per_epoch(self, shard_size: int) -> int:
-        return -(-shard_size // self.batch)
-
-    def jump_to_epoch(self, epoch: int) -> int:
-        was, self.epoch = self.epoch, epoch
-        self.jumped.append(epoch)
-        return was
-
-    def follow_epoch_length(self, batches: int) -> None:
-        self.lengths.append(batches)
-
-    def keep_fitting(self, epochs: int) -> int | None:
-        return None
-
-    def end_fit(self) -> None:
-        self.ended = True
-
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        self.metrics.append(metrics)
+from tests.support import Loop
 
 
 @dataclass

@@ -18,7 +18,7 @@ from lightning_drift.node.joining import Joining, Shape, Way, ways_in
 from lightning_drift.node.pace import PaceMeter
 from lightning_drift.node.runtime import Delivery
 from lightning_drift.protocol import BarrierReady, NodeInfo, TrainConfig
-from tests.test_epochwork import Loop
+from tests.support import Loop
 
 TOKEN = "eyJ-a-token"
 
