@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from support import Loop
 
 from lightning_drift.errors import SessionFinished
 from lightning_drift.node.epochwork import EpochWork
 from lightning_drift.node.exchange import BarrierRecord
 from lightning_drift.node.pace import PaceMeter
 from lightning_drift.protocol import BarrierSync, ShardAssignment
-from tests.support import Loop
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from support import Loop
 
 from lightning_drift.aggregate import to_bytes
 from lightning_drift.errors import ConfigError
@@ -18,7 +19,6 @@ from lightning_drift.node.joining import Joining, Shape, Way, ways_in
 from lightning_drift.node.pace import PaceMeter
 from lightning_drift.node.runtime import Delivery
 from lightning_drift.protocol import BarrierReady, NodeInfo, TrainConfig
-from tests.support import Loop
 
 TOKEN = "eyJ-a-token"
 
