@@ -11,7 +11,8 @@ import pytest
 
 from lightning_drift.coordinator.boundary import CALIBRATION_MAX, PACE_FACTOR, TRAIN_S_MIN
 from lightning_drift.coordinator.config import SessionConfig
-from lightning_drift.coordinator.session import MemberState, Session, Verdict, stop_decision
+from lightning_drift.coordinator.session import MemberState, Session, Verdict
+from lightning_drift.coordinator.stoppolicy import decide_stop
 from lightning_drift.protocol import NodeInfo, TrainProgress
 
 A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
@@ -487,12 +488,12 @@ def test_train_config_carries_every_setting_the_nodes_need():
     ],
 )
 def test_stop_policy_decides_with_a_reason(policy, quorum, asked, voters, stop, reason):
-    got, why = stop_decision(policy, quorum, asked, voters)
+    got, why = decide_stop(policy, quorum, asked, voters)
     assert got is stop and reason in why
 
 
 def test_reaching_max_steps_is_always_honoured():
-    stop, why = stop_decision("never", 0.5, 1, 4, kind="max_steps")
+    stop, why = decide_stop("never", 0.5, 1, 4, kind="max_steps")
     assert stop and "max_steps" in why and "can train no further" in why
 
 
@@ -683,7 +684,7 @@ def test_a_re_plan_follows_measured_rates_once_per_round_and_keeps_the_epoch_cov
     finish_round(s, 3.0)
     _measured(s, {A: 30.0, B: 10.0}, {A: 140, B: 60}, 4.0)
     assert s.rebalance(4.0) == []
-    assert s.measured_pace(A) == s.paces.of(A).reported == 30.0  # the latest measurement
+    assert s.paces.for_replan(A) == s.paces.of(A).reported == 30.0  # the latest measurement
 
 
 def test_no_re_plan_when_switched_off_finished_or_at_the_epochs_end():
@@ -792,9 +793,9 @@ def test_re_plans_go_by_a_smoothed_pace_not_one_noisy_window():
     _measured(s, {A: 30.0, B: 30.0}, {A: 10, B: 10}, 1.0)
     _measured(s, {A: 36.0, B: 24.0}, {A: 20, B: 20}, 2.0)  # one window of ±20 % noise
     assert s.paces.of(A).reported == 36.0  # the status shows the latest window
-    assert s.measured_pace(A) == pytest.approx(33.0) and s.measured_pace(B) == pytest.approx(27.0)
+    assert s.paces.for_replan(A) == pytest.approx(33.0) and s.paces.for_replan(B) == pytest.approx(27.0)
     r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
-    assert r.measured_pace(A) == pytest.approx(33.0)  # kept across a restart
+    assert r.paces.for_replan(A) == pytest.approx(33.0)  # kept across a restart
 
 
 def test_the_pace_after_a_multi_segment_re_plan_is_measured_from_the_whole_work():
@@ -825,7 +826,7 @@ def test_a_session_saved_before_the_parts_kept_themselves_still_loads():
     assert r.members[C].state is MemberState.BANNED and C in r.roster.banned
     assert r.members[A].state is MemberState.TRAINING and r.members[A].arrived_round == 1
     assert r.paces.of(A).measured == old["members"][A]["vouched"]
-    assert r.measured_pace(A) == old["members"][A]["pace"]
+    assert r.paces.for_replan(A) == old["members"][A]["pace"]
     assert (r.replans.revision, r.replans.round) == (old["revision"], old["rebalanced_round"])
     assert r.stop_requests == old["stop"]["requests"] and r.book.trained == old["trained"]
     again = Session.from_dict(saved, now=11.0)

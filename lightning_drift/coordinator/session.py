@@ -50,7 +50,7 @@ from lightning_drift.coordinator.roundstate import (
     deadline,
     round_decision,
 )
-from lightning_drift.coordinator.stoppolicy import StopBook, decide_stop, stop_decision
+from lightning_drift.coordinator.stoppolicy import StopBook, decide_stop
 from lightning_drift.coordinator.verdicts import (
     Decision,
     RoundDecision,
@@ -202,10 +202,6 @@ class Session:
         """When stragglers of the open round may be left behind (None: the pace of some
         missing node is neither measured nor estimable, or nobody is missing)."""
         return deadline(self.round, *_round_inputs(self), self.config)[0]
-
-    def measured_pace(self, node: str) -> float | None:
-        """The pace re-plans go by for ``node`` (:meth:`PaceBook.for_replan`)."""
-        return self.paces.for_replan(node)
 
     def weight_for(self, node: str, samples: int) -> float:
         """The aggregation weight of ``node``'s upload reporting ``samples``: bounded to
@@ -577,5 +573,4 @@ __all__ = [
     "UploadVerdict",
     "Verdict",
     "decide_stop",
-    "stop_decision",
 ]

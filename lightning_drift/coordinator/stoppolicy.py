@@ -51,9 +51,6 @@ def decide_stop(
     return asked >= need, f"{counted}, stop policy quorum {quorum:g} needs {need}"
 
 
-stop_decision = decide_stop  # the name the session's callers have used
-
-
 class StopBook(msgspec.Struct):
     """The stop requests of live nodes and, once decided, the final round and why."""
 
@@ -112,4 +109,4 @@ class StopBook(msgspec.Struct):
         )
 
 
-__all__ = ["StopBook", "decide_stop", "quorum_need", "stop_decision"]
+__all__ = ["StopBook", "decide_stop", "quorum_need"]

@@ -27,6 +27,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -81,6 +82,40 @@ def reach(
 def finished_error(finish: p.Finish) -> SessionFinished:
     """The exception for the coordinator's ``Finish``."""
     return SessionFinished(finish.round, sha256=finish.sha256, checkpoint=finish.checkpoint)
+
+
+@dataclass(frozen=True)
+class _Joiner:
+    """What a node says when it joins, whichever way it dialled (a token, or by id)."""
+
+    token: str
+    role: str
+    node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None
+    name: str
+    resume_round: int
+    silence_s: float | None
+    observe: bool
+    on_replan: Callable[[p.ShardAssignment], None] | None
+
+
+async def _endpoint(
+    endpoint: Endpoint | None,
+    mode: str,
+    secret: bytes | None,
+    addrs: list[str],
+    relay_urls: Sequence[str],
+) -> tuple[Endpoint, bool]:
+    """The endpoint to dial from: the one given, or one bound now (``secret``: the node's key
+    seed, random when None; in local mode bound beside ``addrs``); and whether it is ours."""
+    if endpoint is not None:
+        return endpoint, False
+    bound = await Endpoint.bind(
+        mode=mode,
+        secret=secret if secret is not None else os.urandom(32),
+        bind_addr=local_bind_for(addrs) if mode == "local" else None,
+        relay_urls=relay_urls,
+    )
+    return bound, True
 
 
 class CoordinatorClient:
@@ -167,37 +202,16 @@ class CoordinatorClient:
         # token expired while it trained (new nodes get the "expired" reason from it).
         verify_token(token, key, now=time.time(), allow_expired=True)
         mode, relay_urls = reach(claims, mode, relay_urls)
-        own = endpoint is None
-        if endpoint is None:
-            endpoint = await Endpoint.bind(
-                mode=mode,
-                secret=secret if secret is not None else os.urandom(32),
-                bind_addr=local_bind_for(list(via) or ticket_addrs(claims.coordinator))
-                if mode == "local"
-                else None,
-                relay_urls=relay_urls,
-            )
+        joiner = _Joiner(
+            token, claims.role, node_info, name, resume_round, silence_s, observe, on_replan
+        )
+        addrs = list(via) or ticket_addrs(claims.coordinator)
+        endpoint, own = await _endpoint(endpoint, mode, secret, addrs, relay_urls)
 
-        async def handshake() -> CoordinatorClient:
-            assert endpoint is not None
-            conn = await endpoint.dial(
-                claims.coordinator, timeout=timeout, expect_key=key, via=tuple(via)
-            )
-            return await cls._joined(
-                endpoint,
-                own,
-                conn,
-                token,
-                claims.role,
-                node_info,
-                name,
-                resume_round,
-                silence_s,
-                observe,
-                on_replan,
-            )
+        def dial(ep: Endpoint) -> Awaitable[Connection]:
+            return ep.dial(claims.coordinator, timeout=timeout, expect_key=key, via=tuple(via))
 
-        return await cls._bounded(handshake(), endpoint if own else None, timeout)
+        return await cls._dial_and_join(dial, endpoint, own, joiner, timeout)
 
     @classmethod
     async def join_peer(
@@ -225,35 +239,14 @@ class CoordinatorClient:
         ticket. ``mode`` defaults to local. Otherwise as :meth:`connect`."""
         peer = parse_peer(coordinator)
         mode = mode or "local"
-        own = endpoint is None
-        if endpoint is None:
-            endpoint = await Endpoint.bind(
-                mode=mode,
-                secret=secret if secret is not None else os.urandom(32),
-                bind_addr=local_bind_for(list(via) or peer_addrs(peer))
-                if mode == "local"
-                else None,
-                relay_urls=relay_urls,
-            )
+        joiner = _Joiner("", "node", node_info, name, resume_round, silence_s, observe, on_replan)
+        addrs = list(via) or peer_addrs(peer)
+        endpoint, own = await _endpoint(endpoint, mode, secret, addrs, relay_urls)
 
-        async def handshake() -> CoordinatorClient:
-            assert endpoint is not None
-            conn = await endpoint.dial_peer(peer, timeout=timeout, via=via)
-            return await cls._joined(
-                endpoint,
-                own,
-                conn,
-                "",
-                "node",
-                node_info,
-                name,
-                resume_round,
-                silence_s,
-                observe,
-                on_replan,
-            )
+        def dial(ep: Endpoint) -> Awaitable[Connection]:
+            return ep.dial_peer(peer, timeout=timeout, via=via)
 
-        return await cls._bounded(handshake(), endpoint if own else None, timeout)
+        return await cls._dial_and_join(dial, endpoint, own, joiner, timeout)
 
     @classmethod
     async def accept(
@@ -305,42 +298,49 @@ class CoordinatorClient:
             raise
 
     @classmethod
-    async def _joined(
+    async def _dial_and_join(
         cls,
+        dial: Callable[[Endpoint], Awaitable[Connection]],
         endpoint: Endpoint,
         own: bool,
-        conn: Connection,
-        token: str,
-        role: str,
-        node_info: p.NodeInfo | Callable[[], p.NodeInfo] | None,
-        name: str,
-        resume_round: int,
-        silence_s: float | None,
-        observe: bool,
-        on_replan: Callable[[p.ShardAssignment], None] | None = None,
+        joiner: _Joiner,
+        timeout: float,
+    ) -> CoordinatorClient:
+        """Dial the coordinator (``dial``), then join as ``joiner`` says, all within
+        ``2 × timeout``; an endpoint we bound (``own``) is closed when that fails."""
+
+        async def handshake() -> CoordinatorClient:
+            return await cls._joined(endpoint, own, await dial(endpoint), joiner)
+
+        return await cls._bounded(handshake(), endpoint if own else None, timeout)
+
+    @classmethod
+    async def _joined(
+        cls, endpoint: Endpoint, own: bool, conn: Connection, joiner: _Joiner
     ) -> CoordinatorClient:
         """Open the control stream on a connection we dialled, send Join, finish the
         handshake."""
+        j = joiner
         try:
             control = await conn.open_stream()
             await control.send(
                 p.Join(
-                    token=token,
+                    token=j.token,
                     node_key=endpoint.key_hex,
                     drift_version=__version__,
-                    name=name,
-                    resume_round=resume_round,
-                    observe=observe,
+                    name=j.name,
+                    resume_round=j.resume_round,
+                    observe=j.observe,
                 )
             )
             self = cls(endpoint, own, conn, control)
-            self.role = "observer" if observe else role
-            self.silence_s = silence_s
-            self.on_replan = on_replan
+            self.role = "observer" if j.observe else j.role
+            self.silence_s = j.silence_s
+            self.on_replan = j.on_replan
             if self.role == "node":
-                if node_info is None:
+                if j.node_info is None:
                     raise ValueError("a node token needs node_info (NodeInfo or a factory)")
-                await self._from_ping(node_info, name)
+                await self._from_ping(j.node_info, j.name)
             self._tasks.append(asyncio.create_task(self._reader()))
             return self
         except BaseException:
