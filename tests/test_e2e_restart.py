@@ -98,6 +98,45 @@ def test_nodes_ride_through_a_coordinator_kill(tmp_path: Path) -> None:
     assert (coord.state_dir / "node.token").read_text().strip() == token_before
 
 
+def _has_rejoined(coord: LocalCoordinator, name: str) -> bool:
+    """True once a node named ``name`` (a restarted one: ``name#2``) trains in the session."""
+
+    async def ask() -> bool:
+        obs = await CoordinatorClient.connect(coord.observer_token, timeout=10)
+        try:
+            st = await obs.status()
+        finally:
+            await obs.close()
+        return any(n.name == name and n.state in ("training", "barrier") for n in st.nodes)
+
+    try:
+        return asyncio.run(ask())
+    except DriftError:
+        return False
+
+
+def _restart_b(coord: LocalCoordinator, gate: Path, b, start_b2, tmp_path: Path):
+    """Kill ``b`` (if it still runs) and start its second process with ``start_b2()``; node a
+    (started with ``--gate gate``) is held after its batches from just before the kill until
+    b2 trains in the session, so the session cannot end while b2 imports torch and
+    calibrates, however busy the machine. Returns b2 and the last round completed at the
+    kill."""
+    gate.mkdir(exist_ok=True)
+    (gate / "hold").touch()
+    if b.poll() is None:
+        b.kill()
+    b.wait(timeout=30)
+    round_at_kill = max(_completed_rounds(coord))
+    b2 = start_b2()
+    deadline = time.monotonic() + 300
+    while not _has_rejoined(coord, "b#2"):
+        assert b2.poll() is None, log_tail(tmp_path, "b2")
+        assert time.monotonic() < deadline, "b2 never trained in the session\n" + coord.log_tail()
+        time.sleep(0.3)
+    (gate / "release").touch()
+    return b2, round_at_kill
+
+
 def _b_restarts_while_a_trains_on(tmp_path: Path, epochs: int):
     """A started coordinator where a lost node does not stop the session (quorum 1/2, a short
     heartbeat), and how to start its char-LM nodes."""
@@ -129,8 +168,9 @@ def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -
     coord, node = _b_restarts_while_a_trains_on(tmp_path, epochs)
     ckpt = tmp_path / "b-ckpt"
     # a keeps the session going while b restarts (b's new process imports torch and
-    # calibrates first: the session must not be over by then).
-    a = node("a", "a", "--slow", "0.6")
+    # calibrates first: the session must not be over by then, hence a's gate).
+    gate = tmp_path / "gate"
+    a = node("a", "a", "--slow", "0.6", "--gate", str(gate))
     b = node("b", "b1", "--ckpt-dir", str(ckpt))
     procs = [a, b]
     try:
@@ -139,10 +179,13 @@ def test_a_killed_node_resumes_from_its_checkpoint_and_rejoins(tmp_path: Path) -
             assert b.poll() is None, (tmp_path / "b1.log").read_text()[-3000:]
             time.sleep(0.2)
         time.sleep(0.5)  # let the checkpoint file be complete
-        b.kill()
-        b.wait(timeout=30)
-        round_at_kill = max(_completed_rounds(coord))
-        b2 = node("b", "b2", "--ckpt-dir", str(ckpt), "--resume", str(ckpt / "last.ckpt"))
+        b2, round_at_kill = _restart_b(
+            coord,
+            gate,
+            b,
+            lambda: node("b", "b2", "--ckpt-dir", str(ckpt), "--resume", str(ckpt / "last.ckpt")),
+            tmp_path,
+        )
         procs.append(b2)
         for p, log in ((a, "a"), (b2, "b2")):
             assert p.wait(timeout=360) == 0, (tmp_path / f"{log}.log").read_text()[-4000:]
@@ -187,7 +230,9 @@ def test_a_node_killed_mid_overlap_resumes_from_its_checkpoint_and_ends_exact(tm
     epochs = 3
     coord, node = _b_restarts_while_a_trains_on(tmp_path, epochs)
     ckpt = tmp_path / "b-ckpt"
-    a = node("a", "a", "--slow", "0.4")  # keeps the session going while b restarts
+    gate = tmp_path / "gate"
+    # a keeps the session going while b restarts.
+    a = node("a", "a", "--slow", "0.4", "--gate", str(gate))
     b = node("b", "b1", "--ckpt-dir", str(ckpt), "--die-in-flight", "1")
     procs = [a, b]
     try:
@@ -195,8 +240,13 @@ def test_a_node_killed_mid_overlap_resumes_from_its_checkpoint_and_ends_exact(tm
         saved = torch.load(ckpt / "in-flight.ckpt", weights_only=False)["drift"]
         # Saved mid-overlap: based on round >= 1, with samples trained since its snapshot.
         assert saved["round"] >= 1 and saved["samples_since_round"] > 0, saved
-        round_at_kill = max(_completed_rounds(coord))
-        b2 = node("b", "b2", "--resume", str(ckpt / "in-flight.ckpt"))
+        b2, round_at_kill = _restart_b(
+            coord,
+            gate,
+            b,
+            lambda: node("b", "b2", "--resume", str(ckpt / "in-flight.ckpt")),
+            tmp_path,
+        )
         procs.append(b2)
         for p, log in ((a, "a"), (b2, "b2")):
             assert p.wait(timeout=360) == 0, log_tail(tmp_path, log)

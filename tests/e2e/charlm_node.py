@@ -78,6 +78,23 @@ class Slowdown(Callback):
         time.sleep(max(0.0, (self.factor - 1.0) * took))
 
 
+class Gate(Callback):
+    """Holds this node after each batch while ``dir/hold`` exists and ``dir/release`` does not
+    (a test keeps the session from ending while another node restarts). Bounded: after
+    ``limit`` seconds held it fails, naming the file it waited for."""
+
+    def __init__(self, folder: Path, limit: float = 300.0) -> None:
+        self.folder, self.limit = folder, limit
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        hold, release = self.folder / "hold", self.folder / "release"
+        end = time.monotonic() + self.limit
+        while hold.exists() and not release.exists():
+            if time.monotonic() > end:
+                raise TimeoutError(f"held {self.limit:.0f}s and {release} never appeared")
+            time.sleep(0.05)
+
+
 class DieInFlight(Callback):
     """SIGKILLs this node while a round is in flight, once it holds round ``after`` or later,
     right after saving a Lightning checkpoint of its local (mid-round) weights."""
@@ -154,6 +171,7 @@ def main() -> None:
     ap.add_argument("--round-copies", type=Path, help="keep every round's global weights here")
     ap.add_argument("--overlap", choices=("on", "off"), help="the node's own overlap setting")
     ap.add_argument("--slowdown", type=float, default=1.0, help="train this many times slower")
+    ap.add_argument("--gate", type=Path, help="hold after each batch while gate/hold exists")
     ap.add_argument("--die-in-flight", type=int, default=-1, help="SIGKILL mid-overlap (round)")
     args = ap.parse_args()
     torch.manual_seed(hash(args.name) % 1000)  # different local inits: round 0 must unify them
@@ -178,6 +196,8 @@ def main() -> None:
         callbacks.append(Slowdown(args.slowdown))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=str(args.ckpt_dir), save_last=True))
+    if args.gate:
+        callbacks.append(Gate(args.gate))
     if args.die_in_flight >= 0:
         assert args.ckpt_dir, "--die-in-flight saves a checkpoint first: give --ckpt-dir"
         callbacks.append(DieInFlight(args.die_in_flight, args.ckpt_dir / "in-flight.ckpt"))
