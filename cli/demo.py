@@ -8,6 +8,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import importlib.util
 import math
@@ -15,13 +16,16 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from lightning_drift_cli.local import LocalCoordinator
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
+
+from lightning_drift.coordinator.monitor import render_table, shown
+from lightning_drift.protocol import SessionStatus
+from lightning_drift.text import short_id
 
 # The nodes' model and data (every node of a session must build the same ones).
 MODEL = {"d_model": 64, "n_layers": 2, "block_size": 64}
@@ -96,41 +100,68 @@ def run(*, nodes: int, epochs: int, workdir: Path, max_chars: int, sync_every: i
 def _watch(console: Console, observer: str, procs: list, coord: LocalCoordinator) -> None:
     """Show the session live until every node has exited: the table on a terminal, and a
     line for each completed round with the loss the nodes reported."""
-    from lightning_drift_cli.common import fetch_status
+    asyncio.run(_watch_over_one_connection(console, observer, procs, coord))
 
-    from lightning_drift.coordinator.monitor import render_table, shown
+
+# How long the demo waits for its observer connection and for one status answer on it.
+CONNECT_S = 30.0
+ANSWER_S = 10.0
+
+
+async def _watch_over_one_connection(
+    console: Console, observer: str, procs: list, coord: LocalCoordinator
+) -> None:
+    """Poll the session's status once a second over one observer connection, kept for the
+    whole run (a new connection per poll can miss a short session on a busy machine), and
+    opened again only if it drops."""
+    from lightning_drift.node.client import CoordinatorClient
+
+    def running() -> bool:
+        return any(p.poll() is None for p in procs) and coord.proc.poll() is None
 
     live = console.is_terminal
-    last_round = -1
-    finished = False
+    shown_round = -1
+    finished = False  # once the session says so, its closing connection is no news
+    client = None
     with Live(console=console, auto_refresh=False, transient=True) if live else _Null() as view:
-        while any(p.poll() is None for p in procs) and coord.proc.poll() is None:
-            try:
-                st = fetch_status(observer, timeout=5)
-            except Exception as exc:  # the coordinator may be busy, restarting or done
-                st = None
-                if not live and not finished and coord.proc.poll() is None:
-                    console.print(f"status unavailable: {escape(str(exc))}")
-            if st is not None:
-                finished = st.state == "finished"
-                if live:
-                    view.update(render_table(st), refresh=True)
-                if st.round != last_round:
-                    last_round = st.round
-                    losses = [(n.name or n.node_id[:8], n.loss) for n in st.nodes]
-                    known = [v for _, v in losses if v is not None and math.isfinite(v)]
-                    mean = f"{sum(known) / len(known):.3f}" if known else "-"
-                    each = ", ".join(
-                        f"{shown(name)} {v:.3f}" for name, v in losses if v is not None
-                    )
-                    rate = sum(n.samples_per_s for n in st.nodes)
-                    console.print(
-                        f"round {st.round:>3} · epoch {min(st.epoch + 1, st.epochs)}/{st.epochs}"
-                        f" · loss {mean}"
-                        + (f" ({each})" if each else "")
-                        + f" · {rate:.0f} samples/s"
-                    )
-            time.sleep(1.0)
+        try:
+            while running():
+                try:
+                    if client is None:
+                        client = await CoordinatorClient.connect(
+                            observer, timeout=CONNECT_S, name="demo", observe=True
+                        )
+                    st = await asyncio.wait_for(client.status(), ANSWER_S)
+                except Exception as exc:  # the coordinator may be busy, restarting or done
+                    if client is not None:
+                        await client.close("status failed")
+                        client = None
+                    if not live and not finished and running():
+                        console.print(f"status unavailable: {escape(str(exc))}")
+                else:
+                    finished = st.state == "finished"
+                    if live:
+                        view.update(render_table(st), refresh=True)
+                    if st.round != shown_round:
+                        shown_round = st.round
+                        console.print(_round_line(st))
+                await asyncio.sleep(1.0)
+        finally:
+            if client is not None:
+                await client.close("demo done")
+
+
+def _round_line(st: SessionStatus) -> str:
+    """``round N · epoch E/T · loss L (each node's) · R samples/s``."""
+    losses = [(n.name or short_id(n.node_id), n.loss) for n in st.nodes]
+    known = [v for _, v in losses if v is not None and math.isfinite(v)]
+    mean = f"{sum(known) / len(known):.3f}" if known else "-"
+    each = ", ".join(f"{shown(name)} {v:.3f}" for name, v in losses if v is not None)
+    rate = sum(n.samples_per_s for n in st.nodes)
+    return (
+        f"round {st.round:>3} · epoch {min(st.epoch + 1, st.epochs)}/{st.epochs}"
+        f" · loss {mean}" + (f" ({each})" if each else "") + f" · {rate:.0f} samples/s"
+    )
 
 
 def _loss_per_round(console: Console, log_dir: Path) -> None:
