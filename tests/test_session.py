@@ -552,6 +552,8 @@ def test_progress_reports_loss_and_vram_into_the_status():
     s.progress(A, TrainProgress(round=1, epoch=0, step=2, samples=2, vram_used=1 << 30), 2.0)
     n = next(n for n in s.status(2.0).nodes if n.node_id == A)
     assert (n.vram_used, n.vram_peak) == (1 << 30, 5 << 30)  # the peak is kept
+
+
 # ---- what a node says about itself is bounded -----------------------------------------------
 
 
@@ -642,8 +644,12 @@ def test_a_self_reported_rate_is_bounded_by_the_measured_one():
     s.arrived(A, open_round, 100, 4.0, train_s=TRAIN_S_MIN)  # claims 10^5 samples/s
     p = s.paces.of(A)
     assert p.measured == pytest.approx(25.0) and p.reported == pytest.approx(25.0 * PACE_FACTOR)
-    assert s.scheduler.pace(A, s.paces.measured()) == pytest.approx(25.0)  # plans use what was measured
+    assert s.scheduler.pace(A, s.paces.measured()) == pytest.approx(
+        25.0
+    )  # plans use what was measured
     assert all(math.isfinite(n.samples_per_s) for n in s.status(5.0).nodes)
+
+
 def _covered(s: Session) -> list[int]:
     return sorted(i for a in s.assignments.values() for lo, hi in a.ranges for i in range(lo, hi))
 
@@ -737,7 +743,11 @@ def test_a_re_plan_survives_a_restart():
     s.rebalance(1.0)
     r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
     assert r.assignments == s.assignments and r.assignments[A].segments
-    assert (r.replans.revision, r.replans.round, r.book.trained) == (1, s.open_round, {A: 40, B: 20})
+    assert (r.replans.revision, r.replans.round, r.book.trained) == (
+        1,
+        s.open_round,
+        {A: 40, B: 20},
+    )
     assert _covered(r) == list(range(1000))
 
 
@@ -793,7 +803,9 @@ def test_re_plans_go_by_a_smoothed_pace_not_one_noisy_window():
     _measured(s, {A: 30.0, B: 30.0}, {A: 10, B: 10}, 1.0)
     _measured(s, {A: 36.0, B: 24.0}, {A: 20, B: 20}, 2.0)  # one window of ±20 % noise
     assert s.paces.of(A).reported == 36.0  # the status shows the latest window
-    assert s.paces.for_replan(A) == pytest.approx(33.0) and s.paces.for_replan(B) == pytest.approx(27.0)
+    assert s.paces.for_replan(A) == pytest.approx(33.0) and s.paces.for_replan(B) == pytest.approx(
+        27.0
+    )
     r = Session.from_dict(json.loads(json.dumps(s.to_dict())), now=10.0)
     assert r.paces.for_replan(A) == pytest.approx(33.0)  # kept across a restart
 
@@ -831,3 +843,25 @@ def test_a_session_saved_before_the_parts_kept_themselves_still_loads():
     assert r.stop_requests == old["stop"]["requests"] and r.book.trained == old["trained"]
     again = Session.from_dict(saved, now=11.0)
     assert json.loads(json.dumps(again.to_dict()))["epochs"] == saved["epochs"]
+
+
+def test_a_shard_of_an_epoch_that_will_never_be_planned_is_refused_at_once():
+    """A node asking for an epoch the session will never plan (a restored Lightning loop
+    ahead of the session) is told so at once, instead of waiting for an answer that never
+    comes; the next epoch is still waited for."""
+    s = session(epochs=3, min_nodes=2)
+    ready(s, A)
+    s.upload(A, 0, 0.0)
+    s.initial(0.0)
+    for epoch in (1, 2, 3, 10**6):  # nothing is planned yet: only epoch 0 can come
+        r = s.shard(A, epoch, 1.0)
+        assert not r.wait and r.code == "bad_epoch", (epoch, r)
+        assert f"epoch {epoch} will never be planned" in r.reason
+        assert "epochs 0-2" in r.reason and "plans epoch 0 next" in r.reason
+    assert s.shard(A, 0, 1.0).wait  # the start gate: min_nodes=2
+    ready(s, B, 1.0)
+    assert s.shard(A, 0, 1.0).assignment is not None
+    assert s.shard(A, 1, 1.0).wait  # the next epoch comes once epoch 0's rounds complete
+    r = s.shard(A, 2, 1.0)
+    assert r.code == "bad_epoch" and "plans epoch 1 next" in r.reason
+    assert s.shard(A, 3, 1.0).code == "bad_epoch"  # past the session's last epoch

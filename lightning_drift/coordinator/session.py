@@ -311,9 +311,13 @@ class Session:
         if m is None or not m.live():
             return ShardReply(None, "not joined", "not_joined")
         m.last_seen = now
-        if self.finished or epoch >= self.config.epochs:
+        if self.finished:
             return ShardReply(None, f"no epoch {epoch}: the session has finished", "finished")
         self.maybe_plan(now)
+        # The one epoch that may still come: the one after the planned epoch (0 before any).
+        coming = 0 if self.plan is None else self.plan.epoch + 1
+        if epoch > coming or epoch >= self.config.epochs:
+            return ShardReply(None, unplannable(epoch, coming, self.config.epochs), "bad_epoch")
         if self.plan is None or epoch > self.plan.epoch:
             return ShardReply(None, f"epoch {epoch} is not planned yet; waiting")
         a = self.assignments.get(node) or self._late_assignment(node)
@@ -555,6 +559,17 @@ def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
         "replans": {"revision": d.get("revision", 0), "round": d.get("rebalanced_round", -1)},
         "stop": d.get("stop") or {},
     }
+
+
+def unplannable(epoch: int, coming: int, epochs: int) -> str:
+    """Why a shard request for ``epoch`` can never be answered (the session plans ``coming``
+    next and trains ``epochs`` epochs), and what the node should do."""
+    return (
+        f"epoch {epoch} will never be planned: the session trains epochs 0-{epochs - 1} and "
+        f"plans epoch {min(coming, epochs - 1)} next. A node asks for the epoch its Lightning "
+        "loop is in: resume from a checkpoint of this session (or none), or let the node start "
+        "at the session's epoch"
+    )
 
 
 __all__ = [

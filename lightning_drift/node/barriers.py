@@ -50,7 +50,8 @@ def steps_per_epoch(
     ``batches`` is the loader's length in batches (``inf`` for a loader without ``__len__``:
     then one step per sample of the ``shard_size`` is assumed). Under automatic optimization
     Lightning steps the optimizer once per ``accumulate_grad_batches`` batches (the last
-    group may be short); under manual optimization the module steps once per batch.
+    group may be short); under manual optimization every batch counts as one step, however many
+    times the module steps its optimizers in it.
     """
     if not math.isfinite(batches):
         batches = shard_size

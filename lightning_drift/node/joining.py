@@ -195,6 +195,17 @@ class Joining:
             self.node_key = runtime.node_key
             config = runtime.start()
             work = self._take_config(config, module, loop, resumed_session, history)
+            if resumed_session and resumed_session != config.session_id:
+                # The checkpoint's loop counters count another session's epochs: this one
+                # trains from its own epoch on (the shard asked for next is that epoch's).
+                was = loop.jump_to_epoch(config.epoch)
+                if was != config.epoch:
+                    log.warning(
+                        "resumed at epoch %d of another session; this session is at epoch %d: "
+                        "training goes on from there",
+                        was,
+                        config.epoch,
+                    )
             self._unused_devices(hw, device)
             overridden = loop.keep_fitting(config.epochs)
             if overridden is not None:

@@ -27,7 +27,7 @@ SUPPORTED = "lightning>=2.4,<3"
 # Where each private (or undocumented) name lives; ``trainer`` is a ``Trainer``, ``fetcher``
 # the fit loop's data fetcher, ``progress`` the fit loop's epoch counters.
 PRIVATE: dict[str, tuple[str, ...]] = {
-    "fit_loop": ("_data_fetcher", "max_batches", "epoch_progress"),
+    "fit_loop": ("_data_fetcher", "max_batches", "epoch_progress", "_last_train_dl_reload_epoch"),
     "fetcher": ("length", "done", "fetched"),
     "progress": ("ready", "started", "processed", "completed"),
     "trainer": ("val_check_batch",),
@@ -84,6 +84,27 @@ def with_sampler(dataloader: DataLoader, sampler: Sampler[int]) -> DataLoader:
     return _update_dataloader(dataloader, sampler, mode=RunningStage.TRAINING)
 
 
+def reload_train_data(trainer: Any) -> None:
+    """Make the fit loop load its train dataloader again when it starts.
+
+    A hook that runs inside ``Trainer.setup`` (``configure_optimizers`` asking for
+    ``trainer.estimated_stepping_batches``) loads the train dataloader before the fit starts;
+    the fit loop then keeps that loader for its first epoch and the node would train it
+    outside the session. Forgetting when it was loaded makes the fit's own first epoch load
+    it again, through the strategy, which joins and shards it."""
+    trainer.fit_loop._last_train_dl_reload_epoch = float("-inf")
+
+
+def limited(trainer: Any, batches: int) -> int:
+    """``batches`` as ``Trainer(limit_train_batches)`` cuts an epoch of them."""
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        return min(batches, limit)
+    if isinstance(limit, float) and limit < 1.0:
+        return int(batches * limit)
+    return batches
+
+
 def follow_epoch_length(trainer: Any, batches: int) -> None:
     """Make Lightning's running epoch ``batches`` long (the sampler's work was re-planned).
 
@@ -91,11 +112,7 @@ def follow_epoch_length(trainer: Any, batches: int) -> None:
     off at the old length, and one that yields fewer ends the epoch without its end-of-epoch
     validation. So the fit loop's length, the data fetcher's and the batch that triggers
     validation are all set to the new one (a ``limit_train_batches`` still caps it)."""
-    limit = trainer.limit_train_batches
-    if isinstance(limit, int):
-        batches = min(batches, limit)
-    elif isinstance(limit, float) and limit < 1.0:
-        batches = int(batches * limit)
+    batches = limited(trainer, batches)
     loop = trainer.fit_loop
     loop.max_batches = batches
     fetcher = loop._data_fetcher
@@ -185,7 +202,9 @@ __all__ = [
     "follow_epoch_length",
     "jump_to_epoch",
     "keep_fitting",
+    "limited",
     "missing",
+    "reload_train_data",
     "reset_check",
     "with_sampler",
 ]

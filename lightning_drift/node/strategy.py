@@ -80,7 +80,7 @@ from typing_extensions import override
 from lightning_drift import protocol as p
 from lightning_drift.auth import TOKEN_ENV
 from lightning_drift.errors import ConfigError, SessionFinished
-from lightning_drift.node import devices, loopstate
+from lightning_drift.node import devices, loopstate, schedules
 from lightning_drift.node.epochwork import EpochWork
 from lightning_drift.node.exchange import BarrierRecord, InFlight
 from lightning_drift.node.joining import Joining, Shape, Way, ways_in
@@ -187,6 +187,7 @@ class DriftStrategy(SingleDeviceStrategy):
         self.history: list[BarrierRecord] = []  # one record per barrier, for tests and logs
         self._resumed_from: dict[str, Any] | None = None  # the "drift" entry of a resumed .ckpt
         self._fit_started = False  # False during a Tuner's internal fit: it stays local
+        self._stepped_in_batch = False  # manual optimization: the batch took an optimizer step
 
     @property
     def token(self) -> str | None:
@@ -329,10 +330,42 @@ class DriftStrategy(SingleDeviceStrategy):
         shape = Shape(dataset_size, batch_size, batch_size * max(1, accumulate))
         resumed = str((self._resumed_from or {}).get("session") or "")
         loop = loopstate.TrainerLoop(trainer, module)
+        asked_epochs = trainer.max_epochs  # the session's replace them when the node joins
         self._work = self._joining.join(
             module, loop, self.root_device, shape, resumed, self.history
         )
+        if module.automatic_optimization:  # manual optimization steps its schedulers itself
+            self._check_horizons(len(loader), asked_epochs)
         return self._work
+
+    def _check_horizons(self, batches: int, asked_epochs: int | None) -> None:
+        """Refuse a scheduler with a fixed horizon (``OneCycleLR``) that the session's epochs
+        would step past: it was sized before the join, by ``Trainer(max_epochs)``."""
+        trainer, config = self._pl.trainer, self.config
+        assert config is not None
+        batches = loopstate.limited(trainer, batches)
+        epochs = max(0, config.epochs - trainer.current_epoch)
+        steps = schedules.most_steps(
+            batches,
+            epochs=epochs,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            max_steps=trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else -1,
+        )
+        short = schedules.short_horizons(trainer.lr_scheduler_configs, steps=steps, epochs=epochs)
+        if not short:
+            return
+        if asked_epochs != config.epochs:
+            why = (
+                "configure_optimizers runs before the node joins, so "
+                f"trainer.estimated_stepping_batches counted Trainer(max_epochs={asked_epochs}); "
+                f"set Trainer(max_epochs={config.epochs}) (the session's --epochs)"
+            )
+        else:
+            why = "size the schedule for the steps the node can take (estimated_stepping_batches)"
+        raise ConfigError(
+            f"a learning-rate schedule ends before this node's training in the session "
+            f"({config.epochs} epochs) can: {'; '.join(short)}. {why}"
+        )
 
     # -- training hooks ----------------------------------------------------------------------------
     @override
@@ -358,8 +391,12 @@ class DriftStrategy(SingleDeviceStrategy):
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        # With several optimizers, one training step is counted once: at the first one's step.
-        if not self.optimizers or optimizer is self.optimizers[0]:
+        if not self._pl.automatic_optimization:
+            # Manual optimization steps inside training_step, any number of times per batch
+            # (truncated backprop, one per optimizer): the batch counts once, at its end.
+            self._stepped_in_batch = True
+        elif not self.optimizers or optimizer is self.optimizers[0]:
+            # With several optimizers, one training step is counted once: at the first one's.
             self._after_step()
         return out
 
@@ -398,8 +435,13 @@ class DriftStrategy(SingleDeviceStrategy):
         work.hold_due()
 
     def batch_ended(self) -> None:
-        """After every training batch: at ``Trainer(max_steps)`` Lightning ends the fit, so
-        this node asks the session to stop and holds the final barrier before Lightning does."""
+        """After every training batch: under manual optimization a batch that stepped is one
+        step towards the barriers (held here, between two batches, never inside the module's
+        own training_step); at ``Trainer(max_steps)`` Lightning ends the fit, so this node asks
+        the session to stop and holds the final barrier before Lightning does."""
+        if self._stepped_in_batch:
+            self._stepped_in_batch = False
+            self._after_step()
         if self.runtime is None or self.finished:
             return
         meter = self._meter
@@ -479,6 +521,9 @@ class _FitHooks(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy._fit_started = True
+        # A loader loaded before now (by configure_optimizers asking for
+        # estimated_stepping_batches, or by a tuner) was not the session's: load it again.
+        loopstate.reload_train_data(trainer)
 
     @override
     def on_train_batch_end(
