@@ -11,8 +11,14 @@ not averageable, and no single node's value may win unchecked (:func:`merge_buff
 integer buffer becomes the global value plus the (lower) median of the contributors'
 increments, a bool buffer the value most contributors hold.
 
+Carried tensors (``modelspec.carried``: buffers the global weights hold non-finite by design,
+such as an additive mask of ``-inf``) are neither averaged nor stepped: every upload must
+hold them exactly as the global weights do (a delta: a change of exactly 0), and the
+aggregate and the outer step take the global value, bit for bit.
+
 :func:`check_aggregate` is the last check before new global weights are written: finite, and
-no tensor moved further than a bound relative to its previous value.
+no tensor moved further than a bound relative to its previous value, and carried
+tensors unchanged.
 
 Delta uploads (``delta=True``) carry ``local - global`` for floating tensors, in any floating
 dtype (bfloat16 halves the transfer). Integer and bool buffers are always sent as their
@@ -29,7 +35,7 @@ import safetensors.torch
 import torch
 
 from lightning_drift.errors import ConfigError, SessionError
-from lightning_drift.modelspec import key_difference, names
+from lightning_drift.modelspec import carried, carried_changed, key_difference, names, same_bits
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +53,20 @@ def validate_upload(
     upload: Mapping[str, torch.Tensor],
     *,
     any_float: bool = False,
+    fixed: frozenset[str] | None = None,
 ) -> None:
     """Raise ``SessionError(code="bad_upload")`` naming the first reason ``upload`` is unusable.
 
     Checked: the same keys as ``global_sd`` (missing or extra keys are named), then per tensor
     in the global model's order: a tensor, the same dtype (with ``any_float``, any floating
     dtype for a floating tensor, as delta and reduced-precision transfers need), the same
-    shape, and only finite values in floating tensors.
+    shape, and only finite values in floating tensors, except in the global weights' carried
+    tensors (``fixed``; computed from ``global_sd`` when not given), which the upload must
+    leave exactly as they are: the same bits, or with ``any_float`` (a delta) a change of 0.
+    ``validate_upload(sd, sd)`` checks start-up weights: their non-finite tensors are carried.
     """
+    if fixed is None:
+        fixed = carried(global_sd)
     why = key_difference(global_sd, upload, "the global model")
     if why:
         raise SessionError(f"upload has {why}; {_SAME_MODEL}", code="bad_upload")
@@ -77,7 +89,11 @@ def validate_upload(
                 f"{tuple(ref.shape)}; {_SAME_MODEL}",
                 code="bad_upload",
             )
-        if _is_float(t):
+        if name in fixed:
+            kept = bool((t == 0).all()) if any_float else same_bits(t, ref)
+            if not kept:
+                raise SessionError(f"upload refused: {carried_changed(name)}", code="bad_upload")
+        elif _is_float(t):
             bad = int((~torch.isfinite(t)).sum().item())
             if bad:
                 raise SessionError(
@@ -116,7 +132,7 @@ class Accumulator:
     to the global tensor's dtype. Integer and bool buffers: :func:`merge_buffers` over the
     contributors with a weight above 0. Memory is one float64 copy of the floating tensors
     plus one copy of the integer buffers per contributor, however many nodes contribute; the
-    floating part of an upload is not kept.
+    floating part of an upload is not kept. Carried tensors take the global value.
 
     ``norms`` records each upload's change against the global weights (the L2 norm over every
     floating tensor, float64): what names a suspect when the round's aggregate fails.
@@ -124,9 +140,10 @@ class Accumulator:
 
     def __init__(self, global_sd: Mapping[str, torch.Tensor]) -> None:
         self._global: StateDict = dict(global_sd)
+        self._fixed = carried(self._global)  # carried as they are: never averaged
         self._acc: StateDict = {}
         for k, t in self._global.items():
-            if _is_float(t):
+            if _is_float(t) and k not in self._fixed:
                 self._acc[k] = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
         self._ints: list[StateDict] = []  # integer/bool buffers of contributors with weight > 0
         self.contributors: list[tuple[str, float]] = []
@@ -149,7 +166,7 @@ class Accumulator:
         contribution is ``global + delta`` (in float64).
         """
         w = check_contribution(self.contributors, node, weight)
-        validate_upload(self._global, upload, any_float=delta)
+        validate_upload(self._global, upload, any_float=delta, fixed=self._fixed)
         sq = 0.0
         for k, acc in self._acc.items():
             # Fresh float64 copies: never write into the caller's upload or the global weights.
@@ -191,6 +208,8 @@ class Accumulator:
         for k, ref in self._global.items():
             if k in self._acc:
                 out[k] = (self._acc[k] / self.total_weight).to(ref.dtype)
+            elif k in self._fixed:
+                out[k] = ref.clone()
             else:
                 out[k] = merge_buffers(ref, [ints[k] for ints in self._ints])
         return out
@@ -233,11 +252,17 @@ def check_aggregate(
 ) -> str | None:
     """Why ``new`` must not become the global weights after ``old``, or None.
 
-    Refused: a non-finite value in a floating tensor, or a floating tensor that moved further
+    Refused: a carried tensor of ``old`` (non-finite by design) that is not exactly as it was,
+    a non-finite value in any other floating tensor, or a floating tensor that moved further
     than ``max_change × (‖old‖ + √numel)`` (L2, float64): a model that legitimate training
     changes by a fraction of its size per round cannot move by many times its size (the
     ``√numel`` term allows tensors that start at 0). ``max_change`` 0: no bound."""
+    fixed = carried(old)
     for k, t in new.items():
+        if k in fixed:
+            if not same_bits(t, old[k]):
+                return f"tensor {k[:80]!r}, non-finite by design, changed"
+            continue
         if not _is_float(t):
             continue
         bad = int((~torch.isfinite(t)).sum().item())
@@ -266,7 +291,7 @@ class DiLoCo:
     ``u = g + momentum * b`` (Nesterov) or ``u = b``, ``new = global - lr * u``.
     Parameters in float32/float64 are stepped in their own dtype; float16/bfloat16 ones in
     float32 and cast back (momentum buffers stay float32). Integer and bool buffers take the
-    mean's value.
+    mean's value; carried tensors (non-finite by design) the global value, unstepped.
 
     How far it moves: while the pseudo-gradient keeps its direction, round t's step is
     ``lr * (1 + m * (1 - m**t) / (1 - m))`` times the mean's own change (``m`` the momentum):
@@ -301,8 +326,12 @@ class DiLoCo:
                 code="bad_upload",
             )
         out: StateDict = {}
+        fixed = carried(global_sd)
         for k, p in global_sd.items():
             m = mean_sd[k]
+            if k in fixed:
+                out[k] = p.clone()  # global - lr * (global - mean) would be NaN at an inf
+                continue
             if not _is_float(p):
                 out[k] = m.clone()
                 continue

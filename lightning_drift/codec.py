@@ -4,7 +4,10 @@ A *change* (delta) maps every tensor name of a model to either
 
 - for a floating tensor: how much it changed (``new - old``), or
 - for an integer or bool buffer (``num_batches_tracked``, masks): its new value, because such
-  values cannot be subtracted or averaged; they travel as they are.
+  values cannot be subtracted or averaged; they travel as they are;
+- for a carried tensor of the old weights (``modelspec.carried``: non-finite by design, such
+  as an additive mask of ``-inf``): exactly 0 when it is unchanged, where ``new - old`` would
+  be NaN (``-inf - -inf``); applying a change keeps it as the old weights hold it, bit for bit.
 
 Codecs (``TransferDType`` in the protocol, ``--transfer-dtype`` on the coordinator):
 
@@ -45,7 +48,7 @@ import safetensors.torch
 import torch
 
 from lightning_drift.errors import ConfigError, SessionError
-from lightning_drift.modelspec import TensorSpec
+from lightning_drift.modelspec import TensorSpec, carried, same_bits
 
 StateDict = dict[str, torch.Tensor]
 Codec = Literal["bfloat16", "int8"]
@@ -107,11 +110,19 @@ class Encoded:
 
 def difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> StateDict:
     """The change from ``old`` to ``new``: ``new - old`` for floating tensors (in their compute
-    dtype, on the CPU), ``new``'s value for the others."""
+    dtype, on the CPU), ``new``'s value for the others. A carried tensor of ``old`` that ``new``
+    holds unchanged has the change 0; one that changed has ``new - old`` where the values
+    differ (0 where they are equal, not NaN), which the receiver refuses by name."""
+    fixed = carried(old)
     out: StateDict = {}
     for k, v in new.items():
         v = v.detach().cpu()
-        if v.is_floating_point():
+        if k in fixed:
+            o = old[k].detach().cpu()
+            cdt = compute_dtype(o.dtype)
+            zero = torch.zeros(v.shape, dtype=cdt)
+            out[k] = zero if same_bits(v, o) else torch.where(v == o, zero, v.to(cdt) - o.to(cdt))
+        elif v.is_floating_point():
             cdt = compute_dtype(old[k].dtype)
             out[k] = v.to(cdt) - old[k].detach().cpu().to(cdt)
         else:
@@ -121,13 +132,17 @@ def difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor])
 
 def apply(base: Mapping[str, torch.Tensor], change: Mapping[str, torch.Tensor]) -> StateDict:
     """``base`` moved by ``change``: ``base + change`` for floating tensors (computed in their
-    compute dtype, cast back to ``base``'s), ``change``'s value for the others. New tensors on
-    the CPU, in ``base``'s key order; the coordinator and every node call this same function,
-    so they get the same bits."""
+    compute dtype, cast back to ``base``'s), ``change``'s value for the others; carried tensors
+    of ``base`` stay as they are (their change is 0). New tensors on the CPU, in ``base``'s key
+    order; the coordinator and every node call this same function, so they get the same
+    bits."""
+    fixed = carried(base)
     out: StateDict = {}
     for k, b in base.items():
         c = change[k]
-        if b.is_floating_point():
+        if k in fixed:
+            out[k] = b.detach().cpu().clone()
+        elif b.is_floating_point():
             cdt = compute_dtype(b.dtype)
             x = b.detach().cpu().to(cdt, copy=True)
             x.add_(c.to(cdt))

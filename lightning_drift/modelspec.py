@@ -8,7 +8,21 @@ state dict it holds or from the header of an uploaded safetensors blob, *before*
 blob's body (:func:`read_header`), so an upload of another model is refused from its first
 bytes.
 
-Pure: no I/O, no clock; torch only for dtype names.
+The table is fixed for a whole session: :func:`table_change` names what differs when a
+model's tensors change during fit (a pruning reparametrisation adds ``*_orig`` and ``*_mask``),
+so a node stops with that list before it builds a payload the coordinator cannot read.
+
+**Carried tensors** (:func:`carried`): a floating tensor whose global value holds a non-finite
+number is non-finite by design (an additive attention mask of ``-inf``); such tensors are
+carried as they are, bit for bit: never averaged, differenced or stepped (``-inf - -inf`` is
+NaN), and an upload must leave them exactly as the global weights hold them
+(:func:`carried_changed` says why one that does not is refused). They are told from
+divergence by the global weights alone: a tensor finite there that turns non-finite is
+divergence, and the check before new global weights are written keeps every other tensor
+finite, so the set cannot grow after the start-up sync. A node offers only finite
+*parameters* at the start-up sync, so only buffers are ever carried.
+
+Pure: no I/O, no clock; torch only for dtype names and the finiteness of values.
 """
 
 from __future__ import annotations
@@ -202,6 +216,52 @@ def key_difference(want: Iterable[str], got: Iterable[str], model: str) -> str |
     return "; ".join(parts) or None
 
 
+def table_change(want: Mapping[str, TensorSpec], got: Mapping[str, TensorSpec]) -> str | None:
+    """What differs from the tensor table ``want`` (the session's) to ``got`` (a model now):
+    the tensors added, removed and changed (dtype or shape), each as its first few names and
+    a count; None when the tables are the same. Names only: no value is read."""
+    added = [k for k in got if k not in want]
+    removed = [k for k in want if k not in got]
+    changed = [k for k, spec in want.items() if k in got and got[k] != spec]
+    parts = [
+        f"{len(keys)} {what} ({names(keys)})"
+        for what, keys in (("added", added), ("removed", removed), ("changed", changed))
+        if keys
+    ]
+    return "; ".join(parts) or None
+
+
+def carried(sd: Mapping[str, torch.Tensor]) -> frozenset[str]:
+    """The carried tensors of the global weights ``sd`` (see the module docstring): the
+    floating ones holding a NaN or an infinity. Call it on the global weights, never on an
+    upload: only they say what the model holds by design."""
+    return frozenset(
+        k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    )
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` have the same dtype, shape and bytes (``-0.0`` is not ``0.0``, a NaN
+    equals the same NaN): how a carried tensor is compared with the global one."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    b = b.to(a.device)
+    return torch.equal(
+        a.detach().reshape(-1).contiguous().view(torch.uint8),
+        b.detach().reshape(-1).contiguous().view(torch.uint8),
+    )
+
+
+def carried_changed(name: str) -> str:
+    """Why an upload that changed the carried tensor ``name`` is refused, and the fix."""
+    return (
+        f"buffer {name[:80]!r} holds non-finite values by design (the session carries it as "
+        "the model defined it, never averaged), but it changed during training: keep such a "
+        "buffer fixed during fit (register it with persistent=False to keep it out of the "
+        "state dict, or compute it in forward)"
+    )
+
+
 def names(keys: Iterable[str], limit: int = 5) -> str:
     """The first ``limit`` names (each cut to 80 characters), then how many more."""
     keys = list(keys)
@@ -214,12 +274,16 @@ __all__ = [
     "Header",
     "Table",
     "TensorSpec",
+    "carried",
+    "carried_changed",
     "compare",
     "fingerprint",
     "header_needs",
     "key_difference",
     "names",
     "read_header",
+    "same_bits",
     "state_fingerprint",
+    "table_change",
     "table_of",
 ]

@@ -21,7 +21,8 @@ contributions, each seen as its **change** against the current global weights (f
 Contributions with weight 0 (nothing trained this round) take no part. With fewer than three
 contributors no method can out-vote a hostile one: "trimmed" and "median" then average, and
 only the clip bounds it. Integer and bool buffers follow
-:func:`lightning_drift.aggregate.merge_buffers` as in the mean.
+:func:`lightning_drift.aggregate.merge_buffers` as in the mean; carried tensors (non-finite by
+design, ``modelspec.carried``) take the global value and count in no norm, as in the mean.
 
 Memory: every contribution of the round is kept as uploaded (its wire dtype) until the round
 completes, plus, while combining, one float64 stack of a single tensor over the
@@ -44,6 +45,7 @@ from lightning_drift.aggregate import (
     validate_upload,
 )
 from lightning_drift.errors import ConfigError, SessionError
+from lightning_drift.modelspec import carried
 
 METHODS = ("off", "trimmed", "median")  # the choices of the session's ``robust`` setting
 
@@ -105,6 +107,7 @@ class RobustAccumulator:
         if method not in METHODS:
             raise ConfigError(f"robust aggregation must be {', '.join(METHODS)}; got {method!r}")
         self._global: StateDict = dict(global_sd)
+        self._fixed = carried(self._global)  # carried as they are: never combined
         self.method = method
         self.trim = trim
         self.clip = clip
@@ -125,11 +128,11 @@ class RobustAccumulator:
         delta: bool = False,
     ) -> None:
         w = check_contribution(self.contributors, node, weight)
-        validate_upload(self._global, upload, any_float=delta)
+        validate_upload(self._global, upload, any_float=delta, fixed=self._fixed)
         c = Contribution(node, w, upload, delta)
         sq = 0.0
         for k, ref in self._global.items():
-            if ref.is_floating_point():
+            if ref.is_floating_point() and k not in self._fixed:
                 sq += float(torch.linalg.vector_norm(c.change(k, ref))) ** 2
         self.norms[node] = math.sqrt(sq)
         if w > 0:
@@ -161,6 +164,9 @@ class RobustAccumulator:
         n = len(kept)
         out: StateDict = {}
         for k, ref in self._global.items():
+            if k in self._fixed:
+                out[k] = ref.clone()
+                continue
             if not ref.is_floating_point():
                 out[k] = merge_buffers(ref, [c.upload[k] for c in kept])
                 continue

@@ -209,3 +209,47 @@ def test_a_delta_against_a_stale_base_is_left_out_never_applied(tmp_path: Path) 
         await coord.close()
 
     run(main())
+
+
+def test_a_mask_of_minus_infinity_is_carried_bit_for_bit_through_real_rounds(tmp_path: Path):
+    # An additive causal mask: the start-up sync takes it, and neither the int8 changes nor
+    # DiLoCo's outer step turn its -inf into NaN; every node and the checkpoint hold it as is.
+    mask = torch.triu(torch.full((8, 8), float("-inf")), 1)
+    init = {**model(0), "mask": mask.clone()}
+
+    async def main():
+        coord = coordinator(
+            tmp_path, min_nodes=2, transfer_dtype="int8", aggregation="diloco", dataset_size=800
+        )
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        info = node_info(coord.config.dataset_size, state_fingerprint(init))
+        clients = [
+            await CoordinatorClient.connect(coord.node_token, node_info=info, timeout=10)
+            for _ in range(2)
+        ]
+        helds = [GlobalWeights("int8") for _ in clients]
+        for c, h in zip(clients, helds, strict=True):
+            await barrier(c, h, init, 0)
+            await c.shard(0)
+        glob = init
+        for r in (1, 2):
+            res = await asyncio.gather(
+                *(
+                    barrier(c, h, {**trained(glob, 10 * r + i), "mask": mask.clone()}, r)
+                    for i, (c, h) in enumerate(zip(clients, helds, strict=True))
+                )
+            )
+            ckpt = (coord.store.directory / f"round-{r:06d}.safetensors").read_bytes()
+            for ready, got, _ in res:
+                assert ready.contributed and ready.payload == "delta", ready.reason
+                assert got.blob == ckpt
+                assert torch.equal(got.weights["mask"], mask)
+            glob = res[0][1].weights
+            assert not torch.equal(glob["w"], init["w"])
+        for c in clients:
+            await c.close()
+        runner.cancel()
+        await coord.close()
+
+    run(main())

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import torch
+from torch.nn.utils import prune
 
 from lightning_drift.aggregate import from_bytes, to_bytes
-from lightning_drift.errors import SessionError
+from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.fsutil import sha256_bytes
 from lightning_drift.node.exchange import BarrierRecord, RoundExchange
 from lightning_drift.node.pace import PaceMeter
@@ -161,3 +162,51 @@ def test_a_stale_base_names_the_round_the_node_holds_and_other_errors_pass_throu
     with pytest.raises(SessionError, match="stale base"):
         rounds.settle()
     assert rounds.in_flight is None and rounds.base_round == 2
+
+
+class Pruned(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)
+        )
+
+
+def synced(dtype: str) -> tuple[Pruned, Network, RoundExchange]:
+    """A node past its start-up sync, holding the session's weights (a copy of its own)."""
+    m = Pruned()
+    net = Network({k: v.clone() for k, v in m.state_dict().items()})
+    rounds = RoundExchange(net, GlobalWeights(dtype), m, PaceMeter(Clock()))  # type: ignore[arg-type]
+    rounds.hand_off(BarrierSync(round=0), overlap=False)
+    net.answer()
+    rounds.settle()
+    return m, net, rounds
+
+
+def assert_names_the_pruned_tensors(err: pytest.ExceptionInfo[ConfigError]) -> None:
+    msg = str(err.value)
+    assert "2 added ('net.0.weight_orig', 'net.0.weight_mask')" in msg, msg
+    assert "1 removed ('net.0.weight')" in msg, msg
+    assert "fixed during fit" in msg and "ModelPruning" in msg, msg
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_a_model_whose_tensors_change_during_fit_stops_at_its_next_barrier(dtype, overlap):
+    m, net, rounds = synced(dtype)
+    prune.l1_unstructured(m.net[0], "weight", amount=0.5)  # what ModelPruning does at epoch end
+    with pytest.raises(ConfigError) as err:
+        rounds.hand_off(BarrierSync(round=1, samples=4), overlap=overlap)
+    assert_names_the_pruned_tensors(err)
+    assert rounds.in_flight is None and not net.pending  # nothing was built or handed off
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_tensors_that_change_while_a_round_travels_stop_its_apply(dtype):
+    m, net, rounds = synced(dtype)
+    rounds.hand_off(BarrierSync(round=1, samples=4), overlap=True)
+    prune.l1_unstructured(m.net[0], "weight", amount=0.5)  # during the overlapped round
+    net.answer()  # the upload was the copy taken at the barrier: it still has the old tensors
+    with pytest.raises(ConfigError) as err:
+        rounds.settle()
+    assert_names_the_pruned_tensors(err)

@@ -35,6 +35,7 @@ from lightning_drift.node.weights import (
     StateDict,
     WeightsMismatch,
     apply_in_place,
+    check_start,
     keep_round_copy,
     load_in_place,
     local_state,
@@ -139,11 +140,20 @@ class RoundExchange:
 
         At the start-up sync a node whose session already has weights sends none (it names
         its own by sha256, and is answered with "same" when they are the session's);
-        ``whole`` sends them anyway (the coordinator lost its weights and asked)."""
+        ``whole`` sends them anyway (the coordinator lost its weights and asked).
+
+        ConfigError, before anything is copied or sent, when the model no longer fits the
+        session (``GlobalWeights.check``: its tensors changed during fit, or a buffer that is
+        non-finite by design changed), or when a parameter is non-finite at the start-up
+        sync (``check_start``)."""
         assert self.in_flight is None, "at most one round in flight: settle it first"
         with self.meter.busy("handoff_s"):
             weights = self.weights
-            taken = snapshot(self.module) if overlap else local_state(self.module)
+            state = local_state(self.module)
+            weights.check(state)
+            if sync.round == 0:
+                check_start(self.module)
+            taken = snapshot(self.module) if overlap else state
             has = self.base_round >= 0 or self.has_weights
             empty = sync.round == 0 and not whole and has
 
@@ -239,7 +249,7 @@ class RoundExchange:
                 # (a straggler: nothing more to train): exactly the round's weights.
                 load_in_place(self.module, got.weights)
             else:
-                apply_in_place(self.module, got.weights, inflight.taken)
+                apply_in_place(self.module, got.weights, inflight.taken, got.carried)
         self.base_round = got.round  # the parameters are now based on this round's weights
         if self.checkpoint_dir is not None:
             keep_round_copy(self.checkpoint_dir, got.round, got.blob)

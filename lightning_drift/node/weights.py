@@ -11,7 +11,17 @@
 - :func:`load_in_place`: copy the global weights into the existing parameters and buffers;
 - :func:`snapshot` and :func:`apply_in_place`: an overlapped round's hand-off: a copy of the
   weights at the barrier, and later ``global + (weights now - that copy)``, in place;
-- :func:`keep_round_copy`: the node's own copy of a round's global weights on disk.
+- :func:`keep_round_copy`: the node's own copy of a round's global weights on disk;
+- :meth:`GlobalWeights.check` (each barrier, on the training thread, before any payload is
+  built), :func:`load_in_place` and :func:`apply_in_place`: the model must still have the
+  session's tensor table (:func:`check_table`: a pruning reparametrisation during fit adds
+  and removes tensors) and its carried buffers unchanged.
+
+Carried buffers (``modelspec.carried``: non-finite by design, such as an additive mask of
+``-inf``) are never differenced or stepped here either: a change leaves them 0, an
+overlapped apply takes the global value, so the node holds them bit for bit as the model
+defined them. :func:`check_start` refuses non-finite *parameters* at the start-up sync, so
+that only buffers are ever carried.
 
 Torch only: no Lightning, no network. ``upload`` and ``receive`` may run on any thread (the
 node's network thread included), one call at a time.
@@ -30,7 +40,16 @@ from lightning_drift.aggregate import from_bytes, to_bytes
 from lightning_drift.checkpoint import weights_name
 from lightning_drift.errors import ConfigError, DriftError
 from lightning_drift.fsutil import atomic_write, sha256_bytes
-from lightning_drift.modelspec import state_fingerprint
+from lightning_drift.modelspec import (
+    Table,
+    TensorSpec,
+    carried,
+    carried_changed,
+    same_bits,
+    state_fingerprint,
+    table_change,
+    table_of,
+)
 from lightning_drift.protocol import Payload, TransferDType
 
 StateDict = dict[str, torch.Tensor]
@@ -56,12 +75,49 @@ def local_state(module: torch.nn.Module) -> StateDict:
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
+def check_table(local: Mapping[str, torch.Tensor], table: Mapping[str, TensorSpec]) -> None:
+    """ConfigError when the tensor table (names, shapes, dtypes; no values) of the weights
+    ``local`` is not the session's ``table``, naming the tensors added, removed and changed.
+
+    Every round moves the tensors the session started with, so they must stay the same all
+    through fit; a model whose tensors change (pruning's reparametrisation adds ``*_orig``
+    and ``*_mask``) is stopped here, on the training thread, before a payload is built."""
+    why = table_change(table, table_of(local))
+    if why is not None:
+        raise ConfigError(
+            f"this model's tensors are no longer the session's: {why}. Every round moves the "
+            "tensors the session started with, so the model's tensors (names, shapes, dtypes) "
+            "must stay fixed during fit. Pruning with a reparametrisation (Lightning's "
+            "ModelPruning, torch.nn.utils.prune) adds *_orig and *_mask tensors: prune before "
+            "trainer.fit and make it permanent (torch.nn.utils.prune.remove), prune after fit, "
+            "or apply torch.nn.utils.prune before fit and change only the masks' values during it"
+        )
+
+
+def check_start(module: torch.nn.Module) -> None:
+    """ConfigError when a parameter of ``module`` holds a NaN or an infinity at the start-up
+    sync: the session would carry it as it is (``modelspec.carried``), but only buffers may be
+    non-finite by design; a parameter that is has diverged or was never finite."""
+    for name, t in module.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.nn.Parameter) and t.is_floating_point():
+            bad = int((~torch.isfinite(t.detach())).sum().item())
+            if bad:
+                raise ConfigError(
+                    f"parameter {name[:80]!r} holds {bad} non-finite value(s) (NaN or inf) at "
+                    "the start-up sync: the node's training diverged or the model was never "
+                    "finite; lower its learning rate, or check its initialisation or the "
+                    "checkpoint it was loaded from (only buffers may hold non-finite values)"
+                )
+
+
 def load_in_place(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     """Copy ``weights`` into the module's existing parameters and buffers.
 
     ``load_state_dict`` copies into the existing tensors: parameters keep their identity, so
     the optimizer's state keeps pointing at them (the local optimizer carries on across
-    rounds, as in DiLoCo). Every name must match (``strict``)."""
+    rounds, as in DiLoCo). The module must have the tensor table of ``weights``
+    (:func:`check_table`)."""
+    check_table(module.state_dict(), table_of(weights))
     with torch.no_grad():
         module.load_state_dict(weights, strict=True)
 
@@ -80,23 +136,25 @@ def apply_in_place(
     module: torch.nn.Module,
     weights: Mapping[str, torch.Tensor],
     taken: Mapping[str, torch.Tensor],
+    fixed: frozenset[str] | None = None,
 ) -> None:
     """Fold the global weights of a round into a module that trained on meanwhile.
 
     ``taken`` is the :func:`snapshot` uploaded for the round and ``weights`` its answer; every
     parameter and buffer becomes ``weights + (now - taken)``: the round's result plus the
     steps taken since the snapshot, so no local step is lost and none is counted twice (the
-    next upload holds them). Bool buffers take ``weights`` as they are. Done in place, under
-    ``no_grad``: parameters keep their identity and the optimizer its state. Tensors that
-    share memory (tied weights) are changed once. Call it between optimizer steps.
+    next upload holds them). Bool buffers and the carried tensors of ``weights`` (``fixed``,
+    computed from ``weights`` when not given) take ``weights`` as they are. Done in place,
+    under ``no_grad``: parameters keep their identity and the optimizer its state. Tensors
+    that share memory (tied weights) are changed once. Call it between optimizer steps; the
+    module must still have the tensor table of ``weights`` (:func:`check_table`).
     """
     state = module.state_dict()
-    if state.keys() != weights.keys() or state.keys() != taken.keys():
-        missing = sorted(set(state) ^ set(weights) | set(state) ^ set(taken))
-        raise ConfigError(
-            f"global weights and this model differ in {', '.join(missing[:5])}: every node "
-            "must train the same model"
-        )
+    table = table_of(weights)
+    check_table(state, table)
+    check_table(taken, table)
+    if fixed is None:
+        fixed = carried(weights)
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     with torch.no_grad():
         for name, t in state.items():
@@ -105,7 +163,7 @@ def apply_in_place(
                 continue
             seen.add(key)
             g = weights[name].to(device=t.device, dtype=t.dtype)
-            if t.dtype == torch.bool:
+            if t.dtype == torch.bool or name in fixed:
                 t.copy_(g)
             else:
                 t.sub_(taken[name]).add_(g)
@@ -135,12 +193,14 @@ class Upload:
 @dataclass(frozen=True)
 class Received:
     """The global weights of ``global_round`` as the node now holds them: ``weights`` (new CPU
-    tensors) and ``blob``, exactly the bytes of the coordinator's checkpoint file."""
+    tensors) and ``blob``, exactly the bytes of the coordinator's checkpoint file; ``carried``
+    names their carried tensors (``modelspec.carried``), found off the training thread."""
 
     round: int
     weights: StateDict
     blob: bytes
     payload: Payload = "weights"
+    carried: frozenset[str] = frozenset()
 
 
 class GlobalWeights:
@@ -164,10 +224,24 @@ class GlobalWeights:
         self.residual = codec.Residual()  # what compression left out of past uploads
         self._kept: StateDict | None = None  # a CPU copy of them (compressed transfers)
         self._offered: tuple[str, StateDict, bytes] | None = None  # the start-up weights
+        self.table: Table | None = None  # the session's tensor table, once weights came
+        self._carried: StateDict = {}  # CPU copies of the global weights' carried tensors
 
     @property
     def compressed(self) -> bool:
         return self.transfer_dtype in codec.CODECS
+
+    def check(self, local: Mapping[str, torch.Tensor]) -> None:
+        """Before a barrier's payload is built, on the training thread: ConfigError when the
+        weights ``local`` no longer fit the session's model: another tensor table
+        (:func:`check_table`), or a carried buffer that is not as the global weights hold it.
+        Nothing to check before the first global weights came."""
+        if self.table is None:
+            return
+        check_table(local, self.table)
+        for name, held in self._carried.items():
+            if not same_bits(local[name].detach(), held):
+                raise ConfigError(f"this node cannot upload: {carried_changed(name)}")
 
     def offer(self, local: Mapping[str, torch.Tensor]) -> Upload:
         """The start-up sync's payload: the node's whole weights, named by their sha256 so that
@@ -237,11 +311,14 @@ class GlobalWeights:
         self.base_round = global_round
         self.base_sha256 = sha256
         self._offered = None
+        self.table = table_of(weights)
+        fixed = carried(weights)
+        self._carried = {k: weights[k].clone() for k in fixed}
         if not contributed:
             self.residual.clear()
         if self.compressed:
             self._kept = {k: v.clone() for k, v in weights.items()}
-        return Received(global_round, weights, blob, payload)
+        return Received(global_round, weights, blob, payload, fixed)
 
     def _same(self, sha256: str) -> tuple[StateDict, bytes]:
         if self._offered is not None and self._offered[0] == sha256:
@@ -261,6 +338,8 @@ __all__ = [
     "WeightsMismatch",
     "keep_round_copy",
     "apply_in_place",
+    "check_start",
+    "check_table",
     "load_in_place",
     "local_state",
     "model_fingerprint",
