@@ -10,6 +10,7 @@ from lightning_drift.coordinator.roundstate import (
     RoundFacts,
     RoundState,
     deadline,
+    hard_deadline,
     round_decision,
     upload_by_base,
 )
@@ -49,8 +50,8 @@ def test_past_the_deadline_a_quorum_completes_and_leaves_the_rest_behind():
 
 def test_no_deadline_while_a_missing_pace_is_unknown_nor_while_aggregating():
     st = RoundState(arrivals={A: 10})
-    d = round_decision(1e9, st, facts(A, B), {}, CFG)
-    assert not d.complete and "no deadline yet" in d.reason
+    d = round_decision(20.0, st, facts(A, B), {}, CFG)
+    assert not d.complete and "no deadline yet" in d.reason and not d.drop
     st.aggregating = 3
     assert "being aggregated" in round_decision(0.0, st, facts(A), {}, CFG).reason
     assert "start gate" in round_decision(0.0, RoundState(), facts(planned=False), {}, CFG).reason
@@ -77,3 +78,41 @@ def test_an_upload_by_its_base():
     v = st.verdict(3, A, lambda: False, completed=2, finished=False, has_weights=True,
                    planned=True, delta=True, base_round=2)  # fmt: skip
     assert v.kind is Verdict.LATE  # left out of this round: asked again, still not counted
+
+
+def test_without_a_quorum_the_missing_are_dropped_at_the_hard_deadline():
+    """1 of 3 arrived, quorum needs 2: past the deadline (2 s) the round waits, until the hard
+    deadline (the deadline and twice as long again, at least a heartbeat timeout: 2 + 15)
+    drops the nodes still missing, so the one that arrived is not held for ever."""
+    st = RoundState(started=0.0, arrivals={A: 10})
+    paces = {B: DeadlinePace(100.0), C: DeadlinePace(100.0)}
+    assert hard_deadline(2.0, st, CFG) == 2.0 + CFG.heartbeat_timeout
+    assert hard_deadline(20.0, st, CFG) == 60.0
+    d = round_decision(16.9, st, facts(A, B, C), paces, CFG)
+    assert not d.complete and not d.drop and "quorum needs 2" in d.reason
+    d = round_decision(17.0, st, facts(A, B, C), paces, CFG)
+    assert not d.complete and d.drop == (B, C) and "hard deadline passed" in d.reason
+    # With its quorum the round completes at the deadline and drops nobody.
+    d = round_decision(100.0, st, facts(A, B), {B: paces[B]}, CFG)
+    assert d.complete and not d.drop
+
+
+def test_a_missing_node_of_unknown_pace_is_dropped_at_a_hard_deadline_from_the_start():
+    """A missing pace is unknown: no deadline, but a hard one all the same, counted from the
+    round's start (max(floor, heartbeat timeout), three times)."""
+    limit = 3 * max(CFG.deadline_floor, CFG.heartbeat_timeout)
+    st = RoundState(started=5.0, arrivals={A: 10})
+    d = round_decision(5.0 + limit - 0.1, st, facts(A, B), {}, CFG)
+    assert not d.complete and not d.drop and "no deadline yet" in d.reason
+    assert round_decision(5.0 + limit, st, facts(A, B), {}, CFG).drop == (B,)
+    # A restart's reconnect grace moves the start, and with it the hard deadline.
+    st = RoundState(arrivals={A: 10})
+    st.restart_clock(100.0, grace=30.0)
+    assert not round_decision(130.0 + limit - 0.1, st, facts(A, B), {}, CFG).drop
+    assert round_decision(130.0 + limit, st, facts(A, B), {}, CFG).drop == (B,)
+
+
+def test_while_nobody_has_arrived_nobody_is_held_and_nobody_is_dropped():
+    st = RoundState(started=0.0)
+    d = round_decision(1e9, st, facts(A, B), {A: DeadlinePace(100.0)}, CFG)
+    assert not d.complete and not d.drop and "0/2 arrived" in d.reason

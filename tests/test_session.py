@@ -865,3 +865,26 @@ def test_a_shard_of_an_epoch_that_will_never_be_planned_is_refused_at_once():
     r = s.shard(A, 2, 1.0)
     assert r.code == "bad_epoch" and "plans epoch 1 next" in r.reason
     assert s.shard(A, 3, 1.0).code == "bad_epoch"  # past the session's last epoch
+
+
+def test_live_nodes_that_never_upload_are_dropped_at_the_hard_deadline_and_the_round_completes():
+    """Three nodes, quorum 0.5 (2 needed): only A uploads; B and C keep pinging but never
+    upload (hung, or hostile). Past the deadline the round still waits for a quorum; at the
+    hard deadline B and C are dropped, and the round completes with A alone."""
+    s = session(min_nodes=3, quorum=0.5, deadline_floor=10.0, heartbeat_timeout=15.0)
+    start(s, A, B, C, now=0.0)
+    arrive(s, A, 1.0)
+    hard = None
+    for t in range(2, 200):
+        for n in (A, B, C):
+            s.seen(n, float(t))  # every node is alive
+        gone, d = s.tick(float(t))
+        if gone:
+            hard = t
+            break
+        assert not d.complete, d.reason
+    assert hard is not None and 10 < hard <= 60, hard
+    assert sorted(n for n, _ in gone) == sorted([B, C])
+    assert all("no upload for round 1 by its hard deadline" in why for _, why in gone)
+    assert s.members[B].state is MemberState.LOST and s.members[C].state is MemberState.LOST
+    assert d.complete and d.contributors == ((A, 100),), d.reason

@@ -12,8 +12,21 @@ book's, :meth:`PaceBook.for_deadline`)::
     deadline = round start + max(floor, margin × max over missing nodes of (work / pace))
 
 where work is a round of the node's assignment (``ShardAssignment.work_per_round``). Only
-when some missing node's pace is unknown (nothing at all is measured) is there no deadline:
-only the heartbeat timeout can drop a node then. After a coordinator restart the round's
+when some missing node's pace is unknown (nothing at all is measured) is there no deadline.
+
+Past the deadline a round without its quorum waits on, but not forever: once a node has
+arrived (someone is held at the barrier), at the **hard deadline** every node still missing
+is dropped from the session (``RoundDecision.drop``; it may rejoin, and gets new work then),
+so the nodes that did arrive are never held by nodes that stopped uploading, whatever those
+still send::
+
+    hard deadline = base + max(heartbeat_timeout, 2 × (base - round start))
+    base = the deadline, or round start + max(floor, heartbeat_timeout) without one
+
+A node that keeps its connection alive but never uploads (hung, or hostile) therefore holds
+the others at most three times the deadline, and ``3 × max(floor, heartbeat_timeout)`` while
+its pace is unknown. While nobody has arrived nobody is held, and nobody is dropped: every
+node may be slower than its estimate (a first round, a long validation). After a coordinator restart the round's
 clock starts a reconnect grace after the restore: nodes first have to notice the restart,
 reconnect and re-send their uploads, and the deadline must not leave them behind meanwhile.
 
@@ -127,6 +140,16 @@ def deadline(
     )
 
 
+def hard_deadline(soft: float | None, state: RoundState, config: SessionConfig) -> float:
+    """When the nodes still missing from the open round are dropped (see the module's
+    docstring): the deadline ``soft`` (None: none can be computed) and twice as long again,
+    at least a heartbeat timeout."""
+    base = soft
+    if base is None:
+        base = state.started + max(config.deadline_floor, config.heartbeat_timeout)
+    return base + max(config.heartbeat_timeout, 2 * (base - state.started))
+
+
 def round_decision(
     now: float,
     state: RoundState,
@@ -145,8 +168,6 @@ def round_decision(
     expected = facts.expected
     arrived = tuple(state.arrivals.items())
     missing = tuple(n for n in expected if n not in state.arrivals)
-    if not arrived:
-        return RoundDecision(r, False, f"round {r}: waiting, 0/{len(expected)} arrived")
     if not missing:
         got = ", ".join(short_id(n) for n, _ in arrived)
         return RoundDecision(
@@ -160,6 +181,20 @@ def round_decision(
     dl, estimated, unknown = deadline(state, facts, paces, config)
     names = ", ".join(short_id(n) for n in missing)
     count = f"{have}/{len(expected)} arrived"
+    hard = hard_deadline(dl, state, config)
+    if arrived and now >= hard and (have < need or dl is None):
+        return RoundDecision(
+            r,
+            False,
+            f"round {r}: hard deadline passed {now - hard:.1f}s ago with {count}; dropping "
+            f"{names}: no upload within {hard - state.started:.0f}s of the round's start",
+            missing=missing,
+            drop=missing,
+        )
+    if not arrived:
+        return RoundDecision(
+            r, False, f"round {r}: waiting, 0/{len(expected)} arrived", missing=missing
+        )
     if dl is None:
         return _no_deadline(r, count, unknown, names, missing)
     basis = _basis(estimated, state.grace)
@@ -267,6 +302,7 @@ __all__ = [
     "RoundFacts",
     "RoundState",
     "deadline",
+    "hard_deadline",
     "round_decision",
     "upload_by_base",
     "upload_by_round",

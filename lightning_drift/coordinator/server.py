@@ -567,7 +567,7 @@ class Coordinator:
                 self.event(f"node {short_id(node)} lost: {reason}")
                 nc = self.conns.pop(node, None)
                 if nc is not None:
-                    nc.conn.close(2, "heartbeat timeout")
+                    nc.conn.close(2, "lost: " + reason[:80])
             self.carry_out(self.uploads.pending())
             self.carry_out(Effects(decision=d))
             revoked = self.gate.revoked()

@@ -264,7 +264,15 @@ class Session:
         for node, reason in gone:
             self.lost(node, reason, now)
         self.forget(now)
-        return gone, self.check(now)
+        d = self.check(now)
+        if d.drop:
+            # Past the round's hard deadline: nodes that did arrive are not held any longer.
+            why = f"no upload for round {d.open_round} by its hard deadline"
+            for node in d.drop:
+                self.lost(node, why, now)
+                gone.append((node, why))
+            d = self.check(now)
+        return gone, d
 
     def forget(self, now: float) -> list[str]:
         """Drop members gone for longer than ``forget_after_s`` (and the oldest gone ones

@@ -64,6 +64,7 @@ class RoundDecision:
     reason: str
     contributors: tuple[tuple[str, int], ...] = ()  # (node, samples) in arrival order
     missing: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()  # missing past the round's hard deadline: to be dropped
 
 
 @dataclass(frozen=True)
