@@ -86,3 +86,9 @@ def test_build_keeps_several_heartbeats_inside_the_timeout(tmp_path):
     assert sc.heartbeat_s == 2.0 and so.state_dir == tmp_path
     sc, _ = build({"state_dir": tmp_path, "heartbeat_timeout": 60.0})
     assert sc.heartbeat_s == SETTING["heartbeat_s"].default
+
+
+def test_a_start_gate_that_could_never_open_is_refused():
+    with pytest.raises(ConfigError, match="--min-nodes 5 is more than --max-nodes 4"):
+        SessionConfig(min_nodes=5, max_nodes=4)
+    assert SessionConfig(min_nodes=4, max_nodes=4).min_nodes == 4

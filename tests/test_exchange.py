@@ -148,6 +148,26 @@ def test_a_coordinator_without_weights_is_sent_the_nodes_own_whole():
     assert torch.equal(from_bytes(second[1])["weight"], torch.full((2, 3), 2.0))
 
 
+def test_a_coordinator_that_asks_for_the_whole_weights_again_is_refused_not_fed_for_ever():
+    m, net = module_at(2.0), Network(weights(2.0))
+    rounds, _ = engine(m, net)
+    rounds.has_weights = True
+    rounds.hand_off(BarrierSync(round=0), overlap=False)
+
+    def always_asks(prepare, receive) -> Future:
+        fut: Future = Future()
+        net.uploads.append(prepare())
+        fut.set_exception(SessionError("the coordinator lost its weights", "need_weights"))
+        return fut
+
+    net.answer(error=SessionError("the coordinator lost its weights", "need_weights"))
+    net.hand_off = always_asks  # type: ignore[method-assign]
+    with pytest.raises(SessionError, match="whole weights again") as err:
+        rounds.settle()
+    assert err.value.code == "protocol" and rounds.in_flight is None
+    assert len(net.uploads) == 2  # the empty offer, then the whole weights once
+
+
 def test_a_stale_base_names_the_round_the_node_holds_and_other_errors_pass_through():
     m, net = module_at(1.0), Network(weights(1.0))
     rounds, _ = engine(m, net)

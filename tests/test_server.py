@@ -718,3 +718,69 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "node":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     stall_round = int(sys.argv[4]) if len(sys.argv) > 4 else None
     asyncio.run(node_main(sys.argv[2], int(sys.argv[3]), stall_round))
+
+
+def test_a_coordinator_whose_ticker_fails_stops_with_the_reason_instead_of_waiting_for_ever(
+    tmp_path,
+):
+    """Every deadline and heartbeat decision is the ticker's: a bug that ends it would leave
+    the session waiting for ever, so the coordinator stops, says why, and closes the nodes'
+    connections (they reconnect to its restart)."""
+
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=1)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        a = await join(coord, 0)
+        await start_sync([a], model(0))
+
+        def broken(now):
+            raise RuntimeError("tick bug")
+
+        coord.session.tick = broken  # type: ignore[method-assign]
+        await asyncio.wait_for(runner, 10)  # run() returns: the coordinator stopped
+        assert coord.fatal and "the ticker stopped" in coord.fatal and "tick bug" in coord.fatal
+        with pytest.raises(DriftError):
+            await asyncio.wait_for(a.status(), 10)
+        await a.close()
+        await coord.close()
+
+    run(main())
+
+
+def test_a_request_the_coordinator_never_answers_ends_with_an_error_naming_it(
+    tmp_path, monkeypatch
+):
+    """Status and stop requests are answered at once; one that is not (lost on the way, a
+    coordinator stuck saving) ends after a bound with PeerLost naming it, which a node's
+    runtime turns into a reconnect, never a wait for ever."""
+    from lightning_drift.errors import PeerLost
+    from lightning_drift.node import client as client_module
+    from lightning_drift.protocol import StatusRequest
+
+    monkeypatch.setattr(client_module, "ANSWER_S", 0.5)
+
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=1)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        a = await join(coord, 0)
+        assert a.answer_s == 6 * 0.5  # six of the session's heartbeats
+        assert (await asyncio.wait_for(a.status(), 10)).session_id
+        send = a._send
+
+        async def losing(msg):
+            if not isinstance(msg, StatusRequest):
+                await send(msg)
+
+        a._send = losing  # type: ignore[method-assign]
+        started = time.monotonic()
+        with pytest.raises(PeerLost, match="did not answer a status request within 3 s"):
+            await asyncio.wait_for(a.status(), 20)
+        assert time.monotonic() - started < 15
+        await a.close()
+        coord.shutdown()
+        await asyncio.wait_for(runner, 10)
+        await coord.close()
+
+    run(main())

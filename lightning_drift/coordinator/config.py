@@ -340,6 +340,12 @@ class SessionConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if self.min_nodes > self.max_nodes:
+            # The start gate would wait for ever: more nodes than may ever be live at once.
+            raise ConfigError(
+                f"--min-nodes {self.min_nodes} is more than --max-nodes {self.max_nodes}: the "
+                "first epoch would wait for ever; lower --min-nodes or raise --max-nodes"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SessionConfig:

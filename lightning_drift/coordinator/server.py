@@ -235,8 +235,10 @@ class Coordinator:
     async def run(self) -> None:
         """Serve until the session finishes (then a grace period) or :meth:`shutdown`."""
         assert self.endpoint is not None, "call start() first"
-        self._spawn(self._accept_loop())
-        self._spawn(self._ticker())
+        # Every deadline and heartbeat decision is the ticker's, every new connection the
+        # accept loop's: without either the session would wait for ever, so their end is fatal.
+        for vital in (self._accept_loop(), self._ticker()):
+            self._spawn(vital).add_done_callback(self._vital_ended)
         for key, peer in self.peers.items():
             if peer.has_address or self.options.mode == "internet":
                 self._spawn(
@@ -283,6 +285,16 @@ class Coordinator:
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
+
+    def _vital_ended(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or self._stop.is_set():
+            return
+        error = task.exception()
+        name = getattr(task.get_coro(), "__name__", "a task").lstrip("_").replace("_", " ")
+        self._failed(
+            f"internal error: the {name} stopped ({error!r}); restart the coordinator on its "
+            "state dir: nodes reconnect and re-send their uploads"
+        )
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

@@ -28,7 +28,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -58,6 +58,10 @@ if TYPE_CHECKING:
     from lightning_drift.node.listen import CoordinatorListener
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Seconds a request the coordinator answers at once (stop, status) may take, at least: its
+# answer waits only for a state save to disk.
+ANSWER_S = 30.0
 
 
 def refusal(err: p.Error) -> DriftError:
@@ -509,13 +513,29 @@ class CoordinatorClient:
         fut: asyncio.Future[p.StopDecision] = asyncio.get_running_loop().create_future()
         self._stop_answers.append(fut)
         await self._send(request)
-        return await fut
+        return await self._answer(fut, "a stop request")
 
     async def status(self) -> p.SessionStatus:
         fut: asyncio.Future[p.SessionStatus] = asyncio.get_running_loop().create_future()
         self._statuses.append(fut)
         await self._send(p.StatusRequest())
-        return await fut
+        return await self._answer(fut, "a status request")
+
+    @property
+    def answer_s(self) -> float:
+        """How long a request the coordinator answers at once (stop, status) may take:
+        several heartbeats, at least :data:`ANSWER_S`."""
+        every = self.config.heartbeat_s if self.config is not None else 0.0
+        return max(ANSWER_S, 6.0 * every)
+
+    async def _answer(self, fut: asyncio.Future[T], what: str) -> T:
+        """``fut``'s answer, or ``PeerLost`` after :attr:`answer_s` (a node reconnects then)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.answer_s)
+        except asyncio.TimeoutError:
+            raise PeerLost(
+                f"the coordinator did not answer {what} within {self.answer_s:g} s"
+            ) from None
 
     async def barrier(
         self, sync: p.BarrierSync, weights: bytes | bytearray | memoryview

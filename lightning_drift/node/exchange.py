@@ -28,6 +28,7 @@ import torch
 
 from lightning_drift import protocol as p
 from lightning_drift.errors import SessionError, SessionFinished
+from lightning_drift.node import waiting
 from lightning_drift.node.pace import PaceMeter
 from lightning_drift.node.weights import (
     GlobalWeights,
@@ -93,6 +94,7 @@ class InFlight:
     sync: p.BarrierSync  # as the barrier made it (the network thread names the base)
     handed_at: float  # the meter's clock at the hand-off
     step: int  # optimizer steps of this fit when the barrier was held
+    whole: bool = False  # the whole weights were sent (the coordinator asked for them)
 
     @property
     def overlapped(self) -> bool:
@@ -170,7 +172,12 @@ class RoundExchange:
 
             future = self.runtime.hand_off(prepare, self._receive)
             self.in_flight = InFlight(
-                future, taken if overlap else None, sync, self.meter.clock(), self.meter.steps
+                future,
+                taken if overlap else None,
+                sync,
+                self.meter.clock(),
+                self.meter.steps,
+                whole=whole,
             )
             self.meter.uploaded()
 
@@ -188,7 +195,9 @@ class RoundExchange:
         refetched: Delivery[Received] | None = None
         with self.meter.busy("wait_s") as waited:
             try:
-                delivery: Delivery[Received] | None = inflight.future.result()
+                delivery: Delivery[Received] | None = waiting.result(
+                    inflight.future, f"round {inflight.sync.round}'s global weights"
+                )
             except SessionFinished as done:
                 self.in_flight = None
                 raise SessionError(
@@ -201,6 +210,14 @@ class RoundExchange:
                 self.in_flight = None
                 if exc.code != "need_weights":
                     raise
+                if inflight.whole:
+                    # Asked again for what it was just sent: asking once more would never end.
+                    raise SessionError(
+                        f"the coordinator asked for this node's whole weights again (round "
+                        f"{inflight.sync.round}) after they were sent; restart the coordinator "
+                        "on its state dir, then this node",
+                        code="protocol",
+                    ) from None
                 delivery = None
             except WeightsMismatch as exc:
                 # Should never happen (the coordinator applies the same change, bit for bit);

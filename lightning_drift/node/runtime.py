@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -39,6 +40,7 @@ from lightning_drift.errors import (
     SessionError,
     SessionFinished,
 )
+from lightning_drift.node import waiting
 from lightning_drift.node.client import CoordinatorClient, finished_error
 from lightning_drift.node.listen import CoordinatorListener
 from lightning_drift.peers import parse_peer
@@ -149,11 +151,14 @@ class NodeRuntime:
             )
             self._thread.start()
             ready.wait()
+        # The inner waits bound joining (the dial, then the handshake within twice the
+        # connect timeout); these outer bounds only catch what they miss, with a message.
         if self.listen is None:
-            self._call(self._connect(first=True), timeout=self.connect_timeout + 30)
+            waited = 3 * self.connect_timeout + 30
+            self._call(self._connect(first=True), timeout=waited, what="joining the session")
         else:
-            waited = self.reconnect_timeout + self.connect_timeout + 30
-            self._call(self._first_dial(), timeout=waited)
+            waited = self.reconnect_timeout + 3 * self.connect_timeout + 30
+            self._call(self._first_dial(), timeout=waited, what="waiting for the coordinator")
         assert self.config is not None
         return self.config
 
@@ -191,8 +196,12 @@ class NodeRuntime:
     # -- blocking calls for the training thread ------------------------------------------------
 
     def shard(self, epoch: int) -> p.ShardAssignment:
-        """The shard of ``epoch``; blocks until the coordinator has planned it."""
-        return self._call(self._retrying(lambda c: c.shard(epoch), what=f"shard epoch={epoch}"))
+        """The shard of ``epoch``; blocks until the coordinator has planned it (saying so
+        every while), or refuses an epoch it will never plan (``SessionError``)."""
+        assert self._loop is not None, "NodeRuntime.start() must be called first"
+        asked = self._retrying(lambda c: c.shard(epoch), what=f"shard epoch={epoch}")
+        fut = asyncio.run_coroutine_threadsafe(asked, self._loop)
+        return waiting.result(fut, f"the coordinator's plan of epoch {epoch}")
 
     def barrier(self, sync: p.BarrierSync, weights: bytes) -> tuple[p.BarrierReady, bytes]:
         """Upload ``weights`` for ``sync.round`` and block until the round's global weights come.
@@ -291,10 +300,19 @@ class NodeRuntime:
         finally:
             loop.close()
 
-    def _call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+    def _call(self, coro: Awaitable[T], timeout: float | None = None, what: str = "") -> T:
+        """Run ``coro`` on the loop and wait for it; past ``timeout`` it is cancelled and
+        ``ConnectTimeout`` names ``what`` it was doing."""
         assert self._loop is not None, "NodeRuntime.start() must be called first"
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
-        return fut.result(timeout)
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            fut.cancel()
+            raise ConnectTimeout(
+                f"{what or 'a call to the coordinator'} did not finish within {timeout:g} s; "
+                "check that the coordinator runs and can be reached"
+            ) from None
 
     async def _connect(self, first: bool) -> None:
         client = await self._new_client()
