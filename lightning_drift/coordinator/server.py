@@ -419,7 +419,7 @@ class Coordinator:
         old = self.conns.get(node)
         if old is not None:
             old.conn.close(0, "replaced by a newer connection of the same node")
-        nc = NodeConn(node, conn, stream, jti)
+        nc = NodeConn(node, conn, stream, jti, send_timeout=self.config.heartbeat_timeout)
         self.conns[node] = nc
         ended = Ended(End.CLOSED, "connection closed")
         try:
