@@ -116,3 +116,8 @@ def test_while_nobody_has_arrived_nobody_is_held_and_nobody_is_dropped():
     st = RoundState(started=0.0)
     d = round_decision(1e9, st, facts(A, B), {A: DeadlinePace(100.0)}, CFG)
     assert not d.complete and not d.drop and "0/2 arrived" in d.reason
+
+
+def test_a_round_nobody_is_expected_in_waits_instead_of_completing_empty():
+    d = round_decision(1e9, RoundState(), facts(), {}, CFG)
+    assert not d.complete and not d.drop and "0/0 arrived" in d.reason

@@ -25,7 +25,15 @@ from lightning_drift.coordinator import boundary
 from lightning_drift.coordinator.config import ServeOptions
 from lightning_drift.coordinator.effects import Effects
 from lightning_drift.coordinator.replies import answer_error, refuse
-from lightning_drift.coordinator.uploads import Admission, Admit, Answer, Handled, Unread, Uploads
+from lightning_drift.coordinator.uploads import (
+    Admission,
+    Admit,
+    Answer,
+    Handled,
+    Ready,
+    Unread,
+    Uploads,
+)
 from lightning_drift.errors import BlobTooLarge, PeerLost, ProtocolError, SessionError, TooSlow
 from lightning_drift.protocol import BarrierSync
 from lightning_drift.text import short_id
@@ -58,6 +66,12 @@ class BarrierStreams:
         """The nodes whose upload is being received now."""
         return frozenset(self._uploading)
 
+    @staticmethod
+    async def _answer(stream: Stream, ready: Ready) -> None:
+        await stream.send(ready.frame)
+        await stream.send_blob(ready.blob, kind=ready.payload, sha256=ready.sha256)
+        await stream.finish()
+
     async def serve(self, node: str, conn: Connection, stream: Stream) -> None:
         """One barrier stream of ``node`` (on ``conn``), from its BarrierSync to its answer;
         what goes wrong on it is answered on it (a protocol error drops the connection)."""
@@ -70,9 +84,19 @@ class BarrierStreams:
                 await answer_error(stream, answer.verdict.code, answer.verdict.reason)
                 return
             ready = await answer.ready(sync.base_sha256)
-            await stream.send(ready.frame)
-            await stream.send_blob(ready.blob, kind=ready.payload, sha256=ready.sha256)
-            await stream.finish()
+            o = self.options
+            # The answer is read at --min-upload-rate too, or the connection is dropped: a
+            # node that reads nothing would hold this stream's task for ever.
+            answer_s = o.upload_grace_s + len(ready.blob) / o.min_upload_rate
+            try:
+                await asyncio.wait_for(self._answer(stream, ready), answer_s)
+            except asyncio.TimeoutError:
+                why = (
+                    f"node {short_id(node)} did not read round {ready.frame.round}'s answer within "
+                    f"{answer_s:.0f}s (--min-upload-rate); dropping its connection"
+                )
+                self.carry_out(Effects(events=[why]))
+                conn.close(2, "the node did not read its barrier's answer")
         except BlobTooLarge as exc:
             # Refused from its header: stop the peer's sending at once, answer why, and keep
             # the connection (the node may have a smaller model to offer).

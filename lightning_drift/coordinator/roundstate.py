@@ -168,6 +168,10 @@ def round_decision(
     expected = facts.expected
     arrived = tuple(state.arrivals.items())
     missing = tuple(n for n in expected if n not in state.arrivals)
+    if not arrived:  # nobody is held: nobody is dropped (and an empty round never completes)
+        return RoundDecision(
+            r, False, f"round {r}: waiting, 0/{len(expected)} arrived", missing=missing
+        )
     if not missing:
         got = ", ".join(short_id(n) for n, _ in arrived)
         return RoundDecision(
@@ -182,7 +186,7 @@ def round_decision(
     names = ", ".join(short_id(n) for n in missing)
     count = f"{have}/{len(expected)} arrived"
     hard = hard_deadline(dl, state, config)
-    if arrived and now >= hard and (have < need or dl is None):
+    if now >= hard and (have < need or dl is None):
         return RoundDecision(
             r,
             False,
@@ -190,10 +194,6 @@ def round_decision(
             f"{names}: no upload within {hard - state.started:.0f}s of the round's start",
             missing=missing,
             drop=missing,
-        )
-    if not arrived:
-        return RoundDecision(
-            r, False, f"round {r}: waiting, 0/{len(expected)} arrived", missing=missing
         )
     if dl is None:
         return _no_deadline(r, count, unknown, names, missing)
