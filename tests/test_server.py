@@ -784,3 +784,31 @@ def test_a_request_the_coordinator_never_answers_ends_with_an_error_naming_it(
         await coord.close()
 
     run(main())
+
+
+def test_an_idle_observer_is_closed_and_a_busy_one_stays(tmp_path, monkeypatch):
+    from lightning_drift.coordinator import server as server_module
+
+    monkeypatch.setattr(server_module, "OBSERVER_IDLE_MIN_S", 0.5)
+
+    async def main():
+        coord = coordinator(tmp_path, heartbeat_timeout=0.5, heartbeat_s=0.1)
+        assert coord.observer_idle_s == 2.0  # four heartbeat timeouts
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        busy = await CoordinatorClient.connect(coord.observer_token, timeout=10)
+        idle = await CoordinatorClient.connect(coord.observer_token, timeout=10)
+        end = time.monotonic() + 4.0
+        while time.monotonic() < end:  # one asks every 0.5 s, the other says nothing
+            assert (await asyncio.wait_for(busy.status(), 10)).session_id
+            await asyncio.sleep(0.5)
+        with pytest.raises(DriftError):
+            await asyncio.wait_for(idle.status(), 10)
+        assert (await asyncio.wait_for(busy.status(), 10)).session_id
+        for c in (busy, idle):
+            await c.close()
+        coord.shutdown()
+        await asyncio.wait_for(runner, 10)
+        await coord.close()
+
+    run(main())

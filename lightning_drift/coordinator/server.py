@@ -66,6 +66,7 @@ from lightning_drift.transport import Connection, Endpoint, Stream, peer_key
 log = logging.getLogger(__name__)
 
 STATUS_NODES_MAX = 256  # members listed in a SessionStatus (live ones first)
+OBSERVER_IDLE_MIN_S = 120.0  # an observer sending nothing for longer is closed (at least)
 _GONE_STATES = frozenset(state.value for state in GONE)  # as a SessionStatus names them
 
 
@@ -301,6 +302,11 @@ class Coordinator:
         if not task.cancelled() and task.exception() is not None:
             log.error("task.failed error=%r", task.exception(), exc_info=task.exception())
 
+    @property
+    def observer_idle_s(self) -> float:
+        """How long an observer may send nothing (a status request or a ping) and stay."""
+        return max(OBSERVER_IDLE_MIN_S, 4 * self.config.heartbeat_timeout)
+
     def status(self) -> SessionStatus:
         """The session for observers: never over the frame limit (live members first, at
         most :data:`STATUS_NODES_MAX` of them; every string was bounded where it came in)."""
@@ -482,10 +488,21 @@ class Coordinator:
                 raise ProtocolError(f"unexpected {type(msg).__name__} on the control stream")
 
     async def _observer(self, conn: Connection, stream: Stream) -> None:
+        """An observer's requests, answered until it says Bye, or is idle for
+        :meth:`observer_idle_s` (or reads nothing for a heartbeat timeout): then it is closed."""
+        idle, hb = self.observer_idle_s, self.config.heartbeat_timeout
         while True:
-            msg = await stream.recv()
+            try:
+                msg = await asyncio.wait_for(stream.recv(), idle)
+            except asyncio.TimeoutError:
+                conn.close(0, f"observer idle for {idle:g}s")
+                return
             if isinstance(msg, StatusRequest):
-                await stream.send(self.status())
+                try:
+                    await asyncio.wait_for(stream.send(self.status()), hb)
+                except asyncio.TimeoutError:
+                    conn.close(0, "the observer read nothing")
+                    return
             elif isinstance(msg, Ping):
                 continue
             elif isinstance(msg, Bye):
