@@ -197,3 +197,21 @@ def test_effects_add_in_order_and_the_later_decision_wins():
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+def test_uploads_waiting_for_a_round_get_the_final_weights_when_the_session_finishes(tmp_path):
+    """A round that will never complete (the session finished on an earlier one) must not
+    hold the uploads that wait for it: the finish answers them with the final weights."""
+
+    async def main():
+        up, clock = core(tmp_path, nodes=(A, B))
+        await started(up, clock, A, B)
+        waiting = asyncio.ensure_future(up.rounds.published(5))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        assert up.rounds.release_waiters() == 1
+        weights = await asyncio.wait_for(waiting, 5)
+        assert weights is up.rounds.current and weights.completed_round == 0
+        assert up.rounds.release_waiters() == 0
+
+    run(main())

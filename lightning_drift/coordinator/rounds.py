@@ -277,6 +277,16 @@ class Rounds:
             self._waiters[completed_round] = fut
         return await asyncio.shield(fut)
 
+    def release_waiters(self) -> int:
+        """The session finished: every upload still waiting for a round answers with the
+        final weights (no later round will ever complete). How many were waiting."""
+        waiting = [f for f in self._waiters.values() if not f.done()]
+        if self.current is not None:
+            for fut in waiting:
+                fut.set_result(self.current)
+            self._waiters.clear()
+        return len(waiting)
+
     async def write_initial(self, contributor: str, sd: Any, extra: dict[str, str]) -> int:
         """Round 0's checkpoint from ``sd``, durable and published (hold the lock)."""
         canon = await asyncio.to_thread(to_bytes, sd)

@@ -567,6 +567,7 @@ class Coordinator:
 
     def _finish(self) -> None:
         self.finished_at = self.clock()
+        self.rounds.release_waiters()
         msg = self.rounds.finish_message()
         for nc in list(self.conns.values()):
             self._spawn(nc.send(msg))
