@@ -97,19 +97,24 @@ def test_without_a_quorum_the_missing_are_dropped_at_the_hard_deadline():
     assert d.complete and not d.drop
 
 
-def test_a_missing_node_of_unknown_pace_is_dropped_at_a_hard_deadline_from_the_start():
+def test_while_a_pace_is_unknown_the_hard_deadline_is_the_deadline_too():
     """A missing pace is unknown: no deadline, but a hard one all the same, counted from the
-    round's start (max(floor, heartbeat timeout), three times)."""
+    round's start (max(floor, heartbeat timeout), three times). With a quorum the round then
+    completes and leaves the rest behind (a slow node is not dropped); without one the
+    missing are dropped."""
     limit = 3 * max(CFG.deadline_floor, CFG.heartbeat_timeout)
     st = RoundState(started=5.0, arrivals={A: 10})
     d = round_decision(5.0 + limit - 0.1, st, facts(A, B), {}, CFG)
     assert not d.complete and not d.drop and "no deadline yet" in d.reason
-    assert round_decision(5.0 + limit, st, facts(A, B), {}, CFG).drop == (B,)
+    d = round_decision(5.0 + limit, st, facts(A, B), {}, CFG)
+    assert d.complete and d.missing == (B,) and not d.drop and "left behind" in d.reason
+    d = round_decision(5.0 + limit, st, facts(A, B, C), {}, CFG)
+    assert not d.complete and d.drop == (B, C), d.reason
     # A restart's reconnect grace moves the start, and with it the hard deadline.
     st = RoundState(arrivals={A: 10})
     st.restart_clock(100.0, grace=30.0)
-    assert not round_decision(130.0 + limit - 0.1, st, facts(A, B), {}, CFG).drop
-    assert round_decision(130.0 + limit, st, facts(A, B), {}, CFG).drop == (B,)
+    assert not round_decision(130.0 + limit - 0.1, st, facts(A, B, C), {}, CFG).drop
+    assert round_decision(130.0 + limit, st, facts(A, B, C), {}, CFG).drop == (B, C)
 
 
 def test_while_nobody_has_arrived_nobody_is_held_and_nobody_is_dropped():

@@ -96,9 +96,7 @@ async def start_sync(clients, init: dict[str, torch.Tensor]) -> bytes:
     return blob
 
 
-def hand_mean(
-    uploads: dict[str, dict], weights: dict[str, float], order: list[str], base: dict
-):
+def hand_mean(uploads: dict[str, dict], weights: dict[str, float], order: list[str], base: dict):
     """sum_i w_i x_i in float64 in arrival order, / sum w, cast back; ints: the global value
     in ``base`` plus the lower median of the contributors' increments (never one node's)."""
     out = {}
@@ -806,6 +804,38 @@ def test_an_idle_observer_is_closed_and_a_busy_one_stays(tmp_path, monkeypatch):
             await asyncio.wait_for(idle.status(), 10)
         assert (await asyncio.wait_for(busy.status(), 10)).session_id
         for c in (busy, idle):
+            await c.close()
+        coord.shutdown()
+        await asyncio.wait_for(runner, 10)
+        await coord.close()
+
+    run(main())
+
+
+def test_a_barrier_waiting_for_its_round_ends_when_the_coordinator_closes_the_connection(
+    tmp_path,
+):
+    """The coordinator drops a node (lost, or past a round's hard deadline) while the node
+    waits for that round: the wait ends with the connection's error (a node reconnects then),
+    not a read that never learns its stream is gone."""
+
+    async def main():
+        coord = coordinator(tmp_path, min_nodes=2, dataset_size=200, deadline_floor=600.0)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        a, b = [await join(coord, i) for i in range(2)]
+        await start_sync([a, b], model(0))
+        waiting = asyncio.ensure_future(
+            a.barrier(BarrierSync(round=1, samples=10), to_bytes(model(1)))
+        )
+        end = time.monotonic() + 20
+        while a.node_key not in coord.session.arrivals:  # b never comes: a waits
+            assert time.monotonic() < end and not waiting.done()
+            await asyncio.sleep(0.05)
+        coord.conns[a.node_key].conn.close(2, "lost: dropped by the test")
+        with pytest.raises(DriftError):
+            await asyncio.wait_for(waiting, 15)
+        for c in (a, b):
             await c.close()
         coord.shutdown()
         await asyncio.wait_for(runner, 10)

@@ -24,9 +24,11 @@ still send::
     base = the deadline, or round start + max(floor, heartbeat_timeout) without one
 
 A node that keeps its connection alive but never uploads (hung, or hostile) therefore holds
-the others at most three times the deadline, and ``3 × max(floor, heartbeat_timeout)`` while
-its pace is unknown. While nobody has arrived nobody is held, and nobody is dropped: every
-node may be slower than its estimate (a first round, a long validation). After a coordinator restart the round's
+the others at most three times the deadline. While a missing pace is unknown the hard
+deadline, ``3 × max(floor, heartbeat_timeout)`` past the start, is the deadline too: a
+quorum then completes the round and leaves the rest behind; only without one are they
+dropped. While nobody has arrived nobody is held, and nobody is dropped: every node may be
+slower than its estimate (a first round, a long validation). After a coordinator restart the round's
 clock starts a reconnect grace after the restore: nodes first have to notice the restart,
 reconnect and re-send their uploads, and the deadline must not leave them behind meanwhile.
 
@@ -186,17 +188,10 @@ def round_decision(
     names = ", ".join(short_id(n) for n in missing)
     count = f"{have}/{len(expected)} arrived"
     hard = hard_deadline(dl, state, config)
-    if now >= hard and (have < need or dl is None):
-        return RoundDecision(
-            r,
-            False,
-            f"round {r}: hard deadline passed {now - hard:.1f}s ago with {count}; dropping "
-            f"{names}: no upload within {hard - state.started:.0f}s of the round's start",
-            missing=missing,
-            drop=missing,
-        )
     if dl is None:
-        return _no_deadline(r, count, unknown, names, missing)
+        if now < hard:
+            return _no_deadline(r, count, unknown, names, missing)
+        dl = hard  # no pace to wait by: the hard deadline is the deadline too
     basis = _basis(estimated, state.grace)
     if now < dl:
         why = f"round {r}: waiting, {count}, deadline in {dl - now:.1f}s{basis}; missing {names}"
@@ -210,11 +205,21 @@ def round_decision(
             arrived,
             missing,
         )
+    if now >= hard:
+        return RoundDecision(
+            r,
+            False,
+            f"round {r}: hard deadline passed {now - hard:.1f}s ago with {count}, quorum "
+            f"needs {need}; dropping {names}: no upload within {hard - state.started:.0f}s of "
+            "the round's start",
+            missing=missing,
+            drop=missing,
+        )
     return RoundDecision(
         r,
         False,
-        f"round {r}: deadline passed{basis} but only {count}, quorum needs {need}; waiting; "
-        f"missing {names}",
+        f"round {r}: deadline passed{basis} but only {count}, quorum needs {need}; waiting "
+        f"until the hard deadline in {hard - now:.1f}s; missing {names}",
         missing=missing,
     )
 
