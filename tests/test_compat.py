@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -149,3 +150,18 @@ def test_recipe(name: str, tmp_path: Path) -> None:
         previous = tmp_path / f"session{stage}"
     if outcome is not None and recipe.check is not None:
         recipe.check(outcome)
+
+
+def test_the_works_with_table_names_every_recipe_and_only_recipes() -> None:
+    """docs/strategy.md's "Works with" table is the suite's: each recipe is named in the
+    last column of a row, and every name there is a recipe (test files are named with their
+    ``.py``, which no recipe name has)."""
+    doc = (Path(__file__).parents[1] / "docs" / "strategy.md").read_text()
+    start = doc.index("## Works with")
+    table = doc[start : doc.index("\n## ", start + 1)]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    named = set()
+    for row in rows:
+        named |= set(re.findall(r"`([a-z0-9_]+)`", row.split("|")[-2]))
+    assert set(RECIPES) - named == set(), "recipes without a row"
+    assert named - set(RECIPES) == set(), "rows naming no recipe"

@@ -232,6 +232,31 @@ def onecycle_estimated_steps(ctx: Context) -> Program:
     return plain(OneCycle())
 
 
+@recipe()
+def onecycle_with_accumulation(ctx: Context) -> Program:
+    """The same, with ``accumulate_grad_batches=2``: the estimate counts optimizer steps."""
+    return plain(OneCycle(), accumulate_grad_batches=2)
+
+
+@recipe(refused=("set Trainer(max_epochs=2)",))
+def onecycle_sized_for_fewer_epochs(ctx: Context) -> Program:
+    """``Trainer(max_epochs=1)`` in a session of two epochs: the schedule, sized by the
+    estimate, would run out in the second, so the node refuses at the join."""
+    return plain(OneCycle(), max_epochs=1)
+
+
+class WarmRestarts(Net):
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=LR)
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@recipe()
+def cosine_warm_restarts(ctx: Context) -> Program:
+    return plain(WarmRestarts())
+
+
 class Plateau(Net):
     def configure_optimizers(self) -> Any:
         opt = torch.optim.SGD(self.parameters(), lr=LR)
@@ -549,6 +574,12 @@ def val_check_interval(ctx: Context) -> Program:
     return plain(val_check_interval=0.5)
 
 
+@recipe(check=validations(lambda n: n >= 2))
+def val_check_interval_steps(ctx: Context) -> Program:
+    """Validation every 2 training batches (an integer ``val_check_interval``)."""
+    return plain(val_check_interval=2)
+
+
 @recipe(check=validations(lambda n: n == 1))
 def check_val_every_n_epoch(ctx: Context) -> Program:
     return plain(check_val_every_n_epoch=2)
@@ -577,6 +608,18 @@ def max_steps(ctx: Context) -> Program:
 @recipe()
 def limit_train_batches(ctx: Context) -> Program:
     return plain(limit_train_batches=2)
+
+
+@recipe(check=session_stopped("max_steps"))
+def fast_dev_run(ctx: Context) -> Program:
+    """``Trainer(fast_dev_run=True)``: one batch, then the fit ends (it is ``max_steps=1``)."""
+    return plain(fast_dev_run=True)
+
+
+@recipe()
+def max_time(ctx: Context) -> Program:
+    """``Trainer(max_time=...)``: a ``Timer`` that asks to stop once the time is up."""
+    return plain(max_time={"seconds": 1})
 
 
 class SyncDistLogging(Net):
