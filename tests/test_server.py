@@ -765,13 +765,13 @@ def test_a_request_the_coordinator_never_answers_ends_with_an_error_naming_it(
         a = await join(coord, 0)
         assert a.answer_s == 6 * 0.5  # six of the session's heartbeats
         assert (await asyncio.wait_for(a.status(), 10)).session_id
-        send = a._send
+        send = a.control.send
 
-        async def losing(msg):
+        async def losing(msg):  # the request is lost on the way
             if not isinstance(msg, StatusRequest):
                 await send(msg)
 
-        a._send = losing  # type: ignore[method-assign]
+        monkeypatch.setattr(a.control, "send", losing)
         started = time.monotonic()
         with pytest.raises(PeerLost, match="did not answer a status request within 3 s"):
             await asyncio.wait_for(a.status(), 20)
