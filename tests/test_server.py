@@ -785,13 +785,13 @@ def test_a_request_the_coordinator_never_answers_ends_with_an_error_naming_it(
 
 
 def test_an_idle_observer_is_closed_and_a_busy_one_stays(tmp_path, monkeypatch):
-    from lightning_drift.coordinator import server as server_module
+    from lightning_drift.coordinator import observers
 
-    monkeypatch.setattr(server_module, "OBSERVER_IDLE_MIN_S", 0.5)
+    monkeypatch.setattr(observers, "IDLE_MIN_S", 0.5)
+    assert observers.idle_s(0.5) == 2.0  # four heartbeat timeouts
 
     async def main():
         coord = coordinator(tmp_path, heartbeat_timeout=0.5, heartbeat_s=0.1)
-        assert coord.observer_idle_s == 2.0  # four heartbeat timeouts
         await coord.start()
         runner = asyncio.create_task(coord.run())
         busy = await CoordinatorClient.connect(coord.observer_token, timeout=10)

@@ -222,6 +222,20 @@ class EpochBook(msgspec.Struct):
         epoch = 0 if self.plan is None else self.plan.epoch + 1
         return epoch if epoch < epochs else None
 
+    def never_planned(self, epoch: int, epochs: int) -> str:
+        """Why a shard of ``epoch`` can never be given ("" when it can): only the epoch after
+        the planned one (0 before any) may still come, and none past the session's ``epochs``.
+        Says what the node should do."""
+        coming = 0 if self.plan is None else self.plan.epoch + 1
+        if epoch <= coming and epoch < epochs:
+            return ""
+        return (
+            f"epoch {epoch} will never be planned: the session trains epochs 0-{epochs - 1} and "
+            f"plans epoch {min(coming, epochs - 1)} next. A node asks for the epoch its "
+            "Lightning loop is in: resume from a checkpoint of this session (or none), or let "
+            "the node start at the session's epoch"
+        )
+
     def in_plan(self, r: int) -> bool:
         """Round ``r`` is one of the planned epoch's barriers."""
         return self.plan is not None and self.plan.first_round <= r <= self.plan.last_round

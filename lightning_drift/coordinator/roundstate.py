@@ -205,21 +205,30 @@ def round_decision(
             arrived,
             missing,
         )
+    quorum = f"only {count}, quorum needs {need}"
+    return _without_quorum(r, now, hard - state.started, hard, quorum + basis, missing)
+
+
+def _without_quorum(
+    r: int, now: float, allowed: float, hard: float, why: str, missing: tuple[str, ...]
+) -> RoundDecision:
+    """Past the deadline without a quorum: wait until the hard deadline (``allowed`` seconds
+    after the round's start), then drop the nodes still missing."""
+    names = ", ".join(short_id(n) for n in missing)
     if now >= hard:
         return RoundDecision(
             r,
             False,
-            f"round {r}: hard deadline passed {now - hard:.1f}s ago with {count}, quorum "
-            f"needs {need}; dropping {names}: no upload within {hard - state.started:.0f}s of "
-            "the round's start",
+            f"round {r}: hard deadline passed {now - hard:.1f}s ago with {why}; dropping "
+            f"{names}: no upload within {allowed:.0f}s of the round's start",
             missing=missing,
             drop=missing,
         )
     return RoundDecision(
         r,
         False,
-        f"round {r}: deadline passed{basis} but only {count}, quorum needs {need}; waiting "
-        f"until the hard deadline in {hard - now:.1f}s; missing {names}",
+        f"round {r}: deadline passed but {why}; waiting until the hard deadline in "
+        f"{hard - now:.1f}s; missing {names}",
         missing=missing,
     )
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from lightning_drift.auth import TokenVerifier
 from lightning_drift.checkpoint import CheckpointStore
-from lightning_drift.coordinator import boundary, effects
+from lightning_drift.coordinator import boundary, effects, observers
 from lightning_drift.coordinator.barrier import BarrierStreams
 from lightning_drift.coordinator.config import ServeOptions, SessionConfig
 from lightning_drift.coordinator.conns import End, Ended, NodeConn
@@ -66,7 +66,6 @@ from lightning_drift.transport import Connection, Endpoint, Stream, peer_key
 log = logging.getLogger(__name__)
 
 STATUS_NODES_MAX = 256  # members listed in a SessionStatus (live ones first)
-OBSERVER_IDLE_MIN_S = 120.0  # an observer sending nothing for longer is closed (at least)
 _GONE_STATES = frozenset(state.value for state in GONE)  # as a SessionStatus names them
 
 
@@ -302,11 +301,6 @@ class Coordinator:
         if not task.cancelled() and task.exception() is not None:
             log.error("task.failed error=%r", task.exception(), exc_info=task.exception())
 
-    @property
-    def observer_idle_s(self) -> float:
-        """How long an observer may send nothing (a status request or a ping) and stay."""
-        return max(OBSERVER_IDLE_MIN_S, 4 * self.config.heartbeat_timeout)
-
     def status(self) -> SessionStatus:
         """The session for observers: never over the frame limit (live members first, at
         most :data:`STATUS_NODES_MAX` of them; every string was bounded where it came in)."""
@@ -406,7 +400,8 @@ class Coordinator:
             return
         self.observers[id(conn)] = (conn, entry.jti)
         try:
-            await guarded(conn, stream, self._observer(conn, stream))
+            serving = observers.serve(conn, stream, self.status, self.config.heartbeat_timeout)
+            await guarded(conn, stream, serving)
         finally:
             self.observers.pop(id(conn), None)
 
@@ -486,30 +481,6 @@ class Coordinator:
                 return Ended(End.NODE_ERROR, why)
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} on the control stream")
-
-    async def _observer(self, conn: Connection, stream: Stream) -> None:
-        """An observer's requests, answered until it says Bye, or is idle for
-        :meth:`observer_idle_s` (or reads nothing for a heartbeat timeout): then it is closed."""
-        idle, hb = self.observer_idle_s, self.config.heartbeat_timeout
-        while True:
-            try:
-                msg = await asyncio.wait_for(stream.recv(), idle)
-            except asyncio.TimeoutError:
-                conn.close(0, f"observer idle for {idle:g}s")
-                return
-            if isinstance(msg, StatusRequest):
-                try:
-                    await asyncio.wait_for(stream.send(self.status()), hb)
-                except asyncio.TimeoutError:
-                    conn.close(0, "the observer read nothing")
-                    return
-            elif isinstance(msg, Ping):
-                continue
-            elif isinstance(msg, Bye):
-                conn.close(0, "")
-                return
-            else:
-                raise ProtocolError(f"observers may send StatusRequest, not {type(msg).__name__}")
 
     async def _shard(self, nc: NodeConn, epoch: int) -> None:
         r = self.session.shard(nc.node, epoch, self.clock())

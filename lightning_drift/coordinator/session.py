@@ -265,14 +265,10 @@ class Session:
             self.lost(node, reason, now)
         self.forget(now)
         d = self.check(now)
-        if d.drop:
-            # Past the round's hard deadline: nodes that did arrive are not held any longer.
-            why = f"no upload for round {d.open_round} by its hard deadline"
-            for node in d.drop:
-                self.lost(node, why, now)
-                gone.append((node, why))
-            d = self.check(now)
-        return gone, d
+        for node in d.drop:  # past the hard deadline: the nodes that arrived are held no longer
+            gone.append((node, f"no upload for round {d.open_round} by its hard deadline"))
+            self.lost(node, gone[-1][1], now)
+        return gone, (self.check(now) if d.drop else d)
 
     def forget(self, now: float) -> list[str]:
         """Drop members gone for longer than ``forget_after_s`` (and the oldest gone ones
@@ -322,10 +318,8 @@ class Session:
         if self.finished:
             return ShardReply(None, f"no epoch {epoch}: the session has finished", "finished")
         self.maybe_plan(now)
-        # The one epoch that may still come: the one after the planned epoch (0 before any).
-        coming = 0 if self.plan is None else self.plan.epoch + 1
-        if epoch > coming or epoch >= self.config.epochs:
-            return ShardReply(None, unplannable(epoch, coming, self.config.epochs), "bad_epoch")
+        if never := self.book.never_planned(epoch, self.config.epochs):
+            return ShardReply(None, never, "bad_epoch")
         if self.plan is None or epoch > self.plan.epoch:
             return ShardReply(None, f"epoch {epoch} is not planned yet; waiting")
         a = self.assignments.get(node) or self._late_assignment(node)
@@ -567,17 +561,6 @@ def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
         "replans": {"revision": d.get("revision", 0), "round": d.get("rebalanced_round", -1)},
         "stop": d.get("stop") or {},
     }
-
-
-def unplannable(epoch: int, coming: int, epochs: int) -> str:
-    """Why a shard request for ``epoch`` can never be answered (the session plans ``coming``
-    next and trains ``epochs`` epochs), and what the node should do."""
-    return (
-        f"epoch {epoch} will never be planned: the session trains epochs 0-{epochs - 1} and "
-        f"plans epoch {min(coming, epochs - 1)} next. A node asks for the epoch its Lightning "
-        "loop is in: resume from a checkpoint of this session (or none), or let the node start "
-        "at the session's epoch"
-    )
 
 
 __all__ = [

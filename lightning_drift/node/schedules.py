@@ -9,7 +9,8 @@ session trains no more epochs than ``max_epochs`` said. :func:`short_horizons` f
 schedulers that could run out within the session, so the node refuses at the join, with the
 fix, instead of failing epochs later.
 
-The boundary: plain arithmetic over what Lightning's ``trainer.lr_scheduler_configs`` hold.
+The boundary: :func:`most_steps` and :func:`short_horizons` are plain arithmetic over what
+Lightning's ``trainer.lr_scheduler_configs`` hold; :func:`refuse_short` reads the trainer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from typing import Any
+
+from lightning_drift.errors import ConfigError
+from lightning_drift.node import loopstate
 
 
 def most_steps(
@@ -58,4 +62,36 @@ def short_horizons(configs: Iterable[Any], *, steps: float, epochs: int) -> list
     return short
 
 
-__all__ = ["most_steps", "short_horizons"]
+def refuse_short(trainer: Any, batches: int, asked_epochs: int | None) -> None:
+    """Once the node joined (``trainer.max_epochs`` is the session's epochs), refuse a
+    scheduler with a fixed horizon that the session's epochs would step past (``ConfigError``
+    naming the fix): it was sized before the join, by ``Trainer(max_epochs=asked_epochs)``,
+    over loaders of ``batches`` batches. Manual optimization steps its schedulers itself."""
+    if not trainer.lightning_module.automatic_optimization:
+        return
+    session_epochs = int(trainer.max_epochs)
+    epochs = max(0, session_epochs - trainer.current_epoch)
+    steps = most_steps(
+        loopstate.limited(trainer, batches),
+        epochs=epochs,
+        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        max_steps=trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else -1,
+    )
+    short = short_horizons(trainer.lr_scheduler_configs, steps=steps, epochs=epochs)
+    if not short:
+        return
+    if asked_epochs != session_epochs:
+        why = (
+            "configure_optimizers runs before the node joins, so "
+            f"trainer.estimated_stepping_batches counted Trainer(max_epochs={asked_epochs}); "
+            f"set Trainer(max_epochs={session_epochs}) (the session's --epochs)"
+        )
+    else:
+        why = "size the schedule for the steps the node can take (estimated_stepping_batches)"
+    raise ConfigError(
+        f"a learning-rate schedule ends before this node's training in the session "
+        f"({session_epochs} epochs) can: {'; '.join(short)}. {why}"
+    )
+
+
+__all__ = ["most_steps", "refuse_short", "short_horizons"]

@@ -11,13 +11,27 @@ swaps the part not yet handed out, and the running iteration follows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import IterableDataset, Sampler
 
+from lightning_drift.errors import ConfigError
 from lightning_drift.protocol import ShardAssignment
 from lightning_drift.scheduler import epoch_permutation
+
+
+def map_style(dataset: Any) -> Sized:
+    """``dataset``, which a node shards by index: refused (``ConfigError`` with the fix) when
+    it is not a map-style dataset (one with ``__len__`` and ``__getitem__``)."""
+    if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+        raise ConfigError(
+            "DriftStrategy shards a map-style dataset (one with __len__ and __getitem__); the "
+            f"train dataset is a {type(dataset).__name__}. Wrap your data in a map-style "
+            "Dataset so the coordinator can give each node its own indices."
+        )
+    return dataset
 
 
 class ShardSampler(Sampler[int]):
@@ -80,4 +94,4 @@ def _take(perm: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
-__all__ = ["ShardSampler"]
+__all__ = ["map_style", "ShardSampler"]

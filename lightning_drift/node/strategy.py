@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,18 +73,18 @@ from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateF
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.data import extract_batch_size
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_drift import protocol as p
 from lightning_drift.auth import TOKEN_ENV
-from lightning_drift.errors import ConfigError, SessionFinished
+from lightning_drift.errors import SessionFinished
 from lightning_drift.node import devices, loopstate, schedules
 from lightning_drift.node.epochwork import EpochWork
 from lightning_drift.node.exchange import BarrierRecord, InFlight
 from lightning_drift.node.joining import Joining, Shape, Way, ways_in
 from lightning_drift.node.pace import PaceMeter
-from lightning_drift.node.shards import ShardSampler
+from lightning_drift.node.shards import ShardSampler, map_style
 from lightning_drift.node.stopping import StopNegotiation
 
 if TYPE_CHECKING:
@@ -297,13 +296,7 @@ class DriftStrategy(SingleDeviceStrategy):
             # A Tuner's internal fit (lr_find, scale_batch_size): local, no session.
             log.info("tuner fit: training locally, outside the session")
             return dataloader
-        dataset = dataloader.dataset
-        if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
-            raise ConfigError(
-                "DriftStrategy shards a map-style dataset (one with __len__ and __getitem__); the "
-                f"train dataset is a {type(dataset).__name__}. Wrap your data in a map-style "
-                "Dataset so the coordinator can give each node its own indices."
-            )
+        dataset = map_style(dataloader.dataset)
         work = self._work if self.runtime is not None else self._join(len(dataset), dataloader)
         assert work is not None and self.runtime is not None
         try:
@@ -334,38 +327,8 @@ class DriftStrategy(SingleDeviceStrategy):
         self._work = self._joining.join(
             module, loop, self.root_device, shape, resumed, self.history
         )
-        if module.automatic_optimization:  # manual optimization steps its schedulers itself
-            self._check_horizons(len(loader), asked_epochs)
+        schedules.refuse_short(trainer, len(loader), asked_epochs)
         return self._work
-
-    def _check_horizons(self, batches: int, asked_epochs: int | None) -> None:
-        """Refuse a scheduler with a fixed horizon (``OneCycleLR``) that the session's epochs
-        would step past: it was sized before the join, by ``Trainer(max_epochs)``."""
-        trainer, config = self._pl.trainer, self.config
-        assert config is not None
-        batches = loopstate.limited(trainer, batches)
-        epochs = max(0, config.epochs - trainer.current_epoch)
-        steps = schedules.most_steps(
-            batches,
-            epochs=epochs,
-            accumulate_grad_batches=trainer.accumulate_grad_batches,
-            max_steps=trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else -1,
-        )
-        short = schedules.short_horizons(trainer.lr_scheduler_configs, steps=steps, epochs=epochs)
-        if not short:
-            return
-        if asked_epochs != config.epochs:
-            why = (
-                "configure_optimizers runs before the node joins, so "
-                f"trainer.estimated_stepping_batches counted Trainer(max_epochs={asked_epochs}); "
-                f"set Trainer(max_epochs={config.epochs}) (the session's --epochs)"
-            )
-        else:
-            why = "size the schedule for the steps the node can take (estimated_stepping_batches)"
-        raise ConfigError(
-            f"a learning-rate schedule ends before this node's training in the session "
-            f"({config.epochs} epochs) can: {'; '.join(short)}. {why}"
-        )
 
     # -- training hooks ----------------------------------------------------------------------------
     @override
@@ -391,12 +354,9 @@ class DriftStrategy(SingleDeviceStrategy):
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if not self._pl.automatic_optimization:
-            # Manual optimization steps inside training_step, any number of times per batch
-            # (truncated backprop, one per optimizer): the batch counts once, at its end.
+        if not self._pl.automatic_optimization:  # any number per batch: it counts at its end
             self._stepped_in_batch = True
-        elif not self.optimizers or optimizer is self.optimizers[0]:
-            # With several optimizers, one training step is counted once: at the first one's.
+        elif not self.optimizers or optimizer is self.optimizers[0]:  # once per training step
             self._after_step()
         return out
 
@@ -435,10 +395,9 @@ class DriftStrategy(SingleDeviceStrategy):
         work.hold_due()
 
     def batch_ended(self) -> None:
-        """After every training batch: under manual optimization a batch that stepped is one
-        step towards the barriers (held here, between two batches, never inside the module's
-        own training_step); at ``Trainer(max_steps)`` Lightning ends the fit, so this node asks
-        the session to stop and holds the final barrier before Lightning does."""
+        """After every training batch: under manual optimization a batch that stepped counts
+        one step (its barriers are held here, never inside training_step); at ``max_steps``
+        this node asks the session to stop and holds the final barrier before Lightning ends."""
         if self._stepped_in_batch:
             self._stepped_in_batch = False
             self._after_step()
