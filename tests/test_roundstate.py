@@ -126,3 +126,11 @@ def test_while_nobody_has_arrived_nobody_is_held_and_nobody_is_dropped():
 def test_a_round_nobody_is_expected_in_waits_instead_of_completing_empty():
     d = round_decision(1e9, RoundState(), facts(), {}, CFG)
     assert not d.complete and not d.drop and "0/0 arrived" in d.reason
+
+
+def test_only_an_expected_arrival_holds_the_round_to_its_hard_deadline():
+    """A late joiner's first upload is not counted (the round does not expect it): it does
+    not make the nodes the round waits for droppable."""
+    st = RoundState(started=0.0, arrivals={C: 10})
+    d = round_decision(1e9, st, facts(A, B), {A: DeadlinePace(100.0)}, CFG)
+    assert not d.complete and not d.drop, d.reason

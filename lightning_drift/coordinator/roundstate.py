@@ -14,8 +14,8 @@ book's, :meth:`PaceBook.for_deadline`)::
 where work is a round of the node's assignment (``ShardAssignment.work_per_round``). Only
 when some missing node's pace is unknown (nothing at all is measured) is there no deadline.
 
-Past the deadline a round without its quorum waits on, but not forever: once a node has
-arrived (someone is held at the barrier), at the **hard deadline** every node still missing
+Past the deadline a round without its quorum waits on, but not forever: once an expected
+node has arrived (someone is held at the barrier), at the **hard deadline** every node still missing
 is dropped from the session (``RoundDecision.drop``; it may rejoin, and gets new work then),
 so the nodes that did arrive are never held by nodes that stopped uploading, whatever those
 still send::
@@ -206,6 +206,8 @@ def round_decision(
             missing,
         )
     quorum = f"only {count}, quorum needs {need}"
+    if not have:  # only nodes it does not count arrived (a late joiner's first round)
+        return RoundDecision(r, False, f"round {r}: deadline passed but {quorum}; waiting")
     return _without_quorum(r, now, hard - state.started, hard, quorum + basis, missing)
 
 
