@@ -66,6 +66,9 @@ class Member(msgspec.Struct):
     barrier_wait: float = 0.0  # how long it waited at its last completed barrier
     loss: float | None = None
     samples: int = 0
+    # Samples of its uploads that counted and showed training, each as the session weighed it
+    # (``Session.weight_for``): the work the coordinator knows it received, never a claim.
+    delivered: int = 0
     vram_used: int = 0  # bytes on its training device, last report
     vram_peak: int = 0  # the most it reported
     reason: str = ""  # why it is lost/left
@@ -198,11 +201,15 @@ class Roster(msgspec.Struct):
         m.vram_peak = max(m.vram_peak, msg.vram_peak, m.vram_used)
         return True
 
-    def at_barrier(self, node: str, upload_round: int, samples: int, now: float) -> None:
-        """``node``'s upload of ``samples`` counts in ``upload_round``: it waits there."""
+    def at_barrier(
+        self, node: str, upload_round: int, samples: int, now: float, *, delivered: int = 0
+    ) -> None:
+        """``node``'s upload of ``samples`` counts in ``upload_round``: it waits there;
+        ``delivered``: the samples of it that showed training (see :attr:`Member.delivered`)."""
         m = self.members[node]
         m.state, m.arrived_round, m.barrier_since = MemberState.BARRIER, upload_round, now
         m.samples = samples
+        m.delivered += max(0, delivered)
 
     def barriers_done(self, nodes: list[str], now: float) -> None:
         """The round ``nodes`` waited at completed: they train on."""

@@ -404,7 +404,7 @@ class Session:
             self.book.record(node, epoch, epoch_samples, now, counted=True)
             samples = int(self.weight_for(node, samples))  # a bogus count must not skew pace
             self.arrivals[node] = samples
-            self.roster.at_barrier(node, upload_round, samples, now)
+            self.roster.at_barrier(node, upload_round, samples, now, delivered=samples)
             if (a := self.assignments.get(node)) is not None:
                 elapsed = now - max(self.round_started, m.joined_at)
                 self.paces.measure(node, samples, a.work_per_round, elapsed)
