@@ -124,6 +124,27 @@ def check_contribution(contributors: list[tuple[str, float]], node: str, weight:
     return w
 
 
+def change_norm(
+    global_sd: Mapping[str, torch.Tensor],
+    upload: Mapping[str, torch.Tensor],
+    *,
+    delta: bool = False,
+    fixed: frozenset[str] = frozenset(),
+) -> float:
+    """The L2 norm (float64) of ``upload``'s change against ``global_sd`` over every floating
+    tensor but the ``fixed`` (carried) ones; with ``delta`` the upload is the change itself.
+    The upload is validated first (``SessionError(code="bad_upload")``)."""
+    validate_upload(global_sd, upload, any_float=delta, fixed=fixed)
+    sq = 0.0
+    for k, ref in global_sd.items():
+        if not _is_float(ref) or k in fixed:
+            continue
+        x = upload[k].to(device=ref.device, dtype=torch.float64)
+        d = x if delta else x - ref.to(torch.float64)
+        sq += float(torch.linalg.vector_norm(d)) ** 2
+    return math.sqrt(sq)
+
+
 class Accumulator:
     """The weighted mean of one round's uploads, built as they arrive.
 
@@ -188,6 +209,11 @@ class Accumulator:
         self.contributors.append((node, w))
         self.total_weight += w
         log.debug("aggregate.add node=%s weight=%s n=%d", node[:12], w, len(self.contributors))
+
+    def change(self, upload: Mapping[str, torch.Tensor], *, delta: bool = False) -> float:
+        """The L2 norm of ``upload``'s change against the global weights, as :meth:`add`
+        would record it, without adding it (validated first: a bad upload raises)."""
+        return change_norm(self._global, upload, delta=delta, fixed=self._fixed)
 
     def __len__(self) -> int:
         return len(self.contributors)

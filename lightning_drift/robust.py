@@ -40,6 +40,7 @@ import torch
 
 from lightning_drift.aggregate import (
     StateDict,
+    change_norm,
     check_contribution,
     merge_buffers,
     validate_upload,
@@ -118,6 +119,10 @@ class RobustAccumulator:
 
     def __len__(self) -> int:
         return len(self.contributors)
+
+    def change(self, upload: Mapping[str, torch.Tensor], *, delta: bool = False) -> float:
+        """The L2 norm of ``upload``'s change, as :meth:`add` would record it (not added)."""
+        return change_norm(self._global, upload, delta=delta, fixed=self._fixed)
 
     def add(
         self,

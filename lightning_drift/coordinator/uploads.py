@@ -268,10 +268,13 @@ class Uploads:
             if verdict.kind is not Verdict.OPEN:
                 return Handled(self._answer(verdict, sync), Effects())
             assert rounds.acc is not None
-            # Samples trained since the last barrier, at most the node's shard; 0 (nothing
-            # left in its shard) adds nothing.
-            weight = s.weight_for(node, sync.samples)
+            # Samples trained since the last barrier, at most the work of the node's rounds
+            # since its last counted upload; 0 (nothing left in its shard) adds nothing.
+            weight = s.weight_for(node, sync.samples, sync.round)
             try:
+                change = await asyncio.to_thread(rounds.acc.change, sd, delta=sync.delta)
+                if why := s.evidence.judge(change, weight):
+                    return self._no_training(node, sync, why, rounds.clock())
                 await asyncio.to_thread(rounds.acc.add, node, sd, weight, delta=sync.delta)
             except SessionError as exc:
                 fx = effects.reject(s, node, sync.round, str(exc), rounds.clock(), strikes=True)
@@ -285,12 +288,20 @@ class Uploads:
                 epoch=sync.epoch,
                 epoch_samples=sync.epoch_samples,
                 loss=sync.loss,
+                change=change,
             )
             rounds.counted[node] = (sync, nbytes)
         log.info(
             "barrier.arrived node=%s round=%d samples=%d", short_id(node), sync.round, sync.samples
         )
         return Handled(self._answer(verdict, sync), Effects(decision=decision))
+
+    def _no_training(self, node: str, sync: BarrierSync, why: str, now: float) -> Handled:
+        """An upload that shows no training (``evidence.py``): left out of its round with a
+        strike, answered with the round's weights like any upload left out."""
+        reason = f"it shows no training: {why}"
+        fx = effects.reject(self.session, node, sync.round, reason, now, strikes=True)
+        return Handled(self._answer(UploadVerdict(Verdict.LEFT_OUT, reason), sync), fx)
 
     # ---- answering -------------------------------------------------------------------------
     async def ready(self, answer: Answer, base_sha256: str) -> Ready:
