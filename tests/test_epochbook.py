@@ -37,13 +37,29 @@ def test_begin_assigns_every_shard_and_expects_every_live_node():
 
 def test_a_lost_node_hands_on_the_rest_after_its_counted_upload():
     b = book()
-    b.record(A, 0, 120, now=1.0, counted=True)
+    b.record(A, 0, 120, now=1.0, counted=2, batch_size=10)  # rounds 1-2 hold up to 200
+    assert b.counted[A] == 120
     b.hand_on(A, open_round=3, arrived=False, batch_size=10)
     assert b.orphans[A].ranges == ((120, 500),) and A not in b.assignments
     late = b.late_assignment(C, 3, 1.0, (10, 10), CFG, revision=0)
     assert late is not None and late.ranges[0][0] >= 120 and C in b.late
     assert b.expected(3, lambda n: True) == [B]  # a late joiner's first round: if in time
     assert C in b.expected(4, lambda n: True)
+
+
+def test_a_counted_upload_holds_at_most_the_work_of_its_rounds():
+    """A node saying its round-1 upload holds its whole shard: round 1 of its work (100) is
+    what the coordinator takes as trained, and what a lost node hands on starts there."""
+    b = book()
+    b.record(A, 0, 500, now=1.0, counted=1, batch_size=10)
+    assert b.counted[A] == 100
+    b.hand_on(A, open_round=2, arrived=False, batch_size=10)
+    assert b.orphans[A].ranges == ((100, 500),)
+    # The most one upload may weigh: the rounds since the last counted one, and a step.
+    assert b.work_since(B, 1, 0, 1000, 10) == 110
+    assert b.work_since(B, 3, 1, 1000, 10) == 210
+    assert b.work_since(B, 9, 0, 1000, 10) == 500  # never more than the shard
+    assert b.work_since(C, 1, 0, 1000, 10) == 1000  # no assignment: the dataset
 
 
 def test_positions_move_on_by_the_pace_since_the_report():

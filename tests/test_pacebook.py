@@ -26,24 +26,25 @@ def test_a_measurement_is_at_most_a_rounds_work_over_the_elapsed_time_and_averag
     assert b.of("a").measured == pytest.approx(ema(50.0, 100.0, MEASURED_SMOOTHING))
 
 
-def test_reports_are_bounded_by_the_measured_pace_then_smoothed_for_re_plans():
+def test_reports_are_bounded_by_the_measured_pace_and_move_nothing():
     b = PaceBook()
     b.measure("a", 100, work=100.0, elapsed=4.0)  # 25 samples/s
     b.report("a", 1e6)
     assert b.of("a").reported == pytest.approx(25.0 * PACE_FACTOR)
     b.report("a", 30.0)
     assert b.of("a").smoothed == pytest.approx(ema(25.0 * PACE_FACTOR, 30.0, PACE_SMOOTHING))
-    assert b.for_replan("a") == b.of("a").smoothed
-    assert b.for_replan("b") is None
+    assert b.for_replan("a") == 25.0  # re-plans go by what was measured, never by reports
+    b.report("b", 1e6)
+    assert b.for_replan("b") is None  # a claim alone is no pace
 
 
-def test_deadline_paces_use_measured_then_reported_then_the_median_floor():
+def test_deadline_paces_use_measured_then_the_median_floor_never_reports():
     b = PaceBook()
     b.measure("a", 100, work=100.0, elapsed=1.0)  # 100 samples/s: the median
-    b.report("b", 1.0)  # tiny claim: held up to the floor
+    b.report("b", 1.0)  # a tiny claim: not read
     paces = b.for_deadline(["a", "b", "c"], scheduler=None)
     assert paces["a"].pace == 100.0 and not paces["a"].estimated
-    assert paces["b"].pace == pytest.approx(100.0 / PACE_FACTOR)
+    assert paces["b"].estimated and paces["b"].pace == pytest.approx(100.0 / PACE_FACTOR)
     assert paces["c"].estimated and paces["c"].pace == pytest.approx(100.0 / PACE_FACTOR)
     assert PaceBook().for_deadline(["c"], scheduler=None) == {}  # nothing known: no deadline
 

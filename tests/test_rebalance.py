@@ -183,3 +183,29 @@ def test_a_fast_node_held_at_a_barrier_takes_work_when_the_caller_says_it_can(ca
         assert total(plan.segments["fast"]) > 200 > 0 < total(plan.segments["slow"]) < 1000
         got = sorted(_positions(plan.segments["fast"]) + _positions(plan.segments["slow"]))
         assert got == list(range(1200))
+
+
+def test_a_node_keeping_to_its_plan_gives_nothing_however_fast_another_looks():
+    """An honest node measured at the pace its work was sized by keeps its work when another
+    node looks a hundred times as fast; a node that fell behind its plan gives to it."""
+    work = [
+        NodeWork("honest", ((0, 600),), consumed=40, pace=10.0, keeps_plan=True),
+        NodeWork("claims", ((600, 1200),), consumed=40, pace=1000.0, can_receive=True),
+    ]
+    plan = rebalance(work, rounds_left=10, batch_size=10)
+    assert not plan and "keep to their plans" in plan.reason
+    behind = [NodeWork(w.node, w.segments, w.consumed, w.pace, w.can_receive) for w in work]
+    assert rebalance(behind, rounds_left=10, batch_size=10).segments["claims"]
+
+
+def test_three_nodes_only_the_one_behind_its_plan_gives():
+    work = [
+        NodeWork("a", ((0, 400),), consumed=0, pace=10.0, keeps_plan=True),
+        NodeWork("b", ((400, 800),), consumed=0, pace=5.0),  # behind: half its planned pace
+        NodeWork("c", ((800, 1200),), consumed=0, pace=40.0, keeps_plan=True),
+    ]
+    plan = rebalance(work, rounds_left=10, batch_size=10)
+    assert plan and total(plan.segments["b"]) < 400
+    assert "a" not in plan.segments or total(plan.segments["a"]) >= 400
+    moved = {n: total(s) for n, s in plan.segments.items()}
+    assert sum(moved.values()) + (400 if "a" not in moved else 0) == 1200

@@ -20,7 +20,8 @@ the caller passes ``now``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
 import msgspec
 
@@ -201,10 +202,23 @@ class EpochBook(msgspec.Struct):
     trained: dict[str, int] = {}
     trained_at: dict[str, float] = {}
     counted: dict[str, int] = {}
+    # The measured pace each node's work was sized by (absent: by its calibration, unproven):
+    # a node measured at that pace or better keeps to its plan, and no re-plan takes its work.
+    planned: dict[str, float] = {}
 
-    def begin(self, plan: EpochPlan, *, seed: int, final: bool, revision: int) -> None:
-        """A new epoch is planned: its assignments replace the last epoch's."""
+    def begin(
+        self,
+        plan: EpochPlan,
+        *,
+        seed: int,
+        final: bool,
+        revision: int,
+        paces: Mapping[str, float] | None = None,
+    ) -> None:
+        """A new epoch is planned: its assignments replace the last epoch's; ``paces``: the
+        measured paces the plan was made with."""
         self.plan = plan
+        self.planned = {n: p for n, p in (paces or {}).items() if n in plan.shards and p > 0}
         self.assignments = {
             n: assign(
                 plan, sh, plan.first_round, plan.rounds, seed=seed, final=final, revision=revision
@@ -319,20 +333,47 @@ class EpochBook(msgspec.Struct):
         self.late.discard(node)
 
     def record(
-        self, node: str, epoch: int | None, epoch_samples: int, now: float, *, counted: bool = False
+        self,
+        node: str,
+        epoch: int | None,
+        epoch_samples: int,
+        now: float,
+        *,
+        counted: int | None = None,
+        batch_size: int = 1,
     ) -> None:
         """``node`` has trained ``epoch_samples`` positions of its work of ``epoch`` (ignored
-        for another epoch than its assignment's, or when not said); ``counted``: as of an
-        upload that counts."""
+        for another epoch than its assignment's, or when not said); ``counted``: the round of
+        an upload that counts, which holds at most the work of its assignment's rounds up to
+        that one (what a node says beyond it is a claim, never taken as trained)."""
         a = self.assignments.get(node)
         if epoch_samples < 0 or a is None or (epoch is not None and epoch != a.epoch):
             return
         value = min(int(epoch_samples), a.size)
+        if counted is not None:
+            value = min(value, consumed(a, max(0, counted - a.first_round + 1), batch_size))
         if value > self.trained.get(node, -1):
             self.trained[node] = value
             self.trained_at[node] = now
-        if counted:
+        if counted is not None:
             self.counted[node] = value
+
+    def work_since(
+        self, node: str, upload_round: int, last_round: int, dataset_size: int, batch_size: int
+    ) -> int:
+        """The most samples ``node``'s upload for ``upload_round`` can hold: its assignment's
+        work for the rounds since ``last_round`` (its last counted upload), a step more for
+        rounding (``batch_size``: the session's, for a node that did not say its own), never
+        more than its whole shard; ``dataset_size`` for a node without an assignment, its
+        whole shard for ``upload_round`` < 0."""
+        a = self.assignments.get(node)
+        if a is None:
+            return max(0, dataset_size)
+        if upload_round < 0:
+            return a.size
+        since = last_round if last_round >= a.first_round else a.first_round - 1
+        step = a.samples_per_step or a.batch_size or batch_size
+        return min(a.size, math.ceil(a.work_per_round * max(1, upload_round - since)) + step)
 
     def reach(self, node: str, open_round: int, batch_size: int) -> tuple[int, bool]:
         """How far into its work ``node`` can be at most, and whether it has a barrier left

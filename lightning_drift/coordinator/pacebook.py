@@ -3,15 +3,16 @@
 A node's pace is the samples/s it trains. Three kinds, one home (the averaging constants are
 ``coordinator/config.py``'s table):
 
-- the **measured pace**: what the coordinator measured from the node's uploads (its samples,
-  at most one round's work of its assignment, over the time from the round's start to the
-  upload's arrival), averaged with ``MEASURED_SMOOTHING``. Deadlines, the bounds on what nodes
-  report and the scheduler's paces go by it;
+- the **measured pace**: what the coordinator measured from the node's uploads that counted
+  and showed training (``evidence.py``): its samples, at most one round's work of its
+  assignment, over the time from the round's start to the upload's arrival, averaged with
+  ``MEASURED_SMOOTHING``. Deadlines, re-plans, epoch shares and the bounds on what nodes
+  report go by it, and by nothing else: it is the one pace that rests on evidence;
 - the **reported pace**: what the node says (``TrainProgress.samples_per_s``, and its
   upload's samples over its training time), never beyond ``PACE_FACTOR`` of its measured pace
-  (of the session's median measured pace before it has one); the status shows the latest;
-- the **smoothed pace**: reported paces averaged with ``PACE_SMOOTHING``; re-plans go by it
-  (:meth:`PaceBook.for_replan`), so one noisy window does not move work back and forth.
+  (of the session's median measured pace before it has one); the status shows the latest.
+  A claim: it moves no work and no deadline;
+- the **smoothed pace**: reported paces averaged with ``PACE_SMOOTHING``, for the status.
 
 Before any measurement the **calibrated pace** is the scheduler's estimate from calibration
 (``Scheduler.pace``), in samples/s once some node of the session is measured.
@@ -88,9 +89,9 @@ class PaceBook(msgspec.Struct):
         )
 
     def for_replan(self, node: str) -> float | None:
-        """The pace re-plans go by: smoothed reports, else the latest report, else measured."""
-        p = self.of(node)
-        return p.smoothed or p.reported or p.measured or None
+        """The pace re-plans go by: the measured one (None: not measured yet). What a node
+        reports about its speed moves no work: only what it delivered does."""
+        return self.of(node).measured or None
 
     def forget(self, node: str) -> None:
         self.nodes.pop(node, None)
@@ -100,11 +101,11 @@ class PaceBook(msgspec.Struct):
     ) -> dict[str, DeadlinePace]:
         """The pace a round deadline assumes for each of ``nodes`` (absent: unknown).
 
-        Its measured pace; else its reported one (bounded); else the scheduler's calibrated
-        estimate, once some node is measured (so that it is in samples/s) and if it is > 0;
-        never below ``1 / PACE_FACTOR`` of the session's median measured pace (which is the
-        estimate of last resort), so a node that reports nothing, or a tiny pace, cannot hold
-        a round open forever."""
+        Its measured pace; else the scheduler's calibrated estimate, once some node is
+        measured (so that it is in samples/s) and if it is > 0; never below ``1 / PACE_FACTOR``
+        of the session's median measured pace (which is the estimate of last resort). What a
+        node reports about its speed is never read here: a node that says it is slow cannot
+        hold a round open by saying so."""
         ref = self.reference()
         floor = ref / PACE_FACTOR if ref is not None else 0.0
         measured = self.measured()
@@ -114,8 +115,6 @@ class PaceBook(msgspec.Struct):
             p = self.of(node)
             if p.measured > 0:
                 out[node] = DeadlinePace(max(p.measured, floor))
-            elif p.reported > 0:
-                out[node] = DeadlinePace(max(bound_pace(p.reported, ref), floor))
             else:
                 est = 0.0
                 if scheduler is not None and factor is not None and node in scheduler:

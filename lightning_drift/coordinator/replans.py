@@ -14,8 +14,9 @@ work is a list of ranges of the epoch's permutation (:data:`Segments`), consumed
 back; work moves only at the *tail* of a list, and never closer to a node's current position
 than a margin it may already have trained or loaded meanwhile:
 
-- a **donor** (its remaining work takes longer than its fair share would) gives away the tail
-  of its list, keeping ``horizon_s`` seconds of work at its measured pace beyond where it is
+- a **donor** (its remaining work takes longer than its fair share would, and it has fallen
+  behind its plan: measured below :data:`BEHIND` of the pace its work was sized by, or its
+  work was sized by calibration alone) gives away the tail of its list, keeping ``horizon_s`` seconds of work at its measured pace beyond where it is
   thought to be (its position is an estimate from a report seconds old, and the re-plan
   takes a moment to reach it) plus two batches its data loader may have read ahead;
 - a **receiver** appends the donors' tails to its list, in node order, so that every position
@@ -24,6 +25,8 @@ than a margin it may already have trained or loaded meanwhile:
   a barrier that is not its epoch's last will train its tail), or, when it cannot, a node
   whose remaining work is within that same margin is taken to be at its end.
 
+Paces are the measured ones only (``pacebook.py``): what a node says about its speed moves no
+work, and a node that keeps to its plan keeps its work however fast another node looks.
 Nothing moves when a node has no measured pace, or when the predicted finishing times are
 within ``tolerance`` of each other. Moves are whole batches (multiples of ``batch_size``), so
 batch-aligned lists stay aligned.
@@ -58,6 +61,9 @@ from lightning_drift.text import short_id
 TOLERANCE = 0.05  # predicted finishing times may differ by this fraction before work moves
 MIN_ROUNDS_LEFT = 1  # the epoch's rounds not yet completed, at least
 HORIZON_S = 7.0  # seconds a node may have trained since its last report (reports every 5 s)
+# A node measured below this fraction of the pace its work was sized by has fallen behind
+# its plan: only such a node gives work away.
+BEHIND = 0.8
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,9 @@ class NodeWork:
     # Whether work appended to the node's tail will be trained: known when the node still has
     # a barrier ahead of anything it can have reached; None: judged by the margin (see above).
     can_receive: bool | None = None
+    # Measured at the pace its work was sized by (or better): it keeps to its plan, and no
+    # re-plan takes its work, however fast others look.
+    keeps_plan: bool = False
 
     @property
     def remaining(self) -> int:
@@ -135,13 +144,15 @@ def rebalance(
         return Plan(
             {},
             0,
-            f"finishing times {spread:.0%} apart, but nothing can move: the slower nodes' "
-            "remaining work is within their protected margin, or the faster ones are at the "
-            "end of theirs",
+            f"finishing times {spread:.0%} apart, but nothing can move: the slower nodes keep "
+            "to their plans or their remaining work is within their protected margin, or the "
+            "faster ones are at the end of theirs",
         )
     new = _hand_over(work, give, take)
     after = [
-        NodeWork(w.node, new.get(w.node, w.segments), w.consumed, w.pace, w.can_receive)
+        NodeWork(
+            w.node, new.get(w.node, w.segments), w.consumed, w.pace, w.can_receive, w.keeps_plan
+        )
         for w in work
     ]
     times_after = finishing_times(after)
@@ -177,7 +188,7 @@ def _moves(
     give_units: dict[str, int] = {}
     need_units: dict[str, int] = {}
     for w, t in zip(work, target, strict=True):
-        if w.remaining > t:
+        if w.remaining > t and not w.keeps_plan:
             movable = min(w.remaining - t, w.remaining - keep[w.node])
             if movable >= batch:
                 give_units[w.node] = movable // batch
@@ -285,6 +296,7 @@ class Replans(msgspec.Struct):
                 revision=self.revision,
             )
             book.assignments[node] = a
+            book.planned[node] = paces_of[node]  # its work is now sized by this pace
             out.append((node, a))
         return out
 
@@ -301,7 +313,9 @@ class Replans(msgspec.Struct):
         # said; a node that said more than the rounds allow is judged by the margin alone.
         at = min(a.size, max(said, min(book.position(n, now, pace or 0.0), reach)))
         can_receive = True if more and said < reach else None
-        return NodeWork(n, tuple(a.ranges), at, pace, can_receive)
+        planned = book.planned.get(n, 0.0)
+        keeps = bool(pace and planned and pace >= BEHIND * planned)
+        return NodeWork(n, tuple(a.ranges), at, pace, can_receive, keeps)
 
 
 def move_unit(assignments: Sequence[ShardAssignment], batch_size: int) -> int:
@@ -315,6 +329,7 @@ def move_unit(assignments: Sequence[ShardAssignment], batch_size: int) -> int:
 
 
 __all__ = [
+    "BEHIND",
     "HORIZON_S",
     "MIN_ROUNDS_LEFT",
     "TOLERANCE",
