@@ -234,6 +234,7 @@ def serve(
     outer_momentum: Annotated[float | None, _option("outer_momentum")] = None,
     deadline_margin: Annotated[float | None, _option("deadline_margin")] = None,
     deadline_floor: Annotated[float | None, _option("deadline_floor")] = None,
+    deadline_max: Annotated[float | None, _option("deadline_max")] = None,
     min_vram: Annotated[str | None, _option("min_vram")] = None,
     keep: Annotated[int | None, _option("keep")] = None,
     max_model_mb: Annotated[int | None, _option("max_model_mb")] = None,

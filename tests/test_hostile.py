@@ -410,7 +410,7 @@ def test_a_slow_upload_holds_no_slot_and_is_dropped_below_the_minimum_rate(tmp_p
             tmp_path, serve={"max_uploads": 1, "min_upload_rate": 4096, "upload_grace_s": 300.0}
         )
         runner, (a, b), tasks, evil, _ = await scene(coord)
-        blob = to_bytes(small_model())
+        blob = to_bytes(honest_step(small_model(), 1, 9))  # a change: it shows training
         sha = sha256_bytes(blob)
         stream = await raw_upload(
             evil, BarrierSync(round=1, samples=10), blob[:1], size=len(blob), sha256=sha

@@ -49,8 +49,8 @@ def test_past_the_deadline_a_quorum_completes_and_leaves_the_rest_behind():
 
 
 def test_no_deadline_while_a_missing_pace_is_unknown_nor_while_aggregating():
-    st = RoundState(arrivals={A: 10})
-    d = round_decision(20.0, st, facts(A, B), {}, CFG)
+    st = RoundState(arrivals={A: 10})  # 1 of 3: no quorum
+    d = round_decision(20.0, st, facts(A, B, C), {}, CFG)
     assert not d.complete and "no deadline yet" in d.reason and not d.drop
     st.aggregating = 3
     assert "being aggregated" in round_decision(0.0, st, facts(A), {}, CFG).reason
@@ -98,16 +98,13 @@ def test_without_a_quorum_the_missing_are_dropped_at_the_hard_deadline():
 
 
 def test_while_a_pace_is_unknown_the_hard_deadline_is_the_deadline_too():
-    """A missing pace is unknown: no deadline, but a hard one all the same, counted from the
-    round's start (max(floor, heartbeat timeout), three times). With a quorum the round then
-    completes and leaves the rest behind (a slow node is not dropped); without one the
-    missing are dropped."""
+    """A missing pace is unknown and no quorum has arrived: no deadline, but a hard one all
+    the same, counted from the round's start (max(floor, heartbeat timeout), three times):
+    the missing are dropped then."""
     limit = 3 * max(CFG.deadline_floor, CFG.heartbeat_timeout)
     st = RoundState(started=5.0, arrivals={A: 10})
-    d = round_decision(5.0 + limit - 0.1, st, facts(A, B), {}, CFG)
+    d = round_decision(5.0 + limit - 0.1, st, facts(A, B, C), {}, CFG)
     assert not d.complete and not d.drop and "no deadline yet" in d.reason
-    d = round_decision(5.0 + limit, st, facts(A, B), {}, CFG)
-    assert d.complete and d.missing == (B,) and not d.drop and "left behind" in d.reason
     d = round_decision(5.0 + limit, st, facts(A, B, C), {}, CFG)
     assert not d.complete and d.drop == (B, C), d.reason
     # A restart's reconnect grace moves the start, and with it the hard deadline.
@@ -115,6 +112,30 @@ def test_while_a_pace_is_unknown_the_hard_deadline_is_the_deadline_too():
     st.restart_clock(100.0, grace=30.0)
     assert not round_decision(130.0 + limit - 0.1, st, facts(A, B, C), {}, CFG).drop
     assert round_decision(130.0 + limit, st, facts(A, B, C), {}, CFG).drop == (B, C)
+
+
+def test_once_a_quorum_arrived_the_deadline_is_a_margin_over_the_time_it_took():
+    """A quorum (A, 8 s into the round) bounds the deadline at 1.5 x 8 s, whatever the
+    missing node's pace says (a slow measured pace, or none); never past deadline_max."""
+    st = RoundState(started=100.0)
+    st.arrived(A, 10, 108.0)
+    assert st.took == {A: 8.0}
+    slow = {B: DeadlinePace(0.01)}  # 100 samples a round: over two hours by its pace
+    assert deadline(st, facts(A, B), slow, CFG)[0] == pytest.approx(112.0)
+    assert deadline(st, facts(A, B), {}, CFG)[0] == pytest.approx(112.0)  # pace unknown
+    d = round_decision(112.0, st, facts(A, B), slow, CFG)
+    assert d.complete and d.missing == (B,) and "left behind" in d.reason
+    # Without a quorum (1 of 3) the pace rules, but no further than deadline_max.
+    capped = SessionConfig(dataset_size=100, quorum=0.5, deadline_floor=2.0, deadline_max=60.0)
+    paces = {B: DeadlinePace(0.01), C: DeadlinePace(0.01)}
+    assert deadline(st, facts(A, B, C), paces, capped)[0] == pytest.approx(160.0)
+    assert deadline(st, facts(A, B, C), paces, CFG)[0] == pytest.approx(100.0 + 3600.0)
+    # A fast quorum never shortens the deadline below the floor.
+    st = RoundState(started=0.0)
+    st.arrived(A, 10, 0.5)
+    assert deadline(st, facts(A, B), slow, CFG)[0] == pytest.approx(CFG.deadline_floor)
+    st.next_round(5.0)
+    assert st.took == {} and st.arrivals == {}
 
 
 def test_while_nobody_has_arrived_nobody_is_held_and_nobody_is_dropped():

@@ -228,6 +228,10 @@ SETTINGS: tuple[Setting, ...] = (
             _S),
     Setting("deadline_floor", 10.0, float, "Straggler deadline never shorter than this (s).",
             _S),
+    # No pace a node can show pushes a deadline further: the operator's bound on the clock.
+    Setting("deadline_max", 3600.0, float,
+            "Straggler deadline never longer than this after a round starts (s).", _S,
+            check=_positive),
     Setting("dataset_size", 0, int, "Samples in the dataset.", _S, shown="the first node's"),
     Setting("seed", 0, int, "Seed of the epoch permutations.", _S),
     Setting("transfer_dtype", "float32", str,
@@ -322,6 +326,7 @@ class SessionConfig:
     progress_every_s: float = _default("progress_every_s")
     deadline_margin: float = _default("deadline_margin")
     deadline_floor: float = _default("deadline_floor")
+    deadline_max: float = _default("deadline_max")
     dataset_size: int = _default("dataset_size")  # 0: adopt from the first admitted node
     seed: int = _default("seed")
     transfer_dtype: TransferDType = _default("transfer_dtype")
@@ -345,6 +350,12 @@ class SessionConfig:
             raise ConfigError(
                 f"--min-nodes {self.min_nodes} is more than --max-nodes {self.max_nodes}: the "
                 "first epoch would wait for ever; lower --min-nodes or raise --max-nodes"
+            )
+        if self.deadline_floor > self.deadline_max:
+            raise ConfigError(
+                f"--deadline-floor {self.deadline_floor:g} is more than --deadline-max "
+                f"{self.deadline_max:g}: no deadline could be both; lower the floor or raise "
+                "the bound"
             )
 
     @classmethod

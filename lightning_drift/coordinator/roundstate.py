@@ -61,7 +61,13 @@ class RoundState(msgspec.Struct):
     grace: float = 0.0  # seconds of ``started`` that are a restart's reconnect grace
     aggregating: int | None = None  # the round being aggregated (no uploads count)
     arrivals: dict[str, int] = {}
+    took: dict[str, float] = {}  # node -> seconds from the round's start to its upload
     left_out: dict[str, str] = {}
+
+    def arrived(self, node: str, samples: int, now: float) -> None:
+        """``node``'s upload of ``samples`` counts, arriving at ``now``."""
+        self.arrivals[node] = samples
+        self.took[node] = max(0.0, now - self.started)
 
     def restart_clock(self, now: float, grace: float = 0.0) -> None:
         """The one place the round's clock starts: at ``now + grace`` (a restart's grace)."""
@@ -107,7 +113,7 @@ class RoundState(msgspec.Struct):
     def next_round(self, now: float) -> None:
         """The aggregating round completed: the next one opens, empty, its clock at ``now``."""
         self.aggregating = None
-        self.arrivals, self.left_out = {}, {}
+        self.arrivals, self.took, self.left_out = {}, {}, {}
         self.restart_clock(now)
 
 
@@ -126,20 +132,35 @@ def deadline(
     state: RoundState, facts: RoundFacts, paces: Mapping[str, DeadlinePace], config: SessionConfig
 ) -> tuple[float | None, list[str], list[str]]:
     """(deadline, missing nodes whose pace is only estimated, missing nodes of unknown pace).
-    No deadline when nobody is missing, or when some missing node's pace is unknown."""
+    No deadline when nobody is missing, or when some missing node's pace is unknown and no
+    quorum has arrived. Bounded by :func:`quorum_bound` and ``deadline_max``."""
     missing = [n for n in facts.expected if n not in state.arrivals]
     if not missing:
         return None, [], []
     unknown = [n for n in missing if n not in paces]
     estimated = [n for n in missing if n in paces and paces[n].estimated]
+    bound = quorum_bound(state, facts, config)
     if unknown:
-        return None, estimated, unknown
+        return bound, estimated, unknown
     longest = max(facts.work[n] / paces[n].pace for n in missing)
-    return (
-        state.started + max(config.deadline_floor, config.deadline_margin * longest),
-        estimated,
-        unknown,
+    by_pace = state.started + min(
+        config.deadline_max, max(config.deadline_floor, config.deadline_margin * longest)
     )
+    return (by_pace if bound is None else min(by_pace, bound)), estimated, unknown
+
+
+def quorum_bound(state: RoundState, facts: RoundFacts, config: SessionConfig) -> float | None:
+    """Once a quorum of the expected nodes has arrived, the latest the round's deadline may
+    be: a margin over the time they took (``deadline_margin`` × the slowest of them, at
+    least ``deadline_floor``, at most ``deadline_max``), whatever the missing nodes' paces
+    say; None before a quorum. What the arrived nodes took is the coordinator's own clock:
+    no number a straggler reports (nor a pace measured from its own slow uploads) holds the
+    nodes that delivered."""
+    took = [state.took.get(n, 0.0) for n in facts.expected if n in state.arrivals]
+    if not took or len(took) < quorum_need(config.quorum, len(facts.expected)):
+        return None
+    span = max(config.deadline_floor, config.deadline_margin * max(took))
+    return state.started + min(config.deadline_max, span)
 
 
 def hard_deadline(soft: float | None, state: RoundState, config: SessionConfig) -> float:

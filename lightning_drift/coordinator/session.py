@@ -33,6 +33,7 @@ from lightning_drift.coordinator import views
 from lightning_drift.coordinator.boundary import PACE_FACTOR
 from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.coordinator.epochbook import EpochBook, round_end, shard_reply
+from lightning_drift.coordinator.evidence import Evidence
 from lightning_drift.coordinator.pacebook import DeadlinePace, PaceBook
 from lightning_drift.coordinator.replans import Replans
 from lightning_drift.coordinator.roster import (
@@ -108,6 +109,7 @@ class SessionRecord(msgspec.Struct):
     replans: Replans
     stop: StopBook
     scheduler: Scheduler | None = None
+    evidence: Evidence = msgspec.field(default_factory=Evidence)
 
     @classmethod
     def of(cls, s: Session) -> SessionRecord:
@@ -127,6 +129,7 @@ class SessionRecord(msgspec.Struct):
             replans=s.replans,
             stop=s.stops,
             scheduler=s.scheduler,
+            evidence=s.evidence,
         )
 
     def restore(self, now: float) -> Session:
@@ -143,6 +146,7 @@ class SessionRecord(msgspec.Struct):
         s.completed, s.epoch, s.finished = self.completed, self.epoch, self.finished
         s.roster, s.paces, s.book = self.roster, self.paces, self.epochs
         s.replans, s.stops, s.scheduler = self.replans, self.stop, self.scheduler
+        s.evidence = self.evidence
         s.book.trained_at.clear()  # times of another process's clock
         s.roster.restored(now, config.heartbeat_timeout)
         s.round.restart_clock(now, config.heartbeat_timeout)
@@ -184,6 +188,7 @@ class Session:
         self.book = EpochBook()
         self.replans = Replans()
         self.stops = StopBook()
+        self.evidence = Evidence()
         self.round = RoundState(started=now)
 
     # ---- derived state -------------------------------------------------------------------
@@ -203,13 +208,17 @@ class Session:
         missing node is neither measured nor estimable, or nobody is missing)."""
         return deadline(self.round, *_round_inputs(self), self.config)[0]
 
-    def weight_for(self, node: str, samples: int) -> float:
-        """The aggregation weight of ``node``'s upload reporting ``samples``: bounded to
-        ``[0, size]`` of its assignment (a node may carry over at most its whole shard into
-        one upload); without an assignment (not counted then), by the dataset size."""
-        a = self.assignments.get(node)
-        cap = a.size if a is not None else self.dataset_size
-        return float(max(0, min(int(samples), max(0, cap))))
+    def weight_for(self, node: str, samples: int, upload_round: int = -1) -> float:
+        """The aggregation weight of ``node``'s upload for ``upload_round`` reporting
+        ``samples``: at most the work its assignment holds for the rounds since its last
+        counted upload (:meth:`EpochBook.work_since`), never more than its whole shard;
+        without an assignment (not counted then), by the dataset size."""
+        m = self.members.get(node)
+        last = m.arrived_round if m else 0
+        cap = self.book.work_since(
+            node, upload_round, last, self.dataset_size, self.config.batch_size
+        )
+        return float(max(0, min(int(samples), cap)))
 
     # ---- membership events ---------------------------------------------------------------
     def join(self, node: str, name: str, now: float, token: str = "") -> Decision:
@@ -301,10 +310,12 @@ class Session:
         ready = [n for n in self.live() if self.members[n].state is not MemberState.JOINED]
         if len(ready) < (self.config.min_nodes if epoch == 0 else 1):
             return None
-        plan = self.scheduler.plan_epoch(epoch, ready, self.open_round, self.paces.measured())
-        self.epoch = epoch
-        final = epoch == self.config.epochs - 1
-        self.book.begin(plan, seed=self.config.seed, final=final, revision=self.replans.revision)
+        measured = self.paces.measured()
+        plan = self.scheduler.plan_epoch(epoch, ready, self.open_round, measured)
+        self.epoch, final = epoch, epoch == self.config.epochs - 1
+        self.book.begin(
+            plan, seed=self.config.seed, final=final, revision=self.replans.revision, paces=measured
+        )
         if now > self.round_started:
             self.round.restart_clock(now)
         return epoch
@@ -322,24 +333,12 @@ class Session:
             return ShardReply(None, never, "bad_epoch")
         if self.plan is None or epoch > self.plan.epoch:
             return ShardReply(None, f"epoch {epoch} is not planned yet; waiting")
-        a = self.assignments.get(node) or self._late_assignment(node)
+        a = self.assignments.get(node) or _late_assignment(self, node)
         if a is None:
             return ShardReply(None, "no rounds left in this epoch; waiting for the next")
         if m.state is MemberState.READY:
             m.state = MemberState.TRAINING
         return shard_reply(node, a, node in self.book.late)
-
-    def _late_assignment(self, node: str) -> ShardAssignment | None:
-        """A shard for a node arriving inside an epoch (late joiner or rejoin)."""
-        sch = self.scheduler
-        assert sch is not None
-        pace, batching = (
-            sch.pace(node, self.paces.measured()),
-            sch.batching(node) if node in sch else (0, 0),
-        )
-        return self.book.late_assignment(
-            node, self.open_round, pace, batching, self.config, self.replans.revision
-        )
 
     def rebalance(self, now: float) -> list[tuple[str, ShardAssignment]]:
         """Re-plan the rest of the epoch if paces drifted from the shares (``replans.py``);
@@ -362,7 +361,7 @@ class Session:
         return self.round.verdict(
             upload_round,
             node,
-            lambda: self._work_for(node),
+            lambda: _work_for(self, node),
             completed=self.completed,
             finished=self.finished,
             has_weights=self.has_weights,
@@ -370,14 +369,6 @@ class Session:
             delta=delta,
             base_round=base_round,
         )
-
-    def _work_for(self, node: str) -> bool | None:
-        """Whether ``node`` has work in the epoch: True when it just got some (a node back
-        after being lost re-sends the upload it was holding: it counts as a late joiner's
-        first round, and the node gets a shard for the rest), None when none is left."""
-        if node in self.assignments:
-            return False
-        return None if self._late_assignment(node) is None else True
 
     def arrived(
         self,
@@ -390,20 +381,30 @@ class Session:
         epoch: int | None = None,
         epoch_samples: int = -1,
         loss: float | None = None,
+        change: float = 0.0,
     ) -> RoundDecision:
         """The node's upload for ``upload_round`` (the open round) was accumulated, weighing
         ``samples`` as :meth:`weight_for` bounds it; its pace is measured from its arrival
         (the time since the round, or the node, started) and reported by ``train_s``.
         ``epoch_samples``: what of its work it had trained (-1: not said); ``loss``: shown
-        until its next progress report. Returns the round decision."""
+        until its next progress report; ``change``: the norm of its change (the evidence of
+        its training, ``evidence.py``). Returns the round decision."""
         m = self.members[node]
         m.last_seen = now
         if loss is not None:
             m.loss = loss
         if upload_round == self.open_round and self.aggregating is None:
-            self.book.record(node, epoch, epoch_samples, now, counted=True)
-            samples = int(self.weight_for(node, samples))  # a bogus count must not skew pace
-            self.arrivals[node] = samples
+            self.book.record(
+                node,
+                epoch,
+                epoch_samples,
+                now,
+                counted=upload_round,
+                batch_size=self.config.batch_size,
+            )
+            samples = int(self.weight_for(node, samples, upload_round))  # bogus counts
+            self.round.arrived(node, samples, now)
+            self.evidence.counted(node, change, samples)
             self.roster.at_barrier(node, upload_round, samples, now, delivered=samples)
             if (a := self.assignments.get(node)) is not None:
                 elapsed = now - max(self.round_started, m.joined_at)
@@ -442,6 +443,7 @@ class Session:
         self.completed = completed
         self.roster.barriers_done(list(self.arrivals), now)
         self.round.next_round(now)
+        self.evidence.round_closed()
         epoch = self.plan.epoch if self.plan else 0
         ends, plan_next, reason = round_end(
             completed, self.plan, self.config.epochs, self.stop_round, self.stop_reason
@@ -498,6 +500,26 @@ class Session:
     def from_dict(cls, d: dict[str, Any], *, now: float) -> Session:
         """Restore after a restart (:meth:`SessionRecord.restore`)."""
         return msgspec.convert(d if "roster" in d else _from_v1(d), SessionRecord).restore(now)
+
+
+def _late_assignment(s: Session, node: str) -> ShardAssignment | None:
+    """A shard for a node arriving inside an epoch (late joiner or rejoin)."""
+    sch = s.scheduler
+    assert sch is not None
+    pace, batching = (
+        sch.pace(node, s.paces.measured()),
+        sch.batching(node) if node in sch else (0, 0),
+    )
+    return s.book.late_assignment(node, s.open_round, pace, batching, s.config, s.replans.revision)
+
+
+def _work_for(s: Session, node: str) -> bool | None:
+    """Whether ``node`` has work in the epoch: True when it just got some (a node back after
+    being lost re-sends the upload it was holding: it counts as a late joiner's first round,
+    and the node gets a shard for the rest), None when none is left."""
+    if node in s.assignments:
+        return False
+    return None if _late_assignment(s, node) is None else True
 
 
 def _round_inputs(s: Session) -> tuple[RoundFacts, dict[str, DeadlinePace]]:
