@@ -7,9 +7,11 @@
 - :func:`to_bytes` / :func:`from_bytes` are the safetensors wire and disk format.
 
 Floating tensors are averaged. Integer and bool buffers (``num_batches_tracked``, masks) are
-not averageable, and no single node's value may win unchecked (:func:`merge_buffers`): an
-integer buffer becomes the global value plus the (lower) median of the contributors'
-increments, a bool buffer the value most contributors hold.
+not averageable, and no single contributor may decide them, with two contributors too
+(:func:`merge_buffers`): per element, the increment is the "minmod" of the middle pair of
+the contributors' sorted increments (0 when the two differ in sign, else the smaller in
+magnitude), so a counter moves only as far as the middle contributors agree; a bool buffer
+takes the value most contributors hold, a tie keeping the global value.
 
 Carried tensors (``modelspec.carried``: buffers the global weights hold non-finite by design,
 such as an additive mask of ``-inf``) are neither averaged nor stepped: every upload must
@@ -251,26 +253,41 @@ class Accumulator:
 
 def merge_buffers(ref: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
     """The new value of an integer or bool buffer whose global value is ``ref``, from the
-    contributors' ``values``; never one node's value unchecked.
+    contributors' ``values`` (each in ``ref``'s dtype and shape); no single contributor
+    decides it, with two contributors too.
 
-    Integers: ``ref`` plus the elementwise lower median of the increments ``value - ref``
-    (``num_batches_tracked`` advances by what the median node trained). Bools: the value more
-    than half of the contributors hold; a tie keeps ``ref``. No values: ``ref``. With one
-    hostile node among three or more, the result is an honest node's increment (or value).
+    The rule, per element: sort the contributors' increments ``value - ref`` and take the
+    middle pair (the two middle ones of an even count; of an odd count the median, twice).
+    When the pair's increments differ in sign, or one is 0, the increment is 0; otherwise it
+    is the one of smaller magnitude (the "minmod" of the middle pair). An increment no middle
+    contributor's evidence supports is not taken: a counter (``num_batches_tracked``) only
+    moves as far as the middle contributors agree it moved.
+
+    What one hostile contributor can do: with two, the result lies between ``ref`` and the
+    honest value, so it can hold a counter back but never push it backwards or past what the
+    honest node counted; with three or more, every middle value is bounded by honest ones, so
+    the result stays within the honest contributors' range (or at ``ref``). No values: ``ref``.
+
+    Computed without subtracting: increments are ordered as the values are, so the minmod of
+    the middle pair ``(lo, hi)`` of the sorted values is ``ref`` clamped to ``[lo, hi]``
+    (both positive: ``lo``; both negative: ``hi``; otherwise ``ref``). The result is always
+    ``ref`` or a contributor's value, so it cannot overflow the dtype however extreme the
+    values are. A bool buffer follows the same rule, which is a majority vote whose tie
+    keeps ``ref``.
     """
     if not values:
         return ref.clone()
-    if ref.dtype == torch.bool:
-        n = len(values)
-        count = torch.stack([v.to(device=ref.device, dtype=torch.int64) for v in values]).sum(0)
-        out = ref.clone()
-        out[2 * count > n] = True
-        out[2 * count < n] = False
-        return out
-    base = ref.to(torch.int64)
-    inc = torch.stack([v.to(device=ref.device, dtype=torch.int64) - base for v in values])
-    med = inc.median(dim=0).values if len(values) > 1 else inc[0]
-    return (base + med).to(ref.dtype)
+    for v in values:
+        if v.dtype != ref.dtype or v.shape != ref.shape:
+            raise SessionError(
+                f"buffer value has dtype {_dt(v.dtype)} and shape {tuple(v.shape)}, the global "
+                f"buffer {_dt(ref.dtype)} and {tuple(ref.shape)}; {_SAME_MODEL}",
+                code="bad_upload",
+            )
+    n = len(values)
+    ordered = torch.stack([v.to(ref.device) for v in values]).sort(dim=0).values
+    lo, hi = ordered[(n - 1) // 2], ordered[n // 2]
+    return torch.maximum(lo, torch.minimum(ref, hi))
 
 
 def check_aggregate(

@@ -13,8 +13,16 @@ writer thread (:meth:`SessionLog.open`): the coordinator itself never needs Ligh
 importing it takes seconds. A logger that cannot be made (not installed, bad arguments) is
 reported and left out; logging never stops a session.
 
-:func:`round_metrics` (record → metric names and values) is pure; :class:`SessionLog` does
-the I/O, one call at a time in its own thread, so the event loop never waits for a disk.
+The log stays bounded whatever the nodes do: its size grows with the rounds, not with what
+nodes call themselves or how many keys come and go. Per-node metrics are keyed by the node's
+id, never by the name it chose (a rename would add columns, and a CSV logger rewrites its
+whole file at every new column), and only the first :func:`node_column_cap` nodes of a
+session get columns of their own (:class:`NodeColumns`); the round's totals count every
+contributor.
+
+:func:`round_metrics` (record → metric names and values) and :class:`NodeColumns` are pure;
+:class:`SessionLog` does the I/O, one call at a time in its own thread, so the event loop
+never waits for a disk.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ import importlib
 import inspect
 import logging
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +42,7 @@ from lightning_drift.protocol import BarrierSync
 if TYPE_CHECKING:
     from lightning_drift.coordinator.session import RoundOutcome, Session
 
-from lightning_drift.text import short_id
+from lightning_drift.text import clean_text, short_id
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,8 @@ LOGGER_CLASSES: dict[str, str] = {
 class NodeRound:
     """One contributor of a completed round, as the coordinator saw it."""
 
-    label: str  # the node's name and id, safe for a metric name
+    node: str  # the node's id (its key, hex): what its columns are keyed by
+    name: str  # the name it chose: said in the coordinator's log, never a metric's name
     samples: int  # samples since its previous barrier (its aggregation weight)
     loss: float | None  # the training loss it reported at the barrier
     samples_per_s: float  # its training pace this round (0: not measured)
@@ -75,17 +83,66 @@ class RoundRecord:
     finished: bool = False
 
 
-def metric_label(name: str, node: str) -> str:
-    """A metric-safe label for a node: its name (letters, digits, ``_.-`` only) and id prefix."""
-    clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or "")[:32].strip("_")
-    return f"{clean}-{short_id(node)}" if clean else short_id(node)
+# How many nodes, per node of --max-nodes, a session's log gives columns of their own.
+COLUMN_NODES_PER_MAX_NODE = 2
 
 
-def round_metrics(rec: RoundRecord) -> dict[str, float]:
+def node_column_cap(max_nodes: int) -> int:
+    """How many nodes get per-node columns in a session's log: twice ``max_nodes``, so every
+    node live at once has its own and as many again may replace them over a long session.
+    Node keys cost nothing under a shared token; past this, how often they come and go would
+    decide the log's width, and with a CSV logger its size would grow with the square of the
+    rounds."""
+    return COLUMN_NODES_PER_MAX_NODE * max(1, max_nodes)
+
+
+class NodeColumns:
+    """Which nodes have per-node columns in the session's log, and each one's label.
+
+    A node's label is its :func:`~lightning_drift.text.short_id` (a longer prefix of its id
+    when another node already has that one), so a node that renames itself keeps its
+    columns. The first ``cap`` nodes to contribute get a label for the whole log; a later
+    node gets none and its per-node metrics are left out. :meth:`assign` reports what is new,
+    so that each labelled node, and each node left out, is said once in the coordinator's
+    log; it remembers the last ``cap`` nodes left out, so its memory is bounded as the log's
+    width is.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.labels: dict[str, str] = {}  # node id -> label
+        self._used: set[str] = set()
+        self._told: dict[str, None] = {}  # nodes left out and already said, oldest first
+
+    def assign(self, nodes: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Label the ``nodes`` of a round that have none while labels are left. Returns the
+        nodes labelled now and the nodes left out that were not said yet."""
+        labelled, left_out = [], []
+        for node in nodes:
+            if node in self.labels:
+                continue
+            if len(self.labels) < self.cap:
+                # Ids are keys: a prefix long enough to differ exists; a node may grind
+                # a key to share a short one, never the whole id.
+                label = next((p for p in (short_id(node), node[:16]) if p not in self._used), node)
+                self.labels[node] = label
+                self._used.add(label)
+                labelled.append(node)
+            elif node not in self._told:
+                self._told[node] = None
+                if len(self._told) > self.cap:
+                    del self._told[next(iter(self._told))]
+                left_out.append(node)
+        return labelled, left_out
+
+
+def round_metrics(rec: RoundRecord, labels: Mapping[str, str]) -> dict[str, float]:
     """The metrics of one completed round (names as Lightning loggers show them).
 
     ``round/loss`` is the samples-weighted mean of the losses the contributors reported at
-    the barrier (their last training loss; NaN when none reported one)."""
+    the barrier (their last training loss; NaN when none reported one). Per-node metrics
+    are ``node/<label>/...`` for the contributors ``labels`` (node id -> label) names; the
+    others count in the round's totals and in ``round/nodes_omitted``."""
     samples = sum(n.samples for n in rec.nodes)
     reported = [(n.samples, n.loss) for n in rec.nodes if n.loss is not None]
     weight = sum(s for s, _ in reported)
@@ -98,6 +155,7 @@ def round_metrics(rec: RoundRecord) -> dict[str, float]:
     out: dict[str, float] = {
         "epoch": float(rec.epoch),
         "round/nodes": float(len(rec.nodes)),
+        "round/nodes_omitted": float(sum(1 for n in rec.nodes if n.node not in labels)),
         "round/live_nodes": float(rec.live_nodes),
         "round/samples": float(samples),
         "round/loss": loss,
@@ -108,7 +166,9 @@ def round_metrics(rec: RoundRecord) -> dict[str, float]:
         "round/bytes_sent": float(rec.bytes_sent),
     }
     for n in rec.nodes:
-        prefix = f"node/{n.label}"
+        if n.node not in labels:
+            continue
+        prefix = f"node/{labels[n.node]}"
         if n.loss is not None:
             out[f"{prefix}/loss"] = float(n.loss)
         out[f"{prefix}/samples"] = float(n.samples)
@@ -137,7 +197,8 @@ def round_record(
         pace = sync.samples / sync.train_seconds if sync.train_seconds > 0 else 0.0
         nodes.append(
             NodeRound(
-                label=metric_label(m.name if m else "", node),
+                node=node,
+                name=m.name if m else "",
                 samples=int(s.weight_for(node, sync.samples)),
                 loss=sync.loss,
                 samples_per_s=pace or s.paces.of(node).reported,
@@ -189,7 +250,9 @@ class SessionLog:
     """The session's loggers, fed from the coordinator's event loop without blocking it.
 
     Every call is queued to one writer thread and returns at once; :meth:`close` waits for
-    the queue. ``names``: the ``--logger`` values (``"none"`` alone: no logging).
+    the queue. ``names``: the ``--logger`` values (``"none"`` alone: no logging);
+    ``max_nodes``: the session's ``--max-nodes``, from which :func:`node_column_cap` bounds
+    the nodes with columns of their own.
     """
 
     def __init__(
@@ -198,11 +261,14 @@ class SessionLog:
         save_dir: Path,
         run: str,
         hparams: Mapping[str, Any] | None = None,
+        *,
+        max_nodes: int,
     ) -> None:
         self.names = [n for n in names if n != "none"]
         self.save_dir = Path(save_dir)
         self.run = run
         self.hparams = dict(hparams or {})
+        self.columns = NodeColumns(node_column_cap(max_nodes))  # the writer thread's only
         self.loggers: list[Any] = []
         self.problems: list[str] = []  # loggers that could not be made, and why
         self._pool: ThreadPoolExecutor | None = None
@@ -259,7 +325,26 @@ class SessionLog:
             log.info("session_log.open logger=%s dir=%s", name, _log_dir(logger))
 
     def _write(self, rec: RoundRecord) -> None:
-        metrics = round_metrics(rec)
+        labelled, left_out = self.columns.assign([n.node for n in rec.nodes])
+        names = {n.node: clean_text(n.name, 64) for n in rec.nodes}
+        for node in labelled:
+            log.info(
+                "session_log.columns node=%s label=%s name=%r",
+                short_id(node),
+                self.columns.labels[node],
+                names[node],
+            )
+        for node in left_out:
+            log.warning(
+                "session_log.node_left_out node=%s name=%r: the session log has columns for "
+                "%d nodes (%d x --max-nodes), all taken; this node counts only in the "
+                "round's totals",
+                short_id(node),
+                names[node],
+                self.columns.cap,
+                COLUMN_NODES_PER_MAX_NODE,
+            )
+        metrics = round_metrics(rec, self.columns.labels)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=rec.completed_round)
             logger.save()
@@ -281,13 +366,15 @@ def _log_dir(logger: Any) -> str:
 
 
 __all__ = [
+    "COLUMN_NODES_PER_MAX_NODE",
     "LOGGER_CLASSES",
+    "NodeColumns",
     "NodeRound",
     "RoundRecord",
     "SessionLog",
     "logger_class_path",
     "make_logger",
-    "metric_label",
+    "node_column_cap",
     "round_metrics",
     "round_record",
 ]

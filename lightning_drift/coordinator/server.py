@@ -176,6 +176,7 @@ class Coordinator:
             self.log_dir,
             run=f"session-{self.session.session_id}",
             hparams={"session_id": self.session.session_id, **config},
+            max_nodes=self.session.config.max_nodes,
         )
         self.session_log.open()
 
