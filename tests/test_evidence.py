@@ -36,6 +36,16 @@ def test_a_change_far_below_the_rounds_reference_shows_no_training():
     assert e.judge(0.1, 5) == ""
     e.round_closed()  # a round with no counted values keeps the reference
     assert e.reference == pytest.approx(0.02)
+    # A step schedule cut every node's change a hundredfold: none showed training by the
+    # reference, and the reference follows them (one node far below it does not move it).
+    e.counted("a", 0.02, 100, evidence=False)
+    e.counted("b", 0.04, 100, evidence=False)
+    e.round_closed()
+    assert e.reference == pytest.approx(0.0002) and e.judge(0.02, 100) == ""
+    e.counted("a", 2.0, 100)
+    e.counted("evil", 0.0001, 100, evidence=False)
+    e.round_closed()
+    assert e.reference == pytest.approx(0.02)
     r = msgspec.json.decode(msgspec.json.encode(e), type=Evidence)
     assert r.reference == e.reference  # kept across a restart
 

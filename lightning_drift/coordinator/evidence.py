@@ -14,11 +14,15 @@ only if it carries training:
   four times the batch takes a quarter of the steps per sample), never by a factor of 16;
   a node that returns its weights nearly unchanged at once, to look fast, does.
 
-Such an upload is left out of its round (it neither counts nor weighs in the mean), its
-node is not measured by it, what it says it trained is not taken as trained, and it is a
-strike: a node whose uploads keep showing no training is excluded, and its work is handed
-on from what its counted uploads held. The first round of a session has no reference: only
-an unchanged upload is caught then.
+Such an upload still arrives (the round does not wait for its node, and never stalls because
+every upload of it showed none), but its node is not measured by it, it adds nothing to the
+work its node delivered, and what it says it trained is not taken as trained. An unchanged
+upload also weighs nothing in the mean and is a strike: a node that keeps returning its
+weights unchanged is excluded, and its work is handed on from what its counted uploads held.
+A change that is only far below the reference is no strike, nor does it lose its weight: a
+learning rate that drops steeply between two rounds (a step schedule) makes honest changes
+fall at once, and the reference then follows them (:meth:`Evidence.round_closed`). The first
+round of a session has no reference: only an unchanged upload is caught then.
 
 The boundary: the change's norm is measured by the accumulator that has the global weights
 (``Accumulator.change``); judging it against the reference is here, and so is the reference.
@@ -44,6 +48,7 @@ class Evidence(msgspec.Struct):
 
     reference: float = 0.0  # lower median change per sample of the last round (0: none yet)
     round: dict[str, float] = {}  # node -> change per sample of its counted upload
+    weak: dict[str, float] = {}  # the same, of uploads far below the reference
 
     def judge(self, norm: float, samples: float) -> str:
         """Why an upload whose change is ``norm`` (L2, every floating tensor) and that claims
@@ -64,17 +69,21 @@ class Evidence(msgspec.Struct):
             )
         return ""
 
-    def counted(self, node: str, norm: float, samples: float) -> None:
-        """``node``'s upload (change ``norm``, ``samples`` weighed) counted in the open round."""
+    def counted(self, node: str, norm: float, samples: float, *, evidence: bool = True) -> None:
+        """``node``'s upload (change ``norm``, ``samples`` weighed) arrived in the open round;
+        ``evidence``: whether it showed training (:meth:`judge`)."""
         if samples > 0 and math.isfinite(norm) and norm > 0:
-            self.round[node] = norm / samples
+            (self.round if evidence else self.weak)[node] = norm / samples
 
     def round_closed(self) -> None:
-        """The open round was aggregated: its counted uploads are the new reference."""
+        """The open round was aggregated: its uploads that showed training are the new
+        reference; when none did (every change fell at once), the ones that fell are."""
         ref = lower_median(self.round.values())
+        if ref is None:
+            ref = lower_median(self.weak.values())
         if ref is not None:
             self.reference = ref
-        self.round = {}
+        self.round, self.weak = {}, {}
 
 
 __all__ = ["EVIDENCE_FACTOR", "Evidence"]

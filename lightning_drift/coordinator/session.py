@@ -147,6 +147,7 @@ class SessionRecord(msgspec.Struct):
         s.roster, s.paces, s.book = self.roster, self.paces, self.epochs
         s.replans, s.stops, s.scheduler = self.replans, self.stop, self.scheduler
         s.evidence = self.evidence
+        s.evidence.round, s.evidence.weak = {}, {}  # the open round starts afresh
         s.book.trained_at.clear()  # times of another process's clock
         s.roster.restored(now, config.heartbeat_timeout)
         s.round.restart_clock(now, config.heartbeat_timeout)
@@ -382,31 +383,31 @@ class Session:
         epoch_samples: int = -1,
         loss: float | None = None,
         change: float = 0.0,
+        evidence: bool = True,
     ) -> RoundDecision:
         """The node's upload for ``upload_round`` (the open round) was accumulated, weighing
         ``samples`` as :meth:`weight_for` bounds it; its pace is measured from its arrival
         (the time since the round, or the node, started) and reported by ``train_s``.
         ``epoch_samples``: what of its work it had trained (-1: not said); ``loss``: shown
-        until its next progress report; ``change``: the norm of its change (the evidence of
-        its training, ``evidence.py``). Returns the round decision."""
+        until its next progress report; ``change``: the norm of its change; ``evidence``:
+        whether it showed training (``evidence.py``: else it is neither a measurement nor work
+        delivered, nor trained positions). Returns the round decision."""
         m = self.members[node]
         m.last_seen = now
         if loss is not None:
             m.loss = loss
         if upload_round == self.open_round and self.aggregating is None:
-            self.book.record(
-                node,
-                epoch,
-                epoch_samples,
-                now,
-                counted=upload_round,
-                batch_size=self.config.batch_size,
-            )
+            if evidence:
+                bs = self.config.batch_size
+                self.book.record(
+                    node, epoch, epoch_samples, now, counted=upload_round, batch_size=bs
+                )
             samples = int(self.weight_for(node, samples, upload_round))  # bogus counts
             self.round.arrived(node, samples, now)
-            self.evidence.counted(node, change, samples)
-            self.roster.at_barrier(node, upload_round, samples, now, delivered=samples)
-            if (a := self.assignments.get(node)) is not None:
+            self.evidence.counted(node, change, samples, evidence=evidence)
+            delivered = samples if evidence else 0
+            self.roster.at_barrier(node, upload_round, samples, now, delivered=delivered)
+            if (a := self.assignments.get(node)) is not None and evidence:
                 elapsed = now - max(self.round_started, m.joined_at)
                 self.paces.measure(node, samples, a.work_per_round, elapsed)
             if train_s > 0 and samples > 0:

@@ -273,8 +273,9 @@ class Uploads:
             weight = s.weight_for(node, sync.samples, sync.round)
             try:
                 change = await asyncio.to_thread(rounds.acc.change, sd, delta=sync.delta)
-                if why := s.evidence.judge(change, weight):
-                    return self._no_training(node, sync, why, rounds.clock())
+                why = s.evidence.judge(change, weight)
+                if why and change <= 0:
+                    weight = 0.0  # trained nothing: it weighs nothing
                 await asyncio.to_thread(rounds.acc.add, node, sd, weight, delta=sync.delta)
             except SessionError as exc:
                 fx = effects.reject(s, node, sync.round, str(exc), rounds.clock(), strikes=True)
@@ -282,26 +283,34 @@ class Uploads:
             decision = s.arrived(
                 node,
                 sync.round,
-                sync.samples,
+                int(weight),
                 rounds.clock(),
                 sync.train_seconds,
                 epoch=sync.epoch,
                 epoch_samples=sync.epoch_samples,
                 loss=sync.loss,
                 change=change,
+                evidence=not why,
             )
             rounds.counted[node] = (sync, nbytes)
+            fx = Effects(decision=decision)
+            if why:
+                fx.add(self._no_training(node, sync, why, weight, rounds.clock()))
         log.info(
             "barrier.arrived node=%s round=%d samples=%d", short_id(node), sync.round, sync.samples
         )
-        return Handled(self._answer(verdict, sync), Effects(decision=decision))
+        return Handled(self._answer(verdict, sync), fx)
 
-    def _no_training(self, node: str, sync: BarrierSync, why: str, now: float) -> Handled:
-        """An upload that shows no training (``evidence.py``): left out of its round with a
-        strike, answered with the round's weights like any upload left out."""
-        reason = f"it shows no training: {why}"
-        fx = effects.reject(self.session, node, sync.round, reason, now, strikes=True)
-        return Handled(self._answer(UploadVerdict(Verdict.LEFT_OUT, reason), sync), fx)
+    def _no_training(
+        self, node: str, sync: BarrierSync, why: str, weight: float, now: float
+    ) -> Effects:
+        """An upload that arrived but shows no training (``evidence.py``): said in the log;
+        an unchanged one (weighed 0) is a strike."""
+        reason = f"node {short_id(node)} upload for round {sync.round} shows no training: {why}"
+        if weight > 0:
+            return Effects(events=[f"{reason}; counted, but not as work delivered"])
+        fx = Effects(events=[f"{reason}; weighed 0"])
+        return fx.add(effects.strike(self.session, node, reason, now))
 
     # ---- answering -------------------------------------------------------------------------
     async def ready(self, answer: Answer, base_sha256: str) -> Ready:
