@@ -145,3 +145,38 @@ def test_a_node_measured_slow_once_cannot_hold_the_rounds_after_a_quorum(tmp_pat
     honest_finished(tmp_path, [final])
     assert finite(final) and took < by_pace
     logged(caplog, "deadline passed", "quorum 1/2", f"left behind {evil[:8]}")
+
+
+def test_a_node_that_says_its_shard_is_done_and_leaves_hands_on_the_rest(tmp_path, caplog):
+    """A node uploads one real round claiming a billion samples and its whole shard trained,
+    then leaves: its upload weighed one round's work, and all but that round of its shard is
+    handed on."""
+
+    async def main():
+        coord = coordinator(tmp_path)
+        await coord.start()
+        runner = asyncio.create_task(coord.run())
+        a, b = await join(coord, "a"), await join(coord, "b")
+        evil = await join(coord, "evil")
+        tasks = [asyncio.create_task(honest(c, i)) for i, c in enumerate((a, b))]
+        ready, blob = await evil.barrier(BarrierSync(round=0), to_bytes(small_model()))
+        shard = await evil.shard(0)
+        up = honest_step(from_bytes(blob), 1, 7)
+        ready, _ = await evil.barrier(
+            BarrierSync(round=1, samples=10**9, epoch_samples=shard.size), to_bytes(up)
+        )
+        assert ready.contributed, ready.reason
+        await evil.close()
+        await until(lambda: evil.node_key in coord.session.book.orphans, "its rest is handed on")
+        orphan = coord.session.book.orphans[evil.node_key]
+        finals = await asyncio.gather(*tasks)
+        await finish(coord, runner, a, b)
+        return finals, shard, orphan, evil.node_key
+
+    finals, shard, orphan, evil = run(main())
+    entries = honest_finished(tmp_path, finals)
+    per_round = shard.size // shard.rounds
+    assert orphan.size == shard.size - per_round  # rounds 2 and 3 of its shard
+    weight = {n: w for e in entries if e["round"] == 1 for n, w in e["contributors"]}[evil]
+    assert weight <= per_round + 10  # one round's work and a step, not a billion
+    logged(caplog, f"node {evil[:8]} left")
