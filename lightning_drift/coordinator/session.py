@@ -9,6 +9,7 @@ docstring why its boundary is where it is:
 - ``pacebook.py``: every speed estimate (measured, reported, smoothed) and its one average;
 - ``epochbook.py``: epoch plans, assignments, late joiners, orphaned work, positions;
 - ``replans.py``: re-plans of the rest of an epoch by measured paces;
+- ``evidence.py``: whether an upload shows the training it claims;
 - ``roundstate.py``: the open round and the pure ``round_decision`` (quorum and deadline);
 - ``stoppolicy.py``: stop requests and the pure ``decide_stop``;
 - ``views.py``: the training config and the status; ``verdicts.py``: the answer types.
@@ -18,8 +19,10 @@ trains, the completed round and epoch, whether it has weights or has finished), 
 order in which one event touches the parts. Trust: every message reaches the session through
 ``boundary.py`` (numbers finite and in range, strings clean); what a node says about itself
 is then believed only within the bounds the pace book and the scheduler set. An upload's
-aggregation weight is its reported ``samples`` bounded by its assignment
-(:meth:`Session.weight_for`), so one node cannot dominate the weighted mean with a bogus count.
+aggregation weight is its reported ``samples`` bounded by its assignment's work for the
+rounds since its last counted upload (:meth:`Session.weight_for`), so one node cannot dominate
+the weighted mean with a bogus count; only uploads that show training measure paces, deliver
+work and count positions as trained (``evidence.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from lightning_drift.coordinator.roundstate import (
     deadline,
     round_decision,
 )
+from lightning_drift.coordinator.state import upgrade_v1
 from lightning_drift.coordinator.stoppolicy import StopBook, decide_stop
 from lightning_drift.coordinator.verdicts import (
     Decision,
@@ -500,7 +504,8 @@ class Session:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, now: float) -> Session:
         """Restore after a restart (:meth:`SessionRecord.restore`)."""
-        return msgspec.convert(d if "roster" in d else _from_v1(d), SessionRecord).restore(now)
+        old = d if "roster" in d else upgrade_v1(d, SessionRecord.__struct_fields__)
+        return msgspec.convert(old, SessionRecord).restore(now)
 
 
 def _late_assignment(s: Session, node: str) -> ShardAssignment | None:
@@ -553,37 +558,6 @@ def _scheduler(c: SessionConfig, dataset_size: int) -> Scheduler:
         min_vram=c.min_vram,
         trust=PACE_FACTOR,
     )
-
-
-def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
-    """A session saved before the parts kept themselves, in today's shape."""
-    members = d.get("members", {})
-    return {
-        **{k: d[k] for k in SessionRecord.__struct_fields__ if k in d and k != "scheduler"},
-        "scheduler": d.get("scheduler"),
-        "roster": {
-            "members": {n: {**m, "node": n} for n, m in members.items()},
-            "admitted": d.get("admitted", []),
-            "banned": d.get("banned", {}),
-        },
-        "paces": {
-            "nodes": {
-                n: {
-                    "reported": m.get("rate", 0.0),
-                    "smoothed": m.get("pace", 0.0),
-                    "measured": m.get("vouched", 0.0),
-                }
-                for n, m in members.items()
-            }
-        },
-        "epochs": {
-            k: d[k]
-            for k in ("plan", "assignments", "late", "orphans", "trained", "counted")
-            if k in d
-        },
-        "replans": {"revision": d.get("revision", 0), "round": d.get("rebalanced_round", -1)},
-        "stop": d.get("stop") or {},
-    }
 
 
 __all__ = [

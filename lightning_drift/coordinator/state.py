@@ -194,4 +194,36 @@ class StateDir:
         return token
 
 
-__all__ = ["StateDir", "write_private"]
+def upgrade_v1(d: dict[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    """A session saved before the parts kept themselves (``d``, from ``state.json``), in
+    today's shape: a ``SessionRecord`` of ``fields``."""
+    members = d.get("members", {})
+    return {
+        **{k: d[k] for k in fields if k in d and k != "scheduler"},
+        "scheduler": d.get("scheduler"),
+        "roster": {
+            "members": {n: {**m, "node": n} for n, m in members.items()},
+            "admitted": d.get("admitted", []),
+            "banned": d.get("banned", {}),
+        },
+        "paces": {
+            "nodes": {
+                n: {
+                    "reported": m.get("rate", 0.0),
+                    "smoothed": m.get("pace", 0.0),
+                    "measured": m.get("vouched", 0.0),
+                }
+                for n, m in members.items()
+            }
+        },
+        "epochs": {
+            k: d[k]
+            for k in ("plan", "assignments", "late", "orphans", "trained", "counted")
+            if k in d
+        },
+        "replans": {"revision": d.get("revision", 0), "round": d.get("rebalanced_round", -1)},
+        "stop": d.get("stop") or {},
+    }
+
+
+__all__ = ["StateDir", "upgrade_v1", "write_private"]
