@@ -218,12 +218,16 @@ class StopDecision(_Msg, tag="stop_decision"):
     With ``stop`` the session finishes on completed round ``round`` (the round open when the
     stop was decided): every node holds one final barrier for it as soon as it can, and that
     round's checkpoint is the final one. It is sent to every node when the stop is decided.
-    Without ``stop`` the request was overruled (``reason`` says by what policy) and the
-    session trains on; it is sent to the asking node only."""
+    Without ``stop`` the session trains on (``reason`` says by what policy and count), and it
+    is sent to the asking node only: with ``leave`` (the answer to ``"max_steps"``) that node
+    is to leave the session, its remaining work handed on to the others; otherwise its
+    request was overruled and it trains on. (A node that does not know ``leave`` reads it as
+    overruled; its ``max_steps`` ends its fit anyway.)"""
 
     stop: bool
     round: int = -1
     reason: str = ""
+    leave: bool = False
 
 
 class BarrierSync(_Msg, tag="barrier_sync"):
