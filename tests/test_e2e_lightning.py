@@ -187,12 +187,13 @@ def test_accumulation_plans_rounds_in_optimizer_steps_and_max_steps_ends_the_ses
 ) -> None:
     """Batches of 8, accumulate_grad_batches=4 (32 samples per optimizer step): every
     barrier falls on its own optimizer step. max_steps=20 (inside the third of 3 epochs) ends
-    the session cleanly, on one final checkpoint every node holds."""
+    the session cleanly under --stop-policy first (the session follows any node's stop), on
+    one final checkpoint every node holds."""
     node = ["--samples", "512", "--batch-size", "8", "--accumulate", "4", "--max-steps", "20",
             "--epochs", "3"]  # fmt: skip
-    s = Session(tmp_path, min_nodes=2, epochs=3, batch_size=8, sync_every=2).run(
-        {"a": node, "b": node}
-    )
+    s = Session(
+        tmp_path, min_nodes=2, epochs=3, batch_size=8, sync_every=2, stop_policy="first"
+    ).run({"a": node, "b": node})
     final_round = s.assert_all_hold_the_final_checkpoint()
     state = s.state()
     assert state["finished"] and state["stop"]["round"] == final_round

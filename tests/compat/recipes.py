@@ -610,9 +610,10 @@ def limit_train_batches(ctx: Context) -> Program:
     return plain(limit_train_batches=2)
 
 
-@recipe(check=session_stopped("max_steps"))
+@recipe(coordinator={"stop_policy": "first"}, check=session_stopped("max_steps"))
 def fast_dev_run(ctx: Context) -> Program:
-    """``Trainer(fast_dev_run=True)``: one batch, then the fit ends (it is ``max_steps=1``)."""
+    """``Trainer(fast_dev_run=True)``: one batch, then the fit ends (it is ``max_steps=1``);
+    under ``--stop-policy first`` the session follows the node and ends with it."""
     return plain(fast_dev_run=True)
 
 
