@@ -12,7 +12,6 @@ import pytest
 from lightning_drift.coordinator.boundary import CALIBRATION_MAX, PACE_FACTOR, TRAIN_S_MIN
 from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.coordinator.session import MemberState, Session, Verdict
-from lightning_drift.coordinator.stoppolicy import decide_stop
 from lightning_drift.protocol import NodeInfo, TrainProgress
 
 A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
@@ -477,24 +476,61 @@ def test_train_config_carries_every_setting_the_nodes_need():
 # -- stopping early -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "policy, quorum, asked, voters, stop, reason",
-    [
-        ("first", 0.5, 1, 3, True, "1 of 3 node(s) asked, stop policy first"),
-        ("quorum", 0.5, 1, 2, True, "1 of 2 node(s) asked, stop policy quorum 0.5 needs 1"),
-        ("quorum", 0.5, 1, 3, False, "1 of 3 node(s) asked, stop policy quorum 0.5 needs 2"),
-        ("quorum", 1.0, 2, 2, True, "2 of 2 node(s) asked, stop policy quorum 1 needs 2"),
-        ("never", 0.5, 3, 3, False, "stop policy never: the session trains all its epochs"),
-    ],
-)
-def test_stop_policy_decides_with_a_reason(policy, quorum, asked, voters, stop, reason):
-    got, why = decide_stop(policy, quorum, asked, voters)
-    assert got is stop and reason in why
+def test_a_node_at_its_max_steps_ends_the_session():
+    """A node at its max_steps can train no further: the session ends with it."""
+    s = session(stop_policy="first")
+    start(s, A, B)
+    v = s.request_stop(A, "max_steps", "reached Trainer(max_steps=5)", 1.0)
+    assert v.stop and v.newly and v.final_round == 1 == s.stop_round
+    assert f"node {A[:8]} reached its max_steps" in v.reason and "can train no further" in v.reason
 
 
-def test_reaching_max_steps_is_always_honoured():
-    stop, why = decide_stop("never", 0.5, 1, 4, kind="max_steps")
-    assert stop and "max_steps" in why and "can train no further" in why
+def test_stop_votes_weigh_delivered_work_not_keys():
+    """Extra keys under one token, all asking, delivered nothing and weigh nothing; the node
+    that delivered half the work reaches the quorum alone."""
+    s = session(stop_policy="quorum", stop_quorum=0.5)
+    start(s, A, B)
+    arrive(s, A, 1.0)
+    arrive(s, B, 1.0)
+    finish_round(s, 1.5)
+    sybils = [f"{i:02x}" * 32 for i in range(8)]
+    for key in sybils:
+        ready(s, key, 2.0)
+        v = s.request_stop(key, "callback", "stop", 2.0)
+        assert not v.stop and f"node {key[:8]} asked to stop (stop)" in v.reason
+    assert "8 of 10 node(s) asked, having delivered 0 of the live nodes' 200 samples" in v.reason
+    assert s.stop_round is None
+    v = s.request_stop(B, "callback", "EarlyStopping", 2.2)
+    assert v.stop and v.newly and v.final_round == 2 == s.stop_round
+    assert "9 of 10 node(s) asked, having delivered 100 of" in v.reason and "needs 100" in v.reason
+
+
+def test_a_request_made_before_any_work_counts_once_its_voters_have_delivered():
+    s = session(stop_policy="quorum", stop_quorum=0.5)
+    start(s, A, B)
+    v = s.request_stop(A, "callback", "EarlyStopping", 0.5)
+    assert not v.stop and "no live node has delivered any work yet" in v.reason
+    arrive(s, A, 1.0)
+    arrive(s, B, 1.0)
+    outcome = finish_round(s, 1.5)  # the round's arrivals count: A's request now weighs half
+    assert outcome.stop is not None and outcome.stop.newly and outcome.stop.final_round == 2
+    assert s.stop_round == 2 and not s.finished
+    assert f"the stop requests standing (node(s) {A[:8]}) now count" in outcome.reason
+    assert outcome.reason.endswith("round 2 is the final round")
+    arrive(s, A, 2.0)
+    arrive(s, B, 2.0)
+    assert finish_round(s, 2.5).finished
+
+
+def test_standing_requests_that_count_at_an_epoch_end_finish_the_session_there():
+    s = session(epochs=3, stop_policy="quorum", dataset_size=100, batch_size=10, sync_every=100)
+    start(s, A, B)
+    s.request_stop(A, "callback", "", 0.5)
+    arrive(s, A, 1.0)
+    arrive(s, B, 1.0)
+    outcome = finish_round(s, 1.5)  # the epoch's only round
+    assert outcome.finished and outcome.planned_epoch is None and s.plan.epoch == 0
+    assert outcome.stop is not None and outcome.stop.finished_now and s.stop_round == 1
 
 
 def test_an_overruled_request_counts_later_and_the_open_round_becomes_the_final_one():

@@ -89,6 +89,7 @@ class RoundOutcome:
     finished: bool
     planned_epoch: int | None  # a new epoch plan was made
     reason: str
+    stop: StopVerdict | None = None  # the standing stop requests decided a stop meanwhile
 
 
 @dataclass(frozen=True)
