@@ -202,8 +202,9 @@ class StopRequest(_Msg, tag="stop_request"):
     """Node → coordinator on the control stream: this node's training wants to end.
 
     ``kind`` says why: ``"callback"`` (something set ``trainer.should_stop``, e.g.
-    ``EarlyStopping``; the session's stop policy decides) or ``"max_steps"`` (the node reached
-    ``Trainer(max_steps)`` and can train no further; always honoured). The coordinator answers
+    ``EarlyStopping``) or ``"max_steps"`` (the node reached ``Trainer(max_steps)`` and can
+    train no further). Either is a vote the session's stop policy counts; a node at its
+    ``max_steps`` that the policy does not follow is told to leave. The coordinator answers
     with a :class:`StopDecision`; asking again is harmless."""
 
     kind: StopKind = "callback"

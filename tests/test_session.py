@@ -476,13 +476,44 @@ def test_train_config_carries_every_setting_the_nodes_need():
 # -- stopping early -------------------------------------------------------------------------
 
 
-def test_a_node_at_its_max_steps_ends_the_session():
-    """A node at its max_steps can train no further: the session ends with it."""
+def test_a_node_at_its_max_steps_under_first_ends_the_session():
+    """Under ``first`` the session follows any one node: its max_steps too."""
     s = session(stop_policy="first")
     start(s, A, B)
     v = s.request_stop(A, "max_steps", "reached Trainer(max_steps=5)", 1.0)
-    assert v.stop and v.newly and v.final_round == 1 == s.stop_round
-    assert f"node {A[:8]} reached its max_steps" in v.reason and "can train no further" in v.reason
+    assert v.stop and v.newly and not v.leave and v.final_round == 1 == s.stop_round
+    assert f"node {A[:8]} reached its max_steps" in v.reason and "stop policy first" in v.reason
+
+
+@pytest.mark.parametrize("policy", ["quorum", "never"])
+def test_a_node_at_its_max_steps_leaves_its_work_is_handed_on_and_the_others_train_on(policy):
+    s = session(stop_policy=policy, min_nodes=3)
+    start(s, A, B, C)
+    for n in (A, B, C):
+        arrive(s, n, 1.0)
+    finish_round(s, 1.5)
+    v = s.request_stop(A, "max_steps", "reached Trainer(max_steps=12)", 2.0)
+    assert not v.stop and v.leave and not v.newly
+    assert not s.finished and s.stop_round is None and s.stop_reason == ""
+    assert f"node {A[:8]} reached its max_steps (reached Trainer(max_steps=12))" in v.reason
+    assert f"stop policy {policy}" in v.reason and "the session trains on" in v.reason
+    # Its last steps count in the open round; it gets that round's weights and says goodbye.
+    arrive(s, A, 2.5, samples=40)
+    arrive(s, B, 3.0)
+    arrive(s, C, 3.0)
+    assert not finish_round(s, 3.5).finished
+    assert s.lost(A, "bye: reached Trainer(max_steps=12)", 4.0, left=True).ok
+    assert s.members[A].state is MemberState.LEFT and A not in s.stop_requests
+    assert A in s.book.orphans and A not in s.assignments  # the rest of its work is handed on
+    # The others train on: the open round waits for them alone, and completes with them.
+    assert s.expected() == [B, C]
+    arrive(s, B, 5.0)
+    assert arrive(s, C, 5.0).complete
+    outcome = finish_round(s, 5.5)
+    assert not outcome.finished and outcome.stop is None and s.stop_round is None
+    # The next node to come in gets the orphaned rest.
+    ready(s, D, 6.0)
+    assert s.shard(D, 0, 6.0).assignment is not None and A not in s.book.orphans
 
 
 def test_stop_votes_weigh_delivered_work_not_keys():
@@ -498,6 +529,8 @@ def test_stop_votes_weigh_delivered_work_not_keys():
         ready(s, key, 2.0)
         v = s.request_stop(key, "callback", "stop", 2.0)
         assert not v.stop and f"node {key[:8]} asked to stop (stop)" in v.reason
+    v = s.request_stop(sybils[0], "max_steps", "", 2.1)
+    assert not v.stop and v.leave
     assert "8 of 10 node(s) asked, having delivered 0 of the live nodes' 200 samples" in v.reason
     assert s.stop_round is None
     v = s.request_stop(B, "callback", "EarlyStopping", 2.2)

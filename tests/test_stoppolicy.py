@@ -76,20 +76,20 @@ WORK = {A: 100, B: 300}  # A asks; it delivered a quarter of the work
 
 
 @pytest.mark.parametrize(
-    "policy, kind, stop, says",
+    "policy, kind, stop, leave, says",
     [
-        ("first", "callback", True, "stop policy first: round 5 is the final round"),
-        ("first", "max_steps", True, "can train no further: round 5 is the final round"),
-        ("quorum", "callback", False, "session continues: 1 of 2 node(s) asked"),
-        ("quorum", "max_steps", True, "can train no further: round 5 is the final round"),
-        ("never", "callback", False, "session continues: 1 of 2"),
-        ("never", "max_steps", True, "can train no further: round 5 is the final round"),
+        ("first", "callback", True, False, "stop policy first: round 5 is the final round"),
+        ("first", "max_steps", True, False, "stop policy first: round 5 is the final round"),
+        ("quorum", "callback", False, False, "session continues: 1 of 2 node(s) asked"),
+        ("quorum", "max_steps", False, True, "it leaves, its work is handed on and the session"),
+        ("never", "callback", False, False, "session continues: 1 of 2"),
+        ("never", "max_steps", False, True, "trains on: 1 of 2 node(s) asked"),
     ],
 )
-def test_every_policy_and_kind(policy, kind, stop, says):
+def test_every_policy_and_kind(policy, kind, stop, leave, says):
     book = StopBook()
     v = book.ask(A, kind, "why", facts(WORK), config(policy))
-    assert (v.stop, v.newly) == (stop, stop), v
+    assert (v.stop, v.leave, v.newly) == (stop, leave, stop), v
     assert says in v.reason and f"node {A[:8]}" in v.reason, v.reason
     asked = "reached its max_steps (why)" if kind == "max_steps" else "asked to stop (why)"
     assert asked in v.reason
@@ -97,21 +97,37 @@ def test_every_policy_and_kind(policy, kind, stop, says):
     assert (book.final_round == 5) is stop
 
 
+def test_max_steps_under_quorum_is_a_vote_that_stops_when_it_weighs_enough():
+    v = StopBook().ask(B, "max_steps", "", facts(WORK), config("quorum"))
+    assert v.stop and not v.leave and v.final_round == 5
+    assert "node bbbbbbbb reached its max_steps (max_steps)" in v.reason
+    assert "needs 200" in v.reason
+
+
+def test_before_any_work_is_delivered_no_quorum_is_reached_and_the_reason_says_so():
+    v = StopBook().ask(A, "max_steps", "", facts({A: 0, B: 0}), config("quorum", 0.1))
+    assert not v.stop and v.leave
+    assert "no live node has delivered any work yet, so no quorum can be reached" in v.reason
+
+
 def test_zero_delivery_keys_out_vote_nothing():
-    """One token holder's many keys all ask: the honest node that delivered the work has not asked, and the session trains on."""
+    """One token holder's many keys all ask (callbacks, and one at its max_steps): the
+    honest node that delivered the work has not asked, and the session trains on."""
     book = StopBook()
     voters = {A: 300, **dict.fromkeys(SYBILS, 0)}
     for key in SYBILS[:-1]:
         v = book.ask(key, "callback", "stop", facts(voters), config("quorum", 0.5))
         assert not v.stop and "session continues" in v.reason
-    v = book.ask(SYBILS[-1], "callback", "", facts(voters), config("quorum", 0.5))
-    assert not v.stop and "10 of 11 node(s) asked, having delivered 0" in v.reason
+    v = book.ask(SYBILS[-1], "max_steps", "", facts(voters), config("quorum", 0.5))
+    assert not v.stop and v.leave and "10 of 11 node(s) asked, having delivered 0" in v.reason
     assert book.final_round is None and book.review(facts(voters), config()) is None
 
 
 def test_without_global_weights_nothing_is_finished_on():
     v = StopBook().ask(A, "callback", "", facts({A: 0}, has_weights=False), config("first"))
     assert not v.stop and "no global weights yet" in v.reason
+    v = StopBook().ask(A, "max_steps", "", facts({A: 0}, has_weights=False), config("first"))
+    assert not v.stop and v.leave  # it cannot train on: it leaves all the same
 
 
 def test_the_stop_book_decides_once_and_round_trips():
@@ -122,7 +138,7 @@ def test_the_stop_book_decides_once_and_round_trips():
     v = book.ask(B, "callback", "done\nnow", facts({A: 10, B: 10}), c)
     assert v.stop and v.newly and v.final_round == 5 and book.requests[B] == "done now"
     again = book.ask(A, "max_steps", "", facts({A: 10, B: 10}), c)
-    assert again.stop and not again.newly and again.final_round == 5
+    assert again.stop and not again.newly and not again.leave and again.final_round == 5
     saved = msgspec.to_builtins(book)
     assert saved["round"] == 5 and msgspec.convert(saved, StopBook) == book
 

@@ -120,7 +120,7 @@ def replan(session: Session, now: float) -> Effects:
 
 def stop_request(session: Session, verdict: StopVerdict, now: float) -> Effects:
     """A stop request's ``verdict``: its reason logged (it names the node and why it was
-    overruled); a stop it decided told to every node, and the finish when it
+    overruled or told to leave); a stop it decided told to every node, and the finish when it
     finished the session at once; the open round's decision (a final round may complete)."""
     fx = Effects(events=[verdict.reason], decision=session.check(now))
     if verdict.newly:
@@ -130,7 +130,9 @@ def stop_request(session: Session, verdict: StopVerdict, now: float) -> Effects:
 
 def stop_decision(verdict: StopVerdict) -> StopDecision:
     """The message that tells a node ``verdict``."""
-    return StopDecision(stop=verdict.stop, round=verdict.final_round, reason=verdict.reason)
+    return StopDecision(
+        stop=verdict.stop, round=verdict.final_round, reason=verdict.reason, leave=verdict.leave
+    )
 
 
 __all__ = [

@@ -13,9 +13,12 @@ one last barrier for it as soon as it can, no further epoch is planned, and the 
 finishes when that round completes. Between epochs (the open round belongs to no plan yet)
 it finishes at once, on the last completed round.
 
-Reaching ``max_steps`` is always honoured. A request stands while its node is live, and the
-votes are counted again as each round completes (:meth:`StopBook.review`): a request made
-before its voter had delivered anything counts once it has.
+A node that reached its ``max_steps`` can train no further, but that is its own limit, not
+the session's: its request is a vote like any other, and when the policy does not end the
+session the node is told to leave (:attr:`StopVerdict.leave`); its remaining work is handed
+on to the others when it goes. A request stands while its node is live, and the votes are
+counted again as each round completes (:meth:`StopBook.review`): a request made before its
+voter had delivered anything counts once it has.
 
 The boundary: who may vote, and what each has delivered, are the session's; counting votes
 against a policy is this module's, and so is the one quorum rule that both a stop and a
@@ -119,10 +122,10 @@ class StopBook(msgspec.Struct):
     def ask(
         self, node: str, kind: StopKind, reason: str, facts: StopFacts, config: SessionConfig
     ) -> StopVerdict:
-        """``node`` asks to stop, for ``kind``'s ``reason``; the policy is ``config``'s (a node
-        at its ``max_steps`` can train no further: always honoured). The verdict: the session
-        stops, or the request is overruled (it stands, and counts again as each round
-        completes)."""
+        """``node`` asks to stop, for ``kind``'s ``reason``; the policy is ``config``'s. The
+        verdict: the session stops; or, for a node at its ``max_steps``, it leaves while the
+        session trains on; or the request is overruled (it stands, and counts again as each
+        round completes)."""
         if facts.finished:
             done = facts.completed
             return StopVerdict(True, f"the session has finished at round {done}", done)
@@ -132,14 +135,18 @@ class StopBook(msgspec.Struct):
         self.requests[node] = reason or kind
         votes = Votes.count(facts.voters, self.requests)
         stop, why = decide_stop(config.stop_policy, config.stop_quorum, votes)
-        if kind == "max_steps":
-            stop, why = True, f"{votes}; a node at its max_steps can train no further"
         if stop and not facts.has_weights:
             stop, why = False, "no global weights yet: nothing to finish on"
         asked = "reached its max_steps" if kind == "max_steps" else "asked to stop"
         who = f"node {short_id(node)} {asked} ({reason or kind})"
         if stop:
             return self._decide(f"{who}; {why}", facts)
+        if kind == "max_steps":
+            return StopVerdict(
+                False,
+                f"{who}; it leaves, its work is handed on and the session trains on: {why}",
+                leave=True,
+            )
         return StopVerdict(False, f"{who}; session continues: {why}")
 
     def review(self, facts: StopFacts, config: SessionConfig) -> StopVerdict | None:
