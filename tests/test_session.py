@@ -516,6 +516,19 @@ def test_a_node_at_its_max_steps_leaves_its_work_is_handed_on_and_the_others_tra
     assert s.shard(D, 0, 6.0).assignment is not None and A not in s.book.orphans
 
 
+def test_a_node_told_to_leave_cannot_stop_the_session_on_its_way_out():
+    """Its request was counted when it was made; its last upload then makes it weigh more,
+    but the round that upload completes does not count the request again."""
+    s = session(stop_policy="quorum", stop_quorum=0.5)
+    start(s, A, B)
+    arrive(s, B, 1.0, samples=20)
+    v = s.request_stop(A, "max_steps", "reached Trainer(max_steps=3)", 1.5)
+    assert not v.stop and v.leave and "having delivered 0 of the live nodes' 20 samples" in v.reason
+    arrive(s, A, 2.0, samples=100)  # its last steps: now it holds most of the work
+    outcome = finish_round(s, 2.5)
+    assert outcome.stop is None and s.stop_round is None and not s.finished
+
+
 def test_stop_votes_weigh_delivered_work_not_keys():
     """Extra keys under one token, all asking, delivered nothing and weigh nothing; the node
     that delivered half the work reaches the quorum alone."""
@@ -532,10 +545,10 @@ def test_stop_votes_weigh_delivered_work_not_keys():
     v = s.request_stop(sybils[0], "max_steps", "", 2.1)
     assert not v.stop and v.leave
     assert "8 of 10 node(s) asked, having delivered 0 of the live nodes' 200 samples" in v.reason
-    assert s.stop_round is None
+    assert s.stop_round is None and sybils[0] not in s.stop_requests  # it leaves with its node
     v = s.request_stop(B, "callback", "EarlyStopping", 2.2)
     assert v.stop and v.newly and v.final_round == 2 == s.stop_round
-    assert "9 of 10 node(s) asked, having delivered 100 of" in v.reason and "needs 100" in v.reason
+    assert "8 of 10 node(s) asked, having delivered 100 of" in v.reason and "needs 100" in v.reason
 
 
 def test_a_request_made_before_any_work_counts_once_its_voters_have_delivered():

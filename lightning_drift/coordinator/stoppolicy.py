@@ -18,7 +18,9 @@ the session's: its request is a vote like any other, and when the policy does no
 session the node is told to leave (:attr:`StopVerdict.leave`); its remaining work is handed
 on to the others when it goes. A request stands while its node is live, and the votes are
 counted again as each round completes (:meth:`StopBook.review`): a request made before its
-voter had delivered anything counts once it has.
+voter had delivered anything counts once it has. A node told to leave takes its request
+with it at once: it was counted when it was made, and a node on its way out (its last upload
+still to come) must not stop the session it was just told trains on.
 
 The boundary: who may vote, and what each has delivered, are the session's; counting votes
 against a policy is this module's, and so is the one quorum rule that both a stop and a
@@ -142,6 +144,7 @@ class StopBook(msgspec.Struct):
         if stop:
             return self._decide(f"{who}; {why}", facts)
         if kind == "max_steps":
+            del self.requests[node]  # counted once; it leaves with its node (module docstring)
             return StopVerdict(
                 False,
                 f"{who}; it leaves, its work is handed on and the session trains on: {why}",
