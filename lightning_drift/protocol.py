@@ -202,8 +202,9 @@ class StopRequest(_Msg, tag="stop_request"):
     """Node → coordinator on the control stream: this node's training wants to end.
 
     ``kind`` says why: ``"callback"`` (something set ``trainer.should_stop``, e.g.
-    ``EarlyStopping``; the session's stop policy decides) or ``"max_steps"`` (the node reached
-    ``Trainer(max_steps)`` and can train no further; always honoured). The coordinator answers
+    ``EarlyStopping``) or ``"max_steps"`` (the node reached ``Trainer(max_steps)`` and can
+    train no further). Either is a vote the session's stop policy counts; a node at its
+    ``max_steps`` that the policy does not follow is told to leave. The coordinator answers
     with a :class:`StopDecision`; asking again is harmless."""
 
     kind: StopKind = "callback"
@@ -218,12 +219,16 @@ class StopDecision(_Msg, tag="stop_decision"):
     With ``stop`` the session finishes on completed round ``round`` (the round open when the
     stop was decided): every node holds one final barrier for it as soon as it can, and that
     round's checkpoint is the final one. It is sent to every node when the stop is decided.
-    Without ``stop`` the request was overruled (``reason`` says by what policy) and the
-    session trains on; it is sent to the asking node only."""
+    Without ``stop`` the session trains on (``reason`` says by what policy and count), and it
+    is sent to the asking node only: with ``leave`` (the answer to ``"max_steps"``) that node
+    is to leave the session, its remaining work handed on to the others; otherwise its
+    request was overruled and it trains on. (A node that does not know ``leave`` reads it as
+    overruled; its ``max_steps`` ends its fit anyway.)"""
 
     stop: bool
     round: int = -1
     reason: str = ""
+    leave: bool = False
 
 
 class BarrierSync(_Msg, tag="barrier_sync"):

@@ -1,8 +1,9 @@
 """The Lightning compatibility suite: every recipe of ``tests/compat/recipes.py`` (programs
 from Lightning's documentation) run as a session of a real coordinator and two real node
-processes. Each ends with both nodes holding exactly the coordinator's final checkpoint and
-the coordinator exiting 0, or, for a recipe drift refuses, with both nodes failing within
-seconds on a message that names the fix. ``docs/strategy.md``'s "Works with" table has a row
+processes. Each ends with both nodes holding exactly the coordinator's final checkpoint (a
+node the recipe has leave early, the checkpoint of its last round) and the coordinator
+exiting 0, or, for a recipe drift refuses, with both nodes failing within seconds on a
+message that names the fix. ``docs/strategy.md``'s "Works with" table has a row
 per recipe."""
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 from compat.recipes import RECIPES, Outcome, Recipe
 from lightning_drift_cli.local import LocalCoordinator
 from safetensors.torch import load_file
+
+from lightning_drift.checkpoint import weights_name
 
 NODE = Path(__file__).parent / "compat" / "node.py"
 NODES = ("a", "b")
@@ -99,18 +102,24 @@ class Run:
             time.sleep(0.1)
 
     def outcome(self, compare: str) -> Outcome:
-        """Every node holds the coordinator's final checkpoint exactly; what they reported."""
+        """Every node holds the coordinator's final checkpoint exactly (a node that left, the
+        checkpoint of the last round it took part in); what they reported."""
         path = self.coord.latest_checkpoint()
         final_round = int(path.name.split("-")[1].split(".")[0])
         final = load_file(str(path))
         reports = {}
         for name, folder in self.dirs.items():
             reports[name] = json.loads((folder / "report.json").read_text())
+            held, ref = final_round, final
+            if name in self.recipe.leaves:
+                held = reports[name]["history"][-1]["round"]
+                assert held < final_round, (name, held, final_round)
+                ref = load_file(str(self.coord.checkpoint_dir / weights_name(held)))
             mine = load_file(str(folder / f"{compare}.safetensors"))
-            assert mine.keys() == final.keys(), (name, sorted(mine), sorted(final))
-            for k, ref in final.items():
-                assert torch.equal(mine[k], ref), f"node {name}: {k} differs from the final"
-            assert reports[name]["history"][-1]["round"] == final_round, (name, final_round)
+            assert mine.keys() == ref.keys(), (name, sorted(mine), sorted(ref))
+            for k, want in ref.items():
+                assert torch.equal(mine[k], want), f"node {name}: {k} differs from round {held}"
+            assert reports[name]["history"][-1]["round"] == held, (name, held)
         state = json.loads((self.coord.state_dir / "state.json").read_text())["session"]
         return Outcome(self.dirs, reports, final_round, final, state)
 

@@ -21,12 +21,16 @@ class Link:
     reports: list = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
+    closed: list[str] = field(default_factory=list)
 
     def replan(self) -> ShardAssignment | None:
         return self.replans.pop(0) if self.replans else None
 
     def report(self, progress) -> None:
         self.reports.append(progress)
+
+    def close(self, reason: str = "done") -> None:
+        self.closed.append(reason)
 
 
 class Exchange:
@@ -149,3 +153,32 @@ def test_a_progress_report_names_the_round_trained_towards():
         w.stepped()
     w.report(torch.device("cpu"))
     assert link.reports and link.reports[0].round == 7
+
+
+def test_a_node_that_leaves_sends_its_last_steps_waits_for_their_round_and_says_goodbye():
+    w, loop, link, exchange = work()
+    w.sampler = w.take(assignment(), 100)
+    w.loader = list(range(10))
+    for _ in range(7):  # the barrier after step 5 is in flight; two steps since
+        w.stepped()
+        w.hold_due()
+    w.leave("reached Trainer(max_steps=7)")
+    assert [(s.round, overlap) for s, overlap in exchange.handed] == [(1, True), (2, False)]
+    assert exchange.pending is None and w.history[-1].round == 2  # it holds round 2's weights
+    assert w.finished and link.closed == ["reached Trainer(max_steps=7)"]
+    assert not loop.ended  # Lightning's max_steps ends the fit
+    w.hold_owed()
+    w.hold_due()
+    assert len(exchange.handed) == 2  # no barrier after leaving
+
+
+def test_a_node_that_leaves_right_after_a_barrier_only_settles_its_round():
+    w, _, link, exchange = work()
+    w.sampler = w.take(assignment(), 100)
+    w.loader = list(range(10))
+    for _ in range(5):
+        w.stepped()
+        w.hold_due()
+    w.leave("reached Trainer(max_steps=5)")
+    assert [s.round for s, _ in exchange.handed] == [1] and exchange.pending is None
+    assert w.finished and link.closed == ["reached Trainer(max_steps=5)"]

@@ -14,7 +14,6 @@ from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.coordinator.epochbook import consumed
 from lightning_drift.coordinator.pacebook import NodePace
 from lightning_drift.coordinator.session import MemberState, Session, Verdict
-from lightning_drift.coordinator.stoppolicy import decide_stop
 from lightning_drift.protocol import NodeInfo, TrainProgress
 
 A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
@@ -491,24 +490,107 @@ def test_train_config_carries_every_setting_the_nodes_need():
 # -- stopping early -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "policy, quorum, asked, voters, stop, reason",
-    [
-        ("first", 0.5, 1, 3, True, "1 of 3 node(s) asked, stop policy first"),
-        ("quorum", 0.5, 1, 2, True, "1 of 2 node(s) asked, stop policy quorum 0.5 needs 1"),
-        ("quorum", 0.5, 1, 3, False, "1 of 3 node(s) asked, stop policy quorum 0.5 needs 2"),
-        ("quorum", 1.0, 2, 2, True, "2 of 2 node(s) asked, stop policy quorum 1 needs 2"),
-        ("never", 0.5, 3, 3, False, "stop policy never: the session trains all its epochs"),
-    ],
-)
-def test_stop_policy_decides_with_a_reason(policy, quorum, asked, voters, stop, reason):
-    got, why = decide_stop(policy, quorum, asked, voters)
-    assert got is stop and reason in why
+def test_a_node_at_its_max_steps_under_first_ends_the_session():
+    """Under ``first`` the session follows any one node: its max_steps too."""
+    s = session(stop_policy="first")
+    start(s, A, B)
+    v = s.request_stop(A, "max_steps", "reached Trainer(max_steps=5)", 1.0)
+    assert v.stop and v.newly and not v.leave and v.final_round == 1 == s.stop_round
+    assert f"node {A[:8]} reached its max_steps" in v.reason and "stop policy first" in v.reason
 
 
-def test_reaching_max_steps_is_always_honoured():
-    stop, why = decide_stop("never", 0.5, 1, 4, kind="max_steps")
-    assert stop and "max_steps" in why and "can train no further" in why
+@pytest.mark.parametrize("policy", ["quorum", "never"])
+def test_a_node_at_its_max_steps_leaves_its_work_is_handed_on_and_the_others_train_on(policy):
+    s = session(stop_policy=policy, min_nodes=3)
+    start(s, A, B, C)
+    for n in (A, B, C):
+        arrive(s, n, 1.0)
+    finish_round(s, 1.5)
+    v = s.request_stop(A, "max_steps", "reached Trainer(max_steps=12)", 2.0)
+    assert not v.stop and v.leave and not v.newly
+    assert not s.finished and s.stop_round is None and s.stop_reason == ""
+    assert f"node {A[:8]} reached its max_steps (reached Trainer(max_steps=12))" in v.reason
+    assert f"stop policy {policy}" in v.reason and "the session trains on" in v.reason
+    # Its last steps count in the open round; it gets that round's weights and says goodbye.
+    arrive(s, A, 2.5, samples=40)
+    arrive(s, B, 3.0)
+    arrive(s, C, 3.0)
+    assert not finish_round(s, 3.5).finished
+    assert s.lost(A, "bye: reached Trainer(max_steps=12)", 4.0, left=True).ok
+    assert s.members[A].state is MemberState.LEFT and A not in s.stop_requests
+    assert A in s.book.orphans and A not in s.assignments  # the rest of its work is handed on
+    # The others train on: the open round waits for them alone, and completes with them.
+    assert s.expected() == [B, C]
+    arrive(s, B, 5.0)
+    assert arrive(s, C, 5.0).complete
+    outcome = finish_round(s, 5.5)
+    assert not outcome.finished and outcome.stop is None and s.stop_round is None
+    # The next node to come in gets the orphaned rest.
+    ready(s, D, 6.0)
+    assert s.shard(D, 0, 6.0).assignment is not None and A not in s.book.orphans
+
+
+def test_a_node_told_to_leave_cannot_stop_the_session_on_its_way_out():
+    """Its request was counted when it was made; its last upload then makes it weigh more,
+    but the round that upload completes does not count the request again."""
+    s = session(stop_policy="quorum", stop_quorum=0.5)
+    start(s, A, B)
+    arrive(s, B, 1.0, samples=20)
+    v = s.request_stop(A, "max_steps", "reached Trainer(max_steps=3)", 1.5)
+    assert not v.stop and v.leave and "having delivered 0 of the live nodes' 20 samples" in v.reason
+    arrive(s, A, 2.0, samples=100)  # its last steps: now it holds most of the work
+    outcome = finish_round(s, 2.5)
+    assert outcome.stop is None and s.stop_round is None and not s.finished
+
+
+def test_stop_votes_weigh_delivered_work_not_keys():
+    """Extra keys under one token, all asking, delivered nothing and weigh nothing; the node
+    that delivered half the work reaches the quorum alone."""
+    s = session(stop_policy="quorum", stop_quorum=0.5)
+    start(s, A, B)
+    arrive(s, A, 1.0)
+    arrive(s, B, 1.0)
+    finish_round(s, 1.5)
+    sybils = [f"{i:02x}" * 32 for i in range(8)]
+    for key in sybils:
+        ready(s, key, 2.0)
+        v = s.request_stop(key, "callback", "stop", 2.0)
+        assert not v.stop and f"node {key[:8]} asked to stop (stop)" in v.reason
+    v = s.request_stop(sybils[0], "max_steps", "", 2.1)
+    assert not v.stop and v.leave
+    assert "8 of 10 node(s) asked, having delivered 0 of the live nodes' 200 samples" in v.reason
+    assert s.stop_round is None and sybils[0] not in s.stop_requests  # it leaves with its node
+    v = s.request_stop(B, "callback", "EarlyStopping", 2.2)
+    assert v.stop and v.newly and v.final_round == 2 == s.stop_round
+    assert "8 of 10 node(s) asked, having delivered 100 of" in v.reason and "needs 100" in v.reason
+
+
+def test_a_request_made_before_any_work_counts_once_its_voters_have_delivered():
+    s = session(stop_policy="quorum", stop_quorum=0.5)
+    start(s, A, B)
+    v = s.request_stop(A, "callback", "EarlyStopping", 0.5)
+    assert not v.stop and "no live node has delivered any work yet" in v.reason
+    arrive(s, A, 1.0)
+    arrive(s, B, 1.0)
+    outcome = finish_round(s, 1.5)  # the round's arrivals count: A's request now weighs half
+    assert outcome.stop is not None and outcome.stop.newly and outcome.stop.final_round == 2
+    assert s.stop_round == 2 and not s.finished
+    assert f"the stop requests standing (node(s) {A[:8]}) now count" in outcome.reason
+    assert outcome.reason.endswith("round 2 is the final round")
+    arrive(s, A, 2.0)
+    arrive(s, B, 2.0)
+    assert finish_round(s, 2.5).finished
+
+
+def test_standing_requests_that_count_at_an_epoch_end_finish_the_session_there():
+    s = session(epochs=3, stop_policy="quorum", dataset_size=100, batch_size=10, sync_every=100)
+    start(s, A, B)
+    s.request_stop(A, "callback", "", 0.5)
+    arrive(s, A, 1.0)
+    arrive(s, B, 1.0)
+    outcome = finish_round(s, 1.5)  # the epoch's only round
+    assert outcome.finished and outcome.planned_epoch is None and s.plan.epoch == 0
+    assert outcome.stop is not None and outcome.stop.finished_now and s.stop_round == 1
 
 
 def test_an_overruled_request_counts_later_and_the_open_round_becomes_the_final_one():

@@ -213,11 +213,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quorum", 0.5, float, "Fraction of the expected nodes needed at the deadline.", _S,
             check=_quorum),
     Setting("stop_policy", "quorum", str,
-            "When nodes ask to stop early (EarlyStopping...): first, quorum or never.", _S,
-            choices=("first", "quorum", "never")),
+            "When nodes ask to stop early (EarlyStopping, max_steps...): first, quorum or "
+            "never.", _S, choices=("first", "quorum", "never")),
     Setting("stop_quorum", 0.5, float,
-            "Fraction of the live nodes that must ask to stop (stop policy quorum).", _S,
-            check=_quorum),
+            "Fraction of the live nodes' delivered work whose nodes must ask to stop (stop "
+            "policy quorum).", _S, check=_quorum),
     Setting("heartbeat_timeout", 15.0, float, "Seconds of silence before a node is lost.", _S,
             check=_positive),
     Setting("heartbeat_s", 5.0, float,

@@ -322,8 +322,8 @@ class Rounds:
     async def complete(self, decision: RoundDecision) -> Effects:
         """Complete the open round (after :meth:`consider` said so; the caller has told the
         decision's reason): aggregate, write, publish, advance the session. Returns what the
-        server must carry out: the events, the suspects' strikes, the completed round, the
-        re-plans, a failure, the next decision."""
+        server must carry out: the events, the suspects' strikes, the completed round (and a
+        stop its arrivals decided), the re-plans, a failure, the next decision."""
         s = self.session
         aggregating = decision.open_round
         fx = Effects()
@@ -355,7 +355,7 @@ class Rounds:
             )
             if refused is not None:
                 fx.add(self._refused(aggregating, refused, acc.contributors))
-            if outcome.planned_epoch is not None or outcome.finished:
+            if outcome.planned_epoch is not None or outcome.finished or outcome.stop:
                 fx.events.append(outcome.reason)
             if self.record is not None:
                 round_s = max(0.0, self.clock() - opened)
@@ -363,7 +363,7 @@ class Rounds:
                     round_record(s, outcome, acc.contributors, counted, len(blob), round_s,
                                  aggregation_s)
                 )  # fmt: skip
-            fx.completed = outcome
+            fx.completed, fx.told = outcome, outcome.stop  # a stop the round's votes decided
             if not outcome.finished:
                 fx.add(effects.replan(s, self.clock()))
         except Exception as exc:

@@ -55,7 +55,6 @@ from lightning_drift.protocol import (
     ShardAssignment,
     ShardRequest,
     StatusRequest,
-    StopDecision,
     StopRequest,
     TrainProgress,
     encode,
@@ -328,9 +327,13 @@ class Coordinator:
             self.event(text)
         for node, reason in fx.banned:
             self._banned(node, reason)
-        if fx.completed is not None:
+        if fx.told is not None:
+            told = effects.stop_decision(fx.told)
+            for nc in list(self.conns.values()):
+                self._spawn(nc.send(told))
+        if fx.completed is not None or fx.finished:
             self._serve_pending_shards()
-            if fx.completed.finished:
+            if fx.finished or (fx.completed is not None and fx.completed.finished):
                 self._finish()
         if fx.replans:
             self._spawn(self._send_replans(fx.replans))
@@ -500,25 +503,14 @@ class Coordinator:
             await nc.send(Error(code=r.code, message=r.reason))
 
     async def _stop_request(self, nc: NodeConn, msg: StopRequest) -> None:
-        """A node asks to end the session: the session decides; everyone hears a stop, only
-        the asking node hears that it was overruled."""
+        """A node asks to end the session: the session decides (``effects.stop_request``);
+        everyone hears a stop, only the asking node that it was overruled or is to leave."""
         v = self.session.request_stop(nc.node, msg.kind, msg.reason, self.clock())
-        self.event(v.reason)
-        answer = StopDecision(stop=v.stop, round=v.final_round, reason=v.reason)
-        if not v.newly:
-            await nc.send(answer)
-            return
-        # The decision must survive a restart: nodes are about to hold their final barrier.
-        await self.rounds.save_session()
-        for other in list(self.conns.values()):
-            self._spawn(other.send(answer))
-        if nc.node not in self.conns:
-            await nc.send(answer)
-        if v.finished_now:
-            self._finish()
-            self._serve_pending_shards()
-        else:
-            self.carry_out(Effects(decision=self.session.check(self.clock())))
+        if v.newly:  # durable before any node holds its final barrier for it
+            await self.rounds.save_session()
+        if not v.newly or self.conns.get(nc.node) is not nc:
+            await nc.send(effects.stop_decision(v))
+        self.carry_out(effects.stop_request(self.session, v, self.clock()))
 
     def _serve_pending_shards(self) -> None:
         for node, epoch in list(self.pending_shards.items()):

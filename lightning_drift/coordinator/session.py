@@ -55,7 +55,7 @@ from lightning_drift.coordinator.roundstate import (
     round_decision,
 )
 from lightning_drift.coordinator.state import upgrade_v1
-from lightning_drift.coordinator.stoppolicy import StopBook, decide_stop
+from lightning_drift.coordinator.stoppolicy import StopBook, StopFacts, decide_stop
 from lightning_drift.coordinator.verdicts import (
     Decision,
     RoundDecision,
@@ -453,38 +453,29 @@ class Session:
         ends, plan_next, reason = round_end(
             completed, self.plan, self.config.epochs, self.stop_round, self.stop_reason
         )
-        self.finished = self.finished or ends
+        # The votes weigh what their voters delivered: the round's arrivals may decide a stop.
+        stop = None if ends else self.stops.review(_stop_facts(self), self.config)
+        self.finished = self.finished or ends or (stop is not None and stop.finished_now)
         planned = self.maybe_plan(now) if plan_next else None
-        if plan_next:
+        if stop is not None:
+            reason = f"{reason.removesuffix('; ')}; {stop.reason}"
+        elif plan_next:
             reason += (
                 "next epoch waits for a live node"
                 if planned is None
                 else f"planned epoch {planned}"
             )
-        return RoundOutcome(completed, epoch, self.finished, planned, reason)
+        return RoundOutcome(completed, epoch, self.finished, planned, reason, stop)
 
     # ---- stopping early ------------------------------------------------------------------
     def request_stop(self, node: str, kind: StopKind, reason: str, now: float) -> StopVerdict:
         """A node asks to end the session (``stoppolicy.py``); the verdict says whether the
-        session stops, on which round, and why."""
+        session stops, on which round, or whether the node is to leave, and why."""
         m = self.members.get(node)
         if m is None or not m.live():
             return StopVerdict(False, "join first")
         m.last_seen = now
-        if self.finished:
-            return StopVerdict(
-                True, f"the session has finished at round {self.completed}", self.completed
-            )
-        v = self.stops.ask(
-            node,
-            kind,
-            reason,
-            [n for n in self.live() if n in self.admitted],
-            self.config,
-            has_weights=self.has_weights,
-            completed=self.completed,
-            in_plan=self.book.in_plan(self.open_round),
-        )
+        v = self.stops.ask(node, kind, reason, _stop_facts(self), self.config)
         self.finished = self.finished or v.finished_now
         return v
 
@@ -546,6 +537,19 @@ def _round_inputs(s: Session) -> tuple[RoundFacts, dict[str, DeadlinePace]]:
     )
     missing = [n for n in expected if n not in s.arrivals]
     return facts, s.paces.for_deadline(missing, s.scheduler)
+
+
+def _stop_facts(s: Session) -> StopFacts:
+    """What a stop decision reads: the voters, each live admitted node with the samples it
+    has delivered (the session decides who may vote; the stop book counts), and where the
+    session is."""
+    return StopFacts(
+        voters={n: s.members[n].delivered for n in s.live() if n in s.admitted},
+        has_weights=s.has_weights,
+        completed=s.completed,
+        in_plan=s.book.in_plan(s.open_round),
+        finished=s.finished,
+    )
 
 
 def _scheduler(c: SessionConfig, dataset_size: int) -> Scheduler:

@@ -89,6 +89,7 @@ class RoundOutcome:
     finished: bool
     planned_epoch: int | None  # a new epoch plan was made
     reason: str
+    stop: StopVerdict | None = None  # the standing stop requests decided a stop meanwhile
 
 
 @dataclass(frozen=True)
@@ -97,13 +98,16 @@ class StopVerdict:
 
     ``stop``: the session finishes on completed round ``final_round`` (``finished_now``: it
     already has, on the last completed round, and a ``Finish`` is due). Otherwise the session
-    trains on, and ``reason`` says why (the policy and the count)."""
+    trains on, and ``reason`` says why (the policy and the count); with ``leave`` it trains on
+    without the asking node, which reached its ``max_steps``: that node leaves, and its
+    remaining work is handed on when it has gone."""
 
     stop: bool
     reason: str
     final_round: int = -1
     finished_now: bool = False
     newly: bool = False  # this request made the decision (tell every node)
+    leave: bool = False
 
 
 __all__ = [

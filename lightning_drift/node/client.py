@@ -507,7 +507,7 @@ class CoordinatorClient:
         await self._send(msg)
 
     async def request_stop(self, request: p.StopRequest) -> p.StopDecision:
-        """Ask the session to stop; its answer (stop on a round, or overruled and why)."""
+        """Ask the session to stop; its answer (stop on a round, leave, or overruled; why)."""
         if self.stop is not None:
             return self.stop
         fut: asyncio.Future[p.StopDecision] = asyncio.get_running_loop().create_future()

@@ -61,8 +61,8 @@ class Loop(Protocol):
 
 
 class Link(Protocol):
-    """What the epoch's work needs of the runtime: the latest re-plan, progress reports and
-    the bytes moved."""
+    """What the epoch's work needs of the runtime: the latest re-plan, progress reports, the
+    bytes moved, and leaving the session (goodbye)."""
 
     bytes_sent: int
     bytes_received: int
@@ -70,6 +70,8 @@ class Link(Protocol):
     def replan(self) -> p.ShardAssignment | None: ...
 
     def report(self, progress: p.TrainProgress) -> None: ...
+
+    def close(self, reason: str = "done") -> None: ...
 
 
 class EpochWork:
@@ -203,6 +205,20 @@ class EpochWork:
         while plan is not None and plan.owed() and not self.finished:
             log.info("epoch ended before barrier %d; holding it now", plan.done + 1)
             self.hold()
+
+    def leave(self, reason: str) -> None:
+        """This node trains no further (it reached its ``max_steps``) while the session trains
+        on without it: the steps since its last barrier go in one last, blocking barrier, so
+        they count and the node ends on that round's global weights (with none, the round in
+        flight is settled); then it says goodbye (``reason``), the coordinator hands the rest
+        of its work on, and it holds no barrier again: :attr:`finished` from here on."""
+        plan = self.barriers
+        if plan is not None and not self.finished and plan.steps > plan.last_barrier_steps:
+            plan.finish_at(plan.scheduled_round)
+            self.hold(blocking=True)
+        self.settle()
+        self.finished = True
+        self.link.close(reason)
 
     def sync(self, sync: p.BarrierSync) -> None:
         """A blocking barrier outside the epoch's plan (the start-up sync, fetching the final

@@ -4,9 +4,12 @@ When a callback sets ``trainer.should_stop`` (EarlyStopping) or the node reaches
 ``max_steps``, the node asks the coordinator (:meth:`StopNegotiation.ask`); an overruled
 request undoes ``should_stop`` and is asked again at most every few seconds; once the
 session has decided, the epoch's next barrier is the final one
-(:meth:`StopNegotiation.plan`). The boundary: what to ask and when to ask again is this
-part's alone, apart from how barriers are held; the clock is injected and the trainer is
-only read and told ``should_stop``.
+(:meth:`StopNegotiation.plan`). A node at its ``max_steps`` can train no further whatever
+the session decides: when the session trains on, it is told to leave, and it does
+(:meth:`StopNegotiation.at_max_steps`, :meth:`~lightning_drift.node.epochwork.EpochWork
+.leave`) while Lightning ends its fit. The boundary: what to ask and when to ask again is
+this part's alone, apart from how barriers are held; the clock is injected and the trainer
+is only read and told ``should_stop``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from lightning_drift import protocol as p
 from lightning_drift.node.barriers import EpochBarriers
+from lightning_drift.node.epochwork import EpochWork
 
 log = logging.getLogger(__name__)
 
@@ -72,32 +76,43 @@ class StopNegotiation:
         reason: str,
         steps: int,
         every: float,
-    ) -> None:
-        """Send a stop request and act on the answer: an overruled ``should_stop`` is undone,
-        and asked again at most every ``every`` seconds (at least one)."""
+    ) -> p.StopDecision | None:
+        """Send a stop request and act on the answer, which it returns (None: not asked, a
+        callback overruled a moment ago): an overruled ``should_stop`` is undone, and asked
+        again at most every ``every`` seconds (at least one)."""
         now = self.clock()
         if kind == "callback" and now < self._ask_again_at:
             trainer.should_stop = False  # overruled a moment ago; the session's answer stands
-            return
+            return None
         answer = runtime.request_stop(
             p.StopRequest(kind=kind, reason=reason, epoch=trainer.current_epoch, step=steps)
         )
-        if answer.stop:
-            return
+        if answer.stop or answer.leave:
+            return answer
         trainer.should_stop = False
         self._ask_again_at = now + max(1.0, every)
         if answer.reason != self._overruled:
             self._overruled = answer.reason
             log.warning("%s; this node trains on with the session", answer.reason)
+        return answer
 
-    def at_max_steps(self, runtime: Stopper, trainer: Any, steps: int, every: float) -> bool:
-        """Whether the fit reached ``Trainer(max_steps)``, where Lightning would end it: then
-        the session is asked to stop (a request it always honours), unless it has decided."""
+    def at_max_steps(self, runtime: Stopper, trainer: Any, work: EpochWork | None) -> bool:
+        """Whether the fit reached ``Trainer(max_steps)``, where Lightning ends it. Then the
+        session is asked, unless it has decided: it may stop (the final barrier follows, as
+        for any stop), or train on without this node, which then leaves
+        (:meth:`EpochWork.leave`: its last steps are sent, it ends on that round's global
+        weights and says goodbye; the others take on the rest of its work)."""
         if trainer.max_steps in (-1, None) or trainer.global_step < trainer.max_steps:
             return False
-        if runtime.stop is None:
+        if runtime.stop is None and work is not None and not work.finished:
             reason = f"reached Trainer(max_steps={trainer.max_steps})"
-            self.ask(runtime, trainer, "max_steps", reason, steps, every)
+            meter = work.meter
+            answer = self.ask(
+                runtime, trainer, "max_steps", reason, meter.steps, meter.progress_every
+            )
+            if answer is not None and answer.leave and not answer.stop:
+                log.warning("%s; this node leaves the session and ends its fit", answer.reason)
+                work.leave(reason)
         return True
 
 

@@ -25,7 +25,9 @@ Planning, apart from holding barriers:
   are whole optimizer steps and rounds are planned in optimizer steps;
 - a stop is the session's (:mod:`lightning_drift.node.stopping`): until the session decides,
   Lightning is kept from ending the fit on its own; once it stops, the next barrier is the
-  final one;
+  final one. ``Trainer(max_steps)`` is the node's own limit: at it the node asks, and unless
+  the session stops it leaves (its last steps sent, the rest of its work handed on) and
+  Lightning ends its fit;
 - a Tuner's internal fit (``lr_find``, ``scale_batch_size``) stays local: it runs inside a tuner
   callback's ``on_fit_start``, before the fit's own, and nothing joins until that has run.
 
@@ -236,7 +238,7 @@ class DriftStrategy(SingleDeviceStrategy):
 
     @property
     def finished(self) -> bool:
-        """The session is over for this node: it holds the final weights."""
+        """The session is over for this node: it holds the final weights, or it left."""
         return self._work is not None and self._work.finished
 
     @property
@@ -397,16 +399,14 @@ class DriftStrategy(SingleDeviceStrategy):
     def batch_ended(self) -> None:
         """After every training batch: under manual optimization a batch that stepped counts
         one step (its barriers are held here, never inside training_step); at ``max_steps``
-        this node asks the session to stop and holds the final barrier before Lightning ends."""
+        this node asks the session to stop, then holds the final barrier or leaves the
+        session (:meth:`StopNegotiation.at_max_steps`) before Lightning ends the fit."""
         if self._stepped_in_batch:
             self._stepped_in_batch = False
             self._after_step()
         if self.runtime is None or self.finished:
             return
-        meter = self._meter
-        if self._stops.at_max_steps(
-            self.runtime, self._pl.trainer, meter.steps, meter.progress_every
-        ):
+        if self._stops.at_max_steps(self.runtime, self._pl.trainer, self._work):
             self._hold_due_barriers()
 
     def hold_barrier(self, *, blocking: bool | None = None) -> None:

@@ -7,7 +7,8 @@ with what the session must end with:
 - by default, every node holds exactly the coordinator's final checkpoint (each tensor
   ``torch.equal``) and the coordinator exits 0; ``compare="trained"`` compares the weights
   the fit trained, taken at ``on_train_end`` before a callback such as SWA swaps its own
-  average in;
+  average in; a node named in ``leaves`` left the session before its end and holds exactly
+  the checkpoint of the last round it took part in;
 - ``refused=(...)``: every node fails within seconds, its log holding one of these strings
   (the message that names the fix);
 - ``check``: more assertions on the :class:`Outcome` (reports, files, the session's state).
@@ -90,6 +91,7 @@ class Recipe:
     refused: tuple[str, ...] = ()
     compare: Literal["final", "trained"] = "final"
     check: Callable[[Outcome], None] | None = None
+    leaves: tuple[str, ...] = ()  # nodes that leave before the session ends (max_steps)
     stages: int = 1  # sessions run one after the other (resume a previous session's file)
 
 
@@ -600,9 +602,26 @@ def early_stopping(ctx: Context) -> Program:
     return plain(callbacks=[EarlyStopping(monitor="val_loss", stopping_threshold=1e6)])
 
 
-@recipe(check=session_stopped("max_steps"))
+def left_at_max_steps(o: Outcome) -> None:
+    """Node a left at its max_steps, before it had delivered any work, so its request could
+    not stop the session under the default policy; b trained every epoch to the session's end,
+    which no stop decided."""
+    a, b = o.reports["a"], o.reports["b"]
+    assert a["global_step"] == 1 and a["finished"] and not a["history"][-1]["finished"], a
+    assert a["history"][-1]["round"] == 1 and a["history"][-1]["contributed"], a["history"]
+    assert o.state["finished"] and o.state["stop"].get("round") is None, o.state["stop"]
+    members = {m["name"]: m for m in o.state["roster"]["members"].values()}
+    assert members["a"]["state"] == "left", members["a"]
+    assert "reached Trainer(max_steps=1)" in members["a"]["reason"], members["a"]
+    assert b["history"][-1]["finished"] and b["history"][-1]["epoch"] == 1, b["history"]
+
+
+@recipe(coordinator={"keep": 100}, leaves=("a",), check=left_at_max_steps)
 def max_steps(ctx: Context) -> Program:
-    return plain(max_steps=3)
+    """``Trainer(max_steps=1)`` on node a only, under the default stop policy: a leaves the
+    session at its first step (its step counts, the rest of its work is handed on) and its fit
+    ends; b trains the session to its end."""
+    return plain(max_steps=1) if ctx.name == "a" else plain()
 
 
 @recipe()
@@ -610,9 +629,10 @@ def limit_train_batches(ctx: Context) -> Program:
     return plain(limit_train_batches=2)
 
 
-@recipe(check=session_stopped("max_steps"))
+@recipe(coordinator={"stop_policy": "first"}, check=session_stopped("max_steps"))
 def fast_dev_run(ctx: Context) -> Program:
-    """``Trainer(fast_dev_run=True)``: one batch, then the fit ends (it is ``max_steps=1``)."""
+    """``Trainer(fast_dev_run=True)``: one batch, then the fit ends (it is ``max_steps=1``);
+    under ``--stop-policy first`` the session follows the node and ends with it."""
     return plain(fast_dev_run=True)
 
 
