@@ -147,6 +147,26 @@ def change_norm(
     return math.sqrt(sq)
 
 
+class Checked:
+    """The upload an accumulator's ``change`` validated and measured last, so that the
+    ``add`` of that same upload does neither again (one pass over it less per upload)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[Mapping[str, torch.Tensor], bool, float] | None = None
+
+    def keep(self, upload: Mapping[str, torch.Tensor], delta: bool, norm: float) -> float:
+        self._last = (upload, delta, norm)
+        return norm
+
+    def take(self, upload: Mapping[str, torch.Tensor], delta: bool) -> float | None:
+        """The norm measured of ``upload`` (this very object, taken as ``delta``), or None
+        when it was not the one checked last: then it must be validated and measured."""
+        last, self._last = self._last, None
+        if last is not None and last[0] is upload and last[1] == delta:
+            return last[2]
+        return None
+
+
 class Accumulator:
     """The weighted mean of one round's uploads, built as they arrive.
 
@@ -172,6 +192,7 @@ class Accumulator:
         self.contributors: list[tuple[str, float]] = []
         self.norms: dict[str, float] = {}
         self.total_weight = 0.0
+        self._checked = Checked()
 
     def add(
         self,
@@ -189,7 +210,9 @@ class Accumulator:
         contribution is ``global + delta`` (in float64).
         """
         w = check_contribution(self.contributors, node, weight)
-        validate_upload(self._global, upload, any_float=delta, fixed=self._fixed)
+        norm = self._checked.take(upload, delta)
+        if norm is None:
+            validate_upload(self._global, upload, any_float=delta, fixed=self._fixed)
         sq = 0.0
         for k, acc in self._acc.items():
             # Fresh float64 copies: never write into the caller's upload or the global weights.
@@ -200,22 +223,25 @@ class Accumulator:
             else:
                 x = upload[k].to(device=acc.device, dtype=torch.float64, copy=True)
                 d = x - g
-            sq += float(torch.linalg.vector_norm(d)) ** 2
+            if norm is None:
+                sq += float(torch.linalg.vector_norm(d)) ** 2
             acc.add_(x.mul_(w))
         if w > 0:
             self._ints.append(
                 {k: upload[k].to(ref.device).clone() for k, ref in self._global.items()
                  if not _is_float(ref)}
             )  # fmt: skip
-        self.norms[node] = math.sqrt(sq)
+        self.norms[node] = math.sqrt(sq) if norm is None else norm
         self.contributors.append((node, w))
         self.total_weight += w
         log.debug("aggregate.add node=%s weight=%s n=%d", node[:12], w, len(self.contributors))
 
     def change(self, upload: Mapping[str, torch.Tensor], *, delta: bool = False) -> float:
         """The L2 norm of ``upload``'s change against the global weights, as :meth:`add`
-        would record it, without adding it (validated first: a bad upload raises)."""
-        return change_norm(self._global, upload, delta=delta, fixed=self._fixed)
+        would record it, without adding it (validated first: a bad upload raises); adding
+        this same upload next neither validates nor measures it again."""
+        norm = change_norm(self._global, upload, delta=delta, fixed=self._fixed)
+        return self._checked.keep(upload, delta, norm)
 
     def __len__(self) -> int:
         return len(self.contributors)

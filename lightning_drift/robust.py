@@ -39,11 +39,11 @@ from dataclasses import dataclass
 import torch
 
 from lightning_drift.aggregate import (
+    Checked,
     StateDict,
     change_norm,
     check_contribution,
     merge_buffers,
-    validate_upload,
 )
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.modelspec import carried
@@ -116,13 +116,16 @@ class RobustAccumulator:
         self.contributors: list[tuple[str, float]] = []
         self.norms: dict[str, float] = {}
         self.total_weight = 0.0
+        self._checked = Checked()
 
     def __len__(self) -> int:
         return len(self.contributors)
 
     def change(self, upload: Mapping[str, torch.Tensor], *, delta: bool = False) -> float:
-        """The L2 norm of ``upload``'s change, as :meth:`add` would record it (not added)."""
-        return change_norm(self._global, upload, delta=delta, fixed=self._fixed)
+        """The L2 norm of ``upload``'s change, as :meth:`add` would record it (not added; adding
+        this same upload next neither validates nor measures it again)."""
+        norm = change_norm(self._global, upload, delta=delta, fixed=self._fixed)
+        return self._checked.keep(upload, delta, norm)
 
     def add(
         self,
@@ -133,13 +136,11 @@ class RobustAccumulator:
         delta: bool = False,
     ) -> None:
         w = check_contribution(self.contributors, node, weight)
-        validate_upload(self._global, upload, any_float=delta, fixed=self._fixed)
         c = Contribution(node, w, upload, delta)
-        sq = 0.0
-        for k, ref in self._global.items():
-            if ref.is_floating_point() and k not in self._fixed:
-                sq += float(torch.linalg.vector_norm(c.change(k, ref))) ** 2
-        self.norms[node] = math.sqrt(sq)
+        norm = self._checked.take(upload, delta)
+        if norm is None:
+            norm = change_norm(self._global, upload, delta=delta, fixed=self._fixed)
+        self.norms[node] = norm
         if w > 0:
             self._kept.append(c)
         self.contributors.append((node, w))

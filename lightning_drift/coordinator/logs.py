@@ -191,15 +191,17 @@ def round_record(
     ``size`` sent back to each."""
     s = session
     nodes = []
-    for node, _ in contributors:
+    for node, weight in contributors:
         sync, nbytes = counted.get(node, (BarrierSync(round=outcome.completed_round), 0))
         m = s.members.get(node)
-        pace = sync.samples / sync.train_seconds if sync.train_seconds > 0 else 0.0
+        # Its weight as the round took it (bounded, 0 for an upload that trained nothing),
+        # never the samples it claimed.
+        pace = weight / sync.train_seconds if sync.train_seconds > 0 else 0.0
         nodes.append(
             NodeRound(
                 node=node,
                 name=m.name if m else "",
-                samples=int(s.weight_for(node, sync.samples)),
+                samples=int(weight),
                 loss=sync.loss,
                 samples_per_s=pace or s.paces.of(node).reported,
                 barrier_wait_s=m.barrier_wait if m else 0.0,
