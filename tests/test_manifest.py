@@ -1,0 +1,538 @@
+"""The signed round manifest: what the coordinator signs is what every node gets back, and
+nothing else is taken: another key, another session or round, a changed byte, an oversized
+or malformed blob, or content out of bounds is refused with a message naming what was wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from lightning_drift.auth import Identity
+from lightning_drift.dataplane.manifest import (
+    DEFAULT_LIMITS,
+    DOMAIN,
+    Commit,
+    Contributor,
+    Limits,
+    Manifest,
+    ShardEntry,
+    Signed,
+    check,
+    check_commit,
+    contributor_weights,
+    piece_hash,
+    sign,
+    verify,
+)
+from lightning_drift.errors import AuthError, ProtocolError
+from lightning_drift.text import short_id
+
+SESSION = "5e55104d0c0ffee0"
+SHARDS = 4
+NODES = [hashlib.sha256(f"node-{i}".encode()).hexdigest() for i in range(3)]
+COORD = Identity.generate()
+
+
+def make_manifest(**changes: Any) -> Manifest:
+    """A valid manifest of round 7: three contributors, four shards, each shard's aggregators
+    two of the nodes."""
+    m = Manifest(
+        session=SESSION,
+        round=7,
+        epoch=1,
+        base=piece_hash(b"base weights"),
+        plan=piece_hash(b"int8/64 x4 model"),
+        contributors=[
+            Contributor(
+                node=node,
+                weight=float(10 * (i + 1)),
+                pieces=[piece_hash(f"{i}/{j}".encode()) for j in range(SHARDS)],
+            )
+            for i, node in enumerate(NODES)
+        ],
+        shards=[
+            ShardEntry(
+                index=j,
+                primary=NODES[j % 3],
+                mirror=NODES[(j + 1) % 3],
+                result=piece_hash(f"result {j}".encode()),
+                size=1000 + j,
+            )
+            for j in range(SHARDS)
+        ],
+        struck=[],
+        unchanged="",
+    )
+    return msgspec.structs.replace(m, **changes)
+
+
+def signed_anyway(m: Manifest, identity: Identity = COORD) -> bytes:
+    """The coordinator's signature over ``m`` without :func:`sign`'s check: what a broken
+    coordinator would hand out, so that the verifier's own checks are what is tested."""
+    return signed_body(msgspec.msgpack.encode(m), identity)
+
+
+def signed_body(body: bytes, identity: Identity = COORD) -> bytes:
+    return msgspec.msgpack.encode(Signed(body=body, sig=identity.sign(DOMAIN + body)))
+
+
+def replace_contributor(i: int, **changes: Any) -> Callable[[Manifest], Manifest]:
+    def change(m: Manifest) -> Manifest:
+        cs = list(m.contributors)
+        cs[i] = msgspec.structs.replace(cs[i], **changes)
+        return msgspec.structs.replace(m, contributors=cs)
+
+    return change
+
+
+def replace_shard(j: int, **changes: Any) -> Callable[[Manifest], Manifest]:
+    def change(m: Manifest) -> Manifest:
+        ss = list(m.shards)
+        ss[j] = msgspec.structs.replace(ss[j], **changes)
+        return msgspec.structs.replace(m, shards=ss)
+
+    return change
+
+
+def fields(**changes: Any) -> Callable[[Manifest], Manifest]:
+    return lambda m: msgspec.structs.replace(m, **changes)
+
+
+# ---- the good path ---------------------------------------------------------------------------
+
+
+def test_round_trip_gives_back_the_signed_manifest() -> None:
+    m = make_manifest()
+    got = verify(sign(m, COORD), COORD.public_key, session=SESSION, open_round=7)
+    assert got == m
+    assert got.result_hashes() == [piece_hash(f"result {j}".encode()) for j in range(SHARDS)]
+    assert contributor_weights(got) == [(NODES[0], 10.0), (NODES[1], 20.0), (NODES[2], 30.0)]
+
+
+def test_round_is_not_checked_when_not_given() -> None:
+    m = make_manifest(round=12)
+    assert verify(sign(m, COORD), COORD.public_key, session=SESSION).round == 12
+
+
+def test_an_unchanged_round_needs_no_results() -> None:
+    m = make_manifest(unchanged="every aggregator of shard 2 lied", struck=[NODES[2]])
+    m = replace_shard(2, result="", size=0)(m)
+    got = verify(sign(m, COORD), COORD.public_key, session=SESSION, open_round=7)
+    assert got.unchanged == "every aggregator of shard 2 lied"
+    assert got.result_hashes()[2] == ""
+    assert got.struck == [NODES[2]]
+
+
+def test_piece_hash_is_sha256_hex() -> None:
+    assert piece_hash(b"piece") == hashlib.sha256(b"piece").hexdigest()
+    assert piece_hash(memoryview(b"piece")) == piece_hash(bytearray(b"piece"))
+
+
+def test_signing_is_deterministic() -> None:
+    a = sign(make_manifest(), COORD)
+    b = sign(make_manifest(), COORD)
+    assert a == b
+    again = sign(verify(a, COORD.public_key, session=SESSION), COORD)
+    assert again == a
+    assert sign(make_manifest(epoch=2), COORD) != a
+
+
+def test_signature_covers_the_domain_prefix() -> None:
+    """A signature over the bare body (the same key signing something that is not a
+    manifest) is not a manifest signature."""
+    body = msgspec.msgpack.encode(make_manifest())
+    blob = msgspec.msgpack.encode(Signed(body=body, sig=COORD.sign(body)))
+    with pytest.raises(AuthError, match="not signed by the coordinator"):
+        verify(blob, COORD.public_key, session=SESSION)
+
+
+def test_max_blob_holds_a_manifest_at_every_limit() -> None:
+    limits = Limits(max_nodes=20, max_shards=12, max_session=6, max_reason=10)
+    big = Manifest(
+        session="\U0001f600" * limits.max_session,
+        round=2**63 - 1,
+        epoch=2**63 - 1,
+        base="a" * 64,
+        plan="b" * 64,
+        contributors=[
+            Contributor(node=f"{i:064x}", weight=1e308, pieces=["c" * 64] * limits.max_shards)
+            for i in range(limits.max_nodes)
+        ],
+        shards=[
+            ShardEntry(
+                index=j, primary="d" * 64, mirror="e" * 64, result="f" * 64, size=limits.max_piece
+            )
+            for j in range(limits.max_shards)
+        ],
+        struck=[f"{i:064x}" for i in range(limits.max_nodes)],
+        unchanged="\U0001f600" * limits.max_reason,
+    )
+    blob = sign(big, COORD, limits=limits)
+    assert len(blob) <= limits.max_blob
+    assert verify(blob, COORD.public_key, session=big.session, limits=limits) == big
+
+
+def test_limits_refuse_a_bound_below_one() -> None:
+    with pytest.raises(ValueError, match="max_shards"):
+        Limits(max_shards=0)
+
+
+# ---- refused: signature and context -------------------------------------------------------------
+
+
+def test_a_manifest_of_another_key_is_refused_naming_the_expected_one() -> None:
+    other = Identity.generate()
+    blob = sign(make_manifest(), other)
+    with pytest.raises(AuthError, match=short_id(COORD.public_hex)) as err:
+        verify(blob, COORD.public_key, session=SESSION)
+    assert "not signed by the coordinator" in str(err.value)
+    assert verify(blob, other.public_key, session=SESSION) == make_manifest()
+
+
+def test_every_changed_byte_of_body_or_signature_is_refused() -> None:
+    signed = msgspec.msgpack.decode(sign(make_manifest(), COORD), type=Signed)
+    for i in range(len(signed.body)):
+        body = bytearray(signed.body)
+        body[i] ^= 0x01
+        blob = msgspec.msgpack.encode(Signed(body=bytes(body), sig=signed.sig))
+        with pytest.raises(AuthError, match="not signed by the coordinator"):
+            verify(blob, COORD.public_key, session=SESSION)
+    for i in range(len(signed.sig)):
+        sig = bytearray(signed.sig)
+        sig[i] ^= 0x80
+        blob = msgspec.msgpack.encode(Signed(body=signed.body, sig=bytes(sig)))
+        with pytest.raises(AuthError, match="not signed by the coordinator"):
+            verify(blob, COORD.public_key, session=SESSION)
+
+
+def test_every_changed_byte_of_the_blob_is_refused() -> None:
+    blob = sign(make_manifest(), COORD)
+    for i in range(len(blob)):
+        for flip in (0x01, 0xFF):
+            bad = bytearray(blob)
+            bad[i] ^= flip
+            with pytest.raises((AuthError, ProtocolError)):
+                verify(bytes(bad), COORD.public_key, session=SESSION)
+
+
+def test_a_signature_of_the_wrong_length_is_refused() -> None:
+    body = msgspec.msgpack.encode(make_manifest())
+    blob = msgspec.msgpack.encode(Signed(body=body, sig=COORD.sign(DOMAIN + body)[:63]))
+    with pytest.raises(AuthError, match="63 bytes, expected 64"):
+        verify(blob, COORD.public_key, session=SESSION)
+
+
+def test_a_key_of_the_wrong_length_is_the_callers_error() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        verify(sign(make_manifest(), COORD), COORD.public_key[:31], session=SESSION)
+
+
+def test_another_session_is_refused_as_a_replay() -> None:
+    blob = sign(make_manifest(session="0ther5e55"), COORD)
+    with pytest.raises(AuthError, match="session '0ther5e55', this is '5e55104d0c0ffee0'"):
+        verify(blob, COORD.public_key, session=SESSION)
+
+
+def test_another_round_is_refused_as_a_replay() -> None:
+    blob = sign(make_manifest(round=6), COORD)
+    with pytest.raises(AuthError, match="round 6, the open round is 7"):
+        verify(blob, COORD.public_key, session=SESSION, open_round=7)
+
+
+# ---- refused: size and form ----------------------------------------------------------------------
+
+
+def test_an_oversized_blob_is_refused_before_decoding() -> None:
+    limits = Limits(max_nodes=2, max_shards=2)
+    garbage = b"\xc1" * (limits.max_blob + 1)  # 0xc1 is never valid msgpack
+    with pytest.raises(ProtocolError, match=f"exceeds the {limits.max_blob}-byte bound"):
+        verify(garbage, COORD.public_key, session=SESSION, limits=limits)
+    with pytest.raises(ProtocolError, match="malformed manifest blob"):
+        verify(garbage[: limits.max_blob], COORD.public_key, session=SESSION, limits=limits)
+
+
+def test_a_genuine_blob_over_the_bound_is_refused_unread() -> None:
+    blob = sign(make_manifest(), COORD)
+    small = Limits(max_nodes=1, max_shards=1, max_session=1, max_reason=1)
+    assert len(blob) > small.max_blob
+    with pytest.raises(ProtocolError, match="Limits.max_blob"):
+        verify(blob, COORD.public_key, session=SESSION, limits=small)
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        (b"", "malformed manifest blob"),
+        (b"\x90", "malformed manifest blob"),  # an empty array
+        (msgspec.msgpack.encode(["body", "sig"]), "malformed manifest blob"),
+        (msgspec.msgpack.encode({"body": b"", "sig": b""}), "malformed manifest blob"),
+        (sign(make_manifest(), COORD) + b"\x00", "malformed manifest blob"),
+    ],
+    ids=["empty", "short-array", "strings", "map", "trailing-byte"],
+)
+def test_a_malformed_envelope_is_refused(blob: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        verify(blob, COORD.public_key, session=SESSION)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\xc1",
+        msgspec.msgpack.encode([1, 2, 3]),
+        msgspec.msgpack.encode({"session": SESSION, "round": 7}),  # fields missing
+        msgspec.msgpack.encode({**msgspec.to_builtins(make_manifest()), "round": "7"}),
+        msgspec.msgpack.encode({**msgspec.to_builtins(make_manifest()), "round": True}),
+        msgspec.msgpack.encode({**msgspec.to_builtins(make_manifest()), "contributors": {}}),
+    ],
+    ids=["empty", "invalid", "array", "missing", "round-str", "round-bool", "contributors-map"],
+)
+def test_a_signed_body_that_is_not_a_manifest_is_refused(body: bytes) -> None:
+    with pytest.raises(ProtocolError, match="the signed body is not a manifest"):
+        verify(signed_body(body), COORD.public_key, session=SESSION)
+
+
+def test_unknown_fields_in_the_body_are_ignored() -> None:
+    """A newer coordinator may add fields (with defaults); an older node reads the rest."""
+    d = {**msgspec.to_builtins(make_manifest()), "later": [1, 2]}
+    got = verify(signed_body(msgspec.msgpack.encode(d)), COORD.public_key, session=SESSION)
+    assert got == make_manifest()
+
+
+# ---- refused: content out of bounds or inconsistent --------------------------------------------
+
+TIGHT = Limits(max_nodes=3, max_shards=4, max_piece=5000, max_session=20, max_reason=40)
+NOT_HEX = [
+    ("short", "ab" * 31),
+    ("upper", "AB" * 32),
+    ("non-hex", "g" * 64),
+    ("newline", "a" * 63 + "\n"),
+    ("empty", ""),
+]
+EXTRA = hashlib.sha256(b"node-3").hexdigest()
+
+CASES: list[tuple[str, Callable[[Manifest], Manifest], str]] = [
+    ("session-empty", fields(session=""), "session must be 1"),
+    ("session-long", fields(session="s" * 21), "Limits.max_session"),
+    ("round-negative", fields(round=-1), "round is -1"),
+    ("epoch-negative", fields(epoch=-2), "epoch is -2"),
+    *[(f"base-{n}", fields(base=v), "base must be") for n, v in NOT_HEX],
+    *[(f"plan-{n}", fields(plan=v), "plan must be") for n, v in NOT_HEX],
+    (
+        "contributors-over",
+        lambda m: msgspec.structs.replace(
+            m, contributors=[*m.contributors, Contributor(node=EXTRA, weight=1.0, pieces=[])]
+        ),
+        "contributors holds 4 entries, over the bound of 3 (Limits.max_nodes)",
+    ),
+    (
+        "shards-over",
+        lambda m: msgspec.structs.replace(m, shards=[*m.shards, m.shards[0]]),
+        "shards holds 5 entries, over the bound of 4 (Limits.max_shards)",
+    ),
+    ("struck-over", fields(struck=[*NODES, EXTRA]), "struck holds 4 entries"),
+    ("unchanged-long", fields(unchanged="x" * 41), "unchanged must be text of at most 40"),
+    *[
+        (f"node-{n}", replace_contributor(1, node=v), "contributors[1].node must be a node id")
+        for n, v in NOT_HEX
+    ],
+    (
+        "node-twice",
+        replace_contributor(2, node=NODES[0]),
+        f"contributors[2].node {short_id(NODES[0])} is a contributor twice",
+    ),
+    ("weight-nan", replace_contributor(0, weight=float("nan")), "contributors[0].weight is nan"),
+    ("weight-inf", replace_contributor(0, weight=float("inf")), "contributors[0].weight is inf"),
+    ("weight-negative", replace_contributor(1, weight=-0.5), "contributors[1].weight is -0.5"),
+    (
+        "pieces-fewer",
+        replace_contributor(0, pieces=[piece_hash(b"x")] * 3),
+        "contributors[0].pieces holds 3 hashes, the round has 4 shards",
+    ),
+    (
+        "pieces-more",
+        replace_contributor(2, pieces=[piece_hash(b"x")] * 5),
+        "contributors[2].pieces holds 5 hashes",
+    ),
+    *[
+        (
+            f"piece-{n}",
+            replace_contributor(0, pieces=[piece_hash(b"x"), v, v, v]),
+            "contributors[0].pieces[1] must be",
+        )
+        for n, v in NOT_HEX
+    ],
+    (
+        "index-swapped",
+        lambda m: msgspec.structs.replace(m, shards=[m.shards[1], m.shards[0], *m.shards[2:]]),
+        "shards[0].index is 1",
+    ),
+    ("index-repeated", replace_shard(3, index=2), "shards[3].index is 2"),
+    *[
+        (f"primary-{n}", replace_shard(1, primary=v), "shards[1].primary must be")
+        for n, v in NOT_HEX
+    ],
+    *[
+        (f"mirror-{n}", replace_shard(2, mirror=v), "shards[2].mirror must be")
+        for n, v in NOT_HEX
+        if v
+    ],
+    ("mirror-is-primary", replace_shard(1, mirror=NODES[1]), "shards[1].mirror is its primary"),
+    *[(f"result-{n}", replace_shard(0, result=v), "shards[0].result must be") for n, v in NOT_HEX],
+    ("size-negative", replace_shard(0, size=-1), "shards[0].size is -1"),
+    ("size-over", replace_shard(3, size=5001), "shards[3].size is 5001, not an integer 0 … 5000"),
+    ("struck-not-hex", fields(struck=["AB" * 32]), "struck[0] must be a node id"),
+    ("struck-twice", fields(struck=[NODES[1], NODES[1]]), "struck[1]"),
+    ("changed-no-shards", lambda m: _no_shards(m), "shards is empty"),
+    ("changed-no-contributors", fields(contributors=[]), "contributors is empty"),
+    (
+        "changed-zero-weight",
+        lambda m: replace_contributor(2, weight=0.0)(
+            replace_contributor(1, weight=0.0)(replace_contributor(0, weight=0.0)(m))
+        ),
+        "weights sum to 0",
+    ),
+]
+
+
+def _no_shards(m: Manifest) -> Manifest:
+    contributors = [msgspec.structs.replace(c, pieces=[]) for c in m.contributors]
+    return msgspec.structs.replace(m, shards=[], contributors=contributors)
+
+
+@pytest.mark.parametrize(("change", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_content_out_of_bounds_is_refused_naming_the_field(
+    change: Callable[[Manifest], Manifest], message: str
+) -> None:
+    good = make_manifest()
+    check(good, TIGHT)  # the case's change alone makes it wrong
+    bad = change(good)
+    blob = signed_anyway(bad)
+    with pytest.raises(ProtocolError, match="manifest refused") as err:
+        verify(blob, COORD.public_key, session=bad.session, limits=TIGHT)
+    assert message in str(err.value)
+    with pytest.raises(ProtocolError) as err:
+        check(bad, TIGHT)
+    assert message in str(err.value)
+    with pytest.raises(ProtocolError):  # the coordinator never signs it
+        sign(bad, COORD, limits=TIGHT)
+
+
+def test_a_refusal_shows_hostile_text_cut_and_clean() -> None:
+    bad = make_manifest(base="\x1b[31m" + "A" * 5000)
+    with pytest.raises(ProtocolError) as err:
+        check(bad)
+    assert "\x1b" not in str(err.value)
+    assert len(str(err.value)) < 400
+
+
+def test_defaults_let_a_large_session_through() -> None:
+    assert DEFAULT_LIMITS.max_nodes >= 64  # the coordinator's --max-nodes default
+    assert DEFAULT_LIMITS.max_shards >= 256
+    check(make_manifest())
+
+
+# ---- fuzz: nothing but the two refusals ------------------------------------------------------
+
+
+def test_random_and_truncated_blobs_raise_only_refusals() -> None:
+    rng = random.Random(20240607)
+    good = sign(make_manifest(), COORD)
+    blobs: list[bytes] = [good[:n] for n in range(len(good))]  # every truncation
+    for _ in range(200):
+        blobs.append(rng.randbytes(rng.randrange(0, 600)))
+    for _ in range(200):
+        bad = bytearray(good)
+        for _ in range(rng.randrange(1, 8)):
+            bad[rng.randrange(len(bad))] = rng.randrange(256)
+        if bytes(bad) != good:
+            blobs.append(bytes(bad))
+    for _ in range(100):  # bytes cut out of, or put into, the middle
+        i = rng.randrange(len(good))
+        blobs.append(good[:i] + good[i + rng.randrange(1, 40) :])
+        blobs.append(good[:i] + rng.randbytes(rng.randrange(1, 40)) + good[i:])
+    for blob in blobs:
+        with pytest.raises((ProtocolError, AuthError)):
+            verify(blob, COORD.public_key, session=SESSION, open_round=7)
+
+
+def test_signed_garbage_bodies_raise_only_refusals() -> None:
+    """Past the signature the body is the coordinator's; even so, a body that is not a
+    manifest is a ProtocolError, never a crash, and what is taken passes every check."""
+    rng = random.Random(7)
+    body = msgspec.msgpack.encode(make_manifest())
+    outcomes: Counter[str] = Counter()
+    for _ in range(300):
+        bad = bytearray(body)
+        for _ in range(rng.randrange(1, 6)):
+            bad[rng.randrange(len(bad))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            bad = bad[: rng.randrange(len(bad))]
+        try:
+            got = verify(signed_body(bytes(bad)), COORD.public_key, session=SESSION, open_round=7)
+        except ProtocolError:
+            outcomes["protocol"] += 1
+            continue
+        except AuthError:  # the change hit the session or the round
+            outcomes["auth"] += 1
+            continue
+        check(got)  # a byte changed inside a hash or a text can leave a valid manifest
+        outcomes["taken"] += 1
+    assert outcomes["protocol"] > 150, outcomes
+
+
+# ---- commits -------------------------------------------------------------------------------------
+
+BASE = piece_hash(b"base weights")
+SIZES = [1000, 1000, 1000, 412]
+
+
+def make_commit(**changes: Any) -> Commit:
+    c = Commit(
+        round=7,
+        base=BASE,
+        pieces=[piece_hash(f"piece {j}".encode()) for j in range(SHARDS)],
+        sizes=list(SIZES),
+    )
+    return msgspec.structs.replace(c, **changes)
+
+
+def test_a_good_commit_passes() -> None:
+    check_commit(make_commit(), open_round=7, base=BASE, shards=SHARDS, sizes=SIZES)
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(make_commit()), type=Commit)
+    assert decoded == make_commit()
+
+
+COMMIT_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("round", {"round": 6}, "commit for round 6, the open round is 7"),
+    ("base", {"base": piece_hash(b"old")}, "is not the open round's base weights"),
+    ("pieces-fewer", {"pieces": [BASE] * 3}, "commit pieces holds 3 entries, the plan has 4"),
+    ("pieces-more", {"pieces": [BASE] * 5}, "commit pieces holds 5 entries"),
+    ("sizes-fewer", {"sizes": SIZES[:3]}, "commit sizes holds 3 entries"),
+    ("hash-upper", {"pieces": [BASE, BASE.upper(), BASE, BASE]}, "commit pieces[1]"),
+    ("hash-short", {"pieces": [BASE, BASE, BASE[:63], BASE]}, "commit pieces[2]"),
+    ("hash-not-str", {"pieces": [BASE, BASE, BASE, 5]}, "commit pieces[3] is 5"),
+    ("size-other", {"sizes": [1000, 999, 1000, 412]}, "commit sizes[1] is 999 bytes"),
+    ("size-negative", {"sizes": [1000, 1000, 1000, -412]}, "commit sizes[3] is -412"),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"), [c[1:] for c in COMMIT_CASES], ids=[c[0] for c in COMMIT_CASES]
+)
+def test_a_bad_commit_is_refused_naming_what(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        check_commit(make_commit(**changes), open_round=7, base=BASE, shards=SHARDS, sizes=SIZES)
+    assert message in str(err.value)
+
+
+def test_check_commit_wants_one_size_per_shard() -> None:
+    with pytest.raises(ValueError, match="3 expected sizes for 4 shards"):
+        check_commit(make_commit(), open_round=7, base=BASE, shards=SHARDS, sizes=SIZES[:3])
