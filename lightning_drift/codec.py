@@ -160,6 +160,19 @@ def encode(
     With ``residual``, its content is added to each floating change first, and it then holds
     what this encoding left out (``(change + residual) - applied``).
     """
+    tensors, applied = encode_tensors(change, codec, residual)
+    # One metadata entry only: safetensors writes several in no fixed order, and equal changes
+    # should encode to equal bytes.
+    spec = f"int8/{BLOCK}" if codec == "int8" else codec
+    return Encoded(safetensors.torch.save(tensors, metadata={META_CODEC: spec}), applied)
+
+
+def encode_tensors(
+    change: Mapping[str, torch.Tensor], codec: str, residual: Residual | None = None
+) -> tuple[StateDict, StateDict]:
+    """:func:`encode`'s work without the file: (the payload's tensors, keyed ``codes/<name>``,
+    ``scales/<name>`` or ``values/<name>``, and the applied change). A shard of the sharded
+    data plane encodes its slices with it."""
     if codec not in CODECS:
         raise ConfigError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
     tensors: StateDict = {}
@@ -187,10 +200,7 @@ def encode(
         applied[k] = got
         if residual is not None:
             residual._r[k] = x.sub_(got)
-    # One metadata entry only: safetensors writes several in no fixed order, and equal changes
-    # should encode to equal bytes.
-    spec = f"int8/{BLOCK}" if codec == "int8" else codec
-    return Encoded(safetensors.torch.save(tensors, metadata={META_CODEC: spec}), applied)
+    return tensors, applied
 
 
 def decode(payload: bytes | bytearray | memoryview, like: Mapping[str, torch.Tensor]) -> StateDict:
@@ -391,6 +401,7 @@ __all__ = [
     "dequantize",
     "difference",
     "encode",
+    "encode_tensors",
     "nbytes",
     "quantize",
 ]

@@ -1,0 +1,365 @@
+"""The coordinator's books of one sharded round: commits in, who computes what, whose result
+stands, and the manifest out. Pure: no I/O, no clock of its own (``now`` is passed in).
+
+A round goes through four steps, each an event the shell hands in:
+
+1. **commit** (:meth:`RoundBooks.commit`): a member commits the sha256 and sizes of its
+   change's pieces (``manifest.Commit``), checked against the plan, once per member;
+2. **fix** (:meth:`RoundBooks.fix`): the session says which commits count and with what
+   weight; the contributors are taken in a fixed order (by node id), the order every
+   aggregator reduces in, so every honest computation of a shard gives the same bytes;
+3. **report** (:meth:`RoundBooks.report`): a shard's computers report its result (the hash
+   of the result piece, the check's partial sums, the contributors' squared change norms,
+   the pieces they refused). The computers of a shard are the first members of its
+   rendezvous ranking (``owners.py``) that are still reachable: the primary and the mirror
+   at first;
+4. **settle** (:meth:`RoundBooks.settle`): a shard stands once two of its computers reported
+   the same thing. When they differ, the next member in the ranking is asked too (the
+   referee): a report two computers agree on stands and a computer that reported otherwise
+   is named a liar (the shell strikes it); three different answers and the shard cannot be
+   settled, so the round leaves the weights as they are. A computer that is lost or overdue
+   is replaced by the next member in the ranking; when no member is left to ask, a single
+   report stands alone (the log says so). Pieces both agreeing computers refused name their
+   contributors as bad: the round is fixed again without them. When every shard stands, the
+   check's partial sums decide (``reduce.check_sums``) and the result is a ``Manifest``
+   ready to sign, or the reason the round leaves the weights unchanged.
+
+What a hostile member can do here: as a contributor, commit pieces it then withholds or
+corrupts (the aggregators refuse them, so it is struck and left out); as a computer, report a
+wrong result, which another computer's report outvotes; as a pair holding both seats of a
+shard, agree on a wrong result: nothing here can see that, which is what the coordinator's
+own recomputation of a random shard is for. It cannot make the books wait: every computer
+has a deadline, and a round without a settled shard ends unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lightning_drift.dataplane.manifest import (
+    Commit,
+    Contributor,
+    Manifest,
+    ShardEntry,
+    check_commit,
+)
+from lightning_drift.dataplane.owners import ranking
+from lightning_drift.dataplane.plan import ShardPlan
+from lightning_drift.dataplane.reduce import TensorSums, check_sums
+from lightning_drift.errors import ProtocolError
+
+# How many members compute a shard at first (the primary and the mirror).
+SEATS = 2
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a computer says of a shard: the sha256 and size of its result piece ("" and 0
+    when it published none), the check's partial sums, each contributor's squared change
+    norm over the shard, and the contributors whose pieces it refused, with why."""
+
+    shard: int
+    result: str
+    size: int
+    sums: Mapping[str, TensorSums] = field(default_factory=dict)
+    norms2: Mapping[str, float] = field(default_factory=dict)
+    bad: Mapping[str, str] = field(default_factory=dict)
+
+    def same(self, other: Report) -> bool:
+        """Honest computers of a shard report exactly the same (the reduction is exact)."""
+        return (
+            self.result == other.result
+            and self.size == other.size
+            and dict(self.sums) == dict(other.sums)
+            and dict(self.norms2) == dict(other.norms2)
+            and set(self.bad) == set(other.bad)
+        )
+
+
+@dataclass(frozen=True)
+class Order:
+    """What the shell must ask of ``node``: compute ``shard`` of the round by ``deadline``."""
+
+    node: str
+    shard: int
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The books' answer once every shard stood or could not: ``manifest`` (unsigned) when the
+    round changes the weights or leaves them with a reason in ``manifest.unchanged``;
+    ``redo``: contributors whose pieces were refused (fix the round again without them);
+    ``liars``: computers outvoted on a shard, with the shard; ``alone``: shards whose result
+    stands on one computer's word (no member was left to check it)."""
+
+    manifest: Manifest | None = None
+    redo: dict[str, str] = field(default_factory=dict)
+    liars: dict[str, str] = field(default_factory=dict)
+    alone: list[int] = field(default_factory=list)
+
+
+class RoundBooks:
+    """One sharded round's books (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        session: str,
+        round_no: int,
+        epoch: int,
+        base: str,
+        plan: ShardPlan,
+        members: Sequence[str],
+        seed: bytes,
+        report_s: float,
+        fixed: frozenset[str] = frozenset(),
+    ) -> None:
+        self.session = session
+        self.round = round_no
+        self.epoch = epoch
+        self.base = base
+        self.plan = plan
+        self.seed = seed
+        self.report_s = report_s
+        self.fixed = frozenset(fixed)  # the global weights' carried tensors: not checked
+        self.members = sorted(set(members))
+        self.commits: dict[str, Commit] = {}
+        self.contributors: list[Contributor] = []
+        self._ranking = [ranking(self.members, seed, j) for j in range(plan.count)]
+        self._lost: set[str] = set()
+        self._asked: list[dict[str, float]] = [{} for _ in range(plan.count)]  # node: deadline
+        self._reports: list[dict[str, Report]] = [{} for _ in range(plan.count)]
+        self._struck: dict[str, str] = {}
+
+    # ---- 1. commits -------------------------------------------------------------------------
+
+    def commit(self, node: str, commit: Commit) -> str | None:
+        """Record ``node``'s commit; the reason it is refused, or None."""
+        if node not in self.members:
+            return f"node {node[:16]} is not a member of this round"
+        if node in self.commits:
+            return f"node {node[:16]} already committed to round {self.round}"
+        if self.contributors:
+            return f"round {self.round}'s contributors are already fixed"
+        try:
+            check_commit(
+                commit,
+                open_round=self.round,
+                base=self.base,
+                shards=self.plan.count,
+                sizes=[s.size for s in self.plan.shards],
+            )
+        except ProtocolError as exc:
+            return str(exc)
+        self.commits[node] = commit
+        return None
+
+    # ---- 2. the contributor set -------------------------------------------------------------
+
+    def fix(self, weights: Mapping[str, float], now: float) -> list[Order]:
+        """Fix the contributors (committed nodes in ``weights``, by node id) and give the
+        first orders: each shard's first :data:`SEATS` reachable members compute it."""
+        chosen = sorted(n for n in weights if n in self.commits and n not in self._struck)
+        for n in chosen:
+            w = weights[n]
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"weight of node {n[:16]} must be finite and >= 0, got {w!r}")
+        self.contributors = [
+            Contributor(node=n, weight=float(weights[n]), pieces=list(self.commits[n].pieces))
+            for n in chosen
+        ]
+        self._asked = [{} for _ in range(self.plan.count)]
+        self._reports = [{} for _ in range(self.plan.count)]
+        orders: list[Order] = []
+        for j in range(self.plan.count):
+            orders += self._seat(j, SEATS, now)
+        return orders
+
+    def reduction(self, shard: int) -> list[tuple[str, float, str]]:
+        """What a computer of ``shard`` reduces: (node, weight, piece sha256), in order."""
+        return [(c.node, c.weight, c.pieces[shard]) for c in self.contributors]
+
+    # ---- 3. reports -------------------------------------------------------------------------
+
+    def report(self, node: str, report: Report) -> str | None:
+        """Record ``node``'s report of a shard; the reason it is refused, or None."""
+        j = report.shard
+        if not 0 <= j < self.plan.count:
+            return f"shard {j} is not one of the round's {self.plan.count}"
+        if node not in self._asked[j]:
+            return f"node {node[:16]} was not asked to compute shard {j}"
+        if node in self._reports[j]:
+            return f"node {node[:16]} already reported shard {j}"
+        why = self._check(report)
+        if why is not None:
+            return why
+        self._reports[j][node] = report
+        return None
+
+    def lost(self, node: str, now: float) -> list[Order]:
+        """``node`` is gone: every shard it was asked for and did not report is asked of the
+        next member of its ranking."""
+        self._lost.add(node)
+        orders: list[Order] = []
+        for j in range(self.plan.count):
+            if node in self._asked[j] and node not in self._reports[j]:
+                orders += self._seat(j, 1, now)
+        return orders
+
+    def overdue(self, now: float) -> list[Order]:
+        """Computers past their deadline are treated as lost (not struck: slow is not
+        hostile); the orders that replace them."""
+        late = {
+            n
+            for j in range(self.plan.count)
+            for n, t in self._asked[j].items()
+            if now > t and n not in self._reports[j] and n not in self._lost
+        }
+        orders: list[Order] = []
+        for n in sorted(late):
+            orders += self.lost(n, now)
+        return orders
+
+    # ---- 4. settling ------------------------------------------------------------------------
+
+    def settle(self, now: float, max_change: float) -> tuple[Settled | None, list[Order]]:
+        """(the round's answer, or None while a shard still waits; new orders: a referee for
+        each shard whose reports disagree)."""
+        standing: list[Report] = []
+        seats: list[tuple[str, str]] = []
+        liars: dict[str, str] = {}
+        alone: list[int] = []
+        orders: list[Order] = []
+        failed: list[int] = []
+        waiting = False
+        for j in range(self.plan.count):
+            verdict = self._verdict(j)
+            if verdict == "disagree":
+                new = self._seat(j, 1, now)
+                if new:
+                    orders += new
+                    waiting = True
+                else:
+                    failed.append(j)
+                continue
+            if verdict == "waiting":
+                waiting = True
+                continue
+            if isinstance(verdict, str):  # "failed"
+                failed.append(j)
+                continue
+            report, agreed = verdict
+            if len(agreed) == 1:
+                alone.append(j)
+            for n, r in self._reports[j].items():
+                if not r.same(report):
+                    liars[n] = f"its result for shard {j} of round {self.round} was outvoted"
+            standing.append(report)
+            seats.append((agreed[0], agreed[1] if len(agreed) > 1 else ""))
+        if waiting:
+            return None, orders
+        if failed:
+            why = f"shards {failed[:8]} could not be settled (their computers disagreed)"
+            return Settled(self._manifest([], [], liars, why), liars=liars, alone=alone), []
+        bad = {n: why for r in standing for n, why in r.bad.items()}
+        if bad:
+            self._struck.update(bad)
+            return Settled(redo=bad, liars=liars, alone=alone), []
+        total = sum(c.weight for c in self.contributors)
+        if not self.contributors or total <= 0 or any(not r.result for r in standing):
+            why = "no samples trained this round"
+            return Settled(self._manifest([], [], liars, why), liars=liars, alone=alone), []
+        refused = check_sums(self.plan, self.fixed, [r.sums for r in standing], max_change)
+        if refused is not None:
+            why = f"aggregate refused: {refused}"
+            return Settled(self._manifest([], [], liars, why), liars=liars, alone=alone), []
+        return Settled(self._manifest(standing, seats, liars, ""), liars=liars, alone=alone), []
+
+    def norms(self) -> dict[str, float]:
+        """Each contributor's change norm over the whole model, from the standing reports."""
+        total: dict[str, float] = {}
+        for j in range(self.plan.count):
+            verdict = self._verdict(j)
+            if isinstance(verdict, tuple):
+                for n, v in verdict[0].norms2.items():
+                    total[n] = total.get(n, 0.0) + v
+        return {n: math.sqrt(v) for n, v in total.items()}
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _seat(self, j: int, n: int, now: float) -> list[Order]:
+        """Ask the next ``n`` members of shard ``j``'s ranking not asked yet and not lost."""
+        out: list[Order] = []
+        for m in self._ranking[j]:
+            if len(out) == n:
+                break
+            if m in self._asked[j] or m in self._lost:
+                continue
+            self._asked[j][m] = now + self.report_s
+            out.append(Order(m, j, now + self.report_s))
+        return out
+
+    def _verdict(self, j: int) -> tuple[Report, list[str]] | str:
+        """(the standing report, the computers that reported it), or "waiting", "disagree"
+        (ask a referee) or "failed"."""
+        reports = self._reports[j]
+        for r in reports.values():
+            agreed = [m for m, o in reports.items() if o.same(r)]
+            if len(agreed) >= 2:
+                return r, agreed
+        pending = [m for m in self._asked[j] if m not in reports and m not in self._lost]
+        if pending:
+            return "waiting"
+        spare = [m for m in self._ranking[j] if m not in self._asked[j] and m not in self._lost]
+        if len(reports) == 1 and not spare:
+            ((n, r),) = reports.items()
+            return r, [n]
+        if spare:
+            return "disagree"
+        return "failed"
+
+    def _check(self, r: Report) -> str | None:
+        names = {s.name for s in self.plan.shards[r.shard].spans}
+        contributors = {c.node for c in self.contributors}
+        if r.result and (len(r.result) != 64 or r.size != self.plan.shards[r.shard].size):
+            return f"shard {r.shard}'s result must be a sha256 of a {self.plan.shards[r.shard].size}-byte piece"
+        if not set(r.sums) <= names:
+            return f"shard {r.shard}'s sums name tensors outside the shard"
+        for s in r.sums.values():
+            if not all(math.isfinite(v) and v >= 0 for v in (s.moved2, s.ref2)) or s.nonfinite < 0:
+                return f"shard {r.shard}'s sums must be finite and >= 0"
+        if not set(r.norms2) <= contributors or not set(r.bad) <= contributors:
+            return f"shard {r.shard}'s report names nodes that are not contributors"
+        if not all(math.isfinite(v) and v >= 0 for v in r.norms2.values()):
+            return f"shard {r.shard}'s norms must be finite and >= 0"
+        return None
+
+    def _manifest(
+        self,
+        standing: Sequence[Report],
+        seats: Sequence[tuple[str, str]],
+        liars: Mapping[str, str],
+        unchanged: str,
+    ) -> Manifest:
+        shards = [
+            ShardEntry(index=r.shard, primary=p, mirror=m, result=r.result, size=r.size)
+            for r, (p, m) in zip(standing, seats, strict=True)
+        ]
+        return Manifest(
+            session=self.session,
+            round=self.round,
+            epoch=self.epoch,
+            base=self.base,
+            plan=self.plan.digest,
+            # An unchanged round has nothing to fetch: no shards, and so no pieces to name.
+            contributors=list(self.contributors) if not unchanged else [],
+            shards=shards,
+            struck=sorted(liars),
+            unchanged=unchanged,
+        )
+
+
+__all__ = ["SEATS", "Order", "Report", "RoundBooks", "Settled"]

@@ -1,0 +1,80 @@
+"""Who aggregates each shard: rendezvous hashing over the session's members. Pure.
+
+Every member scores every shard with ``sha256(seed | shard | member)``; a shard's **primary**
+is its highest-scoring member and its **mirror** the next one. The ``seed`` is fixed for an
+epoch (:func:`epoch_seed`), so the assignment is sticky: when a member leaves, only the
+shards it aggregated get a new primary or mirror (its mirror becomes the primary), and a
+joiner takes only the shards it now scores highest on; nothing else moves. A new epoch's seed
+reshuffles, so no pair of members keeps a shard for the whole session.
+
+A node cannot choose its scores: they depend on its id (its public key) and the seed, which
+the coordinator fixes from the session id and the epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Owners:
+    """Shard ``index``'s aggregators: the primary and the mirror ("" with a single member)."""
+
+    index: int
+    primary: str
+    mirror: str
+
+    def holds(self, node: str) -> bool:
+        return node in (self.primary, self.mirror)
+
+
+def epoch_seed(session: str, epoch: int) -> bytes:
+    """The seed of an epoch's assignment."""
+    return hashlib.sha256(f"drift/owners/1 {session} {epoch}".encode()).digest()
+
+
+def score(seed: bytes, shard: int, member: str) -> bytes:
+    """A member's rendezvous score for a shard (compared as bytes: higher wins)."""
+    return hashlib.sha256(seed + shard.to_bytes(4, "big") + member.encode()).digest()
+
+
+def ranking(members: Sequence[str], seed: bytes, shard: int) -> list[str]:
+    """``members`` (distinct ids) from the best score for ``shard`` to the worst: the primary,
+    the mirror, then whom to ask next when one of them is lost or outvoted."""
+    return sorted(set(members), key=lambda m: score(seed, shard, m), reverse=True)
+
+
+def assign(members: Sequence[str], seed: bytes, count: int) -> list[Owners]:
+    """Each of ``count`` shards' primary and mirror among ``members`` (distinct ids; order
+    does not matter). ValueError for no members."""
+    if not members:
+        raise ValueError("no members to aggregate the shards")
+    out: list[Owners] = []
+    for j in range(count):
+        ranked = ranking(members, seed, j)
+        out.append(Owners(j, ranked[0], ranked[1] if len(ranked) > 1 else ""))
+    return out
+
+
+def referee(members: Sequence[str], seed: bytes, shard: int, exclude: Sequence[str]) -> str:
+    """The member that recomputes ``shard`` when its primary and mirror disagree: the best
+    scoring one not in ``exclude`` (the two that disagree), or "" when there is none."""
+    ids = [m for m in sorted(set(members)) if m not in set(exclude)]
+    if not ids:
+        return ""
+    return max(ids, key=lambda m: score(seed, shard, m))
+
+
+def load(owners: Sequence[Owners]) -> dict[str, int]:
+    """How many shards each member aggregates (as primary or mirror)."""
+    out: dict[str, int] = {}
+    for o in owners:
+        for m in (o.primary, o.mirror):
+            if m:
+                out[m] = out.get(m, 0) + 1
+    return out
+
+
+__all__ = ["Owners", "assign", "epoch_seed", "load", "ranking", "referee", "score"]
