@@ -262,7 +262,8 @@ class RoundBooks:
         if waiting:
             return None, orders
         if failed:
-            why = f"shards {failed[:8]} could not be settled (their computers disagreed)"
+            shown = ", ".join(map(str, failed))  # at most MAX_SHARDS small numbers
+            why = f"shards {shown} could not be settled (their computers disagreed)"
             return Settled(self._manifest([], [], liars, why), liars=liars, alone=alone), []
         bad = {n: why for r in standing for n, why in r.bad.items()}
         if bad:

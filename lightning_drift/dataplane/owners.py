@@ -1,13 +1,13 @@
 """Who aggregates each shard: rendezvous hashing over the session's members. Pure.
 
-Every member scores every shard with ``sha256(seed | shard | member)``; a shard's **primary**
-is its highest-scoring member and its **mirror** the next one. The ``seed`` is fixed for an
+Every member draws for every shard with ``sha256(seed | shard | member)``; a shard's **primary**
+is its member with the highest draw and its **mirror** the next one. The ``seed`` is fixed for an
 epoch (:func:`epoch_seed`), so the assignment is sticky: when a member leaves, only the
 shards it aggregated get a new primary or mirror (its mirror becomes the primary), and a
-joiner takes only the shards it now scores highest on; nothing else moves. A new epoch's seed
+joiner takes only the shards whose draws it now wins; nothing else moves. A new epoch's seed
 reshuffles, so no pair of members keeps a shard for the whole session.
 
-A node cannot choose its scores: they depend on its id (its public key) and the seed, which
+A node cannot choose its draws: they depend on its id (its public key) and the seed, which
 the coordinator fixes from the session id and the epoch.
 """
 
@@ -35,15 +35,15 @@ def epoch_seed(session: str, epoch: int) -> bytes:
     return hashlib.sha256(f"drift/owners/1 {session} {epoch}".encode()).digest()
 
 
-def score(seed: bytes, shard: int, member: str) -> bytes:
-    """A member's rendezvous score for a shard (compared as bytes: higher wins)."""
+def draw(seed: bytes, shard: int, member: str) -> bytes:
+    """A member's rendezvous draw for a shard (compared as bytes: higher wins)."""
     return hashlib.sha256(seed + shard.to_bytes(4, "big") + member.encode()).digest()
 
 
 def ranking(members: Sequence[str], seed: bytes, shard: int) -> list[str]:
-    """``members`` (distinct ids) from the best score for ``shard`` to the worst: the primary,
+    """``members`` (distinct ids) from the highest draw for ``shard`` to the worst: the primary,
     the mirror, then whom to ask next when one of them is lost or outvoted."""
-    return sorted(set(members), key=lambda m: score(seed, shard, m), reverse=True)
+    return sorted(set(members), key=lambda m: draw(seed, shard, m), reverse=True)
 
 
 def assign(members: Sequence[str], seed: bytes, count: int) -> list[Owners]:
@@ -58,13 +58,13 @@ def assign(members: Sequence[str], seed: bytes, count: int) -> list[Owners]:
     return out
 
 
-def referee(members: Sequence[str], seed: bytes, shard: int, exclude: Sequence[str]) -> str:
-    """The member that recomputes ``shard`` when its primary and mirror disagree: the best
-    scoring one not in ``exclude`` (the two that disagree), or "" when there is none."""
-    ids = [m for m in sorted(set(members)) if m not in set(exclude)]
+def referee(members: Sequence[str], seed: bytes, shard: int, besides: Sequence[str]) -> str:
+    """The member that recomputes ``shard`` when its primary and mirror disagree: the one
+    with the highest draw not in ``besides`` (the two that disagree), or "" when there is none."""
+    ids = [m for m in sorted(set(members)) if m not in set(besides)]
     if not ids:
         return ""
-    return max(ids, key=lambda m: score(seed, shard, m))
+    return max(ids, key=lambda m: draw(seed, shard, m))
 
 
 def load(owners: Sequence[Owners]) -> dict[str, int]:
@@ -77,4 +77,4 @@ def load(owners: Sequence[Owners]) -> dict[str, int]:
     return out
 
 
-__all__ = ["Owners", "assign", "epoch_seed", "load", "ranking", "referee", "score"]
+__all__ = ["Owners", "assign", "epoch_seed", "load", "ranking", "referee", "draw"]
