@@ -13,7 +13,7 @@ def _ids(n: int) -> list[str]:
 
 def test_every_shard_gets_two_distinct_members_whatever_their_order() -> None:
     members = _ids(6)
-    seed = epoch_seed("s1", 0)
+    seed = epoch_seed("s1", 0, b"n")
     owners = assign(members, seed, 16)
     assert [o.index for o in owners] == list(range(16))
     assert all(o.primary != o.mirror and {o.primary, o.mirror} <= set(members) for o in owners)
@@ -29,7 +29,7 @@ def test_one_member_aggregates_alone_and_none_is_an_error() -> None:
 
 def test_a_leaver_moves_only_its_own_shards_and_its_mirror_takes_over() -> None:
     members = _ids(12)
-    seed = epoch_seed("s1", 3)
+    seed = epoch_seed("s1", 3, b"n")
     before = assign(members, seed, 64)
     gone = members[4]
     after = assign([m for m in members if m != gone], seed, 64)
@@ -42,9 +42,9 @@ def test_a_leaver_moves_only_its_own_shards_and_its_mirror_takes_over() -> None:
             assert a.primary == b.primary
 
 
-def test_a_joiner_takes_only_shards_it_now_scores_best_on() -> None:
+def test_a_joiner_takes_only_shards_whose_draws_it_wins() -> None:
     members = _ids(10)
-    seed = epoch_seed("s1", 1)
+    seed = epoch_seed("s1", 1, b"n")
     before = assign(members, seed, 64)
     new = "f" * 64
     after = assign([*members, new], seed, 64)
@@ -53,10 +53,15 @@ def test_a_joiner_takes_only_shards_it_now_scores_best_on() -> None:
             assert a == b
 
 
+def test_the_seed_holds_the_coordinators_nonce() -> None:
+    assert epoch_seed("s1", 0, b"a") != epoch_seed("s1", 0, b"b")
+    assert epoch_seed("s1", 0, b"a") == epoch_seed("s1", 0, b"a")
+
+
 def test_epochs_reshuffle_and_load_spreads() -> None:
     members = _ids(32)
-    e0 = assign(members, epoch_seed("s1", 0), 64)
-    e1 = assign(members, epoch_seed("s1", 1), 64)
+    e0 = assign(members, epoch_seed("s1", 0, b"n"), 64)
+    e1 = assign(members, epoch_seed("s1", 1, b"n"), 64)
     assert sum(a != b for a, b in zip(e0, e1, strict=True)) > 32
     per = load(e0)
     assert sum(per.values()) == 128 and max(per.values()) <= 12  # 4 expected each
@@ -64,7 +69,7 @@ def test_epochs_reshuffle_and_load_spreads() -> None:
 
 def test_the_referee_is_neither_of_the_two_that_disagree() -> None:
     members = _ids(5)
-    seed = epoch_seed("s1", 0)
+    seed = epoch_seed("s1", 0, b"n")
     o = assign(members, seed, 3)[2]
     r = referee(members, seed, 2, [o.primary, o.mirror])
     assert r in members and r not in (o.primary, o.mirror)

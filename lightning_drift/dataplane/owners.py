@@ -1,14 +1,18 @@
 """Who aggregates each shard: rendezvous hashing over the session's members. Pure.
 
-Every member draws for every shard with ``sha256(seed | shard | member)``; a shard's **primary**
-is its member with the highest draw and its **mirror** the next one. The ``seed`` is fixed for an
-epoch (:func:`epoch_seed`), so the assignment is sticky: when a member leaves, only the
-shards it aggregated get a new primary or mirror (its mirror becomes the primary), and a
-joiner takes only the shards whose draws it now wins; nothing else moves. A new epoch's seed
-reshuffles, so no pair of members keeps a shard for the whole session.
+Every member draws for every shard with ``sha256(seed | shard | member)``; a shard's
+**primary** is its member with the highest draw and its **mirror** the next one. The
+``seed`` is fixed for an epoch (:func:`epoch_seed`), so the assignment is sticky: when a
+member leaves, only the shards it aggregated get a new primary or mirror (its mirror becomes
+the primary), and nothing else moves. A new epoch's seed reshuffles, so no pair of members
+keeps a shard for the whole session.
 
-A node cannot choose its draws: they depend on its id (its public key) and the seed, which
-the coordinator fixes from the session id and the epoch.
+Who may hold a seat. A member's draws depend on its id (its public key) and the seed; a
+hostile node that knew the seed could make keys until one draws high for the shard it wants.
+So the seed holds a nonce the coordinator draws at random when the epoch begins
+(:func:`epoch_seed`), and the members that draw are those of that moment: a node that joins
+during the epoch, when the seed is known, takes a seat only from the next epoch on (the
+caller passes the epoch's members, not the live ones).
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ class Owners:
         return node in (self.primary, self.mirror)
 
 
-def epoch_seed(session: str, epoch: int) -> bytes:
-    """The seed of an epoch's assignment."""
-    return hashlib.sha256(f"drift/owners/1 {session} {epoch}".encode()).digest()
+def epoch_seed(session: str, epoch: int, nonce: bytes) -> bytes:
+    """The seed of an epoch's assignment; ``nonce``: random bytes the coordinator draws when
+    the epoch begins (and keeps with the session's state)."""
+    what = f"drift/owners/1 {session} {epoch} ".encode()
+    return hashlib.sha256(what + bytes(nonce)).digest()
 
 
 def draw(seed: bytes, shard: int, member: str) -> bytes:
