@@ -354,13 +354,21 @@ class DiLoCo:
     """The DiLoCo outer optimizer: SGD with (Nesterov) momentum on the pseudo-gradient.
 
     At each barrier, ``g = global - mean`` is the pseudo-gradient and the new global weights
-    are exactly what ``torch.optim.SGD(lr=lr, momentum=momentum, nesterov=nesterov,
-    dampening=0)`` produces from ``param = global, param.grad = g`` (single-tensor kernel,
-    same op order): ``b = momentum * b + g`` (``b = g`` on the first step),
-    ``u = g + momentum * b`` (Nesterov) or ``u = b``, ``new = global - lr * u``.
-    Parameters in float32/float64 are stepped in their own dtype; float16/bfloat16 ones in
-    float32 and cast back (momentum buffers stay float32). Integer and bool buffers take the
-    mean's value; carried tensors (non-finite by design) the global value, unstepped.
+    follow ``torch.optim.SGD(lr=lr, momentum=momentum, nesterov=nesterov, dampening=0)``'s
+    formula for ``param = global, param.grad = g``: ``b = momentum * b + g`` (``b = g`` on
+    the first step), ``u = g + momentum * b`` (Nesterov) or ``u = b``, ``new = global - lr *
+    u``. It is computed so that every machine, and every shard of a tensor, gets the same
+    bits: each multiply and each add is its own operation in float64, and the result is cast
+    back to the parameter's dtype once, at the end. SGD's own kernel does ``add_(x,
+    alpha=...)``, which torch's avx2 and avx512 CPU kernels compute as a fused multiply-add
+    and its default ones do not, so its bits depend on the CPU (measured with torch 2.13);
+    an elementwise float64 operation between tensors, or with a Python float, is correctly
+    rounded by every kernel, and one value's result never depends on its neighbours. The
+    result therefore differs from SGD's by float rounding only.
+    Momentum buffers are kept (and saved) in float32, float64 for float64 parameters, and
+    the step reads the buffer as kept, so a restart from a checkpoint steps as an unbroken
+    session would. Integer and bool buffers take the mean's value; carried tensors
+    (non-finite by design) the global value, unstepped.
 
     How far it moves: while the pseudo-gradient keeps its direction, round t's step is
     ``lr * (1 + m * (1 - m**t) / (1 - m))`` times the mean's own change (``m`` the momentum):
@@ -404,19 +412,17 @@ class DiLoCo:
             if not _is_float(p):
                 out[k] = m.clone()
                 continue
-            cdt = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-            param = p.detach().to(cdt, copy=True)
-            grad = param - m.detach().to(device=param.device, dtype=cdt)
+            param = p.detach().to(torch.float64)
+            grad = param - m.detach().to(device=param.device, dtype=torch.float64)
             if self.momentum != 0:
-                buf = self._buf.get(k)
-                if buf is None:
-                    buf = grad.detach().clone()
-                    self._buf[k] = buf
-                else:
-                    buf.mul_(self.momentum).add_(grad, alpha=1)
-                grad = grad.add(buf, alpha=self.momentum) if self.nesterov else buf
-            param.add_(grad, alpha=-self.lr)
-            out[k] = param.to(p.dtype)
+                kept = self._buf.get(k)
+                b = grad if kept is None else kept.to(torch.float64) * self.momentum + grad
+                bdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+                kept = b.to(bdt)
+                self._buf[k] = kept
+                b = kept.to(torch.float64)
+                grad = grad + b * self.momentum if self.nesterov else b
+            out[k] = (param - grad * self.lr).to(p.dtype)
         return out
 
     def state_dict(self) -> StateDict:

@@ -361,7 +361,7 @@ def _means(glob: StateDict, step: int) -> StateDict:
 @pytest.mark.parametrize(
     ("lr", "momentum", "nesterov"), [(0.7, 0.9, True), (0.5, 0.8, False), (1.0, 0.0, False)]
 )
-def test_diloco_equals_torch_sgd_to_the_bit(lr, momentum, nesterov):
+def test_diloco_follows_torch_sgd(lr, momentum, nesterov):
     # Prepare
     g = torch.Generator().manual_seed(3)
     glob = {
@@ -384,10 +384,13 @@ def test_diloco_equals_torch_sgd_to_the_bit(lr, momentum, nesterov):
             p.grad = glob[k] - mean[k]
         opt.step()
 
-        # Assert
+        # Assert: SGD's formula, up to rounding. Not to the bit: SGD's kernel fuses a
+        # multiply and an add where the CPU's vector kernels allow (so its bits depend on the
+        # CPU); DiLoCo computes each operation on its own in float64 so that they do not.
         for k, p in ref_params.items():
             assert new[k].dtype == p.dtype
-            assert torch.equal(new[k], p), f"step {step} tensor {k}"
+            tol = 1e-6 if p.dtype == torch.float32 else 1e-14
+            torch.testing.assert_close(new[k], p.detach(), rtol=tol, atol=tol)
         assert torch.equal(new["steps"], mean["steps"])
         glob = new
 
@@ -404,17 +407,20 @@ def test_diloco_momentum_survives_a_save_and_load():
     assert torch.equal(a.step(g1, mean)["w"], b.step(g1, mean)["w"])
 
 
-def test_diloco_steps_half_precision_in_float32():
+def test_diloco_steps_half_precision_and_keeps_float32_momentum():
     glob = {"w": torch.randn(4, 4, generator=torch.Generator().manual_seed(2)).bfloat16()}
     mean = {"w": (glob["w"].float() * 0.9).bfloat16()}
     p = glob["w"].float().clone()
     p.grad = glob["w"].float() - mean["w"].float()
     torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True).step()
+    outer = DiLoCo(lr=0.7, momentum=0.9)
 
-    new = DiLoCo(lr=0.7, momentum=0.9).step(glob, mean)
+    new = outer.step(glob, mean)
 
     assert new["w"].dtype == torch.bfloat16
-    assert torch.equal(new["w"], p.detach().bfloat16())
+    assert outer.state_dict()["w"].dtype == torch.float32  # as checkpoints hold it
+    # SGD's formula up to rounding (computed in float64, DiLoCo may round the other way)
+    torch.testing.assert_close(new["w"], p.detach().bfloat16(), rtol=2**-7, atol=1e-6)
     assert DiLoCo().state_dict() == {}
 
 

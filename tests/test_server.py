@@ -165,7 +165,7 @@ def test_mean_is_exact_in_manifest_order(tmp_path):
     run(main())
 
 
-def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
+def test_diloco_follows_sgd_and_momentum_is_checkpointed(tmp_path):
     lr, mom = 0.7, 0.9
 
     async def main():
@@ -204,15 +204,19 @@ def test_diloco_is_exact_and_momentum_is_checkpointed(tmp_path):
                 p.grad = p.detach() - mean[k]
             opt.step()
             got = from_bytes(results[0][1])
+            # SGD's formula up to rounding: DiLoCo computes it in float64 without SGD's fused
+            # multiply-add, so that its bits do not depend on the CPU's kernels.
             for k, p in param.items():
-                assert torch.equal(got[k], p.detach()), (open_round, k)
+                torch.testing.assert_close(got[k], p.detach(), rtol=1e-6, atol=1e-6)
             assert torch.equal(got["steps"], mean["steps"])
             base = got
             outer = from_bytes(
                 (coord.store.directory / f"round-{open_round:06d}.outer.safetensors").read_bytes()
             )
             for k, p in param.items():
-                assert torch.equal(outer[k], opt.state[p]["momentum_buffer"]), (open_round, k)
+                buf = opt.state[p]["momentum_buffer"]
+                assert outer[k].dtype == buf.dtype, (open_round, k)
+                torch.testing.assert_close(outer[k], buf, rtol=1e-6, atol=1e-6)
         await asyncio.wait_for(runner, 10)
         for c in clients:
             await c.close()
