@@ -12,6 +12,8 @@
 - ``SessionFinished``: the coordinator said the session is over (its ``Finish``), so a
   request that waits for more training (the next epoch's shard) has no answer.
 - ``ConfigError``: a local setting is wrong (bad flag, bad combination of Trainer options).
+- ``PieceRefused``: a data-plane piece was not taken or not given: the member refused it or
+  does not hold it, or the local store has no room for it (``code`` says which).
 """
 
 from __future__ import annotations
@@ -79,6 +81,16 @@ class ConfigError(DriftError):
     """A local setting is wrong; the message says which and how to fix it."""
 
 
+class PieceRefused(DriftError):
+    """A piece of the sharded data plane was refused: the member it was pushed to did not take
+    it (its reason is in the message), the member asked for it does not hold it
+    (``no_piece``), or a store has no room for it (``store_full``)."""
+
+    def __init__(self, message: str, code: str = "refused") -> None:
+        super().__init__(message)
+        self.code = code
+
+
 __all__ = [
     "AuthError",
     "BlobTooLarge",
@@ -86,6 +98,7 @@ __all__ = [
     "ConnectTimeout",
     "DriftError",
     "PeerLost",
+    "PieceRefused",
     "ProtocolError",
     "SessionError",
     "SessionFinished",

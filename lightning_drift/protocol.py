@@ -34,6 +34,8 @@ Aggregation = Literal["mean", "diloco"]
 TransferDType = Literal["float32", "bfloat16", "int8"]
 # What follows a BarrierReady (see BarrierReady.payload).
 Payload = Literal["weights", "delta", "same"]
+# A piece of the sharded data plane: a member's encoded change, or a shard's reduced result.
+PieceKind = Literal["change", "result"]
 
 
 class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, kw_only=True):
@@ -342,6 +344,41 @@ class Finish(_Msg, tag="finish"):
     checkpoint: str = ""
 
 
+class PiecePut(_Msg, tag="piece_put"):
+    """Member → member on a new data-plane stream: one piece of a round; a blob follows.
+
+    ``round`` is the upload round the piece belongs to: a ``"change"`` piece is part of a
+    member's change for that round, a ``"result"`` piece the reduced shard of it. ``sha256``
+    and ``size`` are the piece's; the receiver decides from this frame alone (who sends, which
+    round, shard and kind, what size) before it reads any byte of the blob. Answered by
+    :class:`PieceAck`."""
+
+    round: int
+    shard: int
+    kind: PieceKind
+    sha256: str  # lowercase hex of the piece's bytes; the BlobHeader that follows names it too
+    size: int
+
+
+class PieceAck(_Msg, tag="piece_ack"):
+    """The receiver's answer to a :class:`PiecePut`: stored (``ok``), or refused and why."""
+
+    ok: bool
+    reason: str = ""
+
+
+class PieceGet(_Msg, tag="piece_get"):
+    """Member → member on a new data-plane stream: send me this piece (the fields name it as
+    :class:`PiecePut` does). Answered by the piece as a blob, or by an ``Error`` (code
+    ``no_piece``) when the server does not hold exactly that piece."""
+
+    round: int
+    shard: int
+    kind: PieceKind
+    sha256: str
+    size: int
+
+
 class Error(_Msg, tag="error"):
     """Either direction, then the sender closes: ``code`` is machine-readable."""
 
@@ -371,6 +408,9 @@ Message = (
     | StatusRequest
     | SessionStatus
     | Finish
+    | PiecePut
+    | PieceAck
+    | PieceGet
     | Error
     | Bye
 )

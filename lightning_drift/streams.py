@@ -233,6 +233,7 @@ class Stream:
         inspect: Callable[[bytearray, int], int] | None = None,
         min_rate: float = 0.0,
         grace_s: float = 30.0,
+        header: BlobHeader | None = None,
     ) -> tuple[BlobHeader, bytes | Path]:
         """Read a ``BlobHeader`` frame and its bytes: into memory, or into the file ``into``.
 
@@ -247,12 +248,18 @@ class Stream:
         then is the whole declared size allocated. With ``min_rate`` (bytes/s), the header and
         the bytes must keep arriving at that average rate, counted from the call after a
         ``grace_s`` start: a slower sender gets :class:`TooSlow` and the stream is abandoned.
+
+        ``header``: the blob's header when the caller has already read it with :meth:`recv`
+        (to tell a blob from an ``Error`` answer, or to check the header against what it
+        expects before any byte of the body is read); only the bytes are read then.
         """
         floor = _RateFloor(min_rate, grace_s)
         with self._reading():
-            frame = await floor.wait(self._recv_frame(), 0, "the blob header")
-            header = protocol.expect(frame, BlobHeader)
-            assert isinstance(header, BlobHeader)
+            if header is None:
+                frame = await floor.wait(self._recv_frame(), 0, "the blob header")
+                read = protocol.expect(frame, BlobHeader)
+                assert isinstance(read, BlobHeader)
+                header = read
             self._check_blob_header(header, max_size, limit_hint)
             if into is None:
                 return header, await self._recv_into_bytes(header, floor, inspect)
