@@ -95,6 +95,7 @@ class PieceStore:
         self.max_bytes = max_bytes
         self._pieces: dict[PieceKey, bytes] = {}
         self._nbytes = 0
+        self._awaited: dict[PieceKey, asyncio.Event] = {}
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +130,24 @@ class PieceStore:
             self.discard(*old)
         self._pieces[key] = bytes(data)
         self._nbytes += len(data)
+        came = self._awaited.pop(key, None)
+        if came is not None:
+            came.set()
+
+    async def arrival(
+        self, upload_round: int, shard: int, kind: PieceKind, sha256: str, timeout_s: float
+    ) -> bytes | None:
+        """The piece's bytes once it is held, waiting at most ``timeout_s`` for it to be put
+        (a member down a fetch tree asks before its parent has the piece); None if it does
+        not come in time. Call it on the event loop that puts."""
+        key: PieceKey = (upload_round, shard, kind, sha256)
+        if key not in self._pieces and timeout_s > 0:
+            came = self._awaited.setdefault(key, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(came.wait(), timeout_s)
+            if not came.is_set() and self._awaited.get(key) is came:
+                del self._awaited[key]
+        return self._pieces.get(key)
 
     def get(self, upload_round: int, shard: int, kind: PieceKind, sha256: str) -> bytes | None:
         """The piece's bytes, or None when it is not held."""
@@ -181,9 +200,11 @@ class PieceServer:
         answer_timeout_s: float = ANSWER_S,
         min_rate: float = MIN_BYTES_S,
         grace_s: float = GRACE_S,
+        hold_s: float = 0.0,
     ) -> None:
         self.endpoint = endpoint
         self.store = store
+        self.hold_s = hold_s  # how long a fetch of a result piece not held yet may wait for it
         self.expect = expect
         self.on_piece = on_piece
         self.answer_timeout_s = answer_timeout_s
@@ -348,7 +369,11 @@ class PieceServer:
 
     async def _give(self, conn: Connection, stream: Stream, get: PieceGet) -> None:
         problem = _bad_fields(get)
-        data = None if problem else self.store.get(get.round, get.shard, get.kind, get.sha256)
+        data = None
+        if not problem:
+            data = await self.store.arrival(
+                get.round, get.shard, get.kind, get.sha256, self.hold_s if get.kind == "result" else 0
+            )
         if data is None or len(data) != get.size:
             message = problem or (
                 f"this member does not hold piece round={get.round} shard={get.shard} "

@@ -1,0 +1,183 @@
+"""A member's part in a sharded round: push its change's pieces, compute the shards it is
+asked for, fetch the round's result. I/O over ``pieces.py``; every decision comes in.
+
+In a round a member
+
+1. **pushes** (:meth:`Member.push_change`): cuts its encoded change by the plan, keeps every
+   piece (a replacement computer or a referee fetches them from it until the round's manifest),
+   and pushes piece ``j`` to shard ``j``'s seats (the epoch's primary and mirror,
+   ``owners.py``); it returns the :class:`~lightning_drift.dataplane.manifest.Commit` it
+   sends the coordinator;
+2. **computes** (:meth:`Member.compute`) each shard it is ordered to: the pieces of the
+   order's reduction list, from its store or, when one did not come, from its contributor;
+   then :func:`~lightning_drift.dataplane.reduce.reduce_shard` in a thread. The result piece
+   is kept to be served; the report goes to the coordinator;
+3. **fetches** (:meth:`Member.fetch_result`) every result piece it does not hold, verified
+   against the signed manifest, down a tree: for each shard the members are ranked (by the
+   round's draw); the first two are the shard's seats, and the member at place ``p`` fetches
+   from the one at place ``(p - 2) // 2``, so no member serves more than two others a shard,
+   falling back to the seats when its parent does not answer.
+
+Who is a seat, what is in an order, and whether the manifest is genuine are the caller's
+(the coordinator's signature is checked before this module sees a manifest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lightning_drift.dataplane.manifest import Commit, Manifest
+from lightning_drift.dataplane.owners import Owners, ranking
+from lightning_drift.dataplane.pieces import PieceClient, PieceServer, PieceStore
+from lightning_drift.dataplane.plan import ShardPlan
+from lightning_drift.dataplane.reduce import OuterRule, Piece, ShardResult, ShardState, reduce_shard
+from lightning_drift.errors import DriftError, ProtocolError
+from lightning_drift.peers import PeerName
+from lightning_drift.text import short_id
+from lightning_drift.transport import Endpoint
+
+log = logging.getLogger(__name__)
+
+CHANGE, RESULT = "change", "result"
+
+
+def fetch_tree(members: Sequence[str], seats: Sequence[str], seed: bytes, shard: int) -> dict[str, str]:
+    """Each member's parent for a shard's result piece (the seats have none): the seats
+    first, then the other members by their draw for the round (``seed``); the member at
+    place ``p`` fetches from place ``(p - 2) // 2``."""
+    rest = [m for m in ranking(members, seed, shard) if m not in seats]
+    order = [s for s in seats if s] + rest
+    return {m: order[(p - 2) // 2] for p, m in enumerate(order) if p >= 2}
+
+
+@dataclass
+class Member:
+    """One member's data plane on its own endpoint (see the module docstring).
+
+    ``peers`` maps every member's node id to the name its data endpoint is dialled by."""
+
+    node: str
+    endpoint: Endpoint
+    plan: ShardPlan
+    peers: dict[str, PeerName | str]
+    store: PieceStore = field(default_factory=PieceStore)
+    seats: list[Owners] = field(default_factory=list)  # the epoch's seats of every shard
+    wait_s: float = 20.0  # how long a parent holds a fetch for a result piece it awaits
+    server: PieceServer | None = None
+    client: PieceClient | None = None
+
+    async def start(self, keys: Mapping[str, bytes]) -> None:
+        """Serve pieces to the members ``keys`` names (node id -> data endpoint key)."""
+        self.client = PieceClient(self.endpoint)
+        self.server = PieceServer(
+            self.endpoint, self.store, self._expect, allowed=keys.values(), hold_s=self.wait_s
+        )
+        self._keys = dict(keys)
+
+    def _expect(self, peer: bytes, upload_round: int, shard: int, kind: str) -> int | str:
+        if kind != CHANGE:
+            return "result pieces are fetched, never pushed"
+        if not 0 <= shard < self.plan.count:
+            return f"shard {shard} is not one of the plan's {self.plan.count}"
+        if not self.seats or not self.seats[shard].holds(self.node):
+            return f"this member does not aggregate shard {shard}"
+        return self.plan.shards[shard].size
+
+    # ---- 1. push --------------------------------------------------------------------------
+
+    async def push_change(self, upload_round: int, base: str, payload: bytes) -> Commit:
+        """Cut, keep and push this member's change (see the module docstring)."""
+        pieces = await asyncio.to_thread(self.plan.pieces, payload)
+        hashes = [hashlib.sha256(p).hexdigest() for p in pieces]
+        for j, (piece, sha) in enumerate(zip(pieces, hashes, strict=True)):
+            self.store.put(upload_round, j, CHANGE, sha, piece)
+        sends = [
+            self._client.push(self.peers[seat], upload_round, j, CHANGE, pieces[j])
+            for j, owners in enumerate(self.seats)
+            for seat in (owners.primary, owners.mirror)
+            if seat and seat != self.node
+        ]
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                # A seat that does not take the piece is the round's to handle: its
+                # replacement fetches the piece from here.
+                log.warning("dataplane.push_failed node=%s why=%s", short_id(self.node), r)
+        return Commit(round=upload_round, base=base, pieces=hashes, sizes=[len(p) for p in pieces])
+
+    # ---- 2. compute -----------------------------------------------------------------------
+
+    async def compute(
+        self,
+        upload_round: int,
+        shard: int,
+        reduction: Sequence[tuple[str, float, str]],
+        base: Mapping[str, torch.Tensor],
+        fixed: frozenset[str],
+        state: ShardState,
+        rule: OuterRule,
+    ) -> ShardResult:
+        """Shard ``shard``'s round over ``reduction`` ((node, weight, piece sha256), in
+        order); the result piece is kept to be served."""
+        size = self.plan.shards[shard].size
+        pieces: list[Piece] = []
+        for node, weight, sha in reduction:
+            data = self.store.get(upload_round, shard, CHANGE, sha)
+            if data is None:
+                try:  # it did not come: its contributor keeps it until the manifest
+                    data = await self._client.fetch(self.peers[node], upload_round, shard, CHANGE, sha, size)
+                except DriftError as exc:
+                    log.warning("dataplane.piece_missing node=%s from=%s why=%s", short_id(self.node), short_id(node), exc)
+                    data = b""  # refused by the reduction as a piece of the wrong size
+            pieces.append(Piece(node, weight, data))
+        result = await asyncio.to_thread(reduce_shard, self.plan, shard, base, fixed, pieces, state, rule)
+        if result.piece is not None:
+            self.store.put(upload_round, shard, RESULT, result.sha, result.piece)
+        return result
+
+    # ---- 3. fetch -------------------------------------------------------------------------
+
+    async def fetch_result(self, manifest: Manifest, members: Sequence[str], seed: bytes) -> list[bytes]:
+        """Every result piece of ``manifest`` (signature already checked), in shard order."""
+        return list(await asyncio.gather(*(self._fetch_one(manifest, members, seed, e.index) for e in manifest.shards)))
+
+    async def _fetch_one(self, manifest: Manifest, members: Sequence[str], seed: bytes, shard: int) -> bytes:
+        entry = manifest.shards[shard]
+        upload_round = manifest.round
+        held = self.store.get(upload_round, shard, RESULT, entry.result)
+        if held is not None:
+            return held
+        seats = [s for s in (entry.primary, entry.mirror) if s]
+        parent = fetch_tree(members, seats, seed, shard).get(self.node)
+        sources = ([parent] if parent and parent not in seats else []) + seats
+        last: Exception | None = None
+        for source in sources:
+            try:
+                data = await self._client.fetch(self.peers[source], upload_round, shard, RESULT, entry.result, entry.size)
+            except DriftError as exc:
+                last = exc
+                continue
+            self.store.put(upload_round, shard, RESULT, entry.result, data)
+            return data
+        raise ProtocolError(f"no member served shard {shard}'s result of round {upload_round}: {last}")
+
+    @property
+    def _client(self) -> PieceClient:
+        if self.client is None:
+            raise DriftError("the member's data plane is not started: call start() first")
+        return self.client
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+        if self.client is not None:
+            await self.client.close()
+
+
+__all__ = ["CHANGE", "RESULT", "Member", "fetch_tree"]
