@@ -84,6 +84,14 @@ def test_honest_computers_settle_on_the_stars_download_and_a_signed_manifest() -
     assert all(
         {s.primary, s.mirror} == {o.node for o in orders if o.shard == s.index} for s in m.shards
     )
+    assert m.contributors == len(NODES) and m.weight == sum(WEIGHTS)
+    assert [s.inputs for s in m.shards] == [
+        mf.inputs_digest(r.books.reduction(j)) for j in range(4)
+    ]
+    # Anyone holding the pieces names the same inputs: the nodes by id, the pieces' sha256.
+    by_id = sorted(zip(NODES, WEIGHTS, strict=True))
+    for j, s in enumerate(m.shards):
+        assert s.inputs == mf.inputs_digest([(n, w, mf.piece_hash(r.cut[n][j])) for n, w in by_id])
     me = Identity.generate()
     assert mf.verify(mf.sign(m, me), me.public_key, session="s1", open_round=3) == m
     assert set(r.books.norms()) == set(NODES)
@@ -121,6 +129,7 @@ def test_answers_that_never_agree_leave_the_weights_unchanged() -> None:
     assert settled is not None and settled.manifest is not None
     assert "could not be settled" in settled.manifest.unchanged
     assert settled.manifest.shards == [] and settled.liars == {}
+    assert settled.manifest.contributors == 0 and settled.manifest.weight == 0.0
     mf.check(settled.manifest)  # an unchanged round's manifest is still a valid one
 
 
@@ -177,6 +186,12 @@ def test_a_bad_piece_both_computers_refuse_redoes_the_round_without_its_node() -
     r.answer(orders)
     settled, _ = r.books.settle(3.0, 0.0)
     assert settled is not None and settled.manifest is not None and settled.manifest.unchanged == ""
+    m = settled.manifest
+    honest = [(n, w) for n, w in sorted(zip(NODES, WEIGHTS, strict=True)) if n != cheat]
+    assert m.contributors == 3 and m.weight == sum(w for _, w in honest)
+    for j, s in enumerate(m.shards):  # the redone round's inputs leave the cheat out
+        assert s.inputs == mf.inputs_digest(r.books.reduction(j))
+        assert s.inputs == mf.inputs_digest([(n, w, mf.piece_hash(r.cut[n][j])) for n, w in honest])
 
 
 def test_nothing_trained_and_a_failed_check_leave_the_weights_unchanged() -> None:
@@ -187,6 +202,8 @@ def test_nothing_trained_and_a_failed_check_leave_the_weights_unchanged() -> Non
     settled, _ = r.books.settle(1.0, 0.0)
     assert settled is not None and settled.manifest is not None
     assert settled.manifest.unchanged == "no samples trained this round"
+    assert settled.manifest.contributors == 0 and settled.manifest.weight == 0.0
+    mf.check(settled.manifest)
     r2 = Round()
     r2.commit_all()
     orders = r2.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=0.0)

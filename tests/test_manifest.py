@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import struct
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -17,15 +18,15 @@ from lightning_drift.auth import Identity
 from lightning_drift.dataplane.manifest import (
     DEFAULT_LIMITS,
     DOMAIN,
+    INPUTS_DOMAIN,
     Commit,
-    Contributor,
     Limits,
     Manifest,
     ShardEntry,
     Signed,
     check,
     check_commit,
-    contributor_weights,
+    inputs_digest,
     piece_hash,
     sign,
     verify,
@@ -39,23 +40,24 @@ NODES = [hashlib.sha256(f"node-{i}".encode()).hexdigest() for i in range(3)]
 COORD = Identity.generate()
 
 
+def reduction(j: int) -> list[tuple[str, float, str]]:
+    """Shard ``j``'s reduction list in :func:`make_manifest`'s round: (node, weight, piece)."""
+    return [
+        (node, float(10 * (i + 1)), piece_hash(f"{i}/{j}".encode())) for i, node in enumerate(NODES)
+    ]
+
+
 def make_manifest(**changes: Any) -> Manifest:
-    """A valid manifest of round 7: three contributors, four shards, each shard's aggregators
-    two of the nodes."""
+    """A valid manifest of round 7: three contributors weighing 60 in all, four shards, each
+    shard's aggregators two of the nodes."""
     m = Manifest(
         session=SESSION,
         round=7,
         epoch=1,
         base=piece_hash(b"base weights"),
         plan=piece_hash(b"int8/64 x4 model"),
-        contributors=[
-            Contributor(
-                node=node,
-                weight=float(10 * (i + 1)),
-                pieces=[piece_hash(f"{i}/{j}".encode()) for j in range(SHARDS)],
-            )
-            for i, node in enumerate(NODES)
-        ],
+        contributors=3,
+        weight=60.0,
         shards=[
             ShardEntry(
                 index=j,
@@ -63,6 +65,7 @@ def make_manifest(**changes: Any) -> Manifest:
                 mirror=NODES[(j + 1) % 3],
                 result=piece_hash(f"result {j}".encode()),
                 size=1000 + j,
+                inputs=inputs_digest(reduction(j)),
             )
             for j in range(SHARDS)
         ],
@@ -80,15 +83,6 @@ def signed_anyway(m: Manifest, identity: Identity = COORD) -> bytes:
 
 def signed_body(body: bytes, identity: Identity = COORD) -> bytes:
     return msgspec.msgpack.encode(Signed(body=body, sig=identity.sign(DOMAIN + body)))
-
-
-def replace_contributor(i: int, **changes: Any) -> Callable[[Manifest], Manifest]:
-    def change(m: Manifest) -> Manifest:
-        cs = list(m.contributors)
-        cs[i] = msgspec.structs.replace(cs[i], **changes)
-        return msgspec.structs.replace(m, contributors=cs)
-
-    return change
 
 
 def replace_shard(j: int, **changes: Any) -> Callable[[Manifest], Manifest]:
@@ -112,7 +106,8 @@ def test_round_trip_gives_back_the_signed_manifest() -> None:
     got = verify(sign(m, COORD), COORD.public_key, session=SESSION, open_round=7)
     assert got == m
     assert got.result_hashes() == [piece_hash(f"result {j}".encode()) for j in range(SHARDS)]
-    assert contributor_weights(got) == [(NODES[0], 10.0), (NODES[1], 20.0), (NODES[2], 30.0)]
+    assert got.contributors == 3 and got.weight == 60.0
+    assert [s.inputs for s in got.shards] == [inputs_digest(reduction(j)) for j in range(SHARDS)]
 
 
 def test_round_is_not_checked_when_not_given() -> None:
@@ -122,16 +117,84 @@ def test_round_is_not_checked_when_not_given() -> None:
 
 def test_an_unchanged_round_needs_no_results() -> None:
     m = make_manifest(unchanged="every aggregator of shard 2 lied", struck=[NODES[2]])
-    m = replace_shard(2, result="", size=0)(m)
+    m = replace_shard(2, result="", size=0, inputs="")(m)
     got = verify(sign(m, COORD), COORD.public_key, session=SESSION, open_round=7)
     assert got.unchanged == "every aggregator of shard 2 lied"
-    assert got.result_hashes()[2] == ""
+    assert got.result_hashes()[2] == "" and got.shards[2].inputs == ""
     assert got.struck == [NODES[2]]
+    # What the books sign for an unchanged round: no upload counted, nothing to fetch.
+    bare = make_manifest(unchanged="no samples trained this round", contributors=0, weight=0.0)
+    bare = msgspec.structs.replace(bare, shards=[])
+    assert verify(sign(bare, COORD), COORD.public_key, session=SESSION) == bare
 
 
 def test_piece_hash_is_sha256_hex() -> None:
     assert piece_hash(b"piece") == hashlib.sha256(b"piece").hexdigest()
     assert piece_hash(memoryview(b"piece")) == piece_hash(bytearray(b"piece"))
+
+
+# ---- the inputs digest: what a shard reduced ------------------------------------------------
+
+
+def test_inputs_digest_is_the_documented_encoding() -> None:
+    """sha256 of the domain and msgpack [[node, weight as float64, sha], ...]: written out by
+    hand here, so the encoding every side computes cannot drift unnoticed."""
+    node, sha = NODES[0], piece_hash(b"piece")
+    by_hand = (
+        b"\x91\x93"  # an array of one triple
+        + b"\xd9\x40" + node.encode()  # str8 of 64
+        + b"\xcb" + struct.pack(">d", 12.5)  # float64, big-endian
+        + b"\xd9\x40" + sha.encode()
+    )  # fmt: skip
+    want = hashlib.sha256(INPUTS_DOMAIN + by_hand).hexdigest()
+    assert inputs_digest([(node, 12.5, sha)]) == want
+    assert inputs_digest([]) == hashlib.sha256(INPUTS_DOMAIN + b"\x90").hexdigest()
+
+
+def test_equal_lists_give_equal_digests() -> None:
+    a = reduction(2)
+    b = [(str(n), float(w), str(h)) for n, w, h in reduction(2)]  # built anew, not the same
+    assert a is not b and inputs_digest(a) == inputs_digest(b)
+    assert inputs_digest(tuple(a)) == inputs_digest(a)
+    ints = [(n, int(w), h) for n, w, h in a]  # a weight of 10 is the weight 10.0
+    assert inputs_digest(ints) == inputs_digest(a)
+    assert len({inputs_digest(reduction(j)) for j in range(SHARDS)}) == SHARDS
+
+
+def test_the_order_of_the_reduction_matters() -> None:
+    a = reduction(0)
+    digests = {
+        inputs_digest(a),
+        inputs_digest([a[1], a[0], a[2]]),
+        inputs_digest([a[0], a[2], a[1]]),
+        inputs_digest(list(reversed(a))),
+    }
+    assert len(digests) == 4
+    assert inputs_digest(a[:2]) != inputs_digest(a)  # one contributor fewer
+
+
+def test_every_bit_of_every_weight_matters() -> None:
+    a = reduction(1)
+    seen = {inputs_digest(a)}
+    for i in range(len(a)):
+        (bits,) = struct.unpack(">Q", struct.pack(">d", a[i][1]))
+        for bit in range(64):
+            (w,) = struct.unpack(">d", struct.pack(">Q", bits ^ (1 << bit)))
+            changed = list(a)
+            changed[i] = (a[i][0], w, a[i][2])
+            seen.add(inputs_digest(changed))
+    assert len(seen) == 1 + 64 * len(a)  # NaN patterns included: every one is its own
+
+
+def test_the_fields_cannot_run_into_each_other() -> None:
+    """A node id and a piece hash are length-prefixed: moving a character from one field
+    to the next, or a piece to another node, gives another digest."""
+    n, h = NODES[0], piece_hash(b"p")
+    assert inputs_digest([(n, 1.0, h)]) != inputs_digest([(n[:-1], 1.0, n[-1] + h)])
+    assert inputs_digest([(n, 1.0, h), (NODES[1], 2.0, h)]) != inputs_digest(
+        [(n, 1.0, h), (NODES[1], 2.0, piece_hash(b"q"))]
+    )
+    assert inputs_digest([(n, 1.0, h)]) != piece_hash(msgspec.msgpack.encode([[n, 1.0, h]]))
 
 
 def test_signing_is_deterministic() -> None:
@@ -160,13 +223,16 @@ def test_max_blob_holds_a_manifest_at_every_limit() -> None:
         epoch=2**63 - 1,
         base="a" * 64,
         plan="b" * 64,
-        contributors=[
-            Contributor(node=f"{i:064x}", weight=1e308, pieces=["c" * 64] * limits.max_shards)
-            for i in range(limits.max_nodes)
-        ],
+        contributors=limits.max_nodes,
+        weight=1e308,
         shards=[
             ShardEntry(
-                index=j, primary="d" * 64, mirror="e" * 64, result="f" * 64, size=limits.max_piece
+                index=j,
+                primary="d" * 64,
+                mirror="e" * 64,
+                result="f" * 64,
+                size=limits.max_piece,
+                inputs="c" * 64,
             )
             for j in range(limits.max_shards)
         ],
@@ -176,6 +242,50 @@ def test_max_blob_holds_a_manifest_at_every_limit() -> None:
     blob = sign(big, COORD, limits=limits)
     assert len(blob) <= limits.max_blob
     assert verify(blob, COORD.public_key, session=big.session, limits=limits) == big
+
+
+def test_max_blob_grows_with_nodes_only_by_the_struck_ids() -> None:
+    """The contributors are a count: more nodes add room for struck node ids, nothing else."""
+    assert Limits(max_nodes=2048).max_blob - Limits(max_nodes=1024).max_blob == 1024 * 66
+    assert Limits(max_shards=32).max_blob - Limits(max_shards=16).max_blob < 16 * 400
+
+
+def test_a_round_of_1024_contributors_and_16_shards_signs_to_a_few_kb() -> None:
+    """The manifest goes to every member every round: its size must not grow with the
+    contributors (1,024 of them once made it over a megabyte)."""
+    members = [hashlib.sha256(f"member-{i}".encode()).hexdigest() for i in range(1024)]
+    shards = 16
+    weights = [float(100 + i) for i in range(len(members))]
+    m = Manifest(
+        session=SESSION,
+        round=2**40,
+        epoch=2**20,
+        base=piece_hash(b"base"),
+        plan=piece_hash(b"plan"),
+        contributors=len(members),
+        weight=sum(weights),
+        shards=[
+            ShardEntry(
+                index=j,
+                primary=members[2 * j],
+                mirror=members[2 * j + 1],
+                result=piece_hash(f"result {j}".encode()),
+                size=2_500_000,
+                inputs=inputs_digest(
+                    [
+                        (n, w, piece_hash(f"{n}/{j}".encode()))
+                        for n, w in zip(members, weights, strict=True)
+                    ]
+                ),
+            )
+            for j in range(shards)
+        ],
+        struck=[],
+        unchanged="",
+    )
+    blob = sign(m, COORD)
+    assert len(blob) < 8 * 1024, len(blob)
+    assert verify(blob, COORD.public_key, session=SESSION) == m
 
 
 def test_limits_refuse_a_bound_below_one() -> None:
@@ -290,9 +400,29 @@ def test_a_malformed_envelope_is_refused(blob: bytes, message: str) -> None:
         msgspec.msgpack.encode({"session": SESSION, "round": 7}),  # fields missing
         msgspec.msgpack.encode({**msgspec.to_builtins(make_manifest()), "round": "7"}),
         msgspec.msgpack.encode({**msgspec.to_builtins(make_manifest()), "round": True}),
-        msgspec.msgpack.encode({**msgspec.to_builtins(make_manifest()), "contributors": {}}),
+        msgspec.msgpack.encode({**msgspec.to_builtins(make_manifest()), "contributors": []}),
+        msgspec.msgpack.encode({**msgspec.to_builtins(make_manifest()), "weight": "60"}),
+        msgspec.msgpack.encode(
+            {
+                **msgspec.to_builtins(make_manifest()),
+                "shards": [
+                    {k: v for k, v in msgspec.to_builtins(s).items() if k != "inputs"}
+                    for s in make_manifest().shards
+                ],
+            }
+        ),
     ],
-    ids=["empty", "invalid", "array", "missing", "round-str", "round-bool", "contributors-map"],
+    ids=[
+        "empty",
+        "invalid",
+        "array",
+        "missing",
+        "round-str",
+        "round-bool",
+        "contributors-list",
+        "weight-str",
+        "inputs-missing",
+    ],
 )
 def test_a_signed_body_that_is_not_a_manifest_is_refused(body: bytes) -> None:
     with pytest.raises(ProtocolError, match="the signed body is not a manifest"):
@@ -327,11 +457,13 @@ CASES: list[tuple[str, Callable[[Manifest], Manifest], str]] = [
     *[(f"plan-{n}", fields(plan=v), "plan must be") for n, v in NOT_HEX],
     (
         "contributors-over",
-        lambda m: msgspec.structs.replace(
-            m, contributors=[*m.contributors, Contributor(node=EXTRA, weight=1.0, pieces=[])]
-        ),
-        "contributors holds 4 entries, over the bound of 3 (Limits.max_nodes)",
+        fields(contributors=4),
+        "contributors is 4, not an integer 0 … 3 (Limits.max_nodes)",
     ),
+    ("contributors-negative", fields(contributors=-1), "contributors is -1"),
+    ("weight-nan", fields(weight=float("nan")), "weight is nan, not a finite number >= 0"),
+    ("weight-inf", fields(weight=float("inf")), "weight is inf"),
+    ("weight-negative", fields(weight=-0.5), "weight is -0.5"),
     (
         "shards-over",
         lambda m: msgspec.structs.replace(m, shards=[*m.shards, m.shards[0]]),
@@ -339,36 +471,6 @@ CASES: list[tuple[str, Callable[[Manifest], Manifest], str]] = [
     ),
     ("struck-over", fields(struck=[*NODES, EXTRA]), "struck holds 4 entries"),
     ("unchanged-long", fields(unchanged="x" * 41), "unchanged must be text of at most 40"),
-    *[
-        (f"node-{n}", replace_contributor(1, node=v), "contributors[1].node must be a node id")
-        for n, v in NOT_HEX
-    ],
-    (
-        "node-twice",
-        replace_contributor(2, node=NODES[0]),
-        f"contributors[2].node {short_id(NODES[0])} is a contributor twice",
-    ),
-    ("weight-nan", replace_contributor(0, weight=float("nan")), "contributors[0].weight is nan"),
-    ("weight-inf", replace_contributor(0, weight=float("inf")), "contributors[0].weight is inf"),
-    ("weight-negative", replace_contributor(1, weight=-0.5), "contributors[1].weight is -0.5"),
-    (
-        "pieces-fewer",
-        replace_contributor(0, pieces=[piece_hash(b"x")] * 3),
-        "contributors[0].pieces holds 3 hashes, the round has 4 shards",
-    ),
-    (
-        "pieces-more",
-        replace_contributor(2, pieces=[piece_hash(b"x")] * 5),
-        "contributors[2].pieces holds 5 hashes",
-    ),
-    *[
-        (
-            f"piece-{n}",
-            replace_contributor(0, pieces=[piece_hash(b"x"), v, v, v]),
-            "contributors[0].pieces[1] must be",
-        )
-        for n, v in NOT_HEX
-    ],
     (
         "index-swapped",
         lambda m: msgspec.structs.replace(m, shards=[m.shards[1], m.shards[0], *m.shards[2:]]),
@@ -388,23 +490,18 @@ CASES: list[tuple[str, Callable[[Manifest], Manifest], str]] = [
     *[(f"result-{n}", replace_shard(0, result=v), "shards[0].result must be") for n, v in NOT_HEX],
     ("size-negative", replace_shard(0, size=-1), "shards[0].size is -1"),
     ("size-over", replace_shard(3, size=5001), "shards[3].size is 5001, not an integer 0 … 5000"),
+    *[(f"inputs-{n}", replace_shard(1, inputs=v), "shards[1].inputs must be") for n, v in NOT_HEX],
     ("struck-not-hex", fields(struck=["AB" * 32]), "struck[0] must be a node id"),
     ("struck-twice", fields(struck=[NODES[1], NODES[1]]), "struck[1]"),
-    ("changed-no-shards", lambda m: _no_shards(m), "shards is empty"),
-    ("changed-no-contributors", fields(contributors=[]), "contributors is empty"),
+    ("changed-no-shards", fields(shards=[]), "shards is empty"),
+    ("changed-no-contributors", fields(contributors=0), "contributors is 0, but the round changes"),
+    ("changed-zero-weight", fields(weight=0.0), "weight is 0: a change of nobody's weight"),
     (
-        "changed-zero-weight",
-        lambda m: replace_contributor(2, weight=0.0)(
-            replace_contributor(1, weight=0.0)(replace_contributor(0, weight=0.0)(m))
-        ),
-        "weights sum to 0",
+        "unchanged-weight-of-nobody",
+        fields(unchanged="nothing", contributors=0),
+        "weight is 60.0, but no upload counted",
     ),
 ]
-
-
-def _no_shards(m: Manifest) -> Manifest:
-    contributors = [msgspec.structs.replace(c, pieces=[]) for c in m.contributors]
-    return msgspec.structs.replace(m, shards=[], contributors=contributors)
 
 
 @pytest.mark.parametrize(("change", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -44,6 +44,7 @@ from lightning_drift.dataplane.manifest import (
     Manifest,
     ShardEntry,
     check_commit,
+    inputs_digest,
 )
 from lightning_drift.dataplane.owners import ranking
 from lightning_drift.dataplane.plan import ShardPlan
@@ -346,17 +347,26 @@ class RoundBooks:
         unchanged: str,
     ) -> Manifest:
         shards = [
-            ShardEntry(index=r.shard, primary=p, mirror=m, result=r.result, size=r.size)
+            ShardEntry(
+                index=r.shard,
+                primary=p,
+                mirror=m,
+                result=r.result,
+                size=r.size,
+                inputs=inputs_digest(self.reduction(r.shard)),
+            )
             for r, (p, m) in zip(standing, seats, strict=True)
         ]
+        # An unchanged round has nothing to fetch: no shards, and no uploads it counted.
+        counted = self.contributors if not unchanged else []
         return Manifest(
             session=self.session,
             round=self.round,
             epoch=self.epoch,
             base=self.base,
             plan=self.plan.digest,
-            # An unchanged round has nothing to fetch: no shards, and so no pieces to name.
-            contributors=list(self.contributors) if not unchanged else [],
+            contributors=len(counted),
+            weight=float(sum(c.weight for c in counted)),
             shards=shards,
             struck=sorted(liars),
             unchanged=unchanged,

@@ -11,8 +11,18 @@ What the manifest pins. Given the base weights (``base``, their sha256) and the 
 the round's new weights bit for bit: each result piece decodes, by the plan, into its slice
 of the change, and applying a change is exact on every machine. A node that holds the base
 and fetches pieces matching every ``result`` holds the same weights as every other node.
-The contributors (in the fixed reduction order, with their weights and committed piece
-hashes) let an aggregator's result be recomputed and checked from the committed pieces.
+Each shard's ``inputs`` digest (:func:`inputs_digest`) pins what that shard reduced: its
+reduction list, every contributor in the fixed order with its weight and the sha256 of its
+piece of the shard. A computer checks that the manifest names exactly what it reduced, and
+anyone holding the pieces can recompute the shard and compare. The list itself is not in
+the manifest (a shard's computers get it in their orders); the manifest keeps only how many
+uploads the round counted (``contributors``) and their total weight (``weight``).
+
+Size. The manifest goes to every member every round, so it does not grow with the number of
+contributors: only ``struck`` holds node ids. A manifest of a round with 1,024 contributors,
+16 shards and no struck node signs to about 5 KB (``tests/test_manifest.py`` holds it under
+8 KB), far under the protocol's frame limit; :attr:`Limits.max_blob` bounds it for any
+manifest within the limits.
 
 What a hostile node can and cannot do with it. Only the coordinator's Ed25519 identity key
 signs manifests, so no node can forge one or change a byte of one: the signature covers a
@@ -38,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -57,7 +68,7 @@ class Limits:
     """What a manifest may hold. A verifier's bounds, not the session's settings: the defaults
     sit well above any session's (the coordinator's ``--max-nodes`` is 64 by default)."""
 
-    max_nodes: int = 1024  # contributors, and struck nodes
+    max_nodes: int = 1024  # the contributors count, and struck nodes
     max_shards: int = 256
     max_piece: int = 1 << 34  # bytes of one result piece (16 GiB)
     max_session: int = 128  # characters of the session id
@@ -73,13 +84,16 @@ class Limits:
         """The largest signed blob a manifest within these limits encodes to (msgpack, each
         part at its widest): the bound checked before a byte is decoded."""
         hex_str = 2 + 64  # str8 header, 64 characters
-        contributor = 100 + hex_str * self.max_shards  # keys, node, weight, pieces' header
-        shard = 250  # keys, index, primary, mirror, result, size
+        number = 9  # an int64 or a float64 with its type byte
+        # A shard: the map's header, its keys (index, primary, mirror, result, size, inputs:
+        # 40 bytes with their headers), two numbers and four hashes.
+        shard = 1 + 40 + 2 * number + 4 * hex_str
         text = 4 * (self.max_session + self.max_reason) + 10  # UTF-8 at 4 bytes a character
         return (
-            1024  # the envelope, the signature, the map's keys, round, epoch, base, plan
+            1024  # the envelope, the signature, the map's keys, round, epoch, base, plan,
+            # contributors, weight, the arrays' headers
             + text
-            + self.max_nodes * (contributor + hex_str)  # contributors and struck
+            + self.max_nodes * hex_str  # struck
             + self.max_shards * shard
         )
 
@@ -98,7 +112,9 @@ class Commit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
 
 
 class Contributor(msgspec.Struct, frozen=True, kw_only=True):
-    """One upload counted in the round, in the reduction order."""
+    """One upload counted in the round, in the reduction order: the coordinator's books
+    (``books.py``) keep these; the manifest carries only their count, their total weight and
+    each shard's :func:`inputs_digest` of them."""
 
     node: str  # the node id: its endpoint key, 64 hex digits
     weight: float  # finite, >= 0
@@ -106,13 +122,15 @@ class Contributor(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ShardEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """One shard of the round: who serves its result and what that result is."""
+    """One shard of the round: who serves its result, what that result is, and what it was
+    reduced from."""
 
     index: int
     primary: str  # the aggregator's node id
     mirror: str = ""  # the second aggregator's node id; "" when none
     result: str  # sha256 hex of the shard's result piece ("" only in an unchanged round)
     size: int  # bytes of the result piece
+    inputs: str  # inputs_digest of the shard's reduction list ("" only in an unchanged round)
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,7 +146,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     epoch: int
     base: str  # sha256 hex of the round's starting weights
     plan: str  # sha256 hex naming the shard plan: codec, block, count, model
-    contributors: list[Contributor]  # in the fixed reduction order
+    contributors: int  # how many uploads the round counted (0 in an unchanged round)
+    weight: float  # their total weight: finite, >= 0 (0 in an unchanged round)
     shards: list[ShardEntry]  # in shard order
     struck: list[str] = []  # node ids struck this round (a lying aggregator, ...)
     unchanged: str = ""
@@ -146,6 +165,7 @@ class Signed(msgspec.Struct, frozen=True, array_like=True):
     sig: bytes
 
 
+INPUTS_DOMAIN = b"drift/inputs/1\0"  # what every inputs digest hashes before the list
 _encoder = msgspec.msgpack.Encoder()
 _signed_decoder = msgspec.msgpack.Decoder(Signed)
 _manifest_decoder = msgspec.msgpack.Decoder(Manifest)
@@ -156,9 +176,16 @@ def piece_hash(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def contributor_weights(manifest: Manifest) -> list[tuple[str, float]]:
-    """(node id, weight) of each contributor, in the reduction order."""
-    return [(c.node, c.weight) for c in manifest.contributors]
+def inputs_digest(reduction: Sequence[tuple[str, float, str]]) -> str:
+    """The sha256 hex naming one shard's reduction list: ``(node id, weight, sha256 of the
+    node's piece of the shard)`` for each contributor, in the reduction order.
+
+    The digest is ``sha256(INPUTS_DOMAIN + msgpack([[node, weight, sha], ...]))``: msgpack
+    writes each string with its length and each weight as a float64 (an int weight is taken
+    as the float it equals), so the encoding is exact and unambiguous: another order, another
+    bit of a weight or another character gives another digest."""
+    body = _encoder.encode([[node, float(weight), sha] for node, weight, sha in reduction])
+    return hashlib.sha256(INPUTS_DOMAIN + body).hexdigest()
 
 
 # ---- signing and verifying -------------------------------------------------------------------
@@ -302,7 +329,8 @@ def check(manifest: Manifest, limits: Limits = DEFAULT_LIMITS) -> None:
     _count(m.epoch, "epoch", 0)
     _hex64(m.base, "base", "the sha256 of the round's starting weights")
     _hex64(m.plan, "plan", "the sha256 naming the shard plan")
-    _at_most(len(m.contributors), limits.max_nodes, "contributors", "max_nodes")
+    _count(m.contributors, "contributors", 0, limits.max_nodes, "max_nodes")
+    _weight(m.weight)
     _at_most(len(m.shards), limits.max_shards, "shards", "max_shards")
     _at_most(len(m.struck), limits.max_nodes, "struck", "max_nodes")
     if not isinstance(m.unchanged, str) or len(m.unchanged) > limits.max_reason:
@@ -312,32 +340,19 @@ def check(manifest: Manifest, limits: Limits = DEFAULT_LIMITS) -> None:
             if isinstance(m.unchanged, str)
             else f"unchanged must be text, got {_shown(m.unchanged)}"
         )
-    _check_contributors(m.contributors, len(m.shards))
     _check_shards(m.shards, limits, changed=not m.unchanged)
     _check_nodes(m.struck, "struck")
     if not m.unchanged:
         _check_changed(m)
+    if m.contributors == 0 and m.weight != 0:
+        raise _refused(f"weight is {_shown(m.weight)}, but no upload counted (contributors is 0)")
 
 
-def _check_contributors(contributors: list[Contributor], shards: int) -> None:
-    seen: set[str] = set()
-    for i, c in enumerate(contributors):
-        field = f"contributors[{i}]"
-        _hex64(c.node, f"{field}.node", "a node id")
-        if c.node in seen:
-            raise _refused(f"{field}.node {short_id(c.node)} is a contributor twice")
-        seen.add(c.node)
-        w = c.weight
-        if not (isinstance(w, (int, float)) and not isinstance(w, bool)) or not (
-            math.isfinite(w) and w >= 0
-        ):
-            raise _refused(f"{field}.weight is {_shown(w)}, not a finite number >= 0")
-        if len(c.pieces) != shards:
-            raise _refused(
-                f"{field}.pieces holds {len(c.pieces)} hashes, the round has {shards} shards"
-            )
-        for j, h in enumerate(c.pieces):
-            _hex64(h, f"{field}.pieces[{j}]", "a piece's sha256")
+def _weight(w: object) -> None:
+    if not (isinstance(w, (int, float)) and not isinstance(w, bool)) or not (
+        math.isfinite(w) and w >= 0
+    ):
+        raise _refused(f"weight is {_shown(w)}, not a finite number >= 0")
 
 
 def _check_shards(shards: list[ShardEntry], limits: Limits, *, changed: bool) -> None:
@@ -353,6 +368,8 @@ def _check_shards(shards: list[ShardEntry], limits: Limits, *, changed: bool) ->
         if changed or s.result != "":
             _hex64(s.result, f"{field}.result", "the sha256 of the shard's result piece")
         _count(s.size, f"{field}.size", 0, limits.max_piece, "max_piece")
+        if changed or s.inputs != "":
+            _hex64(s.inputs, f"{field}.inputs", "the digest of the shard's reduction list")
 
 
 def _check_nodes(nodes: list[str], field: str) -> None:
@@ -368,10 +385,10 @@ def _check_changed(m: Manifest) -> None:
     """A round that changes the weights has shards to fetch and contributors that weigh."""
     if not m.shards:
         raise _refused('shards is empty, but the round changes the weights (unchanged is "")')
-    if not m.contributors:
-        raise _refused('contributors is empty, but the round changes the weights (unchanged is "")')
-    if sum(c.weight for c in m.contributors) <= 0:
-        raise _refused("contributors' weights sum to 0: a change of nobody's weight")
+    if m.contributors == 0:
+        raise _refused('contributors is 0, but the round changes the weights (unchanged is "")')
+    if m.weight <= 0:
+        raise _refused("weight is 0: a change of nobody's weight")
 
 
 # ---- commits -----------------------------------------------------------------------------------
@@ -418,6 +435,7 @@ def check_commit(
 __all__ = [
     "DEFAULT_LIMITS",
     "DOMAIN",
+    "INPUTS_DOMAIN",
     "KEY_BYTES",
     "SIGNATURE_BYTES",
     "Commit",
@@ -428,7 +446,7 @@ __all__ = [
     "Signed",
     "check",
     "check_commit",
-    "contributor_weights",
+    "inputs_digest",
     "piece_hash",
     "sign",
     "verify",
