@@ -118,6 +118,8 @@ class Simulation:
     async def kill(self, node: str) -> None:
         """A member dies: its endpoint closes (its pieces and seats are gone)."""
         self.killed.add(node)
+        for m in self.members.values():
+            m.gone.add(node)
         await self.members[node].close()
         await self.members[node].endpoint.close()
 
@@ -157,7 +159,9 @@ class Simulation:
             )
             for o, res in zip(orders, got, strict=True):
                 results[(o.node, o.shard)] = res
-                report = Report(o.shard, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad)
+                report = Report(
+                    o.shard, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad
+                )
                 assert books.report(o.node, report) is None
             settled, orders = books.settle(0.0, self.config.max_change)
             if settled is not None:
@@ -187,11 +191,13 @@ class Simulation:
                         break
             for n in self.live:
                 self.states.update(
-                    {(n, j): self.standing[j] for j in range(self.plan.count) if (n, j) in self.states}
+                    {
+                        (n, j): self.standing[j]
+                        for j in range(self.plan.count)
+                        if (n, j) in self.states
+                    }
                 )
-            fetched = await asyncio.gather(
-                *(self._fetch(n, blob) for n in self.live)
-            )
+            fetched = await asyncio.gather(*(self._fetch(n, blob) for n in self.live))
             first = fetched[0]
             equal = all(f == first for f in fetched)
             change = self.plan.assemble([self.plan.read(j, p) for j, p in enumerate(first)])

@@ -379,6 +379,55 @@ class PieceGet(_Msg, tag="piece_get"):
     size: int
 
 
+class PieceCommit(_Msg, tag="piece_commit"):
+    """Node → coordinator, on its control stream, in a sharded session: the sha256 and size of
+    each piece of its change for upload round ``round`` (in shard order), against the weights
+    whose sha256 is ``base``. No piece travels to the coordinator: the pieces go to the
+    shards' seats (``PiecePut``)."""
+
+    round: int
+    base: str
+    pieces: list[str]
+    sizes: list[int]
+
+
+class ShardOrder(_Msg, tag="shard_order"):
+    """Coordinator → node: compute shard ``shard`` of upload round ``round`` by reducing these
+    contributors' pieces in this order (``nodes[i]`` with weight ``weights[i]`` and piece
+    sha256 ``pieces[i]``), and report within ``deadline_s`` seconds."""
+
+    round: int
+    shard: int
+    nodes: list[str]
+    weights: list[float]
+    pieces: list[str]
+    deadline_s: float
+
+
+class ShardReport(_Msg, tag="shard_report"):
+    """Node → coordinator: what computing a shard gave. ``result``: the sha256 of the result
+    piece ("" when there is none) and ``size`` its bytes; ``sums``: per tensor (name, squared
+    L2 of how far it moved, squared L2 of its old values, non-finite count); ``norms2``: per
+    contributor its change's squared norm over the shard; ``bad``: contributors whose pieces
+    it refused, with why."""
+
+    round: int
+    shard: int
+    result: str
+    size: int
+    sums: list[tuple[str, float, float, int]] = []
+    norms2: list[tuple[str, float]] = []
+    bad: list[tuple[str, str]] = []
+
+
+class RoundManifest(_Msg, tag="round_manifest"):
+    """Coordinator → node: a round's signed manifest (``dataplane/manifest.py``: the blob
+    :func:`~lightning_drift.dataplane.manifest.verify` checks against the coordinator's key)."""
+
+    round: int
+    blob: bytes
+
+
 class Error(_Msg, tag="error"):
     """Either direction, then the sender closes: ``code`` is machine-readable."""
 
@@ -411,6 +460,10 @@ Message = (
     | PiecePut
     | PieceAck
     | PieceGet
+    | PieceCommit
+    | ShardOrder
+    | ShardReport
+    | RoundManifest
     | Error
     | Bye
 )

@@ -98,8 +98,9 @@ class Stream:
             raise self._map(exc, "sending") from None
 
     async def send_raw(self, data: bytes | memoryview) -> None:
-        """Send bytes as they are, outside any frame. The protocol never needs it; it is how a
-        test plays a broken or hostile peer (half a frame, garbage, a lying length)."""
+        """Send bytes as they are: a frame already encoded (one manifest for a thousand
+        members is encoded once), or, in a test, a broken or hostile peer's bytes (half a
+        frame, garbage, a lying length)."""
         async with self._send_lock:
             await self._write(data)
 

@@ -73,9 +73,9 @@ class Report:
         return (
             self.result == other.result
             and self.size == other.size
-            and dict(self.sums) == dict(other.sums)
-            and dict(self.norms2) == dict(other.norms2)
-            and set(self.bad) == set(other.bad)
+            and self.sums == other.sums
+            and self.norms2 == other.norms2
+            and self.bad.keys() == other.bad.keys()
         )
 
 
@@ -134,6 +134,10 @@ class RoundBooks:
         self._asked: list[dict[str, float]] = [{} for _ in range(plan.count)]  # node: deadline
         self._reports: list[dict[str, Report]] = [{} for _ in range(plan.count)]
         self._struck: dict[str, str] = {}
+        self._contributing: frozenset[str] = frozenset()
+        # Each shard's verdict while nothing about it changed: settle() runs after every
+        # report, and a thousand-member round must not compare every report every time.
+        self._known: list[tuple[Report, list[str]] | str | None] = [None] * plan.count
 
     # ---- 1. commits -------------------------------------------------------------------------
 
@@ -172,8 +176,10 @@ class RoundBooks:
             Contributor(node=n, weight=float(weights[n]), pieces=list(self.commits[n].pieces))
             for n in chosen
         ]
+        self._contributing = frozenset(c.node for c in self.contributors)
         self._asked = [{} for _ in range(self.plan.count)]
         self._reports = [{} for _ in range(self.plan.count)]
+        self._known = [None] * self.plan.count
         orders: list[Order] = []
         for j in range(self.plan.count):
             orders += self._seat(j, SEATS, now)
@@ -197,13 +203,17 @@ class RoundBooks:
         why = self._check(report)
         if why is not None:
             return why
-        self._reports[j][node] = report
+        self._reports[j][node] = Report(
+            j, report.result, report.size, dict(report.sums), dict(report.norms2), dict(report.bad)
+        )
+        self._known[j] = None
         return None
 
     def lost(self, node: str, now: float) -> list[Order]:
         """``node`` is gone: every shard it was asked for and did not report is asked of the
         next member of its ranking."""
         self._lost.add(node)
+        self._known = [None] * self.plan.count  # a lost member changes every ranking's spares
         orders: list[Order] = []
         for j in range(self.plan.count):
             if node in self._asked[j] and node not in self._reports[j]:
@@ -301,12 +311,19 @@ class RoundBooks:
             if m in self._asked[j] or m in self._lost:
                 continue
             self._asked[j][m] = now + self.report_s
+            self._known[j] = None
             out.append(Order(m, j, now + self.report_s))
         return out
 
     def _verdict(self, j: int) -> tuple[Report, list[str]] | str:
         """(the standing report, the computers that reported it), or "waiting", "disagree"
-        (ask a referee) or "failed"."""
+        (ask a referee) or "failed"; remembered until a report or a seat of the shard changes."""
+        known = self._known[j]
+        if known is None:
+            known = self._known[j] = self._judge(j)
+        return known
+
+    def _judge(self, j: int) -> tuple[Report, list[str]] | str:
         reports = self._reports[j]
         for r in reports.values():
             agreed = [m for m, o in reports.items() if o.same(r)]
@@ -325,7 +342,7 @@ class RoundBooks:
 
     def _check(self, r: Report) -> str | None:
         names = {s.name for s in self.plan.shards[r.shard].spans}
-        contributors = {c.node for c in self.contributors}
+        contributors = self._contributing
         if r.result and (len(r.result) != 64 or r.size != self.plan.shards[r.shard].size):
             return f"shard {r.shard}'s result must be a sha256 of a {self.plan.shards[r.shard].size}-byte piece"
         if not set(r.sums) <= names:

@@ -39,15 +39,19 @@ from lightning_drift.dataplane.plan import ShardPlan
 from lightning_drift.dataplane.reduce import OuterRule, Piece, ShardResult, ShardState, reduce_shard
 from lightning_drift.errors import DriftError, ProtocolError
 from lightning_drift.peers import PeerName
+from lightning_drift.protocol import PieceKind
 from lightning_drift.text import short_id
 from lightning_drift.transport import Endpoint
 
 log = logging.getLogger(__name__)
 
-CHANGE, RESULT = "change", "result"
+CHANGE: PieceKind = "change"
+RESULT: PieceKind = "result"
 
 
-def fetch_tree(members: Sequence[str], seats: Sequence[str], seed: bytes, shard: int) -> dict[str, str]:
+def fetch_tree(
+    members: Sequence[str], seats: Sequence[str], seed: bytes, shard: int
+) -> dict[str, str]:
     """Each member's parent for a shard's result piece (the seats have none): the seats
     first, then the other members by their draw for the round (``seed``); the member at
     place ``p`` fetches from place ``(p - 2) // 2``."""
@@ -60,7 +64,8 @@ def fetch_tree(members: Sequence[str], seats: Sequence[str], seed: bytes, shard:
 class Member:
     """One member's data plane on its own endpoint (see the module docstring).
 
-    ``peers`` maps every member's node id to the name its data endpoint is dialled by."""
+    ``peers`` maps every member's node id to the name its data endpoint is dialled by;
+    ``gone`` holds the members the coordinator said are lost (never dialled again)."""
 
     node: str
     endpoint: Endpoint
@@ -68,6 +73,7 @@ class Member:
     peers: dict[str, PeerName | str]
     store: PieceStore = field(default_factory=PieceStore)
     seats: list[Owners] = field(default_factory=list)  # the epoch's seats of every shard
+    gone: set[str] = field(default_factory=set)  # members the coordinator says are lost
     wait_s: float = 20.0  # how long a parent holds a fetch for a result piece it awaits
     server: PieceServer | None = None
     client: PieceClient | None = None
@@ -80,7 +86,7 @@ class Member:
         )
         self._keys = dict(keys)
 
-    def _expect(self, peer: bytes, upload_round: int, shard: int, kind: str) -> int | str:
+    def _expect(self, peer: bytes, upload_round: int, shard: int, kind: PieceKind) -> int | str:
         if kind != CHANGE:
             return "result pieces are fetched, never pushed"
         if not 0 <= shard < self.plan.count:
@@ -130,24 +136,51 @@ class Member:
         for node, weight, sha in reduction:
             data = self.store.get(upload_round, shard, CHANGE, sha)
             if data is None:
-                try:  # it did not come: its contributor keeps it until the manifest
-                    data = await self._client.fetch(self.peers[node], upload_round, shard, CHANGE, sha, size)
-                except DriftError as exc:
-                    log.warning("dataplane.piece_missing node=%s from=%s why=%s", short_id(self.node), short_id(node), exc)
-                    data = b""  # refused by the reduction as a piece of the wrong size
+                data = await self._piece_from_holders(upload_round, shard, node, sha, size)
             pieces.append(Piece(node, weight, data))
-        result = await asyncio.to_thread(reduce_shard, self.plan, shard, base, fixed, pieces, state, rule)
+        result = await asyncio.to_thread(
+            reduce_shard, self.plan, shard, base, fixed, pieces, state, rule
+        )
         if result.piece is not None:
             self.store.put(upload_round, shard, RESULT, result.sha, result.piece)
         return result
 
+    async def _piece_from_holders(
+        self, upload_round: int, shard: int, node: str, sha: str, size: int
+    ) -> bytes:
+        """A change piece that did not come here (this member replaces a lost seat): from the
+        shard's seats, which it was pushed to, else from its contributor, which keeps it until
+        the manifest; b"" when nobody serves it (the reduction refuses it by its size)."""
+        owners = self.seats[shard] if self.seats else None
+        holders = [s for s in (owners.primary, owners.mirror) if s] if owners else []
+        sources = [h for h in holders if h != self.node] + [node]
+        for source in [s for s in sources if s not in self.gone]:
+            try:
+                return await self._client.fetch(
+                    self.peers[source], upload_round, shard, CHANGE, sha, size
+                )
+            except DriftError as exc:
+                log.warning(
+                    "dataplane.piece_missing node=%s from=%s contributor=%s why=%s",
+                    short_id(self.node), short_id(source), short_id(node), exc,
+                )  # fmt: skip
+        return b""
+
     # ---- 3. fetch -------------------------------------------------------------------------
 
-    async def fetch_result(self, manifest: Manifest, members: Sequence[str], seed: bytes) -> list[bytes]:
+    async def fetch_result(
+        self, manifest: Manifest, members: Sequence[str], seed: bytes
+    ) -> list[bytes]:
         """Every result piece of ``manifest`` (signature already checked), in shard order."""
-        return list(await asyncio.gather(*(self._fetch_one(manifest, members, seed, e.index) for e in manifest.shards)))
+        return list(
+            await asyncio.gather(
+                *(self._fetch_one(manifest, members, seed, e.index) for e in manifest.shards)
+            )
+        )
 
-    async def _fetch_one(self, manifest: Manifest, members: Sequence[str], seed: bytes, shard: int) -> bytes:
+    async def _fetch_one(
+        self, manifest: Manifest, members: Sequence[str], seed: bytes, shard: int
+    ) -> bytes:
         entry = manifest.shards[shard]
         upload_round = manifest.round
         held = self.store.get(upload_round, shard, RESULT, entry.result)
@@ -156,16 +189,21 @@ class Member:
         seats = [s for s in (entry.primary, entry.mirror) if s]
         parent = fetch_tree(members, seats, seed, shard).get(self.node)
         sources = ([parent] if parent and parent not in seats else []) + seats
+        sources = [s for s in sources if s not in self.gone]
         last: Exception | None = None
         for source in sources:
             try:
-                data = await self._client.fetch(self.peers[source], upload_round, shard, RESULT, entry.result, entry.size)
+                data = await self._client.fetch(
+                    self.peers[source], upload_round, shard, RESULT, entry.result, entry.size
+                )
             except DriftError as exc:
                 last = exc
                 continue
             self.store.put(upload_round, shard, RESULT, entry.result, data)
             return data
-        raise ProtocolError(f"no member served shard {shard}'s result of round {upload_round}: {last}")
+        raise ProtocolError(
+            f"no member served shard {shard}'s result of round {upload_round}: {last}"
+        )
 
     @property
     def _client(self) -> PieceClient:

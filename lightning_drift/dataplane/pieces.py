@@ -137,9 +137,8 @@ class PieceStore:
     async def arrival(
         self, upload_round: int, shard: int, kind: PieceKind, sha256: str, timeout_s: float
     ) -> bytes | None:
-        """The piece's bytes once it is held, waiting at most ``timeout_s`` for it to be put
-        (a member down a fetch tree asks before its parent has the piece); None if it does
-        not come in time. Call it on the event loop that puts."""
+        """The piece once held, waiting up to ``timeout_s`` for it to be put (a member down a
+        fetch tree asks before its parent has it); None if it does not come in time."""
         key: PieceKey = (upload_round, shard, kind, sha256)
         if key not in self._pieces and timeout_s > 0:
             came = self._awaited.setdefault(key, asyncio.Event())
@@ -372,7 +371,11 @@ class PieceServer:
         data = None
         if not problem:
             data = await self.store.arrival(
-                get.round, get.shard, get.kind, get.sha256, self.hold_s if get.kind == "result" else 0
+                get.round,
+                get.shard,
+                get.kind,
+                get.sha256,
+                self.hold_s if get.kind == "result" else 0,
             )
         if data is None or len(data) != get.size:
             message = problem or (
@@ -584,16 +587,5 @@ def _refusal(what: str, who: str, code: str, message: str) -> PieceRefused:
     return PieceRefused(f"{what}: {who} refused: {clean_text(message, _REASON_CHARS)}", code)
 
 
-__all__ = [
-    "ANSWER_S",
-    "CONNECT_S",
-    "GRACE_S",
-    "MIN_BYTES_S",
-    "STORE_BYTES",
-    "Expect",
-    "OnPiece",
-    "PieceClient",
-    "PieceKey",
-    "PieceServer",
-    "PieceStore",
-]
+__all__ = ["ANSWER_S", "CONNECT_S", "GRACE_S", "MIN_BYTES_S", "STORE_BYTES", "Expect", "OnPiece"]
+__all__ += ["PieceClient", "PieceKey", "PieceServer", "PieceStore"]

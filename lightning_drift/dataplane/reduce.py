@@ -136,24 +136,7 @@ def reduce_shard(
     shard = plan.shards[index]
     views = plan.slices(index, base)
     live = {s.key: views[s.key] for s in shard.spans if s.name not in fixed}
-    held = [s for s in shard.spans if s.name in fixed]
-    acc: Accumulator | RobustAccumulator = (
-        Accumulator(live)
-        if rule.robust == "off"
-        else RobustAccumulator(live, method=rule.robust, trim=rule.trim)
-    )
-    bad: dict[str, str] = {}
-    for p in pieces:
-        try:
-            change = plan.read(index, p.data)
-            for s in held:
-                if not bool((change[s.key] == 0).all()):
-                    raise SessionError(
-                        f"upload refused: {carried_changed(s.name)}", code="bad_upload"
-                    )
-            acc.add(p.node, {k: change[k] for k in live}, p.weight, delta=True)
-        except SessionError as exc:
-            bad[p.node] = str(exc)
+    acc, bad = _combine(plan, index, live, fixed, pieces, rule)
     norms2 = {n: v * v for n, v in acc.norms.items()}
     if bad or acc.total_weight <= 0:
         return ShardResult(index, None, "", {}, norms2, acc.total_weight, state, bad)
@@ -191,6 +174,36 @@ def reduce_shard(
         acc.total_weight,
         ShardState(momentum, residual.state_dict()),
     )
+
+
+def _combine(
+    plan: ShardPlan,
+    index: int,
+    live: StateDict,
+    fixed: frozenset[str],
+    pieces: Sequence[Piece],
+    rule: OuterRule,
+) -> tuple[Accumulator | RobustAccumulator, dict[str, str]]:
+    """Every piece read, checked and added in order; the refused ones by node, with why."""
+    held = [s for s in plan.shards[index].spans if s.name in fixed]
+    acc: Accumulator | RobustAccumulator = (
+        Accumulator(live)
+        if rule.robust == "off"
+        else RobustAccumulator(live, method=rule.robust, trim=rule.trim)
+    )
+    bad: dict[str, str] = {}
+    for p in pieces:
+        try:
+            change = plan.read(index, p.data)
+            for s in held:
+                if not bool((change[s.key] == 0).all()):
+                    raise SessionError(
+                        f"upload refused: {carried_changed(s.name)}", code="bad_upload"
+                    )
+            acc.add(p.node, {k: change[k] for k in live}, p.weight, delta=True)
+        except SessionError as exc:
+            bad[p.node] = str(exc)
+    return acc, bad
 
 
 def _sums(new: torch.Tensor, old: torch.Tensor) -> TensorSums:
