@@ -5,10 +5,10 @@ What is real: the plan, the pieces and their transfer (``dataplane/pieces.py``),
 member's push, computation and fetch down the tree (``dataplane/member.py``), the books
 (``dataplane/books.py``), the signed manifest, and a reference star (the coordinator's own
 ``Aggregation``) fed the same uploads in the same order, whose weights every round's result
-is compared with byte for byte. What is not: the control messages (commits, orders, reports
-and the manifest are handed over in process, not sent over a control stream), and a
-computer that replaces a lost one gets the shard's state from the books' last standing
-result instead of fetching it from a peer.
+is compared with byte for byte; a computer new to a shard fetches the shard's state (DiLoCo's
+momentum, the residual) by its hash in the last manifest from that round's seats. What is
+not: the control messages (commits, orders, reports and the manifest are handed over in
+process, not sent over a control stream).
 
 ``benchmarks/scale.py`` measures with it; ``tests/test_dataplane_member.py`` tests with it.
 """
@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,11 @@ from lightning_drift.coordinator.aggregation import Aggregation
 from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.dataplane import manifest as mf
 from lightning_drift.dataplane.books import Order, Report, RoundBooks
-from lightning_drift.dataplane.member import Member
+from lightning_drift.dataplane.member import Computed, Member
 from lightning_drift.dataplane.owners import assign, epoch_seed
 from lightning_drift.dataplane.plan import ShardPlan
 from lightning_drift.dataplane.reduce import OuterRule, ShardResult, ShardState, outer_rule
+from lightning_drift.errors import ProtocolError
 from lightning_drift.modelspec import carried, table_of
 from lightning_drift.transport import Endpoint
 
@@ -59,6 +60,8 @@ class RoundFigures:
     struck: list[str] = field(default_factory=list)
     unchanged: str = ""
     weights_sha: str = ""
+    restarted: list[int] = field(default_factory=list)  # shards whose state no seat served
+    left_out: list[str] = field(default_factory=list)  # contributors whose pieces were lost or bad
 
 
 class Simulation:
@@ -91,9 +94,10 @@ class Simulation:
         self.seed = epoch_seed(session, 0, b"nonce")
         self.members: dict[str, Member] = {}
         self.states: dict[tuple[str, int], ShardState] = {}  # what each computer carries
-        self.standing: dict[int, ShardState] = {}  # each shard's last accepted state
+        self.last: mf.Manifest | None = None  # the last round's manifest that changed weights
         self.residuals: dict[str, codec.Residual] = {}
         self.killed: set[str] = set()
+        self.restarted: list[int] = []
 
     async def open(self, n: int) -> None:
         endpoints = [await Endpoint.bind() for _ in range(n)]
@@ -130,9 +134,10 @@ class Simulation:
         weights: dict[str, float],
         *,
         lies: dict[tuple[str, int], Lie] | None = None,
-        kill_before_compute: str = "",
+        kill_before_compute: Sequence[str] = (),
     ) -> RoundFigures:
         t0 = time.perf_counter()
+        self.restarted = []
         before = {n: _counters(m) for n, m in self.members.items()}
         base_sha = hashlib.sha256(to_bytes(self.global_sd)).hexdigest()
         fixed = carried(self.global_sd)
@@ -147,30 +152,39 @@ class Simulation:
             why = books.commit(n, c)
             assert why is None, why
         orders = books.fix(weights, now=0.0)
-        if kill_before_compute:
-            await self.kill(kill_before_compute)
-            orders = [o for o in orders if o.node != kill_before_compute]
-            orders += books.lost(kill_before_compute, now=0.0)
+        for gone in kill_before_compute:
+            await self.kill(gone)
+            orders = [o for o in orders if o.node != gone]
+            orders += books.lost(gone, now=0.0)
+        orders = [o for o in orders if o.node not in self.killed]
         settled = None
-        results: dict[tuple[str, int], ShardResult] = {}
+        results: dict[tuple[str, int], Computed] = {}
+        left_out: dict[str, str] = {}
         for _ in range(len(self.members) + 2):
             got = await asyncio.gather(
                 *(self._compute(o, books, upload_round, lies or {}) for o in orders)
             )
-            for o, res in zip(orders, got, strict=True):
-                results[(o.node, o.shard)] = res
+            for o, done in zip(orders, got, strict=True):
+                results[(o.node, o.shard)] = done
+                res = done.result
                 report = Report(
-                    o.shard, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad
-                )
+                    o.shard, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad,
+                    done.state, done.state_size,
+                )  # fmt: skip
                 assert books.report(o.node, report) is None
             settled, orders = books.settle(0.0, self.config.max_change)
+            if settled is not None and settled.redo:
+                # Pieces nobody could serve or read: the round again without their nodes.
+                left_out.update(settled.redo)
+                kept = {n: w for n, w in weights.items() if n not in left_out}
+                orders = [o for o in books.fix(kept, now=0.0) if o.node not in self.killed]
+                settled = None
+                continue
             if settled is not None:
                 break
-            if settled is None and not orders:
+            if not orders:
                 raise AssertionError("the books wait, but asked nobody")
         assert settled is not None
-        if settled.redo:
-            raise AssertionError(f"bad pieces in a simulated round: {settled.redo}")
         manifest = settled.manifest
         assert manifest is not None
         blob = mf.sign(manifest, self.identity)
@@ -184,19 +198,16 @@ class Simulation:
         equal = True
         new_sd = self.global_sd
         if not manifest.unchanged:
-            for entry in manifest.shards:  # adopt the standing computers' states
-                for seat in (entry.primary, entry.mirror):
-                    if (seat, entry.index) in results:
-                        self.standing[entry.index] = results[(seat, entry.index)].state
-                        break
-            for n in self.live:
-                self.states.update(
-                    {
-                        (n, j): self.standing[j]
-                        for j in range(self.plan.count)
-                        if (n, j) in self.states
-                    }
-                )
+            # A computer keeps a shard's state only when its result stood; any other fetches
+            # the standing state by hash when it next computes the shard.
+            standing = {(s, e.index) for e in manifest.shards for s in (e.primary, e.mirror)}
+            for key in list(self.states):
+                done = results.get(key)
+                if key in standing and done is not None:
+                    self.states[key] = done.result.state
+                else:
+                    del self.states[key]
+            self.last = manifest
             fetched = await asyncio.gather(*(self._fetch(n, blob) for n in self.live))
             first = fetched[0]
             equal = all(f == first for f in fetched)
@@ -204,8 +215,9 @@ class Simulation:
             new_sd = codec.apply(self.global_sd, change)
         equal = equal and refused is None and to_bytes(new_sd) == star_blob
         self.global_sd = star_sd if equal else new_sd
+        keep = self.last.round if self.last is not None else upload_round  # its states
         for m in self.members.values():
-            m.store.forget_before(upload_round)
+            m.store.forget_before(min(upload_round, keep))
         after = {n: _counters(m) for n, m in self.members.items()}
         d = {n: tuple(a - b for a, b in zip(after[n], before[n], strict=True)) for n in after}
         return RoundFigures(
@@ -219,25 +231,34 @@ class Simulation:
             struck=manifest.struck,
             unchanged=manifest.unchanged,
             weights_sha=hashlib.sha256(to_bytes(new_sd)).hexdigest(),
+            restarted=sorted(set(self.restarted)),
+            left_out=sorted(left_out),
         )
 
     async def _compute(
         self, o: Order, books: RoundBooks, upload_round: int, lies: dict[tuple[str, int], Lie]
-    ) -> ShardResult:
+    ) -> Computed:
+        member = self.members[o.node]
         state = self.states.get((o.node, o.shard))
-        if state is None:  # a new computer of the shard: it starts from the standing state
-            state = self.standing.get(o.shard, ShardState())
+        if state is None:  # new to the shard: the last standing state, fetched by its hash
+            state = ShardState()
+            if self.last is not None:
+                try:
+                    state = await member.fetch_state(self.last.round, self.last.shards[o.shard])
+                except ProtocolError:  # both seats lost: the shard's outer state restarts
+                    self.restarted.append(o.shard)
             self.states[(o.node, o.shard)] = state
-        res = await self.members[o.node].compute(
+        done = await member.compute(
             upload_round, o.shard, books.reduction(o.shard), self.global_sd,
             carried(self.global_sd), state, self.rule,
         )  # fmt: skip
         lie = lies.get((o.node, o.shard))
         if lie is not None:
-            res = lie(res)
+            res = lie(done.result)
             if res.piece is not None:  # it serves what it claims
-                self.members[o.node].store.put(upload_round, o.shard, "result", res.sha, res.piece)
-        return res
+                member.store.put(upload_round, o.shard, "result", res.sha, res.piece)
+            done = Computed(res, done.state, done.state_size)
+        return done
 
     async def _fetch(self, node: str, blob: bytes) -> list[bytes]:
         m = mf.verify(blob, self.identity.public_key, session=self.session)

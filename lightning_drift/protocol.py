@@ -35,7 +35,7 @@ TransferDType = Literal["float32", "bfloat16", "int8"]
 # What follows a BarrierReady (see BarrierReady.payload).
 Payload = Literal["weights", "delta", "same"]
 # A piece of the sharded data plane: a member's encoded change, or a shard's reduced result.
-PieceKind = Literal["change", "result"]
+PieceKind = Literal["change", "result", "state"]
 
 
 class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, kw_only=True):
@@ -418,6 +418,7 @@ class ShardReport(_Msg, tag="shard_report"):
     sums: list[tuple[str, float, float, int]] = []
     norms2: list[tuple[str, float]] = []
     bad: list[tuple[str, str]] = []
+    state: str = ""  # sha256 of the shard's next state (DiLoCo momentum, residual); "": none
 
 
 class RoundManifest(_Msg, tag="round_manifest"):

@@ -59,22 +59,52 @@ def test_a_lying_computer_is_outvoted_and_struck() -> None:
     assert f.equal and f.struck == [liar]
 
 
-def test_a_primary_lost_before_it_computes_is_replaced_and_the_round_is_the_stars() -> None:
+def test_a_primary_lost_before_it_computes_is_replaced_and_every_round_is_the_stars() -> None:
     async def go():
         sim = Simulation(model(), shards=3)
         await sim.open(5)
         try:
-            f1 = await sim.round(1, _payloads(sim, 1), dict.fromkeys(sim.live, 2.0))
+            out = [await sim.round(1, _payloads(sim, 1), dict.fromkeys(sim.live, 2.0))]
             primary = sim.members[sim.live[0]].seats[1].primary
             payloads = _payloads(sim, 2)
-            f2 = await sim.round(
-                2, payloads, dict.fromkeys(payloads, 2.0), kill_before_compute=primary
+            out.append(
+                await sim.round(
+                    2, payloads, dict.fromkeys(payloads, 2.0), kill_before_compute=[primary]
+                )
             )
-            return f1, f2, primary, sim
+            payloads = _payloads(sim, 3)
+            out.append(await sim.round(3, payloads, dict.fromkeys(payloads, 2.0)))
+            return out, primary, sim
         finally:
             await sim.close()
 
-    f1, f2, gone, sim = asyncio.run(asyncio.wait_for(go(), 240))
-    assert f1.equal and f2.equal and not f2.struck
+    figures, gone, sim = asyncio.run(asyncio.wait_for(go(), 240))
+    # With DiLoCo, round 2 equals the star only if the member that took shard 1 over
+    # fetched the momentum and residual its mirror carried (by hash).
+    assert all(f.equal and not f.struck and not f.restarted for f in figures)
     assert gone in sim.killed
-    assert torch.equal(torch.tensor(1), torch.tensor(1))
+
+
+def test_both_seats_lost_restart_their_shards_state_and_the_round_still_completes() -> None:
+    async def go():
+        sim = Simulation(model(), shards=3)
+        await sim.open(6)
+        try:
+            await sim.round(1, _payloads(sim, 1), dict.fromkeys(sim.live, 2.0))
+            seat = sim.members[sim.live[0]].seats[2]
+            payloads = _payloads(sim, 2)
+            f = await sim.round(
+                2,
+                payloads,
+                dict.fromkeys(payloads, 2.0),
+                kill_before_compute=[seat.primary, seat.mirror],
+            )
+            return f, seat
+        finally:
+            await sim.close()
+
+    f, seat = asyncio.run(asyncio.wait_for(go(), 240))
+    assert 2 in f.restarted and not f.unchanged
+    # Their own pieces of shard 2 died with them: the round went on without their uploads.
+    assert f.left_out == sorted([seat.primary, seat.mirror])
+    assert not f.equal  # the star kept shard 2's momentum; the sharded plane could not

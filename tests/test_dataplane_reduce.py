@@ -25,9 +25,11 @@ from lightning_drift.dataplane.reduce import (
     check_sums,
     contributor_norms,
     outer_rule,
+    read_state,
     reduce_shard,
+    state_bytes,
 )
-from lightning_drift.errors import ConfigError
+from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.modelspec import carried, table_of
 
 HERE = Path(__file__).parent
@@ -183,3 +185,35 @@ def test_clip_is_refused_with_what_to_use_instead() -> None:
     assert outer_rule("diloco", 0.5, 0.4, "median", 0.2, 0.0) == OuterRule(
         "diloco", 0.5, 0.4, "median", 0.2
     )
+
+
+def test_a_shards_state_round_trips_by_bytes_and_a_bad_one_is_refused() -> None:
+    plan, sd, cut = _setup(2)
+    rule = OuterRule(aggregation="diloco")
+    r = reduce_shard(
+        plan, 1, sd, carried(sd), [Piece(NODES[0], 3.0, cut[0][1])], ShardState(), rule
+    )
+    data = state_bytes(r.state)
+    assert data == state_bytes(r.state)  # equal states, equal bytes
+    back = read_state(plan, 1, data)
+    assert back.momentum.keys() == r.state.momentum.keys() and back.momentum
+    assert all(torch.equal(back.residual[k], v) for k, v in r.state.residual.items())
+    assert read_state(plan, 1, b"") == ShardState()
+    key = next(iter(r.state.residual))
+    other = ShardState({}, {key: r.state.residual[key][:-1].clone()})
+    cases = [
+        (b"garbage", "not a shard state"),
+        (state_bytes(ShardState({}, {"nope@0": torch.zeros(3)})), "not one of its spans"),
+        (state_bytes(other), "finite values"),
+        (
+            state_bytes(
+                ShardState({}, {key: torch.full_like(r.state.residual[key], float("nan"))})
+            ),
+            "finite values",
+        ),
+    ]
+    for bad, says in cases:
+        with pytest.raises(SessionError, match=says):
+            read_state(plan, 1, bad)
+    with pytest.raises(SessionError, match="not one of its spans"):
+        read_state(plan, 0, data)  # another shard's state

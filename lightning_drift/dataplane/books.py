@@ -35,6 +35,7 @@ has a deadline, and a round without a settled shard ends unchanged.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ from lightning_drift.errors import ProtocolError
 
 # How many members compute a shard at first (the primary and the mirror).
 SEATS = 2
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # a sha256 as every side writes it
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Report:
     sums: Mapping[str, TensorSums] = field(default_factory=dict)
     norms2: Mapping[str, float] = field(default_factory=dict)
     bad: Mapping[str, str] = field(default_factory=dict)
+    state: str = ""  # sha256 of the shard's next state, served to a member taking it over
+    state_size: int = 0
 
     def same(self, other: Report) -> bool:
         """Honest computers of a shard report exactly the same (the reduction is exact)."""
@@ -76,6 +80,8 @@ class Report:
             and self.sums == other.sums
             and self.norms2 == other.norms2
             and self.bad.keys() == other.bad.keys()
+            and self.state == other.state
+            and self.state_size == other.state_size
         )
 
 
@@ -204,8 +210,9 @@ class RoundBooks:
         if why is not None:
             return why
         self._reports[j][node] = Report(
-            j, report.result, report.size, dict(report.sums), dict(report.norms2), dict(report.bad)
-        )
+            j, report.result, report.size, dict(report.sums), dict(report.norms2),
+            dict(report.bad), report.state, report.state_size,
+        )  # fmt: skip
         self._known[j] = None
         return None
 
@@ -343,8 +350,13 @@ class RoundBooks:
     def _check(self, r: Report) -> str | None:
         names = {s.name for s in self.plan.shards[r.shard].spans}
         contributors = self._contributing
-        if r.result and (len(r.result) != 64 or r.size != self.plan.shards[r.shard].size):
-            return f"shard {r.shard}'s result must be a sha256 of a {self.plan.shards[r.shard].size}-byte piece"
+        size = self.plan.shards[r.shard].size
+        if r.result and (not _HEX64.fullmatch(r.result) or r.size != size):
+            return f"shard {r.shard}'s result must be a sha256 of a {size}-byte piece"
+        floats = sum(s.numel for s in self.plan.shards[r.shard].spans if s.floating)
+        most = 16 * floats + (64 << 10)  # momentum and residual in float64 at most, a header
+        if r.state and (not _HEX64.fullmatch(r.state) or not 0 < r.state_size <= most):
+            return f"shard {r.shard}'s state must be a sha256 of at most {most} bytes"
         if not set(r.sums) <= names:
             return f"shard {r.shard}'s sums name tensors outside the shard"
         for s in r.sums.values():
@@ -369,6 +381,8 @@ class RoundBooks:
                 primary=p,
                 mirror=m,
                 result=r.result,
+                state=r.state,
+                state_size=r.state_size,
                 size=r.size,
                 inputs=inputs_digest(self.reduction(r.shard)),
             )

@@ -87,7 +87,7 @@ class Limits:
         number = 9  # an int64 or a float64 with its type byte
         # A shard: the map's header, its keys (index, primary, mirror, result, size, inputs:
         # 40 bytes with their headers), two numbers and four hashes.
-        shard = 1 + 40 + 2 * number + 4 * hex_str
+        shard = 1 + 64 + 3 * number + 5 * hex_str
         text = 4 * (self.max_session + self.max_reason) + 10  # UTF-8 at 4 bytes a character
         return (
             1024  # the envelope, the signature, the map's keys, round, epoch, base, plan,
@@ -131,6 +131,8 @@ class ShardEntry(msgspec.Struct, frozen=True, kw_only=True):
     result: str  # sha256 hex of the shard's result piece ("" only in an unchanged round)
     size: int  # bytes of the result piece
     inputs: str  # inputs_digest of the shard's reduction list ("" only in an unchanged round)
+    state: str = ""  # sha256 of what the shard carries on (reduce.state_bytes); "": nothing
+    state_size: int = 0  # its bytes
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
@@ -370,6 +372,9 @@ def _check_shards(shards: list[ShardEntry], limits: Limits, *, changed: bool) ->
         _count(s.size, f"{field}.size", 0, limits.max_piece, "max_piece")
         if changed or s.inputs != "":
             _hex64(s.inputs, f"{field}.inputs", "the digest of the shard's reduction list")
+        if s.state != "":
+            _hex64(s.state, f"{field}.state", 'the sha256 of the shard\'s state, or ""')
+        _count(s.state_size, f"{field}.state_size", 0, limits.max_piece, "max_piece")
 
 
 def _check_nodes(nodes: list[str], field: str) -> None:

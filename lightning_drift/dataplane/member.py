@@ -32,11 +32,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_drift.dataplane.manifest import Commit, Manifest
+from lightning_drift.dataplane.manifest import Commit, Manifest, ShardEntry
 from lightning_drift.dataplane.owners import Owners, ranking
 from lightning_drift.dataplane.pieces import PieceClient, PieceServer, PieceStore
 from lightning_drift.dataplane.plan import ShardPlan
-from lightning_drift.dataplane.reduce import OuterRule, Piece, ShardResult, ShardState, reduce_shard
+from lightning_drift.dataplane.reduce import (
+    OuterRule,
+    Piece,
+    ShardResult,
+    ShardState,
+    read_state,
+    reduce_shard,
+    state_bytes,
+)
 from lightning_drift.errors import DriftError, ProtocolError
 from lightning_drift.peers import PeerName
 from lightning_drift.protocol import PieceKind
@@ -47,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CHANGE: PieceKind = "change"
 RESULT: PieceKind = "result"
+STATE: PieceKind = "state"
 
 
 def fetch_tree(
@@ -58,6 +67,15 @@ def fetch_tree(
     rest = [m for m in ranking(members, seed, shard) if m not in seats]
     order = [s for s in seats if s] + rest
     return {m: order[(p - 2) // 2] for p, m in enumerate(order) if p >= 2}
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A shard computed: the result, and the sha256 and size of the state it carries on."""
+
+    result: ShardResult
+    state: str
+    state_size: int
 
 
 @dataclass
@@ -88,7 +106,7 @@ class Member:
 
     def _expect(self, peer: bytes, upload_round: int, shard: int, kind: PieceKind) -> int | str:
         if kind != CHANGE:
-            return "result pieces are fetched, never pushed"
+            return f"{kind} pieces are fetched, never pushed"
         if not 0 <= shard < self.plan.count:
             return f"shard {shard} is not one of the plan's {self.plan.count}"
         if not self.seats or not self.seats[shard].holds(self.node):
@@ -107,7 +125,7 @@ class Member:
             self._client.push(self.peers[seat], upload_round, j, CHANGE, pieces[j])
             for j, owners in enumerate(self.seats)
             for seat in (owners.primary, owners.mirror)
-            if seat and seat != self.node
+            if seat and seat != self.node and seat not in self.gone
         ]
         results = await asyncio.gather(*sends, return_exceptions=True)
         for r in results:
@@ -128,9 +146,9 @@ class Member:
         fixed: frozenset[str],
         state: ShardState,
         rule: OuterRule,
-    ) -> ShardResult:
+    ) -> Computed:
         """Shard ``shard``'s round over ``reduction`` ((node, weight, piece sha256), in
-        order); the result piece is kept to be served."""
+        order); the result piece and the shard's next state are kept to be served."""
         size = self.plan.shards[shard].size
         pieces: list[Piece] = []
         for node, weight, sha in reduction:
@@ -141,9 +159,43 @@ class Member:
         result = await asyncio.to_thread(
             reduce_shard, self.plan, shard, base, fixed, pieces, state, rule
         )
-        if result.piece is not None:
-            self.store.put(upload_round, shard, RESULT, result.sha, result.piece)
-        return result
+        if result.piece is None:
+            return Computed(result, "", 0)
+        self.store.put(upload_round, shard, RESULT, result.sha, result.piece)
+        kept = await asyncio.to_thread(state_bytes, result.state)
+        if not kept:
+            return Computed(result, "", 0)
+        sha = hashlib.sha256(kept).hexdigest()
+        self.store.put(upload_round, shard, STATE, sha, kept)
+        return Computed(result, sha, len(kept))
+
+    async def fetch_state(self, upload_round: int, entry: ShardEntry) -> ShardState:
+        """What shard ``entry.index`` carried out of ``upload_round`` (its manifest's entry),
+        for a member that takes the shard over: by hash, from the seats that computed it."""
+        if not entry.state:
+            return ShardState()
+        data = self.store.get(upload_round, entry.index, STATE, entry.state)
+        last: Exception | None = None
+        for seat in [s for s in (entry.primary, entry.mirror) if s and s not in self.gone]:
+            if data is not None:
+                break
+            try:
+                data = await self._client.fetch(
+                    self.peers[seat],
+                    upload_round,
+                    entry.index,
+                    STATE,
+                    entry.state,
+                    entry.state_size,
+                )
+            except DriftError as exc:
+                last = exc
+        if data is None:
+            raise ProtocolError(
+                f"no seat served shard {entry.index}'s state of round {upload_round}: {last}; "
+                "the shard must start again from the last checkpoint"
+            )
+        return await asyncio.to_thread(read_state, self.plan, entry.index, data)
 
     async def _piece_from_holders(
         self, upload_round: int, shard: int, node: str, sha: str, size: int
@@ -218,4 +270,4 @@ class Member:
             await self.client.close()
 
 
-__all__ = ["CHANGE", "RESULT", "Member", "fetch_tree"]
+__all__ = ["CHANGE", "RESULT", "STATE", "Computed", "Member", "fetch_tree"]

@@ -33,6 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import safetensors.torch
 import torch
 
 from lightning_drift import codec
@@ -81,6 +82,50 @@ class ShardState:
 
     momentum: StateDict = field(default_factory=dict)
     residual: StateDict = field(default_factory=dict)
+
+
+_MOMENTUM, _RESIDUAL = "momentum/", "residual/"
+
+
+def state_bytes(state: ShardState) -> bytes:
+    """A shard's state as bytes (safetensors; equal states, equal bytes): what a seat serves
+    by its sha256 to a member that takes the shard over."""
+    flat = {_MOMENTUM + k: v.contiguous() for k, v in state.momentum.items()}
+    flat.update({_RESIDUAL + k: v.contiguous() for k, v in state.residual.items()})
+    return safetensors.torch.save(flat) if flat else b""
+
+
+def read_state(plan: ShardPlan, index: int, data: bytes) -> ShardState:
+    """The state :func:`state_bytes` wrote for shard ``index``, checked against the plan: only
+    the shard's floating spans, each a flat tensor of its size in its compute dtype, finite.
+    ``SessionError(code="bad_upload")`` says what is wrong."""
+    if not data:
+        return ShardState()
+    try:
+        flat = safetensors.torch.load(bytes(data))
+    except Exception as exc:  # the binding raises its own SafetensorError
+        raise SessionError(
+            f"not a shard state ({len(data)} bytes): {exc}", code="bad_upload"
+        ) from None
+    spans = {s.key: s for s in plan.shards[index].spans if s.floating}
+    momentum: StateDict = {}
+    residual: StateDict = {}
+    for name, t in flat.items():
+        part, _, key = name.partition("/")
+        span = spans.get(key)
+        if part not in ("momentum", "residual") or span is None:
+            raise SessionError(
+                f"shard {index}'s state holds {name[:80]!r}, not one of its spans",
+                code="bad_upload",
+            )
+        cdt = codec.compute_dtype(span.dtype)
+        if t.dtype != cdt or tuple(t.shape) != (span.numel,) or not bool(torch.isfinite(t).all()):
+            raise SessionError(
+                f"shard {index}'s state {name[:80]!r} must be {span.numel} finite values of {cdt}",
+                code="bad_upload",
+            )
+        (momentum if part == "momentum" else residual)[key] = t
+    return ShardState(momentum, residual)
 
 
 @dataclass(frozen=True)
