@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
 from dataplane_cases import local, model
 from shardsim import Simulation, flip_one_value
 
