@@ -419,6 +419,7 @@ class ShardReport(_Msg, tag="shard_report"):
     norms2: list[tuple[str, float]] = []
     bad: list[tuple[str, str]] = []
     state: str = ""  # sha256 of the shard's next state (DiLoCo momentum, residual); "": none
+    state_size: int = 0  # its bytes
 
 
 class RoundManifest(_Msg, tag="round_manifest"):

@@ -51,6 +51,7 @@ from lightning_drift.dataplane.owners import ranking
 from lightning_drift.dataplane.plan import ShardPlan
 from lightning_drift.dataplane.reduce import TensorSums, check_sums
 from lightning_drift.errors import ProtocolError
+from lightning_drift.text import clean_text
 
 # How many members compute a shard at first (the primary and the mirror).
 SEATS = 2
@@ -209,9 +210,10 @@ class RoundBooks:
         why = self._check(report)
         if why is not None:
             return why
+        bad = {n: clean_text(why, 200) for n, why in report.bad.items()}  # shown and logged
         self._reports[j][node] = Report(
             j, report.result, report.size, dict(report.sums), dict(report.norms2),
-            dict(report.bad), report.state, report.state_size,
+            bad, report.state, report.state_size,
         )  # fmt: skip
         self._known[j] = None
         return None
@@ -280,8 +282,10 @@ class RoundBooks:
         if waiting:
             return None, orders
         if failed:
-            shown = ", ".join(map(str, failed))  # at most MAX_SHARDS small numbers
-            why = f"shards {shown} could not be settled (their computers disagreed)"
+            shown = ", ".join(map(str, failed[:10])) + (" …" if len(failed) > 10 else "")
+            why = (
+                f"{len(failed)} shard(s) ({shown}) could not be settled: their computers disagreed"
+            )
             return Settled(self._manifest([], [], liars, why), liars=liars, alone=alone), []
         bad = {n: why for r in standing for n, why in r.bad.items()}
         if bad:
@@ -296,6 +300,17 @@ class RoundBooks:
             why = f"aggregate refused: {refused}"
             return Settled(self._manifest([], [], liars, why), liars=liars, alone=alone), []
         return Settled(self._manifest(standing, seats, liars, ""), liars=liars, alone=alone), []
+
+    def audit(self, shard: int, report: Report) -> dict[str, str]:
+        """The coordinator's own recomputation of a settled shard (``report``): the
+        computers whose standing result it contradicts, with why. Two seats that agreed on a
+        wrong result (a colluding pair) are both named; no computer is named when it agrees
+        or the shard did not stand."""
+        verdict = self._verdict(shard) if 0 <= shard < self.plan.count else "failed"
+        if isinstance(verdict, str) or verdict[0].same(report):
+            return {}
+        why = f"its result for shard {shard} of round {self.round} failed the coordinator's recomputation"
+        return dict.fromkeys(verdict[1], why)
 
     def norms(self) -> dict[str, float]:
         """Each contributor's change norm over the whole model, from the standing reports."""
@@ -332,10 +347,15 @@ class RoundBooks:
 
     def _judge(self, j: int) -> tuple[Report, list[str]] | str:
         reports = self._reports[j]
+        distinct: list[Report] = []
         for r in reports.values():
             agreed = [m for m, o in reports.items() if o.same(r)]
             if len(agreed) >= 2:
                 return r, agreed
+            if not any(r.same(d) for d in distinct):
+                distinct.append(r)
+        if len(distinct) >= 3:
+            return "failed"  # three different answers: no referee can settle it
         pending = [m for m in self._asked[j] if m not in reports and m not in self._lost]
         if pending:
             return "waiting"
@@ -359,6 +379,13 @@ class RoundBooks:
             return f"shard {r.shard}'s state must be a sha256 of at most {most} bytes"
         if not set(r.sums) <= names:
             return f"shard {r.shard}'s sums name tensors outside the shard"
+        checked = {
+            s.name
+            for s in self.plan.shards[r.shard].spans
+            if s.floating and s.name not in self.fixed
+        }
+        if r.result and set(r.sums) != checked:
+            return f"shard {r.shard}'s sums must cover each of its {len(checked)} checked tensors"
         for s in r.sums.values():
             if not all(math.isfinite(v) and v >= 0 for v in (s.moved2, s.ref2)) or s.nonfinite < 0:
                 return f"shard {r.shard}'s sums must be finite and >= 0"

@@ -45,7 +45,7 @@ from lightning_drift.dataplane.reduce import (
     reduce_shard,
     state_bytes,
 )
-from lightning_drift.errors import DriftError, ProtocolError
+from lightning_drift.errors import DriftError, PieceRefused, ProtocolError
 from lightning_drift.peers import PeerName
 from lightning_drift.protocol import PieceKind
 from lightning_drift.text import short_id
@@ -92,6 +92,8 @@ class Member:
     store: PieceStore = field(default_factory=PieceStore)
     seats: list[Owners] = field(default_factory=list)  # the epoch's seats of every shard
     gone: set[str] = field(default_factory=set)  # members the coordinator says are lost
+    open_round: int = 0  # the round whose change pieces this member takes
+    _senders: set[tuple[int, int, bytes]] = field(default_factory=set)
     wait_s: float = 20.0  # how long a parent holds a fetch for a result piece it awaits
     server: PieceServer | None = None
     client: PieceClient | None = None
@@ -100,27 +102,63 @@ class Member:
         """Serve pieces to the members ``keys`` names (node id -> data endpoint key)."""
         self.client = PieceClient(self.endpoint)
         self.server = PieceServer(
-            self.endpoint, self.store, self._expect, allowed=keys.values(), hold_s=self.wait_s
+            self.endpoint,
+            self.store,
+            self._expect,
+            self._taken,
+            allowed=keys.values(),
+            hold_s=self.wait_s,
         )
         self._keys = dict(keys)
 
+    def allow(self, keys: Mapping[str, bytes]) -> None:
+        """Serve exactly these members from now on (node id -> data endpoint key)."""
+        self._keys = dict(keys)
+        if self.server is not None:
+            self.server.allow(keys.values())
+
     def _expect(self, peer: bytes, upload_round: int, shard: int, kind: PieceKind) -> int | str:
+        # A hostile member must not fill this store: only the open round (or the next, from
+        # a member ahead of this one), and one piece per sender and shard in a round.
         if kind != CHANGE:
             return f"{kind} pieces are fetched, never pushed"
+        if upload_round not in (self.open_round, self.open_round + 1):
+            return f"round {upload_round} is not open here (round {self.open_round} is)"
+        if (upload_round, shard, peer) in self._senders:
+            return f"a piece of shard {shard} of round {upload_round} came from this member already"
         if not 0 <= shard < self.plan.count:
             return f"shard {shard} is not one of the plan's {self.plan.count}"
         if not self.seats or not self.seats[shard].holds(self.node):
             return f"this member does not aggregate shard {shard}"
         return self.plan.shards[shard].size
 
+    def _taken(
+        self, peer: bytes, upload_round: int, shard: int, kind: PieceKind, sha: str, data: bytes
+    ) -> None:
+        self._senders.add((upload_round, shard, peer))
+
+    def _keep(self, upload_round: int, shard: int, kind: PieceKind, sha: str, data: bytes) -> None:
+        """Hold a piece to serve it; a full store is logged, never fatal to the round."""
+        try:
+            self.store.put(upload_round, shard, kind, sha, data)
+        except PieceRefused as exc:
+            log.warning("dataplane.store_full node=%s why=%s", short_id(self.node), exc)
+
+    def open(self, upload_round: int) -> None:
+        """The round now open here: change pieces of older rounds are no longer taken."""
+        self.open_round = upload_round
+        self._senders = {k for k in self._senders if k[0] >= upload_round}
+
     # ---- 1. push --------------------------------------------------------------------------
 
     async def push_change(self, upload_round: int, base: str, payload: bytes) -> Commit:
         """Cut, keep and push this member's change (see the module docstring)."""
+        if upload_round > self.open_round:
+            self.open(upload_round)
         pieces = await asyncio.to_thread(self.plan.pieces, payload)
         hashes = [hashlib.sha256(p).hexdigest() for p in pieces]
         for j, (piece, sha) in enumerate(zip(pieces, hashes, strict=True)):
-            self.store.put(upload_round, j, CHANGE, sha, piece)
+            self._keep(upload_round, j, CHANGE, sha, piece)
         sends = [
             self._client.push(self.peers[seat], upload_round, j, CHANGE, pieces[j])
             for j, owners in enumerate(self.seats)
@@ -155,18 +193,20 @@ class Member:
             data = self.store.get(upload_round, shard, CHANGE, sha)
             if data is None:
                 data = await self._piece_from_holders(upload_round, shard, node, sha, size)
+                if data:  # kept: this member may be asked to serve it (a referee, an audit)
+                    self._keep(upload_round, shard, CHANGE, sha, data)
             pieces.append(Piece(node, weight, data))
         result = await asyncio.to_thread(
             reduce_shard, self.plan, shard, base, fixed, pieces, state, rule
         )
         if result.piece is None:
             return Computed(result, "", 0)
-        self.store.put(upload_round, shard, RESULT, result.sha, result.piece)
+        self._keep(upload_round, shard, RESULT, result.sha, result.piece)
         kept = await asyncio.to_thread(state_bytes, result.state)
         if not kept:
             return Computed(result, "", 0)
         sha = hashlib.sha256(kept).hexdigest()
-        self.store.put(upload_round, shard, STATE, sha, kept)
+        self._keep(upload_round, shard, STATE, sha, kept)
         return Computed(result, sha, len(kept))
 
     async def fetch_state(self, upload_round: int, entry: ShardEntry) -> ShardState:
@@ -241,7 +281,7 @@ class Member:
         seats = [s for s in (entry.primary, entry.mirror) if s]
         parent = fetch_tree(members, seats, seed, shard).get(self.node)
         sources = ([parent] if parent and parent not in seats else []) + seats
-        sources = [s for s in sources if s not in self.gone]
+        sources = [s for s in sources if s not in self.gone and s != self.node]
         last: Exception | None = None
         for source in sources:
             try:
@@ -251,7 +291,7 @@ class Member:
             except DriftError as exc:
                 last = exc
                 continue
-            self.store.put(upload_round, shard, RESULT, entry.result, data)
+            self._keep(upload_round, shard, RESULT, entry.result, data)
             return data
         raise ProtocolError(
             f"no member served shard {shard}'s result of round {upload_round}: {last}"

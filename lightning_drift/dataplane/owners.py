@@ -73,6 +73,13 @@ def referee(members: Sequence[str], seed: bytes, shard: int, besides: Sequence[s
     return max(ids, key=lambda m: draw(seed, shard, m))
 
 
+def audit_pick(secret: bytes, round_no: int, count: int) -> int:
+    """The shard the coordinator recomputes after ``round_no``: drawn from a secret only it
+    holds, so no pair of seats can know in advance whether its shard is the one checked."""
+    digest = hashlib.sha256(b"drift/audit/1 " + bytes(secret) + round_no.to_bytes(8, "big"))
+    return int.from_bytes(digest.digest()[:8], "big") % max(1, count)
+
+
 def load(owners: Sequence[Owners]) -> dict[str, int]:
     """How many shards each member aggregates (as primary or mirror)."""
     out: dict[str, int] = {}
@@ -83,4 +90,4 @@ def load(owners: Sequence[Owners]) -> dict[str, int]:
     return out
 
 
-__all__ = ["Owners", "assign", "epoch_seed", "load", "ranking", "referee", "draw"]
+__all__ = ["Owners", "assign", "audit_pick", "epoch_seed", "load", "ranking", "referee", "draw"]

@@ -44,6 +44,7 @@ from lightning_drift.transport import Connection, Endpoint, peer_key
 
 log = logging.getLogger(__name__)
 
+MAX_AWAITED = 4096  # pieces waited for at once; requests beyond it are answered at once
 STORE_BYTES = 1 << 30  # a store's default cap: 1 GiB of pieces
 MIN_BYTES_S = 16 << 10  # bytes/s a piece's sender must keep after the grace period (as uploads)
 GRACE_S = 30.0  # seconds a piece's transfer may take before the rate floor applies
@@ -140,12 +141,13 @@ class PieceStore:
         """The piece once held, waiting up to ``timeout_s`` for it to be put (a member down a
         fetch tree asks before its parent has it); None if it does not come in time."""
         key: PieceKey = (upload_round, shard, kind, sha256)
-        if key not in self._pieces and timeout_s > 0:
+        awaited = key in self._awaited or len(self._awaited) < MAX_AWAITED
+        if key not in self._pieces and timeout_s > 0 and awaited:
+            # One event per piece, shared by every waiter and dropped by put() or by
+            # forget_before(): a waiter that times out leaves it to the others.
             came = self._awaited.setdefault(key, asyncio.Event())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(came.wait(), timeout_s)
-            if not came.is_set() and self._awaited.get(key) is came:
-                del self._awaited[key]
         return self._pieces.get(key)
 
     def get(self, upload_round: int, shard: int, kind: PieceKind, sha256: str) -> bytes | None:
@@ -166,6 +168,8 @@ class PieceStore:
         freed = 0
         for key in [k for k in self._pieces if k[0] < upload_round]:
             freed += len(self._pieces.pop(key))
+        for key in [k for k in self._awaited if k[0] < upload_round]:
+            self._awaited.pop(key).set()  # nobody will put it now: its waiters go
         self._nbytes -= freed
         return freed
 
@@ -203,7 +207,7 @@ class PieceServer:
     ) -> None:
         self.endpoint = endpoint
         self.store = store
-        self.hold_s = hold_s  # how long a fetch of a result piece not held yet may wait for it
+        self.hold_s = hold_s  # how long a fetch of a piece not held yet may wait for it
         self.expect = expect
         self.on_piece = on_piece
         self.answer_timeout_s = answer_timeout_s
@@ -375,7 +379,7 @@ class PieceServer:
                 get.shard,
                 get.kind,
                 get.sha256,
-                self.hold_s if get.kind == "result" else 0,
+                self.hold_s,
             )
         if data is None or len(data) != get.size:
             message = problem or (
