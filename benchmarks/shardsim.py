@@ -62,6 +62,7 @@ class RoundFigures:
     weights_sha: str = ""
     restarted: list[int] = field(default_factory=list)  # shards whose state no seat served
     left_out: list[str] = field(default_factory=list)  # contributors whose pieces were lost or bad
+    audited: dict[str, str] = field(default_factory=dict)  # seats the coordinator's audit caught
 
 
 class Simulation:
@@ -101,14 +102,20 @@ class Simulation:
 
     async def open(self, n: int) -> None:
         endpoints = [await Endpoint.bind() for _ in range(n)]
+        own = await Endpoint.bind()  # the coordinator's, for its audits: never a seat
         keys = {ep.key_hex: ep.key for ep in endpoints}
-        peers: dict[str, Any] = {ep.key_hex: f"{ep.key_hex}@{ep.addrs()[0]}" for ep in endpoints}
+        peers: dict[str, Any] = {
+            ep.key_hex: f"{ep.key_hex}@{ep.addrs()[0]}" for ep in [*endpoints, own]
+        }
         seats = assign(list(keys), self.seed, self.plan.count)
         for ep in endpoints:
             m = Member(ep.key_hex, ep, self.plan, peers, seats=seats)
-            await m.start({k: v for k, v in keys.items() if k != ep.key_hex})
+            others = {k: v for k, v in keys.items() if k != ep.key_hex}
+            await m.start({**others, own.key_hex: own.key})
             self.members[ep.key_hex] = m
             self.residuals[ep.key_hex] = codec.Residual()
+        self.auditor = Member(own.key_hex, own, self.plan, peers, seats=seats)
+        await self.auditor.start(keys)
 
     @property
     def live(self) -> list[str]:
@@ -135,6 +142,7 @@ class Simulation:
         *,
         lies: dict[tuple[str, int], Lie] | None = None,
         kill_before_compute: Sequence[str] = (),
+        audit: int | None = None,
     ) -> RoundFigures:
         t0 = time.perf_counter()
         self.restarted = []
@@ -187,6 +195,9 @@ class Simulation:
         assert settled is not None
         manifest = settled.manifest
         assert manifest is not None
+        audited: dict[str, str] = {}
+        if audit is not None and not manifest.unchanged:
+            audited = await self._audit(books, upload_round, audit)
         blob = mf.sign(manifest, self.identity)
         # The reference star, fed the same uploads in the books' order.
         acc = self.star.new_accumulator(self.global_sd)
@@ -233,6 +244,7 @@ class Simulation:
             weights_sha=hashlib.sha256(to_bytes(new_sd)).hexdigest(),
             restarted=sorted(set(self.restarted)),
             left_out=sorted(left_out),
+            audited=audited,
         )
 
     async def _compute(
@@ -260,11 +272,31 @@ class Simulation:
             done = Computed(res, done.state, done.state_size)
         return done
 
+    async def _audit(self, books: RoundBooks, upload_round: int, shard: int) -> dict[str, str]:
+        """The coordinator recomputes ``shard`` itself (pieces and the state it started from
+        fetched by hash, as any member would) and checks the standing result against it."""
+        self.auditor.gone = set(self.killed)
+        state = ShardState()
+        if self.last is not None:
+            state = await self.auditor.fetch_state(self.last.round, self.last.shards[shard])
+        done = await self.auditor.compute(
+            upload_round, shard, books.reduction(shard), self.global_sd,
+            carried(self.global_sd), state, self.rule,
+        )  # fmt: skip
+        res = done.result
+        mine = Report(
+            shard, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad,
+            done.state, done.state_size,
+        )  # fmt: skip
+        return books.audit(shard, mine)
+
     async def _fetch(self, node: str, blob: bytes) -> list[bytes]:
         m = mf.verify(blob, self.identity.public_key, session=self.session)
         return await self.members[node].fetch_result(m, self.live, self.seed)
 
     async def close(self) -> None:
+        await self.auditor.close()
+        await self.auditor.endpoint.close()
         for n, m in self.members.items():
             if n not in self.killed:
                 await m.close()

@@ -249,3 +249,19 @@ def test_commits_and_reports_out_of_turn_are_refused() -> None:
     fresh.commit_all()
     with pytest.raises(ValueError, match="finite"):
         fresh.books.fix({NODES[0]: float("inf")}, now=0.0)
+
+
+def test_the_coordinators_audit_names_both_seats_of_a_wrong_standing_result() -> None:
+    r = Round()
+    r.commit_all()
+    orders = r.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=0.0)
+    pair = {o.node for o in orders if o.shard == 1}
+    wrong = hashlib.sha256(b"agreed lie").hexdigest()
+    r.answer([o for o in orders if o.shard == 1], lie=dict.fromkeys(pair, wrong))
+    r.answer([o for o in orders if o.shard != 1])
+    settled, _ = r.books.settle(1.0, 0.0)
+    assert settled is not None and settled.manifest is not None
+    assert settled.manifest.shards[1].result == wrong  # two seats agreed: it stood
+    assert set(r.books.audit(1, r.honest(1))) == pair
+    assert r.books.audit(0, r.honest(0)) == {}  # an honest shard passes its audit
+    assert r.books.audit(99, r.honest(0)) == {}

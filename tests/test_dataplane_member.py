@@ -107,3 +107,28 @@ def test_both_seats_lost_restart_their_shards_state_and_the_round_still_complete
     # Their own pieces of shard 2 died with them: the round went on without their uploads.
     assert f.left_out == sorted([seat.primary, seat.mirror])
     assert not f.equal  # the star kept shard 2's momentum; the sharded plane could not
+
+
+def test_a_colluding_pair_of_seats_is_caught_by_the_coordinators_audit() -> None:
+    async def go():
+        sim = Simulation(model(), shards=3)
+        await sim.open(5)
+        try:
+            await sim.round(1, _payloads(sim, 1), dict.fromkeys(sim.live, 1.0))
+            seat = sim.members[sim.live[0]].seats[0]
+            lies = {(seat.primary, 0): flip_one_value, (seat.mirror, 0): flip_one_value}
+            payloads = _payloads(sim, 2)
+            honest = await sim.round(2, payloads, dict.fromkeys(payloads, 1.0), audit=1)
+            payloads = _payloads(sim, 3)
+            caught = await sim.round(3, payloads, dict.fromkeys(payloads, 1.0), lies=lies, audit=0)
+            return seat, honest, caught
+        finally:
+            await sim.close()
+
+    seat, honest, caught = asyncio.run(asyncio.wait_for(go(), 240))
+    assert honest.equal and honest.audited == {}
+    # The pair agreed, so their result stood and was published ...
+    assert not caught.equal and not caught.struck
+    # ... and the coordinator's own recomputation names them both.
+    assert set(caught.audited) == {seat.primary, seat.mirror}
+    assert all("failed the coordinator's recomputation" in why for why in caught.audited.values())

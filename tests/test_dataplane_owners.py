@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_drift.dataplane.owners import assign, epoch_seed, load, referee
+from lightning_drift.dataplane.owners import assign, audit_pick, epoch_seed, load, referee
 
 
 def _ids(n: int) -> list[str]:
@@ -74,3 +74,10 @@ def test_the_referee_is_neither_of_the_two_that_disagree() -> None:
     r = referee(members, seed, 2, [o.primary, o.mirror])
     assert r in members and r not in (o.primary, o.mirror)
     assert referee(members[:2], seed, 2, members[:2]) == ""
+
+
+def test_the_audited_shard_follows_the_coordinators_secret() -> None:
+    picks = [audit_pick(b"secret", r, 16) for r in range(200)]
+    assert all(0 <= p < 16 for p in picks) and len(set(picks)) == 16  # every shard in turn
+    assert picks == [audit_pick(b"secret", r, 16) for r in range(200)]
+    assert picks != [audit_pick(b"other", r, 16) for r in range(200)]
