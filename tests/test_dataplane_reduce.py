@@ -85,6 +85,7 @@ def test_every_cpu_kernel_gives_the_same_bytes(codec_name: str, method: str, cou
     assert len({r["weights"] for r in seen.values()}) == 1, seen
     assert len({r["residual"] for r in seen.values()}) == 1, seen
     assert len({r["momentum"] for r in seen.values()}) == 1, seen
+    assert len({r["reports"] for r in seen.values()}) == 1, seen  # sums and norms too
 
 
 def _setup(count: int = 3) -> tuple[ShardPlan, dict[str, torch.Tensor], list[list[bytes]]]:

@@ -277,6 +277,7 @@ class RoundBooks:
             for n, r in self._reports[j].items():
                 if not r.same(report):
                     liars[n] = f"its result for shard {j} of round {self.round} was outvoted"
+                    self._lost.add(n)  # never asked again this round, a redo included
             standing.append(report)
             seats.append((agreed[0], agreed[1] if len(agreed) > 1 else ""))
         if waiting:

@@ -15,8 +15,9 @@ In a round a member
 3. **fetches** (:meth:`Member.fetch_result`) every result piece it does not hold, verified
    against the signed manifest, down a tree: for each shard the members are ranked (by the
    round's draw); the first two are the shard's seats, and the member at place ``p`` fetches
-   from the one at place ``(p - 2) // 2``, so no member serves more than two others a shard,
-   falling back to the seats when its parent does not answer.
+   from the one at place ``(p - 2) // 2``, so no member serves more than two others a shard
+   (three, for a lone seat), falling back to the seats when its parent does not answer or
+   serves slower than :data:`TREE_BYTES_S`.
 
 Who is a seat, what is in an order, and whether the manifest is genuine are the caller's
 (the coordinator's signature is checked before this module sees a manifest).
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 CHANGE: PieceKind = "change"
 RESULT: PieceKind = "result"
 STATE: PieceKind = "state"
+TREE_BYTES_S = 1 << 20  # the least a fetch-tree parent must serve per second
 
 
 def fetch_tree(
@@ -284,11 +286,17 @@ class Member:
         sources = [s for s in sources if s not in self.gone and s != self.node]
         last: Exception | None = None
         for source in sources:
+            # A parent that trickles its bytes must not hold a child for long: past its hold
+            # and a floor of TREE_BYTES_S, the child goes to the seats.
+            bound = self.wait_s + entry.size / TREE_BYTES_S + 10.0
             try:
-                data = await self._client.fetch(
-                    self.peers[source], upload_round, shard, RESULT, entry.result, entry.size
+                data = await asyncio.wait_for(
+                    self._client.fetch(
+                        self.peers[source], upload_round, shard, RESULT, entry.result, entry.size
+                    ),
+                    bound if source not in seats else None,
                 )
-            except DriftError as exc:
+            except (DriftError, TimeoutError) as exc:
                 last = exc
                 continue
             self._keep(upload_round, shard, RESULT, entry.result, data)
