@@ -34,8 +34,9 @@ Aggregation = Literal["mean", "diloco"]
 TransferDType = Literal["float32", "bfloat16", "int8"]
 # What follows a BarrierReady (see BarrierReady.payload).
 Payload = Literal["weights", "delta", "same"]
-# A piece of the sharded data plane: a member's encoded change, or a shard's reduced result.
-PieceKind = Literal["change", "result", "state"]
+# A piece of the sharded data plane: a member's encoded change, a shard's reduced result, the
+# state a shard carries on, or a chunk of the global weights a joining node fetches.
+PieceKind = Literal["change", "result", "state", "weights"]
 
 
 class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, kw_only=True):

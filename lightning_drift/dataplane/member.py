@@ -19,6 +19,12 @@ In a round a member
    (three, for a lone seat), falling back to the seats when its parent does not answer or
    serves slower than :data:`TREE_BYTES_S`.
 
+A node that **joins** needs the global weights whole. Every member holds them, bit for bit
+the same, so the joiner fetches them from several at once (:meth:`Member.fetch_weights`): the
+safetensors bytes cut into chunks (:func:`weight_chunks`), each checked against the sha256 in
+the table the coordinator hands it (:func:`chunk_table`), each from one member and from the
+next when that one fails. The holders keep the chunks (:meth:`Member.hold_weights`).
+
 Who is a seat, what is in an order, and whether the manifest is genuine are the caller's
 (the coordinator's signature is checked before this module sees a manifest).
 """
@@ -46,7 +52,15 @@ from lightning_drift.dataplane.reduce import (
     reduce_shard,
     state_bytes,
 )
-from lightning_drift.errors import DriftError, PieceRefused, ProtocolError
+from lightning_drift.errors import (
+    AuthError,
+    ConnectTimeout,
+    DriftError,
+    PeerLost,
+    PieceRefused,
+    ProtocolError,
+)
+from lightning_drift.fsutil import sha256_bytes
 from lightning_drift.peers import PeerName
 from lightning_drift.protocol import PieceKind
 from lightning_drift.text import short_id
@@ -58,6 +72,9 @@ CHANGE: PieceKind = "change"
 RESULT: PieceKind = "result"
 STATE: PieceKind = "state"
 TREE_BYTES_S = 1 << 20  # the least a fetch-tree parent must serve per second
+WEIGHTS: PieceKind = "weights"
+MAX_CHUNKS = 1024  # chunks the weights may be cut into (a table of 1,024 is about 70 KB)
+WEIGHT_FETCHES = 8  # chunk fetches a joiner keeps in flight at once
 
 
 def fetch_tree(
@@ -69,6 +86,24 @@ def fetch_tree(
     rest = [m for m in ranking(members, seed, shard) if m not in seats]
     order = [s for s in seats if s] + rest
     return {m: order[(p - 2) // 2] for p, m in enumerate(order) if p >= 2}
+
+
+def weight_chunks(blob: bytes, count: int) -> list[bytes]:
+    """The weights' bytes (``aggregate.to_bytes`` of the global weights) cut into ``count``
+    consecutive ranges whose sizes differ by at most one byte; fewer, of one byte each, when
+    the blob is shorter than ``count`` (one empty chunk for an empty blob). Every holder cuts
+    the same bytes the same way, so a chunk's sha256 names it across members."""
+    if not 1 <= count <= MAX_CHUNKS:
+        raise ValueError(f"the weights are cut into 1 to {MAX_CHUNKS} chunks, not {count}")
+    n = max(1, min(count, len(blob)))
+    cuts = [len(blob) * i // n for i in range(n + 1)]
+    return [blob[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+def chunk_table(blob: bytes, count: int) -> list[tuple[str, int]]:
+    """The sha256 (hex) and size of each of :func:`weight_chunks`' chunks: what the
+    coordinator, which holds the checkpoint's bytes, hands a joiner to check them by."""
+    return [(sha256_bytes(c), len(c)) for c in weight_chunks(blob, count)]
 
 
 @dataclass(frozen=True)
@@ -305,6 +340,73 @@ class Member:
             f"no member served shard {shard}'s result of round {upload_round}: {last}"
         )
 
+    # ---- a joiner ------------------------------------------------------------------------
+
+    def hold_weights(self, base_round: int, blob: bytes, count: int) -> list[tuple[str, int]]:
+        """Keep the global weights of ``base_round`` (their bytes, ``blob``) as ``count``
+        chunks to serve joiners (kind ``"weights"``, shard = chunk index); returns their
+        table. They are never pushed: a joiner fetches them. Like every piece they leave the
+        store with their round (``PieceStore.forget_before``) or when newer rounds need room."""
+        chunks = weight_chunks(blob, count)
+        table = [(sha256_bytes(c), len(c)) for c in chunks]
+        for i, (chunk, (sha, _)) in enumerate(zip(chunks, table, strict=True)):
+            self._keep(base_round, i, WEIGHTS, sha, chunk)
+        return table
+
+    async def fetch_weights(
+        self,
+        base_round: int,
+        table: Sequence[tuple[str, int]],
+        holders: Sequence[str],
+        sha256: str = "",
+    ) -> bytes:
+        """The global weights of ``base_round``, joined from the chunks ``table`` names (the
+        coordinator's :func:`chunk_table`), fetched from ``holders`` at once.
+
+        Holders this member does not know, lost ones (``gone``) and itself are skipped; of
+        the rest, chunk ``i`` is asked of holder ``i mod len(rest)`` first, so the load
+        spreads, and on any failure (no answer, not held, bytes that do not hash to the
+        table's sha256) of the next one, until every holder was asked once; a holder that
+        cannot be reached is not dialled again in this fetch. At most
+        :data:`WEIGHT_FETCHES` chunks are in flight. With ``sha256`` the joined bytes must
+        hash to it. Raises ``ProtocolError`` naming the first chunk no holder served and the
+        last error it got."""
+        if not 1 <= len(table) <= MAX_CHUNKS:
+            raise ProtocolError(f"a weights table has 1 to {MAX_CHUNKS} chunks, not {len(table)}")
+        sources = [
+            h
+            for h in dict.fromkeys(holders)
+            if h != self.node and h not in self.gone and h in self.peers
+        ]
+        if not sources:
+            raise ProtocolError(
+                f"no member to fetch round {base_round}'s weights from: every holder given "
+                "is this member, lost, or not one of the session's members"
+            )
+        run = _WeightsFetch(self, base_round, sources)
+        tasks = [
+            asyncio.ensure_future(run.chunk(i, sha, size)) for i, (sha, size) in enumerate(table)
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for t in tasks:
+                t.cancel()  # one chunk no holder served ends the fetch: the rest need not come
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        chunks = [o for o in outcomes if isinstance(o, bytes)]
+        if len(chunks) < len(tasks):
+            raise next((o for o in outcomes if isinstance(o, Exception)), ProtocolError(
+                f"the fetch of round {base_round}'s weights was cut short"
+            ))  # fmt: skip
+        blob = b"".join(chunks)
+        if sha256 and sha256_bytes(blob) != sha256:
+            raise ProtocolError(
+                f"round {base_round}'s weights joined from their chunks hash to "
+                f"{sha256_bytes(blob)[:16]}…, not {sha256[:16]}…: the table does not describe "
+                "these weights"
+            )
+        return blob
+
     @property
     def _client(self) -> PieceClient:
         if self.client is None:
@@ -318,4 +420,65 @@ class Member:
             await self.client.close()
 
 
-__all__ = ["CHANGE", "RESULT", "STATE", "Computed", "Member", "fetch_tree"]
+class _WeightsFetch:
+    """One :meth:`Member.fetch_weights`: which holders answered, which cannot be reached.
+
+    A holder that cannot be reached costs a connect timeout per try, so the first fetch from
+    each holder goes alone; the chunks that would follow it wait for its outcome and pass
+    over a holder found unreachable (never dialled again in this fetch)."""
+
+    def __init__(self, member: Member, base_round: int, sources: list[str]) -> None:
+        self.member = member
+        self.base_round = base_round
+        self.sources = sources
+        self.slots = asyncio.Semaphore(WEIGHT_FETCHES)
+        self.first = {s: asyncio.Lock() for s in sources}
+        self.answered: set[str] = set()
+        self.unreachable: dict[str, DriftError] = {}
+
+    async def ask(self, source: str, i: int, sha: str, size: int) -> bytes:
+        m = self.member
+        try:
+            async with self.slots:
+                data = await m._client.fetch(
+                    m.peers[source], self.base_round, i, WEIGHTS, sha, size
+                )
+        except (ConnectTimeout, PeerLost, AuthError) as exc:
+            self.unreachable[source] = exc
+            raise
+        except DriftError:
+            self.answered.add(source)  # it answered, though not with this chunk
+            raise
+        self.answered.add(source)
+        return data
+
+    async def chunk(self, i: int, sha: str, size: int) -> bytes:
+        held = self.member.store.get(self.base_round, i, WEIGHTS, sha)
+        if held is not None:
+            return held
+        last: DriftError | None = None
+        for k in range(len(self.sources)):
+            source = self.sources[(i + k) % len(self.sources)]
+            try:
+                if source not in self.answered:  # its first fetch goes alone (see above)
+                    async with self.first[source]:
+                        if source not in self.answered and source not in self.unreachable:
+                            return await self.ask(source, i, sha, size)
+                if source in self.unreachable:
+                    last = self.unreachable[source]
+                    continue
+                return await self.ask(source, i, sha, size)
+            except DriftError as exc:
+                last = exc
+                log.info(
+                    "dataplane.weights_chunk_failed node=%s chunk=%d from=%s why=%s",
+                    short_id(self.member.node), i, short_id(source), exc,
+                )  # fmt: skip
+        raise ProtocolError(
+            f"no member served chunk {i} of round {self.base_round}'s weights ({size} bytes, "
+            f"sha256 {sha[:16]}…) from {len(self.sources)} holders; last error: {last}"
+        )
+
+
+__all__ = ["CHANGE", "MAX_CHUNKS", "RESULT", "STATE", "WEIGHTS", "WEIGHT_FETCHES", "Computed"]
+__all__ += ["Member", "chunk_table", "fetch_tree", "weight_chunks"]
