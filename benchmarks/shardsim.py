@@ -177,13 +177,14 @@ class Simulation:
                 res = done.result
                 report = Report(
                     o.shard, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad,
-                    done.state, done.state_size,
+                    done.state, done.state_size, done.missing,
                 )  # fmt: skip
                 assert books.report(o.node, report) is None
             settled, orders = books.settle(0.0, self.config.max_change)
-            if settled is not None and settled.redo:
+            if settled is not None and (settled.redo or settled.missing):
                 # Pieces nobody could serve or read: the round again without their nodes.
                 left_out.update(settled.redo)
+                left_out.update(settled.missing)
                 kept = {n: w for n, w in weights.items() if n not in left_out}
                 orders = [o for o in books.fix(kept, now=0.0) if o.node not in self.killed]
                 settled = None

@@ -421,6 +421,7 @@ class ShardReport(_Msg, tag="shard_report"):
     bad: list[tuple[str, str]] = []
     state: str = ""  # sha256 of the shard's next state (DiLoCo momentum, residual); "": none
     state_size: int = 0  # its bytes
+    missing: list[str] = []  # contributors whose pieces it could not obtain: nothing computed
 
 
 class RoundManifest(_Msg, tag="round_manifest"):

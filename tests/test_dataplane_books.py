@@ -265,3 +265,45 @@ def test_the_coordinators_audit_names_both_seats_of_a_wrong_standing_result() ->
     assert set(r.books.audit(1, r.honest(1))) == pair
     assert r.books.audit(0, r.honest(0)) == {}  # an honest shard passes its audit
     assert r.books.audit(99, r.honest(0)) == {}
+
+
+def test_a_starved_seat_abstains_and_is_never_outvoted() -> None:
+    r = Round()
+    r.commit_all()
+    orders = r.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=0.0)
+    starved, fed = [o for o in orders if o.shard == 0]
+    # A hostile contributor served its piece to one seat only.
+    empty = Report(0, "", 0, missing=(NODES[2],))
+    assert r.books.report(starved.node, empty) is None
+    assert r.books.report(fed.node, r.honest(0)) is None
+    r.answer([o for o in orders if o.shard != 0])
+    settled, referee = r.books.settle(1.0, 0.0)
+    assert settled is None and [o.shard for o in referee] == [0]  # the abstention is no vote
+    r.answer(referee)
+    settled, _ = r.books.settle(2.0, 0.0)
+    assert settled is not None and settled.manifest is not None
+    assert settled.liars == {} and settled.manifest.struck == []
+
+
+def test_a_piece_two_computers_could_not_obtain_leaves_its_node_out_unstruck() -> None:
+    r = Round()
+    r.commit_all()
+    orders = r.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=0.0)
+    gone = NODES[3]
+    for o in orders:
+        if o.shard == 2:
+            assert r.books.report(o.node, Report(2, "", 0, missing=(gone,))) is None
+    r.answer([o for o in orders if o.shard != 2])
+    settled, _ = r.books.settle(1.0, 0.0)
+    assert settled is not None and settled.manifest is None
+    assert set(settled.missing) == {gone} and not settled.redo and not settled.liars
+    again = r.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=2.0)
+    assert gone not in [c.node for c in r.books.contributors]
+    r.answer(again)
+    settled, _ = r.books.settle(3.0, 0.0)
+    assert settled is not None and settled.manifest is not None and settled.manifest.struck == []
+    fresh = Round()
+    fresh.commit_all()
+    o = fresh.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=0.0)[0]
+    outsider = Report(o.shard, "", 0, missing=("9" * 64,))
+    assert "not contributors" in (fresh.books.report(o.node, outsider) or "")

@@ -56,6 +56,10 @@ def strategy(tp: Any) -> st.SearchStrategy[Any]:
         return st.one_of(st.sampled_from(WEIRD), st.text(max_size=80))
     if tp is bool:
         return st.booleans()
+    if tp is bytes:
+        return st.one_of(
+            st.sampled_from([b"", b"\0" * 64, b"\xff" * 5000]), st.binary(max_size=200)
+        )
     if tp is type(None):
         return st.none()
     if origin is Literal:

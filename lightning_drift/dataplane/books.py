@@ -72,6 +72,9 @@ class Report:
     bad: Mapping[str, str] = field(default_factory=dict)
     state: str = ""  # sha256 of the shard's next state, served to a member taking it over
     state_size: int = 0
+    # Contributors whose pieces this computer could not obtain: it computed nothing, and
+    # its report is no vote (an honest seat a contributor starved is never outvoted).
+    missing: tuple[str, ...] = ()
 
     def same(self, other: Report) -> bool:
         """Honest computers of a shard report exactly the same (the reduction is exact)."""
@@ -100,11 +103,14 @@ class Settled:
     """The books' answer once every shard stood or could not: ``manifest`` (unsigned) when the
     round changes the weights or leaves them with a reason in ``manifest.unchanged``;
     ``redo``: contributors whose pieces were refused (fix the round again without them);
+    ``missing``: contributors no two computers could obtain a piece of (fix it again without
+    them too, but they are not to be struck: a lost node looks the same);
     ``liars``: computers outvoted on a shard, with the shard; ``alone``: shards whose result
     stands on one computer's word (no member was left to check it)."""
 
     manifest: Manifest | None = None
     redo: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
     liars: dict[str, str] = field(default_factory=dict)
     alone: list[int] = field(default_factory=list)
 
@@ -140,8 +146,9 @@ class RoundBooks:
         self._lost: set[str] = set()
         self._asked: list[dict[str, float]] = [{} for _ in range(plan.count)]  # node: deadline
         self._reports: list[dict[str, Report]] = [{} for _ in range(plan.count)]
-        self._struck: dict[str, str] = {}
+        self._left_out: dict[str, str] = {}
         self._contributing: frozenset[str] = frozenset()
+        self._abstained: list[dict[str, frozenset[str]]] = [{} for _ in range(plan.count)]
         # Each shard's verdict while nothing about it changed: settle() runs after every
         # report, and a thousand-member round must not compare every report every time.
         self._known: list[tuple[Report, list[str]] | str | None] = [None] * plan.count
@@ -174,7 +181,7 @@ class RoundBooks:
     def fix(self, weights: Mapping[str, float], now: float) -> list[Order]:
         """Fix the contributors (committed nodes in ``weights``, by node id) and give the
         first orders: each shard's first :data:`SEATS` reachable members compute it."""
-        chosen = sorted(n for n in weights if n in self.commits and n not in self._struck)
+        chosen = sorted(n for n in weights if n in self.commits and n not in self._left_out)
         for n in chosen:
             w = weights[n]
             if not (math.isfinite(w) and w >= 0):
@@ -186,6 +193,7 @@ class RoundBooks:
         self._contributing = frozenset(c.node for c in self.contributors)
         self._asked = [{} for _ in range(self.plan.count)]
         self._reports = [{} for _ in range(self.plan.count)]
+        self._abstained = [{} for _ in range(self.plan.count)]
         self._known = [None] * self.plan.count
         orders: list[Order] = []
         for j in range(self.plan.count):
@@ -205,11 +213,17 @@ class RoundBooks:
             return f"shard {j} is not one of the round's {self.plan.count}"
         if node not in self._asked[j]:
             return f"node {node[:16]} was not asked to compute shard {j}"
-        if node in self._reports[j]:
+        if node in self._reports[j] or node in self._abstained[j]:
             return f"node {node[:16]} already reported shard {j}"
         why = self._check(report)
         if why is not None:
             return why
+        if report.missing:
+            if not set(report.missing) <= self._contributing:
+                return f"shard {j}'s report names missing pieces of nodes that are not contributors"
+            self._abstained[j][node] = frozenset(report.missing)
+            self._known[j] = None
+            return None
         bad = {n: clean_text(why, 200) for n, why in report.bad.items()}  # shown and logged
         self._reports[j][node] = Report(
             j, report.result, report.size, dict(report.sums), dict(report.norms2),
@@ -255,6 +269,10 @@ class RoundBooks:
         orders: list[Order] = []
         failed: list[int] = []
         waiting = False
+        unobtainable = self._unobtainable()
+        if unobtainable:
+            self._left_out.update(unobtainable)
+            return Settled(missing=unobtainable), []
         for j in range(self.plan.count):
             verdict = self._verdict(j)
             if verdict == "disagree":
@@ -290,7 +308,7 @@ class RoundBooks:
             return Settled(self._manifest([], [], liars, why), liars=liars, alone=alone), []
         bad = {n: why for r in standing for n, why in r.bad.items()}
         if bad:
-            self._struck.update(bad)
+            self._left_out.update(bad)
             return Settled(redo=bad, liars=liars, alone=alone), []
         total = sum(c.weight for c in self.contributors)
         if not self.contributors or total <= 0 or any(not r.result for r in standing):
@@ -308,10 +326,23 @@ class RoundBooks:
         wrong result (a colluding pair) are both named; no computer is named when it agrees
         or the shard did not stand."""
         verdict = self._verdict(shard) if 0 <= shard < self.plan.count else "failed"
-        if isinstance(verdict, str) or verdict[0].same(report):
-            return {}
+        if report.missing or isinstance(verdict, str) or verdict[0].same(report):
+            return {}  # a recomputation short of pieces proves nothing
         why = f"its result for shard {shard} of round {self.round} failed the coordinator's recomputation"
         return dict.fromkeys(verdict[1], why)
+
+    def _unobtainable(self) -> dict[str, str]:
+        """Contributors two computers of one shard could not obtain a piece of."""
+        out: dict[str, str] = {}
+        for j in range(self.plan.count):
+            named: dict[str, int] = {}
+            for nodes in self._abstained[j].values():
+                for n in nodes:
+                    named[n] = named.get(n, 0) + 1
+            for n, count in named.items():
+                if count >= 2:
+                    out[n] = f"its piece of shard {j} of round {self.round} could not be obtained"
+        return out
 
     def norms(self) -> dict[str, float]:
         """Each contributor's change norm over the whole model, from the standing reports."""
@@ -357,7 +388,11 @@ class RoundBooks:
                 distinct.append(r)
         if len(distinct) >= 3:
             return "failed"  # three different answers: no referee can settle it
-        pending = [m for m in self._asked[j] if m not in reports and m not in self._lost]
+        pending = [
+            m
+            for m in self._asked[j]
+            if m not in reports and m not in self._abstained[j] and m not in self._lost
+        ]
         if pending:
             return "waiting"
         spare = [m for m in self._ranking[j] if m not in self._asked[j] and m not in self._lost]

@@ -108,11 +108,13 @@ def chunk_table(blob: bytes, count: int) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True)
 class Computed:
-    """A shard computed: the result, and the sha256 and size of the state it carries on."""
+    """A shard computed: the result, and the sha256 and size of the state it carries on; or,
+    when a piece could not be obtained, nothing computed and whose pieces were missing."""
 
     result: ShardResult
     state: str
     state_size: int
+    missing: tuple[str, ...] = ()  # contributors whose pieces it could not obtain
 
 
 @dataclass
@@ -226,13 +228,19 @@ class Member:
         order); the result piece and the shard's next state are kept to be served."""
         size = self.plan.shards[shard].size
         pieces: list[Piece] = []
+        missing: list[str] = []
         for node, weight, sha in reduction:
             data = self.store.get(upload_round, shard, CHANGE, sha)
             if data is None:
                 data = await self._piece_from_holders(upload_round, shard, node, sha, size)
                 if data:  # kept: this member may be asked to serve it (a referee, an audit)
                     self._keep(upload_round, shard, CHANGE, sha, data)
+                else:
+                    missing.append(node)
             pieces.append(Piece(node, weight, data))
+        if missing:  # nothing to compute: the report says so and is no vote
+            empty = ShardResult(shard, None, "", {}, {}, 0.0, state)
+            return Computed(empty, "", 0, tuple(missing))
         result = await asyncio.to_thread(
             reduce_shard, self.plan, shard, base, fixed, pieces, state, rule
         )
@@ -279,7 +287,7 @@ class Member:
     ) -> bytes:
         """A change piece that did not come here (this member replaces a lost seat): from the
         shard's seats, which it was pushed to, else from its contributor, which keeps it until
-        the manifest; b"" when nobody serves it (the reduction refuses it by its size)."""
+        the manifest; b"" when nobody serves it."""
         owners = self.seats[shard] if self.seats else None
         holders = [s for s in (owners.primary, owners.mirror) if s] if owners else []
         sources = [h for h in holders if h != self.node] + [node]
