@@ -118,14 +118,16 @@ async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) 
             red = books.reduction(o.shard)
             order = p.ShardOrder(
                 round=r, shard=o.shard, nodes=[x[0] for x in red], weights=[x[1] for x in red],
-                pieces=[x[2] for x in red], deadline_s=600.0,
+                pieces=[x[2] for x in red], deadline_s=600.0, attempt=o.attempt,
             )  # fmt: skip
             sends.append(streams[o.node].send(order))
         await asyncio.gather(*sends)
         settled = None
         while settled is None:
             node, msg = await inbox.get()
-            report = Report(msg.shard, msg.result, msg.size, norms2=dict(msg.norms2))
+            report = Report(
+                msg.shard, msg.result, msg.size, norms2=dict(msg.norms2), attempt=msg.attempt
+            )
             why = books.report(node, report)
             assert why is None, why
             settled, more = books.settle(0.0, 0.0)
@@ -187,7 +189,7 @@ async def members_main(count: int, addr: str, shards: int, rounds: int, params: 
                     result = hashlib.sha256(inputs_digest(red).encode()).hexdigest()
                     report = p.ShardReport(
                         round=r, shard=msg.shard, result=result, size=sizes[msg.shard],
-                        norms2=[(n, 1.0) for n in msg.nodes],
+                        norms2=[(n, 1.0) for n in msg.nodes], attempt=msg.attempt,
                     )  # fmt: skip
                     await stream.send(report)
                     sent += len(p.encode_frame(report))

@@ -177,7 +177,7 @@ class Simulation:
                 res = done.result
                 report = Report(
                     o.shard, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad,
-                    done.state, done.state_size, done.missing,
+                    done.state, done.state_size, done.missing, o.attempt,
                 )  # fmt: skip
                 assert books.report(o.node, report) is None
             settled, orders = books.settle(0.0, self.config.max_change)

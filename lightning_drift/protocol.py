@@ -403,6 +403,7 @@ class ShardOrder(_Msg, tag="shard_order"):
     weights: list[float]
     pieces: list[str]
     deadline_s: float
+    attempt: int = 1  # the round's fixes so far: a redo without a refused piece is the next
 
 
 class ShardReport(_Msg, tag="shard_report"):
@@ -422,6 +423,7 @@ class ShardReport(_Msg, tag="shard_report"):
     state: str = ""  # sha256 of the shard's next state (DiLoCo momentum, residual); "": none
     state_size: int = 0  # its bytes
     missing: list[str] = []  # contributors whose pieces it could not obtain: nothing computed
+    attempt: int = 1  # the order's attempt it answers
 
 
 class RoundManifest(_Msg, tag="round_manifest"):

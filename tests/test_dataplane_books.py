@@ -51,7 +51,9 @@ class Round:
             self.plan, shard, self.sd, self.fixed,
             [Piece(n, w, self.cut[n][shard]) for n, w in order], ShardState(), OuterRule(),
         )  # fmt: skip
-        return Report(shard, r.sha, len(r.piece or b""), r.sums, r.norms2, r.bad)
+        return Report(
+            shard, r.sha, len(r.piece or b""), r.sums, r.norms2, r.bad, attempt=self.books.attempt
+        )
 
     def answer(
         self, orders: list[Order], lie: dict[str, str] | None = None, shard: int = -1
@@ -273,7 +275,7 @@ def test_a_starved_seat_abstains_and_is_never_outvoted() -> None:
     orders = r.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=0.0)
     starved, fed = [o for o in orders if o.shard == 0]
     # A hostile contributor served its piece to one seat only.
-    empty = Report(0, "", 0, missing=(NODES[2],))
+    empty = Report(0, "", 0, missing=(NODES[2],), attempt=r.books.attempt)
     assert r.books.report(starved.node, empty) is None
     assert r.books.report(fed.node, r.honest(0)) is None
     r.answer([o for o in orders if o.shard != 0])
@@ -292,7 +294,8 @@ def test_a_piece_two_computers_could_not_obtain_leaves_its_node_out_unstruck() -
     gone = NODES[3]
     for o in orders:
         if o.shard == 2:
-            assert r.books.report(o.node, Report(2, "", 0, missing=(gone,))) is None
+            missing = Report(2, "", 0, missing=(gone,), attempt=r.books.attempt)
+            assert r.books.report(o.node, missing) is None
     r.answer([o for o in orders if o.shard != 2])
     settled, _ = r.books.settle(1.0, 0.0)
     assert settled is not None and settled.manifest is None
@@ -305,5 +308,15 @@ def test_a_piece_two_computers_could_not_obtain_leaves_its_node_out_unstruck() -
     fresh = Round()
     fresh.commit_all()
     o = fresh.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=0.0)[0]
-    outsider = Report(o.shard, "", 0, missing=("9" * 64,))
+    outsider = Report(o.shard, "", 0, missing=("9" * 64,), attempt=fresh.books.attempt)
     assert "not contributors" in (fresh.books.report(o.node, outsider) or "")
+
+
+def test_a_late_report_of_an_earlier_attempt_is_refused() -> None:
+    r = Round()
+    r.commit_all()
+    first = r.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=0.0)
+    late = r.honest(first[0].shard)
+    again = r.books.fix(dict(zip(NODES[:3], WEIGHTS[:3], strict=True)), now=1.0)  # a redo
+    assert again and again[0].attempt == 2 and late.attempt == 1
+    assert "attempt 1" in (r.books.report(first[0].node, late) or "")

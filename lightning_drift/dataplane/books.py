@@ -75,6 +75,7 @@ class Report:
     # Contributors whose pieces this computer could not obtain: it computed nothing, and
     # its report is no vote (an honest seat a contributor starved is never outvoted).
     missing: tuple[str, ...] = ()
+    attempt: int = 0  # the attempt of the order it answers
 
     def same(self, other: Report) -> bool:
         """Honest computers of a shard report exactly the same (the reduction is exact)."""
@@ -91,11 +92,14 @@ class Report:
 
 @dataclass(frozen=True)
 class Order:
-    """What the shell must ask of ``node``: compute ``shard`` of the round by ``deadline``."""
+    """What the shell must ask of ``node``: compute ``shard`` of the round by ``deadline``;
+    ``attempt`` counts the round's fixes (a redo is the next attempt), and the report must
+    name it, so a late report of an earlier attempt is never taken for a redo's."""
 
     node: str
     shard: int
     deadline: float
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,7 @@ class RoundBooks:
         self._reports: list[dict[str, Report]] = [{} for _ in range(plan.count)]
         self._left_out: dict[str, str] = {}
         self._contributing: frozenset[str] = frozenset()
+        self.attempt = 0  # how many times the contributors were fixed
         self._abstained: list[dict[str, frozenset[str]]] = [{} for _ in range(plan.count)]
         # Each shard's verdict while nothing about it changed: settle() runs after every
         # report, and a thousand-member round must not compare every report every time.
@@ -181,6 +186,7 @@ class RoundBooks:
     def fix(self, weights: Mapping[str, float], now: float) -> list[Order]:
         """Fix the contributors (committed nodes in ``weights``, by node id) and give the
         first orders: each shard's first :data:`SEATS` reachable members compute it."""
+        self.attempt += 1
         chosen = sorted(n for n in weights if n in self.commits and n not in self._left_out)
         for n in chosen:
             w = weights[n]
@@ -211,6 +217,8 @@ class RoundBooks:
         j = report.shard
         if not 0 <= j < self.plan.count:
             return f"shard {j} is not one of the round's {self.plan.count}"
+        if report.attempt != self.attempt:
+            return f"a report of attempt {report.attempt}; round {self.round} is at attempt {self.attempt}"
         if node not in self._asked[j]:
             return f"node {node[:16]} was not asked to compute shard {j}"
         if node in self._reports[j] or node in self._abstained[j]:
@@ -366,7 +374,7 @@ class RoundBooks:
                 continue
             self._asked[j][m] = now + self.report_s
             self._known[j] = None
-            out.append(Order(m, j, now + self.report_s))
+            out.append(Order(m, j, now + self.report_s, self.attempt))
         return out
 
     def _verdict(self, j: int) -> tuple[Report, list[str]] | str:
