@@ -77,7 +77,7 @@ def audit_pick(secret: bytes, round_no: int, count: int) -> int:
     """The shard the coordinator recomputes after ``round_no``: drawn from a secret only it
     holds, so no pair of seats can know in advance whether its shard is the one checked."""
     digest = hashlib.sha256(b"drift/audit/1 " + bytes(secret) + round_no.to_bytes(8, "big"))
-    return int.from_bytes(digest.digest()[:8], "big") % max(1, count)
+    return int.from_bytes(digest.digest(), "big") % max(1, count)
 
 
 def load(owners: Sequence[Owners]) -> dict[str, int]:
