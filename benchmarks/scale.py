@@ -67,8 +67,8 @@ async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) 
     from lightning_drift.dataplane import manifest as mf
     from lightning_drift.dataplane.books import Report, RoundBooks
     from lightning_drift.dataplane.owners import ranking
-    from lightning_drift.dataplane.reduce import TensorSums
     from lightning_drift.dataplane.plan import ShardPlan
+    from lightning_drift.dataplane.reduce import TensorSums
     from lightning_drift.transport import Endpoint
 
     plan = ShardPlan(table_for(params), "int8", shards)
