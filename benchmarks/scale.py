@@ -66,7 +66,6 @@ async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) 
     from lightning_drift.auth import Identity
     from lightning_drift.dataplane import manifest as mf
     from lightning_drift.dataplane.books import Report, RoundBooks
-    from lightning_drift.dataplane.owners import ranking
     from lightning_drift.dataplane.plan import ShardPlan
     from lightning_drift.dataplane.reduce import TensorSums
     from lightning_drift.transport import Endpoint
@@ -136,11 +135,9 @@ async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) 
             settled, more = books.settle(0.0, 0.0)
             assert not more, "no seat disagrees in this benchmark"
         assert settled.manifest is not None and not settled.manifest.unchanged
-        # The manifest goes to the two roots of the round's manifest tree; the members pass
-        # it on (dataplane.member.manifest_children).
+        # One frame for every member: encoded once, as the server would.
         frame = p.encode_frame(p.RoundManifest(round=r, blob=mf.sign(settled.manifest, identity)))
-        roots = ranking(members, manifest_seed(r), 0)[:2]
-        await asyncio.gather(*(streams[m].send_raw(frame) for m in roots))
+        await asyncio.gather(*(s.send_raw(frame) for s in streams.values()))
         walls.append(time.perf_counter() - t0)
     cpu = time.process_time() - start
     out.write_text(json.dumps({"cpu_s": cpu, "rounds": rounds, "walls": walls}))
@@ -153,15 +150,9 @@ async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) 
 # ---- control plane: the members -------------------------------------------------------------
 
 
-def manifest_seed(r: int) -> bytes:
-    """The draw of round ``r``'s manifest tree (the keeper and every member compute it)."""
-    return hashlib.sha256(f"drift/scale manifest {r}".encode()).digest()
-
-
 async def members_main(count: int, addr: str, shards: int, rounds: int, params: int) -> None:
     from lightning_drift import protocol as p
     from lightning_drift.dataplane.manifest import inputs_digest
-    from lightning_drift.dataplane.member import Member, manifest_children
     from lightning_drift.dataplane.plan import ShardPlan
     from lightning_drift.peers import parse_peer
     from lightning_drift.transport import Endpoint
@@ -180,60 +171,35 @@ async def members_main(count: int, addr: str, shards: int, rounds: int, params: 
             return ep, conn, stream
 
     joined = await asyncio.gather(*(join() for _ in range(count)))
-    print(
-        json.dumps({"ready": [f"{ep.key_hex}@{ep.addrs()[0]}" for ep, _c, _s in joined]}),
-        flush=True,
-    )
-    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    directory = {a.split("@")[0]: a for a in json.loads(Path(line.strip()).read_text())}
-    ids = sorted(directory)
-    keys = {i: bytes.fromhex(i) for i in ids}
+    print(json.dumps({"ready": True}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
 
     async def one(ep, stream) -> dict:
-        lat, counts = [], {"sent": 0, "got": 0}
+        lat, sent, got = [], 0, 0
         me = ep.key_hex
-        member = Member(me, ep, plan, dict(directory))
-        await member.start({k: v for k, v in keys.items() if k != me})
-        manifests: asyncio.Queue = asyncio.Queue()
-        member.on_manifest = lambda r, blob: manifests.put_nowait((r, blob))
-
-        async def reader() -> None:
-            while True:
-                msg = await stream.recv()
-                counts["got"] += len(p.encode_frame(msg))
-                if isinstance(msg, p.ShardOrder):
-                    red = list(zip(msg.nodes, msg.weights, msg.pieces, strict=True))
-                    result = hashlib.sha256(inputs_digest(red).encode()).hexdigest()
-                    report = p.ShardReport(
-                        round=msg.round, shard=msg.shard, result=result, size=sizes[msg.shard],
-                        norms2=[(n, 1.0) for n in msg.nodes], attempt=msg.attempt,
-                        sums=[(s.name, 0.0, 1.0, 0) for s in plan.shards[msg.shard].spans],
-                    )  # fmt: skip
-                    await stream.send(report)
-                    counts["sent"] += len(p.encode_frame(report))
-                elif isinstance(msg, p.RoundManifest):  # this member is a root of the tree
-                    manifests.put_nowait((msg.round, msg.blob))
-
-        reading = asyncio.create_task(reader())
-        passing = []
         for r in range(1, rounds + 1):
             pieces = [hashlib.sha256(f"{me} {r} {j}".encode()).hexdigest() for j in range(shards)]
             commit = p.PieceCommit(round=r, base=BASE, pieces=pieces, sizes=sizes)
             t0 = time.time()
             await stream.send(commit)
-            counts["sent"] += len(p.encode_frame(commit))
+            sent += len(p.encode_frame(commit))
             while True:
-                got_round, blob = await manifests.get()
-                if got_round == r:
+                msg = await stream.recv()
+                got += len(p.encode_frame(msg))
+                if isinstance(msg, p.ShardOrder):
+                    red = list(zip(msg.nodes, msg.weights, msg.pieces, strict=True))
+                    result = hashlib.sha256(inputs_digest(red).encode()).hexdigest()
+                    report = p.ShardReport(
+                        round=r, shard=msg.shard, result=result, size=sizes[msg.shard],
+                        norms2=[(n, 1.0) for n in msg.nodes], attempt=msg.attempt,
+                        sums=[(s.name, 0.0, 1.0, 0) for s in plan.shards[msg.shard].spans],
+                    )  # fmt: skip
+                    await stream.send(report)
+                    sent += len(p.encode_frame(report))
+                elif isinstance(msg, p.RoundManifest):
+                    lat.append(time.time() - t0)
                     break
-            lat.append(time.time() - t0)
-            children = manifest_children(ids, manifest_seed(r), me)
-            passing.append(asyncio.create_task(member.pass_manifest(r, blob, children)))
-        await asyncio.gather(*passing)
-        await asyncio.sleep(1.0)  # children still being passed the last manifest
-        reading.cancel()
-        await member.close()
-        return {"lat": lat, **counts}
+        return {"lat": lat, "sent": sent, "got": got}
 
     results = await asyncio.gather(*(one(ep, s) for ep, _c, s in joined))
     print(json.dumps({"members": results}), flush=True)
@@ -282,14 +248,11 @@ def control_plane(n: int, shards: int, rounds: int, params: int, procs: int) -> 
                 )  # fmt: skip
                 for size in sizes
             ]
-            addrs: list[str] = []
             for w in workers:
-                addrs += json.loads(w.stdout.readline())["ready"]
+                assert json.loads(w.stdout.readline())["ready"]
             join_s = time.time() - t_join
-            directory = Path(tmp) / "members.json"
-            directory.write_text(json.dumps(addrs))
             for w in workers:
-                w.stdin.write(f"{directory}\n")
+                w.stdin.write("go\n")
                 w.stdin.flush()
             members = []
             for w in workers:

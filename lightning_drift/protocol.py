@@ -36,7 +36,7 @@ TransferDType = Literal["float32", "bfloat16", "int8"]
 Payload = Literal["weights", "delta", "same"]
 # A piece of the sharded data plane: a member's encoded change, a shard's reduced result, the
 # state a shard carries on, or a chunk of the global weights a joining node fetches.
-PieceKind = Literal["change", "result", "state", "weights", "manifest"]
+PieceKind = Literal["change", "result", "state", "weights"]
 
 
 class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, kw_only=True):

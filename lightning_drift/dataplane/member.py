@@ -34,12 +34,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from lightning_drift.dataplane.manifest import DEFAULT_LIMITS, Commit, Manifest, ShardEntry
+from lightning_drift.dataplane.manifest import Commit, Manifest, ShardEntry
 from lightning_drift.dataplane.owners import Owners, ranking
 from lightning_drift.dataplane.pieces import PieceClient, PieceServer, PieceStore
 from lightning_drift.dataplane.plan import ShardPlan
@@ -73,7 +73,6 @@ RESULT: PieceKind = "result"
 STATE: PieceKind = "state"
 TREE_BYTES_S = 1 << 20  # the least a fetch-tree parent must serve per second
 WEIGHTS: PieceKind = "weights"
-MANIFEST: PieceKind = "manifest"
 MAX_CHUNKS = 1024  # chunks the weights may be cut into (a table of 1,024 is about 70 KB)
 WEIGHT_FETCHES = 8  # chunk fetches a joiner keeps in flight at once
 
@@ -107,19 +106,6 @@ def chunk_table(blob: bytes, count: int) -> list[tuple[str, int]]:
     return [(sha256_bytes(c), len(c)) for c in weight_chunks(blob, count)]
 
 
-def manifest_children(members: Sequence[str], seed: bytes, node: str) -> list[str]:
-    """The members ``node`` passes a round's signed manifest on to: the members are ranked by
-    the round's draw (``seed``), the coordinator sends the manifest to the first two, and the
-    member at place ``p`` passes it to places ``2p + 2`` and ``2p + 3``. The coordinator then
-    sends two frames a round, not one per member; the manifest is signed, so a member passing
-    it on can withhold it (its children then ask the coordinator) but never change it."""
-    order = ranking(members, seed, 0)
-    if node not in order:
-        return []
-    p = order.index(node)
-    return [order[c] for c in (2 * p + 2, 2 * p + 3) if c < len(order)]
-
-
 @dataclass(frozen=True)
 class Computed:
     """A shard computed: the result, and the sha256 and size of the state it carries on; or,
@@ -146,7 +132,6 @@ class Member:
     seats: list[Owners] = field(default_factory=list)  # the epoch's seats of every shard
     gone: set[str] = field(default_factory=set)  # members the coordinator says are lost
     open_round: int = 0  # the round whose change pieces this member takes
-    on_manifest: Callable[[int, bytes], None] | None = None  # a manifest passed on to it
     _senders: set[tuple[int, int, bytes]] = field(default_factory=set)
     wait_s: float = 20.0  # how long a parent holds a fetch for a result piece it awaits
     server: PieceServer | None = None
@@ -174,10 +159,6 @@ class Member:
     def _expect(self, peer: bytes, upload_round: int, shard: int, kind: PieceKind) -> int | str:
         # A hostile member must not fill this store: only the open round (or the next, from
         # a member ahead of this one), and one piece per sender and shard in a round.
-        if kind == MANIFEST:
-            if (upload_round, 0, peer) in self._senders or shard != 0:
-                return "one manifest a round, as shard 0"
-            return -DEFAULT_LIMITS.max_blob  # any size up to a manifest's bound
         if kind != CHANGE:
             return f"{kind} pieces are fetched, never pushed"
         if upload_round not in (self.open_round, self.open_round + 1):
@@ -194,20 +175,6 @@ class Member:
         self, peer: bytes, upload_round: int, shard: int, kind: PieceKind, sha: str, data: bytes
     ) -> None:
         self._senders.add((upload_round, shard, peer))
-        if kind == MANIFEST and self.on_manifest is not None:
-            self.on_manifest(upload_round, data)
-
-    async def pass_manifest(self, upload_round: int, blob: bytes, children: Sequence[str]) -> None:
-        """Pass a round's signed manifest on to ``children`` (:func:`manifest_children`); a
-        child that does not take it is logged: it asks the coordinator instead."""
-        sends = [
-            self._client.push(self.peers[c], upload_round, 0, MANIFEST, blob)
-            for c in children
-            if c not in self.gone and c != self.node
-        ]
-        for r in await asyncio.gather(*sends, return_exceptions=True):
-            if isinstance(r, BaseException):
-                log.info("dataplane.manifest_not_passed node=%s why=%s", short_id(self.node), r)
 
     def _keep(self, upload_round: int, shard: int, kind: PieceKind, sha: str, data: bytes) -> None:
         """Hold a piece to serve it; a full store is logged, never fatal to the round."""
@@ -521,5 +488,5 @@ class _WeightsFetch:
         )
 
 
-__all__ = ["CHANGE", "MANIFEST", "MAX_CHUNKS", "RESULT", "STATE", "WEIGHTS", "WEIGHT_FETCHES"]
-__all__ += ["Computed", "Member", "chunk_table", "fetch_tree", "manifest_children", "weight_chunks"]
+__all__ = ["CHANGE", "MAX_CHUNKS", "RESULT", "STATE", "WEIGHTS", "WEIGHT_FETCHES", "Computed"]
+__all__ += ["Member", "chunk_table", "fetch_tree", "weight_chunks"]

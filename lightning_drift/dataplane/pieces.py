@@ -58,7 +58,7 @@ PieceKey = tuple[int, int, PieceKind, str]
 
 Expect = Callable[[bytes, int, int, PieceKind], int | str]
 """``expect(peer_key, upload_round, shard, kind)``: the exact size of a piece the server takes
-from that peer (a negative number ``-n``: any size up to ``n``), or the reason it does not."""
+from that peer, or the reason it does not."""
 
 OnPiece = Callable[[bytes, int, int, PieceKind, str, bytes], None]
 """``on_piece(peer_key, upload_round, shard, kind, sha256, data)``: a piece was taken and
@@ -324,10 +324,6 @@ class PieceServer:
             return "internal: the member could not decide about the piece"
         if isinstance(expected, str):
             return expected
-        if expected < 0:  # any size up to -expected (a signed manifest: its size varies)
-            if put.size > -expected:
-                return f"size: {put.size} bytes declared, at most {-expected} taken"
-            expected = put.size
         if put.size != expected:
             return f"size: {put.size} bytes declared, {expected} expected"
         if not self.store.room_for(put.round, put.size):
