@@ -13,7 +13,12 @@ import pytest
 from conftest import run_async
 
 from lightning_drift import protocol as p
-from lightning_drift.dataplane.pieces import PieceClient, PieceServer, PieceStore
+from lightning_drift.dataplane.pieces import (
+    MAX_CONNS_PER_PEER,
+    PieceClient,
+    PieceServer,
+    PieceStore,
+)
 from lightning_drift.errors import PeerLost, PieceRefused, ProtocolError
 from lightning_drift.peers import parse_peer
 from lightning_drift.transport import Endpoint
@@ -176,6 +181,30 @@ def test_a_peer_not_allowed_is_refused_and_a_removed_one_cut_off() -> None:
             assert len(a.taken) == 1
             await c.client.push(name(a.endpoint), 1, 0, "change", b"w" * 100)
             assert a.taken[-1][0] == c.key
+
+    run_async(main(), 60)
+
+
+def test_a_member_holds_at_most_a_few_connections_open_to_another() -> None:
+    async def main() -> None:
+        async with members(2) as (a, b):
+            held = []
+            for _ in range(MAX_CONNS_PER_PEER):
+                conn = await b.endpoint.dial_peer(parse_peer(name(a.endpoint)), timeout=3)
+                stream = await conn.open_stream()  # served: the server now counts it
+                await stream.send(
+                    p.PieceGet(round=1, shard=0, kind="change", sha256="0" * 64, size=1)
+                )
+                assert isinstance(await asyncio.wait_for(stream.recv(), 5), p.Error)
+                held.append(conn)
+            extra = await b.endpoint.dial_peer(parse_peer(name(a.endpoint)), timeout=3)
+            assert "too many connections" in await asyncio.wait_for(extra.closed(), 5)
+            held[0].close(0, "done")
+            await asyncio.sleep(0.5)  # the server sees it go and frees its place
+            again = await b.endpoint.dial_peer(parse_peer(name(a.endpoint)), timeout=3)
+            stream = await again.open_stream()
+            await stream.send(p.PieceGet(round=1, shard=0, kind="change", sha256="0" * 64, size=1))
+            assert isinstance(await asyncio.wait_for(stream.recv(), 5), p.Error)
 
     run_async(main(), 60)
 

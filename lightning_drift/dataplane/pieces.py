@@ -4,16 +4,17 @@ A member's encoded change is cut into pieces (``plan.py``); each piece goes to t
 aggregate its shard, and each shard's result piece is fetched by every member. This module
 moves those bytes and nothing else:
 
-- :class:`PieceStore` holds pieces in memory, keyed by (upload round, shard, kind, sha256),
-  within a byte cap (older rounds make room for newer ones).
+- :class:`~lightning_drift.dataplane.store.PieceStore` (``store.py``) holds pieces in
+  memory, keyed by (upload round, shard, kind, sha256), within a byte cap (older rounds make
+  room for newer ones).
 - :class:`PieceServer` answers ``PiecePut`` and ``PieceGet`` streams on a member's data-plane
   endpoint. Only keys it was told to :meth:`~PieceServer.allow` get in; which pieces it takes,
   and at what size, it asks its ``expect`` callback before reading any byte of a body.
 - :class:`PieceClient` pushes pieces to members and fetches them, one connection per member.
 
 Who aggregates what, and which pieces to expect, is decided elsewhere and handed in. Every
-wait is bounded: a first frame or an answer by a timeout, a body by a minimum byte rate after a
-grace period (``streams``), and a connection by QUIC itself (a silent peer is dropped).
+wait is bounded: a frame by a timeout, a body by a minimum byte rate after a grace period
+(``streams``), a connection by QUIC itself; a member holds at most a few connections open.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import re
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
+from lightning_drift.dataplane.store import STORE_BYTES, PieceKey, PieceStore
 from lightning_drift.errors import DriftError, PeerLost, PieceRefused, ProtocolError, TooSlow
 from lightning_drift.fsutil import sha256_bytes
 from lightning_drift.peers import PeerName, parse_peer
@@ -44,17 +46,13 @@ from lightning_drift.transport import Connection, Endpoint, peer_key
 
 log = logging.getLogger(__name__)
 
-MAX_AWAITED = 4096  # pieces waited for at once; requests beyond it are answered at once
-STORE_BYTES = 1 << 30  # a store's default cap: 1 GiB of pieces
+MAX_CONNS_PER_PEER = 4  # connections one member may hold open to another's server
 MIN_BYTES_S = 16 << 10  # bytes/s a piece's sender must keep after the grace period (as uploads)
 GRACE_S = 30.0  # seconds a piece's transfer may take before the rate floor applies
 ANSWER_S = 30.0  # seconds to wait for a frame that should come at once (a request, an answer)
 CONNECT_S = 15.0  # seconds to wait for a connection to a member
 _REASON_CHARS = 300  # of a peer's reason, shown in an error
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-PieceKey = tuple[int, int, PieceKind, str]
-"""(upload round, shard, kind, sha256): one piece, as the store and the wire name it."""
 
 Expect = Callable[[bytes, int, int, PieceKind], int | str]
 """``expect(peer_key, upload_round, shard, kind)``: the exact size of a piece the server takes
@@ -81,97 +79,6 @@ def _bound(fixed_s: float, size: int, min_rate: float) -> float:
 
 # --------------------------------------------------------------------------------------------
 # The store
-
-
-class PieceStore:
-    """Pieces in memory, at most ``max_bytes`` of them.
-
-    A piece that does not fit pushes out pieces of older rounds, oldest round first (in the
-    order they came within a round); pieces of its own round and newer ones are never pushed
-    out for it: then it is refused (``PieceRefused``, code ``store_full``), since they are
-    still needed. The store does not hash what it is given: the server and the client check a
-    piece's sha256 on the way in."""
-
-    def __init__(self, max_bytes: int = STORE_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._pieces: dict[PieceKey, bytes] = {}
-        self._nbytes = 0
-        self._awaited: dict[PieceKey, asyncio.Event] = {}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of pieces held now."""
-        return self._nbytes
-
-    def __len__(self) -> int:
-        return len(self._pieces)
-
-    def room_for(self, upload_round: int, size: int) -> bool:
-        """Whether a piece of ``size`` bytes for ``upload_round`` would be taken (pushing out
-        older rounds if needed); the server asks before it reads the piece."""
-        older = sum(len(v) for k, v in self._pieces.items() if k[0] < upload_round)
-        return self._nbytes - older + size <= self.max_bytes
-
-    def put(self, upload_round: int, shard: int, kind: PieceKind, sha256: str, data: bytes) -> None:
-        """Hold ``data`` as this piece (replacing one of the same name)."""
-        key: PieceKey = (upload_round, shard, kind, sha256)
-        held = len(self._pieces.get(key, b""))  # a piece of the same name is replaced
-        if not self.room_for(upload_round, len(data) - held):
-            raise PieceRefused(
-                f"no room for piece round={upload_round} shard={shard} kind={kind} of "
-                f"{len(data)} bytes: the store holds {self._nbytes} of {self.max_bytes} bytes "
-                "in this round and newer ones; raise its cap or forget finished rounds",
-                "store_full",
-            )
-        self.discard(*key)
-        older = sorted((k for k in self._pieces if k[0] < upload_round), key=lambda k: k[0])
-        for old in older:
-            if self._nbytes + len(data) <= self.max_bytes:
-                break
-            self.discard(*old)
-        self._pieces[key] = bytes(data)
-        self._nbytes += len(data)
-        came = self._awaited.pop(key, None)
-        if came is not None:
-            came.set()
-
-    async def arrival(
-        self, upload_round: int, shard: int, kind: PieceKind, sha256: str, timeout_s: float
-    ) -> bytes | None:
-        """The piece once held, waiting up to ``timeout_s`` for it to be put (a member down a
-        fetch tree asks before its parent has it); None if it does not come in time."""
-        key: PieceKey = (upload_round, shard, kind, sha256)
-        awaited = key in self._awaited or len(self._awaited) < MAX_AWAITED
-        if key not in self._pieces and timeout_s > 0 and awaited:
-            # One event per piece, shared by every waiter and dropped by put() or by
-            # forget_before(): a waiter that times out leaves it to the others.
-            came = self._awaited.setdefault(key, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(came.wait(), timeout_s)
-        return self._pieces.get(key)
-
-    def get(self, upload_round: int, shard: int, kind: PieceKind, sha256: str) -> bytes | None:
-        """The piece's bytes, or None when it is not held."""
-        return self._pieces.get((upload_round, shard, kind, sha256))
-
-    def has(self, upload_round: int, shard: int, kind: PieceKind, sha256: str) -> bool:
-        return (upload_round, shard, kind, sha256) in self._pieces
-
-    def discard(self, upload_round: int, shard: int, kind: PieceKind, sha256: str) -> None:
-        """Drop the piece if it is held."""
-        data = self._pieces.pop((upload_round, shard, kind, sha256), None)
-        if data is not None:
-            self._nbytes -= len(data)
-
-    def forget_before(self, upload_round: int) -> int:
-        """Drop every piece of a round before ``upload_round``; returns the bytes freed."""
-        freed = 0
-        for key in [k for k in self._pieces if k[0] < upload_round]:
-            freed += len(self._pieces.pop(key))
-        for key in [k for k in self._awaited if k[0] < upload_round]:
-            self._awaited.pop(key).set()  # nobody will put it now: its waiters go
-        self._nbytes -= freed
-        return freed
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +153,12 @@ class PieceServer:
                 log.warning("piece connection refused peer=%s reason=not_allowed", _who(conn))
                 conn.close(1, "not allowed: this member takes pieces only from its session")
                 continue
-            self._conns.setdefault(conn.remote_key, set()).add(conn)
+            held = self._conns.setdefault(conn.remote_key, set())
+            if len(held) >= MAX_CONNS_PER_PEER:
+                log.warning("piece connection refused peer=%s reason=too_many", _who(conn))
+                conn.close(1, f"too many connections: a member keeps at most {MAX_CONNS_PER_PEER}")
+                continue
+            held.add(conn)
             self._spawn(self._serve(conn))
 
     async def _serve(self, conn: Connection) -> None:
@@ -587,9 +499,9 @@ class PieceClient:
 
 
 def _refusal(what: str, who: str, code: str, message: str) -> PieceRefused:
-    code = clean_text(code, 40) or "refused"
-    return PieceRefused(f"{what}: {who} refused: {clean_text(message, _REASON_CHARS)}", code)
+    why = clean_text(message, _REASON_CHARS)
+    return PieceRefused(f"{what}: {who} refused: {why}", clean_text(code, 40) or "refused")
 
 
-__all__ = ["ANSWER_S", "CONNECT_S", "GRACE_S", "MIN_BYTES_S", "STORE_BYTES", "Expect", "OnPiece"]
-__all__ += ["PieceClient", "PieceKey", "PieceServer", "PieceStore"]
+__all__ = ["ANSWER_S", "CONNECT_S", "GRACE_S", "MAX_CONNS_PER_PEER", "MIN_BYTES_S", "STORE_BYTES"]
+__all__ += ["Expect", "OnPiece", "PieceClient", "PieceKey", "PieceServer", "PieceStore"]
