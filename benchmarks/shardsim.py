@@ -174,12 +174,7 @@ class Simulation:
             )
             for o, done in zip(orders, got, strict=True):
                 results[(o.node, o.shard)] = done
-                res = done.result
-                report = Report(
-                    o.shard, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad,
-                    done.state, done.state_size, done.missing, o.attempt,
-                )  # fmt: skip
-                assert books.report(o.node, report) is None
+                assert books.report(o.node, report_of(done, o.attempt)) is None
             settled, orders = books.settle(0.0, self.config.max_change)
             if settled is not None and (settled.redo or settled.missing):
                 # Pieces nobody could serve or read: the round again without their nodes.
@@ -284,12 +279,7 @@ class Simulation:
             upload_round, shard, books.reduction(shard), self.global_sd,
             carried(self.global_sd), state, self.rule,
         )  # fmt: skip
-        res = done.result
-        mine = Report(
-            shard, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad,
-            done.state, done.state_size,
-        )  # fmt: skip
-        return books.audit(shard, mine)
+        return books.audit(shard, report_of(done))
 
     async def _fetch(self, node: str, blob: bytes) -> list[bytes]:
         m = mf.verify(blob, self.identity.public_key, session=self.session)
@@ -303,6 +293,15 @@ class Simulation:
                 await m.close()
                 await m.endpoint.close()
         self._tmp.cleanup()
+
+
+def report_of(done: Computed, attempt: int = 0) -> Report:
+    """What a computer reports of a shard it computed (the books' side of ``ShardReport``)."""
+    res = done.result
+    return Report(
+        res.index, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad,
+        done.state, done.state_size, done.missing, attempt,
+    )  # fmt: skip
 
 
 def flip_one_value(res: ShardResult) -> ShardResult:

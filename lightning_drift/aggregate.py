@@ -341,13 +341,25 @@ def check_aggregate(
             continue
         ref = old[k].to(torch.float64)
         moved = float(torch.linalg.vector_norm(t.to(torch.float64) - ref))
-        bound = max_change * (float(torch.linalg.vector_norm(ref)) + math.sqrt(ref.numel()))
-        if not moved <= bound:
-            return (
-                f"tensor {k[:80]!r} moved by {moved:.3g} (L2), over the bound {bound:.3g} "
-                f"(max_change {max_change:g} × (its norm + √size))"
-            )
+        why = moved_too_far(k, moved, float(torch.linalg.vector_norm(ref)), ref.numel(), max_change)
+        if why is not None:
+            return why
     return None
+
+
+def moved_too_far(
+    name: str, moved: float, norm: float, numel: int, max_change: float
+) -> str | None:
+    """Why tensor ``name`` (L2 norm ``norm`` before, ``numel`` values) may not move by
+    ``moved`` (L2) in one round, or None: the bound of :func:`check_aggregate`, whether the
+    norms come whole or summed from shards."""
+    bound = max_change * (norm + math.sqrt(numel))
+    if moved <= bound:
+        return None
+    return (
+        f"tensor {name[:80]!r} moved by {moved:.3g} (L2), over the bound {bound:.3g} "
+        f"(max_change {max_change:g} × (its norm + √size))"
+    )
 
 
 class DiLoCo:

@@ -14,6 +14,7 @@ import re
 import unicodedata
 
 _SPACES = re.compile(r"\s+")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def clean_text(text: object, limit: int) -> str:
@@ -47,4 +48,9 @@ def short_id(node: str) -> str:
     return node[:SHORT_ID]
 
 
-__all__ = ["SHORT_ID", "clean_text", "short_id"]
+def is_hex64(value: object) -> bool:
+    """``value`` is 64 lowercase hex digits, as every side writes a sha256 or a node id."""
+    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
+
+
+__all__ = ["SHORT_ID", "clean_text", "is_hex64", "short_id"]

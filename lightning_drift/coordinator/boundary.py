@@ -35,7 +35,6 @@ loss                        finite, ``|loss|`` ≤ :data:`LOSS_MAX`, else none
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import msgspec
@@ -52,6 +51,7 @@ from lightning_drift.protocol import (
     TrainProgress,
 )
 from lightning_drift.text import clean_text as _clean
+from lightning_drift.text import is_hex64
 
 NAME_MAX = 64
 TEXT_MAX = 200
@@ -70,8 +70,6 @@ LOSS_MAX = 1e30
 # it (or, before that, of the session's median measured node); a new node's share of an
 # epoch is at most this factor of the median node's.
 PACE_FACTOR = 4.0
-
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BadInput(SessionError):
@@ -129,7 +127,7 @@ def node_info(msg: NodeInfo) -> NodeInfo:
             f"NodeInfo.dataset_size {msg.dataset_size} is not a dataset size (1 … {COUNT_MAX})"
         )
     fp = msg.model_fingerprint.lower()
-    if not _HEX64.match(fp):
+    if not is_hex64(fp):
         raise BadInput(
             "NodeInfo.model_fingerprint must be the sha256 of the model's tensor table (64 hex "
             f"digits), got {clean_text(msg.model_fingerprint, 20)!r}: update the node's "
@@ -193,7 +191,7 @@ def barrier_sync(msg: BarrierSync) -> BarrierSync:
         base_round=clamp_int(msg.base_round, -1, ROUND_MAX),
         # Not a sha256: the node names no weights (it gets the whole weights back, and a
         # delta naming no base is taken as a change from the current global weights).
-        base_sha256=msg.base_sha256.lower() if _HEX64.match(msg.base_sha256.lower()) else "",
+        base_sha256=msg.base_sha256.lower() if is_hex64(msg.base_sha256.lower()) else "",
         epoch_samples=clamp_int(msg.epoch_samples, -1, COUNT_MAX),
     )
 

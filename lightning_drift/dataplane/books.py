@@ -35,7 +35,6 @@ has a deadline, and a round without a settled shard ends unchanged.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -47,15 +46,14 @@ from lightning_drift.dataplane.manifest import (
     check_commit,
     inputs_digest,
 )
-from lightning_drift.dataplane.owners import ranking
+from lightning_drift.dataplane.owners import rankings
 from lightning_drift.dataplane.plan import ShardPlan
-from lightning_drift.dataplane.reduce import TensorSums, check_sums
+from lightning_drift.dataplane.reduce import TensorSums, check_sums, contributor_norms
 from lightning_drift.errors import ProtocolError
-from lightning_drift.text import clean_text
+from lightning_drift.text import clean_text, is_hex64
 
 # How many members compute a shard at first (the primary and the mirror).
 SEATS = 2
-_HEX64 = re.compile(r"[0-9a-f]{64}")  # a sha256 as every side writes it
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,7 @@ class RoundBooks:
         self.members = sorted(set(members))
         self.commits: dict[str, Commit] = {}
         self.contributors: list[Contributor] = []
-        self._ranking = [ranking(self.members, seed, j) for j in range(plan.count)]
+        self._ranking = rankings(tuple(self.members), seed, plan.count)
         self._lost: set[str] = set()
         self._asked: list[dict[str, float]] = [{} for _ in range(plan.count)]  # node: deadline
         self._reports: list[dict[str, Report]] = [{} for _ in range(plan.count)]
@@ -354,13 +352,8 @@ class RoundBooks:
 
     def norms(self) -> dict[str, float]:
         """Each contributor's change norm over the whole model, from the standing reports."""
-        total: dict[str, float] = {}
-        for j in range(self.plan.count):
-            verdict = self._verdict(j)
-            if isinstance(verdict, tuple):
-                for n, v in verdict[0].norms2.items():
-                    total[n] = total.get(n, 0.0) + v
-        return {n: math.sqrt(v) for n, v in total.items()}
+        verdicts = [self._verdict(j) for j in range(self.plan.count)]
+        return contributor_norms([v[0].norms2 for v in verdicts if isinstance(v, tuple)])
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -415,11 +408,11 @@ class RoundBooks:
         names = {s.name for s in self.plan.shards[r.shard].spans}
         contributors = self._contributing
         size = self.plan.shards[r.shard].size
-        if r.result and (not _HEX64.fullmatch(r.result) or r.size != size):
+        if r.result and (not is_hex64(r.result) or r.size != size):
             return f"shard {r.shard}'s result must be a sha256 of a {size}-byte piece"
         floats = sum(s.numel for s in self.plan.shards[r.shard].spans if s.floating)
         most = 16 * floats + (64 << 10)  # momentum and residual in float64 at most, a header
-        if r.state and (not _HEX64.fullmatch(r.state) or not 0 < r.state_size <= most):
+        if r.state and (not is_hex64(r.state) or not 0 < r.state_size <= most):
             return f"shard {r.shard}'s state must be a sha256 of at most {most} bytes"
         if not set(r.sums) <= names:
             return f"shard {r.shard}'s sums name tensors outside the shard"

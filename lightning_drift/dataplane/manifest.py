@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,12 +54,11 @@ import msgspec
 
 from lightning_drift.auth import Identity, check_signature
 from lightning_drift.errors import AuthError, ProtocolError
-from lightning_drift.text import clean_text, short_id
+from lightning_drift.text import clean_text, is_hex64, short_id
 
 DOMAIN = b"drift/manifest/1\0"  # what every manifest signature covers before the body
 SIGNATURE_BYTES = 64  # an Ed25519 signature
 KEY_BYTES = 32  # an Ed25519 public key
-_HEX64 = re.compile(r"[0-9a-f]{64}")  # a sha256 or a node id, as every side writes it
 
 
 @dataclass(frozen=True)
@@ -293,12 +291,8 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_hex64(value: object) -> bool:
-    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
-
-
 def _hex64(value: object, field: str, what: str) -> None:
-    if not _is_hex64(value):
+    if not is_hex64(value):
         raise _refused(f"{field} must be {what} (64 lowercase hex digits), got {_shown(value)}")
 
 
@@ -425,7 +419,7 @@ def check_commit(
                 "change by this session's plan"
             )
     for j, h in enumerate(commit.pieces):
-        if not _is_hex64(h):
+        if not is_hex64(h):
             raise ProtocolError(
                 f"commit pieces[{j}] is {_shown(h)}, not a sha256 (64 lowercase hex digits)"
             )

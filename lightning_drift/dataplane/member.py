@@ -32,7 +32,6 @@ Who is a seat, what is in an order, and whether the manifest is genuine are the 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -148,13 +147,6 @@ class Member:
             allowed=keys.values(),
             hold_s=self.wait_s,
         )
-        self._keys = dict(keys)
-
-    def allow(self, keys: Mapping[str, bytes]) -> None:
-        """Serve exactly these members from now on (node id -> data endpoint key)."""
-        self._keys = dict(keys)
-        if self.server is not None:
-            self.server.allow(keys.values())
 
     def _expect(self, peer: bytes, upload_round: int, shard: int, kind: PieceKind) -> int | str:
         # A hostile member must not fill this store: only the open round (or the next, from
@@ -195,7 +187,7 @@ class Member:
         if upload_round > self.open_round:
             self.open(upload_round)
         pieces = await asyncio.to_thread(self.plan.pieces, payload)
-        hashes = [hashlib.sha256(p).hexdigest() for p in pieces]
+        hashes = [sha256_bytes(p) for p in pieces]
         for j, (piece, sha) in enumerate(zip(pieces, hashes, strict=True)):
             self._keep(upload_round, j, CHANGE, sha, piece)
         sends = [
@@ -231,11 +223,9 @@ class Member:
         missing: list[str] = []
         for node, weight, sha in reduction:
             data = self.store.get(upload_round, shard, CHANGE, sha)
-            if data is None:
+            if data is None:  # kept once fetched: it may be asked of this member (an audit)
                 data = await self._piece_from_holders(upload_round, shard, node, sha, size)
-                if data:  # kept: this member may be asked to serve it (a referee, an audit)
-                    self._keep(upload_round, shard, CHANGE, sha, data)
-                else:
+                if not data:
                     missing.append(node)
             pieces.append(Piece(node, weight, data))
         if missing:  # nothing to compute: the report says so and is no vote
@@ -250,7 +240,7 @@ class Member:
         kept = await asyncio.to_thread(state_bytes, result.state)
         if not kept:
             return Computed(result, "", 0)
-        sha = hashlib.sha256(kept).hexdigest()
+        sha = sha256_bytes(kept)
         self._keep(upload_round, shard, STATE, sha, kept)
         return Computed(result, sha, len(kept))
 
@@ -260,24 +250,15 @@ class Member:
         if not entry.state:
             return ShardState()
         data = self.store.get(upload_round, entry.index, STATE, entry.state)
-        last: Exception | None = None
-        for seat in [s for s in (entry.primary, entry.mirror) if s and s not in self.gone]:
-            if data is not None:
-                break
-            try:
-                data = await self._client.fetch(
-                    self.peers[seat],
-                    upload_round,
-                    entry.index,
-                    STATE,
-                    entry.state,
-                    entry.state_size,
-                )
-            except DriftError as exc:
-                last = exc
+        why: Exception | None = None
+        if data is None:
+            data, why = await self._first_served(
+                [entry.primary, entry.mirror], upload_round, entry.index, STATE,
+                entry.state, entry.state_size,
+            )  # fmt: skip
         if data is None:
             raise ProtocolError(
-                f"no seat served shard {entry.index}'s state of round {upload_round}: {last}; "
+                f"no seat served shard {entry.index}'s state of round {upload_round}: {why}; "
                 "the shard must start again from the last checkpoint"
             )
         return await asyncio.to_thread(read_state, self.plan, entry.index, data)
@@ -290,18 +271,43 @@ class Member:
         the manifest; b"" when nobody serves it."""
         owners = self.seats[shard] if self.seats else None
         holders = [s for s in (owners.primary, owners.mirror) if s] if owners else []
-        sources = [h for h in holders if h != self.node] + [node]
-        for source in [s for s in sources if s not in self.gone]:
+        data, why = await self._first_served(
+            [*holders, node], upload_round, shard, CHANGE, sha, size
+        )
+        if data is None:
+            log.warning(
+                "dataplane.piece_missing node=%s contributor=%s why=%s",
+                short_id(self.node), short_id(node), why,
+            )  # fmt: skip
+        return data or b""
+
+    async def _first_served(
+        self,
+        sources: Sequence[str],
+        upload_round: int,
+        shard: int,
+        kind: PieceKind,
+        sha: str,
+        size: int,
+        *,
+        patience_s: float | None = None,
+    ) -> tuple[bytes | None, Exception | None]:
+        """(the piece from the first of ``sources`` that serves it, kept here; or None and the
+        last error). Lost members and this one are never asked; ``patience_s`` bounds each
+        source but the last (a fetch-tree parent that trickles its bytes is passed over)."""
+        asked = [s for s in dict.fromkeys(sources) if s and s not in self.gone and s != self.node]
+        last: Exception | None = None
+        for i, source in enumerate(asked):
+            bound = patience_s if i < len(asked) - 1 else None
+            fetch = self._client.fetch(self.peers[source], upload_round, shard, kind, sha, size)
             try:
-                return await self._client.fetch(
-                    self.peers[source], upload_round, shard, CHANGE, sha, size
-                )
-            except DriftError as exc:
-                log.warning(
-                    "dataplane.piece_missing node=%s from=%s contributor=%s why=%s",
-                    short_id(self.node), short_id(source), short_id(node), exc,
-                )  # fmt: skip
-        return b""
+                data = await asyncio.wait_for(fetch, bound)
+            except (DriftError, TimeoutError) as exc:
+                last = exc
+                continue
+            self._keep(upload_round, shard, kind, sha, data)
+            return data, None
+        return None, last
 
     # ---- 3. fetch -------------------------------------------------------------------------
 
@@ -325,28 +331,18 @@ class Member:
             return held
         seats = [s for s in (entry.primary, entry.mirror) if s]
         parent = fetch_tree(members, seats, seed, shard).get(self.node)
-        sources = ([parent] if parent and parent not in seats else []) + seats
-        sources = [s for s in sources if s not in self.gone and s != self.node]
-        last: Exception | None = None
-        for source in sources:
-            # A parent that trickles its bytes must not hold a child for long: past its hold
-            # and a floor of TREE_BYTES_S, the child goes to the seats.
-            bound = self.wait_s + entry.size / TREE_BYTES_S + 10.0
-            try:
-                data = await asyncio.wait_for(
-                    self._client.fetch(
-                        self.peers[source], upload_round, shard, RESULT, entry.result, entry.size
-                    ),
-                    bound if source not in seats else None,
-                )
-            except (DriftError, TimeoutError) as exc:
-                last = exc
-                continue
-            self._keep(upload_round, shard, RESULT, entry.result, data)
-            return data
-        raise ProtocolError(
-            f"no member served shard {shard}'s result of round {upload_round}: {last}"
-        )
+        # A parent that trickles its bytes must not hold a child for long: past its hold and
+        # a floor of TREE_BYTES_S, the child goes to the seats.
+        patience = self.wait_s + entry.size / TREE_BYTES_S + 10.0
+        data, why = await self._first_served(
+            [parent, *seats] if parent else seats, upload_round, shard, RESULT,
+            entry.result, entry.size, patience_s=patience,
+        )  # fmt: skip
+        if data is None:
+            raise ProtocolError(
+                f"no member served shard {shard}'s result of round {upload_round}: {why}"
+            )
+        return data
 
     # ---- a joiner ------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ caller passes the epoch's members, not the live ones).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,14 @@ def ranking(members: Sequence[str], seed: bytes, shard: int) -> list[str]:
     return sorted(set(members), key=lambda m: draw(seed, shard, m), reverse=True)
 
 
+@functools.lru_cache(maxsize=8)
+def rankings(members: tuple[str, ...], seed: bytes, count: int) -> tuple[tuple[str, ...], ...]:
+    """:func:`ranking` of every shard, kept while the members and the seed stay the same: a
+    thousand members' draws for 16 shards are some 20 ms, and every round of an epoch needs
+    the same ones."""
+    return tuple(tuple(ranking(members, seed, j)) for j in range(count))
+
+
 def assign(members: Sequence[str], seed: bytes, count: int) -> list[Owners]:
     """Each of ``count`` shards' primary and mirror among ``members`` (distinct ids; order
     does not matter). ValueError for no members."""
@@ -64,15 +73,6 @@ def assign(members: Sequence[str], seed: bytes, count: int) -> list[Owners]:
     return out
 
 
-def referee(members: Sequence[str], seed: bytes, shard: int, besides: Sequence[str]) -> str:
-    """The member that recomputes ``shard`` when its primary and mirror disagree: the one
-    with the highest draw not in ``besides`` (the two that disagree), or "" when there is none."""
-    ids = [m for m in sorted(set(members)) if m not in set(besides)]
-    if not ids:
-        return ""
-    return max(ids, key=lambda m: draw(seed, shard, m))
-
-
 def audit_pick(secret: bytes, round_no: int, count: int) -> int:
     """The shard the coordinator recomputes after ``round_no``: drawn from a secret only it
     holds, so no pair of seats can know in advance whether its shard is the one checked."""
@@ -80,14 +80,4 @@ def audit_pick(secret: bytes, round_no: int, count: int) -> int:
     return int.from_bytes(digest.digest(), "big") % max(1, count)
 
 
-def load(owners: Sequence[Owners]) -> dict[str, int]:
-    """How many shards each member aggregates (as primary or mirror)."""
-    out: dict[str, int] = {}
-    for o in owners:
-        for m in (o.primary, o.mirror):
-            if m:
-                out[m] = out.get(m, 0) + 1
-    return out
-
-
-__all__ = ["Owners", "assign", "audit_pick", "epoch_seed", "load", "ranking", "referee", "draw"]
+__all__ = ["Owners", "assign", "audit_pick", "draw", "epoch_seed", "ranking", "rankings"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
@@ -41,7 +40,7 @@ from lightning_drift.protocol import (
     expect,
 )
 from lightning_drift.streams import Stream
-from lightning_drift.text import clean_text, short_id
+from lightning_drift.text import clean_text, is_hex64, short_id
 from lightning_drift.transport import Connection, Endpoint, peer_key
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,6 @@ GRACE_S = 30.0  # seconds a piece's transfer may take before the rate floor appl
 ANSWER_S = 30.0  # seconds to wait for a frame that should come at once (a request, an answer)
 CONNECT_S = 15.0  # seconds to wait for a connection to a member
 _REASON_CHARS = 300  # of a peer's reason, shown in an error
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 Expect = Callable[[bytes, int, int, PieceKind], int | str]
 """``expect(peer_key, upload_round, shard, kind)``: the exact size of a piece the server takes
@@ -67,7 +65,7 @@ def _bad_fields(msg: PiecePut | PieceGet) -> str:
     """Why a piece's name cannot be right ("" when it can)."""
     if msg.round < 0 or msg.shard < 0 or msg.size < 0:
         return f"round {msg.round}, shard {msg.shard} and size {msg.size} must not be negative"
-    if not _HEX64.fullmatch(msg.sha256):
+    if not is_hex64(msg.sha256):
         return "sha256 must be 64 lowercase hex characters"
     return ""
 

@@ -28,7 +28,6 @@ piece and is 0 in the result, as in the star.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,8 @@ import safetensors.torch
 import torch
 
 from lightning_drift import codec
-from lightning_drift.aggregate import Accumulator, DiLoCo
+from lightning_drift.aggregate import Accumulator, DiLoCo, moved_too_far
+from lightning_drift.dataplane.manifest import piece_hash
 from lightning_drift.dataplane.plan import ShardPlan
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.modelspec import carried_changed
@@ -213,7 +213,7 @@ def reduce_shard(
     return ShardResult(
         index,
         piece,
-        hashlib.sha256(piece).hexdigest(),
+        piece_hash(piece),
         sums,
         norms2,
         acc.total_weight,
@@ -283,13 +283,9 @@ def check_sums(
             return f"tensor {name[:80]!r} holds {int(bad)} non-finite value(s)"
         if max_change <= 0:
             continue
-        moved = math.sqrt(moved2)
-        bound = max_change * (math.sqrt(ref2) + math.sqrt(spec.numel))
-        if not moved <= bound:
-            return (
-                f"tensor {name[:80]!r} moved by {moved:.3g} (L2), over the bound {bound:.3g} "
-                f"(max_change {max_change:g} × (its norm + √size))"
-            )
+        why = moved_too_far(name, math.sqrt(moved2), math.sqrt(ref2), spec.numel, max_change)
+        if why is not None:
+            return why
     return None
 
 
