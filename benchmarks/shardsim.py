@@ -310,7 +310,7 @@ def flip_one_value(res: ShardResult) -> ShardResult:
     if res.piece is None or not res.piece:
         return res
     piece = bytearray(res.piece)
-    piece[0] ^= 1
+    piece[0] ^= 0x40  # a large step of the first value: no rounding of any dtype hides it
     data = bytes(piece)
     return ShardResult(
         res.index, data, hashlib.sha256(data).hexdigest(), res.sums, res.norms2,

@@ -250,6 +250,8 @@ def serve(
     robust: Annotated[str | None, _option("robust")] = None,
     trim: Annotated[float | None, _option("trim")] = None,
     clip: Annotated[float | None, _option("clip")] = None,
+    data_plane: Annotated[str | None, _option("data_plane")] = None,
+    shards: Annotated[int | None, _option("shards")] = None,
     max_change: Annotated[float | None, _option("max_change")] = None,
     max_strikes: Annotated[int | None, _option("max_strikes")] = None,
     config: Annotated[

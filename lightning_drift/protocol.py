@@ -33,7 +33,8 @@ HEADER = struct.Struct(">I")
 Aggregation = Literal["mean", "diloco"]
 TransferDType = Literal["float32", "bfloat16", "int8"]
 # What follows a BarrierReady (see BarrierReady.payload).
-Payload = Literal["weights", "delta", "same"]
+Payload = Literal["weights", "delta", "same", "manifest"]
+DataPlane = Literal["star", "sharded"]
 # A piece of the sharded data plane: a member's encoded change, a shard's reduced result, the
 # state a shard carries on, or a chunk of the global weights a joining node fetches.
 PieceKind = Literal["change", "result", "state", "weights"]
@@ -91,6 +92,9 @@ class NodeInfo(_Msg, tag="node_info"):
     # Samples per optimizer step: batch_size × accumulate_grad_batches (automatic
     # optimization) or batch_size (manual); 0 when unknown. Shards come in whole steps of it.
     samples_per_step: int = 0
+    # The node's data-plane endpoint (a ticket, or ID@HOST:PORT): where the session's other
+    # members fetch pieces from it in a sharded session; "" when it runs none.
+    data_peer: str = ""
 
 
 class TrainConfig(_Msg, tag="train_config"):
@@ -125,6 +129,10 @@ class TrainConfig(_Msg, tag="train_config"):
     # network and training goes on; only the epoch's last barrier blocks). Nodes follow it
     # unless their own setting says otherwise.
     overlap: bool = True
+    data_plane: DataPlane = "star"  # "sharded": members aggregate shards (docs/dataplane.md)
+    shards: int = 0  # the sharded plane's S
+    robust: str = "off"  # what a sharded seat reduces with: off, trimmed or median
+    trim: float = 0.2
 
 
 class ShardAssignment(_Msg, tag="shard_assignment"):
@@ -404,6 +412,26 @@ class ShardOrder(_Msg, tag="shard_order"):
     pieces: list[str]
     deadline_s: float
     attempt: int = 1  # the round's fixes so far: a redo without a refused piece is the next
+    base: str = ""  # sha256 of the global weights the round starts from (the seat holds them)
+    # The shard's standing state (DiLoCo's momentum, the residual): of round ``state_round``,
+    # sha256 ``state`` and ``state_size`` bytes, served by ``state_from`` (-1 / "": none yet).
+    state_round: int = -1
+    state: str = ""
+    state_size: int = 0
+    state_from: list[str] = []
+
+
+class Directory(_Msg, tag="directory"):
+    """Coordinator → node, in a sharded session: who is in the data plane. ``peers``: every
+    member's (node id, data endpoint) the node may exchange pieces with; ``seated``: the node
+    ids the seats are drawn among, with the seating's ``seed`` (hex) and its number
+    ``seating``; ``gone``: members lost since (never dialled again)."""
+
+    seating: int
+    seed: str
+    seated: list[str]
+    peers: list[tuple[str, str]]
+    gone: list[str] = []
 
 
 class ShardReport(_Msg, tag="shard_report"):
@@ -469,6 +497,7 @@ Message = (
     | PieceCommit
     | ShardOrder
     | ShardReport
+    | Directory
     | RoundManifest
     | Error
     | Bye

@@ -156,7 +156,7 @@ def start_and_close(config: SessionConfig, opts: ServeOptions) -> tuple[str, str
 def test_printed_tokens_say_how_to_reach_the_coordinator(tmp_path):
     from lightning_drift.auth import decode_token
     from lightning_drift.coordinator.state import StateDir
-    from lightning_drift.node.client import reach
+    from lightning_drift.node.token import reach
 
     st = tmp_path / "st"
     _, token = start_and_close(SessionConfig(), ServeOptions(state_dir=st, port=free_udp_port()))

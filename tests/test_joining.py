@@ -43,6 +43,9 @@ class Runtime:
         self.closed: str | None = None
         self.bytes_sent = self.bytes_received = 0
 
+    def hold(self, held) -> None:
+        self.held = held
+
     def start(self) -> TrainConfig:
         assert isinstance(self.info(), NodeInfo)
         return self.session

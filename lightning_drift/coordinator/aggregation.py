@@ -104,18 +104,37 @@ class Aggregation:
                 new_sd, payload = self.download(global_sd, target)
                 if payload is not None:
                     delta = (payload, sha256_bytes(payload))
-        outer = self.outer_state()
+        blob, info = self.write(aggregating, epoch, new_sd, list(acc.contributors), extra)
+        return new_sd, blob, info, refused, delta
+
+    def write(
+        self,
+        aggregating: int,
+        epoch: int,
+        new_sd: dict[str, Any],
+        contributors: list[tuple[str, float]],
+        extra: dict[str, str],
+    ) -> tuple[bytes, CheckpointInfo]:
+        """(5) Round ``aggregating``'s checkpoint: the weights ``new_sd`` and the outer state,
+        durable; (their bytes, the checkpoint's info)."""
         blob = to_bytes(new_sd)
         info = self.store.write(
             aggregating,
             blob,
-            outer=outer,
+            outer=self.outer_state(),
             epoch=epoch,
-            contributors=list(acc.contributors),
+            contributors=contributors,
             now=self.clock(),
             extra=extra,
         )
-        return new_sd, blob, info, refused, delta
+        return blob, info
+
+    def adopt(self, momentum: dict[str, Any], residual: dict[str, Any]) -> None:
+        """The outer state a sharded round's seats carry on (their shards' states joined):
+        held here to be saved with the checkpoint."""
+        if self.diloco is not None:
+            self.diloco.load_state_dict(momentum)
+        self.residual.load_state_dict(residual)
 
     def download(
         self, global_sd: dict[str, Any], target: dict[str, Any]

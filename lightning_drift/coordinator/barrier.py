@@ -34,8 +34,9 @@ from lightning_drift.coordinator.uploads import (
     Unread,
     Uploads,
 )
+from lightning_drift.dataplane.manifest import Commit
 from lightning_drift.errors import BlobTooLarge, PeerLost, ProtocolError, SessionError, TooSlow
-from lightning_drift.protocol import BarrierSync
+from lightning_drift.protocol import BarrierSync, PieceCommit
 from lightning_drift.text import short_id
 from lightning_drift.transport import Connection, Stream
 
@@ -145,6 +146,8 @@ class BarrierStreams:
         body as the admission says, and accept what was read: the answer to send."""
         o = self.options
         admission = self.uploads.admit(node, sync, self.clock())
+        if admission.commit:
+            return await self._commit(node, stream, sync)
         if admission.kind is Admit.READ:
             return await self._receive(node, stream, sync, admission)
         if admission.kind is Admit.DRAIN:
@@ -184,6 +187,16 @@ class BarrierStreams:
             handled = await self.uploads.accept(node, sync, blob, self.clock())
         del blob
         return self._carry(handled)
+
+    async def _commit(self, node: str, stream: Stream, sync: BarrierSync) -> Answer:
+        """A sharded session's upload: the hashes of the change's pieces (``PieceCommit``),
+        which the node pushed to the shards' seats; a frame, checked by the books."""
+        msg = await asyncio.wait_for(stream.recv(), self.options.handshake_timeout_s)
+        if not isinstance(msg, PieceCommit):
+            raise ProtocolError(f"a sharded upload is a PieceCommit, not {type(msg).__name__}")
+        commit = Commit(round=msg.round, base=msg.base, pieces=msg.pieces, sizes=msg.sizes)
+        async with self._slots:
+            return self._carry(await self.uploads.accept(node, sync, commit, self.clock()))
 
     def _not_read(self, node: str, sync: BarrierSync | None, why: Unread, reason: str) -> Handled:
         assert sync is not None  # the body comes after the BarrierSync

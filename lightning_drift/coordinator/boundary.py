@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import msgspec
 
 from lightning_drift import codec, modelspec
-from lightning_drift.errors import SessionError
+from lightning_drift.errors import ConfigError, SessionError
+from lightning_drift.peers import parse_peer
 from lightning_drift.protocol import (
     BarrierSync,
     DeviceInfo,
@@ -148,7 +149,22 @@ def node_info(msg: NodeInfo) -> NodeInfo:
         name=clean_text(msg.name, NAME_MAX),
         batch_size=clamp_int(msg.batch_size, 0, COUNT_MAX),
         samples_per_step=clamp_int(msg.samples_per_step, 0, COUNT_MAX),
+        data_peer=_data_peer(msg.data_peer),
     )
+
+
+DATA_PEER_MAX = 1024  # characters of a data endpoint's name (a ticket is about 200)
+
+
+def _data_peer(text: str) -> str:
+    """A node's data endpoint as it named it, or "" when that is no peer name
+    (``peers.parse_peer``: ``ID@HOST:PORT`` or a ticket)."""
+    if not text or len(text) > DATA_PEER_MAX:
+        return ""
+    try:
+        return parse_peer(text).text
+    except ConfigError:
+        return ""
 
 
 def _device(d: DeviceInfo) -> DeviceInfo:

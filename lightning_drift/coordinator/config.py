@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from lightning_drift.errors import ConfigError
 from lightning_drift.peers import split_peers
-from lightning_drift.protocol import Aggregation, TransferDType
+from lightning_drift.protocol import Aggregation, DataPlane, TransferDType
 from lightning_drift.units import parse_duration, parse_size
 
 # ---- how paces are averaged (the pace book, ``coordinator/pacebook.py``) -------------------
@@ -107,6 +107,12 @@ def _not_negative(v: float) -> str | None:
 
 def _fraction(v: float) -> str | None:
     return None if 0 <= v < 0.5 else f"must be in [0, 0.5), got {v:g}"
+
+
+def _shards(v: int) -> str | None:
+    from lightning_drift.dataplane.plan import MAX_SHARDS
+
+    return None if 1 <= v <= MAX_SHARDS else f"must be in [1, {MAX_SHARDS}], got {v}"
 
 
 def _quorum(v: float) -> str | None:
@@ -261,6 +267,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("clip", 0.0, float,
             "Clip each node's change to this × the round's median change norm (0: off).", _S,
             check=_not_negative),
+    Setting("data_plane", "star", str,
+            "star: every change goes through the coordinator; sharded: members reduce shards "
+            "of it and fetch the result from each other (docs/dataplane.md).", _S,
+            choices=("star", "sharded")),
+    Setting("shards", 8, int, "--data-plane sharded: shards a change is cut into.", _S,
+            check=_shards),
     Setting("max_change", 10.0, float,
             "A round whose aggregate moves a tensor by more than this × (its norm + √size) "
             "is not published (0: no bound).", _S, check=_not_negative),
@@ -339,6 +351,8 @@ class SessionConfig:
     robust: Robust = _default("robust")
     trim: float = _default("trim")
     clip: float = _default("clip")
+    data_plane: DataPlane = _default("data_plane")
+    shards: int = _default("shards")
     max_change: float = _default("max_change")
     max_strikes: int = _default("max_strikes")
     lightning_config: str = _default("lightning_config")
@@ -351,6 +365,8 @@ class SessionConfig:
                 f"--min-nodes {self.min_nodes} is more than --max-nodes {self.max_nodes}: the "
                 "first epoch would wait for ever; lower --min-nodes or raise --max-nodes"
             )
+        if self.data_plane == "sharded":
+            _check_sharded(self)
         if self.deadline_floor > self.deadline_max:
             raise ConfigError(
                 f"--deadline-floor {self.deadline_floor:g} is more than --deadline-max "
@@ -363,6 +379,21 @@ class SessionConfig:
         """From ``state.json``'s ``config`` (keys this version does not know are ignored)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _check_sharded(c: SessionConfig) -> None:
+    """What a sharded data plane cannot do, refused with the fix."""
+    if c.transfer_dtype not in ("int8", "bfloat16"):
+        raise ConfigError(
+            f"--data-plane sharded cuts encoded changes into shards, but --transfer-dtype is "
+            f"{c.transfer_dtype}: give --transfer-dtype int8 (or bfloat16)"
+        )
+    if c.clip > 0:
+        raise ConfigError(
+            "--clip scales each node's change by its norm over the whole model, which no "
+            "shard sees: with --data-plane sharded use --robust trimmed or median (or "
+            "--data-plane star for --clip)"
+        )
 
 
 @dataclass

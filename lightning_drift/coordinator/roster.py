@@ -69,6 +69,7 @@ class Member(msgspec.Struct):
     # Samples of its uploads that counted and showed training, each as the session weighed it
     # (``Session.weight_for``): the work the coordinator knows it received, never a claim.
     delivered: int = 0
+    data_peer: str = ""  # its data endpoint (a sharded session's members fetch pieces there)
     vram_used: int = 0  # bytes on its training device, last report
     vram_peak: int = 0  # the most it reported
     reason: str = ""  # why it is lost/left
@@ -185,6 +186,7 @@ class Roster(msgspec.Struct):
         dev = train_device_info(info)
         m.device = info.train_device if dev is None else f"{info.train_device} {dev.name}"
         m.vram_total = dev.vram_total if dev is not None else 0
+        m.data_peer = info.data_peer
         m.state = MemberState.READY
         return Decision(True, f"node {short_id(node)} ready on {m.device}")
 

@@ -62,6 +62,7 @@ from lightning_drift.coordinator.boundary import UploadCheck
 from lightning_drift.coordinator.effects import Effects
 from lightning_drift.coordinator.logs import RoundRecord, round_record
 from lightning_drift.coordinator.session import RoundDecision, Session
+from lightning_drift.coordinator.sharded import DataPlane, ShardedRound, sharded_round
 from lightning_drift.coordinator.state import StateDir
 from lightning_drift.errors import ConfigError, DriftError, SessionError
 from lightning_drift.fsutil import sha256_bytes, sha256_file
@@ -95,6 +96,7 @@ class Weights:
     delta_sha256: str = ""
     base_round: int = -1
     base_sha256: str = ""
+    manifest: bytes = b""  # a sharded round's signed manifest: the members hold the change
 
     def payload_for(self, held_sha256: str) -> tuple[Payload, bytes, str]:
         """(payload kind, blob, its sha256) that gives these weights to a node holding the
@@ -103,6 +105,8 @@ class Weights:
         if held_sha256 and held_sha256 == self.sha256:
             return "same", b"", _EMPTY_SHA256
         if self.delta is not None and held_sha256 and held_sha256 == self.base_sha256:
+            if self.manifest:  # the node fetches the change from the members that hold it
+                return "manifest", self.manifest, sha256_bytes(self.manifest)
             return "delta", self.delta, self.delta_sha256
         return "weights", self.blob, self.sha256
 
@@ -134,7 +138,8 @@ class Rounds:
         self.aggregation = Aggregation(session.config, store, clock)
         self.current: Weights | None = None  # the published global weights
         self.global_sd: dict[str, Any] | None = None  # the same, decoded
-        self.acc: Accumulator | RobustAccumulator | None = None  # the open round's
+        self.acc: Accumulator | RobustAccumulator | ShardedRound | None = None  # the open round's
+        self.sharded: DataPlane | None = None  # a sharded session's data plane (the server's)
         self._waiters: dict[int, asyncio.Future[Weights]] = {}  # completed round -> its weights
         self.lock = asyncio.Lock()  # the accumulator and the completion take turns
         self._save_lock = asyncio.Lock()
@@ -335,9 +340,10 @@ class Rounds:
             assert acc is not None and self.global_sd is not None
             opened = s.round_started
             t0 = time.perf_counter()
-            new_sd, blob, info, refused, delta = await asyncio.to_thread(
-                self.aggregation.run, s.session_id, aggregating, s.epoch, acc, self.global_sd
+            (new_sd, blob, info, refused, delta, manifest), more = await self._aggregate(
+                aggregating, acc
             )
+            fx.add(more)
             aggregation_s = time.perf_counter() - t0
             # Once the session has moved on, the next round is open and its uploads may come
             # in while the state file is written; holding the lock until the new global
@@ -345,7 +351,7 @@ class Rounds:
             async with self.lock:
                 outcome = s.advance(aggregating, self.clock())
                 await self.save_session()
-                self._publish(new_sd, blob, info, delta)
+                self._publish(new_sd, blob, info, delta, manifest)
             log.info(
                 "round.completed round=%d contributors=%d seconds=%.3f sha256=%s",
                 aggregating,
@@ -374,6 +380,22 @@ class Rounds:
             self._completing = False
         fx.decision = s.check(self.clock())
         return fx
+
+    async def _aggregate(
+        self, aggregating: int, acc: Accumulator | RobustAccumulator | ShardedRound
+    ) -> tuple[tuple[Any, bytes, CheckpointInfo, Any, Any, bytes], Effects]:
+        """Steps 2 to 5 of the round: in a thread (the star), or by the members (sharded)."""
+        s = self.session
+        assert self.global_sd is not None
+        if not isinstance(acc, ShardedRound):
+            done = await asyncio.to_thread(
+                self.aggregation.run, s.session_id, aggregating, s.epoch, acc, self.global_sd
+            )
+            return (*done, b""), Effects()
+        assert self.sharded is not None
+        return await sharded_round(
+            self.sharded, self.aggregation, s, aggregating, acc, self.global_sd, self.clock
+        )
 
     def _refused(
         self,
@@ -405,6 +427,7 @@ class Rounds:
         blob: bytes,
         info: CheckpointInfo,
         delta: tuple[bytes, str] | None = None,
+        manifest: bytes = b"",
     ) -> None:
         """``sd`` (the checkpoint ``info``, bytes ``blob``) is now the global weights;
         ``delta``: the encoded change from the weights published before, and its sha256."""
@@ -423,8 +446,12 @@ class Rounds:
             delta[1] if delta is not None else "",
             base.completed_round if base is not None else -1,
             base.sha256 if base is not None else "",
+            manifest if delta is not None else b"",
         )
-        self.acc = self.aggregation.new_accumulator(sd)
+        if self.sharded is not None:
+            self.acc = self.sharded.open(info.completed_round + 1, info.sha256, sd)
+        else:
+            self.acc = self.aggregation.new_accumulator(sd)
         # Everyone waiting for these weights (or older ones) gets them now.
         for waited in [r for r in self._waiters if r <= info.completed_round]:
             fut = self._waiters.pop(waited)

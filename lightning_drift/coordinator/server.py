@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lightning_drift.auth import TokenVerifier
+from lightning_drift.auth import Identity, TokenVerifier
 from lightning_drift.checkpoint import CheckpointStore
 from lightning_drift.coordinator import boundary, effects, observers
 from lightning_drift.coordinator.barrier import BarrierStreams
@@ -42,7 +42,8 @@ from lightning_drift.coordinator.logs import SessionLog
 from lightning_drift.coordinator.replies import refuse
 from lightning_drift.coordinator.rounds import Rounds
 from lightning_drift.coordinator.session import GONE, RoundDecision, Session
-from lightning_drift.coordinator.state import StateDir
+from lightning_drift.coordinator.sharded import DataPlane
+from lightning_drift.coordinator.state import StateDir, coordinator_record
 from lightning_drift.coordinator.uploads import Uploads
 from lightning_drift.errors import DriftError, PeerLost, ProtocolError
 from lightning_drift.peers import PeerName, parse_peer
@@ -50,9 +51,11 @@ from lightning_drift.protocol import (
     MAX_FRAME,
     Bye,
     Error,
+    Message,
     Ping,
     SessionStatus,
     ShardAssignment,
+    ShardReport,
     ShardRequest,
     StatusRequest,
     StopRequest,
@@ -118,7 +121,7 @@ class Coordinator:
         self.state.ensure()
         identity = self.state.identity()
         self._open_session(now)
-        await self._open_rounds()
+        await self._open_rounds(identity)
         verifier = TokenVerifier(
             identity.public_key, self.session.session_id, self.state.tokens().revoked()
         )
@@ -130,7 +133,14 @@ class Coordinator:
             mode=o.mode, secret=identity.seed, bind_addr=f"{host}:{o.port}", relay_urls=o.relay
         )
         self.ticket = self.endpoint.ticket()
-        self._save_coordinator(identity.public_hex, host)
+        if self.rounds.sharded is not None:
+            self.rounds.sharded.endpoint = self.endpoint
+        self.state.save_coordinator(
+            coordinator_record(
+                o, self.endpoint.addrs(), self.ticket, host, identity.public_hex,
+                self.session.session_id,
+            )
+        )  # fmt: skip
         self.node_token, self.observer_token = (
             self.state.standing_token(
                 identity,
@@ -179,9 +189,9 @@ class Coordinator:
         )
         self.session_log.open()
 
-    async def _open_rounds(self) -> None:
-        """The rounds (the global weights: restored, or seeded by ``--init``), the upload core
-        and the barrier streams."""
+    async def _open_rounds(self, identity: Identity) -> None:
+        """The rounds (the global weights: restored, or seeded by ``--init``), the upload core,
+        the barrier streams, and a sharded session's data plane."""
         assert self.session_log is not None
         self.rounds = Rounds(
             self.session,
@@ -196,6 +206,11 @@ class Coordinator:
         self.barriers = BarrierStreams(
             self.uploads, self.options, clock=self.clock, carry_out=self.carry_out
         )
+        if self.config.data_plane == "sharded":
+            self.rounds.sharded = DataPlane(
+                self.session.config, self.session.session_id, identity, clock=self.clock,
+                send=self._send_to, members=lambda: list(self.conns),
+            )  # fmt: skip
         await self.rounds.load()
         if self.options.init is not None:
             if self.session.has_weights:
@@ -206,31 +221,6 @@ class Coordinator:
                 )
             else:
                 self.event(await self.rounds.seed(self.options.init))
-
-    def _save_coordinator(self, key: str, host: str) -> None:
-        """What `drift-coord serve` falls back to on a restart without these flags: the same
-        port, mode, bind address and relays give the same ticket, so tokens keep working."""
-        assert self.endpoint is not None
-        o = self.options
-        port = o.port
-        if port == 0:  # the OS chose: store that one, so a restart binds it again
-            ports = {int(a.rsplit(":", 1)[1]) for a in self.endpoint.addrs()}
-            port = ports.pop() if len(ports) == 1 else 0
-        self.state.save_coordinator(
-            {
-                "ticket": self.ticket,
-                "port": port,
-                "bind": host,
-                "mode": o.mode,
-                "relay": list(o.relay),
-                "checkpoint_dir": str(Path(o.checkpoint_dir).resolve())
-                if o.checkpoint_dir
-                else None,
-                "session": self.session.session_id,
-                "key": key,
-                "peers": list(o.peers),
-            }
-        )
 
     async def run(self) -> None:
         """Serve until the session finishes (then a grace period) or :meth:`shutdown`."""
@@ -273,6 +263,8 @@ class Coordinator:
             nc.conn.close(0, "coordinator shutting down")
         for t in list(self._tasks):
             t.cancel()
+        if self.rounds is not None and self.rounds.sharded is not None:
+            await self.rounds.sharded.close()
         if self.endpoint is not None:
             await self.endpoint.close()
         if self.session_log is not None:
@@ -342,6 +334,10 @@ class Coordinator:
         elif fx.decision is not None and self.rounds.consider(fx.decision):
             self.event(fx.decision.reason)
             self._spawn(self._complete(fx.decision))
+
+    def _send_to(self, node: str, msg: Message) -> None:
+        if (nc := self.conns.get(node)) is not None:
+            self._spawn(nc.send(msg))
 
     async def _complete(self, decision: RoundDecision) -> None:
         self.carry_out(await self.rounds.complete(decision))
@@ -430,6 +426,10 @@ class Coordinator:
         try:
             await stream.send(self.session.train_config())
             self.event(d.reason)
+            if (dp := self.rounds.sharded) is not None and (
+                why := dp.join(node, self.session.members[node].data_peer)
+            ):
+                raise ProtocolError(f"this session's data plane is sharded, and {why}")
             replanned = self.session.assignments.get(node)
             if replanned is not None and replanned.revision > 0:
                 # It may have missed its latest re-plan while it was away.
@@ -449,6 +449,8 @@ class Coordinator:
             if self.conns.get(node) is nc:
                 del self.conns[node]
                 self.pending_shards.pop(node, None)
+                if self.rounds.sharded is not None:
+                    self.rounds.sharded.left(node)
                 lost = self.session.lost(node, ended.reason, self.clock(), left=ended.left)
                 if lost.ok:
                     self.event(lost.reason)
@@ -474,6 +476,8 @@ class Coordinator:
                 await self._stop_request(nc, boundary.stop_request(msg))
             elif isinstance(msg, ShardRequest):
                 await self._shard(nc, boundary.shard_request(msg).epoch)
+            elif isinstance(msg, ShardReport) and self.rounds.sharded is not None:
+                self.rounds.sharded.report(nc.node, msg)
             elif isinstance(msg, StatusRequest):
                 await nc.send(self.status())
             elif isinstance(msg, Bye):

@@ -194,6 +194,29 @@ class StateDir:
         return token
 
 
+def coordinator_record(
+    o: Any, addrs: Sequence[str], ticket: str, host: str, key: str, session: str
+) -> dict[str, Any]:
+    """What `drift-coord serve` falls back to on a restart without these flags (``o``: its
+    ServeOptions): the same port, mode, bind address and relays give the same ticket, so
+    tokens keep working."""
+    port = o.port
+    if port == 0:  # the OS chose: store that one, so a restart binds it again
+        ports = {int(a.rsplit(":", 1)[1]) for a in addrs}
+        port = ports.pop() if len(ports) == 1 else 0
+    return {
+        "ticket": ticket,
+        "port": port,
+        "bind": host,
+        "mode": o.mode,
+        "relay": list(o.relay),
+        "checkpoint_dir": str(Path(o.checkpoint_dir).resolve()) if o.checkpoint_dir else None,
+        "session": session,
+        "key": key,
+        "peers": list(o.peers),
+    }
+
+
 def upgrade_v1(d: dict[str, Any], fields: Sequence[str]) -> dict[str, Any]:
     """A session saved before the parts kept themselves (``d``, from ``state.json``), in
     today's shape: a ``SessionRecord`` of ``fields``."""
@@ -226,4 +249,4 @@ def upgrade_v1(d: dict[str, Any], fields: Sequence[str]) -> dict[str, Any]:
     }
 
 
-__all__ = ["StateDir", "upgrade_v1", "write_private"]
+__all__ = ["StateDir", "coordinator_record", "upgrade_v1", "write_private"]

@@ -36,6 +36,8 @@ from lightning_drift.coordinator.boundary import UploadCheck
 from lightning_drift.coordinator.effects import Effects
 from lightning_drift.coordinator.rounds import Rounds
 from lightning_drift.coordinator.session import Session, UploadVerdict, Verdict
+from lightning_drift.coordinator.sharded import ShardedRound
+from lightning_drift.dataplane.manifest import Commit
 from lightning_drift.errors import SessionError
 from lightning_drift.protocol import BarrierReady, BarrierSync, Payload
 from lightning_drift.text import short_id
@@ -100,6 +102,7 @@ class Admission:
     limit: int = 0
     hint: str = ""
     check: UploadCheck | None = None
+    commit: bool = False  # a sharded session's change: its pieces' hashes, not a blob
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ class Uploads:
     def _answer(self, verdict: UploadVerdict, sync: BarrierSync) -> Answer:
         return Answer(verdict, sync.round, self)
 
+    def _refused(self, sync: BarrierSync, reason: str, code: str = "bad_upload") -> Answer:
+        return self._answer(UploadVerdict(Verdict.REFUSE, reason, code), sync)
+
     def _refusal(self, sync: BarrierSync, reason: str, code: str, fx: Effects) -> Handled:
         return Handled(self._answer(UploadVerdict(Verdict.REFUSE, reason, code), sync), fx)
 
@@ -139,16 +145,24 @@ class Uploads:
         if verdict.kind is Verdict.REFUSE:
             return Admission(Admit.REFUSE, answer)
         limit, hint = self.rounds.max_upload(self.max_model_bytes)
+        if self.rounds.sharded is not None and sync.round > 0:
+            if not sync.delta:
+                why = "a sharded session takes changes only, not whole weights; update the node"
+                return Admission(Admit.REFUSE, self._refused(sync, why))
+            return Admission(Admit.READ, answer, commit=True)
         if verdict.kind in (Verdict.INITIAL, Verdict.OPEN):
             return Admission(Admit.READ, answer, limit, hint, self.rounds.upload_check(sync))
         return Admission(Admit.DRAIN, answer, limit, hint)
 
-    async def accept(self, node: str, sync: BarrierSync, blob: bytes, now: float) -> Handled:
+    async def accept(
+        self, node: str, sync: BarrierSync, blob: bytes | Commit, now: float
+    ) -> Handled:
         """``node``'s upload is here (read as :meth:`admit` said): decide again, then adopt
         it as round 0, or decode and accumulate it into the open round."""
         verdict = self._verdict(node, sync, now)
         match verdict.kind:
             case Verdict.INITIAL:
+                assert isinstance(blob, bytes)
                 return await self._initial(node, sync, blob, verdict)
             case Verdict.LEFT_OUT:
                 fx = effects.left_out(self.session, node, sync.round, verdict.reason, now)
@@ -228,7 +242,9 @@ class Uploads:
             size = await self.rounds.write_initial(node, sd, {})
         return f"round 0: start-up weights from node {short_id(node)} ({size} bytes)"
 
-    async def _open(self, node: str, sync: BarrierSync, blob: bytes, now: float) -> Handled:
+    async def _open(
+        self, node: str, sync: BarrierSync, blob: bytes | Commit, now: float
+    ) -> Handled:
         """An upload for the open round: left out when its base is stale, else decoded and
         accumulated."""
         s = self.session
@@ -238,14 +254,20 @@ class Uploads:
             fx = effects.reject(s, node, sync.round, stale, now, strikes=False)
             return Handled(self._answer(UploadVerdict(Verdict.LEFT_OUT, stale), sync), fx)
         try:
-            sd = await asyncio.to_thread(self.rounds.decode, blob, sync)
+            sd = (
+                blob
+                if isinstance(blob, Commit)
+                else await asyncio.to_thread(self.rounds.decode, blob, sync)
+            )
         except SessionError as exc:
             fx = effects.reject(s, node, sync.round, str(exc), self.rounds.clock(), strikes=True)
             return self._refusal(sync, str(exc), exc.code, fx)
         # Adding into the shared sums must run to its end even if this node's connection
         # drops meanwhile (which cancels its tasks): a half-added upload would corrupt the
         # round, and the sums and the session must agree on who arrived.
-        adding = asyncio.ensure_future(self._accumulate(node, sync, sd, len(blob)))
+        # The change's bytes, pushed to the seats in a sharded session.
+        size = sum(blob.sizes) if isinstance(blob, Commit) else len(blob)
+        adding = asyncio.ensure_future(self._accumulate(node, sync, sd, size))
         try:
             return await asyncio.shield(adding)
         except asyncio.CancelledError:
@@ -272,13 +294,14 @@ class Uploads:
             # since its last counted upload; 0 (nothing left in its shard) adds nothing.
             weight = s.weight_for(node, sync.samples, sync.round)
             try:
-                change = await asyncio.to_thread(rounds.acc.change, sd, delta=sync.delta)
-                why = s.evidence.judge(change, weight)
-                if why and change <= 0:
-                    weight = 0.0  # trained nothing: it weighs nothing
-                await asyncio.to_thread(rounds.acc.add, node, sd, weight, delta=sync.delta)
+                change, why, weight = await self._add(node, sync, sd, weight)
             except SessionError as exc:
-                fx = effects.reject(s, node, sync.round, str(exc), rounds.clock(), strikes=True)
+                honest = exc.code == "left_out"  # not the node's fault: no strike
+                fx = effects.reject(s, node, sync.round, str(exc), now, strikes=not honest)
+                if honest:
+                    return Handled(
+                        self._answer(UploadVerdict(Verdict.LEFT_OUT, str(exc)), sync), fx
+                    )
                 return self._refusal(sync, str(exc), exc.code, fx)
             decision = s.arrived(
                 node,
@@ -300,6 +323,28 @@ class Uploads:
             "barrier.arrived node=%s round=%d samples=%d", short_id(node), sync.round, sync.samples
         )
         return Handled(self._answer(verdict, sync), fx)
+
+    async def _add(
+        self, node: str, sync: BarrierSync, sd: Any, weight: float
+    ) -> tuple[float, str, float]:
+        """Add an upload to the open round: (its change's norm, why it shows no training,
+        its weight). A sharded round's commit goes into the books (its norm, known once the
+        round settles, is judged then); SessionError when it is refused."""
+        acc = self.rounds.acc
+        if isinstance(acc, ShardedRound):
+            refused, fault = acc.add(node, sd, weight)
+            if fault:
+                raise SessionError(f"commit refused: {refused}", code="bad_upload")
+            if refused:
+                raise SessionError(refused, code="left_out")
+            return 0.0, "", weight
+        assert acc is not None
+        change = await asyncio.to_thread(acc.change, sd, delta=sync.delta)
+        why = self.session.evidence.judge(change, weight)
+        if why and change <= 0:
+            weight = 0.0  # trained nothing: it weighs nothing
+        await asyncio.to_thread(acc.add, node, sd, weight, delta=sync.delta)
+        return change, why, weight
 
     def _no_training(
         self, node: str, sync: BarrierSync, why: str, weight: float, now: float

@@ -70,6 +70,10 @@ def train_config(s: Shown) -> TrainConfig:
         lightning_config=c.lightning_config,
         stop_round=-1 if s.stop_round is None else s.stop_round,
         overlap=c.overlap,
+        data_plane=c.data_plane,
+        shards=c.shards if c.data_plane == "sharded" else 0,
+        robust=c.robust,
+        trim=c.trim,
     )
 
 

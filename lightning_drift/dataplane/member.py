@@ -266,13 +266,14 @@ class Member:
     async def _piece_from_holders(
         self, upload_round: int, shard: int, node: str, sha: str, size: int
     ) -> bytes:
-        """A change piece that did not come here (this member replaces a lost seat): from the
-        shard's seats, which it was pushed to, else from its contributor, which keeps it until
-        the manifest; b"" when nobody serves it."""
+        """A change piece that did not come here (this member replaces a lost seat, or the
+        contributor pushed by an older seating): from its contributor, which keeps it until
+        the manifest, else from the shard's seats, which it was pushed to; b"" when nobody
+        serves it. (A seat holds a fetch of a piece it awaits, so it is not asked first.)"""
         owners = self.seats[shard] if self.seats else None
         holders = [s for s in (owners.primary, owners.mirror) if s] if owners else []
         data, why = await self._first_served(
-            [*holders, node], upload_round, shard, CHANGE, sha, size
+            [node, *holders], upload_round, shard, CHANGE, sha, size
         )
         if data is None:
             log.warning(

@@ -41,7 +41,7 @@ import torch
 
 from lightning_drift import codec
 from lightning_drift.errors import ConfigError, SessionError
-from lightning_drift.modelspec import TensorSpec, fingerprint
+from lightning_drift.modelspec import TensorSpec, fingerprint, table_of
 
 StateDict = dict[str, torch.Tensor]
 
@@ -113,6 +113,12 @@ class ShardPlan:
         self.total = sum(s.size for s in self.shards)
         what = f"drift/plan/1 {codec_name}/{block} {count} {fingerprint(self.table)}"
         self.digest = hashlib.sha256(what.encode()).hexdigest()
+
+    @classmethod
+    def of(cls, weights: Mapping[str, torch.Tensor], codec_name: str, count: int) -> ShardPlan:
+        """A session's plan of its global weights: their tensors by name, so that every
+        member cuts the same shards whatever order its state dict holds them in."""
+        return cls(dict(sorted(table_of(weights).items())), codec_name, count)
 
     def __repr__(self) -> str:
         return f"ShardPlan({self.codec}/{self.block}, {self.count} shards, {self.total} bytes)"

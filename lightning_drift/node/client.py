@@ -34,7 +34,7 @@ import msgspec
 
 from lightning_drift import __version__
 from lightning_drift import protocol as p
-from lightning_drift.auth import Claims, decode_token, verify_token
+from lightning_drift.auth import decode_token, verify_token
 from lightning_drift.errors import (
     AuthError,
     DriftError,
@@ -43,6 +43,7 @@ from lightning_drift.errors import (
     SessionError,
     SessionFinished,
 )
+from lightning_drift.node.token import reach
 from lightning_drift.peers import parse_peer
 from lightning_drift.transport import (
     Connection,
@@ -73,16 +74,6 @@ def refusal(err: p.Error) -> DriftError:
     return SessionError(err.message, err.code)
 
 
-def reach(
-    claims: Claims, mode: str | None, relay_urls: Sequence[str] = ()
-) -> tuple[str, tuple[str, ...]]:
-    """How to reach the coordinator that signed ``claims``: (mode, relay URLs).
-
-    What the caller says wins; else what the token says (a coordinator in internet mode puts
-    that, and its own relays, in the tokens it prints); else local mode and iroh's relays."""
-    return mode or claims.mode or "local", tuple(relay_urls) or claims.relays
-
-
 def finished_error(finish: p.Finish) -> SessionFinished:
     """The exception for the coordinator's ``Finish``."""
     return SessionFinished(finish.round, sha256=finish.sha256, checkpoint=finish.checkpoint)
@@ -99,7 +90,7 @@ class _Joiner:
     resume_round: int
     silence_s: float | None
     observe: bool
-    on_replan: Callable[[p.ShardAssignment], None] | None
+    on_unasked: Callable[[p.Message], None] | None
 
 
 async def _endpoint(
@@ -145,10 +136,10 @@ class CoordinatorClient:
         self._closed = False
         self._last_rx = 0.0
         self.silence_s: float | None = None
-        # Called (on the loop) with every re-plan of the epoch being trained: an assignment
-        # that comes unasked with a revision above 0. Given when connecting, so that it is set
-        # before the reader starts: the only way a re-plan leaves the client.
-        self.on_replan: Callable[[p.ShardAssignment], None] | None = None
+        # Called (on the loop) with what comes unasked: a re-plan of the epoch being trained
+        # (an assignment with a revision above 0), a sharded session's Directory and orders.
+        # Given when connecting, so that it is set before the reader starts.
+        self.on_unasked: Callable[[p.Message], None] | None = None
 
     @property
     def node_key(self) -> str:
@@ -172,7 +163,7 @@ class CoordinatorClient:
         observe: bool = False,
         via: Sequence[str] = (),
         expect_key: bytes | None = None,
-        on_replan: Callable[[p.ShardAssignment], None] | None = None,
+        on_unasked: Callable[[p.Message], None] | None = None,
     ) -> CoordinatorClient:
         """Dial the coordinator named in ``token``, join, and finish the handshake.
 
@@ -192,8 +183,8 @@ class CoordinatorClient:
         ``via``: dial these ``host:port`` addresses instead of the ticket's (a forwarded
         port, a proxy); the coordinator must still hold the key the token names.
         ``expect_key``: refuse (AuthError) a token that names another coordinator than this
-        key (``drift train --token T --peer ID``). ``on_replan``: called on the loop with every
-        re-plan of the epoch being trained.
+        key (``drift train --token T --peer ID``). ``on_unasked``: called on the loop with what
+        comes unasked: every re-plan of the epoch being trained, a Directory, a ShardOrder.
         """
         claims, _, _ = decode_token(token)
         key = ticket_key(claims.coordinator)
@@ -207,7 +198,7 @@ class CoordinatorClient:
         verify_token(token, key, now=time.time(), allow_expired=True)
         mode, relay_urls = reach(claims, mode, relay_urls)
         joiner = _Joiner(
-            token, claims.role, node_info, name, resume_round, silence_s, observe, on_replan
+            token, claims.role, node_info, name, resume_round, silence_s, observe, on_unasked
         )
         addrs = list(via) or ticket_addrs(claims.coordinator)
         endpoint, own = await _endpoint(endpoint, mode, secret, addrs, relay_urls)
@@ -233,7 +224,7 @@ class CoordinatorClient:
         silence_s: float | None = None,
         observe: bool = False,
         via: Sequence[str] = (),
-        on_replan: Callable[[p.ShardAssignment], None] | None = None,
+        on_unasked: Callable[[p.Message], None] | None = None,
     ) -> CoordinatorClient:
         """Join without a token: dial the coordinator named by id and join as a node of its
         ``--peers`` list (the coordinator checks this node's key, so ``secret`` must be the
@@ -243,7 +234,7 @@ class CoordinatorClient:
         ticket. ``mode`` defaults to local. Otherwise as :meth:`connect`."""
         peer = parse_peer(coordinator)
         mode = mode or "local"
-        joiner = _Joiner("", "node", node_info, name, resume_round, silence_s, observe, on_replan)
+        joiner = _Joiner("", "node", node_info, name, resume_round, silence_s, observe, on_unasked)
         addrs = list(via) or peer_addrs(peer)
         endpoint, own = await _endpoint(endpoint, mode, secret, addrs, relay_urls)
 
@@ -261,7 +252,7 @@ class CoordinatorClient:
         name: str = "",
         timeout: float = 15.0,
         silence_s: float | None = None,
-        on_replan: Callable[[p.ShardAssignment], None] | None = None,
+        on_unasked: Callable[[p.Message], None] | None = None,
     ) -> CoordinatorClient:
         """Wait (up to ``timeout`` seconds) for the coordinator to dial this listening node,
         then finish the handshake it starts with Ping. The listener keeps its endpoint."""
@@ -271,7 +262,7 @@ class CoordinatorClient:
             control = await conn.accept_stream()
             self = cls(listener.endpoint, False, conn, control)
             self.silence_s = silence_s
-            self.on_replan = on_replan
+            self.on_unasked = on_unasked
             await self._from_ping(node_info, name)
             self._tasks.append(asyncio.create_task(self._reader()))
             return self
@@ -340,7 +331,7 @@ class CoordinatorClient:
             self = cls(endpoint, own, conn, control)
             self.role = "observer" if j.observe else j.role
             self.silence_s = j.silence_s
-            self.on_replan = j.on_replan
+            self.on_unasked = j.on_unasked
             if self.role == "node":
                 if j.node_info is None:
                     raise ValueError("a node token needs node_info (NodeInfo or a factory)")
@@ -394,6 +385,8 @@ class CoordinatorClient:
                         await self._send(p.Ping(session_id=msg.session_id, nonce=msg.nonce))
                 elif isinstance(msg, p.ShardAssignment):
                     self._on_shard(msg)
+                elif isinstance(msg, (p.Directory, p.ShardOrder)) and self.on_unasked is not None:
+                    self.on_unasked(msg)  # a sharded session's data plane
                 elif isinstance(msg, p.StopDecision):
                     if msg.stop:
                         self.stop = msg
@@ -436,12 +429,12 @@ class CoordinatorClient:
 
     def _on_shard(self, msg: p.ShardAssignment) -> None:
         """An assignment: the answer to a shard request, or (unasked, revision above 0) a
-        re-plan of the epoch being trained, handed to ``on_replan``."""
+        re-plan of the epoch being trained, handed to ``on_unasked``."""
         fut = self._shards.pop(msg.epoch, None)
         asked_before = any(e <= msg.epoch for e in self._shards)
         if fut is None and not asked_before and msg.revision > 0:
-            if self.on_replan is not None:
-                self.on_replan(msg)
+            if self.on_unasked is not None:
+                self.on_unasked(msg)
             return
         if fut is None:  # answered for a later epoch than asked (late/rejoin)
             fut = next(iter(self._shards.values()), None)
@@ -503,7 +496,7 @@ class CoordinatorClient:
             await self._send(p.ShardRequest(epoch=epoch))
         return await asyncio.shield(fut)
 
-    async def progress(self, msg: p.TrainProgress) -> None:
+    async def progress(self, msg: p.TrainProgress | p.ShardReport) -> None:
         await self._send(msg)
 
     async def request_stop(self, request: p.StopRequest) -> p.StopDecision:
@@ -538,13 +531,14 @@ class CoordinatorClient:
             ) from None
 
     async def barrier(
-        self, sync: p.BarrierSync, weights: bytes | bytearray | memoryview
+        self, sync: p.BarrierSync, weights: bytes | bytearray | memoryview | p.PieceCommit
     ) -> tuple[p.BarrierReady, bytes]:
         """Upload ``weights`` for ``sync.round`` on a new stream; wait for the round's result.
+        (In a sharded session the upload is the ``PieceCommit`` of its pieces.)
 
         Returns ``BarrierReady`` and the blob that follows it: what it holds is
         ``BarrierReady.payload`` (the global weights, sha256 checked, or a change from the
-        weights ``sync.base_sha256`` names, or nothing).
+        weights ``sync.base_sha256`` names, a sharded round's signed manifest, or nothing).
         ``SessionError(code=...)`` when the coordinator refused the upload (e.g. bad_upload).
         """
         if self.error is not None and not isinstance(self.error, SessionError):
@@ -552,7 +546,10 @@ class CoordinatorClient:
         stream = await self.conn.open_stream()
         await stream.send(sync)
         try:
-            await stream.send_blob(weights, kind="delta" if sync.delta else "weights")
+            if isinstance(weights, p.PieceCommit):
+                await stream.send(weights)
+            else:
+                await stream.send_blob(weights, kind="delta" if sync.delta else "weights")
         except DriftError as exc:
             # The coordinator may have refused the upload from its header and stopped reading
             # it: its Error on this stream says why, which beats "the stream ended".
@@ -597,4 +594,4 @@ class CoordinatorClient:
             await self.endpoint.close()
 
 
-__all__ = ["CoordinatorClient", "finished_error", "reach", "refusal"]
+__all__ = ["CoordinatorClient", "finished_error", "refusal"]

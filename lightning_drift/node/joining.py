@@ -231,9 +231,11 @@ class Joining:
         """The session's settings: how weights travel, overlap, reports."""
         assert self.runtime is not None
         self.config = config
+        weights = GlobalWeights(config.transfer_dtype)
+        self.runtime.hold(weights.held)
         self.exchange = RoundExchange(
             self.runtime,
-            GlobalWeights(config.transfer_dtype),
+            weights,
             module,
             self.meter,
             has_weights=config.has_weights,

@@ -27,6 +27,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import msgspec
 import nacl.signing
 
 from lightning_drift import protocol as p
@@ -43,6 +44,7 @@ from lightning_drift.errors import (
 from lightning_drift.node import waiting
 from lightning_drift.node.client import CoordinatorClient, finished_error
 from lightning_drift.node.listen import CoordinatorListener
+from lightning_drift.node.sharded import Held, NodeDataPlane
 from lightning_drift.peers import parse_peer
 from lightning_drift.transport import peer_key
 
@@ -136,6 +138,7 @@ class NodeRuntime:
         self._closed = False
         self._replan: p.ShardAssignment | None = None  # the latest re-plan not yet taken
         self._replan_lock = threading.Lock()
+        self.data: NodeDataPlane | None = None  # this node's data endpoint (sharded sessions)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -230,7 +233,10 @@ class NodeRuntime:
         async def run() -> Delivery[T]:
             sync, payload = await asyncio.to_thread(prepare)
             ready, blob = await self._retrying(
-                lambda c: c.barrier(sync, payload), what=f"barrier round={sync.round}"
+                lambda c: (
+                    self.data.barrier(c, sync, payload) if self.data else c.barrier(sync, payload)
+                ),
+                what=f"barrier round={sync.round}",
             )
             self.bytes_sent += len(payload)
             self.bytes_received += len(blob)
@@ -246,6 +252,17 @@ class NodeRuntime:
         with self._replan_lock:
             a, self._replan = self._replan, None
         return a
+
+    def hold(self, held: Held) -> None:
+        """Where a sharded session's seats find the global weights this node holds."""
+        if self.data is not None:
+            self.data.held = held
+
+    def _on_unasked(self, msg: p.Message) -> None:
+        if isinstance(msg, p.ShardAssignment):
+            self._on_replan(msg)
+        elif self.data is not None:
+            self.data.unasked(msg)
 
     def _on_replan(self, a: p.ShardAssignment) -> None:
         with self._replan_lock:
@@ -320,6 +337,8 @@ class NodeRuntime:
         assert config is not None, "a node token's handshake ends with TrainConfig"
         self._client = client
         self.config = config
+        if self.data is not None:
+            self.data.joined(self.node_key, config, client.conn.remote_key, client.progress)
         if not first:
             self.reconnects += 1
         log.info(
@@ -331,7 +350,11 @@ class NodeRuntime:
 
     async def _new_client(self) -> CoordinatorClient:
         """One connection to the coordinator, made the way this node reaches it."""
-        info = self._node_info()
+        if self.data is None:  # bound once: members reach it at the same address
+            self.data = await NodeDataPlane.bind(
+                self.token, self.peer, mode=self.mode, relay_urls=self.relay_urls, via=self.via
+            )
+        info = msgspec.structs.replace(self._node_info(), data_peer=self.data.peer)
         dialled: dict[str, Any] = dict(
             node_info=info,
             name=self.name,
@@ -341,7 +364,7 @@ class NodeRuntime:
             resume_round=self.resume_round,
             secret=self.secret,
             via=self.via,
-            on_replan=self._on_replan,
+            on_unasked=self._on_unasked,
         )
         if self.token is not None:
             expect = peer_key(parse_peer(self.peer)) if self.peer else None
@@ -362,7 +385,7 @@ class NodeRuntime:
             node_info=info,
             name=self.name,
             timeout=self.connect_timeout,
-            on_replan=self._on_replan,
+            on_unasked=self._on_unasked,
         )
 
     async def _reconnect(self, what: str, cause: Exception) -> None:
@@ -422,3 +445,6 @@ class NodeRuntime:
         listener, self._listener = self._listener, None
         if listener is not None:
             await listener.close()
+        data, self.data = self.data, None
+        if data is not None:
+            await data.close()

@@ -13,7 +13,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from lightning_drift.auth import MASKED_TOKEN, read_token_file, token_from_environment, token_text
+from lightning_drift.auth import (
+    MASKED_TOKEN,
+    Claims,
+    read_token_file,
+    token_from_environment,
+    token_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,4 +75,14 @@ def find_token(
     return None
 
 
-__all__ = ["find_token", "token_given"]
+def reach(
+    claims: Claims, mode: str | None, relay_urls: Sequence[str] = ()
+) -> tuple[str, tuple[str, ...]]:
+    """How to reach the coordinator that signed ``claims``: (mode, relay URLs).
+
+    What the caller says wins; else what the token says (a coordinator in internet mode puts
+    that, and its own relays, in the tokens it prints); else local mode and iroh's relays."""
+    return mode or claims.mode or "local", tuple(relay_urls) or claims.relays
+
+
+__all__ = ["find_token", "token_given", "reach"]

@@ -223,6 +223,7 @@ class GlobalWeights:
         self.base_sha256 = ""  # their sha256 (of the checkpoint file's bytes)
         self.residual = codec.Residual()  # what compression left out of past uploads
         self._kept: StateDict | None = None  # a CPU copy of them (compressed transfers)
+        self._held: tuple[str, StateDict] | None = None  # (their sha256, that copy)
         self._offered: tuple[str, StateDict, bytes] | None = None  # the start-up weights
         self.table: Table | None = None  # the session's tensor table, once weights came
         self._carried: StateDict = {}  # CPU copies of the global weights' carried tensors
@@ -230,6 +231,11 @@ class GlobalWeights:
     @property
     def compressed(self) -> bool:
         return self.transfer_dtype in codec.CODECS
+
+    def held(self) -> tuple[str, StateDict] | None:
+        """(sha256, tensors) of the global weights kept here (compressed transfers), or None:
+        what a sharded session's seat reduces from. The tensors are never changed in place."""
+        return self._held
 
     def check(self, local: Mapping[str, torch.Tensor]) -> None:
         """Before a barrier's payload is built, on the training thread: ConfigError when the
@@ -318,6 +324,7 @@ class GlobalWeights:
             self.residual.clear()
         if self.compressed:
             self._kept = {k: v.clone() for k, v in weights.items()}
+            self._held = (sha256, self._kept)  # one assignment: read from another thread
         return Received(global_round, weights, blob, payload, fixed)
 
     def _same(self, sha256: str) -> tuple[StateDict, bytes]:
