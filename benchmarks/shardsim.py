@@ -297,11 +297,7 @@ class Simulation:
 
 def report_of(done: Computed, attempt: int = 0) -> Report:
     """What a computer reports of a shard it computed (the books' side of ``ShardReport``)."""
-    res = done.result
-    return Report(
-        res.index, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad,
-        done.state, done.state_size, done.missing, attempt,
-    )  # fmt: skip
+    return done.report(attempt)
 
 
 def flip_one_value(res: ShardResult) -> ShardResult:

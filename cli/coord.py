@@ -252,6 +252,7 @@ def serve(
     clip: Annotated[float | None, _option("clip")] = None,
     data_plane: Annotated[str | None, _option("data_plane")] = None,
     shards: Annotated[int | None, _option("shards")] = None,
+    audit_every: Annotated[int | None, _option("audit_every")] = None,
     max_change: Annotated[float | None, _option("max_change")] = None,
     max_strikes: Annotated[int | None, _option("max_strikes")] = None,
     config: Annotated[

@@ -5,6 +5,8 @@ pieces between themselves and the coordinator keeps the books."""
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,51 @@ def test_four_members_end_bit_equal_to_every_checkpoint(tmp_path: Path) -> None:
         node_final = load_file(str(tmp_path / f"node-{i}" / "final.safetensors"))
         for k in final:
             assert torch.equal(node_final[k], final[k]), k
+
+
+def test_a_member_killed_mid_session_is_replaced_and_the_others_end_exact(
+    tmp_path: Path,
+) -> None:
+    # SIGKILL one of four member processes once the first round is done: its seats go to the
+    # next members of their rankings, the others train on, and end on every checkpoint.
+    n = 4
+    with LocalCoordinator(
+        tmp_path / "coord", min_nodes=n, epochs=1, batch_size=16, sync_every=2, quorum=1.0,
+        keep=1000, transfer_dtype="int8", aggregation="diloco", data_plane="sharded", shards=4,
+        heartbeat_timeout=3, deadline_floor=2,
+    ) as coord:  # fmt: skip
+        procs = [
+            start_node(
+                coord.token,
+                tmp_path,
+                f"node-{i}",
+                "--round-copies",
+                str(tmp_path / f"copies-{i}"),
+                epochs=1,
+            )  # fmt: skip
+            for i in range(n)
+        ]
+        state = coord.state_dir / "state.json"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            done = json.loads(state.read_text()).get("session", {}) if state.exists() else {}
+            if done.get("completed", 0) >= 1:
+                break
+            time.sleep(0.05)
+        procs[-1].send_signal(signal.SIGKILL)
+        procs[-1].wait(30)
+        _wait(procs[:-1], tmp_path, coord)
+        assert coord.wait(timeout=60) == 0, coord.log_tail()
+    ckpt = coord.checkpoint_dir
+    entries = json.loads((ckpt / "manifest.json").read_text())["checkpoints"]
+    assert max(e["round"] for e in entries) >= 3, entries
+    published = [e for e in entries if e["round"] > 1 and "unchanged" not in e["extra"]]
+    assert published, (entries, coord.log_tail())
+    final = load_file(str(coord.latest_checkpoint()))
+    for i in range(n - 1):
+        report = json.loads((tmp_path / f"node-{i}" / "report.json").read_text())
+        for h in report["history"]:
+            copy = tmp_path / f"copies-{i}" / f"round-{h['round']:06d}.safetensors"
+            assert copy.read_bytes() == (ckpt / f"round-{h['round']:06d}.safetensors").read_bytes()
+        node_final = load_file(str(tmp_path / f"node-{i}" / "final.safetensors"))
+        assert all(torch.equal(node_final[k], final[k]) for k in final)

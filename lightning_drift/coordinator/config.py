@@ -273,6 +273,9 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("star", "sharded")),
     Setting("shards", 8, int, "--data-plane sharded: shards a change is cut into.", _S,
             check=_shards),
+    Setting("audit_every", 10, int,
+            "--data-plane sharded: the coordinator recomputes one shard, drawn in secret, of "
+            "one round in this many (0: never).", _S, check=_at_least(0)),
     Setting("max_change", 10.0, float,
             "A round whose aggregate moves a tensor by more than this × (its norm + √size) "
             "is not published (0: no bound).", _S, check=_not_negative),
@@ -353,6 +356,7 @@ class SessionConfig:
     clip: float = _default("clip")
     data_plane: DataPlane = _default("data_plane")
     shards: int = _default("shards")
+    audit_every: int = _default("audit_every")
     max_change: float = _default("max_change")
     max_strikes: int = _default("max_strikes")
     lightning_config: str = _default("lightning_config")

@@ -349,9 +349,15 @@ class Coordinator:
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
         del self.events[:-50]
 
+    def _gone(self, node: str) -> NodeConn | None:
+        """``node`` is served no more: its connection (to end); its seats are handed on."""
+        if self.rounds.sharded is not None:
+            self.rounds.sharded.left(node)
+        return self.conns.pop(node, None)
+
     def _banned(self, node: str, reason: str) -> None:
         """``node`` is banned: tell it why and end its connection."""
-        nc = self.conns.pop(node, None)
+        nc = self._gone(node)
         self.pending_shards.pop(node, None)
         if nc is not None:
             self.event(
@@ -447,10 +453,8 @@ class Coordinator:
             for t in nc.tasks:
                 t.cancel()
             if self.conns.get(node) is nc:
-                del self.conns[node]
+                self._gone(node)
                 self.pending_shards.pop(node, None)
-                if self.rounds.sharded is not None:
-                    self.rounds.sharded.left(node)
                 lost = self.session.lost(node, ended.reason, self.clock(), left=ended.left)
                 if lost.ok:
                     self.event(lost.reason)
@@ -563,7 +567,7 @@ class Coordinator:
             gone, d = self.session.tick(now)
             for node, reason in gone:
                 self.event(f"node {short_id(node)} lost: {reason}")
-                nc = self.conns.pop(node, None)
+                nc = self._gone(node)
                 if nc is not None:
                     nc.conn.close(2, "lost: " + reason[:80])
             self.carry_out(self.uploads.pending())

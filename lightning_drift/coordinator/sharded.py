@@ -41,10 +41,10 @@ from lightning_drift.coordinator.session import Session
 from lightning_drift.dataplane import manifest as mf
 from lightning_drift.dataplane.books import Order, Report, RoundBooks, Settled
 from lightning_drift.dataplane.member import Member
-from lightning_drift.dataplane.owners import epoch_seed
+from lightning_drift.dataplane.owners import audit_pick, epoch_seed
 from lightning_drift.dataplane.pieces import PieceClient
 from lightning_drift.dataplane.plan import ShardPlan
-from lightning_drift.dataplane.reduce import ShardState, TensorSums
+from lightning_drift.dataplane.reduce import ShardState, TensorSums, outer_rule
 from lightning_drift.errors import ConfigError, DriftError
 from lightning_drift.fsutil import sha256_bytes
 from lightning_drift.modelspec import carried
@@ -68,6 +68,7 @@ class ShardedRound:
     and each counted commit's weight in the order they came."""
 
     make: Callable[[], RoundBooks]
+    base: Mapping[str, Any]  # the global weights the round starts from
     weights: dict[str, float] = field(default_factory=dict)
     _books: RoundBooks | None = None
 
@@ -149,6 +150,7 @@ class DataPlane:
         self.standing: dict[int, tuple[int, mf.ShardEntry]] = {}
         self.report_s = max(REPORT_S_MIN, config.deadline_floor)
         self._wake = asyncio.Event()
+        self._secret = secrets.token_bytes(32)  # draws the audited rounds and shards
         self._books: RoundBooks | None = None
         self._fetcher: Member | None = None
         self.bytes_in = 0  # piece bytes this coordinator fetched (results and states)
@@ -204,7 +206,7 @@ class DataPlane:
     def open(self, round_no: int, base: str, global_sd: Mapping[str, Any]) -> ShardedRound:
         """Round ``round_no`` (from the weights ``base``), whose books are made by
         :meth:`books` when its first commit comes."""
-        return ShardedRound(lambda: self.books(round_no, base, global_sd))
+        return ShardedRound(lambda: self.books(round_no, base, global_sd), global_sd)
 
     def books(self, round_no: int, base: str, global_sd: Mapping[str, Any]) -> RoundBooks:
         """The books of round ``round_no``: seated anew when a member joined or the seats'
@@ -302,9 +304,43 @@ class DataPlane:
             return out
         out.manifest, out.liars = settled.manifest, settled.liars
         out.unchanged = settled.manifest.unchanged
+        if not out.unchanged and self._audit_due(books.round):
+            await self._audit(books, shr.base, out)
         if not out.unchanged:
             out.blob = await asyncio.to_thread(mf.sign, settled.manifest, self.identity)
         return out
+
+    def _audit_due(self, round_no: int) -> bool:
+        every = self.config.audit_every
+        return every > 0 and audit_pick(self._secret + b"/rounds", round_no, every) == 0
+
+    async def _audit(self, books: RoundBooks, base: Mapping[str, Any], out: Outcome) -> None:
+        """Recompute one shard, drawn from this coordinator's secret, from its pieces and the
+        state it started from (fetched by hash like any member's), against the standing
+        result: a contradicted result is not published and both its seats are struck."""
+        assert self.plan is not None and self.endpoint is not None
+        j = audit_pick(self._secret, books.round, self.plan.count)
+        fetcher = self._fetcher_on(self.endpoint)
+        fetcher.gone = set(self.gone)
+        c = self.config
+        rule = outer_rule(c.aggregation, c.outer_lr, c.outer_momentum, c.robust, c.trim, 0.0)
+        try:
+            state = ShardState()
+            if j in self.standing:
+                state = await fetcher.fetch_state(*self.standing[j])
+            done = await fetcher.compute(
+                books.round, j, books.reduction(j), base, carried(base), state, rule
+            )
+        except DriftError as exc:
+            log.warning("shard.audit_failed round=%d shard=%d why=%s", books.round, j, exc)
+            return
+        finally:
+            fetcher.store.forget_before(books.round + 1)
+        caught = books.audit(j, done.report())
+        log.info("shard.audited round=%d shard=%d caught=%d", books.round, j, len(caught))
+        if caught:  # the outvoted (if any) agreed with the recomputation: not liars
+            out.liars = dict(caught)
+            out.unchanged = f"shard {j}'s result failed the coordinator's recomputation"
 
     @staticmethod
     def _again(books: RoundBooks, settled: Settled, out: Outcome) -> bool:
@@ -408,6 +444,7 @@ def _judged(session: Session, aggregating: int, out: Outcome, now: float) -> Eff
     training the contributors' norms give (``evidence.py``)."""
     fx = Effects()
     for node, why in {**out.struck, **out.liars}.items():
+        fx.events.append(f"node {short_id(node)} struck in round {aggregating}: {why}")
         fx.add(effects.strike(session, node, f"round {aggregating}: {why}", now))
     for node, why in out.left_out.items():
         fx.events.append(f"node {short_id(node)} left out of round {aggregating}: {why}")
@@ -421,11 +458,6 @@ def _judged(session: Session, aggregating: int, out: Outcome, now: float) -> Eff
     for node, w in out.weights.items():
         norm = out.norms.get(node, 0.0)
         session.evidence.counted(node, norm, w, evidence=not session.evidence.judge(norm, w))
-    if out.liars:
-        fx.events.append(
-            f"round {aggregating}: outvoted computers struck: "
-            + ", ".join(short_id(n) for n in out.liars)
-        )
     return fx
 
 

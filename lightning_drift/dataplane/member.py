@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_drift.dataplane.books import Report
 from lightning_drift.dataplane.manifest import Commit, Manifest, ShardEntry
 from lightning_drift.dataplane.owners import Owners, ranking
 from lightning_drift.dataplane.pieces import PieceClient, PieceServer, PieceStore
@@ -114,6 +115,14 @@ class Computed:
     state: str
     state_size: int
     missing: tuple[str, ...] = ()  # contributors whose pieces it could not obtain
+
+    def report(self, attempt: int = 0) -> Report:
+        """What a computer reports of it (the books' side of a ``ShardReport``)."""
+        res = self.result
+        return Report(
+            res.index, res.sha, len(res.piece or b""), res.sums, res.norms2, res.bad,
+            self.state, self.state_size, self.missing, attempt,
+        )  # fmt: skip
 
 
 @dataclass

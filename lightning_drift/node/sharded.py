@@ -98,16 +98,17 @@ class NodeDataPlane:
         """This node's id, the session's settings, once (re)joined, and how to reach its
         coordinator."""
         self.node, self.config, self.coordinator, self.send = node, config, coordinator, send
+        if self.sharded and self.directory is not None:
+            self._spawn(self.update())
 
     # ---- what comes unasked ----------------------------------------------------------------
     def unasked(self, msg: p.Message) -> None:
         """A ``Directory`` or ``ShardOrder`` from the coordinator (on the loop)."""
-        if not self.sharded:
-            return
-        if isinstance(msg, p.Directory):
+        if isinstance(msg, p.Directory):  # kept even before the settings are taken
             self.directory = msg
-            self._spawn(self.update())
-        elif isinstance(msg, p.ShardOrder):
+            if self.sharded:
+                self._spawn(self.update())
+        elif isinstance(msg, p.ShardOrder) and self.sharded:
             self._spawn(self._order(msg))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
