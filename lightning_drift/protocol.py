@@ -204,6 +204,7 @@ class TrainProgress(_Msg, tag="train_progress"):
     vram_used: int = 0
     vram_peak: int = 0
     epoch_samples: int = -1  # samples trained this epoch (positions of its assignment); -1: unknown
+    data_bytes: int = 0  # piece bytes its data endpoint moved so far, both ways (sharded)
 
 
 StopKind = Literal["callback", "max_steps"]
@@ -326,6 +327,8 @@ class NodeStatus(msgspec.Struct, kw_only=True):
     vram_used: int = 0  # bytes the node's training device holds now (its last report)
     vram_peak: int = 0  # the most it has held in this session
     stop_asked: bool = False  # the node has asked the session to stop
+    seats: int = 0  # shards it holds a seat of (primary or mirror), in a sharded session
+    data_bytes: int = 0  # piece bytes it moved, both ways, as it reports them
 
 
 class SessionStatus(_Msg, tag="session_status"):
@@ -342,6 +345,9 @@ class SessionStatus(_Msg, tag="session_status"):
     started_at: float = 0.0
     lightning_config: str = ""  # the coordinator's LightningCLI YAML, for `drift join`
     stop_reason: str = ""  # why the session stops (or stopped) early, once decided
+    data_plane: str = "star"
+    shards: int = 0  # the sharded plane's S (0: star)
+    coordinator_bytes: int = 0  # piece bytes the coordinator fetched (results, states, audits)
 
 
 class Finish(_Msg, tag="finish"):

@@ -7,22 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 from pathlib import Path
 
 import pytest
 from lightning_drift_cli.local import free_udp_port
+from rich.console import Console
 from support import honest_step, node_info, small_fingerprint, small_model, verify_checkpoints
 
 from lightning_drift.aggregate import to_bytes
 from lightning_drift.coordinator.config import ServeOptions, SessionConfig
+from lightning_drift.coordinator.monitor import render_lines, render_table
 from lightning_drift.coordinator.server import Coordinator
 from lightning_drift.dataplane.member import Computed
 from lightning_drift.dataplane.reduce import ShardResult
 from lightning_drift.node.client import CoordinatorClient
 from lightning_drift.node.sharded import NodeDataPlane
 from lightning_drift.node.weights import GlobalWeights
-from lightning_drift.protocol import BarrierSync
+from lightning_drift.protocol import BarrierSync, SessionStatus
 
 pytestmark = pytest.mark.slow
 FP = small_fingerprint()
@@ -135,16 +138,26 @@ async def member(
         await dp.close()
 
 
-async def session(coord: Coordinator, n: int, liar: int | None) -> tuple[list[dict], list[int]]:
+async def session(
+    coord: Coordinator, n: int, liar: int | None, seen: list[SessionStatus]
+) -> tuple[list[dict], list[int]]:
     await coord.start()
     runner = asyncio.create_task(coord.run())
     lies: list[int] = []
+
+    async def watch() -> None:  # the status as an observer sees it while the members train
+        while True:
+            seen.append(coord.status())
+            await asyncio.sleep(0.05)
+
+    watching = asyncio.create_task(watch())
     try:
         finals = await asyncio.gather(
             *(member(coord, i, lies if i == liar else None) for i in range(n))
         )
         await asyncio.wait_for(runner, 30)
     finally:
+        watching.cancel()
         await coord.close()
     return finals, lies
 
@@ -154,7 +167,8 @@ def test_a_seat_that_lies_is_outvoted_struck_and_the_members_end_on_the_checkpoi
 ):
     caplog.set_level(logging.INFO, logger="lightning_drift")
     coord = coordinator(tmp_path)
-    finals, lies = asyncio.run(asyncio.wait_for(session(coord, 3, liar=2), 180))
+    seen: list[SessionStatus] = []
+    finals, lies = asyncio.run(asyncio.wait_for(session(coord, 3, 2, seen), 180))
     entries = verify_checkpoints(tmp_path / "state" / "checkpoints")
     last = max(entries, key=lambda e: e["round"])
     final = (tmp_path / "state" / "checkpoints" / last["file"]).read_bytes()
@@ -168,6 +182,15 @@ def test_a_seat_that_lies_is_outvoted_struck_and_the_members_end_on_the_checkpoi
     assert lies, "the liar was never a seat"
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "struck in round" in text and "was outvoted" in text
+    # The status shows the data plane: every shard's two seats among the members, bytes.
+    st = max(seen, key=lambda s: sum(n.seats for n in s.nodes))
+    assert st.data_plane == "sharded" and st.shards == 8
+    assert seen[-1].coordinator_bytes > 0  # the results and states it took from the seats
+    assert sum(n.seats for n in st.nodes) == 2 * 8
+    table = io.StringIO()
+    Console(file=table, width=200).print(render_table(st))
+    assert "seats" in table.getvalue() and "sharded data plane, 8 shards" in table.getvalue()
+    assert "data_plane=sharded" in render_lines(st, now=0)[0]
 
 
 def test_a_colluding_pair_is_caught_by_the_coordinators_recomputation(tmp_path, caplog):

@@ -190,6 +190,7 @@ def progress(msg: TrainProgress) -> TrainProgress:
         loss=loss(msg.loss),
         samples_per_s=clamp_float(msg.samples_per_s, PACE_MIN, PACE_MAX),
         vram_used=clamp_int(msg.vram_used, 0, COUNT_MAX),
+        data_bytes=clamp_int(msg.data_bytes, 0, COUNT_MAX),
         vram_peak=clamp_int(msg.vram_peak, 0, COUNT_MAX),
         epoch_samples=clamp_int(msg.epoch_samples, -1, COUNT_MAX),
     )

@@ -75,6 +75,8 @@ def _title(st: SessionStatus) -> str:
         f"session {shown(st.session_id, 32)} · {shown(st.state, 16)} · round {st.round} · "
         f"epoch {min(st.epoch + 1, st.epochs)}/{st.epochs} · {shown(st.aggregation, 16)}"
     )
+    if st.data_plane == "sharded":
+        title += f" · sharded data plane, {st.shards} shards"
     if st.stop_reason:
         title += f" · stopping early: {shown(st.stop_reason, REASON_MAX)}"
     return title
@@ -108,7 +110,13 @@ COLUMNS = (
     "barrier wait",
     "state",
 )
-_RIGHT = ("share", "samples/s", "loss", "VRAM used/peak", "round")
+_RIGHT = ("share", "samples/s", "loss", "VRAM used/peak", "round", "seats", "data moved")
+SHARDED_COLUMNS = ("seats", "data moved")  # added before "state" in a sharded session
+
+
+def _sharded(n: NodeStatus) -> list[str]:
+    """A sharded session's cells: the node's seats and the piece bytes it moved."""
+    return [str(n.seats), f"{n.data_bytes / 2**20:.1f} MiB" if n.data_bytes else "-"]
 
 
 def render_table(st: SessionStatus) -> Table:
@@ -116,10 +124,15 @@ def render_table(st: SessionStatus) -> Table:
     used/peak (RAM for a CPU node), round, barrier wait, state."""
     caption = escape(shown(st.checkpoint, REASON_MAX)) if st.checkpoint else None
     table = Table(title=escape(_title(st)), caption=caption, expand=False)
-    for col in COLUMNS:
+    sharded = st.data_plane == "sharded"
+    columns = [*COLUMNS[:-1], *SHARDED_COLUMNS, COLUMNS[-1]] if sharded else list(COLUMNS)
+    for col in columns:
         table.add_column(col, justify="right" if col in _RIGHT else "left")
     for n in st.nodes:
-        row = [escape(cell) for cell in _row(n)]
+        cells = _row(n)
+        if sharded:
+            cells[-1:-1] = _sharded(n)
+        row = [escape(cell) for cell in cells]
         style = STATE_STYLE.get(n.state, "")
         row[-1] = f"[{style}]{row[-1]}[/]" if style else row[-1]
         table.add_row(*row)
@@ -134,6 +147,8 @@ def render_lines(st: SessionStatus, now: float | None = None) -> list[str]:
         f"round={st.round} epoch={min(st.epoch + 1, st.epochs)}/{st.epochs} "
         f"aggregation={shown(st.aggregation, 16)} nodes={len(st.nodes)}"
     )
+    if st.data_plane == "sharded":
+        head += f" data_plane=sharded shards={st.shards} coordinator_bytes={st.coordinator_bytes}"
     if st.stop_reason:
         head += f" stop={_token(st.stop_reason, REASON_MAX)}"
     out = [head]
@@ -145,6 +160,7 @@ def render_lines(st: SessionStatus, now: float | None = None) -> list[str]:
             f"vram_used_peak={used_peak.replace(' ', '')} round={arrived_round} "
             f"barrier_wait={wait} state={_token(n.state, 16)}"
             + (" stop_asked=yes" if n.stop_asked else "")
+            + (f" seats={n.seats} data_bytes={n.data_bytes}" if st.data_plane == "sharded" else "")
         )
     return out
 

@@ -13,10 +13,20 @@ import asyncio
 from collections.abc import Callable
 
 from lightning_drift.errors import ProtocolError
-from lightning_drift.protocol import Bye, Ping, SessionStatus, StatusRequest
+from lightning_drift.protocol import MAX_FRAME, Bye, Ping, SessionStatus, StatusRequest, encode
 from lightning_drift.transport import Connection, Stream
 
 IDLE_MIN_S = 120.0  # an observer sending nothing for longer is closed (at least)
+
+
+def fitted(st: SessionStatus) -> SessionStatus:
+    """``st`` within the frame limit: half its nodes dropped until it fits, then the
+    operator's YAML (too large alone to show)."""
+    while len(encode(st)) > MAX_FRAME - 1024 and st.nodes:
+        del st.nodes[len(st.nodes) // 2 :]
+    if len(encode(st)) > MAX_FRAME - 1024:
+        st.lightning_config = ""
+    return st
 
 
 def idle_s(heartbeat_timeout: float) -> float:
@@ -50,4 +60,4 @@ async def serve(
             raise ProtocolError(f"observers may send StatusRequest, not {type(msg).__name__}")
 
 
-__all__ = ["IDLE_MIN_S", "idle_s", "serve"]
+__all__ = ["IDLE_MIN_S", "fitted", "idle_s", "serve"]

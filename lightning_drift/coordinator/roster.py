@@ -70,6 +70,7 @@ class Member(msgspec.Struct):
     # (``Session.weight_for``): the work the coordinator knows it received, never a claim.
     delivered: int = 0
     data_peer: str = ""  # its data endpoint (a sharded session's members fetch pieces there)
+    data_bytes: int = 0  # piece bytes it reports its data endpoint moved (display only)
     vram_used: int = 0  # bytes on its training device, last report
     vram_peak: int = 0  # the most it reported
     reason: str = ""  # why it is lost/left
@@ -200,6 +201,7 @@ class Roster(msgspec.Struct):
             m.state = MemberState.TRAINING
         m.loss, m.samples = msg.loss, msg.samples
         m.vram_used = max(0, msg.vram_used)
+        m.data_bytes = max(0, msg.data_bytes)
         m.vram_peak = max(m.vram_peak, msg.vram_peak, m.vram_used)
         return True
 

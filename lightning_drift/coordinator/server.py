@@ -48,7 +48,6 @@ from lightning_drift.coordinator.uploads import Uploads
 from lightning_drift.errors import DriftError, PeerLost, ProtocolError
 from lightning_drift.peers import PeerName, parse_peer
 from lightning_drift.protocol import (
-    MAX_FRAME,
     Bye,
     Error,
     Message,
@@ -60,7 +59,6 @@ from lightning_drift.protocol import (
     StatusRequest,
     StopRequest,
     TrainProgress,
-    encode,
 )
 from lightning_drift.text import short_id
 from lightning_drift.transport import Connection, Endpoint, Stream, peer_key
@@ -301,11 +299,9 @@ class Coordinator:
         st.nodes.sort(key=lambda n: n.state in _GONE_STATES)
         del st.nodes[STATUS_NODES_MAX:]
         st.lightning_config = self.config.lightning_config
-        while len(encode(st)) > MAX_FRAME - 1024 and st.nodes:
-            del st.nodes[len(st.nodes) // 2 :]
-        if len(encode(st)) > MAX_FRAME - 1024:
-            st.lightning_config = ""  # the operator's YAML alone is too large to show
-        return st
+        if self.rounds.sharded is not None:
+            self.rounds.sharded.show(st)
+        return observers.fitted(st)
 
     @property
     def uploading(self) -> frozenset[str]:

@@ -41,7 +41,7 @@ from lightning_drift.coordinator.session import Session
 from lightning_drift.dataplane import manifest as mf
 from lightning_drift.dataplane.books import Order, Report, RoundBooks, Settled
 from lightning_drift.dataplane.member import Member
-from lightning_drift.dataplane.owners import audit_pick, epoch_seed
+from lightning_drift.dataplane.owners import assign, audit_pick, epoch_seed
 from lightning_drift.dataplane.pieces import PieceClient
 from lightning_drift.dataplane.plan import ShardPlan
 from lightning_drift.dataplane.reduce import ShardState, TensorSums, outer_rule
@@ -49,7 +49,7 @@ from lightning_drift.errors import ConfigError, DriftError
 from lightning_drift.fsutil import sha256_bytes
 from lightning_drift.modelspec import carried
 from lightning_drift.peers import parse_peer
-from lightning_drift.protocol import Directory, Message, ShardOrder, ShardReport
+from lightning_drift.protocol import Directory, Message, SessionStatus, ShardOrder, ShardReport
 from lightning_drift.robust import suspects
 from lightning_drift.text import short_id
 from lightning_drift.transport import Endpoint, peer_key
@@ -195,6 +195,22 @@ class DataPlane:
             peers=sorted(self.peers.items()),
             gone=sorted(self.gone),
         )
+
+    def show(self, st: SessionStatus) -> None:
+        """The data plane in the session's status: who holds how many seats, bytes."""
+        st.data_plane, st.shards, st.coordinator_bytes = (
+            "sharded",
+            self.config.shards,
+            self.bytes_in,
+        )
+        seats: dict[str, int] = {}
+        if self.plan is not None and self.seed:
+            for o in assign(self.seated, self.seed, self.plan.count):
+                for seat in (o.primary, o.mirror):
+                    if seat:
+                        seats[seat] = seats.get(seat, 0) + 1
+        for ns in st.nodes:
+            ns.seats = seats.get(ns.node_id, 0) if ns.node_id not in self.gone else 0
 
     def broadcast(self) -> None:
         msg = self.directory()

@@ -101,6 +101,7 @@ def node_status(
         vram_used=m.vram_used,
         vram_peak=m.vram_peak,
         stop_asked=stop_asked,
+        data_bytes=m.data_bytes,
     )
 
 

@@ -274,6 +274,8 @@ class NodeRuntime:
         """Send ``TrainProgress`` without waiting; dropped silently while reconnecting."""
         if self._loop is None or self._client is None:
             return
+        if self.data is not None and self.data.bytes_moved:
+            progress = msgspec.structs.replace(progress, data_bytes=self.data.bytes_moved)
 
         async def send() -> None:
             client = self._client

@@ -91,6 +91,14 @@ class NodeDataPlane:
         return cls(await Endpoint.bind(mode=mode, bind_addr=bind_addr, relay_urls=relay_urls))
 
     @property
+    def bytes_moved(self) -> int:
+        """Piece bytes this node's data endpoint moved so far, both ways."""
+        m = self.member
+        if m is None or m.client is None or m.server is None:
+            return 0
+        return m.client.bytes_in + m.client.bytes_out + m.server.bytes_in + m.server.bytes_out
+
+    @property
     def sharded(self) -> bool:
         return self.config is not None and self.config.data_plane == "sharded"
 
