@@ -33,7 +33,7 @@ HEADER = struct.Struct(">I")
 Aggregation = Literal["mean", "diloco"]
 TransferDType = Literal["float32", "bfloat16", "int8"]
 # What follows a BarrierReady (see BarrierReady.payload).
-Payload = Literal["weights", "delta", "same", "manifest"]
+Payload = Literal["weights", "delta", "same", "manifest", "chunks"]
 DataPlane = Literal["star", "sharded"]
 # A piece of the sharded data plane: a member's encoded change, a shard's reduced result, the
 # state a shard carries on, or a chunk of the global weights a joining node fetches.
@@ -273,6 +273,7 @@ class BarrierSync(_Msg, tag="barrier_sync"):
     base_round: int = -1  # the held round: whose global weights the node holds (-1: none)
     base_sha256: str = ""  # sha256 of those weights ("" when the node does not keep them)
     epoch_samples: int = -1  # samples of the epoch trained when the upload was taken; -1: unknown
+    whole: bool = False  # answer with the whole weights (not a chunk table: their fetch failed)
 
 
 class BlobHeader(_Msg, tag="blob"):
@@ -427,6 +428,18 @@ class ShardOrder(_Msg, tag="shard_order"):
     state_from: list[str] = []
 
 
+class WeightsChunks(_Msg, tag="weights_chunks"):
+    """Coordinator → a node joining a sharded session, as the blob of its start-up sync's
+    answer (payload "chunks"): the global weights of ``round`` (sha256 ``sha256``) cut into
+    ``chunks`` (sha256, size) in order, and the members that hold them (``holders``, node
+    ids): the node fetches them from several at once (``Member.fetch_weights``)."""
+
+    round: int
+    sha256: str
+    chunks: list[tuple[str, int]]
+    holders: list[str]
+
+
 class Directory(_Msg, tag="directory"):
     """Coordinator → node, in a sharded session: who is in the data plane. ``peers``: every
     member's (node id, data endpoint) the node may exchange pieces with; ``seated``: the node
@@ -504,6 +517,7 @@ Message = (
     | ShardOrder
     | ShardReport
     | Directory
+    | WeightsChunks
     | RoundManifest
     | Error
     | Bye

@@ -115,3 +115,51 @@ def test_a_member_killed_mid_session_is_replaced_and_the_others_end_exact(
             assert copy.read_bytes() == (ckpt / f"round-{h['round']:06d}.safetensors").read_bytes()
         node_final = load_file(str(tmp_path / f"node-{i}" / "final.safetensors"))
         assert all(torch.equal(node_final[k], final[k]) for k in final)
+
+
+def test_a_late_joiner_fetches_the_weights_from_the_members(tmp_path: Path) -> None:
+    # Four members train; once the first round is done they pause (a gate file), and a fifth
+    # node joins. Its start-up sync is answered with the weights' chunk table: it fetches the
+    # chunks from the four members at once (each checked against its sha256), then all five
+    # train to the end and hold the final checkpoint.
+    n = 4
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    with LocalCoordinator(
+        tmp_path / "coord", min_nodes=n, epochs=2, batch_size=16, sync_every=3, quorum=1.0,
+        keep=1000, transfer_dtype="int8", aggregation="diloco", data_plane="sharded", shards=4,
+    ) as coord:  # fmt: skip
+        procs = [
+            start_node(coord.token, tmp_path, f"node-{i}", "--gate", str(gate), epochs=2)
+            for i in range(n)
+        ]
+        state = coord.state_dir / "state.json"
+        _until(lambda: _completed(state) >= 1, "round 1", coord)
+        (gate / "hold").touch()
+        procs.append(start_node(coord.token, tmp_path, f"node-{n}", epochs=2))
+        log = tmp_path / f"node-{n}.log"
+        _until(lambda: "weights_fetched" in log.read_text(errors="replace"), "the join", coord)
+        (gate / "hold").unlink()
+        _wait(procs, tmp_path, coord)
+        assert coord.wait(timeout=60) == 0, coord.log_tail()
+    final = load_file(str(coord.latest_checkpoint()))
+    report = json.loads((tmp_path / f"node-{n}" / "report.json").read_text())
+    assert report["history"][0]["payload"] == "chunks", report["history"]
+    assert f"holders={n}" in log.read_text(), log.read_text()[-3000:]
+    for i in range(n + 1):
+        node_final = load_file(str(tmp_path / f"node-{i}" / "final.safetensors"))
+        assert all(torch.equal(node_final[k], final[k]) for k in final), i
+
+
+def _completed(state: Path) -> int:
+    try:
+        return int(json.loads(state.read_text())["session"].get("completed", 0))
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _until(cond, what: str, coord: LocalCoordinator, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"never: {what}\n{coord.log_tail()}"
+        time.sleep(0.05)

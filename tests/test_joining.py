@@ -43,8 +43,8 @@ class Runtime:
         self.closed: str | None = None
         self.bytes_sent = self.bytes_received = 0
 
-    def hold(self, held) -> None:
-        self.held = held
+    def hold(self, held, table) -> None:
+        self.held, self.table = held, table
 
     def start(self) -> TrainConfig:
         assert isinstance(self.info(), NodeInfo)

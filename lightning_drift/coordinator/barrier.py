@@ -84,7 +84,7 @@ class BarrierStreams:
                 await stream.stop_reading()
                 await answer_error(stream, answer.verdict.code, answer.verdict.reason)
                 return
-            ready = await answer.ready(sync.base_sha256)
+            ready = await answer.ready(sync.base_sha256, "" if sync.whole else node)
             o = self.options
             # The answer is read at --min-upload-rate too, or the connection is dropped: a
             # node that reads nothing would hold this stream's task for ever.

@@ -210,6 +210,7 @@ def barrier_sync(msg: BarrierSync) -> BarrierSync:
         # delta naming no base is taken as a change from the current global weights).
         base_sha256=msg.base_sha256.lower() if is_hex64(msg.base_sha256.lower()) else "",
         epoch_samples=clamp_int(msg.epoch_samples, -1, COUNT_MAX),
+        whole=bool(msg.whole),
     )
 
 

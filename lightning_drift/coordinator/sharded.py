@@ -40,16 +40,24 @@ from lightning_drift.coordinator.effects import Effects
 from lightning_drift.coordinator.session import Session
 from lightning_drift.dataplane import manifest as mf
 from lightning_drift.dataplane.books import Order, Report, RoundBooks, Settled
-from lightning_drift.dataplane.member import Member
+from lightning_drift.dataplane.member import Member, chunk_count, chunk_table
 from lightning_drift.dataplane.owners import assign, audit_pick, epoch_seed
 from lightning_drift.dataplane.pieces import PieceClient
 from lightning_drift.dataplane.plan import ShardPlan
 from lightning_drift.dataplane.reduce import ShardState, TensorSums, outer_rule
 from lightning_drift.errors import ConfigError, DriftError
 from lightning_drift.fsutil import sha256_bytes
-from lightning_drift.modelspec import carried
+from lightning_drift.modelspec import carried, table_of
 from lightning_drift.peers import parse_peer
-from lightning_drift.protocol import Directory, Message, SessionStatus, ShardOrder, ShardReport
+from lightning_drift.protocol import (
+    Directory,
+    Message,
+    SessionStatus,
+    ShardOrder,
+    ShardReport,
+    WeightsChunks,
+    encode,
+)
 from lightning_drift.robust import suspects
 from lightning_drift.text import short_id
 from lightning_drift.transport import Endpoint, peer_key
@@ -58,6 +66,7 @@ log = logging.getLogger(__name__)
 
 REPORT_S_MIN = 30.0  # the least time a seat gets to compute a shard (pieces fetched included)
 ATTEMPTS_MAX = 4  # fixes of one round (a redo without refused pieces is one more)
+HOLDERS_MAX = 64  # members a joiner is told to fetch the weights' chunks from
 REFUSED = "aggregate refused: "  # how the books begin the reason of a refused aggregate
 
 
@@ -152,6 +161,7 @@ class DataPlane:
         self._wake = asyncio.Event()
         self._secret = secrets.token_bytes(32)  # draws the audited rounds and shards
         self._books: RoundBooks | None = None
+        self._table: tuple[str, list[tuple[str, int]]] = ("", [])  # the weights' chunk table
         self._fetcher: Member | None = None
         self.bytes_in = 0  # piece bytes this coordinator fetched (results and states)
         self.endpoint: Endpoint | None = None  # the coordinator's, to fetch pieces on
@@ -212,6 +222,22 @@ class DataPlane:
         for ns in st.nodes:
             ns.seats = seats.get(ns.node_id, 0) if ns.node_id not in self.gone else 0
 
+    def chunks_for(self, round_no: int, sha: str, blob: bytes, node: str) -> bytes:
+        """A ``WeightsChunks`` blob that lets ``node`` fetch the weights of ``round_no`` from
+        the members that hold them (every member keeps the chunks of the weights it applied),
+        or b"" when it has no other member to ask."""
+        holders = [
+            n for n in self.members() if n in self.peers and n != node and n not in self.gone
+        ]
+        if not holders or round_no < 1:  # round 0's weights are one node's: nobody holds them
+            return b""
+        if self._table[0] != sha:
+            self._table = (sha, chunk_table(blob, chunk_count(len(blob))))
+        msg = WeightsChunks(
+            round=round_no, sha256=sha, chunks=self._table[1], holders=holders[:HOLDERS_MAX]
+        )
+        return encode(msg)
+
     def broadcast(self) -> None:
         msg = self.directory()
         for node in self.members():
@@ -228,7 +254,9 @@ class DataPlane:
         """The books of round ``round_no``: seated anew when a member joined or the seats'
         members are all gone."""
         if self.plan is None:
-            self.plan = ShardPlan.of(global_sd, self.config.transfer_dtype, self.config.shards)
+            self.plan = ShardPlan.of(
+                table_of(global_sd), self.config.transfer_dtype, self.config.shards
+            )
         if self._reseat or not [n for n in self.seated if n not in self.gone]:
             self._seat()
             self.broadcast()

@@ -39,6 +39,7 @@ from lightning_drift.coordinator.session import Session, UploadVerdict, Verdict
 from lightning_drift.coordinator.sharded import ShardedRound
 from lightning_drift.dataplane.manifest import Commit
 from lightning_drift.errors import SessionError
+from lightning_drift.fsutil import sha256_bytes
 from lightning_drift.protocol import BarrierReady, BarrierSync, Payload
 from lightning_drift.text import short_id
 
@@ -85,10 +86,11 @@ class Answer:
     def refused(self) -> bool:
         return self.verdict.kind is Verdict.REFUSE
 
-    async def ready(self, base_sha256: str) -> Ready:
+    async def ready(self, base_sha256: str, joiner: str = "") -> Ready:
         """The frames that answer the upload of a node holding the weights ``base_sha256``
-        (waiting for the round's weights when the upload waits for its round)."""
-        return await self.core.ready(self, base_sha256)
+        (waiting for the round's weights when the upload waits for its round); ``joiner``:
+        a sharded session's node that may fetch whole weights from the members."""
+        return await self.core.ready(self, base_sha256, joiner)
 
 
 @dataclass(frozen=True)
@@ -358,7 +360,7 @@ class Uploads:
         return fx.add(effects.strike(self.session, node, reason, now))
 
     # ---- answering -------------------------------------------------------------------------
-    async def ready(self, answer: Answer, base_sha256: str) -> Ready:
+    async def ready(self, answer: Answer, base_sha256: str, joiner: str = "") -> Ready:
         """The frames of ``answer`` (see :meth:`Answer.ready`)."""
         s, verdict = self.session, answer.verdict
         if verdict.kind is Verdict.CURRENT:
@@ -372,6 +374,10 @@ class Uploads:
             w = await self.rounds.published(answer.upload_round)
         # What the node holds decides what it needs: nothing, the change, or everything.
         payload, blob, sha = w.payload_for(base_sha256)
+        if payload == "weights" and joiner and self.rounds.sharded is not None:
+            table = self.rounds.sharded.chunks_for(w.completed_round, w.sha256, w.blob, joiner)
+            if table:  # the members hold these weights: fetched from several of them
+                payload, blob, sha = "chunks", table, sha256_bytes(table)
         frame = BarrierReady(
             round=w.completed_round,
             sha256=w.sha256,

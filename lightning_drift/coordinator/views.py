@@ -71,7 +71,7 @@ def train_config(s: Shown) -> TrainConfig:
         stop_round=-1 if s.stop_round is None else s.stop_round,
         overlap=c.overlap,
         data_plane=c.data_plane,
-        shards=c.shards if c.data_plane == "sharded" else 0,
+        shards=c.shards,
         robust=c.robust,
         trim=c.trim,
     )

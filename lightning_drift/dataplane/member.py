@@ -100,6 +100,13 @@ def weight_chunks(blob: bytes, count: int) -> list[bytes]:
     return [blob[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
+def chunk_count(size: int) -> int:
+    """How many chunks every member cuts weights of ``size`` bytes into: about 64 KiB each,
+    at least 8 (a joiner fetches from several members even for a small model), at most
+    :data:`MAX_CHUNKS`."""
+    return min(MAX_CHUNKS, max(8, size >> 16))
+
+
 def chunk_table(blob: bytes, count: int) -> list[tuple[str, int]]:
     """The sha256 (hex) and size of each of :func:`weight_chunks`' chunks: what the
     coordinator, which holds the checkpoint's bytes, hands a joiner to check them by."""

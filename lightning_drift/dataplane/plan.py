@@ -41,7 +41,7 @@ import torch
 
 from lightning_drift import codec
 from lightning_drift.errors import ConfigError, SessionError
-from lightning_drift.modelspec import TensorSpec, fingerprint, table_of
+from lightning_drift.modelspec import TensorSpec, fingerprint
 
 StateDict = dict[str, torch.Tensor]
 
@@ -115,10 +115,10 @@ class ShardPlan:
         self.digest = hashlib.sha256(what.encode()).hexdigest()
 
     @classmethod
-    def of(cls, weights: Mapping[str, torch.Tensor], codec_name: str, count: int) -> ShardPlan:
-        """A session's plan of its global weights: their tensors by name, so that every
+    def of(cls, table: Mapping[str, TensorSpec], codec_name: str, count: int) -> ShardPlan:
+        """A session's plan of its model's tensor ``table``, taken by name, so that every
         member cuts the same shards whatever order its state dict holds them in."""
-        return cls(dict(sorted(table_of(weights).items())), codec_name, count)
+        return cls(dict(sorted(table.items())), codec_name, count)
 
     def __repr__(self) -> str:
         return f"ShardPlan({self.codec}/{self.block}, {self.count} shards, {self.total} bytes)"

@@ -28,11 +28,12 @@ from lightning_drift import protocol as p
 from lightning_drift.auth import TOKEN_ENV, TOKEN_FILE_ENV, node_identity
 from lightning_drift.errors import ConfigError
 from lightning_drift.hardware import describe, node_info_fields
+from lightning_drift.modelspec import table_of
 from lightning_drift.node.epochwork import EpochWork, Loop
 from lightning_drift.node.exchange import BarrierRecord, InFlight, RoundExchange
 from lightning_drift.node.pace import PaceMeter
 from lightning_drift.node.token import find_token, token_given
-from lightning_drift.node.weights import GlobalWeights, Received, model_fingerprint
+from lightning_drift.node.weights import GlobalWeights, Received, local_state, model_fingerprint
 from lightning_drift.peers import parse_peer
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ class Joining:
         assert self.runtime is not None
         self.config = config
         weights = GlobalWeights(config.transfer_dtype)
-        self.runtime.hold(weights.held)
+        self.runtime.hold(weights.held, lambda: table_of(local_state(module)))
         self.exchange = RoundExchange(
             self.runtime,
             weights,

@@ -41,6 +41,7 @@ from lightning_drift.errors import (
     SessionError,
     SessionFinished,
 )
+from lightning_drift.modelspec import Table
 from lightning_drift.node import waiting
 from lightning_drift.node.client import CoordinatorClient, finished_error
 from lightning_drift.node.listen import CoordinatorListener
@@ -241,6 +242,8 @@ class NodeRuntime:
             self.bytes_sent += len(payload)
             self.bytes_received += len(blob)
             weights = await asyncio.to_thread(receive, ready, blob)
+            if self.data is not None:  # a sharded session's members serve joiners these
+                await self.data.received(ready.round)
             self.resume_round = ready.round  # only once receive has checked them
             return Delivery(sync, payload, ready, blob, weights)
 
@@ -253,10 +256,11 @@ class NodeRuntime:
             a, self._replan = self._replan, None
         return a
 
-    def hold(self, held: Held) -> None:
-        """Where a sharded session's seats find the global weights this node holds."""
+    def hold(self, held: Held, table: Callable[[], Table]) -> None:
+        """Where a sharded session's seats find the global weights this node holds, and
+        the local model's tensor table (its plan before it holds any)."""
         if self.data is not None:
-            self.data.held = held
+            self.data.held, self.data.table = held, table
 
     def _on_unasked(self, msg: p.Message) -> None:
         if isinstance(msg, p.ShardAssignment):

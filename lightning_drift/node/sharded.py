@@ -28,17 +28,18 @@ import msgspec
 import torch
 
 from lightning_drift import protocol as p
+from lightning_drift.aggregate import to_bytes
 from lightning_drift.auth import decode_token
 from lightning_drift.dataplane import manifest as mf
-from lightning_drift.dataplane.member import Member
+from lightning_drift.dataplane.member import MAX_CHUNKS, Member, chunk_count
 from lightning_drift.dataplane.owners import assign
 from lightning_drift.dataplane.plan import ShardPlan
 from lightning_drift.dataplane.reduce import ShardState, outer_rule
-from lightning_drift.errors import DriftError
-from lightning_drift.modelspec import carried
+from lightning_drift.errors import DriftError, ProtocolError
+from lightning_drift.modelspec import Table, carried, table_of
 from lightning_drift.node.token import reach
 from lightning_drift.peers import PeerName, parse_peer
-from lightning_drift.text import short_id
+from lightning_drift.text import is_hex64, short_id
 from lightning_drift.transport import Endpoint, local_bind_for, peer_key, ticket_addrs
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class NodeDataPlane:
         self.config: p.TrainConfig | None = None
         self.coordinator = b""  # the coordinator's key: it fetches results and states here
         self.held: Held = lambda: None
+        self.table: Callable[[], Table | None] = lambda: None  # the local model's, before weights
         self.send: Send | None = None
         self.member: Member | None = None
         self.directory: p.Directory | None = None
@@ -130,9 +132,10 @@ class NodeDataPlane:
         async with self._making:
             if self.member is None:
                 held, config = self.held(), self.config
-                if held is None or config is None or not config.shards:
+                table = table_of(held[1]) if held is not None else self.table()
+                if not table or config is None or not config.shards:
                     return False
-                plan = ShardPlan.of(held[1], config.transfer_dtype, config.shards)
+                plan = ShardPlan.of(table, config.transfer_dtype, config.shards)
                 member = Member(self.node, self.endpoint, plan, {})
                 await member.start({})
                 self.member = member
@@ -215,7 +218,10 @@ class NodeDataPlane:
         """One barrier through ``client`` (a ``CoordinatorClient``): in a sharded round, the
         pieces pushed and committed, and the manifest's result fetched and joined."""
         if not (self.sharded and sync.delta and sync.round > 0 and await self.update()):
-            return await client.barrier(sync, payload)
+            ready, blob = await client.barrier(sync, payload)
+            if ready.payload == "chunks":
+                return await self._join(client, sync, payload, ready, blob)
+            return ready, blob
         m = self.member
         assert m is not None and self.config is not None
         commit = self._commits.get(sync.round)
@@ -235,12 +241,57 @@ class NodeDataPlane:
         self._keep_from = manifest.round
         return msgspec.structs.replace(ready, payload="delta"), change
 
+    async def _join(
+        self, client: Any, sync: p.BarrierSync, payload: bytes, ready: p.BarrierReady, blob: bytes
+    ) -> tuple[p.BarrierReady, bytes]:
+        """The answer to a joiner: the session's weights, fetched from the members that hold
+        them (a chunk table, ``WeightsChunks``); when that fails, asked whole of the
+        coordinator."""
+        try:
+            table = _chunks(blob)
+            if not await self.update() or self.member is None:
+                raise ProtocolError("this node's data plane could not start")
+            weights = await self.member.fetch_weights(
+                table.round, table.chunks, table.holders, table.sha256
+            )
+        except DriftError as exc:
+            log.warning("dataplane.join_fetch_failed why=%s; asking the coordinator", exc)
+            whole = msgspec.structs.replace(sync, whole=True)
+            return await client.barrier(whole, payload)
+        log.info(
+            "dataplane.weights_fetched round=%d chunks=%d holders=%d",
+            table.round, len(table.chunks), len(table.holders),
+        )  # fmt: skip
+        return ready, weights
+
+    async def received(self, round_no: int) -> None:
+        """The node now holds the weights of ``round_no``: keep their chunks to serve nodes
+        that join (every member holds them, so a joiner fetches from several)."""
+        if not self.sharded or not await self.update():
+            return
+        held, m = self.held(), self.member
+        if held is None or m is None:
+            return
+        blob = await asyncio.to_thread(to_bytes, held[1])
+        m.hold_weights(round_no, blob, chunk_count(len(blob)))
+
     async def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
         if self.member is not None:
             await self.member.close()
         await self.endpoint.close()
+
+
+def _chunks(blob: bytes) -> p.WeightsChunks:
+    """A joiner's chunk table, checked before it is used (``ProtocolError`` otherwise)."""
+    msg = p.expect(p.decode(blob), p.WeightsChunks)
+    assert isinstance(msg, p.WeightsChunks)
+    if not (1 <= len(msg.chunks) <= MAX_CHUNKS and is_hex64(msg.sha256) and msg.round >= 0):
+        raise ProtocolError(f"a weights table of {len(msg.chunks)} chunks is not one")
+    if not all(is_hex64(sha) and 0 <= size <= 1 << 40 for sha, size in msg.chunks):
+        raise ProtocolError("a weights table names a chunk that is not a sha256 and a size")
+    return msg
 
 
 def _finite(x: float) -> float:

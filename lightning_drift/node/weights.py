@@ -289,7 +289,7 @@ class GlobalWeights:
         kept: :class:`WeightsMismatch` leaves the node's state as it was. ``contributed``
         False (the upload did not count) drops the error feedback of that upload.
         """
-        if payload == "weights":
+        if payload in ("weights", "chunks"):  # whole: from the coordinator, or from members
             if sha256_bytes(blob) != sha256:
                 raise WeightsMismatch(
                     f"global weights of round {global_round} do not match their checksum"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import time
@@ -174,6 +175,9 @@ def main() -> None:
     ap.add_argument("--gate", type=Path, help="hold after each batch while gate/hold exists")
     ap.add_argument("--die-in-flight", type=int, default=-1, help="SIGKILL mid-overlap (round)")
     args = ap.parse_args()
+    # Warnings as the library writes them; the data plane's fetches of whole weights too.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("lightning_drift.node.sharded").setLevel(logging.INFO)
     torch.manual_seed(hash(args.name) % 1000)  # different local inits: round 0 must unify them
     args.out.mkdir(parents=True, exist_ok=True)
     data = CharDataModule(batch_size=16, block_size=32, max_chars=args.max_chars)
