@@ -616,8 +616,15 @@ COMMIT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("hash-upper", {"pieces": [BASE, BASE.upper(), BASE, BASE]}, "commit pieces[1]"),
     ("hash-short", {"pieces": [BASE, BASE, BASE[:63], BASE]}, "commit pieces[2]"),
     ("hash-not-str", {"pieces": [BASE, BASE, BASE, 5]}, "commit pieces[3] is 5"),
+    ("hash-space", {"pieces": [BASE, " " + BASE[1:], BASE, BASE]}, "commit pieces[1]"),
+    ("hash-newline", {"pieces": [BASE, BASE, BASE, BASE[:63] + "\n"]}, "commit pieces[3]"),
+    ("hash-not-ascii", {"pieces": [BASE[:63] + "\u0661", BASE, BASE, BASE]}, "commit pieces[0]"),
+    ("hash-not-hex", {"pieces": [BASE, BASE, "g" * 64, BASE]}, "commit pieces[2]"),
+    ("hash-spilled", {"pieces": [BASE[:63], BASE + "0", BASE, BASE]}, "commit pieces[0]"),
+    ("hash-bytes", {"pieces": [BASE, BASE.encode(), BASE, BASE]}, "commit pieces[1]"),
     ("size-other", {"sizes": [1000, 999, 1000, 412]}, "commit sizes[1] is 999 bytes"),
     ("size-negative", {"sizes": [1000, 1000, 1000, -412]}, "commit sizes[3] is -412"),
+    ("size-float", {"sizes": [1000, 1000.0, 1000, 412]}, "commit sizes[1] is 1000.0"),
 ]
 
 
@@ -628,6 +635,15 @@ def test_a_bad_commit_is_refused_naming_what(changes: dict[str, Any], message: s
     with pytest.raises(ProtocolError) as err:
         check_commit(make_commit(**changes), open_round=7, base=BASE, shards=SHARDS, sizes=SIZES)
     assert message in str(err.value)
+
+
+def test_a_size_of_true_is_not_one_byte() -> None:
+    """True == 1 in Python, so a size list equal to the plan's is still looked at by type."""
+    with pytest.raises(ProtocolError, match=r"commit sizes\[2\] is True"):
+        check_commit(
+            make_commit(sizes=[1, 1, True, 1]), open_round=7, base=BASE, shards=SHARDS,
+            sizes=[1, 1, 1, 1],
+        )  # fmt: skip
 
 
 def test_check_commit_wants_one_size_per_shard() -> None:

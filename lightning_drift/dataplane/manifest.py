@@ -54,7 +54,7 @@ import msgspec
 
 from lightning_drift.auth import Identity, check_signature
 from lightning_drift.errors import AuthError, ProtocolError
-from lightning_drift.text import clean_text, is_hex64, short_id
+from lightning_drift.text import all_hex64, clean_text, is_hex64, short_id
 
 DOMAIN = b"drift/manifest/1\0"  # what every manifest signature covers before the body
 SIGNATURE_BYTES = 64  # an Ed25519 signature
@@ -418,11 +418,14 @@ def check_commit(
                 f"commit {field} holds {got} entries, the plan has {shards} shards; cut the "
                 "change by this session's plan"
             )
-    for j, h in enumerate(commit.pieces):
-        if not is_hex64(h):
-            raise ProtocolError(
-                f"commit pieces[{j}] is {_shown(h)}, not a sha256 (64 lowercase hex digits)"
-            )
+    if not all_hex64(commit.pieces):  # one pass over them all; the loop names the first
+        for j, h in enumerate(commit.pieces):
+            if not is_hex64(h):
+                raise ProtocolError(
+                    f"commit pieces[{j}] is {_shown(h)}, not a sha256 (64 lowercase hex digits)"
+                )
+    if commit.sizes == sizes and set(map(type, commit.sizes)) <= {int}:
+        return  # the plan's sizes, all ints (True == 1 and 1.0 == 1: the types are looked at)
     for j, (got_size, want) in enumerate(zip(commit.sizes, sizes, strict=True)):
         if not _is_int(got_size) or got_size != want:
             raise ProtocolError(
