@@ -114,15 +114,8 @@ async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) 
             why = books.commit(node, commit)
             assert why is None, why
         orders = books.fix(dict.fromkeys(members, 1.0), now=0.0)
-        sends = []
-        for o in orders:
-            red = books.reduction(o.shard)
-            order = p.ShardOrder(
-                round=r, shard=o.shard, nodes=[x[0] for x in red], weights=[x[1] for x in red],
-                pieces=[x[2] for x in red], deadline_s=600.0, attempt=o.attempt,
-            )  # fmt: skip
-            sends.append(streams[o.node].send(order))
-        await asyncio.gather(*sends)
+        # A shard's seats get the same ShardOrder frame, encoded once by the books.
+        await asyncio.gather(*(streams[o.node].send_raw(books.order_frame(o, 0.0)) for o in orders))
         settled = None
         while settled is None:
             node, msg = await inbox.get()

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from dataplane_cases import NODES, WEIGHTS, local, model
 
-from lightning_drift import codec
+from lightning_drift import codec, protocol
 from lightning_drift.auth import Identity
 from lightning_drift.dataplane import manifest as mf
 from lightning_drift.dataplane.books import Order, Report, RoundBooks
@@ -349,3 +349,20 @@ def test_a_late_report_of_an_earlier_attempt_is_refused() -> None:
     assert again and again[0].attempt == 2 and late.attempt == 1
     assert "attempt 1" in (r.books.report(first[0].node, late) or "")
 
+
+def test_an_order_frame_is_the_shards_reduction_and_the_same_for_both_seats() -> None:
+    r = Round()
+    r.commit_all()
+    orders = r.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=5.0)
+    for j in range(4):
+        seats = [o for o in orders if o.shard == j]
+        frames = [r.books.order_frame(o, now=1.0) for o in seats]
+        assert len(seats) == 2 and frames[0] == frames[1]
+        msg = protocol.decode_frame(frames[0])
+        assert isinstance(msg, protocol.ShardOrder)
+        assert (msg.round, msg.shard, msg.attempt, msg.deadline_s) == (3, j, 1, 14.0)
+        assert list(zip(msg.nodes, msg.weights, msg.pieces, strict=True)) == r.books.reduction(j)
+    stale = orders[0]
+    r.books.fix(dict(zip(NODES[:3], WEIGHTS[:3], strict=True)), now=6.0)  # a redo: attempt 2
+    with pytest.raises(ValueError, match="attempt 1"):
+        r.books.order_frame(stale, now=6.0)

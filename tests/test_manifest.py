@@ -27,6 +27,7 @@ from lightning_drift.dataplane.manifest import (
     check,
     check_commit,
     inputs_digest,
+    inputs_digests,
     piece_hash,
     sign,
     verify,
@@ -149,6 +150,27 @@ def test_inputs_digest_is_the_documented_encoding() -> None:
     want = hashlib.sha256(INPUTS_DOMAIN + by_hand).hexdigest()
     assert inputs_digest([(node, 12.5, sha)]) == want
     assert inputs_digest([]) == hashlib.sha256(INPUTS_DOMAIN + b"\x90").hexdigest()
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 17, 300, 65535, 65536])
+def test_inputs_digests_of_many_shards_are_each_shards_inputs_digest(count: int) -> None:
+    """The coordinator's way to name every shard at once gives the same digests, whatever
+    the length of the reduction list (msgpack writes its header three ways)."""
+    nodes = [f"{i:064x}" for i in range(count)]
+    weights = [float(i % 7) + 0.5 for i in range(count)]
+    pieces = [[piece_hash(f"{i} {j}".encode()) for i in range(count)] for j in range(2)]
+    if count < 20:
+        weights[-1:] = [3] if count else []  # an int weight is the float it equals
+    want = [inputs_digest(list(zip(nodes, weights, p, strict=True))) for p in pieces]
+    assert inputs_digests(nodes, weights, pieces) == want
+    assert inputs_digests(nodes, weights, []) == []
+
+
+def test_inputs_digests_want_a_weight_and_a_piece_per_node() -> None:
+    with pytest.raises(ValueError, match="one weight and one piece per node"):
+        inputs_digests(NODES, [1.0, 2.0, 3.0], [[piece_hash(b"a")] * 2])
+    with pytest.raises(ValueError, match="one weight and one piece per node"):
+        inputs_digests(NODES, [1.0, 2.0], [[piece_hash(b"a")] * 3])
 
 
 def test_equal_lists_give_equal_digests() -> None:

@@ -38,13 +38,14 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from lightning_drift import protocol
 from lightning_drift.dataplane.manifest import (
     Commit,
     Contributor,
     Manifest,
     ShardEntry,
     check_commit,
-    inputs_digest,
+    inputs_digests,
 )
 from lightning_drift.dataplane.owners import rankings
 from lightning_drift.dataplane.plan import ShardPlan
@@ -168,6 +169,12 @@ class RoundBooks:
         self._bounds: list[_ShardBounds | None] = [None] * plan.count
         self.commits: dict[str, Commit] = {}
         self.contributors: list[Contributor] = []
+        # The reduction lists by column: every shard's has the same nodes and weights, and
+        # orders and the manifest read them a thousand entries at a time.
+        self._nodes: list[str] = []
+        self._weights: list[float] = []
+        self._columns: list[list[str]] = [[] for _ in range(plan.count)]
+        self._frames: dict[tuple[int, int, float], bytes] = {}
         self._ranking = rankings(tuple(self.members), seed, plan.count)
         self._lost: set[str] = set()
         self._asked: list[dict[str, float]] = [{} for _ in range(plan.count)]  # node: deadline
@@ -219,6 +226,11 @@ class RoundBooks:
             for n in chosen
         ]
         self._contributing = frozenset(c.node for c in self.contributors)
+        self._nodes = [c.node for c in self.contributors]
+        self._weights = [c.weight for c in self.contributors]
+        columns = zip(*(c.pieces for c in self.contributors), strict=True)
+        self._columns = [list(col) for col in columns] or [[] for _ in range(self.plan.count)]
+        self._frames = {}
         self._asked = [{} for _ in range(self.plan.count)]
         self._reports = [{} for _ in range(self.plan.count)]
         self._abstained = [{} for _ in range(self.plan.count)]
@@ -230,7 +242,26 @@ class RoundBooks:
 
     def reduction(self, shard: int) -> list[tuple[str, float, str]]:
         """What a computer of ``shard`` reduces: (node, weight, piece sha256), in order."""
-        return [(c.node, c.weight, c.pieces[shard]) for c in self.contributors]
+        return list(zip(self._nodes, self._weights, self._columns[shard], strict=True))
+
+    def order_frame(self, order: Order, now: float) -> bytes:
+        """The ``ShardOrder`` frame for ``order`` (one this attempt's :meth:`fix`, :meth:`lost`,
+        :meth:`overdue` or :meth:`settle` gave), with its deadline in seconds from ``now``,
+        for ``Stream.send_raw``. A shard's seats reduce the same list, a thousand entries at a
+        thousand contributors, so its frame is encoded once and handed to each of them."""
+        if order.attempt != self.attempt:
+            raise ValueError(
+                f"an order of attempt {order.attempt}; the books are at {self.attempt}"
+            )
+        key = (order.shard, order.attempt, order.deadline - now)
+        frame = self._frames.get(key)
+        if frame is None:
+            msg = protocol.ShardOrder(
+                round=self.round, shard=order.shard, nodes=self._nodes, weights=self._weights,
+                pieces=self._columns[order.shard], deadline_s=key[2], attempt=order.attempt,
+            )  # fmt: skip
+            frame = self._frames[key] = protocol.encode_frame(msg)
+        return frame
 
     # ---- 3. reports -------------------------------------------------------------------------
 
@@ -470,6 +501,9 @@ class RoundBooks:
         liars: Mapping[str, str],
         unchanged: str,
     ) -> Manifest:
+        digests = inputs_digests(
+            self._nodes, self._weights, [self._columns[r.shard] for r in standing]
+        )
         shards = [
             ShardEntry(
                 index=r.shard,
@@ -479,9 +513,9 @@ class RoundBooks:
                 state=r.state,
                 state_size=r.state_size,
                 size=r.size,
-                inputs=inputs_digest(self.reduction(r.shard)),
+                inputs=inputs,
             )
-            for r, (p, m) in zip(standing, seats, strict=True)
+            for r, (p, m), inputs in zip(standing, seats, digests, strict=True)
         ]
         # An unchanged round has nothing to fetch: no shards, and no uploads it counted.
         counted = self.contributors if not unchanged else []

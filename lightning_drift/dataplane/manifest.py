@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -186,6 +187,41 @@ def inputs_digest(reduction: Sequence[tuple[str, float, str]]) -> str:
     bit of a weight or another character gives another digest."""
     body = _encoder.encode([[node, float(weight), sha] for node, weight, sha in reduction])
     return hashlib.sha256(INPUTS_DOMAIN + body).hexdigest()
+
+
+def inputs_digests(
+    nodes: Sequence[str], weights: Sequence[float], pieces: Sequence[Sequence[str]]
+) -> list[str]:
+    """:func:`inputs_digest` of several shards that the same contributors reduced: ``nodes``
+    and ``weights`` in the reduction order, ``pieces[k]`` the sha256 of each one's piece of
+    the k-th shard asked for. The coordinator names every shard of a round this way: each
+    contributor's id and weight are encoded once, not once per shard, and nothing is built
+    per contributor but bytes, which the garbage collector never scans.
+
+    The bytes are :func:`inputs_digest`'s: msgpack writes an array as its header and then its
+    items, so each triple is the fixarray header ``0x93`` and its three items encoded alone.
+    """
+    if len(weights) != len(nodes) or any(len(p) != len(nodes) for p in pieces):
+        raise ValueError("inputs_digests wants one weight and one piece per node for each shard")
+    head = INPUTS_DOMAIN + _array_header(len(nodes))
+    encode = _encoder.encode
+    prefixes = [
+        b"\x93" + encode(node) + encode(float(w)) for node, w in zip(nodes, weights, strict=True)
+    ]
+    return [
+        hashlib.sha256(head + b"".join(map(operator.add, prefixes, map(encode, p)))).hexdigest()
+        for p in pieces
+    ]
+
+
+def _array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` items, in its shortest form (as msgspec writes
+    it): fixarray up to 15 items, array 16 up to 65,535, array 32 above."""
+    if n <= 15:
+        return bytes([0x90 | n])
+    if n <= 0xFFFF:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 # ---- signing and verifying -------------------------------------------------------------------
@@ -449,6 +485,7 @@ __all__ = [
     "check",
     "check_commit",
     "inputs_digest",
+    "inputs_digests",
     "piece_hash",
     "sign",
     "verify",
