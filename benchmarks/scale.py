@@ -104,10 +104,9 @@ async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) 
         joined.add(node)
         while True:
             try:
-                msg = await stream.recv()
+                await inbox.put((node, await stream.recv()))
             except Exception:
                 return
-            await inbox.put((node, msg))
 
     tasks = []
     while len(joined) < n:

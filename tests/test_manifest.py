@@ -4,6 +4,7 @@ or malformed blob, or content out of bounds is refused with a message naming wha
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import random
 import struct
@@ -20,6 +21,7 @@ from lightning_drift.dataplane.manifest import (
     DOMAIN,
     INPUTS_DOMAIN,
     Commit,
+    Contributor,
     Limits,
     Manifest,
     ShardEntry,
@@ -666,6 +668,14 @@ def test_a_size_of_true_is_not_one_byte() -> None:
             make_commit(sizes=[1, 1, True, 1]), open_round=7, base=BASE, shards=SHARDS,
             sizes=[1, 1, 1, 1],
         )  # fmt: skip
+
+
+def test_commits_and_contributors_stay_out_of_the_garbage_collectors_lists() -> None:
+    """A thousand of each live through every round: the collector need not scan them."""
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(make_commit()), type=Commit)
+    contributor = Contributor(node=NODES[0], weight=1.0, pieces=list(decoded.pieces))
+    assert not gc.is_tracked(make_commit()) and not gc.is_tracked(decoded)
+    assert not gc.is_tracked(contributor)
 
 
 def test_check_commit_wants_one_size_per_shard() -> None:

@@ -221,8 +221,8 @@ class RoundBooks:
             w = weights[n]
             if not (math.isfinite(w) and w >= 0):
                 raise ValueError(f"weight of node {n[:16]} must be finite and >= 0, got {w!r}")
-        self.contributors = [
-            Contributor(node=n, weight=float(weights[n]), pieces=list(self.commits[n].pieces))
+        self.contributors = [  # each with its commit's list of hashes: the books hold both
+            Contributor(node=n, weight=float(weights[n]), pieces=self.commits[n].pieces)
             for n in chosen
         ]
         self._contributing = frozenset(c.node for c in self.contributors)

@@ -100,7 +100,13 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-class Commit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+# Commits and contributors are a thousand a round at a thousand nodes and live through the
+# round, long enough for the garbage collector to move each to its oldest generation and then
+# make its full passes come sooner. They hold only numbers, text and lists of those, so they
+# cannot be part of a reference cycle: gc=False keeps them out of the collector's lists.
+
+
+class Commit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False, gc=False):
     """What a node commits for a round before any piece moves: the sha256 of each piece of
     its encoded change, in shard order, and their sizes in bytes."""
 
@@ -110,7 +116,7 @@ class Commit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
     sizes: list[int]
 
 
-class Contributor(msgspec.Struct, frozen=True, kw_only=True):
+class Contributor(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One upload counted in the round, in the reduction order: the coordinator's books
     (``books.py``) keep these; the manifest carries only their count, their total weight and
     each shard's :func:`inputs_digest` of them."""
