@@ -61,6 +61,23 @@ def table_for(params: int):
 # ---- control plane: the keeper -------------------------------------------------------------
 
 
+async def send_to_all(streams: list, frame: bytes, in_flight: int = 8) -> None:
+    """Send one encoded frame on every stream, at most ``in_flight`` writes pending at once.
+
+    A task per member, a thousand at once, cost the keeper more than the writes: setting the
+    tasks up, and the garbage collector, which the burst of allocations set off and which
+    moved the thousand pending writes to its oldest generation, whose full collections then
+    came sooner. The senders share one iterator, so a member slow to take its frame holds up
+    one of them while the others go on."""
+    todo = iter(streams)
+
+    async def sender() -> None:
+        for stream in todo:
+            await stream.send_raw(frame)
+
+    await asyncio.gather(*(sender() for _ in range(in_flight)))
+
+
 async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) -> None:
     from lightning_drift import protocol as p
     from lightning_drift.auth import Identity
@@ -87,10 +104,9 @@ async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) 
         joined.add(node)
         while True:
             try:
-                msg = await stream.recv()
+                await inbox.put((node, await stream.recv()))
             except Exception:
                 return
-            await inbox.put((node, msg))
 
     tasks = []
     while len(joined) < n:
@@ -114,15 +130,8 @@ async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) 
             why = books.commit(node, commit)
             assert why is None, why
         orders = books.fix(dict.fromkeys(members, 1.0), now=0.0)
-        sends = []
-        for o in orders:
-            red = books.reduction(o.shard)
-            order = p.ShardOrder(
-                round=r, shard=o.shard, nodes=[x[0] for x in red], weights=[x[1] for x in red],
-                pieces=[x[2] for x in red], deadline_s=600.0, attempt=o.attempt,
-            )  # fmt: skip
-            sends.append(streams[o.node].send(order))
-        await asyncio.gather(*sends)
+        # A shard's seats get the same ShardOrder frame, encoded once by the books.
+        await asyncio.gather(*(streams[o.node].send_raw(books.order_frame(o, 0.0)) for o in orders))
         settled = None
         while settled is None:
             node, msg = await inbox.get()
@@ -137,7 +146,7 @@ async def keeper_main(n: int, shards: int, rounds: int, params: int, out: Path) 
         assert settled.manifest is not None and not settled.manifest.unchanged
         # One frame for every member: encoded once, as the server would.
         frame = p.encode_frame(p.RoundManifest(round=r, blob=mf.sign(settled.manifest, identity)))
-        await asyncio.gather(*(s.send_raw(frame) for s in streams.values()))
+        await send_to_all(list(streams.values()), frame)
         walls.append(time.perf_counter() - t0)
     cpu = time.process_time() - start
     out.write_text(json.dumps({"cpu_s": cpu, "rounds": rounds, "walls": walls}))

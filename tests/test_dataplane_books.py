@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from dataplane_cases import NODES, WEIGHTS, local, model
 
-from lightning_drift import codec
+from lightning_drift import codec, protocol
 from lightning_drift.auth import Identity
 from lightning_drift.dataplane import manifest as mf
 from lightning_drift.dataplane.books import Order, Report, RoundBooks
@@ -243,6 +243,7 @@ def test_commits_and_reports_out_of_turn_are_refused() -> None:
         (dataclasses.replace(honest, sums={"nope": TensorSums()}), "outside the shard"),
         (dataclasses.replace(honest, norms2={"9" * 64: 1.0}), "not contributors"),
         (dataclasses.replace(honest, norms2={NODES[0]: float("nan")}), "finite"),
+        (dataclasses.replace(honest, sums={}), "cover each"),
     ]:
         assert says in (r.books.report(o.node, bad) or ""), says
     assert r.books.report(o.node, honest) is None
@@ -251,6 +252,33 @@ def test_commits_and_reports_out_of_turn_are_refused() -> None:
     fresh.commit_all()
     with pytest.raises(ValueError, match="finite"):
         fresh.books.fix({NODES[0]: float("inf")}, now=0.0)
+
+
+@pytest.mark.parametrize(
+    "norms",
+    [
+        [1.0, 2.0, -1.0, 3.0],
+        [float("inf"), 0.0, 1.0, 1.0],
+        [float("-inf"), float("inf"), 1.0, 1.0],
+        [1.0, float("nan"), 1.0, 1.0],
+        [1e308, 1e308, -1.0, 1.0],  # the sum overflows: each is looked at
+        [1e308, 1e308, float("nan"), 1.0],
+    ],
+)
+def test_a_report_with_a_norm_not_finite_or_below_zero_is_refused(norms: list[float]) -> None:
+    r = Round()
+    r.commit_all()
+    o = r.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=0.0)[0]
+    bad = dataclasses.replace(r.honest(o.shard), norms2=dict(zip(NODES, norms, strict=True)))
+    assert "norms must be finite and >= 0" in (r.books.report(o.node, bad) or "")
+
+
+def test_norms_whose_sum_overflows_are_each_finite_and_taken() -> None:
+    r = Round()
+    r.commit_all()
+    o = r.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=0.0)[0]
+    huge = dataclasses.replace(r.honest(o.shard), norms2=dict.fromkeys(NODES, 1e308))
+    assert r.books.report(o.node, huge) is None
 
 
 def test_the_coordinators_audit_names_both_seats_of_a_wrong_standing_result() -> None:
@@ -320,3 +348,21 @@ def test_a_late_report_of_an_earlier_attempt_is_refused() -> None:
     again = r.books.fix(dict(zip(NODES[:3], WEIGHTS[:3], strict=True)), now=1.0)  # a redo
     assert again and again[0].attempt == 2 and late.attempt == 1
     assert "attempt 1" in (r.books.report(first[0].node, late) or "")
+
+
+def test_an_order_frame_is_the_shards_reduction_and_the_same_for_both_seats() -> None:
+    r = Round()
+    r.commit_all()
+    orders = r.books.fix(dict(zip(NODES, WEIGHTS, strict=True)), now=5.0)
+    for j in range(4):
+        seats = [o for o in orders if o.shard == j]
+        frames = [r.books.order_frame(o, now=1.0) for o in seats]
+        assert len(seats) == 2 and frames[0] == frames[1]
+        msg = protocol.decode_frame(frames[0])
+        assert isinstance(msg, protocol.ShardOrder)
+        assert (msg.round, msg.shard, msg.attempt, msg.deadline_s) == (3, j, 1, 14.0)
+        assert list(zip(msg.nodes, msg.weights, msg.pieces, strict=True)) == r.books.reduction(j)
+    stale = orders[0]
+    r.books.fix(dict(zip(NODES[:3], WEIGHTS[:3], strict=True)), now=6.0)  # a redo: attempt 2
+    with pytest.raises(ValueError, match="attempt 1"):
+        r.books.order_frame(stale, now=6.0)

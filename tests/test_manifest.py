@@ -4,6 +4,7 @@ or malformed blob, or content out of bounds is refused with a message naming wha
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import random
 import struct
@@ -20,6 +21,7 @@ from lightning_drift.dataplane.manifest import (
     DOMAIN,
     INPUTS_DOMAIN,
     Commit,
+    Contributor,
     Limits,
     Manifest,
     ShardEntry,
@@ -27,6 +29,7 @@ from lightning_drift.dataplane.manifest import (
     check,
     check_commit,
     inputs_digest,
+    inputs_digests,
     piece_hash,
     sign,
     verify,
@@ -149,6 +152,27 @@ def test_inputs_digest_is_the_documented_encoding() -> None:
     want = hashlib.sha256(INPUTS_DOMAIN + by_hand).hexdigest()
     assert inputs_digest([(node, 12.5, sha)]) == want
     assert inputs_digest([]) == hashlib.sha256(INPUTS_DOMAIN + b"\x90").hexdigest()
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 17, 300, 65535, 65536])
+def test_inputs_digests_of_many_shards_are_each_shards_inputs_digest(count: int) -> None:
+    """The coordinator's way to name every shard at once gives the same digests, whatever
+    the length of the reduction list (msgpack writes its header three ways)."""
+    nodes = [f"{i:064x}" for i in range(count)]
+    weights = [float(i % 7) + 0.5 for i in range(count)]
+    pieces = [[piece_hash(f"{i} {j}".encode()) for i in range(count)] for j in range(2)]
+    if count < 20:
+        weights[-1:] = [3] if count else []  # an int weight is the float it equals
+    want = [inputs_digest(list(zip(nodes, weights, p, strict=True))) for p in pieces]
+    assert inputs_digests(nodes, weights, pieces) == want
+    assert inputs_digests(nodes, weights, []) == []
+
+
+def test_inputs_digests_want_a_weight_and_a_piece_per_node() -> None:
+    with pytest.raises(ValueError, match="one weight and one piece per node"):
+        inputs_digests(NODES, [1.0, 2.0, 3.0], [[piece_hash(b"a")] * 2])
+    with pytest.raises(ValueError, match="one weight and one piece per node"):
+        inputs_digests(NODES, [1.0, 2.0], [[piece_hash(b"a")] * 3])
 
 
 def test_equal_lists_give_equal_digests() -> None:
@@ -616,8 +640,15 @@ COMMIT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("hash-upper", {"pieces": [BASE, BASE.upper(), BASE, BASE]}, "commit pieces[1]"),
     ("hash-short", {"pieces": [BASE, BASE, BASE[:63], BASE]}, "commit pieces[2]"),
     ("hash-not-str", {"pieces": [BASE, BASE, BASE, 5]}, "commit pieces[3] is 5"),
+    ("hash-space", {"pieces": [BASE, " " + BASE[1:], BASE, BASE]}, "commit pieces[1]"),
+    ("hash-newline", {"pieces": [BASE, BASE, BASE, BASE[:63] + "\n"]}, "commit pieces[3]"),
+    ("hash-not-ascii", {"pieces": [BASE[:63] + "\u0661", BASE, BASE, BASE]}, "commit pieces[0]"),
+    ("hash-not-hex", {"pieces": [BASE, BASE, "g" * 64, BASE]}, "commit pieces[2]"),
+    ("hash-spilled", {"pieces": [BASE[:63], BASE + "0", BASE, BASE]}, "commit pieces[0]"),
+    ("hash-bytes", {"pieces": [BASE, BASE.encode(), BASE, BASE]}, "commit pieces[1]"),
     ("size-other", {"sizes": [1000, 999, 1000, 412]}, "commit sizes[1] is 999 bytes"),
     ("size-negative", {"sizes": [1000, 1000, 1000, -412]}, "commit sizes[3] is -412"),
+    ("size-float", {"sizes": [1000, 1000.0, 1000, 412]}, "commit sizes[1] is 1000.0"),
 ]
 
 
@@ -628,6 +659,23 @@ def test_a_bad_commit_is_refused_naming_what(changes: dict[str, Any], message: s
     with pytest.raises(ProtocolError) as err:
         check_commit(make_commit(**changes), open_round=7, base=BASE, shards=SHARDS, sizes=SIZES)
     assert message in str(err.value)
+
+
+def test_a_size_of_true_is_not_one_byte() -> None:
+    """True == 1 in Python, so a size list equal to the plan's is still looked at by type."""
+    with pytest.raises(ProtocolError, match=r"commit sizes\[2\] is True"):
+        check_commit(
+            make_commit(sizes=[1, 1, True, 1]), open_round=7, base=BASE, shards=SHARDS,
+            sizes=[1, 1, 1, 1],
+        )  # fmt: skip
+
+
+def test_commits_and_contributors_stay_out_of_the_garbage_collectors_lists() -> None:
+    """A thousand of each live through every round: the collector need not scan them."""
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(make_commit()), type=Commit)
+    contributor = Contributor(node=NODES[0], weight=1.0, pieces=list(decoded.pieces))
+    assert not gc.is_tracked(make_commit()) and not gc.is_tracked(decoded)
+    assert not gc.is_tracked(contributor)
 
 
 def test_check_commit_wants_one_size_per_shard() -> None:

@@ -35,16 +35,17 @@ has a deadline, and a round without a settled shard ends unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from lightning_drift import protocol
 from lightning_drift.dataplane.manifest import (
     Commit,
     Contributor,
     Manifest,
     ShardEntry,
     check_commit,
-    inputs_digest,
+    inputs_digests,
 )
 from lightning_drift.dataplane.owners import rankings
 from lightning_drift.dataplane.plan import ShardPlan
@@ -117,6 +118,27 @@ class Settled:
     alone: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _ShardBounds:
+    """What the plan allows a report of one shard: its result's bytes, its state's bytes at
+    most, the tensors it holds, and those of them the check's sums must cover."""
+
+    size: int
+    most: int
+    names: frozenset[str]
+    checked: frozenset[str]
+
+
+def _finite_and_not_negative(values: Collection[float]) -> bool:
+    """Every value finite and >= 0. A sum is NaN or infinite as soon as one value is, so a
+    finite sum rules out both in one pass in C; a sum that overflowed is looked at value by
+    value. This is what a report's thousand contributor norms are checked with."""
+    total = sum(values, 0.0)
+    if not math.isfinite(total):
+        return all(math.isfinite(v) and v >= 0 for v in values)
+    return not values or min(values) >= 0
+
+
 class RoundBooks:
     """One sharded round's books (see the module docstring)."""
 
@@ -142,8 +164,17 @@ class RoundBooks:
         self.report_s = report_s
         self.fixed = frozenset(fixed)  # the global weights' carried tensors: not checked
         self.members = sorted(set(members))
+        self._member_set = frozenset(self.members)  # a commit asks; the list is for reading
+        self._sizes = [s.size for s in plan.shards]
+        self._bounds: list[_ShardBounds | None] = [None] * plan.count
         self.commits: dict[str, Commit] = {}
         self.contributors: list[Contributor] = []
+        # The reduction lists by column: every shard's has the same nodes and weights, and
+        # orders and the manifest read them a thousand entries at a time.
+        self._nodes: list[str] = []
+        self._weights: list[float] = []
+        self._columns: list[list[str]] = [[] for _ in range(plan.count)]
+        self._frames: dict[tuple[int, int, float], bytes] = {}
         self._ranking = rankings(tuple(self.members), seed, plan.count)
         self._lost: set[str] = set()
         self._asked: list[dict[str, float]] = [{} for _ in range(plan.count)]  # node: deadline
@@ -160,7 +191,7 @@ class RoundBooks:
 
     def commit(self, node: str, commit: Commit) -> str | None:
         """Record ``node``'s commit; the reason it is refused, or None."""
-        if node not in self.members:
+        if node not in self._member_set:
             return f"node {node[:16]} is not a member of this round"
         if node in self.commits:
             return f"node {node[:16]} already committed to round {self.round}"
@@ -172,7 +203,7 @@ class RoundBooks:
                 open_round=self.round,
                 base=self.base,
                 shards=self.plan.count,
-                sizes=[s.size for s in self.plan.shards],
+                sizes=self._sizes,
             )
         except ProtocolError as exc:
             return str(exc)
@@ -190,11 +221,16 @@ class RoundBooks:
             w = weights[n]
             if not (math.isfinite(w) and w >= 0):
                 raise ValueError(f"weight of node {n[:16]} must be finite and >= 0, got {w!r}")
-        self.contributors = [
-            Contributor(node=n, weight=float(weights[n]), pieces=list(self.commits[n].pieces))
+        self.contributors = [  # each with its commit's list of hashes: the books hold both
+            Contributor(node=n, weight=float(weights[n]), pieces=self.commits[n].pieces)
             for n in chosen
         ]
         self._contributing = frozenset(c.node for c in self.contributors)
+        self._nodes = [c.node for c in self.contributors]
+        self._weights = [c.weight for c in self.contributors]
+        columns = zip(*(c.pieces for c in self.contributors), strict=True)
+        self._columns = [list(col) for col in columns] or [[] for _ in range(self.plan.count)]
+        self._frames = {}
         self._asked = [{} for _ in range(self.plan.count)]
         self._reports = [{} for _ in range(self.plan.count)]
         self._abstained = [{} for _ in range(self.plan.count)]
@@ -206,7 +242,26 @@ class RoundBooks:
 
     def reduction(self, shard: int) -> list[tuple[str, float, str]]:
         """What a computer of ``shard`` reduces: (node, weight, piece sha256), in order."""
-        return [(c.node, c.weight, c.pieces[shard]) for c in self.contributors]
+        return list(zip(self._nodes, self._weights, self._columns[shard], strict=True))
+
+    def order_frame(self, order: Order, now: float) -> bytes:
+        """The ``ShardOrder`` frame for ``order`` (one this attempt's :meth:`fix`, :meth:`lost`,
+        :meth:`overdue` or :meth:`settle` gave), with its deadline in seconds from ``now``,
+        for ``Stream.send_raw``. A shard's seats reduce the same list, a thousand entries at a
+        thousand contributors, so its frame is encoded once and handed to each of them."""
+        if order.attempt != self.attempt:
+            raise ValueError(
+                f"an order of attempt {order.attempt}; the books are at {self.attempt}"
+            )
+        key = (order.shard, order.attempt, order.deadline - now)
+        frame = self._frames.get(key)
+        if frame is None:
+            msg = protocol.ShardOrder(
+                round=self.round, shard=order.shard, nodes=self._nodes, weights=self._weights,
+                pieces=self._columns[order.shard], deadline_s=key[2], attempt=order.attempt,
+            )  # fmt: skip
+            frame = self._frames[key] = protocol.encode_frame(msg)
+        return frame
 
     # ---- 3. reports -------------------------------------------------------------------------
 
@@ -298,8 +353,8 @@ class RoundBooks:
             report, agreed = verdict
             if len(agreed) == 1:
                 alone.append(j)
-            for n, r in self._reports[j].items():
-                if not r.same(report):
+            for n in self._reports[j]:
+                if n not in agreed:  # agreed: each computer whose report is the same as it
                     liars[n] = f"its result for shard {j} of round {self.round} was outvoted"
                     self._lost.add(n)  # never asked again this round, a redo included
             standing.append(report)
@@ -405,32 +460,39 @@ class RoundBooks:
         return "failed"
 
     def _check(self, r: Report) -> str | None:
-        names = {s.name for s in self.plan.shards[r.shard].spans}
+        b = self._shard_bounds(r.shard)
         contributors = self._contributing
-        size = self.plan.shards[r.shard].size
-        if r.result and (not is_hex64(r.result) or r.size != size):
-            return f"shard {r.shard}'s result must be a sha256 of a {size}-byte piece"
-        floats = sum(s.numel for s in self.plan.shards[r.shard].spans if s.floating)
-        most = 16 * floats + (64 << 10)  # momentum and residual in float64 at most, a header
-        if r.state and (not is_hex64(r.state) or not 0 < r.state_size <= most):
-            return f"shard {r.shard}'s state must be a sha256 of at most {most} bytes"
-        if not set(r.sums) <= names:
+        if r.result and (not is_hex64(r.result) or r.size != b.size):
+            return f"shard {r.shard}'s result must be a sha256 of a {b.size}-byte piece"
+        if r.state and (not is_hex64(r.state) or not 0 < r.state_size <= b.most):
+            return f"shard {r.shard}'s state must be a sha256 of at most {b.most} bytes"
+        if not b.names.issuperset(r.sums):
             return f"shard {r.shard}'s sums name tensors outside the shard"
-        checked = {
-            s.name
-            for s in self.plan.shards[r.shard].spans
-            if s.floating and s.name not in self.fixed
-        }
-        if r.result and set(r.sums) != checked:
-            return f"shard {r.shard}'s sums must cover each of its {len(checked)} checked tensors"
+        if r.result and not (len(r.sums) == len(b.checked) and b.checked.issuperset(r.sums)):
+            return f"shard {r.shard}'s sums must cover each of its {len(b.checked)} checked tensors"
         for s in r.sums.values():
             if not all(math.isfinite(v) and v >= 0 for v in (s.moved2, s.ref2)) or s.nonfinite < 0:
                 return f"shard {r.shard}'s sums must be finite and >= 0"
-        if not set(r.norms2) <= contributors or not set(r.bad) <= contributors:
+        if not contributors.issuperset(r.norms2) or not contributors.issuperset(r.bad):
             return f"shard {r.shard}'s report names nodes that are not contributors"
-        if not all(math.isfinite(v) and v >= 0 for v in r.norms2.values()):
+        if not _finite_and_not_negative(r.norms2.values()):
             return f"shard {r.shard}'s norms must be finite and >= 0"
         return None
+
+    def _shard_bounds(self, j: int) -> _ShardBounds:
+        """What a report of shard ``j`` is checked against, from the plan, worked out once."""
+        b = self._bounds[j]
+        if b is None:
+            spans = self.plan.shards[j].spans
+            floats = sum(s.numel for s in spans if s.floating)
+            b = self._bounds[j] = _ShardBounds(
+                size=self.plan.shards[j].size,
+                # momentum and residual in float64 at most, and a header
+                most=16 * floats + (64 << 10),
+                names=frozenset(s.name for s in spans),
+                checked=frozenset(s.name for s in spans if s.floating and s.name not in self.fixed),
+            )
+        return b
 
     def _manifest(
         self,
@@ -439,6 +501,9 @@ class RoundBooks:
         liars: Mapping[str, str],
         unchanged: str,
     ) -> Manifest:
+        digests = inputs_digests(
+            self._nodes, self._weights, [self._columns[r.shard] for r in standing]
+        )
         shards = [
             ShardEntry(
                 index=r.shard,
@@ -448,9 +513,9 @@ class RoundBooks:
                 state=r.state,
                 state_size=r.state_size,
                 size=r.size,
-                inputs=inputs_digest(self.reduction(r.shard)),
+                inputs=inputs,
             )
-            for r, (p, m) in zip(standing, seats, strict=True)
+            for r, (p, m), inputs in zip(standing, seats, digests, strict=True)
         ]
         # An unchanged round has nothing to fetch: no shards, and no uploads it counted.
         counted = self.contributors if not unchanged else []

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ import msgspec
 
 from lightning_drift.auth import Identity, check_signature
 from lightning_drift.errors import AuthError, ProtocolError
-from lightning_drift.text import clean_text, is_hex64, short_id
+from lightning_drift.text import all_hex64, clean_text, is_hex64, short_id
 
 DOMAIN = b"drift/manifest/1\0"  # what every manifest signature covers before the body
 SIGNATURE_BYTES = 64  # an Ed25519 signature
@@ -99,7 +100,13 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-class Commit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+# Commits and contributors are a thousand a round at a thousand nodes and live through the
+# round, long enough for the garbage collector to move each to its oldest generation and then
+# make its full passes come sooner. They hold only numbers, text and lists of those, so they
+# cannot be part of a reference cycle: gc=False keeps them out of the collector's lists.
+
+
+class Commit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False, gc=False):
     """What a node commits for a round before any piece moves: the sha256 of each piece of
     its encoded change, in shard order, and their sizes in bytes."""
 
@@ -109,7 +116,7 @@ class Commit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
     sizes: list[int]
 
 
-class Contributor(msgspec.Struct, frozen=True, kw_only=True):
+class Contributor(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One upload counted in the round, in the reduction order: the coordinator's books
     (``books.py``) keep these; the manifest carries only their count, their total weight and
     each shard's :func:`inputs_digest` of them."""
@@ -186,6 +193,41 @@ def inputs_digest(reduction: Sequence[tuple[str, float, str]]) -> str:
     bit of a weight or another character gives another digest."""
     body = _encoder.encode([[node, float(weight), sha] for node, weight, sha in reduction])
     return hashlib.sha256(INPUTS_DOMAIN + body).hexdigest()
+
+
+def inputs_digests(
+    nodes: Sequence[str], weights: Sequence[float], pieces: Sequence[Sequence[str]]
+) -> list[str]:
+    """:func:`inputs_digest` of several shards that the same contributors reduced: ``nodes``
+    and ``weights`` in the reduction order, ``pieces[k]`` the sha256 of each one's piece of
+    the k-th shard asked for. The coordinator names every shard of a round this way: each
+    contributor's id and weight are encoded once, not once per shard, and nothing is built
+    per contributor but bytes, which the garbage collector never scans.
+
+    The bytes are :func:`inputs_digest`'s: msgpack writes an array as its header and then its
+    items, so each triple is the fixarray header ``0x93`` and its three items encoded alone.
+    """
+    if len(weights) != len(nodes) or any(len(p) != len(nodes) for p in pieces):
+        raise ValueError("inputs_digests wants one weight and one piece per node for each shard")
+    head = INPUTS_DOMAIN + _array_header(len(nodes))
+    encode = _encoder.encode
+    prefixes = [
+        b"\x93" + encode(node) + encode(float(w)) for node, w in zip(nodes, weights, strict=True)
+    ]
+    return [
+        hashlib.sha256(head + b"".join(map(operator.add, prefixes, map(encode, p)))).hexdigest()
+        for p in pieces
+    ]
+
+
+def _array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` items, in its shortest form (as msgspec writes
+    it): fixarray up to 15 items, array 16 up to 65,535, array 32 above."""
+    if n <= 15:
+        return bytes([0x90 | n])
+    if n <= 0xFFFF:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 # ---- signing and verifying -------------------------------------------------------------------
@@ -418,11 +460,14 @@ def check_commit(
                 f"commit {field} holds {got} entries, the plan has {shards} shards; cut the "
                 "change by this session's plan"
             )
-    for j, h in enumerate(commit.pieces):
-        if not is_hex64(h):
-            raise ProtocolError(
-                f"commit pieces[{j}] is {_shown(h)}, not a sha256 (64 lowercase hex digits)"
-            )
+    if not all_hex64(commit.pieces):  # one pass over them all; the loop names the first
+        for j, h in enumerate(commit.pieces):
+            if not is_hex64(h):
+                raise ProtocolError(
+                    f"commit pieces[{j}] is {_shown(h)}, not a sha256 (64 lowercase hex digits)"
+                )
+    if commit.sizes == sizes and set(map(type, commit.sizes)) <= {int}:
+        return  # the plan's sizes, all ints (True == 1 and 1.0 == 1: the types are looked at)
     for j, (got_size, want) in enumerate(zip(commit.sizes, sizes, strict=True)):
         if not _is_int(got_size) or got_size != want:
             raise ProtocolError(
@@ -446,6 +491,7 @@ __all__ = [
     "check",
     "check_commit",
     "inputs_digest",
+    "inputs_digests",
     "piece_hash",
     "sign",
     "verify",
