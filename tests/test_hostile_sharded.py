@@ -103,10 +103,10 @@ async def member(
             died = asyncio.get_running_loop().create_future()
 
             async def dying(*args, **kw):
-                client.conn.close(0, "gone")
-                await dp.endpoint.close()
                 if not died.done():
                     died.set_result(args[:2])
+                client.conn.close(0, "gone")
+                await dp.endpoint.close()
                 await asyncio.sleep(3600)
 
             dp.member.compute = dying
@@ -121,6 +121,7 @@ async def member(
             barrier = asyncio.ensure_future(dp.barrier(client, sync, up.payload))
             if dies:
                 await asyncio.wait([barrier, died], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.sleep(0)  # a barrier the death ended ends with it
                 if died.done():
                     barrier.cancel()
                     return {"died": died.result()}
