@@ -90,6 +90,28 @@ def test_node_info_is_bounded_and_cleaned():
 
 
 @pytest.mark.parametrize(
+    "given, kept",
+    [
+        ("ab" * 32 + "@127.0.0.1:4242", True),
+        ("AB" * 32 + "@10.0.0.1:1", True),
+        ("ab" * 32 + "@host-without-port", False),
+        ("not a peer\n\x1b[31m", False),
+        ("ab" * 32 + "@127.0.0.1:4242" + "x" * 2000, False),
+        ("", False),
+    ],
+)
+def test_a_data_endpoint_is_kept_only_when_it_names_a_peer(given, kept):
+    out = boundary.node_info(info(data_peer=given)).data_peer
+    assert out == (given.strip().lower() if kept else "")
+
+
+def test_a_progress_reports_data_bytes_bounded():
+    assert boundary.progress(TrainProgress(round=1, epoch=0, step=1, samples=1, data_bytes=-9)).data_bytes == 0
+    big = boundary.progress(TrainProgress(round=1, epoch=0, step=1, samples=1, data_bytes=10**30))
+    assert big.data_bytes == boundary.COUNT_MAX
+
+
+@pytest.mark.parametrize(
     "kw, message",
     [
         ({"dataset_size": 0}, "dataset_size 0 is not a dataset size"),

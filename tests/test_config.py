@@ -3,6 +3,7 @@ check refuses a bad value the same way from Python as from a flag or a config fi
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 
 import pytest
@@ -92,3 +93,24 @@ def test_a_start_gate_that_could_never_open_is_refused():
     with pytest.raises(ConfigError, match="--min-nodes 5 is more than --max-nodes 4"):
         SessionConfig(min_nodes=5, max_nodes=4)
     assert SessionConfig(min_nodes=4, max_nodes=4).min_nodes == 4
+
+
+@pytest.mark.parametrize(
+    "kw, says",
+    [
+        ({"transfer_dtype": "float32"}, "--transfer-dtype int8"),
+        ({"transfer_dtype": "int8", "clip": 2.0}, "--robust trimmed or median"),
+        ({"transfer_dtype": "int8", "shards": 0}, "--shards must be in [1, 256]"),
+        ({"transfer_dtype": "int8", "shards": 257}, "--shards must be in [1, 256]"),
+        ({"transfer_dtype": "int8", "audit_every": -1}, "--audit-every must be at least 0"),
+    ],
+)
+def test_a_sharded_data_plane_refuses_what_it_cannot_do_and_says_the_fix(kw, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        SessionConfig(dataset_size=10, data_plane="sharded", **kw)
+
+
+def test_a_sharded_data_plane_takes_int8_or_bfloat16():
+    for dtype in ("int8", "bfloat16"):
+        c = SessionConfig(dataset_size=10, data_plane="sharded", transfer_dtype=dtype, shards=3)
+        assert (c.data_plane, c.shards) == ("sharded", 3)

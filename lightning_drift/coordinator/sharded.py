@@ -302,6 +302,11 @@ class DataPlane:
         for o in orders:
             red = books.reduction(o.shard)
             state_round, entry = self.standing.get(o.shard, (-1, None))
+            if entry is not None and {entry.primary, entry.mirror} - {""} <= self.gone:
+                # Both seats that hold the shard's state are gone: it starts again from zero
+                # (every computer of the shard is told the same, so they still agree).
+                log.warning("shard.state_lost shard=%d round=%d", o.shard, state_round)
+                state_round, entry = -1, None
             self.send(
                 o.node,
                 ShardOrder(
