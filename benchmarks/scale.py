@@ -22,8 +22,12 @@ receiver of the result, each as a multiple of one encoded change (the most any m
 needed), every byte it sent and received in any role (mean), and whether the round's weights
 equal the reference star's, fed the same uploads in the same order, byte for byte.
 
-Run: ``.venv/bin/python benchmarks/scale.py`` (both parts; ``--part control`` or ``--part
-data`` for one). The last line is the figures in one line.
+**Faults** (8 members, a 1M-parameter model, 4 shards): a primary killed before it computes,
+a mirror that flips one value of its result, and a member that takes the weights whole from
+the others chunk by chunk, as a joiner does; each round compared with the reference star.
+
+Run: ``.venv/bin/python benchmarks/scale.py`` (every part; ``--part control``, ``data`` or
+``faults`` for one). The last line is the figures in one line.
 """
 
 from __future__ import annotations
@@ -292,6 +296,67 @@ def control_plane(n: int, shards: int, rounds: int, params: int, procs: int) -> 
 # ---- data plane ---------------------------------------------------------------------------------
 
 
+def _moves(sim, g) -> dict[str, bytes]:
+    """Each live member's change: a fresh random move of the global weights."""
+    import torch
+
+    return {
+        node: sim.change_of(
+            node,
+            {k: v + torch.randn(v.shape, generator=g) * 1e-3 for k, v in sim.global_sd.items()},
+        )
+        for node in sim.live
+    }
+
+
+async def faults_async(n: int, shards: int, params: int) -> dict:
+    """The three faults on real endpoints: a primary killed before it computes (round 2), a
+    mirror that flips one value of its result (round 3), and a member that takes the weights
+    whole from the others, chunk by chunk (as a joiner does); each compared with the
+    reference star, byte for byte."""
+    import torch
+    from shardsim import Simulation, flip_one_value
+
+    from lightning_drift.aggregate import to_bytes
+    from lightning_drift.dataplane.member import chunk_count
+    from lightning_drift.fsutil import sha256_bytes
+
+    g = torch.Generator().manual_seed(1)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in table_for(params).items()}
+    sim = Simulation(sd, shards=shards, codec_name="int8", aggregation="diloco")
+    await sim.open(n + 1)
+    joiner = sim.members[sim.live[-1]]
+    try:
+        first = await sim.round(1, _moves(sim, g), dict.fromkeys(sim.live, 1.0))
+        primary = next(o.primary for o in joiner.seats if o.primary != joiner.node)
+        killed = await sim.round(
+            2, _moves(sim, g), dict.fromkeys(sim.live, 1.0), kill_before_compute=[primary]
+        )
+        liar = next(
+            o.mirror
+            for o in joiner.seats
+            if o.mirror and o.mirror not in sim.killed and o.mirror != joiner.node
+        )
+        shard = next(i for i, o in enumerate(joiner.seats) if o.mirror == liar)
+        lied = await sim.round(
+            3, _moves(sim, g), dict.fromkeys(sim.live, 1.0), lies={(liar, shard): flip_one_value}
+        )
+        blob = to_bytes(sim.global_sd)
+        holders = [h for h in sim.live if h != joiner.node]
+        tables = [sim.members[h].hold_weights(3, blob, chunk_count(len(blob))) for h in holders]
+        before = dict(joiner.client.bytes_in_by_peer)
+        got = await joiner.fetch_weights(3, tables[0], holders, sha256_bytes(blob))
+        peers = sum(1 for k, b in joiner.client.bytes_in_by_peer.items() if b > before.get(k, 0))
+    finally:
+        await sim.close()
+    return {
+        "equal": [first.equal, killed.equal, lied.equal],
+        "liar_struck": liar in lied.struck,
+        "joiner_equal": got == blob,
+        "joiner_peers": peers,
+    }
+
+
 async def data_plane_async(n: int, shards: int, rounds: int, params: int) -> dict:
     import torch
     from shardsim import Simulation
@@ -341,7 +406,7 @@ async def data_plane_async(n: int, shards: int, rounds: int, params: int) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["both", "control", "data"], default="both")
+    ap.add_argument("--part", choices=["both", "control", "data", "faults"], default="both")
     ap.add_argument("--nodes", type=int, default=1024, help="control plane: simulated members")
     ap.add_argument("--shards", type=int, default=16, help="control plane: shards")
     ap.add_argument("--rounds", type=int, default=20, help="control plane: rounds")
@@ -376,6 +441,14 @@ def main() -> None:
             f"its change; in every role it sent {data['sent_mean_x']:.2f} x on average (at most "
             f"{data['sent_max_x']:.2f} x) and received {data['received_mean_x']:.2f} x; round "
             f"{data['round_s']:.1f} s; equal to star {data['equal']}/{data['rounds']}",
+            flush=True,
+        )
+    if a.part in ("both", "faults"):
+        f = asyncio.run(faults_async(8, 4, 1_000_000))
+        print(
+            f"faults (8 members, 1M params, 4 shards): rounds equal to star (none, a primary "
+            f"killed, a mirror lying) {f['equal']}, the liar struck {f['liar_struck']}; a joiner "
+            f"took the weights from {f['joiner_peers']} members, equal {f['joiner_equal']}",
             flush=True,
         )
     c = control or {}
