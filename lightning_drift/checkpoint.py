@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.keep = keep
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # writes and outer states attached later take turns
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -129,6 +131,34 @@ class CheckpointStore:
         """
         if completed_round < 0:
             raise ConfigError(f"checkpoint round must be >= 0, got {completed_round}")
+        with self._lock:
+            return self._write(completed_round, weights, outer, epoch, contributors, now, extra)
+
+    def attach_outer(self, completed_round: int, outer: bytes) -> bool:
+        """Add the outer state to the checkpoint of ``completed_round`` written without it (a
+        sharded round's, whose state the seats hold until it is fetched): outer file, then
+        manifest. False when that checkpoint is no longer kept."""
+        with self._lock:
+            entries = self._read_manifest()
+            info = next((e for e in entries if e.completed_round == completed_round), None)
+            if info is None:
+                return False
+            info.outer_path = self.directory / outer_name(completed_round)
+            atomic_write(info.outer_path, outer)
+            info.outer_sha256 = sha256_bytes(outer)
+            self.write_manifest(entries)
+            return True
+
+    def _write(
+        self,
+        completed_round: int,
+        weights: bytes,
+        outer: bytes | None,
+        epoch: int,
+        contributors: list[tuple[str, float]],
+        now: float,
+        extra: dict | None,
+    ) -> CheckpointInfo:
         entries = self._read_manifest()
         self._remove_tmp_files()  # left by a writer that crashed; only the writer removes them
         path = self.directory / weights_name(completed_round)

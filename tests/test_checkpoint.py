@@ -308,3 +308,22 @@ def test_atomic_write_sets_the_mode_before_the_file_has_its_name(tmp_path):
     public = tmp_path / "round.safetensors"
     atomic_write(public, b"w")
     assert (secret.stat().st_mode & 0o777, public.stat().st_mode & 0o777) == (0o600, 0o644)
+
+
+def test_an_outer_state_attached_later_is_checked_and_loaded_like_one_written_at_once(tmp_path):
+    # A sharded round's checkpoint is written before the seats' state is fetched; the outer
+    # state is attached to it afterwards, and a checkpoint no longer kept takes none.
+    store = CheckpointStore(tmp_path, keep=2)
+    w = to_bytes({"w": torch.ones(3)})
+    outer = to_bytes({"w": torch.full((3,), 2.0)})
+    for r in (1, 2):
+        store.write(r, w, outer=None, epoch=0, contributors=[("a", 1.0)], now=float(r))
+    assert store.load(2)[2] is None
+    assert store.attach_outer(2, outer)
+    info, blob, got = store.load(2)
+    assert got == outer and blob == w
+    assert info.outer_sha256 == hashlib.sha256(outer).hexdigest()
+    store.write(3, w, outer=None, epoch=0, contributors=[("a", 1.0)], now=3.0)
+    store.write(4, w, outer=None, epoch=0, contributors=[("a", 1.0)], now=4.0)
+    assert not store.attach_outer(2, outer)  # round 2 is no longer kept
+    assert not (tmp_path / "round-000002.outer.safetensors").exists()

@@ -15,6 +15,7 @@ import torch
 from e2e.launch import start_node
 from lightning_drift_cli.local import LocalCoordinator
 from safetensors.torch import load_file
+from support import verify_checkpoints
 
 pytestmark = pytest.mark.timeout(600)
 N = 4
@@ -93,6 +94,10 @@ def test_four_members_end_bit_equal_to_every_checkpoint(tmp_path: Path) -> None:
         assert e["extra"].get("data_plane") == "sharded", e
         assert "unchanged" not in e["extra"], (e, coord.log_tail())
     assert len({e["sha256"] for e in entries}) == len(entries), entries
+    # The seats' state (DiLoCo's momentum, the residual) came into each checkpoint after its
+    # round was answered (the last one may still have been on its way when the session ended).
+    assert all(e["outer_file"] for e in trained[:-1]), trained
+    verify_checkpoints(coord.checkpoint_dir)
     _exact(coord, tmp_path, range(N))
 
 

@@ -11,7 +11,7 @@ never the event loop, the session's membership or a connection.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from lightning_drift import codec
 from lightning_drift.aggregate import Accumulator, DiLoCo, check_aggregate, to_bytes
@@ -114,14 +114,15 @@ class Aggregation:
         new_sd: dict[str, Any],
         contributors: list[tuple[str, float]],
         extra: dict[str, str],
+        outer: bytes | None | Literal["held"] = "held",
     ) -> tuple[bytes, CheckpointInfo]:
-        """(5) Round ``aggregating``'s checkpoint: the weights ``new_sd`` and the outer state,
-        durable; (their bytes, the checkpoint's info)."""
+        """(5) Round ``aggregating``'s checkpoint: the weights ``new_sd`` and the outer state
+        (``"held"``: the one held here), durable; (their bytes, the checkpoint's info)."""
         blob = to_bytes(new_sd)
         info = self.store.write(
             aggregating,
             blob,
-            outer=self.outer_state(),
+            outer=self.outer_state() if outer == "held" else outer,
             epoch=epoch,
             contributors=contributors,
             now=self.clock(),
@@ -129,12 +130,12 @@ class Aggregation:
         )
         return blob, info
 
-    def adopt(self, momentum: dict[str, Any], residual: dict[str, Any]) -> None:
-        """The outer state a sharded round's seats carry on (their shards' states joined):
-        held here to be saved with the checkpoint."""
-        if self.diloco is not None:
-            self.diloco.load_state_dict(momentum)
-        self.residual.load_state_dict(residual)
+    def outer_of(self, momentum: dict[str, Any], residual: dict[str, Any]) -> bytes:
+        """The outer state a sharded round's seats carry on (their shards' states joined), as
+        :meth:`outer_state` saves it."""
+        sd = dict(momentum) if self.diloco is not None else {}
+        sd.update({RESIDUAL_PREFIX + k: v for k, v in residual.items()})
+        return to_bytes(sd)
 
     def download(
         self, global_sd: dict[str, Any], target: dict[str, Any]

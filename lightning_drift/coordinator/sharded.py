@@ -67,7 +67,9 @@ log = logging.getLogger(__name__)
 REPORT_S_MIN = 30.0  # the least time a seat gets to compute a shard (pieces fetched included)
 ATTEMPTS_MAX = 4  # fixes of one round (a redo without refused pieces is one more)
 HOLDERS_MAX = 64  # members a joiner is told to fetch the weights' chunks from
-REFUSED = "aggregate refused: "  # how the books begin the reason of a refused aggregate
+REFUSED = "aggregate refused: "
+OuterOf = Callable[[dict[str, Any], dict[str, Any]], bytes]
+Attach = Callable[[int, bytes], bool]  # how the books begin the reason of a refused aggregate
 
 
 @dataclass
@@ -165,6 +167,8 @@ class DataPlane:
         self._fetcher: Member | None = None
         self.bytes_in = 0  # piece bytes this coordinator fetched (results and states)
         self.endpoint: Endpoint | None = None  # the coordinator's, to fetch pieces on
+        self.outer: bytes | None = None  # the outer state last attached to a checkpoint
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- the directory ---------------------------------------------------------------------
     def join(self, node: str, data_peer: str) -> str | None:
@@ -411,24 +415,46 @@ class DataPlane:
         return bool(idle)
 
     # ---- the result ------------------------------------------------------------------------
-    async def result(self, m: mf.Manifest) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
-        """(the round's download change, the momentum and the residual it leaves), joined
-        from the pieces the seats serve, each checked against its hash in ``m``."""
+    async def result(self, m: mf.Manifest) -> bytes:
+        """The round's download change, joined from the result pieces the seats serve, each
+        checked against its hash in ``m``: what every member applies."""
         assert self.plan is not None
         assert self.endpoint is not None, "the coordinator's endpoint is bound first"
         fetcher = self._fetcher_on(self.endpoint)
         fetcher.gone = set(self.gone)
         before = fetcher.client.bytes_in if fetcher.client is not None else 0
         pieces = await fetcher.fetch_result(m, [], self.seed)
-        states = await asyncio.gather(*(fetcher.fetch_state(m.round, e) for e in m.shards))
-        fetcher.store.forget_before(m.round + 1)
         if fetcher.client is not None:
             self.bytes_in += fetcher.client.bytes_in - before
         for e in m.shards:
             self.standing[e.index] = (m.round, e)
-        change = await asyncio.to_thread(self.plan.join, pieces)
-        momentum, residual = await asyncio.to_thread(_merged, self.plan, states)
-        return change, momentum, residual
+        return await asyncio.to_thread(self.plan.join, pieces)
+
+    def keep_state(self, m: mf.Manifest, outer_of: OuterOf, attach: Attach) -> None:
+        """Off the round's path: take each shard's next state (DiLoCo's momentum, the
+        residual) from its seats by its hash in ``m``, and attach it to the round's
+        checkpoint (``attach``), so that the checkpoint holds the outer state the star's
+        holds. What cannot be taken is logged; the seats still carry it."""
+
+        async def take() -> None:
+            assert self.plan is not None and self.endpoint is not None
+            fetcher = self._fetcher_on(self.endpoint)
+            before = fetcher.client.bytes_in if fetcher.client is not None else 0
+            try:
+                states = await asyncio.gather(*(fetcher.fetch_state(m.round, e) for e in m.shards))
+                momentum, residual = await asyncio.to_thread(_merged, self.plan, states)
+                self.outer = await asyncio.to_thread(outer_of, momentum, residual)
+                await asyncio.to_thread(attach, m.round, self.outer)
+            except DriftError as exc:
+                log.warning("shard.state_not_kept round=%d why=%s", m.round, exc)
+            finally:
+                fetcher.store.forget_before(m.round + 1)
+                if fetcher.client is not None:
+                    self.bytes_in += fetcher.client.bytes_in - before
+
+        task = asyncio.create_task(take())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _fetcher_on(self, endpoint: Endpoint) -> Member:
         assert self.plan is not None
@@ -439,6 +465,8 @@ class DataPlane:
         return self._fetcher
 
     async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
         if self._fetcher is not None:
             await self._fetcher.close()
 
@@ -464,14 +492,13 @@ async def sharded_round(
     new_sd = global_sd
     if not out.unchanged and out.manifest is not None:
         try:
-            change, momentum, residual = await dp.result(out.manifest)
+            change = await dp.result(out.manifest)
         except DriftError as exc:
             out.unchanged = f"its result could not be taken from the seats: {exc}"
         else:
             new_sd = await asyncio.to_thread(
                 codec.apply, global_sd, codec.decode(change, global_sd)
             )
-            aggregation.adopt(momentum, residual)
             delta = (change, sha256_bytes(change))
     if out.unchanged:
         extra["unchanged"] = out.unchanged
@@ -480,9 +507,14 @@ async def sharded_round(
             refused = (out.unchanged[len(REFUSED) :], blamed)
             extra["suspects"] = ",".join(blamed)
     contributors = [(n, w) for n, w in out.weights.items()]
+    # A changed round's outer state comes from the seats after the round is answered
+    # (keep_state); an unchanged one carries the last state on.
+    outer = dp.outer if delta is None else None
     blob, info = await asyncio.to_thread(
-        aggregation.write, aggregating, session.epoch, new_sd, contributors, extra
+        aggregation.write, aggregating, session.epoch, new_sd, contributors, extra, outer
     )
+    if delta is not None and out.manifest is not None:
+        dp.keep_state(out.manifest, aggregation.outer_of, aggregation.store.attach_outer)
     manifest = out.blob if delta is not None else b""
     return (new_sd, blob, info, refused, delta, manifest), fx
 
