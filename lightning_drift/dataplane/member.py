@@ -310,9 +310,14 @@ class Member:
         patience_s: float | None = None,
     ) -> tuple[bytes | None, Exception | None]:
         """(the piece from the first of ``sources`` that serves it, kept here; or None and the
-        last error). Lost members and this one are never asked; ``patience_s`` bounds each
-        source but the last (a fetch-tree parent that trickles its bytes is passed over)."""
-        asked = [s for s in dict.fromkeys(sources) if s and s not in self.gone and s != self.node]
+        last error). Lost members, ones not in ``peers`` and this one are never asked;
+        ``patience_s`` bounds each source but the last (a fetch-tree parent that trickles its
+        bytes is passed over)."""
+        asked = [
+            s
+            for s in dict.fromkeys(sources)
+            if s and s not in self.gone and s != self.node and s in self.peers
+        ]
         last: Exception | None = None
         for i, source in enumerate(asked):
             bound = patience_s if i < len(asked) - 1 else None
