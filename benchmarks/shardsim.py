@@ -109,7 +109,9 @@ class Simulation:
         }
         seats = assign(list(keys), self.seed, self.plan.count)
         for ep in endpoints:
-            m = Member(ep.key_hex, ep, self.plan, peers, seats=seats)
+            # Every push lands before the books are fixed, as the bytes counted assume (a
+            # session's commit waits for its pushes at most Member.push_wait_s).
+            m = Member(ep.key_hex, ep, self.plan, peers, seats=seats, push_wait_s=600.0)
             others = {k: v for k, v in keys.items() if k != ep.key_hex}
             await m.start({**others, own.key_hex: own.key})
             self.members[ep.key_hex] = m

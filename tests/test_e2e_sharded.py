@@ -107,7 +107,7 @@ def test_a_member_killed_mid_session_is_replaced_and_the_others_end_exact(
     # SIGKILL one of four member processes once the first round is done: its seats go to the
     # next members of their rankings, the others train on, and end on every checkpoint.
     with LocalCoordinator(
-        tmp_path / "coord", epochs=1, sync_every=2, heartbeat_timeout=3, deadline_floor=2,
+        tmp_path / "coord", epochs=1, sync_every=2, heartbeat_timeout=3, deadline_floor=20,
         **SHARDED,
     ) as coord:  # fmt: skip
         procs = _members(coord, tmp_path, epochs=1)

@@ -149,6 +149,8 @@ class Member:
     open_round: int = 0  # the round whose change pieces this member takes
     _senders: set[tuple[int, int, bytes]] = field(default_factory=set)
     wait_s: float = 20.0  # how long a parent holds a fetch for a result piece it awaits
+    push_wait_s: float = 5.0  # how long a commit waits for its pushes
+    _pushing: set[asyncio.Future[None]] = field(default_factory=set)  # pushes still going
     server: PieceServer | None = None
     client: PieceClient | None = None
 
@@ -206,19 +208,32 @@ class Member:
         hashes = [sha256_bytes(p) for p in pieces]
         for j, (piece, sha) in enumerate(zip(pieces, hashes, strict=True)):
             self._keep(upload_round, j, CHANGE, sha, piece)
-        sends = [
-            self._client.push(self.peers[seat], upload_round, j, CHANGE, pieces[j])
+        sends = {
+            asyncio.ensure_future(
+                self._client.push(self.peers[seat], upload_round, j, CHANGE, pieces[j])
+            )
             for j, owners in enumerate(self.seats)
             for seat in (owners.primary, owners.mirror)
-            if seat and seat != self.node and seat not in self.gone
-        ]
-        results = await asyncio.gather(*sends, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                # A seat that does not take the piece is the round's to handle: its
-                # replacement fetches the piece from here.
-                log.warning("dataplane.push_failed node=%s why=%s", short_id(self.node), r)
+            if seat and seat != self.node and seat not in self.gone and seat in self.peers
+        }
+        for task in sends:
+            self._pushing.add(task)
+            task.add_done_callback(self._pushed)
+        # A seat that died before the coordinator said so must not hold the commit for a
+        # connect timeout: past push_wait_s the commit goes, the pushes go on, and a seat a
+        # piece did not reach fetches it from here.
+        if sends:
+            await asyncio.wait(sends, timeout=self.push_wait_s)
         return Commit(round=upload_round, base=base, pieces=hashes, sizes=[len(p) for p in pieces])
+
+    def _pushed(self, task: asyncio.Future[None]) -> None:
+        self._pushing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A seat that does not take the piece is the round's to handle: its replacement
+            # fetches the piece from here.
+            log.warning(
+                "dataplane.push_failed node=%s why=%s", short_id(self.node), task.exception()
+            )
 
     # ---- 2. compute -----------------------------------------------------------------------
 
@@ -440,6 +455,8 @@ class Member:
         return self.client
 
     async def close(self) -> None:
+        for task in list(self._pushing):
+            task.cancel()
         if self.server is not None:
             await self.server.close()
         if self.client is not None:
