@@ -4,9 +4,10 @@ and the round's result taken by hash from the members that computed it.
 
 A node reports its data endpoint in its ``NodeInfo`` (``data_peer``); :meth:`DataPlane.join`
 checks it and every member hears the new :class:`~lightning_drift.protocol.Directory`. The
-seats of the shards are drawn among the members seated when a round opens
-(:meth:`DataPlane.open`): a node that joined since is seated at the next round's opening,
-with a new seed, so no node can choose a key that wins the seat it wants.
+seats of the shards are drawn when a round's first commit comes (:meth:`DataPlane.books`),
+among the members connected then, with a new seed whenever they changed, so no node can
+choose a key that wins the seat it wants; a node that joins during a round counts from the
+next one.
 
 At a barrier a node pushes its change's pieces to the seats and commits their hashes on its
 barrier stream (``PieceCommit``); the upload core records the commit in the round's books
@@ -14,11 +15,13 @@ barrier stream (``PieceCommit``); the upload core records the commit in the roun
 fixes the contributors, sends each seat its ``ShardOrder``, takes the ``ShardReport`` s as
 they come (:meth:`DataPlane.report`), replaces computers that are lost or late, asks a
 referee where seats disagree and fixes the round again without refused pieces, all within
-a bound; then the manifest is signed. :meth:`DataPlane.result` takes the result pieces and
-the shards' next state (DiLoCo's momentum, the residual) from the seats by their hashes in
-the manifest: the coordinator applies the same change every member applies and writes the
-same checkpoint the star writes. The coordinator never computes a shard here and carries
-no change of a node.
+a bound; one round in ``--audit-every`` the coordinator recomputes a secretly drawn shard
+itself before it signs the manifest. :meth:`DataPlane.result` takes the result pieces from
+the seats by their hashes in the manifest, and the coordinator applies the same change every
+member applies and writes the same checkpoint the star writes; after the round is answered,
+:meth:`DataPlane.keep_state` takes the shards' next state (DiLoCo's momentum, the residual)
+and attaches it to that checkpoint. Outside an audit the coordinator carries no node's
+change.
 """
 
 from __future__ import annotations
@@ -67,9 +70,9 @@ log = logging.getLogger(__name__)
 REPORT_S_MIN = 30.0  # the least time a seat gets to compute a shard (pieces fetched included)
 ATTEMPTS_MAX = 4  # fixes of one round (a redo without refused pieces is one more)
 HOLDERS_MAX = 64  # members a joiner is told to fetch the weights' chunks from
-REFUSED = "aggregate refused: "
-OuterOf = Callable[[dict[str, Any], dict[str, Any]], bytes]
-Attach = Callable[[int, bytes], bool]  # how the books begin the reason of a refused aggregate
+REFUSED = "aggregate refused: "  # how the books begin the reason of a refused aggregate
+OuterOf = Callable[[dict[str, Any], dict[str, Any]], bytes]  # momentum, residual -> outer bytes
+Attach = Callable[[int, bytes], bool]  # (round, outer bytes) into that round's checkpoint
 
 
 @dataclass

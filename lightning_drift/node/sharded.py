@@ -13,6 +13,11 @@ the round's signed manifest, which is checked against the coordinator's key; the
 pieces are fetched down the members' tree, each checked against its hash, and joined into
 exactly the change the star would have sent, which the node applies as it applies the star's
 (``node/weights.py``, checked against the weights' sha256).
+
+Every member keeps the chunks of the weights it last applied (:meth:`NodeDataPlane.received`);
+a node that joins a running session is answered with their table (``WeightsChunks``) and
+fetches them from several members at once, asking the coordinator for the whole weights
+only when that fails.
 """
 
 from __future__ import annotations
