@@ -96,10 +96,6 @@ class ShardedRound:
     def contributors(self) -> list[tuple[str, float]]:
         return list(self.weights.items())
 
-    @property
-    def total_weight(self) -> float:
-        return sum(self.weights.values())
-
     def add(self, node: str, commit: mf.Commit, weight: float) -> tuple[str, bool]:
         """Record ``node``'s commit with ``weight``: ("", False), or why it does not count
         and whether that is the node's fault (a member seated since the round's books were
