@@ -132,7 +132,45 @@ class CheckpointStore:
         if completed_round < 0:
             raise ConfigError(f"checkpoint round must be >= 0, got {completed_round}")
         with self._lock:
-            return self._write(completed_round, weights, outer, epoch, contributors, now, extra)
+            entries = self._read_manifest()
+            self._remove_tmp_files()  # left by a writer that crashed; only the writer removes them
+            path = self.directory / weights_name(completed_round)
+            atomic_write(path, weights)
+            outer_path = None
+            if outer is not None:
+                outer_path = self.directory / outer_name(completed_round)
+                atomic_write(outer_path, outer)
+            info = CheckpointInfo(
+                completed_round=completed_round,
+                epoch=epoch,
+                path=path,
+                sha256=sha256_bytes(weights),
+                outer_path=outer_path,
+                contributors=[(str(n), s) for n, s in contributors],
+                time=now,
+                outer_sha256=sha256_bytes(outer) if outer is not None else None,
+                size=len(weights),
+                extra=dict(extra or {}),
+            )
+            if any(e.completed_round == completed_round for e in entries):
+                log.warning("checkpoint.rewrite round=%d path=%s", completed_round, path)
+            entries = sorted(
+                [e for e in entries if e.completed_round != completed_round] + [info],
+                key=lambda e: e.completed_round,
+            )
+            kept, dropped = entries[-self.keep :], entries[: -self.keep]
+            self.write_manifest(kept)
+            atomic_write(self.directory / LATEST, (kept[-1].path.name + "\n").encode())
+            self._delete(dropped, kept)
+            log.info(
+                "checkpoint.write round=%d epoch=%d size=%d sha256=%s contributors=%d",
+                completed_round,
+                epoch,
+                len(weights),
+                info.sha256[:16],
+                len(contributors),
+            )
+            return info
 
     def attach_outer(self, completed_round: int, outer: bytes) -> bool:
         """Add the outer state to the checkpoint of ``completed_round`` written without it (a
@@ -148,56 +186,6 @@ class CheckpointStore:
             info.outer_sha256 = sha256_bytes(outer)
             self.write_manifest(entries)
             return True
-
-    def _write(
-        self,
-        completed_round: int,
-        weights: bytes,
-        outer: bytes | None,
-        epoch: int,
-        contributors: list[tuple[str, float]],
-        now: float,
-        extra: dict | None,
-    ) -> CheckpointInfo:
-        entries = self._read_manifest()
-        self._remove_tmp_files()  # left by a writer that crashed; only the writer removes them
-        path = self.directory / weights_name(completed_round)
-        atomic_write(path, weights)
-        outer_path = None
-        if outer is not None:
-            outer_path = self.directory / outer_name(completed_round)
-            atomic_write(outer_path, outer)
-        info = CheckpointInfo(
-            completed_round=completed_round,
-            epoch=epoch,
-            path=path,
-            sha256=sha256_bytes(weights),
-            outer_path=outer_path,
-            contributors=[(str(n), s) for n, s in contributors],
-            time=now,
-            outer_sha256=sha256_bytes(outer) if outer is not None else None,
-            size=len(weights),
-            extra=dict(extra or {}),
-        )
-        if any(e.completed_round == completed_round for e in entries):
-            log.warning("checkpoint.rewrite round=%d path=%s", completed_round, path)
-        entries = sorted(
-            [e for e in entries if e.completed_round != completed_round] + [info],
-            key=lambda e: e.completed_round,
-        )
-        kept, dropped = entries[-self.keep :], entries[: -self.keep]
-        self.write_manifest(kept)
-        atomic_write(self.directory / LATEST, (kept[-1].path.name + "\n").encode())
-        self._delete(dropped, kept)
-        log.info(
-            "checkpoint.write round=%d epoch=%d size=%d sha256=%s contributors=%d",
-            completed_round,
-            epoch,
-            len(weights),
-            info.sha256[:16],
-            len(contributors),
-        )
-        return info
 
     def write_manifest(self, entries: list[CheckpointInfo]) -> None:
         """Make ``entries`` the checkpoints on disk, atomically: a write is a checkpoint only
