@@ -15,14 +15,18 @@ on the same data in the time one real run takes:
   coordinator's own error feedback, exactly as ``coordinator/aggregation.py`` does;
 - the final global weights are evaluated with ``_common.evaluate``.
 
-An outer setting is ``mean`` or ``diloco:lr=0.7,momentum=0.9[,nesterov=0]``. Each
-runs in its own process (``--jobs`` at once, niced); the table gives the final validation
-loss, its ratio to ``mean``'s, and the loss along the way.
+An outer setting is ``mean``, ``diloco:lr=0.7,momentum=0.6[,nesterov=0][,warmup=R]`` (the
+outer lr ramped up linearly over the first ``R`` rounds), or ``auto``: the coordinator's own
+rule for the round's number of contributors (``aggregate.outer_settings``). ``--nodes``
+takes a list (``2,4,8``): every setting runs at every node count, each in its own process
+(``--jobs`` at once, niced, the largest first); one table per node count gives the final
+validation loss, its ratio to the best of that count, and the loss along the way.
 
-    python benchmarks/outer_sweep.py --outer mean diloco:lr=0.7,momentum=0.9
+    python benchmarks/outer_sweep.py --nodes 2,4,8 --codec topk --outer auto diloco:lr=1,momentum=0.6
     python benchmarks/outer_sweep.py --grid --steps 1600 --sync-every 100 --update-docs
 
-The last line printed is ``outer_sweep: best <setting> val loss/mean <r>``.
+The last line printed is ``outer_sweep: best <nodes>: <setting> (val loss/auto <r>), ...``
+(``/auto`` against ``auto`` where it ran, else against ``mean``, else the first setting).
 """
 
 from __future__ import annotations
@@ -47,40 +51,63 @@ GRID_MOMENTUM = (0.3, 0.6, 0.9)
 
 
 def parse_outer(spec: str) -> dict[str, Any]:
-    """``mean`` or ``diloco:k=v,...`` as DiLoCo's keyword arguments (None for mean)."""
+    """``mean``, ``auto`` or ``diloco:k=v,...`` as keyword arguments (empty for mean;
+    ``{"auto": True}`` for auto; DiLoCo's, and ``warmup``, for diloco)."""
     if spec == "mean":
         return {}
+    if spec == "auto":
+        return {"auto": True}
     name, _, rest = spec.partition(":")
     if name != "diloco":
-        raise SystemExit(f"outer setting {spec!r}: use mean or diloco:lr=..,momentum=..")
+        raise SystemExit(f"outer setting {spec!r}: use mean, auto or diloco:lr=..,momentum=..")
     kw: dict[str, Any] = {}
     for part in filter(None, rest.split(",")):
         k, _, v = part.partition("=")
-        kw[k] = int(v) if k == "nesterov" else float(v)
+        if k not in ("lr", "momentum", "nesterov", "warmup"):
+            raise SystemExit(f"outer setting {spec!r}: {k!r} is not lr, momentum, nesterov, warmup")
+        kw[k] = int(v) if k in ("nesterov", "warmup") else float(v)
     if "nesterov" in kw:
         kw["nesterov"] = bool(kw["nesterov"])
     return kw
 
 
-def simulate(args: argparse.Namespace, setup: c.Setup, spec: str) -> dict[str, Any]:
+def outer_lr(kw: dict[str, Any], contributors: int, round_no: int) -> tuple[float, float]:
+    """(outer lr, momentum) of round ``round_no`` (1, 2, ...) with ``contributors``."""
+    from lightning_drift import aggregate
+
+    if kw.get("auto"):
+        return aggregate.outer_settings(contributors, round_no)
+    lr = kw.get("lr", 0.7)
+    if kw.get("warmup", 0) > 0:
+        lr *= min(1.0, round_no / kw["warmup"])
+    return lr, kw.get("momentum", 0.6)
+
+
+def simulate(args: argparse.Namespace, setup: c.Setup, n_nodes: int, spec: str) -> dict[str, Any]:
     """One simulated session; returns the final val loss and the loss after each epoch."""
     c.configure_torch(setup)
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from lightning_drift import codec
+    from lightning_drift import blocks, codec
     from lightning_drift.aggregate import Accumulator, DiLoCo
     from lightning_drift.node.barriers import barrier_step
     from lightning_drift.scheduler import epoch_permutation
 
+    if args.keep:
+        blocks.TOPK_KEEP = args.keep  # Spec.of reads it at every encode
     data = c.make_data(setup)
     train = data.train_dataset
     n_train = len(train)
-    epochs = args.epochs or max(1, math.ceil(args.steps * args.nodes * setup.batch_size / n_train))
-    rounds = max(1, round(n_train / (setup.batch_size * args.sync_every * args.nodes)))
+    epochs = args.epochs or max(1, math.ceil(args.steps * n_nodes * setup.batch_size / n_train))
+    rounds = max(1, round(n_train / (setup.batch_size * args.sync_every * n_nodes)))
     kw = parse_outer(spec)
-    outer = DiLoCo(**kw) if kw else None
-    nodes = [c.make_model(setup) for _ in range(args.nodes)]
+    outer = None
+    if kw:
+        lr, momentum = outer_lr(kw, n_nodes, 1)
+        outer = DiLoCo(lr=lr, momentum=momentum, nesterov=kw.get("nesterov", True))
+    done_rounds = 0
+    nodes = [c.make_model(setup) for _ in range(n_nodes)]
     opts = [m.configure_optimizers() for m in nodes]
     glob = {k: v.detach().clone() for k, v in nodes[0].state_dict().items()}
     up_res = [codec.Residual() for _ in nodes]
@@ -90,14 +117,14 @@ def simulate(args: argparse.Namespace, setup: c.Setup, spec: str) -> dict[str, A
     t0 = time.perf_counter()
     for epoch in range(epochs):
         perm = epoch_permutation(setup.seed, epoch, n_train)
-        size = n_train // args.nodes
+        size = n_train // n_nodes
         loaders, totals = [], []
-        for i in range(args.nodes):
-            stop = (i + 1) * size if i < args.nodes - 1 else n_train
+        for i in range(n_nodes):
+            stop = (i + 1) * size if i < n_nodes - 1 else n_train
             idx = perm[i * size : stop].tolist()
             loaders.append(iter(DataLoader(Subset(train, idx), batch_size=setup.batch_size)))
             totals.append(math.ceil(len(idx) / setup.batch_size))
-        done = [0] * args.nodes
+        done = [0] * n_nodes
         for k in range(1, rounds + 1):
             acc = Accumulator(glob)
             for i, (m, opt) in enumerate(zip(nodes, opts, strict=True)):
@@ -120,7 +147,9 @@ def simulate(args: argparse.Namespace, setup: c.Setup, spec: str) -> dict[str, A
                     enc = codec.encode(codec.difference(local, glob), args.codec, up_res[i])
                     acc.add(str(i), codec.decode(enc.payload, glob), samples, delta=True)
             target = glob if acc.total_weight <= 0 else acc.mean()
+            done_rounds += 1
             if outer is not None and acc.total_weight > 0:
+                outer.lr, outer.momentum = outer_lr(kw, len(acc), done_rounds)
                 target = outer.step(glob, target)
             if args.codec == "float32":
                 glob = {kk: v.clone() for kk, v in target.items()}
@@ -131,14 +160,15 @@ def simulate(args: argparse.Namespace, setup: c.Setup, spec: str) -> dict[str, A
                 with torch.no_grad():
                     m.load_state_dict(glob)
         curve.append(c.evaluate(setup, glob, data))
-        print(f"  {spec}: epoch {epoch} val loss {curve[-1]:.4f}", flush=True)
+        print(f"  {n_nodes} nodes {spec}: epoch {epoch} val loss {curve[-1]:.4f}", flush=True)
     return {
         "outer": spec,
+        "nodes": n_nodes,
         "loss": curve[-1],
         "curve": curve,
         "epochs": epochs,
         "rounds": rounds * epochs,
-        "steps_per_node": steps // args.nodes,
+        "steps_per_node": steps // n_nodes,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -153,11 +183,14 @@ def grid() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     c.Setup.add_args(ap, max_chars=3_500_000)
-    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--nodes", default="2", help="node counts, comma-separated (2,4,8)")
     ap.add_argument("--sync-every", type=int, default=100, help="steps per round (H)")
     ap.add_argument("--steps", type=int, default=1600, help="optimizer steps per node, at least")
     ap.add_argument("--epochs", type=int, default=0, help="instead of --steps")
-    ap.add_argument("--codec", default="int8", choices=("float32", "bfloat16", "int8"))
+    ap.add_argument("--codec", default="int8", choices=("float32", "bfloat16", "int8", "topk"))
+    ap.add_argument(
+        "--keep", type=int, default=0, help="topk: values kept of every 64 (0: the codec's)"
+    )
     ap.add_argument("--outer", nargs="*", default=None, help="settings to run (see above)")
     ap.add_argument(
         "--grid", action="store_true", help=f"mean and lr {GRID_LR} x momentum {GRID_MOMENTUM}"
@@ -169,31 +202,46 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     setup = c.Setup.from_args(args)
+    try:
+        counts = [int(n) for n in str(args.nodes).split(",") if n.strip()]
+    except ValueError:
+        ap.error(f"--nodes {args.nodes!r}: give node counts such as 2,4,8")
+    if not counts or min(counts) < 1:
+        ap.error("--nodes: every node count must be at least 1")
     if args.one:
-        c.write_json(Path(args.out), simulate(args, setup, args.one))
+        c.write_json(Path(args.out), simulate(args, setup, counts[0], args.one))
         return
     specs = list(args.outer or [])
     if args.grid:
         specs += [s for s in grid() if s not in specs]
     if not specs:
-        specs = ["mean", "diloco:lr=0.7,momentum=0.9"]
-    if "mean" not in specs:
-        specs.insert(0, "mean")
+        specs = ["mean", "auto"]
     for s in specs:
         parse_outer(s)
+    rows = _run_all(args, [(n, s) for n in sorted(counts, reverse=True) for s in specs])
+    text, line = report(args, setup, rows)
+    print()
+    print(text)
+    print(f"\n{line}")
+    if args.update_docs:
+        c.update_docs(args.section, f"```\n{c.command_line()}\n```\n\n{text}\n\n`{line}`")
+
+
+def _run_all(args: argparse.Namespace, jobs: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """Every (node count, setting) simulated in its own niced process, ``--jobs`` at once."""
     work = Path(tempfile.mkdtemp(prefix="drift-outer-"))
     passthrough = [a for a in sys.argv[1:] if a not in ("--grid", "--update-docs")]
-    passthrough = _drop_option(passthrough, "--outer")
-    passthrough = _drop_option(passthrough, "--jobs")
-    pending = list(enumerate(specs))
+    for name in ("--outer", "--jobs", "--nodes"):
+        passthrough = _drop_option(passthrough, name)
+    pending = list(enumerate(jobs))
     running: list[tuple[int, str, subprocess.Popen[bytes]]] = []
     results: dict[int, dict[str, Any]] = {}
     t0 = time.perf_counter()
     while pending or running:
         while pending and len(running) < max(1, args.jobs):
-            i, spec = pending.pop(0)
+            i, (n, spec) = pending.pop(0)
             cmd = ["nice", "-n", "10", sys.executable, str(Path(__file__).resolve()), *passthrough,
-                   "--one", spec, "--out", str(work / f"{i}.json")]  # fmt: skip
+                   "--nodes", str(n), "--one", spec, "--out", str(work / f"{i}.json")]  # fmt: skip
             running.append((i, spec, subprocess.Popen(cmd, env=c.child_env(), cwd=c.ROOT)))
         time.sleep(1)
         for item in list(running):
@@ -204,16 +252,8 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"{spec} failed (exit {proc.returncode})")
             results[i] = json.loads((work / f"{i}.json").read_text())
-    rows = [results[i] for i in sorted(results)]
-    base = next(r for r in rows if r["outer"] == "mean")
-    text = report(args, setup, rows, base, time.perf_counter() - t0)
-    print()
-    print(text)
-    best = min(rows, key=lambda r: r["loss"])
-    line = f"outer_sweep: best {best['outer']} val loss/mean {best['loss'] / base['loss']:.4f}"
-    print(f"\n{line}")
-    if args.update_docs:
-        c.update_docs(args.section, f"```\n{c.command_line()}\n```\n\n{text}\n\n`{line}`")
+    wall = time.perf_counter() - t0
+    return [dict(results[i], wall=wall) for i in sorted(results)]
 
 
 def _drop_option(argv: list[str], name: str) -> list[str]:
@@ -231,30 +271,41 @@ def _drop_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def report(
-    args: argparse.Namespace, setup: c.Setup, rows: list[dict[str, Any]], base: dict, wall: float
-) -> str:
-    headers = ["outer step", "val loss", "loss/mean", "loss after each epoch"]
-    body = [
-        [
-            r["outer"],
-            f"{r['loss']:.4f}",
-            f"{r['loss'] / base['loss']:.4f}",
-            " ".join(f"{x:.3f}" for x in r["curve"]),
+def report(args: argparse.Namespace, setup: c.Setup, rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """(one table per node count, the last line)."""
+    headers = ["outer step", "val loss", "loss/best", "loss after each epoch"]
+    parts: list[str] = []
+    best_of: list[str] = []
+    for n in sorted({r["nodes"] for r in rows}):
+        mine = sorted((r for r in rows if r["nodes"] == n), key=lambda r: r["loss"])
+        best = mine[0]
+        body = [
+            [
+                r["outer"],
+                f"{r['loss']:.4f}",
+                f"{r['loss'] / best['loss']:.4f}",
+                " ".join(f"{x:.3f}" for x in r["curve"]),
+            ]
+            for r in mine
         ]
-        for r in sorted(rows, key=lambda r: r["loss"])
-    ]
-    r0 = rows[0]
+        parts.append(
+            f"{n} nodes ({best['epochs']} epoch(s), {best['rounds']} rounds, "
+            f"{best['steps_per_node']} optimizer steps per node):\n\n" + c.table(headers, body)
+        )
+        ref = next((r for r in mine if r["outer"] == "auto"), None)
+        ref = ref or next((r for r in mine if r["outer"] == "mean"), mine[-1])
+        best_of.append(
+            f"{n}: {best['outer']} (val loss/{ref['outer'].partition(':')[0]} "
+            f"{best['loss'] / ref['loss']:.4f})"
+        )
     notes = [
-        f"Setup: {setup.describe()}; {args.nodes} nodes, H={args.sync_every} steps per round, "
-        f"{r0['epochs']} epoch(s), {r0['rounds']} rounds, {r0['steps_per_node']} optimizer steps "
-        f"per node, transfer {args.codec} (error feedback both ways); {wall / 60:.1f} min.",
+        f"Setup: {setup.describe()}; H={args.sync_every} steps per round, transfer "
+        f"{args.codec}{f' keeping {args.keep} of 64' if args.keep else ''} (error feedback "
+        f"both ways); {rows[0]['wall'] / 60:.1f} min for all.",
         "diloco: the outer Nesterov SGD step on the pseudo-gradient (global - mean) with lr "
-        "and momentum, as `aggregate.DiLoCo`; mean: the new global weights are the "
-        "samples-weighted mean. One run (one seed) per setting.",
+        "and momentum, as `aggregate.DiLoCo` (warmup=R: lr ramped up over the first R rounds); "
+        "auto: the coordinator's default, `aggregate.outer_settings` for the round's "
+        "contributors; mean: the samples-weighted mean. One run (one seed) per setting.",
     ]
-    return c.table(headers, body) + "\n\n" + "\n".join(f"- {n}" for n in notes)
-
-
-if __name__ == "__main__":
-    main()
+    text = "\n\n".join(parts) + "\n\n" + "\n".join(f"- {x}" for x in notes)
+    return text, "outer_sweep: best " + ", ".join(best_of)

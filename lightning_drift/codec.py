@@ -18,27 +18,40 @@ Codecs (``TransferDType`` in the protocol, ``--transfer-dtype`` on the coordinat
     flattened in C order, the last block padded with zeros); each block stores one float32
     scale ``absmax / 127`` and one int8 code per value, ``round(x / scale)``: 1 + 4 / BLOCK
     bytes per value. A block of zeros has scale 0 and codes 0.
+``topk``
+    sparse and low-bit: every floating change cut into blocks of :data:`TOPK_BLOCK` values (as
+    int8's); each block keeps its :data:`TOPK_KEEP` values of largest magnitude (ties to the
+    lower position) at 2 bits each, ``±scale`` or ``±2·scale`` with one bfloat16 ``scale``
+    per block (its largest kept magnitude over 2). A kept value travels as one byte: its
+    position in the block (6 bits), its sign, and which of the two magnitudes. With the
+    defaults (4 of 64) that is 6 bytes per 64 values, 0.094 bytes per value: 43x fewer than
+    float32, 11x fewer than int8; the values left out wait in the error feedback.
 
-Both are lossy. :class:`Residual` is the **error feedback**: the part of each change that the
+All three are lossy. :class:`Residual` is the **error feedback**: the part of each change that the
 codec could not carry is kept by its owner (a node for its uploads, the coordinator for its
 downloads) and added to the next change, so nothing is lost over rounds: after any number of
 rounds, the sum of what was applied plus the residual equals the sum of the true changes (up
 to float32 rounding of one addition per round).
 
 Reconstruction is bit-for-bit identical on every machine: decoding is ``code.float() *
-scale`` (int8) or ``value.float()`` (bfloat16) and applying is ``old + change``, each a plain,
+scale`` (int8, and topk's ``±1`` or ``±2`` by its scale, both exact), or ``value.float()``
+(bfloat16), and applying is ``old + change``, each a plain,
 correctly rounded float32 operation on the CPU, done the same way by every side (no fused
 multiply-add). Tensors in float64 are changed in float64; float16 and bfloat16 ones in
 float32 and cast back.
 
+Every codec computes per block (int8, topk) or per value (bfloat16) of the flattened tensor,
+so a run of whole blocks of a tensor encodes and decodes on its own, to the same bits: the
+sharded data plane (``dataplane/plan.py``) cuts changes there.
+
 The payload is a safetensors file whose metadata names the codec (``drift_codec``:
-``bfloat16``, or ``int8/<block size>``); docs/protocol.md gives the tensor layout.
+``bfloat16``, ``int8/<block size>`` or ``topk/<block size>/<kept per block>``);
+docs/protocol.md gives the tensor layout.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,21 +60,23 @@ from typing import Literal
 import safetensors.torch
 import torch
 
+from lightning_drift.blocks import (
+    BLOCK,
+    TOPK_BLOCK,
+    TOPK_KEEP,
+    VALUES,
+    Spec,
+    dequantize,
+    parse,
+    quantize,
+)
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.modelspec import TensorSpec, carried, same_bits
 
 StateDict = dict[str, torch.Tensor]
-Codec = Literal["bfloat16", "int8"]
-CODECS: tuple[str, ...] = ("bfloat16", "int8")
+Codec = Literal["bfloat16", "int8", "topk"]
+CODECS: tuple[str, ...] = ("bfloat16", "int8", "topk")
 
-# Values per int8 block. Chosen by measurement (docs/benchmarks.md, "int8 block size"): on the
-# char-LM's round deltas 64 halves the quantization error of whole-tensor scales and costs
-# 6 % more bytes than codes alone; smaller blocks cost more bytes for little gain.
-BLOCK = 64
-_MIN_BLOCK, _MAX_BLOCK = 8, 1 << 20
-_QMAX = 127
-
-_CODES, _SCALES, _VALUES = "codes/", "scales/", "values/"
 META_CODEC = "drift_codec"
 
 
@@ -163,7 +178,7 @@ def encode(
     tensors, applied = encode_tensors(change, codec, residual)
     # One metadata entry only: safetensors writes several in no fixed order, and equal changes
     # should encode to equal bytes.
-    spec = f"int8/{BLOCK}" if codec == "int8" else codec
+    spec = str(Spec.of(codec))
     return Encoded(safetensors.torch.save(tensors, metadata={META_CODEC: spec}), applied)
 
 
@@ -175,12 +190,13 @@ def encode_tensors(
     data plane encodes its slices with it."""
     if codec not in CODECS:
         raise ConfigError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
+    spec = Spec.of(codec)
     tensors: StateDict = {}
     applied: StateDict = {}
     for k, v in change.items():
         v = v.detach().cpu()
         if not v.is_floating_point():
-            tensors[_VALUES + k] = v.contiguous()
+            tensors[VALUES + k] = v.contiguous()
             applied[k] = v.clone()
             continue
         cdt = compute_dtype(v.dtype)
@@ -188,15 +204,9 @@ def encode_tensors(
         r = residual.get(k) if residual is not None else None
         if r is not None:
             x.add_(r.to(cdt))
-        if codec == "int8":
-            codes, scales = quantize(x)
-            tensors[_CODES + k] = codes
-            tensors[_SCALES + k] = scales
-            got = dequantize(codes, scales, BLOCK).to(cdt)
-        else:
-            b16 = x.to(torch.bfloat16)
-            tensors[_VALUES + k] = b16
-            got = b16.to(cdt)
+        wire, got = spec.encode(x)
+        for prefix, t in wire.items():
+            tensors[prefix + k] = t
         applied[k] = got
         if residual is not None:
             residual._r[k] = x.sub_(got)
@@ -217,15 +227,15 @@ def decode(payload: bytes | bytearray | memoryview, like: Mapping[str, torch.Ten
         tensors = safetensors.torch.load(raw)
     except Exception as exc:  # the binding raises its own SafetensorError or others
         raise _bad(f"not a valid safetensors change ({len(raw)} bytes): {exc}") from None
-    spec = meta.get(META_CODEC, "")
-    if not spec:
+    text = meta.get(META_CODEC, "")
+    if not text:
         return _decode_plain(tensors, like)
-    codec, block = _parse_spec(spec)
+    spec = _parse_spec(text)
     out: StateDict = {}
     used: set[str] = set()
     for k, ref in like.items():
         if not ref.is_floating_point():
-            v = _take(tensors, used, _VALUES + k, k)
+            v = _take(tensors, used, VALUES + k, k)
             if v.dtype != ref.dtype or v.shape != ref.shape:
                 raise _bad(
                     f"{k!r} is {_dt(v.dtype)} {tuple(v.shape)}, the model has "
@@ -233,35 +243,21 @@ def decode(payload: bytes | bytearray | memoryview, like: Mapping[str, torch.Ten
                 )
             out[k] = v
             continue
-        cdt = compute_dtype(ref.dtype)
-        if codec == "int8":
-            codes = _take(tensors, used, _CODES + k, k)
-            scales = _take(tensors, used, _SCALES + k, k)
-            if codes.dtype != torch.int8 or codes.shape != ref.shape:
+        parts: StateDict = {}
+        for part in spec.parts:
+            t = _take(tensors, used, part.prefix + k, k)
+            shape = tuple(ref.shape) if part.per_block == 0 else (spec.count(part, ref.numel()),)
+            if t.dtype != part.dtype or tuple(t.shape) != shape:
                 raise _bad(
-                    f"codes of {k!r} are {_dt(codes.dtype)} {tuple(codes.shape)}, expected int8 "
-                    f"{tuple(ref.shape)}"
+                    f"{part.prefix.rstrip('/')} of {k!r} are {_dt(t.dtype)} {tuple(t.shape)}, "
+                    f"expected {_dt(part.dtype)} {shape} for {spec}"
                 )
-            nb = math.ceil(ref.numel() / block)
-            if scales.dtype != torch.float32 or scales.shape != (nb,):
-                raise _bad(
-                    f"scales of {k!r} are {_dt(scales.dtype)} {tuple(scales.shape)}, expected "
-                    f"float32 ({nb},) for blocks of {block}"
-                )
-            if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-                raise _bad(f"scales of {k!r} must be finite and >= 0")
-            out[k] = dequantize(codes, scales, block).to(cdt)
-        else:
-            v = _take(tensors, used, _VALUES + k, k)
-            if not v.is_floating_point() or v.shape != ref.shape:
-                raise _bad(
-                    f"{k!r} is {_dt(v.dtype)} {tuple(v.shape)}, expected a floating "
-                    f"{tuple(ref.shape)}"
-                )
-            x = v.to(cdt)
-            if not bool(torch.isfinite(x).all()):
-                raise _bad(f"{k!r} holds non-finite values (NaN or inf)")
-            out[k] = x
+            parts[part.prefix] = t
+        try:
+            x = spec.decode(parts, ref.numel())
+        except ValueError as exc:
+            raise _bad(f"{k!r} {exc}") from None
+        out[k] = x.reshape(ref.shape).to(compute_dtype(ref.dtype))
     extra = sorted(set(tensors) - used)
     if extra:
         raise _bad(f"{len(extra)} tensor(s) not in the model: {', '.join(map(repr, extra[:5]))}")
@@ -272,72 +268,32 @@ def payload_table(table: Mapping[str, TensorSpec], spec: str) -> dict[str, Tenso
     """The tensor table of a payload of codec ``spec`` (its ``drift_codec`` metadata) for a
     model of tensor table ``table``: what an upload's header must show before its body is read.
     SessionError(code="bad_upload") for a codec this side does not know."""
-    codec, block = _parse_spec(spec)
+    parsed = _parse_spec(spec)
     out: dict[str, TensorSpec] = {}
     for k, t in table.items():
         if not t.floating:
-            out[_VALUES + k] = t
-        elif codec == "int8":
-            out[_CODES + k] = TensorSpec(torch.int8, t.shape)
-            out[_SCALES + k] = TensorSpec(torch.float32, (math.ceil(t.numel / block),))
-        else:
-            out[_VALUES + k] = TensorSpec(torch.bfloat16, t.shape)
+            out[VALUES + k] = t
+            continue
+        for part in parsed.parts:
+            shape = t.shape if part.per_block == 0 else (parsed.count(part, t.numel),)
+            out[part.prefix + k] = TensorSpec(part.dtype, shape)
     return out
 
 
-def _parse_spec(spec: str) -> tuple[str, int]:
-    """(codec, int8 block size) of a ``drift_codec`` metadata value; SessionError when unknown."""
-    codec, _, block_s = spec.partition("/")
-    if codec not in CODECS:
-        raise _bad(f"unknown codec {spec[:40]!r} (this side knows bfloat16 and int8/BLOCK)")
-    block = BLOCK
-    if codec == "int8":
-        block = int(block_s) if block_s.isdigit() and len(block_s) < 9 else 0
-        if not _MIN_BLOCK <= block <= _MAX_BLOCK:
-            raise _bad(f"int8 block size {block_s[:20]!r} is not in [{_MIN_BLOCK}, {_MAX_BLOCK}]")
-    elif block_s:
-        raise _bad(f"unknown codec {spec[:40]!r} (bfloat16 takes no block size)")
-    return codec, block
+def _parse_spec(spec: str) -> Spec:
+    """The :class:`~lightning_drift.blocks.Spec` of a ``drift_codec`` metadata value;
+    SessionError when this side does not know it."""
+    try:
+        return parse(spec)
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
 
 
 def nbytes(numel: int, codec: str) -> float:
     """Bytes per value a codec spends on a floating tensor of ``numel`` values (no header)."""
-    if codec == "int8":
-        return (numel + 4 * math.ceil(numel / BLOCK)) / max(1, numel)
-    if codec == "bfloat16":
-        return 2.0
+    if codec in CODECS:
+        return Spec.of(codec).nbytes(numel) / max(1, numel)
     return 4.0
-
-
-def quantize(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes shaped like ``x``, float32 scales of its blocks of ``block`` values).
-
-    The int8 codec's step: :func:`encode` calls it per tensor; benchmarks call it to try other
-    block sizes. :func:`dequantize` is its inverse up to rounding."""
-    n = x.numel()
-    nb = math.ceil(n / block)
-    flat = x.reshape(-1)
-    if nb * block != n:
-        flat = torch.cat([flat, flat.new_zeros(nb * block - n)])
-    blocks = flat.view(nb, block)
-    scales = (blocks.abs().amax(dim=1) / _QMAX).to(torch.float32)
-    # Divide by the scale as stored (float32), so codes and decoding agree; a zero block
-    # divides by 1 and gives codes 0.
-    div = torch.where(scales > 0, scales, torch.ones_like(scales)).to(blocks.dtype)
-    codes = torch.round(blocks / div.unsqueeze(1)).clamp_(-_QMAX, _QMAX).to(torch.int8)
-    return codes.reshape(-1)[:n].reshape(x.shape).contiguous(), scales
-
-
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
-    """float32 ``code * scale`` per block, shaped like ``codes``: one correctly rounded
-    multiply per value."""
-    n = codes.numel()
-    nb = scales.numel()
-    flat = codes.reshape(-1).to(torch.float32)
-    if nb * block != n:
-        flat = torch.cat([flat, flat.new_zeros(nb * block - n)])
-    out = flat.view(nb, block) * scales.unsqueeze(1)
-    return out.reshape(-1)[:n].reshape(codes.shape)
 
 
 # ---- internals ------------------------------------------------------------------------------
@@ -392,6 +348,8 @@ def _dt(dtype: torch.dtype) -> str:
 __all__ = [
     "BLOCK",
     "CODECS",
+    "TOPK_BLOCK",
+    "TOPK_KEEP",
     "Codec",
     "Encoded",
     "Residual",
@@ -404,4 +362,5 @@ __all__ = [
     "encode_tensors",
     "nbytes",
     "quantize",
+    "Spec",
 ]

@@ -45,7 +45,7 @@ def change(
 # -- round trips --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["bfloat16", "int8"])
+@pytest.mark.parametrize("name", codec.CODECS)
 def test_decode_gives_back_exactly_what_encode_says_it_applied(name):
     like = model()
     enc = codec.encode(change(like, 1), name)
@@ -117,7 +117,7 @@ def test_int8_costs_one_byte_and_a_scale_per_block():
 # -- error feedback -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["bfloat16", "int8"])
+@pytest.mark.parametrize("name", codec.CODECS)
 def test_error_feedback_loses_nothing_over_many_rounds(name):
     # After every round: sum of applied changes + residual == sum of true changes, up to the
     # float32 rounding of one addition (change + residual) per round. Without error feedback
@@ -179,7 +179,7 @@ def test_the_residual_is_what_the_encoding_left_out():
 # -- exact rebuilding ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["bfloat16", "int8"])
+@pytest.mark.parametrize("name", codec.CODECS)
 def test_sender_and_receiver_rebuild_the_same_bits_over_many_rounds(name):
     # The coordinator applies its own encoded change (enc.applied) to its copy; a node applies
     # the decoded payload to its own copy: after 200 rounds both are the same bytes.

@@ -72,9 +72,7 @@ def test_a_large_model_is_planned_without_a_loop_over_its_blocks() -> None:
     # A billion values, 15 million blocks: the cut is a division per tensor.
     table = {f"layer{i}.weight": TensorSpec(torch.float32, (8192, 8192)) for i in range(15)}
     plan = ShardPlan(table, "int8", 16)
-    assert plan.total == sum(
-        span_bytes(s, "int8", plan.block) for sh in plan.shards for s in sh.spans
-    )
+    assert plan.total == sum(span_bytes(s, plan.spec) for sh in plan.shards for s in sh.spans)
     assert all(abs(s.size - plan.total / 16) < plan.block + 4 for s in plan.shards)
 
 
@@ -129,7 +127,7 @@ def _scale_at(plan: ShardPlan, index: int) -> int:
     for s in plan.shards[index].spans:
         if s is first:
             return before + s.numel
-        before += span_bytes(s, plan.codec, plan.block)
+        before += span_bytes(s, plan.spec)
     raise AssertionError
 
 

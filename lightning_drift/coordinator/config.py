@@ -241,8 +241,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dataset_size", 0, int, "Samples in the dataset.", _S, shown="the first node's"),
     Setting("seed", 0, int, "Seed of the epoch permutations.", _S),
     Setting("transfer_dtype", "float32", str,
-            "float32 (whole weights), bfloat16 or int8 (compressed changes).", _S,
-            choices=("float32", "bfloat16", "int8")),
+            "float32 (whole weights), bfloat16, int8 or topk (compressed changes; topk: "
+            "the 4 largest of every 64 values at 2 bits).", _S,
+            choices=("float32", "bfloat16", "int8", "topk")),
     Setting("overlap", True, bool,
             "Nodes train on while a round is in flight (or every barrier blocks).", _S,
             shown="--overlap"),
@@ -387,10 +388,10 @@ class SessionConfig:
 
 def _check_sharded(c: SessionConfig) -> None:
     """What a sharded data plane cannot do, refused with the fix."""
-    if c.transfer_dtype not in ("int8", "bfloat16"):
+    if c.transfer_dtype not in ("int8", "topk", "bfloat16"):
         raise ConfigError(
             f"--data-plane sharded cuts encoded changes into shards, but --transfer-dtype is "
-            f"{c.transfer_dtype}: give --transfer-dtype int8 (or bfloat16)"
+            f"{c.transfer_dtype}: give --transfer-dtype int8 or topk (or bfloat16)"
         )
     if c.clip > 0:
         raise ConfigError(

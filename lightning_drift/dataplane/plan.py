@@ -17,9 +17,10 @@ A **piece** is one shard of one encoded change, raw and little-endian, with no h
 layout and size follow from the plan alone, so a piece of the wrong size is refused before a
 value of it is read. For each span of the shard, in order:
 
-- a floating span, codec ``int8``: its codes (one int8 per value), then its blocks' scales
-  (one float32 per block);
-- a floating span, codec ``bfloat16``: its values (two bytes each);
+- a floating span: its codec's wire parts in order (``blocks.Spec.parts``): for ``int8`` its
+  codes (one int8 per value), then its blocks' scales (one float32 per block); for ``topk``
+  its blocks' codes (``keep`` bytes per block), then their scales (one bfloat16 per block);
+  for ``bfloat16`` its values (two bytes each);
 - an integer or bool buffer: its values in its own dtype (a bool is one byte, 0 or 1).
 
 :meth:`ShardPlan.pieces` cuts a change as :func:`lightning_drift.codec.encode` wrote it,
@@ -40,6 +41,7 @@ import safetensors.torch
 import torch
 
 from lightning_drift import codec
+from lightning_drift.blocks import Spec
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.modelspec import TensorSpec, fingerprint
 
@@ -47,8 +49,7 @@ StateDict = dict[str, torch.Tensor]
 
 MAX_SHARDS = 256  # more shards than this buys nothing but manifest bytes
 
-_CODES, _SCALES, _VALUES = "codes/", "scales/", "values/"  # codec.encode's tensor names
-_SCALE = 4  # bytes of one int8 block's float32 scale
+_VALUES = "values/"  # codec.encode's name of an integer or bool buffer
 
 
 @dataclass(frozen=True)
@@ -94,24 +95,29 @@ class ShardPlan:
         codec_name: str,
         count: int,
         *,
-        block: int = codec.BLOCK,
+        block: int | None = None,
     ) -> None:
         if codec_name not in codec.CODECS:
             raise ConfigError(
                 f"a sharded data plane needs a codec ({', '.join(codec.CODECS)}), got "
-                f"{codec_name!r}: set --transfer-dtype int8 or bfloat16"
+                f"{codec_name!r}: set --transfer-dtype int8, topk or bfloat16"
             )
         if not 1 <= count <= MAX_SHARDS:
             raise ConfigError(f"shard count must be within 1..{MAX_SHARDS}, got {count}")
-        if block < 1:
-            raise ConfigError(f"block size must be at least 1, got {block}")
+        spec = Spec.of(codec_name)
+        if block is not None:
+            if block < 1:
+                raise ConfigError(f"block size must be at least 1, got {block}")
+            spec = Spec(spec.name, block, min(spec.keep, block))
         self.table: dict[str, TensorSpec] = dict(table)
         self.codec = codec_name
-        self.block = block
+        self.spec = spec
+        self.block = spec.block
         self.count = count
-        self.shards: tuple[Shard, ...] = _cut(self.table, codec_name, count, block)
+        self.shards: tuple[Shard, ...] = _cut(self.table, spec, count)
         self.total = sum(s.size for s in self.shards)
-        what = f"drift/plan/1 {codec_name}/{block} {count} {fingerprint(self.table)}"
+        name = f"topk/{spec.block}/{spec.keep}" if spec.keep else f"{codec_name}/{spec.block}"
+        what = f"drift/plan/1 {name} {count} {fingerprint(self.table)}"
         self.digest = hashlib.sha256(what.encode()).hexdigest()
 
     @classmethod
@@ -133,7 +139,7 @@ class ShardPlan:
             wire = safetensors.torch.load(raw)
         except Exception as exc:  # the binding raises its own SafetensorError
             raise _bad(f"not a valid encoded change ({len(raw)} bytes): {exc}") from None
-        expected = codec.payload_table(self.table, self._spec)
+        expected = codec.payload_table(self.table, str(self.spec))
         got = {k: TensorSpec(t.dtype, tuple(t.shape)) for k, t in wire.items()}
         if got != expected:
             missing = sorted(set(expected) - set(got))[:3]
@@ -154,12 +160,11 @@ class ShardPlan:
         for k, spec in self.table.items():
             if not spec.floating:
                 tensors[_VALUES + k] = torch.cat(wire[_VALUES + k]).reshape(spec.shape)
-            elif self.codec == "int8":
-                tensors[_CODES + k] = torch.cat(wire[_CODES + k]).reshape(spec.shape)
-                tensors[_SCALES + k] = torch.cat(wire[_SCALES + k])
-            else:
-                tensors[_VALUES + k] = torch.cat(wire[_VALUES + k]).reshape(spec.shape)
-        return safetensors.torch.save(tensors, metadata={codec.META_CODEC: self._spec})
+                continue
+            for part in self.spec.parts:
+                t = torch.cat(wire[part.prefix + k])
+                tensors[part.prefix + k] = t.reshape(spec.shape) if part.per_block == 0 else t
+        return safetensors.torch.save(tensors, metadata={codec.META_CODEC: str(self.spec)})
 
     def read(self, index: int, piece: bytes | bytearray | memoryview) -> StateDict:
         """The change slices piece ``index`` carries, by span key: floating ones decoded in
@@ -169,15 +174,14 @@ class ShardPlan:
         out: StateDict = {}
         for span, parts in zip(shard.spans, self._split(shard, piece), strict=True):
             values = dict(parts)
-            cdt = codec.compute_dtype(span.dtype)
             if not span.floating:
                 out[span.key] = values[_VALUES]
-            elif self.codec == "int8":
-                out[span.key] = codec.dequantize(values[_CODES], values[_SCALES], self.block).to(
-                    cdt
-                )
-            else:
-                out[span.key] = values[_VALUES].to(cdt)
+                continue
+            try:
+                x = self.spec.decode(values, span.numel)
+            except ValueError as exc:
+                raise _bad(f"{span.name[:80]!r} {exc}") from None
+            out[span.key] = x.to(codec.compute_dtype(span.dtype))
         return out
 
     def write(self, index: int, wire: Mapping[str, torch.Tensor]) -> bytes:
@@ -237,10 +241,6 @@ class ShardPlan:
 
     # ---- internals --------------------------------------------------------------------------
 
-    @property
-    def _spec(self) -> str:
-        return f"int8/{self.block}" if self.codec == "int8" else self.codec
-
     def _shard(self, index: int) -> Shard:
         if not 0 <= index < self.count:
             raise _bad(f"shard {index} is not one of this plan's {self.count}")
@@ -255,17 +255,15 @@ class ShardPlan:
             if not s.floating:
                 v = wire[_VALUES + name].reshape(-1)
                 out += _raw(v if by_key else v[s.start : s.stop])
-            elif self.codec == "int8":
-                c = wire[_CODES + name].reshape(-1)
-                sc = wire[_SCALES + name]
-                if not by_key:
-                    c = c[s.start : s.stop]
-                    sc = sc[s.start // self.block : math.ceil(s.stop / self.block)]
-                out += _raw(c)
-                out += _raw(sc)
-            else:
-                v = wire[_VALUES + name].reshape(-1)
-                out += _raw(v if by_key else v[s.start : s.stop])
+                continue
+            for part in self.spec.parts:
+                v = wire[part.prefix + name].reshape(-1)
+                if not by_key and part.per_block == 0:
+                    v = v[s.start : s.stop]
+                elif not by_key:
+                    first = s.start // self.block * part.per_block
+                    v = v[first : first + self.spec.count(part, s.numel)]
+                out += _raw(v)
         if len(out) != shard.size:
             raise _bad(f"piece {shard.index} came out as {len(out)} bytes, not {shard.size}")
         return bytes(out)
@@ -289,52 +287,43 @@ class ShardPlan:
                 if s.dtype == torch.bool and bool((v.view(torch.uint8) > 1).any()):
                     raise _bad(f"bool buffer {s.name[:80]!r} holds bytes other than 0 and 1")
                 parts.append((_VALUES, v))
-            elif self.codec == "int8":
-                c, at = _take(buf, at, torch.int8, s.numel)
-                sc, at = _take(buf, at, torch.float32, math.ceil(s.numel / self.block))
-                if not bool(torch.isfinite(sc).all()) or bool((sc < 0).any()):
-                    raise _bad(f"scales of {s.name[:80]!r} must be finite and >= 0")
-                parts += [(_CODES, c), (_SCALES, sc)]
             else:
-                v, at = _take(buf, at, torch.bfloat16, s.numel)
-                if not bool(torch.isfinite(v).all()):
-                    raise _bad(f"{s.name[:80]!r} holds non-finite values (NaN or inf)")
-                parts.append((_VALUES, v))
+                for part in self.spec.parts:
+                    v, at = _take(buf, at, part.dtype, self.spec.count(part, s.numel))
+                    parts.append((part.prefix, v))
+                try:  # the values' own checks (finite scales, ...), before any is used
+                    self.spec.decode(dict(parts), s.numel)
+                except ValueError as exc:
+                    raise _bad(f"{s.name[:80]!r} {exc}") from None
             out.append(parts)
         return out
 
 
-def span_bytes(span: Span, codec_name: str, block: int) -> int:
-    """Bytes of ``span`` in a piece."""
+def span_bytes(span: Span, spec: Spec) -> int:
+    """Bytes of ``span`` in a piece of codec ``spec``."""
     if not span.floating:
         return span.numel * span.dtype.itemsize
-    if codec_name == "int8":
-        return span.numel + _SCALE * math.ceil(span.numel / block)
-    return 2 * span.numel
+    return spec.nbytes(span.numel)
 
 
-def _cut(
-    table: Mapping[str, TensorSpec], codec_name: str, count: int, block: int
-) -> tuple[Shard, ...]:
+def _cut(table: Mapping[str, TensorSpec], spec: Spec, count: int) -> tuple[Shard, ...]:
     """The byte-balanced shards (see the module docstring), in closed form per tensor: a
     tensor's full blocks all cost the same, so where its blocks cross a shard's boundary is
     a division, however large the model."""
-    unit = block + _SCALE if codec_name == "int8" else 2 * block  # one full block's bytes
+    block = spec.block
+    unit = spec.nbytes(block)  # one full block's bytes
     spans: list[list[Span]] = [[] for _ in range(count)]
     total = 0
     costs: list[tuple[str, TensorSpec, int]] = []
-    for name, spec in table.items():
-        if spec.floating:
-            whole = span_bytes(Span(name, 0, spec.numel, spec.dtype), codec_name, block)
-        else:
-            whole = spec.nbytes
-        costs.append((name, spec, total))
+    for name, t in table.items():
+        whole = span_bytes(Span(name, 0, t.numel, t.dtype), spec) if t.floating else t.nbytes
+        costs.append((name, t, total))
         total += whole
-    for name, spec, offset in costs:
-        if not spec.floating or spec.numel == 0:  # a buffer, or an empty tensor: one span
-            spans[_owner(offset, total, count)].append(Span(name, 0, spec.numel, spec.dtype))
+    for name, t, offset in costs:
+        if not t.floating or t.numel == 0:  # a buffer, or an empty tensor: one span
+            spans[_owner(offset, total, count)].append(Span(name, 0, t.numel, t.dtype))
             continue
-        blocks = math.ceil(spec.numel / block)
+        blocks = math.ceil(t.numel / block)
         first = _owner(offset, total, count)
         last = _owner(offset + (blocks - 1) * unit, total, count)
         start_block = 0
@@ -346,12 +335,11 @@ def _cut(
             )
             end_block = min(blocks, max(start_block, end_block))
             if end_block > start_block:
-                stop = min(spec.numel, end_block * block)
-                spans[j].append(Span(name, start_block * block, stop, spec.dtype))
+                stop = min(t.numel, end_block * block)
+                spans[j].append(Span(name, start_block * block, stop, t.dtype))
             start_block = end_block
     return tuple(
-        Shard(j, tuple(ss), sum(span_bytes(s, codec_name, block) for s in ss))
-        for j, ss in enumerate(spans)
+        Shard(j, tuple(ss), sum(span_bytes(s, spec) for s in ss)) for j, ss in enumerate(spans)
     )
 
 

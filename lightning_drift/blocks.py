@@ -1,0 +1,238 @@
+"""The codecs' kernels and wire layouts, per block of a flattened tensor. Pure torch: no I/O.
+
+``codec.py`` turns state-dict changes into payloads with these; ``dataplane/plan.py`` cuts
+payloads into shards on their block boundaries with the same :class:`Spec`. Every kernel
+here computes per block (or per value), with exact float32 arithmetic on decoding, so a run
+of whole blocks encodes and decodes on its own to the same bits as the whole tensor, on any
+CPU.
+
+A codec's :class:`Spec` names its wire tensors (:class:`Part`) for one floating tensor of
+``n`` values, in the order a piece of the sharded data plane lays them out:
+
+=========  ==========================================  =======================================
+codec      parts                                       bytes of ``n`` values (``b`` blocks)
+=========  ==========================================  =======================================
+bfloat16   ``values/``: bfloat16, one per value        ``2n``
+int8       ``codes/``: int8, one per value;            ``n + 4b``
+           ``scales/``: float32, one per block
+topk       ``codes/``: uint8, ``keep`` per block;      ``keep·b + 2b``
+           ``scales/``: bfloat16, one per block
+=========  ==========================================  =======================================
+
+A topk code byte is ``position | negative << 6 | double << 7``: the kept value's position in
+its block, its sign, and whether it is ``2·scale`` rather than ``scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 64  # int8: values per block (docs/benchmarks.md, "int8 block size")
+TOPK_BLOCK = 64  # topk: values per block; at most 64 (a position is 6 bits)
+TOPK_KEEP = 4  # topk: values kept per block (docs/benchmarks.md, "convergence.py")
+MIN_BLOCK, MAX_BLOCK = 8, 1 << 20
+TOPK_MAX_BLOCK = 64
+QMAX = 127
+
+CODES, SCALES, VALUES = "codes/", "scales/", "values/"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One wire tensor of a floating tensor: its name prefix, dtype, and how many values it
+    holds per block (0: one per value of the tensor, shaped like it)."""
+
+    prefix: str
+    dtype: torch.dtype
+    per_block: int
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A codec with its parameters, as a payload's ``drift_codec`` metadata names it
+    (:meth:`__str__`; :func:`parse` reads it back)."""
+
+    name: str
+    block: int = BLOCK
+    keep: int = 0  # topk only: values kept per block
+
+    @classmethod
+    def of(cls, name: str) -> Spec:
+        """The codec ``name`` with this version's parameters."""
+        if name == "topk":
+            return cls(name, TOPK_BLOCK, TOPK_KEEP)
+        return cls(name, BLOCK)
+
+    def __str__(self) -> str:
+        if self.name == "int8":
+            return f"int8/{self.block}"
+        if self.name == "topk":
+            return f"topk/{self.block}/{self.keep}"
+        return self.name
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        if self.name == "int8":
+            return (Part(CODES, torch.int8, 0), Part(SCALES, torch.float32, 1))
+        if self.name == "topk":
+            return (Part(CODES, torch.uint8, self.keep), Part(SCALES, torch.bfloat16, 1))
+        return (Part(VALUES, torch.bfloat16, 0),)
+
+    def count(self, part: Part, numel: int) -> int:
+        """Values of ``part`` for a tensor of ``numel`` values."""
+        return numel if part.per_block == 0 else math.ceil(numel / self.block) * part.per_block
+
+    def nbytes(self, numel: int) -> int:
+        """Bytes of a tensor (or a run of whole blocks) of ``numel`` values on the wire."""
+        return sum(self.count(p, numel) * p.dtype.itemsize for p in self.parts)
+
+    def encode(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(wire tensors by prefix, the decoded values in ``x``'s dtype and shape)."""
+        if self.name == "int8":
+            codes, scales = quantize(x, self.block)
+            return {CODES: codes, SCALES: scales}, dequantize(codes, scales, self.block).to(x.dtype)
+        if self.name == "topk":
+            codes, scales, got = topk_encode(x, self.block, self.keep)
+            return {CODES: codes, SCALES: scales}, got.to(x.dtype)
+        b16 = x.to(torch.bfloat16)
+        return {VALUES: b16}, b16.to(x.dtype)
+
+    def decode(self, parts: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+        """The float32 values (flat) of wire tensors of the right dtypes and counts; ValueError
+        says what is wrong with values no encoder writes."""
+        if self.name == "bfloat16":
+            x = parts[VALUES].reshape(-1).to(torch.float32)
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("holds non-finite values (NaN or inf)")
+            return x
+        scales = parts[SCALES]
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise ValueError("scales must be finite and >= 0")
+        if self.name == "int8":
+            return dequantize(parts[CODES].reshape(-1), scales, self.block)
+        return topk_decode(parts[CODES], scales, self.block, numel)
+
+
+def parse(spec: str) -> Spec:
+    """The :class:`Spec` a ``drift_codec`` metadata value names; ValueError when it is none
+    this version reads."""
+    name, _, rest = spec.partition("/")
+    args = rest.split("/") if rest else []
+    nums = [int(a) if a.isdigit() and len(a) < 9 else -1 for a in args]
+    if name == "bfloat16":
+        if args:
+            raise ValueError(f"unknown codec {spec[:40]!r} (bfloat16 takes no block size)")
+        return Spec(name)
+    if name == "int8":
+        if len(nums) != 1 or not MIN_BLOCK <= nums[0] <= MAX_BLOCK:
+            raise ValueError(f"int8 block size {rest[:20]!r} is not in [{MIN_BLOCK}, {MAX_BLOCK}]")
+        return Spec(name, nums[0])
+    if name == "topk":
+        if len(nums) != 2 or not (
+            MIN_BLOCK <= nums[0] <= TOPK_MAX_BLOCK and 1 <= nums[1] <= nums[0]
+        ):
+            raise ValueError(
+                f"topk block and kept values {rest[:20]!r} must be BLOCK/KEEP with BLOCK in "
+                f"[{MIN_BLOCK}, {TOPK_MAX_BLOCK}] and KEEP in [1, BLOCK]"
+            )
+        return Spec(name, nums[0], nums[1])
+    raise ValueError(
+        f"unknown codec {spec[:40]!r} (this side knows bfloat16, int8/BLOCK and topk/BLOCK/KEEP)"
+    )
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` flattened in C order, padded with zeros to whole blocks, as (blocks, block)."""
+    n = x.numel()
+    nb = math.ceil(n / block)
+    flat = x.reshape(-1)
+    if nb * block != n:
+        flat = torch.cat([flat, flat.new_zeros(nb * block - n)])
+    return flat.view(nb, block)
+
+
+def quantize(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes shaped like ``x``, float32 scales ``absmax / 127`` of its blocks)."""
+    blocks = _blocks(x, block)
+    scales = (blocks.abs().amax(dim=1) / QMAX).to(torch.float32)
+    # Divide by the scale as stored (float32), so codes and decoding agree; a zero block
+    # divides by 1 and gives codes 0.
+    div = torch.where(scales > 0, scales, torch.ones_like(scales)).to(blocks.dtype)
+    codes = torch.round(blocks / div.unsqueeze(1)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return codes.reshape(-1)[: x.numel()].reshape(x.shape).contiguous(), scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 ``code * scale`` per block, shaped like ``codes``: one correctly rounded
+    multiply per value."""
+    out = _blocks(codes.to(torch.float32), block) * scales.unsqueeze(1)
+    return out.reshape(-1)[: codes.numel()].reshape(codes.shape)
+
+
+def topk_encode(
+    x: torch.Tensor, block: int = TOPK_BLOCK, keep: int = TOPK_KEEP
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes, ``keep`` per block; bfloat16 scales, one per block; the float32 values
+    they decode to, shaped like ``x``). Each block keeps its ``keep`` values of largest
+    magnitude, the lower position first among equals (a stable sort: the same choice on
+    every machine), in ascending position order."""
+    blocks = _blocks(x, block)
+    order = torch.sort(blocks.abs(), dim=1, descending=True, stable=True).indices[:, :keep]
+    pos = order.sort(dim=1).values
+    kept = blocks.gather(1, pos)
+    mag = kept.abs()
+    scales = (mag.amax(dim=1) / 2).to(torch.bfloat16)
+    double = mag > scales.to(kept.dtype).unsqueeze(1) * 1.5
+    negative = kept < 0
+    codes = (pos | (negative.to(torch.int64) << 6) | (double.to(torch.int64) << 7)).to(torch.uint8)
+    got = _topk_values(pos, negative, double, scales, block, x.numel())
+    return codes.reshape(-1), scales, got.reshape(x.shape)
+
+
+def topk_decode(codes: torch.Tensor, scales: torch.Tensor, block: int, numel: int) -> torch.Tensor:
+    """The float32 values (flat, ``numel``) of :func:`topk_encode`'s codes and scales;
+    ValueError for a position outside the block or one kept twice in a block."""
+    nb = scales.numel()
+    c = codes.reshape(nb, codes.numel() // max(1, nb)).to(torch.int64)
+    pos = c & 63
+    if bool((pos >= block).any()):
+        raise ValueError(f"has a kept position outside its block of {block}")
+    if c.shape[1] > 1:
+        ordered = pos.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("keeps a position twice in one block")
+    return _topk_values(pos, (c >> 6) & 1 == 1, c >> 7 == 1, scales, block, numel)
+
+
+def _topk_values(
+    pos: torch.Tensor,
+    negative: torch.Tensor,
+    double: torch.Tensor,
+    scales: torch.Tensor,
+    block: int,
+    numel: int,
+) -> torch.Tensor:
+    """float32 values: ``±1`` or ``±2`` times the block's scale at each kept position (exact
+    products), 0 elsewhere; positions in the padding of a last short block are dropped."""
+    q = (1.0 + double.to(torch.float32)) * (1.0 - 2.0 * negative.to(torch.float32))
+    vals = q * scales.to(torch.float32).unsqueeze(1)
+    out = torch.zeros(scales.numel(), block, dtype=torch.float32)
+    out.scatter_(1, pos, vals)
+    return out.reshape(-1)[:numel]
+
+
+__all__ = [
+    "BLOCK",
+    "TOPK_BLOCK",
+    "TOPK_KEEP",
+    "Part",
+    "Spec",
+    "dequantize",
+    "parse",
+    "quantize",
+    "topk_decode",
+    "topk_encode",
+]

@@ -1,0 +1,128 @@
+"""The topk codec (lightning_drift.blocks, through lightning_drift.codec): which values a
+block keeps and how, its bytes, and the refusal of codes no encoder writes. Pure: no I/O."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import safetensors.torch
+import torch
+
+from lightning_drift import blocks, codec
+from lightning_drift.aggregate import from_bytes
+from lightning_drift.errors import SessionError
+
+B, K = blocks.TOPK_BLOCK, blocks.TOPK_KEEP
+
+
+@pytest.mark.parametrize("n", [*range(0, 2 * B + 2), 1000, 4097])
+def test_each_block_keeps_its_largest_values_at_one_of_two_levels(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g)
+    codes, scales, got = blocks.topk_encode(x)
+    nb = math.ceil(n / B)
+    assert codes.dtype == torch.uint8 and codes.shape == (nb * K,)
+    assert scales.dtype == torch.bfloat16 and scales.shape == (nb,)
+    for j in range(nb):
+        block, out = x[j * B : (j + 1) * B], got[j * B : (j + 1) * B]
+        kept = out != 0
+        assert int(kept.sum()) == min(K, len(block))
+        # Every value kept is at least as large as every value left out, with its own sign.
+        if bool(kept.any()) and not bool(kept.all()):
+            assert float(block[kept].abs().min()) >= float(block[~kept].abs().max())
+        assert bool((torch.sign(out[kept]) == torch.sign(block[kept])).all())
+        s = float(scales[j])
+        assert set(out[kept].abs().tolist()) <= {s, 2 * s}
+        assert s == float(torch.tensor(float(block.abs().max()) / 2).to(torch.bfloat16))
+    assert torch.equal(blocks.topk_decode(codes, scales, B, n), got)
+
+
+def test_ties_go_to_the_lower_position_and_a_zero_block_sends_zeros():
+    x = torch.zeros(2 * B)
+    x[B + 3 : B + 3 + 2 * K] = 1.0  # 2K equal values in the second block
+    codes, scales, got = blocks.topk_encode(x)
+    assert torch.equal(got[:B], torch.zeros(B)) and float(scales[0]) == 0.0
+    assert torch.equal(codes[:K], torch.arange(K, dtype=torch.uint8))  # positions 0..K-1
+    assert torch.nonzero(got).flatten().tolist() == list(range(B + 3, B + 3 + K))
+
+
+def test_the_error_left_out_shrinks_when_the_residual_is_sent_on():
+    # Error feedback: the same change sent over rounds with its residual arrives in full, where
+    # one encoding alone carries only a few per cent of it.
+    g = torch.Generator().manual_seed(1)
+    x = {"w": torch.randn(64, 64, generator=g)}
+    residual = codec.Residual()
+    sent = torch.zeros(64, 64)
+    first = codec.encode(x, "topk", residual).applied["w"]
+    sent += first
+    for _ in range(200):
+        sent += codec.encode({"w": torch.zeros(64, 64)}, "topk", residual).applied["w"]
+    assert float((first - x["w"]).norm()) > 0.7 * float(x["w"].norm())
+    assert float((sent - x["w"]).norm()) < 0.05 * float(x["w"].norm())
+    assert torch.allclose(sent + residual.get("w"), x["w"], atol=1e-5)
+
+
+def test_topk_payloads_are_a_few_per_cent_of_float32():
+    n = 1 << 16
+    x = {"w": torch.randn(n)}
+    size = len(codec.encode(x, "topk").payload)
+    assert codec.nbytes(n, "topk") == pytest.approx((K + 2) / B)
+    assert size < n * (K + 2) / B + 300  # the safetensors header
+    assert size < 0.03 * 4 * n
+
+
+def _topk(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return dict(from_bytes(codec.encode({"w": x}, "topk").payload))
+
+
+def _refused(tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor], meta: str) -> str:
+    payload = safetensors.torch.save(tensors, metadata={"drift_codec": meta})
+    with pytest.raises(SessionError, match="bad compressed change") as err:
+        codec.decode(payload, like)
+    assert err.value.code == "bad_upload"
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t["codes/w"].__setitem__(1, t["codes/w"][0]), "keeps a position twice"),
+        (lambda t: t.update({"codes/w": torch.zeros(3, dtype=torch.uint8)}), "codes of 'w'"),
+        (lambda t: t.update({"codes/w": t["codes/w"].to(torch.int8)}), "codes of 'w' are int8"),
+        (lambda t: t["scales/w"].__setitem__(0, float("inf")), "must be finite and >= 0"),
+        (lambda t: t["scales/w"].__setitem__(1, -1.0), "must be finite and >= 0"),
+        (lambda t: t.update({"scales/w": t["scales/w"].float()}), "scales of 'w' are float32"),
+    ],
+)
+def test_a_bad_topk_payload_is_refused_with_what_is_wrong(mutate, message):
+    x = torch.randn(3 * B + 5)
+    tensors = _topk(x)
+    mutate(tensors)
+    assert message in _refused(tensors, {"w": x}, f"topk/{B}/{K}")
+
+
+def test_a_position_outside_a_smaller_block_is_refused():
+    x = torch.randn(40)
+    codes, scales, _ = blocks.topk_encode(x, 16, 2)
+    codes[0] = 16 | (1 << 6)  # position 16 of a block of 16 values
+    tensors = {"codes/w": codes, "scales/w": scales}
+    assert "outside its block of 16" in _refused(tensors, {"w": x}, "topk/16/2")
+
+
+@pytest.mark.parametrize(
+    "meta", ["topk", "topk/64", "topk/65/4", "topk/64/0", "topk/8/9", "topk/a/b"]
+)
+def test_a_topk_spec_out_of_bounds_is_refused(meta):
+    x = torch.randn(100)
+    assert "topk block and kept values" in _refused(_topk(x), {"w": x}, meta)
+
+
+def test_another_block_and_keep_are_read_as_their_spec_says():
+    # A payload names its parameters: a receiver decodes what the sender chose.
+    x = torch.randn(100)
+    codes, scales, got = blocks.topk_encode(x, 32, 8)
+    payload = safetensors.torch.save(
+        {"codes/w": codes, "scales/w": scales}, metadata={"drift_codec": "topk/32/8"}
+    )
+    assert torch.equal(codec.decode(payload, {"w": x})["w"], got)
