@@ -309,3 +309,7 @@ def report(args: argparse.Namespace, setup: c.Setup, rows: list[dict[str, Any]])
     ]
     text = "\n\n".join(parts) + "\n\n" + "\n".join(f"- {x}" for x in notes)
     return text, "outer_sweep: best " + ", ".join(best_of)
+
+
+if __name__ == "__main__":
+    main()

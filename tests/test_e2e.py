@@ -143,11 +143,11 @@ def test_a_straggler_is_left_behind_but_ends_on_the_final_weights(tmp_path: Path
             assert torch.equal(node_final[k], final[k]), k
 
 
-@pytest.mark.parametrize(("dtype", "ratio"), [("bfloat16", 0.6), ("int8", 0.35)])
+@pytest.mark.parametrize(("dtype", "ratio"), [("bfloat16", 0.6), ("int8", 0.35), ("topk", 0.05)])
 def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
     tmp_path: Path, dtype: str, ratio: float
 ) -> None:
-    # --transfer-dtype bfloat16 / int8: after the start-up sync nodes upload their change in
+    # --transfer-dtype bfloat16 / int8 / topk: after the start-up sync nodes upload their change in
     # that codec, and the coordinator answers with the round's change, encoded the same way
     # with its own error feedback. Every round a node rebuilds must be, byte for byte, the
     # coordinator's checkpoint of that round (each node keeps a copy of every round).
