@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
 AGGREGATIONS = ("mean", "diloco")
-DTYPES = ("float32", "bfloat16", "int8", "topk")
+DTYPES = ("float32", "bfloat16", "int8", "topk", "sign")
 DEFAULT_METHODS = ("single", "ddp", "mean", "mean-int8", "diloco-int8")
 BYTES_TARGET = 0.001  # "best" drift method: at most a thousandth of DDP's bytes
 

@@ -232,6 +232,7 @@ def serve(
     rebalance: Annotated[bool | None, _option("rebalance", "--rebalance/--no-rebalance")] = None,
     outer_lr: Annotated[float | None, _option("outer_lr")] = None,
     outer_momentum: Annotated[float | None, _option("outer_momentum")] = None,
+    outer_warmup: Annotated[int | None, _option("outer_warmup")] = None,
     deadline_margin: Annotated[float | None, _option("deadline_margin")] = None,
     deadline_floor: Annotated[float | None, _option("deadline_floor")] = None,
     deadline_max: Annotated[float | None, _option("deadline_max")] = None,

@@ -362,6 +362,44 @@ def moved_too_far(
     )
 
 
+# The outer learning rate by the round's number of contributors (uploads of weight > 0), at the
+# default momentum: measured at 2, 4 and 8 nodes by benchmarks/outer_sweep.py
+# (docs/benchmarks.md, "outer_sweep.py"); between two counts the lr follows log2(count)
+# linearly, beyond the last it stays.
+OUTER_LR: tuple[tuple[int, float], ...] = ((1, 0.7), (2, 0.7), (4, 0.7), (8, 0.7))
+OUTER_MOMENTUM = 0.6
+
+
+def outer_settings(
+    contributors: int,
+    round_no: int,
+    lr: float = 0.0,
+    momentum: float = OUTER_MOMENTUM,
+    warmup: int = 0,
+) -> tuple[float, float]:
+    """DiLoCo's (outer lr, momentum) for round ``round_no`` (1, 2, ...) of ``contributors``
+    uploads of weight > 0: ``lr`` when above 0 (the operator's), else :data:`OUTER_LR`'s for
+    that many contributors; ramped up linearly over the first ``warmup`` rounds. Every side
+    of a round (the star's coordinator, every shard's seat, an audit) computes it from the same
+    integers, so they step with the same float."""
+    if lr <= 0:
+        n = max(1, contributors)
+        lr = OUTER_LR[-1][1]
+        for (n0, lr0), (n1, lr1) in zip(OUTER_LR, OUTER_LR[1:], strict=False):
+            if n0 <= n <= n1:
+                t = (math.log2(n) - math.log2(n0)) / (math.log2(n1) - math.log2(n0))
+                lr = lr0 + (lr1 - lr0) * t
+                break
+    if warmup > 0:
+        lr *= min(1.0, max(1, round_no) / warmup)
+    return lr, momentum
+
+
+def weighed(contributors: list[tuple[str, float]]) -> int:
+    """How many of a round's contributors count in its mean (weight above 0)."""
+    return sum(1 for _, w in contributors if w > 0)
+
+
 class DiLoCo:
     """The DiLoCo outer optimizer: SGD with (Nesterov) momentum on the pseudo-gradient.
 
@@ -393,7 +431,9 @@ class DiLoCo:
     momentum = 0`` (with ``nesterov=False``) is the plain mean.
     """
 
-    def __init__(self, lr: float = 0.7, momentum: float = 0.6, nesterov: bool = True) -> None:
+    def __init__(
+        self, lr: float = 0.7, momentum: float = OUTER_MOMENTUM, nesterov: bool = True
+    ) -> None:
         if nesterov and momentum <= 0:
             raise ConfigError(
                 f"Nesterov momentum needs outer momentum > 0, got {momentum}: set a momentum "

@@ -17,10 +17,17 @@ int8       ``codes/``: int8, one per value;            ``n + 4b``
            ``scales/``: float32, one per block
 topk       ``codes/``: uint8, ``keep`` per block;      ``keep·b + 2b``
            ``scales/``: bfloat16, one per block
+sign       ``codes/``: uint8, ``block / 8`` per block  ``block·b / 8 + 2b``
+           (one bit per value, the first value in
+           bit 0); ``scales/``: bfloat16, one per
+           block
 =========  ==========================================  =======================================
 
 A topk code byte is ``position | negative << 6 | double << 7``: the kept value's position in
-its block, its sign, and whether it is ``2·scale`` rather than ``scale``.
+its block, its sign, and whether it is ``2·scale`` rather than ``scale``. A sign code bit is
+1 for a negative value: every value decodes to ``±scale``, the scale being the mean magnitude
+of the block's values (summed pairwise in float64, in a fixed order: the same bits on every
+CPU) rounded to bfloat16.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ TOPK_BLOCK = 64  # topk: values per block; at most 64 (a position is 6 bits)
 TOPK_KEEP = 4  # topk: values kept per block (docs/benchmarks.md, "convergence.py")
 MIN_BLOCK, MAX_BLOCK = 8, 1 << 20
 TOPK_MAX_BLOCK = 64
+SIGN_BLOCK = 64  # sign: values per block, a power of two (docs/benchmarks.md, "convergence.py")
+SIGN_MAX_BLOCK = 4096
 QMAX = 127
 
 CODES, SCALES, VALUES = "codes/", "scales/", "values/"
@@ -64,11 +73,13 @@ class Spec:
         """The codec ``name`` with this version's parameters."""
         if name == "topk":
             return cls(name, TOPK_BLOCK, TOPK_KEEP)
+        if name == "sign":
+            return cls(name, SIGN_BLOCK)
         return cls(name, BLOCK)
 
     def __str__(self) -> str:
-        if self.name == "int8":
-            return f"int8/{self.block}"
+        if self.name in ("int8", "sign"):
+            return f"{self.name}/{self.block}"
         if self.name == "topk":
             return f"topk/{self.block}/{self.keep}"
         return self.name
@@ -79,6 +90,8 @@ class Spec:
             return (Part(CODES, torch.int8, 0), Part(SCALES, torch.float32, 1))
         if self.name == "topk":
             return (Part(CODES, torch.uint8, self.keep), Part(SCALES, torch.bfloat16, 1))
+        if self.name == "sign":
+            return (Part(CODES, torch.uint8, self.block // 8), Part(SCALES, torch.bfloat16, 1))
         return (Part(VALUES, torch.bfloat16, 0),)
 
     def count(self, part: Part, numel: int) -> int:
@@ -97,6 +110,9 @@ class Spec:
         if self.name == "topk":
             codes, scales, got = topk_encode(x, self.block, self.keep)
             return {CODES: codes, SCALES: scales}, got.to(x.dtype)
+        if self.name == "sign":
+            codes, scales, got = sign_encode(x, self.block)
+            return {CODES: codes, SCALES: scales}, got.to(x.dtype)
         b16 = x.to(torch.bfloat16)
         return {VALUES: b16}, b16.to(x.dtype)
 
@@ -113,6 +129,8 @@ class Spec:
             raise ValueError("scales must be finite and >= 0")
         if self.name == "int8":
             return dequantize(parts[CODES].reshape(-1), scales, self.block)
+        if self.name == "sign":
+            return sign_decode(parts[CODES], scales, self.block, numel)
         return topk_decode(parts[CODES], scales, self.block, numel)
 
 
@@ -139,8 +157,17 @@ def parse(spec: str) -> Spec:
                 f"[{MIN_BLOCK}, {TOPK_MAX_BLOCK}] and KEEP in [1, BLOCK]"
             )
         return Spec(name, nums[0], nums[1])
+    if name == "sign":
+        block = nums[0] if len(nums) == 1 else -1
+        if not (MIN_BLOCK <= block <= SIGN_MAX_BLOCK and block & (block - 1) == 0):
+            raise ValueError(
+                f"sign block size {rest[:20]!r} must be a power of two in "
+                f"[{MIN_BLOCK}, {SIGN_MAX_BLOCK}]"
+            )
+        return Spec(name, block)
     raise ValueError(
-        f"unknown codec {spec[:40]!r} (this side knows bfloat16, int8/BLOCK and topk/BLOCK/KEEP)"
+        f"unknown codec {spec[:40]!r} (this side knows bfloat16, int8/BLOCK, topk/BLOCK/KEEP "
+        "and sign/BLOCK)"
     )
 
 
@@ -207,6 +234,35 @@ def topk_decode(codes: torch.Tensor, scales: torch.Tensor, block: int, numel: in
     return _topk_values(pos, (c >> 6) & 1 == 1, c >> 7 == 1, scales, block, numel)
 
 
+def sign_encode(
+    x: torch.Tensor, block: int = SIGN_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes, one bit per value; bfloat16 scales, the mean magnitude of each block;
+    the float32 values they decode to, shaped like ``x``)."""
+    n = x.numel()
+    blocks = _blocks(x, block)
+    total = blocks.abs().to(torch.float64)
+    while total.shape[1] > 1:  # pairwise, one correctly rounded add per pair: any CPU
+        total = total[:, 0::2] + total[:, 1::2]
+    counts = torch.full((blocks.shape[0],), float(block), dtype=torch.float64)
+    if n % block:
+        counts[-1] = float(n % block)
+    scales = (total.reshape(-1) / counts).to(torch.bfloat16)
+    negative = (blocks < 0).to(torch.uint8).view(-1, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    codes = (negative * weights).sum(dim=1, dtype=torch.uint8)
+    got = sign_decode(codes, scales, block, n)
+    return codes, scales, got.reshape(x.shape)
+
+
+def sign_decode(codes: torch.Tensor, scales: torch.Tensor, block: int, numel: int) -> torch.Tensor:
+    """The float32 values (flat, ``numel``) of :func:`sign_encode`'s codes and scales: every
+    value ``±scale`` of its block (exact)."""
+    bits = (codes.reshape(-1, 1).to(torch.int64) >> torch.arange(8)) & 1
+    sign = 1.0 - 2.0 * bits.reshape(scales.numel(), block).to(torch.float32)
+    return (sign * scales.to(torch.float32).unsqueeze(1)).reshape(-1)[:numel]
+
+
 def _topk_values(
     pos: torch.Tensor,
     negative: torch.Tensor,
@@ -233,6 +289,8 @@ __all__ = [
     "dequantize",
     "parse",
     "quantize",
+    "sign_decode",
+    "sign_encode",
     "topk_decode",
     "topk_encode",
 ]

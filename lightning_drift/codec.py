@@ -31,7 +31,7 @@ All three are lossy. :class:`Residual` is the **error feedback**: the part of ea
 codec could not carry is kept by its owner (a node for its uploads, the coordinator for its
 downloads) and added to the next change, so nothing is lost over rounds: after any number of
 rounds, the sum of what was applied plus the residual equals the sum of the true changes (up
-to float32 rounding of one addition per round).
+to the float32 rounding of one addition and one subtraction per round).
 
 Reconstruction is bit-for-bit identical on every machine: decoding is ``code.float() *
 scale`` (int8, and topk's ``±1`` or ``±2`` by its scale, both exact), or ``value.float()``
@@ -74,8 +74,8 @@ from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.modelspec import TensorSpec, carried, same_bits
 
 StateDict = dict[str, torch.Tensor]
-Codec = Literal["bfloat16", "int8", "topk"]
-CODECS: tuple[str, ...] = ("bfloat16", "int8", "topk")
+Codec = Literal["bfloat16", "int8", "topk", "sign"]
+CODECS: tuple[str, ...] = ("bfloat16", "int8", "topk", "sign")
 
 META_CODEC = "drift_codec"
 

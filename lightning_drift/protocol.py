@@ -31,7 +31,7 @@ MAX_FRAME = 1 << 20  # 1 MiB: control messages only; weights go as blobs
 HEADER = struct.Struct(">I")
 
 Aggregation = Literal["mean", "diloco"]
-TransferDType = Literal["float32", "bfloat16", "int8", "topk"]
+TransferDType = Literal["float32", "bfloat16", "int8", "sign", "topk"]
 # What follows a BarrierReady (see BarrierReady.payload).
 Payload = Literal["weights", "delta", "same", "manifest", "chunks"]
 DataPlane = Literal["star", "sharded"]
@@ -133,6 +133,7 @@ class TrainConfig(_Msg, tag="train_config"):
     shards: int = 0  # the sharded plane's S
     robust: str = "off"  # what a sharded seat reduces with: off, trimmed or median
     trim: float = 0.2
+    outer_warmup: int = 0  # rounds over which DiLoCo's outer lr ramps up (0: none)
 
 
 class ShardAssignment(_Msg, tag="shard_assignment"):

@@ -75,10 +75,16 @@ def run(codec_name: str, method: str, count: int, rounds: int = 3) -> dict[str, 
     every round's download change and new weights were the same bytes."""
     aggregation = "diloco" if method == "diloco" else "mean"
     robust = method if method in ("trimmed", "median") else "off"
+    # The outer lr by contributors, ramped up over the first two rounds: both planes must
+    # step with the same float every round.
     config = SessionConfig(
-        dataset_size=100, transfer_dtype=codec_name, aggregation=aggregation, robust=robust
-    )
-    rule = outer_rule(aggregation, config.outer_lr, config.outer_momentum, robust, config.trim, 0.0)
+        dataset_size=100, transfer_dtype=codec_name, aggregation=aggregation, robust=robust,
+        outer_warmup=2,
+    )  # fmt: skip
+    rule = outer_rule(
+        aggregation, config.outer_lr, config.outer_momentum, robust, config.trim, 0.0,
+        config.outer_warmup,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         star = Aggregation(config, CheckpointStore(Path(tmp)), clock=lambda: 0.0)
         global_sd = model()
@@ -107,6 +113,7 @@ def run(codec_name: str, method: str, count: int, rounds: int = 3) -> dict[str, 
                     [Piece(n, WEIGHTS[i], cut[i][j]) for i, n in enumerate(NODES)],
                     states[j],
                     rule,
+                    rnd,
                 )
                 for j in range(count)
             ]

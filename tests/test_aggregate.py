@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from lightning_drift.aggregate import (
+    OUTER_LR,
+    OUTER_MOMENTUM,
     Accumulator,
     DiLoCo,
     StateDict,
     from_bytes,
     merge_buffers,
+    outer_settings,
     to_bytes,
     validate_upload,
+    weighed,
 )
 from lightning_drift.errors import ConfigError, SessionError
 
@@ -441,12 +445,34 @@ def test_diloco_steps_grow_with_the_momentum_as_documented(lr, momentum):
 
 
 def test_diloco_defaults_are_the_measured_ones():
-    # docs/benchmarks.md, outer_sweep.py: the coordinator's defaults, also DiLoCo's.
+    # docs/benchmarks.md, outer_sweep.py: the coordinator's defaults. The outer lr follows the
+    # round's contributors (0: aggregate.OUTER_LR's), the momentum is DiLoCo's default.
     from lightning_drift.coordinator.config import SETTING
 
-    outer = DiLoCo()
-    assert (outer.lr, outer.momentum, outer.nesterov) == (0.7, 0.6, True)
-    assert (SETTING["outer_lr"].default, SETTING["outer_momentum"].default) == (0.7, 0.6)
+    assert DiLoCo().momentum == OUTER_MOMENTUM == SETTING["outer_momentum"].default
+    assert SETTING["outer_lr"].default == 0 and SETTING["outer_warmup"].default == 0
+    for n, lr in OUTER_LR:
+        assert outer_settings(n, 7) == (lr, OUTER_MOMENTUM), n
+
+
+def test_the_outer_lr_follows_the_contributors_between_the_measured_counts():
+    lrs = [outer_settings(n, 5)[0] for n in range(1, 65)]
+    table = dict(OUTER_LR)
+    for n in range(1, 65):
+        below = max(k for k in table if k <= n)
+        above = min((k for k in table if k >= n), default=below)
+        lo, hi = sorted((table[below], table[above]))
+        assert lo <= lrs[n - 1] <= hi, n  # between its neighbours' values
+    assert lrs[63] == OUTER_LR[-1][1]  # beyond the last count the lr stays
+    assert outer_settings(0, 5) == outer_settings(1, 5)  # a round of no weight: as for one
+
+
+def test_an_explicit_outer_lr_stands_and_warmup_ramps_it_up_linearly():
+    assert outer_settings(8, 1, lr=0.5, momentum=0.3) == (0.5, 0.3)
+    ramp = [outer_settings(4, r, lr=0.9, warmup=4)[0] for r in range(1, 7)]
+    assert ramp == pytest.approx([0.225, 0.45, 0.675, 0.9, 0.9, 0.9])
+    assert outer_settings(4, 0, lr=0.9, warmup=4)[0] == pytest.approx(0.225)  # round 0: as 1
+    assert weighed([("a", 3.0), ("b", 0.0), ("c", 1.0)]) == 2
 
 
 def test_diloco_refuses_mismatched_tensors_and_bad_config():

@@ -143,7 +143,9 @@ def test_a_straggler_is_left_behind_but_ends_on_the_final_weights(tmp_path: Path
             assert torch.equal(node_final[k], final[k]), k
 
 
-@pytest.mark.parametrize(("dtype", "ratio"), [("bfloat16", 0.6), ("int8", 0.35), ("topk", 0.05)])
+@pytest.mark.parametrize(
+    ("dtype", "ratio"), [("bfloat16", 0.6), ("int8", 0.35), ("topk", 0.05), ("sign", 0.06)]
+)
 def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
     tmp_path: Path, dtype: str, ratio: float
 ) -> None:

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from lightning_drift import codec
-from lightning_drift.aggregate import Accumulator, DiLoCo, check_aggregate, to_bytes
+from lightning_drift.aggregate import (
+    Accumulator,
+    DiLoCo,
+    check_aggregate,
+    outer_settings,
+    to_bytes,
+    weighed,
+)
 from lightning_drift.checkpoint import CheckpointInfo, CheckpointStore
 from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.fsutil import sha256_bytes
@@ -56,11 +63,18 @@ class Aggregation:
             return Accumulator(global_sd)
         return RobustAccumulator(global_sd, method=c.robust, trim=c.trim, clip=c.clip)
 
-    def outer_step(self, global_sd: dict[str, Any], mean: dict[str, Any]) -> dict[str, Any]:
-        """(3) The weights the round aims at: the mean itself, or DiLoCo's outer step from the
-        current global weights towards it (its pseudo-gradient is global - mean, the mean over
-        the contributors only: a straggler left out adds nothing to it)."""
+    def outer_step(
+        self, global_sd: dict[str, Any], mean: dict[str, Any], contributors: int, round_no: int
+    ) -> dict[str, Any]:
+        """(3) The weights round ``round_no`` aims at: the mean itself, or DiLoCo's outer step
+        from the current global weights towards it (its pseudo-gradient is global - mean, the
+        mean over the ``contributors`` only: a straggler left out adds nothing to it), with the
+        lr ``aggregate.outer_settings`` gives for them."""
         if self.diloco is not None:
+            c = self.config
+            self.diloco.lr, self.diloco.momentum = outer_settings(
+                contributors, round_no, c.outer_lr, c.outer_momentum, c.outer_warmup
+            )
             return self.diloco.step(global_sd, mean)
         return mean
 
@@ -88,7 +102,7 @@ class Aggregation:
             extra["unchanged"] = "no samples trained this round"
         else:
             momentum = self.diloco.state_dict() if self.diloco is not None else None
-            target = self.outer_step(global_sd, acc.mean())
+            target = self.outer_step(global_sd, acc.mean(), weighed(acc.contributors), aggregating)
             why = check_aggregate(global_sd, target, config.max_change)
             if why is not None:
                 # Not published: the previous weights stay, and so do DiLoCo's momentum and

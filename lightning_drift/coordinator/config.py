@@ -213,9 +213,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("aggregation", "mean", str, "mean or diloco.", _S, choices=("mean", "diloco")),
     # Chosen by benchmarks/outer_sweep.py (docs/benchmarks.md): over tens of rounds, momentum
     # 0.9 is still building up (steps 1.3x to 5.8x the mean's over 16 rounds) and overshoots;
-    # 0.6 settles within 3 rounds at lr / (1 - m) = 1.75x.
-    Setting("outer_lr", 0.7, float, "DiLoCo outer learning rate.", _S),
+    # 0.6 settles within 3 rounds at lr / (1 - m) = 1.75x. The lr by the round's contributors:
+    # aggregate.OUTER_LR, measured at 2, 4 and 8 nodes.
+    Setting("outer_lr", 0.0, float,
+            "DiLoCo outer learning rate; 0: by the round's number of contributors.", _S,
+            check=_not_negative, shown="0 (by contributors)"),
     Setting("outer_momentum", 0.6, float, "DiLoCo outer Nesterov momentum.", _S),
+    Setting("outer_warmup", 0, int,
+            "Rounds over which DiLoCo's outer lr ramps up linearly (0: none).", _S,
+            check=_at_least(0)),
     Setting("quorum", 0.5, float, "Fraction of the expected nodes needed at the deadline.", _S,
             check=_quorum),
     Setting("stop_policy", "quorum", str,
@@ -241,9 +247,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dataset_size", 0, int, "Samples in the dataset.", _S, shown="the first node's"),
     Setting("seed", 0, int, "Seed of the epoch permutations.", _S),
     Setting("transfer_dtype", "float32", str,
-            "float32 (whole weights), bfloat16, int8 or topk (compressed changes; topk: "
-            "the 4 largest of every 64 values at 2 bits).", _S,
-            choices=("float32", "bfloat16", "int8", "topk")),
+            "float32 (whole weights), or compressed changes: bfloat16, int8, sign (one bit "
+            "per value) or topk (the 4 largest of every 64 values at 2 bits).", _S,
+            choices=("float32", "bfloat16", "int8", "sign", "topk")),
     Setting("overlap", True, bool,
             "Nodes train on while a round is in flight (or every barrier blocks).", _S,
             shown="--overlap"),
@@ -334,6 +340,7 @@ class SessionConfig:
     aggregation: Aggregation = _default("aggregation")
     outer_lr: float = _default("outer_lr")
     outer_momentum: float = _default("outer_momentum")
+    outer_warmup: int = _default("outer_warmup")
     quorum: float = _default("quorum")
     stop_policy: StopPolicy = _default("stop_policy")
     stop_quorum: float = _default("stop_quorum")
@@ -388,10 +395,10 @@ class SessionConfig:
 
 def _check_sharded(c: SessionConfig) -> None:
     """What a sharded data plane cannot do, refused with the fix."""
-    if c.transfer_dtype not in ("int8", "topk", "bfloat16"):
+    if c.transfer_dtype == "float32":
         raise ConfigError(
             f"--data-plane sharded cuts encoded changes into shards, but --transfer-dtype is "
-            f"{c.transfer_dtype}: give --transfer-dtype int8 or topk (or bfloat16)"
+            f"{c.transfer_dtype}: give --transfer-dtype sign, int8, topk or bfloat16"
         )
     if c.clip > 0:
         raise ConfigError(

@@ -375,7 +375,9 @@ class DataPlane:
         fetcher = self._fetcher_on(self.endpoint)
         fetcher.gone = set(self.gone)
         c = self.config
-        rule = outer_rule(c.aggregation, c.outer_lr, c.outer_momentum, c.robust, c.trim, 0.0)
+        rule = outer_rule(
+            c.aggregation, c.outer_lr, c.outer_momentum, c.robust, c.trim, 0.0, c.outer_warmup
+        )
         try:
             state = ShardState()
             if j in self.standing:

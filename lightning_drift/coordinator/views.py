@@ -58,6 +58,7 @@ def train_config(s: Shown) -> TrainConfig:
         aggregation=c.aggregation,
         outer_lr=c.outer_lr,
         outer_momentum=c.outer_momentum,
+        outer_warmup=c.outer_warmup,
         transfer_dtype=c.transfer_dtype,
         seed=c.seed,
         dataset_size=s.dataset_size,

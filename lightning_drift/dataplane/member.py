@@ -263,7 +263,7 @@ class Member:
             empty = ShardResult(shard, None, "", {}, {}, 0.0, state)
             return Computed(empty, "", 0, tuple(missing))
         result = await asyncio.to_thread(
-            reduce_shard, self.plan, shard, base, fixed, pieces, state, rule
+            reduce_shard, self.plan, shard, base, fixed, pieces, state, rule, upload_round
         )
         if result.piece is None:
             return Computed(result, "", 0)

@@ -36,7 +36,14 @@ import safetensors.torch
 import torch
 
 from lightning_drift import codec
-from lightning_drift.aggregate import Accumulator, DiLoCo, moved_too_far
+from lightning_drift.aggregate import (
+    OUTER_MOMENTUM,
+    Accumulator,
+    DiLoCo,
+    moved_too_far,
+    outer_settings,
+    weighed,
+)
 from lightning_drift.dataplane.manifest import piece_hash
 from lightning_drift.dataplane.plan import ShardPlan
 from lightning_drift.errors import ConfigError, SessionError
@@ -52,14 +59,21 @@ class OuterRule:
     (``mean`` or ``diloco`` with its outer learning rate and momentum) and robust method."""
 
     aggregation: str = "mean"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.6
+    outer_lr: float = 0.0  # 0: by the round's contributors (aggregate.outer_settings)
+    outer_momentum: float = OUTER_MOMENTUM
     robust: str = "off"
     trim: float = 0.2
+    outer_warmup: int = 0
 
 
 def outer_rule(
-    aggregation: str, outer_lr: float, outer_momentum: float, robust: str, trim: float, clip: float
+    aggregation: str,
+    outer_lr: float,
+    outer_momentum: float,
+    robust: str,
+    trim: float,
+    clip: float,
+    outer_warmup: int = 0,
 ) -> OuterRule:
     """The rule for a sharded session's settings; ConfigError for what shards cannot do."""
     if clip > 0:
@@ -72,7 +86,7 @@ def outer_rule(
         raise ConfigError(f"robust aggregation must be {', '.join(METHODS)}; got {robust!r}")
     if aggregation not in ("mean", "diloco"):
         raise ConfigError(f"aggregation must be mean or diloco, got {aggregation!r}")
-    return OuterRule(aggregation, outer_lr, outer_momentum, robust, trim)
+    return OuterRule(aggregation, outer_lr, outer_momentum, robust, trim, outer_warmup)
 
 
 @dataclass(frozen=True)
@@ -174,10 +188,12 @@ def reduce_shard(
     pieces: Sequence[Piece],
     state: ShardState,
     rule: OuterRule,
+    round_no: int = 0,
 ) -> ShardResult:
-    """Shard ``index``'s round: ``pieces`` combined in the given order against the whole
-    global weights ``base`` (whose carried tensors are ``fixed``), the outer step, and the
-    download change encoded with the shard's residual (see the module docstring)."""
+    """Shard ``index``'s round ``round_no`` (the upload round): ``pieces`` combined in the given
+    order against the whole global weights ``base`` (whose carried tensors are ``fixed``), the
+    outer step, and the download change encoded with the shard's residual (see the module
+    docstring)."""
     shard = plan.shards[index]
     views = plan.slices(index, base)
     live = {s.key: views[s.key] for s in shard.spans if s.name not in fixed}
@@ -188,7 +204,11 @@ def reduce_shard(
     mean = acc.mean()
     momentum: StateDict = {}
     if rule.aggregation == "diloco":
-        outer = DiLoCo(lr=rule.outer_lr, momentum=rule.outer_momentum)
+        lr, momentum = outer_settings(
+            weighed(acc.contributors), round_no, rule.outer_lr, rule.outer_momentum,
+            rule.outer_warmup,
+        )  # fmt: skip
+        outer = DiLoCo(lr=lr, momentum=momentum)
         outer.load_state_dict(state.momentum)
         target = outer.step(live, mean)
         momentum = outer.state_dict()

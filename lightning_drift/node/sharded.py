@@ -181,7 +181,7 @@ class NodeDataPlane:
         try:
             state = await self._state(o)
             rule = outer_rule(config.aggregation, config.outer_lr, config.outer_momentum,
-                              config.robust, config.trim, 0.0)  # fmt: skip
+                              config.robust, config.trim, 0.0, config.outer_warmup)  # fmt: skip
             base = held[1]
             done = await m.compute(
                 o.round, o.shard, list(zip(o.nodes, o.weights, o.pieces, strict=True)),
