@@ -143,6 +143,13 @@ def simulate(args: argparse.Namespace, setup: c.Setup, n_nodes: int, spec: str) 
                 local = {kk: v.detach() for kk, v in m.state_dict().items()}
                 if args.codec == "float32":
                     acc.add(str(i), local, samples)
+                elif args.residual == "weights":
+                    # The node's residual stays in its weights: it trains on from what it
+                    # could not send, rather than adding it to its next change.
+                    change = codec.difference(local, glob)
+                    sent = codec.decode(codec.encode(change, args.codec).payload, glob)
+                    up_res[i].load_state_dict({kk: change[kk] - sent[kk] for kk in change})
+                    acc.add(str(i), sent, samples, delta=True)
                 else:
                     enc = codec.encode(codec.difference(local, glob), args.codec, up_res[i])
                     acc.add(str(i), codec.decode(enc.payload, glob), samples, delta=True)
@@ -156,9 +163,12 @@ def simulate(args: argparse.Namespace, setup: c.Setup, n_nodes: int, spec: str) 
             else:
                 enc = codec.encode(codec.difference(target, glob), args.codec, down_res)
                 glob = codec.apply(glob, codec.decode(enc.payload, glob))
-            for m in nodes:
+            for i, m in enumerate(nodes):
+                start = glob
+                if args.residual == "weights" and len(up_res[i]):
+                    start = codec.apply(glob, up_res[i].state_dict())
                 with torch.no_grad():
-                    m.load_state_dict(glob)
+                    m.load_state_dict(start)
         curve.append(c.evaluate(setup, glob, data))
         print(f"  {n_nodes} nodes {spec}: epoch {epoch} val loss {curve[-1]:.4f}", flush=True)
     return {
@@ -187,9 +197,17 @@ def main() -> None:
     ap.add_argument("--sync-every", type=int, default=100, help="steps per round (H)")
     ap.add_argument("--steps", type=int, default=1600, help="optimizer steps per node, at least")
     ap.add_argument("--epochs", type=int, default=0, help="instead of --steps")
-    ap.add_argument("--codec", default="int8", choices=("float32", "bfloat16", "int8", "topk", "sign"))
+    ap.add_argument(
+        "--codec", default="int8", choices=("float32", "bfloat16", "int8", "topk", "sign")
+    )
     ap.add_argument(
         "--keep", type=int, default=0, help="topk: values kept of every 64 (0: the codec's)"
+    )
+    ap.add_argument(
+        "--residual",
+        choices=("change", "weights"),
+        default="change",
+        help="a node's upload residual: added to its next change (drift's), or kept in its weights",
     )
     ap.add_argument("--outer", nargs="*", default=None, help="settings to run (see above)")
     ap.add_argument(

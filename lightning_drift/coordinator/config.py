@@ -217,7 +217,7 @@ SETTINGS: tuple[Setting, ...] = (
     # aggregate.OUTER_LR, measured at 2, 4 and 8 nodes.
     Setting("outer_lr", 0.0, float,
             "DiLoCo outer learning rate; 0: by the round's number of contributors.", _S,
-            check=_not_negative, shown="0 (by contributors)"),
+            check=_not_negative),
     Setting("outer_momentum", 0.6, float, "DiLoCo outer Nesterov momentum.", _S),
     Setting("outer_warmup", 0, int,
             "Rounds over which DiLoCo's outer lr ramps up linearly (0: none).", _S,
