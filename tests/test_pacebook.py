@@ -7,7 +7,7 @@ import pytest
 
 from lightning_drift.coordinator.boundary import PACE_FACTOR
 from lightning_drift.coordinator.config import MEASURED_SMOOTHING, PACE_SMOOTHING
-from lightning_drift.coordinator.pacebook import PaceBook, ema
+from lightning_drift.coordinator.pacebook import PaceBook, ema, trained_for
 
 
 def test_ema_starts_at_the_first_value():
@@ -54,3 +54,12 @@ def test_the_pace_book_round_trips():
     b.measure("a", 100, work=100.0, elapsed=1.0)
     b.report("a", 90.0)
     assert msgspec.convert(msgspec.to_builtins(b), PaceBook) == b
+
+
+def test_the_time_trained_is_the_nodes_word_within_what_the_coordinator_saw():
+    # least: its round's start to its arrival; most: its previous counted upload to it.
+    assert trained_for(10.0, 0.1, 10.2) == 10.0  # overlapped: it trained before its round
+    assert trained_for(0.0, 0.1, 10.2) == 0.1  # says nothing: the least, as before
+    assert trained_for(1e-9, 3.0, 10.0) == 3.0  # claims to be fast: not believed
+    assert trained_for(1e9, 3.0, 10.0) == 10.0  # claims to be slow: at most what it could be
+    assert trained_for(5.0, 3.0, 1.0) == 3.0  # most below least (a restart's clock): least

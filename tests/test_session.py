@@ -10,9 +10,9 @@ import msgspec
 import pytest
 
 from lightning_drift.coordinator.boundary import CALIBRATION_MAX, PACE_FACTOR, TRAIN_S_MIN
-from lightning_drift.coordinator.config import SessionConfig
+from lightning_drift.coordinator.config import MEASURED_SMOOTHING, SessionConfig
 from lightning_drift.coordinator.epochbook import consumed
-from lightning_drift.coordinator.pacebook import NodePace
+from lightning_drift.coordinator.pacebook import NodePace, ema
 from lightning_drift.coordinator.session import MemberState, Session, Verdict
 from lightning_drift.protocol import NodeInfo, TrainProgress
 
@@ -1014,3 +1014,22 @@ def test_no_re_plan_takes_work_from_a_node_keeping_to_its_plan():
     out = dict(s.rebalance(22.0))
     assert out and out[B].size < 500 < out[A].size, s.last_rebalance
     assert s.book.planned[A] == s.paces.for_replan(A)  # its new work is sized by this pace
+
+
+def test_an_overlapped_upload_just_after_its_round_opened_is_not_measured_as_instant():
+    # With overlapped rounds A trains round 2's work while round 1 is still open; round 1
+    # completes late (B was slow), so A's round-2 upload comes 0.1 s after round 2 opened.
+    # Its pace is its samples over the 10 s it says it trained (within the 10.1 s since its
+    # round-1 upload), not over 0.1 s: a 100x pace would win it the next epoch's work.
+    s = session(min_nodes=2)
+    start(s, A, B)
+    for n in (A, B):
+        s.upload(n, 1, 10.0)
+        s.arrived(n, 1, 100, 10.0, train_s=10.0)
+    finish_round(s, 20.0)
+    assert s.upload(A, 2, 20.1).kind is Verdict.OPEN
+    s.arrived(A, 2, 100, 20.1, train_s=10.0)
+    assert s.paces.of(A).measured == pytest.approx(ema(10.0, 10.0, MEASURED_SMOOTHING))
+    assert s.upload(B, 2, 40.0).kind is Verdict.OPEN  # B says 1 ms: the coordinator saw 20 s
+    s.arrived(B, 2, 100, 40.0, train_s=1e-3)
+    assert s.paces.of(B).measured == pytest.approx(ema(10.0, 100 / 20.0, MEASURED_SMOOTHING))

@@ -5,8 +5,9 @@ A node's pace is the samples/s it trains. Three kinds, one home (the averaging c
 
 - the **measured pace**: what the coordinator measured from the node's uploads that counted
   and showed training (``evidence.py``): its samples, at most one round's work of its
-  assignment, over the time from the round's start to the upload's arrival, averaged with
-  ``MEASURED_SMOOTHING``. Deadlines, re-plans, epoch shares and the bounds on what nodes
+  assignment, over the time it trained for them (:func:`trained_for`: what it says, never
+  less than the round's start to the upload's arrival nor more than its previous counted
+  upload to this one), averaged with ``MEASURED_SMOOTHING``. Deadlines, re-plans, epoch shares and the bounds on what nodes
   report go by it, and by nothing else: it is the one pace that rests on evidence;
 - the **reported pace**: what the node says (``TrainProgress.samples_per_s``, and its
   upload's samples over its training time), never beyond ``PACE_FACTOR`` of its measured pace
@@ -37,6 +38,17 @@ from lightning_drift.scheduler import Scheduler
 def ema(average: float, value: float, weight: float) -> float:
     """``value`` folded into ``average`` with ``weight`` (the first value when none yet)."""
     return value if average <= 0 else weight * value + (1 - weight) * average
+
+
+def trained_for(train_s: float, least: float, most: float) -> float:
+    """How long a node trained for an upload: what it says (``train_s``, its training time
+    since its last upload, waits left out) within what the coordinator saw: at ``least`` the
+    time since its round (or the node) started, at ``most`` the time since its previous
+    counted upload (or its join). With overlapped rounds a node trains a round's work while
+    the previous round is still open, so its upload can arrive just after its round started:
+    the least alone would make its pace many times what it is. A claim can only lower the
+    pace below the least's, never raise it: a node's own share is all it moves."""
+    return min(max(train_s, least), max(least, most))
 
 
 class NodePace(msgspec.Struct):

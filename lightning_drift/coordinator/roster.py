@@ -63,6 +63,7 @@ class Member(msgspec.Struct):
     gone_at: float = 0.0  # when it became lost, left or banned
     arrived_round: int = msgspec.field(default=0, name="round")  # its last counted round
     barrier_since: float | None = None
+    counted_at: float = 0.0  # when its last upload that counted arrived (0: none yet)
     barrier_wait: float = 0.0  # how long it waited at its last completed barrier
     loss: float | None = None
     samples: int = 0
@@ -212,7 +213,7 @@ class Roster(msgspec.Struct):
         ``delivered``: the samples of it that showed training (see :attr:`Member.delivered`)."""
         m = self.members[node]
         m.state, m.arrived_round, m.barrier_since = MemberState.BARRIER, upload_round, now
-        m.samples = samples
+        m.samples, m.counted_at = samples, now
         m.delivered += max(0, delivered)
 
     def barriers_done(self, nodes: list[str], now: float) -> None:

@@ -37,7 +37,7 @@ from lightning_drift.coordinator.boundary import PACE_FACTOR
 from lightning_drift.coordinator.config import SessionConfig
 from lightning_drift.coordinator.epochbook import EpochBook, round_end, shard_reply
 from lightning_drift.coordinator.evidence import Evidence
-from lightning_drift.coordinator.pacebook import DeadlinePace, PaceBook
+from lightning_drift.coordinator.pacebook import DeadlinePace, PaceBook, trained_for
 from lightning_drift.coordinator.replans import Replans
 from lightning_drift.coordinator.roster import (
     BANNED_MAX,
@@ -390,8 +390,9 @@ class Session:
         evidence: bool = True,
     ) -> RoundDecision:
         """The node's upload for ``upload_round`` (the open round) was accumulated, weighing
-        ``samples`` as :meth:`weight_for` bounds it; its pace is measured from its arrival
-        (the time since the round, or the node, started) and reported by ``train_s``.
+        ``samples`` as :meth:`weight_for` bounds it; its pace is measured over the time it says
+        it trained (``train_s``) within what the coordinator saw (``pacebook.trained_for``), and
+        reported by ``train_s``.
         ``epoch_samples``: what of its work it had trained (-1: not said); ``loss``: shown
         until its next progress report; ``change``: the norm of its change; ``evidence``:
         whether it showed training (``evidence.py``: else it is neither a measurement nor work
@@ -410,9 +411,10 @@ class Session:
             self.round.arrived(node, samples, now)
             self.evidence.counted(node, change, samples, evidence=evidence)
             delivered = samples if evidence else 0
+            since, previous = max(self.round_started, m.joined_at), max(m.counted_at, m.joined_at)
             self.roster.at_barrier(node, upload_round, samples, now, delivered=delivered)
             if (a := self.assignments.get(node)) is not None and evidence:
-                elapsed = now - max(self.round_started, m.joined_at)
+                elapsed = trained_for(train_s, now - since, now - previous)
                 self.paces.measure(node, samples, a.work_per_round, elapsed)
             if train_s > 0 and samples > 0:
                 self.paces.report(node, samples / train_s)

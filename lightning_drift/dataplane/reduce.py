@@ -204,11 +204,11 @@ def reduce_shard(
     mean = acc.mean()
     momentum: StateDict = {}
     if rule.aggregation == "diloco":
-        lr, momentum = outer_settings(
+        lr, beta = outer_settings(
             weighed(acc.contributors), round_no, rule.outer_lr, rule.outer_momentum,
             rule.outer_warmup,
         )  # fmt: skip
-        outer = DiLoCo(lr=lr, momentum=momentum)
+        outer = DiLoCo(lr=lr, momentum=beta)
         outer.load_state_dict(state.momentum)
         target = outer.step(live, mean)
         momentum = outer.state_dict()
