@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
 AGGREGATIONS = ("mean", "diloco")
-DTYPES = ("float32", "bfloat16", "int8", "topk", "sign")
+DTYPES = ("float32", "bfloat16", "int8", "topk", "sign", "int2")
 DEFAULT_METHODS = ("single", "ddp", "mean", "mean-int8", "diloco-int8")
 BYTES_TARGET = 0.001  # "best" drift method: at most a thousandth of DDP's bytes
 
@@ -151,12 +151,18 @@ def _launch(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
 def run_plain(args: argparse.Namespace, setup: c.Setup, kind: str, work: Path) -> dict[str, Any]:
     """``single`` or ``ddp``: one launched process (Lightning starts the other DDP ranks)."""
     out = work / kind
-    out.mkdir(parents=True, exist_ok=True)
     log = work / f"{kind}.log"
-    t0 = time.perf_counter()
-    proc = _launch(_worker_cmd(args, setup, kind, out), log)
-    c.wait_all([(kind, proc, log)], args.timeout)
-    wall = time.perf_counter() - t0
+    if args.reuse is not None:  # single and ddp are exactly reproducible: take an earlier run
+        out = args.reuse / "runs" / kind
+        if not (out / "final.safetensors").exists():
+            raise RuntimeError(f"--reuse {args.reuse}: no {kind} run there ({out})")
+        wall = 0.0
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        proc = _launch(_worker_cmd(args, setup, kind, out), log)
+        c.wait_all([(kind, proc, log)], args.timeout)
+        wall = time.perf_counter() - t0
     reports = [c.read_json(p) for p in sorted(out.glob("report-*.json"))]
     n = 1 if kind == "single" else args.nodes
     if len(reports) != n:
@@ -165,7 +171,7 @@ def run_plain(args: argparse.Namespace, setup: c.Setup, kind: str, work: Path) -
         "method": kind,
         "processes": n,
         "weights": out / "final.safetensors",
-        "wall_s": wall,
+        "wall_s": wall or max(r["fit_s"] for r in reports),
         "fit_s": max(r["fit_s"] for r in reports),
         "samples": sum(r["samples"] for r in reports),
         "steps": str(reports[0]["steps"]),
@@ -365,6 +371,13 @@ def main() -> None:
     )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per method")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs' files here")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="take single and ddp from an earlier --workdir of the same settings (they are "
+        "exactly reproducible; their wall time is then their fit time)",
+    )
     ap.add_argument("--update-docs", action="store_true", help="write the table into docs")
     ap.add_argument("--section", default="convergence", help="docs section --update-docs writes")
     # internal: run one training process

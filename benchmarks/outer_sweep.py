@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1600, help="optimizer steps per node, at least")
     ap.add_argument("--epochs", type=int, default=0, help="instead of --steps")
     ap.add_argument(
-        "--codec", default="int8", choices=("float32", "bfloat16", "int8", "topk", "sign")
+        "--codec", default="int8", choices=("float32", "bfloat16", "int8", "topk", "sign", "int2")
     )
     ap.add_argument(
         "--keep", type=int, default=0, help="topk: values kept of every 64 (0: the codec's)"

@@ -21,13 +21,19 @@ sign       ``codes/``: uint8, ``block / 8`` per block  ``block·b / 8 + 2b``
            (one bit per value, the first value in
            bit 0); ``scales/``: bfloat16, one per
            block
+int2       ``codes/``: uint8, ``block / 4`` per block  ``block·b / 4 + 2b``
+           (two bits per value, the first value in
+           bits 0-1); ``scales/``: bfloat16, one per
+           block
 =========  ==========================================  =======================================
 
 A topk code byte is ``position | negative << 6 | double << 7``: the kept value's position in
 its block, its sign, and whether it is ``2·scale`` rather than ``scale``. A sign code bit is
 1 for a negative value: every value decodes to ``±scale``, the scale being the mean magnitude
 of the block's values (summed pairwise in float64, in a fixed order: the same bits on every
-CPU) rounded to bfloat16.
+CPU) rounded to bfloat16. An int2 code ``c`` (0 to 3) decodes to ``(2c - 3)·scale``: ``±scale``
+or ``±3·scale``, the scale being half the block's mean magnitude (summed the same way), close
+to the best four levels for bell-shaped values; a value takes the nearest level.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ TOPK_KEEP = 4  # topk: values kept per block (docs/benchmarks.md, "convergence.p
 MIN_BLOCK, MAX_BLOCK = 8, 1 << 20
 TOPK_MAX_BLOCK = 64
 SIGN_BLOCK = 64  # sign: values per block, a power of two (docs/benchmarks.md, "convergence.py")
-SIGN_MAX_BLOCK = 4096
+SIGN_MAX_BLOCK = 4096  # sign and int2
+INT2_BLOCK = 64  # int2: values per block, a power of two
 QMAX = 127
 
 CODES, SCALES, VALUES = "codes/", "scales/", "values/"
@@ -75,10 +82,12 @@ class Spec:
             return cls(name, TOPK_BLOCK, TOPK_KEEP)
         if name == "sign":
             return cls(name, SIGN_BLOCK)
+        if name == "int2":
+            return cls(name, INT2_BLOCK)
         return cls(name, BLOCK)
 
     def __str__(self) -> str:
-        if self.name in ("int8", "sign"):
+        if self.name in ("int8", "sign", "int2"):
             return f"{self.name}/{self.block}"
         if self.name == "topk":
             return f"topk/{self.block}/{self.keep}"
@@ -92,6 +101,8 @@ class Spec:
             return (Part(CODES, torch.uint8, self.keep), Part(SCALES, torch.bfloat16, 1))
         if self.name == "sign":
             return (Part(CODES, torch.uint8, self.block // 8), Part(SCALES, torch.bfloat16, 1))
+        if self.name == "int2":
+            return (Part(CODES, torch.uint8, self.block // 4), Part(SCALES, torch.bfloat16, 1))
         return (Part(VALUES, torch.bfloat16, 0),)
 
     def count(self, part: Part, numel: int) -> int:
@@ -113,6 +124,9 @@ class Spec:
         if self.name == "sign":
             codes, scales, got = sign_encode(x, self.block)
             return {CODES: codes, SCALES: scales}, got.to(x.dtype)
+        if self.name == "int2":
+            codes, scales, got = int2_encode(x, self.block)
+            return {CODES: codes, SCALES: scales}, got.to(x.dtype)
         b16 = x.to(torch.bfloat16)
         return {VALUES: b16}, b16.to(x.dtype)
 
@@ -131,6 +145,8 @@ class Spec:
             return dequantize(parts[CODES].reshape(-1), scales, self.block)
         if self.name == "sign":
             return sign_decode(parts[CODES], scales, self.block, numel)
+        if self.name == "int2":
+            return int2_decode(parts[CODES], scales, self.block, numel)
         return topk_decode(parts[CODES], scales, self.block, numel)
 
 
@@ -157,17 +173,17 @@ def parse(spec: str) -> Spec:
                 f"[{MIN_BLOCK}, {TOPK_MAX_BLOCK}] and KEEP in [1, BLOCK]"
             )
         return Spec(name, nums[0], nums[1])
-    if name == "sign":
+    if name in ("sign", "int2"):
         block = nums[0] if len(nums) == 1 else -1
         if not (MIN_BLOCK <= block <= SIGN_MAX_BLOCK and block & (block - 1) == 0):
             raise ValueError(
-                f"sign block size {rest[:20]!r} must be a power of two in "
+                f"{name} block size {rest[:20]!r} must be a power of two in "
                 f"[{MIN_BLOCK}, {SIGN_MAX_BLOCK}]"
             )
         return Spec(name, block)
     raise ValueError(
-        f"unknown codec {spec[:40]!r} (this side knows bfloat16, int8/BLOCK, topk/BLOCK/KEEP "
-        "and sign/BLOCK)"
+        f"unknown codec {spec[:40]!r} (this side knows bfloat16, int8/BLOCK, topk/BLOCK/KEEP, "
+        "sign/BLOCK and int2/BLOCK)"
     )
 
 
@@ -241,13 +257,7 @@ def sign_encode(
     the float32 values they decode to, shaped like ``x``)."""
     n = x.numel()
     blocks = _blocks(x, block)
-    total = blocks.abs().to(torch.float64)
-    while total.shape[1] > 1:  # pairwise, one correctly rounded add per pair: any CPU
-        total = total[:, 0::2] + total[:, 1::2]
-    counts = torch.full((blocks.shape[0],), float(block), dtype=torch.float64)
-    if n % block:
-        counts[-1] = float(n % block)
-    scales = (total.reshape(-1) / counts).to(torch.bfloat16)
+    scales = _mean_magnitude(blocks, n).to(torch.bfloat16)
     negative = (blocks < 0).to(torch.uint8).view(-1, 8)
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
     codes = (negative * weights).sum(dim=1, dtype=torch.uint8)
@@ -261,6 +271,47 @@ def sign_decode(codes: torch.Tensor, scales: torch.Tensor, block: int, numel: in
     bits = (codes.reshape(-1, 1).to(torch.int64) >> torch.arange(8)) & 1
     sign = 1.0 - 2.0 * bits.reshape(scales.numel(), block).to(torch.float32)
     return (sign * scales.to(torch.float32).unsqueeze(1)).reshape(-1)[:numel]
+
+
+def int2_encode(
+    x: torch.Tensor, block: int = INT2_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes, two bits per value; bfloat16 scales, half the mean magnitude of each
+    block; the float32 values they decode to, shaped like ``x``): each value takes the
+    nearest of ``-3, -1, 1, 3`` times its block's scale."""
+    n = x.numel()
+    blocks = _blocks(x, block)
+    scales = (_mean_magnitude(blocks, n) / 2).to(torch.bfloat16)
+    div = torch.where(scales > 0, scales, torch.ones_like(scales)).to(blocks.dtype)
+    # level (2c - 3) nearest to x / scale: c = round((x / scale + 3) / 2), each a correctly
+    # rounded operation; a zero block divides by 1 and decodes to 0 whatever its codes.
+    c = torch.round((blocks / div.unsqueeze(1) + 3) / 2).clamp_(0, 3).to(torch.uint8)
+    weights = torch.tensor([1, 4, 16, 64], dtype=torch.uint8)
+    codes = (c.view(-1, 4) * weights).sum(dim=1, dtype=torch.uint8)
+    got = int2_decode(codes, scales, block, n)
+    return codes, scales, got.reshape(x.shape)
+
+
+def int2_decode(codes: torch.Tensor, scales: torch.Tensor, block: int, numel: int) -> torch.Tensor:
+    """The float32 values (flat, ``numel``) of :func:`int2_encode`'s codes and scales:
+    ``(2c - 3)·scale`` (exact)."""
+    c = (codes.reshape(-1, 1).to(torch.int64) >> torch.arange(0, 8, 2)) & 3
+    levels = (2 * c - 3).reshape(scales.numel(), block).to(torch.float32)
+    return (levels * scales.to(torch.float32).unsqueeze(1)).reshape(-1)[:numel]
+
+
+def _mean_magnitude(blocks: torch.Tensor, numel: int) -> torch.Tensor:
+    """float64 mean of each block's magnitudes over its ``numel``'s real values, summed
+    pairwise in a fixed order (one correctly rounded add per pair: the same bits on any
+    CPU). The block size is a power of two."""
+    total = blocks.abs().to(torch.float64)
+    while total.shape[1] > 1:
+        total = total[:, 0::2] + total[:, 1::2]
+    block = blocks.shape[1]
+    counts = torch.full((blocks.shape[0],), float(block), dtype=torch.float64)
+    if numel % block:
+        counts[-1] = float(numel % block)
+    return total.reshape(-1) / counts
 
 
 def _topk_values(
@@ -287,6 +338,8 @@ __all__ = [
     "Part",
     "Spec",
     "dequantize",
+    "int2_decode",
+    "int2_encode",
     "parse",
     "quantize",
     "sign_decode",

@@ -74,8 +74,8 @@ from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.modelspec import TensorSpec, carried, same_bits
 
 StateDict = dict[str, torch.Tensor]
-Codec = Literal["bfloat16", "int8", "topk", "sign"]
-CODECS: tuple[str, ...] = ("bfloat16", "int8", "topk", "sign")
+Codec = Literal["bfloat16", "int8", "topk", "sign", "int2"]
+CODECS: tuple[str, ...] = ("bfloat16", "int8", "topk", "sign", "int2")
 
 META_CODEC = "drift_codec"
 

@@ -102,7 +102,7 @@ def test_the_start_up_sync_moves_the_weights_once(tmp_path: Path) -> None:
     run(main())
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "topk", "sign"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "topk", "sign", "int2"])
 def test_every_round_is_the_change_every_node_rebuilds_bit_for_bit(tmp_path: Path, dtype) -> None:
     rounds = 6
 

@@ -98,7 +98,7 @@ def test_a_start_gate_that_could_never_open_is_refused():
 @pytest.mark.parametrize(
     "kw, says",
     [
-        ({"transfer_dtype": "float32"}, "--transfer-dtype sign, int8"),
+        ({"transfer_dtype": "float32"}, "--transfer-dtype int2, sign, int8"),
         ({"transfer_dtype": "int8", "clip": 2.0}, "--robust trimmed or median"),
         ({"transfer_dtype": "int8", "shards": 0}, "--shards must be in [1, 256]"),
         ({"transfer_dtype": "int8", "shards": 257}, "--shards must be in [1, 256]"),

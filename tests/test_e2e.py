@@ -144,7 +144,8 @@ def test_a_straggler_is_left_behind_but_ends_on_the_final_weights(tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    ("dtype", "ratio"), [("bfloat16", 0.6), ("int8", 0.35), ("topk", 0.05), ("sign", 0.06)]
+    ("dtype", "ratio"),
+    [("bfloat16", 0.6), ("int8", 0.35), ("topk", 0.05), ("sign", 0.08), ("int2", 0.11)],
 )
 def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
     tmp_path: Path, dtype: str, ratio: float

@@ -83,7 +83,7 @@ def _entries(coord: LocalCoordinator) -> list[dict]:
     return json.loads((coord.checkpoint_dir / "manifest.json").read_text())["checkpoints"]
 
 
-@pytest.mark.parametrize("dtype", ["int8", "topk"])
+@pytest.mark.parametrize("dtype", ["int8", "int2", "topk"])
 def test_four_members_end_bit_equal_to_every_checkpoint(tmp_path: Path, dtype: str) -> None:
     settings = dict(SHARDED, transfer_dtype=dtype)
     with LocalCoordinator(tmp_path / "coord", epochs=1, sync_every=3, **settings) as coord:

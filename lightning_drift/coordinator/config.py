@@ -248,8 +248,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("seed", 0, int, "Seed of the epoch permutations.", _S),
     Setting("transfer_dtype", "float32", str,
             "float32 (whole weights), or compressed changes: bfloat16, int8, sign (one bit "
-            "per value) or topk (the 4 largest of every 64 values at 2 bits).", _S,
-            choices=("float32", "bfloat16", "int8", "sign", "topk")),
+            "per value), int2 (two bits per value) or topk (the 4 largest of every 64 values "
+            "at 2 bits).", _S,
+            choices=("float32", "bfloat16", "int8", "int2", "sign", "topk")),
     Setting("overlap", True, bool,
             "Nodes train on while a round is in flight (or every barrier blocks).", _S,
             shown="--overlap"),
@@ -398,7 +399,7 @@ def _check_sharded(c: SessionConfig) -> None:
     if c.transfer_dtype == "float32":
         raise ConfigError(
             f"--data-plane sharded cuts encoded changes into shards, but --transfer-dtype is "
-            f"{c.transfer_dtype}: give --transfer-dtype sign, int8, topk or bfloat16"
+            f"{c.transfer_dtype}: give --transfer-dtype int2, sign, int8, topk or bfloat16"
         )
     if c.clip > 0:
         raise ConfigError(

@@ -100,7 +100,7 @@ class ShardPlan:
         if codec_name not in codec.CODECS:
             raise ConfigError(
                 f"a sharded data plane needs a codec ({', '.join(codec.CODECS)}), got "
-                f"{codec_name!r}: set --transfer-dtype sign, int8, topk or bfloat16"
+                f"{codec_name!r}: set --transfer-dtype int2, sign, int8, topk or bfloat16"
             )
         if not 1 <= count <= MAX_SHARDS:
             raise ConfigError(f"shard count must be within 1..{MAX_SHARDS}, got {count}")

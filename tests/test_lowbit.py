@@ -1,5 +1,6 @@
-"""The topk codec (lightning_drift.blocks, through lightning_drift.codec): which values a
-block keeps and how, its bytes, and the refusal of codes no encoder writes. Pure: no I/O."""
+"""The low-bit codecs (lightning_drift.blocks, through lightning_drift.codec): topk (which
+values a block keeps and how), sign and int2 (the levels every value takes), their bytes, and
+the refusal of codes no encoder writes. Pure: no I/O."""
 
 from __future__ import annotations
 
@@ -126,3 +127,61 @@ def test_another_block_and_keep_are_read_as_their_spec_says():
         {"codes/w": codes, "scales/w": scales}, metadata={"drift_codec": "topk/32/8"}
     )
     assert torch.equal(codec.decode(payload, {"w": x})["w"], got)
+
+
+@pytest.mark.parametrize("n", [*range(0, 2 * 64 + 2), 1000])
+def test_sign_sends_every_value_as_its_blocks_mean_magnitude_with_its_sign(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g)
+    codes, scales, got = blocks.sign_encode(x)
+    nb = math.ceil(n / 64)
+    assert codes.shape == (nb * 8,) and scales.shape == (nb,)
+    for j in range(nb):
+        block = x[j * 64 : (j + 1) * 64]
+        s = float(torch.tensor(float(block.double().abs().mean())).to(torch.bfloat16))
+        assert float(scales[j]) == s
+        out = got[j * 64 : (j + 1) * 64]
+        assert torch.equal(out, torch.where(block < 0, -s, s).to(torch.float32))
+    assert torch.equal(blocks.sign_decode(codes, scales, 64, n), got)
+
+
+@pytest.mark.parametrize("n", [*range(0, 2 * 64 + 2), 1000])
+def test_int2_sends_every_value_as_the_nearest_of_four_levels(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g)
+    codes, scales, got = blocks.int2_encode(x)
+    nb = math.ceil(n / 64)
+    assert codes.shape == (nb * 16,) and scales.shape == (nb,)
+    for j in range(nb):
+        block = x[j * 64 : (j + 1) * 64]
+        s = float(torch.tensor(float(block.double().abs().mean()) / 2).to(torch.bfloat16))
+        assert float(scales[j]) == s
+        levels = torch.tensor([-3.0, -1.0, 1.0, 3.0]) * s
+        out = got[j * 64 : (j + 1) * 64]
+        nearest = (block.unsqueeze(1) - levels).abs().min(dim=1).values
+        assert bool(((out.unsqueeze(1) == levels).any(dim=1)).all())
+        assert bool(((out - block).abs() <= nearest + 1e-6 * s).all())
+    assert torch.equal(blocks.int2_decode(codes, scales, 64, n), got)
+
+
+@pytest.mark.parametrize("name", ["sign", "int2"])
+def test_every_code_byte_decodes_and_a_bad_block_or_scale_is_refused(name):
+    x = torch.randn(300)
+    tensors = dict(from_bytes(codec.encode({"w": x}, name).payload))
+    tensors["codes/w"] = torch.arange(tensors["codes/w"].numel(), dtype=torch.int64).to(
+        torch.uint8
+    )  # every byte value: all are codes
+    payload = safetensors.torch.save(tensors, metadata={"drift_codec": f"{name}/64"})
+    assert codec.decode(payload, {"w": x})["w"].shape == (300,)
+    tensors["scales/w"][2] = float("nan")
+    assert "must be finite and >= 0" in _refused(tensors, {"w": x}, f"{name}/64")
+    for meta in (f"{name}/63", f"{name}/4", f"{name}", f"{name}/64/2"):
+        assert "must be a power of two" in _refused(tensors, {"w": x}, meta)
+
+
+def test_the_low_bit_codecs_cost_what_their_layout_says():
+    n = 1 << 16
+    x = {"w": torch.randn(n)}
+    for name, per_value in (("sign", (8 + 2) / 64), ("int2", (16 + 2) / 64)):
+        assert codec.nbytes(n, name) == pytest.approx(per_value)
+        assert len(codec.encode(x, name).payload) < n * per_value + 300
