@@ -238,6 +238,22 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
 
 
+def conclude(args: Any, text: str, line: str, what: str, t0: float, work: Path) -> None:
+    """A benchmark's end: its table, how long ``what`` took since ``t0``, the docs block
+    (``--update-docs``, in ``--section``), the work folder removed unless ``--workdir`` kept
+    it, and its one last line."""
+    print()
+    print(text)
+    print(f"\n({what}: {(time.perf_counter() - t0) / 60:.1f} min)")
+    if args.update_docs:
+        update_docs(args.section, f"```\n{command_line()}\n```\n\n{text}\n\n`{line}`")
+    if args.workdir is None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    print(line)
+
+
 def update_docs(section: str, body: str, path: Path = DOCS) -> None:
     """Replace the text between ``<!-- BEGIN section -->`` and ``<!-- END section -->``."""
     begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -422,16 +421,8 @@ def main() -> None:
             flush=True,
         )
         results.append(res)
-    text = report(args, setup, results, init_loss)
-    print()
-    print(text)
-    print(f"\n(all methods: {(time.perf_counter() - t0) / 60:.1f} min)")
-    line = summary(args, results)
-    if args.update_docs:
-        c.update_docs(args.section, f"```\n{c.command_line()}\n```\n\n{text}\n\n`{line}`")
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    print(line)
+    c.conclude(args, report(args, setup, results, init_loss), summary(args, results),
+               "all methods", t0, work)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -394,16 +393,8 @@ def main() -> None:
         )
         sessions.append(s)
     target = max(s["final_loss"] for s in sessions)
-    text = report(args, setup, sessions, target)
-    print()
-    print(text)
-    print(f"\n(both sessions: {(time.perf_counter() - t0) / 60:.1f} min)")
-    line = summary(sessions, target)
-    if args.update_docs:
-        c.update_docs(args.section, f"```\n{c.command_line()}\n```\n\n{text}\n\n`{line}`")
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    print(line)
+    c.conclude(args, report(args, setup, sessions, target), summary(sessions, target),
+               "both sessions", t0, work)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -82,8 +82,6 @@ def verify_checkpoints(directory: Path) -> list[dict]:
             outer = (directory / e["outer_file"]).read_bytes()
             assert hashlib.sha256(outer).hexdigest() == e["outer_sha256"], e["outer_file"]
     return entries
-
-
 class Reference:
     """The coordinator's rounds computed here from the same uploads: the samples-weighted mean
     of the dequantized changes, the outer step, then the download change with the

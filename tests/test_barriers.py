@@ -129,8 +129,6 @@ def test_a_stop_before_the_first_step_is_due_at_once():
     assert plan.due() == 0
     plan.finish_at(4)
     assert plan.due() == 1
-
-
 def test_a_re_plan_spreads_the_barriers_left_from_the_last_one_held():
     # 4 barriers over 20 steps: 5, 10, 15, 20. After barrier 1 (step 5) and 2 more steps the
     # epoch grows to 35 steps: the 3 barriers left share steps 5..35: 15, 25, 35.

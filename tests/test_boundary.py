@@ -106,12 +106,7 @@ def test_a_data_endpoint_is_kept_only_when_it_names_a_peer(given, kept):
 
 
 def test_a_progress_reports_data_bytes_bounded():
-    assert (
-        boundary.progress(
-            TrainProgress(round=1, epoch=0, step=1, samples=1, data_bytes=-9)
-        ).data_bytes
-        == 0
-    )
+    assert boundary.progress(TrainProgress(round=1, epoch=0, step=1, samples=1, data_bytes=-9)).data_bytes == 0
     big = boundary.progress(TrainProgress(round=1, epoch=0, step=1, samples=1, data_bytes=10**30))
     assert big.data_bytes == boundary.COUNT_MAX
 

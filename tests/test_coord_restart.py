@@ -246,9 +246,7 @@ def test_epoch_plan_survives_a_kill_before_round_one_completes(tmp_path):
             saved = json.loads((state / "state.json").read_text())["session"]
             assert saved["completed"] == 0 and saved["has_weights"]
             assert saved["epochs"]["plan"] is not None
-            assert {
-                n: {f: v[f] for f in fields} for n, v in saved["epochs"]["assignments"].items()
-            } == before
+            assert {n: {f: v[f] for f in fields} for n, v in saved["epochs"]["assignments"].items()} == before
 
             proc, token2, _ = await start_coordinator(state, port, config)
             assert token2 == token

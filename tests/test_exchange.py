@@ -98,12 +98,7 @@ def test_an_overlapped_round_folds_the_steps_trained_meanwhile_into_the_global_w
     assert rounds.arrived
     record = rounds.settle()
     assert isinstance(record, BarrierRecord)
-    assert (record.round, record.overlapped, record.samples, record.contributed) == (
-        3,
-        True,
-        7,
-        True,
-    )
+    assert (record.round, record.overlapped, record.samples, record.contributed) == (3, True, 7, True)
     assert record.round_trip_s == pytest.approx(2.0)
     assert torch.equal(m.weight, torch.full((2, 3), 5.5))  # global + (now - copy)
     assert torch.equal(m.bias, torch.full((2,), 5.0))

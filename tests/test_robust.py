@@ -101,9 +101,7 @@ def test_without_robustness_the_check_catches_the_poisoned_mean():
     assert why is not None and "moved by" in why and "'w'" in why
     assert suspects(acc.norms, 10.0) == ["evil"]
     assert out["steps"].item() == 110  # integer buffers are safe even in the plain mean
-    inf = {
-        k: (v.clone() if k == "steps" else torch.full_like(v, float("inf"))) for k, v in ref.items()
-    }
+    inf = {k: (v.clone() if k == "steps" else torch.full_like(v, float("inf"))) for k, v in ref.items()}
     assert "non-finite" in check_aggregate(ref, inf, 0.0)
 
 

@@ -251,8 +251,6 @@ def test_lightning_cli_masks_the_token_in_the_config_it_saves(tmp_path):
     # What SaveConfigCallback writes to config.yaml next to the logs:
     saved = cli.parser.dump(cli.config)
     assert TOKEN not in saved and "token: '**********'" in saved
-
-
 class _Seen(L.LightningModule):
     """Counts training batches and when validation runs (after how many batches)."""
 
