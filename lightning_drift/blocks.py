@@ -45,10 +45,10 @@ import torch
 
 BLOCK = 64  # int8: values per block (docs/benchmarks.md, "int8 block size")
 TOPK_BLOCK = 64  # topk: values per block; at most 64 (a position is 6 bits)
-TOPK_KEEP = 4  # topk: values kept per block (docs/benchmarks.md, "convergence.py")
+TOPK_KEEP = 4  # topk: values kept per block (docs/benchmarks.md, "outer_sweep.py": 12 is no better)
 MIN_BLOCK, MAX_BLOCK = 8, 1 << 20
 TOPK_MAX_BLOCK = 64
-SIGN_BLOCK = 64  # sign: values per block, a power of two (docs/benchmarks.md, "convergence.py")
+SIGN_BLOCK = 64  # sign: values per block, a power of two (as int8's)
 SIGN_MAX_BLOCK = 4096  # sign and int2
 INT2_BLOCK = 64  # int2: values per block, a power of two
 QMAX = 127

@@ -26,26 +26,35 @@ Codecs (``TransferDType`` in the protocol, ``--transfer-dtype`` on the coordinat
     position in the block (6 bits), its sign, and which of the two magnitudes. With the
     defaults (4 of 64) that is 6 bytes per 64 values, 0.094 bytes per value: 43x fewer than
     float32, 11x fewer than int8; the values left out wait in the error feedback.
+``int2``
+    every value of each block of 64 at two bits: ``±scale`` or ``±3·scale``, the nearest, with
+    one bfloat16 ``scale`` per block (half its mean magnitude): 18 bytes per 64 values, 14x
+    fewer than float32.
+``sign``
+    every value of each block of 64 at one bit, its sign, times one bfloat16 ``scale`` per
+    block (its mean magnitude): 10 bytes per 64 values, 26x fewer than float32.
 
-All three are lossy. :class:`Residual` is the **error feedback**: the part of each change that the
+``blocks.py`` holds their kernels and layouts; docs/strategy.md says which to pick. All are
+lossy. :class:`Residual` is the **error feedback**: the part of each change that the
 codec could not carry is kept by its owner (a node for its uploads, the coordinator for its
 downloads) and added to the next change, so nothing is lost over rounds: after any number of
 rounds, the sum of what was applied plus the residual equals the sum of the true changes (up
 to the float32 rounding of one addition and one subtraction per round).
 
 Reconstruction is bit-for-bit identical on every machine: decoding is ``code.float() *
-scale`` (int8, and topk's ``±1`` or ``±2`` by its scale, both exact), or ``value.float()``
-(bfloat16), and applying is ``old + change``, each a plain,
+scale`` (int8; topk's ``±1`` or ``±2``, int2's ``±1`` or ``±3`` and sign's ``±1`` by their
+scale, all exact), or ``value.float()`` (bfloat16), and applying is ``old + change``, each a plain,
 correctly rounded float32 operation on the CPU, done the same way by every side (no fused
 multiply-add). Tensors in float64 are changed in float64; float16 and bfloat16 ones in
 float32 and cast back.
 
-Every codec computes per block (int8, topk) or per value (bfloat16) of the flattened tensor,
+Every codec computes per block (bfloat16: per value) of the flattened tensor,
 so a run of whole blocks of a tensor encodes and decodes on its own, to the same bits: the
 sharded data plane (``dataplane/plan.py``) cuts changes there.
 
 The payload is a safetensors file whose metadata names the codec (``drift_codec``:
-``bfloat16``, ``int8/<block size>`` or ``topk/<block size>/<kept per block>``);
+``bfloat16``, ``int8/<block size>``, ``int2/<block size>``, ``sign/<block size>`` or
+``topk/<block size>/<kept per block>``);
 docs/protocol.md gives the tensor layout.
 """
 
