@@ -209,6 +209,7 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, method: str, work: Path)
         quorum=1.0,
         seed=setup.seed,
         overlap=args.overlap == "on",
+        residual=args.residual,
         **{k: v for k, v in outer.items() if v is not None},
     )
     t0 = time.perf_counter()
@@ -308,7 +309,8 @@ def report(args: argparse.Namespace, setup: c.Setup, results: list[dict], init_l
     notes = [
         f"Setup: {setup.describe()}; {args.epochs} epochs; {args.nodes} processes for ddp and "
         f"drift; drift --sync-every {args.sync_every} (H), quorum 1, "
-        f"{'overlapped' if args.overlap == 'on' else 'blocking'} rounds; diloco: {diloco}.",
+        f"{'overlapped' if args.overlap == 'on' else 'blocking'} rounds, residual in the "
+        f"{'weights' if args.residual == 'weights' else 'next change'}; diloco: {diloco}.",
         f"Initial weights: val loss {init_loss:.4f}. Val loss: mean next-byte cross-entropy over "
         "every validation window, computed by the benchmark from each method's saved final "
         "weights (drift: the coordinator's final checkpoint, which every node holds).",
@@ -362,6 +364,12 @@ def main() -> None:
         help="drift rounds overlapped (the coordinator's default) or blocking",
     )
     ap.add_argument("--outer-lr", type=float, default=None, help="diloco (coordinator default)")
+    ap.add_argument(
+        "--residual",
+        choices=("change", "weights"),
+        default="change",
+        help="where drift nodes keep their upload residual (the coordinator's --residual)",
+    )
     ap.add_argument("--outer-momentum", type=float, default=None, help="diloco (ditto)")
     ap.add_argument(
         "--methods",

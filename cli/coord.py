@@ -233,6 +233,7 @@ def serve(
     outer_lr: Annotated[float | None, _option("outer_lr")] = None,
     outer_momentum: Annotated[float | None, _option("outer_momentum")] = None,
     outer_warmup: Annotated[int | None, _option("outer_warmup")] = None,
+    residual: Annotated[str | None, _option("residual")] = None,
     deadline_margin: Annotated[float | None, _option("deadline_margin")] = None,
     deadline_floor: Annotated[float | None, _option("deadline_floor")] = None,
     deadline_max: Annotated[float | None, _option("deadline_max")] = None,

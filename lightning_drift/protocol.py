@@ -134,6 +134,7 @@ class TrainConfig(_Msg, tag="train_config"):
     robust: str = "off"  # what a sharded seat reduces with: off, trimmed or median
     trim: float = 0.2
     outer_warmup: int = 0  # rounds over which DiLoCo's outer lr ramps up (0: none)
+    residual: str = "change"  # where a node keeps its upload residual: change or weights
 
 
 class ShardAssignment(_Msg, tag="shard_assignment"):

@@ -145,7 +145,14 @@ def test_a_straggler_is_left_behind_but_ends_on_the_final_weights(tmp_path: Path
 
 @pytest.mark.parametrize(
     ("dtype", "ratio"),
-    [("bfloat16", 0.6), ("int8", 0.35), ("topk", 0.05), ("sign", 0.08), ("int2", 0.11)],
+    [
+        ("bfloat16", 0.6),
+        ("int8", 0.35),
+        ("topk", 0.05),
+        ("sign", 0.08),
+        ("int2", 0.11),
+        ("int2 weights", 0.11),
+    ],
 )
 def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
     tmp_path: Path, dtype: str, ratio: float
@@ -162,11 +169,16 @@ def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
         sync_every=3,
         quorum=1.0,
         keep=1000,  # every round stays on disk
-        transfer_dtype=dtype,
+        transfer_dtype=dtype.split()[0],
+        # "weights": the nodes train on from global + their residual between rounds, and
+        # still rebuild every round exactly and end on the final checkpoint
+        residual=(dtype.split() + ["change"])[1],
     ) as coord:
         extra = {i: ["--round-copies", str(tmp_path / f"copies-{i}")] for i in range(2)}
         outs = _run_nodes(coord, tmp_path, 2, 1, extra=extra)
         assert coord.wait(timeout=60) == 0, coord.log_tail()
+    config = json.loads((coord.state_dir / "state.json").read_text())["session"]["config"]
+    assert (config["transfer_dtype"], config["residual"]) == tuple((dtype + " change").split()[:2])
     ckpt = coord.checkpoint_dir
     final = load_file(str(coord.latest_checkpoint()))
     assert all(t.dtype == torch.float32 for t in final.values())

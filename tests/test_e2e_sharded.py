@@ -83,9 +83,10 @@ def _entries(coord: LocalCoordinator) -> list[dict]:
     return json.loads((coord.checkpoint_dir / "manifest.json").read_text())["checkpoints"]
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int2", "topk"])
+@pytest.mark.parametrize("dtype", ["int8", "int2 weights", "topk"])
 def test_four_members_end_bit_equal_to_every_checkpoint(tmp_path: Path, dtype: str) -> None:
-    settings = dict(SHARDED, transfer_dtype=dtype)
+    codec_name, *where = dtype.split()
+    settings = dict(SHARDED, transfer_dtype=codec_name, residual=(where or ["change"])[0])
     with LocalCoordinator(tmp_path / "coord", epochs=1, sync_every=3, **settings) as coord:
         _wait(_members(coord, tmp_path, epochs=1), tmp_path, coord)
     # Every training round was reduced by the members and changed the weights.

@@ -252,3 +252,43 @@ def test_an_apply_refuses_weights_of_another_model():
     other = {k: v for k, v in taken.items() if k != "lin.bias"}
     with pytest.raises(ConfigError, match="lin.bias"):
         apply_in_place(net, other, taken)
+
+
+def test_a_residual_kept_in_the_weights_is_trained_on_from_and_not_sent_twice():
+    # --residual weights: what the codec left out of an upload goes into the weights the
+    # node starts its next round from, not into its next change; the final round is exact.
+    torch.manual_seed(3)
+    net = Net()
+    held = GlobalWeights("sign", in_weights=True)
+    glob = {k: v.clone() for k, v in net.state_dict().items()}
+    blob, sha = _answer(glob)
+    held.receive(1, blob, sha)
+    with torch.no_grad():
+        net.lin.weight.add_(torch.randn_like(net.lin.weight) * 1e-2)
+    local = local_state(net)
+    up = held.upload(local, upload_round=2)
+    sent = codec.decode(up.payload, glob)
+    true = local["lin.weight"] - glob["lin.weight"]
+    assert torch.equal(held.residual.get("lin.weight"), true - sent["lin.weight"])
+    same = held.receive(2, b"", sha, payload="same")  # (the round changed nothing)
+    start = held.start(same, final=False)
+    # global + what was left out: the node's own weights, less what it sent
+    assert torch.allclose(start["lin.weight"], local["lin.weight"] - sent["lin.weight"])
+    assert torch.equal(start["norm.num_batches_tracked"], glob["norm.num_batches_tracked"])
+    assert held.start(same, final=True) is same.weights  # the final round: exactly
+    # From there the next change holds the residual once: no error feedback is added to it.
+    with torch.no_grad():
+        load_in_place(net, start)
+    again = codec.decode(held.upload(local_state(net), upload_round=3).payload, glob)
+    plain = codec.decode(codec.encode(codec.difference(start, glob), "sign").payload, glob)
+    assert torch.equal(again["lin.weight"], plain["lin.weight"])
+
+
+def test_the_residual_stays_out_of_the_weights_unless_the_session_says_so():
+    torch.manual_seed(4)
+    net = Net()
+    for held in (GlobalWeights("int8"), GlobalWeights("float32", in_weights=True)):
+        blob, sha = _answer(net.state_dict())
+        got = held.receive(1, blob, sha)
+        held.upload(local_state(net), upload_round=2)
+        assert held.start(got, final=False) is got.weights

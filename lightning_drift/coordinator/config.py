@@ -251,6 +251,12 @@ SETTINGS: tuple[Setting, ...] = (
             "per value), int2 (two bits per value) or topk (the 4 largest of every 64 values "
             "at 2 bits).", _S,
             choices=("float32", "bfloat16", "int8", "int2", "sign", "topk")),
+    # benchmarks/outer_sweep.py --residual: with a low-bit codec, "weights" spares a node
+    # training again towards what it could not send (docs/benchmarks.md, "outer_sweep.py").
+    Setting("residual", "change", str,
+            "Where a node keeps what its codec left out of an upload: change (added to its "
+            "next one) or weights (it trains on from it; the final round ends it exact).", _S,
+            choices=("change", "weights")),
     Setting("overlap", True, bool,
             "Nodes train on while a round is in flight (or every barrier blocks).", _S,
             shown="--overlap"),
@@ -355,6 +361,7 @@ class SessionConfig:
     seed: int = _default("seed")
     transfer_dtype: TransferDType = _default("transfer_dtype")
     overlap: bool = _default("overlap")
+    residual: str = _default("residual")
     rebalance: bool = _default("rebalance")
     min_vram: int = _default("min_vram")
     max_nodes: int = _default("max_nodes")

@@ -59,6 +59,7 @@ def train_config(s: Shown) -> TrainConfig:
         outer_lr=c.outer_lr,
         outer_momentum=c.outer_momentum,
         outer_warmup=c.outer_warmup,
+        residual=c.residual,
         transfer_dtype=c.transfer_dtype,
         seed=c.seed,
         dataset_size=s.dataset_size,

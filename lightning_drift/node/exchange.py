@@ -261,12 +261,14 @@ class RoundExchange:
             ready, got = refetched.ready, refetched.weights
             sync, sent, received = inflight.sync, 0, len(got.blob)
         with self.meter.busy("apply_s"):
+            start = self.weights.start(got, final=ready.finished)
             if inflight.taken is None or ready.finished:
                 # Blocking (nothing trained since the upload), or the session's final weights
-                # (a straggler: nothing more to train): exactly the round's weights.
-                load_in_place(self.module, got.weights)
+                # (a straggler: nothing more to train): the round's weights (and, between
+                # rounds, the residual a session keeps in the weights).
+                load_in_place(self.module, start)
             else:
-                apply_in_place(self.module, got.weights, inflight.taken, got.carried)
+                apply_in_place(self.module, start, inflight.taken, got.carried)
         self.base_round = got.round  # the parameters are now based on this round's weights
         if self.checkpoint_dir is not None:
             keep_round_copy(self.checkpoint_dir, got.round, got.blob)

@@ -232,7 +232,7 @@ class Joining:
         """The session's settings: how weights travel, overlap, reports."""
         assert self.runtime is not None
         self.config = config
-        weights = GlobalWeights(config.transfer_dtype)
+        weights = GlobalWeights(config.transfer_dtype, in_weights=config.residual == "weights")
         self.runtime.hold(weights.held, lambda: table_of(local_state(module)))
         self.exchange = RoundExchange(
             self.runtime,

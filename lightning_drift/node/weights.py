@@ -169,6 +169,11 @@ def apply_in_place(
                 t.sub_(taken[name]).add_(g)
 
 
+def _kept_out(t: torch.Tensor) -> bool:
+    """Whether a change of this tensor can leave something out (a floating one)."""
+    return t.is_floating_point()
+
+
 def keep_round_copy(directory: Path, global_round: int, blob: bytes) -> Path:
     """Write the global weights of ``global_round`` to ``directory`` (atomically), named as the
     coordinator names its checkpoints; returns the file."""
@@ -215,10 +220,19 @@ class GlobalWeights:
 
     The start-up sync is answered ``"same"`` when the node's own weights are the session's,
     so that a node started from the same seed or checkpoint downloads nothing.
+
+    ``in_weights`` (the session's ``--residual weights``, compressed transfers only): what the
+    codec left out of an upload is not added to the next change but to the weights the node
+    trains on from (:meth:`start`), so that it does not train again towards what it could
+    not send; its next change, taken from the global weights, holds it. The final round's
+    weights are taken exactly.
     """
 
-    def __init__(self, transfer_dtype: TransferDType = "float32") -> None:
+    def __init__(
+        self, transfer_dtype: TransferDType = "float32", *, in_weights: bool = False
+    ) -> None:
         self.transfer_dtype = transfer_dtype
+        self.in_weights = in_weights and transfer_dtype in codec.CODECS
         self.base_round = -1  # the round of the last global weights received
         self.base_sha256 = ""  # their sha256 (of the checkpoint file's bytes)
         self.residual = codec.Residual()  # what compression left out of past uploads
@@ -266,9 +280,13 @@ class GlobalWeights:
         if upload_round == 0:
             return self.offer(local)
         if self.compressed and self._kept is not None:
-            enc = codec.encode(
-                codec.difference(local, self._kept), self.transfer_dtype, self.residual
-            )
+            change = codec.difference(local, self._kept)
+            if self.in_weights:  # the residual is in the weights, hence in the change
+                enc = codec.encode(change, self.transfer_dtype)
+                left = {k: change[k] - enc.applied[k] for k in change if _kept_out(change[k])}
+                self.residual.load_state_dict(left)
+            else:
+                enc = codec.encode(change, self.transfer_dtype, self.residual)
             return Upload(enc.payload, True, self.base_round, self.base_sha256)
         return Upload(to_bytes(local), base_round=self.base_round)
 
@@ -326,6 +344,18 @@ class GlobalWeights:
             self._kept = {k: v.clone() for k, v in weights.items()}
             self._held = (sha256, self._kept)  # one assignment: read from another thread
         return Received(global_round, weights, blob, payload, fixed)
+
+    def start(self, got: Received, *, final: bool) -> StateDict:
+        """The weights the node trains on from after ``got``: the round's global weights,
+        plus (``in_weights``, not ``final``) what its codec left out of its last upload; the
+        carried tensors and integer buffers as ``got`` holds them."""
+        if not self.in_weights or final or not len(self.residual):
+            return got.weights
+        kept = {k: self.residual.get(k) for k in got.weights if k not in got.carried}
+        change = {k: v for k, v in kept.items() if v is not None}
+        out = dict(got.weights)
+        out.update(codec.apply({k: got.weights[k] for k in change}, change))
+        return out
 
     def _same(self, sha256: str) -> tuple[StateDict, bytes]:
         if self._offered is not None and self._offered[0] == sha256:
