@@ -238,6 +238,17 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
 
 
+def wait_nodes(coord: Any, procs: list[tuple[str, Any, Path]], timeout: float) -> None:
+    """Wait for a session's node processes (:func:`wait_all`); a failure shows the
+    coordinator's log too."""
+    try:
+        wait_all(procs, timeout)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{exc}\n\ncoordinator log {coord.log_path}:\n{coord.log_tail()}"
+        ) from None
+
+
 def conclude(args: Any, text: str, line: str, what: str, t0: float, work: Path) -> None:
     """A benchmark's end: its table, how long ``what`` took since ``t0``, the docs block
     (``--update-docs``, in ``--section``), the work folder removed unless ``--workdir`` kept

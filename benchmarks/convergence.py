@@ -222,12 +222,7 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, method: str, work: Path)
             cmd = _worker_cmd(args, setup, "drift", out)
             cmd += ["--token", coord.token, "--name", f"node-{i}"]
             procs.append((f"{method} node-{i}", _launch(cmd, log), log))
-        try:
-            c.wait_all(procs, args.timeout)
-        except RuntimeError as exc:
-            raise RuntimeError(
-                f"{exc}\n\ncoordinator log {coord.log_path}:\n{coord.log_tail()}"
-            ) from None
+        c.wait_nodes(coord, procs, args.timeout)
         wall = time.perf_counter() - t0
         with contextlib.suppress(subprocess.TimeoutExpired):
             coord.wait(timeout=60)

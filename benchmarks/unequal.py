@@ -186,12 +186,7 @@ def run_session(
             out, log = base / f"node-{i}", base / f"node-{i}.log"
             cmd = _node_cmd(args, setup, out, coord.token, f"node-{i}", speed)
             procs.append((f"{label} node-{i}", _launch(cmd, log), log))
-        try:
-            c.wait_all(procs, args.timeout)
-        except RuntimeError as exc:
-            raise RuntimeError(
-                f"{exc}\n\ncoordinator log {coord.log_path}:\n{coord.log_tail()}"
-            ) from None
+        c.wait_nodes(coord, procs, args.timeout)
         wall = time.perf_counter() - t0
         with contextlib.suppress(subprocess.TimeoutExpired):
             coord.wait(timeout=60)
