@@ -169,11 +169,6 @@ def apply_in_place(
                 t.sub_(taken[name]).add_(g)
 
 
-def _kept_out(t: torch.Tensor) -> bool:
-    """Whether a change of this tensor can leave something out (a floating one)."""
-    return t.is_floating_point()
-
-
 def keep_round_copy(directory: Path, global_round: int, blob: bytes) -> Path:
     """Write the global weights of ``global_round`` to ``directory`` (atomically), named as the
     coordinator names its checkpoints; returns the file."""
@@ -283,7 +278,7 @@ class GlobalWeights:
             change = codec.difference(local, self._kept)
             if self.in_weights:  # the residual is in the weights, hence in the change
                 enc = codec.encode(change, self.transfer_dtype)
-                left = {k: change[k] - enc.applied[k] for k in change if _kept_out(change[k])}
+                left = {k: v - enc.applied[k] for k, v in change.items() if v.is_floating_point()}
                 self.residual.load_state_dict(left)
             else:
                 enc = codec.encode(change, self.transfer_dtype, self.residual)
