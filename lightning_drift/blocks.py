@@ -49,7 +49,7 @@ TOPK_KEEP = 4  # topk: values kept per block (docs/benchmarks.md, "outer_sweep.p
 MIN_BLOCK, MAX_BLOCK = 8, 1 << 20
 TOPK_MAX_BLOCK = 64
 SIGN_BLOCK = 64  # sign: values per block, a power of two (as int8's)
-SIGN_MAX_BLOCK = 4096  # sign and int2
+PACKED_MAX_BLOCK = 4096  # sign and int2: bit-packed codes, a power of two per block
 INT2_BLOCK = 64  # int2: values per block, a power of two
 QMAX = 127
 
@@ -175,10 +175,10 @@ def parse(spec: str) -> Spec:
         return Spec(name, nums[0], nums[1])
     if name in ("sign", "int2"):
         block = nums[0] if len(nums) == 1 else -1
-        if not (MIN_BLOCK <= block <= SIGN_MAX_BLOCK and block & (block - 1) == 0):
+        if not (MIN_BLOCK <= block <= PACKED_MAX_BLOCK and block & (block - 1) == 0):
             raise ValueError(
                 f"{name} block size {rest[:20]!r} must be a power of two in "
-                f"[{MIN_BLOCK}, {SIGN_MAX_BLOCK}]"
+                f"[{MIN_BLOCK}, {PACKED_MAX_BLOCK}]"
             )
         return Spec(name, block)
     raise ValueError(
