@@ -32,3 +32,27 @@ def test_jump_to_epoch_moves_every_epoch_counter():
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
     assert loopstate.jump_to_epoch(trainer, 3) == 0
     assert trainer.current_epoch == 3
+
+
+def trainer_with(**options) -> L.Trainer:
+    return L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, **options)
+
+
+def test_an_integer_val_check_interval_is_fitted_to_each_epochs_share():
+    trainer = trainer_with(val_check_interval=5)
+    loopstate.fit_val_interval(trainer, 3)  # a share shorter than the interval: once, at its end
+    assert (trainer.val_check_interval, trainer.val_check_batch) == (3, 3)
+    loopstate.fit_val_interval(trainer, 12)  # a longer one: every 5 batches, as asked
+    assert (trainer.val_check_interval, trainer.val_check_batch) == (5, 5)
+    loopstate.fit_val_interval(trainer, 0)  # an empty share trains nothing: never below 1
+    assert trainer.val_check_batch == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"val_check_interval": 0.5}, {"val_check_interval": 5, "check_val_every_n_epoch": None}],
+)
+def test_fractions_and_intervals_across_epochs_are_left_as_asked(options):
+    trainer = trainer_with(**options)
+    loopstate.fit_val_interval(trainer, 2)
+    assert trainer.val_check_interval == options["val_check_interval"]

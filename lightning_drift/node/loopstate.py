@@ -14,6 +14,7 @@ its test) change.
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import lightning
 from lightning.pytorch.trainer.states import RunningStage
@@ -36,6 +37,9 @@ PRIVATE: dict[str, tuple[str, ...]] = {
 # val_check_interval (Lightning 2.6).
 OPTIONAL: dict[str, tuple[str, ...]] = {"trainer": ("_val_check_time_interval",)}
 _checked = False
+# The integer ``val_check_interval`` each trainer was given, before :func:`fit_val_interval`
+# fitted it to an epoch's shard.
+_asked_interval: WeakKeyDictionary[Any, Any] = WeakKeyDictionary()
 
 
 def missing(trainer: Any) -> list[str]:
@@ -122,6 +126,26 @@ def follow_epoch_length(trainer: Any, batches: int) -> None:
     interval = trainer.val_check_interval
     if getattr(trainer, "_val_check_time_interval", None) is None and isinstance(interval, float):
         trainer.val_check_batch = max(1, int(batches * interval))
+    fit_val_interval(trainer, batches)
+
+
+def fit_val_interval(trainer: Any, batches: int) -> None:
+    """An integer ``val_check_interval`` (validate every N batches of an epoch) fitted to an
+    epoch of ``batches``: at most the epoch's length.
+
+    The session sizes each node's share of an epoch by its pace, so a share can be shorter
+    than the interval the program asked for, and Lightning refuses an epoch shorter than its
+    interval (``fit_loop.setup_data`` raises). Such an epoch validates once, at its end; a
+    longer one every N batches, as asked. Intervals counted across epochs
+    (``check_val_every_n_epoch=None``), fractions and times are left as they are."""
+    asked = _asked_interval.setdefault(trainer, trainer.val_check_interval)
+    if not isinstance(asked, int) or isinstance(asked, bool):
+        return
+    if trainer.check_val_every_n_epoch is None:
+        return
+    fitted = max(1, min(asked, batches))
+    trainer.val_check_interval = fitted
+    trainer.val_check_batch = fitted
 
 
 def jump_to_epoch(trainer: Any, epoch: int) -> int:
@@ -199,6 +223,7 @@ __all__ = [
     "TrainerLoop",
     "check",
     "end_fit",
+    "fit_val_interval",
     "follow_epoch_length",
     "jump_to_epoch",
     "keep_fitting",

@@ -313,6 +313,7 @@ class DriftStrategy(SingleDeviceStrategy):
         if work.finished:
             sampler = ShardSampler.empty()
         work.sampler, work.loader = sampler, loopstate.with_sampler(dataloader, sampler)
+        loopstate.fit_val_interval(trainer, loopstate.limited(trainer, len(work.loader)))
         return work.loader
 
     def _join(self, dataset_size: int, loader: DataLoader) -> EpochWork:

@@ -45,15 +45,25 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
 
 class Recorder(Callback):
     """The weights the fit trained (at ``on_train_end``, before a later callback swaps its
-    average in) and how often validation ran."""
+    average in), how often validation ran, and per epoch how many batches it trained and how
+    often it validated (``{epoch: count}``)."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self.validations = 0
+        self.epochs: dict[int, dict[str, int]] = {}
+
+    def tally(self, trainer: L.Trainer, what: str) -> None:
+        epoch = self.epochs.setdefault(trainer.current_epoch, {"batches": 0, "validations": 0})
+        epoch[what] += 1
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self.tally(trainer, "batches")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.validations += 1
+            self.tally(trainer, "validations")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         save_file(tensors(pl_module), str(self.out / "trained.safetensors"))
@@ -116,6 +126,7 @@ def main() -> None:
         "finished": strategy.finished,
         "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
         "validations": recorder.validations,
+        "epochs": recorder.epochs,
         "counts": getattr(model, "counts", {}),
         "final_sha256": digest(final),
     }

@@ -570,16 +570,46 @@ def validations(check: Callable[[int], bool]) -> Callable[[Outcome], None]:
     return run
 
 
-@recipe(check=validations(lambda n: n >= 4))
+def validated_per_epoch(least: Callable[[int], int]) -> Callable[[Outcome], None]:
+    """A check: every epoch a node trained ``b`` batches of validated at least ``least(b)``
+    times. A node's share of an epoch follows its measured pace, so ``b`` differs between
+    nodes and runs; the check counts what each epoch was."""
+
+    def run(o: Outcome) -> None:
+        for name, r in o.reports.items():
+            trained = {e: t for e, t in r["epochs"].items() if t["batches"]}
+            assert trained, (name, r["epochs"])
+            for epoch, t in trained.items():
+                assert t["validations"] >= least(t["batches"]), (name, epoch, r["epochs"])
+
+    return run
+
+
+# An epoch's share is fixed at its start (no re-plan moves work within it), so the number of
+# validations Lightning runs in it follows from its length alone.
+FIXED_SHARES = {"rebalance": False}
+
+
+@recipe(coordinator=FIXED_SHARES, check=validated_per_epoch(lambda b: min(2, b)))
 def val_check_interval(ctx: Context) -> Program:
-    """Validation twice an epoch (``val_check_interval=0.5``)."""
+    """Validation twice an epoch (``val_check_interval=0.5``): twice in each node's share of
+    an epoch, once where the share is a single batch."""
     return plain(val_check_interval=0.5)
 
 
-@recipe(check=validations(lambda n: n >= 2))
+@recipe(coordinator=FIXED_SHARES, check=validated_per_epoch(lambda b: max(1, b // 2)))
 def val_check_interval_steps(ctx: Context) -> Program:
-    """Validation every 2 training batches (an integer ``val_check_interval``)."""
+    """Validation every 2 training batches (an integer ``val_check_interval``); a share of
+    one batch validates at its end."""
     return plain(val_check_interval=2)
+
+
+@recipe(coordinator=FIXED_SHARES, check=validated_per_epoch(lambda b: 1))
+def val_check_interval_longer_than_a_share(ctx: Context) -> Program:
+    """An integer ``val_check_interval`` longer than a node's share of an epoch (5 batches;
+    the shares are 4 at equal paces): Lightning refuses an epoch shorter than its interval,
+    so a node validates such a share once, at its end."""
+    return plain(val_check_interval=5)
 
 
 @recipe(check=validations(lambda n: n == 1))
