@@ -167,7 +167,9 @@ def test_a_seat_that_lies_is_outvoted_struck_and_the_members_end_on_the_checkpoi
     tmp_path, caplog
 ):
     caplog.set_level(logging.INFO, logger="lightning_drift")
-    coord = coordinator(tmp_path)
+    # Deadlines and heartbeats far above what a round takes: on a busy machine a member that
+    # misses a round's deadline is no seat of it, and the liar must be one.
+    coord = coordinator(tmp_path, deadline_floor=15.0, heartbeat_timeout=20.0)
     seen: list[SessionStatus] = []
     finals, lies = asyncio.run(asyncio.wait_for(session(coord, 3, 2, seen), 180))
     entries = verify_checkpoints(tmp_path / "state" / "checkpoints")
