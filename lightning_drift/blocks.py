@@ -187,6 +187,24 @@ def parse(spec: str) -> Spec:
     )
 
 
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's values, flattened in C order, as raw little-endian bytes (every supported
+    host is little-endian): how pieces and compact changes carry them."""
+    t = t.detach().contiguous().reshape(-1)
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes() if t.numel() else b""
+
+
+def from_raw(buf: bytes, at: int, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, int]:
+    """(``n`` values of ``dtype`` read from ``buf`` at byte ``at``, the byte after them); the
+    caller has checked that ``buf`` holds them."""
+    if n == 0:
+        return torch.empty(0, dtype=dtype), at
+    size = n * dtype.itemsize
+    return torch.frombuffer(bytearray(buf[at : at + size]), dtype=dtype), at + size
+
+
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """``x`` flattened in C order, padded with zeros to whole blocks, as (blocks, block)."""
     n = x.numel()
@@ -338,10 +356,12 @@ __all__ = [
     "Part",
     "Spec",
     "dequantize",
+    "from_raw",
     "int2_decode",
     "int2_encode",
     "parse",
     "quantize",
+    "raw_bytes",
     "sign_decode",
     "sign_encode",
     "topk_decode",

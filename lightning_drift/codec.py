@@ -52,10 +52,12 @@ Every codec computes per block (bfloat16: per value) of the flattened tensor,
 so a run of whole blocks of a tensor encodes and decodes on its own, to the same bits: the
 sharded data plane (``dataplane/plan.py``) cuts changes there.
 
-The payload is a safetensors file whose metadata names the codec (``drift_codec``:
-``bfloat16``, ``int8/<block size>``, ``int2/<block size>``, ``sign/<block size>`` or
-``topk/<block size>/<kept per block>``);
-docs/protocol.md gives the tensor layout.
+The payload is compact (:func:`pack`): the codec's name (``bfloat16``, ``int8/<block
+size>``, ``int2/<block size>``, ``sign/<block size>`` or ``topk/<block size>/<kept per
+block>``), then the wire tensors' raw bytes in the model's name order, without tensor names:
+both sides know the model, and the names would cost 13 % of an int2 change of a small model.
+:func:`decode` also reads the same tensors as a safetensors file whose metadata names the
+codec (``drift_codec``). docs/protocol.md §5 gives the layouts.
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ from lightning_drift.blocks import (
     VALUES,
     Spec,
     dequantize,
+    from_raw,
     parse,
     quantize,
+    raw_bytes,
 )
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.modelspec import TensorSpec, carried, same_bits
@@ -87,6 +91,11 @@ Codec = Literal["bfloat16", "int8", "topk", "sign", "int2"]
 CODECS: tuple[str, ...] = ("bfloat16", "int8", "topk", "sign", "int2")
 
 META_CODEC = "drift_codec"
+# A compact change (what encode writes): this magic, one byte giving the length of the codec's
+# name, the name (``int8/64``), then the wire tensors' raw bytes in the model's name order
+# (docs/protocol.md §5). No tensor names: both sides know the model.
+COMPACT = b"DRC1"
+COMPACT_NAME_MAX = 64
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -179,16 +188,85 @@ def apply(base: Mapping[str, torch.Tensor], change: Mapping[str, torch.Tensor]) 
 def encode(
     change: Mapping[str, torch.Tensor], codec: str, residual: Residual | None = None
 ) -> Encoded:
-    """Encode ``change`` (see the module docstring) with ``codec``.
+    """Encode ``change`` (see the module docstring) with ``codec``, as a compact change
+    (:func:`pack`).
 
     With ``residual``, its content is added to each floating change first, and it then holds
     what this encoding left out (``(change + residual) - applied``).
     """
     tensors, applied = encode_tensors(change, codec, residual)
-    # One metadata entry only: safetensors writes several in no fixed order, and equal changes
-    # should encode to equal bytes.
-    spec = str(Spec.of(codec))
-    return Encoded(safetensors.torch.save(tensors, metadata={META_CODEC: spec}), applied)
+    return Encoded(pack(tensors, Spec.of(codec)), applied)
+
+
+def pack(tensors: Mapping[str, torch.Tensor], spec: Spec) -> bytes:
+    """A compact change of the wire tensors ``tensors`` (keyed as :func:`encode_tensors` keys
+    them): :data:`COMPACT`, the codec's name, then for each tensor of the model by name, its
+    values (an integer or bool buffer) or its codec's parts in order (a floating one), raw.
+    Equal changes give equal bytes."""
+    name = str(spec).encode()
+    out = bytearray(COMPACT + bytes([len(name)]) + name)
+    prefixes = {p.prefix for p in spec.parts} | {VALUES}
+    names = sorted({k[len(p) :] for k in tensors for p in prefixes if k.startswith(p)})
+    for k in names:
+        if spec.name != "bfloat16" and VALUES + k in tensors:
+            out += raw_bytes(tensors[VALUES + k])
+            continue
+        for part in spec.parts:
+            out += raw_bytes(tensors[part.prefix + k])
+    return bytes(out)
+
+
+def compact_needs(prefix: bytes | bytearray | memoryview) -> int:
+    """How many leading bytes of a compact change :func:`compact_spec` needs; SessionError
+    when the name's length is over :data:`COMPACT_NAME_MAX`."""
+    head = len(COMPACT) + 1
+    if len(prefix) < head:
+        return head
+    n = prefix[len(COMPACT)]
+    if not 0 < n <= COMPACT_NAME_MAX:
+        raise _bad(f"a compact change's codec name of {n} bytes (1 to {COMPACT_NAME_MAX})")
+    return head + n
+
+
+def compact_spec(prefix: bytes | bytearray | memoryview) -> Spec:
+    """The codec a compact change names (from its first :func:`compact_needs` bytes);
+    SessionError when this side does not know it."""
+    need = compact_needs(prefix)
+    if len(prefix) < need:
+        raise _bad("it ends inside its header")
+    text = bytes(prefix[len(COMPACT) + 1 : need])
+    if not text.isascii() or not text.decode().isprintable():
+        raise _bad(f"a codec name that is not printable ASCII: {text[:20]!r}")
+    return _parse_spec(text.decode())
+
+
+def compact_size(table: Mapping[str, TensorSpec], spec: Spec) -> int:
+    """The bytes of a compact change of codec ``spec`` for a model of tensor ``table``."""
+    body = sum(spec.nbytes(t.numel) if t.floating else t.nbytes for t in table.values())
+    return len(COMPACT) + 1 + len(str(spec).encode()) + body
+
+
+def unpack(raw: bytes, table: Mapping[str, TensorSpec]) -> tuple[Spec, StateDict]:
+    """(the codec, the wire tensors keyed as :func:`encode_tensors` keys them) of a compact
+    change for a model of tensor ``table``; SessionError(code="bad_upload") when its codec is
+    unknown, its size is not the model's, or a bool buffer holds other bytes than 0 and 1."""
+    spec = compact_spec(raw)
+    size = compact_size(table, spec)
+    if len(raw) != size:
+        raise _bad(f"a compact {spec} change of this model is {size} bytes, not {len(raw)}")
+    at = compact_needs(raw)
+    tensors: StateDict = {}
+    for k, t in sorted(table.items()):
+        if not t.floating:
+            v, at = from_raw(raw, at, t.dtype, t.numel)
+            if t.dtype == torch.bool and bool((v.view(torch.uint8) > 1).any()):
+                raise _bad(f"bool buffer {k[:80]!r} holds bytes other than 0 and 1")
+            tensors[VALUES + k] = v.reshape(t.shape)
+            continue
+        for part in spec.parts:
+            v, at = from_raw(raw, at, part.dtype, spec.count(part, t.numel))
+            tensors[part.prefix + k] = v.reshape(t.shape) if part.per_block == 0 else v
+    return spec, tensors
 
 
 def encode_tensors(
@@ -231,15 +309,20 @@ def decode(payload: bytes | bytearray | memoryview, like: Mapping[str, torch.Ten
     floating dtype. ``SessionError(code="bad_upload")`` says what is wrong with a bad one.
     """
     raw = bytes(payload)
-    try:
-        meta = _metadata(raw)
-        tensors = safetensors.torch.load(raw)
-    except Exception as exc:  # the binding raises its own SafetensorError or others
-        raise _bad(f"not a valid safetensors change ({len(raw)} bytes): {exc}") from None
-    text = meta.get(META_CODEC, "")
-    if not text:
-        return _decode_plain(tensors, like)
-    spec = _parse_spec(text)
+    if raw[: len(COMPACT)] == COMPACT:
+        spec, tensors = unpack(
+            raw, {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in like.items()}
+        )
+    else:
+        try:
+            meta = _metadata(raw)
+            tensors = safetensors.torch.load(raw)
+        except Exception as exc:  # the binding raises its own SafetensorError or others
+            raise _bad(f"not a valid safetensors change ({len(raw)} bytes): {exc}") from None
+        text = meta.get(META_CODEC, "")
+        if not text:
+            return _decode_plain(tensors, like)
+        spec = _parse_spec(text)
     out: StateDict = {}
     used: set[str] = set()
     for k, ref in like.items():
@@ -357,12 +440,16 @@ def _dt(dtype: torch.dtype) -> str:
 __all__ = [
     "BLOCK",
     "CODECS",
+    "COMPACT",
     "TOPK_BLOCK",
     "TOPK_KEEP",
     "Codec",
     "Encoded",
     "Residual",
     "apply",
+    "compact_needs",
+    "compact_size",
+    "compact_spec",
     "compute_dtype",
     "decode",
     "dequantize",
@@ -370,6 +457,8 @@ __all__ = [
     "encode",
     "encode_tensors",
     "nbytes",
+    "pack",
     "quantize",
     "Spec",
+    "unpack",
 ]

@@ -9,6 +9,7 @@ import torch
 
 from lightning_drift import codec
 from lightning_drift.aggregate import Accumulator, DiLoCo, to_bytes
+from lightning_drift.modelspec import TensorSpec
 from lightning_drift.protocol import NodeInfo
 
 
@@ -49,6 +50,13 @@ def small_fingerprint() -> str:
     return state_fingerprint(small_model())
 
 
+def wire(payload: bytes, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The wire tensors of a compact change (``codec.unpack``) for the model ``like``, keyed
+    ``codes/<name>``, ``scales/<name>`` or ``values/<name>``."""
+    table = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in like.items()}
+    return codec.unpack(payload, table)[1]
+
+
 def honest_step(held: dict[str, torch.Tensor], open_round: int, index: int) -> dict:
     """What an honest node uploads for ``open_round``: the weights it holds, moved a little
     (deterministically), and 10 more batches counted."""
@@ -82,6 +90,8 @@ def verify_checkpoints(directory: Path) -> list[dict]:
             outer = (directory / e["outer_file"]).read_bytes()
             assert hashlib.sha256(outer).hexdigest() == e["outer_sha256"], e["outer_file"]
     return entries
+
+
 class Reference:
     """The coordinator's rounds computed here from the same uploads: the samples-weighted mean
     of the dequantized changes, the outer step, then the download change with the

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from support import wire
 
 from lightning_drift import codec, modelspec
 from lightning_drift import protocol as p
@@ -106,7 +107,12 @@ def test_a_data_endpoint_is_kept_only_when_it_names_a_peer(given, kept):
 
 
 def test_a_progress_reports_data_bytes_bounded():
-    assert boundary.progress(TrainProgress(round=1, epoch=0, step=1, samples=1, data_bytes=-9)).data_bytes == 0
+    assert (
+        boundary.progress(
+            TrainProgress(round=1, epoch=0, step=1, samples=1, data_bytes=-9)
+        ).data_bytes
+        == 0
+    )
     big = boundary.progress(TrainProgress(round=1, epoch=0, step=1, samples=1, data_bytes=10**30))
     assert big.data_bytes == boundary.COUNT_MAX
 
@@ -173,7 +179,8 @@ def test_upload_check_decides_from_the_header_before_the_body():
     blob = to_bytes(sd)
     need = modelspec.header_needs(blob)
     check = boundary.UploadCheck(fingerprint="", table=table)
-    assert check(blob[:3], len(blob)) == 8  # the length first
+    assert check(blob[:3], len(blob)) == 4  # enough to tell a compact change from safetensors
+    assert check(blob[:4], len(blob)) == 8  # the length first
     assert check(blob[:8], len(blob)) == need  # then the whole header
     assert check(blob[:need], len(blob)) == 0  # good: the body may be read
     with pytest.raises(SessionError, match="implies") as exc:
@@ -204,10 +211,32 @@ def test_upload_check_takes_a_compressed_change_in_its_codec_layout_only(dtype):
     table = modelspec.table_of(sd)
     check = boundary.UploadCheck(fingerprint="", table=table, delta=True)
     change = {k: (v * 0.01 if v.is_floating_point() else v) for k, v in sd.items()}
-    good = codec.encode(change, dtype).payload
-    assert check(good[: modelspec.header_needs(good)], len(good)) == 0
-    meta = {codec.META_CODEC: f"int8/{codec.BLOCK}" if dtype == "int8" else "bfloat16"}
-    tensors = safetensors.torch.load(good)
+    good = codec.encode(change, dtype).payload  # compact: the codec's name, then the body
+    name = f"int8/{codec.BLOCK}" if dtype == "int8" else "bfloat16"
+    assert good.startswith(codec.COMPACT + bytes([len(name)]) + name.encode())
+    assert check(good[:4], len(good)) == 5  # its name's length first
+    assert check(good[:5], len(good)) == 5 + len(name)  # then its name
+    assert check(good[: 5 + len(name)], len(good)) == 0  # good: the body may be read
+    head = good[: 5 + len(name)]
+    with pytest.raises(SessionError, match=f"a compact {name} change of it is {len(good)} bytes"):
+        check(head, len(good) + 1)  # a body of another size: another model
+    for bad, why in [
+        (codec.COMPACT + b"\x07zstd/99", "unknown codec"),
+        (codec.COMPACT + b"\x00", "codec name of 0 bytes"),
+        (codec.COMPACT + bytes([200]), "codec name of 200 bytes"),
+        (codec.COMPACT + b"\x04in\nt", "not printable"),
+    ]:
+        with pytest.raises(SessionError, match=why) as exc:
+            check(bad, len(good))
+        assert exc.value.code == "bad_upload"
+    whole = boundary.UploadCheck(fingerprint="", table=table)  # whole weights were due
+    with pytest.raises(SessionError, match="a compact change where whole weights were due"):
+        whole(head, len(good))
+    # The same change as safetensors (any safetensors tool reads it) is checked by its table.
+    meta = {codec.META_CODEC: name}
+    tensors = wire(good, sd)
+    legacy = safetensors.torch.save(tensors, metadata=meta)
+    assert check(legacy[: modelspec.header_needs(legacy)], len(legacy)) == 0
     extra = safetensors.torch.save(dict(tensors, **{"codes/zz": torch.zeros(3, dtype=torch.int8)}),
                                    metadata=meta)  # fmt: skip
     with pytest.raises(SessionError, match="not in the model"):

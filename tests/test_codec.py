@@ -7,10 +7,12 @@ import math
 
 import pytest
 import torch
+from support import wire
 
 from lightning_drift import codec
-from lightning_drift.aggregate import from_bytes, to_bytes
+from lightning_drift.aggregate import to_bytes
 from lightning_drift.errors import ConfigError, SessionError
+from lightning_drift.modelspec import TensorSpec
 
 B = codec.BLOCK
 
@@ -75,7 +77,7 @@ def test_int8_blocks_for_every_tail_length(n):
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) * torch.logspace(-4, 1, max(n, 1))[:n]
     enc = codec.encode({"x": x}, "int8")
-    raw = from_bytes(enc.payload)
+    raw = wire(enc.payload, {"x": x})
     codes, scales = raw["codes/x"], raw["scales/x"]
     assert codes.dtype == torch.int8 and codes.shape == x.shape
     assert scales.dtype == torch.float32 and scales.shape == (math.ceil(n / B),)
@@ -100,7 +102,7 @@ def test_int8_decodes_every_code_as_code_times_scale():
 
 def test_a_block_of_zeros_has_scale_zero_and_comes_back_zero():
     enc = codec.encode({"x": torch.zeros(2 * B + 3)}, "int8")
-    raw = from_bytes(enc.payload)
+    raw = wire(enc.payload, {"x": torch.zeros(2 * B + 3)})
     assert torch.equal(raw["scales/x"], torch.zeros(3))
     assert torch.equal(enc.applied["x"], torch.zeros(2 * B + 3))
 
@@ -218,7 +220,7 @@ def _payload(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
 
 
 def _int8(like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return dict(from_bytes(codec.encode(change(like, 9), "int8").payload))
+    return wire(codec.encode(change(like, 9), "int8").payload, like)
 
 
 @pytest.mark.parametrize(
@@ -281,3 +283,29 @@ def test_a_plain_safetensors_change_is_read_as_floating_changes():
 def test_an_unknown_codec_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown codec 'int3'"):
         codec.encode({"w": torch.zeros(2)}, "int3")
+
+
+@pytest.mark.parametrize("name", codec.CODECS)
+def test_a_change_travels_compact_without_tensor_names(name):
+    like = {f"layers.{i}.weight": v for i, v in enumerate(model().values())}
+    ch = change(like, 5)
+    enc = codec.encode(ch, name)
+    table = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in like.items()}
+    spec = codec.Spec.of(name)
+    assert enc.payload.startswith(codec.COMPACT + bytes([len(str(spec))]) + str(spec).encode())
+    assert len(enc.payload) == codec.compact_size(table, spec)
+    assert b"layers" not in enc.payload  # no tensor names travel
+    # The same tensors as safetensors decode to the same change, with their names' bytes more.
+    legacy = _payload(wire(enc.payload, like), {codec.META_CODEC: str(spec)})
+    assert len(legacy) > len(enc.payload) + 8 * len("layers.0.weight")
+    want = codec.decode(legacy, like)
+    for k, v in codec.decode(enc.payload, like).items():
+        assert torch.equal(v, want[k]) and torch.equal(v, enc.applied[k]), k
+    # A body of another size is another model: refused, naming both sizes.
+    for bad in (enc.payload[:-1], enc.payload + b"\0"):
+        with pytest.raises(SessionError, match=f"change of this model is {len(enc.payload)}"):
+            codec.decode(bad, like)
+    flipped = bytearray(enc.payload)
+    flipped[-1] = 2  # the bool buffer last in name order ("layers.7.weight"): neither 0 nor 1
+    with pytest.raises(SessionError, match="holds bytes other than 0 and 1"):
+        codec.decode(bytes(flipped), like)

@@ -170,10 +170,14 @@ def test_a_non_finite_bfloat16_piece_is_refused() -> None:
 
 def test_a_payload_of_another_model_or_codec_is_not_cut() -> None:
     plan = ShardPlan(table_of(model()), "int8", 3)
-    with pytest.raises(SessionError, match="tensors differ"):
+    with pytest.raises(SessionError, match="a change of codec bfloat16, the plan's is int8/64"):
         plan.pieces(_payload("bfloat16"))
-    with pytest.raises(SessionError, match="not a valid encoded change"):
+    with pytest.raises(SessionError, match="not a compact change"):
         plan.pieces(b"\x00" * 12)
+    other = {"w": torch.zeros(7)}
+    alien = codec.encode(codec.difference(other, other), "int8").payload
+    with pytest.raises(SessionError, match=r"a compact int8/64 change of this model is \d+ bytes"):
+        plan.pieces(alien)
     with pytest.raises(SessionError, match="shard 3 is not one"):
         plan.read(3, b"")
 

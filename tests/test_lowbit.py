@@ -9,9 +9,9 @@ import math
 import pytest
 import safetensors.torch
 import torch
+from support import wire
 
 from lightning_drift import blocks, codec
-from lightning_drift.aggregate import from_bytes
 from lightning_drift.errors import SessionError
 
 B, K = blocks.TOPK_BLOCK, blocks.TOPK_KEEP
@@ -74,7 +74,7 @@ def test_topk_payloads_are_a_few_per_cent_of_float32():
 
 
 def _topk(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    return dict(from_bytes(codec.encode({"w": x}, "topk").payload))
+    return wire(codec.encode({"w": x}, "topk").payload, {"w": x})
 
 
 def _refused(tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor], meta: str) -> str:
@@ -167,7 +167,7 @@ def test_int2_sends_every_value_as_the_nearest_of_four_levels(n):
 @pytest.mark.parametrize("name", ["sign", "int2"])
 def test_every_code_byte_decodes_and_a_bad_block_or_scale_is_refused(name):
     x = torch.randn(300)
-    tensors = dict(from_bytes(codec.encode({"w": x}, name).payload))
+    tensors = wire(codec.encode({"w": x}, name).payload, {"w": x})
     tensors["codes/w"] = torch.arange(tensors["codes/w"].numel(), dtype=torch.int64).to(
         torch.uint8
     )  # every byte value: all are codes

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import wire
 
 from lightning_drift import codec
 from lightning_drift.aggregate import Accumulator, from_bytes, to_bytes
@@ -83,7 +84,7 @@ def test_compressed_uploads_are_changes_from_the_held_round_after_the_start_up_s
     assert torch.allclose(rebuilt["lin.weight"], net.lin.weight, atol=1e-2)
     assert torch.equal(rebuilt["lin.bias"], net.lin.bias)  # unchanged: a zero delta
     assert torch.equal(rebuilt["norm.num_batches_tracked"], net.norm.num_batches_tracked)
-    raw = from_bytes(up.payload)  # the codec's own layout (docs/protocol.md)
+    raw = wire(up.payload, glob)  # the codec's own layout (docs/protocol.md)
     if dtype == "bfloat16":
         assert raw["values/lin.weight"].dtype == torch.bfloat16
     else:

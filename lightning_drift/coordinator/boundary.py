@@ -277,12 +277,15 @@ class UploadCheck:
     """Checks an upload from the start of its blob, before the body is read.
 
     Called (by the transport) with the bytes received so far and the blob's declared size;
-    returns how many bytes it needs before it can decide, 0 once the safetensors header is
-    good: the tensor table is the model's (``table``, after round 0) or has its fingerprint
-    (``fingerprint``, before), and the blob's size is exactly what the header implies.
-    SessionError(code="bad_upload") when it is not. With ``delta``, floating tensors may
-    travel in any floating dtype, and a compressed change (``codec``) must have the codec's
-    layout of the model's table.
+    returns how many bytes it needs before it can decide, 0 once the header is good.
+    SessionError(code="bad_upload") when it is not:
+
+    - a compact change (``codec.pack``, what nodes send with a codec) must be a ``delta`` and
+      have exactly the size its codec makes of the model's ``table``;
+    - a safetensors blob's tensor table must be the model's (``table``, after round 0) or have
+      its fingerprint (``fingerprint``, before), and its size be what its header implies. With
+      ``delta``, floating tensors may travel in any floating dtype, and a compressed change
+      (``codec``) must have the codec's layout of the model's table.
     """
 
     fingerprint: str
@@ -296,6 +299,10 @@ class UploadCheck:
                 "this coordinator has no global weights yet: send the start-up weights",
                 code="need_weights",
             )
+        if len(prefix) < len(codec.COMPACT) <= size:
+            return len(codec.COMPACT)
+        if bytes(prefix[: len(codec.COMPACT)]) == codec.COMPACT:
+            return self._compact(prefix, size)
         need = modelspec.header_needs(prefix)
         if need > size:
             raise SessionError(
@@ -331,6 +338,33 @@ class UploadCheck:
         if header.size != size:
             raise SessionError(
                 f"upload's safetensors header implies {header.size} bytes, the blob has {size}",
+                code="bad_upload",
+            )
+        return 0
+
+    def _compact(self, prefix: bytes | bytearray | memoryview, size: int) -> int:
+        """A compact change (``codec.pack``): a change from the global weights only, whose
+        size is what its codec makes of the model's table."""
+        if self.table is None or not self.delta:
+            raise SessionError(
+                "a compact change where whole weights were due (the start-up sync, or a node "
+                "without the global weights): send the weights",
+                code="bad_upload",
+            )
+        need = codec.compact_needs(prefix)
+        if need > size:
+            raise SessionError(
+                f"upload's compact header ({need} bytes) is longer than the blob ({size} bytes)",
+                code="bad_upload",
+            )
+        if len(prefix) < need:
+            return need
+        spec = codec.compact_spec(prefix)
+        expected = codec.compact_size(self.table, spec)
+        if expected != size:
+            raise SessionError(
+                f"upload is not the session's model: a compact {spec} change of it is "
+                f"{expected} bytes, the blob has {size}; every node must train the same model",
                 code="bad_upload",
             )
         return 0

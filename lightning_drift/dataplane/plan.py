@@ -37,11 +37,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import safetensors.torch
 import torch
 
 from lightning_drift import codec
-from lightning_drift.blocks import Spec
+from lightning_drift.blocks import Spec, from_raw, raw_bytes
 from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.modelspec import TensorSpec, fingerprint
 
@@ -135,15 +134,11 @@ class ShardPlan:
         """The ``count`` pieces of a change encoded by :func:`lightning_drift.codec.encode`
         with this plan's codec (``SessionError(code="bad_upload")`` when it was not)."""
         raw = bytes(payload)
-        try:
-            wire = safetensors.torch.load(raw)
-        except Exception as exc:  # the binding raises its own SafetensorError
-            raise _bad(f"not a valid encoded change ({len(raw)} bytes): {exc}") from None
-        expected = codec.payload_table(self.table, str(self.spec))
-        got = {k: TensorSpec(t.dtype, tuple(t.shape)) for k, t in wire.items()}
-        if got != expected:
-            missing = sorted(set(expected) - set(got))[:3]
-            raise _bad(f"tensors differ from the plan's model (first missing: {missing})")
+        if raw[: len(codec.COMPACT)] != codec.COMPACT:
+            raise _bad(f"not a compact change ({len(raw)} bytes)")
+        spec, wire = codec.unpack(raw, self.table)
+        if spec != self.spec:
+            raise _bad(f"a change of codec {spec}, the plan's is {self.spec}")
         return [self._piece(shard, wire) for shard in self.shards]
 
     def join(self, pieces: Sequence[bytes | bytearray | memoryview]) -> bytes:
@@ -164,7 +159,7 @@ class ShardPlan:
             for part in self.spec.parts:
                 t = torch.cat(wire[part.prefix + k])
                 tensors[part.prefix + k] = t.reshape(spec.shape) if part.per_block == 0 else t
-        return safetensors.torch.save(tensors, metadata={codec.META_CODEC: str(self.spec)})
+        return codec.pack(tensors, self.spec)
 
     def read(self, index: int, piece: bytes | bytearray | memoryview) -> StateDict:
         """The change slices piece ``index`` carries, by span key: floating ones decoded in
@@ -254,7 +249,7 @@ class ShardPlan:
             name = s.key if by_key else s.name
             if not s.floating:
                 v = wire[_VALUES + name].reshape(-1)
-                out += _raw(v if by_key else v[s.start : s.stop])
+                out += raw_bytes(v if by_key else v[s.start : s.stop])
                 continue
             for part in self.spec.parts:
                 v = wire[part.prefix + name].reshape(-1)
@@ -263,7 +258,7 @@ class ShardPlan:
                 elif not by_key:
                     first = s.start // self.block * part.per_block
                     v = v[first : first + self.spec.count(part, s.numel)]
-                out += _raw(v)
+                out += raw_bytes(v)
         if len(out) != shard.size:
             raise _bad(f"piece {shard.index} came out as {len(out)} bytes, not {shard.size}")
         return bytes(out)
@@ -283,13 +278,13 @@ class ShardPlan:
         for s in shard.spans:
             parts: list[tuple[str, torch.Tensor]] = []
             if not s.floating:
-                v, at = _take(buf, at, s.dtype, s.numel)
+                v, at = from_raw(buf, at, s.dtype, s.numel)
                 if s.dtype == torch.bool and bool((v.view(torch.uint8) > 1).any()):
                     raise _bad(f"bool buffer {s.name[:80]!r} holds bytes other than 0 and 1")
                 parts.append((_VALUES, v))
             else:
                 for part in self.spec.parts:
-                    v, at = _take(buf, at, part.dtype, self.spec.count(part, s.numel))
+                    v, at = from_raw(buf, at, part.dtype, self.spec.count(part, s.numel))
                     parts.append((part.prefix, v))
                 try:  # the values' own checks (finite scales, ...), before any is used
                     self.spec.decode(dict(parts), s.numel)
@@ -346,23 +341,6 @@ def _cut(table: Mapping[str, TensorSpec], spec: Spec, count: int) -> tuple[Shard
 def _owner(byte: int, total: int, count: int) -> int:
     """The shard whose byte range holds ``byte`` of ``total``."""
     return min(count - 1, byte * count // max(1, total))
-
-
-def _raw(t: torch.Tensor) -> bytes:
-    """A flat tensor's bytes, little-endian (every supported host is)."""
-    t = t.detach().contiguous().reshape(-1)
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().tobytes() if t.numel() else b""
-
-
-def _take(buf: bytes, at: int, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, int]:
-    size = n * dtype.itemsize
-    chunk = buf[at : at + size]
-    if n == 0:
-        return torch.empty(0, dtype=dtype), at
-    t = torch.frombuffer(bytearray(chunk), dtype=dtype)
-    return t, at + size
 
 
 def _bad(what: str) -> SessionError:
