@@ -47,19 +47,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
 AGGREGATIONS = ("mean", "diloco")
-DTYPES = ("float32", "bfloat16", "int8", "topk", "sign", "int2")
+DTYPES = ("float32", "bfloat16", "int8", "int4", "int3", "int2", "sign", "topk")
 DEFAULT_METHODS = ("single", "ddp", "mean", "mean-int8", "diloco-int8")
 BYTES_TARGET = 0.001  # "best" drift method: at most a thousandth of DDP's bytes
 
 
 def drift_method(name: str) -> tuple[str, str] | None:
-    """``(aggregation, transfer dtype)`` of a drift method name, or None for single/ddp."""
+    """``(aggregation, transfer dtype)`` of a drift method name, or None for single/ddp. The
+    dtype ``up/down`` (``diloco-sign/int4``) gives the answers their own codec
+    (``--download-dtype``)."""
     agg, _, dtype = name.partition("-")
     if agg not in AGGREGATIONS:
         return None
     dtype = dtype or "float32"
-    if dtype not in DTYPES:
-        raise ValueError(f"{name}: transfer dtype must be one of {', '.join(DTYPES)}")
+    if any(d not in DTYPES for d in dtype.split("/")) or dtype.count("/") > 1:
+        raise ValueError(
+            f"{name}: transfer dtype must be one of {', '.join(DTYPES)}, or two of them as "
+            "uploads/answers (sign/int4)"
+        )
     return agg, dtype
 
 
@@ -193,7 +198,7 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, method: str, work: Path)
     from lightning_drift_cli.local import LocalCoordinator
 
     agg, dtype = drift_method(method) or ("mean", "float32")
-    base = work / method
+    base = work / method.replace("/", "+")
     base.mkdir(parents=True, exist_ok=True)
     outer = {}
     if agg == "diloco":
@@ -205,7 +210,8 @@ def run_drift(args: argparse.Namespace, setup: c.Setup, method: str, work: Path)
         batch_size=setup.batch_size,
         sync_every=args.sync_every,
         aggregation=agg,
-        transfer_dtype=dtype,
+        transfer_dtype=dtype.partition("/")[0],
+        download_dtype=dtype.partition("/")[2] or "same",
         quorum=1.0,
         seed=setup.seed,
         overlap=args.overlap == "on",

@@ -158,10 +158,11 @@ def simulate(args: argparse.Namespace, setup: c.Setup, n_nodes: int, spec: str) 
             if outer is not None and acc.total_weight > 0:
                 outer.lr, outer.momentum = outer_lr(kw, len(acc), done_rounds)
                 target = outer.step(glob, target)
-            if args.codec == "float32":
+            down = args.codec if args.download == "same" else args.download
+            if down == "float32":
                 glob = {kk: v.clone() for kk, v in target.items()}
             else:
-                enc = codec.encode(codec.difference(target, glob), args.codec, down_res)
+                enc = codec.encode(codec.difference(target, glob), down, down_res)
                 glob = codec.apply(glob, codec.decode(enc.payload, glob))
             for i, m in enumerate(nodes):
                 start = glob
@@ -197,8 +198,13 @@ def main() -> None:
     ap.add_argument("--sync-every", type=int, default=100, help="steps per round (H)")
     ap.add_argument("--steps", type=int, default=1600, help="optimizer steps per node, at least")
     ap.add_argument("--epochs", type=int, default=0, help="instead of --steps")
+    codecs = ("float32", "bfloat16", "int8", "int4", "int3", "int2", "sign", "topk")
+    ap.add_argument("--codec", default="int8", choices=codecs)
     ap.add_argument(
-        "--codec", default="int8", choices=("float32", "bfloat16", "int8", "topk", "sign", "int2")
+        "--download",
+        default="same",
+        choices=("same", *codecs),
+        help="the answers' codec (the coordinator's --download-dtype): same as --codec, or another",
     )
     ap.add_argument(
         "--keep", type=int, default=0, help="topk: values kept of every 64 (0: the codec's)"
@@ -318,8 +324,11 @@ def report(args: argparse.Namespace, setup: c.Setup, rows: list[dict[str, Any]])
         )
     notes = [
         f"Setup: {setup.describe()}; H={args.sync_every} steps per round, transfer "
-        f"{args.codec}{f' keeping {args.keep} of 64' if args.keep else ''} (error feedback "
-        f"both ways); {rows[0]['wall'] / 60:.1f} min for all.",
+        f"{args.codec}{f' keeping {args.keep} of 64' if args.keep else ''}"
+        f"{f', answers {args.download}' if args.download != 'same' else ''} (error feedback "
+        f"both ways), a node's upload residual in its "
+        f"{'weights' if args.residual == 'weights' else 'next change'}; "
+        f"{rows[0]['wall'] / 60:.1f} min for all.",
         "diloco: the outer Nesterov SGD step on the pseudo-gradient (global - mean) with lr "
         "and momentum, as `aggregate.DiLoCo` (warmup=R: lr ramped up over the first R rounds); "
         "auto: the coordinator's default, `aggregate.outer_settings` for the round's "

@@ -228,6 +228,7 @@ def serve(
     dataset_size: Annotated[int | None, _option("dataset_size")] = None,
     seed: Annotated[int | None, _option("seed")] = None,
     transfer_dtype: Annotated[str | None, _option("transfer_dtype")] = None,
+    download_dtype: Annotated[str | None, _option("download_dtype")] = None,
     overlap: Annotated[bool | None, _option("overlap", "--overlap/--no-overlap")] = None,
     rebalance: Annotated[bool | None, _option("rebalance", "--rebalance/--no-rebalance")] = None,
     outer_lr: Annotated[float | None, _option("outer_lr")] = None,

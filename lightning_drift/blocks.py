@@ -25,6 +25,12 @@ int2       ``codes/``: uint8, ``block / 4`` per block  ``block·b / 4 + 2b``
            (two bits per value, the first value in
            bits 0-1); ``scales/``: bfloat16, one per
            block
+int3       ``codes/``: uint8, ``3·block / 8`` per      ``3·block·b / 8 + 2b``
+           block (8 values in 3 bytes);
+           ``scales/``: bfloat16, one per block
+int4       ``codes/``: uint8, ``block / 2`` per block  ``block·b / 2 + 2b``
+           (two values per byte, the first in bits
+           0-3); ``scales/``: bfloat16, one per block
 =========  ==========================================  =======================================
 
 A topk code byte is ``position | negative << 6 | double << 7``: the kept value's position in
@@ -33,7 +39,9 @@ its block, its sign, and whether it is ``2·scale`` rather than ``scale``. A sig
 of the block's values (summed pairwise in float64, in a fixed order: the same bits on every
 CPU) rounded to bfloat16. An int2 code ``c`` (0 to 3) decodes to ``(2c - 3)·scale``: ``±scale``
 or ``±3·scale``, the scale being half the block's mean magnitude (summed the same way), close
-to the best four levels for bell-shaped values; a value takes the nearest level.
+to the best four levels for bell-shaped values; a value takes the nearest level. int3 and
+int4 are the same with 8 and 16 levels ``(2c - 7)·scale`` and ``(2c - 15)·scale``, their
+scale 3/8 and 7/32 of the mean magnitude.
 """
 
 from __future__ import annotations
@@ -49,8 +57,10 @@ TOPK_KEEP = 4  # topk: values kept per block (docs/benchmarks.md, "outer_sweep.p
 MIN_BLOCK, MAX_BLOCK = 8, 1 << 20
 TOPK_MAX_BLOCK = 64
 SIGN_BLOCK = 64  # sign: values per block, a power of two (as int8's)
-PACKED_MAX_BLOCK = 4096  # sign and int2: bit-packed codes, a power of two per block
-INT2_BLOCK = 64  # int2: values per block, a power of two
+PACKED_MAX_BLOCK = 4096  # sign and intN: bit-packed codes, a power of two per block
+INT2_BLOCK = 64  # int2, int3 and int4: values per block, a power of two
+# The codecs of uniform levels, by bits per value (:func:`levels_encode`).
+LEVEL_CODECS = {"int2": 2, "int3": 3, "int4": 4}
 QMAX = 127
 
 CODES, SCALES, VALUES = "codes/", "scales/", "values/"
@@ -82,12 +92,12 @@ class Spec:
             return cls(name, TOPK_BLOCK, TOPK_KEEP)
         if name == "sign":
             return cls(name, SIGN_BLOCK)
-        if name == "int2":
+        if name in LEVEL_CODECS:
             return cls(name, INT2_BLOCK)
         return cls(name, BLOCK)
 
     def __str__(self) -> str:
-        if self.name in ("int8", "sign", "int2"):
+        if self.name in ("int8", "sign", *LEVEL_CODECS):
             return f"{self.name}/{self.block}"
         if self.name == "topk":
             return f"topk/{self.block}/{self.keep}"
@@ -101,8 +111,9 @@ class Spec:
             return (Part(CODES, torch.uint8, self.keep), Part(SCALES, torch.bfloat16, 1))
         if self.name == "sign":
             return (Part(CODES, torch.uint8, self.block // 8), Part(SCALES, torch.bfloat16, 1))
-        if self.name == "int2":
-            return (Part(CODES, torch.uint8, self.block // 4), Part(SCALES, torch.bfloat16, 1))
+        if self.name in LEVEL_CODECS:
+            per_block = self.block * LEVEL_CODECS[self.name] // 8
+            return (Part(CODES, torch.uint8, per_block), Part(SCALES, torch.bfloat16, 1))
         return (Part(VALUES, torch.bfloat16, 0),)
 
     def count(self, part: Part, numel: int) -> int:
@@ -124,8 +135,8 @@ class Spec:
         if self.name == "sign":
             codes, scales, got = sign_encode(x, self.block)
             return {CODES: codes, SCALES: scales}, got.to(x.dtype)
-        if self.name == "int2":
-            codes, scales, got = int2_encode(x, self.block)
+        if self.name in LEVEL_CODECS:
+            codes, scales, got = levels_encode(x, self.block, LEVEL_CODECS[self.name])
             return {CODES: codes, SCALES: scales}, got.to(x.dtype)
         b16 = x.to(torch.bfloat16)
         return {VALUES: b16}, b16.to(x.dtype)
@@ -145,8 +156,8 @@ class Spec:
             return dequantize(parts[CODES].reshape(-1), scales, self.block)
         if self.name == "sign":
             return sign_decode(parts[CODES], scales, self.block, numel)
-        if self.name == "int2":
-            return int2_decode(parts[CODES], scales, self.block, numel)
+        if self.name in LEVEL_CODECS:
+            return levels_decode(parts[CODES], scales, self.block, numel, LEVEL_CODECS[self.name])
         return topk_decode(parts[CODES], scales, self.block, numel)
 
 
@@ -173,7 +184,7 @@ def parse(spec: str) -> Spec:
                 f"[{MIN_BLOCK}, {TOPK_MAX_BLOCK}] and KEEP in [1, BLOCK]"
             )
         return Spec(name, nums[0], nums[1])
-    if name in ("sign", "int2"):
+    if name in ("sign", *LEVEL_CODECS):
         block = nums[0] if len(nums) == 1 else -1
         if not (MIN_BLOCK <= block <= PACKED_MAX_BLOCK and block & (block - 1) == 0):
             raise ValueError(
@@ -183,7 +194,7 @@ def parse(spec: str) -> Spec:
         return Spec(name, block)
     raise ValueError(
         f"unknown codec {spec[:40]!r} (this side knows bfloat16, int8/BLOCK, topk/BLOCK/KEEP, "
-        "sign/BLOCK and int2/BLOCK)"
+        "sign/BLOCK, int2/BLOCK, int3/BLOCK and int4/BLOCK)"
     )
 
 
@@ -291,30 +302,58 @@ def sign_decode(codes: torch.Tensor, scales: torch.Tensor, block: int, numel: in
     return (sign * scales.to(torch.float32).unsqueeze(1)).reshape(-1)[:numel]
 
 
+# intN: the scale per block is the block's mean magnitude times this, near the best uniform
+# step for bell-shaped values of each width (a dyadic fraction: the same bits everywhere).
+LEVEL_SCALE = {2: 0.5, 3: 0.375, 4: 0.21875}
+
+
 def int2_encode(
     x: torch.Tensor, block: int = INT2_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 codes, two bits per value; bfloat16 scales, half the mean magnitude of each
     block; the float32 values they decode to, shaped like ``x``): each value takes the
     nearest of ``-3, -1, 1, 3`` times its block's scale."""
-    n = x.numel()
-    blocks = _blocks(x, block)
-    scales = (_mean_magnitude(blocks, n) / 2).to(torch.bfloat16)
-    div = torch.where(scales > 0, scales, torch.ones_like(scales)).to(blocks.dtype)
-    # level (2c - 3) nearest to x / scale: c = round((x / scale + 3) / 2), each a correctly
-    # rounded operation; a zero block divides by 1 and decodes to 0 whatever its codes.
-    c = torch.round((blocks / div.unsqueeze(1) + 3) / 2).clamp_(0, 3).to(torch.uint8)
-    weights = torch.tensor([1, 4, 16, 64], dtype=torch.uint8)
-    codes = (c.view(-1, 4) * weights).sum(dim=1, dtype=torch.uint8)
-    got = int2_decode(codes, scales, block, n)
-    return codes, scales, got.reshape(x.shape)
+    return levels_encode(x, block, 2)
 
 
 def int2_decode(codes: torch.Tensor, scales: torch.Tensor, block: int, numel: int) -> torch.Tensor:
     """The float32 values (flat, ``numel``) of :func:`int2_encode`'s codes and scales:
     ``(2c - 3)·scale`` (exact)."""
-    c = (codes.reshape(-1, 1).to(torch.int64) >> torch.arange(0, 8, 2)) & 3
-    levels = (2 * c - 3).reshape(scales.numel(), block).to(torch.float32)
+    return levels_decode(codes, scales, block, numel, 2)
+
+
+def levels_encode(
+    x: torch.Tensor, block: int, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes, ``bits`` bits per value; bfloat16 scales, the block's mean magnitude
+    times :data:`LEVEL_SCALE`; the float32 values they decode to, shaped like ``x``): each
+    value takes the nearest of the ``L = 2^bits`` levels ``(2c - (L - 1))·scale``. Every 8
+    values pack into ``bits`` bytes, value ``j`` of the 8 in bits ``bits·j`` onwards of their
+    little-endian integer."""
+    n = x.numel()
+    top = (1 << bits) - 1
+    blocks = _blocks(x, block)
+    scales = (_mean_magnitude(blocks, n) * LEVEL_SCALE[bits]).to(torch.bfloat16)
+    div = torch.where(scales > 0, scales, torch.ones_like(scales)).to(blocks.dtype)
+    # level (2c - top) nearest to x / scale: c = round((x / scale + top) / 2), each a correctly
+    # rounded operation; a zero block divides by 1 and decodes to 0 whatever its codes.
+    c = torch.round((blocks / div.unsqueeze(1) + top) / 2).clamp_(0, top).to(torch.int64)
+    packed = (c.view(-1, 8) << (bits * torch.arange(8))).sum(dim=1, keepdim=True)
+    codes = ((packed >> (8 * torch.arange(bits))) & 255).to(torch.uint8).reshape(-1)
+    got = levels_decode(codes, scales, block, n, bits)
+    return codes, scales, got.reshape(x.shape)
+
+
+def levels_decode(
+    codes: torch.Tensor, scales: torch.Tensor, block: int, numel: int, bits: int
+) -> torch.Tensor:
+    """The float32 values (flat, ``numel``) of :func:`levels_encode`'s codes and scales:
+    ``(2c - (2^bits - 1))·scale`` (exact: a level of at most 5 bits times a bfloat16)."""
+    top = (1 << bits) - 1
+    groups = codes.reshape(-1, bits).to(torch.int64)
+    packed = (groups << (8 * torch.arange(bits))).sum(dim=1, keepdim=True)
+    c = (packed >> (bits * torch.arange(8))) & top
+    levels = (2 * c - top).reshape(scales.numel(), block).to(torch.float32)
     return (levels * scales.to(torch.float32).unsqueeze(1)).reshape(-1)[:numel]
 
 
@@ -357,8 +396,11 @@ __all__ = [
     "Spec",
     "dequantize",
     "from_raw",
+    "LEVEL_CODECS",
     "int2_decode",
     "int2_encode",
+    "levels_decode",
+    "levels_encode",
     "parse",
     "quantize",
     "raw_bytes",

@@ -87,8 +87,8 @@ from lightning_drift.errors import ConfigError, SessionError
 from lightning_drift.modelspec import TensorSpec, carried, same_bits
 
 StateDict = dict[str, torch.Tensor]
-Codec = Literal["bfloat16", "int8", "topk", "sign", "int2"]
-CODECS: tuple[str, ...] = ("bfloat16", "int8", "topk", "sign", "int2")
+Codec = Literal["bfloat16", "int8", "topk", "sign", "int2", "int3", "int4"]
+CODECS: tuple[str, ...] = ("bfloat16", "int8", "topk", "sign", "int2", "int3", "int4")
 
 META_CODEC = "drift_codec"
 # A compact change (what encode writes): this magic, one byte giving the length of the codec's

@@ -31,7 +31,7 @@ MAX_FRAME = 1 << 20  # 1 MiB: control messages only; weights go as blobs
 HEADER = struct.Struct(">I")
 
 Aggregation = Literal["mean", "diloco"]
-TransferDType = Literal["float32", "bfloat16", "int8", "int2", "sign", "topk"]
+TransferDType = Literal["float32", "bfloat16", "int8", "int4", "int3", "int2", "sign", "topk"]
 # What follows a BarrierReady (see BarrierReady.payload).
 Payload = Literal["weights", "delta", "same", "manifest", "chunks"]
 DataPlane = Literal["star", "sharded"]

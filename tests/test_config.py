@@ -98,16 +98,23 @@ def test_a_start_gate_that_could_never_open_is_refused():
 @pytest.mark.parametrize(
     "kw, says",
     [
-        ({"transfer_dtype": "float32"}, "--transfer-dtype int2, sign, int8"),
+        ({"transfer_dtype": "float32"}, "--transfer-dtype int8, int4, int3, int2, sign"),
         ({"transfer_dtype": "int8", "clip": 2.0}, "--robust trimmed or median"),
         ({"transfer_dtype": "int8", "shards": 0}, "--shards must be in [1, 256]"),
         ({"transfer_dtype": "int8", "shards": 257}, "--shards must be in [1, 256]"),
         ({"transfer_dtype": "int8", "audit_every": -1}, "--audit-every must be at least 0"),
+        ({"transfer_dtype": "sign", "download_dtype": "int4"}, "--download-dtype int4 differs"),
     ],
 )
 def test_a_sharded_data_plane_refuses_what_it_cannot_do_and_says_the_fix(kw, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         SessionConfig(dataset_size=10, data_plane="sharded", **kw)
+
+
+def test_a_download_codec_needs_compressed_uploads():
+    with pytest.raises(ConfigError, match="with --transfer-dtype float32 the nodes send and get"):
+        SessionConfig(download_dtype="int4")
+    assert SessionConfig(transfer_dtype="sign", download_dtype="int4").download_dtype == "int4"
 
 
 def test_a_sharded_data_plane_takes_int8_or_bfloat16():

@@ -152,6 +152,8 @@ def test_a_straggler_is_left_behind_but_ends_on_the_final_weights(tmp_path: Path
         ("sign", 0.08),
         ("int2", 0.11),
         ("int2 weights", 0.11),
+        ("int4", 0.17),
+        ("sign/int4 weights", 0.17),  # sign uploads, int4 answers
     ],
 )
 def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
@@ -161,6 +163,7 @@ def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
     # that codec, and the coordinator answers with the round's change, encoded the same way
     # with its own error feedback. Every round a node rebuilds must be, byte for byte, the
     # coordinator's checkpoint of that round (each node keeps a copy of every round).
+    up, _, down = dtype.split()[0].partition("/")
     with LocalCoordinator(
         tmp_path / "coord",
         min_nodes=2,
@@ -169,7 +172,8 @@ def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
         sync_every=3,
         quorum=1.0,
         keep=1000,  # every round stays on disk
-        transfer_dtype=dtype.split()[0],
+        transfer_dtype=up,
+        download_dtype=down or "same",
         # "weights": the nodes train on from global + their residual between rounds, and
         # still rebuild every round exactly and end on the final checkpoint
         residual=(dtype.split() + ["change"])[1],
@@ -178,7 +182,8 @@ def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
         outs = _run_nodes(coord, tmp_path, 2, 1, extra=extra)
         assert coord.wait(timeout=60) == 0, coord.log_tail()
     config = json.loads((coord.state_dir / "state.json").read_text())["session"]["config"]
-    assert (config["transfer_dtype"], config["residual"]) == tuple((dtype + " change").split()[:2])
+    assert (config["transfer_dtype"], config["residual"]) == (up, (dtype + " change").split()[1])
+    assert config["download_dtype"] == (down or "same")
     ckpt = coord.checkpoint_dir
     final = load_file(str(coord.latest_checkpoint()))
     assert all(t.dtype == torch.float32 for t in final.values())
@@ -190,6 +195,8 @@ def test_compressed_changes_both_ways_rebuild_every_round_bit_for_bit(
         for h in training:
             assert h["payload"] == "delta", h
             assert h["bytes_sent"] < ratio * full and h["bytes_received"] < ratio * full, h
+        if down:  # the answers are the richer codec's: larger than the uploads
+            assert all(h["bytes_received"] > 1.5 * h["bytes_sent"] for h in training), training
         for h in report["history"]:
             copy = tmp_path / f"copies-{i}" / f"round-{h['round']:06d}.safetensors"
             theirs = ckpt / f"round-{h['round']:06d}.safetensors"

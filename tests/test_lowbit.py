@@ -164,7 +164,7 @@ def test_int2_sends_every_value_as_the_nearest_of_four_levels(n):
     assert torch.equal(blocks.int2_decode(codes, scales, 64, n), got)
 
 
-@pytest.mark.parametrize("name", ["sign", "int2"])
+@pytest.mark.parametrize("name", ["sign", "int2", "int3", "int4"])
 def test_every_code_byte_decodes_and_a_bad_block_or_scale_is_refused(name):
     x = torch.randn(300)
     tensors = wire(codec.encode({"w": x}, name).payload, {"w": x})
@@ -182,6 +182,43 @@ def test_every_code_byte_decodes_and_a_bad_block_or_scale_is_refused(name):
 def test_the_low_bit_codecs_cost_what_their_layout_says():
     n = 1 << 16
     x = {"w": torch.randn(n)}
-    for name, per_value in (("sign", (8 + 2) / 64), ("int2", (16 + 2) / 64)):
+    costs = {"sign": 8 + 2, "int2": 16 + 2, "int3": 24 + 2, "int4": 32 + 2}
+    for name, per_value in ((k, v / 64) for k, v in costs.items()):
         assert codec.nbytes(n, name) == pytest.approx(per_value)
         assert len(codec.encode(x, name).payload) < n * per_value + 300
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n", [0, 1, 7, 63, 64, 65, 200, 1000])
+def test_n_bit_levels_take_the_nearest_level_and_pack_eight_values_in_n_bytes(bits, n):
+    g = torch.Generator().manual_seed(n + bits)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g)
+    codes, scales, got = blocks.levels_encode(x, 64, bits)
+    nb, top = math.ceil(n / 64), (1 << bits) - 1
+    assert codes.shape == (nb * 8 * bits,) and scales.shape == (nb,)
+    for j in range(nb):
+        block = x[j * 64 : (j + 1) * 64]
+        m = float(block.double().abs().mean()) * blocks.LEVEL_SCALE[bits]
+        s = float(torch.tensor(m).to(torch.bfloat16))
+        assert float(scales[j]) == s
+        levels = torch.arange(-top, top + 1, 2, dtype=torch.float32) * s
+        out = got[j * 64 : (j + 1) * 64]
+        nearest = (block.unsqueeze(1) - levels).abs().min(dim=1).values
+        assert bool(((out.unsqueeze(1) == levels).any(dim=1)).all())
+        assert bool(((out - block).abs() <= nearest + 1e-6 * s).all())
+    # The packing by hand: value i of the tensor holds bits [bits*i, bits*i + bits) of the
+    # little-endian bit string of the codes.
+    if n:
+        bitstring = "".join(f"{int(b):08b}"[::-1] for b in codes)
+        level = [int(bitstring[bits * i : bits * i + bits][::-1], 2) for i in range(n)]
+        want = torch.tensor([(2 * c - top) for c in level], dtype=torch.float32)
+        assert torch.equal(got, want * scales.float().repeat_interleave(64)[:n])
+    assert torch.equal(blocks.levels_decode(codes, scales, 64, n, bits), got)
+
+
+def test_int2_is_the_two_bit_levels_byte_for_byte():
+    x = torch.randn(1000)
+    pairs = zip(blocks.int2_encode(x), blocks.levels_encode(x, 64, 2), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    codes, _, _ = blocks.int2_encode(torch.tensor([-3.0, -1.0, 1.0, 3.0] * 16))
+    assert codes[0] == 0b11100100  # the first value in bits 0-1, as docs/protocol.md says

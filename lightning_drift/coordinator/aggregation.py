@@ -52,7 +52,8 @@ class Aggregation:
         if config.aggregation == "diloco":
             self.diloco = DiLoCo(lr=config.outer_lr, momentum=config.outer_momentum)
         # Compressed downloads: the codec, and the error feedback the coordinator carries.
-        self.codec = config.transfer_dtype if config.transfer_dtype in codec.CODECS else None
+        down = config.transfer_dtype if config.download_dtype == "same" else config.download_dtype
+        self.codec = down if config.transfer_dtype in codec.CODECS else None
         self.residual = codec.Residual()
 
     def new_accumulator(self, global_sd: dict[str, Any]) -> Accumulator | RobustAccumulator:

@@ -247,10 +247,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dataset_size", 0, int, "Samples in the dataset.", _S, shown="the first node's"),
     Setting("seed", 0, int, "Seed of the epoch permutations.", _S),
     Setting("transfer_dtype", "float32", str,
-            "float32 (whole weights), or compressed changes: bfloat16, int8, sign (one bit "
-            "per value), int2 (two bits per value) or topk (the 4 largest of every 64 values "
-            "at 2 bits).", _S,
-            choices=("float32", "bfloat16", "int8", "int2", "sign", "topk")),
+            "float32 (whole weights), or compressed changes: bfloat16, int8, int4, int3, int2 "
+            "(8, 4, 3, 2 bits per value), sign (one bit) or topk (the 4 largest of every 64 "
+            "values at 2 bits).", _S,
+            choices=("float32", "bfloat16", "int8", "int4", "int3", "int2", "sign", "topk")),
+    # benchmarks/outer_sweep.py --download: the answer's error reaches every node alike, an
+    # upload's is averaged over the nodes (docs/strategy.md, "Which aggregation and codec").
+    Setting("download_dtype", "same", str,
+            "The codec of the coordinator's answers (the new global weights' change): same "
+            "(as --transfer-dtype), or a richer one than the uploads'.", _S,
+            choices=("same", "bfloat16", "int8", "int4", "int3", "int2", "sign", "topk")),
     # benchmarks/outer_sweep.py --residual: with a low-bit codec, "weights" spares a node
     # training again towards what it could not send (docs/benchmarks.md, "outer_sweep.py").
     Setting("residual", "change", str,
@@ -360,6 +366,7 @@ class SessionConfig:
     dataset_size: int = _default("dataset_size")  # 0: adopt from the first admitted node
     seed: int = _default("seed")
     transfer_dtype: TransferDType = _default("transfer_dtype")
+    download_dtype: str = _default("download_dtype")
     overlap: bool = _default("overlap")
     residual: str = _default("residual")
     rebalance: bool = _default("rebalance")
@@ -385,6 +392,12 @@ class SessionConfig:
                 f"--min-nodes {self.min_nodes} is more than --max-nodes {self.max_nodes}: the "
                 "first epoch would wait for ever; lower --min-nodes or raise --max-nodes"
             )
+        if self.download_dtype != "same" and self.transfer_dtype == "float32":
+            raise ConfigError(
+                f"--download-dtype {self.download_dtype} compresses the answers' changes, but "
+                "with --transfer-dtype float32 the nodes send and get whole weights: give "
+                "--transfer-dtype a codec (int2, sign, ...) or leave --download-dtype same"
+            )
         if self.data_plane == "sharded":
             _check_sharded(self)
         if self.deadline_floor > self.deadline_max:
@@ -406,7 +419,14 @@ def _check_sharded(c: SessionConfig) -> None:
     if c.transfer_dtype == "float32":
         raise ConfigError(
             f"--data-plane sharded cuts encoded changes into shards, but --transfer-dtype is "
-            f"{c.transfer_dtype}: give --transfer-dtype int2, sign, int8, topk or bfloat16"
+            f"{c.transfer_dtype}: give --transfer-dtype int8, int4, int3, int2, sign, topk or "
+            "bfloat16"
+        )
+    if c.download_dtype not in ("same", c.transfer_dtype):
+        raise ConfigError(
+            f"--data-plane sharded reduces and answers with one codec, but --download-dtype "
+            f"{c.download_dtype} differs from --transfer-dtype {c.transfer_dtype}: leave "
+            "--download-dtype same, or use --data-plane star"
         )
     if c.clip > 0:
         raise ConfigError(
