@@ -293,15 +293,19 @@ class Stream:
         if len(header.sha256) != 64:
             raise ProtocolError(f"blob header sha256 {header.sha256[:80]!r} is not 64 hex")
 
-    async def _chunks(self, size: int, floor: _RateFloor | None = None) -> Any:
-        """Yield the next ``size`` bytes of the stream in pieces of at most CHUNK bytes."""
+    async def _chunks(
+        self, size: int, floor: _RateFloor | None = None, want: Callable[[], int] | None = None
+    ) -> Any:
+        """Yield the next ``size`` bytes of the stream in pieces of at most CHUNK bytes (and at
+        most ``want()`` bytes, asked before each read: a reader checking the start of a blob
+        reads no further than the check needs, so a check that can fail does)."""
         left = size
         if self._buf:
             first = self._take(min(left, len(self._buf)))
             left -= len(first)
             yield first
         while left:
-            n = min(left, CHUNK)
+            n = min(left, CHUNK, max(1, want()) if want is not None else CHUNK)
             read = self._recv.read_exact(n)
             try:
                 if floor is None:
@@ -324,7 +328,13 @@ class Stream:
         prefix = bytearray()
         need = 1  # bytes ``inspect`` wants before it is asked again
         off = 0
-        async for chunk in self._chunks(header.size, floor):
+
+        def want() -> int:
+            # Until the start checks out, only the bytes the check asked for: a sender that
+            # stops after a bad header is refused for it, not waited on for the rest.
+            return need - len(prefix) if out is None and inspect is not None else CHUNK
+
+        async for chunk in self._chunks(header.size, floor, want):
             h.update(chunk)
             if out is None and inspect is not None:
                 # Untrusted: keep what arrived until its start checks out, then allocate.
