@@ -83,7 +83,7 @@ def _entries(coord: LocalCoordinator) -> list[dict]:
     return json.loads((coord.checkpoint_dir / "manifest.json").read_text())["checkpoints"]
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int2 weights", "topk"])
+@pytest.mark.parametrize("dtype", ["int8", "int2 weights", "int3 weights", "topk"])
 def test_four_members_end_bit_equal_to_every_checkpoint(tmp_path: Path, dtype: str) -> None:
     codec_name, *where = dtype.split()
     settings = dict(SHARDED, transfer_dtype=codec_name, residual=(where or ["change"])[0])
