@@ -222,24 +222,32 @@ def test_bad_checksum_is_detected_and_no_file_is_left(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@contextlib.asynccontextmanager
+async def stream_pair() -> AsyncIterator[tuple[Stream, asyncio.Future[Stream]]]:
+    """A stream opened to a served endpoint, and (as a future) the stream it accepted."""
+    async with endpoints() as (srv, cli):
+        accepted: asyncio.Future[Stream] = asyncio.get_running_loop().create_future()
+
+        async def handler(conn: Connection) -> None:
+            accepted.set_result(await conn.accept_stream())
+            await conn.closed()
+
+        server = asyncio.create_task(serve(srv, handler))
+        conn = await cli.dial(srv.ticket(), timeout=10)
+        try:
+            yield await conn.open_stream(), accepted
+        finally:
+            conn.close()
+            server.cancel()
+
+
 def test_blob_over_max_size_is_refused_before_reading() -> None:
     async def main() -> None:
-        async with endpoints() as (srv, cli):
-            accepted: asyncio.Future[Stream] = asyncio.get_running_loop().create_future()
-
-            async def handler(conn: Connection) -> None:
-                accepted.set_result(await conn.accept_stream())
-                await conn.closed()
-
-            server = asyncio.create_task(serve(srv, handler))
-            conn = await cli.dial(srv.ticket(), timeout=10)
-            s = await conn.open_stream()
+        async with stream_pair() as (s, accepted):
             await s.send(p.BlobHeader(size=10 << 30, sha256="0" * 64))  # no body follows
             rs = await asyncio.wait_for(accepted, 10)
             with pytest.raises(ProtocolError, match="refused: the limit is 1048576"):
                 await asyncio.wait_for(rs.recv_blob(max_size=1 << 20), 10)
-            conn.close()
-            server.cancel()
 
     run_async(main(), 60)
 
@@ -257,16 +265,7 @@ def test_a_blobs_start_is_checked_as_it_arrives_not_after_the_body() -> None:
         raise ValueError(f"bad start {bytes(prefix[:8])!r}")
 
     async def main() -> None:
-        async with endpoints() as (srv, cli):
-            accepted: asyncio.Future[Stream] = asyncio.get_running_loop().create_future()
-
-            async def handler(conn: Connection) -> None:
-                accepted.set_result(await conn.accept_stream())
-                await conn.closed()
-
-            server = asyncio.create_task(serve(srv, handler))
-            conn = await cli.dial(srv.ticket(), timeout=10)
-            s = await conn.open_stream()
+        async with stream_pair() as (s, accepted):
             await s.send(p.BlobHeader(size=10_000, sha256="0" * 64))
             await s.send_raw(b"START")
             rs = await asyncio.wait_for(accepted, 10)
@@ -276,8 +275,6 @@ def test_a_blobs_start_is_checked_as_it_arrives_not_after_the_body() -> None:
             with pytest.raises(ValueError, match="bad start b'STARTED!'"):
                 await asyncio.wait_for(reading, 10)
             assert seen[-1] == 8
-            conn.close()
-            server.cancel()
 
     run_async(main(), 60)
 
