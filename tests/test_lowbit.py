@@ -145,25 +145,6 @@ def test_sign_sends_every_value_as_its_blocks_mean_magnitude_with_its_sign(n):
     assert torch.equal(blocks.sign_decode(codes, scales, 64, n), got)
 
 
-@pytest.mark.parametrize("n", [*range(0, 2 * 64 + 2), 1000])
-def test_int2_sends_every_value_as_the_nearest_of_four_levels(n):
-    g = torch.Generator().manual_seed(n)
-    x = torch.randn(n, generator=g) * torch.rand(n, generator=g)
-    codes, scales, got = blocks.int2_encode(x)
-    nb = math.ceil(n / 64)
-    assert codes.shape == (nb * 16,) and scales.shape == (nb,)
-    for j in range(nb):
-        block = x[j * 64 : (j + 1) * 64]
-        s = float(torch.tensor(float(block.double().abs().mean()) / 2).to(torch.bfloat16))
-        assert float(scales[j]) == s
-        levels = torch.tensor([-3.0, -1.0, 1.0, 3.0]) * s
-        out = got[j * 64 : (j + 1) * 64]
-        nearest = (block.unsqueeze(1) - levels).abs().min(dim=1).values
-        assert bool(((out.unsqueeze(1) == levels).any(dim=1)).all())
-        assert bool(((out - block).abs() <= nearest + 1e-6 * s).all())
-    assert torch.equal(blocks.int2_decode(codes, scales, 64, n), got)
-
-
 @pytest.mark.parametrize("name", ["sign", "int2", "int3", "int4"])
 def test_every_code_byte_decodes_and_a_bad_block_or_scale_is_refused(name):
     x = torch.randn(300)
@@ -188,8 +169,8 @@ def test_the_low_bit_codecs_cost_what_their_layout_says():
         assert len(codec.encode(x, name).payload) < n * per_value + 300
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("n", [0, 1, 7, 63, 64, 65, 200, 1000])
+@pytest.mark.parametrize("bits", [2, 3, 4])  # int2, int3, int4
+@pytest.mark.parametrize("n", [*range(0, 2 * 64 + 2), 1000])
 def test_n_bit_levels_take_the_nearest_level_and_pack_eight_values_in_n_bytes(bits, n):
     g = torch.Generator().manual_seed(n + bits)
     x = torch.randn(n, generator=g) * torch.rand(n, generator=g)
