@@ -216,6 +216,12 @@ def pack(tensors: Mapping[str, torch.Tensor], spec: Spec) -> bytes:
     return bytes(out)
 
 
+def is_compact(prefix: bytes | bytearray | memoryview) -> bool:
+    """Whether bytes start as a compact change does (:data:`COMPACT`); a safetensors file
+    cannot (its first 8 bytes are a header length far below this magic's)."""
+    return bytes(prefix[: len(COMPACT)]) == COMPACT
+
+
 def compact_needs(prefix: bytes | bytearray | memoryview) -> int:
     """How many leading bytes of a compact change :func:`compact_spec` needs; SessionError
     when the name's length is over :data:`COMPACT_NAME_MAX`."""
@@ -309,7 +315,7 @@ def decode(payload: bytes | bytearray | memoryview, like: Mapping[str, torch.Ten
     floating dtype. ``SessionError(code="bad_upload")`` says what is wrong with a bad one.
     """
     raw = bytes(payload)
-    if raw[: len(COMPACT)] == COMPACT:
+    if is_compact(raw):
         spec, tensors = unpack(
             raw, {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in like.items()}
         )
@@ -451,6 +457,7 @@ __all__ = [
     "compact_size",
     "compact_spec",
     "compute_dtype",
+    "is_compact",
     "decode",
     "dequantize",
     "difference",

@@ -301,7 +301,7 @@ class UploadCheck:
             )
         if len(prefix) < len(codec.COMPACT) <= size:
             return len(codec.COMPACT)
-        if bytes(prefix[: len(codec.COMPACT)]) == codec.COMPACT:
+        if codec.is_compact(prefix):
             return self._compact(prefix, size)
         need = modelspec.header_needs(prefix)
         if need > size:

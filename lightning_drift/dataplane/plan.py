@@ -134,7 +134,7 @@ class ShardPlan:
         """The ``count`` pieces of a change encoded by :func:`lightning_drift.codec.encode`
         with this plan's codec (``SessionError(code="bad_upload")`` when it was not)."""
         raw = bytes(payload)
-        if raw[: len(codec.COMPACT)] != codec.COMPACT:
+        if not codec.is_compact(raw):
             raise _bad(f"not a compact change ({len(raw)} bytes)")
         spec, wire = codec.unpack(raw, self.table)
         if spec != self.spec:
